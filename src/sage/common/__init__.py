@@ -1,0 +1,1 @@
+"""sage.common: the foundation layer (config, ports, errors, logging, types, gRPC runtime)."""

@@ -1,0 +1,79 @@
+"""The one settings model for SAGE_* environment variables and `.env`.
+
+Precedence: explicit argument (CLI flag, constructor) > environment > `.sage/llm/daemon.json`
+> SagePorts defaults. Each process builds it once at start and passes it down.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from sage.common.config.ports import SagePorts
+
+
+class SageSettings(BaseSettings):
+    """Every SAGE_* variable the control plane reads."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SAGE_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    home: Path = Field(default_factory=lambda: Path.home() / ".sage")
+    host: str = "127.0.0.1"
+
+    gateway_port: int = SagePorts.GATEWAY_DEFAULT
+    llm_port: int = SagePorts.LLM_DEFAULT
+    embedding_port: int = SagePorts.EMBEDDING_DEFAULT
+    scheduler_port: int = SagePorts.SCHEDULER_GRPC
+    lifecycle_port: int = SagePorts.LIFECYCLE_GRPC
+    gpu_manager_port: int = SagePorts.GPU_MANAGER_GRPC
+    embedding_service_port: int = SagePorts.EMBEDDING_GRPC
+
+    # Addresses of the other services (host:port); empty means host + the port above.
+    scheduler_addr: str = ""
+    lifecycle_addr: str = ""
+    gpu_manager_addr: str = ""
+    embedding_service_addr: str = ""
+
+    # Client side (UnifiedInferenceClient, seed's .env).
+    unified_base_url: str | None = None
+    chat_base_url: str | None = None
+    chat_model: str | None = None
+    chat_api_key: str | None = None
+    embedding_base_url: str | None = None
+    embedding_model: str | None = None
+    embedding_api_key: str | None = None
+
+    log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"
+    disable_nvml: bool = False
+
+    # Deadline for control-plane RPCs (register, list, status) in seconds.
+    rpc_timeout_s: float = 10.0
+    # Deadline for one inference request end to end, in seconds.
+    request_timeout_s: float = 600.0
+    # Largest request body the edge accepts, in bytes.
+    max_body_bytes: int = 16 * 1024 * 1024
+    # OpenTelemetry exporter: none, console, or otlp (needs the otlp exporter installed).
+    otel_exporter: Literal["none", "console", "otlp"] = "none"
+
+    @property
+    def llm_state_dir(self) -> Path:
+        """Where `daemon.json`, the engine registry and logs live."""
+        return self.home / "llm"
+
+    def address(self, service: str) -> str:
+        """host:port of an internal gRPC service by name."""
+        explicit = getattr(self, f"{service}_addr")
+        if explicit:
+            return str(explicit)
+        return f"{self.host}:{getattr(self, f'{service}_port')}"
+
+
+def load_settings(**overrides: object) -> SageSettings:
+    """Build settings from env and `.env`, with explicit overrides winning."""
+    return SageSettings(**overrides)  # type: ignore[arg-type]

@@ -1,0 +1,27 @@
+"""A minimal ASGI toolkit for the edge and the engines this project ships.
+
+Why not a framework: the edge is on every request's hot path and the benchmark holds it
+to a ratio against a Rust router, so routing is a dict lookup and bodies are bytes.
+"""
+
+from sage.common.http.asgi import (
+    App,
+    Handler,
+    JSONResponse,
+    Request,
+    Response,
+    StreamingResponse,
+    error_response,
+    sse_event,
+)
+
+__all__ = [
+    "App",
+    "Handler",
+    "JSONResponse",
+    "Request",
+    "Response",
+    "StreamingResponse",
+    "error_response",
+    "sse_event",
+]

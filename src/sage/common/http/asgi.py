@@ -1,0 +1,294 @@
+"""Request/response types and a path router over raw ASGI."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from sage.common.exceptions import (
+    InvalidRequestError,
+    NotFoundError,
+    SageError,
+    openai_error_body,
+)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+
+
+class PayloadTooLargeError(InvalidRequestError):
+    """The request body is over the configured limit."""
+
+    http_status = 413
+    default_code = "payload_too_large"
+
+
+class ClientDisconnected(Exception):
+    """The HTTP client went away before the body was read."""
+
+
+@dataclass(slots=True)
+class Request:
+    """One HTTP request; the body is read on demand, at most `max_body_bytes`."""
+
+    method: str
+    path: str
+    query: bytes
+    headers: dict[str, str]
+    receive: Receive
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    _body: bytes | None = None
+
+    async def body(self) -> bytes:
+        """The whole body; raises PayloadTooLargeError past the limit."""
+        if self._body is not None:
+            return self._body
+        declared = self.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise PayloadTooLargeError(
+                f"request body of {declared} bytes is over the limit of {self.max_body_bytes}"
+            )
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnected
+            chunk = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > self.max_body_bytes:
+                    raise PayloadTooLargeError(
+                        f"request body is over the limit of {self.max_body_bytes} bytes"
+                    )
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        self._body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return self._body
+
+    async def json(self) -> Any:
+        """The body parsed as JSON; malformed JSON is an InvalidRequestError."""
+        raw = await self.body()
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
+
+    async def wait_disconnect(self) -> None:
+        """Return when the client disconnects (only meaningful after the body was read)."""
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+
+@dataclass(slots=True)
+class Response:
+    """A complete response with a bytes body."""
+
+    body: bytes = b""
+    status: int = 200
+    content_type: bytes = b"application/json"
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+    async def send(self, send: Send, extra_headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+        headers = [
+            (b"content-type", self.content_type),
+            (b"content-length", str(len(self.body)).encode()),
+            *self.headers,
+            *extra_headers,
+        ]
+        await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        await send({"type": "http.response.body", "body": self.body})
+
+
+def JSONResponse(  # noqa: N802 - reads like a class at call sites
+    obj: Any, status: int = 200, headers: list[tuple[bytes, bytes]] | None = None
+) -> Response:
+    """A Response whose body is `obj` serialised with orjson."""
+    return Response(orjson.dumps(obj), status, b"application/json", headers or [])
+
+
+@dataclass(slots=True)
+class StreamingResponse:
+    """A response whose body chunks come from an async iterator, sent as they arrive."""
+
+    chunks: AsyncIterator[bytes]
+    status: int = 200
+    content_type: bytes = b"text/event-stream"
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+    async def send(self, send: Send, extra_headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+        headers = [
+            (b"content-type", self.content_type),
+            (b"cache-control", b"no-cache"),
+            *self.headers,
+            *extra_headers,
+        ]
+        started = False
+        try:
+            async for chunk in self.chunks:
+                if not started:
+                    await send(
+                        {"type": "http.response.start", "status": self.status, "headers": headers}
+                    )
+                    started = True
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if not started:
+                await send(
+                    {"type": "http.response.start", "status": self.status, "headers": headers}
+                )
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            aclose = getattr(self.chunks, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
+
+
+def sse_event(data: bytes) -> bytes:
+    """One server-sent event carrying `data` (already JSON)."""
+    return b"data: " + data + b"\n\n"
+
+
+def error_response(exc: SageError, headers: list[tuple[bytes, bytes]] | None = None) -> Response:
+    """The OpenAI error JSON response for a SageError (Retry-After on overload)."""
+    extra = list(headers or [])
+    if exc.retry_after is not None:
+        extra.append((b"retry-after", str(max(1, round(exc.retry_after))).encode()))
+    return JSONResponse(exc.to_openai(), exc.http_status, extra)
+
+
+Handler = Callable[[Request], Awaitable[Response | StreamingResponse]]
+
+
+class App:
+    """An ASGI app: exact-path routing, OpenAI errors for everything that goes wrong."""
+
+    def __init__(
+        self,
+        *,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        on_startup: Callable[[], Awaitable[None]] | None = None,
+        on_shutdown: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self._routes: dict[str, dict[str, Handler]] = {}
+        self._prefix_routes: list[tuple[str, dict[str, Handler]]] = []
+        self.max_body_bytes = max_body_bytes
+        self._on_startup = on_startup
+        self._on_shutdown = on_shutdown
+
+    def route(self, method: str, path: str) -> Callable[[Handler], Handler]:
+        """Decorator: register `handler` for METHOD PATH (a trailing `*` matches a prefix)."""
+
+        def register(handler: Handler) -> Handler:
+            self.add(method, path, handler)
+            return handler
+
+        return register
+
+    def add(self, method: str, path: str, handler: Handler) -> None:
+        if path.endswith("*"):
+            prefix = path[:-1]
+            for existing_prefix, methods in self._prefix_routes:
+                if existing_prefix == prefix:
+                    methods[method.upper()] = handler
+                    return
+            self._prefix_routes.append((prefix, {method.upper(): handler}))
+            self._prefix_routes.sort(key=lambda item: -len(item[0]))
+            return
+        self._routes.setdefault(path, {})[method.upper()] = handler
+
+    def _match(self, path: str) -> dict[str, Handler] | None:
+        methods = self._routes.get(path)
+        if methods is None and len(path) > 1 and path.endswith("/"):
+            methods = self._routes.get(path.rstrip("/"))
+        if methods is not None:
+            return methods
+        for prefix, prefixed in self._prefix_routes:
+            if path.startswith(prefix):
+                return prefixed
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    if self._on_startup is not None:
+                        await self._on_startup()
+                except Exception as exc:  # startup failure must be reported, not hidden
+                    log.exception("startup failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                try:
+                    if self._on_shutdown is not None:
+                        await self._on_shutdown()
+                finally:
+                    await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        method: str = scope["method"]
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        methods = self._match(path)
+        response: Response | StreamingResponse
+        if methods is None:
+            response = error_response(
+                NotFoundError(f"no route for {method} {path}", code="unknown_url")
+            )
+        else:
+            handler = methods.get(method)
+            if handler is None:
+                response = JSONResponse(
+                    openai_error_body(
+                        f"method {method} is not allowed on {path}",
+                        "invalid_request_error",
+                        None,
+                        "method_not_allowed",
+                    ),
+                    405,
+                    [(b"allow", ", ".join(sorted(methods)).encode())],
+                )
+            else:
+                request = Request(
+                    method, path, scope.get("query_string", b""), headers, receive,
+                    self.max_body_bytes,
+                )
+                try:
+                    response = await handler(request)
+                except SageError as exc:
+                    response = error_response(exc)
+                except ClientDisconnected:
+                    return
+                except Exception:
+                    log.exception("unhandled error on %s %s", method, path)
+                    response = JSONResponse(
+                        openai_error_body(
+                            "internal server error", "internal_error", None, "internal_error"
+                        ),
+                        500,
+                    )
+        await response.send(send)

@@ -1,0 +1,1 @@
+"""Utilities shared by every process: structured logging and small helpers."""
