@@ -1,0 +1,1 @@
+"""SAGE control-plane services, one package per responsibility (`sage.services.<name>`)."""

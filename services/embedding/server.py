@@ -1,0 +1,50 @@
+"""gRPC transport of the embedding service."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sage.common.config.settings import SageSettings
+from sage.common.exceptions import InvalidRequestError
+from sage.common.grpc import Registration, SageServer, create_server
+from sage.rpc.common.v1 import common_pb2
+from sage.rpc.embedding.v1 import embedding_pb2 as pb
+from sage.rpc.embedding.v1 import embedding_pb2_grpc as pb_grpc
+
+from .executor import EmbeddingExecutor, Endpoint
+
+
+class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
+    """EmbeddingService over the EmbeddingExecutor."""
+
+    def __init__(self, executor: EmbeddingExecutor) -> None:
+        self.executor = executor
+
+    async def EmbedBatch(self, request: pb.EmbedBatchRequest, context: Any) -> pb.EmbedBatchResponse:
+        if not request.model:
+            raise InvalidRequestError("model is required", param="model")
+        result = await self.executor.embed(
+            request.model,
+            list(request.inputs),
+            [Endpoint(e.engine_id, e.base_url) for e in request.engines],
+            request.dimensions,
+        )
+        return pb.EmbedBatchResponse(
+            vectors=[pb.Vector(values=v) for v in result.vectors],
+            usage=common_pb2.Usage(prompt_tokens=result.prompt_tokens,
+                                   total_tokens=result.prompt_tokens),
+            engine_ids=[result.engine_id] * len(result.vectors),
+        )
+
+
+def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageServer, int]:
+    """The embedding server wired from settings."""
+    executor = EmbeddingExecutor(timeout_s=settings.request_timeout_s)
+    server, port = create_server(
+        addr or f"{settings.host}:{settings.embedding_service_port}",
+        [Registration(pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name,
+                      pb_grpc.add_EmbeddingServiceServicer_to_server,
+                      EmbeddingServicer(executor))],
+    )
+    server.on_stop(executor.aclose)
+    return server, port

@@ -1,0 +1,1 @@
+"""GPU manager service: NVML readings and the logical GPU memory reservation ledger."""

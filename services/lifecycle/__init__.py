@@ -1,0 +1,1 @@
+"""Lifecycle service: starts, watches and stops engine processes; registers them for traffic."""

@@ -1,0 +1,1 @@
+"""Scheduler service: classify → policy → route → execute, for chat, completion and embedding."""

@@ -1,0 +1,173 @@
+"""The scheduler's request path: resolve engines → route → execute, with failover.
+
+Protobuf stays in server.py; this module works on bytes and dataclasses so it is
+unit-tested without gRPC.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import orjson
+
+from sage.common.exceptions import ServiceUnavailableError
+
+from .executor import EngineUnreachableError, HttpExecutionCoordinator
+from .registry import EngineKind, EngineRecord, EngineRegistry
+from .routing import Router
+
+log = logging.getLogger("sage.scheduler")
+
+
+@dataclass(frozen=True)
+class TokenUsage:
+    """Token counts reported by the engine."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    """Vectors in input order, plus usage and the engines that produced them."""
+
+    vectors: list[list[float]]
+    usage: TokenUsage
+    engine_ids: list[str]
+
+
+class EmbeddingBackend(Protocol):
+    """Where EMBEDDING requests go (the embedding service's batcher)."""
+
+    async def embed_batch(
+        self, model: str, inputs: Sequence[str], engines: Sequence[EngineRecord], dimensions: int
+    ) -> EmbedResult:
+        """Embed `inputs` on one of `engines`."""
+        ...
+
+
+@dataclass
+class Counters:
+    """Running totals for GetStatus."""
+
+    in_flight: int = 0
+    requests_total: int = 0
+    requests_failed: int = 0
+
+
+def usage_of(body: bytes) -> TokenUsage:
+    """Usage from an OpenAI response body; zeros when absent or unparsable."""
+    try:
+        doc: Any = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return TokenUsage()
+    usage = doc.get("usage") if isinstance(doc, dict) else None
+    if not isinstance(usage, dict):
+        return TokenUsage()
+    return TokenUsage(
+        int(usage.get("prompt_tokens") or 0),
+        int(usage.get("completion_tokens") or 0),
+        int(usage.get("total_tokens") or 0),
+    )
+
+
+def _for_engine(body: bytes, model: str, engine: EngineRecord) -> bytes:
+    """The body to send: unchanged unless the client used an alias of the engine's model."""
+    if model == engine.model:
+        return body
+    doc = orjson.loads(body)
+    doc["model"] = engine.model
+    return orjson.dumps(doc)
+
+
+class Scheduler:
+    """Routes chat, completion and embedding requests to ready engines."""
+
+    def __init__(
+        self,
+        registry: EngineRegistry,
+        router: Router,
+        executor: HttpExecutionCoordinator,
+        embedding_backend: EmbeddingBackend | None = None,
+    ) -> None:
+        self.registry = registry
+        self.router = router
+        self.executor = executor
+        self.embedding_backend = embedding_backend
+        self.counters = Counters()
+
+    def _candidates(self, model: str, kind: EngineKind) -> list[EngineRecord]:
+        """Routed engine first, then the rest in order, for failover on connect errors."""
+        engines = self.registry.ready_for(model, kind)
+        first = self.router.pick(model, engines)
+        return [first, *(e for e in engines if e.engine_id != first.engine_id)]
+
+    async def unary(self, model: str, body: bytes, path: str) -> tuple[bytes, EngineRecord]:
+        """Run one non-streaming request; fails over while engines refuse connections."""
+        self.counters.requests_total += 1
+        self.counters.in_flight += 1
+        try:
+            candidates = self._candidates(model, EngineKind.LLM)
+            for i, engine in enumerate(candidates):
+                try:
+                    return await self.executor.post_json(
+                        engine, path, _for_engine(body, model, engine)
+                    ), engine
+                except EngineUnreachableError:
+                    if i == len(candidates) - 1:
+                        raise
+                    log.warning("engine unreachable, failing over",
+                                extra={"engine_id": engine.engine_id})
+            raise AssertionError("unreachable")  # candidates is never empty
+        except BaseException:
+            self.counters.requests_failed += 1
+            raise
+        finally:
+            self.counters.in_flight -= 1
+
+    async def stream(
+        self, model: str, body: bytes, path: str
+    ) -> AsyncIterator[tuple[bytes, EngineRecord]]:
+        """Yield engine SSE payloads one by one; fails over only before the first one."""
+        self.counters.requests_total += 1
+        self.counters.in_flight += 1
+        try:
+            candidates = self._candidates(model, EngineKind.LLM)
+            for i, engine in enumerate(candidates):
+                started = False
+                try:
+                    async for payload in self.executor.stream_sse(
+                        engine, path, _for_engine(body, model, engine)
+                    ):
+                        started = True
+                        yield payload, engine
+                    return
+                except EngineUnreachableError:
+                    if started or i == len(candidates) - 1:
+                        raise
+                    log.warning("engine unreachable, failing over",
+                                extra={"engine_id": engine.engine_id})
+        except BaseException:
+            self.counters.requests_failed += 1
+            raise
+        finally:
+            self.counters.in_flight -= 1
+
+    async def embed(self, model: str, inputs: Sequence[str], dimensions: int) -> EmbedResult:
+        """Send an embedding request to the embedding backend with this model's engines."""
+        self.counters.requests_total += 1
+        self.counters.in_flight += 1
+        try:
+            engines = self.registry.ready_for(model, EngineKind.EMBEDDING)
+            if self.embedding_backend is None:
+                raise ServiceUnavailableError("the embedding service is not configured")
+            return await self.embedding_backend.embed_batch(model, inputs, engines, dimensions)
+        except BaseException:
+            self.counters.requests_failed += 1
+            raise
+        finally:
+            self.counters.in_flight -= 1

@@ -1,0 +1,141 @@
+"""HttpExecutionCoordinator: the one place that talks HTTP to engines.
+
+It reuses one pooled connection set for all engines and passes engine JSON through as raw
+bytes; streaming responses are split into SSE events as they arrive, never buffered whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import orjson
+
+from sage.common.exceptions import (
+    DeadlineExceededError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    OverloadedError,
+    SageError,
+    UpstreamError,
+)
+
+from .registry import EngineRecord
+
+_JSON = {"content-type": "application/json"}
+
+
+class EngineUnreachableError(UpstreamError):
+    """The engine did not accept the connection; safe to retry on another engine."""
+
+    default_code = "engine_unreachable"
+
+
+def _engine_error(engine: EngineRecord, status: int, content: bytes) -> SageError:
+    """Map an engine's HTTP error (OpenAI or vLLM error JSON) to a SageError."""
+    message, param = content.decode(errors="replace")[:500] or f"HTTP {status}", None
+    try:
+        doc: Any = orjson.loads(content)
+        err = doc.get("error", doc) if isinstance(doc, dict) else {}
+        if isinstance(err, dict):
+            message = str(err.get("message") or message)
+            param = err.get("param") if isinstance(err.get("param"), str) else None
+        elif isinstance(err, str):
+            message = err
+    except orjson.JSONDecodeError:
+        pass
+    if status == 404 and (param == "model" or "model" in message.lower()):
+        exc: SageError = ModelNotFoundError(param or "model", message=message)
+        return exc
+    if status in (400, 422):
+        return InvalidRequestError(message, param=param)
+    if status == 429:
+        return OverloadedError(f"engine {engine.engine_id} is overloaded: {message}")
+    return UpstreamError(f"engine {engine.engine_id} returned HTTP {status}: {message}")
+
+
+def _split_events(buffer: bytearray) -> list[bytes]:
+    """Pop every complete SSE event's data payload from `buffer`."""
+    payloads: list[bytes] = []
+    while True:
+        end = buffer.find(b"\n\n")
+        sep = 2
+        crlf = buffer.find(b"\r\n\r\n")
+        if crlf != -1 and (end == -1 or crlf < end):
+            end, sep = crlf, 4
+        if end == -1:
+            return payloads
+        event = bytes(buffer[:end])
+        del buffer[: end + sep]
+        data = [line[5:].lstrip() for line in event.splitlines() if line.startswith(b"data:")]
+        if data:
+            payloads.append(b"\n".join(data))
+
+
+class HttpExecutionCoordinator:
+    """Sends requests to engines over pooled HTTP/1.1 keep-alive connections."""
+
+    def __init__(self, *, request_timeout_s: float = 600.0, connect_timeout_s: float = 5.0,
+                 max_connections: int = 2048) -> None:
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(request_timeout_s, connect=connect_timeout_s),
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
+            trust_env=False,
+        )
+
+    async def aclose(self) -> None:
+        """Close every pooled connection."""
+        await self._client.aclose()
+
+    async def post_json(self, engine: EngineRecord, path: str, body: bytes) -> bytes:
+        """POST raw JSON to the engine and return its raw JSON reply."""
+        try:
+            resp = await self._client.post(engine.base_url + path, content=body, headers=_JSON)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise EngineUnreachableError(
+                f"engine {engine.engine_id} at {engine.base_url} is unreachable: {exc}"
+            ) from exc
+        except httpx.TimeoutException as exc:
+            raise DeadlineExceededError(f"engine {engine.engine_id} timed out") from exc
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"engine {engine.engine_id} failed: {exc!r}") from exc
+        if resp.status_code >= 400:
+            raise _engine_error(engine, resp.status_code, resp.content)
+        return resp.content
+
+    async def stream_sse(
+        self, engine: EngineRecord, path: str, body: bytes
+    ) -> AsyncIterator[bytes]:
+        """POST and yield each SSE `data:` payload as it arrives, stopping at `[DONE]`."""
+        request = self._client.build_request("POST", engine.base_url + path, content=body,
+                                             headers=_JSON)
+        try:
+            resp = await self._client.send(request, stream=True)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise EngineUnreachableError(
+                f"engine {engine.engine_id} at {engine.base_url} is unreachable: {exc}"
+            ) from exc
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"engine {engine.engine_id} failed: {exc!r}") from exc
+        try:
+            if resp.status_code >= 400:
+                raise _engine_error(engine, resp.status_code, await resp.aread())
+            buffer = bytearray()
+            try:
+                async for chunk in resp.aiter_raw():
+                    buffer += chunk
+                    for payload in _split_events(buffer):
+                        if payload == b"[DONE]":
+                            return
+                        yield payload
+            except httpx.TimeoutException as exc:
+                raise DeadlineExceededError(f"engine {engine.engine_id} timed out") from exc
+            except httpx.HTTPError as exc:
+                raise UpstreamError(
+                    f"engine {engine.engine_id} stream broke: {exc!r}"
+                ) from exc
+        finally:
+            await resp.aclose()

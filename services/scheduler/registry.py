@@ -1,0 +1,158 @@
+"""The scheduler's view of engines: who serves which model, at which URL, in which state."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from enum import Enum
+
+from sage.common.exceptions import InvalidRequestError, ModelNotFoundError, NotFoundError
+
+
+class EngineKind(str, Enum):
+    """What an engine serves."""
+
+    LLM = "llm"
+    EMBEDDING = "embedding"
+
+
+class EngineState(str, Enum):
+    """Only READY engines receive traffic."""
+
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class EngineRecord:
+    """One engine as the scheduler routes to it."""
+
+    engine_id: str
+    model: str
+    kind: EngineKind
+    base_url: str
+    state: EngineState = EngineState.READY
+    role: str = "both"
+    backend: str = ""
+    aliases: tuple[str, ...] = ()
+    port: int = 0
+    pid: int = 0
+    node_id: str = ""
+    gpu_indexes: tuple[int, ...] = ()
+    labels: dict[str, str] = field(default_factory=dict)
+    registered_at: float = field(default_factory=time.time)
+
+    def serves(self, model: str) -> bool:
+        """True when `model` is this engine's model or one of its aliases."""
+        return model == self.model or model in self.aliases
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A model name clients may ask for, and how many ready engines serve it."""
+
+    id: str
+    kind: EngineKind
+    created: int
+    ready_engines: int
+    alias_of: str = ""
+
+
+class EngineRegistry:
+    """Thread-safe engine table with a per-model index rebuilt on change (reads are hot)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._engines: dict[str, EngineRecord] = {}
+        self._by_model: dict[str, tuple[EngineRecord, ...]] = {}
+
+    def register(self, record: EngineRecord) -> bool:
+        """Add or replace an engine; returns True when it replaced one with the same id."""
+        if not record.engine_id:
+            raise InvalidRequestError("engine_id must not be empty", param="engine.engine_id")
+        if not record.model:
+            raise InvalidRequestError("model must not be empty", param="engine.model")
+        if not record.base_url.startswith(("http://", "https://")):
+            raise InvalidRequestError(
+                f"base_url must be an http(s) URL, got {record.base_url!r}", param="engine.base_url"
+            )
+        with self._lock:
+            replaced = record.engine_id in self._engines
+            self._engines[record.engine_id] = replace(
+                record, base_url=record.base_url.rstrip("/")
+            )
+            self._reindex()
+        return replaced
+
+    def deregister(self, engine_id: str) -> EngineRecord:
+        """Remove an engine; raises NotFoundError naming the id if unknown."""
+        with self._lock:
+            record = self._engines.pop(engine_id, None)
+            if record is None:
+                raise NotFoundError(f"no engine with id {engine_id!r}", param="engine_id",
+                                    code="engine_not_found")
+            self._reindex()
+        return record
+
+    def set_state(self, engine_id: str, state: EngineState) -> None:
+        """Change an engine's state (e.g. DRAINING stops new traffic)."""
+        with self._lock:
+            record = self._engines.get(engine_id)
+            if record is not None:
+                self._engines[engine_id] = replace(record, state=state)
+                self._reindex()
+
+    def _reindex(self) -> None:
+        index: dict[str, list[EngineRecord]] = {}
+        for record in self._engines.values():
+            if record.state is not EngineState.READY:
+                continue
+            for name in (record.model, *record.aliases):
+                index.setdefault(name, []).append(record)
+        self._by_model = {k: tuple(v) for k, v in index.items()}
+
+    def ready_for(self, model: str, kind: EngineKind | None = None) -> tuple[EngineRecord, ...]:
+        """Ready engines serving `model`; raises ModelNotFoundError if there are none."""
+        engines = self._by_model.get(model, ())
+        if kind is not None:
+            engines = tuple(e for e in engines if e.kind is kind)
+        if not engines:
+            known = self.list(model)
+            if known:
+                raise ModelNotFoundError(
+                    model,
+                    message=f"The model `{model}` has no ready {kind.value if kind else ''} engine "
+                    f"({len(known)} registered, none ready).",
+                )
+            raise ModelNotFoundError(model)
+        return engines
+
+    def list(self, model: str = "") -> list[EngineRecord]:
+        """All engines, or those serving `model`."""
+        with self._lock:
+            records: Iterable[EngineRecord] = list(self._engines.values())
+        return sorted(
+            (r for r in records if not model or r.serves(model)), key=lambda r: r.engine_id
+        )
+
+    def models(self) -> list[ModelEntry]:
+        """Every model and alias with at least one registered engine."""
+        entries: dict[str, ModelEntry] = {}
+        for record in self.list():
+            ready = len(self._by_model.get(record.model, ()))
+            if record.model not in entries:
+                entries[record.model] = ModelEntry(
+                    record.model, record.kind, int(record.registered_at), ready
+                )
+            for alias in record.aliases:
+                if alias not in entries:
+                    entries[alias] = ModelEntry(
+                        alias, record.kind, int(record.registered_at),
+                        len(self._by_model.get(alias, ())), alias_of=record.model,
+                    )
+        return sorted(entries.values(), key=lambda m: m.id)

@@ -1,0 +1,251 @@
+"""gRPC transport of the scheduler: decode, call the domain, encode. No logic lives here."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import grpc
+
+from sage.common.config.settings import SageSettings
+from sage.common.grpc import Registration, SageServer, create_channel, create_server
+from sage.common.grpc import rpc_errors_as_sage
+from sage.common.exceptions import InvalidRequestError
+from sage.rpc.common.v1 import common_pb2
+from sage.rpc.embedding.v1 import embedding_pb2, embedding_pb2_grpc
+from sage.rpc.scheduler.v1 import scheduler_pb2 as pb
+from sage.rpc.scheduler.v1 import scheduler_pb2_grpc as pb_grpc
+
+from .core import EmbedResult, Scheduler, TokenUsage, usage_of
+from .executor import HttpExecutionCoordinator
+from .registry import EngineKind, EngineRecord, EngineRegistry, EngineState
+from .routing import create_router
+
+_KIND_FROM_PB = {
+    common_pb2.ENGINE_KIND_LLM: EngineKind.LLM,
+    common_pb2.ENGINE_KIND_EMBEDDING: EngineKind.EMBEDDING,
+}
+_KIND_TO_PB = {v: k for k, v in _KIND_FROM_PB.items()}
+_STATE_FROM_PB = {
+    common_pb2.ENGINE_STATE_UNSPECIFIED: EngineState.READY,
+    common_pb2.ENGINE_STATE_STARTING: EngineState.STARTING,
+    common_pb2.ENGINE_STATE_READY: EngineState.READY,
+    common_pb2.ENGINE_STATE_DRAINING: EngineState.DRAINING,
+    common_pb2.ENGINE_STATE_STOPPED: EngineState.STOPPED,
+    common_pb2.ENGINE_STATE_FAILED: EngineState.FAILED,
+}
+_STATE_TO_PB = {v: k for k, v in _STATE_FROM_PB.items() if k != common_pb2.ENGINE_STATE_UNSPECIFIED}
+_ROLE_NAMES = {
+    common_pb2.ENGINE_ROLE_UNSPECIFIED: "both",
+    common_pb2.ENGINE_ROLE_BOTH: "both",
+    common_pb2.ENGINE_ROLE_PREFILL: "prefill",
+    common_pb2.ENGINE_ROLE_DECODE: "decode",
+}
+_ROLE_TO_PB = {"both": common_pb2.ENGINE_ROLE_BOTH, "prefill": common_pb2.ENGINE_ROLE_PREFILL,
+               "decode": common_pb2.ENGINE_ROLE_DECODE}
+
+
+def record_from_pb(engine: common_pb2.Engine) -> EngineRecord:
+    """Engine message → domain record; unspecified kind is an error naming the field."""
+    kind = _KIND_FROM_PB.get(engine.kind)
+    if kind is None:
+        raise InvalidRequestError("engine.kind must be LLM or EMBEDDING", param="engine.kind")
+    return EngineRecord(
+        engine_id=engine.engine_id,
+        model=engine.model,
+        kind=kind,
+        base_url=engine.base_url,
+        state=_STATE_FROM_PB.get(engine.state, EngineState.READY),
+        role=_ROLE_NAMES.get(engine.role, "both"),
+        backend=engine.backend,
+        aliases=tuple(engine.aliases),
+        port=engine.port,
+        pid=engine.pid,
+        node_id=engine.node_id,
+        gpu_indexes=tuple(engine.gpu_indexes),
+        labels=dict(engine.labels),
+    )
+
+
+def record_to_pb(record: EngineRecord) -> common_pb2.Engine:
+    """Domain record → Engine message."""
+    return common_pb2.Engine(
+        engine_id=record.engine_id,
+        model=record.model,
+        kind=_KIND_TO_PB[record.kind],
+        base_url=record.base_url,
+        role=_ROLE_TO_PB.get(record.role, common_pb2.ENGINE_ROLE_BOTH),
+        state=_STATE_TO_PB[record.state],
+        backend=record.backend,
+        aliases=list(record.aliases),
+        gpu_indexes=list(record.gpu_indexes),
+        pid=record.pid,
+        port=record.port,
+        node_id=record.node_id,
+        labels=record.labels,
+    )
+
+
+def _usage_pb(usage: TokenUsage) -> common_pb2.Usage:
+    return common_pb2.Usage(prompt_tokens=usage.prompt_tokens,
+                            completion_tokens=usage.completion_tokens,
+                            total_tokens=usage.total_tokens)
+
+
+def _require_model(model: str) -> str:
+    if not model:
+        raise InvalidRequestError("model is required", param="model")
+    return model
+
+
+class GrpcEmbeddingBackend:
+    """EmbeddingBackend that calls the embedding service's EmbedBatch."""
+
+    def __init__(self, channel: grpc.aio.Channel, timeout_s: float) -> None:
+        self._stub = embedding_pb2_grpc.EmbeddingServiceStub(channel)
+        self._timeout_s = timeout_s
+
+    async def embed_batch(
+        self, model: str, inputs: Sequence[str], engines: Sequence[EngineRecord], dimensions: int
+    ) -> EmbedResult:
+        """One EmbedBatch call; errors come back as the SageError the service raised."""
+        request = embedding_pb2.EmbedBatchRequest(
+            model=model,
+            inputs=list(inputs),
+            engines=[embedding_pb2.EngineEndpoint(engine_id=e.engine_id, base_url=e.base_url)
+                     for e in engines],
+            dimensions=dimensions,
+        )
+        with rpc_errors_as_sage():
+            reply = await self._stub.EmbedBatch(request, timeout=self._timeout_s)
+        usage = reply.usage
+        return EmbedResult(
+            vectors=[list(v.values) for v in reply.vectors],
+            usage=TokenUsage(usage.prompt_tokens, usage.completion_tokens, usage.total_tokens),
+            engine_ids=list(reply.engine_ids),
+        )
+
+
+class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
+    """SchedulerService over the domain Scheduler."""
+
+    def __init__(self, scheduler: Scheduler, policy_name: str) -> None:
+        self.scheduler = scheduler
+        self.policy_name = policy_name
+
+    async def Chat(self, request: pb.ChatRequest, context: Any) -> pb.ChatResponse:
+        body, engine = await self.scheduler.unary(
+            _require_model(request.model), request.body, "/v1/chat/completions"
+        )
+        return pb.ChatResponse(body=body, engine_id=engine.engine_id,
+                               usage=_usage_pb(usage_of(body)))
+
+    async def ChatStream(
+        self, request: pb.ChatStreamRequest, context: Any
+    ) -> AsyncIterator[pb.ChatStreamResponse]:
+        async for data, engine in self.scheduler.stream(
+            _require_model(request.model), request.body, "/v1/chat/completions"
+        ):
+            yield pb.ChatStreamResponse(data=data, engine_id=engine.engine_id)
+
+    async def Complete(self, request: pb.CompleteRequest, context: Any) -> pb.CompleteResponse:
+        body, engine = await self.scheduler.unary(
+            _require_model(request.model), request.body, "/v1/completions"
+        )
+        return pb.CompleteResponse(body=body, engine_id=engine.engine_id,
+                                   usage=_usage_pb(usage_of(body)))
+
+    async def CompleteStream(
+        self, request: pb.CompleteStreamRequest, context: Any
+    ) -> AsyncIterator[pb.CompleteStreamResponse]:
+        async for data, engine in self.scheduler.stream(
+            _require_model(request.model), request.body, "/v1/completions"
+        ):
+            yield pb.CompleteStreamResponse(data=data, engine_id=engine.engine_id)
+
+    async def Embed(self, request: pb.EmbedRequest, context: Any) -> pb.EmbedResponse:
+        if not request.inputs:
+            raise InvalidRequestError("input must not be empty", param="input")
+        if request.dimensions < 0:
+            raise InvalidRequestError("dimensions must be positive", param="dimensions")
+        result = await self.scheduler.embed(
+            _require_model(request.model), list(request.inputs), request.dimensions
+        )
+        return pb.EmbedResponse(
+            model=request.model,
+            data=[pb.Embedding(index=i, values=v) for i, v in enumerate(result.vectors)],
+            usage=_usage_pb(result.usage),
+        )
+
+    async def RegisterEngine(
+        self, request: pb.RegisterEngineRequest, context: Any
+    ) -> pb.RegisterEngineResponse:
+        if not request.HasField("engine"):
+            raise InvalidRequestError("engine is required", param="engine")
+        record = record_from_pb(request.engine)
+        replaced = self.scheduler.registry.register(record)
+        return pb.RegisterEngineResponse(engine=record_to_pb(record), replaced=replaced)
+
+    async def DeregisterEngine(
+        self, request: pb.DeregisterEngineRequest, context: Any
+    ) -> pb.DeregisterEngineResponse:
+        record = self.scheduler.registry.deregister(request.engine_id)
+        return pb.DeregisterEngineResponse(engine=record_to_pb(record))
+
+    async def ListEngines(
+        self, request: pb.ListEnginesRequest, context: Any
+    ) -> pb.ListEnginesResponse:
+        return pb.ListEnginesResponse(
+            engines=[record_to_pb(r) for r in self.scheduler.registry.list(request.model)]
+        )
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: Any
+    ) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(
+            models=[
+                pb.Model(id=m.id, kind=_KIND_TO_PB[m.kind], created=m.created,
+                         ready_engines=m.ready_engines, alias_of=m.alias_of)
+                for m in self.scheduler.registry.models()
+            ]
+        )
+
+    async def GetStatus(self, request: pb.GetStatusRequest, context: Any) -> pb.GetStatusResponse:
+        engines = self.scheduler.registry.list()
+        counters = self.scheduler.counters
+        return pb.GetStatusResponse(
+            engines_total=len(engines),
+            engines_ready=sum(1 for e in engines if e.state is EngineState.READY),
+            in_flight=counters.in_flight,
+            queued=0,
+            policy=self.policy_name,
+            requests_total=counters.requests_total,
+            requests_failed=counters.requests_failed,
+        )
+
+
+def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageServer, int]:
+    """The scheduler server with its dependencies wired from settings."""
+    executor = HttpExecutionCoordinator(request_timeout_s=settings.request_timeout_s)
+    embedding_channel = create_channel(
+        settings.address("embedding_service"), default_timeout=settings.request_timeout_s
+    )
+    scheduler = Scheduler(
+        EngineRegistry(),
+        create_router("round_robin"),
+        executor,
+        GrpcEmbeddingBackend(embedding_channel, settings.request_timeout_s),
+    )
+    servicer = SchedulerServicer(scheduler, "fifo/round_robin")
+    server, port = create_server(
+        addr or f"{settings.host}:{settings.scheduler_port}",
+        [Registration(pb.DESCRIPTOR.services_by_name["SchedulerService"].full_name,
+                      pb_grpc.add_SchedulerServiceServicer_to_server, servicer)],
+    )
+
+    async def _close() -> None:
+        await executor.aclose()
+        await embedding_channel.close()
+
+    server.on_stop(_close)
+    return server, port

@@ -1,0 +1,114 @@
+"""Client channels with a deadline on every call and SAGE context in metadata."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+from opentelemetry import propagate
+
+from sage.common.exceptions import (
+    DeadlineExceededError,
+    InternalError,
+    InvalidRequestError,
+    NotFoundError,
+    SageError,
+    ServiceUnavailableError,
+    error_class_by_name,
+)
+from sage.common.utils.logging import request_id_var
+
+from . import metadata as md
+from .server import MAX_MESSAGE_BYTES
+
+# Used when a status carries no SageError trailer (another implementation, or grpc itself).
+_BY_STATUS: dict[grpc.StatusCode, type[SageError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequestError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.UNAVAILABLE: ServiceUnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+}
+
+
+def _details(details: Any, timeout: float) -> grpc.aio.ClientCallDetails:
+    meta = grpc.aio.Metadata(*(details.metadata or ()))
+    if md.REQUEST_ID not in meta:
+        rid = request_id_var.get()
+        if rid:
+            meta.add(md.REQUEST_ID, rid)
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    for key, value in carrier.items():
+        meta.add(key, value)
+    return grpc.aio.ClientCallDetails(
+        method=details.method,
+        timeout=details.timeout if details.timeout is not None else timeout,
+        metadata=meta,
+        credentials=details.credentials,
+        wait_for_ready=details.wait_for_ready,
+    )
+
+
+class _DeadlineAndContext(
+    grpc.aio.UnaryUnaryClientInterceptor,  # type: ignore[misc]
+    grpc.aio.UnaryStreamClientInterceptor,  # type: ignore[misc]
+):
+    """Never lets a call go out without a deadline, a request id and trace context."""
+
+    def __init__(self, default_timeout: float) -> None:
+        self.default_timeout = default_timeout
+
+    async def intercept_unary_unary(
+        self, continuation: Callable[..., Any], client_call_details: Any, request: Any
+    ) -> Any:
+        return await continuation(_details(client_call_details, self.default_timeout), request)
+
+    async def intercept_unary_stream(
+        self, continuation: Callable[..., Any], client_call_details: Any, request: Any
+    ) -> Any:
+        return await continuation(_details(client_call_details, self.default_timeout), request)
+
+
+def create_channel(addr: str, *, default_timeout: float = 10.0) -> grpc.aio.Channel:
+    """An insecure aio channel to `addr` whose calls all carry a deadline and SAGE context."""
+    return grpc.aio.insecure_channel(
+        addr,
+        interceptors=[_DeadlineAndContext(default_timeout)],
+        options=[
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.enable_retries", 1),
+        ],
+    )
+
+
+def from_rpc_error(err: grpc.RpcError) -> SageError:
+    """Rebuild the SageError a service raised, from the status and its trailers."""
+    code: grpc.StatusCode = err.code()
+    message: str = err.details() or code.name
+    trailers = {k: v for k, v in (err.trailing_metadata() or ()) if isinstance(v, str)}
+    cls = error_class_by_name(trailers.get(md.ERROR_CLASS, "")) or _BY_STATUS.get(code, InternalError)
+    retry_after = trailers.get(md.RETRY_AFTER)
+    exc = cls.__new__(cls)
+    SageError.__init__(
+        exc,
+        message,
+        param=trailers.get(md.ERROR_PARAM),
+        code=trailers.get(md.ERROR_CODE),
+        retry_after=float(retry_after) if retry_after else None,
+    )
+    if code == grpc.StatusCode.UNAVAILABLE and md.ERROR_CLASS not in trailers:
+        exc.message = f"control-plane service unavailable: {message}"
+    return exc
+
+
+@contextlib.contextmanager
+def rpc_errors_as_sage() -> Iterator[None]:
+    """Turn a failed gRPC call into the SageError it stands for."""
+    try:
+        yield
+    except grpc.RpcError as err:
+        raise from_rpc_error(err) from None

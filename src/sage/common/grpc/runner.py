@@ -1,0 +1,57 @@
+"""`python -m sage.services.<name>` entry point shared by every gRPC service."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from sage.common.config.settings import SageSettings, load_settings
+from sage.common.utils.logging import configure_logging
+
+from .server import SageServer, serve_until_signalled
+
+def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run `main` on uvloop when installed (faster I/O), else the stdlib loop."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - optional speed-up
+        asyncio.run(main)
+        return
+    uvloop.run(main)
+
+
+BuildServer = Callable[[SageSettings, str], tuple[SageServer, int]]
+
+
+def run_service_main(
+    service: str, default_port_attr: str, build: BuildServer, argv: Sequence[str] | None = None
+) -> int:
+    """Parse --host/--port, build the server from settings, serve until SIGTERM/SIGINT."""
+    parser = argparse.ArgumentParser(prog=f"python -m sage.services.{service}")
+    parser.add_argument("--host", default=None, help="bind address (default: SAGE_HOST)")
+    parser.add_argument("--port", type=int, default=None,
+                        help=f"gRPC port (default: SAGE_{default_port_attr.upper()})")
+    args = parser.parse_args(argv)
+    settings = load_settings()
+    configure_logging(service, settings.log_level, settings.log_format)
+    host = args.host or settings.host
+    port = args.port if args.port is not None else getattr(settings, default_port_attr)
+
+    async def _main() -> None:
+        server, bound = build(settings, f"{host}:{port}")
+        logging.getLogger(f"sage.{service}").info(
+            "listening", extra={"addr": f"{host}:{bound}"}
+        )
+        await serve_until_signalled(server)
+
+    try:
+        run_event_loop(_main())
+    except KeyboardInterrupt:  # second Ctrl-C during shutdown
+        return 130
+    except OSError as exc:
+        logging.getLogger(f"sage.{service}").error("cannot start: %s", exc)
+        return 1
+    return 0

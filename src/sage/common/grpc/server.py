@@ -1,0 +1,224 @@
+"""asyncio gRPC server with health, reflection, error mapping and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from opentelemetry import propagate, trace
+
+from sage.common.exceptions import SageError
+from sage.common.utils.logging import request_id_var
+
+from . import metadata as md
+
+log = logging.getLogger("sage.grpc")
+_tracer = trace.get_tracer("sage.grpc")
+
+# Large enough for a batch of embedding vectors or a long prompt.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Registration:
+    """One gRPC service to serve: its full name, the generated add_* function, the servicer."""
+
+    full_name: str
+    add_to_server: Callable[[Any, grpc.aio.Server], None]
+    servicer: Any
+
+
+def _error_trailers(exc: SageError) -> tuple[tuple[str, str], ...]:
+    trailers = [(md.ERROR_CLASS, type(exc).__name__)]
+    if exc.param:
+        trailers.append((md.ERROR_PARAM, exc.param))
+    if exc.code:
+        trailers.append((md.ERROR_CODE, str(exc.code)))
+    if exc.retry_after is not None:
+        trailers.append((md.RETRY_AFTER, f"{exc.retry_after:g}"))
+    return tuple(trailers)
+
+
+def _enter_call(method: str, context: grpc.aio.ServicerContext) -> tuple[Any, Any]:
+    """Set request id + trace context from metadata; returns tokens to undo it."""
+    meta = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+    rid = meta.get(md.REQUEST_ID) or uuid.uuid4().hex
+    rid_token = request_id_var.set(rid)
+    span_cm = _tracer.start_as_current_span(
+        method, context=propagate.extract(meta), kind=trace.SpanKind.SERVER
+    )
+    span_cm.__enter__()
+    return rid_token, span_cm
+
+
+async def _abort_for(exc: BaseException, method: str, context: grpc.aio.ServicerContext) -> None:
+    if isinstance(exc, SageError):
+        log.info("rpc error", extra={"method": method, "error": type(exc).__name__,
+                                     "detail": exc.message})
+        await context.abort(exc.grpc_code, exc.message, trailing_metadata=_error_trailers(exc))
+    log.exception("unexpected error in rpc", extra={"method": method})
+    await context.abort(
+        grpc.StatusCode.INTERNAL,
+        f"internal error in {method}: {type(exc).__name__}",
+        trailing_metadata=((md.ERROR_CLASS, "InternalError"),),
+    )
+
+
+class _SageServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Request id, tracing, and SageError → status for every handler."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method: str = handler_call_details.method
+        if method.startswith(("/grpc.health", "/grpc.reflection")):
+            return handler
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                rid_token, span_cm = _enter_call(method, context)
+                started = time.perf_counter()
+                try:
+                    return await inner(request, context)
+                except (grpc.aio.AbortError, asyncio.CancelledError):
+                    raise
+                except Exception as exc:  # mapped to a status, never a crash
+                    await _abort_for(exc, method, context)
+                    raise  # unreachable: abort raises
+                finally:
+                    log.debug("rpc done", extra={"method": method,
+                                                 "ms": round((time.perf_counter() - started) * 1e3, 2)})
+                    span_cm.__exit__(None, None, None)
+                    request_id_var.reset(rid_token)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            inner_stream = handler.unary_stream
+
+            async def unary_stream(
+                request: Any, context: grpc.aio.ServicerContext
+            ) -> AsyncIterator[Any]:
+                rid_token, span_cm = _enter_call(method, context)
+                try:
+                    async for item in inner_stream(request, context):
+                        yield item
+                except (grpc.aio.AbortError, asyncio.CancelledError):
+                    raise
+                except Exception as exc:
+                    await _abort_for(exc, method, context)
+                    raise
+                finally:
+                    span_cm.__exit__(None, None, None)
+                    request_id_var.reset(rid_token)
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
+class SageServer:
+    """A started-or-not gRPC server plus its health servicer, stopped gracefully."""
+
+    def __init__(self, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer,
+                 service_names: Sequence[str]) -> None:
+        self.server = server
+        self.health = health_servicer
+        self.service_names = tuple(service_names)
+        self._on_stop: list[Callable[[], Awaitable[None]]] = []
+
+    def on_stop(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Run `callback` after the server stops accepting calls (close pools, save state)."""
+        self._on_stop.append(callback)
+
+    async def _set_all(self, status: int) -> None:
+        for name in ("", *self.service_names):
+            await self.health.set(name, status)
+
+    async def start(self) -> None:
+        """Start serving and report SERVING on health for every service."""
+        await self.server.start()
+        await self._set_all(health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Report NOT_SERVING first so balancers drain, then finish in-flight calls."""
+        await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(grace)
+        for callback in self._on_stop:
+            try:
+                await callback()
+            except Exception:
+                log.exception("shutdown callback failed")
+
+    async def wait_for_termination(self) -> None:
+        """Block until the server has stopped."""
+        await self.server.wait_for_termination()
+
+
+def create_server(
+    addr: str,
+    registrations: Sequence[Registration],
+    *,
+    extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+) -> tuple[SageServer, int]:
+    """Build (not start) a server on `addr` (`host:0` picks a free port); returns it and the port."""
+    server = grpc.aio.server(
+        interceptors=[*extra_interceptors, _SageServerInterceptor()],
+        options=[
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    names = []
+    for reg in registrations:
+        reg.add_to_server(reg.servicer, server)
+        names.append(reg.full_name)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME],
+        server,
+    )
+    port = server.add_insecure_port(addr)
+    if port == 0:
+        raise OSError(f"could not bind gRPC server to {addr}")
+    return SageServer(server, health_servicer, names), port
+
+
+async def serve_until_signalled(sage_server: SageServer, *, grace: float = 5.0) -> None:
+    """Start, then run until SIGTERM/SIGINT, then shut down gracefully."""
+    await sage_server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    waiter = asyncio.ensure_future(sage_server.wait_for_termination())
+    stopper = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    log.info("shutting down", extra={"grace_s": grace})
+    await sage_server.stop(grace)
+    for task in (waiter, stopper):
+        task.cancel()

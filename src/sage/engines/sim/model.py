@@ -1,0 +1,245 @@
+"""The simulator's model: deterministic text and vectors, and the continuous-batching slots.
+
+Nothing here knows about HTTP, so tests can compute exactly what the simulator will answer
+(`expected_text`) and drive the admission queue directly. The simulator is a testing and
+benchmarking tool for the control plane, not an inference engine.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import hashlib
+import math
+import random
+import sys
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sage.common.config.ports import SagePorts
+from sage.common.exceptions import ConfigurationError
+
+__all__ = [
+    "OWNED_BY",
+    "VOCABULARY",
+    "AdmissionQueue",
+    "Generation",
+    "SimConfig",
+    "chat_prompt_text",
+    "count_tokens",
+    "embedding_vector",
+    "expected_text",
+    "generate",
+]
+
+OWNED_BY = "sage-sim"
+
+# Output words are drawn from this list; one word is one token, so output length in
+# tokens is exactly its whitespace word count.
+VOCABULARY: tuple[str, ...] = (
+    "the", "quick", "model", "token", "batch", "queue", "engine", "request", "latency",
+    "stream", "answer", "signal", "vector", "kernel", "memory", "cache", "prefill", "decode",
+    "router", "policy", "gateway", "replica", "shard", "tensor", "weight", "layer", "sample",
+    "prompt", "context", "window", "scheduler", "budget", "deadline", "metric", "gauge",
+    "counter", "histogram", "bucket", "trace", "span", "worker", "thread", "socket", "packet",
+    "frame", "chunk", "buffer", "offset", "index", "value", "result", "output", "input",
+    "simple", "steady", "rapid", "gentle", "bright", "calm", "clear", "eager", "fair", "keen",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SimConfig:
+    """Settings of one simulator engine; latencies are in milliseconds."""
+
+    model: str = "sim"
+    aliases: tuple[str, ...] = ()
+    host: str = "127.0.0.1"
+    port: int = SagePorts.BENCHMARK_LLM
+    ttft_ms: float = 0.0
+    tpot_ms: float = 0.0
+    batch_slowdown: float = 0.0
+    max_num_seqs: int = 256
+    max_tokens_default: int = 16
+    max_model_len: int = 4096
+    seed: int = 0
+    embedding_dim: int = 0
+    served_names: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        checks: list[tuple[bool, str]] = [
+            (bool(self.model), "model must be a non-empty name"),
+            (self.ttft_ms >= 0, "ttft_ms must be >= 0"),
+            (self.tpot_ms >= 0, "tpot_ms must be >= 0"),
+            (self.batch_slowdown >= 0, "batch_slowdown must be >= 0"),
+            (self.max_num_seqs >= 1, "max_num_seqs must be >= 1"),
+            (self.max_tokens_default >= 1, "max_tokens_default must be >= 1"),
+            (self.max_model_len >= 1, "max_model_len must be >= 1"),
+            (self.embedding_dim >= 0, "embedding_dim must be >= 0"),
+            (0 <= self.port <= 65535, "port must be in 0..65535"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigurationError(f"sim engine: {message}")
+        # Served names: the model first, then aliases, without repeats.
+        names = tuple(dict.fromkeys((self.model, *(a for a in self.aliases if a))))
+        object.__setattr__(self, "served_names", names)
+
+    @property
+    def has_latency(self) -> bool:
+        """False on the zero-latency path, where the simulator never sleeps."""
+        return self.ttft_ms > 0 or self.tpot_ms > 0
+
+    def decode_step_s(self, running: int) -> float:
+        """Seconds one output token costs while `running` requests share the batch."""
+        return self.tpot_ms / 1000.0 * (1.0 + self.batch_slowdown * max(0, running - 1))
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    """One choice's output: `pieces[i]` is the text of token i (the last may be cut by stop)."""
+
+    pieces: tuple[str, ...]
+    finish_reason: str
+    stop_reason: str | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.pieces)
+
+
+def count_tokens(text: str) -> int:
+    """Prompt tokens as the simulator counts them: whitespace-separated words."""
+    return len(text.split())
+
+
+def _seed_bytes(seed: int) -> bytes:
+    # Any int works as a seed; only its low 64 bits matter.
+    return (seed & 0xFFFF_FFFF_FFFF_FFFF).to_bytes(8, "little")
+
+
+def _stable_seed(text: str, seed: int) -> int:
+    # hash() is salted per process; blake2b keeps outputs equal across processes and runs.
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8,
+                             person=b"sage-sim", salt=_seed_bytes(seed))
+    return int.from_bytes(digest.digest(), "little")
+
+
+def generate(
+    prompt_text: str, max_tokens: int, seed: int = 0, stop: Sequence[str] | None = None
+) -> Generation:
+    """The output for a prompt: `max_tokens` words seeded by (prompt, seed), cut at `stop`."""
+    words = random.Random(_stable_seed(prompt_text, seed)).choices(VOCABULARY, k=max_tokens)
+    pieces = [words[0], *(" " + word for word in words[1:])] if words else []
+    if stop:
+        text = "".join(pieces)
+        hits = [(text.find(s), s) for s in stop if s]
+        hits = [(at, s) for at, s in hits if at >= 0]
+        if hits:
+            cut, stop_string = min(hits)
+            kept: list[str] = []
+            consumed = 0
+            for piece in pieces:
+                # The token that holds the start of the stop string is generated, then trimmed.
+                kept.append(piece[: max(0, cut - consumed)])
+                consumed += len(piece)
+                if consumed > cut:
+                    break
+            return Generation(tuple(kept), "stop", stop_string)
+    return Generation(tuple(pieces), "length")
+
+
+def expected_text(
+    prompt_text: str, max_tokens: int, seed: int = 0, stop: Sequence[str] | None = None
+) -> str:
+    """Exactly the text the simulator answers for this prompt text (for tests)."""
+    return generate(prompt_text, max_tokens, seed, stop).text
+
+
+def chat_prompt_text(messages: Iterable[Mapping[str, Any]]) -> str:
+    """The prompt text of chat messages: their text contents joined by newlines.
+
+    Content may be a string or a list of parts; only `{"type": "text"}` parts count.
+    """
+    texts: list[str] = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            texts.append(content)
+        elif isinstance(content, list):
+            texts.extend(
+                part["text"]
+                for part in content
+                if isinstance(part, dict) and part.get("type") == "text"
+                and isinstance(part.get("text"), str)
+            )
+    return "\n".join(texts)
+
+
+def embedding_vector(text: str, dim: int, seed: int = 0) -> list[float]:
+    """A deterministic unit vector for `text`: equal texts give equal vectors."""
+    raw = hashlib.shake_256(
+        _seed_bytes(seed) + text.encode("utf-8", "surrogatepass")
+    ).digest(dim * 2)
+    values = array.array("h", raw)
+    if sys.byteorder != "little":  # the same vector on every machine
+        values.byteswap()
+    norm = math.sqrt(sum(v * v for v in values))
+    if norm == 0.0:  # pragma: no cover - needs an all-zero hash
+        return [1.0] + [0.0] * (dim - 1)
+    return [v / norm for v in values]
+
+
+class AdmissionQueue:
+    """FIFO admission with at most `capacity` requests running: vLLM's max_num_seqs slots.
+
+    `enqueue` hands out a ticket (a future that resolves when the request is admitted);
+    `finish` must be called exactly once per ticket, whether it was admitted or not, so an
+    abandoned request never keeps a slot or a place in the queue.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ConfigurationError("capacity must be >= 1")
+        self.capacity = capacity
+        self.running = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def enqueue(self) -> asyncio.Future[None]:
+        """A ticket, already done when a slot was free and nobody was ahead."""
+        ticket: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self.running < self.capacity and not self._waiters:
+            self.running += 1
+            ticket.set_result(None)
+        else:
+            self._waiters.append(ticket)
+        return ticket
+
+    def finish(self, ticket: asyncio.Future[None]) -> None:
+        """Give back the slot of an admitted ticket, or withdraw a waiting one."""
+        if ticket.done() and not ticket.cancelled():
+            self.running -= 1
+            self._admit_next()
+            return
+        ticket.cancel()
+        try:
+            self._waiters.remove(ticket)
+        except ValueError:
+            pass
+
+    def _admit_next(self) -> None:
+        while self._waiters and self.running < self.capacity:
+            ticket = self._waiters.popleft()
+            if ticket.done():  # its waiter was cancelled; skip it
+                continue
+            self.running += 1
+            ticket.set_result(None)
