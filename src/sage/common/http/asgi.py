@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,7 @@ from sage.common.exceptions import (
     SageError,
     openai_error_body,
 )
+from sage.common.utils.logging import request_id_var
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -253,6 +255,26 @@ class App:
         path: str = scope["path"]
         method: str = scope["method"]
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        # The request id travels HTTP → gRPC metadata → logs, and back in the response.
+        request_id = headers.get("x-request-id", "")
+        if not (0 < len(request_id) <= 128 and request_id.isascii() and request_id.isprintable()):
+            request_id = uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+        try:
+            await self._dispatch(scope, receive, send, path, method, headers, request_id)
+        finally:
+            request_id_var.reset(token)
+
+    async def _dispatch(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        path: str,
+        method: str,
+        headers: dict[str, str],
+        request_id: str,
+    ) -> None:
         methods = self._match(path)
         response: Response | StreamingResponse
         if methods is None:
@@ -291,4 +313,4 @@ class App:
                         ),
                         500,
                     )
-        await response.send(send)
+        await response.send(send, ((b"x-request-id", request_id.encode("latin-1")),))

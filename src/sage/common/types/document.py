@@ -7,8 +7,8 @@ document survives JSON / dict round trips unchanged (HTTP bodies, queues, stores
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
-from typing import Any, Self
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -34,6 +34,18 @@ class BaseDocument(BaseModel):
     metadata: Metadata = Field(default_factory=Metadata)
     embedding: DenseVector | None = None
     sparse: SparseVector | None = None
+
+    if TYPE_CHECKING:
+        # The input forms validation accepts, so callers type-check without casts.
+        def __init__(
+            self,
+            *,
+            id: str = ...,
+            content: str,
+            metadata: Mapping[str, Any] | None = ...,
+            embedding: DenseVector | Iterable[float] | None = ...,
+            sparse: SparseVector | Mapping[int, float] | Mapping[str, Any] | None = ...,
+        ) -> None: ...
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-compatible dict (vectors as {"values": ...} objects)."""

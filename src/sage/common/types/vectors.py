@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -48,6 +48,14 @@ def _finite_floats(value: Any, field: str) -> list[float]:
     return out
 
 
+def _sum(terms: list[float]) -> float:
+    """Accurate sum (fsum) that degrades to a plain sum instead of raising on overflow."""
+    try:
+        return math.fsum(terms)
+    except (OverflowError, ValueError):
+        return sum(terms)
+
+
 def _ints(value: Any, field: str) -> list[int]:
     out: list[int] = []
     for i, x in enumerate(_as_list(value, field)):
@@ -63,6 +71,10 @@ class DenseVector(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     values: list[float] = Field(min_length=1)
+
+    if TYPE_CHECKING:
+        # What callers may pass (numpy arrays, tuples...); validation makes it list[float].
+        def __init__(self, *, values: Iterable[float]) -> None: ...
 
     @model_validator(mode="before")
     @classmethod
@@ -95,8 +107,8 @@ class DenseVector(BaseModel):
         return list(self.values)
 
     def norm(self) -> float:
-        """Euclidean (L2) norm."""
-        return math.sqrt(math.fsum(v * v for v in self.values))
+        """Euclidean (L2) norm (hypot: no intermediate overflow)."""
+        return math.hypot(*self.values)
 
     def _other_values(self, other: DenseVector | Sequence[float]) -> list[float]:
         vals = other.values if isinstance(other, DenseVector) else _finite_floats(other, "other")
@@ -106,16 +118,17 @@ class DenseVector(BaseModel):
 
     def dot(self, other: DenseVector | Sequence[float]) -> float:
         """Inner product with a vector of the same dimension."""
-        return math.fsum(a * b for a, b in zip(self.values, self._other_values(other), strict=True))
+        return _sum([a * b for a, b in zip(self.values, self._other_values(other), strict=True)])
 
     def cosine_similarity(self, other: DenseVector | Sequence[float]) -> float:
         """Cosine similarity in [-1, 1]; ValueError for a zero vector (undefined)."""
         vals = self._other_values(other)
         na = self.norm()
-        nb = math.sqrt(math.fsum(v * v for v in vals))
+        nb = math.hypot(*vals)
         if na == 0.0 or nb == 0.0:
             raise ValueError("cosine similarity is undefined for a zero vector")
-        sim = math.fsum(a * b for a, b in zip(self.values, vals, strict=True)) / (na * nb)
+        # Scale before multiplying so huge components cannot overflow.
+        sim = _sum([(a / na) * (b / nb) for a, b in zip(self.values, vals, strict=True)])
         return max(-1.0, min(1.0, sim))
 
     def normalized(self) -> DenseVector:
@@ -134,6 +147,16 @@ class SparseVector(BaseModel):
     indices: list[int] = Field(default_factory=list)
     values: list[float] = Field(default_factory=list)
     dim: int | None = Field(default=None, ge=0)
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            indices: Iterable[int] = ...,
+            values: Iterable[float] = ...,
+            dim: int | None = ...,
+        ) -> None: ...
 
     @model_validator(mode="before")
     @classmethod
@@ -204,8 +227,8 @@ class SparseVector(BaseModel):
         return dict(zip(self.indices, self.values, strict=True))
 
     def norm(self) -> float:
-        """Euclidean (L2) norm."""
-        return math.sqrt(math.fsum(v * v for v in self.values))
+        """Euclidean (L2) norm (hypot: no intermediate overflow)."""
+        return math.hypot(*self.values)
 
     def dot(self, other: SparseVector) -> float:
         """Inner product with another sparse vector (merge of the sorted indices)."""
@@ -223,7 +246,7 @@ class SparseVector(BaseModel):
                 i += 1
             else:
                 j += 1
-        return math.fsum(terms)
+        return _sum(terms)
 
     def to_dense(self, dim: int | None = None) -> DenseVector:
         """Dense form with `dim` dimensions (default: this vector's dim)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import hashlib
 import math
 import random
@@ -231,10 +232,8 @@ class AdmissionQueue:
             self._admit_next()
             return
         ticket.cancel()
-        try:
+        with contextlib.suppress(ValueError):  # already skipped by _admit_next
             self._waiters.remove(ticket)
-        except ValueError:
-            pass
 
     def _admit_next(self) -> None:
         while self._waiters and self.running < self.capacity:

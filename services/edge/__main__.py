@@ -1,0 +1,47 @@
+"""`python -m sage.services.edge`: the OpenAI-compatible gateway on SagePorts.GATEWAY_DEFAULT."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+import uvicorn
+
+from sage.common.config.settings import load_settings
+from sage.common.utils.logging import configure_logging
+
+from .app import create_app
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Serve the edge until SIGTERM/SIGINT."""
+    parser = argparse.ArgumentParser(prog="python -m sage.services.edge")
+    parser.add_argument("--host", default=None, help="bind address (default: SAGE_HOST)")
+    parser.add_argument("--port", type=int, default=None,
+                        help="HTTP port (default: SAGE_GATEWAY_PORT or 8889)")
+    args = parser.parse_args(argv)
+    settings = load_settings()
+    configure_logging("edge", settings.log_level, settings.log_format)
+    host = args.host or settings.host
+    port = args.port if args.port is not None else settings.gateway_port
+    try:
+        import uvloop  # noqa: F401
+
+        loop = "uvloop"
+    except ImportError:  # pragma: no cover
+        loop = "asyncio"
+    config = uvicorn.Config(
+        create_app(settings), host=host, port=port, loop=loop, http="httptools",
+        lifespan="on", access_log=False, log_config=None, timeout_graceful_shutdown=10,
+        backlog=4096,
+    )
+    logging.getLogger("sage.edge").info("listening", extra={"addr": f"{host}:{port}"})
+    server = uvicorn.Server(config)
+    server.run()
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

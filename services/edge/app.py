@@ -1,0 +1,251 @@
+"""The edge's HTTP routes: OpenAI JSON in, gRPC to the scheduler, OpenAI JSON/SSE out.
+
+It parses each body once (to validate and find the model) and forwards the raw bytes;
+engine replies come back as raw bytes and are written out unchanged.
+"""
+
+from __future__ import annotations
+
+import base64
+import struct
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import orjson
+
+from sage.common.config.settings import SageSettings
+from sage.common.exceptions import InvalidRequestError, SageError, ServiceUnavailableError
+from sage.common.grpc import create_channel, from_rpc_error, rpc_errors_as_sage
+from sage.common.http import App, JSONResponse, Request, Response, StreamingResponse, sse_event
+from sage.rpc.common.v1 import common_pb2
+from sage.rpc.lifecycle.v1 import lifecycle_pb2, lifecycle_pb2_grpc
+from sage.rpc.scheduler.v1 import scheduler_pb2 as spb
+from sage.rpc.scheduler.v1 import scheduler_pb2_grpc as spb_grpc
+
+from .validation import parse_json_object, validate_chat, validate_completion, validate_embeddings
+
+DONE = b"data: [DONE]\n\n"
+_KIND_NAMES = {common_pb2.ENGINE_KIND_LLM: "llm", common_pb2.ENGINE_KIND_EMBEDDING: "embedding"}
+_STATE_NAMES = {v.number: v.name.removeprefix("ENGINE_STATE_").lower()
+                for v in common_pb2.DESCRIPTOR.enum_types_by_name["EngineState"].values}
+
+
+@dataclass
+class Upstreams:
+    """gRPC stubs the edge calls; channels are opened on the server's own event loop."""
+
+    scheduler: spb_grpc.SchedulerServiceStub
+    lifecycle: lifecycle_pb2_grpc.LifecycleServiceStub
+    channels: tuple[grpc.aio.Channel, ...]
+
+    async def close(self) -> None:
+        """Close every channel."""
+        for channel in self.channels:
+            await channel.close()
+
+
+def open_upstreams(settings: SageSettings) -> Upstreams:
+    """Channels to the scheduler and lifecycle from settings."""
+    sched = create_channel(settings.address("scheduler"), default_timeout=settings.rpc_timeout_s)
+    life = create_channel(settings.address("lifecycle"), default_timeout=settings.rpc_timeout_s)
+    return Upstreams(spb_grpc.SchedulerServiceStub(sched),
+                     lifecycle_pb2_grpc.LifecycleServiceStub(life), (sched, life))
+
+
+def _engine_json(engine: common_pb2.Engine) -> dict[str, Any]:
+    return {
+        "engine_id": engine.engine_id, "model": engine.model,
+        "kind": _KIND_NAMES.get(engine.kind, "unspecified"), "base_url": engine.base_url,
+        "state": _STATE_NAMES.get(engine.state, "unspecified"), "backend": engine.backend,
+        "aliases": list(engine.aliases), "port": engine.port, "pid": engine.pid,
+    }
+
+
+async def _stream_sse(call: Any) -> StreamingResponse:
+    """SSE from a server-streaming call; errors before the first chunk become HTTP errors."""
+    iterator = call.__aiter__()
+    try:
+        first = await iterator.__anext__()
+    except StopAsyncIteration:
+        first = None
+    except grpc.RpcError as err:
+        raise from_rpc_error(err) from None
+
+    async def chunks() -> AsyncIterator[bytes]:
+        try:
+            if first is not None:
+                yield sse_event(first.data)
+            async for message in iterator:
+                yield sse_event(message.data)
+            yield DONE
+        except grpc.RpcError as err:
+            # Headers are gone; vLLM's convention is an error event, then [DONE].
+            yield sse_event(orjson.dumps(from_rpc_error(err).to_openai()))
+            yield DONE
+        finally:
+            call.cancel()
+
+    return StreamingResponse(chunks())
+
+
+def _pack(vector: Any, encoding: str) -> Any:
+    if encoding == "base64":
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+    return list(vector)
+
+
+def create_app(settings: SageSettings) -> App:
+    """The edge ASGI app; gRPC channels open at startup and close at shutdown."""
+    holder: dict[str, Upstreams] = {}
+    timeout = settings.request_timeout_s
+
+    async def startup() -> None:
+        holder["up"] = open_upstreams(settings)
+
+    async def shutdown() -> None:
+        up = holder.pop("up", None)
+        if up is not None:
+            await up.close()
+
+    app = App(max_body_bytes=settings.max_body_bytes, on_startup=startup, on_shutdown=shutdown)
+
+    def up() -> Upstreams:
+        try:
+            return holder["up"]
+        except KeyError:
+            raise ServiceUnavailableError("the edge is starting") from None
+
+    @app.route("POST", "/v1/chat/completions")
+    async def chat(request: Request) -> Response | StreamingResponse:
+        body = await request.body()
+        parsed = validate_chat(parse_json_object(body))
+        if parsed.stream:
+            call = up().scheduler.ChatStream(
+                spb.ChatStreamRequest(model=parsed.model, body=body), timeout=timeout
+            )
+            return await _stream_sse(call)
+        with rpc_errors_as_sage():
+            reply = await up().scheduler.Chat(spb.ChatRequest(model=parsed.model, body=body),
+                                              timeout=timeout)
+        return Response(reply.body)
+
+    @app.route("POST", "/v1/completions")
+    async def completions(request: Request) -> Response | StreamingResponse:
+        body = await request.body()
+        parsed = validate_completion(parse_json_object(body))
+        if parsed.stream:
+            call = up().scheduler.CompleteStream(
+                spb.CompleteStreamRequest(model=parsed.model, body=body), timeout=timeout
+            )
+            return await _stream_sse(call)
+        with rpc_errors_as_sage():
+            reply = await up().scheduler.Complete(
+                spb.CompleteRequest(model=parsed.model, body=body), timeout=timeout
+            )
+        return Response(reply.body)
+
+    @app.route("POST", "/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        model, inputs, dimensions, encoding = validate_embeddings(
+            parse_json_object(await request.body())
+        )
+        with rpc_errors_as_sage():
+            reply = await up().scheduler.Embed(
+                spb.EmbedRequest(model=model, inputs=inputs, dimensions=dimensions),
+                timeout=timeout,
+            )
+        return JSONResponse({
+            "object": "list",
+            "model": model,
+            "data": [{"object": "embedding", "index": item.index,
+                      "embedding": _pack(item.values, encoding)} for item in reply.data],
+            "usage": {"prompt_tokens": reply.usage.prompt_tokens,
+                      "total_tokens": reply.usage.total_tokens},
+        })
+
+    @app.route("GET", "/v1/models")
+    async def models(request: Request) -> Response:
+        with rpc_errors_as_sage():
+            reply = await up().scheduler.ListModels(spb.ListModelsRequest())
+        return JSONResponse({
+            "object": "list",
+            "data": [
+                {"id": m.id, "object": "model", "created": m.created, "owned_by": "sage",
+                 "kind": _KIND_NAMES.get(m.kind, "llm"), "ready_engines": m.ready_engines,
+                 **({"root": m.alias_of} if m.alias_of else {})}
+                for m in reply.models
+            ],
+        })
+
+    @app.route("GET", "/health")
+    async def health(request: Request) -> Response:
+        try:
+            status = await up().scheduler.GetStatus(spb.GetStatusRequest(), timeout=2.0)
+        except (grpc.RpcError, SageError) as exc:
+            detail = exc.details() if isinstance(exc, grpc.RpcError) else exc.message
+            return JSONResponse({"status": "unavailable", "scheduler": str(detail)}, 503)
+        return JSONResponse({"status": "ok", "engines_ready": status.engines_ready})
+
+    @app.route("GET", "/v1/management/status")
+    async def management_status(request: Request) -> Response:
+        with rpc_errors_as_sage():
+            status = await up().scheduler.GetStatus(spb.GetStatusRequest())
+            engines = await up().scheduler.ListEngines(spb.ListEnginesRequest())
+        listed = [_engine_json(e) for e in engines.engines]
+        ready = [e for e in listed if e["state"] == "ready"]
+        return JSONResponse({
+            "llm_available": any(e["kind"] == "llm" for e in ready),
+            "embedding_available": any(e["kind"] == "embedding" for e in ready),
+            "engines_total": status.engines_total, "engines_ready": status.engines_ready,
+            "in_flight": status.in_flight, "queued": status.queued, "policy": status.policy,
+            "requests_total": status.requests_total, "requests_failed": status.requests_failed,
+            "engines": listed,
+        })
+
+    @app.route("GET", "/v1/management/engines")
+    async def list_engines(request: Request) -> Response:
+        with rpc_errors_as_sage():
+            reply = await up().lifecycle.ListEngines(lifecycle_pb2.ListEnginesRequest())
+        return JSONResponse({"object": "list", "data": [_engine_json(e) for e in reply.engines]})
+
+    @app.route("POST", "/v1/management/engines")
+    async def start_engine(request: Request) -> Response:
+        doc = parse_json_object(await request.body())
+        model = doc.get("model")
+        if not isinstance(model, str) or not model:
+            raise InvalidRequestError("model is required", param="model")
+        kind = doc.get("engine_kind", doc.get("kind", "llm"))
+        if kind not in ("llm", "embedding"):
+            raise InvalidRequestError("engine_kind must be llm or embedding", param="engine_kind")
+        try:
+            start = lifecycle_pb2.StartEngineRequest(
+                model=model,
+                kind=common_pb2.ENGINE_KIND_EMBEDDING if kind == "embedding"
+                else common_pb2.ENGINE_KIND_LLM,
+                backend=str(doc.get("backend", "")),
+                tensor_parallel_size=int(doc.get("tensor_parallel_size", 1)),
+                port=int(doc.get("port", 0)),
+                engine_id=str(doc.get("engine_id", "")),
+                base_url=str(doc.get("base_url", "")),
+                startup_timeout_s=int(doc.get("startup_timeout_s", 300)),
+            )
+        except (TypeError, ValueError) as exc:
+            raise InvalidRequestError(f"invalid engine request: {exc}") from None
+        with rpc_errors_as_sage():
+            reply = await up().lifecycle.StartEngine(start, timeout=start.startup_timeout_s + 30)
+        return JSONResponse(_engine_json(reply.engine), 201)
+
+    @app.route("DELETE", "/v1/management/engines/*")
+    async def stop_engine(request: Request) -> Response:
+        engine_id = request.path.removeprefix("/v1/management/engines/")
+        if not engine_id:
+            raise InvalidRequestError("engine id is required in the path", param="engine_id")
+        with rpc_errors_as_sage():
+            reply = await up().lifecycle.StopEngine(
+                lifecycle_pb2.StopEngineRequest(engine_id=engine_id), timeout=60
+            )
+        return JSONResponse(_engine_json(reply.engine))
+
+    return app

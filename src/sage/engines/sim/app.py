@@ -1,0 +1,783 @@
+"""HTTP front of the simulator engine (a testing/benchmarking tool for the control plane).
+
+It answers vLLM's OpenAI routes in vLLM's exact JSON and SSE shapes and exports vLLM's
+`/metrics` names, so the scheduler, the edge and benchmarks can run against it as if it
+were vLLM. Latency comes from a continuous-batching model (see `_SimEngine._steps`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import asyncio
+import base64
+import contextlib
+import importlib.util
+import logging
+import math
+import secrets
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+import orjson
+import uvicorn
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from sage.common.exceptions import ConfigurationError, InvalidRequestError, ModelNotFoundError
+from sage.common.http.asgi import App, JSONResponse, Request, Response, StreamingResponse, sse_event
+from sage.common.utils.logging import configure_logging
+from sage.engines.sim.model import (
+    OWNED_BY,
+    AdmissionQueue,
+    Generation,
+    SimConfig,
+    chat_prompt_text,
+    count_tokens,
+    embedding_vector,
+    generate,
+)
+
+__all__ = ["create_app", "main"]
+
+log = logging.getLogger(__name__)
+
+# vLLM's own bucket boundaries, so dashboards and SLO maths read the same.
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
+                 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+_TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+                 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+_DONE = b"data: [DONE]\n\n"
+_CLIENT_GONE = 499  # nginx's "client closed request"; nobody reads it, the socket is gone
+
+
+class _Metrics:
+    """vLLM's metric names on a registry private to one app, so apps can share a process."""
+
+    def __init__(self, config: SimConfig, queue: AdmissionQueue) -> None:
+        self.registry = CollectorRegistry()
+        reg = self.registry
+        label = ("model_name",)
+        name = config.model
+
+        def gauge(metric: str, doc: str, read: Any) -> None:
+            Gauge(metric, doc, label, registry=reg).labels(model_name=name).set_function(read)
+
+        gauge("vllm:num_requests_running", "Requests in the running batch.",
+              lambda: queue.running)
+        gauge("vllm:num_requests_waiting", "Requests waiting for a batch slot.",
+              lambda: queue.waiting)
+        # No real KV cache: occupancy of the max_num_seqs slots stands in for it.
+        gauge("vllm:gpu_cache_usage_perc", "KV-cache usage (simulated: slot occupancy, 0-1).",
+              lambda: queue.running / queue.capacity)
+        gauge("vllm:kv_cache_usage_perc", "KV-cache usage (simulated: slot occupancy, 0-1).",
+              lambda: queue.running / queue.capacity)
+        self.ttft = Histogram(
+            "vllm:time_to_first_token_seconds", "Arrival to first token, queueing included.",
+            label, buckets=_TTFT_BUCKETS, registry=reg,
+        ).labels(model_name=name)
+        self.tpot = Histogram(
+            "vllm:time_per_output_token_seconds",
+            "Mean time per output token after the first (one observation per request).",
+            label, buckets=_TPOT_BUCKETS, registry=reg,
+        ).labels(model_name=name)
+        self.e2e = Histogram(
+            "vllm:e2e_request_latency_seconds", "Arrival to last token.",
+            label, buckets=_E2E_BUCKETS, registry=reg,
+        ).labels(model_name=name)
+        self.queue_time = Histogram(
+            "vllm:request_queue_time_seconds", "Time spent waiting for a batch slot.",
+            label, buckets=_E2E_BUCKETS, registry=reg,
+        ).labels(model_name=name)
+        self.prompt_tokens = Counter(
+            "vllm:prompt_tokens", "Prefilled prompt tokens.", label, registry=reg
+        ).labels(model_name=name)
+        self.generation_tokens = Counter(
+            "vllm:generation_tokens", "Generated tokens.", label, registry=reg
+        ).labels(model_name=name)
+        success = Counter(
+            "vllm:request_success", "Requests that finished.",
+            ("model_name", "finished_reason"), registry=reg,
+        )
+        self._success = {
+            reason: success.labels(model_name=name, finished_reason=reason)
+            for reason in ("stop", "length")
+        }
+
+    def finished(self, reason: str) -> None:
+        self._success[reason].inc()
+
+
+class _DisconnectWatch:
+    """Notices the client going away; the task reading `receive` starts only when needed.
+
+    The zero-latency path never waits, so it never pays for the task.
+    """
+
+    __slots__ = ("_request", "_task")
+
+    def __init__(self, request: Request) -> None:
+        self._request = request
+        self._task: asyncio.Task[None] | None = None
+
+    def task(self) -> asyncio.Task[None]:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._watch())
+        return self._task
+
+    async def _watch(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._request.wait_disconnect()
+
+    @property
+    def gone(self) -> bool:
+        return self._task is not None and self._task.done()
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    """A validated generation request: one Generation per choice."""
+
+    model: str
+    prompt_tokens: int
+    generations: tuple[Generation, ...]
+    stream: bool
+    include_usage: bool
+    pooling: bool = False  # an embedding request: prefill only, no generated tokens
+
+    @property
+    def steps(self) -> int:
+        return max(g.completion_tokens for g in self.generations)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(g.completion_tokens for g in self.generations)
+
+    def usage(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "completion_tokens": self.completion_tokens,
+        }
+
+
+# -- request validation: every error names the field -------------------------------------
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+async def _json_object(request: Request) -> dict[str, Any]:
+    body = await request.json()
+    if not isinstance(body, dict):
+        raise InvalidRequestError("request body must be a JSON object")
+    return body
+
+
+def _positive_int(body: dict[str, Any], key: str) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if not _is_int(value) or value < 1:
+        raise InvalidRequestError(f"{key} must be a positive integer, got {value!r}", param=key)
+    result: int = value
+    return result
+
+
+def _check_sampling(body: dict[str, Any]) -> None:
+    """Sampling knobs do not change the simulated text, but bad values are still errors."""
+    temperature = body.get("temperature")
+    if temperature is not None and (not _is_number(temperature) or temperature < 0):
+        raise InvalidRequestError(
+            f"temperature must be a non-negative number, got {temperature!r}", param="temperature"
+        )
+    top_p = body.get("top_p")
+    if top_p is not None and (not _is_number(top_p) or not 0 < top_p <= 1):
+        raise InvalidRequestError(f"top_p must be a number in (0, 1], got {top_p!r}",
+                                  param="top_p")
+    n = body.get("n")
+    if n is not None and n != 1:
+        raise InvalidRequestError("the simulator supports only n=1", param="n")
+
+
+def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
+    stream = body.get("stream")
+    if stream is None:
+        stream = False
+    elif not isinstance(stream, bool):
+        raise InvalidRequestError(f"stream must be a boolean, got {stream!r}", param="stream")
+    options = body.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not isinstance(options, dict):
+            raise InvalidRequestError("stream_options must be an object", param="stream_options")
+        flag = options.get("include_usage")
+        if flag is not None and not isinstance(flag, bool):
+            raise InvalidRequestError("stream_options.include_usage must be a boolean",
+                                      param="stream_options.include_usage")
+        include_usage = bool(flag)
+    return stream, include_usage
+
+
+def _stop_strings(body: dict[str, Any]) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        return (stop,)
+    if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        return tuple(stop)
+    raise InvalidRequestError("stop must be a string or a list of strings", param="stop")
+
+
+def _seed(body: dict[str, Any], default: int) -> int:
+    seed = body.get("seed")
+    if seed is None:
+        return default
+    if not _is_int(seed):
+        raise InvalidRequestError(f"seed must be an integer, got {seed!r}", param="seed")
+    result: int = seed
+    return result
+
+
+def _check_messages(messages: Any) -> list[dict[str, Any]]:
+    if messages is None:
+        raise InvalidRequestError("messages is required", param="messages")
+    if not isinstance(messages, list):
+        raise InvalidRequestError("messages must be a list of message objects", param="messages")
+    if not messages:
+        raise InvalidRequestError("messages must not be empty", param="messages")
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise InvalidRequestError(f"{where} must be an object", param=where)
+        role = message.get("role")
+        if not isinstance(role, str) or not role:
+            raise InvalidRequestError(f"{where}.role must be a non-empty string",
+                                      param=f"{where}.role")
+        content = message.get("content")
+        if content is None:
+            # An assistant turn that only carried tool calls has no content.
+            if role == "assistant":
+                continue
+            raise InvalidRequestError(f"{where}.content is required", param=f"{where}.content")
+        if isinstance(content, str):
+            continue
+        if isinstance(content, list) and all(
+            isinstance(part, dict) and isinstance(part.get("type"), str)
+            and (part["type"] != "text" or isinstance(part.get("text"), str))
+            for part in content
+        ):
+            continue
+        raise InvalidRequestError(
+            f"{where}.content must be a string or a list of content parts",
+            param=f"{where}.content",
+        )
+    return messages
+
+
+def _completion_prompts(prompt: Any) -> list[str]:
+    """Prompt texts of a completions request; token-id prompts count one token per id."""
+    if prompt is None:
+        raise InvalidRequestError("prompt is required", param="prompt")
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, str) for p in prompt):
+            return list(prompt)
+        if all(_is_int(t) for t in prompt):
+            return [" ".join(map(str, prompt))]
+        if all(isinstance(p, list) and p and all(_is_int(t) for t in p) for p in prompt):
+            return [" ".join(map(str, p)) for p in prompt]
+    raise InvalidRequestError(
+        "prompt must be a string, a list of strings, or token ids", param="prompt"
+    )
+
+
+# -- the engine ----------------------------------------------------------------------------
+
+
+class _SimEngine:
+    """The routes of one simulator app; they share its config, batch slots and metrics."""
+
+    def __init__(self, config: SimConfig) -> None:
+        self.config = config
+        self.queue = AdmissionQueue(config.max_num_seqs)
+        self.metrics = _Metrics(config, self.queue)
+        self._created = int(time.time())
+
+    # ---- shared pieces
+
+    def _model(self, body: dict[str, Any]) -> str:
+        model = body.get("model")
+        if model is None:
+            return self.config.model
+        if not isinstance(model, str):
+            raise InvalidRequestError("model must be a string", param="model")
+        if model not in self.config.served_names:
+            raise ModelNotFoundError(model)
+        return model
+
+    def _max_tokens(self, requested: int | None, key: str, prompt_tokens: int, where: str) -> int:
+        limit = self.config.max_model_len
+        room = limit - prompt_tokens
+        if requested is None:
+            if room < 1:
+                raise InvalidRequestError(
+                    f"This model's maximum context length is {limit} tokens. However, your "
+                    f"{where} has {prompt_tokens} tokens. Please reduce the length of the "
+                    f"{where}.", param=where,
+                )
+            return min(self.config.max_tokens_default, room)
+        if requested > room:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{prompt_tokens + requested} tokens ({prompt_tokens} in the {where}, "
+                f"{requested} in the completion). Please reduce the length of the {where} "
+                "or completion.", param=key,
+            )
+        return requested
+
+    async def _steps(self, job: _Job, watch: _DisconnectWatch) -> AsyncGenerator[int, None]:
+        """Yield token step numbers as they fall due; the batch slot is freed however this ends.
+
+        The model: FIFO admission into at most max_num_seqs slots; once admitted, the first
+        token comes after ttft_ms, and each later one after tpot_ms scaled by
+        (1 + batch_slowdown * (running - 1)), read afresh per token since the batch changes.
+        Deadlines are absolute, so event-loop jitter does not add up over a long answer.
+        """
+        config = self.config
+        metrics = self.metrics
+        loop = asyncio.get_running_loop()
+        arrival = loop.time()
+        ticket = self.queue.enqueue()
+        produced = 0
+        first_at = last_at = arrival
+        completed = False
+        try:
+            if not ticket.done():
+                await asyncio.wait((ticket, watch.task()), return_when=asyncio.FIRST_COMPLETED)
+                if watch.gone or not ticket.done():
+                    return
+            admitted = loop.time()
+            metrics.queue_time.observe(admitted - arrival)
+            latency = config.has_latency
+            deadline = admitted + config.ttft_ms / 1000.0
+            for step in range(job.steps):
+                if latency:
+                    if step:
+                        deadline += config.decode_step_s(self.queue.running)
+                    if not await self._sleep_until(loop, deadline, watch):
+                        return
+                elif watch.gone:
+                    return
+                last_at = loop.time()
+                if step == 0:
+                    first_at = last_at
+                    metrics.ttft.observe(first_at - arrival)
+                    metrics.prompt_tokens.inc(job.prompt_tokens)
+                produced = step + 1
+                yield step
+            completed = True
+        finally:
+            self.queue.finish(ticket)
+            if produced and not job.pooling:
+                metrics.generation_tokens.inc(
+                    sum(min(produced, g.completion_tokens) for g in job.generations)
+                )
+            if produced > 1:
+                metrics.tpot.observe((last_at - first_at) / (produced - 1))
+            if completed:
+                metrics.e2e.observe(loop.time() - arrival)
+                for generation in job.generations:
+                    metrics.finished(generation.finish_reason)
+
+    @staticmethod
+    async def _sleep_until(
+        loop: asyncio.AbstractEventLoop, deadline: float, watch: _DisconnectWatch
+    ) -> bool:
+        """Sleep until `deadline`, waking early if the client leaves; False if it left."""
+        delay = deadline - loop.time()
+        if delay > 0:
+            await asyncio.wait((watch.task(),), timeout=delay)
+        return not watch.gone
+
+    async def _run_to_end(self, job: _Job, request: Request) -> bool:
+        """Hold a slot for the whole answer; False when the client left first."""
+        watch = _DisconnectWatch(request)
+        produced = 0
+        try:
+            async with contextlib.aclosing(self._steps(job, watch)) as steps:
+                async for _ in steps:
+                    produced += 1
+        finally:
+            watch.close()
+        return produced == job.steps
+
+    def _id(self, prefix: str) -> str:
+        return f"{prefix}-{secrets.token_hex(16)}"
+
+    # ---- chat
+
+    async def chat(self, request: Request) -> Response | StreamingResponse:
+        """POST /v1/chat/completions."""
+        body = await _json_object(request)
+        model = self._model(body)
+        messages = _check_messages(body.get("messages"))
+        _check_sampling(body)
+        stream, include_usage = _stream_flags(body)
+        key = "max_completion_tokens" if body.get("max_completion_tokens") is not None \
+            else "max_tokens"
+        requested = _positive_int(body, "max_tokens")
+        requested = _positive_int(body, "max_completion_tokens") or requested
+        prompt = chat_prompt_text(messages)
+        prompt_tokens = count_tokens(prompt)
+        max_tokens = self._max_tokens(requested, key, prompt_tokens, "messages")
+        generation = generate(prompt, max_tokens, _seed(body, self.config.seed),
+                              _stop_strings(body))
+        job = _Job(model, prompt_tokens, (generation,), stream, include_usage)
+        if stream:
+            return StreamingResponse(self._chat_chunks(job, request))
+        if not await self._run_to_end(job, request):
+            return Response(b"", _CLIENT_GONE)
+        return JSONResponse({
+            "id": self._id("chatcmpl"),
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": generation.text, "tool_calls": []},
+                "logprobs": None,
+                "finish_reason": generation.finish_reason,
+                "stop_reason": generation.stop_reason,
+            }],
+            "usage": {**job.usage(), "prompt_tokens_details": None},
+            "prompt_logprobs": None,
+        })
+
+    async def _chat_chunks(self, job: _Job, request: Request) -> AsyncIterator[bytes]:
+        """vLLM's chat SSE: role chunk, content deltas (the last with finish_reason),
+        an optional usage chunk with no choices, then [DONE]."""
+        generation = job.generations[0]
+        head = {
+            "id": self._id("chatcmpl"),
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": job.model,
+        }
+        last = generation.completion_tokens - 1
+        sent = 0
+        watch = _DisconnectWatch(request)
+        try:
+            async with contextlib.aclosing(self._steps(job, watch)) as steps:
+                async for step in steps:
+                    if step == 0:
+                        yield sse_event(orjson.dumps({**head, "choices": [{
+                            "index": 0, "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None, "finish_reason": None,
+                        }]}))
+                    choice: dict[str, Any] = {
+                        "index": 0, "delta": {"content": generation.pieces[step]},
+                        "logprobs": None, "finish_reason": None,
+                    }
+                    if step == last:
+                        choice["finish_reason"] = generation.finish_reason
+                        choice["stop_reason"] = generation.stop_reason
+                    yield sse_event(orjson.dumps({**head, "choices": [choice]}))
+                    sent += 1
+        finally:
+            watch.close()
+        if sent < job.steps:
+            return  # the client left; nobody is reading
+        if job.include_usage:
+            yield sse_event(orjson.dumps({**head, "choices": [], "usage": job.usage()}))
+        yield _DONE
+
+    # ---- completions
+
+    async def completions(self, request: Request) -> Response | StreamingResponse:
+        """POST /v1/completions (a list of prompts gives one choice per prompt)."""
+        body = await _json_object(request)
+        model = self._model(body)
+        prompts = _completion_prompts(body.get("prompt"))
+        _check_sampling(body)
+        stream, include_usage = _stream_flags(body)
+        requested = _positive_int(body, "max_tokens")
+        seed = _seed(body, self.config.seed)
+        stop = _stop_strings(body)
+        counts = [count_tokens(p) for p in prompts]
+        max_tokens = self._max_tokens(requested, "max_tokens", max(counts), "prompt")
+        generations = tuple(generate(p, max_tokens, seed, stop) for p in prompts)
+        job = _Job(model, sum(counts), generations, stream, include_usage)
+        if stream:
+            return StreamingResponse(self._completion_chunks(job, request))
+        if not await self._run_to_end(job, request):
+            return Response(b"", _CLIENT_GONE)
+        return JSONResponse({
+            "id": self._id("cmpl"),
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [
+                {
+                    "index": i,
+                    "text": g.text,
+                    "logprobs": None,
+                    "finish_reason": g.finish_reason,
+                    "stop_reason": g.stop_reason,
+                    "prompt_logprobs": None,
+                }
+                for i, g in enumerate(generations)
+            ],
+            "usage": {**job.usage(), "prompt_tokens_details": None},
+        })
+
+    async def _completion_chunks(self, job: _Job, request: Request) -> AsyncIterator[bytes]:
+        """vLLM's completions SSE: one chunk per choice per token, usage, then [DONE]."""
+        head = {
+            "id": self._id("cmpl"),
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": job.model,
+        }
+        sent = 0
+        watch = _DisconnectWatch(request)
+        try:
+            async with contextlib.aclosing(self._steps(job, watch)) as steps:
+                async for step in steps:
+                    for index, generation in enumerate(job.generations):
+                        if step >= generation.completion_tokens:
+                            continue
+                        final = step == generation.completion_tokens - 1
+                        yield sse_event(orjson.dumps({**head, "choices": [{
+                            "index": index,
+                            "text": generation.pieces[step],
+                            "logprobs": None,
+                            "finish_reason": generation.finish_reason if final else None,
+                            "stop_reason": generation.stop_reason if final else None,
+                        }]}))
+                    sent += 1
+        finally:
+            watch.close()
+        if sent < job.steps:
+            return
+        if job.include_usage:
+            yield sse_event(orjson.dumps({**head, "choices": [], "usage": job.usage()}))
+        yield _DONE
+
+    # ---- embeddings
+
+    async def embeddings(self, request: Request) -> Response:
+        """POST /v1/embeddings: hash-based unit vectors, after admission and ttft_ms."""
+        body = await _json_object(request)
+        model = self._model(body)
+        texts = _embedding_inputs(body.get("input"))
+        encoding = body.get("encoding_format")
+        if encoding not in (None, "float", "base64"):
+            raise InvalidRequestError("encoding_format must be 'float' or 'base64'",
+                                      param="encoding_format")
+        dimensions = body.get("dimensions")
+        if dimensions is not None and dimensions != self.config.embedding_dim:
+            raise InvalidRequestError(
+                f"dimensions must be {self.config.embedding_dim} for this model",
+                param="dimensions",
+            )
+        counts = [count_tokens(t) for t in texts]
+        if max(counts) > self.config.max_model_len:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {self.config.max_model_len} tokens; "
+                f"an input has {max(counts)}.", param="input",
+            )
+        # Prefill only: one step, no decode tokens.
+        job = _Job(model, sum(counts), (Generation(("",), "stop"),), False, False, pooling=True)
+        if not await self._run_to_end(job, request):
+            return Response(b"", _CLIENT_GONE)
+        data: list[dict[str, Any]] = []
+        for index, text in enumerate(texts):
+            vector = embedding_vector(text, self.config.embedding_dim, self.config.seed)
+            embedding: list[float] | str = vector
+            if encoding == "base64":
+                packed = array.array("f", vector)
+                if sys.byteorder != "little":  # pragma: no cover - OpenAI decodes little-endian
+                    packed.byteswap()
+                embedding = base64.b64encode(packed.tobytes()).decode("ascii")
+            data.append({"index": index, "object": "embedding", "embedding": embedding})
+        total = sum(counts)
+        return JSONResponse({
+            "id": self._id("embd"),
+            "object": "list",
+            "created": int(time.time()),
+            "model": model,
+            "data": data,
+            "usage": {"prompt_tokens": total, "total_tokens": total, "completion_tokens": 0,
+                      "prompt_tokens_details": None},
+        })
+
+    # ---- plain routes
+
+    async def models(self, request: Request) -> Response:
+        """GET /v1/models: every served name, owned by sage-sim so nobody mistakes it."""
+        return JSONResponse({
+            "object": "list",
+            "data": [
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": self._created,
+                    "owned_by": OWNED_BY,
+                    "root": self.config.model,
+                    "parent": None,
+                    "max_model_len": self.config.max_model_len,
+                    "permission": [],
+                }
+                for name in self.config.served_names
+            ],
+        })
+
+    async def health(self, request: Request) -> Response:
+        """GET /health: 200 with an empty body, as vLLM answers."""
+        return Response(b"", 200, b"text/plain; charset=utf-8")
+
+    async def version(self, request: Request) -> Response:
+        """GET /version."""
+        return JSONResponse({"version": OWNED_BY})
+
+    async def prometheus(self, request: Request) -> Response:
+        """GET /metrics in Prometheus text format."""
+        return Response(generate_latest(self.metrics.registry), 200, CONTENT_TYPE_LATEST.encode())
+
+
+def _embedding_inputs(value: Any) -> list[str]:
+    if value is None:
+        raise InvalidRequestError("input is required", param="input")
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value:
+        if all(isinstance(v, str) for v in value):
+            return list(value)
+        if all(_is_int(t) for t in value):
+            return [" ".join(map(str, value))]
+        if all(isinstance(v, list) and v and all(_is_int(t) for t in v) for v in value):
+            return [" ".join(map(str, v)) for v in value]
+    raise InvalidRequestError(
+        "input must be a string, a non-empty list of strings, or token ids", param="input"
+    )
+
+
+def create_app(config: SimConfig) -> App:
+    """The simulator's ASGI app; each app has its own slots and metrics registry."""
+    engine = _SimEngine(config)
+    app = App()
+    app.add("POST", "/v1/chat/completions", engine.chat)
+    app.add("POST", "/v1/completions", engine.completions)
+    if config.embedding_dim > 0:
+        app.add("POST", "/v1/embeddings", engine.embeddings)
+    app.add("GET", "/v1/models", engine.models)
+    app.add("GET", "/health", engine.health)
+    app.add("GET", "/version", engine.version)
+    app.add("GET", "/metrics", engine.prometheus)
+    return app
+
+
+# -- command line --------------------------------------------------------------------------
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, logging one line with the bound address once it listens."""
+
+    def __init__(self, config: uvicorn.Config, sim: SimConfig) -> None:
+        super().__init__(config)
+        self.sim = sim
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if not self.servers or not self.servers[0].sockets:
+            return
+        host, port = self.servers[0].sockets[0].getsockname()[:2]
+        log.info(
+            "sim engine listening (testing/benchmarking tool, not a real model)",
+            extra={"url": f"http://{host}:{port}", "model": self.sim.model,
+                   "served_names": ",".join(self.sim.served_names),
+                   "ttft_ms": self.sim.ttft_ms, "tpot_ms": self.sim.tpot_ms,
+                   "max_num_seqs": self.sim.max_num_seqs},
+        )
+
+
+def _parser() -> argparse.ArgumentParser:
+    defaults = SimConfig()
+    parser = argparse.ArgumentParser(
+        prog="python -m sage.engines.sim",
+        description="vLLM-compatible simulator engine: a testing/benchmarking tool for the "
+                    "SAGE control plane (no model, deterministic text, modelled latency).",
+    )
+    parser.add_argument("--model", default=defaults.model, help="served model name")
+    parser.add_argument("--served-model-name", dest="aliases", action="extend", nargs="+",
+                        default=[], metavar="NAME", help="extra served name (repeatable)")
+    parser.add_argument("--host", default=defaults.host)
+    parser.add_argument("--port", type=int, default=defaults.port, help="0 picks a free port")
+    parser.add_argument("--ttft-ms", type=float, default=defaults.ttft_ms)
+    parser.add_argument("--tpot-ms", type=float, default=defaults.tpot_ms)
+    parser.add_argument("--batch-slowdown", type=float, default=defaults.batch_slowdown,
+                        help="extra TPOT fraction per additional running request")
+    parser.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs)
+    parser.add_argument("--max-tokens-default", type=int, default=defaults.max_tokens_default)
+    parser.add_argument("--max-model-len", type=int, default=defaults.max_model_len)
+    parser.add_argument("--embedding-dim", type=int, default=defaults.embedding_dim,
+                        help="serve /v1/embeddings with vectors of this size (0: off)")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the simulator until SIGTERM/SIGINT; returns the process exit status."""
+    parser = _parser()
+    args = parser.parse_args(None if argv is None else list(argv))
+    try:
+        sim = SimConfig(
+            model=args.model, aliases=tuple(args.aliases), host=args.host, port=args.port,
+            ttft_ms=args.ttft_ms, tpot_ms=args.tpot_ms, batch_slowdown=args.batch_slowdown,
+            max_num_seqs=args.max_num_seqs, max_tokens_default=args.max_tokens_default,
+            max_model_len=args.max_model_len, seed=args.seed, embedding_dim=args.embedding_dim,
+        )
+    except ConfigurationError as exc:
+        parser.error(exc.message)
+    configure_logging("sim-engine", args.log_level)
+    server = _Server(
+        uvicorn.Config(
+            create_app(sim), host=sim.host, port=sim.port,
+            loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
+            http="httptools", access_log=False, log_config=None, log_level="warning",
+            lifespan="on", timeout_graceful_shutdown=5,
+        ),
+        sim,
+    )
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        # uvicorn handles SIGTERM while it runs and re-raises it afterwards; this handler
+        # turns that re-raise (or a signal that lands before uvicorn is up) into a clean stop.
+        server.should_exit = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    server.run()
+    return 0 if server.started else 1

@@ -1,0 +1,343 @@
+"""`sage llm serve`: run the five services and the engines as children of one process.
+
+Children start in dependency order, each waited for by its health check; engines are
+started through the lifecycle service like any other; Ctrl-C/SIGTERM stops services in
+reverse order and then kills whatever is left of the process tree, so nothing is orphaned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import grpc
+import httpx
+import psutil
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from sage.common.config.ports import SagePorts
+from sage.common.config.settings import SageSettings
+from sage.common.exceptions import ConfigurationError, EngineStartError, SageError
+from sage.common.grpc import from_rpc_error
+from sage.rpc.common.v1 import common_pb2
+from sage.rpc.lifecycle.v1 import lifecycle_pb2, lifecycle_pb2_grpc
+
+# (name, settings attribute of its port, gRPC?) in start order.
+SERVICES: tuple[tuple[str, str, bool], ...] = (
+    ("gpu_manager", "gpu_manager_port", True),
+    ("embedding", "embedding_service_port", True),
+    ("scheduler", "scheduler_port", True),
+    ("lifecycle", "lifecycle_port", True),
+    ("edge", "gateway_port", False),
+)
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """One engine `serve` asks lifecycle for."""
+
+    model: str
+    kind: str
+    port: int
+    backend: str = ""
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.0
+
+
+@dataclass
+class ServePlan:
+    """Everything `serve` will start."""
+
+    settings: SageSettings
+    engines: list[EngineRequest] = field(default_factory=list)
+    startup_timeout_s: float = 60.0
+    engine_timeout_s: float = 600.0
+
+
+def daemon_file(settings: SageSettings) -> Path:
+    """Where `serve` records what it runs (read by `sage llm status/logs`)."""
+    return settings.llm_state_dir / "daemon.json"
+
+
+def _write_atomic(path: Path, doc: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False))
+    os.replace(tmp, path)
+
+
+def _child_env(settings: SageSettings) -> dict[str, str]:
+    """Pin every address so all children agree, whatever their own env says."""
+    env = dict(os.environ)
+    env.update({
+        "SAGE_HOME": str(settings.home),
+        "SAGE_HOST": settings.host,
+        "SAGE_GATEWAY_PORT": str(settings.gateway_port),
+        "SAGE_SCHEDULER_PORT": str(settings.scheduler_port),
+        "SAGE_LIFECYCLE_PORT": str(settings.lifecycle_port),
+        "SAGE_GPU_MANAGER_PORT": str(settings.gpu_manager_port),
+        "SAGE_EMBEDDING_SERVICE_PORT": str(settings.embedding_service_port),
+        "SAGE_LOG_LEVEL": settings.log_level,
+        "SAGE_LOG_FORMAT": settings.log_format,
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+class Supervisor:
+    """Owns the child processes of one `sage llm serve`."""
+
+    def __init__(self, plan: ServePlan, out: TextIO = sys.stdout) -> None:
+        self.plan = plan
+        self.settings = plan.settings
+        self.out = out
+        self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self.engines: list[dict[str, Any]] = []
+        self.log_dir = self.settings.llm_state_dir / "logs"
+        self._stop = threading.Event()
+
+    def say(self, message: str) -> None:
+        """Progress for the person at the terminal."""
+        print(message, file=self.out, flush=True)
+
+    def check_ports(self) -> None:
+        """Fail before starting anything if a port is taken, naming the port and its setting."""
+        host = self.settings.host
+        wanted = [(name, getattr(self.settings, attr)) for name, attr, _ in SERVICES]
+        wanted += [(f"{e.kind} engine {e.model}", e.port) for e in self.plan.engines if e.port]
+        seen: dict[int, str] = {}
+        for name, port in wanted:
+            if port in seen:
+                raise ConfigurationError(f"{name} and {seen[port]} both want port {port}")
+            seen[port] = name
+            if not SagePorts.is_available(port, host, timeout=0.3):
+                raise ConfigurationError(
+                    f"port {port} for {name} is already in use on {host}; stop what holds it "
+                    "(`sage llm status`) or choose another port"
+                )
+
+    def _spawn(self, name: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"{name}.log"
+        with open(log_path, "ab") as log_file:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", f"sage.services.{name}"],
+                stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                # Own process group: a terminal Ctrl-C reaches only us, and we stop children
+                # in order instead of all at once.
+                start_new_session=True,
+            )
+        self.children[name] = proc
+        return proc
+
+    def _tail(self, name: str, lines: int = 15) -> str:
+        path = self.log_dir / f"{name}.log"
+        if not path.exists():
+            return ""
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    def _wait_ready(self, name: str, port: int, is_grpc: bool) -> None:
+        proc = self.children[name]
+        deadline = time.monotonic() + self.plan.startup_timeout_s
+        addr = f"{self.settings.host}:{port}"
+        while time.monotonic() < deadline and not self._stop.is_set():
+            if proc.poll() is not None:
+                raise ConfigurationError(
+                    f"{name} exited with code {proc.returncode} while starting:\n{self._tail(name)}"
+                )
+            if self._probe(addr, is_grpc):
+                return
+            time.sleep(0.1)
+        if self._stop.is_set():
+            raise KeyboardInterrupt
+        raise ConfigurationError(f"{name} did not become healthy on {addr} within "
+                                 f"{self.plan.startup_timeout_s:g}s:\n{self._tail(name)}")
+
+    @staticmethod
+    def _probe(addr: str, is_grpc: bool) -> bool:
+        if not is_grpc:
+            with contextlib.suppress(httpx.HTTPError):
+                return httpx.get(f"http://{addr}/health", timeout=1.0, trust_env=False).status_code == 200
+            return False
+        with grpc.insecure_channel(addr) as channel:
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=""), timeout=1.0
+                )
+            except grpc.RpcError:
+                return False
+            return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+    def _start_engine(self, request: EngineRequest) -> dict[str, Any]:
+        addr = self.settings.address("lifecycle")
+        with grpc.insecure_channel(addr) as channel:
+            stub = lifecycle_pb2_grpc.LifecycleServiceStub(channel)
+            try:
+                reply = stub.StartEngine(
+                    lifecycle_pb2.StartEngineRequest(
+                        model=request.model,
+                        kind=common_pb2.ENGINE_KIND_EMBEDDING if request.kind == "embedding"
+                        else common_pb2.ENGINE_KIND_LLM,
+                        backend=request.backend, port=request.port,
+                        tensor_parallel_size=request.tensor_parallel_size,
+                        gpu_memory_utilization=request.gpu_memory_utilization,
+                        startup_timeout_s=int(self.plan.engine_timeout_s),
+                    ),
+                    timeout=self.plan.engine_timeout_s + 30,
+                )
+            except grpc.RpcError as err:
+                raise from_rpc_error(err) from None
+        engine = reply.engine
+        return {"engine_id": engine.engine_id, "model": engine.model, "kind": request.kind,
+                "base_url": engine.base_url, "port": engine.port, "pid": engine.pid,
+                "backend": engine.backend}
+
+    def write_daemon_file(self) -> Path:
+        """Record ports, pids and engines for the CLI and other tools."""
+        s = self.settings
+        doc = {
+            "pid": os.getpid(),
+            "started_at": time.time(),
+            "home": str(s.home),
+            "gateway_url": f"http://{s.host}:{s.gateway_port}/v1",
+            "llm_port": next((e["port"] for e in self.engines if e["kind"] == "llm"), None),
+            "embedding_port": next(
+                (e["port"] for e in self.engines if e["kind"] == "embedding"), None),
+            "services": {
+                name: {"pid": self.children[name].pid, "port": getattr(s, attr),
+                       "addr": f"{s.host}:{getattr(s, attr)}", "grpc": is_grpc,
+                       "log": str(self.log_dir / f"{name}.log")}
+                for name, attr, is_grpc in SERVICES if name in self.children
+            },
+            "engines": self.engines,
+        }
+        path = daemon_file(s)
+        _write_atomic(path, doc)
+        return path
+
+    def start(self) -> None:
+        """Start services, then engines; raises (after cleaning up) if anything fails."""
+        self.check_ports()
+        env = _child_env(self.settings)
+        for name, attr, is_grpc in SERVICES:
+            port = getattr(self.settings, attr)
+            self.say(f"starting {name:<12} on {self.settings.host}:{port}")
+            self._spawn(name, env)
+            self._wait_ready(name, port, is_grpc)
+        for request in self.plan.engines:
+            self.say(f"starting {request.kind} engine {request.model} "
+                     f"(port {request.port or 'auto'}) ...")
+            self.engines.append(self._start_engine(request))
+            self.say(f"  ready: {self.engines[-1]['engine_id']} at {self.engines[-1]['base_url']}")
+        path = self.write_daemon_file()
+        s = self.settings
+        self.say(f"SAGE gateway listening on http://{s.host}:{s.gateway_port}/v1  "
+                 f"(state: {path}; Ctrl-C to stop)")
+
+    def request_stop(self, *_: Any) -> None:
+        """Signal handler: ask the main loop to shut down."""
+        self._stop.set()
+
+    def wait(self) -> int:
+        """Block until asked to stop or a service dies; returns the exit code."""
+        while not self._stop.wait(0.5):
+            for name, proc in self.children.items():
+                if proc.poll() is not None:
+                    self.say(f"{name} exited unexpectedly (code {proc.returncode}); stopping:\n"
+                             f"{self._tail(name)}")
+                    return 1
+        return 0
+
+    def shutdown(self, grace_s: float = 20.0) -> None:
+        """Stop services in reverse order, then make sure no descendant survives."""
+        descendants = psutil.Process().children(recursive=True)
+        for name, _, _ in reversed(SERVICES):
+            proc = self.children.get(name)
+            if proc is None or proc.poll() is not None:
+                continue
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        # Engines and anything else started below us (lifecycle normally stops them).
+        descendants += psutil.Process().children(recursive=True)
+        alive = [p for p in {p.pid: p for p in descendants}.values() if p.is_running()]
+        for p in alive:
+            with contextlib.suppress(psutil.Error):
+                p.terminate()
+        _, still = psutil.wait_procs(alive, timeout=5)
+        for p in still:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        with contextlib.suppress(FileNotFoundError):
+            daemon_file(self.settings).unlink()
+
+
+def serve(plan: ServePlan, out: TextIO = sys.stdout,
+          install_signals: Callable[[Supervisor], None] | None = None) -> int:
+    """Run the stack until Ctrl-C/SIGTERM; returns the process exit code."""
+    supervisor = Supervisor(plan, out)
+    if install_signals is None:
+        signal.signal(signal.SIGINT, supervisor.request_stop)
+        signal.signal(signal.SIGTERM, supervisor.request_stop)
+    else:
+        install_signals(supervisor)
+    code = 0
+    try:
+        supervisor.start()
+        code = supervisor.wait()
+    except KeyboardInterrupt:
+        code = 130
+    except SageError as exc:
+        supervisor.say(f"error: {exc.message}")
+        code = 2 if isinstance(exc, ConfigurationError) else 1
+        if isinstance(exc, EngineStartError):
+            code = 1
+    finally:
+        supervisor.say("stopping ...")
+        supervisor.shutdown()
+        supervisor.say("stopped")
+    return code
+
+
+def engine_requests(
+    model: str, replicas: int, port: int, backend: str, embedding_model: str | None,
+    embedding_port: int, tensor_parallel: int, gpu_memory_utilization: float,
+) -> list[EngineRequest]:
+    """The engines a `serve` command line asks for."""
+    if replicas < 1:
+        raise ConfigurationError("--replicas must be at least 1")
+    engines = [EngineRequest(model, "llm", port if i == 0 else 0, backend, tensor_parallel,
+                             gpu_memory_utilization) for i in range(replicas)]
+    if embedding_model:
+        emb_backend = "sim" if embedding_model.startswith("sim") else ""
+        engines.append(EngineRequest(embedding_model, "embedding", embedding_port, emb_backend))
+    return engines
+
+
+def read_daemon_file(settings: SageSettings) -> dict[str, Any] | None:
+    """The running stack's record, or None if nothing is running."""
+    path = daemon_file(settings)
+    if not path.exists():
+        return None
+    doc: dict[str, Any] = json.loads(path.read_text())
+    if not psutil.pid_exists(int(doc.get("pid", 0))):
+        return None
+    return doc
+
+
+def service_names() -> Sequence[str]:
+    """Service names in start order."""
+    return [name for name, _, _ in SERVICES]
