@@ -106,9 +106,11 @@ def test_stop_string_cuts_output() -> None:
 
 def test_count_tokens_and_chat_prompt_text() -> None:
     assert count_tokens("  a b\nc ") == 3
-    parts = [{"role": "user", "content": [{"type": "text", "text": "one two"},
-                                           {"type": "image_url", "image_url": {"url": "x"}}]},
-             {"role": "assistant", "content": None}]
+    parts: list[dict[str, Any]] = [
+        {"role": "user", "content": [{"type": "text", "text": "one two"},
+                                     {"type": "image_url", "image_url": {"url": "x"}}]},
+        {"role": "assistant", "content": None},
+    ]
     assert chat_prompt_text(parts) == "one two"
 
 
