@@ -1,0 +1,153 @@
+"""The edge as a real uvicorn server in front of a real scheduler and a simulator engine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from sage.common.config.settings import SageSettings
+from sage.common.grpc import create_channel
+from sage.rpc.common.v1 import common_pb2
+from sage.rpc.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
+from sage.services.edge.app import create_app
+from sage.services.scheduler.server import build_server as build_scheduler
+
+
+@pytest.fixture
+async def gateway(settings: SageSettings, sim_engine: Callable[..., str],
+                  port_factory: Callable[[], int]) -> AsyncIterator[httpx.AsyncClient]:
+    """scheduler (port 0) + two sim engines registered + edge on a free port."""
+    scheduler, sched_port = build_scheduler(settings, "127.0.0.1:0")
+    await scheduler.start()
+    edge_settings = settings.model_copy(update={"scheduler_addr": f"127.0.0.1:{sched_port}",
+                                                "lifecycle_addr": "127.0.0.1:1"})
+    channel = create_channel(f"127.0.0.1:{sched_port}")
+    stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+    for engine_id in ("sim-a", "sim-b"):
+        await stub.RegisterEngine(scheduler_pb2.RegisterEngineRequest(engine=common_pb2.Engine(
+            engine_id=engine_id, model="sim", kind=common_pb2.ENGINE_KIND_LLM,
+            base_url=sim_engine("--served-model-name", "sim-alias"),
+            aliases=["sim-alias"], state=common_pb2.ENGINE_STATE_READY)))
+    port = port_factory()
+    server = uvicorn.Server(uvicorn.Config(create_app(edge_settings), host="127.0.0.1", port=port,
+                                           log_config=None, access_log=False, lifespan="on"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.02)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        yield client
+    server.should_exit = True
+    await task
+    await channel.close()
+    await scheduler.stop(1)
+
+
+CHAT = {"model": "sim", "messages": [{"role": "user", "content": "写一份日报"}], "max_tokens": 6}
+
+
+async def test_chat_round_robins_over_engines(gateway: httpx.AsyncClient) -> None:
+    ids = set()
+    for _ in range(4):
+        resp = await gateway.post("/v1/chat/completions", json=CHAT)
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        assert body["object"] == "chat.completion"
+        assert len(body["choices"][0]["message"]["content"].split()) == 6
+        assert resp.headers["x-request-id"]
+        ids.add(body["id"])
+    assert len(ids) == 4
+    status = (await gateway.get("/health")).json()
+    assert status == {"status": "ok", "engines_ready": 2}
+
+
+async def test_alias_reaches_engine(gateway: httpx.AsyncClient) -> None:
+    resp = await gateway.post("/v1/chat/completions", json={**CHAT, "model": "sim-alias"})
+    assert resp.status_code == 200, resp.text
+    models = {m["id"] for m in (await gateway.get("/v1/models")).json()["data"]}
+    assert models == {"sim", "sim-alias"}
+
+
+async def test_stream_is_forwarded_chunk_by_chunk(gateway: httpx.AsyncClient) -> None:
+    events: list[bytes] = []
+    async with gateway.stream("POST", "/v1/chat/completions",
+                              json={**CHAT, "stream": True,
+                                    "stream_options": {"include_usage": True}}) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        async for line in resp.aiter_lines():
+            if line:
+                events.append(line.encode())
+    assert events[-1] == b"data: [DONE]"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert len(text.split()) == 6
+    assert chunks[-1]["usage"]["completion_tokens"] == 6
+
+
+async def test_request_id_is_echoed(gateway: httpx.AsyncClient) -> None:
+    resp = await gateway.post("/v1/chat/completions", json=CHAT,
+                              headers={"x-request-id": "req-123"})
+    assert resp.headers["x-request-id"] == "req-123"
+
+
+BAD_INPUTS: list[tuple[Any, int, str | None, str]] = [
+    (b"{not json", 400, None, "not valid JSON"),
+    (b"[1, 2]", 400, None, "JSON object"),
+    ({"model": "sim"}, 400, "messages", "messages is required"),
+    ({"model": "sim", "messages": "hi"}, 400, "messages", "array"),
+    ({"model": "sim", "messages": []}, 400, "messages", "empty"),
+    ({"model": "sim", "messages": [{"content": "x"}]}, 400, "messages[0].role", "role"),
+    ({"model": "sim", "messages": [{"role": "user", "content": 5}]}, 400,
+     "messages[0].content", "string"),
+    ({"messages": [{"role": "user", "content": "x"}]}, 400, "model", "model is required"),
+    ({"model": 7, "messages": [{"role": "user", "content": "x"}]}, 400, "model", "string"),
+    ({**CHAT, "max_tokens": "ten"}, 400, "max_tokens", "positive integer"),
+    ({**CHAT, "temperature": "hot"}, 400, "temperature", "number"),
+    ({**CHAT, "stream": "yes"}, 400, "stream", "boolean"),
+    ({**CHAT, "model": "no-such-model"}, 404, "model", "no-such-model"),
+    ({**CHAT, "model": "no-such-model", "stream": True}, 404, "model", "no-such-model"),
+]
+
+
+@pytest.mark.parametrize(("payload", "status", "param", "needle"), BAD_INPUTS)
+async def test_bad_input_gets_openai_error_naming_the_field(
+    gateway: httpx.AsyncClient, payload: Any, status: int, param: str | None, needle: str
+) -> None:
+    if isinstance(payload, bytes):
+        resp = await gateway.post("/v1/chat/completions", content=payload,
+                                  headers={"content-type": "application/json"})
+    else:
+        resp = await gateway.post("/v1/chat/completions", json=payload)
+    assert resp.status_code == status, resp.text
+    error = resp.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param
+    assert needle in error["message"]
+    assert error["type"] == "invalid_request_error"
+    # ... and the gateway keeps serving.
+    ok = await gateway.post("/v1/chat/completions", json=CHAT)
+    assert ok.status_code == 200
+
+
+async def test_unknown_route_and_method(gateway: httpx.AsyncClient) -> None:
+    resp = await gateway.get("/v1/nope")
+    assert resp.status_code == 404 and resp.json()["error"]["code"] == "unknown_url"
+    resp = await gateway.get("/v1/chat/completions")
+    assert resp.status_code == 405 and "POST" in resp.headers["allow"]
+
+
+async def test_completions(gateway: httpx.AsyncClient) -> None:
+    resp = await gateway.post("/v1/completions",
+                              json={"model": "sim", "prompt": "hello", "max_tokens": 3})
+    assert resp.status_code == 200, resp.text
+    assert len(resp.json()["choices"][0]["text"].split()) == 3
+    bad = await gateway.post("/v1/completions", json={"model": "sim"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt"
+
