@@ -7,7 +7,10 @@ pyproject.toml cannot express a generated list across two roots, so it lives her
 
 from setuptools import find_namespace_packages, setup
 
-LIB = ["sage", *("sage." + p for p in find_namespace_packages("src/sage", exclude=["*__pycache__*"]))]
+LIB = [
+    "sage",
+    *("sage." + p for p in find_namespace_packages("src/sage", exclude=["*__pycache__*"])),
+]
 SERVICES = [
     "sage.services",
     *("sage.services." + p for p in find_namespace_packages("services", exclude=["*__pycache__*"])),

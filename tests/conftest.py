@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -15,8 +14,6 @@ import psutil
 import pytest
 
 from sage.common.config.settings import SageSettings
-
-
 
 
 def free_port() -> int:
@@ -56,8 +53,12 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
 @pytest.fixture
 def settings(tmp_path: Path) -> SageSettings:
     """Settings isolated to a temp SAGE_HOME, with NVML off on hosts without a GPU."""
-    return SageSettings(home=tmp_path / "sage", rpc_timeout_s=10.0, request_timeout_s=30.0,
-                        disable_nvml=not Path("/dev/nvidia0").exists())
+    return SageSettings(
+        home=tmp_path / "sage",
+        rpc_timeout_s=10.0,
+        request_timeout_s=30.0,
+        disable_nvml=not Path("/dev/nvidia0").exists(),
+    )
 
 
 SimFactory = Callable[..., str]
@@ -72,9 +73,20 @@ def sim_engine(tmp_path: Path) -> Iterator[SimFactory]:
         port = free_port()
         log = open(tmp_path / f"sim-{port}.log", "wb")  # noqa: SIM115 - closed by the OS at exit
         proc = subprocess.Popen(
-            [sys.executable, "-m", "sage.engines.sim", "--model", model, "--host", "127.0.0.1",
-             "--port", str(port), *args],
-            stdout=log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "sage.engines.sim",
+                "--model",
+                model,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                *args,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         procs.append(proc)
         base = f"http://127.0.0.1:{port}"
@@ -93,14 +105,15 @@ def no_leaked_children() -> Iterator[None]:
     yield
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        extra = [p for p in psutil.Process().children(recursive=True)
-                 if p.pid not in before and p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        extra = [
+            p
+            for p in psutil.Process().children(recursive=True)
+            if p.pid not in before and p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        ]
         if not extra:
             return
         time.sleep(0.2)
     raise AssertionError(f"child processes left behind: {[p.cmdline() for p in extra]}")
-
-
 
 
 @pytest.fixture

@@ -19,8 +19,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Serve the edge until SIGTERM/SIGINT."""
     parser = argparse.ArgumentParser(prog="python -m sage.services.edge")
     parser.add_argument("--host", default=None, help="bind address (default: SAGE_HOST)")
-    parser.add_argument("--port", type=int, default=None,
-                        help="HTTP port (default: SAGE_GATEWAY_PORT or 8889)")
+    parser.add_argument(
+        "--port", type=int, default=None, help="HTTP port (default: SAGE_GATEWAY_PORT or 8889)"
+    )
     args = parser.parse_args(argv)
     settings = load_settings()
     configure_logging("edge", settings.log_level, settings.log_format)
@@ -33,8 +34,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:  # pragma: no cover
         loop = "asyncio"
     config = uvicorn.Config(
-        create_app(settings), host=host, port=port, loop=loop, http="httptools",
-        lifespan="on", access_log=False, log_config=None, timeout_graceful_shutdown=10,
+        create_app(settings),
+        host=host,
+        port=port,
+        loop=loop,
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_config=None,
+        timeout_graceful_shutdown=10,
         backlog=4096,
     )
     logging.getLogger("sage.edge").info("listening", extra={"addr": f"{host}:{port}"})

@@ -10,7 +10,7 @@ import base64
 import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import orjson
@@ -24,42 +24,56 @@ from sage.rpc.lifecycle.v1 import lifecycle_pb2, lifecycle_pb2_grpc
 from sage.rpc.scheduler.v1 import scheduler_pb2 as spb
 from sage.rpc.scheduler.v1 import scheduler_pb2_grpc as spb_grpc
 
+if TYPE_CHECKING:
+    from sage.rpc.lifecycle.v1.lifecycle_pb2_grpc import LifecycleServiceAsyncStub
+    from sage.rpc.scheduler.v1.scheduler_pb2_grpc import SchedulerServiceAsyncStub
+
 from .validation import parse_json_object, validate_chat, validate_completion, validate_embeddings
 
 DONE = b"data: [DONE]\n\n"
 _KIND_NAMES = {common_pb2.ENGINE_KIND_LLM: "llm", common_pb2.ENGINE_KIND_EMBEDDING: "embedding"}
-_STATE_NAMES = {v.number: v.name.removeprefix("ENGINE_STATE_").lower()
-                for v in common_pb2.DESCRIPTOR.enum_types_by_name["EngineState"].values}
+_STATE_NAMES = {
+    v.number: v.name.removeprefix("ENGINE_STATE_").lower()
+    for v in common_pb2.DESCRIPTOR.enum_types_by_name["EngineState"].values
+}
 
 
 @dataclass
 class Upstreams:
     """gRPC stubs the edge calls; channels are opened on the server's own event loop."""
 
-    scheduler: spb_grpc.SchedulerServiceStub
-    lifecycle: lifecycle_pb2_grpc.LifecycleServiceStub
+    scheduler: SchedulerServiceAsyncStub
+    lifecycle: LifecycleServiceAsyncStub
     channels: tuple[grpc.aio.Channel, ...]
 
     async def close(self) -> None:
         """Close every channel."""
         for channel in self.channels:
-            await channel.close()
+            await channel.close(None)
 
 
 def open_upstreams(settings: SageSettings) -> Upstreams:
     """Channels to the scheduler and lifecycle from settings."""
     sched = create_channel(settings.address("scheduler"), default_timeout=settings.rpc_timeout_s)
     life = create_channel(settings.address("lifecycle"), default_timeout=settings.rpc_timeout_s)
-    return Upstreams(spb_grpc.SchedulerServiceStub(sched),
-                     lifecycle_pb2_grpc.LifecycleServiceStub(life), (sched, life))
+    return Upstreams(
+        spb_grpc.SchedulerServiceStub(sched),
+        lifecycle_pb2_grpc.LifecycleServiceStub(life),
+        (sched, life),
+    )
 
 
 def _engine_json(engine: common_pb2.Engine) -> dict[str, Any]:
     return {
-        "engine_id": engine.engine_id, "model": engine.model,
-        "kind": _KIND_NAMES.get(engine.kind, "unspecified"), "base_url": engine.base_url,
-        "state": _STATE_NAMES.get(engine.state, "unspecified"), "backend": engine.backend,
-        "aliases": list(engine.aliases), "port": engine.port, "pid": engine.pid,
+        "engine_id": engine.engine_id,
+        "model": engine.model,
+        "kind": _KIND_NAMES.get(engine.kind, "unspecified"),
+        "base_url": engine.base_url,
+        "state": _STATE_NAMES.get(engine.state, "unspecified"),
+        "backend": engine.backend,
+        "aliases": list(engine.aliases),
+        "port": engine.port,
+        "pid": engine.pid,
     }
 
 
@@ -127,8 +141,9 @@ def create_app(settings: SageSettings) -> App:
             )
             return await _stream_sse(call)
         with rpc_errors_as_sage():
-            reply = await up().scheduler.Chat(spb.ChatRequest(model=parsed.model, body=body),
-                                              timeout=timeout)
+            reply = await up().scheduler.Chat(
+                spb.ChatRequest(model=parsed.model, body=body), timeout=timeout
+            )
         return Response(reply.body)
 
     @app.route("POST", "/v1/completions")
@@ -156,28 +171,46 @@ def create_app(settings: SageSettings) -> App:
                 spb.EmbedRequest(model=model, inputs=inputs, dimensions=dimensions),
                 timeout=timeout,
             )
-        return JSONResponse({
-            "object": "list",
-            "model": model,
-            "data": [{"object": "embedding", "index": item.index,
-                      "embedding": _pack(item.values, encoding)} for item in reply.data],
-            "usage": {"prompt_tokens": reply.usage.prompt_tokens,
-                      "total_tokens": reply.usage.total_tokens},
-        })
+        return JSONResponse(
+            {
+                "object": "list",
+                "model": model,
+                "data": [
+                    {
+                        "object": "embedding",
+                        "index": item.index,
+                        "embedding": _pack(item.values, encoding),
+                    }
+                    for item in reply.data
+                ],
+                "usage": {
+                    "prompt_tokens": reply.usage.prompt_tokens,
+                    "total_tokens": reply.usage.total_tokens,
+                },
+            }
+        )
 
     @app.route("GET", "/v1/models")
     async def models(request: Request) -> Response:
         with rpc_errors_as_sage():
             reply = await up().scheduler.ListModels(spb.ListModelsRequest())
-        return JSONResponse({
-            "object": "list",
-            "data": [
-                {"id": m.id, "object": "model", "created": m.created, "owned_by": "sage",
-                 "kind": _KIND_NAMES.get(m.kind, "llm"), "ready_engines": m.ready_engines,
-                 **({"root": m.alias_of} if m.alias_of else {})}
-                for m in reply.models
-            ],
-        })
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": m.id,
+                        "object": "model",
+                        "created": m.created,
+                        "owned_by": "sage",
+                        "kind": _KIND_NAMES.get(m.kind, "llm"),
+                        "ready_engines": m.ready_engines,
+                        **({"root": m.alias_of} if m.alias_of else {}),
+                    }
+                    for m in reply.models
+                ],
+            }
+        )
 
     @app.route("GET", "/health")
     async def health(request: Request) -> Response:
@@ -195,14 +228,20 @@ def create_app(settings: SageSettings) -> App:
             engines = await up().scheduler.ListEngines(spb.ListEnginesRequest())
         listed = [_engine_json(e) for e in engines.engines]
         ready = [e for e in listed if e["state"] == "ready"]
-        return JSONResponse({
-            "llm_available": any(e["kind"] == "llm" for e in ready),
-            "embedding_available": any(e["kind"] == "embedding" for e in ready),
-            "engines_total": status.engines_total, "engines_ready": status.engines_ready,
-            "in_flight": status.in_flight, "queued": status.queued, "policy": status.policy,
-            "requests_total": status.requests_total, "requests_failed": status.requests_failed,
-            "engines": listed,
-        })
+        return JSONResponse(
+            {
+                "llm_available": any(e["kind"] == "llm" for e in ready),
+                "embedding_available": any(e["kind"] == "embedding" for e in ready),
+                "engines_total": status.engines_total,
+                "engines_ready": status.engines_ready,
+                "in_flight": status.in_flight,
+                "queued": status.queued,
+                "policy": status.policy,
+                "requests_total": status.requests_total,
+                "requests_failed": status.requests_failed,
+                "engines": listed,
+            }
+        )
 
     @app.route("GET", "/v1/management/engines")
     async def list_engines(request: Request) -> Response:
@@ -222,7 +261,8 @@ def create_app(settings: SageSettings) -> App:
         try:
             start = lifecycle_pb2.StartEngineRequest(
                 model=model,
-                kind=common_pb2.ENGINE_KIND_EMBEDDING if kind == "embedding"
+                kind=common_pb2.ENGINE_KIND_EMBEDDING
+                if kind == "embedding"
                 else common_pb2.ENGINE_KIND_LLM,
                 backend=str(doc.get("backend", "")),
                 tensor_parallel_size=int(doc.get("tensor_parallel_size", 1)),

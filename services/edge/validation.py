@@ -54,28 +54,39 @@ def _check_common(doc: dict[str, Any]) -> tuple[str, bool]:
     if stream is None:
         stream = False
     if not isinstance(stream, bool):
-        raise InvalidRequestError(f"stream must be a boolean, got {_type_name(stream)}",
-                                  param="stream")
+        raise InvalidRequestError(
+            f"stream must be a boolean, got {_type_name(stream)}", param="stream"
+        )
     for field in ("max_tokens", "max_completion_tokens", "n"):
         value = doc.get(field)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                  or value < 1):
-            raise InvalidRequestError(f"{field} must be a positive integer, got {value!r}",
-                                      param=field)
-    for field, low, high in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0),
-                             ("presence_penalty", -2.0, 2.0), ("frequency_penalty", -2.0, 2.0)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise InvalidRequestError(
+                f"{field} must be a positive integer, got {value!r}", param=field
+            )
+    for field, low, high in (
+        ("temperature", 0.0, 2.0),
+        ("top_p", 0.0, 1.0),
+        ("presence_penalty", -2.0, 2.0),
+        ("frequency_penalty", -2.0, 2.0),
+    ):
         value = doc.get(field)
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise InvalidRequestError(f"{field} must be a number, got {_type_name(value)}",
-                                      param=field)
+            raise InvalidRequestError(
+                f"{field} must be a number, got {_type_name(value)}", param=field
+            )
         if not low <= value <= high:
-            raise InvalidRequestError(f"{field} must be between {low:g} and {high:g}, got {value}",
-                                      param=field)
+            raise InvalidRequestError(
+                f"{field} must be between {low:g} and {high:g}, got {value}", param=field
+            )
     stop = doc.get("stop")
-    if stop is not None and not isinstance(stop, str) and not (
-        isinstance(stop, list) and all(isinstance(s, str) for s in stop)
+    if (
+        stop is not None
+        and not isinstance(stop, str)
+        and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop))
     ):
         raise InvalidRequestError("stop must be a string or a list of strings", param="stop")
     options = doc.get("stream_options")
@@ -91,8 +102,9 @@ def validate_chat(doc: dict[str, Any]) -> ParsedRequest:
     if messages is None:
         raise InvalidRequestError("messages is required", param="messages")
     if not isinstance(messages, list):
-        raise InvalidRequestError(f"messages must be an array, got {_type_name(messages)}",
-                                  param="messages")
+        raise InvalidRequestError(
+            f"messages must be an array, got {_type_name(messages)}", param="messages"
+        )
     if not messages:
         raise InvalidRequestError("messages must not be empty", param="messages")
     for i, message in enumerate(messages):
@@ -101,8 +113,9 @@ def validate_chat(doc: dict[str, Any]) -> ParsedRequest:
             raise InvalidRequestError(f"{where} must be an object", param=where)
         role = message.get("role")
         if not isinstance(role, str):
-            raise InvalidRequestError(f"{where}.role is required and must be a string",
-                                      param=f"{where}.role")
+            raise InvalidRequestError(
+                f"{where}.role is required and must be a string", param=f"{where}.role"
+            )
         if role not in _ROLES:
             raise InvalidRequestError(
                 f"{where}.role must be one of {sorted(_ROLES)}, got {role!r}",
@@ -113,8 +126,7 @@ def validate_chat(doc: dict[str, Any]) -> ParsedRequest:
             raise InvalidRequestError(f"{where}.content is required", param=f"{where}.content")
         if content is not None and not isinstance(content, str | list):
             raise InvalidRequestError(
-                f"{where}.content must be a string or an array of parts, "
-                f"got {_type_name(content)}",
+                f"{where}.content must be a string or an array of parts, got {_type_name(content)}",
                 param=f"{where}.content",
             )
     return ParsedRequest(model, stream, doc)
@@ -127,8 +139,9 @@ def validate_completion(doc: dict[str, Any]) -> ParsedRequest:
     if prompt is None:
         raise InvalidRequestError("prompt is required", param="prompt")
     if not isinstance(prompt, str | list):
-        raise InvalidRequestError(f"prompt must be a string or an array, got {_type_name(prompt)}",
-                                  param="prompt")
+        raise InvalidRequestError(
+            f"prompt must be a string or an array, got {_type_name(prompt)}", param="prompt"
+        )
     return ParsedRequest(model, stream, doc)
 
 
@@ -136,8 +149,7 @@ def validate_embeddings(doc: dict[str, Any]) -> tuple[str, list[str], int, str]:
     """An embeddings request → (model, inputs, dimensions, encoding_format)."""
     model = doc.get("model")
     if not isinstance(model, str) or not model.strip():
-        raise InvalidRequestError("model is required and must be a non-empty string",
-                                  param="model")
+        raise InvalidRequestError("model is required and must be a non-empty string", param="model")
     raw = doc.get("input")
     if raw is None:
         raise InvalidRequestError("input is required", param="input")
@@ -151,6 +163,7 @@ def validate_embeddings(doc: dict[str, Any]) -> tuple[str, list[str], int, str]:
         raise InvalidRequestError("dimensions must be a positive integer", param="dimensions")
     encoding = doc.get("encoding_format") or "float"
     if encoding not in ("float", "base64"):
-        raise InvalidRequestError("encoding_format must be float or base64",
-                                  param="encoding_format")
+        raise InvalidRequestError(
+            "encoding_format must be float or base64", param="encoding_format"
+        )
     return model, inputs, dimensions, encoding

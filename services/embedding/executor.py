@@ -83,7 +83,8 @@ class EmbeddingExecutor:
             engine = engines[(start + i) % len(engines)]
             try:
                 resp = await self._client.post(
-                    engine.base_url.rstrip("/") + "/v1/embeddings", content=body,
+                    engine.base_url.rstrip("/") + "/v1/embeddings",
+                    content=body,
                     headers={"content-type": "application/json"},
                 )
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:

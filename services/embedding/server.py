@@ -20,7 +20,9 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     def __init__(self, executor: EmbeddingExecutor) -> None:
         self.executor = executor
 
-    async def EmbedBatch(self, request: pb.EmbedBatchRequest, context: Any) -> pb.EmbedBatchResponse:
+    async def EmbedBatch(
+        self, request: pb.EmbedBatchRequest, context: Any
+    ) -> pb.EmbedBatchResponse:
         if not request.model:
             raise InvalidRequestError("model is required", param="model")
         result = await self.executor.embed(
@@ -31,8 +33,9 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         )
         return pb.EmbedBatchResponse(
             vectors=[pb.Vector(values=v) for v in result.vectors],
-            usage=common_pb2.Usage(prompt_tokens=result.prompt_tokens,
-                                   total_tokens=result.prompt_tokens),
+            usage=common_pb2.Usage(
+                prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens
+            ),
             engine_ids=[result.engine_id] * len(result.vectors),
         )
 
@@ -42,9 +45,13 @@ def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageS
     executor = EmbeddingExecutor(timeout_s=settings.request_timeout_s)
     server, port = create_server(
         addr or f"{settings.host}:{settings.embedding_service_port}",
-        [Registration(pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name,
-                      pb_grpc.add_EmbeddingServiceServicer_to_server,
-                      EmbeddingServicer(executor))],
+        [
+            Registration(
+                pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name,
+                pb_grpc.add_EmbeddingServiceServicer_to_server,
+                EmbeddingServicer(executor),
+            )
+        ],
     )
     server.on_stop(executor.aclose)
     return server, port

@@ -36,8 +36,12 @@ class ReservationLedger:
             return self._reserved_on(gpu_index)
 
     def _reserved_on(self, gpu_index: int) -> int:
-        return sum(r.memory_bytes for rs in self._by_engine.values() for r in rs
-                   if r.gpu_index == gpu_index)
+        return sum(
+            r.memory_bytes
+            for rs in self._by_engine.values()
+            for r in rs
+            if r.gpu_index == gpu_index
+        )
 
     def reserve(
         self,
@@ -54,8 +58,9 @@ class ReservationLedger:
         if not engine_id:
             raise InvalidRequestError("engine_id is required", param="engine_id")
         if memory_per_gpu_bytes < 0:
-            raise InvalidRequestError("memory_per_gpu_bytes must be >= 0",
-                                      param="memory_per_gpu_bytes")
+            raise InvalidRequestError(
+                "memory_per_gpu_bytes must be >= 0", param="memory_per_gpu_bytes"
+            )
         if not 0.0 <= memory_fraction <= 1.0:
             raise InvalidRequestError("memory_fraction must be in [0, 1]", param="memory_fraction")
         if not gpus:
@@ -63,8 +68,9 @@ class ReservationLedger:
         by_index = {g.index: g for g in gpus}
         with self._lock:
             if engine_id in self._by_engine:
-                raise ConflictError(f"engine {engine_id!r} already holds a reservation",
-                                    param="engine_id")
+                raise ConflictError(
+                    f"engine {engine_id!r} already holds a reservation", param="engine_id"
+                )
 
             def unreserved(g: GpuInfo) -> int:
                 return g.memory_free_bytes - self._reserved_on(g.index)
@@ -78,7 +84,8 @@ class ReservationLedger:
                 count = gpu_count or 1
                 if count > len(gpus):
                     raise InsufficientResourcesError(
-                        f"asked for {count} GPUs, host has {len(gpus)}", param="gpu_count")
+                        f"asked for {count} GPUs, host has {len(gpus)}", param="gpu_count"
+                    )
                 chosen = sorted(gpus, key=unreserved, reverse=True)[:count]
             now = time.time()
             made = []

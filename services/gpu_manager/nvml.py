@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -98,17 +99,19 @@ class NvmlReader:
                     )
                 except nvml.NVMLError:
                     procs = ()
-                gpus.append(GpuInfo(
-                    index=index,
-                    uuid=_text(nvml.nvmlDeviceGetUUID(handle)),
-                    name=_text(nvml.nvmlDeviceGetName(handle)),
-                    memory_total_bytes=int(mem.total),
-                    memory_used_bytes=int(mem.used),
-                    memory_free_bytes=int(mem.free),
-                    utilization_percent=util,
-                    temperature_celsius=temp,
-                    processes=procs,
-                ))
+                gpus.append(
+                    GpuInfo(
+                        index=index,
+                        uuid=_text(nvml.nvmlDeviceGetUUID(handle)),
+                        name=_text(nvml.nvmlDeviceGetName(handle)),
+                        memory_total_bytes=int(mem.total),
+                        memory_used_bytes=int(mem.used),
+                        memory_free_bytes=int(mem.free),
+                        utilization_percent=util,
+                        temperature_celsius=temp,
+                        processes=procs,
+                    )
+                )
             try:
                 driver = _text(nvml.nvmlSystemGetDriverVersion())
             except nvml.NVMLError:
@@ -119,8 +122,6 @@ class NvmlReader:
         """Shut NVML down if it was started."""
         with self._lock:
             if self._initialised and self._nvml is not None:
-                try:
+                with contextlib.suppress(Exception):
                     self._nvml.nvmlShutdown()
-                except Exception:
-                    pass
                 self._initialised = False

@@ -15,9 +15,13 @@ from .nvml import NvmlReader
 
 
 def _reservation_pb(r: Reservation) -> pb.Reservation:
-    return pb.Reservation(engine_id=r.engine_id, gpu_index=r.gpu_index,
-                          memory_bytes=r.memory_bytes, owner_pid=r.owner_pid,
-                          created_at=r.created_at)
+    return pb.Reservation(
+        engine_id=r.engine_id,
+        gpu_index=r.gpu_index,
+        memory_bytes=r.memory_bytes,
+        owner_pid=r.owner_pid,
+        created_at=r.created_at,
+    )
 
 
 class GpuManagerServicer(pb_grpc.GpuManagerServiceServicer):
@@ -31,15 +35,21 @@ class GpuManagerServicer(pb_grpc.GpuManagerServiceServicer):
         snap = await asyncio.to_thread(self.reader.read)
         return pb.ListGpusResponse(
             gpus=[
-                pb.Gpu(index=g.index, uuid=g.uuid, name=g.name,
-                       memory_total_bytes=g.memory_total_bytes,
-                       memory_used_bytes=g.memory_used_bytes,
-                       memory_free_bytes=g.memory_free_bytes,
-                       memory_reserved_bytes=self.ledger.reserved_on(g.index),
-                       utilization_percent=g.utilization_percent,
-                       temperature_celsius=g.temperature_celsius,
-                       processes=[pb.GpuProcess(pid=p.pid, used_memory_bytes=p.used_memory_bytes)
-                                  for p in g.processes])
+                pb.Gpu(
+                    index=g.index,
+                    uuid=g.uuid,
+                    name=g.name,
+                    memory_total_bytes=g.memory_total_bytes,
+                    memory_used_bytes=g.memory_used_bytes,
+                    memory_free_bytes=g.memory_free_bytes,
+                    memory_reserved_bytes=self.ledger.reserved_on(g.index),
+                    utilization_percent=g.utilization_percent,
+                    temperature_celsius=g.temperature_celsius,
+                    processes=[
+                        pb.GpuProcess(pid=p.pid, used_memory_bytes=p.used_memory_bytes)
+                        for p in g.processes
+                    ],
+                )
                 for g in snap.gpus
             ],
             nvml_available=snap.nvml_available,
@@ -50,10 +60,13 @@ class GpuManagerServicer(pb_grpc.GpuManagerServiceServicer):
     async def Reserve(self, request: pb.ReserveRequest, context: Any) -> pb.ReserveResponse:
         snap = await asyncio.to_thread(self.reader.read)
         made = self.ledger.reserve(
-            request.engine_id, snap.gpus,
-            gpu_indexes=list(request.gpu_indexes), gpu_count=request.gpu_count,
+            request.engine_id,
+            snap.gpus,
+            gpu_indexes=list(request.gpu_indexes),
+            gpu_count=request.gpu_count,
             memory_per_gpu_bytes=request.memory_per_gpu_bytes,
-            memory_fraction=request.memory_fraction, owner_pid=request.owner_pid,
+            memory_fraction=request.memory_fraction,
+            owner_pid=request.owner_pid,
         )
         return pb.ReserveResponse(reservations=[_reservation_pb(r) for r in made])
 
@@ -75,9 +88,13 @@ def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageS
     reader = NvmlReader(disabled=settings.disable_nvml)
     server, port = create_server(
         addr or f"{settings.host}:{settings.gpu_manager_port}",
-        [Registration(pb.DESCRIPTOR.services_by_name["GpuManagerService"].full_name,
-                      pb_grpc.add_GpuManagerServiceServicer_to_server,
-                      GpuManagerServicer(reader, ReservationLedger()))],
+        [
+            Registration(
+                pb.DESCRIPTOR.services_by_name["GpuManagerService"].full_name,
+                pb_grpc.add_GpuManagerServiceServicer_to_server,
+                GpuManagerServicer(reader, ReservationLedger()),
+            )
+        ],
     )
 
     async def _close() -> None:

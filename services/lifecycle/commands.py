@@ -46,8 +46,17 @@ def resolve_backend(spec: EngineSpec) -> str:
 def build_command(spec: EngineSpec, backend: str, port: int) -> list[str]:
     """The argv that starts this engine listening on `host:port`."""
     if backend == "sim":
-        argv = [sys.executable, "-m", "sage.engines.sim", "--model", spec.model,
-                "--host", spec.host, "--port", str(port)]
+        argv = [
+            sys.executable,
+            "-m",
+            "sage.engines.sim",
+            "--model",
+            spec.model,
+            "--host",
+            spec.host,
+            "--port",
+            str(port),
+        ]
         if spec.kind == "embedding":
             argv += ["--embedding-dim", str(SIM_EMBEDDING_DIM)]
         for alias in spec.aliases:
@@ -60,9 +69,19 @@ def build_command(spec: EngineSpec, backend: str, port: int) -> list[str]:
                 "or use --backend sim to try the stack without a GPU",
                 param="backend",
             )
-        argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", spec.model,
-                "--host", spec.host, "--port", str(port),
-                "--tensor-parallel-size", str(max(1, spec.tensor_parallel_size))]
+        argv = [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            spec.model,
+            "--host",
+            spec.host,
+            "--port",
+            str(port),
+            "--tensor-parallel-size",
+            str(max(1, spec.tensor_parallel_size)),
+        ]
         if spec.gpu_memory_utilization:
             argv += ["--gpu-memory-utilization", f"{spec.gpu_memory_utilization:g}"]
         return argv + list(spec.extra_args)

@@ -98,8 +98,9 @@ class EngineLifecycleManager:
         if not spec.model:
             raise InvalidRequestError("model is required", param="model")
         if spec.kind not in ("llm", "embedding"):
-            raise InvalidRequestError(f"kind must be llm or embedding, got {spec.kind!r}",
-                                      param="kind")
+            raise InvalidRequestError(
+                f"kind must be llm or embedding, got {spec.kind!r}", param="kind"
+            )
         backend = resolve_backend(spec)
         async with self._lock:
             engine_id = spec.engine_id or f"{_slug(spec.model)}-{uuid.uuid4().hex[:6]}"
@@ -109,8 +110,17 @@ class EngineLifecycleManager:
             if backend == "external":
                 if not spec.base_url.startswith(("http://", "https://")):
                     raise InvalidRequestError("base_url must be an http(s) URL", param="base_url")
-                instance = EngineInstance(engine_id, spec, backend, spec.base_url.rstrip("/"),
-                                          0, 0, "starting", "", time.time())
+                instance = EngineInstance(
+                    engine_id,
+                    spec,
+                    backend,
+                    spec.base_url.rstrip("/"),
+                    0,
+                    0,
+                    "starting",
+                    "",
+                    time.time(),
+                )
                 self._instances[engine_id] = instance
                 proc = None
             else:
@@ -118,19 +128,32 @@ class EngineLifecycleManager:
                 argv = build_command(spec, backend, port)
                 self.log_dir.mkdir(parents=True, exist_ok=True)
                 log_path = self.log_dir / f"{engine_id}.log"
-                with open(log_path, "ab") as log_file:
+                with open(log_path, "ab") as log_file:  # noqa: ASYNC230 - open() of a local file
                     proc = await asyncio.create_subprocess_exec(
-                        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log_file,
+                        *argv,
+                        stdin=asyncio.subprocess.DEVNULL,
+                        stdout=log_file,
                         stderr=asyncio.subprocess.STDOUT,
                         env={**os.environ, "PYTHONUNBUFFERED": "1"},
                     )
                 base_url = f"http://{spec.host}:{port}"
-                instance = EngineInstance(engine_id, spec, backend, base_url, port, proc.pid,
-                                          "starting", str(log_path), time.time())
+                instance = EngineInstance(
+                    engine_id,
+                    spec,
+                    backend,
+                    base_url,
+                    port,
+                    proc.pid,
+                    "starting",
+                    str(log_path),
+                    time.time(),
+                )
                 self._instances[engine_id] = instance
                 self._procs[engine_id] = proc
-                log.info("engine launched", extra={"engine_id": engine_id, "pid": proc.pid,
-                                                   "argv": " ".join(argv)})
+                log.info(
+                    "engine launched",
+                    extra={"engine_id": engine_id, "pid": proc.pid, "argv": " ".join(argv)},
+                )
         try:
             await self._wait_healthy(instance, proc)
             ready = replace(instance, state="ready")
@@ -154,7 +177,8 @@ class EngineLifecycleManager:
             if proc is not None and proc.returncode is not None:
                 raise EngineStartError(
                     f"engine {instance.engine_id} exited with code {proc.returncode} during "
-                    f"startup; last log lines:\n" + "\n".join(self.tail_logs(instance.engine_id, 20))
+                    f"startup; last log lines:\n"
+                    + "\n".join(self.tail_logs(instance.engine_id, 20))
                 )
             with contextlib.suppress(httpx.HTTPError):
                 if (await self._http.get(url)).status_code == 200:
@@ -196,10 +220,11 @@ class EngineLifecycleManager:
         try:
             return self._instances[engine_id]
         except KeyError:
-            raise EngineNotFoundError(f"no engine with id {engine_id!r}",
-                                      param="engine_id") from None
+            raise EngineNotFoundError(
+                f"no engine with id {engine_id!r}", param="engine_id"
+            ) from None
 
-    def list(self) -> list[EngineInstance]:
+    def instances(self) -> list[EngineInstance]:
         """Every engine this manager knows, oldest first."""
         return sorted(self._instances.values(), key=lambda i: i.started_at)
 
@@ -213,6 +238,6 @@ class EngineLifecycleManager:
 
     async def shutdown(self) -> None:
         """Stop every engine this manager started (embedded mode owns its engines)."""
-        running = [i.engine_id for i in self.list() if i.state in ("starting", "ready")]
+        running = [i.engine_id for i in self.instances() if i.state in ("starting", "ready")]
         await asyncio.gather(*(self.stop(e) for e in running), return_exceptions=True)
         await self._http.aclose()

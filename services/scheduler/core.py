@@ -120,8 +120,9 @@ class Scheduler:
                 except EngineUnreachableError:
                     if i == len(candidates) - 1:
                         raise
-                    log.warning("engine unreachable, failing over",
-                                extra={"engine_id": engine.engine_id})
+                    log.warning(
+                        "engine unreachable, failing over", extra={"engine_id": engine.engine_id}
+                    )
             raise AssertionError("unreachable")  # candidates is never empty
         except BaseException:
             self.counters.requests_failed += 1
@@ -149,8 +150,9 @@ class Scheduler:
                 except EngineUnreachableError:
                     if started or i == len(candidates) - 1:
                         raise
-                    log.warning("engine unreachable, failing over",
-                                extra={"engine_id": engine.engine_id})
+                    log.warning(
+                        "engine unreachable, failing over", extra={"engine_id": engine.engine_id}
+                    )
         except BaseException:
             self.counters.requests_failed += 1
             raise

@@ -76,8 +76,13 @@ def _split_events(buffer: bytearray) -> list[bytes]:
 class HttpExecutionCoordinator:
     """Sends requests to engines over pooled HTTP/1.1 keep-alive connections."""
 
-    def __init__(self, *, request_timeout_s: float = 600.0, connect_timeout_s: float = 5.0,
-                 max_connections: int = 2048) -> None:
+    def __init__(
+        self,
+        *,
+        request_timeout_s: float = 600.0,
+        connect_timeout_s: float = 5.0,
+        max_connections: int = 2048,
+    ) -> None:
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(request_timeout_s, connect=connect_timeout_s),
             limits=httpx.Limits(
@@ -110,8 +115,9 @@ class HttpExecutionCoordinator:
         self, engine: EngineRecord, path: str, body: bytes
     ) -> AsyncIterator[bytes]:
         """POST and yield each SSE `data:` payload as it arrives, stopping at `[DONE]`."""
-        request = self._client.build_request("POST", engine.base_url + path, content=body,
-                                             headers=_JSON)
+        request = self._client.build_request(
+            "POST", engine.base_url + path, content=body, headers=_JSON
+        )
         try:
             resp = await self._client.send(request, stream=True)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
@@ -134,8 +140,6 @@ class HttpExecutionCoordinator:
             except httpx.TimeoutException as exc:
                 raise DeadlineExceededError(f"engine {engine.engine_id} timed out") from exc
             except httpx.HTTPError as exc:
-                raise UpstreamError(
-                    f"engine {engine.engine_id} stream broke: {exc!r}"
-                ) from exc
+                raise UpstreamError(f"engine {engine.engine_id} stream broke: {exc!r}") from exc
         finally:
             await resp.aclose()

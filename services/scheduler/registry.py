@@ -6,19 +6,19 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from enum import Enum
+from enum import StrEnum
 
 from sage.common.exceptions import InvalidRequestError, ModelNotFoundError, NotFoundError
 
 
-class EngineKind(str, Enum):
+class EngineKind(StrEnum):
     """What an engine serves."""
 
     LLM = "llm"
     EMBEDDING = "embedding"
 
 
-class EngineState(str, Enum):
+class EngineState(StrEnum):
     """Only READY engines receive traffic."""
 
     STARTING = "starting"
@@ -83,9 +83,7 @@ class EngineRegistry:
             )
         with self._lock:
             replaced = record.engine_id in self._engines
-            self._engines[record.engine_id] = replace(
-                record, base_url=record.base_url.rstrip("/")
-            )
+            self._engines[record.engine_id] = replace(record, base_url=record.base_url.rstrip("/"))
             self._reindex()
         return replaced
 
@@ -94,8 +92,9 @@ class EngineRegistry:
         with self._lock:
             record = self._engines.pop(engine_id, None)
             if record is None:
-                raise NotFoundError(f"no engine with id {engine_id!r}", param="engine_id",
-                                    code="engine_not_found")
+                raise NotFoundError(
+                    f"no engine with id {engine_id!r}", param="engine_id", code="engine_not_found"
+                )
             self._reindex()
         return record
 
@@ -122,7 +121,7 @@ class EngineRegistry:
         if kind is not None:
             engines = tuple(e for e in engines if e.kind is kind)
         if not engines:
-            known = self.list(model)
+            known = self.engines(model)
             if known:
                 raise ModelNotFoundError(
                     model,
@@ -132,7 +131,7 @@ class EngineRegistry:
             raise ModelNotFoundError(model)
         return engines
 
-    def list(self, model: str = "") -> list[EngineRecord]:
+    def engines(self, model: str = "") -> list[EngineRecord]:
         """All engines, or those serving `model`."""
         with self._lock:
             records: Iterable[EngineRecord] = list(self._engines.values())
@@ -143,7 +142,7 @@ class EngineRegistry:
     def models(self) -> list[ModelEntry]:
         """Every model and alias with at least one registered engine."""
         entries: dict[str, ModelEntry] = {}
-        for record in self.list():
+        for record in self.engines():
             ready = len(self._by_model.get(record.model, ()))
             if record.model not in entries:
                 entries[record.model] = ModelEntry(
@@ -152,7 +151,10 @@ class EngineRegistry:
             for alias in record.aliases:
                 if alias not in entries:
                     entries[alias] = ModelEntry(
-                        alias, record.kind, int(record.registered_at),
-                        len(self._by_model.get(alias, ())), alias_of=record.model,
+                        alias,
+                        record.kind,
+                        int(record.registered_at),
+                        len(self._by_model.get(alias, ())),
+                        alias_of=record.model,
                     )
         return sorted(entries.values(), key=lambda m: m.id)

@@ -8,9 +8,14 @@ from typing import Any
 import grpc
 
 from sage.common.config.settings import SageSettings
-from sage.common.grpc import Registration, SageServer, create_channel, create_server
-from sage.common.grpc import rpc_errors_as_sage
 from sage.common.exceptions import InvalidRequestError
+from sage.common.grpc import (
+    Registration,
+    SageServer,
+    create_channel,
+    create_server,
+    rpc_errors_as_sage,
+)
 from sage.rpc.common.v1 import common_pb2
 from sage.rpc.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from sage.rpc.scheduler.v1 import scheduler_pb2 as pb
@@ -41,8 +46,11 @@ _ROLE_NAMES = {
     common_pb2.ENGINE_ROLE_PREFILL: "prefill",
     common_pb2.ENGINE_ROLE_DECODE: "decode",
 }
-_ROLE_TO_PB = {"both": common_pb2.ENGINE_ROLE_BOTH, "prefill": common_pb2.ENGINE_ROLE_PREFILL,
-               "decode": common_pb2.ENGINE_ROLE_DECODE}
+_ROLE_TO_PB = {
+    "both": common_pb2.ENGINE_ROLE_BOTH,
+    "prefill": common_pb2.ENGINE_ROLE_PREFILL,
+    "decode": common_pb2.ENGINE_ROLE_DECODE,
+}
 
 
 def record_from_pb(engine: common_pb2.Engine) -> EngineRecord:
@@ -87,9 +95,11 @@ def record_to_pb(record: EngineRecord) -> common_pb2.Engine:
 
 
 def _usage_pb(usage: TokenUsage) -> common_pb2.Usage:
-    return common_pb2.Usage(prompt_tokens=usage.prompt_tokens,
-                            completion_tokens=usage.completion_tokens,
-                            total_tokens=usage.total_tokens)
+    return common_pb2.Usage(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        total_tokens=usage.total_tokens,
+    )
 
 
 def _require_model(model: str) -> str:
@@ -112,8 +122,10 @@ class GrpcEmbeddingBackend:
         request = embedding_pb2.EmbedBatchRequest(
             model=model,
             inputs=list(inputs),
-            engines=[embedding_pb2.EngineEndpoint(engine_id=e.engine_id, base_url=e.base_url)
-                     for e in engines],
+            engines=[
+                embedding_pb2.EngineEndpoint(engine_id=e.engine_id, base_url=e.base_url)
+                for e in engines
+            ],
             dimensions=dimensions,
         )
         with rpc_errors_as_sage():
@@ -137,8 +149,9 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
         body, engine = await self.scheduler.unary(
             _require_model(request.model), request.body, "/v1/chat/completions"
         )
-        return pb.ChatResponse(body=body, engine_id=engine.engine_id,
-                               usage=_usage_pb(usage_of(body)))
+        return pb.ChatResponse(
+            body=body, engine_id=engine.engine_id, usage=_usage_pb(usage_of(body))
+        )
 
     async def ChatStream(
         self, request: pb.ChatStreamRequest, context: Any
@@ -152,8 +165,9 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
         body, engine = await self.scheduler.unary(
             _require_model(request.model), request.body, "/v1/completions"
         )
-        return pb.CompleteResponse(body=body, engine_id=engine.engine_id,
-                                   usage=_usage_pb(usage_of(body)))
+        return pb.CompleteResponse(
+            body=body, engine_id=engine.engine_id, usage=_usage_pb(usage_of(body))
+        )
 
     async def CompleteStream(
         self, request: pb.CompleteStreamRequest, context: Any
@@ -196,7 +210,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
         self, request: pb.ListEnginesRequest, context: Any
     ) -> pb.ListEnginesResponse:
         return pb.ListEnginesResponse(
-            engines=[record_to_pb(r) for r in self.scheduler.registry.list(request.model)]
+            engines=[record_to_pb(r) for r in self.scheduler.registry.engines(request.model)]
         )
 
     async def ListModels(
@@ -204,14 +218,19 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
     ) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(
             models=[
-                pb.Model(id=m.id, kind=_KIND_TO_PB[m.kind], created=m.created,
-                         ready_engines=m.ready_engines, alias_of=m.alias_of)
+                pb.Model(
+                    id=m.id,
+                    kind=_KIND_TO_PB[m.kind],
+                    created=m.created,
+                    ready_engines=m.ready_engines,
+                    alias_of=m.alias_of,
+                )
                 for m in self.scheduler.registry.models()
             ]
         )
 
     async def GetStatus(self, request: pb.GetStatusRequest, context: Any) -> pb.GetStatusResponse:
-        engines = self.scheduler.registry.list()
+        engines = self.scheduler.registry.engines()
         counters = self.scheduler.counters
         return pb.GetStatusResponse(
             engines_total=len(engines),
@@ -239,13 +258,18 @@ def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageS
     servicer = SchedulerServicer(scheduler, "fifo/round_robin")
     server, port = create_server(
         addr or f"{settings.host}:{settings.scheduler_port}",
-        [Registration(pb.DESCRIPTOR.services_by_name["SchedulerService"].full_name,
-                      pb_grpc.add_SchedulerServiceServicer_to_server, servicer)],
+        [
+            Registration(
+                pb.DESCRIPTOR.services_by_name["SchedulerService"].full_name,
+                pb_grpc.add_SchedulerServiceServicer_to_server,
+                servicer,
+            )
+        ],
     )
 
     async def _close() -> None:
         await executor.aclose()
-        await embedding_channel.close()
+        await embedding_channel.close(None)
 
     server.on_stop(_close)
     return server, port

@@ -22,14 +22,15 @@ from sage.llm import UnifiedInferenceClient
 
 pytestmark = pytest.mark.e2e
 
-SEED_MESSAGES = [{"role": "user", "content": "写一份日报"}]
+SEED_MESSAGES: list[Any] = [{"role": "user", "content": "写一份日报"}]
 
 
 class Stack:
     """A running `sage llm serve` and what it started."""
 
-    def __init__(self, proc: subprocess.Popen[str], base_url: str, home: Path,
-                 env: dict[str, str]) -> None:
+    def __init__(
+        self, proc: subprocess.Popen[str], base_url: str, home: Path, env: dict[str, str]
+    ) -> None:
         self.proc = proc
         self.base_url = base_url
         self.home = home
@@ -51,10 +52,26 @@ def _start(tmp_path: Path, port_factory: Callable[[], int], *extra: str) -> Stac
     }
     env.pop("SAGE_UNIFIED_BASE_URL", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sage.llm.cli", "llm", "serve", "--model", "sim",
-         "--gateway-port", str(gateway), "--port", str(port_factory()),
-         "--embedding-port", str(port_factory()), *extra],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "sage.llm.cli",
+            "llm",
+            "serve",
+            "--model",
+            "sim",
+            "--gateway-port",
+            str(gateway),
+            "--port",
+            str(port_factory()),
+            "--embedding-port",
+            str(port_factory()),
+            *extra,
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     stack = Stack(proc, f"http://127.0.0.1:{gateway}/v1", home, env)
     deadline = time.monotonic() + 90
@@ -86,8 +103,7 @@ def test_serve_chat_stream_and_clean_stop(stack: Stack, monkeypatch: pytest.Monk
     # daemon.json records the gateway and every service.
     daemon = json.loads((stack.home / "llm" / "daemon.json").read_text())
     assert daemon["gateway_url"] == stack.base_url
-    assert set(daemon["services"]) == {"gpu_manager", "embedding", "scheduler", "lifecycle",
-                                       "edge"}
+    assert set(daemon["services"]) == {"gpu_manager", "embedding", "scheduler", "lifecycle", "edge"}
     assert [e["kind"] for e in daemon["engines"]] == ["llm", "embedding"]
 
     # The seed's call, with the URL from SAGE_UNIFIED_BASE_URL (the documented precedence).
@@ -99,7 +115,8 @@ def test_serve_chat_stream_and_clean_stop(stack: Stack, monkeypatch: pytest.Monk
     assert resp == want and resp
     explicit = UnifiedInferenceClient.create(control_plane_url=stack.base_url)
     assert explicit.chat(SEED_MESSAGES, max_tokens=3) == expected_text(
-        chat_prompt_text(SEED_MESSAGES), 3)
+        chat_prompt_text(SEED_MESSAGES), 3
+    )
     bound = UnifiedInferenceClient.create_for_model("sim", control_plane_url=stack.base_url)
     assert bound.model == "sim" and bound.chat(SEED_MESSAGES)
     status = client.get_status()
@@ -108,9 +125,15 @@ def test_serve_chat_stream_and_clean_stop(stack: Stack, monkeypatch: pytest.Monk
 
     # The OpenAI SDK, streaming: role first, content deltas, finish reason, usage.
     sdk = openai.OpenAI(base_url=stack.base_url, api_key="unused", max_retries=0)
-    chunks = list(sdk.chat.completions.create(
-        model="sim", messages=SEED_MESSAGES, stream=True, max_tokens=8,  # type: ignore[arg-type]
-        stream_options={"include_usage": True}))
+    chunks = list(
+        sdk.chat.completions.create(
+            model="sim",
+            messages=SEED_MESSAGES,
+            stream=True,
+            max_tokens=8,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     content = [c.choices[0].delta.content or "" for c in chunks if c.choices]
     assert "".join(content) == expected_text(chat_prompt_text(SEED_MESSAGES), 8)
@@ -128,7 +151,7 @@ def test_serve_chat_stream_and_clean_stop(stack: Stack, monkeypatch: pytest.Monk
     stack.proc.send_signal(signal.SIGINT)
     stack.proc.wait(timeout=60)
     assert stack.proc.returncode in (0, 130)
-    gone, alive = psutil.wait_procs(children, timeout=10)
+    _, alive = psutil.wait_procs(children, timeout=10)
     assert alive == [], [p.info for p in alive]
     assert not (stack.home / "llm" / "daemon.json").exists()
     with pytest.raises(httpx.ConnectError):
@@ -142,27 +165,54 @@ def test_serve_refuses_a_busy_port(tmp_path: Path, port_factory: Callable[[], in
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        env = {**os.environ, "SAGE_HOME": str(tmp_path), "SAGE_DISABLE_NVML": "1",
-               "SAGE_SCHEDULER_PORT": str(port_factory()),
-               "SAGE_LIFECYCLE_PORT": str(port_factory()),
-               "SAGE_GPU_MANAGER_PORT": str(port_factory()),
-               "SAGE_EMBEDDING_SERVICE_PORT": str(port_factory())}
+        env = {
+            **os.environ,
+            "SAGE_HOME": str(tmp_path),
+            "SAGE_DISABLE_NVML": "1",
+            "SAGE_SCHEDULER_PORT": str(port_factory()),
+            "SAGE_LIFECYCLE_PORT": str(port_factory()),
+            "SAGE_GPU_MANAGER_PORT": str(port_factory()),
+            "SAGE_EMBEDDING_SERVICE_PORT": str(port_factory()),
+        }
         out = subprocess.run(
-            [sys.executable, "-m", "sage.llm.cli", "llm", "serve", "--gateway-port", str(port),
-             "--port", str(port_factory()), "--no-embedding"],
-            env=env, capture_output=True, text=True, timeout=60,
+            [
+                sys.executable,
+                "-m",
+                "sage.llm.cli",
+                "llm",
+                "serve",
+                "--gateway-port",
+                str(port),
+                "--port",
+                str(port_factory()),
+                "--no-embedding",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
     assert out.returncode == 2
     assert f"port {port}" in out.stdout and "edge" in out.stdout
 
 
 def test_sage_llm_status_reads_daemon_file(stack: Stack) -> None:
-    out = subprocess.run([sys.executable, "-m", "sage.llm.cli", "llm", "status", "--json"],
-                         env=stack.env, capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [sys.executable, "-m", "sage.llm.cli", "llm", "status", "--json"],
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode == 0, out.stderr
     doc: dict[str, Any] = json.loads(out.stdout)
     assert doc["gateway_url"] == stack.base_url
-    stop = subprocess.run([sys.executable, "-m", "sage.llm.cli", "llm", "stop"],
-                          env=stack.env, capture_output=True, text=True, timeout=60)
+    stop = subprocess.run(
+        [sys.executable, "-m", "sage.llm.cli", "llm", "stop"],
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert stop.returncode == 0 and "stopped" in stop.stdout
     stack.proc.wait(timeout=30)

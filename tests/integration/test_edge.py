@@ -20,31 +20,49 @@ from sage.services.scheduler.server import build_server as build_scheduler
 
 
 @pytest.fixture
-async def gateway(settings: SageSettings, sim_engine: Callable[..., str],
-                  port_factory: Callable[[], int]) -> AsyncIterator[httpx.AsyncClient]:
+async def gateway(
+    settings: SageSettings, sim_engine: Callable[..., str], port_factory: Callable[[], int]
+) -> AsyncIterator[httpx.AsyncClient]:
     """scheduler (port 0) + two sim engines registered + edge on a free port."""
     scheduler, sched_port = build_scheduler(settings, "127.0.0.1:0")
     await scheduler.start()
-    edge_settings = settings.model_copy(update={"scheduler_addr": f"127.0.0.1:{sched_port}",
-                                                "lifecycle_addr": "127.0.0.1:1"})
+    edge_settings = settings.model_copy(
+        update={"scheduler_addr": f"127.0.0.1:{sched_port}", "lifecycle_addr": "127.0.0.1:1"}
+    )
     channel = create_channel(f"127.0.0.1:{sched_port}")
     stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
     for engine_id in ("sim-a", "sim-b"):
-        await stub.RegisterEngine(scheduler_pb2.RegisterEngineRequest(engine=common_pb2.Engine(
-            engine_id=engine_id, model="sim", kind=common_pb2.ENGINE_KIND_LLM,
-            base_url=sim_engine("--served-model-name", "sim-alias"),
-            aliases=["sim-alias"], state=common_pb2.ENGINE_STATE_READY)))
+        await stub.RegisterEngine(
+            scheduler_pb2.RegisterEngineRequest(
+                engine=common_pb2.Engine(
+                    engine_id=engine_id,
+                    model="sim",
+                    kind=common_pb2.ENGINE_KIND_LLM,
+                    base_url=sim_engine("--served-model-name", "sim-alias"),
+                    aliases=["sim-alias"],
+                    state=common_pb2.ENGINE_STATE_READY,
+                )
+            )
+        )
     port = port_factory()
-    server = uvicorn.Server(uvicorn.Config(create_app(edge_settings), host="127.0.0.1", port=port,
-                                           log_config=None, access_log=False, lifespan="on"))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(edge_settings),
+            host="127.0.0.1",
+            port=port,
+            log_config=None,
+            access_log=False,
+            lifespan="on",
+        )
+    )
     task = asyncio.create_task(server.serve())
-    while not server.started:
+    while not server.started:  # noqa: ASYNC110 - uvicorn exposes a flag, not an event
         await asyncio.sleep(0.02)
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
         yield client
     server.should_exit = True
     await task
-    await channel.close()
+    await channel.close(None)
     await scheduler.stop(1)
 
 
@@ -75,9 +93,11 @@ async def test_alias_reaches_engine(gateway: httpx.AsyncClient) -> None:
 
 async def test_stream_is_forwarded_chunk_by_chunk(gateway: httpx.AsyncClient) -> None:
     events: list[bytes] = []
-    async with gateway.stream("POST", "/v1/chat/completions",
-                              json={**CHAT, "stream": True,
-                                    "stream_options": {"include_usage": True}}) as resp:
+    async with gateway.stream(
+        "POST",
+        "/v1/chat/completions",
+        json={**CHAT, "stream": True, "stream_options": {"include_usage": True}},
+    ) as resp:
         assert resp.status_code == 200
         assert resp.headers["content-type"].startswith("text/event-stream")
         async for line in resp.aiter_lines():
@@ -92,8 +112,9 @@ async def test_stream_is_forwarded_chunk_by_chunk(gateway: httpx.AsyncClient) ->
 
 
 async def test_request_id_is_echoed(gateway: httpx.AsyncClient) -> None:
-    resp = await gateway.post("/v1/chat/completions", json=CHAT,
-                              headers={"x-request-id": "req-123"})
+    resp = await gateway.post(
+        "/v1/chat/completions", json=CHAT, headers={"x-request-id": "req-123"}
+    )
     assert resp.headers["x-request-id"] == "req-123"
 
 
@@ -104,8 +125,12 @@ BAD_INPUTS: list[tuple[Any, int, str | None, str]] = [
     ({"model": "sim", "messages": "hi"}, 400, "messages", "array"),
     ({"model": "sim", "messages": []}, 400, "messages", "empty"),
     ({"model": "sim", "messages": [{"content": "x"}]}, 400, "messages[0].role", "role"),
-    ({"model": "sim", "messages": [{"role": "user", "content": 5}]}, 400,
-     "messages[0].content", "string"),
+    (
+        {"model": "sim", "messages": [{"role": "user", "content": 5}]},
+        400,
+        "messages[0].content",
+        "string",
+    ),
     ({"messages": [{"role": "user", "content": "x"}]}, 400, "model", "model is required"),
     ({"model": 7, "messages": [{"role": "user", "content": "x"}]}, 400, "model", "string"),
     ({**CHAT, "max_tokens": "ten"}, 400, "max_tokens", "positive integer"),
@@ -121,8 +146,9 @@ async def test_bad_input_gets_openai_error_naming_the_field(
     gateway: httpx.AsyncClient, payload: Any, status: int, param: str | None, needle: str
 ) -> None:
     if isinstance(payload, bytes):
-        resp = await gateway.post("/v1/chat/completions", content=payload,
-                                  headers={"content-type": "application/json"})
+        resp = await gateway.post(
+            "/v1/chat/completions", content=payload, headers={"content-type": "application/json"}
+        )
     else:
         resp = await gateway.post("/v1/chat/completions", json=payload)
     assert resp.status_code == status, resp.text
@@ -144,10 +170,10 @@ async def test_unknown_route_and_method(gateway: httpx.AsyncClient) -> None:
 
 
 async def test_completions(gateway: httpx.AsyncClient) -> None:
-    resp = await gateway.post("/v1/completions",
-                              json={"model": "sim", "prompt": "hello", "max_tokens": 3})
+    resp = await gateway.post(
+        "/v1/completions", json={"model": "sim", "prompt": "hello", "max_tokens": 3}
+    )
     assert resp.status_code == 200, resp.text
     assert len(resp.json()["choices"][0]["text"].split()) == 3
     bad = await gateway.post("/v1/completions", json={"model": "sim"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt"
-

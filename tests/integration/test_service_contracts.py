@@ -53,7 +53,7 @@ async def running() -> AsyncIterator[Callable[[Builder, SageSettings], Any]]:
 
     yield start
     for channel in channels:
-        await channel.close()
+        await channel.close(None)
     for server in reversed(servers):
         await server.stop(1)
 
@@ -64,8 +64,9 @@ async def assert_health_and_reflection(channel: grpc.aio.Channel, full_name: str
         reply = await health.Check(health_pb2.HealthCheckRequest(service=name))
         assert reply.status == health_pb2.HealthCheckResponse.SERVING, name
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-    call = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
-        list_services="")]))
+    call = stub.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+    )
     names = set()
     async for response in call:
         names |= {s.name for s in response.list_services_response.service}
@@ -73,35 +74,47 @@ async def assert_health_and_reflection(channel: grpc.aio.Channel, full_name: str
     assert "grpc.health.v1.Health" in names
 
 
-def sim_engine_pb(engine_id: str, base_url: str, model: str = "sim",
-                  kind: int = common_pb2.ENGINE_KIND_LLM) -> common_pb2.Engine:
-    return common_pb2.Engine(engine_id=engine_id, model=model, kind=kind, base_url=base_url,
-                             state=common_pb2.ENGINE_STATE_READY)
+def sim_engine_pb(
+    engine_id: str, base_url: str, model: str = "sim", kind: common_pb2.EngineKind.ValueType = common_pb2.ENGINE_KIND_LLM
+) -> common_pb2.Engine:
+    return common_pb2.Engine(
+        engine_id=engine_id,
+        model=model,
+        kind=kind,
+        base_url=base_url,
+        state=common_pb2.ENGINE_STATE_READY,
+    )
 
 
-async def test_scheduler_contract(running: Any, settings: SageSettings,
-                                  sim_engine: Callable[..., str]) -> None:
+async def test_scheduler_contract(
+    running: Any, settings: SageSettings, sim_engine: Callable[..., str]
+) -> None:
     channel, _ = await running(build_scheduler, settings)
     await assert_health_and_reflection(channel, "sage.rpc.scheduler.v1.SchedulerService")
     stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
     base = sim_engine()
-    reply = await stub.RegisterEngine(scheduler_pb2.RegisterEngineRequest(
-        engine=sim_engine_pb("sim-a", base)))
+    reply = await stub.RegisterEngine(
+        scheduler_pb2.RegisterEngineRequest(engine=sim_engine_pb("sim-a", base))
+    )
     assert reply.engine.engine_id == "sim-a" and not reply.replaced
 
     models = await stub.ListModels(scheduler_pb2.ListModelsRequest())
     assert [m.id for m in models.models] == ["sim"]
-    chat = await stub.Chat(scheduler_pb2.ChatRequest(
-        model="sim", body=b'{"model":"sim","messages":[{"role":"user","content":"hi"}],'
-                          b'"max_tokens":4}'))
+    chat = await stub.Chat(
+        scheduler_pb2.ChatRequest(
+            model="sim",
+            body=b'{"model":"sim","messages":[{"role":"user","content":"hi"}],"max_tokens":4}',
+        )
+    )
     assert chat.engine_id == "sim-a"
     assert chat.usage.completion_tokens == 4
     assert b'"chat.completion"' in chat.body
 
     # Bad input comes back as a status whose trailers rebuild the original error.
     with pytest.raises(grpc.RpcError) as info:
-        await stub.RegisterEngine(scheduler_pb2.RegisterEngineRequest(
-            engine=sim_engine_pb("bad", "not-a-url")))
+        await stub.RegisterEngine(
+            scheduler_pb2.RegisterEngineRequest(engine=sim_engine_pb("bad", "not-a-url"))
+        )
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     err = from_rpc_error(info.value)
     assert isinstance(err, InvalidRequestError) and err.param == "engine.base_url"
@@ -118,17 +131,22 @@ async def test_scheduler_contract(running: Any, settings: SageSettings,
     assert status.engines_ready == 1 and status.requests_total == 2
 
 
-async def test_scheduler_streams_chunk_by_chunk(running: Any, settings: SageSettings,
-                                                sim_engine: Callable[..., str]) -> None:
+async def test_scheduler_streams_chunk_by_chunk(
+    running: Any, settings: SageSettings, sim_engine: Callable[..., str]
+) -> None:
     channel, _ = await running(build_scheduler, settings)
     stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
     base = sim_engine("--tpot-ms", "20")
-    await stub.RegisterEngine(scheduler_pb2.RegisterEngineRequest(
-        engine=sim_engine_pb("sim-a", base)))
-    body = (b'{"model":"sim","stream":true,"max_tokens":5,'
-            b'"messages":[{"role":"user","content":"hi"}]}')
-    chunks = [m.data async for m in stub.ChatStream(
-        scheduler_pb2.ChatStreamRequest(model="sim", body=body))]
+    await stub.RegisterEngine(
+        scheduler_pb2.RegisterEngineRequest(engine=sim_engine_pb("sim-a", base))
+    )
+    body = (
+        b'{"model":"sim","stream":true,"max_tokens":5,"messages":[{"role":"user","content":"hi"}]}'
+    )
+    chunks = [
+        m.data
+        async for m in stub.ChatStream(scheduler_pb2.ChatStreamRequest(model="sim", body=body))
+    ]
     # role chunk + 5 token chunks + finish chunk, no [DONE] sentinel inside gRPC
     assert len(chunks) >= 6
     assert all(c.startswith(b"{") for c in chunks)
@@ -143,23 +161,31 @@ async def test_gpu_manager_contract(running: Any, settings: SageSettings) -> Non
         # CPU-only host: zero GPUs, a reason, and reservations refused cleanly.
         assert list(gpus.gpus) == [] and gpus.nvml_error
         with pytest.raises(grpc.RpcError) as info:
-            await stub.Reserve(gpu_manager_pb2.ReserveRequest(engine_id="e1", gpu_count=1,
-                                                              memory_per_gpu_bytes=1 << 30))
+            await stub.Reserve(
+                gpu_manager_pb2.ReserveRequest(
+                    engine_id="e1", gpu_count=1, memory_per_gpu_bytes=1 << 30
+                )
+            )
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert isinstance(from_rpc_error(info.value), InsufficientResourcesError)
     listed = await stub.ListReservations(gpu_manager_pb2.ListReservationsRequest())
     assert list(listed.reservations) == []
 
 
-async def test_embedding_contract(running: Any, settings: SageSettings,
-                                  sim_engine: Callable[..., str]) -> None:
+async def test_embedding_contract(
+    running: Any, settings: SageSettings, sim_engine: Callable[..., str]
+) -> None:
     channel, _ = await running(build_embedding, settings)
     await assert_health_and_reflection(channel, "sage.rpc.embedding.v1.EmbeddingService")
     stub = embedding_pb2_grpc.EmbeddingServiceStub(channel)
     base = sim_engine("--embedding-dim", "16", model="sim-embedding")
-    reply = await stub.EmbedBatch(embedding_pb2.EmbedBatchRequest(
-        model="sim-embedding", inputs=["hello", "world", "hello"],
-        engines=[embedding_pb2.EngineEndpoint(engine_id="emb-a", base_url=base)]))
+    reply = await stub.EmbedBatch(
+        embedding_pb2.EmbedBatchRequest(
+            model="sim-embedding",
+            inputs=["hello", "world", "hello"],
+            engines=[embedding_pb2.EngineEndpoint(engine_id="emb-a", base_url=base)],
+        )
+    )
     vectors = [list(v.values) for v in reply.vectors]
     assert len(vectors) == 3 and all(len(v) == 16 for v in vectors)
     assert vectors[0] == pytest.approx(vectors[2]) and vectors[0] != pytest.approx(vectors[1])
@@ -181,16 +207,18 @@ async def test_lifecycle_contract_starts_registers_and_stops_an_engine(
     stub = lifecycle_pb2_grpc.LifecycleServiceStub(channel)
     scheduler = scheduler_pb2_grpc.SchedulerServiceStub(sched_channel)
 
-    started = await stub.StartEngine(lifecycle_pb2.StartEngineRequest(
-        model="sim", kind=common_pb2.ENGINE_KIND_LLM, backend="sim", startup_timeout_s=60),
-        timeout=90)
+    started = await stub.StartEngine(
+        lifecycle_pb2.StartEngineRequest(
+            model="sim", kind=common_pb2.ENGINE_KIND_LLM, backend="sim", startup_timeout_s=60
+        ),
+        timeout=90,
+    )
     engine = started.engine
     assert engine.state == common_pb2.ENGINE_STATE_READY and engine.pid > 0
     registered = await scheduler.ListEngines(scheduler_pb2.ListEnginesRequest())
     assert [e.engine_id for e in registered.engines] == [engine.engine_id]
 
-    logs = await stub.TailLogs(lifecycle_pb2.TailLogsRequest(engine_id=engine.engine_id,
-                                                             lines=50))
+    logs = await stub.TailLogs(lifecycle_pb2.TailLogsRequest(engine_id=engine.engine_id, lines=50))
     assert any("listening" in line.lower() or "uvicorn" in line.lower() for line in logs.lines)
 
     stopped = await stub.StopEngine(lifecycle_pb2.StopEngineRequest(engine_id=engine.engine_id))
@@ -209,10 +237,18 @@ def test_service_process_exits_cleanly_on_sigterm(
     """`python -m sage.services.<name>` serves health, then stops gracefully on SIGTERM."""
     port = port_factory()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sage.services.gpu_manager", "--host", "127.0.0.1",
-         "--port", str(port)],
+        [
+            sys.executable,
+            "-m",
+            "sage.services.gpu_manager",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
         env={"SAGE_HOME": str(tmp_path), "SAGE_DISABLE_NVML": "1", "PATH": "/usr/bin:/bin"},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     try:
         import time
@@ -223,7 +259,8 @@ def test_service_process_exits_cleanly_on_sigterm(
             with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
                 try:
                     reply = health_pb2_grpc.HealthStub(channel).Check(
-                        health_pb2.HealthCheckRequest(), timeout=1)
+                        health_pb2.HealthCheckRequest(), timeout=1
+                    )
                     serving = reply.status == health_pb2.HealthCheckResponse.SERVING
                 except grpc.RpcError:
                     time.sleep(0.1)

@@ -41,8 +41,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     plan = supervisor.ServePlan(
         settings,
         supervisor.engine_requests(
-            args.model, args.replicas, args.port, backend, embedding_model,
-            args.embedding_port, args.tensor_parallel, args.gpu_memory_utilization,
+            args.model,
+            args.replicas,
+            args.port,
+            backend,
+            embedding_model,
+            args.embedding_port,
+            args.tensor_parallel,
+            args.gpu_memory_utilization,
         ),
         startup_timeout_s=args.startup_timeout,
         engine_timeout_s=args.engine_timeout,
@@ -64,8 +70,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     for name, svc in doc["services"].items():
         print(f"  {name:<12} {svc['addr']:<22} pid {svc['pid']}")
     for engine in doc["engines"]:
-        print(f"  engine {engine['engine_id']:<28} {engine['kind']:<9} {engine['model']} "
-              f"at {engine['base_url']}")
+        print(
+            f"  engine {engine['engine_id']:<28} {engine['kind']:<9} {engine['model']} "
+            f"at {engine['base_url']}"
+        )
     return 0
 
 
@@ -80,7 +88,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
         if not path.exists():
             continue
         found = True
-        lines = path.read_text(errors="replace").splitlines()[-args.tail:]
+        lines = path.read_text(errors="replace").splitlines()[-args.tail :]
         print(f"==> {path} <==")
         print("\n".join(lines))
     if not found:
@@ -113,28 +121,62 @@ def build_parser() -> argparse.ArgumentParser:
     sub = llm.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="start gateway, services and engines (foreground)")
-    serve.add_argument("--model", default="sim",
-                       help="chat model to serve; `sim` runs the simulator (no GPU) [sim]")
-    serve.add_argument("--backend", default="", choices=["", "sim", "vllm"],
-                       help="engine backend (default: sim for --model sim, else vllm)")
-    serve.add_argument("--port", type=int, default=SagePorts.get_recommended_llm_port(),
-                       help="LLM engine port [%(default)s]")
+    serve.add_argument(
+        "--model",
+        default="sim",
+        help="chat model to serve; `sim` runs the simulator (no GPU) [sim]",
+    )
+    serve.add_argument(
+        "--backend",
+        default="",
+        choices=["", "sim", "vllm"],
+        help="engine backend (default: sim for --model sim, else vllm)",
+    )
+    serve.add_argument(
+        "--port",
+        type=int,
+        default=SagePorts.get_recommended_llm_port(),
+        help="LLM engine port [%(default)s]",
+    )
     serve.add_argument("--replicas", type=int, default=1, help="LLM engine replicas [1]")
     serve.add_argument("--tensor-parallel", type=int, default=1, help="GPUs per LLM engine")
-    serve.add_argument("--gpu-memory-utilization", type=float, default=0.0,
-                       help="vLLM --gpu-memory-utilization (0 = engine default)")
-    serve.add_argument("--embedding-model", default=None,
-                       help="embedding model (default: sim-embedding with the simulator)")
-    serve.add_argument("--embedding-port", type=int, default=SagePorts.EMBEDDING_DEFAULT,
-                       help="embedding engine port [%(default)s]")
+    serve.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.0,
+        help="vLLM --gpu-memory-utilization (0 = engine default)",
+    )
+    serve.add_argument(
+        "--embedding-model",
+        default=None,
+        help="embedding model (default: sim-embedding with the simulator)",
+    )
+    serve.add_argument(
+        "--embedding-port",
+        type=int,
+        default=SagePorts.EMBEDDING_DEFAULT,
+        help="embedding engine port [%(default)s]",
+    )
     serve.add_argument("--no-embedding", action="store_true", help="start no embedding engine")
-    serve.add_argument("--gateway-port", type=int, default=None,
-                       help=f"gateway port [SAGE_GATEWAY_PORT or {SagePorts.GATEWAY_DEFAULT}]")
+    serve.add_argument(
+        "--gateway-port",
+        type=int,
+        default=None,
+        help=f"gateway port [SAGE_GATEWAY_PORT or {SagePorts.GATEWAY_DEFAULT}]",
+    )
     serve.add_argument("--host", default=None, help="bind address [SAGE_HOST or 127.0.0.1]")
-    serve.add_argument("--startup-timeout", type=float, default=60.0,
-                       help="seconds each service may take to become healthy")
-    serve.add_argument("--engine-timeout", type=float, default=600.0,
-                       help="seconds each engine may take to become healthy")
+    serve.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=60.0,
+        help="seconds each service may take to become healthy",
+    )
+    serve.add_argument(
+        "--engine-timeout",
+        type=float,
+        default=600.0,
+        help="seconds each engine may take to become healthy",
+    )
     serve.set_defaults(func=cmd_serve)
 
     status = sub.add_parser("status", help="show the running stack")

@@ -30,9 +30,16 @@ from sage.common.exceptions import (
 )
 
 _BY_STATUS: dict[int, type[SageError]] = {
-    400: InvalidRequestError, 401: AuthenticationError, 403: PermissionDeniedError,
-    404: NotFoundError, 409: ConflictError, 413: InvalidRequestError, 429: OverloadedError,
-    502: UpstreamError, 503: ServiceUnavailableError, 504: DeadlineExceededError,
+    400: InvalidRequestError,
+    401: AuthenticationError,
+    403: PermissionDeniedError,
+    404: NotFoundError,
+    409: ConflictError,
+    413: InvalidRequestError,
+    429: OverloadedError,
+    502: UpstreamError,
+    503: ServiceUnavailableError,
+    504: DeadlineExceededError,
 }
 
 
@@ -60,9 +67,12 @@ def _raise_for(resp: httpx.Response) -> None:
         raise ModelNotFoundError(str(param or "model"), message=message)
     cls = _BY_STATUS.get(resp.status_code, InternalError)
     retry_after = resp.headers.get("retry-after")
-    raise cls(message, param=param if isinstance(param, str) else None,
-              code=code if isinstance(code, str) else None,
-              retry_after=float(retry_after) if retry_after else None)
+    raise cls(
+        message,
+        param=param if isinstance(param, str) else None,
+        code=code if isinstance(code, str) else None,
+        retry_after=float(retry_after) if retry_after else None,
+    )
 
 
 class UnifiedInferenceClient:
@@ -81,8 +91,9 @@ class UnifiedInferenceClient:
         self.model = model
         self.embedding_model = embedding_model
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers,
-                                  trust_env=False)
+        self._http = httpx.Client(
+            base_url=self.base_url, timeout=timeout, headers=headers, trust_env=False
+        )
 
     @classmethod
     def create(
@@ -94,7 +105,7 @@ class UnifiedInferenceClient:
         api_key: str | None = None,
         timeout: float = 600.0,
     ) -> UnifiedInferenceClient:
-        """A client for the gateway at `control_plane_url`, else SAGE_UNIFIED_BASE_URL, else local."""
+        """A client for `control_plane_url`, else SAGE_UNIFIED_BASE_URL, else the local gateway."""
         return cls(
             default_base_url(control_plane_url),
             model=model or os.environ.get("SAGE_CHAT_MODEL") or None,
@@ -170,5 +181,5 @@ class UnifiedInferenceClient:
         return [list(d["embedding"]) for d in sorted(reply["data"], key=lambda d: d["index"])]
 
     def get_status(self) -> dict[str, Any]:
-        """Control-plane status, with `llm_available` and `embedding_available` as the seed shows."""
+        """Control-plane status with `llm_available` and `embedding_available` (seed)."""
         return dict(self._request("GET", "/management/status"))

@@ -79,18 +79,20 @@ def _write_atomic(path: Path, doc: dict[str, Any]) -> None:
 def _child_env(settings: SageSettings) -> dict[str, str]:
     """Pin every address so all children agree, whatever their own env says."""
     env = dict(os.environ)
-    env.update({
-        "SAGE_HOME": str(settings.home),
-        "SAGE_HOST": settings.host,
-        "SAGE_GATEWAY_PORT": str(settings.gateway_port),
-        "SAGE_SCHEDULER_PORT": str(settings.scheduler_port),
-        "SAGE_LIFECYCLE_PORT": str(settings.lifecycle_port),
-        "SAGE_GPU_MANAGER_PORT": str(settings.gpu_manager_port),
-        "SAGE_EMBEDDING_SERVICE_PORT": str(settings.embedding_service_port),
-        "SAGE_LOG_LEVEL": settings.log_level,
-        "SAGE_LOG_FORMAT": settings.log_format,
-        "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "SAGE_HOME": str(settings.home),
+            "SAGE_HOST": settings.host,
+            "SAGE_GATEWAY_PORT": str(settings.gateway_port),
+            "SAGE_SCHEDULER_PORT": str(settings.scheduler_port),
+            "SAGE_LIFECYCLE_PORT": str(settings.lifecycle_port),
+            "SAGE_GPU_MANAGER_PORT": str(settings.gpu_manager_port),
+            "SAGE_EMBEDDING_SERVICE_PORT": str(settings.embedding_service_port),
+            "SAGE_LOG_LEVEL": settings.log_level,
+            "SAGE_LOG_FORMAT": settings.log_format,
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     return env
 
 
@@ -132,7 +134,10 @@ class Supervisor:
         with open(log_path, "ab") as log_file:
             proc = subprocess.Popen(
                 [sys.executable, "-m", f"sage.services.{name}"],
-                stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=env,
                 # Own process group: a terminal Ctrl-C reaches only us, and we stop children
                 # in order instead of all at once.
                 start_new_session=True,
@@ -160,14 +165,19 @@ class Supervisor:
             time.sleep(0.1)
         if self._stop.is_set():
             raise KeyboardInterrupt
-        raise ConfigurationError(f"{name} did not become healthy on {addr} within "
-                                 f"{self.plan.startup_timeout_s:g}s:\n{self._tail(name)}")
+        raise ConfigurationError(
+            f"{name} did not become healthy on {addr} within "
+            f"{self.plan.startup_timeout_s:g}s:\n{self._tail(name)}"
+        )
 
     @staticmethod
     def _probe(addr: str, is_grpc: bool) -> bool:
         if not is_grpc:
             with contextlib.suppress(httpx.HTTPError):
-                return httpx.get(f"http://{addr}/health", timeout=1.0, trust_env=False).status_code == 200
+                return (
+                    httpx.get(f"http://{addr}/health", timeout=1.0, trust_env=False).status_code
+                    == 200
+                )
             return False
         with grpc.insecure_channel(addr) as channel:
             try:
@@ -186,9 +196,11 @@ class Supervisor:
                 reply = stub.StartEngine(
                     lifecycle_pb2.StartEngineRequest(
                         model=request.model,
-                        kind=common_pb2.ENGINE_KIND_EMBEDDING if request.kind == "embedding"
+                        kind=common_pb2.ENGINE_KIND_EMBEDDING
+                        if request.kind == "embedding"
                         else common_pb2.ENGINE_KIND_LLM,
-                        backend=request.backend, port=request.port,
+                        backend=request.backend,
+                        port=request.port,
                         tensor_parallel_size=request.tensor_parallel_size,
                         gpu_memory_utilization=request.gpu_memory_utilization,
                         startup_timeout_s=int(self.plan.engine_timeout_s),
@@ -198,9 +210,15 @@ class Supervisor:
             except grpc.RpcError as err:
                 raise from_rpc_error(err) from None
         engine = reply.engine
-        return {"engine_id": engine.engine_id, "model": engine.model, "kind": request.kind,
-                "base_url": engine.base_url, "port": engine.port, "pid": engine.pid,
-                "backend": engine.backend}
+        return {
+            "engine_id": engine.engine_id,
+            "model": engine.model,
+            "kind": request.kind,
+            "base_url": engine.base_url,
+            "port": engine.port,
+            "pid": engine.pid,
+            "backend": engine.backend,
+        }
 
     def write_daemon_file(self) -> Path:
         """Record ports, pids and engines for the CLI and other tools."""
@@ -212,12 +230,18 @@ class Supervisor:
             "gateway_url": f"http://{s.host}:{s.gateway_port}/v1",
             "llm_port": next((e["port"] for e in self.engines if e["kind"] == "llm"), None),
             "embedding_port": next(
-                (e["port"] for e in self.engines if e["kind"] == "embedding"), None),
+                (e["port"] for e in self.engines if e["kind"] == "embedding"), None
+            ),
             "services": {
-                name: {"pid": self.children[name].pid, "port": getattr(s, attr),
-                       "addr": f"{s.host}:{getattr(s, attr)}", "grpc": is_grpc,
-                       "log": str(self.log_dir / f"{name}.log")}
-                for name, attr, is_grpc in SERVICES if name in self.children
+                name: {
+                    "pid": self.children[name].pid,
+                    "port": getattr(s, attr),
+                    "addr": f"{s.host}:{getattr(s, attr)}",
+                    "grpc": is_grpc,
+                    "log": str(self.log_dir / f"{name}.log"),
+                }
+                for name, attr, is_grpc in SERVICES
+                if name in self.children
             },
             "engines": self.engines,
         }
@@ -235,14 +259,18 @@ class Supervisor:
             self._spawn(name, env)
             self._wait_ready(name, port, is_grpc)
         for request in self.plan.engines:
-            self.say(f"starting {request.kind} engine {request.model} "
-                     f"(port {request.port or 'auto'}) ...")
+            self.say(
+                f"starting {request.kind} engine {request.model} "
+                f"(port {request.port or 'auto'}) ..."
+            )
             self.engines.append(self._start_engine(request))
             self.say(f"  ready: {self.engines[-1]['engine_id']} at {self.engines[-1]['base_url']}")
         path = self.write_daemon_file()
         s = self.settings
-        self.say(f"SAGE gateway listening on http://{s.host}:{s.gateway_port}/v1  "
-                 f"(state: {path}; Ctrl-C to stop)")
+        self.say(
+            f"SAGE gateway listening on http://{s.host}:{s.gateway_port}/v1  "
+            f"(state: {path}; Ctrl-C to stop)"
+        )
 
     def request_stop(self, *_: Any) -> None:
         """Signal handler: ask the main loop to shut down."""
@@ -253,8 +281,10 @@ class Supervisor:
         while not self._stop.wait(0.5):
             for name, proc in self.children.items():
                 if proc.poll() is not None:
-                    self.say(f"{name} exited unexpectedly (code {proc.returncode}); stopping:\n"
-                             f"{self._tail(name)}")
+                    self.say(
+                        f"{name} exited unexpectedly (code {proc.returncode}); stopping:\n"
+                        f"{self._tail(name)}"
+                    )
                     return 1
         return 0
 
@@ -285,8 +315,11 @@ class Supervisor:
             daemon_file(self.settings).unlink()
 
 
-def serve(plan: ServePlan, out: TextIO = sys.stdout,
-          install_signals: Callable[[Supervisor], None] | None = None) -> int:
+def serve(
+    plan: ServePlan,
+    out: TextIO = sys.stdout,
+    install_signals: Callable[[Supervisor], None] | None = None,
+) -> int:
     """Run the stack until Ctrl-C/SIGTERM; returns the process exit code."""
     supervisor = Supervisor(plan, out)
     if install_signals is None:
@@ -313,14 +346,24 @@ def serve(plan: ServePlan, out: TextIO = sys.stdout,
 
 
 def engine_requests(
-    model: str, replicas: int, port: int, backend: str, embedding_model: str | None,
-    embedding_port: int, tensor_parallel: int, gpu_memory_utilization: float,
+    model: str,
+    replicas: int,
+    port: int,
+    backend: str,
+    embedding_model: str | None,
+    embedding_port: int,
+    tensor_parallel: int,
+    gpu_memory_utilization: float,
 ) -> list[EngineRequest]:
     """The engines a `serve` command line asks for."""
     if replicas < 1:
         raise ConfigurationError("--replicas must be at least 1")
-    engines = [EngineRequest(model, "llm", port if i == 0 else 0, backend, tensor_parallel,
-                             gpu_memory_utilization) for i in range(replicas)]
+    engines = [
+        EngineRequest(
+            model, "llm", port if i == 0 else 0, backend, tensor_parallel, gpu_memory_utilization
+        )
+        for i in range(replicas)
+    ]
     if embedding_model:
         emb_backend = "sim" if embedding_model.startswith("sim") else ""
         engines.append(EngineRequest(embedding_model, "embedding", embedding_port, emb_backend))

@@ -59,7 +59,7 @@ def sse_payloads(text: str) -> list[Any]:
         if not block:
             continue
         assert block.startswith("data: "), block
-        data = block[len("data: "):]
+        data = block[len("data: ") :]
         events.append(data if data == "[DONE]" else orjson.loads(data))
     return events
 
@@ -100,15 +100,20 @@ def test_stop_string_cuts_output() -> None:
     assert cut.finish_reason == "stop" and cut.stop_reason == third
     assert third not in cut.text
     assert full.text.startswith(cut.text)
-    assert full.text[len(cut.text):].startswith(third)
+    assert full.text[len(cut.text) :].startswith(third)
     assert generate("p", 10, 0, stop=["not-a-vocabulary-word"]).finish_reason == "length"
 
 
 def test_count_tokens_and_chat_prompt_text() -> None:
     assert count_tokens("  a b\nc ") == 3
     parts: list[dict[str, Any]] = [
-        {"role": "user", "content": [{"type": "text", "text": "one two"},
-                                     {"type": "image_url", "image_url": {"url": "x"}}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "one two"},
+                {"type": "image_url", "image_url": {"url": "x"}},
+            ],
+        },
         {"role": "assistant", "content": None},
     ]
     assert chat_prompt_text(parts) == "one two"
@@ -146,8 +151,9 @@ async def test_admission_queue_is_fifo_and_finish_withdraws() -> None:
 
 
 async def test_chat_non_stream_matches_expected_text(sim: httpx.AsyncClient) -> None:
-    response = await sim.post("/v1/chat/completions",
-                              json={"model": "sim", "messages": MESSAGES, "max_tokens": 7})
+    response = await sim.post(
+        "/v1/chat/completions", json={"model": "sim", "messages": MESSAGES, "max_tokens": 7}
+    )
     assert response.status_code == 200
     body = response.json()
     assert body["id"].startswith("chatcmpl-") and body["object"] == "chat.completion"
@@ -168,22 +174,30 @@ async def test_chat_defaults_model_and_max_tokens(sim: httpx.AsyncClient) -> Non
 
 
 async def test_chat_seed_and_stop(sim: httpx.AsyncClient) -> None:
-    seeded = await sim.post("/v1/chat/completions",
-                            json={"messages": MESSAGES, "max_tokens": 5, "seed": 42})
+    seeded = await sim.post(
+        "/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 5, "seed": 42}
+    )
     assert seeded.json()["choices"][0]["message"]["content"] == expected_text(PROMPT, 5, 42)
     stop_word = generate(PROMPT, 10, 0).pieces[4].strip()
-    stopped = await sim.post("/v1/chat/completions",
-                             json={"messages": MESSAGES, "max_tokens": 10, "stop": stop_word})
+    stopped = await sim.post(
+        "/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 10, "stop": stop_word}
+    )
     choice = stopped.json()["choices"][0]
     assert choice["finish_reason"] == "stop" and choice["stop_reason"] == stop_word
     assert choice["message"]["content"] == expected_text(PROMPT, 10, 0, stop=[stop_word])
 
 
 async def test_chat_stream_chunk_sequence(sim: httpx.AsyncClient) -> None:
-    response = await sim.post("/v1/chat/completions", json={
-        "model": "sim", "messages": MESSAGES, "max_tokens": 6, "stream": True,
-        "stream_options": {"include_usage": True},
-    })
+    response = await sim.post(
+        "/v1/chat/completions",
+        json={
+            "model": "sim",
+            "messages": MESSAGES,
+            "max_tokens": 6,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/event-stream")
     events = sse_payloads(response.text)
@@ -196,8 +210,7 @@ async def test_chat_stream_chunk_sequence(sim: httpx.AsyncClient) -> None:
     assert first["finish_reason"] is None
     usage_chunk = chunks[-1]
     assert usage_chunk["choices"] == []
-    assert usage_chunk["usage"] == {"prompt_tokens": 8, "completion_tokens": 6,
-                                    "total_tokens": 14}
+    assert usage_chunk["usage"] == {"prompt_tokens": 8, "completion_tokens": 6, "total_tokens": 14}
     content_chunks = chunks[1:-1]
     assert len(content_chunks) == 6  # one per token
     text = "".join(c["choices"][0]["delta"]["content"] for c in content_chunks)
@@ -206,8 +219,9 @@ async def test_chat_stream_chunk_sequence(sim: httpx.AsyncClient) -> None:
 
 
 async def test_chat_stream_without_usage(sim: httpx.AsyncClient) -> None:
-    response = await sim.post("/v1/chat/completions",
-                              json={"messages": MESSAGES, "max_tokens": 2, "stream": True})
+    response = await sim.post(
+        "/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 2, "stream": True}
+    )
     events = sse_payloads(response.text)
     assert events[-1] == "[DONE]"
     assert all("usage" not in e for e in events[:-1])
@@ -218,8 +232,9 @@ async def test_chat_stream_without_usage(sim: httpx.AsyncClient) -> None:
 
 
 async def test_completions_non_stream(sim: httpx.AsyncClient) -> None:
-    response = await sim.post("/v1/completions",
-                              json={"model": "sim", "prompt": "once upon a time", "max_tokens": 9})
+    response = await sim.post(
+        "/v1/completions", json={"model": "sim", "prompt": "once upon a time", "max_tokens": 9}
+    )
     body = response.json()
     assert body["id"].startswith("cmpl-") and body["object"] == "text_completion"
     assert body["choices"][0]["text"] == expected_text("once upon a time", 9, 0)
@@ -232,15 +247,24 @@ async def test_completions_prompt_list_gives_one_choice_each(sim: httpx.AsyncCli
     body = response.json()
     assert [c["text"] for c in body["choices"]] == [expected_text("a b", 3), expected_text("c", 3)]
     assert [c["index"] for c in body["choices"]] == [0, 1]
-    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9,
-                             "prompt_tokens_details": None}
+    assert body["usage"] == {
+        "prompt_tokens": 3,
+        "completion_tokens": 6,
+        "total_tokens": 9,
+        "prompt_tokens_details": None,
+    }
 
 
 async def test_completions_stream(sim: httpx.AsyncClient) -> None:
-    response = await sim.post("/v1/completions", json={
-        "prompt": "stream me", "max_tokens": 4, "stream": True,
-        "stream_options": {"include_usage": True},
-    })
+    response = await sim.post(
+        "/v1/completions",
+        json={
+            "prompt": "stream me",
+            "max_tokens": 4,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
     events = sse_payloads(response.text)
     assert events[-1] == "[DONE]"
     usage = events[-2]
@@ -259,8 +283,7 @@ async def test_models_lists_served_names() -> None:
         body = (await c.get("/v1/models")).json()
         assert body["object"] == "list"
         assert [m["id"] for m in body["data"]] == ["m1", "alias"]
-        assert all(m["owned_by"] == "sage-sim" and m["max_model_len"] == 1024
-                   for m in body["data"])
+        assert all(m["owned_by"] == "sage-sim" and m["max_model_len"] == 1024 for m in body["data"])
         aliased = await c.post("/v1/completions", json={"model": "alias", "prompt": "x"})
         assert aliased.status_code == 200 and aliased.json()["model"] == "alias"
 
@@ -272,11 +295,18 @@ async def test_health(sim: httpx.AsyncClient) -> None:
 
 async def test_metrics_names_and_counters_move(sim: httpx.AsyncClient) -> None:
     before = await scrape(sim)
-    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting",
-                 "vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc",
-                 "vllm:time_to_first_token_seconds", "vllm:time_per_output_token_seconds",
-                 "vllm:e2e_request_latency_seconds", "vllm:prompt_tokens_total",
-                 "vllm:generation_tokens_total", "vllm:request_success_total"):
+    for name in (
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:gpu_cache_usage_perc",
+        "vllm:kv_cache_usage_perc",
+        "vllm:time_to_first_token_seconds",
+        "vllm:time_per_output_token_seconds",
+        "vllm:e2e_request_latency_seconds",
+        "vllm:prompt_tokens_total",
+        "vllm:generation_tokens_total",
+        "vllm:request_success_total",
+    ):
         assert name in before, name
     assert 'model_name="sim"' in before
     await sim.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 5})
@@ -368,15 +398,15 @@ async def test_unknown_model_is_404(sim: httpx.AsyncClient) -> None:
 
 async def test_embeddings_when_enabled() -> None:
     async with make_client(SimConfig(embedding_dim=8, seed=5)) as client:
-        response = await client.post("/v1/embeddings", json={"model": "sim",
-                                                              "input": ["a b", "c"]})
+        response = await client.post("/v1/embeddings", json={"model": "sim", "input": ["a b", "c"]})
         assert response.status_code == 200
         body = response.json()
         assert [d["index"] for d in body["data"]] == [0, 1]
         assert body["data"][0]["embedding"] == embedding_vector("a b", 8, 5)
         assert body["usage"]["prompt_tokens"] == 3
-        packed = await client.post("/v1/embeddings",
-                                   json={"input": "a b", "encoding_format": "base64"})
+        packed = await client.post(
+            "/v1/embeddings", json={"input": "a b", "encoding_format": "base64"}
+        )
         raw = base64.b64decode(packed.json()["data"][0]["embedding"])
         floats = struct.unpack("<8f", raw)
         assert floats == pytest.approx(embedding_vector("a b", 8, 5), rel=1e-6)
@@ -440,8 +470,7 @@ async def test_batch_slowdown_stretches_decoding() -> None:
 
 async def test_zero_latency_path_is_fast(sim: httpx.AsyncClient) -> None:
     started = time.perf_counter()
-    response = await sim.post(CHAT, json={"messages": MESSAGES, "max_tokens": 2000,
-                                          "stream": True})
+    response = await sim.post(CHAT, json={"messages": MESSAGES, "max_tokens": 2000, "stream": True})
     assert response.status_code == 200
     assert time.perf_counter() - started < 2.0
 
@@ -464,8 +493,13 @@ async def _asgi_call_with_disconnect(app: Any, body: dict[str, Any], leave_after
     async def send(message: dict[str, Any]) -> None:
         return None  # a gone client's writes go nowhere, as with uvicorn
 
-    scope = {"type": "http", "method": "POST", "path": COMPLETIONS, "headers": [],
-             "query_string": b""}
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": COMPLETIONS,
+        "headers": [],
+        "query_string": b"",
+    }
     await asyncio.wait_for(app(scope, receive, send), timeout=2.0)
 
 
@@ -478,8 +512,9 @@ async def test_client_disconnect_frees_the_slot(stream: bool) -> None:
         _asgi_call_with_disconnect(app, long_answer, 0.05),
         _asgi_call_with_disconnect(app, long_answer, 0.03),
     )
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                 base_url="http://sim") as client:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://sim"
+    ) as client:
         text = await scrape(client)
         assert metric(text, "vllm:num_requests_running") == 0
         assert metric(text, "vllm:num_requests_waiting") == 0
@@ -510,10 +545,20 @@ def test_cli_serves_streaming_chat_and_stops_on_sigterm() -> None:
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(REPO_ROOT / "src"), env.get("PYTHONPATH", "")) if p
     )
-    command = [sys.executable, "-m", "sage.engines.sim", "--port", str(port),
-               "--model", "sim-cli", "--served-model-name", "alias", "--tpot-ms", "1"]
-    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE) as proc:
+    command = [
+        sys.executable,
+        "-m",
+        "sage.engines.sim",
+        "--port",
+        str(port),
+        "--model",
+        "sim-cli",
+        "--served-model-name",
+        "alias",
+        "--tpot-ms",
+        "1",
+    ]
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
         try:
             base = f"http://127.0.0.1:{port}"
             with httpx.Client(base_url=base, timeout=5.0) as client:
@@ -527,8 +572,7 @@ def test_cli_serves_streaming_chat_and_stops_on_sigterm() -> None:
                         pass
                     assert time.monotonic() < deadline, "sim engine did not become healthy"
                     time.sleep(0.1)
-                request = {"model": "alias", "messages": MESSAGES, "max_tokens": 4,
-                           "stream": True}
+                request = {"model": "alias", "messages": MESSAGES, "max_tokens": 4, "stream": True}
                 with client.stream("POST", "/v1/chat/completions", json=request) as response:
                     assert response.status_code == 200
                     lines = [line for line in response.iter_lines() if line]

@@ -52,8 +52,8 @@ def _details(details: Any, timeout: float) -> grpc.aio.ClientCallDetails:
 
 
 class _DeadlineAndContext(
-    grpc.aio.UnaryUnaryClientInterceptor,  # type: ignore[misc]
-    grpc.aio.UnaryStreamClientInterceptor,  # type: ignore[misc]
+    grpc.aio.UnaryUnaryClientInterceptor,  # type: ignore[type-arg,misc]
+    grpc.aio.UnaryStreamClientInterceptor,  # type: ignore[type-arg,misc]
 ):
     """Never lets a call go out without a deadline, a request id and trace context."""
 
@@ -75,7 +75,7 @@ def create_channel(addr: str, *, default_timeout: float = 10.0) -> grpc.aio.Chan
     """An insecure aio channel to `addr` whose calls all carry a deadline and SAGE context."""
     return grpc.aio.insecure_channel(
         addr,
-        interceptors=[_DeadlineAndContext(default_timeout)],
+        interceptors=[_DeadlineAndContext(default_timeout)],  # type: ignore[list-item]
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -89,8 +89,11 @@ def from_rpc_error(err: grpc.RpcError) -> SageError:
     """Rebuild the SageError a service raised, from the status and its trailers."""
     code: grpc.StatusCode = err.code()
     message: str = err.details() or code.name
-    trailers = {k: v for k, v in (err.trailing_metadata() or ()) if isinstance(v, str)}
-    cls = error_class_by_name(trailers.get(md.ERROR_CLASS, "")) or _BY_STATUS.get(code, InternalError)
+    raw: Any = err.trailing_metadata() or ()  # type: ignore[attr-defined]
+    trailers = {k: v for k, v in raw if isinstance(v, str)}
+    cls = error_class_by_name(trailers.get(md.ERROR_CLASS, "")) or _BY_STATUS.get(
+        code, InternalError
+    )
     retry_after = trailers.get(md.RETRY_AFTER)
     exc = cls.__new__(cls)
     SageError.__init__(

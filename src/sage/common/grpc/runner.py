@@ -13,6 +13,7 @@ from sage.common.utils.logging import configure_logging
 
 from .server import SageServer, serve_until_signalled
 
+
 def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
     """Run `main` on uvloop when installed (faster I/O), else the stdlib loop."""
     try:
@@ -32,8 +33,12 @@ def run_service_main(
     """Parse --host/--port, build the server from settings, serve until SIGTERM/SIGINT."""
     parser = argparse.ArgumentParser(prog=f"python -m sage.services.{service}")
     parser.add_argument("--host", default=None, help="bind address (default: SAGE_HOST)")
-    parser.add_argument("--port", type=int, default=None,
-                        help=f"gRPC port (default: SAGE_{default_port_attr.upper()})")
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help=f"gRPC port (default: SAGE_{default_port_attr.upper()})",
+    )
     args = parser.parse_args(argv)
     settings = load_settings()
     configure_logging(service, settings.log_level, settings.log_format)
@@ -42,9 +47,7 @@ def run_service_main(
 
     async def _main() -> None:
         server, bound = build(settings, f"{host}:{port}")
-        logging.getLogger(f"sage.{service}").info(
-            "listening", extra={"addr": f"{host}:{bound}"}
-        )
+        logging.getLogger(f"sage.{service}").info("listening", extra={"addr": f"{host}:{bound}"})
         await serve_until_signalled(server)
 
     try:

@@ -24,6 +24,9 @@ from . import metadata as md
 log = logging.getLogger("sage.grpc")
 _tracer = trace.get_tracer("sage.grpc")
 
+Context = grpc.aio.ServicerContext[Any, Any]
+Handler = grpc.RpcMethodHandler[Any, Any]
+
 # Large enough for a batch of embedding vectors or a long prompt.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -48,7 +51,7 @@ def _error_trailers(exc: SageError) -> tuple[tuple[str, str], ...]:
     return tuple(trailers)
 
 
-def _enter_call(method: str, context: grpc.aio.ServicerContext) -> tuple[Any, Any]:
+def _enter_call(method: str, context: Context) -> tuple[Any, Any]:
     """Set request id + trace context from metadata; returns tokens to undo it."""
     meta = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
     rid = meta.get(md.REQUEST_ID) or uuid.uuid4().hex
@@ -60,10 +63,12 @@ def _enter_call(method: str, context: grpc.aio.ServicerContext) -> tuple[Any, An
     return rid_token, span_cm
 
 
-async def _abort_for(exc: BaseException, method: str, context: grpc.aio.ServicerContext) -> None:
+async def _abort_for(exc: BaseException, method: str, context: Context) -> None:
     if isinstance(exc, SageError):
-        log.info("rpc error", extra={"method": method, "error": type(exc).__name__,
-                                     "detail": exc.message})
+        log.info(
+            "rpc error",
+            extra={"method": method, "error": type(exc).__name__, "detail": exc.message},
+        )
         await context.abort(exc.grpc_code, exc.message, trailing_metadata=_error_trailers(exc))
     log.exception("unexpected error in rpc", extra={"method": method})
     await context.abort(
@@ -73,14 +78,14 @@ async def _abort_for(exc: BaseException, method: str, context: grpc.aio.Servicer
     )
 
 
-class _SageServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class _SageServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg,misc]
     """Request id, tracing, and SageError → status for every handler."""
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler:
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
@@ -88,9 +93,9 @@ class _SageServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if method.startswith(("/grpc.health", "/grpc.reflection")):
             return handler
         if handler.unary_unary is not None:
-            inner = handler.unary_unary
+            inner: Any = handler.unary_unary
 
-            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async def unary_unary(request: Any, context: Context) -> Any:
                 rid_token, span_cm = _enter_call(method, context)
                 started = time.perf_counter()
                 try:
@@ -101,8 +106,13 @@ class _SageServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     await _abort_for(exc, method, context)
                     raise  # unreachable: abort raises
                 finally:
-                    log.debug("rpc done", extra={"method": method,
-                                                 "ms": round((time.perf_counter() - started) * 1e3, 2)})
+                    log.debug(
+                        "rpc done",
+                        extra={
+                            "method": method,
+                            "ms": round((time.perf_counter() - started) * 1e3, 2),
+                        },
+                    )
                     span_cm.__exit__(None, None, None)
                     request_id_var.reset(rid_token)
 
@@ -112,10 +122,10 @@ class _SageServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
-            inner_stream = handler.unary_stream
+            inner_stream: Any = handler.unary_stream
 
             async def unary_stream(
-                request: Any, context: grpc.aio.ServicerContext
+                request: Any, context: Context
             ) -> AsyncIterator[Any]:
                 rid_token, span_cm = _enter_call(method, context)
                 try:
@@ -141,8 +151,12 @@ class _SageServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 class SageServer:
     """A started-or-not gRPC server plus its health servicer, stopped gracefully."""
 
-    def __init__(self, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer,
-                 service_names: Sequence[str]) -> None:
+    def __init__(
+        self,
+        server: grpc.aio.Server,
+        health_servicer: Any,
+        service_names: Sequence[str],
+    ) -> None:
         self.server = server
         self.health = health_servicer
         self.service_names = tuple(service_names)
@@ -180,9 +194,9 @@ def create_server(
     addr: str,
     registrations: Sequence[Registration],
     *,
-    extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),  # type: ignore[type-arg]
 ) -> tuple[SageServer, int]:
-    """Build (not start) a server on `addr` (`host:0` picks a free port); returns it and the port."""
+    """Build (not start) a server on `addr` (port 0 picks one); returns it and its port."""
     server = grpc.aio.server(
         interceptors=[*extra_interceptors, _SageServerInterceptor()],
         options=[
@@ -195,11 +209,14 @@ def create_server(
     for reg in registrations:
         reg.add_to_server(reg.servicer, server)
         names.append(reg.full_name)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME],
+        [
+            *names,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
         server,
     )
     port = server.add_insecure_port(addr)

@@ -116,7 +116,7 @@ class Response:
         await send({"type": "http.response.body", "body": self.body})
 
 
-def JSONResponse(  # noqa: N802 - reads like a class at call sites
+def JSONResponse(
     obj: Any, status: int = 200, headers: list[tuple[bytes, bytes]] | None = None
 ) -> Response:
     """A Response whose body is `obj` serialised with orjson."""
@@ -296,7 +296,11 @@ class App:
                 )
             else:
                 request = Request(
-                    method, path, scope.get("query_string", b""), headers, receive,
+                    method,
+                    path,
+                    scope.get("query_string", b""),
+                    headers,
+                    receive,
                     self.max_body_bytes,
                 )
                 try:

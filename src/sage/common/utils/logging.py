@@ -67,8 +67,10 @@ class KeyValueFormatter(logging.Formatter):
         tid = getattr(record, "trace_id", "")
         if tid:
             parts.append(f"trace_id={tid}")
-        parts.extend(f"{k}={v!r}" if isinstance(v, str) and " " in v else f"{k}={v}"
-                     for k, v in _extras(record).items())
+        parts.extend(
+            f"{k}={v!r}" if isinstance(v, str) and " " in v else f"{k}={v}"
+            for k, v in _extras(record).items()
+        )
         line = " ".join(parts)
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)

@@ -49,12 +49,74 @@ __all__ = ["create_app", "main"]
 log = logging.getLogger(__name__)
 
 # vLLM's own bucket boundaries, so dashboards and SLO maths read the same.
-_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
-                 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
-_TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
-                 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
-_E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
-                60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+_TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+)
+_TPOT_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+_E2E_BUCKETS = (
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+)
 
 _DONE = b"data: [DONE]\n\n"
 _CLIENT_GONE = 499  # nginx's "client closed request"; nobody reads it, the socket is gone
@@ -72,31 +134,48 @@ class _Metrics:
         def gauge(metric: str, doc: str, read: Any) -> None:
             Gauge(metric, doc, label, registry=reg).labels(model_name=name).set_function(read)
 
-        gauge("vllm:num_requests_running", "Requests in the running batch.",
-              lambda: queue.running)
-        gauge("vllm:num_requests_waiting", "Requests waiting for a batch slot.",
-              lambda: queue.waiting)
+        gauge("vllm:num_requests_running", "Requests in the running batch.", lambda: queue.running)
+        gauge(
+            "vllm:num_requests_waiting", "Requests waiting for a batch slot.", lambda: queue.waiting
+        )
         # No real KV cache: occupancy of the max_num_seqs slots stands in for it.
-        gauge("vllm:gpu_cache_usage_perc", "KV-cache usage (simulated: slot occupancy, 0-1).",
-              lambda: queue.running / queue.capacity)
-        gauge("vllm:kv_cache_usage_perc", "KV-cache usage (simulated: slot occupancy, 0-1).",
-              lambda: queue.running / queue.capacity)
+        gauge(
+            "vllm:gpu_cache_usage_perc",
+            "KV-cache usage (simulated: slot occupancy, 0-1).",
+            lambda: queue.running / queue.capacity,
+        )
+        gauge(
+            "vllm:kv_cache_usage_perc",
+            "KV-cache usage (simulated: slot occupancy, 0-1).",
+            lambda: queue.running / queue.capacity,
+        )
         self.ttft = Histogram(
-            "vllm:time_to_first_token_seconds", "Arrival to first token, queueing included.",
-            label, buckets=_TTFT_BUCKETS, registry=reg,
+            "vllm:time_to_first_token_seconds",
+            "Arrival to first token, queueing included.",
+            label,
+            buckets=_TTFT_BUCKETS,
+            registry=reg,
         ).labels(model_name=name)
         self.tpot = Histogram(
             "vllm:time_per_output_token_seconds",
             "Mean time per output token after the first (one observation per request).",
-            label, buckets=_TPOT_BUCKETS, registry=reg,
+            label,
+            buckets=_TPOT_BUCKETS,
+            registry=reg,
         ).labels(model_name=name)
         self.e2e = Histogram(
-            "vllm:e2e_request_latency_seconds", "Arrival to last token.",
-            label, buckets=_E2E_BUCKETS, registry=reg,
+            "vllm:e2e_request_latency_seconds",
+            "Arrival to last token.",
+            label,
+            buckets=_E2E_BUCKETS,
+            registry=reg,
         ).labels(model_name=name)
         self.queue_time = Histogram(
-            "vllm:request_queue_time_seconds", "Time spent waiting for a batch slot.",
-            label, buckets=_E2E_BUCKETS, registry=reg,
+            "vllm:request_queue_time_seconds",
+            "Time spent waiting for a batch slot.",
+            label,
+            buckets=_E2E_BUCKETS,
+            registry=reg,
         ).labels(model_name=name)
         self.prompt_tokens = Counter(
             "vllm:prompt_tokens", "Prefilled prompt tokens.", label, registry=reg
@@ -105,8 +184,10 @@ class _Metrics:
             "vllm:generation_tokens", "Generated tokens.", label, registry=reg
         ).labels(model_name=name)
         success = Counter(
-            "vllm:request_success", "Requests that finished.",
-            ("model_name", "finished_reason"), registry=reg,
+            "vllm:request_success",
+            "Requests that finished.",
+            ("model_name", "finished_reason"),
+            registry=reg,
         )
         self._success = {
             reason: success.labels(model_name=name, finished_reason=reason)
@@ -211,8 +292,7 @@ def _check_sampling(body: dict[str, Any]) -> None:
         )
     top_p = body.get("top_p")
     if top_p is not None and (not _is_number(top_p) or not 0 < top_p <= 1):
-        raise InvalidRequestError(f"top_p must be a number in (0, 1], got {top_p!r}",
-                                  param="top_p")
+        raise InvalidRequestError(f"top_p must be a number in (0, 1], got {top_p!r}", param="top_p")
     n = body.get("n")
     if n is not None and n != 1:
         raise InvalidRequestError("the simulator supports only n=1", param="n")
@@ -231,8 +311,10 @@ def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
             raise InvalidRequestError("stream_options must be an object", param="stream_options")
         flag = options.get("include_usage")
         if flag is not None and not isinstance(flag, bool):
-            raise InvalidRequestError("stream_options.include_usage must be a boolean",
-                                      param="stream_options.include_usage")
+            raise InvalidRequestError(
+                "stream_options.include_usage must be a boolean",
+                param="stream_options.include_usage",
+            )
         include_usage = bool(flag)
     return stream, include_usage
 
@@ -271,8 +353,9 @@ def _check_messages(messages: Any) -> list[dict[str, Any]]:
             raise InvalidRequestError(f"{where} must be an object", param=where)
         role = message.get("role")
         if not isinstance(role, str) or not role:
-            raise InvalidRequestError(f"{where}.role must be a non-empty string",
-                                      param=f"{where}.role")
+            raise InvalidRequestError(
+                f"{where}.role must be a non-empty string", param=f"{where}.role"
+            )
         content = message.get("content")
         if content is None:
             # An assistant turn that only carried tool calls has no content.
@@ -282,7 +365,8 @@ def _check_messages(messages: Any) -> list[dict[str, Any]]:
         if isinstance(content, str):
             continue
         if isinstance(content, list) and all(
-            isinstance(part, dict) and isinstance(part.get("type"), str)
+            isinstance(part, dict)
+            and isinstance(part.get("type"), str)
             and (part["type"] != "text" or isinstance(part.get("text"), str))
             for part in content
         ):
@@ -344,7 +428,8 @@ class _SimEngine:
                 raise InvalidRequestError(
                     f"This model's maximum context length is {limit} tokens. However, your "
                     f"{where} has {prompt_tokens} tokens. Please reduce the length of the "
-                    f"{where}.", param=where,
+                    f"{where}.",
+                    param=where,
                 )
             return min(self.config.max_tokens_default, room)
         if requested > room:
@@ -352,7 +437,8 @@ class _SimEngine:
                 f"This model's maximum context length is {limit} tokens. However, you requested "
                 f"{prompt_tokens + requested} tokens ({prompt_tokens} in the {where}, "
                 f"{requested} in the completion). Please reduce the length of the {where} "
-                "or completion.", param=key,
+                "or completion.",
+                param=key,
             )
         return requested
 
@@ -444,35 +530,47 @@ class _SimEngine:
         messages = _check_messages(body.get("messages"))
         _check_sampling(body)
         stream, include_usage = _stream_flags(body)
-        key = "max_completion_tokens" if body.get("max_completion_tokens") is not None \
+        key = (
+            "max_completion_tokens"
+            if body.get("max_completion_tokens") is not None
             else "max_tokens"
+        )
         requested = _positive_int(body, "max_tokens")
         requested = _positive_int(body, "max_completion_tokens") or requested
         prompt = chat_prompt_text(messages)
         prompt_tokens = count_tokens(prompt)
         max_tokens = self._max_tokens(requested, key, prompt_tokens, "messages")
-        generation = generate(prompt, max_tokens, _seed(body, self.config.seed),
-                              _stop_strings(body))
+        generation = generate(
+            prompt, max_tokens, _seed(body, self.config.seed), _stop_strings(body)
+        )
         job = _Job(model, prompt_tokens, (generation,), stream, include_usage)
         if stream:
             return StreamingResponse(self._chat_chunks(job, request))
         if not await self._run_to_end(job, request):
             return Response(b"", _CLIENT_GONE)
-        return JSONResponse({
-            "id": self._id("chatcmpl"),
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": model,
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": generation.text, "tool_calls": []},
-                "logprobs": None,
-                "finish_reason": generation.finish_reason,
-                "stop_reason": generation.stop_reason,
-            }],
-            "usage": {**job.usage(), "prompt_tokens_details": None},
-            "prompt_logprobs": None,
-        })
+        return JSONResponse(
+            {
+                "id": self._id("chatcmpl"),
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {
+                            "role": "assistant",
+                            "content": generation.text,
+                            "tool_calls": [],
+                        },
+                        "logprobs": None,
+                        "finish_reason": generation.finish_reason,
+                        "stop_reason": generation.stop_reason,
+                    }
+                ],
+                "usage": {**job.usage(), "prompt_tokens_details": None},
+                "prompt_logprobs": None,
+            }
+        )
 
     async def _chat_chunks(self, job: _Job, request: Request) -> AsyncIterator[bytes]:
         """vLLM's chat SSE: role chunk, content deltas (the last with finish_reason),
@@ -491,13 +589,26 @@ class _SimEngine:
             async with contextlib.aclosing(self._steps(job, watch)) as steps:
                 async for step in steps:
                     if step == 0:
-                        yield sse_event(orjson.dumps({**head, "choices": [{
-                            "index": 0, "delta": {"role": "assistant", "content": ""},
-                            "logprobs": None, "finish_reason": None,
-                        }]}))
+                        yield sse_event(
+                            orjson.dumps(
+                                {
+                                    **head,
+                                    "choices": [
+                                        {
+                                            "index": 0,
+                                            "delta": {"role": "assistant", "content": ""},
+                                            "logprobs": None,
+                                            "finish_reason": None,
+                                        }
+                                    ],
+                                }
+                            )
+                        )
                     choice: dict[str, Any] = {
-                        "index": 0, "delta": {"content": generation.pieces[step]},
-                        "logprobs": None, "finish_reason": None,
+                        "index": 0,
+                        "delta": {"content": generation.pieces[step]},
+                        "logprobs": None,
+                        "finish_reason": None,
                     }
                     if step == last:
                         choice["finish_reason"] = generation.finish_reason
@@ -532,24 +643,26 @@ class _SimEngine:
             return StreamingResponse(self._completion_chunks(job, request))
         if not await self._run_to_end(job, request):
             return Response(b"", _CLIENT_GONE)
-        return JSONResponse({
-            "id": self._id("cmpl"),
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": model,
-            "choices": [
-                {
-                    "index": i,
-                    "text": g.text,
-                    "logprobs": None,
-                    "finish_reason": g.finish_reason,
-                    "stop_reason": g.stop_reason,
-                    "prompt_logprobs": None,
-                }
-                for i, g in enumerate(generations)
-            ],
-            "usage": {**job.usage(), "prompt_tokens_details": None},
-        })
+        return JSONResponse(
+            {
+                "id": self._id("cmpl"),
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": model,
+                "choices": [
+                    {
+                        "index": i,
+                        "text": g.text,
+                        "logprobs": None,
+                        "finish_reason": g.finish_reason,
+                        "stop_reason": g.stop_reason,
+                        "prompt_logprobs": None,
+                    }
+                    for i, g in enumerate(generations)
+                ],
+                "usage": {**job.usage(), "prompt_tokens_details": None},
+            }
+        )
 
     async def _completion_chunks(self, job: _Job, request: Request) -> AsyncIterator[bytes]:
         """vLLM's completions SSE: one chunk per choice per token, usage, then [DONE]."""
@@ -568,13 +681,26 @@ class _SimEngine:
                         if step >= generation.completion_tokens:
                             continue
                         final = step == generation.completion_tokens - 1
-                        yield sse_event(orjson.dumps({**head, "choices": [{
-                            "index": index,
-                            "text": generation.pieces[step],
-                            "logprobs": None,
-                            "finish_reason": generation.finish_reason if final else None,
-                            "stop_reason": generation.stop_reason if final else None,
-                        }]}))
+                        yield sse_event(
+                            orjson.dumps(
+                                {
+                                    **head,
+                                    "choices": [
+                                        {
+                                            "index": index,
+                                            "text": generation.pieces[step],
+                                            "logprobs": None,
+                                            "finish_reason": generation.finish_reason
+                                            if final
+                                            else None,
+                                            "stop_reason": generation.stop_reason
+                                            if final
+                                            else None,
+                                        }
+                                    ],
+                                }
+                            )
+                        )
                     sent += 1
         finally:
             watch.close()
@@ -593,8 +719,9 @@ class _SimEngine:
         texts = _embedding_inputs(body.get("input"))
         encoding = body.get("encoding_format")
         if encoding not in (None, "float", "base64"):
-            raise InvalidRequestError("encoding_format must be 'float' or 'base64'",
-                                      param="encoding_format")
+            raise InvalidRequestError(
+                "encoding_format must be 'float' or 'base64'", param="encoding_format"
+            )
         dimensions = body.get("dimensions")
         if dimensions is not None and dimensions != self.config.embedding_dim:
             raise InvalidRequestError(
@@ -605,7 +732,8 @@ class _SimEngine:
         if max(counts) > self.config.max_model_len:
             raise InvalidRequestError(
                 f"This model's maximum context length is {self.config.max_model_len} tokens; "
-                f"an input has {max(counts)}.", param="input",
+                f"an input has {max(counts)}.",
+                param="input",
             )
         # Prefill only: one step, no decode tokens.
         job = _Job(model, sum(counts), (Generation(("",), "stop"),), False, False, pooling=True)
@@ -622,36 +750,44 @@ class _SimEngine:
                 embedding = base64.b64encode(packed.tobytes()).decode("ascii")
             data.append({"index": index, "object": "embedding", "embedding": embedding})
         total = sum(counts)
-        return JSONResponse({
-            "id": self._id("embd"),
-            "object": "list",
-            "created": int(time.time()),
-            "model": model,
-            "data": data,
-            "usage": {"prompt_tokens": total, "total_tokens": total, "completion_tokens": 0,
-                      "prompt_tokens_details": None},
-        })
+        return JSONResponse(
+            {
+                "id": self._id("embd"),
+                "object": "list",
+                "created": int(time.time()),
+                "model": model,
+                "data": data,
+                "usage": {
+                    "prompt_tokens": total,
+                    "total_tokens": total,
+                    "completion_tokens": 0,
+                    "prompt_tokens_details": None,
+                },
+            }
+        )
 
     # ---- plain routes
 
     async def models(self, request: Request) -> Response:
         """GET /v1/models: every served name, owned by sage-sim so nobody mistakes it."""
-        return JSONResponse({
-            "object": "list",
-            "data": [
-                {
-                    "id": name,
-                    "object": "model",
-                    "created": self._created,
-                    "owned_by": OWNED_BY,
-                    "root": self.config.model,
-                    "parent": None,
-                    "max_model_len": self.config.max_model_len,
-                    "permission": [],
-                }
-                for name in self.config.served_names
-            ],
-        })
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": name,
+                        "object": "model",
+                        "created": self._created,
+                        "owned_by": OWNED_BY,
+                        "root": self.config.model,
+                        "parent": None,
+                        "max_model_len": self.config.max_model_len,
+                        "permission": [],
+                    }
+                    for name in self.config.served_names
+                ],
+            }
+        )
 
     async def health(self, request: Request) -> Response:
         """GET /health: 200 with an empty body, as vLLM answers."""
@@ -715,10 +851,14 @@ class _Server(uvicorn.Server):
         host, port = self.servers[0].sockets[0].getsockname()[:2]
         log.info(
             "sim engine listening (testing/benchmarking tool, not a real model)",
-            extra={"url": f"http://{host}:{port}", "model": self.sim.model,
-                   "served_names": ",".join(self.sim.served_names),
-                   "ttft_ms": self.sim.ttft_ms, "tpot_ms": self.sim.tpot_ms,
-                   "max_num_seqs": self.sim.max_num_seqs},
+            extra={
+                "url": f"http://{host}:{port}",
+                "model": self.sim.model,
+                "served_names": ",".join(self.sim.served_names),
+                "ttft_ms": self.sim.ttft_ms,
+                "tpot_ms": self.sim.tpot_ms,
+                "max_num_seqs": self.sim.max_num_seqs,
+            },
         )
 
 
@@ -727,25 +867,41 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m sage.engines.sim",
         description="vLLM-compatible simulator engine: a testing/benchmarking tool for the "
-                    "SAGE control plane (no model, deterministic text, modelled latency).",
+        "SAGE control plane (no model, deterministic text, modelled latency).",
     )
     parser.add_argument("--model", default=defaults.model, help="served model name")
-    parser.add_argument("--served-model-name", dest="aliases", action="extend", nargs="+",
-                        default=[], metavar="NAME", help="extra served name (repeatable)")
+    parser.add_argument(
+        "--served-model-name",
+        dest="aliases",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="extra served name (repeatable)",
+    )
     parser.add_argument("--host", default=defaults.host)
     parser.add_argument("--port", type=int, default=defaults.port, help="0 picks a free port")
     parser.add_argument("--ttft-ms", type=float, default=defaults.ttft_ms)
     parser.add_argument("--tpot-ms", type=float, default=defaults.tpot_ms)
-    parser.add_argument("--batch-slowdown", type=float, default=defaults.batch_slowdown,
-                        help="extra TPOT fraction per additional running request")
+    parser.add_argument(
+        "--batch-slowdown",
+        type=float,
+        default=defaults.batch_slowdown,
+        help="extra TPOT fraction per additional running request",
+    )
     parser.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs)
     parser.add_argument("--max-tokens-default", type=int, default=defaults.max_tokens_default)
     parser.add_argument("--max-model-len", type=int, default=defaults.max_model_len)
-    parser.add_argument("--embedding-dim", type=int, default=defaults.embedding_dim,
-                        help="serve /v1/embeddings with vectors of this size (0: off)")
+    parser.add_argument(
+        "--embedding-dim",
+        type=int,
+        default=defaults.embedding_dim,
+        help="serve /v1/embeddings with vectors of this size (0: off)",
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--log-level", default="INFO",
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper)
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper
+    )
     return parser
 
 
@@ -755,20 +911,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(None if argv is None else list(argv))
     try:
         sim = SimConfig(
-            model=args.model, aliases=tuple(args.aliases), host=args.host, port=args.port,
-            ttft_ms=args.ttft_ms, tpot_ms=args.tpot_ms, batch_slowdown=args.batch_slowdown,
-            max_num_seqs=args.max_num_seqs, max_tokens_default=args.max_tokens_default,
-            max_model_len=args.max_model_len, seed=args.seed, embedding_dim=args.embedding_dim,
+            model=args.model,
+            aliases=tuple(args.aliases),
+            host=args.host,
+            port=args.port,
+            ttft_ms=args.ttft_ms,
+            tpot_ms=args.tpot_ms,
+            batch_slowdown=args.batch_slowdown,
+            max_num_seqs=args.max_num_seqs,
+            max_tokens_default=args.max_tokens_default,
+            max_model_len=args.max_model_len,
+            seed=args.seed,
+            embedding_dim=args.embedding_dim,
         )
     except ConfigurationError as exc:
         parser.error(exc.message)
     configure_logging("sim-engine", args.log_level)
     server = _Server(
         uvicorn.Config(
-            create_app(sim), host=sim.host, port=sim.port,
+            create_app(sim),
+            host=sim.host,
+            port=sim.port,
             loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
-            http="httptools", access_log=False, log_config=None, log_level="warning",
-            lifespan="on", timeout_graceful_shutdown=5,
+            http="httptools",
+            access_log=False,
+            log_config=None,
+            log_level="warning",
+            lifespan="on",
+            timeout_graceful_shutdown=5,
         ),
         sim,
     )

@@ -40,13 +40,69 @@ OWNED_BY = "sage-sim"
 # Output words are drawn from this list; one word is one token, so output length in
 # tokens is exactly its whitespace word count.
 VOCABULARY: tuple[str, ...] = (
-    "the", "quick", "model", "token", "batch", "queue", "engine", "request", "latency",
-    "stream", "answer", "signal", "vector", "kernel", "memory", "cache", "prefill", "decode",
-    "router", "policy", "gateway", "replica", "shard", "tensor", "weight", "layer", "sample",
-    "prompt", "context", "window", "scheduler", "budget", "deadline", "metric", "gauge",
-    "counter", "histogram", "bucket", "trace", "span", "worker", "thread", "socket", "packet",
-    "frame", "chunk", "buffer", "offset", "index", "value", "result", "output", "input",
-    "simple", "steady", "rapid", "gentle", "bright", "calm", "clear", "eager", "fair", "keen",
+    "the",
+    "quick",
+    "model",
+    "token",
+    "batch",
+    "queue",
+    "engine",
+    "request",
+    "latency",
+    "stream",
+    "answer",
+    "signal",
+    "vector",
+    "kernel",
+    "memory",
+    "cache",
+    "prefill",
+    "decode",
+    "router",
+    "policy",
+    "gateway",
+    "replica",
+    "shard",
+    "tensor",
+    "weight",
+    "layer",
+    "sample",
+    "prompt",
+    "context",
+    "window",
+    "scheduler",
+    "budget",
+    "deadline",
+    "metric",
+    "gauge",
+    "counter",
+    "histogram",
+    "bucket",
+    "trace",
+    "span",
+    "worker",
+    "thread",
+    "socket",
+    "packet",
+    "frame",
+    "chunk",
+    "buffer",
+    "offset",
+    "index",
+    "value",
+    "result",
+    "output",
+    "input",
+    "simple",
+    "steady",
+    "rapid",
+    "gentle",
+    "bright",
+    "calm",
+    "clear",
+    "eager",
+    "fair",
+    "keen",
 )
 
 
@@ -126,8 +182,12 @@ def _seed_bytes(seed: int) -> bytes:
 
 def _stable_seed(text: str, seed: int) -> int:
     # hash() is salted per process; blake2b keeps outputs equal across processes and runs.
-    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8,
-                             person=b"sage-sim", salt=_seed_bytes(seed))
+    digest = hashlib.blake2b(
+        text.encode("utf-8", "surrogatepass"),
+        digest_size=8,
+        person=b"sage-sim",
+        salt=_seed_bytes(seed),
+    )
     return int.from_bytes(digest.digest(), "little")
 
 
@@ -176,7 +236,8 @@ def chat_prompt_text(messages: Iterable[Mapping[str, Any]]) -> str:
             texts.extend(
                 part["text"]
                 for part in content
-                if isinstance(part, dict) and part.get("type") == "text"
+                if isinstance(part, dict)
+                and part.get("type") == "text"
                 and isinstance(part.get("text"), str)
             )
     return "\n".join(texts)
@@ -184,9 +245,9 @@ def chat_prompt_text(messages: Iterable[Mapping[str, Any]]) -> str:
 
 def embedding_vector(text: str, dim: int, seed: int = 0) -> list[float]:
     """A deterministic unit vector for `text`: equal texts give equal vectors."""
-    raw = hashlib.shake_256(
-        _seed_bytes(seed) + text.encode("utf-8", "surrogatepass")
-    ).digest(dim * 2)
+    raw = hashlib.shake_256(_seed_bytes(seed) + text.encode("utf-8", "surrogatepass")).digest(
+        dim * 2
+    )
     values = array.array("h", raw)
     if sys.byteorder != "little":  # the same vector on every machine
         values.byteswap()

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The README's test command: make a venv, install the project with test extras, run the
+# static checks and the whole test suite. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+VENV=${SAGE_VENV:-.venv}
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "== creating $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+echo "== installing (pip install -e '.[test]')"
+"$VENV/bin/python" -m pip install -q --upgrade pip
+"$VENV/bin/python" -m pip install -q -e '.[test]'
+export PATH="$PWD/$VENV/bin:$PATH"
+scripts/check.sh
+echo "== pytest"
+set +e
+python -m pytest "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+  # pytest's "no tests collected": fine for a filtered run, a broken suite otherwise.
+  if [ "$#" -gt 0 ]; then
+    echo "no tests matched the given filter"; exit 0
+  fi
+  echo "pytest collected no tests: the suite is broken" >&2; exit 1
+fi
+exit "$rc"
