@@ -2,7 +2,9 @@
 # Static checks CI runs before the tests: lint, format, types, contracts, generated code.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-echo "== ruff"; ruff check . && ruff format --check .
+echo "== ruff"
+ruff check .
+ruff format --check .
 echo "== mypy"
 # mypy maps files to modules by folder; expose services/ as sage.services for it.
 mkdir -p .mypy_bases/sage && ln -sfn ../../services .mypy_bases/sage/services

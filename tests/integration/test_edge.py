@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -19,11 +21,26 @@ from sage.services.edge.app import create_app
 from sage.services.scheduler.server import build_server as build_scheduler
 
 
+@dataclass
+class Stack:
+    """The edge client plus what tests need to look behind it."""
+
+    client: httpx.AsyncClient
+    stub: Any
+    slow_engine: str
+
+
 @pytest.fixture
-async def gateway(
+async def gateway(stack: Stack) -> httpx.AsyncClient:
+    """An HTTP client for the edge."""
+    return stack.client
+
+
+@pytest.fixture
+async def stack(
     settings: SageSettings, sim_engine: Callable[..., str], port_factory: Callable[[], int]
-) -> AsyncIterator[httpx.AsyncClient]:
-    """scheduler (port 0) + two sim engines registered + edge on a free port."""
+) -> AsyncIterator[Stack]:
+    """scheduler (port 0) + sim engines registered + edge on a free port."""
     scheduler, sched_port = build_scheduler(settings, "127.0.0.1:0")
     await scheduler.start()
     edge_settings = settings.model_copy(
@@ -44,6 +61,14 @@ async def gateway(
                 )
             )
         )
+    slow = sim_engine("--tpot-ms", "20", model="slow")
+    await stub.RegisterEngine(
+        scheduler_pb2.RegisterEngineRequest(
+            engine=common_pb2.Engine(
+                engine_id="slow-a", model="slow", kind=common_pb2.ENGINE_KIND_LLM, base_url=slow
+            )
+        )
+    )
     port = port_factory()
     server = uvicorn.Server(
         uvicorn.Config(
@@ -59,7 +84,7 @@ async def gateway(
     while not server.started:  # noqa: ASYNC110 - uvicorn exposes a flag, not an event
         await asyncio.sleep(0.02)
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-        yield client
+        yield Stack(client, stub, slow)
     server.should_exit = True
     await task
     await channel.close(None)
@@ -81,14 +106,14 @@ async def test_chat_round_robins_over_engines(gateway: httpx.AsyncClient) -> Non
         ids.add(body["id"])
     assert len(ids) == 4
     status = (await gateway.get("/health")).json()
-    assert status == {"status": "ok", "engines_ready": 2}
+    assert status == {"status": "ok", "engines_ready": 3}
 
 
 async def test_alias_reaches_engine(gateway: httpx.AsyncClient) -> None:
     resp = await gateway.post("/v1/chat/completions", json={**CHAT, "model": "sim-alias"})
     assert resp.status_code == 200, resp.text
     models = {m["id"] for m in (await gateway.get("/v1/models")).json()["data"]}
-    assert models == {"sim", "sim-alias"}
+    assert models == {"sim", "sim-alias", "slow"}
 
 
 async def test_stream_is_forwarded_chunk_by_chunk(gateway: httpx.AsyncClient) -> None:
@@ -177,3 +202,68 @@ async def test_completions(gateway: httpx.AsyncClient) -> None:
     assert len(resp.json()["choices"][0]["text"].split()) == 3
     bad = await gateway.post("/v1/completions", json={"model": "sim"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt"
+
+
+def _running(metrics: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith("vllm:num_requests_running{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("vllm:num_requests_running missing")
+
+
+async def test_client_disconnect_frees_the_engine(stack: Stack) -> None:
+    """Closing a stream mid-way must stop generation on the engine, not let it run on."""
+    body = {
+        "model": "slow",
+        "stream": True,
+        "max_tokens": 500,
+        "messages": [{"role": "user", "content": "long"}],
+    }
+    async with httpx.AsyncClient(trust_env=False) as engine:
+        async with stack.client.stream("POST", "/v1/chat/completions", json=body) as resp:
+            lines = resp.aiter_lines()
+            while not (await lines.__anext__()).startswith("data:"):
+                pass
+            running = _running((await engine.get(stack.slow_engine + "/metrics")).text)
+            assert running == 1
+        # 500 tokens x 20 ms = 10 s if nobody cancels; the engine must be idle long before.
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if _running((await engine.get(stack.slow_engine + "/metrics")).text) == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert _running((await engine.get(stack.slow_engine + "/metrics")).text) == 0
+
+
+async def test_dead_engine_is_failed_over_or_reported(stack: Stack) -> None:
+    """An engine that refuses connections is failed over; with none left, a 5xx JSON error."""
+    await stack.stub.RegisterEngine(
+        scheduler_pb2.RegisterEngineRequest(
+            engine=common_pb2.Engine(
+                engine_id="dead-a",
+                model="dead",
+                kind=common_pb2.ENGINE_KIND_LLM,
+                base_url="http://127.0.0.1:1",
+            )
+        )
+    )
+    resp = await stack.client.post("/v1/chat/completions", json={**CHAT, "model": "dead"})
+    assert resp.status_code == 502
+    assert resp.json()["error"]["code"] == "engine_unreachable"
+    # the same model with a live engine beside the dead one: every request succeeds
+    await stack.stub.RegisterEngine(
+        scheduler_pb2.RegisterEngineRequest(
+            engine=common_pb2.Engine(
+                engine_id="live-for-dead",
+                model="slow",
+                kind=common_pb2.ENGINE_KIND_LLM,
+                base_url=stack.slow_engine,
+                aliases=["dead"],
+            )
+        )
+    )
+    for _ in range(4):
+        ok = await stack.client.post(
+            "/v1/chat/completions", json={**CHAT, "model": "dead", "max_tokens": 1}
+        )
+        assert ok.status_code == 200, ok.text

@@ -75,7 +75,10 @@ async def assert_health_and_reflection(channel: grpc.aio.Channel, full_name: str
 
 
 def sim_engine_pb(
-    engine_id: str, base_url: str, model: str = "sim", kind: common_pb2.EngineKind.ValueType = common_pb2.ENGINE_KIND_LLM
+    engine_id: str,
+    base_url: str,
+    model: str = "sim",
+    kind: common_pb2.EngineKind.ValueType = common_pb2.ENGINE_KIND_LLM,
 ) -> common_pb2.Engine:
     return common_pb2.Engine(
         engine_id=engine_id,

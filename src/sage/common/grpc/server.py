@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -24,8 +24,8 @@ from . import metadata as md
 log = logging.getLogger("sage.grpc")
 _tracer = trace.get_tracer("sage.grpc")
 
-Context = grpc.aio.ServicerContext[Any, Any]
-Handler = grpc.RpcMethodHandler[Any, Any]
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 # Large enough for a batch of embedding vectors or a long prompt.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -124,9 +124,7 @@ class _SageServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-a
         if handler.unary_stream is not None:
             inner_stream: Any = handler.unary_stream
 
-            async def unary_stream(
-                request: Any, context: Context
-            ) -> AsyncIterator[Any]:
+            async def unary_stream(request: Any, context: Context) -> AsyncIterator[Any]:
                 rid_token, span_cm = _enter_call(method, context)
                 try:
                     async for item in inner_stream(request, context):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import uuid
@@ -132,13 +133,43 @@ class StreamingResponse:
     content_type: bytes = b"text/event-stream"
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
 
-    async def send(self, send: Send, extra_headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+    async def send(
+        self,
+        send: Send,
+        extra_headers: Iterable[tuple[bytes, bytes]] = (),
+        receive: Receive | None = None,
+    ) -> None:
+        """Stream the chunks; with `receive`, stop producing as soon as the client leaves.
+
+        uvicorn's `send` silently drops data after a disconnect, so without watching
+        `receive` an abandoned stream would keep an engine busy until it finished.
+        """
         headers = [
             (b"content-type", self.content_type),
             (b"cache-control", b"no-cache"),
             *self.headers,
             *extra_headers,
         ]
+        if receive is None:
+            await self._pump(send, headers)
+            return
+        pump = asyncio.ensure_future(self._pump(send, headers))
+        watcher = asyncio.ensure_future(_wait_disconnect(receive))
+        try:
+            done, _ = await asyncio.wait({pump, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if pump in done:
+                pump.result()
+            else:
+                log.info("client disconnected mid-stream; cancelling upstream")
+                pump.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pump
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+
+    async def _pump(self, send: Send, headers: list[tuple[bytes, bytes]]) -> None:
         started = False
         try:
             async for chunk in self.chunks:
@@ -158,6 +189,11 @@ class StreamingResponse:
             if aclose is not None:
                 with contextlib.suppress(Exception):
                     await aclose()
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def sse_event(data: bytes) -> bytes:
@@ -317,4 +353,8 @@ class App:
                         ),
                         500,
                     )
-        await response.send(send, ((b"x-request-id", request_id.encode("latin-1")),))
+        rid_header = ((b"x-request-id", request_id.encode("latin-1")),)
+        if isinstance(response, StreamingResponse):
+            await response.send(send, rid_header, receive)
+        else:
+            await response.send(send, rid_header)
