@@ -11,6 +11,7 @@ import uvicorn
 
 from sage.common.config.settings import load_settings
 from sage.common.utils.logging import configure_logging
+from sage.common.utils.tracing import configure_tracing
 
 from .app import create_app
 
@@ -25,6 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = load_settings()
     configure_logging("edge", settings.log_level, settings.log_format)
+    configure_tracing("edge", settings.otel_exporter)
     host = args.host or settings.host
     port = args.port if args.port is not None else settings.gateway_port
     try:

@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -77,7 +78,7 @@ class EngineLifecycleManager:
         self._deregister = deregister
         self._health_interval_s = health_interval_s
         self._instances: dict[str, EngineInstance] = {}
-        self._procs: dict[str, asyncio.subprocess.Process] = {}
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._lock = asyncio.Lock()
         self._http = httpx.AsyncClient(timeout=2.0, trust_env=False)
 
@@ -129,11 +130,13 @@ class EngineLifecycleManager:
                 self.log_dir.mkdir(parents=True, exist_ok=True)
                 log_path = self.log_dir / f"{engine_id}.log"
                 with open(log_path, "ab") as log_file:  # noqa: ASYNC230 - open() of a local file
-                    proc = await asyncio.create_subprocess_exec(
-                        *argv,
-                        stdin=asyncio.subprocess.DEVNULL,
+                    # Popen (vfork + exec), not the event loop's fork: forking a process
+                    # that runs gRPC threads under uvloop can crash the child before exec.
+                    proc = subprocess.Popen(
+                        argv,
+                        stdin=subprocess.DEVNULL,
                         stdout=log_file,
-                        stderr=asyncio.subprocess.STDOUT,
+                        stderr=subprocess.STDOUT,
                         env={**os.environ, "PYTHONUNBUFFERED": "1"},
                     )
                 base_url = f"http://{spec.host}:{port}"
@@ -169,12 +172,12 @@ class EngineLifecycleManager:
         return ready
 
     async def _wait_healthy(
-        self, instance: EngineInstance, proc: asyncio.subprocess.Process | None
+        self, instance: EngineInstance, proc: subprocess.Popen[bytes] | None
     ) -> None:
         deadline = time.monotonic() + instance.spec.startup_timeout_s
         url = instance.base_url + "/health"
         while True:
-            if proc is not None and proc.returncode is not None:
+            if proc is not None and proc.poll() is not None:
                 raise EngineStartError(
                     f"engine {instance.engine_id} exited with code {proc.returncode} during "
                     f"startup; last log lines:\n"
@@ -192,17 +195,17 @@ class EngineLifecycleManager:
 
     async def _kill(self, engine_id: str, grace_s: float = 10.0) -> int | None:
         proc = self._procs.pop(engine_id, None)
-        if proc is None or proc.returncode is not None:
+        if proc is None or proc.poll() is not None:
             return None if proc is None else proc.returncode
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGTERM)
         try:
-            return await asyncio.wait_for(proc.wait(), grace_s)
-        except TimeoutError:
+            return await asyncio.to_thread(proc.wait, grace_s)
+        except subprocess.TimeoutExpired:
             log.warning("engine ignored SIGTERM, killing", extra={"engine_id": engine_id})
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
-            return await proc.wait()
+            return await asyncio.to_thread(proc.wait)
 
     async def stop(self, engine_id: str, drain_timeout_s: float = 10.0) -> EngineInstance:
         """Deregister (no new traffic), then stop the process."""

@@ -216,3 +216,25 @@ def test_sage_llm_status_reads_daemon_file(stack: Stack) -> None:
     )
     assert stop.returncode == 0 and "stopped" in stop.stdout
     stack.proc.wait(timeout=30)
+
+
+def test_crashed_service_stops_the_stack_without_orphans(
+    tmp_path: Path, port_factory: Callable[[], int]
+) -> None:
+    """If lifecycle dies hard, serve reports it, exits non-zero, and its engines die too."""
+    stack = _start(tmp_path, port_factory, "--no-embedding")
+    try:
+        daemon = json.loads((stack.home / "llm" / "daemon.json").read_text())
+        engine_pids = [e["pid"] for e in daemon["engines"]]
+        everything = _tree(stack.proc.pid)
+        assert engine_pids and all(psutil.pid_exists(p) for p in engine_pids)
+        os.kill(daemon["services"]["lifecycle"]["pid"], signal.SIGKILL)
+        out, _ = stack.proc.communicate(timeout=60)
+        assert stack.proc.returncode == 1
+        assert "lifecycle exited unexpectedly" in out
+        _, alive = psutil.wait_procs(everything, timeout=10)
+        assert alive == [], [p.pid for p in alive]
+    finally:
+        if stack.proc.poll() is None:
+            stack.proc.kill()
+            stack.proc.wait()

@@ -8,6 +8,7 @@ reverse order and then kills whatever is left of the process tree, so nothing is
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -112,6 +113,15 @@ class Supervisor:
         """Progress for the person at the terminal."""
         print(message, file=self.out, flush=True)
 
+    @staticmethod
+    def become_subreaper() -> None:
+        """Orphans of our children (say, engines of a crashed lifecycle) re-parent to us,
+        so shutdown still finds and stops them (Linux PR_SET_CHILD_SUBREAPER)."""
+        if not sys.platform.startswith("linux"):
+            return
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)
+
     def check_ports(self) -> None:
         """Fail before starting anything if a port is taken, naming the port and its setting."""
         host = self.settings.host
@@ -193,7 +203,7 @@ class Supervisor:
         with grpc.insecure_channel(addr) as channel:
             stub = lifecycle_pb2_grpc.LifecycleServiceStub(channel)
             try:
-                reply = stub.StartEngine(
+                future = stub.StartEngine.future(
                     lifecycle_pb2.StartEngineRequest(
                         model=request.model,
                         kind=common_pb2.ENGINE_KIND_EMBEDDING
@@ -207,6 +217,12 @@ class Supervisor:
                     ),
                     timeout=self.plan.engine_timeout_s + 30,
                 )
+                # Engines can take minutes to load; Ctrl-C must not wait for that.
+                while not future.done():
+                    if self._stop.wait(0.2):
+                        future.cancel()
+                        raise KeyboardInterrupt
+                reply = future.result()
             except grpc.RpcError as err:
                 raise from_rpc_error(err) from None
         engine = reply.engine
@@ -252,6 +268,7 @@ class Supervisor:
     def start(self) -> None:
         """Start services, then engines; raises (after cleaning up) if anything fails."""
         self.check_ports()
+        self.become_subreaper()
         env = _child_env(self.settings)
         for name, attr, is_grpc in SERVICES:
             port = getattr(self.settings, attr)
@@ -311,6 +328,10 @@ class Supervisor:
         for p in still:
             with contextlib.suppress(psutil.Error):
                 p.kill()
+        # Reap re-parented orphans so none lingers as a zombie.
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
         with contextlib.suppress(FileNotFoundError):
             daemon_file(self.settings).unlink()
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from sage.common.config.settings import SageSettings, load_settings
 from sage.common.utils.logging import configure_logging
+from sage.common.utils.tracing import configure_tracing
 
 from .server import SageServer, serve_until_signalled
 
@@ -42,6 +43,7 @@ def run_service_main(
     args = parser.parse_args(argv)
     settings = load_settings()
     configure_logging(service, settings.log_level, settings.log_format)
+    configure_tracing(service, settings.otel_exporter)
     host = args.host or settings.host
     port = args.port if args.port is not None else getattr(settings, default_port_attr)
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+from opentelemetry import propagate, trace
 
 from sage.common.exceptions import (
     InvalidRequestError,
@@ -26,6 +27,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 log = logging.getLogger(__name__)
+_tracer = trace.get_tracer("sage.http")
 
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 
@@ -297,7 +299,10 @@ class App:
             request_id = uuid.uuid4().hex
         token = request_id_var.set(request_id)
         try:
-            await self._dispatch(scope, receive, send, path, method, headers, request_id)
+            with _tracer.start_as_current_span(
+                f"{method} {path}", context=propagate.extract(headers), kind=trace.SpanKind.SERVER
+            ):
+                await self._dispatch(scope, receive, send, path, method, headers, request_id)
         finally:
             request_id_var.reset(token)
 
