@@ -132,7 +132,7 @@ class EngineLifecycleManager:
                 with open(log_path, "ab") as log_file:  # noqa: ASYNC230 - open() of a local file
                     # Popen (vfork + exec), not the event loop's fork: forking a process
                     # that runs gRPC threads under uvloop can crash the child before exec.
-                    proc = subprocess.Popen(
+                    proc = subprocess.Popen(  # noqa: ASYNC220 - vfork+exec returns at once
                         argv,
                         stdin=subprocess.DEVNULL,
                         stdout=log_file,
