@@ -220,7 +220,7 @@ class Supervisor:
                 # Engines can take minutes to load; Ctrl-C must not wait for that.
                 while not future.done():
                     if self._stop.wait(0.2):
-                        future.cancel()
+                        future.cancel()  # type: ignore[no-untyped-call]
                         raise KeyboardInterrupt
                 reply = future.result()
             except grpc.RpcError as err:

@@ -151,8 +151,8 @@ async def test_unexpected_error_is_internal_and_server_survives(
         await _call(echo[1], "Bug")(b"")
     assert info.value.code() == grpc.StatusCode.INTERNAL
     assert isinstance(from_rpc_error(info.value), InternalError)
-    assert "KeyError" in info.value.details()
-    assert (await _call(echo[1], "WhoAmI")(b"")).startswith(b"")
+    assert "KeyError" in (info.value.details() or "")
+    assert b"|" in await _call(echo[1], "WhoAmI")(b"")  # still serving
 
 
 async def test_default_deadline_applies_to_every_call(
