@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +18,16 @@ import orjson
 from sage.common.config.settings import SageSettings
 from sage.common.exceptions import InvalidRequestError, SageError, ServiceUnavailableError
 from sage.common.grpc import create_channel, from_rpc_error, rpc_errors_as_sage
-from sage.common.http import App, JSONResponse, Request, Response, StreamingResponse, sse_event
+from sage.common.grpc.engine_enums import kind_name, kind_value, state_name
+from sage.common.http import (
+    App,
+    Handler,
+    JSONResponse,
+    Request,
+    Response,
+    StreamingResponse,
+    sse_event,
+)
 from sage.rpc.common.v1 import common_pb2
 from sage.rpc.lifecycle.v1 import lifecycle_pb2, lifecycle_pb2_grpc
 from sage.rpc.scheduler.v1 import scheduler_pb2 as spb
@@ -28,14 +37,15 @@ if TYPE_CHECKING:
     from sage.rpc.lifecycle.v1.lifecycle_pb2_grpc import LifecycleServiceAsyncStub
     from sage.rpc.scheduler.v1.scheduler_pb2_grpc import SchedulerServiceAsyncStub
 
-from .validation import parse_json_object, validate_chat, validate_completion, validate_embeddings
+from .validation import (
+    ParsedRequest,
+    parse_json_object,
+    validate_chat,
+    validate_completion,
+    validate_embeddings,
+)
 
 DONE = b"data: [DONE]\n\n"
-_KIND_NAMES = {common_pb2.ENGINE_KIND_LLM: "llm", common_pb2.ENGINE_KIND_EMBEDDING: "embedding"}
-_STATE_NAMES = {
-    v.number: v.name.removeprefix("ENGINE_STATE_").lower()
-    for v in common_pb2.DESCRIPTOR.enum_types_by_name["EngineState"].values
-}
 
 
 @dataclass
@@ -67,9 +77,9 @@ def _engine_json(engine: common_pb2.Engine) -> dict[str, Any]:
     return {
         "engine_id": engine.engine_id,
         "model": engine.model,
-        "kind": _KIND_NAMES.get(engine.kind, "unspecified"),
+        "kind": kind_name(engine.kind, "unspecified"),
         "base_url": engine.base_url,
-        "state": _STATE_NAMES.get(engine.state, "unspecified"),
+        "state": state_name(engine.state),
         "backend": engine.backend,
         "aliases": list(engine.aliases),
         "port": engine.port,
@@ -131,35 +141,48 @@ def create_app(settings: SageSettings) -> App:
         except KeyError:
             raise ServiceUnavailableError("the edge is starting") from None
 
-    @app.route("POST", "/v1/chat/completions")
-    async def chat(request: Request) -> Response | StreamingResponse:
-        body = await request.body()
-        parsed = validate_chat(parse_json_object(body))
-        if parsed.stream:
-            call = up().scheduler.ChatStream(
-                spb.ChatStreamRequest(model=parsed.model, body=body), timeout=timeout
-            )
-            return await _stream_sse(call)
-        with rpc_errors_as_sage():
-            reply = await up().scheduler.Chat(
-                spb.ChatRequest(model=parsed.model, body=body), timeout=timeout
-            )
-        return Response(reply.body)
+    def generation(
+        validate: Callable[[dict[str, Any]], ParsedRequest],
+        unary: str,
+        unary_msg: Any,
+        stream: str,
+        stream_msg: Any,
+    ) -> Handler:
+        """A chat/completion route: validate once, forward the raw body, relay raw bytes."""
 
-    @app.route("POST", "/v1/completions")
-    async def completions(request: Request) -> Response | StreamingResponse:
-        body = await request.body()
-        parsed = validate_completion(parse_json_object(body))
-        if parsed.stream:
-            call = up().scheduler.CompleteStream(
-                spb.CompleteStreamRequest(model=parsed.model, body=body), timeout=timeout
-            )
-            return await _stream_sse(call)
-        with rpc_errors_as_sage():
-            reply = await up().scheduler.Complete(
-                spb.CompleteRequest(model=parsed.model, body=body), timeout=timeout
-            )
-        return Response(reply.body)
+        async def handle(request: Request) -> Response | StreamingResponse:
+            body = await request.body()
+            parsed = validate(parse_json_object(body))
+            scheduler = up().scheduler
+            if parsed.stream:
+                call = getattr(scheduler, stream)(
+                    stream_msg(model=parsed.model, body=body), timeout=timeout
+                )
+                return await _stream_sse(call)
+            with rpc_errors_as_sage():
+                reply = await getattr(scheduler, unary)(
+                    unary_msg(model=parsed.model, body=body), timeout=timeout
+                )
+            return Response(reply.body)
+
+        return handle
+
+    app.add(
+        "POST",
+        "/v1/chat/completions",
+        generation(validate_chat, "Chat", spb.ChatRequest, "ChatStream", spb.ChatStreamRequest),
+    )
+    app.add(
+        "POST",
+        "/v1/completions",
+        generation(
+            validate_completion,
+            "Complete",
+            spb.CompleteRequest,
+            "CompleteStream",
+            spb.CompleteStreamRequest,
+        ),
+    )
 
     @app.route("POST", "/v1/embeddings")
     async def embeddings(request: Request) -> Response:
@@ -203,7 +226,7 @@ def create_app(settings: SageSettings) -> App:
                         "object": "model",
                         "created": m.created,
                         "owned_by": "sage",
-                        "kind": _KIND_NAMES.get(m.kind, "llm"),
+                        "kind": kind_name(m.kind, "llm"),
                         "ready_engines": m.ready_engines,
                         **({"root": m.alias_of} if m.alias_of else {}),
                     }
@@ -261,9 +284,7 @@ def create_app(settings: SageSettings) -> App:
         try:
             start = lifecycle_pb2.StartEngineRequest(
                 model=model,
-                kind=common_pb2.ENGINE_KIND_EMBEDDING
-                if kind == "embedding"
-                else common_pb2.ENGINE_KIND_LLM,
+                kind=kind_value(kind),
                 backend=str(doc.get("backend", "")),
                 tensor_parallel_size=int(doc.get("tensor_parallel_size", 1)),
                 port=int(doc.get("port", 0)),

@@ -12,6 +12,13 @@ from sage.common.grpc import (
     create_server,
     rpc_errors_as_sage,
 )
+from sage.common.grpc.engine_enums import (
+    kind_name,
+    kind_value,
+    role_name,
+    role_value,
+    state_value,
+)
 from sage.rpc.common.v1 import common_pb2
 from sage.rpc.lifecycle.v1 import lifecycle_pb2 as pb
 from sage.rpc.lifecycle.v1 import lifecycle_pb2_grpc as pb_grpc
@@ -20,25 +27,6 @@ from sage.rpc.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 from .commands import EngineSpec
 from .manager import EngineInstance, EngineLifecycleManager
 
-_KIND_NAMES = {
-    common_pb2.ENGINE_KIND_UNSPECIFIED: "llm",
-    common_pb2.ENGINE_KIND_LLM: "llm",
-    common_pb2.ENGINE_KIND_EMBEDDING: "embedding",
-}
-_KIND_TO_PB = {"llm": common_pb2.ENGINE_KIND_LLM, "embedding": common_pb2.ENGINE_KIND_EMBEDDING}
-_ROLE_NAMES = {common_pb2.ENGINE_ROLE_PREFILL: "prefill", common_pb2.ENGINE_ROLE_DECODE: "decode"}
-_ROLE_TO_PB = {
-    "both": common_pb2.ENGINE_ROLE_BOTH,
-    "prefill": common_pb2.ENGINE_ROLE_PREFILL,
-    "decode": common_pb2.ENGINE_ROLE_DECODE,
-}
-_STATE_TO_PB = {
-    "starting": common_pb2.ENGINE_STATE_STARTING,
-    "ready": common_pb2.ENGINE_STATE_READY,
-    "stopped": common_pb2.ENGINE_STATE_STOPPED,
-    "failed": common_pb2.ENGINE_STATE_FAILED,
-}
-
 
 def engine_pb(instance: EngineInstance) -> common_pb2.Engine:
     """Lifecycle's view of an engine as the shared Engine message."""
@@ -46,10 +34,10 @@ def engine_pb(instance: EngineInstance) -> common_pb2.Engine:
     return common_pb2.Engine(
         engine_id=instance.engine_id,
         model=spec.model,
-        kind=_KIND_TO_PB[spec.kind],
+        kind=kind_value(spec.kind),
         base_url=instance.base_url,
-        role=_ROLE_TO_PB.get(spec.role, common_pb2.ENGINE_ROLE_BOTH),
-        state=_STATE_TO_PB[instance.state],
+        role=role_value(spec.role),
+        state=state_value(instance.state),
         backend=instance.backend,
         aliases=list(spec.aliases),
         pid=instance.pid,
@@ -62,7 +50,7 @@ def spec_from_pb(request: pb.StartEngineRequest, host: str) -> EngineSpec:
     """StartEngineRequest → EngineSpec with defaults applied."""
     return EngineSpec(
         model=request.model,
-        kind=_KIND_NAMES.get(request.kind, "llm"),
+        kind=kind_name(request.kind, default="llm"),
         backend=request.backend,
         port=request.port,
         host=host,
@@ -73,7 +61,7 @@ def spec_from_pb(request: pb.StartEngineRequest, host: str) -> EngineSpec:
         extra_args=tuple(request.extra_args),
         startup_timeout_s=float(request.startup_timeout_s or 300),
         aliases=tuple(request.aliases),
-        role=_ROLE_NAMES.get(request.role, "both"),
+        role=role_name(request.role),
     )
 
 

@@ -6,7 +6,8 @@ bytes; streaming responses are split into SSE events as they arrive, never buffe
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
@@ -55,6 +56,21 @@ def _engine_error(engine: EngineRecord, status: int, content: bytes) -> SageErro
     return UpstreamError(f"engine {engine.engine_id} returned HTTP {status}: {message}")
 
 
+@contextlib.contextmanager
+def _http_errors(engine: EngineRecord) -> Iterator[None]:
+    """httpx failures → SageErrors; only a refused connection is safe to retry elsewhere."""
+    try:
+        yield
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        raise EngineUnreachableError(
+            f"engine {engine.engine_id} at {engine.base_url} is unreachable: {exc}"
+        ) from exc
+    except httpx.TimeoutException as exc:
+        raise DeadlineExceededError(f"engine {engine.engine_id} timed out") from exc
+    except httpx.HTTPError as exc:
+        raise UpstreamError(f"engine {engine.engine_id} failed: {exc!r}") from exc
+
+
 def _split_events(buffer: bytearray) -> list[bytes]:
     """Pop every complete SSE event's data payload from `buffer`."""
     payloads: list[bytes] = []
@@ -97,16 +113,8 @@ class HttpExecutionCoordinator:
 
     async def post_json(self, engine: EngineRecord, path: str, body: bytes) -> bytes:
         """POST raw JSON to the engine and return its raw JSON reply."""
-        try:
+        with _http_errors(engine):
             resp = await self._client.post(engine.base_url + path, content=body, headers=_JSON)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise EngineUnreachableError(
-                f"engine {engine.engine_id} at {engine.base_url} is unreachable: {exc}"
-            ) from exc
-        except httpx.TimeoutException as exc:
-            raise DeadlineExceededError(f"engine {engine.engine_id} timed out") from exc
-        except httpx.HTTPError as exc:
-            raise UpstreamError(f"engine {engine.engine_id} failed: {exc!r}") from exc
         if resp.status_code >= 400:
             raise _engine_error(engine, resp.status_code, resp.content)
         return resp.content
@@ -118,28 +126,18 @@ class HttpExecutionCoordinator:
         request = self._client.build_request(
             "POST", engine.base_url + path, content=body, headers=_JSON
         )
-        try:
+        with _http_errors(engine):
             resp = await self._client.send(request, stream=True)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise EngineUnreachableError(
-                f"engine {engine.engine_id} at {engine.base_url} is unreachable: {exc}"
-            ) from exc
-        except httpx.HTTPError as exc:
-            raise UpstreamError(f"engine {engine.engine_id} failed: {exc!r}") from exc
         try:
             if resp.status_code >= 400:
                 raise _engine_error(engine, resp.status_code, await resp.aread())
             buffer = bytearray()
-            try:
+            with _http_errors(engine):
                 async for chunk in resp.aiter_raw():
                     buffer += chunk
                     for payload in _split_events(buffer):
                         if payload == b"[DONE]":
                             return
                         yield payload
-            except httpx.TimeoutException as exc:
-                raise DeadlineExceededError(f"engine {engine.engine_id} timed out") from exc
-            except httpx.HTTPError as exc:
-                raise UpstreamError(f"engine {engine.engine_id} stream broke: {exc!r}") from exc
         finally:
             await resp.aclose()

@@ -16,6 +16,14 @@ from sage.common.grpc import (
     create_server,
     rpc_errors_as_sage,
 )
+from sage.common.grpc.engine_enums import (
+    kind_name,
+    kind_value,
+    role_name,
+    role_value,
+    state_name,
+    state_value,
+)
 from sage.rpc.common.v1 import common_pb2
 from sage.rpc.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from sage.rpc.scheduler.v1 import scheduler_pb2 as pb
@@ -26,45 +34,17 @@ from .executor import HttpExecutionCoordinator
 from .registry import EngineKind, EngineRecord, EngineRegistry, EngineState
 from .routing import create_router
 
-_KIND_FROM_PB = {
-    common_pb2.ENGINE_KIND_LLM: EngineKind.LLM,
-    common_pb2.ENGINE_KIND_EMBEDDING: EngineKind.EMBEDDING,
-}
-_KIND_TO_PB = {v: k for k, v in _KIND_FROM_PB.items()}
-_STATE_FROM_PB = {
-    common_pb2.ENGINE_STATE_UNSPECIFIED: EngineState.READY,
-    common_pb2.ENGINE_STATE_STARTING: EngineState.STARTING,
-    common_pb2.ENGINE_STATE_READY: EngineState.READY,
-    common_pb2.ENGINE_STATE_DRAINING: EngineState.DRAINING,
-    common_pb2.ENGINE_STATE_STOPPED: EngineState.STOPPED,
-    common_pb2.ENGINE_STATE_FAILED: EngineState.FAILED,
-}
-_STATE_TO_PB = {v: k for k, v in _STATE_FROM_PB.items() if k != common_pb2.ENGINE_STATE_UNSPECIFIED}
-_ROLE_NAMES = {
-    common_pb2.ENGINE_ROLE_UNSPECIFIED: "both",
-    common_pb2.ENGINE_ROLE_BOTH: "both",
-    common_pb2.ENGINE_ROLE_PREFILL: "prefill",
-    common_pb2.ENGINE_ROLE_DECODE: "decode",
-}
-_ROLE_TO_PB = {
-    "both": common_pb2.ENGINE_ROLE_BOTH,
-    "prefill": common_pb2.ENGINE_ROLE_PREFILL,
-    "decode": common_pb2.ENGINE_ROLE_DECODE,
-}
-
 
 def record_from_pb(engine: common_pb2.Engine) -> EngineRecord:
     """Engine message → domain record; unspecified kind is an error naming the field."""
-    kind = _KIND_FROM_PB.get(engine.kind)
-    if kind is None:
-        raise InvalidRequestError("engine.kind must be LLM or EMBEDDING", param="engine.kind")
+    kind = EngineKind(kind_name(engine.kind, param="engine.kind"))
     return EngineRecord(
         engine_id=engine.engine_id,
         model=engine.model,
         kind=kind,
         base_url=engine.base_url,
-        state=_STATE_FROM_PB.get(engine.state, EngineState.READY),
-        role=_ROLE_NAMES.get(engine.role, "both"),
+        state=EngineState(state_name(engine.state, default="ready")),
+        role=role_name(engine.role),
         backend=engine.backend,
         aliases=tuple(engine.aliases),
         port=engine.port,
@@ -80,10 +60,10 @@ def record_to_pb(record: EngineRecord) -> common_pb2.Engine:
     return common_pb2.Engine(
         engine_id=record.engine_id,
         model=record.model,
-        kind=_KIND_TO_PB[record.kind],
+        kind=kind_value(record.kind),
         base_url=record.base_url,
-        role=_ROLE_TO_PB.get(record.role, common_pb2.ENGINE_ROLE_BOTH),
-        state=_STATE_TO_PB[record.state],
+        role=role_value(record.role),
+        state=state_value(record.state),
         backend=record.backend,
         aliases=list(record.aliases),
         gpu_indexes=list(record.gpu_indexes),
@@ -220,7 +200,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
             models=[
                 pb.Model(
                     id=m.id,
-                    kind=_KIND_TO_PB[m.kind],
+                    kind=kind_value(m.kind),
                     created=m.created,
                     ready_engines=m.ready_engines,
                     alias_of=m.alias_of,
