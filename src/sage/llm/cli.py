@@ -11,6 +11,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import pydantic
+
 from sage.common.config.ports import SagePorts
 from sage.common.config.settings import SageSettings, load_settings
 from sage.common.exceptions import SageError
@@ -201,6 +203,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
     except SageError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    except pydantic.ValidationError as exc:
+        print(f"error: invalid SAGE_* setting:\n{exc}", file=sys.stderr)
         return 2
     return code
 

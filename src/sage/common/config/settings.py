@@ -6,13 +6,66 @@ Precedence: explicit argument (CLI flag, constructor) > environment > `.sage/llm
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from sage.common.config.ports import SagePorts
+
+_DAEMON_PORTS = {
+    # daemon.json service name -> settings field
+    "edge": "gateway_port",
+    "scheduler": "scheduler_port",
+    "lifecycle": "lifecycle_port",
+    "gpu_manager": "gpu_manager_port",
+    "embedding": "embedding_service_port",
+}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class DaemonFileSource(PydanticBaseSettingsSource):
+    """Ports a running `sage llm serve` recorded in `$SAGE_HOME/llm/daemon.json`.
+
+    Only a live stack's file counts, so a crashed run's leftovers never steer new commands.
+    """
+
+    def __init__(self, settings_cls: type[BaseSettings], home: Path) -> None:
+        super().__init__(settings_cls)
+        self.path = home / "llm" / "daemon.json"
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        try:
+            doc = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(doc, dict) or not _pid_alive(int(doc.get("pid") or 0)):
+            return {}
+        values: dict[str, Any] = {}
+        for name, field in _DAEMON_PORTS.items():
+            port = (doc.get("services") or {}).get(name, {}).get("port")
+            if isinstance(port, int):
+                values[field] = port
+        for field in ("llm_port", "embedding_port"):
+            if isinstance(doc.get(field), int):
+                values[field] = doc[field]
+        return values
 
 
 class SageSettings(BaseSettings):
@@ -60,6 +113,26 @@ class SageSettings(BaseSettings):
     max_body_bytes: int = 16 * 1024 * 1024
     # OpenTelemetry exporter: none, console, or otlp (needs the otlp exporter installed).
     otel_exporter: Literal["none", "console", "otlp"] = "none"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Argument > environment > .env > daemon.json of a running stack > defaults."""
+        explicit = getattr(init_settings, "init_kwargs", {}).get("home")
+        home = Path(explicit or os.environ.get("SAGE_HOME") or Path.home() / ".sage").expanduser()
+        return (
+            init_settings,
+            env_settings,
+            dotenv_settings,
+            DaemonFileSource(settings_cls, home),
+            file_secret_settings,
+        )
 
     @property
     def llm_state_dir(self) -> Path:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
+
+import pydantic
 
 from sage.common.config.settings import SageSettings, load_settings
 from sage.common.utils.logging import configure_logging
@@ -41,7 +44,11 @@ def run_service_main(
         help=f"gRPC port (default: SAGE_{default_port_attr.upper()})",
     )
     args = parser.parse_args(argv)
-    settings = load_settings()
+    try:
+        settings = load_settings()
+    except pydantic.ValidationError as exc:
+        print(f"invalid SAGE_* setting:\n{exc}", file=sys.stderr)
+        return 2
     configure_logging(service, settings.log_level, settings.log_format)
     configure_tracing(service, settings.otel_exporter)
     host = args.host or settings.host
