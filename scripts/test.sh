@@ -9,9 +9,11 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "== creating $VENV"
   "$PYTHON" -m venv "$VENV"
 fi
-echo "== installing (pip install -e '.[test]')"
+echo "== installing (torch CPU wheel, then pip install -e '.[test,engines]')"
 "$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q -e '.[test]'
+# A bare torch requirement would pull CUDA builds (GBs); the pinned CPU wheel comes first.
+"$VENV/bin/python" -m pip install -q "torch==${SAGE_TORCH_VERSION:-2.13.0}"
+"$VENV/bin/python" -m pip install -q -e '.[test,engines]'
 export PATH="$PWD/$VENV/bin:$PATH"
 scripts/check.sh
 echo "== pytest"

@@ -64,38 +64,56 @@ def settings(tmp_path: Path) -> SageSettings:
 SimFactory = Callable[..., str]
 
 
-@pytest.fixture
-def sim_engine(tmp_path: Path) -> Iterator[SimFactory]:
-    """Start `python -m sage.engines.sim` subprocesses; returns their base URLs."""
-    procs: list[subprocess.Popen[bytes]] = []
+class _SimLauncher:
+    """Starts `python -m sage.engines.sim` subprocesses and stops them all at the end."""
 
-    def start(*args: str, model: str = "sim") -> str:
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def __call__(self, *args: str, model: str = "sim") -> str:
         port = free_port()
-        log = open(tmp_path / f"sim-{port}.log", "wb")  # noqa: SIM115 - closed by the OS at exit
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "sage.engines.sim",
-                "--model",
-                model,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                *args,
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        procs.append(proc)
+        with open(self.log_dir / f"sim-{port}.log", "wb") as log:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "sage.engines.sim",
+                    "--model",
+                    model,
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    *args,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        self.procs.append(proc)
         base = f"http://127.0.0.1:{port}"
         wait_http(base + "/health", proc)
         return base
 
-    yield start
-    for proc in procs:
-        stop_process(proc)
+    def stop(self) -> None:
+        for proc in self.procs:
+            stop_process(proc)
+
+
+@pytest.fixture
+def sim_engine(tmp_path: Path) -> Iterator[SimFactory]:
+    """Start simulator engines for one test; returns their base URLs."""
+    launcher = _SimLauncher(tmp_path)
+    yield launcher
+    launcher.stop()
+
+
+@pytest.fixture(scope="module")
+def module_sim_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimFactory]:
+    """Like sim_engine, but the engines live for the whole test module (cheaper)."""
+    launcher = _SimLauncher(tmp_path_factory.mktemp("sims"))
+    yield launcher
+    launcher.stop()
 
 
 @pytest.fixture

@@ -13,6 +13,9 @@ import orjson
 
 from sage.common.exceptions import InvalidRequestError
 
+# OpenAI's own per-request cap on embedding inputs.
+MAX_EMBEDDING_INPUTS = 2048
+
 _ROLES = frozenset({"system", "user", "assistant", "tool", "function", "developer"})
 
 
@@ -154,10 +157,24 @@ def validate_embeddings(doc: dict[str, Any]) -> tuple[str, list[str], int, str]:
     if raw is None:
         raise InvalidRequestError("input is required", param="input")
     inputs = [raw] if isinstance(raw, str) else raw
-    if not isinstance(inputs, list) or not all(isinstance(t, str) for t in inputs):
+    if not isinstance(inputs, list):
         raise InvalidRequestError("input must be a string or an array of strings", param="input")
     if not inputs:
         raise InvalidRequestError("input must not be empty", param="input")
+    if len(inputs) > MAX_EMBEDDING_INPUTS:
+        raise InvalidRequestError(
+            f"input has {len(inputs)} items; at most {MAX_EMBEDDING_INPUTS} per request",
+            param="input",
+        )
+    for i, text in enumerate(inputs):
+        if not isinstance(text, str):
+            raise InvalidRequestError(
+                f"input[{i}] must be a string, got {_type_name(text)} "
+                "(token arrays are not supported)",
+                param=f"input[{i}]",
+            )
+        if not text:
+            raise InvalidRequestError(f"input[{i}] must not be empty", param=f"input[{i}]")
     dimensions = doc.get("dimensions") or 0
     if isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 0:
         raise InvalidRequestError("dimensions must be a positive integer", param="dimensions")

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import aiohttp
 import orjson
 
 from sage.common.exceptions import (
     DeadlineExceededError,
     InvalidRequestError,
-    SageError,
-    ServiceUnavailableError,
+    ModelNotFoundError,
+    OverloadedError,
     UpstreamError,
 )
 
@@ -27,84 +26,113 @@ class Endpoint:
     base_url: str
 
 
+class EngineUnreachableError(UpstreamError):
+    """The engine refused the connection; the batch may go to another engine."""
+
+    default_code = "engine_unreachable"
+
+
 @dataclass(frozen=True)
-class BatchResult:
-    """Vectors in input order, the prompt token count, and the engine that served them."""
+class BatchReply:
+    """Vectors in input order and tokens per input."""
 
     vectors: list[list[float]]
-    prompt_tokens: int
-    engine_id: str
+    tokens: list[int]
 
 
-def parse_embeddings(content: bytes, expected: int) -> tuple[list[list[float]], int]:
-    """Vectors ordered by `index` from an OpenAI embeddings reply, checked for count."""
+def split_tokens(total: int, texts: Sequence[str]) -> list[int]:
+    """Share a batch's token total across its texts by length (sums back to `total`)."""
+    weights = [max(1, len(t)) for t in texts]
+    scale = total / sum(weights)
+    shares = [int(w * scale) for w in weights]
+    for i in range(total - sum(shares)):
+        shares[i % len(shares)] += 1
+    return shares
+
+
+def parse_embeddings(content: bytes, texts: Sequence[str]) -> BatchReply:
+    """Vectors ordered by `index`, checked for count; per-input tokens when the engine
+    reports them (`sage_tokens`, our own engine), else the total split by length."""
     try:
         doc: Any = orjson.loads(content)
         items = sorted(doc["data"], key=lambda d: d["index"])
-        vectors = [[float(x) for x in item["embedding"]] for item in items]
-        tokens = int((doc.get("usage") or {}).get("prompt_tokens") or 0)
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        vectors = [item["embedding"] for item in items]
+        usage = doc.get("usage") or {}
+        total = int(usage.get("prompt_tokens") or usage.get("total_tokens") or 0)
+        per_input = doc.get("sage_tokens")
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise UpstreamError(f"engine returned an invalid embeddings reply: {exc!r}") from exc
-    if len(vectors) != expected:
-        raise UpstreamError(f"engine returned {len(vectors)} vectors for {expected} inputs")
-    return vectors, tokens
+    if len(vectors) != len(texts):
+        raise UpstreamError(f"engine returned {len(vectors)} vectors for {len(texts)} inputs")
+    if isinstance(per_input, list) and len(per_input) == len(texts):
+        tokens = [int(t) for t in per_input]
+    else:
+        tokens = split_tokens(total, texts)
+    return BatchReply(vectors, tokens)
+
+
+def _engine_error(engine: Endpoint, status: int, content: bytes) -> Exception:
+    message = content.decode(errors="replace")[:500]
+    param = None
+    try:
+        err = orjson.loads(content).get("error", {})
+        message = str(err.get("message") or message)
+        param = err.get("param") if isinstance(err.get("param"), str) else None
+    except (orjson.JSONDecodeError, AttributeError):
+        pass
+    if status == 404:
+        return ModelNotFoundError(param or "model", message=message)
+    if status in (400, 413, 422):
+        return InvalidRequestError(message, param=param or "input")
+    if status == 429:
+        return OverloadedError(f"embedding engine {engine.engine_id} is overloaded: {message}")
+    return UpstreamError(f"embedding engine {engine.engine_id} returned HTTP {status}: {message}")
 
 
 class EmbeddingExecutor:
-    """Sends batches over pooled connections, rotating engines and failing over on refusal."""
+    """Sends batches over one pooled keep-alive session (aiohttp: cheapest per call)."""
 
     def __init__(self, *, timeout_s: float = 120.0) -> None:
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout_s, connect=5.0),
-            limits=httpx.Limits(max_connections=512, max_keepalive_connections=512),
-            trust_env=False,
-        )
-        self._turn = itertools.count()
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=5.0)
+        self._session: aiohttp.ClientSession | None = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=1024, limit_per_host=0),
+                timeout=self._timeout,
+                auto_decompress=False,
+                skip_auto_headers=("User-Agent",),
+            )
+        return self._session
 
     async def aclose(self) -> None:
         """Close pooled connections."""
-        await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
-    async def embed(
-        self, model: str, inputs: Sequence[str], engines: Sequence[Endpoint], dimensions: int = 0
-    ) -> BatchResult:
+    async def send(
+        self, engine: Endpoint, model: str, texts: Sequence[str], dimensions: int = 0
+    ) -> BatchReply:
         """Embed one batch on one engine."""
-        if not engines:
-            raise ServiceUnavailableError(f"no embedding engine is ready for model {model!r}")
-        if not inputs:
-            raise InvalidRequestError("input must not be empty", param="input")
-        payload: dict[str, Any] = {"model": model, "input": list(inputs)}
+        payload: dict[str, Any] = {"model": model, "input": list(texts)}
         if dimensions:
             payload["dimensions"] = dimensions
-        body = orjson.dumps(payload)
-        start = next(self._turn)
-        last: SageError | None = None
-        for i in range(len(engines)):
-            engine = engines[(start + i) % len(engines)]
-            try:
-                resp = await self._client.post(
-                    engine.base_url.rstrip("/") + "/v1/embeddings",
-                    content=body,
-                    headers={"content-type": "application/json"},
-                )
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                last = UpstreamError(f"embedding engine {engine.engine_id} unreachable: {exc}")
-                continue
-            except httpx.TimeoutException as exc:
-                raise DeadlineExceededError(
-                    f"embedding engine {engine.engine_id} timed out"
-                ) from exc
-            if resp.status_code >= 400:
-                message = resp.text[:500]
-                if resp.status_code in (400, 422):
-                    raise InvalidRequestError(
-                        f"embedding engine rejected the input: {message}", param="input"
-                    )
-                raise UpstreamError(
-                    f"embedding engine {engine.engine_id} returned HTTP {resp.status_code}: "
-                    f"{message}"
-                )
-            vectors, tokens = parse_embeddings(resp.content, len(inputs))
-            return BatchResult(vectors, tokens, engine.engine_id)
-        assert last is not None
-        raise last
+        url = engine.base_url.rstrip("/") + "/v1/embeddings"
+        try:
+            async with self._http().post(
+                url, data=orjson.dumps(payload), headers={"content-type": "application/json"}
+            ) as resp:
+                content = await resp.read()
+        except aiohttp.ClientConnectorError as exc:
+            raise EngineUnreachableError(
+                f"embedding engine {engine.engine_id} unreachable: {exc}"
+            ) from exc
+        except TimeoutError as exc:
+            raise DeadlineExceededError(f"embedding engine {engine.engine_id} timed out") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(f"embedding engine {engine.engine_id} failed: {exc!r}") from exc
+        if resp.status >= 400:
+            raise _engine_error(engine, resp.status, content)
+        return parse_embeddings(content, texts)

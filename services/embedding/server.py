@@ -11,47 +11,57 @@ from sage.rpc.common.v1 import common_pb2
 from sage.rpc.embedding.v1 import embedding_pb2 as pb
 from sage.rpc.embedding.v1 import embedding_pb2_grpc as pb_grpc
 
+from .batcher import BatcherConfig, EmbeddingBatcher
 from .executor import EmbeddingExecutor, Endpoint
 
 
 class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
-    """EmbeddingService over the EmbeddingExecutor."""
+    """EmbeddingService over the EmbeddingBatcher."""
 
-    def __init__(self, executor: EmbeddingExecutor) -> None:
-        self.executor = executor
+    def __init__(self, batcher: EmbeddingBatcher) -> None:
+        self.batcher = batcher
 
     async def EmbedBatch(
         self, request: pb.EmbedBatchRequest, context: Any
     ) -> pb.EmbedBatchResponse:
         if not request.model:
             raise InvalidRequestError("model is required", param="model")
-        result = await self.executor.embed(
+        if not request.inputs:
+            raise InvalidRequestError("input must not be empty", param="input")
+        if request.dimensions < 0:
+            raise InvalidRequestError("dimensions must be positive", param="dimensions")
+        outcome = await self.batcher.embed(
             request.model,
             list(request.inputs),
             [Endpoint(e.engine_id, e.base_url) for e in request.engines],
             request.dimensions,
         )
+        total = sum(outcome.tokens)
         return pb.EmbedBatchResponse(
-            vectors=[pb.Vector(values=v) for v in result.vectors],
-            usage=common_pb2.Usage(
-                prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens
-            ),
-            engine_ids=[result.engine_id] * len(result.vectors),
+            vectors=[pb.Vector(values=v) for v in outcome.vectors],
+            usage=common_pb2.Usage(prompt_tokens=total, total_tokens=total),
+            engine_ids=outcome.engine_ids,
         )
 
 
 def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageServer, int]:
     """The embedding server wired from settings."""
     executor = EmbeddingExecutor(timeout_s=settings.request_timeout_s)
+    batcher = EmbeddingBatcher(executor.send, BatcherConfig())
     server, port = create_server(
         addr or f"{settings.host}:{settings.embedding_service_port}",
         [
             Registration(
                 pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name,
                 pb_grpc.add_EmbeddingServiceServicer_to_server,
-                EmbeddingServicer(executor),
+                EmbeddingServicer(batcher),
             )
         ],
     )
-    server.on_stop(executor.aclose)
+
+    async def _close() -> None:
+        await batcher.close()
+        await executor.aclose()
+
+    server.on_stop(_close)
     return server, port

@@ -40,7 +40,8 @@ def resolve_backend(spec: EngineSpec) -> str:
         return "external"
     if spec.model == "sim" or spec.model.startswith("sim-"):
         return "sim"
-    return "vllm"
+    # Embeddings default to the project's own engine (sentence-transformers); vLLM for chat.
+    return "embedding" if spec.kind == "embedding" else "vllm"
 
 
 def build_command(spec: EngineSpec, backend: str, port: int) -> list[str]:
@@ -61,6 +62,27 @@ def build_command(spec: EngineSpec, backend: str, port: int) -> list[str]:
             argv += ["--embedding-dim", str(SIM_EMBEDDING_DIM)]
         for alias in spec.aliases:
             argv += ["--served-model-name", alias]
+        return argv + list(spec.extra_args)
+    if backend == "embedding":
+        if spec.kind != "embedding":
+            raise InvalidRequestError(
+                "backend embedding serves embedding engines only", param="backend"
+            )
+        argv = [
+            sys.executable,
+            "-m",
+            "sage.engines.embedding",
+            "--model",
+            spec.model,
+            "--served-model-name",
+            spec.model,
+            "--host",
+            spec.host,
+            "--port",
+            str(port),
+        ]
+        for alias in spec.aliases:
+            argv += ["--alias", alias]
         return argv + list(spec.extra_args)
     if backend == "vllm":
         if importlib.util.find_spec("vllm") is None:
@@ -86,6 +108,6 @@ def build_command(spec: EngineSpec, backend: str, port: int) -> list[str]:
             argv += ["--gpu-memory-utilization", f"{spec.gpu_memory_utilization:g}"]
         return argv + list(spec.extra_args)
     raise InvalidRequestError(
-        f"unknown backend {backend!r}; choose sim, vllm or external (with base_url)",
+        f"unknown backend {backend!r}; choose sim, embedding, vllm or external (with base_url)",
         param="backend",
     )

