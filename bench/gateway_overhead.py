@@ -13,16 +13,14 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import grpc
-import httpx
 
+from sage.common.utils.processes import free_port, wait_http
 from sage.rpc.common.v1 import common_pb2
 from sage.rpc.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 
@@ -31,24 +29,6 @@ wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 wrk.body = [==[%s]==]
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_http(url: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=1, trust_env=False).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(url)
 
 
 def run_wrk(url: str, script: Path, duration: int, connections: int) -> dict[str, float]:

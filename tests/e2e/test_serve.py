@@ -105,6 +105,8 @@ def test_serve_chat_stream_and_clean_stop(stack: Stack, monkeypatch: pytest.Monk
     assert daemon["gateway_url"] == stack.base_url
     assert set(daemon["services"]) == {"gpu_manager", "embedding", "scheduler", "lifecycle", "edge"}
     assert [e["kind"] for e in daemon["engines"]] == ["llm", "embedding"]
+    # With the engines extra installed, embeddings default to the bundled MiniLM.
+    assert daemon["engines"][1]["model"] == "sentence-transformers/all-MiniLM-L6-v2"
 
     # The seed's call, with the URL from SAGE_UNIFIED_BASE_URL (the documented precedence).
     monkeypatch.setenv("SAGE_UNIFIED_BASE_URL", stack.base_url)
@@ -121,7 +123,8 @@ def test_serve_chat_stream_and_clean_stop(stack: Stack, monkeypatch: pytest.Monk
     assert bound.model == "sim" and bound.chat(SEED_MESSAGES)
     status = client.get_status()
     assert status["llm_available"] and status["embedding_available"]
-    assert len(client.embed(["Hello", "World"])) == 2
+    vectors = client.embed(["Hello", "World"])
+    assert len(vectors) == 2 and len(vectors[0]) == 384
 
     # The OpenAI SDK, streaming: role first, content deltas, finish reason, usage.
     sdk = openai.OpenAI(base_url=stack.base_url, api_key="unused", max_retries=0)
