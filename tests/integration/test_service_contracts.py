@@ -169,7 +169,7 @@ async def test_gpu_manager_contract(running: Any, settings: SageSettings) -> Non
                     engine_id="e1", gpu_count=1, memory_per_gpu_bytes=1 << 30
                 )
             )
-        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert isinstance(from_rpc_error(info.value), InsufficientResourcesError)
     listed = await stub.ListReservations(gpu_manager_pb2.ListReservationsRequest())
     assert list(listed.reservations) == []

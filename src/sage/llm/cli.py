@@ -19,6 +19,7 @@ from sage.common.config.settings import SageSettings, load_settings
 from sage.common.exceptions import SageError
 
 from . import supervisor
+from .cli_gpu import add_gpu_command
 
 # Kept in sync with sage.engines.embedding.BUNDLED_MODEL_NAME (not imported: it pulls numpy).
 BUNDLED_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -212,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     stop = sub.add_parser("stop", help="stop the running stack")
     stop.add_argument("--timeout", type=float, default=30.0)
     stop.set_defaults(func=cmd_stop)
+
+    add_gpu_command(sub)
     return parser
 
 

@@ -144,9 +144,13 @@ class RateLimitError(OverloadedError):
 
 
 class InsufficientResourcesError(SageError):
-    """Not enough free GPU memory (or GPUs) to place an engine."""
+    """Not enough free GPU memory (or GPUs) to place an engine.
 
-    grpc_code = grpc.StatusCode.FAILED_PRECONDITION
+    RESOURCE_EXHAUSTED on gRPC (the ask exceeds what the host has), but HTTP 409 rather
+    than 429: retrying the same request will not help until something is released.
+    """
+
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
     http_status = 409
     openai_type = "invalid_request_error"
     default_code = "insufficient_gpu_resources"

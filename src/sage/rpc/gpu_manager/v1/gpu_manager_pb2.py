@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)sage/rpc/gpu_manager/v1/gpu_manager.proto\x12\x17sage.rpc.gpu_manager.v1\"4\n\nGpuProcess\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x19\n\x11used_memory_bytes\x18\x02 \x01(\x03\"\x93\x02\n\x03Gpu\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x1a\n\x12memory_total_bytes\x18\x04 \x01(\x03\x12\x19\n\x11memory_used_bytes\x18\x05 \x01(\x03\x12\x19\n\x11memory_free_bytes\x18\x06 \x01(\x03\x12\x1d\n\x15memory_reserved_bytes\x18\x07 \x01(\x03\x12\x1b\n\x13utilization_percent\x18\x08 \x01(\x05\x12\x1b\n\x13temperature_celsius\x18\t \x01(\x05\x12\x36\n\tprocesses\x18\n \x03(\x0b\x32#.sage.rpc.gpu_manager.v1.GpuProcess\"\x11\n\x0fListGpusRequest\"\x82\x01\n\x10ListGpusResponse\x12*\n\x04gpus\x18\x01 \x03(\x0b\x32\x1c.sage.rpc.gpu_manager.v1.Gpu\x12\x16\n\x0envml_available\x18\x02 \x01(\x08\x12\x12\n\nnvml_error\x18\x03 \x01(\t\x12\x16\n\x0e\x64river_version\x18\x04 \x01(\t\"p\n\x0bReservation\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\x11\n\tgpu_index\x18\x02 \x01(\x05\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x03\x12\x11\n\towner_pid\x18\x04 \x01(\x05\x12\x12\n\ncreated_at\x18\x05 \x01(\x01\"\x95\x01\n\x0eReserveRequest\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\x13\n\x0bgpu_indexes\x18\x02 \x03(\x05\x12\x11\n\tgpu_count\x18\x03 \x01(\x05\x12\x1c\n\x14memory_per_gpu_bytes\x18\x04 \x01(\x03\x12\x17\n\x0fmemory_fraction\x18\x05 \x01(\x01\x12\x11\n\towner_pid\x18\x06 \x01(\x05\"M\n\x0fReserveResponse\x12:\n\x0creservations\x18\x01 \x03(\x0b\x32$.sage.rpc.gpu_manager.v1.Reservation\"#\n\x0eReleaseRequest\x12\x11\n\tengine_id\x18\x01 \x01(\t\"M\n\x0fReleaseResponse\x12:\n\x0creservations\x18\x01 \x03(\x0b\x32$.sage.rpc.gpu_manager.v1.Reservation\"\x19\n\x17ListReservationsRequest\"V\n\x18ListReservationsResponse\x12:\n\x0creservations\x18\x01 \x03(\x0b\x32$.sage.rpc.gpu_manager.v1.Reservation2\xa9\x03\n\x11GpuManagerService\x12_\n\x08ListGpus\x12(.sage.rpc.gpu_manager.v1.ListGpusRequest\x1a).sage.rpc.gpu_manager.v1.ListGpusResponse\x12\\\n\x07Reserve\x12\'.sage.rpc.gpu_manager.v1.ReserveRequest\x1a(.sage.rpc.gpu_manager.v1.ReserveResponse\x12\\\n\x07Release\x12\'.sage.rpc.gpu_manager.v1.ReleaseRequest\x1a(.sage.rpc.gpu_manager.v1.ReleaseResponse\x12w\n\x10ListReservations\x12\x30.sage.rpc.gpu_manager.v1.ListReservationsRequest\x1a\x31.sage.rpc.gpu_manager.v1.ListReservationsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)sage/rpc/gpu_manager/v1/gpu_manager.proto\x12\x17sage.rpc.gpu_manager.v1\"4\n\nGpuProcess\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x19\n\x11used_memory_bytes\x18\x02 \x01(\x03\"\xc7\x02\n\x03Gpu\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x1a\n\x12memory_total_bytes\x18\x04 \x01(\x03\x12\x19\n\x11memory_used_bytes\x18\x05 \x01(\x03\x12\x19\n\x11memory_free_bytes\x18\x06 \x01(\x03\x12\x1d\n\x15memory_reserved_bytes\x18\x07 \x01(\x03\x12\x1b\n\x13utilization_percent\x18\x08 \x01(\x05\x12\x1b\n\x13temperature_celsius\x18\t \x01(\x05\x12\x36\n\tprocesses\x18\n \x03(\x0b\x32#.sage.rpc.gpu_manager.v1.GpuProcess\x12\x1e\n\x16memory_available_bytes\x18\x0b \x01(\x03\x12\x12\n\nengine_ids\x18\x0c \x03(\t\"\x11\n\x0fListGpusRequest\"\x9f\x01\n\x10ListGpusResponse\x12*\n\x04gpus\x18\x01 \x03(\x0b\x32\x1c.sage.rpc.gpu_manager.v1.Gpu\x12\x16\n\x0envml_available\x18\x02 \x01(\x08\x12\x12\n\nnvml_error\x18\x03 \x01(\t\x12\x16\n\x0e\x64river_version\x18\x04 \x01(\t\x12\x1b\n\x13safety_margin_bytes\x18\x05 \x01(\x03\"\x82\x01\n\x0bReservation\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\x11\n\tgpu_index\x18\x02 \x01(\x05\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x03\x12\x11\n\towner_pid\x18\x04 \x01(\x05\x12\x12\n\ncreated_at\x18\x05 \x01(\x01\x12\x10\n\x08gpu_uuid\x18\x06 \x01(\t\"\x95\x01\n\x0eReserveRequest\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\x13\n\x0bgpu_indexes\x18\x02 \x03(\x05\x12\x11\n\tgpu_count\x18\x03 \x01(\x05\x12\x1c\n\x14memory_per_gpu_bytes\x18\x04 \x01(\x03\x12\x17\n\x0fmemory_fraction\x18\x05 \x01(\x01\x12\x11\n\towner_pid\x18\x06 \x01(\x05\"M\n\x0fReserveResponse\x12:\n\x0creservations\x18\x01 \x03(\x0b\x32$.sage.rpc.gpu_manager.v1.Reservation\"#\n\x0eReleaseRequest\x12\x11\n\tengine_id\x18\x01 \x01(\t\"M\n\x0fReleaseResponse\x12:\n\x0creservations\x18\x01 \x03(\x0b\x32$.sage.rpc.gpu_manager.v1.Reservation\"\x19\n\x17ListReservationsRequest\"V\n\x18ListReservationsResponse\x12:\n\x0creservations\x18\x01 \x03(\x0b\x32$.sage.rpc.gpu_manager.v1.Reservation\"\x12\n\x10ReconcileRequest\"K\n\x11ReconcileResponse\x12\x36\n\x08released\x18\x01 \x03(\x0b\x32$.sage.rpc.gpu_manager.v1.Reservation2\x8d\x04\n\x11GpuManagerService\x12_\n\x08ListGpus\x12(.sage.rpc.gpu_manager.v1.ListGpusRequest\x1a).sage.rpc.gpu_manager.v1.ListGpusResponse\x12\\\n\x07Reserve\x12\'.sage.rpc.gpu_manager.v1.ReserveRequest\x1a(.sage.rpc.gpu_manager.v1.ReserveResponse\x12\\\n\x07Release\x12\'.sage.rpc.gpu_manager.v1.ReleaseRequest\x1a(.sage.rpc.gpu_manager.v1.ReleaseResponse\x12w\n\x10ListReservations\x12\x30.sage.rpc.gpu_manager.v1.ListReservationsRequest\x1a\x31.sage.rpc.gpu_manager.v1.ListReservationsResponse\x12\x62\n\tReconcile\x12).sage.rpc.gpu_manager.v1.ReconcileRequest\x1a*.sage.rpc.gpu_manager.v1.ReconcileResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,25 +34,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GPUPROCESS']._serialized_start=70
   _globals['_GPUPROCESS']._serialized_end=122
   _globals['_GPU']._serialized_start=125
-  _globals['_GPU']._serialized_end=400
-  _globals['_LISTGPUSREQUEST']._serialized_start=402
-  _globals['_LISTGPUSREQUEST']._serialized_end=419
-  _globals['_LISTGPUSRESPONSE']._serialized_start=422
-  _globals['_LISTGPUSRESPONSE']._serialized_end=552
-  _globals['_RESERVATION']._serialized_start=554
-  _globals['_RESERVATION']._serialized_end=666
-  _globals['_RESERVEREQUEST']._serialized_start=669
-  _globals['_RESERVEREQUEST']._serialized_end=818
-  _globals['_RESERVERESPONSE']._serialized_start=820
-  _globals['_RESERVERESPONSE']._serialized_end=897
-  _globals['_RELEASEREQUEST']._serialized_start=899
-  _globals['_RELEASEREQUEST']._serialized_end=934
-  _globals['_RELEASERESPONSE']._serialized_start=936
-  _globals['_RELEASERESPONSE']._serialized_end=1013
-  _globals['_LISTRESERVATIONSREQUEST']._serialized_start=1015
-  _globals['_LISTRESERVATIONSREQUEST']._serialized_end=1040
-  _globals['_LISTRESERVATIONSRESPONSE']._serialized_start=1042
-  _globals['_LISTRESERVATIONSRESPONSE']._serialized_end=1128
-  _globals['_GPUMANAGERSERVICE']._serialized_start=1131
-  _globals['_GPUMANAGERSERVICE']._serialized_end=1556
+  _globals['_GPU']._serialized_end=452
+  _globals['_LISTGPUSREQUEST']._serialized_start=454
+  _globals['_LISTGPUSREQUEST']._serialized_end=471
+  _globals['_LISTGPUSRESPONSE']._serialized_start=474
+  _globals['_LISTGPUSRESPONSE']._serialized_end=633
+  _globals['_RESERVATION']._serialized_start=636
+  _globals['_RESERVATION']._serialized_end=766
+  _globals['_RESERVEREQUEST']._serialized_start=769
+  _globals['_RESERVEREQUEST']._serialized_end=918
+  _globals['_RESERVERESPONSE']._serialized_start=920
+  _globals['_RESERVERESPONSE']._serialized_end=997
+  _globals['_RELEASEREQUEST']._serialized_start=999
+  _globals['_RELEASEREQUEST']._serialized_end=1034
+  _globals['_RELEASERESPONSE']._serialized_start=1036
+  _globals['_RELEASERESPONSE']._serialized_end=1113
+  _globals['_LISTRESERVATIONSREQUEST']._serialized_start=1115
+  _globals['_LISTRESERVATIONSREQUEST']._serialized_end=1140
+  _globals['_LISTRESERVATIONSRESPONSE']._serialized_start=1142
+  _globals['_LISTRESERVATIONSRESPONSE']._serialized_end=1228
+  _globals['_RECONCILEREQUEST']._serialized_start=1230
+  _globals['_RECONCILEREQUEST']._serialized_end=1248
+  _globals['_RECONCILERESPONSE']._serialized_start=1250
+  _globals['_RECONCILERESPONSE']._serialized_end=1325
+  _globals['_GPUMANAGERSERVICE']._serialized_start=1328
+  _globals['_GPUMANAGERSERVICE']._serialized_end=1853
 # @@protoc_insertion_point(module_scope)

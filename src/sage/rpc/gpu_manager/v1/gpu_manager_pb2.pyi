@@ -58,6 +58,8 @@ class Gpu(_message.Message):
     UTILIZATION_PERCENT_FIELD_NUMBER: _builtins.int
     TEMPERATURE_CELSIUS_FIELD_NUMBER: _builtins.int
     PROCESSES_FIELD_NUMBER: _builtins.int
+    MEMORY_AVAILABLE_BYTES_FIELD_NUMBER: _builtins.int
+    ENGINE_IDS_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     uuid: _builtins.str
     name: _builtins.str
@@ -69,8 +71,16 @@ class Gpu(_message.Message):
     utilization_percent: _builtins.int
     """GPU utilisation in percent."""
     temperature_celsius: _builtins.int
+    memory_available_bytes: _builtins.int
+    """Bytes a new reservation can still get: free minus the safety margin minus reserved
+    memory not yet in use by its owner.
+    """
     @_builtins.property
     def processes(self) -> _containers.RepeatedCompositeFieldContainer[Global___GpuProcess]: ...
+    @_builtins.property
+    def engine_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Engines holding a reservation on this GPU."""
+
     def __init__(
         self,
         *,
@@ -84,10 +94,12 @@ class Gpu(_message.Message):
         utilization_percent: _builtins.int = ...,
         temperature_celsius: _builtins.int = ...,
         processes: _abc.Iterable[Global___GpuProcess] | None = ...,
+        memory_available_bytes: _builtins.int = ...,
+        engine_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "memory_free_bytes", b"memory_free_bytes", "memory_reserved_bytes", b"memory_reserved_bytes", "memory_total_bytes", b"memory_total_bytes", "memory_used_bytes", b"memory_used_bytes", "name", b"name", "processes", b"processes", "temperature_celsius", b"temperature_celsius", "utilization_percent", b"utilization_percent", "uuid", b"uuid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine_ids", b"engine_ids", "index", b"index", "memory_available_bytes", b"memory_available_bytes", "memory_free_bytes", b"memory_free_bytes", "memory_reserved_bytes", b"memory_reserved_bytes", "memory_total_bytes", b"memory_total_bytes", "memory_used_bytes", b"memory_used_bytes", "name", b"name", "processes", b"processes", "temperature_celsius", b"temperature_celsius", "utilization_percent", b"utilization_percent", "uuid", b"uuid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -116,10 +128,13 @@ class ListGpusResponse(_message.Message):
     NVML_AVAILABLE_FIELD_NUMBER: _builtins.int
     NVML_ERROR_FIELD_NUMBER: _builtins.int
     DRIVER_VERSION_FIELD_NUMBER: _builtins.int
+    SAFETY_MARGIN_BYTES_FIELD_NUMBER: _builtins.int
     nvml_available: _builtins.bool
     """False when NVML could not be used; `nvml_error` says why."""
     nvml_error: _builtins.str
     driver_version: _builtins.str
+    safety_margin_bytes: _builtins.int
+    """Bytes per GPU the ledger never hands out (the larger of a fraction of total and a floor)."""
     @_builtins.property
     def gpus(self) -> _containers.RepeatedCompositeFieldContainer[Global___Gpu]: ...
     def __init__(
@@ -129,10 +144,11 @@ class ListGpusResponse(_message.Message):
         nvml_available: _builtins.bool = ...,
         nvml_error: _builtins.str = ...,
         driver_version: _builtins.str = ...,
+        safety_margin_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["driver_version", b"driver_version", "gpus", b"gpus", "nvml_available", b"nvml_available", "nvml_error", b"nvml_error"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["driver_version", b"driver_version", "gpus", b"gpus", "nvml_available", b"nvml_available", "nvml_error", b"nvml_error", "safety_margin_bytes", b"safety_margin_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -149,6 +165,7 @@ class Reservation(_message.Message):
     MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     OWNER_PID_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    GPU_UUID_FIELD_NUMBER: _builtins.int
     engine_id: _builtins.str
     gpu_index: _builtins.int
     memory_bytes: _builtins.int
@@ -156,6 +173,8 @@ class Reservation(_message.Message):
     """Process that owns it; the ledger releases it when the process is gone."""
     created_at: _builtins.float
     """Seconds since the epoch."""
+    gpu_uuid: _builtins.str
+    """NVML UUID of the GPU at the time of the reservation."""
     def __init__(
         self,
         *,
@@ -164,10 +183,11 @@ class Reservation(_message.Message):
         memory_bytes: _builtins.int = ...,
         owner_pid: _builtins.int = ...,
         created_at: _builtins.float = ...,
+        gpu_uuid: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "engine_id", b"engine_id", "gpu_index", b"gpu_index", "memory_bytes", b"memory_bytes", "owner_pid", b"owner_pid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "engine_id", b"engine_id", "gpu_index", b"gpu_index", "gpu_uuid", b"gpu_uuid", "memory_bytes", b"memory_bytes", "owner_pid", b"owner_pid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -191,6 +211,7 @@ class ReserveRequest(_message.Message):
     memory_fraction: _builtins.float
     """Fraction of each GPU's total memory, used when memory_per_gpu_bytes is 0."""
     owner_pid: _builtins.int
+    """Process that owns the reservation; 0 means none (never released by Reconcile)."""
     @_builtins.property
     def gpu_indexes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Explicit GPU indexes; empty lets the ledger choose `gpu_count` GPUs."""
@@ -308,3 +329,40 @@ class ListReservationsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListReservationsResponse: _TypeAlias = ListReservationsResponse  # noqa: Y015
+
+@_typing.final
+class ReconcileRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReconcileRequest: _TypeAlias = ReconcileRequest  # noqa: Y015
+
+@_typing.final
+class ReconcileResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELEASED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def released(self) -> _containers.RepeatedCompositeFieldContainer[Global___Reservation]:
+        """Reservations released because their owner process is gone."""
+
+    def __init__(
+        self,
+        *,
+        released: _abc.Iterable[Global___Reservation] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["released", b"released"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReconcileResponse: _TypeAlias = ReconcileResponse  # noqa: Y015

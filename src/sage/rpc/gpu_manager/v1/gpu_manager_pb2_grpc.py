@@ -56,6 +56,11 @@ class GpuManagerServiceStub:
                 request_serializer=sage_dot_rpc_dot_gpu__manager_dot_v1_dot_gpu__manager__pb2.ListReservationsRequest.SerializeToString,
                 response_deserializer=sage_dot_rpc_dot_gpu__manager_dot_v1_dot_gpu__manager__pb2.ListReservationsResponse.FromString,
                 _registered_method=True)
+        self.Reconcile = channel.unary_unary(
+                '/sage.rpc.gpu_manager.v1.GpuManagerService/Reconcile',
+                request_serializer=sage_dot_rpc_dot_gpu__manager_dot_v1_dot_gpu__manager__pb2.ReconcileRequest.SerializeToString,
+                response_deserializer=sage_dot_rpc_dot_gpu__manager_dot_v1_dot_gpu__manager__pb2.ReconcileResponse.FromString,
+                _registered_method=True)
 
 
 class GpuManagerServiceServicer:
@@ -91,6 +96,14 @@ class GpuManagerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Reconcile(self, request, context):
+        """Reconcile releases reservations whose owner process is gone (the service also does
+        this on a timer).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GpuManagerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +126,11 @@ def add_GpuManagerServiceServicer_to_server(servicer, server):
                     servicer.ListReservations,
                     request_deserializer=sage_dot_rpc_dot_gpu__manager_dot_v1_dot_gpu__manager__pb2.ListReservationsRequest.FromString,
                     response_serializer=sage_dot_rpc_dot_gpu__manager_dot_v1_dot_gpu__manager__pb2.ListReservationsResponse.SerializeToString,
+            ),
+            'Reconcile': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reconcile,
+                    request_deserializer=sage_dot_rpc_dot_gpu__manager_dot_v1_dot_gpu__manager__pb2.ReconcileRequest.FromString,
+                    response_serializer=sage_dot_rpc_dot_gpu__manager_dot_v1_dot_gpu__manager__pb2.ReconcileResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -225,6 +243,33 @@ class GpuManagerService:
             '/sage.rpc.gpu_manager.v1.GpuManagerService/ListReservations',
             sage_dot_rpc_dot_gpu__manager_dot_v1_dot_gpu__manager__pb2.ListReservationsRequest.SerializeToString,
             sage_dot_rpc_dot_gpu__manager_dot_v1_dot_gpu__manager__pb2.ListReservationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reconcile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sage.rpc.gpu_manager.v1.GpuManagerService/Reconcile',
+            sage_dot_rpc_dot_gpu__manager_dot_v1_dot_gpu__manager__pb2.ReconcileRequest.SerializeToString,
+            sage_dot_rpc_dot_gpu__manager_dot_v1_dot_gpu__manager__pb2.ReconcileResponse.FromString,
             options,
             channel_credentials,
             insecure,

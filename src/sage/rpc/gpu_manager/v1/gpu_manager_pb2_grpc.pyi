@@ -43,6 +43,10 @@ class GpuManagerServiceStub:
     """Release frees every reservation an engine holds."""
     ListReservations: _grpc.UnaryUnaryMultiCallable[_gpu_manager_pb2.ListReservationsRequest, _gpu_manager_pb2.ListReservationsResponse]
     """ListReservations returns the ledger."""
+    Reconcile: _grpc.UnaryUnaryMultiCallable[_gpu_manager_pb2.ReconcileRequest, _gpu_manager_pb2.ReconcileResponse]
+    """Reconcile releases reservations whose owner process is gone (the service also does
+    this on a timer).
+    """
 
 @_typing.type_check_only
 class GpuManagerServiceAsyncStub(GpuManagerServiceStub):
@@ -59,6 +63,10 @@ class GpuManagerServiceAsyncStub(GpuManagerServiceStub):
     """Release frees every reservation an engine holds."""
     ListReservations: _aio.UnaryUnaryMultiCallable[_gpu_manager_pb2.ListReservationsRequest, _gpu_manager_pb2.ListReservationsResponse]  # type: ignore[assignment]
     """ListReservations returns the ledger."""
+    Reconcile: _aio.UnaryUnaryMultiCallable[_gpu_manager_pb2.ReconcileRequest, _gpu_manager_pb2.ReconcileResponse]  # type: ignore[assignment]
+    """Reconcile releases reservations whose owner process is gone (the service also does
+    this on a timer).
+    """
 
 class GpuManagerServiceServicer(metaclass=_abc_1.ABCMeta):
     """GpuManagerService reports NVML readings and keeps the logical reservation ledger
@@ -96,5 +104,15 @@ class GpuManagerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_gpu_manager_pb2.ListReservationsResponse, _abc.Awaitable[_gpu_manager_pb2.ListReservationsResponse]]:
         """ListReservations returns the ledger."""
+
+    @_abc_1.abstractmethod
+    def Reconcile(
+        self,
+        request: _gpu_manager_pb2.ReconcileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gpu_manager_pb2.ReconcileResponse, _abc.Awaitable[_gpu_manager_pb2.ReconcileResponse]]:
+        """Reconcile releases reservations whose owner process is gone (the service also does
+        this on a timer).
+        """
 
 def add_GpuManagerServiceServicer_to_server(servicer: GpuManagerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
