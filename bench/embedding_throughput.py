@@ -1,0 +1,162 @@
+"""Embedding throughput: many small callers through the gateway vs the model in-process.
+
+All in one run on one machine, reported as ratios:
+  in-process   SentenceTransformer.encode(texts, batch_size=64) in this process (baseline)
+  gateway      C concurrent clients, one short text per request, edge → scheduler →
+               embedding service (batcher) → engine (all separate processes)
+  engine       the same clients straight to the engine (its own in-process batching)
+  one-by-one   one client, one text per request, straight to the engine (no batching)
+Usage: python bench/embedding_throughput.py [--clients 64] [--requests 1280]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import grpc
+import psutil
+
+from sage.common.utils.processes import free_port, stop_process, wait_http
+from sage.engines.embedding import BUNDLED_MODEL_NAME, EmbeddingModel, EngineConfig
+from sage.rpc.common.v1 import common_pb2
+from sage.rpc.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+
+def texts_for(n: int) -> list[str]:
+    return [f"user {i} asks about the quarterly report and the serving latency" for i in range(n)]
+
+
+async def load(url: str, texts: list[str], clients: int) -> float:
+    """texts/s for `clients` concurrent workers sending one text per request (bounded count)."""
+    queue = list(reversed(texts))
+    errors = 0
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal errors
+        while queue:
+            text = queue.pop()
+            async with session.post(url, json={"model": BUNDLED_MODEL_NAME, "input": text}) as r:
+                await r.read()
+                errors += r.status != 200
+
+    timeout = aiohttp.ClientTimeout(total=300)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(session) for _ in range(clients)))
+        elapsed = time.perf_counter() - started
+    if errors:
+        raise RuntimeError(f"{errors} requests failed against {url}")
+    return len(texts) / elapsed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=1280)
+    args = parser.parse_args()
+    texts = texts_for(args.requests)
+
+    model = EmbeddingModel(EngineConfig(device="cpu"))
+    model.encode(texts[:64])
+    started = time.perf_counter()
+    for i in range(0, len(texts), 64):
+        model.encode(texts[i : i + 64])
+    in_process = len(texts) / (time.perf_counter() - started)
+    del model
+
+    tmp = Path(tempfile.mkdtemp(prefix="sage-embbench-"))
+    ports = {name: free_port() for name in ("engine", "embedding", "scheduler", "edge", "life")}
+    env = {
+        **os.environ,
+        "SAGE_HOME": str(tmp),
+        "SAGE_LOG_LEVEL": "WARNING",
+        "SAGE_SCHEDULER_PORT": str(ports["scheduler"]),
+        "SAGE_EMBEDDING_SERVICE_PORT": str(ports["embedding"]),
+        "SAGE_GATEWAY_PORT": str(ports["edge"]),
+        "SAGE_LIFECYCLE_PORT": str(ports["life"]),
+        "HF_HUB_OFFLINE": "1",
+    }
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "sage.engines.embedding",
+                "--port",
+                str(ports["engine"]),
+                "--device",
+                "cpu",
+                "--log-level",
+                "WARNING",
+            ],
+            env=env,
+        )
+    ]
+    procs += [
+        subprocess.Popen([sys.executable, "-m", f"sage.services.{name}"], env=env)
+        for name in ("embedding", "scheduler", "edge")
+    ]
+    try:
+        engine = f"http://127.0.0.1:{ports['engine']}"
+        wait_http(engine + "/health", timeout=120)
+        with grpc.insecure_channel(f"127.0.0.1:{ports['scheduler']}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=30)
+            scheduler_pb2_grpc.SchedulerServiceStub(channel).RegisterEngine(
+                scheduler_pb2.RegisterEngineRequest(
+                    engine=common_pb2.Engine(
+                        engine_id="minilm-0",
+                        model=BUNDLED_MODEL_NAME,
+                        kind=common_pb2.ENGINE_KIND_EMBEDDING,
+                        base_url=engine,
+                    )
+                ),
+                timeout=10,
+            )
+        gateway = f"http://127.0.0.1:{ports['edge']}"
+        wait_http(gateway + "/health")
+        asyncio.run(load(gateway + "/v1/embeddings", texts[:128], args.clients))  # warm-up
+        names = ["engine", "embedding service", "scheduler", "edge"]
+        before = [psutil.Process(p.pid).cpu_times() for p in procs]
+        load_before = psutil.Process().cpu_times()
+        via_gateway = asyncio.run(load(gateway + "/v1/embeddings", texts, args.clients))
+        cpu_ms = {
+            name: (sum(psutil.Process(p.pid).cpu_times()[:2]) - sum(b[:2])) * 1000 / len(texts)
+            for name, p, b in zip(names, procs, before, strict=True)
+        }
+        cpu_ms["load generator"] = (
+            (sum(psutil.Process().cpu_times()[:2]) - sum(load_before[:2])) * 1000 / len(texts)
+        )
+        direct = asyncio.run(load(engine + "/v1/embeddings", texts, args.clients))
+        one_by_one = asyncio.run(load(engine + "/v1/embeddings", texts[:256], 1))
+    finally:
+        for proc in procs:
+            stop_process(proc)
+        shutil.rmtree(tmp, ignore_errors=True)
+    rows = [
+        ("in-process encode, batch 64 (baseline)", in_process),
+        (f"gateway, {args.clients} clients x 1 text", via_gateway),
+        (f"engine direct, {args.clients} clients x 1 text", direct),
+        ("engine direct, 1 client, one by one", one_by_one),
+    ]
+    print("| path | texts/s | ratio to in-process |\n|---|---|---|")
+    for name, rate in rows:
+        print(f"| {name} | {rate:.0f} | {rate / in_process:.2f} |")
+    print(f"\nbatching win (gateway vs one-by-one): {via_gateway / one_by_one:.1f}x")
+    print(
+        "\nCPU ms per request during the gateway run: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in cpu_ms.items())
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

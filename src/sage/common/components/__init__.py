@@ -1,0 +1,1 @@
+"""Reusable building blocks of sage.common (embedding methods, ...)."""

@@ -1,0 +1,1 @@
+"""Tests of sage.common.components.sage_embedding."""
