@@ -16,9 +16,9 @@ import grpc
 import orjson
 
 from sage.common.config.settings import SageSettings
-from sage.common.exceptions import InvalidRequestError, SageError, ServiceUnavailableError
+from sage.common.exceptions import SageError, ServiceUnavailableError
 from sage.common.grpc import create_channel, from_rpc_error, rpc_errors_as_sage
-from sage.common.grpc.engine_enums import kind_name, kind_value, state_name
+from sage.common.grpc.engine_enums import kind_name
 from sage.common.http import (
     App,
     Handler,
@@ -28,15 +28,17 @@ from sage.common.http import (
     StreamingResponse,
     sse_event,
 )
-from sage.rpc.common.v1 import common_pb2
-from sage.rpc.lifecycle.v1 import lifecycle_pb2, lifecycle_pb2_grpc
+from sage.rpc.gpu_manager.v1 import gpu_manager_pb2_grpc
+from sage.rpc.lifecycle.v1 import lifecycle_pb2_grpc
 from sage.rpc.scheduler.v1 import scheduler_pb2 as spb
 from sage.rpc.scheduler.v1 import scheduler_pb2_grpc as spb_grpc
 
 if TYPE_CHECKING:
+    from sage.rpc.gpu_manager.v1.gpu_manager_pb2_grpc import GpuManagerServiceAsyncStub
     from sage.rpc.lifecycle.v1.lifecycle_pb2_grpc import LifecycleServiceAsyncStub
     from sage.rpc.scheduler.v1.scheduler_pb2_grpc import SchedulerServiceAsyncStub
 
+from .management import add_management_routes
 from .validation import (
     ParsedRequest,
     parse_json_object,
@@ -54,6 +56,7 @@ class Upstreams:
 
     scheduler: SchedulerServiceAsyncStub
     lifecycle: LifecycleServiceAsyncStub
+    gpu: GpuManagerServiceAsyncStub
     channels: tuple[grpc.aio.Channel, ...]
 
     async def close(self) -> None:
@@ -63,28 +66,16 @@ class Upstreams:
 
 
 def open_upstreams(settings: SageSettings) -> Upstreams:
-    """Channels to the scheduler and lifecycle from settings."""
+    """Channels to the scheduler, lifecycle and gpu_manager from settings."""
     sched = create_channel(settings.address("scheduler"), default_timeout=settings.rpc_timeout_s)
     life = create_channel(settings.address("lifecycle"), default_timeout=settings.rpc_timeout_s)
+    gpu = create_channel(settings.address("gpu_manager"), default_timeout=settings.rpc_timeout_s)
     return Upstreams(
         spb_grpc.SchedulerServiceStub(sched),
         lifecycle_pb2_grpc.LifecycleServiceStub(life),
-        (sched, life),
+        gpu_manager_pb2_grpc.GpuManagerServiceStub(gpu),
+        (sched, life, gpu),
     )
-
-
-def _engine_json(engine: common_pb2.Engine) -> dict[str, Any]:
-    return {
-        "engine_id": engine.engine_id,
-        "model": engine.model,
-        "kind": kind_name(engine.kind, "unspecified"),
-        "base_url": engine.base_url,
-        "state": state_name(engine.state),
-        "backend": engine.backend,
-        "aliases": list(engine.aliases),
-        "port": engine.port,
-        "pid": engine.pid,
-    }
 
 
 async def _stream_sse(call: Any) -> StreamingResponse:
@@ -244,69 +235,6 @@ def create_app(settings: SageSettings) -> App:
             return JSONResponse({"status": "unavailable", "scheduler": str(detail)}, 503)
         return JSONResponse({"status": "ok", "engines_ready": status.engines_ready})
 
-    @app.route("GET", "/v1/management/status")
-    async def management_status(request: Request) -> Response:
-        with rpc_errors_as_sage():
-            status = await up().scheduler.GetStatus(spb.GetStatusRequest())
-            engines = await up().scheduler.ListEngines(spb.ListEnginesRequest())
-        listed = [_engine_json(e) for e in engines.engines]
-        ready = [e for e in listed if e["state"] == "ready"]
-        return JSONResponse(
-            {
-                "llm_available": any(e["kind"] == "llm" for e in ready),
-                "embedding_available": any(e["kind"] == "embedding" for e in ready),
-                "engines_total": status.engines_total,
-                "engines_ready": status.engines_ready,
-                "in_flight": status.in_flight,
-                "queued": status.queued,
-                "policy": status.policy,
-                "requests_total": status.requests_total,
-                "requests_failed": status.requests_failed,
-                "engines": listed,
-            }
-        )
-
-    @app.route("GET", "/v1/management/engines")
-    async def list_engines(request: Request) -> Response:
-        with rpc_errors_as_sage():
-            reply = await up().lifecycle.ListEngines(lifecycle_pb2.ListEnginesRequest())
-        return JSONResponse({"object": "list", "data": [_engine_json(e) for e in reply.engines]})
-
-    @app.route("POST", "/v1/management/engines")
-    async def start_engine(request: Request) -> Response:
-        doc = parse_json_object(await request.body())
-        model = doc.get("model")
-        if not isinstance(model, str) or not model:
-            raise InvalidRequestError("model is required", param="model")
-        kind = doc.get("engine_kind", doc.get("kind", "llm"))
-        if kind not in ("llm", "embedding"):
-            raise InvalidRequestError("engine_kind must be llm or embedding", param="engine_kind")
-        try:
-            start = lifecycle_pb2.StartEngineRequest(
-                model=model,
-                kind=kind_value(kind),
-                backend=str(doc.get("backend", "")),
-                tensor_parallel_size=int(doc.get("tensor_parallel_size", 1)),
-                port=int(doc.get("port", 0)),
-                engine_id=str(doc.get("engine_id", "")),
-                base_url=str(doc.get("base_url", "")),
-                startup_timeout_s=int(doc.get("startup_timeout_s", 300)),
-            )
-        except (TypeError, ValueError) as exc:
-            raise InvalidRequestError(f"invalid engine request: {exc}") from None
-        with rpc_errors_as_sage():
-            reply = await up().lifecycle.StartEngine(start, timeout=start.startup_timeout_s + 30)
-        return JSONResponse(_engine_json(reply.engine), 201)
-
-    @app.route("DELETE", "/v1/management/engines/*")
-    async def stop_engine(request: Request) -> Response:
-        engine_id = request.path.removeprefix("/v1/management/engines/")
-        if not engine_id:
-            raise InvalidRequestError("engine id is required in the path", param="engine_id")
-        with rpc_errors_as_sage():
-            reply = await up().lifecycle.StopEngine(
-                lifecycle_pb2.StopEngineRequest(engine_id=engine_id), timeout=60
-            )
-        return JSONResponse(_engine_json(reply.engine))
+    add_management_routes(app, up, settings.admin_api_key, settings.rpc_timeout_s)
 
     return app

@@ -1,4 +1,11 @@
-"""EngineLifecycleManager: engine processes from launch to exit, with logs and health."""
+"""EngineLifecycleManager: engine processes from launch to exit.
+
+Start: validate → pick backend and port → reserve GPUs → spawn (argv, never a shell) →
+wait for readiness → register with the scheduler. A watcher restarts crashed engines with
+exponential backoff and marks them failed after repeated crashes. Stop: deregister → drain →
+SIGTERM → SIGKILL after a grace period → release GPUs. Every change is persisted, and a
+restarted manager re-adopts live engines and cleans up the rest.
+"""
 
 from __future__ import annotations
 
@@ -15,46 +22,87 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
 import httpx
+import psutil
 
 from sage.common.config.ports import SagePorts
 from sage.common.exceptions import (
     ConflictError,
     EngineNotFoundError,
     EngineStartError,
+    InsufficientResourcesError,
     InvalidRequestError,
 )
 
-from .commands import EngineSpec, build_command, resolve_backend
+from .backends import get_backend, list_backends, resolve_backend
+from .backends.base import Backend
+from .spec import EngineSpec, validate_spec
+from .store import (
+    FAILED,
+    LIVE_STATES,
+    READY,
+    STARTING,
+    STOPPED,
+    STOPPING,
+    EngineRecord,
+    EngineStore,
+)
 
 log = logging.getLogger("sage.lifecycle")
 
-
-@dataclass(frozen=True)
-class EngineInstance:
-    """A running (or finished) engine."""
-
-    engine_id: str
-    spec: EngineSpec
-    backend: str
-    base_url: str
-    port: int
-    pid: int
-    state: str  # starting | ready | stopped | failed
-    log_path: str
-    started_at: float
-
-
-Registrar = Callable[[EngineInstance], Awaitable[None]]
+Registrar = Callable[[EngineRecord], Awaitable[None]]
 Deregistrar = Callable[[str], Awaitable[None]]
 
+# Log files are rotated when an engine (re)starts and its log is over this size. Engines
+# write straight to the file (no pipe through lifecycle), so they survive a lifecycle restart.
+LOG_ROTATE_BYTES = 20 * 1024 * 1024
+DEFAULT_GPU_MEMORY_FRACTION = 0.9  # vLLM's own default for --gpu-memory-utilization
+DEFAULT_SMALL_ENGINE_GB = 2.0  # embedding / small chat engines on a GPU
 
-def _slug(model: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-")[:40] or "engine"
+
+class GpuAllocator(Protocol):
+    """What lifecycle needs from gpu_manager."""
+
+    async def gpu_count(self) -> int:
+        """GPUs on this host (0 when none or unknown)."""
+        ...
+
+    async def reserve(
+        self, engine_id: str, count: int, memory_per_gpu_bytes: int, memory_fraction: float
+    ) -> list[int]:
+        """Reserve `count` GPUs; returns their indexes or raises InsufficientResourcesError."""
+        ...
+
+    async def release(self, engine_id: str) -> None:
+        """Release an engine's reservation (nothing held is fine)."""
+        ...
+
+    async def reserved_engine_ids(self) -> list[str]:
+        """Engines that hold reservations."""
+        ...
 
 
-async def _noop_register(instance: EngineInstance) -> None:
+class NoGpus:
+    """The allocator for hosts without a GPU manager: zero GPUs, nothing to reserve."""
+
+    async def gpu_count(self) -> int:
+        return 0
+
+    async def reserve(
+        self, engine_id: str, count: int, memory_per_gpu_bytes: int, memory_fraction: float
+    ) -> list[int]:
+        raise InsufficientResourcesError("this host has no GPUs", param="use_gpu")
+
+    async def release(self, engine_id: str) -> None:
+        return None
+
+    async def reserved_engine_ids(self) -> list[str]:
+        return []
+
+
+async def _noop_register(record: EngineRecord) -> None:
     return None
 
 
@@ -62,185 +110,516 @@ async def _noop_deregister(engine_id: str) -> None:
     return None
 
 
+@dataclass(frozen=True)
+class RestartPolicy:
+    """Crash handling: backoff doubles from `initial_s` to `max_s`; more than `max_crashes`
+    crashes within `window_s` marks the engine failed."""
+
+    initial_s: float = 1.0
+    max_s: float = 30.0
+    max_crashes: int = 3
+    window_s: float = 300.0
+
+
+def _slug(model: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-")[-40:].strip("-") or "engine"
+
+
+def _missing_local_path(model: str) -> bool:
+    """A model given as a filesystem path that does not exist (an HF id is not a path)."""
+    return model.startswith(("/", "./", "~")) and not Path(model).expanduser().exists()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 class EngineLifecycleManager:
-    """Starts engines, waits until they answer /health, registers them; stops them cleanly."""
+    """Owns engine processes, their ports, GPU reservations, logs and registrations."""
 
     def __init__(
         self,
-        log_dir: Path,
+        state_dir: Path,
         *,
         register: Registrar = _noop_register,
         deregister: Deregistrar = _noop_deregister,
+        gpus: GpuAllocator | None = None,
+        restart: RestartPolicy | None = None,
+        watch_interval_s: float = 0.5,
         health_interval_s: float = 0.2,
     ) -> None:
-        self.log_dir = log_dir
+        self.log_dir = state_dir / "logs"
+        self.store = EngineStore(state_dir / "engines.json")
         self._register = register
         self._deregister = deregister
+        self.gpus: GpuAllocator = gpus or NoGpus()
+        self.restart = restart or RestartPolicy()
+        self._watch_interval_s = watch_interval_s
         self._health_interval_s = health_interval_s
-        self._instances: dict[str, EngineInstance] = {}
+        self._records: dict[str, EngineRecord] = {}
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._busy: set[str] = set()  # engines being started, restarted or stopped
         self._lock = asyncio.Lock()
         self._http = httpx.AsyncClient(timeout=2.0, trust_env=False)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._watcher: asyncio.Task[None] | None = None
+
+    # -- persistence ------------------------------------------------------------------
+
+    def _persist(self) -> None:
+        self.store.save(list(self._records.values()))
+
+    def _set(self, record: EngineRecord) -> EngineRecord:
+        self._records[record.engine_id] = record
+        self._persist()
+        return record
+
+    # -- start ------------------------------------------------------------------------
+
+    async def start(self, spec: EngineSpec, *, wait: bool = True) -> EngineRecord:
+        """Start an engine; with wait, return once it is ready (or raise why it is not)."""
+        validate_spec(spec)
+        if _missing_local_path(spec.model):
+            raise InvalidRequestError(f"model path {spec.model} does not exist", param="model_id")
+        gpu_count = await self.gpus.gpu_count()
+        backend = resolve_backend(spec, gpu_count=gpu_count)
+        if spec.kind not in backend.kinds:
+            raise InvalidRequestError(
+                f"backend {backend.name} does not serve {spec.kind} engines", param="backend"
+            )
+        if backend.launches_process:
+            availability = backend.availability()
+            if not availability.ok:
+                raise InvalidRequestError(
+                    f"backend {backend.name} cannot run here: {availability.reason}",
+                    param="backend",
+                )
+        async with self._lock:
+            engine_id = spec.engine_id or f"{_slug(spec.model)}-{uuid.uuid4().hex[:6]}"
+            current = self._records.get(engine_id)
+            if current is not None and current.state in LIVE_STATES:
+                raise ConflictError(f"engine {engine_id!r} already exists", param="engine_id")
+            if not backend.launches_process:
+                return await self._adopt_external(engine_id, spec, backend)
+            port = self._pick_port(spec)
+            use_gpu = backend.uses_gpu and spec.use_gpu is not False and gpu_count > 0
+            if spec.use_gpu and gpu_count == 0:
+                raise InsufficientResourcesError(
+                    "use_gpu was asked but this host has no GPUs", param="use_gpu"
+                )
+            if use_gpu and spec.gpus_needed > gpu_count:
+                raise InsufficientResourcesError(
+                    f"{spec.gpus_needed} GPUs asked (tensor x pipeline parallel), host has "
+                    f"{gpu_count}",
+                    param="tensor_parallel_size",
+                )
+            gpu_ids = await self._reserve(engine_id, spec, backend) if use_gpu else []
+            record = EngineRecord(
+                engine_id=engine_id,
+                spec=spec,
+                backend=backend.name,
+                base_url=f"http://{spec.host}:{port}",
+                host=spec.host,
+                port=port,
+                log_path=str(self.log_dir / f"{engine_id}.log"),
+                gpu_ids=gpu_ids,
+            )
+            self._busy.add(engine_id)
+            try:
+                record = self._spawn(record, backend)
+            except BaseException:
+                self._busy.discard(engine_id)
+                await self.gpus.release(engine_id)
+                raise
+        if not wait:
+            self._background(self._finish_start(record, backend, raise_errors=False))
+            return record
+        return await self._finish_start(record, backend, raise_errors=True)
+
+    async def _adopt_external(
+        self, engine_id: str, spec: EngineSpec, backend: Backend
+    ) -> EngineRecord:
+        if not spec.base_url.startswith(("http://", "https://")):
+            raise InvalidRequestError("base_url must be an http(s) URL", param="base_url")
+        url = httpx.URL(spec.base_url)
+        record = EngineRecord(
+            engine_id=engine_id,
+            spec=spec,
+            backend=backend.name,
+            base_url=spec.base_url.rstrip("/").removesuffix("/v1"),
+            host=url.host,
+            port=url.port or 0,
+            state=READY,
+        )
+        self._set(record)
+        await self._register(record)
+        return record
 
     def _pick_port(self, spec: EngineSpec) -> int:
-        used = {i.port for i in self._instances.values() if i.state in ("starting", "ready")}
+        used = {r.port for r in self._records.values() if r.state in LIVE_STATES}
         if spec.port:
-            if spec.port in used or not SagePorts.is_available(spec.port, spec.host):
+            if spec.port in used or not SagePorts.is_available(spec.port, spec.host, 0.3):
                 raise ConflictError(f"port {spec.port} is already in use", param="port")
             return spec.port
         for _ in range(20):
             port = SagePorts.find_available_port(host=spec.host)
             if port not in used:
                 return port
-        raise ConflictError("no free port in the engine range", param="port")
+        raise ConflictError("no free port in the engine port range", param="port")
 
-    async def start(self, spec: EngineSpec) -> EngineInstance:
-        """Launch (or adopt an external) engine and return it once it is ready."""
-        if not spec.model:
-            raise InvalidRequestError("model is required", param="model")
-        if spec.kind not in ("llm", "embedding"):
-            raise InvalidRequestError(
-                f"kind must be llm or embedding, got {spec.kind!r}", param="kind"
-            )
-        backend = resolve_backend(spec)
-        async with self._lock:
-            engine_id = spec.engine_id or f"{_slug(spec.model)}-{uuid.uuid4().hex[:6]}"
-            current = self._instances.get(engine_id)
-            if current is not None and current.state in ("starting", "ready"):
-                raise ConflictError(f"engine {engine_id!r} already exists", param="engine_id")
-            if backend == "external":
-                if not spec.base_url.startswith(("http://", "https://")):
-                    raise InvalidRequestError("base_url must be an http(s) URL", param="base_url")
-                instance = EngineInstance(
-                    engine_id,
-                    spec,
-                    backend,
-                    spec.base_url.rstrip("/"),
-                    0,
-                    0,
-                    "starting",
-                    "",
-                    time.time(),
-                )
-                self._instances[engine_id] = instance
-                proc = None
+    async def _reserve(self, engine_id: str, spec: EngineSpec, backend: Backend) -> list[int]:
+        per_gpu = int(spec.required_memory_gb * 2**30)
+        fraction = 0.0
+        if not per_gpu:
+            if backend.name == "vllm":
+                fraction = spec.gpu_memory_utilization or DEFAULT_GPU_MEMORY_FRACTION
             else:
-                port = self._pick_port(spec)
-                argv = build_command(spec, backend, port)
-                self.log_dir.mkdir(parents=True, exist_ok=True)
-                log_path = self.log_dir / f"{engine_id}.log"
-                with open(log_path, "ab") as log_file:  # noqa: ASYNC230 - open() of a local file
-                    # Popen (vfork + exec), not the event loop's fork: forking a process
-                    # that runs gRPC threads under uvloop can crash the child before exec.
-                    proc = subprocess.Popen(  # noqa: ASYNC220 - vfork+exec returns at once
-                        argv,
-                        stdin=subprocess.DEVNULL,
-                        stdout=log_file,
-                        stderr=subprocess.STDOUT,
-                        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                    )
-                base_url = f"http://{spec.host}:{port}"
-                instance = EngineInstance(
-                    engine_id,
-                    spec,
-                    backend,
-                    base_url,
-                    port,
-                    proc.pid,
-                    "starting",
-                    str(log_path),
-                    time.time(),
-                )
-                self._instances[engine_id] = instance
-                self._procs[engine_id] = proc
-                log.info(
-                    "engine launched",
-                    extra={"engine_id": engine_id, "pid": proc.pid, "argv": " ".join(argv)},
-                )
-        try:
-            await self._wait_healthy(instance, proc)
-            ready = replace(instance, state="ready")
-            self._instances[engine_id] = ready
-            await self._register(ready)
-        except BaseException as exc:
-            await self._kill(engine_id)
-            self._instances[engine_id] = replace(instance, state="failed")
-            if isinstance(exc, EngineStartError | asyncio.CancelledError):
-                raise
-            raise EngineStartError(f"engine {engine_id} failed to start: {exc}") from exc
-        log.info("engine ready", extra={"engine_id": engine_id, "base_url": ready.base_url})
-        return ready
+                per_gpu = int(DEFAULT_SMALL_ENGINE_GB * 2**30)
+        return await self.gpus.reserve(engine_id, spec.gpus_needed, per_gpu, fraction)
 
-    async def _wait_healthy(
-        self, instance: EngineInstance, proc: subprocess.Popen[bytes] | None
-    ) -> None:
-        deadline = time.monotonic() + instance.spec.startup_timeout_s
-        url = instance.base_url + "/health"
+    def _spawn(self, record: EngineRecord, backend: Backend) -> EngineRecord:
+        plan = backend.plan(record.spec, record.port, record.gpu_ids)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = Path(record.log_path)
+        if log_path.exists() and log_path.stat().st_size > LOG_ROTATE_BYTES:
+            os.replace(log_path, log_path.with_suffix(".log.1"))
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **plan.env}
+        with open(log_path, "ab") as log_file:
+            log_file.write(f"=== {time.strftime('%F %T')} starting: {plan.argv}\n".encode())
+            log_file.flush()
+            # Popen (vfork + exec), not the event loop's fork: forking a process that runs
+            # gRPC threads under uvloop can crash the child before exec.
+            proc = subprocess.Popen(
+                plan.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        self._procs[record.engine_id] = proc
+        log.info(
+            "engine launched",
+            extra={"engine_id": record.engine_id, "pid": proc.pid, "backend": backend.name},
+        )
+        return self._set(
+            replace(
+                record,
+                pid=proc.pid,
+                state=STARTING,
+                started_at=time.time(),
+                health_path=plan.health_path,
+                error="",
+            )
+        )
+
+    async def _finish_start(
+        self, record: EngineRecord, backend: Backend, *, raise_errors: bool
+    ) -> EngineRecord:
+        timeout = record.spec.startup_timeout_s
+        try:
+            await self._wait_healthy(record, timeout)
+            record = self._set(replace(self._records[record.engine_id], state=READY))
+            await self._register_quietly(record)
+            log.info(
+                "engine ready", extra={"engine_id": record.engine_id, "base_url": record.base_url}
+            )
+            self._ensure_watcher()
+            return record
+        except BaseException as exc:
+            reason = exc.message if isinstance(exc, EngineStartError) else repr(exc)
+            await self._kill(record.engine_id)
+            await self.gpus.release(record.engine_id)
+            failed = self._set(
+                replace(self._records[record.engine_id], state=FAILED, error=reason, pid=0)
+            )
+            log.error(
+                "engine failed to start", extra={"engine_id": failed.engine_id, "error": reason}
+            )
+            if isinstance(exc, asyncio.CancelledError) or raise_errors:
+                if isinstance(exc, EngineStartError | asyncio.CancelledError):
+                    raise
+                raise EngineStartError(f"engine {record.engine_id} failed: {reason}") from exc
+            return failed
+        finally:
+            self._busy.discard(record.engine_id)
+
+    async def _wait_healthy(self, record: EngineRecord, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        url = record.base_url + record.health_path
         while True:
+            proc = self._procs.get(record.engine_id)
             if proc is not None and proc.poll() is not None:
+                tail = "\n".join(self.tail_logs(record.engine_id, 20))
                 raise EngineStartError(
-                    f"engine {instance.engine_id} exited with code {proc.returncode} during "
-                    f"startup; last log lines:\n"
-                    + "\n".join(self.tail_logs(instance.engine_id, 20))
+                    f"engine {record.engine_id} exited with code {proc.returncode} while "
+                    f"starting; last log lines:\n{tail}"
                 )
             with contextlib.suppress(httpx.HTTPError):
                 if (await self._http.get(url)).status_code == 200:
                     return
             if time.monotonic() > deadline:
                 raise EngineStartError(
-                    f"engine {instance.engine_id} not healthy after "
-                    f"{instance.spec.startup_timeout_s:g}s at {url}"
+                    f"engine {record.engine_id} not healthy after {timeout_s:g}s at {url}"
                 )
             await asyncio.sleep(self._health_interval_s)
 
-    async def _kill(self, engine_id: str, grace_s: float = 10.0) -> int | None:
+    # -- watch and restart --------------------------------------------------------------
+
+    def _background(self, coro: Awaitable[object]) -> None:
+        async def run() -> None:
+            await coro
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _ensure_watcher(self) -> None:
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    def _exited(self, record: EngineRecord) -> bool:
+        proc = self._procs.get(record.engine_id)
+        if proc is not None:
+            return proc.poll() is not None
+        return record.pid > 0 and not _alive(record.pid)  # re-adopted: not our child
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self._watch_interval_s)
+            for record in list(self._records.values()):
+                if (
+                    record.state == READY
+                    and record.engine_id not in self._busy
+                    and record.pid
+                    and self._exited(record)
+                ):
+                    self._busy.add(record.engine_id)
+                    self._background(self._on_crash(record))
+
+    async def _on_crash(self, record: EngineRecord) -> None:
+        engine_id = record.engine_id
+        try:
+            proc = self._procs.pop(engine_id, None)
+            code = proc.returncode if proc is not None else None
+            log.warning("engine crashed", extra={"engine_id": engine_id, "exit_code": code})
+            with contextlib.suppress(Exception):
+                await self._deregister(engine_id)
+            now = time.time()
+            crashes = [t for t in record.crash_times if now - t < self.restart.window_s] + [now]
+            if len(crashes) > self.restart.max_crashes:
+                await self.gpus.release(engine_id)
+                self._set(
+                    replace(
+                        record,
+                        state=FAILED,
+                        pid=0,
+                        crash_times=crashes,
+                        error=f"crashed {len(crashes)} times in "
+                        f"{self.restart.window_s:g}s (last exit code {code})",
+                    )
+                )
+                log.error("engine failed: too many crashes", extra={"engine_id": engine_id})
+                return
+            delay = min(self.restart.max_s, self.restart.initial_s * 2 ** (len(crashes) - 1))
+            self._set(
+                replace(
+                    record,
+                    state=STARTING,
+                    pid=0,
+                    crash_times=crashes,
+                    restart_count=record.restart_count + 1,
+                    error=f"restarting after exit code {code}",
+                )
+            )
+            await asyncio.sleep(delay)
+            current = self._records.get(engine_id)
+            if current is None or current.state != STARTING:
+                return  # stopped while we waited
+            backend = get_backend(current.backend)
+            self._spawn(current, backend)
+            await self._finish_start(self._records[engine_id], backend, raise_errors=False)
+        finally:
+            self._busy.discard(engine_id)
+
+    # -- stop -------------------------------------------------------------------------
+
+    async def _kill(self, engine_id: str, grace_s: float = 10.0) -> None:
         proc = self._procs.pop(engine_id, None)
-        if proc is None or proc.poll() is not None:
-            return None if proc is None else proc.returncode
+        record = self._records.get(engine_id)
+        if proc is None:
+            if record is not None and record.pid and _alive(record.pid):
+                await self._kill_pid(record.pid, grace_s)  # re-adopted engine
+            return
+        if proc.poll() is not None:
+            return
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGTERM)
         try:
-            return await asyncio.to_thread(proc.wait, grace_s)
+            await asyncio.to_thread(proc.wait, grace_s)
         except subprocess.TimeoutExpired:
             log.warning("engine ignored SIGTERM, killing", extra={"engine_id": engine_id})
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
-            return await asyncio.to_thread(proc.wait)
+            await asyncio.to_thread(proc.wait)
 
-    async def stop(self, engine_id: str, drain_timeout_s: float = 10.0) -> EngineInstance:
-        """Deregister (no new traffic), then stop the process."""
-        instance = self.get(engine_id)
-        with contextlib.suppress(Exception):
-            await self._deregister(engine_id)
-        await self._kill(engine_id, drain_timeout_s)
-        stopped = replace(instance, state="stopped")
-        self._instances[engine_id] = stopped
+    @staticmethod
+    async def _kill_pid(pid: int, grace_s: float) -> None:
+        try:
+            process = psutil.Process(pid)
+            process.terminate()
+        except psutil.Error:
+            return
+        _, alive = await asyncio.to_thread(psutil.wait_procs, [process], grace_s)
+        for p in alive:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+
+    async def _drain(self, record: EngineRecord, timeout_s: float) -> None:
+        """Wait until the engine reports no running or waiting requests (vLLM metrics)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                text = (await self._http.get(record.base_url + "/metrics")).text
+            except httpx.HTTPError:
+                return
+            busy = 0.0
+            for line in text.splitlines():
+                if line.startswith(("vllm:num_requests_running", "vllm:num_requests_waiting")):
+                    with contextlib.suppress(ValueError):
+                        busy += float(line.rsplit(" ", 1)[1])
+            if busy == 0:
+                return
+            await asyncio.sleep(0.2)
+
+    async def stop(
+        self, engine_id: str, *, drain: bool = False, drain_timeout_s: float = 30.0
+    ) -> EngineRecord:
+        """Deregister (no new traffic), optionally drain, stop the process, release GPUs."""
+        record = self.get(engine_id)
+        if record.state in (STOPPED, FAILED) and not self._procs.get(engine_id):
+            return record
+        self._busy.add(engine_id)
+        try:
+            record = self._set(replace(record, state=STOPPING))
+            with contextlib.suppress(Exception):
+                await self._deregister(engine_id)
+            if drain and record.backend != "external":
+                await self._drain(record, drain_timeout_s)
+            await self._kill(engine_id)
+            await self.gpus.release(engine_id)
+            stopped = self._set(replace(self._records[engine_id], state=STOPPED, pid=0))
+        finally:
+            self._busy.discard(engine_id)
         log.info("engine stopped", extra={"engine_id": engine_id})
         return stopped
 
-    def get(self, engine_id: str) -> EngineInstance:
+    def prune(self) -> list[str]:
+        """Forget stopped and failed engines; returns their ids."""
+        gone = [
+            r.engine_id
+            for r in self._records.values()
+            if r.state in (STOPPED, FAILED) and r.engine_id not in self._busy
+        ]
+        for engine_id in gone:
+            del self._records[engine_id]
+        self._persist()
+        return gone
+
+    # -- queries ----------------------------------------------------------------------
+
+    def get(self, engine_id: str) -> EngineRecord:
         """One engine; EngineNotFoundError names the id."""
         try:
-            return self._instances[engine_id]
+            return self._records[engine_id]
         except KeyError:
             raise EngineNotFoundError(
                 f"no engine with id {engine_id!r}", param="engine_id"
             ) from None
 
-    def instances(self) -> list[EngineInstance]:
+    def instances(self) -> list[EngineRecord]:
         """Every engine this manager knows, oldest first."""
-        return sorted(self._instances.values(), key=lambda i: i.started_at)
+        return sorted(self._records.values(), key=lambda r: r.started_at)
 
     def tail_logs(self, engine_id: str, lines: int = 100) -> list[str]:
         """The last `lines` lines of an engine's log."""
-        instance = self.get(engine_id)
-        if not instance.log_path or not Path(instance.log_path).exists():
+        record = self.get(engine_id)
+        if not record.log_path or not Path(record.log_path).exists():
             return []
-        with open(instance.log_path, errors="replace") as fh:
+        with open(record.log_path, errors="replace") as fh:
             return [line.rstrip("\n") for line in collections.deque(fh, maxlen=max(1, lines))]
 
-    async def shutdown(self) -> None:
-        """Stop every engine this manager started (embedded mode owns its engines)."""
-        running = [i.engine_id for i in self.instances() if i.state in ("starting", "ready")]
-        await asyncio.gather(*(self.stop(e) for e in running), return_exceptions=True)
+    @staticmethod
+    def backends() -> list[dict[str, object]]:
+        """Backends and whether each can run here."""
+        backends: list[dict[str, object]] = list_backends()
+        return backends
+
+    # -- restart of lifecycle itself -----------------------------------------------------
+
+    async def recover(self) -> None:
+        """Re-adopt live, healthy engines from the registry file; clean up everything else."""
+        for record in self.store.load():
+            self._records[record.engine_id] = record
+            if record.state not in LIVE_STATES:
+                continue
+            if record.backend == "external":
+                await self._register_quietly(record)
+                continue
+            healthy = False
+            if record.pid and _alive(record.pid):
+                with contextlib.suppress(httpx.HTTPError):
+                    url = record.base_url + record.health_path
+                    healthy = (await self._http.get(url)).status_code == 200
+            if healthy and record.state == READY:
+                log.info(
+                    "re-adopted engine", extra={"engine_id": record.engine_id, "pid": record.pid}
+                )
+                await self._register_quietly(record)
+                continue
+            if record.pid and _alive(record.pid):
+                await self._kill_pid(record.pid, 10.0)
+            with contextlib.suppress(Exception):  # the scheduler may still route to it
+                await self._deregister(record.engine_id)
+            await self.gpus.release(record.engine_id)
+            self._records[record.engine_id] = replace(
+                record, state=FAILED, pid=0, error="not healthy when lifecycle restarted; stopped"
+            )
+        # Reservations held for engines that are no longer live are leaks: release them.
+        live = {r.engine_id for r in self._records.values() if r.state in LIVE_STATES}
+        for engine_id in await self.gpus.reserved_engine_ids():
+            if engine_id not in live:
+                await self.gpus.release(engine_id)
+        self._persist()
+        if live:
+            self._ensure_watcher()
+
+    async def _register_quietly(self, record: EngineRecord) -> None:
+        """Register with the scheduler; if it is down, the periodic resync catches up."""
+        try:
+            await self._register(record)
+        except Exception as exc:
+            log.warning(
+                "could not register engine with the scheduler (will retry)",
+                extra={"engine_id": record.engine_id, "error": str(exc)},
+            )
+
+    async def resync(self) -> None:
+        """Register every ready engine again (rebuilds a restarted scheduler's view)."""
+        for record in list(self._records.values()):
+            if record.state == READY:
+                with contextlib.suppress(Exception):
+                    await self._register(record)
+
+    async def shutdown(self, *, stop_engines: bool = True) -> None:
+        """Stop background work; stop engines too unless they should outlive lifecycle."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        if stop_engines:
+            live = [r.engine_id for r in self._records.values() if r.state in LIVE_STATES]
+            await asyncio.gather(*(self.stop(e) for e in live), return_exceptions=True)
         await self._http.aclose()

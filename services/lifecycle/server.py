@@ -1,10 +1,15 @@
-"""gRPC transport of the lifecycle service."""
+"""gRPC transport of the lifecycle service, and its clients of gpu_manager and scheduler."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any
 
+import grpc
+
 from sage.common.config.settings import SageSettings
+from sage.common.exceptions import NotFoundError
 from sage.common.grpc import (
     Registration,
     SageServer,
@@ -12,37 +17,52 @@ from sage.common.grpc import (
     create_server,
     rpc_errors_as_sage,
 )
-from sage.common.grpc.engine_enums import (
-    kind_name,
-    kind_value,
-    role_name,
-    role_value,
-    state_value,
-)
+from sage.common.grpc.engine_enums import kind_name, kind_value, role_name, role_value
 from sage.rpc.common.v1 import common_pb2
+from sage.rpc.gpu_manager.v1 import gpu_manager_pb2, gpu_manager_pb2_grpc
 from sage.rpc.lifecycle.v1 import lifecycle_pb2 as pb
 from sage.rpc.lifecycle.v1 import lifecycle_pb2_grpc as pb_grpc
 from sage.rpc.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 
-from .commands import EngineSpec
-from .manager import EngineInstance, EngineLifecycleManager
+from .manager import EngineLifecycleManager, RestartPolicy
+from .spec import EngineSpec
+from .store import FAILED, READY, STARTING, STOPPED, STOPPING, EngineRecord
+
+log = logging.getLogger("sage.lifecycle")
+
+_STATE_TO_PB = {
+    STARTING: common_pb2.ENGINE_STATE_STARTING,
+    READY: common_pb2.ENGINE_STATE_READY,
+    STOPPING: common_pb2.ENGINE_STATE_DRAINING,
+    STOPPED: common_pb2.ENGINE_STATE_STOPPED,
+    FAILED: common_pb2.ENGINE_STATE_FAILED,
+}
+# How often ready engines are registered again, so a restarted scheduler relearns them.
+RESYNC_INTERVAL_S = 5.0
 
 
-def engine_pb(instance: EngineInstance) -> common_pb2.Engine:
-    """Lifecycle's view of an engine as the shared Engine message."""
-    spec = instance.spec
+def engine_pb(record: EngineRecord) -> common_pb2.Engine:
+    """Lifecycle's record as the shared Engine message."""
+    spec = record.spec
     return common_pb2.Engine(
-        engine_id=instance.engine_id,
+        engine_id=record.engine_id,
         model=spec.model,
         kind=kind_value(spec.kind),
-        base_url=instance.base_url,
+        base_url=record.base_url,
         role=role_value(spec.role),
-        state=state_value(instance.state),
-        backend=instance.backend,
+        state=_STATE_TO_PB[record.state],
+        backend=record.backend,
         aliases=list(spec.aliases),
-        pid=instance.pid,
-        port=instance.port,
+        gpu_indexes=record.gpu_ids,
+        pid=record.pid,
+        port=record.port,
         labels=spec.labels,
+        label=spec.label,
+        restart_count=record.restart_count,
+        error=record.error,
+        started_at=record.started_at,
+        metadata=spec.metadata,
+        host=record.host,
     )
 
 
@@ -51,18 +71,75 @@ def spec_from_pb(request: pb.StartEngineRequest, host: str) -> EngineSpec:
     return EngineSpec(
         model=request.model,
         kind=kind_name(request.kind, default="llm"),
-        backend=request.backend,
+        backend="" if request.backend == "auto" else request.backend,
         port=request.port,
         host=host,
         engine_id=request.engine_id,
         base_url=request.base_url,
         tensor_parallel_size=request.tensor_parallel_size or 1,
+        pipeline_parallel_size=request.pipeline_parallel_size or 1,
         gpu_memory_utilization=request.gpu_memory_utilization,
+        required_memory_gb=request.required_memory_gb,
+        use_gpu=request.use_gpu if request.HasField("use_gpu") else None,
+        max_concurrent_requests=request.max_concurrent_requests,
+        max_model_len=request.max_model_len,
+        label=request.label,
         extra_args=tuple(request.extra_args),
         startup_timeout_s=float(request.startup_timeout_s or 300),
         aliases=tuple(request.aliases),
         role=role_name(request.role),
+        metadata=dict(request.metadata),
     )
+
+
+class GrpcGpuAllocator:
+    """GpuAllocator over gpu_manager; an unreachable gpu_manager counts as zero GPUs."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._stub = gpu_manager_pb2_grpc.GpuManagerServiceStub(channel)
+
+    async def gpu_count(self) -> int:
+        try:
+            reply = await self._stub.ListGpus(gpu_manager_pb2.ListGpusRequest())
+        except grpc.RpcError as err:
+            log.warning(
+                "gpu_manager unreachable; treating host as CPU-only", extra={"error": err.details()}
+            )
+            return 0
+        return len(reply.gpus)
+
+    async def reserve(
+        self, engine_id: str, count: int, memory_per_gpu_bytes: int, memory_fraction: float
+    ) -> list[int]:
+        with rpc_errors_as_sage():
+            reply = await self._stub.Reserve(
+                gpu_manager_pb2.ReserveRequest(
+                    engine_id=engine_id,
+                    gpu_count=count,
+                    memory_per_gpu_bytes=memory_per_gpu_bytes,
+                    memory_fraction=memory_fraction,
+                )
+            )
+        return sorted(r.gpu_index for r in reply.reservations)
+
+    async def release(self, engine_id: str) -> None:
+        try:
+            with rpc_errors_as_sage():
+                await self._stub.Release(gpu_manager_pb2.ReleaseRequest(engine_id=engine_id))
+        except NotFoundError:
+            return  # nothing was held
+        except Exception as exc:  # a leak is reconciled later; stopping must go on
+            log.warning(
+                "could not release GPU reservation",
+                extra={"engine_id": engine_id, "error": str(exc)},
+            )
+
+    async def reserved_engine_ids(self) -> list[str]:
+        try:
+            reply = await self._stub.ListReservations(gpu_manager_pb2.ListReservationsRequest())
+        except grpc.RpcError:
+            return []
+        return sorted({r.engine_id for r in reply.reservations})
 
 
 class LifecycleServicer(pb_grpc.LifecycleServiceServicer):
@@ -75,14 +152,20 @@ class LifecycleServicer(pb_grpc.LifecycleServiceServicer):
     async def StartEngine(
         self, request: pb.StartEngineRequest, context: Any
     ) -> pb.StartEngineResponse:
-        instance = await self.manager.start(spec_from_pb(request, self.engine_host))
-        return pb.StartEngineResponse(engine=engine_pb(instance))
+        record = await self.manager.start(
+            spec_from_pb(request, self.engine_host), wait=not request.no_wait
+        )
+        return pb.StartEngineResponse(engine=engine_pb(record))
 
     async def StopEngine(
         self, request: pb.StopEngineRequest, context: Any
     ) -> pb.StopEngineResponse:
-        instance = await self.manager.stop(request.engine_id, float(request.drain_timeout_s or 10))
-        return pb.StopEngineResponse(engine=engine_pb(instance))
+        record = await self.manager.stop(
+            request.engine_id,
+            drain=request.drain,
+            drain_timeout_s=float(request.drain_timeout_s or 30),
+        )
+        return pb.StopEngineResponse(engine=engine_pb(record))
 
     async def GetEngine(self, request: pb.GetEngineRequest, context: Any) -> pb.GetEngineResponse:
         return pb.GetEngineResponse(engine=engine_pb(self.manager.get(request.engine_id)))
@@ -90,23 +173,49 @@ class LifecycleServicer(pb_grpc.LifecycleServiceServicer):
     async def ListEngines(
         self, request: pb.ListEnginesRequest, context: Any
     ) -> pb.ListEnginesResponse:
-        return pb.ListEnginesResponse(engines=[engine_pb(i) for i in self.manager.instances()])
+        return pb.ListEnginesResponse(engines=[engine_pb(r) for r in self.manager.instances()])
 
     async def TailLogs(self, request: pb.TailLogsRequest, context: Any) -> pb.TailLogsResponse:
         return pb.TailLogsResponse(
             lines=self.manager.tail_logs(request.engine_id, request.lines or 100)
         )
 
+    async def PruneEngines(
+        self, request: pb.PruneEnginesRequest, context: Any
+    ) -> pb.PruneEnginesResponse:
+        return pb.PruneEnginesResponse(engine_ids=self.manager.prune())
+
+    async def ListBackends(
+        self, request: pb.ListBackendsRequest, context: Any
+    ) -> pb.ListBackendsResponse:
+        return pb.ListBackendsResponse(
+            backends=[
+                pb.Backend(
+                    name=str(b["name"]),
+                    kinds=[kind_value(k) for k in sorted(b["kinds"])],  # type: ignore[call-overload]
+                    uses_gpu=bool(b["uses_gpu"]),
+                    available=bool(b["available"]),
+                    reason=str(b.get("reason", "")),
+                )
+                for b in self.manager.backends()
+            ]
+        )
+
 
 def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageServer, int]:
     """The lifecycle server; ready engines are registered with the scheduler over gRPC."""
-    channel = create_channel(settings.address("scheduler"), default_timeout=settings.rpc_timeout_s)
-    scheduler = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+    sched_channel = create_channel(
+        settings.address("scheduler"), default_timeout=settings.rpc_timeout_s
+    )
+    gpu_channel = create_channel(
+        settings.address("gpu_manager"), default_timeout=settings.rpc_timeout_s
+    )
+    scheduler = scheduler_pb2_grpc.SchedulerServiceStub(sched_channel)
 
-    async def register(instance: EngineInstance) -> None:
+    async def register(record: EngineRecord) -> None:
         with rpc_errors_as_sage():
             await scheduler.RegisterEngine(
-                scheduler_pb2.RegisterEngineRequest(engine=engine_pb(instance))
+                scheduler_pb2.RegisterEngineRequest(engine=engine_pb(record))
             )
 
     async def deregister(engine_id: str) -> None:
@@ -116,7 +225,14 @@ def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageS
             )
 
     manager = EngineLifecycleManager(
-        settings.llm_state_dir / "logs", register=register, deregister=deregister
+        settings.llm_state_dir,
+        register=register,
+        deregister=deregister,
+        gpus=GrpcGpuAllocator(gpu_channel),
+        restart=RestartPolicy(
+            initial_s=settings.lifecycle_restart_backoff_s,
+            max_crashes=settings.lifecycle_max_crashes,
+        ),
     )
     server, port = create_server(
         addr or f"{settings.host}:{settings.lifecycle_port}",
@@ -128,10 +244,24 @@ def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageS
             )
         ],
     )
+    tasks: list[asyncio.Task[None]] = []
+
+    async def resync_forever() -> None:
+        while True:
+            await asyncio.sleep(RESYNC_INTERVAL_S)
+            await manager.resync()
+
+    async def _start() -> None:
+        await manager.recover()
+        tasks.append(asyncio.get_running_loop().create_task(resync_forever()))
 
     async def _close() -> None:
-        await manager.shutdown()
-        await channel.close(None)
+        for task in tasks:
+            task.cancel()
+        await manager.shutdown(stop_engines=settings.lifecycle_stop_engines_on_exit)
+        await sched_channel.close(None)
+        await gpu_channel.close(None)
 
+    server.on_start(_start)
     server.on_stop(_close)
     return server, port

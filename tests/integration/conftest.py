@@ -13,11 +13,13 @@ import pytest
 import uvicorn
 
 from sage.common.config.settings import SageSettings
-from sage.common.grpc import create_channel
+from sage.common.grpc import SageServer, create_channel
 from sage.rpc.common.v1 import common_pb2
 from sage.rpc.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 from sage.services.edge.app import create_app
 from sage.services.embedding.server import build_server as build_embedding
+from sage.services.gpu_manager.server import build_server as build_gpu
+from sage.services.lifecycle.server import build_server as build_lifecycle
 from sage.services.scheduler.server import build_server as build_scheduler
 
 
@@ -82,3 +84,86 @@ async def control_plane(
     await channel.close(None)
     await scheduler.stop(1)
     await embedding.stop(1)
+
+
+@dataclass
+class FullPlane:
+    """Every service in-process (lifecycle spawns real engine processes) plus the edge."""
+
+    client: httpx.AsyncClient
+    scheduler: Any
+    settings: SageSettings
+    servers: dict[str, SageServer]
+    lifecycle_port: int
+
+    async def restart_lifecycle(self) -> None:
+        """Stop lifecycle (its engines keep running) and start a new one on the same state."""
+        await self.servers["lifecycle"].stop(1)
+        server, _ = build_lifecycle(self.settings, f"127.0.0.1:{self.lifecycle_port}")
+        await server.start()
+        self.servers["lifecycle"] = server
+
+
+@pytest.fixture
+async def full_plane(
+    settings: SageSettings, port_factory: Callable[[], int]
+) -> AsyncIterator[FullPlane]:
+    """gpu_manager, embedding, scheduler, lifecycle and edge, wired like `sage llm serve`."""
+    servers: dict[str, SageServer] = {}
+    ports = {name: port_factory() for name in ("gpu", "emb", "sched", "life")}
+    wired = settings.model_copy(
+        update={
+            "gpu_manager_addr": f"127.0.0.1:{ports['gpu']}",
+            "embedding_service_addr": f"127.0.0.1:{ports['emb']}",
+            "scheduler_addr": f"127.0.0.1:{ports['sched']}",
+            "lifecycle_addr": f"127.0.0.1:{ports['life']}",
+            "lifecycle_restart_backoff_s": 0.2,
+            "lifecycle_max_crashes": 2,
+            # engines outlive a lifecycle restart; teardown stops them through the API
+            "lifecycle_stop_engines_on_exit": False,
+        }
+    )
+    for name, build, port in (
+        ("gpu_manager", build_gpu, ports["gpu"]),
+        ("embedding", build_embedding, ports["emb"]),
+        ("scheduler", build_scheduler, ports["sched"]),
+        ("lifecycle", build_lifecycle, ports["life"]),
+    ):
+        server, _ = build(wired, f"127.0.0.1:{port}")
+        await server.start()
+        servers[name] = server
+    channel = create_channel(wired.address("scheduler"))
+    edge_port = port_factory()
+    edge = uvicorn.Server(
+        uvicorn.Config(
+            create_app(wired),
+            host="127.0.0.1",
+            port=edge_port,
+            log_config=None,
+            access_log=False,
+            lifespan="on",
+        )
+    )
+    task = asyncio.create_task(edge.serve())
+    while not edge.started:  # noqa: ASYNC110 - uvicorn exposes a flag, not an event
+        await asyncio.sleep(0.02)
+    plane = FullPlane(
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{edge_port}", timeout=120),
+        scheduler_pb2_grpc.SchedulerServiceStub(channel),
+        wired,
+        servers,
+        ports["life"],
+    )
+    try:
+        yield plane
+    finally:
+        listed = await plane.client.get("/v1/management/engines")
+        for engine in listed.json().get("engines", []) if listed.status_code == 200 else []:
+            if engine["status"] in ("STARTING", "RUNNING", "STOPPING"):
+                await plane.client.delete(f"/v1/management/engines/{engine['engine_id']}")
+        await plane.client.aclose()
+        edge.should_exit = True
+        await task
+        await channel.close(None)
+        for name in ("lifecycle", "scheduler", "embedding", "gpu_manager"):
+            await plane.servers[name].stop(1)

@@ -101,9 +101,19 @@ class SageSettings(BaseSettings):
     embedding_model: str | None = None
     embedding_api_key: str | None = None
 
+    # Bearer key required on /v1/management/* when set.
+    admin_api_key: str | None = None
+
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
     disable_nvml: bool = False
+    # Stop the engines lifecycle started when it shuts down cleanly. False lets engines
+    # outlive a lifecycle restart (it re-adopts them from its registry file).
+    lifecycle_stop_engines_on_exit: bool = True
+    # Crash handling: first restart delay (doubles each time, at most 30 s) and how many
+    # crashes within 5 minutes mark an engine failed.
+    lifecycle_restart_backoff_s: float = 1.0
+    lifecycle_max_crashes: int = 3
 
     # Deadline for control-plane RPCs (register, list, status) in seconds.
     rpc_timeout_s: float = 10.0

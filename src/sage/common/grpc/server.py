@@ -159,6 +159,11 @@ class SageServer:
         self.health = health_servicer
         self.service_names = tuple(service_names)
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
+        self._on_start: list[Callable[[], Awaitable[None]]] = []
+
+    def on_start(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Run `callback` once the server is started (recover state, start timers)."""
+        self._on_start.append(callback)
 
     def on_stop(self, callback: Callable[[], Awaitable[None]]) -> None:
         """Run `callback` after the server stops accepting calls (close pools, save state)."""
@@ -171,6 +176,8 @@ class SageServer:
     async def start(self) -> None:
         """Start serving and report SERVING on health for every service."""
         await self.server.start()
+        for callback in self._on_start:
+            await callback()
         await self._set_all(health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self, grace: float = 5.0) -> None:

@@ -113,6 +113,26 @@ class Engine(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class MetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ENGINE_ID_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
@@ -126,6 +146,12 @@ class Engine(_message.Message):
     PORT_FIELD_NUMBER: _builtins.int
     NODE_ID_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    RESTART_COUNT_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    HOST_FIELD_NUMBER: _builtins.int
     engine_id: _builtins.str
     """Stable id chosen by lifecycle (or the registrant); safe as a file name."""
     model: _builtins.str
@@ -142,6 +168,16 @@ class Engine(_message.Message):
     port: _builtins.int
     node_id: _builtins.str
     """Node (host) the engine runs on."""
+    label: _builtins.str
+    """The user's label for the engine (`--label`, presets use it to recognise their engines)."""
+    restart_count: _builtins.int
+    """How many times lifecycle restarted the engine after a crash."""
+    error: _builtins.str
+    """Why the engine failed (FAILED state), empty otherwise."""
+    started_at: _builtins.float
+    """Unix seconds when the current process started."""
+    host: _builtins.str
+    """Host the engine listens on (reachable address)."""
     @_builtins.property
     def aliases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Extra names clients may use for the model."""
@@ -153,6 +189,10 @@ class Engine(_message.Message):
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form labels (preset name, tenant, ...)."""
+
+    @_builtins.property
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Caller-supplied metadata, returned as given."""
 
     def __init__(
         self,
@@ -170,10 +210,16 @@ class Engine(_message.Message):
         port: _builtins.int = ...,
         node_id: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        label: _builtins.str = ...,
+        restart_count: _builtins.int = ...,
+        error: _builtins.str = ...,
+        started_at: _builtins.float = ...,
+        metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        host: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "backend", b"backend", "base_url", b"base_url", "engine_id", b"engine_id", "gpu_indexes", b"gpu_indexes", "kind", b"kind", "labels", b"labels", "model", b"model", "node_id", b"node_id", "pid", b"pid", "port", b"port", "role", b"role", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "backend", b"backend", "base_url", b"base_url", "engine_id", b"engine_id", "error", b"error", "gpu_indexes", b"gpu_indexes", "host", b"host", "kind", b"kind", "label", b"label", "labels", b"labels", "metadata", b"metadata", "model", b"model", "node_id", b"node_id", "pid", b"pid", "port", b"port", "restart_count", b"restart_count", "role", b"role", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,33 +25,47 @@ _sym_db = _symbol_database.Default()
 from sage.rpc.common.v1 import common_pb2 as sage_dot_rpc_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%sage/rpc/lifecycle/v1/lifecycle.proto\x12\x15sage.rpc.lifecycle.v1\x1a\x1fsage/rpc/common/v1/common.proto\"\xdd\x02\n\x12StartEngineRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12,\n\x04kind\x18\x02 \x01(\x0e\x32\x1e.sage.rpc.common.v1.EngineKind\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x1c\n\x14tensor_parallel_size\x18\x04 \x01(\x05\x12\x0c\n\x04port\x18\x05 \x01(\x05\x12\x1e\n\x16gpu_memory_utilization\x18\x06 \x01(\x01\x12\x11\n\tengine_id\x18\x07 \x01(\t\x12\x10\n\x08\x62\x61se_url\x18\x08 \x01(\t\x12\x12\n\nextra_args\x18\t \x03(\t\x12\x19\n\x11startup_timeout_s\x18\n \x01(\x05\x12,\n\x04role\x18\x0b \x01(\x0e\x32\x1e.sage.rpc.common.v1.EngineRole\x12\x0f\n\x07\x61liases\x18\x0c \x03(\t\x12\x1a\n\x12required_memory_gb\x18\r \x01(\x01\"A\n\x13StartEngineResponse\x12*\n\x06\x65ngine\x18\x01 \x01(\x0b\x32\x1a.sage.rpc.common.v1.Engine\"?\n\x11StopEngineRequest\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\x17\n\x0f\x64rain_timeout_s\x18\x02 \x01(\x05\"@\n\x12StopEngineResponse\x12*\n\x06\x65ngine\x18\x01 \x01(\x0b\x32\x1a.sage.rpc.common.v1.Engine\"%\n\x10GetEngineRequest\x12\x11\n\tengine_id\x18\x01 \x01(\t\"?\n\x11GetEngineResponse\x12*\n\x06\x65ngine\x18\x01 \x01(\x0b\x32\x1a.sage.rpc.common.v1.Engine\"\x14\n\x12ListEnginesRequest\"B\n\x13ListEnginesResponse\x12+\n\x07\x65ngines\x18\x01 \x03(\x0b\x32\x1a.sage.rpc.common.v1.Engine\"3\n\x0fTailLogsRequest\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\r\n\x05lines\x18\x02 \x01(\x05\"!\n\x10TailLogsResponse\x12\r\n\x05lines\x18\x01 \x03(\t2\xfe\x03\n\x10LifecycleService\x12\x64\n\x0bStartEngine\x12).sage.rpc.lifecycle.v1.StartEngineRequest\x1a*.sage.rpc.lifecycle.v1.StartEngineResponse\x12\x61\n\nStopEngine\x12(.sage.rpc.lifecycle.v1.StopEngineRequest\x1a).sage.rpc.lifecycle.v1.StopEngineResponse\x12^\n\tGetEngine\x12\'.sage.rpc.lifecycle.v1.GetEngineRequest\x1a(.sage.rpc.lifecycle.v1.GetEngineResponse\x12\x64\n\x0bListEngines\x12).sage.rpc.lifecycle.v1.ListEnginesRequest\x1a*.sage.rpc.lifecycle.v1.ListEnginesResponse\x12[\n\x08TailLogs\x12&.sage.rpc.lifecycle.v1.TailLogsRequest\x1a\'.sage.rpc.lifecycle.v1.TailLogsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%sage/rpc/lifecycle/v1/lifecycle.proto\x12\x15sage.rpc.lifecycle.v1\x1a\x1fsage/rpc/common/v1/common.proto\"\xf3\x04\n\x12StartEngineRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12,\n\x04kind\x18\x02 \x01(\x0e\x32\x1e.sage.rpc.common.v1.EngineKind\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x1c\n\x14tensor_parallel_size\x18\x04 \x01(\x05\x12\x0c\n\x04port\x18\x05 \x01(\x05\x12\x1e\n\x16gpu_memory_utilization\x18\x06 \x01(\x01\x12\x11\n\tengine_id\x18\x07 \x01(\t\x12\x10\n\x08\x62\x61se_url\x18\x08 \x01(\t\x12\x12\n\nextra_args\x18\t \x03(\t\x12\x19\n\x11startup_timeout_s\x18\n \x01(\x05\x12,\n\x04role\x18\x0b \x01(\x0e\x32\x1e.sage.rpc.common.v1.EngineRole\x12\x0f\n\x07\x61liases\x18\x0c \x03(\t\x12\x1a\n\x12required_memory_gb\x18\r \x01(\x01\x12\x1e\n\x16pipeline_parallel_size\x18\x0e \x01(\x05\x12\r\n\x05label\x18\x0f \x01(\t\x12\x1f\n\x17max_concurrent_requests\x18\x10 \x01(\x05\x12\x14\n\x07use_gpu\x18\x11 \x01(\x08H\x00\x88\x01\x01\x12I\n\x08metadata\x18\x12 \x03(\x0b\x32\x37.sage.rpc.lifecycle.v1.StartEngineRequest.MetadataEntry\x12\x15\n\rmax_model_len\x18\x13 \x01(\x05\x12\x0f\n\x07no_wait\x18\x14 \x01(\x08\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\n\n\x08_use_gpu\"A\n\x13StartEngineResponse\x12*\n\x06\x65ngine\x18\x01 \x01(\x0b\x32\x1a.sage.rpc.common.v1.Engine\"N\n\x11StopEngineRequest\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\x17\n\x0f\x64rain_timeout_s\x18\x02 \x01(\x05\x12\r\n\x05\x64rain\x18\x03 \x01(\x08\"@\n\x12StopEngineResponse\x12*\n\x06\x65ngine\x18\x01 \x01(\x0b\x32\x1a.sage.rpc.common.v1.Engine\"%\n\x10GetEngineRequest\x12\x11\n\tengine_id\x18\x01 \x01(\t\"?\n\x11GetEngineResponse\x12*\n\x06\x65ngine\x18\x01 \x01(\x0b\x32\x1a.sage.rpc.common.v1.Engine\"\x14\n\x12ListEnginesRequest\"B\n\x13ListEnginesResponse\x12+\n\x07\x65ngines\x18\x01 \x03(\x0b\x32\x1a.sage.rpc.common.v1.Engine\"3\n\x0fTailLogsRequest\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\r\n\x05lines\x18\x02 \x01(\x05\"!\n\x10TailLogsResponse\x12\r\n\x05lines\x18\x01 \x03(\t\"\x15\n\x13PruneEnginesRequest\"*\n\x14PruneEnginesResponse\x12\x12\n\nengine_ids\x18\x01 \x03(\t\"\x15\n\x13ListBackendsRequest\"{\n\x07\x42\x61\x63kend\x12\x0c\n\x04name\x18\x01 \x01(\t\x12-\n\x05kinds\x18\x02 \x03(\x0e\x32\x1e.sage.rpc.common.v1.EngineKind\x12\x10\n\x08uses_gpu\x18\x03 \x01(\x08\x12\x11\n\tavailable\x18\x04 \x01(\x08\x12\x0e\n\x06reason\x18\x05 \x01(\t\"H\n\x14ListBackendsResponse\x12\x30\n\x08\x62\x61\x63kends\x18\x01 \x03(\x0b\x32\x1e.sage.rpc.lifecycle.v1.Backend2\xd0\x05\n\x10LifecycleService\x12\x64\n\x0bStartEngine\x12).sage.rpc.lifecycle.v1.StartEngineRequest\x1a*.sage.rpc.lifecycle.v1.StartEngineResponse\x12\x61\n\nStopEngine\x12(.sage.rpc.lifecycle.v1.StopEngineRequest\x1a).sage.rpc.lifecycle.v1.StopEngineResponse\x12^\n\tGetEngine\x12\'.sage.rpc.lifecycle.v1.GetEngineRequest\x1a(.sage.rpc.lifecycle.v1.GetEngineResponse\x12\x64\n\x0bListEngines\x12).sage.rpc.lifecycle.v1.ListEnginesRequest\x1a*.sage.rpc.lifecycle.v1.ListEnginesResponse\x12[\n\x08TailLogs\x12&.sage.rpc.lifecycle.v1.TailLogsRequest\x1a\'.sage.rpc.lifecycle.v1.TailLogsResponse\x12g\n\x0cPruneEngines\x12*.sage.rpc.lifecycle.v1.PruneEnginesRequest\x1a+.sage.rpc.lifecycle.v1.PruneEnginesResponse\x12g\n\x0cListBackends\x12*.sage.rpc.lifecycle.v1.ListBackendsRequest\x1a+.sage.rpc.lifecycle.v1.ListBackendsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sage.rpc.lifecycle.v1.lifecycle_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_STARTENGINEREQUEST_METADATAENTRY']._loaded_options = None
+  _globals['_STARTENGINEREQUEST_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_STARTENGINEREQUEST']._serialized_start=98
-  _globals['_STARTENGINEREQUEST']._serialized_end=447
-  _globals['_STARTENGINERESPONSE']._serialized_start=449
-  _globals['_STARTENGINERESPONSE']._serialized_end=514
-  _globals['_STOPENGINEREQUEST']._serialized_start=516
-  _globals['_STOPENGINEREQUEST']._serialized_end=579
-  _globals['_STOPENGINERESPONSE']._serialized_start=581
-  _globals['_STOPENGINERESPONSE']._serialized_end=645
-  _globals['_GETENGINEREQUEST']._serialized_start=647
-  _globals['_GETENGINEREQUEST']._serialized_end=684
-  _globals['_GETENGINERESPONSE']._serialized_start=686
-  _globals['_GETENGINERESPONSE']._serialized_end=749
-  _globals['_LISTENGINESREQUEST']._serialized_start=751
-  _globals['_LISTENGINESREQUEST']._serialized_end=771
-  _globals['_LISTENGINESRESPONSE']._serialized_start=773
-  _globals['_LISTENGINESRESPONSE']._serialized_end=839
-  _globals['_TAILLOGSREQUEST']._serialized_start=841
-  _globals['_TAILLOGSREQUEST']._serialized_end=892
-  _globals['_TAILLOGSRESPONSE']._serialized_start=894
-  _globals['_TAILLOGSRESPONSE']._serialized_end=927
-  _globals['_LIFECYCLESERVICE']._serialized_start=930
-  _globals['_LIFECYCLESERVICE']._serialized_end=1440
+  _globals['_STARTENGINEREQUEST']._serialized_end=725
+  _globals['_STARTENGINEREQUEST_METADATAENTRY']._serialized_start=666
+  _globals['_STARTENGINEREQUEST_METADATAENTRY']._serialized_end=713
+  _globals['_STARTENGINERESPONSE']._serialized_start=727
+  _globals['_STARTENGINERESPONSE']._serialized_end=792
+  _globals['_STOPENGINEREQUEST']._serialized_start=794
+  _globals['_STOPENGINEREQUEST']._serialized_end=872
+  _globals['_STOPENGINERESPONSE']._serialized_start=874
+  _globals['_STOPENGINERESPONSE']._serialized_end=938
+  _globals['_GETENGINEREQUEST']._serialized_start=940
+  _globals['_GETENGINEREQUEST']._serialized_end=977
+  _globals['_GETENGINERESPONSE']._serialized_start=979
+  _globals['_GETENGINERESPONSE']._serialized_end=1042
+  _globals['_LISTENGINESREQUEST']._serialized_start=1044
+  _globals['_LISTENGINESREQUEST']._serialized_end=1064
+  _globals['_LISTENGINESRESPONSE']._serialized_start=1066
+  _globals['_LISTENGINESRESPONSE']._serialized_end=1132
+  _globals['_TAILLOGSREQUEST']._serialized_start=1134
+  _globals['_TAILLOGSREQUEST']._serialized_end=1185
+  _globals['_TAILLOGSRESPONSE']._serialized_start=1187
+  _globals['_TAILLOGSRESPONSE']._serialized_end=1220
+  _globals['_PRUNEENGINESREQUEST']._serialized_start=1222
+  _globals['_PRUNEENGINESREQUEST']._serialized_end=1243
+  _globals['_PRUNEENGINESRESPONSE']._serialized_start=1245
+  _globals['_PRUNEENGINESRESPONSE']._serialized_end=1287
+  _globals['_LISTBACKENDSREQUEST']._serialized_start=1289
+  _globals['_LISTBACKENDSREQUEST']._serialized_end=1310
+  _globals['_BACKEND']._serialized_start=1312
+  _globals['_BACKEND']._serialized_end=1435
+  _globals['_LISTBACKENDSRESPONSE']._serialized_start=1437
+  _globals['_LISTBACKENDSRESPONSE']._serialized_end=1509
+  _globals['_LIFECYCLESERVICE']._serialized_start=1512
+  _globals['_LIFECYCLESERVICE']._serialized_end=2232
 # @@protoc_insertion_point(module_scope)

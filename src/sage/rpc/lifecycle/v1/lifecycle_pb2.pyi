@@ -23,6 +23,26 @@ DESCRIPTOR: _descriptor.FileDescriptor
 class StartEngineRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class MetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     MODEL_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     BACKEND_FIELD_NUMBER: _builtins.int
@@ -36,6 +56,13 @@ class StartEngineRequest(_message.Message):
     ROLE_FIELD_NUMBER: _builtins.int
     ALIASES_FIELD_NUMBER: _builtins.int
     REQUIRED_MEMORY_GB_FIELD_NUMBER: _builtins.int
+    PIPELINE_PARALLEL_SIZE_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    MAX_CONCURRENT_REQUESTS_FIELD_NUMBER: _builtins.int
+    USE_GPU_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    MAX_MODEL_LEN_FIELD_NUMBER: _builtins.int
+    NO_WAIT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model id or local path, e.g. Qwen/Qwen2.5-7B-Instruct."""
     kind: _common_pb2.EngineKind.ValueType
@@ -57,6 +84,18 @@ class StartEngineRequest(_message.Message):
     role: _common_pb2.EngineRole.ValueType
     required_memory_gb: _builtins.float
     """GPU memory to reserve per GPU in GiB; 0 = estimate from the model."""
+    pipeline_parallel_size: _builtins.int
+    """Pipeline-parallel degree (GPUs = tensor x pipeline)."""
+    label: _builtins.str
+    """The user's label for the engine."""
+    max_concurrent_requests: _builtins.int
+    """Most requests the engine runs at once (e.g. vLLM --max-num-seqs); 0 = backend default."""
+    use_gpu: _builtins.bool
+    """GPU use: unset = when the backend and host allow, true = require, false = CPU only."""
+    max_model_len: _builtins.int
+    """Context length for backends that take one; 0 = model default."""
+    no_wait: _builtins.bool
+    """Return at once with the engine STARTING instead of waiting until it is ready."""
     @_builtins.property
     def extra_args(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Extra command-line arguments passed to the engine program, one argument per item."""
@@ -64,6 +103,10 @@ class StartEngineRequest(_message.Message):
     @_builtins.property
     def aliases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Extra names the model may be requested by."""
+
+    @_builtins.property
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Caller metadata, stored and returned with the engine."""
 
     def __init__(
         self,
@@ -81,12 +124,21 @@ class StartEngineRequest(_message.Message):
         role: _common_pb2.EngineRole.ValueType = ...,
         aliases: _abc.Iterable[_builtins.str] | None = ...,
         required_memory_gb: _builtins.float = ...,
+        pipeline_parallel_size: _builtins.int = ...,
+        label: _builtins.str = ...,
+        max_concurrent_requests: _builtins.int = ...,
+        use_gpu: _builtins.bool | None = ...,
+        metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        max_model_len: _builtins.int = ...,
+        no_wait: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_use_gpu", b"_use_gpu", "use_gpu", b"use_gpu"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "backend", b"backend", "base_url", b"base_url", "engine_id", b"engine_id", "extra_args", b"extra_args", "gpu_memory_utilization", b"gpu_memory_utilization", "kind", b"kind", "model", b"model", "port", b"port", "required_memory_gb", b"required_memory_gb", "role", b"role", "startup_timeout_s", b"startup_timeout_s", "tensor_parallel_size", b"tensor_parallel_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_use_gpu", b"_use_gpu", "aliases", b"aliases", "backend", b"backend", "base_url", b"base_url", "engine_id", b"engine_id", "extra_args", b"extra_args", "gpu_memory_utilization", b"gpu_memory_utilization", "kind", b"kind", "label", b"label", "max_concurrent_requests", b"max_concurrent_requests", "max_model_len", b"max_model_len", "metadata", b"metadata", "model", b"model", "no_wait", b"no_wait", "pipeline_parallel_size", b"pipeline_parallel_size", "port", b"port", "required_memory_gb", b"required_memory_gb", "role", b"role", "startup_timeout_s", b"startup_timeout_s", "tensor_parallel_size", b"tensor_parallel_size", "use_gpu", b"use_gpu"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__use_gpu: _TypeAlias = _typing.Literal["use_gpu"]  # noqa: Y015
+    _WhichOneofArgType__use_gpu: _TypeAlias = _typing.Literal["_use_gpu", b"_use_gpu"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__use_gpu) -> _WhichOneofReturnType__use_gpu | None: ...
 
 Global___StartEngineRequest: _TypeAlias = StartEngineRequest  # noqa: Y015
 
@@ -116,18 +168,22 @@ class StopEngineRequest(_message.Message):
 
     ENGINE_ID_FIELD_NUMBER: _builtins.int
     DRAIN_TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    DRAIN_FIELD_NUMBER: _builtins.int
     engine_id: _builtins.str
     drain_timeout_s: _builtins.int
     """Seconds to let in-flight requests finish before SIGTERM; 0 = default."""
+    drain: _builtins.bool
+    """Wait for in-flight requests to finish (up to drain_timeout_s) before stopping."""
     def __init__(
         self,
         *,
         engine_id: _builtins.str = ...,
         drain_timeout_s: _builtins.int = ...,
+        drain: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["drain_timeout_s", b"drain_timeout_s", "engine_id", b"engine_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["drain", b"drain", "drain_timeout_s", b"drain_timeout_s", "engine_id", b"engine_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -269,3 +325,111 @@ class TailLogsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TailLogsResponse: _TypeAlias = TailLogsResponse  # noqa: Y015
+
+@_typing.final
+class PruneEnginesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PruneEnginesRequest: _TypeAlias = PruneEnginesRequest  # noqa: Y015
+
+@_typing.final
+class PruneEnginesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENGINE_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def engine_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Ids of the engines forgotten."""
+
+    def __init__(
+        self,
+        *,
+        engine_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine_ids", b"engine_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PruneEnginesResponse: _TypeAlias = PruneEnginesResponse  # noqa: Y015
+
+@_typing.final
+class ListBackendsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListBackendsRequest: _TypeAlias = ListBackendsRequest  # noqa: Y015
+
+@_typing.final
+class Backend(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    KINDS_FIELD_NUMBER: _builtins.int
+    USES_GPU_FIELD_NUMBER: _builtins.int
+    AVAILABLE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    uses_gpu: _builtins.bool
+    available: _builtins.bool
+    """Whether it can run on this host now."""
+    reason: _builtins.str
+    """Why not, when unavailable."""
+    @_builtins.property
+    def kinds(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.EngineKind.ValueType]:
+        """Engine kinds it serves."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        kinds: _abc.Iterable[_common_pb2.EngineKind.ValueType] | None = ...,
+        uses_gpu: _builtins.bool = ...,
+        available: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "kinds", b"kinds", "name", b"name", "reason", b"reason", "uses_gpu", b"uses_gpu"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Backend: _TypeAlias = Backend  # noqa: Y015
+
+@_typing.final
+class ListBackendsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BACKENDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def backends(self) -> _containers.RepeatedCompositeFieldContainer[Global___Backend]: ...
+    def __init__(
+        self,
+        *,
+        backends: _abc.Iterable[Global___Backend] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backends", b"backends"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListBackendsResponse: _TypeAlias = ListBackendsResponse  # noqa: Y015

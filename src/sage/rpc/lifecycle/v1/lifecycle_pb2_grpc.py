@@ -61,6 +61,16 @@ class LifecycleServiceStub:
                 request_serializer=sage_dot_rpc_dot_lifecycle_dot_v1_dot_lifecycle__pb2.TailLogsRequest.SerializeToString,
                 response_deserializer=sage_dot_rpc_dot_lifecycle_dot_v1_dot_lifecycle__pb2.TailLogsResponse.FromString,
                 _registered_method=True)
+        self.PruneEngines = channel.unary_unary(
+                '/sage.rpc.lifecycle.v1.LifecycleService/PruneEngines',
+                request_serializer=sage_dot_rpc_dot_lifecycle_dot_v1_dot_lifecycle__pb2.PruneEnginesRequest.SerializeToString,
+                response_deserializer=sage_dot_rpc_dot_lifecycle_dot_v1_dot_lifecycle__pb2.PruneEnginesResponse.FromString,
+                _registered_method=True)
+        self.ListBackends = channel.unary_unary(
+                '/sage.rpc.lifecycle.v1.LifecycleService/ListBackends',
+                request_serializer=sage_dot_rpc_dot_lifecycle_dot_v1_dot_lifecycle__pb2.ListBackendsRequest.SerializeToString,
+                response_deserializer=sage_dot_rpc_dot_lifecycle_dot_v1_dot_lifecycle__pb2.ListBackendsResponse.FromString,
+                _registered_method=True)
 
 
 class LifecycleServiceServicer:
@@ -103,6 +113,20 @@ class LifecycleServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PruneEngines(self, request, context):
+        """PruneEngines forgets stopped and failed engines.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListBackends(self, request, context):
+        """ListBackends says which engine backends exist and which can run on this host.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LifecycleServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +154,16 @@ def add_LifecycleServiceServicer_to_server(servicer, server):
                     servicer.TailLogs,
                     request_deserializer=sage_dot_rpc_dot_lifecycle_dot_v1_dot_lifecycle__pb2.TailLogsRequest.FromString,
                     response_serializer=sage_dot_rpc_dot_lifecycle_dot_v1_dot_lifecycle__pb2.TailLogsResponse.SerializeToString,
+            ),
+            'PruneEngines': grpc.unary_unary_rpc_method_handler(
+                    servicer.PruneEngines,
+                    request_deserializer=sage_dot_rpc_dot_lifecycle_dot_v1_dot_lifecycle__pb2.PruneEnginesRequest.FromString,
+                    response_serializer=sage_dot_rpc_dot_lifecycle_dot_v1_dot_lifecycle__pb2.PruneEnginesResponse.SerializeToString,
+            ),
+            'ListBackends': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBackends,
+                    request_deserializer=sage_dot_rpc_dot_lifecycle_dot_v1_dot_lifecycle__pb2.ListBackendsRequest.FromString,
+                    response_serializer=sage_dot_rpc_dot_lifecycle_dot_v1_dot_lifecycle__pb2.ListBackendsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -269,6 +303,60 @@ class LifecycleService:
             '/sage.rpc.lifecycle.v1.LifecycleService/TailLogs',
             sage_dot_rpc_dot_lifecycle_dot_v1_dot_lifecycle__pb2.TailLogsRequest.SerializeToString,
             sage_dot_rpc_dot_lifecycle_dot_v1_dot_lifecycle__pb2.TailLogsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PruneEngines(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sage.rpc.lifecycle.v1.LifecycleService/PruneEngines',
+            sage_dot_rpc_dot_lifecycle_dot_v1_dot_lifecycle__pb2.PruneEnginesRequest.SerializeToString,
+            sage_dot_rpc_dot_lifecycle_dot_v1_dot_lifecycle__pb2.PruneEnginesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBackends(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sage.rpc.lifecycle.v1.LifecycleService/ListBackends',
+            sage_dot_rpc_dot_lifecycle_dot_v1_dot_lifecycle__pb2.ListBackendsRequest.SerializeToString,
+            sage_dot_rpc_dot_lifecycle_dot_v1_dot_lifecycle__pb2.ListBackendsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,6 +45,10 @@ class LifecycleServiceStub:
     """ListEngines returns every engine lifecycle manages."""
     TailLogs: _grpc.UnaryUnaryMultiCallable[_lifecycle_pb2.TailLogsRequest, _lifecycle_pb2.TailLogsResponse]
     """TailLogs returns the last lines of an engine's log file."""
+    PruneEngines: _grpc.UnaryUnaryMultiCallable[_lifecycle_pb2.PruneEnginesRequest, _lifecycle_pb2.PruneEnginesResponse]
+    """PruneEngines forgets stopped and failed engines."""
+    ListBackends: _grpc.UnaryUnaryMultiCallable[_lifecycle_pb2.ListBackendsRequest, _lifecycle_pb2.ListBackendsResponse]
+    """ListBackends says which engine backends exist and which can run on this host."""
 
 @_typing.type_check_only
 class LifecycleServiceAsyncStub(LifecycleServiceStub):
@@ -63,6 +67,10 @@ class LifecycleServiceAsyncStub(LifecycleServiceStub):
     """ListEngines returns every engine lifecycle manages."""
     TailLogs: _aio.UnaryUnaryMultiCallable[_lifecycle_pb2.TailLogsRequest, _lifecycle_pb2.TailLogsResponse]  # type: ignore[assignment]
     """TailLogs returns the last lines of an engine's log file."""
+    PruneEngines: _aio.UnaryUnaryMultiCallable[_lifecycle_pb2.PruneEnginesRequest, _lifecycle_pb2.PruneEnginesResponse]  # type: ignore[assignment]
+    """PruneEngines forgets stopped and failed engines."""
+    ListBackends: _aio.UnaryUnaryMultiCallable[_lifecycle_pb2.ListBackendsRequest, _lifecycle_pb2.ListBackendsResponse]  # type: ignore[assignment]
+    """ListBackends says which engine backends exist and which can run on this host."""
 
 class LifecycleServiceServicer(metaclass=_abc_1.ABCMeta):
     """LifecycleService starts, watches and stops engine processes (EngineLifecycleManager),
@@ -108,5 +116,21 @@ class LifecycleServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_lifecycle_pb2.TailLogsResponse, _abc.Awaitable[_lifecycle_pb2.TailLogsResponse]]:
         """TailLogs returns the last lines of an engine's log file."""
+
+    @_abc_1.abstractmethod
+    def PruneEngines(
+        self,
+        request: _lifecycle_pb2.PruneEnginesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_lifecycle_pb2.PruneEnginesResponse, _abc.Awaitable[_lifecycle_pb2.PruneEnginesResponse]]:
+        """PruneEngines forgets stopped and failed engines."""
+
+    @_abc_1.abstractmethod
+    def ListBackends(
+        self,
+        request: _lifecycle_pb2.ListBackendsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_lifecycle_pb2.ListBackendsResponse, _abc.Awaitable[_lifecycle_pb2.ListBackendsResponse]]:
+        """ListBackends says which engine backends exist and which can run on this host."""
 
 def add_LifecycleServiceServicer_to_server(servicer: LifecycleServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,356 @@
+"""The management API (`/v1/management/*`) with SAGE's field names, over lifecycle,
+scheduler and gpu_manager gRPC. Protected by the admin key when one is configured."""
+
+from __future__ import annotations
+
+import hmac
+import re
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import parse_qs
+
+import grpc
+
+from sage.common.exceptions import AuthenticationError, InvalidRequestError, NotFoundError
+from sage.common.grpc import rpc_errors_as_sage
+from sage.common.grpc.engine_enums import kind_name, kind_value, state_name
+from sage.common.http import App, Handler, JSONResponse, Request, Response
+from sage.rpc.common.v1 import common_pb2
+from sage.rpc.gpu_manager.v1 import gpu_manager_pb2
+from sage.rpc.lifecycle.v1 import lifecycle_pb2
+from sage.rpc.scheduler.v1 import scheduler_pb2 as spb
+
+from .validation import parse_json_object
+
+PREFIX = "/v1/management"
+_ENGINE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# SAGE's status names for the contract's engine states.
+_STATUS = {
+    "starting": "STARTING",
+    "ready": "RUNNING",
+    "draining": "STOPPING",
+    "stopped": "STOPPED",
+    "failed": "FAILED",
+    "unspecified": "UNKNOWN",
+}
+_START_FIELDS = {
+    "model_id",
+    "model",
+    "engine_kind",
+    "kind",
+    "backend",
+    "tensor_parallel_size",
+    "pipeline_parallel_size",
+    "port",
+    "required_memory_gb",
+    "engine_label",
+    "label",
+    "max_concurrent_requests",
+    "use_gpu",
+    "extra_args",
+    "metadata",
+    "engine_id",
+    "startup_timeout_s",
+    "wait",
+    "gpu_memory_utilization",
+    "max_model_len",
+    "aliases",
+}
+
+
+def engine_json(engine: common_pb2.Engine) -> dict[str, Any]:
+    """An Engine message in SAGE's management JSON."""
+    return {
+        "engine_id": engine.engine_id,
+        "model_id": engine.model,
+        "engine_kind": kind_name(engine.kind, "unspecified"),
+        "backend": engine.backend,
+        "status": _STATUS[state_name(engine.state)],
+        "host": engine.host,
+        "port": engine.port,
+        "base_url": engine.base_url,
+        "pid": engine.pid or None,
+        "gpu_ids": list(engine.gpu_indexes),
+        "engine_label": engine.label,
+        "restart_count": engine.restart_count,
+        "started_at": engine.started_at or None,
+        "error": engine.error or None,
+        "metadata": dict(engine.metadata),
+    }
+
+
+def _int(doc: dict[str, Any], key: str, default: int, low: int = 0) -> int:
+    value = doc.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise InvalidRequestError(f"{key} must be an integer >= {low}, got {value!r}", param=key)
+    return value
+
+
+def _number(doc: dict[str, Any], key: str) -> float:
+    value = doc.get(key, 0)
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise InvalidRequestError(f"{key} must be a number >= 0, got {value!r}", param=key)
+    return float(value)
+
+
+def _strings(doc: dict[str, Any], key: str) -> list[str]:
+    value = doc.get(key) or []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidRequestError(f"{key} must be an array of strings", param=key)
+    return value
+
+
+def start_request(doc: dict[str, Any]) -> lifecycle_pb2.StartEngineRequest:
+    """A management POST body → StartEngineRequest; unknown or ill-typed fields are 400s."""
+    unknown = sorted(set(doc) - _START_FIELDS)
+    if unknown:
+        raise InvalidRequestError(f"unknown field(s): {', '.join(unknown)}", param=unknown[0])
+    model = doc.get("model_id", doc.get("model"))
+    if not isinstance(model, str) or not model.strip():
+        raise InvalidRequestError("model_id is required", param="model_id")
+    kind = doc.get("engine_kind", doc.get("kind", "llm"))
+    if kind not in ("llm", "embedding"):
+        raise InvalidRequestError(
+            f"engine_kind must be llm or embedding, got {kind!r}", param="engine_kind"
+        )
+    backend = doc.get("backend") or ""
+    label = doc.get("engine_label", doc.get("label")) or ""
+    engine_id = doc.get("engine_id") or ""
+    for key, value in (("backend", backend), ("engine_label", label), ("engine_id", engine_id)):
+        if not isinstance(value, str):
+            raise InvalidRequestError(f"{key} must be a string", param=key)
+    metadata = doc.get("metadata") or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str | int | float | bool) for k, v in metadata.items()
+    ):
+        raise InvalidRequestError("metadata must be an object of scalar values", param="metadata")
+    use_gpu = doc.get("use_gpu")
+    if use_gpu is not None and not isinstance(use_gpu, bool):
+        raise InvalidRequestError("use_gpu must be true, false or null", param="use_gpu")
+    wait = doc.get("wait", True)
+    if not isinstance(wait, bool):
+        raise InvalidRequestError("wait must be a boolean", param="wait")
+    request = lifecycle_pb2.StartEngineRequest(
+        model=model,
+        kind=kind_value(kind),
+        backend=backend,
+        tensor_parallel_size=_int(doc, "tensor_parallel_size", 1, 1),
+        pipeline_parallel_size=_int(doc, "pipeline_parallel_size", 1, 1),
+        port=_int(doc, "port", 0),
+        required_memory_gb=_number(doc, "required_memory_gb"),
+        gpu_memory_utilization=_number(doc, "gpu_memory_utilization"),
+        label=label,
+        max_concurrent_requests=_int(doc, "max_concurrent_requests", 0),
+        max_model_len=_int(doc, "max_model_len", 0),
+        extra_args=_strings(doc, "extra_args"),
+        aliases=_strings(doc, "aliases"),
+        metadata={k: str(v) for k, v in metadata.items()},
+        engine_id=engine_id,
+        startup_timeout_s=_int(doc, "startup_timeout_s", 300, 1),
+        no_wait=not wait,
+    )
+    if use_gpu is not None:
+        request.use_gpu = use_gpu
+    return request
+
+
+def _engine_path(path: str) -> tuple[str, str]:
+    """/v1/management/engines/{id}[/logs] → (id, tail); ids are checked (no traversal)."""
+    rest = path.removeprefix(f"{PREFIX}/engines/")
+    engine_id, _, tail = rest.partition("/")
+    if not _ENGINE_ID.fullmatch(engine_id):
+        raise InvalidRequestError(f"invalid engine id {engine_id!r}", param="engine_id")
+    return engine_id, tail
+
+
+def _query(request: Request) -> dict[str, str]:
+    return {k: v[-1] for k, v in parse_qs(request.query.decode("latin-1")).items()}
+
+
+def add_management_routes(
+    app: App, upstreams: Callable[[], Any], admin_api_key: str | None, timeout_s: float
+) -> None:
+    """Register every /v1/management route on `app`."""
+
+    def guarded(handler: Handler) -> Handler:
+        if not admin_api_key:
+            return handler
+        expected = f"Bearer {admin_api_key}".encode()
+
+        async def check(request: Request) -> Any:
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                raise AuthenticationError("a valid admin key is required for /v1/management")
+            return await handler(request)
+
+        return check
+
+    def route(method: str, path: str) -> Callable[[Handler], Handler]:
+        def register(handler: Handler) -> Handler:
+            app.add(method, path, guarded(handler))
+            return handler
+
+        return register
+
+    @route("GET", f"{PREFIX}/engines")
+    async def list_engines(request: Request) -> Response:
+        with rpc_errors_as_sage():
+            reply = await upstreams().lifecycle.ListEngines(lifecycle_pb2.ListEnginesRequest())
+        engines = [engine_json(e) for e in reply.engines]
+        return JSONResponse({"engines": engines, "count": len(engines)})
+
+    @route("POST", f"{PREFIX}/engines")
+    async def start_engine(request: Request) -> Response:
+        start = start_request(parse_json_object(await request.body()))
+        with rpc_errors_as_sage():
+            reply = await upstreams().lifecycle.StartEngine(
+                start, timeout=start.startup_timeout_s + 60
+            )
+        return JSONResponse(engine_json(reply.engine), 202 if start.no_wait else 201)
+
+    @route("POST", f"{PREFIX}/engines/register")
+    async def register_engine(request: Request) -> Response:
+        doc = parse_json_object(await request.body())
+        base_url = doc.pop("base_url", None)
+        if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+            raise InvalidRequestError("base_url must be an http(s) URL", param="base_url")
+        start = start_request(doc)
+        start.base_url = base_url
+        start.backend = "external"
+        with rpc_errors_as_sage():
+            reply = await upstreams().lifecycle.StartEngine(start)
+        return JSONResponse(engine_json(reply.engine), 201)
+
+    @route("POST", f"{PREFIX}/engines/prune")
+    async def prune(request: Request) -> Response:
+        with rpc_errors_as_sage():
+            reply = await upstreams().lifecycle.PruneEngines(lifecycle_pb2.PruneEnginesRequest())
+        return JSONResponse({"pruned": list(reply.engine_ids), "count": len(reply.engine_ids)})
+
+    @route("GET", f"{PREFIX}/engines/*")
+    async def get_engine(request: Request) -> Response:
+        engine_id, tail = _engine_path(request.path)
+        if tail == "logs":
+            lines = _query(request).get("lines", "100")
+            if not lines.isdigit() or not 0 < int(lines) <= 100_000:
+                raise InvalidRequestError("lines must be an integer in 1..100000", param="lines")
+            with rpc_errors_as_sage():
+                logs = await upstreams().lifecycle.TailLogs(
+                    lifecycle_pb2.TailLogsRequest(engine_id=engine_id, lines=int(lines))
+                )
+            return JSONResponse({"engine_id": engine_id, "lines": list(logs.lines)})
+        if tail:
+            raise NotFoundError(f"no route for GET {request.path}", code="unknown_url")
+        with rpc_errors_as_sage():
+            reply = await upstreams().lifecycle.GetEngine(
+                lifecycle_pb2.GetEngineRequest(engine_id=engine_id)
+            )
+        return JSONResponse(engine_json(reply.engine))
+
+    @route("DELETE", f"{PREFIX}/engines/*")
+    async def stop_engine(request: Request) -> Response:
+        engine_id, tail = _engine_path(request.path)
+        if tail:
+            raise NotFoundError(f"no route for DELETE {request.path}", code="unknown_url")
+        drain = _query(request).get("drain", "false").lower() in ("1", "true", "yes")
+        with rpc_errors_as_sage():
+            reply = await upstreams().lifecycle.StopEngine(
+                lifecycle_pb2.StopEngineRequest(engine_id=engine_id, drain=drain),
+                timeout=120,
+            )
+        return JSONResponse(engine_json(reply.engine))
+
+    @route("GET", f"{PREFIX}/backends")
+    async def backends(request: Request) -> Response:
+        with rpc_errors_as_sage():
+            reply = await upstreams().lifecycle.ListBackends(lifecycle_pb2.ListBackendsRequest())
+        return JSONResponse(
+            {
+                "backends": [
+                    {
+                        "name": b.name,
+                        "kinds": [kind_name(k, "unspecified") for k in b.kinds],
+                        "uses_gpu": b.uses_gpu,
+                        "available": b.available,
+                        "reason": b.reason,
+                    }
+                    for b in reply.backends
+                ]
+            }
+        )
+
+    async def gpu_json() -> dict[str, Any]:
+        with rpc_errors_as_sage():
+            reply = await upstreams().gpu.ListGpus(gpu_manager_pb2.ListGpusRequest())
+        return {
+            "nvml_available": reply.nvml_available,
+            "nvml_error": reply.nvml_error or None,
+            "driver_version": reply.driver_version or None,
+            "gpus": [
+                {
+                    "index": g.index,
+                    "uuid": g.uuid,
+                    "name": g.name,
+                    "memory_total_bytes": g.memory_total_bytes,
+                    "memory_used_bytes": g.memory_used_bytes,
+                    "memory_free_bytes": g.memory_free_bytes,
+                    "memory_reserved_bytes": g.memory_reserved_bytes,
+                    "memory_available_bytes": g.memory_available_bytes,
+                    "utilization_percent": g.utilization_percent,
+                    "temperature_celsius": g.temperature_celsius,
+                    "engine_ids": list(g.engine_ids),
+                }
+                for g in reply.gpus
+            ],
+        }
+
+    @route("GET", f"{PREFIX}/gpu")
+    async def gpu(request: Request) -> Response:
+        return JSONResponse(await gpu_json())
+
+    @route("GET", f"{PREFIX}/status")
+    async def status(request: Request) -> Response:
+        up = upstreams()
+        with rpc_errors_as_sage():
+            sched = await up.scheduler.GetStatus(spb.GetStatusRequest())
+            routed = await up.scheduler.ListEngines(spb.ListEnginesRequest())
+        ready = [e for e in routed.engines if state_name(e.state) == "ready"]
+        try:
+            engines = [
+                engine_json(e)
+                for e in (
+                    await up.lifecycle.ListEngines(
+                        lifecycle_pb2.ListEnginesRequest(), timeout=timeout_s
+                    )
+                ).engines
+            ]
+        except grpc.RpcError:
+            engines = [engine_json(e) for e in routed.engines]  # lifecycle down: routing view
+        try:
+            gpu_status: dict[str, Any] | None = await gpu_json()
+        except Exception:
+            gpu_status = None
+        return JSONResponse(
+            {
+                "llm_available": any(kind_name(e.kind, "") == "llm" for e in ready),
+                "embedding_available": any(kind_name(e.kind, "") == "embedding" for e in ready),
+                "control_plane": {
+                    "policy": sched.policy,
+                    "pending_requests": sched.queued,
+                    "running_requests": sched.in_flight,
+                    "instances": sched.engines_total,
+                    "instances_ready": sched.engines_ready,
+                    "metrics": {
+                        "requests_total": sched.requests_total,
+                        "requests_failed": sched.requests_failed,
+                    },
+                },
+                "gpu": gpu_status,
+                "engines": engines,
+                "count": len(engines),
+            }
+        )

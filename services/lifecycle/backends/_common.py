@@ -1,0 +1,122 @@
+"""Pieces every backend module shares: finding programs, GPU env, resource checks.
+
+Nothing here starts a process; backends only describe how one would be started.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from sage.common.exceptions import EngineStartError, InvalidRequestError
+
+from ..spec import EngineSpec
+from .base import Availability
+
+
+def find_program(name: str, env_var: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """Absolute path of the program `name`, or None when it is not installed.
+
+    Order: the path in `env_var` (an explicit choice wins), the program next to this
+    interpreter (same virtualenv as the control plane, found even when lifecycle runs with
+    a bare PATH, e.g. under systemd), then PATH.
+    """
+    env = os.environ if environ is None else environ
+    override = env.get(env_var, "")
+    if override:
+        return override if _is_executable(Path(override)) else None
+    sibling = Path(sys.executable).parent / name
+    if _is_executable(sibling):
+        return str(sibling)
+    return shutil.which(name, path=env.get("PATH"))
+
+
+def program_availability(name: str, env_var: str, install_hint: str) -> Availability:
+    """Availability of an external program found by `find_program`."""
+    override = os.environ.get(env_var, "")
+    if override and not _is_executable(Path(override)):
+        return Availability(False, f"{env_var}={override} is not an executable file")
+    if find_program(name, env_var) is None:
+        return Availability(
+            False, f"`{name}` was not found on PATH (or set {env_var}); {install_hint}"
+        )
+    return Availability(True)
+
+
+def require_program(name: str, env_var: str, install_hint: str, backend: str) -> str:
+    """The program's path, or EngineStartError (param backend) saying how to install it."""
+    require(program_availability(name, env_var, install_hint), backend)
+    program = find_program(name, env_var)
+    if program is None:  # removed between the two looks
+        raise EngineStartError(f"backend {backend}: `{name}` disappeared", param="backend")
+    return program
+
+
+def modules_availability(modules: Iterable[str], install_hint: str) -> Availability:
+    """Availability of a backend that needs some Python modules importable here."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        return Availability(
+            False, f"missing Python package(s) {', '.join(missing)}; {install_hint}"
+        )
+    return Availability(True)
+
+
+def require(availability: Availability, backend: str) -> None:
+    """Raise EngineStartError (param backend) when the backend cannot run here."""
+    if not availability.ok:
+        raise EngineStartError(
+            f"backend {backend} is not available: {availability.reason}", param="backend"
+        )
+
+
+def check_kind(backend: str, kinds: frozenset[str], spec: EngineSpec) -> None:
+    """Refuse a spec whose kind this backend does not serve."""
+    if spec.kind not in kinds:
+        raise InvalidRequestError(
+            f"backend {backend} serves {' and '.join(sorted(kinds))} engines, not {spec.kind}",
+            param="backend",
+        )
+
+
+def check_single_device(backend: str, spec: EngineSpec) -> None:
+    """Refuse tensor/pipeline parallelism on a backend that runs a model on one device."""
+    if spec.tensor_parallel_size > 1:
+        raise InvalidRequestError(
+            f"backend {backend} cannot shard a model over several GPUs "
+            f"(tensor_parallel_size={spec.tensor_parallel_size}); use 1, or backend vllm",
+            param="tensor_parallel_size",
+        )
+    if spec.pipeline_parallel_size > 1:
+        raise InvalidRequestError(
+            f"backend {backend} cannot split a model into pipeline stages "
+            f"(pipeline_parallel_size={spec.pipeline_parallel_size}); use 1, or backend vllm",
+            param="pipeline_parallel_size",
+        )
+
+
+def gpu_env(gpu_ids: list[int]) -> dict[str, str]:
+    """CUDA_VISIBLE_DEVICES for the reserved GPUs; empty (no GPU visible) for a CPU run.
+
+    Hiding every GPU on a CPU run keeps a process from touching GPUs the ledger did not
+    give it (torch, vLLM and TEI all grab GPU 0 by default when they see one).
+    """
+    return {"CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in gpu_ids)}
+
+
+def device_flag(gpu_ids: list[int]) -> str:
+    """The --device value for engines that take one: cuda when GPUs were reserved."""
+    return "cuda" if gpu_ids else "cpu"
+
+
+def python_module_argv(module: str) -> list[str]:
+    """argv prefix that runs `module` with this interpreter (same environment)."""
+    return [sys.executable, "-m", module]
+
+
+def _is_executable(path: Path) -> bool:
+    return path.is_file() and os.access(path, os.X_OK)

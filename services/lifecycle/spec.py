@@ -1,0 +1,86 @@
+"""What a caller asks lifecycle to run (validated before anything starts)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from sage.common.exceptions import InvalidRequestError
+
+# Model names go to engines as one argv element (never through a shell), but names with
+# shell or control characters are refused outright: they are never legitimate model ids.
+_BAD_MODEL_CHARS = re.compile(r"[;&|`$<>(){}!*?\"'\\\s\x00-\x1f]")
+
+KINDS = ("llm", "embedding")
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """One engine to start: model, role (kind), backend and resources."""
+
+    model: str
+    kind: str = "llm"  # the seed's --engine-kind: llm | embedding
+    backend: str = ""  # "" or "auto" = pick (see backends.resolve_backend)
+    port: int = 0  # 0 = pick a free one
+    host: str = "127.0.0.1"
+    engine_id: str = ""
+    base_url: str = ""  # set: an external engine, nothing to launch
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.0
+    required_memory_gb: float = 0.0  # 0 = estimate
+    use_gpu: bool | None = None  # None = when the backend and host allow
+    max_concurrent_requests: int = 0
+    max_model_len: int = 0
+    label: str = ""
+    extra_args: tuple[str, ...] = ()
+    startup_timeout_s: float = 300.0
+    aliases: tuple[str, ...] = ()
+    role: str = "both"  # both | prefill | decode (PD routing)
+    labels: dict[str, str] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def gpus_needed(self) -> int:
+        """GPUs one replica occupies (TP x PP)."""
+        return max(1, self.tensor_parallel_size) * max(1, self.pipeline_parallel_size)
+
+
+def validate_spec(spec: EngineSpec) -> None:
+    """Reject bad input before any process, port or GPU is touched; errors name the field."""
+    if not spec.model:
+        raise InvalidRequestError("model is required", param="model_id")
+    if len(spec.model) > 512 or _BAD_MODEL_CHARS.search(spec.model):
+        raise InvalidRequestError(
+            f"model {spec.model!r} contains characters that are not allowed in a model id",
+            param="model_id",
+        )
+    if spec.kind not in KINDS:
+        raise InvalidRequestError(
+            f"engine_kind must be llm or embedding, got {spec.kind!r}", param="engine_kind"
+        )
+    if spec.tensor_parallel_size < 1 or spec.pipeline_parallel_size < 1:
+        raise InvalidRequestError(
+            "tensor_parallel_size and pipeline_parallel_size must be >= 1",
+            param="tensor_parallel_size",
+        )
+    if not 0 <= spec.port <= 65535:
+        raise InvalidRequestError(f"port {spec.port} is out of range", param="port")
+    if spec.required_memory_gb < 0:
+        raise InvalidRequestError("required_memory_gb must be >= 0", param="required_memory_gb")
+    if not 0 <= spec.gpu_memory_utilization <= 1:
+        raise InvalidRequestError(
+            "gpu_memory_utilization must be in [0, 1]", param="gpu_memory_utilization"
+        )
+    if spec.engine_id and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", spec.engine_id):
+        raise InvalidRequestError(
+            "engine_id may hold letters, digits, '.', '_' and '-' (at most 128)",
+            param="engine_id",
+        )
+    if spec.role not in ("both", "prefill", "decode"):
+        raise InvalidRequestError("role must be both, prefill or decode", param="role")
+    for arg in spec.extra_args:
+        if "\x00" in arg or "\n" in arg:
+            raise InvalidRequestError(
+                "extra_args must not contain NUL or newlines", param="extra_args"
+            )
