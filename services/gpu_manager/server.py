@@ -159,7 +159,8 @@ def build_manager(
     if nvml is None and options.simulate:
         nvml = parse_simulation(options.simulate)
     return GPUResourceManager(
-        NvmlReader(nvml, disabled=settings.disable_nvml),
+        # Simulated GPUs never touch NVML, so SAGE_DISABLE_NVML does not switch them off.
+        NvmlReader(nvml, disabled=settings.disable_nvml and not options.simulate),
         ledger,
         ModelMemoryEstimator(options.hub_cache_dirs()),
     )

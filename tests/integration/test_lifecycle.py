@@ -229,3 +229,47 @@ async def test_backends_and_gpu_views(full_plane: Any) -> None:
     assert by_name["sim"]["available"] is True
     gpu = (await full_plane.client.get("/v1/management/gpu")).json()
     assert "gpus" in gpu and "nvml_available" in gpu
+
+
+@pytest.fixture
+def two_simulated_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gpu_manager reports two 80 GiB GPUs (its NVML stand-in) on this CPU host."""
+    monkeypatch.setenv("SAGE_GPU_SIMULATE", "2x80")
+
+
+async def reservations(plane: Any) -> list[str]:
+    gpu = (await plane.client.get("/v1/management/gpu")).json()
+    return sorted({e for g in gpu["gpus"] for e in g["engine_ids"]})
+
+
+async def test_gpu_reservation_is_released_when_the_engine_fails(
+    two_simulated_gpus: None, full_plane: Any
+) -> None:
+    gpu = (await full_plane.client.get("/v1/management/gpu")).json()
+    assert len(gpu["gpus"]) == 2
+    too_wide = await full_plane.client.post(
+        "/v1/management/engines",
+        json={
+            "model_id": "sentence-transformers/all-MiniLM-L6-v2",
+            "engine_kind": "embedding",
+            "use_gpu": True,
+            "tensor_parallel_size": 4,
+        },
+    )
+    assert too_wide.status_code in (400, 409)
+    assert too_wide.json()["error"]["param"] == "tensor_parallel_size"
+    # The GPUs are simulated, so the engine's CUDA start fails: its reservation must go too.
+    resp = await full_plane.client.post(
+        "/v1/management/engines",
+        json={
+            "model_id": "sentence-transformers/all-MiniLM-L6-v2",
+            "engine_kind": "embedding",
+            "use_gpu": True,
+            "required_memory_gb": 4,
+            "startup_timeout_s": 120,
+        },
+    )
+    assert resp.status_code >= 400
+    listed = (await full_plane.client.get("/v1/management/engines")).json()
+    assert [e["status"] for e in listed["engines"]] == ["FAILED"]
+    assert await reservations(full_plane) == []
