@@ -14,6 +14,11 @@ ENV_VAR = "SAGE_VLLM_BIN"
 _INSTALL_HINT = "pip install vllm (needs a GPU), or use backend transformers or sim"
 
 
+def vllm_importable() -> bool:
+    """Whether this interpreter can import vllm (checked without importing it)."""
+    return importlib.util.find_spec("vllm") is not None
+
+
 class VllmBackend:
     """vLLM's OpenAI server; the `vllm` program when installed, else its Python module."""
 
@@ -27,7 +32,7 @@ class VllmBackend:
 
     def availability(self) -> Availability:
         """Installed when the `vllm` program or the vllm package is present."""
-        if find_program("vllm", ENV_VAR) or importlib.util.find_spec("vllm") is not None:
+        if find_program("vllm", ENV_VAR) or vllm_importable():
             return Availability(True)
         return Availability(False, f"vllm is not installed; {_INSTALL_HINT}")
 
@@ -37,7 +42,7 @@ class VllmBackend:
         program = find_program("vllm", ENV_VAR)
         if program is not None:
             argv = [program, "serve", spec.model]
-        elif importlib.util.find_spec("vllm") is not None:
+        elif vllm_importable():
             # Older installs without the console script: the server module takes --model.
             argv = [
                 *python_module_argv("vllm.entrypoints.openai.api_server"),

@@ -1,4 +1,4 @@
-"""The `sage` command line: `sage llm serve | status | logs | stop`."""
+"""The `sage` command line: `sage llm serve | status | logs | stop | gpu | engine | preset`."""
 
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ from sage.common.config.settings import SageSettings, load_settings
 from sage.common.exceptions import SageError
 
 from . import supervisor
+from .cli_engine import add_engine_command, add_logs_command
 from .cli_gpu import add_gpu_command
+from .cli_preset import add_preset_command
 
 # Kept in sync with sage.engines.embedding.BUNDLED_MODEL_NAME (not imported: it pulls numpy).
 BUNDLED_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -95,26 +97,6 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"  engine {engine['engine_id']:<28} {engine['kind']:<9} {engine['model']} "
             f"at {engine['base_url']}"
         )
-    return 0
-
-
-def cmd_logs(args: argparse.Namespace) -> int:
-    """Print the last lines of a service's (or every service's) log."""
-    settings = _settings(args)
-    log_dir = settings.llm_state_dir / "logs"
-    names = [args.service] if args.service else supervisor.service_names()
-    found = False
-    for name in names:
-        path = log_dir / f"{name}.log"
-        if not path.exists():
-            continue
-        found = True
-        lines = path.read_text(errors="replace").splitlines()[-args.tail :]
-        print(f"==> {path} <==")
-        print("\n".join(lines))
-    if not found:
-        print(f"no logs under {log_dir}", file=sys.stderr)
-        return 1
     return 0
 
 
@@ -205,16 +187,15 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print daemon.json")
     status.set_defaults(func=cmd_status)
 
-    logs = sub.add_parser("logs", help="show service logs")
-    logs.add_argument("service", nargs="?", choices=supervisor.service_names())
-    logs.add_argument("--tail", type=int, default=100, help="lines per log [100]")
-    logs.set_defaults(func=cmd_logs)
+    add_logs_command(sub, supervisor.service_names())
 
     stop = sub.add_parser("stop", help="stop the running stack")
     stop.add_argument("--timeout", type=float, default=30.0)
     stop.set_defaults(func=cmd_stop)
 
     add_gpu_command(sub)
+    add_engine_command(sub)
+    add_preset_command(sub)
     return parser
 
 
