@@ -1,0 +1,385 @@
+"""ManagementClient: the `/v1/management/*` HTTP API of a running SAGE gateway.
+
+Used by `sage llm engine|preset|logs` and by scripts that start and stop engines at run
+time. Sync on purpose: the CLI and presets call one route at a time and wait for it.
+Errors come back as `sage.common.exceptions` types rebuilt from the OpenAI error JSON, so
+callers handle a refused start the same way whether it came over HTTP or gRPC.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field
+
+from sage.common.config.ports import SagePorts
+from sage.common.exceptions import (
+    AuthenticationError,
+    ConflictError,
+    DeadlineExceededError,
+    EngineNotFoundError,
+    EngineStartError,
+    InsufficientResourcesError,
+    InternalError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    NotFoundError,
+    OverloadedError,
+    PermissionDeniedError,
+    RateLimitError,
+    SageError,
+    ServiceUnavailableError,
+    UpstreamError,
+)
+
+__all__ = [
+    "ADMIN_KEY_ENV",
+    "BackendInfo",
+    "EngineInfo",
+    "EngineKind",
+    "EngineStatus",
+    "ManagementClient",
+    "error_from_response",
+    "resolve_base_url",
+]
+
+ADMIN_KEY_ENV = "SAGE_ADMIN_API_KEY"
+# Server-side default start timeout; a waiting POST may take this long plus slack.
+DEFAULT_STARTUP_TIMEOUT_S = 600.0
+_START_SLACK_S = 30.0
+
+EngineKind = Literal["llm", "embedding"]
+EngineStatus = Literal["STARTING", "RUNNING", "STOPPING", "STOPPED", "FAILED"]
+
+
+class EngineInfo(BaseModel):
+    """One engine as the management API reports it.
+
+    Unknown fields are kept (extra="allow") so a newer gateway never breaks an older CLI.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    engine_id: str
+    model_id: str
+    engine_kind: str = "llm"
+    backend: str = ""
+    status: str = "STARTING"
+    host: str = ""
+    port: int | None = None
+    base_url: str = ""
+    pid: int | None = None
+    gpu_ids: list[int] = Field(default_factory=list)
+    engine_label: str | None = None
+    restart_count: int = 0
+    started_at: float | None = None
+    error: str | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+
+class BackendInfo(BaseModel):
+    """An engine backend the lifecycle service knows (`GET /v1/management/backends`)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    kinds: list[str] = Field(default_factory=list)
+    uses_gpu: bool = False
+    available: bool = True
+    reason: str | None = None
+
+
+# Specific codes first: they say more than the HTTP status does.
+_BY_CODE: dict[str, type[SageError]] = {
+    cls.default_code: cls
+    for cls in (
+        EngineNotFoundError,
+        ModelNotFoundError,
+        InsufficientResourcesError,
+        EngineStartError,
+        RateLimitError,
+        AuthenticationError,
+    )
+    if cls.default_code is not None
+}
+
+_BY_STATUS: dict[int, type[SageError]] = {
+    400: InvalidRequestError,
+    401: AuthenticationError,
+    403: PermissionDeniedError,
+    404: NotFoundError,
+    409: ConflictError,
+    413: InvalidRequestError,
+    422: InvalidRequestError,
+    429: OverloadedError,
+    500: InternalError,
+    502: UpstreamError,
+    503: ServiceUnavailableError,
+    504: DeadlineExceededError,
+}
+
+
+def error_from_response(resp: httpx.Response) -> SageError:
+    """The SageError an error response stands for, keeping its message, param and code."""
+    try:
+        body = resp.json()
+    except ValueError:
+        body = None
+    err = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(err, dict):
+        err = {}
+    message = str(err.get("message") or resp.text[:300] or f"HTTP {resp.status_code}")
+    param = err.get("param") if isinstance(err.get("param"), str) else None
+    raw_code = err.get("code")
+    code = str(raw_code) if raw_code is not None else None
+    retry_after = resp.headers.get("retry-after")
+    cls = _BY_CODE.get(code or "") or _BY_STATUS.get(resp.status_code)
+    if cls is None:
+        cls = InvalidRequestError if 400 <= resp.status_code < 500 else InternalError
+    if cls is ModelNotFoundError:
+        error: SageError = ModelNotFoundError(param or "model", message=message)
+        error.code = code
+        return error
+    try:
+        seconds = float(retry_after) if retry_after else None
+    except ValueError:
+        seconds = None
+    return cls(message, param=param, code=code, retry_after=seconds)
+
+
+def _live_daemon_gateway(home: Path) -> str | None:
+    """`gateway_url` of a running `sage llm serve`, if its daemon.json is live."""
+    try:
+        doc = json.loads((home / "llm" / "daemon.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or not isinstance(doc.get("gateway_url"), str):
+        return None
+    try:
+        os.kill(int(doc.get("pid") or 0), 0)
+    except (ProcessLookupError, ValueError, OverflowError):
+        return None
+    except PermissionError:
+        pass  # alive, owned by someone else
+    return str(doc["gateway_url"])
+
+
+def resolve_base_url(base_url: str | None = None) -> str:
+    """argument > SAGE_UNIFIED_BASE_URL > live daemon.json gateway_url > local default.
+
+    Always ends in `/v1`: management routes live under it, and users often paste the
+    gateway's root URL.
+    """
+    url = base_url
+    if not url:
+        from sage.common.config.settings import load_settings
+
+        settings = load_settings()
+        url = settings.unified_base_url or _live_daemon_gateway(settings.home)
+    if not url:
+        url = f"http://localhost:{SagePorts.GATEWAY_DEFAULT}/v1"
+    url = url.rstrip("/")
+    return url if url.endswith("/v1") else url + "/v1"
+
+
+class ManagementClient:
+    """Start, list, stop and inspect engines through a SAGE gateway's management API."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        api_key: str | None = None,
+        timeout: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.base_url = resolve_base_url(base_url)
+        self.timeout = timeout
+        key = api_key if api_key is not None else os.environ.get(ADMIN_KEY_ENV)
+        headers = {"authorization": f"Bearer {key}"} if key else {}
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            timeout=timeout,
+            headers=headers,
+            trust_env=False,
+            transport=transport,
+        )
+
+    def __enter__(self) -> ManagementClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._http.close()
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Mapping[str, Any] | None = None,
+        params: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        try:
+            resp = self._http.request(
+                method,
+                path,
+                json=dict(body) if body is not None else None,
+                params=dict(params) if params else None,
+                timeout=timeout if timeout is not None else self.timeout,
+            )
+        except httpx.ConnectError as exc:
+            raise ServiceUnavailableError(
+                f"no SAGE gateway at {self.base_url}; start it with `sage llm serve`"
+            ) from exc
+        except httpx.TimeoutException as exc:
+            raise DeadlineExceededError(
+                f"the gateway at {self.base_url} did not answer {method} {path} in time"
+            ) from exc
+        except httpx.HTTPError as exc:
+            raise ServiceUnavailableError(
+                f"talking to the gateway at {self.base_url} failed: {exc}"
+            ) from exc
+        if resp.status_code >= 400:
+            raise error_from_response(resp)
+        try:
+            return resp.json()
+        except ValueError as exc:
+            raise UpstreamError(
+                f"the gateway at {self.base_url} sent non-JSON for {method} {path}"
+            ) from exc
+
+    def start_engine(
+        self,
+        model_id: str,
+        *,
+        engine_kind: EngineKind = "llm",
+        backend: str = "auto",
+        tensor_parallel_size: int | None = None,
+        pipeline_parallel_size: int | None = None,
+        port: int | None = None,
+        required_memory_gb: float | None = None,
+        engine_label: str | None = None,
+        max_concurrent_requests: int | None = None,
+        use_gpu: bool | None = None,
+        extra_args: Sequence[str] | None = None,
+        metadata: Mapping[str, str] | None = None,
+        engine_id: str | None = None,
+        startup_timeout_s: int | None = None,
+        wait: bool = True,
+    ) -> EngineInfo:
+        """Start an engine; with `wait` the call returns once it is RUNNING (or raises)."""
+        body: dict[str, Any] = {
+            "model_id": model_id,
+            "engine_kind": engine_kind,
+            "backend": backend,
+            "use_gpu": use_gpu,
+            "wait": wait,
+        }
+        optional: dict[str, Any] = {
+            "tensor_parallel_size": tensor_parallel_size,
+            "pipeline_parallel_size": pipeline_parallel_size,
+            "port": port,
+            "required_memory_gb": required_memory_gb,
+            "engine_label": engine_label,
+            "max_concurrent_requests": max_concurrent_requests,
+            "extra_args": list(extra_args) if extra_args is not None else None,
+            "metadata": dict(metadata) if metadata is not None else None,
+            "engine_id": engine_id,
+            "startup_timeout_s": startup_timeout_s,
+        }
+        body.update({k: v for k, v in optional.items() if v is not None})
+        budget = (startup_timeout_s or DEFAULT_STARTUP_TIMEOUT_S) + _START_SLACK_S
+        timeout = max(self.timeout, budget) if wait else self.timeout
+        return EngineInfo.model_validate(
+            self._request("POST", "/management/engines", body=body, timeout=timeout)
+        )
+
+    def register_engine(
+        self,
+        model_id: str,
+        base_url: str,
+        *,
+        engine_kind: EngineKind = "llm",
+        engine_id: str | None = None,
+        engine_label: str | None = None,
+    ) -> EngineInfo:
+        """Put an already running OpenAI-compatible endpoint behind the gateway."""
+        body: dict[str, Any] = {
+            "model_id": model_id,
+            "base_url": base_url,
+            "engine_kind": engine_kind,
+        }
+        if engine_id is not None:
+            body["engine_id"] = engine_id
+        if engine_label is not None:
+            body["engine_label"] = engine_label
+        return EngineInfo.model_validate(
+            self._request("POST", "/management/engines/register", body=body)
+        )
+
+    def list_engines(self) -> list[EngineInfo]:
+        """Every engine lifecycle knows, in any status."""
+        doc = self._request("GET", "/management/engines")
+        return [EngineInfo.model_validate(e) for e in doc.get("engines", [])]
+
+    def get_engine(self, engine_id: str) -> EngineInfo:
+        """One engine; EngineNotFoundError/NotFoundError if there is none."""
+        return EngineInfo.model_validate(
+            self._request("GET", f"/management/engines/{_segment(engine_id)}")
+        )
+
+    def stop_engine(self, engine_id: str, drain: bool = False) -> EngineInfo:
+        """Stop an engine (after its in-flight requests finish, with `drain`)."""
+        params = {"drain": "true"} if drain else None
+        # Draining waits for requests in flight, so allow as long as a start may take.
+        timeout = max(self.timeout, DEFAULT_STARTUP_TIMEOUT_S) if drain else None
+        return EngineInfo.model_validate(
+            self._request(
+                "DELETE",
+                f"/management/engines/{_segment(engine_id)}",
+                params=params,
+                timeout=timeout,
+            )
+        )
+
+    def prune(self) -> list[str]:
+        """Forget STOPPED and FAILED engines; returns the ids removed."""
+        doc = self._request("POST", "/management/engines/prune", body={})
+        return [str(i) for i in doc.get("pruned", [])]
+
+    def engine_logs(self, engine_id: str, lines: int = 100) -> list[str]:
+        """The last `lines` lines of an engine's output."""
+        doc = self._request(
+            "GET", f"/management/engines/{_segment(engine_id)}/logs", params={"lines": lines}
+        )
+        return [str(line) for line in doc.get("lines", [])]
+
+    def status(self) -> dict[str, Any]:
+        """Control-plane status (`llm_available`, `embedding_available`, counts)."""
+        return dict(self._request("GET", "/management/status"))
+
+    def backends(self) -> list[BackendInfo]:
+        """Engine backends and whether each can run on this host."""
+        doc = self._request("GET", "/management/backends")
+        return [BackendInfo.model_validate(b) for b in doc.get("backends", [])]
+
+    def gpu(self) -> dict[str, Any]:
+        """GPU readings and reservations, as the GPU manager reports them."""
+        return dict(self._request("GET", "/management/gpu"))
+
+
+def _segment(engine_id: str) -> str:
+    """An engine id as one URL path segment (ids never legitimately hold '/')."""
+    if not engine_id or "/" in engine_id:
+        raise InvalidRequestError(f"invalid engine id {engine_id!r}", param="engine_id")
+    return engine_id

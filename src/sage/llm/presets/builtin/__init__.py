@@ -1,0 +1,1 @@
+"""Built-in presets, shipped as YAML files next to this module."""
