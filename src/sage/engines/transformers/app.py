@@ -1,0 +1,670 @@
+"""HTTP front of the transformers engine: vLLM's OpenAI routes, JSON/SSE shapes and metrics.
+
+Generation runs in one worker thread (one request at a time; the rest wait in FIFO order),
+prompt rendering and tokenising in another, so the event loop only moves bytes. A client
+that disconnects sets its request's cancel flag, which the generation loop checks before
+every token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import secrets
+import threading
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from sage.common.exceptions import (
+    ConfigurationError,
+    InternalError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    SageError,
+)
+from sage.common.http.asgi import App, JSONResponse, Request, Response, StreamingResponse, sse_event
+from sage.common.http.server import serve_app
+from sage.common.utils.logging import configure_logging
+
+from .model import CausalLM, EngineConfig, Outcome, SamplingParams
+from .protocol import Sampling, parse_chat, parse_completion
+
+__all__ = ["create_app", "main"]
+
+log = logging.getLogger(__name__)
+
+OWNED_BY = "sage-transformers"
+_DONE = b"data: [DONE]\n\n"
+_CLIENT_GONE = 499  # nobody reads it: the client has gone
+# vLLM's bucket boundaries, so dashboards and SLO maths read the same.
+# fmt: off
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+_TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
+                 7.5, 10.0, 20.0, 40.0, 80.0)
+_E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+# fmt: on
+
+
+def _stream_error(exc: Exception) -> bytes:
+    """An SSE event carrying the OpenAI error JSON for a failure after the stream began."""
+    if isinstance(exc, SageError):
+        error = exc
+    else:
+        log.error("generation failed mid-stream", exc_info=exc)
+        error = InternalError("generation failed; see the engine log")
+    return sse_event(orjson.dumps(error.to_openai()))
+
+
+class _Metrics:
+    """vLLM's metric names where they overlap, on a registry private to one app."""
+
+    def __init__(self, name: str, running: Callable[[], int], waiting: Callable[[], int]):
+        self.registry = CollectorRegistry()
+        reg = self.registry
+        label = ("model_name",)
+        Gauge(
+            "vllm:num_requests_running",
+            "Requests generating now (at most 1).",
+            label,
+            registry=reg,
+        ).labels(model_name=name).set_function(running)
+        Gauge(
+            "vllm:num_requests_waiting", "Requests queued for the model.", label, registry=reg
+        ).labels(model_name=name).set_function(waiting)
+        self.prompt_tokens = Counter(
+            "vllm:prompt_tokens", "Prefilled prompt tokens.", label, registry=reg
+        ).labels(model_name=name)
+        self.generation_tokens = Counter(
+            "vllm:generation_tokens", "Generated tokens.", label, registry=reg
+        ).labels(model_name=name)
+        self.ttft = Histogram(
+            "vllm:time_to_first_token_seconds",
+            "Arrival to first token, queueing included.",
+            label,
+            buckets=_TTFT_BUCKETS,
+            registry=reg,
+        ).labels(model_name=name)
+        self.tpot = Histogram(
+            "vllm:time_per_output_token_seconds",
+            "Mean time per token after the first.",
+            label,
+            buckets=_TPOT_BUCKETS,
+            registry=reg,
+        ).labels(model_name=name)
+        self.e2e = Histogram(
+            "vllm:e2e_request_latency_seconds",
+            "Arrival to last token.",
+            label,
+            buckets=_E2E_BUCKETS,
+            registry=reg,
+        ).labels(model_name=name)
+        self.queue_time = Histogram(
+            "vllm:request_queue_time_seconds",
+            "Time waiting for the model.",
+            label,
+            buckets=_E2E_BUCKETS,
+            registry=reg,
+        ).labels(model_name=name)
+        success = Counter(
+            "vllm:request_success",
+            "Requests that finished.",
+            ("model_name", "finished_reason"),
+            registry=reg,
+        )
+        self._success = {
+            reason: success.labels(model_name=name, finished_reason=reason)
+            for reason in ("stop", "length", "abort")
+        }
+
+    def finished(self, reason: str) -> None:
+        self._success[reason].inc()
+
+
+@dataclass(eq=False)  # compared and hashed by identity: jobs live in a set
+class _Job:
+    """One generation waiting for, or holding, the model."""
+
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    on_text: Callable[[str], None]
+    cancelled: threading.Event
+    arrival: float  # time.monotonic()
+
+
+class _Worker:
+    """Runs jobs one at a time in a dedicated thread and keeps the running/waiting counts."""
+
+    def __init__(self, model: CausalLM, metrics: _Metrics) -> None:
+        self.model = model
+        self.metrics = metrics
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="generate")
+        self._lock = threading.Lock()
+        self.waiting = 0
+        self.running = 0
+        self._jobs: set[_Job] = set()
+
+    def submit(self, job: _Job) -> Future[Outcome]:
+        with self._lock:
+            self.waiting += 1
+            self._jobs.add(job)
+        return self._executor.submit(self._run, job)
+
+    def _run(self, job: _Job) -> Outcome:
+        metrics = self.metrics
+        with self._lock:
+            self.waiting -= 1
+            if job.cancelled.is_set():  # the client left while queued
+                self._jobs.discard(job)
+                metrics.finished("abort")
+                return Outcome("", "", "abort", None, len(job.prompt_ids), 0)
+            self.running += 1
+        started = time.monotonic()
+        metrics.queue_time.observe(started - job.arrival)
+        first_at = last_at = started
+
+        def on_token(step: int) -> None:
+            nonlocal first_at, last_at
+            last_at = time.monotonic()
+            if step == 1:
+                first_at = last_at
+                metrics.ttft.observe(first_at - job.arrival)
+                metrics.prompt_tokens.inc(len(job.prompt_ids))
+            metrics.generation_tokens.inc()
+
+        try:
+            outcome = self.model.generate(
+                job.prompt_ids, job.params, job.cancelled, job.on_text, on_token
+            )
+        finally:
+            with self._lock:
+                self.running -= 1
+                self._jobs.discard(job)
+        if outcome.completion_tokens > 1:
+            metrics.tpot.observe((last_at - first_at) / (outcome.completion_tokens - 1))
+        metrics.e2e.observe(time.monotonic() - job.arrival)
+        metrics.finished(outcome.finish_reason)
+        return outcome
+
+    def close(self) -> None:
+        """Cancel everything queued or running and let the thread go."""
+        with self._lock:
+            for job in self._jobs:
+                job.cancelled.set()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class _Engine:
+    """The routes of one engine app; they share the model, the worker and the metrics."""
+
+    def __init__(self, config: EngineConfig, model: CausalLM) -> None:
+        self.config = config
+        self.model = model
+        self.names = config.names
+        # The gauges read the worker's counts when scraped, so they may be built first.
+        self.metrics = _Metrics(
+            self.names[0], lambda: self.worker.running, lambda: self.worker.waiting
+        )
+        self.worker = _Worker(model, self.metrics)
+        # Tokenising is CPU work too; its own thread keeps 400s fast while a long answer
+        # holds the generation thread.
+        self._prep = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
+        self._created = int(time.time())
+
+    async def close(self) -> None:
+        self.worker.close()
+        self._prep.shutdown(wait=False, cancel_futures=True)
+
+    # ---- shared pieces
+
+    def _check_model(self, model: str | None) -> str:
+        if model is None:
+            return self.names[0]
+        if model not in self.names:
+            raise ModelNotFoundError(model)
+        return model
+
+    async def _in_prep(self, fn: Callable[[], Any]) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._prep, fn)
+
+    def _params(self, sampling: Sampling, prompt_tokens: int, where: str) -> SamplingParams:
+        limit = self.model.max_model_len
+        room = limit - prompt_tokens
+        if room < 1:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {limit} tokens. However, your "
+                f"{where} has {prompt_tokens} tokens. Please reduce the length of the {where}.",
+                param=where,
+            )
+        max_tokens = sampling.max_tokens
+        if max_tokens is None:
+            default = self.config.max_tokens_default
+            max_tokens = min(room, default) if default > 0 else room
+        elif max_tokens > room:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {limit} tokens. However, you "
+                f"requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the "
+                f"{where}, {max_tokens} in the completion). Please reduce the length of the "
+                f"{where} or completion.",
+                param=sampling.max_tokens_field,
+            )
+        bad = [i for i in sampling.stop_token_ids if i >= self.model.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"stop_token_ids {bad} are outside the vocabulary of {self.model.vocab_size}",
+                param="stop_token_ids",
+            )
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            seed=sampling.seed,
+            stop=sampling.stop,
+            stop_token_ids=sampling.stop_token_ids,
+            ignore_eos=sampling.ignore_eos,
+            min_tokens=min(sampling.min_tokens, max_tokens),
+            presence_penalty=sampling.presence_penalty,
+            frequency_penalty=sampling.frequency_penalty,
+        )
+
+    async def _events(
+        self, prompt_ids: tuple[int, ...], params: SamplingParams
+    ) -> AsyncGenerator[str | Outcome, None]:
+        """Text pieces as the worker releases them, then the Outcome.
+
+        However this generator ends (finished, client gone, cancelled), the job's cancel
+        flag is set on the way out, so the worker stops within one token.
+        """
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[str | Outcome | BaseException] = asyncio.Queue()
+
+        def put(item: str | Outcome | BaseException) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody listens
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def done(future: Future[Outcome]) -> None:
+            if future.cancelled():
+                put(InternalError("generation was cancelled (engine shutting down)"))
+                return
+            error = future.exception()
+            put(error if error is not None else future.result())
+
+        cancelled = threading.Event()
+        job = _Job(prompt_ids, params, put, cancelled, time.monotonic())
+        try:
+            self.worker.submit(job).add_done_callback(done)
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, Outcome):
+                    return
+        finally:
+            cancelled.set()
+
+    async def _collect(
+        self, request: Request, prompts: Sequence[tuple[int, ...]], params: SamplingParams
+    ) -> list[Outcome] | None:
+        """Run every prompt to the end; None when the client disconnects first."""
+
+        async def run_all() -> list[Outcome]:
+            outcomes: list[Outcome] = []
+            for prompt_ids in prompts:
+                async with contextlib.aclosing(self._events(prompt_ids, params)) as events:
+                    async for item in events:
+                        if isinstance(item, Outcome):
+                            outcomes.append(item)
+            return outcomes
+
+        work = asyncio.ensure_future(run_all())
+        watch = asyncio.ensure_future(request.wait_disconnect())
+        try:
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            if not work.done():
+                work.cancel()  # cancels the await inside _events: its finally sets the flag
+                with contextlib.suppress(asyncio.CancelledError):
+                    await work
+        if work.cancelled():
+            return None
+        return work.result()
+
+    def _id(self, prefix: str) -> str:
+        return f"{prefix}-{secrets.token_hex(16)}"
+
+    @staticmethod
+    def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+        return {
+            "prompt_tokens": prompt_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "completion_tokens": completion_tokens,
+        }
+
+    # ---- chat
+
+    async def chat(self, request: Request) -> Response | StreamingResponse:
+        """POST /v1/chat/completions."""
+        parsed = parse_chat(await request.json())
+        model = self._check_model(parsed.model)
+
+        def prepare() -> tuple[int, ...]:
+            text = self.model.render_chat(parsed.messages)
+            return tuple(self.model.encode(text, add_special_tokens=False))
+
+        prompt_ids: tuple[int, ...] = await self._in_prep(prepare)
+        params = self._params(parsed.sampling, len(prompt_ids), "messages")
+        if parsed.sampling.stream:
+            return StreamingResponse(
+                self._chat_chunks(model, prompt_ids, params, parsed.sampling.include_usage)
+            )
+        outcomes = await self._collect(request, [prompt_ids], params)
+        if outcomes is None:
+            return Response(b"", _CLIENT_GONE)
+        outcome = outcomes[0]
+        return JSONResponse(
+            {
+                "id": self._id("chatcmpl"),
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": outcome.text, "tool_calls": []},
+                        "logprobs": None,
+                        "finish_reason": outcome.finish_reason,
+                        "stop_reason": outcome.stop_reason,
+                    }
+                ],
+                "usage": {
+                    **self._usage(outcome.prompt_tokens, outcome.completion_tokens),
+                    "prompt_tokens_details": None,
+                },
+                "prompt_logprobs": None,
+            }
+        )
+
+    async def _chat_chunks(
+        self,
+        model: str,
+        prompt_ids: tuple[int, ...],
+        params: SamplingParams,
+        include_usage: bool,
+    ) -> AsyncIterator[bytes]:
+        """vLLM's chat SSE: role chunk, content deltas, a last delta with finish_reason,
+        an optional usage chunk with no choices, then [DONE]."""
+        head = {
+            "id": self._id("chatcmpl"),
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": model,
+        }
+
+        def chunk(delta: dict[str, Any], finish: Outcome | None = None) -> bytes:
+            choice: dict[str, Any] = {
+                "index": 0,
+                "delta": delta,
+                "logprobs": None,
+                "finish_reason": finish.finish_reason if finish else None,
+            }
+            if finish is not None:
+                choice["stop_reason"] = finish.stop_reason
+            return sse_event(orjson.dumps({**head, "choices": [choice]}))
+
+        yield chunk({"role": "assistant", "content": ""})
+        try:
+            async with contextlib.aclosing(self._events(prompt_ids, params)) as events:
+                async for item in events:
+                    if isinstance(item, str):
+                        yield chunk({"content": item})
+                        continue
+                    yield chunk({"content": item.tail}, item)
+                    if include_usage:
+                        usage = self._usage(item.prompt_tokens, item.completion_tokens)
+                        yield sse_event(orjson.dumps({**head, "choices": [], "usage": usage}))
+        except Exception as exc:  # the status line is sent: report in-band, as vLLM does
+            yield _stream_error(exc)
+        yield _DONE
+
+    # ---- completions
+
+    async def completions(self, request: Request) -> Response | StreamingResponse:
+        """POST /v1/completions (a list of prompts gives one choice per prompt, in turn)."""
+        parsed = parse_completion(await request.json())
+        model = self._check_model(parsed.model)
+        vocab = self.model.vocab_size
+
+        def prepare() -> list[tuple[int, ...]]:
+            prompts: list[tuple[int, ...]] = []
+            for prompt in parsed.prompts:
+                if isinstance(prompt, str):
+                    prompts.append(tuple(self.model.encode(prompt, add_special_tokens=True)))
+                else:
+                    if any(not 0 <= t < vocab for t in prompt):
+                        raise InvalidRequestError(
+                            f"prompt token ids must be in [0, {vocab})", param="prompt"
+                        )
+                    prompts.append(prompt)
+            if any(not p for p in prompts):
+                raise InvalidRequestError("prompt must not be empty", param="prompt")
+            return prompts
+
+        prompts: list[tuple[int, ...]] = await self._in_prep(prepare)
+        params = self._params(parsed.sampling, max(len(p) for p in prompts), "prompt")
+        if parsed.sampling.stream:
+            return StreamingResponse(
+                self._completion_chunks(model, prompts, params, parsed.sampling.include_usage)
+            )
+        outcomes = await self._collect(request, prompts, params)
+        if outcomes is None:
+            return Response(b"", _CLIENT_GONE)
+        return JSONResponse(
+            {
+                "id": self._id("cmpl"),
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": model,
+                "choices": [
+                    {
+                        "index": i,
+                        "text": o.text,
+                        "logprobs": None,
+                        "finish_reason": o.finish_reason,
+                        "stop_reason": o.stop_reason,
+                        "prompt_logprobs": None,
+                    }
+                    for i, o in enumerate(outcomes)
+                ],
+                "usage": {
+                    **self._usage(
+                        sum(o.prompt_tokens for o in outcomes),
+                        sum(o.completion_tokens for o in outcomes),
+                    ),
+                    "prompt_tokens_details": None,
+                },
+            }
+        )
+
+    async def _completion_chunks(
+        self,
+        model: str,
+        prompts: Sequence[tuple[int, ...]],
+        params: SamplingParams,
+        include_usage: bool,
+    ) -> AsyncIterator[bytes]:
+        """vLLM's completions SSE: text chunks per choice, the last with finish_reason,
+        an optional usage chunk, then [DONE]."""
+        head = {
+            "id": self._id("cmpl"),
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": model,
+        }
+
+        def chunk(index: int, text: str, finish: Outcome | None = None) -> bytes:
+            choice = {
+                "index": index,
+                "text": text,
+                "logprobs": None,
+                "finish_reason": finish.finish_reason if finish else None,
+                "stop_reason": finish.stop_reason if finish else None,
+            }
+            return sse_event(orjson.dumps({**head, "choices": [choice]}))
+
+        prompt_tokens = completion_tokens = 0
+        try:
+            for index, prompt_ids in enumerate(prompts):
+                async with contextlib.aclosing(self._events(prompt_ids, params)) as events:
+                    async for item in events:
+                        if isinstance(item, str):
+                            yield chunk(index, item)
+                            continue
+                        yield chunk(index, item.tail, item)
+                        prompt_tokens += item.prompt_tokens
+                        completion_tokens += item.completion_tokens
+        except Exception as exc:  # the status line is sent: report in-band, as vLLM does
+            yield _stream_error(exc)
+            yield _DONE
+            return
+        if include_usage:
+            usage = self._usage(prompt_tokens, completion_tokens)
+            yield sse_event(orjson.dumps({**head, "choices": [], "usage": usage}))
+        yield _DONE
+
+    # ---- plain routes
+
+    async def models(self, request: Request) -> Response:
+        """GET /v1/models: every served name."""
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": name,
+                        "object": "model",
+                        "created": self._created,
+                        "owned_by": OWNED_BY,
+                        "root": self.config.model,
+                        "parent": None,
+                        "max_model_len": self.model.max_model_len,
+                        "permission": [],
+                    }
+                    for name in self.names
+                ],
+            }
+        )
+
+    async def health(self, request: Request) -> Response:
+        """GET /health: 200 with an empty body once the model is loaded, as vLLM answers."""
+        return Response(b"", 200, b"text/plain; charset=utf-8")
+
+    async def version(self, request: Request) -> Response:
+        """GET /version."""
+        return JSONResponse({"version": OWNED_BY})
+
+    async def prometheus(self, request: Request) -> Response:
+        """GET /metrics in Prometheus text format."""
+        return Response(generate_latest(self.metrics.registry), 200, CONTENT_TYPE_LATEST.encode())
+
+
+def create_app(config: EngineConfig, model: CausalLM | None = None) -> App:
+    """The engine's ASGI app; loads the model now unless one is passed in."""
+    engine = _Engine(config, model or CausalLM(config))
+    app = App(on_shutdown=engine.close)
+    app.add("POST", "/v1/chat/completions", engine.chat)
+    app.add("POST", "/v1/completions", engine.completions)
+    app.add("GET", "/v1/models", engine.models)
+    app.add("GET", "/health", engine.health)
+    app.add("GET", "/version", engine.version)
+    app.add("GET", "/metrics", engine.prometheus)
+    return app
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m sage.engines.transformers",
+        description="OpenAI-compatible chat/completions engine over Hugging Face transformers "
+        "for small models (one request generates at a time; others wait).",
+    )
+    parser.add_argument("--model", required=True, help="local folder or Hugging Face model id")
+    parser.add_argument(
+        "--served-model-name",
+        dest="served_names",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="name(s) clients use; the first is the primary (default: --model)",
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"]
+    )
+    parser.add_argument(
+        "--max-model-len", type=int, default=0, help="context length (0: the model's own)"
+    )
+    parser.add_argument(
+        "--max-tokens-default",
+        type=int,
+        default=0,
+        help="max_tokens when a request gives none (0: up to the context length)",
+    )
+    parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Load the model, then serve until SIGTERM/SIGINT; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(None if argv is None else list(argv))
+    if args.max_model_len < 0 or args.max_tokens_default < 0:
+        parser.error("--max-model-len and --max-tokens-default must be >= 0")
+    configure_logging("transformers-engine", args.log_level)
+    config = EngineConfig(
+        model=args.model,
+        served_names=tuple(args.served_names),
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        max_tokens_default=args.max_tokens_default,
+        trust_remote_code=args.trust_remote_code,
+    )
+    try:
+        model = CausalLM(config)
+    except ConfigurationError as exc:
+        parser.exit(2, f"error: {exc.message}\n")
+    warm_s = model.warm_up()
+    return serve_app(
+        create_app(config, model),
+        config.host,
+        config.port,
+        what="transformers engine",
+        info={
+            "model": config.names[0],
+            "device": model.device,
+            "dtype": model.dtype,
+            "max_model_len": model.max_model_len,
+            "chat_template": "model" if model.has_chat_template else "fallback",
+            "warm_up_s": round(warm_s, 3),
+        },
+    )
