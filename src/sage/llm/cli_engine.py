@@ -22,7 +22,9 @@ from typing import Any
 from sage.common.exceptions import (
     AuthenticationError,
     ConfigurationError,
+    EngineNotFoundError,
     InvalidRequestError,
+    NotFoundError,
     PermissionDeniedError,
     SageError,
     ServiceUnavailableError,
@@ -107,8 +109,9 @@ def render_table(
         from rich.text import Text
 
         table = Table(title=title, header_style="bold")
-        for header in headers:
-            table.add_column(header, overflow="fold")
+        for index, header in enumerate(headers):
+            # The first column is the id people copy: never break it across lines.
+            table.add_column(header, overflow="fold", no_wrap=index == 0)
         for index, row in enumerate(rows):
             # Text, not markup: model ids and errors may contain "[...]".
             style = row_styles[index] if row_styles else None
@@ -224,10 +227,28 @@ def cmd_engine_start(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@contextmanager
+def engine_must_exist(engine_id: str) -> Iterator[None]:
+    """Say "engine X not found" in those words when the gateway has no such engine."""
+    try:
+        yield
+    except NotFoundError as exc:
+        if exc.code == "unknown_url":  # an older gateway without this route: say so
+            raise
+        raise EngineNotFoundError(
+            f"engine {engine_id!r} not found ({exc.message}); see `sage llm engine list`",
+            param="engine_id",
+        ) from exc
+
+
 @cli_errors
 def cmd_engine_stop(args: argparse.Namespace) -> int:
     """Stop one engine by id."""
-    with client_for(args) as client, spinner(f"stopping {args.engine_id}…"):
+    with (
+        client_for(args) as client,
+        engine_must_exist(args.engine_id),
+        spinner(f"stopping {args.engine_id}…"),
+    ):
         engine = client.stop_engine(args.engine_id, drain=args.drain)
     if args.json:
         print_json(engine.model_dump(mode="json"))
@@ -386,7 +407,7 @@ def new_lines(previous: Sequence[str], current: Sequence[str]) -> list[str]:
 
 
 def _engine_logs(args: argparse.Namespace) -> int:
-    with client_for(args) as client:
+    with client_for(args) as client, engine_must_exist(args.engine):
         if not args.follow:
             for line in client.engine_logs(args.engine, args.tail) if args.tail else []:
                 print(line)
@@ -420,7 +441,9 @@ def _service_logs(args: argparse.Namespace) -> int:
     for path in present:
         print(f"==> {path} <==")
         lines = path.read_text(errors="replace").splitlines()
-        print("\n".join(lines[-args.tail :] if args.tail else []), flush=True)
+        for line in lines[-args.tail :] if args.tail else []:
+            print(line)
+    sys.stdout.flush()
     if args.follow:
         return _follow_files(paths)
     return EXIT_OK

@@ -18,6 +18,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
 from sage.common.config.ports import SagePorts
+from sage.common.config.settings import SageSettings, load_settings
 from sage.common.exceptions import (
     AuthenticationError,
     ConflictError,
@@ -48,6 +49,7 @@ __all__ = [
     "resolve_base_url",
 ]
 
+# Where the admin key comes from when none is passed (read through SageSettings).
 ADMIN_KEY_ENV = "SAGE_ADMIN_API_KEY"
 # Server-side default start timeout; a waiting POST may take this long plus slack.
 DEFAULT_STARTUP_TIMEOUT_S = 600.0
@@ -169,7 +171,7 @@ def _live_daemon_gateway(home: Path) -> str | None:
     return str(doc["gateway_url"])
 
 
-def resolve_base_url(base_url: str | None = None) -> str:
+def resolve_base_url(base_url: str | None = None, settings: SageSettings | None = None) -> str:
     """argument > SAGE_UNIFIED_BASE_URL > live daemon.json gateway_url > local default.
 
     Always ends in `/v1`: management routes live under it, and users often paste the
@@ -177,9 +179,7 @@ def resolve_base_url(base_url: str | None = None) -> str:
     """
     url = base_url
     if not url:
-        from sage.common.config.settings import load_settings
-
-        settings = load_settings()
+        settings = settings or load_settings()
         url = settings.unified_base_url or _live_daemon_gateway(settings.home)
     if not url:
         url = f"http://localhost:{SagePorts.GATEWAY_DEFAULT}/v1"
@@ -198,9 +198,11 @@ class ManagementClient:
         timeout: float = 30.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        self.base_url = resolve_base_url(base_url)
+        settings = load_settings() if base_url is None or api_key is None else None
+        self.base_url = resolve_base_url(base_url, settings)
         self.timeout = timeout
-        key = api_key if api_key is not None else os.environ.get(ADMIN_KEY_ENV)
+        # SAGE_ADMIN_API_KEY (env or .env), the key the stack itself was started with.
+        key = api_key if api_key is not None or settings is None else settings.admin_api_key
         headers = {"authorization": f"Bearer {key}"} if key else {}
         self._http = httpx.Client(
             base_url=self.base_url,

@@ -1,0 +1,322 @@
+"""`sage llm engine|preset|logs` as real subprocesses against a real `sage llm serve`.
+
+The CLI finds the gateway the way a user's shell would: through the running stack's
+daemon.json under SAGE_HOME (no --url), so the discovery path is tested too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from sage.common.exceptions import EngineNotFoundError, InvalidRequestError
+from sage.common.utils.processes import free_port
+from sage.llm.management import ManagementClient
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+
+
+class Stack:
+    """A running `sage llm serve --no-embedding` (sim chat) and its environment."""
+
+    def __init__(self, proc: subprocess.Popen[str], base_url: str, env: dict[str, str]) -> None:
+        self.proc = proc
+        self.base_url = base_url
+        self.env = env
+        self.output: list[str] = []
+
+    def sage(self, *argv: str, timeout: float = 120, stdin: str | None = None) -> Result:
+        """Run `python -m sage.llm.cli llm ARGV...` against this stack."""
+        done = subprocess.run(
+            [sys.executable, "-m", "sage.llm.cli", "llm", *argv],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=stdin,
+            stdin=None if stdin is not None else subprocess.DEVNULL,
+        )
+        return Result(done.returncode, done.stdout, done.stderr)
+
+    def chat(self, model: str) -> httpx.Response:
+        """One chat request through the gateway."""
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        return httpx.post(f"{self.base_url}/chat/completions", json=body, timeout=30)
+
+
+class Result:
+    """Exit code and output of one CLI run."""
+
+    def __init__(self, code: int, stdout: str, stderr: str) -> None:
+        self.code = code
+        self.stdout = stdout
+        self.stderr = stderr
+
+    def json(self) -> Any:
+        return json.loads(self.stdout)
+
+    def __repr__(self) -> str:
+        return f"rc={self.code}\nstdout:\n{self.stdout}\nstderr:\n{self.stderr}"
+
+
+def _start_stack(home: Path, **extra_env: str) -> Stack:
+    gateway = free_port()
+    env = {
+        **os.environ,
+        "SAGE_HOME": str(home),
+        "SAGE_SCHEDULER_PORT": str(free_port()),
+        "SAGE_LIFECYCLE_PORT": str(free_port()),
+        "SAGE_GPU_MANAGER_PORT": str(free_port()),
+        "SAGE_EMBEDDING_SERVICE_PORT": str(free_port()),
+        "SAGE_DISABLE_NVML": "1",
+    }
+    for name in ("SAGE_UNIFIED_BASE_URL", "SAGE_ADMIN_API_KEY"):
+        env.pop(name, None)
+    env.update(extra_env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sage.llm.cli",
+            "llm",
+            "serve",
+            "--model",
+            "sim",
+            "--no-embedding",
+            "--gateway-port",
+            str(gateway),
+            "--port",
+            str(free_port()),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    running = Stack(proc, f"http://127.0.0.1:{gateway}/v1", env)
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 90
+    while True:
+        line = proc.stdout.readline()
+        if not line or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise AssertionError("serve did not come up:\n" + "".join(running.output))
+        running.output.append(line)
+        if "gateway listening" in line:
+            return running
+
+
+def _stop_stack(stack: Stack) -> None:
+    """Stop serve; engines started through the CLI belong to it and must not outlive it."""
+    children = psutil.Process(stack.proc.pid).children(recursive=True)
+    stack.proc.terminate()
+    try:
+        stack.proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        stack.proc.kill()
+        stack.proc.wait()
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert alive == [], [p.pid for p in alive]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    running = _start_stack(tmp_path_factory.mktemp("sage-home"))
+    yield running
+    _stop_stack(running)
+
+
+def _engines(stack: Stack) -> dict[str, dict[str, Any]]:
+    listed = stack.sage("engine", "list", "--json")
+    assert listed.code == 0, listed
+    doc = listed.json()
+    assert doc["count"] == len(doc["engines"])
+    return {e["engine_id"]: e for e in doc["engines"]}
+
+
+def test_engine_start_list_chat_logs_stop_prune(stack: Stack) -> None:
+    started = stack.sage("engine", "start", "sim-e2e", "--backend", "sim", "--json")
+    assert started.code == 0, started
+    engine = started.json()
+    engine_id = engine["engine_id"]
+    assert (engine["model_id"], engine["engine_kind"], engine["status"]) == (
+        "sim-e2e",
+        "llm",
+        "RUNNING",
+    )
+    assert engine["backend"] == "sim" and engine["base_url"]
+
+    listed = _engines(stack)
+    assert listed[engine_id]["status"] == "RUNNING"
+    plain = stack.sage("engine", "list")
+    assert plain.code == 0 and engine_id in plain.stdout and "sim-e2e" in plain.stdout
+
+    # The gateway routes the new model to the new engine.
+    reply = stack.chat("sim-e2e")
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["message"]["content"]
+
+    logs = stack.sage("logs", engine_id, "-n", "5")
+    assert logs.code == 0, logs
+    lines = logs.stdout.splitlines()
+    assert 0 < len(lines) <= 5
+
+    stopped = stack.sage("engine", "stop", engine_id)
+    assert stopped.code == 0, stopped
+    assert "stopped" in stopped.stdout and engine_id in stopped.stdout
+    assert stack.chat("sim-e2e").status_code == 404
+    after = _engines(stack)
+    assert engine_id not in after or after[engine_id]["status"] == "STOPPED"
+
+    pruned = stack.sage("engine", "prune", "--json")
+    assert pruned.code == 0, pruned
+    if engine_id in after:
+        assert engine_id in pruned.json()["pruned"]
+    assert engine_id not in _engines(stack)
+    assert stack.sage("engine", "prune").stdout.strip() == "nothing to prune"
+
+
+def _write_preset(path: Path, name: str, engines: str) -> Path:
+    path.write_text(f"version: 1\nname: {name}\nengines:\n{engines}")
+    return path
+
+
+def test_preset_apply_is_idempotent(stack: Stack, tmp_path: Path) -> None:
+    preset = _write_preset(
+        tmp_path / "pair.yaml",
+        "e2e-pair",
+        "  - {name: first, model: sim-pa, backend: sim}\n"
+        "  - {name: second, model: sim-pb, backend: sim}\n",
+    )
+    refused = stack.sage("preset", "apply", "-f", str(preset))
+    assert refused.code == 2 and "--yes" in refused.stderr
+
+    dry = stack.sage("preset", "apply", "-f", str(preset), "--dry-run", "--json")
+    assert dry.code == 0, dry
+    assert [e["name"] for e in dry.json()["planned"]] == ["first", "second"]
+
+    first = stack.sage("preset", "apply", "-f", str(preset), "--yes", "--json")
+    assert first.code == 0, first
+    result = first.json()
+    assert [s["name"] for s in result["started"]] == ["first", "second"] and not result["kept"]
+    ids = [s["engine"]["engine_id"] for s in result["started"]]
+
+    listed = _engines(stack)
+    assert [listed[i]["engine_label"] for i in ids] == [
+        "preset:e2e-pair/first",
+        "preset:e2e-pair/second",
+    ]
+    assert all(listed[i]["status"] == "RUNNING" for i in ids)
+    assert stack.chat("sim-pb").status_code == 200
+
+    again = stack.sage("preset", "apply", "-f", str(preset), "--yes")
+    assert again.code == 0, again
+    assert "started 0, kept 2" in again.stdout
+    assert len([e for e in _engines(stack).values() if e["model_id"] in ("sim-pa", "sim-pb")]) == 2
+
+    for engine_id in ids:
+        assert stack.sage("engine", "stop", engine_id).code == 0
+
+
+def test_failed_preset_rolls_back(stack: Stack, tmp_path: Path) -> None:
+    preset = _write_preset(
+        tmp_path / "broken.yaml",
+        "e2e-broken",
+        "  - {name: good, model: sim-rb, backend: sim}\n"
+        "  - {name: bad, model: sim-rb2, backend: no-such-backend}\n",
+    )
+    applied = stack.sage("preset", "apply", "-f", str(preset), "--yes")
+    assert applied.code == 1, applied
+    assert "'bad'" in applied.stderr and "no-such-backend" in applied.stderr
+    good = [e for e in _engines(stack).values() if e["model_id"] == "sim-rb"]
+    assert good and all(e["status"] == "STOPPED" for e in good)
+    assert stack.chat("sim-rb").status_code == 404
+
+
+def test_errors_have_clear_messages_and_exit_codes(stack: Stack, tmp_path: Path) -> None:
+    unknown_backend = stack.sage("engine", "start", "sim", "--backend", "no-such-backend")
+    assert unknown_backend.code in (1, 2), unknown_backend
+    assert "no-such-backend" in unknown_backend.stderr
+    assert len(unknown_backend.stderr.strip().splitlines()) == 1
+
+    missing = stack.sage("engine", "stop", "no-such-engine")
+    assert missing.code == 1, missing
+    assert "not found" in missing.stderr.lower()
+
+    typo = _write_preset(tmp_path / "typo.yaml", "t", "  - {name: a, modle: sim}\n")
+    bad_preset = stack.sage("preset", "apply", "-f", str(typo), "--yes")
+    assert bad_preset.code == 2 and "modle" in bad_preset.stderr and "line 4" in bad_preset.stderr
+
+    no_stack = dict(stack.env, SAGE_HOME=str(tmp_path / "empty"))
+    out = subprocess.run(
+        [sys.executable, "-m", "sage.llm.cli", "llm", "engine", "list", "--url",
+         f"http://127.0.0.1:{free_port()}"],
+        env=no_stack, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 2 and "no SAGE gateway" in out.stderr
+
+
+def test_service_logs_still_work(stack: Stack) -> None:
+    logs = stack.sage("logs", "--tail", "3")
+    assert logs.code == 0, logs
+    assert "edge.log" in logs.stdout
+    one = stack.sage("logs", "edge", "-n", "2")
+    assert one.code == 0 and one.stdout.count("==>") == 1
+
+
+def test_admin_key_is_required_and_read_from_the_environment(tmp_path: Path) -> None:
+    secured = _start_stack(tmp_path / "home", SAGE_ADMIN_API_KEY="e2e-admin-key")
+    try:
+        without = dict(secured.env)
+        without.pop("SAGE_ADMIN_API_KEY")
+        denied = subprocess.run(
+            [sys.executable, "-m", "sage.llm.cli", "llm", "engine", "list"],
+            env=without, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert denied.returncode == 2, denied
+        assert denied.stderr.startswith("error: ")
+        allowed = secured.sage("engine", "list", "--json")
+        assert allowed.code == 0, allowed
+        assert allowed.json()["count"] == 1  # the engine serve started
+        flag = subprocess.run(
+            [sys.executable, "-m", "sage.llm.cli", "llm", "engine", "list", "--json",
+             "--api-key", "e2e-admin-key"],
+            env=without, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert flag.returncode == 0, flag
+    finally:
+        _stop_stack(secured)
+
+
+def test_python_client_status_backends_gpu_register(stack: Stack) -> None:
+    with ManagementClient(stack.base_url) as client:
+        status = client.status()
+        assert status["llm_available"] is True
+        backends = {b.name: b for b in client.backends()}
+        assert backends["sim"].available and "llm" in backends["sim"].kinds
+        assert not backends["sim"].uses_gpu
+        gpu = client.gpu()
+        assert isinstance(gpu, dict) and gpu  # NVML is off here: a report with no GPUs
+        serving = next(e for e in client.list_engines() if e.model_id == "sim")
+        external = client.register_engine(
+            "sim-external", serving.base_url, engine_label="e2e-external"
+        )
+        assert (external.status, external.pid) == ("RUNNING", None)
+        assert client.get_engine(external.engine_id).engine_label == "e2e-external"
+        assert client.stop_engine(external.engine_id).status == "STOPPED"
+        with pytest.raises(EngineNotFoundError):
+            client.get_engine("no-such-engine")
+        with pytest.raises(InvalidRequestError) as info:
+            client.start_engine("sim", backend="no-such-backend")
+        assert info.value.param == "backend"
