@@ -1,5 +1,14 @@
-"""SAGE LLM: the unified inference client and the `sage llm` CLI."""
+"""SAGE LLM: the unified inference clients and the `sage llm` CLI."""
 
-from sage.llm.client import UnifiedInferenceClient
+from sage.llm.async_client import AsyncTextStream, AsyncUnifiedInferenceClient
+from sage.llm.client import TextStream, UnifiedInferenceClient
+from sage.llm.result import InferenceResult, Usage
 
-__all__ = ["UnifiedInferenceClient"]
+__all__ = [
+    "AsyncTextStream",
+    "AsyncUnifiedInferenceClient",
+    "InferenceResult",
+    "TextStream",
+    "UnifiedInferenceClient",
+    "Usage",
+]
