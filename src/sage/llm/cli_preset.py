@@ -6,25 +6,27 @@ it refuses unless `--yes` is given, rather than guessing.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from contextlib import AbstractContextManager
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any
 
-from sage.common.exceptions import ConfigurationError
+import typer
 
-from .cli_engine import (
+from .cli_common import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
-    add_client_options,
+    ApiKeyOption,
+    JsonOption,
+    UrlOption,
     cli_errors,
-    client_for,
-    describe_engine,
+    err,
     is_tty,
     print_json,
     render_table,
 )
+from .cli_engine import client_for, describe_engine
 from .presets import (
     ApplyEvent,
     ApplyResult,
@@ -35,13 +37,31 @@ from .presets import (
     load_preset,
 )
 
-__all__ = ["add_preset_command"]
+__all__ = ["preset_app"]
+
+preset_app = typer.Typer(
+    name="preset",
+    help="Start several engines from one YAML preset.",
+    epilog="Example: sage llm preset apply -n qwen-mini-with-embeddings",
+    no_args_is_help=True,
+)
+
+NameOption = Annotated[
+    str | None, typer.Option("--name", "-n", metavar="NAME", help="Built-in preset name.")
+]
+FileOption = Annotated[
+    Path | None, typer.Option("--file", "-f", metavar="FILE", help="Preset YAML file.")
+]
 
 
-def _preset_from(args: argparse.Namespace) -> Preset:
-    if args.name is None and args.file is None:
-        raise ConfigurationError("name a preset with -n NAME or give a file with -f FILE")
-    return load_preset(name=args.name, file=args.file)
+def _preset_from(name: str | None, file: Path | None) -> Preset:
+    """Exactly one of -n/-f (a usage error otherwise), loaded and validated."""
+    if (name is None) == (file is None):
+        raise typer.BadParameter(
+            "give exactly one of -n NAME (built-in preset) or -f FILE (preset YAML)",
+            param_hint="-n/--name, -f/--file",
+        )
+    return load_preset(name=name, file=file)
 
 
 def _engine_rows(preset: Preset) -> list[tuple[str, ...]]:
@@ -64,11 +84,12 @@ def _engine_rows(preset: Preset) -> list[tuple[str, ...]]:
 _ENGINE_HEADERS = ("NAME", "KIND", "MODEL", "BACKEND", "TP", "PP", "PORT", "GPU", "LABEL")
 
 
+@preset_app.command("list", epilog="Example: sage llm preset list --json")
 @cli_errors
-def cmd_preset_list(args: argparse.Namespace) -> int:
-    """The built-in presets."""
+def cmd_preset_list(json_out: JsonOption = False) -> int:
+    """List the built-in presets."""
     presets = list_presets()
-    if args.json:
+    if json_out:
         print_json([p.model_dump(mode="json") for p in presets])
         return EXIT_OK
     rows = [
@@ -79,11 +100,14 @@ def cmd_preset_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@preset_app.command("show", epilog="Example: sage llm preset show -n qwen-mini-with-embeddings")
 @cli_errors
-def cmd_preset_show(args: argparse.Namespace) -> int:
-    """One preset's engines."""
-    preset = _preset_from(args)
-    if args.json:
+def cmd_preset_show(
+    name: NameOption = None, file: FileOption = None, json_out: JsonOption = False
+) -> int:
+    """Show one preset's engines."""
+    preset = _preset_from(name, file)
+    if json_out:
         print_json(preset.model_dump(mode="json"))
         return EXIT_OK
     print(f"preset: {preset.name} (version {preset.version})")
@@ -164,78 +188,60 @@ def _summary(result: ApplyResult) -> str:
     )
 
 
+@preset_app.command(
+    "apply", epilog="Example: sage llm preset apply -n qwen-mini-with-embeddings --yes"
+)
 @cli_errors
-def cmd_preset_apply(args: argparse.Namespace) -> int:
-    """Start the preset's missing engines; roll back on failure unless --no-rollback."""
-    preset = _preset_from(args)
-    if not (args.yes or args.dry_run) and not sys.stdin.isatty():
-        print(
+def cmd_preset_apply(
+    name: NameOption = None,
+    file: FileOption = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Only show what would be started and kept.")
+    ] = False,
+    no_rollback: Annotated[
+        bool,
+        typer.Option(
+            "--no-rollback", help="On failure, leave the engines this apply started running."
+        ),
+    ] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    url: UrlOption = None,
+    api_key: ApiKeyOption = None,
+) -> int:
+    """Start the preset's engines that are not running; roll back on failure."""
+    preset = _preset_from(name, file)
+    if not (yes or dry_run) and not sys.stdin.isatty():
+        err(
             f"error: refusing to apply preset {preset.name!r} without confirmation; "
-            "pass --yes (or --dry-run to see what would happen)",
-            file=sys.stderr,
+            "pass --yes (or --dry-run to see what would happen)"
         )
         return EXIT_USAGE
-    progress = _Progress(quiet=args.json)
-    with client_for(args) as client:
-        if not (args.yes or args.dry_run):
+    progress = _Progress(quiet=json_out)
+    with client_for(url, api_key) as client:
+        if not (yes or dry_run):
             plan = apply_preset(preset, client, dry_run=True)
             if not _confirm(preset, plan):
-                print("aborted; nothing was started", file=sys.stderr)
+                err("aborted; nothing was started")
                 return EXIT_FAILED
         try:
             result = apply_preset(
                 preset,
                 client,
-                dry_run=args.dry_run,
-                rollback=not args.no_rollback,
+                dry_run=dry_run,
+                rollback=not no_rollback,
                 progress=progress,
             )
         except PresetApplyError as exc:
             progress.stop()
-            if args.json:
+            if json_out:
                 print_json(exc.result.to_json())
-            print(f"error: {exc.message}", file=sys.stderr)
+            err(f"error: {exc.message}")
             return EXIT_FAILED
         finally:
             progress.stop()
-    if args.json:
+    if json_out:
         print_json(result.to_json())
     else:
         print(_summary(result))
     return EXIT_OK
-
-
-def _add_source(parser: argparse.ArgumentParser) -> None:
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("-n", "--name", default=None, help="built-in preset name")
-    source.add_argument("-f", "--file", default=None, help="preset YAML file")
-
-
-def add_preset_command(sub: Any) -> None:
-    """Register `sage llm preset ...` on the `llm` subparsers."""
-    preset = sub.add_parser("preset", help="start several engines from a preset")
-    actions = preset.add_subparsers(dest="preset_command", required=True)
-
-    listing = actions.add_parser("list", help="list built-in presets")
-    listing.add_argument("--json", action="store_true", help="print JSON")
-    listing.set_defaults(func=cmd_preset_list)
-
-    show = actions.add_parser("show", help="show a preset's engines")
-    _add_source(show)
-    show.add_argument("--json", action="store_true", help="print JSON")
-    show.set_defaults(func=cmd_preset_show)
-
-    apply = actions.add_parser("apply", help="start the preset's engines that are not running")
-    _add_source(apply)
-    apply.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
-    apply.add_argument(
-        "--dry-run", action="store_true", help="only show what would be started and kept"
-    )
-    apply.add_argument(
-        "--no-rollback",
-        action="store_true",
-        help="on failure, leave the engines this apply started running",
-    )
-    apply.add_argument("--json", action="store_true", help="print the result as JSON")
-    add_client_options(apply)
-    apply.set_defaults(func=cmd_preset_apply)

@@ -28,7 +28,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sage.common.config.ports import SagePorts
 from sage.common.config.settings import SageSettings
-from sage.common.exceptions import ConfigurationError, EngineStartError, SageError
+from sage.common.exceptions import (
+    ConfigurationError,
+    DeadlineExceededError,
+    EngineStartError,
+    SageError,
+)
 from sage.common.grpc import from_rpc_error
 from sage.rpc.common.v1 import common_pb2
 from sage.rpc.lifecycle.v1 import lifecycle_pb2, lifecycle_pb2_grpc
@@ -53,6 +58,7 @@ class EngineRequest:
     backend: str = ""
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.0
+    max_model_len: int = 0
 
 
 @dataclass
@@ -63,6 +69,11 @@ class ServePlan:
     engines: list[EngineRequest] = field(default_factory=list)
     startup_timeout_s: float = 60.0
     engine_timeout_s: float = 600.0
+    # The `sage llm serve` flags that describe this plan, recorded in daemon.json so
+    # `sage llm restart` can start the same stack again.
+    serve_argv: list[str] = field(default_factory=list)
+    # Extra environment for every child (e.g. SAGE_SCHEDULER_POLICY).
+    child_env: dict[str, str] = field(default_factory=dict)
 
 
 def daemon_file(settings: SageSettings) -> Path:
@@ -77,9 +88,10 @@ def _write_atomic(path: Path, doc: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _child_env(settings: SageSettings) -> dict[str, str]:
+def _child_env(settings: SageSettings, extra: dict[str, str] | None = None) -> dict[str, str]:
     """Pin every address so all children agree, whatever their own env says."""
     env = dict(os.environ)
+    env.update(extra or {})
     env.update(
         {
             "SAGE_HOME": str(settings.home),
@@ -213,6 +225,7 @@ class Supervisor:
                         port=request.port,
                         tensor_parallel_size=request.tensor_parallel_size,
                         gpu_memory_utilization=request.gpu_memory_utilization,
+                        max_model_len=request.max_model_len,
                         startup_timeout_s=int(self.plan.engine_timeout_s),
                     ),
                     timeout=self.plan.engine_timeout_s + 30,
@@ -260,6 +273,10 @@ class Supervisor:
                 if name in self.children
             },
             "engines": self.engines,
+            "serve_argv": list(self.plan.serve_argv),
+            "startup_timeout_s": self.plan.startup_timeout_s,
+            "engine_timeout_s": self.plan.engine_timeout_s,
+            "log_dir": str(self.log_dir),
         }
         path = daemon_file(s)
         _write_atomic(path, doc)
@@ -269,7 +286,7 @@ class Supervisor:
         """Start services, then engines; raises (after cleaning up) if anything fails."""
         self.check_ports()
         self.become_subreaper()
-        env = _child_env(self.settings)
+        env = _child_env(self.settings, self.plan.child_env)
         for name, attr, is_grpc in SERVICES:
             port = getattr(self.settings, attr)
             self.say(f"starting {name:<12} on {self.settings.host}:{port}")
@@ -375,13 +392,20 @@ def engine_requests(
     embedding_port: int,
     tensor_parallel: int,
     gpu_memory_utilization: float,
+    max_model_len: int = 0,
 ) -> list[EngineRequest]:
     """The engines a `serve` command line asks for."""
     if replicas < 1:
         raise ConfigurationError("--replicas must be at least 1")
     engines = [
         EngineRequest(
-            model, "llm", port if i == 0 else 0, backend, tensor_parallel, gpu_memory_utilization
+            model,
+            "llm",
+            port if i == 0 else 0,
+            backend,
+            tensor_parallel,
+            gpu_memory_utilization,
+            max_model_len,
         )
         for i in range(replicas)
     ]
@@ -397,7 +421,7 @@ def read_daemon_file(settings: SageSettings) -> dict[str, Any] | None:
     if not path.exists():
         return None
     doc: dict[str, Any] = json.loads(path.read_text())
-    if not psutil.pid_exists(int(doc.get("pid", 0))):
+    if not is_running(int(doc.get("pid", 0))):
         return None
     return doc
 
@@ -405,3 +429,143 @@ def read_daemon_file(settings: SageSettings) -> dict[str, Any] | None:
 def service_names() -> Sequence[str]:
     """Service names in start order."""
     return [name for name, _, _ in SERVICES]
+
+
+# --- background mode, stop and restart ------------------------------------------------------
+
+
+def serve_log_path(settings: SageSettings) -> Path:
+    """Where a background `serve` writes its own output."""
+    return settings.llm_state_dir / "logs" / "serve.log"
+
+
+def is_running(pid: int) -> bool:
+    """True while `pid` is a live process (a zombie has ended: it only waits to be reaped)."""
+    if pid <= 0:
+        return False
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def stack_processes(doc: dict[str, Any]) -> list[psutil.Process]:
+    """The supervisor daemon.json names, its descendants, and the services and engines it
+    recorded (those not re-used by another program since: created before the record)."""
+    found: dict[int, psutil.Process] = {}
+    recorded_at = float(doc.get("started_at") or time.time())
+    pids = [int(doc.get("pid") or 0)]
+    pids += [int(svc.get("pid") or 0) for svc in (doc.get("services") or {}).values()]
+    pids += [int(engine.get("pid") or 0) for engine in doc.get("engines") or []]
+    for pid in pids:
+        if pid <= 0 or pid == os.getpid():
+            continue
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(pid)
+            if proc.create_time() > recorded_at + 1:
+                continue  # the pid now belongs to something else
+            found[pid] = proc
+            for child in proc.children(recursive=True):
+                found.setdefault(child.pid, child)
+    return list(found.values())
+
+
+@dataclass(frozen=True)
+class StopOutcome:
+    """How `stop_stack` ended."""
+
+    stopped: bool
+    killed: int = 0
+    """Processes that needed SIGKILL (only with force)."""
+
+
+def stop_stack(
+    settings: SageSettings, doc: dict[str, Any], timeout_s: float, force: bool = False
+) -> StopOutcome:
+    """SIGTERM the supervisor and wait up to `timeout_s` for a clean shutdown; with `force`,
+    SIGKILL whatever is left of its process tree after that."""
+    tree = stack_processes(doc)
+    supervisor_pid = int(doc["pid"])
+    path = daemon_file(settings)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(supervisor_pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not is_running(supervisor_pid) and not path.exists():
+            return StopOutcome(stopped=True)
+        time.sleep(0.2)
+    if not force:
+        return StopOutcome(stopped=False)
+    # Descendants started since (say, engines added by `engine start`) go too.
+    tree += [p for p in stack_processes(doc) if p.pid not in {q.pid for q in tree}]
+    alive = [p for p in tree if is_running(p.pid)]
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    # Not psutil.wait_procs: an orphan's zombie may never be reaped (a PID 1 that does not
+    # reap), and a zombie has ended all the same.
+    deadline = time.monotonic() + 10
+    while any(is_running(p.pid) for p in alive) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    return StopOutcome(stopped=not any(is_running(p.pid) for p in alive), killed=len(alive))
+
+
+def spawn_background(
+    serve_argv: Sequence[str], settings: SageSettings, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start `sage llm serve --foreground SERVE_ARGV` detached from this terminal (own
+    session, no inherited stdio), its output appended to serve.log."""
+    log_path = serve_log_path(settings)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    child_env = dict(os.environ if env is None else env)
+    child_env["SAGE_HOME"] = str(settings.home)
+    child_env["PYTHONUNBUFFERED"] = "1"
+    argv = [sys.executable, "-m", "sage.llm.cli", "llm", "serve", "--foreground", *serve_argv]
+    with open(log_path, "ab") as log_file:
+        log_file.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
+        log_file.flush()
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=child_env,
+            start_new_session=True,
+        )
+
+
+def _log_tail(path: Path, lines: int = 20) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    return ""
+
+
+def wait_for_stack(
+    proc: subprocess.Popen[bytes], settings: SageSettings, timeout_s: float
+) -> dict[str, Any]:
+    """Wait until the background supervisor `proc` has written daemon.json and its gateway
+    answers /health; returns the daemon.json record. On failure the child is stopped and a
+    SageError says why (ConfigurationError when serve itself reported one)."""
+    deadline = time.monotonic() + timeout_s
+    log_path = serve_log_path(settings)
+    while time.monotonic() < deadline:
+        code = proc.poll()
+        if code is not None:
+            message = f"serve exited with code {code} while starting:\n{_log_tail(log_path)}"
+            if code == 2:
+                raise ConfigurationError(message)
+            raise EngineStartError(message)
+        doc = read_daemon_file(settings)
+        if doc is not None and int(doc.get("pid") or 0) == proc.pid:
+            edge = (doc.get("services") or {}).get("edge") or {}
+            if Supervisor._probe(str(edge.get("addr", "")), is_grpc=False):
+                return doc
+        time.sleep(0.2)
+    proc.terminate()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=30)
+    raise DeadlineExceededError(
+        f"the stack did not come up within {timeout_s:g}s; stopped it:\n{_log_tail(log_path)}"
+    )

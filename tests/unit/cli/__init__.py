@@ -1,0 +1,1 @@
+"""Tests of the `sage llm` command line (sage.llm.cli and friends)."""
