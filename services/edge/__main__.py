@@ -7,9 +7,11 @@ import logging
 import sys
 from collections.abc import Sequence
 
+import pydantic
 import uvicorn
 
 from sage.common.config.settings import load_settings
+from sage.common.exceptions import ConfigurationError
 from sage.common.utils.logging import configure_logging
 from sage.common.utils.tracing import configure_tracing
 
@@ -24,9 +26,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--port", type=int, default=None, help="HTTP port (default: SAGE_GATEWAY_PORT or 8889)"
     )
     args = parser.parse_args(argv)
-    settings = load_settings()
+    try:
+        settings = load_settings()
+    except pydantic.ValidationError as exc:
+        print(f"invalid SAGE_* setting:\n{exc}", file=sys.stderr)
+        return 2
     configure_logging("edge", settings.log_level, settings.log_format)
     configure_tracing("edge", settings.otel_exporter)
+    try:
+        app = create_app(settings)
+    except ConfigurationError as exc:  # e.g. an unreadable SAGE_API_KEYS_FILE
+        print(f"edge: {exc.message}", file=sys.stderr)
+        return 2
     host = args.host or settings.host
     port = args.port if args.port is not None else settings.gateway_port
     try:
@@ -36,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:  # pragma: no cover
         loop = "asyncio"
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host=host,
         port=port,
         loop=loop,

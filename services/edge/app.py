@@ -1,13 +1,16 @@
 """The edge's HTTP routes: OpenAI JSON in, gRPC to the scheduler, OpenAI JSON/SSE out.
 
 It parses each body once (to validate and find the model) and forwards the raw bytes;
-engine replies come back as raw bytes and are written out unchanged.
+engine replies come back as raw bytes and are written out unchanged. API keys are checked
+here (one dict lookup); their tenant and limits travel to the scheduler, which enforces them.
 """
 
 from __future__ import annotations
 
 import base64
+import hmac
 import struct
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -21,6 +24,7 @@ from sage.common.grpc import create_channel, from_rpc_error, rpc_errors_as_sage
 from sage.common.grpc.engine_enums import kind_name
 from sage.common.http import (
     App,
+    CorsPolicy,
     Handler,
     JSONResponse,
     Request,
@@ -38,8 +42,13 @@ if TYPE_CHECKING:
     from sage.rpc.lifecycle.v1.lifecycle_pb2_grpc import LifecycleServiceAsyncStub
     from sage.rpc.scheduler.v1.scheduler_pb2_grpc import SchedulerServiceAsyncStub
 
+from .auth import ApiKey, ApiKeyTable, InvalidApiKeyError, load_key_table
 from .management import add_management_routes
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import EdgeMetrics
+from .openapi import openapi_document
 from .validation import (
+    INT32_MAX,
     ParsedRequest,
     parse_json_object,
     validate_chat,
@@ -78,7 +87,7 @@ def open_upstreams(settings: SageSettings) -> Upstreams:
     )
 
 
-async def _stream_sse(call: Any) -> StreamingResponse:
+async def _stream_sse(call: Any, on_first: Callable[[], None] | None = None) -> StreamingResponse:
     """SSE from a server-streaming call; errors before the first chunk become HTTP errors."""
     iterator = call.__aiter__()
     try:
@@ -87,6 +96,8 @@ async def _stream_sse(call: Any) -> StreamingResponse:
         first = None
     except grpc.RpcError as err:
         raise from_rpc_error(err) from None
+    if on_first is not None and first is not None:
+        on_first()
 
     async def chunks() -> AsyncIterator[bytes]:
         try:
@@ -111,10 +122,47 @@ def _pack(vector: Any, encoding: str) -> Any:
     return list(vector)
 
 
-def create_app(settings: SageSettings) -> App:
-    """The edge ASGI app; gRPC channels open at startup and close at shutdown."""
+def _label_model(request: Request, doc: dict[str, Any]) -> None:
+    """Name the model on the request for metrics, even if validation then fails."""
+    model = doc.get("model")
+    if isinstance(model, str):
+        request.model = model
+
+
+def estimate_tokens(doc: dict[str, Any], body_size: int) -> int:
+    """Tokens a generation request may use: ~4 body bytes per prompt token + max_tokens x n.
+
+    Charged against the tenant's tokens-per-minute up front; the scheduler corrects the
+    charge with the engine's reported usage once a non-streamed reply is back.
+    """
+    limit = doc.get("max_completion_tokens") or doc.get("max_tokens") or 0
+    choices = doc.get("n") or 1
+    return min(INT32_MAX, body_size // 4 + int(limit) * int(choices))
+
+
+def request_options(key: ApiKey, tokens: int) -> spb.RequestOptions:
+    """The tenant and its limits for the scheduler's rate limiter."""
+    return spb.RequestOptions(
+        tenant=key.tenant,
+        rate_limit_rpm=key.rate_limit_rpm,
+        rate_limit_tpm=key.rate_limit_tpm,
+        estimated_tokens=tokens if key.rate_limit_tpm else 0,
+    )
+
+
+def create_app(settings: SageSettings, api_keys: ApiKeyTable | None = None) -> App:
+    """The edge ASGI app; gRPC channels open at startup and close at shutdown.
+
+    `api_keys` defaults to the keys named by settings (SAGE_API_KEYS, SAGE_API_KEYS_FILE).
+    """
     holder: dict[str, Upstreams] = {}
     timeout = settings.request_timeout_s
+    keys = (
+        api_keys
+        if api_keys is not None
+        else load_key_table(settings.api_keys, settings.api_keys_file)
+    )
+    docs = orjson.dumps(openapi_document())
 
     async def startup() -> None:
         holder["up"] = open_upstreams(settings)
@@ -124,7 +172,15 @@ def create_app(settings: SageSettings) -> App:
         if up is not None:
             await up.close()
 
-    app = App(max_body_bytes=settings.max_body_bytes, on_startup=startup, on_shutdown=shutdown)
+    metrics = EdgeMetrics()
+    app = App(
+        max_body_bytes=settings.max_body_bytes,
+        on_startup=startup,
+        on_shutdown=shutdown,
+        observer=metrics.observe_request,
+        cors=CorsPolicy.parse(settings.cors_origins),
+    )
+    metrics.in_flight_gauge(lambda: app.in_flight)
 
     def up() -> Upstreams:
         try:
@@ -142,17 +198,29 @@ def create_app(settings: SageSettings) -> App:
         """A chat/completion route: validate once, forward the raw body, relay raw bytes."""
 
         async def handle(request: Request) -> Response | StreamingResponse:
+            key = keys.authenticate(request.headers)
             body = await request.body()
-            parsed = validate(parse_json_object(body))
+            doc = parse_json_object(body)
+            _label_model(request, doc)
+            parsed = validate(doc)
+            model = parsed.model
+            options = (
+                None
+                if key is None
+                else request_options(key, estimate_tokens(parsed.doc, len(body)))
+            )
             scheduler = up().scheduler
             if parsed.stream:
+                started = time.perf_counter()
                 call = getattr(scheduler, stream)(
-                    stream_msg(model=parsed.model, body=body), timeout=timeout
+                    stream_msg(model=model, body=body, options=options), timeout=timeout
                 )
-                return await _stream_sse(call)
+                return await _stream_sse(
+                    call, lambda: metrics.observe_ttft(model, time.perf_counter() - started)
+                )
             with rpc_errors_as_sage():
                 reply = await getattr(scheduler, unary)(
-                    unary_msg(model=parsed.model, body=body), timeout=timeout
+                    unary_msg(model=model, body=body, options=options), timeout=timeout
                 )
             return Response(reply.body)
 
@@ -177,12 +245,20 @@ def create_app(settings: SageSettings) -> App:
 
     @app.route("POST", "/v1/embeddings")
     async def embeddings(request: Request) -> Response:
-        model, inputs, dimensions, encoding = validate_embeddings(
-            parse_json_object(await request.body())
+        key = keys.authenticate(request.headers)
+        doc = parse_json_object(await request.body())
+        _label_model(request, doc)
+        model, inputs, dimensions, encoding = validate_embeddings(doc)
+        options = (
+            None
+            if key is None
+            else request_options(key, min(INT32_MAX, sum(len(t) for t in inputs) // 4 + 1))
         )
         with rpc_errors_as_sage():
             reply = await up().scheduler.Embed(
-                spb.EmbedRequest(model=model, inputs=inputs, dimensions=dimensions),
+                spb.EmbedRequest(
+                    model=model, inputs=inputs, dimensions=dimensions, options=options
+                ),
                 timeout=timeout,
             )
         return JSONResponse(
@@ -206,6 +282,7 @@ def create_app(settings: SageSettings) -> App:
 
     @app.route("GET", "/v1/models")
     async def models(request: Request) -> Response:
+        keys.authenticate(request.headers)
         with rpc_errors_as_sage():
             reply = await up().scheduler.ListModels(spb.ListModelsRequest())
         return JSONResponse(
@@ -234,6 +311,22 @@ def create_app(settings: SageSettings) -> App:
             detail = exc.details() if isinstance(exc, grpc.RpcError) else exc.message
             return JSONResponse({"status": "unavailable", "scheduler": str(detail)}, 503)
         return JSONResponse({"status": "ok", "engines_ready": status.engines_ready})
+
+    admin = f"Bearer {settings.admin_api_key}".encode() if settings.admin_api_key else None
+
+    @app.route("GET", "/metrics")
+    async def prometheus(request: Request) -> Response:
+        if settings.metrics_require_auth and (keys.enabled or admin is not None):
+            given = request.headers.get("authorization", "").encode("latin-1")
+            if keys.lookup(request.headers) is None and not (
+                admin is not None and hmac.compare_digest(given, admin)
+            ):
+                raise InvalidApiKeyError("an API key is required for /metrics")
+        return Response(metrics.render(), content_type=METRICS_CONTENT_TYPE)
+
+    @app.route("GET", "/openapi.json")
+    async def openapi(request: Request) -> Response:
+        return Response(docs)
 
     add_management_routes(app, up, settings.admin_api_key, settings.rpc_timeout_s)
 

@@ -20,7 +20,7 @@ from sage.rpc.gpu_manager.v1 import gpu_manager_pb2
 from sage.rpc.lifecycle.v1 import lifecycle_pb2
 from sage.rpc.scheduler.v1 import scheduler_pb2 as spb
 
-from .validation import parse_json_object
+from .validation import INT32_MAX, parse_json_object
 
 PREFIX = "/v1/management"
 _ENGINE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -83,8 +83,10 @@ def _int(doc: dict[str, Any], key: str, default: int, low: int = 0) -> int:
     value = doc.get(key, default)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise InvalidRequestError(f"{key} must be an integer >= {low}, got {value!r}", param=key)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= INT32_MAX:
+        raise InvalidRequestError(
+            f"{key} must be an integer in {low}..{INT32_MAX}, got {value!r}", param=key
+        )
     return value
 
 
@@ -98,9 +100,20 @@ def _number(doc: dict[str, Any], key: str) -> float:
 
 
 def _strings(doc: dict[str, Any], key: str) -> list[str]:
-    value = doc.get(key) or []
+    value = doc.get(key)
+    if value is None:
+        return []
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise InvalidRequestError(f"{key} must be an array of strings", param=key)
+    return value
+
+
+def _string(doc: dict[str, Any], key: str) -> str:
+    value = doc.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InvalidRequestError(f"{key} must be a string, got {value!r}", param=key)
     return value
 
 
@@ -117,13 +130,12 @@ def start_request(doc: dict[str, Any]) -> lifecycle_pb2.StartEngineRequest:
         raise InvalidRequestError(
             f"engine_kind must be llm or embedding, got {kind!r}", param="engine_kind"
         )
-    backend = doc.get("backend") or ""
-    label = doc.get("engine_label", doc.get("label")) or ""
-    engine_id = doc.get("engine_id") or ""
-    for key, value in (("backend", backend), ("engine_label", label), ("engine_id", engine_id)):
-        if not isinstance(value, str):
-            raise InvalidRequestError(f"{key} must be a string", param=key)
-    metadata = doc.get("metadata") or {}
+    backend = _string(doc, "backend")
+    label = _string(doc, "engine_label") if "engine_label" in doc else _string(doc, "label")
+    engine_id = _string(doc, "engine_id")
+    metadata = doc.get("metadata")
+    if metadata is None:
+        metadata = {}
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str | int | float | bool) for k, v in metadata.items()
     ):

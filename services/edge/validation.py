@@ -15,6 +15,8 @@ from sage.common.exceptions import InvalidRequestError
 
 # OpenAI's own per-request cap on embedding inputs.
 MAX_EMBEDDING_INPUTS = 2048
+# Integer fields end up in int32 protobuf fields or engine limits; larger is never valid.
+INT32_MAX = 2**31 - 1
 
 _ROLES = frozenset({"system", "user", "assistant", "tool", "function", "developer"})
 
@@ -63,10 +65,11 @@ def _check_common(doc: dict[str, Any]) -> tuple[str, bool]:
     for field in ("max_tokens", "max_completion_tokens", "n"):
         value = doc.get(field)
         if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int) or value < 1
+            isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= INT32_MAX
         ):
             raise InvalidRequestError(
-                f"{field} must be a positive integer, got {value!r}", param=field
+                f"{field} must be a positive integer (at most {INT32_MAX}), got {value!r}",
+                param=field,
             )
     for field, low, high in (
         ("temperature", 0.0, 2.0),
@@ -175,10 +178,20 @@ def validate_embeddings(doc: dict[str, Any]) -> tuple[str, list[str], int, str]:
             )
         if not text:
             raise InvalidRequestError(f"input[{i}] must not be empty", param=f"input[{i}]")
-    dimensions = doc.get("dimensions") or 0
-    if isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 0:
-        raise InvalidRequestError("dimensions must be a positive integer", param="dimensions")
-    encoding = doc.get("encoding_format") or "float"
+    dimensions = doc.get("dimensions")
+    if dimensions is None:
+        dimensions = 0
+    if (
+        isinstance(dimensions, bool)
+        or not isinstance(dimensions, int)
+        or not 0 <= dimensions <= INT32_MAX
+    ):
+        raise InvalidRequestError(
+            f"dimensions must be a positive integer, got {dimensions!r}", param="dimensions"
+        )
+    encoding = doc.get("encoding_format")
+    if encoding is None:
+        encoding = "float"
     if encoding not in ("float", "base64"):
         raise InvalidRequestError(
             "encoding_format must be float or base64", param="encoding_format"

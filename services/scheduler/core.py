@@ -16,6 +16,7 @@ import orjson
 from sage.common.exceptions import ServiceUnavailableError
 
 from .executor import EngineUnreachableError, HttpExecutionCoordinator
+from .ratelimit import TenantLimits, TenantRateLimiter
 from .registry import EngineKind, EngineRecord, EngineRegistry
 from .routing import Router
 
@@ -29,6 +30,15 @@ class TokenUsage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class UnaryResult:
+    """A non-streamed reply: the engine's raw JSON, who served it, and its token usage."""
+
+    body: bytes
+    engine: EngineRecord
+    usage: TokenUsage
 
 
 @dataclass(frozen=True)
@@ -93,12 +103,22 @@ class Scheduler:
         router: Router,
         executor: HttpExecutionCoordinator,
         embedding_backend: EmbeddingBackend | None = None,
+        rate_limiter: TenantRateLimiter | None = None,
     ) -> None:
         self.registry = registry
         self.router = router
         self.executor = executor
         self.embedding_backend = embedding_backend
+        self.rate_limiter = rate_limiter or TenantRateLimiter()
         self.counters = Counters()
+
+    def _admit(self, limits: TenantLimits | None, fallback_tokens: int) -> int:
+        """Charge the tenant's buckets (RateLimitError when over); returns tokens charged."""
+        if limits is None or not limits.limited:
+            return 0
+        tokens = limits.estimated_tokens or fallback_tokens
+        self.rate_limiter.admit(limits, tokens)
+        return tokens
 
     def _candidates(self, model: str, kind: EngineKind) -> list[EngineRecord]:
         """Routed engine first, then the rest in order, for failover on connect errors."""
@@ -106,17 +126,24 @@ class Scheduler:
         first = self.router.pick(model, engines)
         return [first, *(e for e in engines if e.engine_id != first.engine_id)]
 
-    async def unary(self, model: str, body: bytes, path: str) -> tuple[bytes, EngineRecord]:
+    async def unary(
+        self, model: str, body: bytes, path: str, limits: TenantLimits | None = None
+    ) -> UnaryResult:
         """Run one non-streaming request; fails over while engines refuse connections."""
+        charged = self._admit(limits, len(body) // 4)
         self.counters.requests_total += 1
         self.counters.in_flight += 1
         try:
             candidates = self._candidates(model, EngineKind.LLM)
             for i, engine in enumerate(candidates):
                 try:
-                    return await self.executor.post_json(
+                    reply = await self.executor.post_json(
                         engine, path, _for_engine(body, model, engine)
-                    ), engine
+                    )
+                    usage = usage_of(reply)
+                    if charged and limits is not None:
+                        self.rate_limiter.settle(limits, charged, usage.total_tokens)
+                    return UnaryResult(reply, engine, usage)
                 except EngineUnreachableError:
                     if i == len(candidates) - 1:
                         raise
@@ -131,9 +158,10 @@ class Scheduler:
             self.counters.in_flight -= 1
 
     async def stream(
-        self, model: str, body: bytes, path: str
+        self, model: str, body: bytes, path: str, limits: TenantLimits | None = None
     ) -> AsyncIterator[tuple[bytes, EngineRecord]]:
         """Yield engine SSE payloads one by one; fails over only before the first one."""
+        self._admit(limits, len(body) // 4)
         self.counters.requests_total += 1
         self.counters.in_flight += 1
         try:
@@ -159,15 +187,25 @@ class Scheduler:
         finally:
             self.counters.in_flight -= 1
 
-    async def embed(self, model: str, inputs: Sequence[str], dimensions: int) -> EmbedResult:
+    async def embed(
+        self,
+        model: str,
+        inputs: Sequence[str],
+        dimensions: int,
+        limits: TenantLimits | None = None,
+    ) -> EmbedResult:
         """Send an embedding request to the embedding backend with this model's engines."""
+        charged = self._admit(limits, sum(len(text) for text in inputs) // 4 + 1)
         self.counters.requests_total += 1
         self.counters.in_flight += 1
         try:
             engines = self.registry.ready_for(model, EngineKind.EMBEDDING)
             if self.embedding_backend is None:
                 raise ServiceUnavailableError("the embedding service is not configured")
-            return await self.embedding_backend.embed_batch(model, inputs, engines, dimensions)
+            result = await self.embedding_backend.embed_batch(model, inputs, engines, dimensions)
+            if charged and limits is not None:
+                self.rate_limiter.settle(limits, charged, result.usage.total_tokens)
+            return result
         except BaseException:
             self.counters.requests_failed += 1
             raise

@@ -2,16 +2,20 @@
 
 It reuses one pooled connection set for all engines and passes engine JSON through as raw
 bytes; streaming responses are split into SSE events as they arrive, never buffered whole.
+While a trace is active, each engine call gets a client span and carries W3C `traceparent`
+to the engine; without one (no exporter, no incoming trace) it costs one check.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
 import aiohttp
 import orjson
+from opentelemetry import propagate, trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from sage.common.exceptions import (
     DeadlineExceededError,
@@ -25,6 +29,37 @@ from sage.common.exceptions import (
 from .registry import EngineRecord
 
 _JSON = {"content-type": "application/json"}
+_tracer = trace.get_tracer("sage.scheduler.executor")
+
+
+def _engine_span(engine: EngineRecord, path: str) -> tuple[Span | None, Mapping[str, str]]:
+    """A client span for one engine call and the headers carrying its context, when a trace
+    is active; otherwise (None, the plain headers). The span is not made current, so an
+    async generator holding it across yields never leaks it into the caller's context."""
+    if not trace.get_current_span().get_span_context().is_valid:
+        return None, _JSON
+    span = _tracer.start_span(
+        f"POST {path}",
+        kind=SpanKind.CLIENT,
+        attributes={
+            "http.request.method": "POST",
+            "url.full": engine.base_url + path,
+            "sage.engine_id": engine.engine_id,
+            "sage.model": engine.model,
+        },
+    )
+    headers = dict(_JSON)
+    propagate.inject(headers, context=trace.set_span_in_context(span))
+    return span, headers
+
+
+def _end_span(span: Span, status: int | None, error: BaseException | None) -> None:
+    if status is not None:
+        span.set_attribute("http.response.status_code", status)
+    if error is not None:
+        span.record_exception(error)
+        span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+    span.end()
 
 
 class EngineUnreachableError(UpstreamError):
@@ -89,6 +124,19 @@ def _split_events(buffer: bytearray) -> list[bytes]:
             payloads.append(b"\n".join(data))
 
 
+async def _traced(payloads: AsyncIterator[bytes], span: Span) -> AsyncIterator[bytes]:
+    """`payloads`, ending `span` when the stream ends, fails or is abandoned."""
+    error: Exception | None = None
+    try:
+        async for payload in payloads:
+            yield payload
+    except Exception as exc:
+        error = exc
+        raise
+    finally:
+        _end_span(span, None, error)
+
+
 class HttpExecutionCoordinator:
     """Sends requests to engines over pooled HTTP/1.1 keep-alive connections.
 
@@ -128,19 +176,36 @@ class HttpExecutionCoordinator:
 
     async def post_json(self, engine: EngineRecord, path: str, body: bytes) -> bytes:
         """POST raw JSON to the engine and return its raw JSON reply."""
-        with _http_errors(engine):
-            async with self._http().post(engine.base_url + path, data=body, headers=_JSON) as resp:
-                content = await resp.read()
-        if resp.status >= 400:
-            raise _engine_error(engine, resp.status, content)
+        span, headers = _engine_span(engine, path)
+        status: int | None = None
+        try:
+            with _http_errors(engine):
+                async with self._http().post(
+                    engine.base_url + path, data=body, headers=headers
+                ) as resp:
+                    status = resp.status
+                    content = await resp.read()
+            if resp.status >= 400:
+                raise _engine_error(engine, resp.status, content)
+        except BaseException as exc:
+            if span is not None:
+                _end_span(span, status, exc if isinstance(exc, Exception) else None)
+            raise
+        if span is not None:
+            _end_span(span, status, None)
         return content
 
-    async def stream_sse(
-        self, engine: EngineRecord, path: str, body: bytes
-    ) -> AsyncIterator[bytes]:
+    def stream_sse(self, engine: EngineRecord, path: str, body: bytes) -> AsyncIterator[bytes]:
         """POST and yield each SSE `data:` payload as it arrives, stopping at `[DONE]`."""
+        span, headers = _engine_span(engine, path)
+        payloads = self._stream_sse(engine, path, body, headers)
+        return payloads if span is None else _traced(payloads, span)
+
+    async def _stream_sse(
+        self, engine: EngineRecord, path: str, body: bytes, headers: Mapping[str, str]
+    ) -> AsyncIterator[bytes]:
         with _http_errors(engine):
-            resp = await self._http().post(engine.base_url + path, data=body, headers=_JSON)
+            resp = await self._http().post(engine.base_url + path, data=body, headers=headers)
         try:
             if resp.status >= 400:
                 with _http_errors(engine):

@@ -29,8 +29,9 @@ from sage.rpc.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from sage.rpc.scheduler.v1 import scheduler_pb2 as pb
 from sage.rpc.scheduler.v1 import scheduler_pb2_grpc as pb_grpc
 
-from .core import EmbedResult, Scheduler, TokenUsage, usage_of
+from .core import EmbedResult, Scheduler, TokenUsage
 from .executor import HttpExecutionCoordinator
+from .ratelimit import TenantLimits
 from .registry import EngineKind, EngineRecord, EngineRegistry, EngineState
 from .routing import create_router
 
@@ -82,6 +83,21 @@ def _usage_pb(usage: TokenUsage) -> common_pb2.Usage:
     )
 
 
+def limits_from_pb(request: Any) -> TenantLimits | None:
+    """The tenant and its limits from a request's `options`; None when there are none."""
+    if not request.HasField("options"):
+        return None
+    options: pb.RequestOptions = request.options
+    if options.rate_limit_rpm < 0 or options.rate_limit_tpm < 0:
+        raise InvalidRequestError("rate limits must not be negative", param="options")
+    return TenantLimits(
+        options.tenant or "default",
+        options.rate_limit_rpm,
+        options.rate_limit_tpm,
+        max(0, options.estimated_tokens),
+    )
+
+
 def _require_model(model: str) -> str:
     if not model:
         raise InvalidRequestError("model is required", param="model")
@@ -126,34 +142,46 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
         self.policy_name = policy_name
 
     async def Chat(self, request: pb.ChatRequest, context: Any) -> pb.ChatResponse:
-        body, engine = await self.scheduler.unary(
-            _require_model(request.model), request.body, "/v1/chat/completions"
+        result = await self.scheduler.unary(
+            _require_model(request.model),
+            request.body,
+            "/v1/chat/completions",
+            limits_from_pb(request),
         )
         return pb.ChatResponse(
-            body=body, engine_id=engine.engine_id, usage=_usage_pb(usage_of(body))
+            body=result.body, engine_id=result.engine.engine_id, usage=_usage_pb(result.usage)
         )
 
     async def ChatStream(
         self, request: pb.ChatStreamRequest, context: Any
     ) -> AsyncIterator[pb.ChatStreamResponse]:
         async for data, engine in self.scheduler.stream(
-            _require_model(request.model), request.body, "/v1/chat/completions"
+            _require_model(request.model),
+            request.body,
+            "/v1/chat/completions",
+            limits_from_pb(request),
         ):
             yield pb.ChatStreamResponse(data=data, engine_id=engine.engine_id)
 
     async def Complete(self, request: pb.CompleteRequest, context: Any) -> pb.CompleteResponse:
-        body, engine = await self.scheduler.unary(
-            _require_model(request.model), request.body, "/v1/completions"
+        result = await self.scheduler.unary(
+            _require_model(request.model),
+            request.body,
+            "/v1/completions",
+            limits_from_pb(request),
         )
         return pb.CompleteResponse(
-            body=body, engine_id=engine.engine_id, usage=_usage_pb(usage_of(body))
+            body=result.body, engine_id=result.engine.engine_id, usage=_usage_pb(result.usage)
         )
 
     async def CompleteStream(
         self, request: pb.CompleteStreamRequest, context: Any
     ) -> AsyncIterator[pb.CompleteStreamResponse]:
         async for data, engine in self.scheduler.stream(
-            _require_model(request.model), request.body, "/v1/completions"
+            _require_model(request.model),
+            request.body,
+            "/v1/completions",
+            limits_from_pb(request),
         ):
             yield pb.CompleteStreamResponse(data=data, engine_id=engine.engine_id)
 
@@ -163,7 +191,10 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
         if request.dimensions < 0:
             raise InvalidRequestError("dimensions must be positive", param="dimensions")
         result = await self.scheduler.embed(
-            _require_model(request.model), list(request.inputs), request.dimensions
+            _require_model(request.model),
+            list(request.inputs),
+            request.dimensions,
+            limits_from_pb(request),
         )
         return pb.EmbedResponse(
             model=request.model,

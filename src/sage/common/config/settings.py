@@ -124,6 +124,16 @@ class SageSettings(BaseSettings):
     # OpenTelemetry exporter: none, console, or otlp (needs the otlp exporter installed).
     otel_exporter: Literal["none", "console", "otlp"] = "none"
 
+    # Edge API keys: comma-separated `key` or `key:tenant`. With any key configured (here
+    # or in api_keys_file), every /v1/* inference route needs `Authorization: Bearer <key>`.
+    api_keys: str = ""
+    # YAML or JSON file: a list of {key, tenant, rate_limit_rpm?, rate_limit_tpm?}.
+    api_keys_file: Path | None = None
+    # Require an API key (or the admin key) on the edge's /metrics too.
+    metrics_require_auth: bool = False
+    # CORS on the edge: empty disables it; `*` or a comma-separated list of origins.
+    cors_origins: str = ""
+
     @classmethod
     def settings_customise_sources(
         cls,

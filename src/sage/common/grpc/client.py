@@ -51,11 +51,8 @@ def _details(details: Any, timeout: float) -> grpc.aio.ClientCallDetails:
     )
 
 
-class _DeadlineAndContext(
-    grpc.aio.UnaryUnaryClientInterceptor,  # type: ignore[type-arg,misc]
-    grpc.aio.UnaryStreamClientInterceptor,  # type: ignore[type-arg,misc]
-):
-    """Never lets a call go out without a deadline, a request id and trace context."""
+class _UnaryUnaryContext(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg,misc]
+    """Never lets a unary call go out without a deadline, a request id and trace context."""
 
     def __init__(self, default_timeout: float) -> None:
         self.default_timeout = default_timeout
@@ -64,6 +61,17 @@ class _DeadlineAndContext(
         self, continuation: Callable[..., Any], client_call_details: Any, request: Any
     ) -> Any:
         return await continuation(_details(client_call_details, self.default_timeout), request)
+
+
+class _UnaryStreamContext(grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[type-arg,misc]
+    """The same for server-streaming calls.
+
+    A separate class on purpose: grpc.aio files each interceptor under the first call
+    type it implements, so one class implementing both would never see streaming calls.
+    """
+
+    def __init__(self, default_timeout: float) -> None:
+        self.default_timeout = default_timeout
 
     async def intercept_unary_stream(
         self, continuation: Callable[..., Any], client_call_details: Any, request: Any
@@ -75,7 +83,10 @@ def create_channel(addr: str, *, default_timeout: float = 10.0) -> grpc.aio.Chan
     """An insecure aio channel to `addr` whose calls all carry a deadline and SAGE context."""
     return grpc.aio.insecure_channel(
         addr,
-        interceptors=[_DeadlineAndContext(default_timeout)],  # type: ignore[list-item]
+        interceptors=[
+            _UnaryUnaryContext(default_timeout),  # type: ignore[list-item]
+            _UnaryStreamContext(default_timeout),  # type: ignore[list-item]
+        ],
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

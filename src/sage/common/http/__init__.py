@@ -8,17 +8,21 @@ from sage.common.http.asgi import (
     App,
     Handler,
     JSONResponse,
+    Observer,
     Request,
     Response,
     StreamingResponse,
     error_response,
     sse_event,
 )
+from sage.common.http.cors import CorsPolicy
 
 __all__ = [
     "App",
+    "CorsPolicy",
     "Handler",
     "JSONResponse",
+    "Observer",
     "Request",
     "Response",
     "StreamingResponse",

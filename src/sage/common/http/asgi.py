@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from sage.common.exceptions import (
     openai_error_body,
 )
 from sage.common.utils.logging import request_id_var
+
+from .cors import CorsPolicy
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -54,6 +57,8 @@ class Request:
     receive: Receive
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     _body: bytes | None = None
+    # Set by a handler once it knows the model, so metrics can label the request by it.
+    model: str = ""
 
     async def body(self) -> bytes:
         """The whole body; raises PayloadTooLargeError past the limit."""
@@ -212,6 +217,10 @@ def error_response(exc: SageError, headers: list[tuple[bytes, bytes]] | None = N
 
 
 Handler = Callable[[Request], Awaitable[Response | StreamingResponse]]
+# Called once per finished request: (method, route, model, status, seconds).
+Observer = Callable[[str, str, str, int, float], None]
+# The route label of requests that matched no route (keeps metric labels bounded).
+UNMATCHED_ROUTE = "unmatched"
 
 
 class App:
@@ -223,12 +232,18 @@ class App:
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         on_startup: Callable[[], Awaitable[None]] | None = None,
         on_shutdown: Callable[[], Awaitable[None]] | None = None,
+        observer: Observer | None = None,
+        cors: CorsPolicy | None = None,
     ) -> None:
         self._routes: dict[str, dict[str, Handler]] = {}
         self._prefix_routes: list[tuple[str, dict[str, Handler]]] = []
         self.max_body_bytes = max_body_bytes
         self._on_startup = on_startup
         self._on_shutdown = on_shutdown
+        self._observer = observer
+        self._cors = cors
+        # Requests being handled now, streams included.
+        self.in_flight = 0
 
     def route(self, method: str, path: str) -> Callable[[Handler], Handler]:
         """Decorator: register `handler` for METHOD PATH (a trailing `*` matches a prefix)."""
@@ -251,15 +266,23 @@ class App:
             return
         self._routes.setdefault(path, {})[method.upper()] = handler
 
-    def _match(self, path: str) -> dict[str, Handler] | None:
+    def routes(self) -> list[tuple[str, str]]:
+        """Every (METHOD, path) registered; prefix routes keep their trailing `*`."""
+        exact = [(m, path) for path, methods in self._routes.items() for m in methods]
+        prefixed = [(m, p + "*") for p, methods in self._prefix_routes for m in methods]
+        return sorted(exact + prefixed)
+
+    def match(self, path: str) -> tuple[str, dict[str, Handler]] | None:
+        """(route, handlers by method) for `path`; the route is the registered pattern."""
         methods = self._routes.get(path)
         if methods is None and len(path) > 1 and path.endswith("/"):
-            methods = self._routes.get(path.rstrip("/"))
+            path = path.rstrip("/")
+            methods = self._routes.get(path)
         if methods is not None:
-            return methods
+            return path, methods
         for prefix, prefixed in self._prefix_routes:
             if path.startswith(prefix):
-                return prefixed
+                return prefix + "*", prefixed
         return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -297,14 +320,40 @@ class App:
         request_id = headers.get("x-request-id", "")
         if not (0 < len(request_id) <= 128 and request_id.isascii() and request_id.isprintable()):
             request_id = uuid.uuid4().hex
+        extra = [(b"x-request-id", request_id.encode("latin-1"))]
+        if self._cors is not None:
+            origin = headers.get("origin")
+            if origin is not None:
+                if method == "OPTIONS" and "access-control-request-method" in headers:
+                    await self._preflight(self._cors, origin, path, headers, extra, send)
+                    return
+                extra.extend(self._cors.response_headers(origin))
         token = request_id_var.set(request_id)
+        self.in_flight += 1
         try:
             with _tracer.start_as_current_span(
                 f"{method} {path}", context=propagate.extract(headers), kind=trace.SpanKind.SERVER
             ):
-                await self._dispatch(scope, receive, send, path, method, headers, request_id)
+                await self._dispatch(scope, receive, send, path, method, headers, extra)
         finally:
+            self.in_flight -= 1
             request_id_var.reset(token)
+
+    async def _preflight(
+        self,
+        cors: CorsPolicy,
+        origin: str,
+        path: str,
+        headers: dict[str, str],
+        extra: list[tuple[bytes, bytes]],
+        send: Send,
+    ) -> None:
+        matched = self.match(path)
+        methods = matched[1] if matched is not None else {m: None for m, _ in self.routes()}
+        status, cors_headers, body = cors.preflight(origin, headers, methods)
+        content = [(b"content-length", str(len(body)).encode()), *cors_headers, *extra]
+        await send({"type": "http.response.start", "status": status, "headers": content})
+        await send({"type": "http.response.body", "body": body})
 
     async def _dispatch(
         self,
@@ -314,15 +363,19 @@ class App:
         path: str,
         method: str,
         headers: dict[str, str],
-        request_id: str,
+        extra: list[tuple[bytes, bytes]],
     ) -> None:
-        methods = self._match(path)
+        started = time.perf_counter()
+        matched = self.match(path)
         response: Response | StreamingResponse
-        if methods is None:
+        request: Request | None = None
+        if matched is None:
+            route = UNMATCHED_ROUTE
             response = error_response(
                 NotFoundError(f"no route for {method} {path}", code="unknown_url")
             )
         else:
+            route, methods = matched
             handler = methods.get(method)
             if handler is None:
                 response = JSONResponse(
@@ -349,6 +402,10 @@ class App:
                 except SageError as exc:
                     response = error_response(exc)
                 except ClientDisconnected:
+                    if self._observer is not None:
+                        # nginx's "client closed request", so abandoned calls stay visible
+                        elapsed = time.perf_counter() - started
+                        self._observer(method, route, request.model, 499, elapsed)
                     return
                 except Exception:
                     log.exception("unhandled error on %s %s", method, path)
@@ -358,8 +415,17 @@ class App:
                         ),
                         500,
                     )
-        rid_header = ((b"x-request-id", request_id.encode("latin-1")),)
-        if isinstance(response, StreamingResponse):
-            await response.send(send, rid_header, receive)
-        else:
-            await response.send(send, rid_header)
+        try:
+            if isinstance(response, StreamingResponse):
+                await response.send(send, extra, receive)
+            else:
+                await response.send(send, extra)
+        finally:
+            if self._observer is not None:
+                self._observer(
+                    method,
+                    route,
+                    request.model if request is not None else "",
+                    response.status,
+                    time.perf_counter() - started,
+                )

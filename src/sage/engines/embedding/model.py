@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,13 +74,15 @@ class EmbeddingModel:
                 "the embedding engine needs sentence-transformers (pip install "
                 "'sage-llm-control-plane[engines]')"
             )
-        if Path(path).exists():
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder needs no hub
         from sentence_transformers import SentenceTransformer
 
         self.device = _pick_device(config.device)
         try:
-            self._model: Any = SentenceTransformer(path, device=self.device)
+            # A local folder needs no hub: never let a missing file turn into a download
+            # (without touching HF_HUB_OFFLINE, which would leak into the whole process).
+            self._model: Any = SentenceTransformer(
+                path, device=self.device, local_files_only=Path(path).exists()
+            )
         except OSError as exc:
             raise ConfigurationError(
                 f"cannot load embedding model {config.model!r}: {exc}", param="model"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
-import os
 import random
 import threading
 import time
@@ -128,8 +127,6 @@ def _transformers_version() -> tuple[int, int]:
 def _resolve_path(model: str) -> str:
     path = Path(model).expanduser()
     if path.exists():
-        # A local folder needs no hub; do not let a missing file turn into a download.
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         return str(path)
     return model
 
@@ -154,13 +151,21 @@ class CausalLM:
         dtype_key = "dtype" if _transformers_version() >= (4, 56) else "torch_dtype"
         try:
             # Typed as Any: transformers' stubs cover the Auto classes only loosely.
+            # A local folder needs no hub: never turn a missing file into a download.
+            local = Path(path).exists()
             self.tokenizer: Any = cast(
-                Any, AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+                Any,
+                AutoTokenizer.from_pretrained(
+                    path, trust_remote_code=config.trust_remote_code, local_files_only=local
+                ),
             )
             self.model: Any = cast(
                 Any,
                 AutoModelForCausalLM.from_pretrained(
-                    path, trust_remote_code=config.trust_remote_code, **{dtype_key: dtype}
+                    path,
+                    trust_remote_code=config.trust_remote_code,
+                    local_files_only=local,
+                    **{dtype_key: dtype},
                 ),
             )
         except (OSError, ValueError) as exc:

@@ -30,6 +30,9 @@ class RequestOptions(_message.Message):
     SESSION_KEY_FIELD_NUMBER: _builtins.int
     SLO_E2E_MS_FIELD_NUMBER: _builtins.int
     SLO_TTFT_MS_FIELD_NUMBER: _builtins.int
+    RATE_LIMIT_RPM_FIELD_NUMBER: _builtins.int
+    RATE_LIMIT_TPM_FIELD_NUMBER: _builtins.int
+    ESTIMATED_TOKENS_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     """Tenant the request is accounted to (from the API key or a header)."""
     priority: _builtins.str
@@ -40,6 +43,14 @@ class RequestOptions(_message.Message):
     """End-to-end latency target in milliseconds; 0 means the model's default."""
     slo_ttft_ms: _builtins.int
     """Time-to-first-token target in milliseconds; 0 means the model's default."""
+    rate_limit_rpm: _builtins.int
+    """The tenant's request limit per minute (from its API key); 0 means unlimited."""
+    rate_limit_tpm: _builtins.int
+    """The tenant's token limit per minute (prompt + completion); 0 means unlimited."""
+    estimated_tokens: _builtins.int
+    """Tokens this request is expected to use (prompt estimate + max_tokens), charged
+    against rate_limit_tpm up front; 0 lets the scheduler estimate from the body size.
+    """
     def __init__(
         self,
         *,
@@ -48,10 +59,13 @@ class RequestOptions(_message.Message):
         session_key: _builtins.str = ...,
         slo_e2e_ms: _builtins.int = ...,
         slo_ttft_ms: _builtins.int = ...,
+        rate_limit_rpm: _builtins.int = ...,
+        rate_limit_tpm: _builtins.int = ...,
+        estimated_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["priority", b"priority", "session_key", b"session_key", "slo_e2e_ms", b"slo_e2e_ms", "slo_ttft_ms", b"slo_ttft_ms", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["estimated_tokens", b"estimated_tokens", "priority", b"priority", "rate_limit_rpm", b"rate_limit_rpm", "rate_limit_tpm", b"rate_limit_tpm", "session_key", b"session_key", "slo_e2e_ms", b"slo_e2e_ms", "slo_ttft_ms", b"slo_ttft_ms", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,824 @@
+"""The edge's OpenAPI 3.1 document, written by hand to match what the routes accept.
+
+Request schemas state exactly what `validation.py` and `management.py` check (so a fuzzer's
+valid inputs pass and its invalid ones get a 4xx); fields the edge passes through to the
+engine untouched are listed for documentation and left open (`additionalProperties`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .validation import INT32_MAX, MAX_EMBEDDING_INPUTS
+
+JSON = "application/json"
+SSE = "text/event-stream"
+
+_ROLES = ["system", "user", "assistant", "tool", "function", "developer"]
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {JSON: {"schema": schema}}
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def _int(low: int, high: int = INT32_MAX, description: str = "") -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "integer", "minimum": low, "maximum": high}
+    if description:
+        schema["description"] = description
+    return schema
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    names = {
+        400: "BadRequest",
+        401: "Unauthorized",
+        404: "NotFound",
+        409: "Conflict",
+        413: "PayloadTooLarge",
+        429: "RateLimited",
+        500: "InternalError",
+        502: "BadGateway",
+        503: "Unavailable",
+        504: "Timeout",
+    }
+    return {str(s): {"$ref": f"#/components/responses/{names[s]}"} for s in statuses}
+
+
+_NON_EMPTY = {"type": "string", "minLength": 1, "pattern": r"\S"}
+_SAMPLING: dict[str, Any] = {
+    "model": {**_NON_EMPTY, "description": "Model (or alias) to route to.", "examples": ["sim"]},
+    "stream": {
+        "type": ["boolean", "null"],
+        "default": False,
+        "description": "Stream chunks as server-sent events.",
+    },
+    "stream_options": {
+        "type": ["object", "null"],
+        "description": "Passed to the engine, e.g. {include_usage: true}.",
+        "properties": {"include_usage": {"type": "boolean"}},
+    },
+    "max_tokens": _nullable(_int(1, description="Most tokens to generate.")),
+    "max_completion_tokens": _nullable(_int(1, description="Most tokens to generate.")),
+    "n": _nullable(_int(1, description="Choices to generate.")),
+    "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": 2},
+    "top_p": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+    "presence_penalty": {"type": ["number", "null"], "minimum": -2, "maximum": 2},
+    "frequency_penalty": {"type": ["number", "null"], "minimum": -2, "maximum": 2},
+    "stop": {
+        "description": "Up to the engine how many; strings at which generation stops.",
+        "anyOf": [
+            {"type": "string"},
+            {"type": "array", "items": {"type": "string"}},
+            {"type": "null"},
+        ],
+    },
+    "seed": {"type": ["integer", "null"], "description": "Passed to the engine."},
+    "user": {"type": "string", "description": "Passed to the engine."},
+}
+
+_SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "description": "OpenAI's error shape; `param` names the offending field.",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["message", "type", "param", "code"],
+                "properties": {
+                    "message": {"type": "string"},
+                    "type": {
+                        "type": "string",
+                        "examples": [
+                            "invalid_request_error",
+                            "rate_limit_error",
+                            "upstream_error",
+                        ],
+                    },
+                    "param": {"type": ["string", "null"]},
+                    "code": {
+                        "type": ["string", "integer", "null"],
+                        "examples": ["invalid_api_key", "model_not_found", "rate_limit_exceeded"],
+                    },
+                },
+            }
+        },
+    },
+    "ChatMessage": {
+        "type": "object",
+        "required": ["role"],
+        "properties": {
+            "role": {"type": "string", "enum": _ROLES},
+            "content": {
+                "description": "Text, or an array of content parts (passed to the engine); "
+                "may be null or absent only for assistant messages.",
+                "anyOf": [
+                    {"type": "string"},
+                    {"type": "array", "items": {"type": "object"}},
+                    {"type": "null"},
+                ],
+            },
+            "name": {"type": "string"},
+            "tool_calls": {"type": "array", "items": {"type": "object"}},
+            "tool_call_id": {"type": "string"},
+        },
+        "if": {"properties": {"role": {"const": "assistant"}}},
+        "then": {},
+        "else": {
+            "required": ["content"],
+            "properties": {"content": {"type": ["string", "array"]}},
+        },
+    },
+    "ChatCompletionRequest": {
+        "type": "object",
+        "required": ["model", "messages"],
+        "description": "Forwarded to the engine byte for byte; every field below besides "
+        "model, messages and the checked sampling options is the engine's to judge.",
+        "properties": {
+            **_SAMPLING,
+            "messages": {"type": "array", "minItems": 1, "items": _ref("ChatMessage")},
+            "tools": {"type": "array", "items": {"type": "object"}},
+            "tool_choice": {"anyOf": [{"type": "string"}, {"type": "object"}]},
+            "response_format": {"type": "object"},
+            "logprobs": {"type": ["boolean", "null"]},
+            "top_logprobs": {"type": ["integer", "null"]},
+            "logit_bias": {"type": ["object", "null"]},
+            "parallel_tool_calls": {"type": "boolean"},
+        },
+        "examples": [
+            {
+                "model": "sim",
+                "messages": [{"role": "user", "content": "Say hello"}],
+                "max_tokens": 8,
+            }
+        ],
+    },
+    "CompletionRequest": {
+        "type": "object",
+        "required": ["model", "prompt"],
+        "properties": {
+            **_SAMPLING,
+            "prompt": {
+                "description": "A string, or an array (of strings or token ids) for the engine.",
+                "type": ["string", "array"],
+            },
+            "echo": {"type": "boolean"},
+            "logprobs": {"type": ["integer", "null"]},
+            "suffix": {"type": ["string", "null"]},
+        },
+        "examples": [{"model": "sim", "prompt": "Once upon a time", "max_tokens": 8}],
+    },
+    "EmbeddingRequest": {
+        "type": "object",
+        "required": ["model", "input"],
+        "properties": {
+            "model": _SAMPLING["model"],
+            "input": {
+                "anyOf": [
+                    {"type": "string", "minLength": 1},
+                    {
+                        "type": "array",
+                        "minItems": 1,
+                        "maxItems": MAX_EMBEDDING_INPUTS,
+                        "items": {"type": "string", "minLength": 1},
+                    },
+                ]
+            },
+            "dimensions": _nullable(_int(0, description="0 or null: the model's own size.")),
+            "encoding_format": {
+                "anyOf": [{"type": "string", "enum": ["float", "base64"]}, {"type": "null"}]
+            },
+            "user": {"type": "string"},
+        },
+        "examples": [{"model": "sim-embedding", "input": ["hello", "world"]}],
+    },
+    "Usage": {
+        "type": "object",
+        "properties": {
+            "prompt_tokens": {"type": "integer"},
+            "completion_tokens": {"type": "integer"},
+            "total_tokens": {"type": "integer"},
+        },
+    },
+    "ChatCompletion": {
+        "type": "object",
+        "description": "The engine's response, relayed unchanged.",
+        "required": ["id", "object", "choices"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": "chat.completion"},
+            "created": {"type": "integer"},
+            "model": {"type": "string"},
+            "choices": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "index": {"type": "integer"},
+                        "message": {"type": "object"},
+                        "finish_reason": {"type": ["string", "null"]},
+                        "logprobs": {"type": ["object", "null"]},
+                    },
+                },
+            },
+            "usage": _ref("Usage"),
+        },
+    },
+    "ChatCompletionChunk": {
+        "type": "object",
+        "description": "One SSE `data:` payload; the stream ends with `data: [DONE]`.",
+        "required": ["id", "object", "choices"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": "chat.completion.chunk"},
+            "choices": {"type": "array", "items": {"type": "object"}},
+            "usage": _nullable(_ref("Usage")),
+        },
+    },
+    "Completion": {
+        "type": "object",
+        "description": "The engine's response, relayed unchanged.",
+        "required": ["id", "object", "choices"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": "text_completion"},
+            "created": {"type": "integer"},
+            "model": {"type": "string"},
+            "choices": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "index": {"type": "integer"},
+                        "text": {"type": "string"},
+                        "finish_reason": {"type": ["string", "null"]},
+                    },
+                },
+            },
+            "usage": _ref("Usage"),
+        },
+    },
+    "EmbeddingList": {
+        "type": "object",
+        "required": ["object", "model", "data", "usage"],
+        "properties": {
+            "object": {"const": "list"},
+            "model": {"type": "string"},
+            "data": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["object", "index", "embedding"],
+                    "properties": {
+                        "object": {"const": "embedding"},
+                        "index": {"type": "integer"},
+                        "embedding": {
+                            "description": "Floats, or base64 of little-endian float32.",
+                            "anyOf": [
+                                {"type": "array", "items": {"type": "number"}},
+                                {"type": "string"},
+                            ],
+                        },
+                    },
+                },
+            },
+            "usage": _ref("Usage"),
+        },
+    },
+    "Model": {
+        "type": "object",
+        "required": ["id", "object", "created", "owned_by"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": "model"},
+            "created": {"type": "integer"},
+            "owned_by": {"type": "string"},
+            "kind": {"type": "string", "enum": ["llm", "embedding"]},
+            "ready_engines": {"type": "integer"},
+            "root": {"type": "string", "description": "Set on aliases: the model they name."},
+        },
+    },
+    "ModelList": {
+        "type": "object",
+        "required": ["object", "data"],
+        "properties": {
+            "object": {"const": "list"},
+            "data": {"type": "array", "items": _ref("Model")},
+        },
+    },
+    "Health": {
+        "type": "object",
+        "required": ["status"],
+        "properties": {
+            "status": {"type": "string", "enum": ["ok", "unavailable"]},
+            "engines_ready": {"type": "integer"},
+            "scheduler": {"type": "string", "description": "Why the scheduler is unreachable."},
+        },
+    },
+    "StartEngineRequest": {
+        "type": "object",
+        "additionalProperties": False,
+        "description": "SAGE's engine start request; `model` and `kind` are accepted as "
+        "aliases of `model_id` and `engine_kind`.",
+        "anyOf": [{"required": ["model_id"]}, {"required": ["model"]}],
+        "properties": {
+            "model_id": _NON_EMPTY,
+            "model": _NON_EMPTY,
+            "engine_kind": {"type": "string", "enum": ["llm", "embedding"], "default": "llm"},
+            "kind": {"type": "string", "enum": ["llm", "embedding"]},
+            "backend": {"type": ["string", "null"], "examples": ["auto", "vllm", "sim"]},
+            "tensor_parallel_size": _nullable(_int(1)),
+            "pipeline_parallel_size": _nullable(_int(1)),
+            "port": _nullable(_int(0, description="0 picks a free port.")),
+            "required_memory_gb": {"type": ["number", "null"], "minimum": 0},
+            "gpu_memory_utilization": {"type": ["number", "null"], "minimum": 0},
+            "engine_label": {"type": ["string", "null"]},
+            "label": {"type": ["string", "null"]},
+            "max_concurrent_requests": _nullable(_int(0)),
+            "max_model_len": _nullable(_int(0)),
+            "use_gpu": {"type": ["boolean", "null"]},
+            "extra_args": {"type": ["array", "null"], "items": {"type": "string"}},
+            "aliases": {"type": ["array", "null"], "items": {"type": "string"}},
+            "metadata": {
+                "type": ["object", "null"],
+                "additionalProperties": {"type": ["string", "number", "boolean"]},
+            },
+            "engine_id": {"type": ["string", "null"]},
+            "startup_timeout_s": _nullable(_int(1)),
+            "wait": {
+                "type": "boolean",
+                "default": True,
+                "description": "false: answer 202 at once with the engine STARTING.",
+            },
+        },
+        "examples": [{"model_id": "sim", "backend": "sim", "engine_kind": "llm"}],
+    },
+    "Engine": {
+        "type": "object",
+        "required": ["engine_id", "model_id", "engine_kind", "status"],
+        "properties": {
+            "engine_id": {"type": "string"},
+            "model_id": {"type": "string"},
+            "engine_kind": {"type": "string", "enum": ["llm", "embedding", "unspecified"]},
+            "backend": {"type": "string"},
+            "status": {
+                "type": "string",
+                "enum": ["STARTING", "RUNNING", "STOPPING", "STOPPED", "FAILED", "UNKNOWN"],
+            },
+            "host": {"type": "string"},
+            "port": {"type": "integer"},
+            "base_url": {"type": "string"},
+            "pid": {"type": ["integer", "null"]},
+            "gpu_ids": {"type": "array", "items": {"type": "integer"}},
+            "engine_label": {"type": "string"},
+            "restart_count": {"type": "integer"},
+            "started_at": {"type": ["number", "null"]},
+            "error": {"type": ["string", "null"]},
+            "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+        },
+    },
+    "EngineList": {
+        "type": "object",
+        "required": ["engines", "count"],
+        "properties": {
+            "engines": {"type": "array", "items": _ref("Engine")},
+            "count": {"type": "integer"},
+        },
+    },
+    "EngineLogs": {
+        "type": "object",
+        "required": ["engine_id", "lines"],
+        "properties": {
+            "engine_id": {"type": "string"},
+            "lines": {"type": "array", "items": {"type": "string"}},
+        },
+    },
+    "PruneResult": {
+        "type": "object",
+        "required": ["pruned", "count"],
+        "properties": {
+            "pruned": {"type": "array", "items": {"type": "string"}},
+            "count": {"type": "integer"},
+        },
+    },
+    "BackendList": {
+        "type": "object",
+        "required": ["backends"],
+        "properties": {
+            "backends": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string"},
+                        "kinds": {"type": "array", "items": {"type": "string"}},
+                        "uses_gpu": {"type": "boolean"},
+                        "available": {"type": "boolean"},
+                        "reason": {"type": "string"},
+                    },
+                },
+            }
+        },
+    },
+    "GpuStatus": {
+        "type": "object",
+        "required": ["nvml_available", "gpus"],
+        "properties": {
+            "nvml_available": {"type": "boolean"},
+            "nvml_error": {"type": ["string", "null"]},
+            "driver_version": {"type": ["string", "null"]},
+            "gpus": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "index": {"type": "integer"},
+                        "uuid": {"type": "string"},
+                        "name": {"type": "string"},
+                        "memory_total_bytes": {"type": "integer"},
+                        "memory_used_bytes": {"type": "integer"},
+                        "memory_free_bytes": {"type": "integer"},
+                        "memory_reserved_bytes": {"type": "integer"},
+                        "memory_available_bytes": {"type": "integer"},
+                        "utilization_percent": {"type": "number"},
+                        "temperature_celsius": {"type": "number"},
+                        "engine_ids": {"type": "array", "items": {"type": "string"}},
+                    },
+                },
+            },
+        },
+    },
+    "ManagementStatus": {
+        "type": "object",
+        "required": ["llm_available", "embedding_available", "control_plane", "engines", "count"],
+        "properties": {
+            "llm_available": {"type": "boolean"},
+            "embedding_available": {"type": "boolean"},
+            "control_plane": {
+                "type": "object",
+                "properties": {
+                    "policy": {"type": "string"},
+                    "pending_requests": {"type": "integer"},
+                    "running_requests": {"type": "integer"},
+                    "instances": {"type": "integer"},
+                    "instances_ready": {"type": "integer"},
+                    "metrics": {
+                        "type": "object",
+                        "properties": {
+                            "requests_total": {"type": "integer"},
+                            "requests_failed": {"type": "integer"},
+                        },
+                    },
+                },
+            },
+            "gpu": _nullable(_ref("GpuStatus")),
+            "engines": {"type": "array", "items": _ref("Engine")},
+            "count": {"type": "integer"},
+        },
+    },
+}
+# RegisterEngineRequest = StartEngineRequest's fields plus base_url, closed to others.
+_SCHEMAS["RegisterEngineRequest"] = {
+    "type": "object",
+    "description": "An already-running OpenAI-compatible server to route to: the start "
+    "request's fields plus its base_url.",
+    "additionalProperties": False,
+    "required": ["base_url"],
+    "anyOf": [{"required": ["model_id"]}, {"required": ["model"]}],
+    "properties": {
+        **_SCHEMAS["StartEngineRequest"]["properties"],
+        "base_url": {"type": "string", "pattern": "^https?://"},
+    },
+    "examples": [{"model_id": "my-model", "base_url": "http://127.0.0.1:8000"}],
+}
+
+
+def _error_response(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    response: dict[str, Any] = {"description": description, "content": _json(_ref("Error"))}
+    if headers:
+        response["headers"] = headers
+    return response
+
+
+_RESPONSES: dict[str, Any] = {
+    "BadRequest": _error_response("Malformed request; `error.param` names the field."),
+    "Unauthorized": _error_response("Missing or unknown API key (code invalid_api_key)."),
+    "NotFound": _error_response("Unknown model (code model_not_found), engine or route."),
+    "Conflict": _error_response("The engine exists already or resources are insufficient."),
+    "PayloadTooLarge": _error_response("The body is over SAGE_MAX_BODY_BYTES."),
+    "RateLimited": _error_response(
+        "The key's tenant is over its requests or tokens per minute "
+        "(code rate_limit_exceeded), or the scheduler is overloaded.",
+        {
+            "Retry-After": {
+                "description": "Seconds to wait before retrying.",
+                "schema": {"type": "integer", "minimum": 1},
+            }
+        },
+    ),
+    "InternalError": _error_response("A bug; logged with a traceback."),
+    "BadGateway": _error_response("The engine failed or could not be reached."),
+    "Unavailable": _error_response("A control-plane service is unavailable."),
+    "Timeout": _error_response("The request ran past its deadline."),
+}
+
+_INFERENCE_ERRORS = (400, 401, 404, 413, 429, 500, 502, 503, 504)
+_API_KEY: list[dict[str, list[str]]] = [{"ApiKey": []}, {}]
+_ADMIN: list[dict[str, list[str]]] = [{"AdminKey": []}, {}]
+_MGMT_ERRORS = (401, 500, 503)
+
+
+def _operation(
+    summary: str,
+    operation_id: str,
+    responses: dict[str, Any],
+    *,
+    tags: list[str],
+    security: list[dict[str, list[str]]] | None = None,
+    body: str | None = None,
+    parameters: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "summary": summary,
+        "operationId": operation_id,
+        "tags": tags,
+        "responses": responses,
+    }
+    if security is not None:
+        op["security"] = security
+    if body is not None:
+        op["requestBody"] = {"required": True, "content": _json(_ref(body))}
+    if parameters:
+        op["parameters"] = parameters
+    return op
+
+
+_ENGINE_ID = {
+    "name": "engine_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"},
+}
+
+
+def _mgmt(
+    summary: str,
+    operation_id: str,
+    status: str,
+    schema: str,
+    *,
+    body: str | None = None,
+    parameters: list[dict[str, Any]] | None = None,
+    errors: tuple[int, ...] = (),
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    responses = {
+        status: {"description": "OK", "content": _json(_ref(schema))},
+        **(extra or {}),
+        **_errors(*sorted({*_MGMT_ERRORS, *errors})),
+    }
+    return _operation(
+        summary,
+        operation_id,
+        responses,
+        tags=["management"],
+        security=_ADMIN,
+        body=body,
+        parameters=parameters,
+    )
+
+
+def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
+    """The whole OpenAPI 3.1 document for the edge."""
+    generation_errors = _errors(*_INFERENCE_ERRORS)
+    paths: dict[str, Any] = {
+        "/v1/chat/completions": {
+            "post": _operation(
+                "Create a chat completion (streamed as SSE when stream is true)",
+                "createChatCompletion",
+                {
+                    "200": {
+                        "description": "The completion, or with stream=true its chunks.",
+                        "content": {
+                            JSON: {"schema": _ref("ChatCompletion")},
+                            SSE: {"schema": {"type": "string"}},
+                        },
+                    },
+                    **generation_errors,
+                },
+                tags=["inference"],
+                security=_API_KEY,
+                body="ChatCompletionRequest",
+            )
+        },
+        "/v1/completions": {
+            "post": _operation(
+                "Create a text completion (streamed as SSE when stream is true)",
+                "createCompletion",
+                {
+                    "200": {
+                        "description": "The completion, or with stream=true its chunks.",
+                        "content": {
+                            JSON: {"schema": _ref("Completion")},
+                            SSE: {"schema": {"type": "string"}},
+                        },
+                    },
+                    **generation_errors,
+                },
+                tags=["inference"],
+                security=_API_KEY,
+                body="CompletionRequest",
+            )
+        },
+        "/v1/embeddings": {
+            "post": _operation(
+                "Create embeddings (micro-batched by the embedding service)",
+                "createEmbedding",
+                {
+                    "200": {
+                        "description": "One vector per input.",
+                        "content": _json(_ref("EmbeddingList")),
+                    },
+                    **generation_errors,
+                },
+                tags=["inference"],
+                security=_API_KEY,
+                body="EmbeddingRequest",
+            )
+        },
+        "/v1/models": {
+            "get": _operation(
+                "List the models (and aliases) registered engines serve",
+                "listModels",
+                {
+                    "200": {"description": "Models.", "content": _json(_ref("ModelList"))},
+                    **_errors(401, 500, 503),
+                },
+                tags=["inference"],
+                security=_API_KEY,
+            )
+        },
+        "/health": {
+            "get": _operation(
+                "Liveness of the edge and its scheduler (never needs a key)",
+                "health",
+                {
+                    "200": {"description": "Serving.", "content": _json(_ref("Health"))},
+                    "503": {
+                        "description": "The scheduler is unreachable.",
+                        "content": _json(_ref("Health")),
+                    },
+                },
+                tags=["operations"],
+                security=[{}],
+            )
+        },
+        "/metrics": {
+            "get": _operation(
+                "Prometheus metrics of the edge",
+                "metrics",
+                {
+                    "200": {
+                        "description": "Prometheus text exposition.",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    **_errors(401),
+                },
+                tags=["operations"],
+                security=[{"ApiKey": []}, {"AdminKey": []}, {}],
+            )
+        },
+        "/openapi.json": {
+            "get": _operation(
+                "This document",
+                "openapi",
+                {"200": {"description": "OpenAPI 3.1.", "content": _json({"type": "object"})}},
+                tags=["operations"],
+                security=[{}],
+            )
+        },
+        "/v1/management/engines": {
+            "get": _mgmt("List engines", "listEngines", "200", "EngineList"),
+            "post": _mgmt(
+                "Start an engine (waits until ready unless wait is false)",
+                "startEngine",
+                "201",
+                "Engine",
+                body="StartEngineRequest",
+                errors=(400, 409, 504),
+                extra={
+                    "202": {
+                        "description": "wait=false: the engine is STARTING.",
+                        "content": _json(_ref("Engine")),
+                    }
+                },
+            ),
+        },
+        "/v1/management/engines/register": {
+            "post": _mgmt(
+                "Register an already-running engine",
+                "registerEngine",
+                "201",
+                "Engine",
+                body="RegisterEngineRequest",
+                errors=(400, 409),
+            )
+        },
+        "/v1/management/engines/prune": {
+            "post": _mgmt("Forget stopped and failed engines", "pruneEngines", "200", "PruneResult")
+        },
+        "/v1/management/engines/{engine_id}": {
+            "get": _mgmt(
+                "Get one engine",
+                "getEngine",
+                "200",
+                "Engine",
+                parameters=[_ENGINE_ID],
+                errors=(400, 404),
+            ),
+            "delete": _mgmt(
+                "Stop an engine",
+                "stopEngine",
+                "200",
+                "Engine",
+                parameters=[
+                    _ENGINE_ID,
+                    {
+                        "name": "drain",
+                        "in": "query",
+                        "required": False,
+                        "description": "Let in-flight requests finish first (1/true/yes).",
+                        "schema": {"type": "string"},
+                    },
+                ],
+                errors=(400, 404, 504),
+            ),
+        },
+        "/v1/management/engines/{engine_id}/logs": {
+            "get": _mgmt(
+                "Tail an engine's log",
+                "tailEngineLogs",
+                "200",
+                "EngineLogs",
+                parameters=[
+                    _ENGINE_ID,
+                    {
+                        "name": "lines",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 100_000},
+                    },
+                ],
+                errors=(400, 404),
+            )
+        },
+        "/v1/management/backends": {
+            "get": _mgmt("List engine backends", "listBackends", "200", "BackendList")
+        },
+        "/v1/management/gpu": {"get": _mgmt("GPU readings", "getGpus", "200", "GpuStatus")},
+        "/v1/management/status": {
+            "get": _mgmt("Control-plane status", "getStatus", "200", "ManagementStatus")
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "SAGE LLM gateway",
+            "version": version,
+            "description": "OpenAI-compatible inference API plus SAGE's engine management "
+            "API. Errors use OpenAI's shape. API keys are required only when the deployment "
+            "configures them (SAGE_API_KEYS / SAGE_API_KEYS_FILE); the management routes "
+            "only when SAGE_ADMIN_API_KEY is set.",
+        },
+        "servers": [{"url": "/"}],
+        "tags": [
+            {"name": "inference", "description": "OpenAI-compatible routes."},
+            {"name": "management", "description": "Engines, backends, GPUs, status."},
+            {"name": "operations", "description": "Health, metrics, this document."},
+        ],
+        "paths": paths,
+        "components": {
+            "schemas": _SCHEMAS,
+            "responses": _RESPONSES,
+            "securitySchemes": {
+                "ApiKey": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "A key from SAGE_API_KEYS or SAGE_API_KEYS_FILE.",
+                },
+                "AdminKey": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "SAGE_ADMIN_API_KEY.",
+                },
+            },
+        },
+    }
