@@ -19,7 +19,7 @@ import grpc
 import orjson
 
 from sage.common.config.settings import SageSettings
-from sage.common.exceptions import SageError, ServiceUnavailableError
+from sage.common.exceptions import InvalidRequestError, SageError, ServiceUnavailableError
 from sage.common.grpc import create_channel, from_rpc_error, rpc_errors_as_sage
 from sage.common.grpc.engine_enums import kind_name
 from sage.common.http import (
@@ -150,6 +150,33 @@ def request_options(key: ApiKey, tokens: int) -> spb.RequestOptions:
     )
 
 
+def with_scheduling_hints(
+    options: spb.RequestOptions | None, headers: dict[str, str]
+) -> spb.RequestOptions | None:
+    """Priority class and SLO targets from `x-sage-priority`, `x-sage-slo-ttft-ms` and
+    `x-sage-slo-e2e-ms`; the scheduler validates the priority value."""
+    priority = headers.get("x-sage-priority")
+    ttft = headers.get("x-sage-slo-ttft-ms")
+    e2e = headers.get("x-sage-slo-e2e-ms")
+    if priority is None and ttft is None and e2e is None:
+        return options
+    options = options or spb.RequestOptions()
+    if priority is not None:
+        options.priority = priority
+    for name, value, field in (
+        ("x-sage-slo-ttft-ms", ttft, "slo_ttft_ms"),
+        ("x-sage-slo-e2e-ms", e2e, "slo_e2e_ms"),
+    ):
+        if value is None:
+            continue
+        if not value.isdigit() or int(value) > INT32_MAX:
+            raise InvalidRequestError(
+                f"{name} must be a whole number of milliseconds, got {value!r}", param=name
+            )
+        setattr(options, field, int(value))
+    return options
+
+
 def create_app(settings: SageSettings, api_keys: ApiKeyTable | None = None) -> App:
     """The edge ASGI app; gRPC channels open at startup and close at shutdown.
 
@@ -209,6 +236,7 @@ def create_app(settings: SageSettings, api_keys: ApiKeyTable | None = None) -> A
                 if key is None
                 else request_options(key, estimate_tokens(parsed.doc, len(body)))
             )
+            options = with_scheduling_hints(options, request.headers)
             scheduler = up().scheduler
             if parsed.stream:
                 started = time.perf_counter()

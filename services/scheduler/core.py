@@ -15,7 +15,9 @@ import orjson
 
 from sage.common.exceptions import ServiceUnavailableError
 
+from .admission import AdmissionController
 from .executor import EngineUnreachableError, HttpExecutionCoordinator
+from .policies import QueuedRequest
 from .ratelimit import TenantLimits, TenantRateLimiter
 from .registry import EngineKind, EngineRecord, EngineRegistry
 from .routing import Router
@@ -104,12 +106,14 @@ class Scheduler:
         executor: HttpExecutionCoordinator,
         embedding_backend: EmbeddingBackend | None = None,
         rate_limiter: TenantRateLimiter | None = None,
+        admission: AdmissionController | None = None,
     ) -> None:
         self.registry = registry
         self.router = router
         self.executor = executor
         self.embedding_backend = embedding_backend
         self.rate_limiter = rate_limiter or TenantRateLimiter()
+        self.admission = admission or AdmissionController()
         self.counters = Counters()
 
     def _admit(self, limits: TenantLimits | None, fallback_tokens: int) -> int:
@@ -127,30 +131,40 @@ class Scheduler:
         return [first, *(e for e in engines if e.engine_id != first.engine_id)]
 
     async def unary(
-        self, model: str, body: bytes, path: str, limits: TenantLimits | None = None
+        self,
+        model: str,
+        body: bytes,
+        path: str,
+        limits: TenantLimits | None = None,
+        ticket: QueuedRequest | None = None,
     ) -> UnaryResult:
         """Run one non-streaming request; fails over while engines refuse connections."""
         charged = self._admit(limits, len(body) // 4)
         self.counters.requests_total += 1
         self.counters.in_flight += 1
+        ticket = ticket or QueuedRequest(model=model)
         try:
-            candidates = self._candidates(model, EngineKind.LLM)
-            for i, engine in enumerate(candidates):
-                try:
-                    reply = await self.executor.post_json(
-                        engine, path, _for_engine(body, model, engine)
-                    )
-                    usage = usage_of(reply)
-                    if charged and limits is not None:
-                        self.rate_limiter.settle(limits, charged, usage.total_tokens)
-                    return UnaryResult(reply, engine, usage)
-                except EngineUnreachableError:
-                    if i == len(candidates) - 1:
-                        raise
-                    log.warning(
-                        "engine unreachable, failing over", extra={"engine_id": engine.engine_id}
-                    )
-            raise AssertionError("unreachable")  # candidates is never empty
+            engines = self.registry.ready_for(model, EngineKind.LLM)
+            async with self.admission.slot(ticket, len(engines)):
+                candidates = self._candidates(model, EngineKind.LLM)
+                for i, engine in enumerate(candidates):
+                    try:
+                        reply = await self.executor.post_json(
+                            engine, path, _for_engine(body, model, engine)
+                        )
+                        usage = usage_of(reply)
+                        if charged and limits is not None:
+                            self.rate_limiter.settle(limits, charged, usage.total_tokens)
+                        self.admission.finished(ticket, usage.total_tokens)
+                        return UnaryResult(reply, engine, usage)
+                    except EngineUnreachableError:
+                        if i == len(candidates) - 1:
+                            raise
+                        log.warning(
+                            "engine unreachable, failing over",
+                            extra={"engine_id": engine.engine_id},
+                        )
+                raise AssertionError("unreachable")  # candidates is never empty
         except BaseException:
             self.counters.requests_failed += 1
             raise
@@ -158,29 +172,39 @@ class Scheduler:
             self.counters.in_flight -= 1
 
     async def stream(
-        self, model: str, body: bytes, path: str, limits: TenantLimits | None = None
+        self,
+        model: str,
+        body: bytes,
+        path: str,
+        limits: TenantLimits | None = None,
+        ticket: QueuedRequest | None = None,
     ) -> AsyncIterator[tuple[bytes, EngineRecord]]:
         """Yield engine SSE payloads one by one; fails over only before the first one."""
-        self._admit(limits, len(body) // 4)
+        charged = self._admit(limits, len(body) // 4)
         self.counters.requests_total += 1
         self.counters.in_flight += 1
+        ticket = ticket or QueuedRequest(model=model)
         try:
-            candidates = self._candidates(model, EngineKind.LLM)
-            for i, engine in enumerate(candidates):
-                started = False
-                try:
-                    async for payload in self.executor.stream_sse(
-                        engine, path, _for_engine(body, model, engine)
-                    ):
-                        started = True
-                        yield payload, engine
-                    return
-                except EngineUnreachableError:
-                    if started or i == len(candidates) - 1:
-                        raise
-                    log.warning(
-                        "engine unreachable, failing over", extra={"engine_id": engine.engine_id}
-                    )
+            engines = self.registry.ready_for(model, EngineKind.LLM)
+            async with self.admission.slot(ticket, len(engines)):
+                candidates = self._candidates(model, EngineKind.LLM)
+                for i, engine in enumerate(candidates):
+                    started = False
+                    try:
+                        async for payload in self.executor.stream_sse(
+                            engine, path, _for_engine(body, model, engine)
+                        ):
+                            started = True
+                            yield payload, engine
+                        self.admission.finished(ticket, charged or ticket.cost)
+                        return
+                    except EngineUnreachableError:
+                        if started or i == len(candidates) - 1:
+                            raise
+                        log.warning(
+                            "engine unreachable, failing over",
+                            extra={"engine_id": engine.engine_id},
+                        )
         except BaseException:
             self.counters.requests_failed += 1
             raise

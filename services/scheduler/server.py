@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -29,8 +30,10 @@ from sage.rpc.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from sage.rpc.scheduler.v1 import scheduler_pb2 as pb
 from sage.rpc.scheduler.v1 import scheduler_pb2_grpc as pb_grpc
 
+from .admission import AdmissionController, parse_priority
 from .core import EmbedResult, Scheduler, TokenUsage
 from .executor import HttpExecutionCoordinator
+from .policies import QueuedRequest, RequestClass
 from .ratelimit import TenantLimits
 from .registry import EngineKind, EngineRecord, EngineRegistry, EngineState
 from .routing import create_router
@@ -80,6 +83,31 @@ def _usage_pb(usage: TokenUsage) -> common_pb2.Usage:
         prompt_tokens=usage.prompt_tokens,
         completion_tokens=usage.completion_tokens,
         total_tokens=usage.total_tokens,
+    )
+
+
+def ticket_from_pb(request: Any, request_class: RequestClass) -> QueuedRequest:
+    """What the queueing policy orders by: tenant, priority class, SLO deadline, cost."""
+    now = time.monotonic()
+    if not request.HasField("options"):
+        return QueuedRequest(
+            model=request.model,
+            request_class=request_class,
+            arrival=now,
+            cost=len(request.body) / 4,
+        )
+    options: pb.RequestOptions = request.options
+    if options.slo_e2e_ms < 0 or options.slo_ttft_ms < 0:
+        raise InvalidRequestError("SLO targets must not be negative", param="slo_e2e_ms")
+    slo_ms = options.slo_e2e_ms or options.slo_ttft_ms
+    return QueuedRequest(
+        model=request.model,
+        request_class=request_class,
+        tenant=options.tenant or "default",
+        priority=parse_priority(options.priority),
+        arrival=now,
+        deadline=now + slo_ms / 1000 if slo_ms else None,
+        cost=float(options.estimated_tokens or len(request.body) / 4),
     )
 
 
@@ -147,6 +175,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
             request.body,
             "/v1/chat/completions",
             limits_from_pb(request),
+            ticket_from_pb(request, RequestClass.LLM_CHAT),
         )
         return pb.ChatResponse(
             body=result.body, engine_id=result.engine.engine_id, usage=_usage_pb(result.usage)
@@ -160,6 +189,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
             request.body,
             "/v1/chat/completions",
             limits_from_pb(request),
+            ticket_from_pb(request, RequestClass.LLM_CHAT),
         ):
             yield pb.ChatStreamResponse(data=data, engine_id=engine.engine_id)
 
@@ -169,6 +199,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
             request.body,
             "/v1/completions",
             limits_from_pb(request),
+            ticket_from_pb(request, RequestClass.LLM_GENERATE),
         )
         return pb.CompleteResponse(
             body=result.body, engine_id=result.engine.engine_id, usage=_usage_pb(result.usage)
@@ -182,6 +213,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
             request.body,
             "/v1/completions",
             limits_from_pb(request),
+            ticket_from_pb(request, RequestClass.LLM_GENERATE),
         ):
             yield pb.CompleteStreamResponse(data=data, engine_id=engine.engine_id)
 
@@ -247,7 +279,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
             engines_total=len(engines),
             engines_ready=sum(1 for e in engines if e.state is EngineState.READY),
             in_flight=counters.in_flight,
-            queued=0,
+            queued=self.scheduler.admission.stats.queued,
             policy=self.policy_name,
             requests_total=counters.requests_total,
             requests_failed=counters.requests_failed,
@@ -260,13 +292,20 @@ def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageS
     embedding_channel = create_channel(
         settings.address("embedding_service"), default_timeout=settings.request_timeout_s
     )
+    admission = AdmissionController(
+        settings.scheduler_policy,
+        per_engine=settings.scheduler_max_inflight_per_engine,
+        max_queue=settings.scheduler_max_queue,
+    )
+    routing = settings.scheduler_routing
     scheduler = Scheduler(
         EngineRegistry(),
-        create_router("round_robin"),
+        create_router(routing),
         executor,
         GrpcEmbeddingBackend(embedding_channel, settings.request_timeout_s),
+        admission=admission,
     )
-    servicer = SchedulerServicer(scheduler, "fifo/round_robin")
+    servicer = SchedulerServicer(scheduler, f"{settings.scheduler_policy}/{routing}")
     server, port = create_server(
         addr or f"{settings.host}:{settings.scheduler_port}",
         [

@@ -107,6 +107,14 @@ class SageSettings(BaseSettings):
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
     disable_nvml: bool = False
+    # Scheduler: queueing policy (fifo, priority, fair, slo_aware, cost_optimized, adaptive,
+    # hybrid[:inner]), instance routing, and admission (requests in flight per engine before
+    # the rest wait in the policy's queue; 0 = no limit, engines queue themselves).
+    scheduler_policy: str = "fifo"
+    scheduler_routing: str = "round_robin"
+    scheduler_max_inflight_per_engine: int = 0
+    scheduler_max_queue: int = 10_000
+
     # Stop the engines lifecycle started when it shuts down cleanly. False lets engines
     # outlive a lifecycle restart (it re-adopts them from its registry file).
     lifecycle_stop_engines_on_exit: bool = True

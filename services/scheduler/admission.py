@@ -1,0 +1,144 @@
+"""Admission: at most `per_engine` requests in flight per ready engine of a model; the rest
+wait in that model's queueing policy, which decides who runs next when a slot frees.
+
+With `per_engine = 0` (the default) nothing waits here and the policy is bypassed — engines
+queue themselves (vLLM's own scheduler) and the fast path stays a counter increment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from sage.common.exceptions import InvalidRequestError, OverloadedError
+
+from .policies import QueuedRequest, SchedulingPolicy, Shed, create_policy
+from .policies.slo_aware import Predictor
+
+_PRIORITIES = {"high": 0, "normal": 1, "low": 2, "": 1, "0": 0, "1": 1, "2": 2}
+
+
+def parse_priority(value: str) -> int:
+    """high/normal/low or 0/1/2; anything else is a 400 naming the field."""
+    try:
+        return _PRIORITIES[value.strip().lower()]
+    except KeyError:
+        raise InvalidRequestError(
+            f"priority must be high, normal or low (or 0, 1, 2), got {value!r}",
+            param="priority",
+        ) from None
+
+
+@dataclass
+class _ModelLane:
+    policy: SchedulingPolicy
+    running: int = 0
+    capacity: int = 1
+
+
+@dataclass
+class AdmissionStats:
+    """Counters for GetStatus and metrics."""
+
+    queued: int = 0
+    admitted: int = 0
+    shed: int = 0
+    rejected: int = 0
+
+
+class AdmissionController:
+    """Per-model capacity gate in front of the engines, ordered by a named policy."""
+
+    def __init__(
+        self,
+        policy_name: str = "fifo",
+        *,
+        per_engine: int = 0,
+        max_queue: int = 10_000,
+        predict: Predictor | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        create_policy(policy_name, predict)  # fail fast on an unknown name
+        self.policy_name = policy_name
+        self.per_engine = per_engine
+        self.max_queue = max_queue
+        self.predict = predict
+        self.clock = clock
+        self._lanes: dict[str, _ModelLane] = {}
+        self.stats = AdmissionStats()
+
+    def _lane(self, model: str) -> _ModelLane:
+        lane = self._lanes.get(model)
+        if lane is None:
+            lane = self._lanes[model] = _ModelLane(create_policy(self.policy_name, self.predict))
+        return lane
+
+    @contextlib.asynccontextmanager
+    async def slot(self, item: QueuedRequest, engines: int) -> AsyncIterator[None]:
+        """Hold one of the model's slots while the body runs (waiting if all are busy)."""
+        if self.per_engine <= 0:
+            yield
+            return
+        lane = self._lane(item.model)
+        lane.capacity = max(1, engines) * self.per_engine
+        if lane.running < lane.capacity and not len(lane.policy):
+            lane.running += 1
+        else:
+            await self._wait(lane, item)
+        self.stats.admitted += 1
+        try:
+            yield
+        finally:
+            lane.running -= 1
+            self._hand_over(lane)
+
+    async def _wait(self, lane: _ModelLane, item: QueuedRequest) -> None:
+        if self.stats.queued >= self.max_queue:
+            self.stats.rejected += 1
+            raise OverloadedError(
+                f"the scheduler queue is full ({self.stats.queued} waiting)", retry_after=1.0
+            )
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        item.payload = future
+        if not item.arrival:
+            item.arrival = self.clock()
+        lane.policy.push(item)
+        self.stats.queued += 1
+        try:
+            await future  # resolved by _hand_over with the slot already counted
+        except asyncio.CancelledError:
+            if lane.policy.remove(item):
+                self.stats.queued -= 1
+            elif future.done() and not future.cancelled() and future.exception() is None:
+                # The slot was handed to us just as we were cancelled: give it back.
+                lane.running -= 1
+                self._hand_over(lane)
+            raise
+
+    def _hand_over(self, lane: _ModelLane) -> None:
+        while lane.running < lane.capacity and len(lane.policy):
+            try:
+                nxt = lane.policy.pop(self.clock())
+            except Shed as shed:
+                self.stats.queued -= 1
+                self.stats.shed += 1
+                future = shed.item.payload
+                if isinstance(future, asyncio.Future) and not future.done():
+                    future.set_exception(OverloadedError(shed.reason, code="slo_unattainable"))
+                continue
+            if nxt is None:
+                return
+            self.stats.queued -= 1
+            future = nxt.payload
+            if isinstance(future, asyncio.Future) and not future.done():
+                lane.running += 1
+                future.set_result(None)
+
+    def finished(self, item: QueuedRequest, tokens: float) -> None:
+        """Tell the model's policy what a request really cost (fair accounting)."""
+        lane = self._lanes.get(item.model)
+        if lane is not None:
+            lane.policy.on_finish(item, tokens)
