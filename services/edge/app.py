@@ -154,15 +154,23 @@ def with_scheduling_hints(
     options: spb.RequestOptions | None, headers: dict[str, str]
 ) -> spb.RequestOptions | None:
     """Priority class and SLO targets from `x-sage-priority`, `x-sage-slo-ttft-ms` and
-    `x-sage-slo-e2e-ms`; the scheduler validates the priority value."""
+    `x-sage-slo-e2e-ms`, the session-affinity key from `x-session-id`; the scheduler
+    validates the priority value."""
     priority = headers.get("x-sage-priority")
     ttft = headers.get("x-sage-slo-ttft-ms")
     e2e = headers.get("x-sage-slo-e2e-ms")
-    if priority is None and ttft is None and e2e is None:
+    session = headers.get("x-session-id")
+    if priority is None and ttft is None and e2e is None and session is None:
         return options
     options = options or spb.RequestOptions()
     if priority is not None:
         options.priority = priority
+    if session is not None:
+        if len(session) > 256:
+            raise InvalidRequestError(
+                "x-session-id must be at most 256 characters", param="x-session-id"
+            )
+        options.session_key = session
     for name, value, field in (
         ("x-sage-slo-ttft-ms", ttft, "slo_ttft_ms"),
         ("x-sage-slo-e2e-ms", e2e, "slo_e2e_ms"),
@@ -350,7 +358,13 @@ def create_app(settings: SageSettings, api_keys: ApiKeyTable | None = None) -> A
                 admin is not None and hmac.compare_digest(given, admin)
             ):
                 raise InvalidApiKeyError("an API key is required for /metrics")
-        return Response(metrics.render(), content_type=METRICS_CONTENT_TYPE)
+        text = metrics.render()
+        try:  # best effort: the edge's own metrics come back even if the scheduler is down
+            reply = await up().scheduler.GetMetrics(spb.GetMetricsRequest(), timeout=1.0)
+            text += reply.prometheus_text
+        except (grpc.RpcError, SageError):
+            pass
+        return Response(text, content_type=METRICS_CONTENT_TYPE)
 
     @app.route("GET", "/openapi.json")
     async def openapi(request: Request) -> Response:

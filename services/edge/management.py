@@ -330,6 +330,25 @@ def add_management_routes(
         with rpc_errors_as_sage():
             sched = await up.scheduler.GetStatus(spb.GetStatusRequest())
             routed = await up.scheduler.ListEngines(spb.ListEnginesRequest())
+        try:
+            model_stats = [
+                {
+                    "model": m.model,
+                    "p50_ms": m.p50_ms,
+                    "p95_ms": m.p95_ms,
+                    "p99_ms": m.p99_ms,
+                    "ttft_p50_ms": m.ttft_p50_ms,
+                    "tpot_p50_ms": m.tpot_p50_ms,
+                    "rps": m.rps,
+                    "slo_attainment": m.slo_attainment,
+                    "queued": m.queued,
+                }
+                for m in (
+                    await up.scheduler.GetMetrics(spb.GetMetricsRequest(), timeout=2.0)
+                ).models
+            ]
+        except grpc.RpcError:
+            model_stats = []
         ready = [e for e in routed.engines if state_name(e.state) == "ready"]
         try:
             engines = [
@@ -359,6 +378,7 @@ def add_management_routes(
                     "metrics": {
                         "requests_total": sched.requests_total,
                         "requests_failed": sched.requests_failed,
+                        "models": model_stats,
                     },
                 },
                 "gpu": gpu_status,

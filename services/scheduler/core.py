@@ -7,6 +7,7 @@ unit-tested without gRPC.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -16,11 +17,14 @@ import orjson
 from sage.common.exceptions import ServiceUnavailableError
 
 from .admission import AdmissionController
+from .breaker import CircuitBreakers
 from .executor import EngineUnreachableError, HttpExecutionCoordinator
+from .load import EngineLoadTracker
+from .metrics import SchedulerMetrics
 from .policies import QueuedRequest
 from .ratelimit import TenantLimits, TenantRateLimiter
 from .registry import EngineKind, EngineRecord, EngineRegistry
-from .routing import Router
+from .routing import Router, RouteRequest, prefix_of
 
 log = logging.getLogger("sage.scheduler")
 
@@ -87,6 +91,10 @@ def usage_of(body: bytes) -> TokenUsage:
     )
 
 
+def _engine_id(engine: EngineRecord) -> str:
+    return engine.engine_id
+
+
 def _for_engine(body: bytes, model: str, engine: EngineRecord) -> bytes:
     """The body to send: unchanged unless the client used an alias of the engine's model."""
     if model == engine.model:
@@ -107,14 +115,20 @@ class Scheduler:
         embedding_backend: EmbeddingBackend | None = None,
         rate_limiter: TenantRateLimiter | None = None,
         admission: AdmissionController | None = None,
+        load: EngineLoadTracker | None = None,
+        breakers: CircuitBreakers | None = None,
+        metrics: SchedulerMetrics | None = None,
     ) -> None:
         self.registry = registry
         self.router = router
+        self.load = load or EngineLoadTracker()  # the router's LoadView should be this one
         self.executor = executor
         self.embedding_backend = embedding_backend
         self.rate_limiter = rate_limiter or TenantRateLimiter()
         self.admission = admission or AdmissionController()
         self.counters = Counters()
+        self.breakers = breakers or CircuitBreakers()
+        self.metrics = metrics or SchedulerMetrics(breakers=self.breakers)
 
     def _admit(self, limits: TenantLimits | None, fallback_tokens: int) -> int:
         """Charge the tenant's buckets (RateLimitError when over); returns tokens charged."""
@@ -124,10 +138,21 @@ class Scheduler:
         self.rate_limiter.admit(limits, tokens)
         return tokens
 
-    def _candidates(self, model: str, kind: EngineKind) -> list[EngineRecord]:
+    def _candidates(
+        self,
+        model: str,
+        kind: EngineKind,
+        body: bytes = b"",
+        session_key: str = "",
+        cost: float = 0.0,
+    ) -> list[EngineRecord]:
         """Routed engine first, then the rest in order, for failover on connect errors."""
-        engines = self.registry.ready_for(model, kind)
-        first = self.router.pick(model, engines)
+        # Engines whose circuit breaker is open are left out (see breaker.py).
+        engines = self.breakers.routable(self.registry.ready_for(model, kind), _engine_id)
+        router = self.router
+        # Only prefix-aware routers pay for parsing the body.
+        prefix = prefix_of(body) if router.needs_prefix else ""
+        first = router.pick(RouteRequest(model, session_key, prefix, cost), engines)
         return [first, *(e for e in engines if e.engine_id != first.engine_id)]
 
     async def unary(
@@ -137,25 +162,39 @@ class Scheduler:
         path: str,
         limits: TenantLimits | None = None,
         ticket: QueuedRequest | None = None,
+        session_key: str = "",
     ) -> UnaryResult:
         """Run one non-streaming request; fails over while engines refuse connections."""
         charged = self._admit(limits, len(body) // 4)
         self.counters.requests_total += 1
         self.counters.in_flight += 1
         ticket = ticket or QueuedRequest(model=model)
+        begun = time.monotonic()
         try:
             engines = self.registry.ready_for(model, EngineKind.LLM)
             async with self.admission.slot(ticket, len(engines)):
-                candidates = self._candidates(model, EngineKind.LLM)
+                candidates = self._candidates(model, EngineKind.LLM, body, session_key, ticket.cost)
                 for i, engine in enumerate(candidates):
+                    if not self.breakers.begin(engine.engine_id, force=i == len(candidates) - 1):
+                        continue
                     try:
-                        reply = await self.executor.post_json(
-                            engine, path, _for_engine(body, model, engine)
-                        )
+                        with (
+                            self.load.track(engine.engine_id),
+                            self.breakers.guard(engine.engine_id),
+                        ):
+                            reply = await self.executor.post_json(
+                                engine, path, _for_engine(body, model, engine)
+                            )
                         usage = usage_of(reply)
                         if charged and limits is not None:
                             self.rate_limiter.settle(limits, charged, usage.total_tokens)
                         self.admission.finished(ticket, usage.total_tokens)
+                        self.metrics.observe(
+                            ticket,
+                            engine.engine_id,
+                            time.monotonic() - begun,
+                            completion_tokens=usage.completion_tokens,
+                        )
                         return UnaryResult(reply, engine, usage)
                     except EngineUnreachableError:
                         if i == len(candidates) - 1:
@@ -167,6 +206,7 @@ class Scheduler:
                 raise AssertionError("unreachable")  # candidates is never empty
         except BaseException:
             self.counters.requests_failed += 1
+            self.metrics.failed()
             raise
         finally:
             self.counters.in_flight -= 1
@@ -178,25 +218,45 @@ class Scheduler:
         path: str,
         limits: TenantLimits | None = None,
         ticket: QueuedRequest | None = None,
+        session_key: str = "",
     ) -> AsyncIterator[tuple[bytes, EngineRecord]]:
         """Yield engine SSE payloads one by one; fails over only before the first one."""
         charged = self._admit(limits, len(body) // 4)
         self.counters.requests_total += 1
         self.counters.in_flight += 1
         ticket = ticket or QueuedRequest(model=model)
+        begun = time.monotonic()
         try:
             engines = self.registry.ready_for(model, EngineKind.LLM)
             async with self.admission.slot(ticket, len(engines)):
-                candidates = self._candidates(model, EngineKind.LLM)
+                candidates = self._candidates(model, EngineKind.LLM, body, session_key, ticket.cost)
                 for i, engine in enumerate(candidates):
+                    if not self.breakers.begin(engine.engine_id, force=i == len(candidates) - 1):
+                        continue
                     started = False
+                    ttft, last = 0.0, b""
                     try:
-                        async for payload in self.executor.stream_sse(
-                            engine, path, _for_engine(body, model, engine)
+                        with (
+                            self.load.track(engine.engine_id),
+                            self.breakers.guard(engine.engine_id) as call,
                         ):
-                            started = True
-                            yield payload, engine
+                            async for payload in self.executor.stream_sse(
+                                engine, path, _for_engine(body, model, engine)
+                            ):
+                                if not started:
+                                    started = True
+                                    ttft = time.monotonic() - begun
+                                    call.succeeded()  # failing before the first byte counts
+                                last = payload
+                                yield payload, engine
                         self.admission.finished(ticket, charged or ticket.cost)
+                        self.metrics.observe(
+                            ticket,
+                            engine.engine_id,
+                            time.monotonic() - begun,
+                            ttft_s=ttft if started else None,
+                            completion_tokens=usage_of(last).completion_tokens if last else 0,
+                        )
                         return
                     except EngineUnreachableError:
                         if started or i == len(candidates) - 1:
@@ -207,6 +267,7 @@ class Scheduler:
                         )
         except BaseException:
             self.counters.requests_failed += 1
+            self.metrics.failed()
             raise
         finally:
             self.counters.in_flight -= 1

@@ -31,8 +31,11 @@ from sage.rpc.scheduler.v1 import scheduler_pb2 as pb
 from sage.rpc.scheduler.v1 import scheduler_pb2_grpc as pb_grpc
 
 from .admission import AdmissionController, parse_priority
+from .breaker import CircuitBreakers
 from .core import EmbedResult, Scheduler, TokenUsage
 from .executor import HttpExecutionCoordinator
+from .load import EngineLoadTracker
+from .metrics import SchedulerMetrics
 from .policies import QueuedRequest, RequestClass
 from .ratelimit import TenantLimits
 from .registry import EngineKind, EngineRecord, EngineRegistry, EngineState
@@ -176,6 +179,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
             "/v1/chat/completions",
             limits_from_pb(request),
             ticket_from_pb(request, RequestClass.LLM_CHAT),
+            session_key=request.options.session_key,
         )
         return pb.ChatResponse(
             body=result.body, engine_id=result.engine.engine_id, usage=_usage_pb(result.usage)
@@ -190,6 +194,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
             "/v1/chat/completions",
             limits_from_pb(request),
             ticket_from_pb(request, RequestClass.LLM_CHAT),
+            session_key=request.options.session_key,
         ):
             yield pb.ChatStreamResponse(data=data, engine_id=engine.engine_id)
 
@@ -200,6 +205,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
             "/v1/completions",
             limits_from_pb(request),
             ticket_from_pb(request, RequestClass.LLM_GENERATE),
+            session_key=request.options.session_key,
         )
         return pb.CompleteResponse(
             body=result.body, engine_id=result.engine.engine_id, usage=_usage_pb(result.usage)
@@ -214,6 +220,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
             "/v1/completions",
             limits_from_pb(request),
             ticket_from_pb(request, RequestClass.LLM_GENERATE),
+            session_key=request.options.session_key,
         ):
             yield pb.CompleteStreamResponse(data=data, engine_id=engine.engine_id)
 
@@ -247,6 +254,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
         self, request: pb.DeregisterEngineRequest, context: Any
     ) -> pb.DeregisterEngineResponse:
         record = self.scheduler.registry.deregister(request.engine_id)
+        self.scheduler.breakers.forget(request.engine_id)
         return pb.DeregisterEngineResponse(engine=record_to_pb(record))
 
     async def ListEngines(
@@ -285,6 +293,29 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
             requests_failed=counters.requests_failed,
         )
 
+    async def GetMetrics(
+        self, request: pb.GetMetricsRequest, context: Any
+    ) -> pb.GetMetricsResponse:
+        metrics = self.scheduler.metrics
+        queued = self.scheduler.admission.stats.queued  # the queue depth is not per model
+        return pb.GetMetricsResponse(
+            prometheus_text=metrics.render(),
+            models=[
+                pb.ModelStats(
+                    model=m.model,
+                    p50_ms=m.p50_s * 1000,
+                    p95_ms=m.p95_s * 1000,
+                    p99_ms=m.p99_s * 1000,
+                    ttft_p50_ms=m.ttft_p50_s * 1000,
+                    tpot_p50_ms=m.tpot_p50_s * 1000,
+                    rps=m.rps,
+                    slo_attainment=m.slo_attainment,
+                    queued=queued,
+                )
+                for m in metrics.summaries()
+            ],
+        )
+
 
 def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageServer, int]:
     """The scheduler server with its dependencies wired from settings."""
@@ -292,18 +323,31 @@ def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageS
     embedding_channel = create_channel(
         settings.address("embedding_service"), default_timeout=settings.request_timeout_s
     )
+    breakers = CircuitBreakers(
+        settings.scheduler_breaker_failures,
+        settings.scheduler_breaker_cooldown_s,
+        max_cooldown_s=settings.scheduler_breaker_max_cooldown_s,
+    )
+    metrics = SchedulerMetrics(breakers=breakers)
     admission = AdmissionController(
         settings.scheduler_policy,
         per_engine=settings.scheduler_max_inflight_per_engine,
         max_queue=settings.scheduler_max_queue,
+        predict=metrics.predict,
     )
+    metrics.queue_depth = lambda: admission.stats.queued
     routing = settings.scheduler_routing
+    load = EngineLoadTracker()
+    registry = EngineRegistry()
     scheduler = Scheduler(
-        EngineRegistry(),
-        create_router(routing),
+        registry,
+        create_router(routing, load),
         executor,
         GrpcEmbeddingBackend(embedding_channel, settings.request_timeout_s),
         admission=admission,
+        load=load,
+        breakers=breakers,
+        metrics=metrics,
     )
     servicer = SchedulerServicer(scheduler, f"{settings.scheduler_policy}/{routing}")
     server, port = create_server(
@@ -317,7 +361,21 @@ def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageS
         ],
     )
 
+    if routing != "round_robin":  # load-aware routers also read the engines' own queues
+
+        async def _scrape() -> None:
+            load.start(
+                lambda: [
+                    e
+                    for e in registry.engines()
+                    if e.kind is EngineKind.LLM and e.state is EngineState.READY
+                ]
+            )
+
+        server.on_start(_scrape)
+
     async def _close() -> None:
+        await load.aclose()
         await executor.aclose()
         await embedding_channel.close(None)
 

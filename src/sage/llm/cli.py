@@ -344,16 +344,17 @@ def cmd_serve(
         str | None,
         typer.Option(
             "--policy",
-            help="Scheduling policy (fifo, priority, fair, slo_aware, hybrid), passed to the "
-            "services as SAGE_SCHEDULER_POLICY. Not read by the scheduler yet.",
+            help="Scheduling policy: fifo, priority, fair, slo_aware, slo_aware_shed, "
+            "cost_optimized, adaptive, hybrid[:inner] (SAGE_SCHEDULER_POLICY; it orders "
+            "requests once SAGE_SCHEDULER_MAX_INFLIGHT_PER_ENGINE limits the engines).",
         ),
     ] = None,
     routing: Annotated[
         str | None,
         typer.Option(
             "--routing",
-            help="Instance routing strategy, passed to the services as SAGE_SCHEDULER_ROUTING. "
-            "Not read by the scheduler yet.",
+            help="Instance routing: round_robin, least_loaded, power_of_two (p2c), "
+            "session_affinity (x-session-id), prefix_aware (SAGE_SCHEDULER_ROUTING).",
         ),
     ] = None,
 ) -> int:

@@ -62,10 +62,10 @@ def test_top_level_help_documents_exit_codes(capsys: pytest.CaptureFixture[str])
     ).replace("│ ", "")
 
 
-def test_policy_help_says_it_is_not_read_yet() -> None:
+def test_policy_and_routing_help_name_their_settings_and_choices() -> None:
     result = CliRunner().invoke(app, ["llm", "serve", "--help"], env={"COLUMNS": "250"})
-    assert "SAGE_SCHEDULER_POLICY" in result.output
-    assert "Not read by the scheduler yet" in result.output
+    assert "SAGE_SCHEDULER_POLICY" in result.output and "SAGE_SCHEDULER_ROUTING" in result.output
+    assert "slo_aware" in result.output and "least_loaded" in result.output
 
 
 @pytest.mark.parametrize(

@@ -114,6 +114,12 @@ class SageSettings(BaseSettings):
     scheduler_routing: str = "round_robin"
     scheduler_max_inflight_per_engine: int = 0
     scheduler_max_queue: int = 10_000
+    # Per-engine circuit breaker: consecutive engine failures (refused, timeout, 5xx) that
+    # open it, and the first cool-down before a half-open probe (doubles per failed probe,
+    # at most scheduler_breaker_max_cooldown_s).
+    scheduler_breaker_failures: int = 5
+    scheduler_breaker_cooldown_s: float = 5.0
+    scheduler_breaker_max_cooldown_s: float = 60.0
 
     # Stop the engines lifecycle started when it shuts down cleanly. False lets engines
     # outlive a lifecycle restart (it re-adopts them from its registry file).

@@ -620,3 +620,93 @@ class GetStatusResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetStatusResponse: _TypeAlias = GetStatusResponse  # noqa: Y015
+
+@_typing.final
+class GetMetricsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMetricsRequest: _TypeAlias = GetMetricsRequest  # noqa: Y015
+
+@_typing.final
+class ModelStats(_message.Message):
+    """ModelStats summarises recent requests for one model (a bounded window of samples)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    P50_MS_FIELD_NUMBER: _builtins.int
+    P95_MS_FIELD_NUMBER: _builtins.int
+    P99_MS_FIELD_NUMBER: _builtins.int
+    TTFT_P50_MS_FIELD_NUMBER: _builtins.int
+    TPOT_P50_MS_FIELD_NUMBER: _builtins.int
+    RPS_FIELD_NUMBER: _builtins.int
+    SLO_ATTAINMENT_FIELD_NUMBER: _builtins.int
+    QUEUED_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    p50_ms: _builtins.float
+    """End-to-end latency percentiles over recent requests, in milliseconds."""
+    p95_ms: _builtins.float
+    p99_ms: _builtins.float
+    ttft_p50_ms: _builtins.float
+    """Median time to first streamed payload, in milliseconds (0 without streams)."""
+    tpot_p50_ms: _builtins.float
+    """Median time per output token after the first, in milliseconds (0 when unknown)."""
+    rps: _builtins.float
+    """Requests per second over the recent sliding window."""
+    slo_attainment: _builtins.float
+    """Fraction of requests with a deadline that finished by it (1 when none had one)."""
+    queued: _builtins.int
+    """Requests of this model waiting for an engine slot now."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        p50_ms: _builtins.float = ...,
+        p95_ms: _builtins.float = ...,
+        p99_ms: _builtins.float = ...,
+        ttft_p50_ms: _builtins.float = ...,
+        tpot_p50_ms: _builtins.float = ...,
+        rps: _builtins.float = ...,
+        slo_attainment: _builtins.float = ...,
+        queued: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "p50_ms", b"p50_ms", "p95_ms", b"p95_ms", "p99_ms", b"p99_ms", "queued", b"queued", "rps", b"rps", "slo_attainment", b"slo_attainment", "tpot_p50_ms", b"tpot_p50_ms", "ttft_p50_ms", b"ttft_p50_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelStats: _TypeAlias = ModelStats  # noqa: Y015
+
+@_typing.final
+class GetMetricsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROMETHEUS_TEXT_FIELD_NUMBER: _builtins.int
+    MODELS_FIELD_NUMBER: _builtins.int
+    prometheus_text: _builtins.bytes
+    """Prometheus text exposition (version 0.0.4) of the scheduler's metrics."""
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelStats]: ...
+    def __init__(
+        self,
+        *,
+        prometheus_text: _builtins.bytes = ...,
+        models: _abc.Iterable[Global___ModelStats] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models", "prometheus_text", b"prometheus_text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMetricsResponse: _TypeAlias = GetMetricsResponse  # noqa: Y015

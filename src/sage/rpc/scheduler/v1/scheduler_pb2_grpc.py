@@ -87,6 +87,11 @@ class SchedulerServiceStub:
                 request_serializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.GetStatusResponse.FromString,
                 _registered_method=True)
+        self.GetMetrics = channel.unary_unary(
+                '/sage.rpc.scheduler.v1.SchedulerService/GetMetrics',
+                request_serializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.GetMetricsRequest.SerializeToString,
+                response_deserializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.GetMetricsResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServiceServicer:
@@ -165,6 +170,13 @@ class SchedulerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetMetrics(self, request, context):
+        """GetMetrics returns the scheduler's Prometheus metrics and per-model latency stats.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -217,6 +229,11 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.GetStatusRequest.FromString,
                     response_serializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.GetStatusResponse.SerializeToString,
+            ),
+            'GetMetrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMetrics,
+                    request_deserializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.GetMetricsRequest.FromString,
+                    response_serializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.GetMetricsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -492,6 +509,33 @@ class SchedulerService:
             '/sage.rpc.scheduler.v1.SchedulerService/GetStatus',
             sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.GetStatusRequest.SerializeToString,
             sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.GetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMetrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sage.rpc.scheduler.v1.SchedulerService/GetMetrics',
+            sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.GetMetricsRequest.SerializeToString,
+            sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.GetMetricsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -56,6 +56,8 @@ class SchedulerServiceStub:
     """ListModels returns the models clients can name, from registered engines."""
     GetStatus: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.GetStatusRequest, _scheduler_pb2.GetStatusResponse]
     """GetStatus reports queue depth, in-flight requests and engine counts."""
+    GetMetrics: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.GetMetricsRequest, _scheduler_pb2.GetMetricsResponse]
+    """GetMetrics returns the scheduler's Prometheus metrics and per-model latency stats."""
 
 @_typing.type_check_only
 class SchedulerServiceAsyncStub(SchedulerServiceStub):
@@ -85,6 +87,8 @@ class SchedulerServiceAsyncStub(SchedulerServiceStub):
     """ListModels returns the models clients can name, from registered engines."""
     GetStatus: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.GetStatusRequest, _scheduler_pb2.GetStatusResponse]  # type: ignore[assignment]
     """GetStatus reports queue depth, in-flight requests and engine counts."""
+    GetMetrics: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.GetMetricsRequest, _scheduler_pb2.GetMetricsResponse]  # type: ignore[assignment]
+    """GetMetrics returns the scheduler's Prometheus metrics and per-model latency stats."""
 
 class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
     """SchedulerService classifies, queues, routes and executes inference requests, and owns
@@ -171,5 +175,13 @@ class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_scheduler_pb2.GetStatusResponse, _abc.Awaitable[_scheduler_pb2.GetStatusResponse]]:
         """GetStatus reports queue depth, in-flight requests and engine counts."""
+
+    @_abc_1.abstractmethod
+    def GetMetrics(
+        self,
+        request: _scheduler_pb2.GetMetricsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.GetMetricsResponse, _abc.Awaitable[_scheduler_pb2.GetMetricsResponse]]:
+        """GetMetrics returns the scheduler's Prometheus metrics and per-model latency stats."""
 
 def add_SchedulerServiceServicer_to_server(servicer: SchedulerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,141 @@
+"""EngineLoadTracker: how busy each engine is, for load-aware routing.
+
+Two sources: requests this scheduler has in flight to each engine (exact, updated around
+every engine call) and, optionally, the engine's own vLLM gauges scraped from `/metrics`
+(`vllm:num_requests_running` + `vllm:num_requests_waiting`), which also see traffic from
+elsewhere. The scrape is stale by up to one interval, so only the part of it this
+scheduler did not cause is added to the live in-flight count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import aiohttp
+
+from .registry import EngineRecord
+
+log = logging.getLogger("sage.scheduler.load")
+
+_GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineReport:
+    """One scrape: the engine's running + waiting requests, and our in-flight count then."""
+
+    queued: float
+    own_in_flight: int
+
+
+def parse_queue_depth(text: str) -> float:
+    """Sum of running and waiting requests in a Prometheus text exposition (all models)."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(_GAUGES):
+            continue
+        end = line.find("{")
+        name = line[:end] if end != -1 else line.split(" ", 1)[0]
+        if name in _GAUGES:  # not a longer name sharing the prefix
+            with contextlib.suppress(ValueError, IndexError):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+class EngineLoadTracker:
+    """Per-engine load = in flight from here + what the engine reported beyond that."""
+
+    def __init__(self, *, scrape_interval_s: float = 2.0, scrape_timeout_s: float = 1.0) -> None:
+        self.scrape_interval_s = scrape_interval_s
+        self.scrape_timeout_s = scrape_timeout_s
+        self._in_flight: dict[str, int] = {}
+        self._reports: dict[str, EngineReport] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    def in_flight(self, engine_id: str) -> int:
+        """Requests this scheduler has in flight to `engine_id`."""
+        return self._in_flight.get(engine_id, 0)
+
+    def load(self, engine_id: str) -> float:
+        """In flight from here plus the engine-reported queue not caused by us; 0 if unknown."""
+        own = self._in_flight.get(engine_id, 0)
+        report = self._reports.get(engine_id)
+        if report is None:
+            return float(own)
+        return own + max(0.0, report.queued - report.own_in_flight)
+
+    @contextlib.contextmanager
+    def track(self, engine_id: str) -> Iterator[None]:
+        """Count one request in flight to `engine_id` for the duration of the block."""
+        counts = self._in_flight
+        counts[engine_id] = counts.get(engine_id, 0) + 1
+        try:
+            yield
+        finally:
+            left = counts[engine_id] - 1
+            if left:
+                counts[engine_id] = left
+            else:
+                del counts[engine_id]  # no entry outlives its last request
+
+    def report(self, engine_id: str, queued: float) -> None:
+        """Record an engine's running + waiting requests as of now."""
+        self._reports[engine_id] = EngineReport(queued, self._in_flight.get(engine_id, 0))
+
+    def retain(self, engine_ids: Iterable[str]) -> None:
+        """Forget reports of engines not in `engine_ids` (they were deregistered)."""
+        live = set(engine_ids)
+        for engine_id in [k for k in self._reports if k not in live]:
+            del self._reports[engine_id]
+
+    async def scrape_once(self, engines: Iterable[EngineRecord]) -> None:
+        """Poll every engine's /metrics concurrently; an engine that fails keeps no report."""
+        records = list(engines)
+        self.retain(e.engine_id for e in records)
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.scrape_timeout_s)
+            )
+        session = self._session
+
+        async def one(engine: EngineRecord) -> None:
+            try:
+                async with session.get(engine.base_url + "/metrics") as resp:
+                    if resp.status != 200:
+                        raise aiohttp.ClientResponseError(resp.request_info, (), status=resp.status)
+                    text = await resp.text()
+            except (aiohttp.ClientError, TimeoutError, UnicodeDecodeError):
+                self._reports.pop(engine.engine_id, None)
+                return
+            self.report(engine.engine_id, parse_queue_depth(text))
+
+        await asyncio.gather(*(one(e) for e in records))
+
+    async def _scrape_forever(self, engines: Callable[[], Iterable[EngineRecord]]) -> None:
+        while True:
+            try:
+                await self.scrape_once(engines())
+            except Exception:  # keep scraping; one bad round must not stop load readings
+                log.exception("engine load scrape failed")
+            await asyncio.sleep(self.scrape_interval_s)
+
+    def start(self, engines: Callable[[], Iterable[EngineRecord]]) -> None:
+        """Start polling `engines()`' /metrics every scrape_interval_s (in the running loop)."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._scrape_forever(engines))
+
+    async def aclose(self) -> None:
+        """Stop the scraper and close its connections."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

@@ -1,0 +1,117 @@
+"""The routing interface: what a router sees of a request, and how it reads engine load.
+
+A router only picks one engine among the ready ones; failover order, admission and
+execution live in the scheduler core.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import orjson
+
+from ..registry import EngineRecord
+
+# Enough prompt text to tell system prompts and shared few-shot headers apart, small enough
+# that hashing it costs microseconds.
+PREFIX_CHARS = 2048
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRequest:
+    """What a router may look at: model, session key, prompt prefix and estimated cost."""
+
+    model: str
+    session_key: str = ""
+    prefix: str = ""  # empty unless the router declares needs_prefix
+    cost_tokens: float = 0.0
+
+
+class LoadView(Protocol):
+    """Current load of an engine (in-flight plus engine-reported queue); higher is busier."""
+
+    def load(self, engine_id: str) -> float:
+        """Load of `engine_id`; 0 for an engine never seen."""
+        ...
+
+
+class Router(Protocol):
+    """Chooses the engine for one request."""
+
+    name: str
+    needs_prefix: bool  # when True the scheduler parses the body to fill RouteRequest.prefix
+
+    def pick(self, request: RouteRequest, engines: Sequence[EngineRecord]) -> EngineRecord:
+        """Return one of `engines` (never empty)."""
+        ...
+
+
+class NoLoad:
+    """A LoadView that reports every engine idle (routers built without a tracker)."""
+
+    def load(self, engine_id: str) -> float:
+        """Always 0."""
+        return 0.0
+
+
+def least_loaded(
+    engines: Sequence[EngineRecord], load: LoadView, start: int = 0
+) -> tuple[EngineRecord, float]:
+    """The least-loaded engine and its load; ties go to the first one from `start` on, so
+    callers rotating `start` spread sequential requests over idle engines."""
+    n = len(engines)
+    best = engines[start % n]
+    best_load = load.load(best.engine_id)
+    for i in range(1, n):
+        engine = engines[(start + i) % n]
+        value = load.load(engine.engine_id)
+        if value < best_load:
+            best, best_load = engine, value
+    return best, best_load
+
+
+def _text_of(content: Any) -> str:
+    """Text of an OpenAI message content: a string, or the text parts of a list."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            part["text"]
+            for part in content
+            if isinstance(part, dict) and isinstance(part.get("text"), str)
+        )
+    return ""
+
+
+def prefix_of(body: bytes, limit: int = PREFIX_CHARS) -> str:
+    """The first `limit` characters of the prompt in an OpenAI chat or completion body:
+    message texts joined (role-tagged), or the completion prompt; empty when unparsable."""
+    try:
+        doc: Any = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return ""
+    if not isinstance(doc, dict):
+        return ""
+    messages = doc.get("messages")
+    if isinstance(messages, list):
+        parts: list[str] = []
+        size = 0
+        for message in messages:
+            if not isinstance(message, dict):
+                continue
+            text = f"{message.get('role', '')}:{_text_of(message.get('content'))}\n"
+            parts.append(text)
+            size += len(text)
+            if size >= limit:
+                break
+        return "".join(parts)[:limit]
+    prompt = doc.get("prompt")
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch: route by its first prompt
+    if isinstance(prompt, str):
+        return prompt[:limit]
+    if isinstance(prompt, list):  # token ids
+        return ",".join(str(t) for t in prompt[: limit // 4])[:limit]
+    return ""
