@@ -137,6 +137,11 @@ class AdmissionController:
                 lane.running += 1
                 future.set_result(None)
 
+    def queued_for(self, model: str) -> int:
+        """Requests of `model` waiting for a slot now."""
+        lane = self._lanes.get(model)
+        return len(lane.policy) if lane is not None else 0
+
     def finished(self, item: QueuedRequest, tokens: float) -> None:
         """Tell the model's policy what a request really cost (fair accounting)."""
         lane = self._lanes.get(item.model)

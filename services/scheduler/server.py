@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 
 from sage.common.config.settings import SageSettings
-from sage.common.exceptions import InvalidRequestError
+from sage.common.exceptions import InvalidRequestError, NotFoundError
 from sage.common.grpc import (
     Registration,
     SageServer,
@@ -27,10 +27,12 @@ from sage.common.grpc.engine_enums import (
 )
 from sage.rpc.common.v1 import common_pb2
 from sage.rpc.embedding.v1 import embedding_pb2, embedding_pb2_grpc
+from sage.rpc.lifecycle.v1 import lifecycle_pb2, lifecycle_pb2_grpc
 from sage.rpc.scheduler.v1 import scheduler_pb2 as pb
 from sage.rpc.scheduler.v1 import scheduler_pb2_grpc as pb_grpc
 
 from .admission import AdmissionController, parse_priority
+from .autoscaler import Autoscaler, AutoscalerConfig, parse_autoscale
 from .breaker import CircuitBreakers
 from .core import EmbedResult, Scheduler, TokenUsage
 from .executor import HttpExecutionCoordinator
@@ -317,6 +319,51 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
         )
 
 
+class LifecycleScalerActions:
+    """ScalerActions over lifecycle gRPC: StartEngine like an existing replica, drained stop."""
+
+    def __init__(self, channel: grpc.aio.Channel, rpc_timeout_s: float, start_timeout_s: float):
+        self._stub = lifecycle_pb2_grpc.LifecycleServiceStub(channel)
+        self._rpc_timeout_s = rpc_timeout_s
+        self._start_timeout_s = start_timeout_s
+
+    async def start_replica(self, model: str) -> None:
+        """Start an engine with the model/kind/backend/role of a ready one of `model`."""
+        with rpc_errors_as_sage():
+            listed = await self._stub.ListEngines(
+                lifecycle_pb2.ListEnginesRequest(), timeout=self._rpc_timeout_s
+            )
+        template = next(
+            (
+                e
+                for e in listed.engines
+                if e.model == model and e.state == common_pb2.ENGINE_STATE_READY
+            ),
+            None,
+        )
+        if template is None:
+            raise NotFoundError(
+                f"lifecycle runs no ready engine of {model!r} to copy", param="model"
+            )
+        request = lifecycle_pb2.StartEngineRequest(
+            model=template.model,
+            kind=template.kind,
+            backend=template.backend,
+            role=template.role,
+            aliases=list(template.aliases),
+        )
+        with rpc_errors_as_sage():
+            await self._stub.StartEngine(request, timeout=self._start_timeout_s)
+
+    async def stop_replica(self, engine_id: str) -> None:
+        """Drain then stop `engine_id` (lifecycle deregisters it from us first)."""
+        with rpc_errors_as_sage():
+            await self._stub.StopEngine(
+                lifecycle_pb2.StopEngineRequest(engine_id=engine_id, drain=True),
+                timeout=self._start_timeout_s,
+            )
+
+
 def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageServer, int]:
     """The scheduler server with its dependencies wired from settings."""
     executor = HttpExecutionCoordinator(request_timeout_s=settings.request_timeout_s)
@@ -374,7 +421,51 @@ def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageS
 
         server.on_start(_scrape)
 
+    autoscaler: Autoscaler | None = None
+    lifecycle_channel: grpc.aio.Channel | None = None
+    if settings.autoscale.strip():
+        lifecycle_channel = create_channel(
+            settings.address("lifecycle"), default_timeout=settings.rpc_timeout_s
+        )
+
+        def _replicas(model: str) -> list[str]:
+            return [
+                e.engine_id
+                for e in registry.engines(model)
+                if e.model == model and e.state is EngineState.READY
+            ]
+
+        autoscaler = Autoscaler(
+            AutoscalerConfig(
+                ranges=parse_autoscale(settings.autoscale),
+                dry_run=settings.autoscale_dry_run,
+                interval_s=settings.autoscale_interval_s,
+                queue_threshold=settings.autoscale_queue_threshold,
+                up_after_s=settings.autoscale_up_after_s,
+                idle_s=settings.autoscale_idle_s,
+                cooldown_s=settings.autoscale_cooldown_s,
+                slo_target=settings.autoscale_slo_target,
+            ),
+            LifecycleScalerActions(
+                lifecycle_channel, settings.rpc_timeout_s, settings.request_timeout_s
+            ),
+            replicas=_replicas,
+            queued=admission.queued_for,
+            in_flight=load.in_flight,
+            slo_attainment=metrics.slo_attainment,
+        )
+
+        async def _autoscale() -> None:
+            assert autoscaler is not None
+            autoscaler.start()
+
+        server.on_start(_autoscale)
+
     async def _close() -> None:
+        if autoscaler is not None:
+            await autoscaler.aclose()
+        if lifecycle_channel is not None:
+            await lifecycle_channel.close(None)
         await load.aclose()
         await executor.aclose()
         await embedding_channel.close(None)

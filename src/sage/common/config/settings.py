@@ -120,6 +120,18 @@ class SageSettings(BaseSettings):
     scheduler_breaker_failures: int = 5
     scheduler_breaker_cooldown_s: float = 5.0
     scheduler_breaker_max_cooldown_s: float = 60.0
+    # Autoscaler: "model:min:max[,model:min:max]"; empty = off. A model scales up when its
+    # queue stays above autoscale_queue_threshold for autoscale_up_after_s or its SLO
+    # attainment drops below autoscale_slo_target, and drains a replica idle for
+    # autoscale_idle_s; autoscale_cooldown_s separates actions. Dry-run only logs decisions.
+    autoscale: str = ""
+    autoscale_dry_run: bool = False
+    autoscale_interval_s: float = 2.0
+    autoscale_queue_threshold: int = 4
+    autoscale_up_after_s: float = 5.0
+    autoscale_idle_s: float = 60.0
+    autoscale_cooldown_s: float = 30.0
+    autoscale_slo_target: float = 0.9
 
     # Stop the engines lifecycle started when it shuts down cleanly. False lets engines
     # outlive a lifecycle restart (it re-adopts them from its registry file).
