@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 import uvicorn
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from sage.common.exceptions import ConfigurationError, InvalidRequestError, ModelNotFoundError
@@ -43,159 +43,37 @@ from sage.engines.sim.model import (
     embedding_vector,
     generate,
 )
+from sage.engines.vllm_metrics import VllmRequestMetrics
 
 __all__ = ["create_app", "main"]
 
 log = logging.getLogger(__name__)
 
-# vLLM's own bucket boundaries, so dashboards and SLO maths read the same.
-_TTFT_BUCKETS = (
-    0.001,
-    0.005,
-    0.01,
-    0.02,
-    0.04,
-    0.06,
-    0.08,
-    0.1,
-    0.25,
-    0.5,
-    0.75,
-    1.0,
-    2.5,
-    5.0,
-    7.5,
-    10.0,
-    20.0,
-    40.0,
-    80.0,
-    160.0,
-    640.0,
-    2560.0,
-)
-_TPOT_BUCKETS = (
-    0.01,
-    0.025,
-    0.05,
-    0.075,
-    0.1,
-    0.15,
-    0.2,
-    0.3,
-    0.4,
-    0.5,
-    0.75,
-    1.0,
-    2.5,
-    5.0,
-    7.5,
-    10.0,
-    20.0,
-    40.0,
-    80.0,
-)
-_E2E_BUCKETS = (
-    0.3,
-    0.5,
-    0.8,
-    1.0,
-    1.5,
-    2.0,
-    2.5,
-    5.0,
-    10.0,
-    15.0,
-    20.0,
-    30.0,
-    40.0,
-    50.0,
-    60.0,
-    120.0,
-    240.0,
-    480.0,
-    960.0,
-    1920.0,
-    7680.0,
-)
 
 _DONE = b"data: [DONE]\n\n"
 _CLIENT_GONE = 499  # nginx's "client closed request"; nobody reads it, the socket is gone
 
 
-class _Metrics:
+class _Metrics(VllmRequestMetrics):
     """vLLM's metric names on a registry private to one app, so apps can share a process."""
 
     def __init__(self, config: SimConfig, queue: AdmissionQueue) -> None:
-        self.registry = CollectorRegistry()
-        reg = self.registry
-        label = ("model_name",)
-        name = config.model
-
-        def gauge(metric: str, doc: str, read: Any) -> None:
-            Gauge(metric, doc, label, registry=reg).labels(model_name=name).set_function(read)
-
-        gauge("vllm:num_requests_running", "Requests in the running batch.", lambda: queue.running)
-        gauge(
-            "vllm:num_requests_waiting", "Requests waiting for a batch slot.", lambda: queue.waiting
+        super().__init__(
+            config.model,
+            lambda: queue.running,
+            lambda: queue.waiting,
+            running_help="Requests in the running batch.",
+            waiting_help="Requests waiting for a batch slot.",
+            queue_help="Time spent waiting for a batch slot.",
+            finish_reasons=("stop", "length"),
         )
         # No real KV cache: occupancy of the max_num_seqs slots stands in for it.
-        gauge(
-            "vllm:gpu_cache_usage_perc",
-            "KV-cache usage (simulated: slot occupancy, 0-1).",
-            lambda: queue.running / queue.capacity,
-        )
-        gauge(
-            "vllm:kv_cache_usage_perc",
-            "KV-cache usage (simulated: slot occupancy, 0-1).",
-            lambda: queue.running / queue.capacity,
-        )
-        self.ttft = Histogram(
-            "vllm:time_to_first_token_seconds",
-            "Arrival to first token, queueing included.",
-            label,
-            buckets=_TTFT_BUCKETS,
-            registry=reg,
-        ).labels(model_name=name)
-        self.tpot = Histogram(
-            "vllm:time_per_output_token_seconds",
-            "Mean time per output token after the first (one observation per request).",
-            label,
-            buckets=_TPOT_BUCKETS,
-            registry=reg,
-        ).labels(model_name=name)
-        self.e2e = Histogram(
-            "vllm:e2e_request_latency_seconds",
-            "Arrival to last token.",
-            label,
-            buckets=_E2E_BUCKETS,
-            registry=reg,
-        ).labels(model_name=name)
-        self.queue_time = Histogram(
-            "vllm:request_queue_time_seconds",
-            "Time spent waiting for a batch slot.",
-            label,
-            buckets=_E2E_BUCKETS,
-            registry=reg,
-        ).labels(model_name=name)
-        self.prompt_tokens = Counter(
-            "vllm:prompt_tokens", "Prefilled prompt tokens.", label, registry=reg
-        ).labels(model_name=name)
-        self.generation_tokens = Counter(
-            "vllm:generation_tokens", "Generated tokens.", label, registry=reg
-        ).labels(model_name=name)
-        success = Counter(
-            "vllm:request_success",
-            "Requests that finished.",
-            ("model_name", "finished_reason"),
-            registry=reg,
-        )
-        self._success = {
-            reason: success.labels(model_name=name, finished_reason=reason)
-            for reason in ("stop", "length")
-        }
-
-    def finished(self, reason: str) -> None:
-        self._success[reason].inc()
+        for metric in ("vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc"):
+            self.gauge(
+                metric,
+                "KV-cache usage (simulated: slot occupancy, 0-1).",
+                lambda: queue.running / queue.capacity,
+            )
 
 
 class _DisconnectWatch:

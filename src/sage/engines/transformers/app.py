@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from sage.common.exceptions import (
@@ -34,6 +34,7 @@ from sage.common.exceptions import (
 from sage.common.http.asgi import App, JSONResponse, Request, Response, StreamingResponse, sse_event
 from sage.common.http.server import serve_app
 from sage.common.utils.logging import configure_logging
+from sage.engines.vllm_metrics import VllmRequestMetrics
 
 from .model import CausalLM, EngineConfig, Outcome, SamplingParams
 from .protocol import Sampling, parse_chat, parse_completion
@@ -45,15 +46,6 @@ log = logging.getLogger(__name__)
 OWNED_BY = "sage-transformers"
 _DONE = b"data: [DONE]\n\n"
 _CLIENT_GONE = 499  # nobody reads it: the client has gone
-# vLLM's bucket boundaries, so dashboards and SLO maths read the same.
-# fmt: off
-_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
-                 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
-_TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
-                 7.5, 10.0, 20.0, 40.0, 80.0)
-_E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
-                60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
-# fmt: on
 
 
 def _stream_error(exc: Exception) -> bytes:
@@ -66,69 +58,19 @@ def _stream_error(exc: Exception) -> bytes:
     return sse_event(orjson.dumps(error.to_openai()))
 
 
-class _Metrics:
+class _Metrics(VllmRequestMetrics):
     """vLLM's metric names where they overlap, on a registry private to one app."""
 
     def __init__(self, name: str, running: Callable[[], int], waiting: Callable[[], int]):
-        self.registry = CollectorRegistry()
-        reg = self.registry
-        label = ("model_name",)
-        Gauge(
-            "vllm:num_requests_running",
-            "Requests generating now (at most 1).",
-            label,
-            registry=reg,
-        ).labels(model_name=name).set_function(running)
-        Gauge(
-            "vllm:num_requests_waiting", "Requests queued for the model.", label, registry=reg
-        ).labels(model_name=name).set_function(waiting)
-        self.prompt_tokens = Counter(
-            "vllm:prompt_tokens", "Prefilled prompt tokens.", label, registry=reg
-        ).labels(model_name=name)
-        self.generation_tokens = Counter(
-            "vllm:generation_tokens", "Generated tokens.", label, registry=reg
-        ).labels(model_name=name)
-        self.ttft = Histogram(
-            "vllm:time_to_first_token_seconds",
-            "Arrival to first token, queueing included.",
-            label,
-            buckets=_TTFT_BUCKETS,
-            registry=reg,
-        ).labels(model_name=name)
-        self.tpot = Histogram(
-            "vllm:time_per_output_token_seconds",
-            "Mean time per token after the first.",
-            label,
-            buckets=_TPOT_BUCKETS,
-            registry=reg,
-        ).labels(model_name=name)
-        self.e2e = Histogram(
-            "vllm:e2e_request_latency_seconds",
-            "Arrival to last token.",
-            label,
-            buckets=_E2E_BUCKETS,
-            registry=reg,
-        ).labels(model_name=name)
-        self.queue_time = Histogram(
-            "vllm:request_queue_time_seconds",
-            "Time waiting for the model.",
-            label,
-            buckets=_E2E_BUCKETS,
-            registry=reg,
-        ).labels(model_name=name)
-        success = Counter(
-            "vllm:request_success",
-            "Requests that finished.",
-            ("model_name", "finished_reason"),
-            registry=reg,
+        super().__init__(
+            name,
+            running,
+            waiting,
+            running_help="Requests generating now (at most 1).",
+            waiting_help="Requests queued for the model.",
+            queue_help="Time waiting for the model.",
+            finish_reasons=("stop", "length", "abort"),
         )
-        self._success = {
-            reason: success.labels(model_name=name, finished_reason=reason)
-            for reason in ("stop", "length", "abort")
-        }
-
-    def finished(self, reason: str) -> None:
-        self._success[reason].inc()
 
 
 @dataclass(eq=False)  # compared and hashed by identity: jobs live in a set
