@@ -141,6 +141,27 @@ class SageSettings(BaseSettings):
     lifecycle_restart_backoff_s: float = 1.0
     lifecycle_max_crashes: int = 3
 
+    # Several hosts: a node agent (gpu_manager + lifecycle on a GPU host) has an id (default:
+    # the hostname) and an address other hosts reach its engines and services at (default:
+    # host). The central scheduler/edge know agents from `nodes` ("id=lifecycle_host:port,...")
+    # and from agents that register themselves, heart-beating every node_heartbeat_s; a node
+    # silent for node_timeout_s has its engines drained from routing.
+    node_id: str = ""
+    advertise_host: str = ""
+    nodes: str = ""
+    node_heartbeat_s: float = 2.0
+    node_timeout_s: float = 6.0
+
+    # TLS for gRPC between services and for the edge (PEM files). With cert+key a service
+    # serves TLS; with a CA file clients verify servers against it; tls_client_auth makes
+    # servers demand client certificates signed by that CA (mTLS). tls_server_name overrides
+    # the name checked in server certificates (when dialling by IP).
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_ca_file: str = ""
+    tls_client_auth: bool = False
+    tls_server_name: str = ""
+
     # Deadline for control-plane RPCs (register, list, status) in seconds.
     rpc_timeout_s: float = 10.0
     # Deadline for one inference request end to end, in seconds.
