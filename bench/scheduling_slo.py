@@ -2,11 +2,17 @@
 
 Four simulator engines of different speeds (few batch slots each, so queues form) serve one
 seeded trace: bursts of chat requests from two tenants (one heavy) in two priority classes,
-each with an end-to-end SLO. Every configuration replays the same trace against the same
-engines in this one run. A request meets its SLO when it completes within its deadline;
-goodput is SLO-meeting requests per second.
+each with an end-to-end SLO, mixed with embedding requests (served by a sim embedding engine:
+through our embedding service for us; straight to the engine for vllm-router, which has one
+worker pool). Every configuration replays the same trace against the same engines in this
+one run. A request meets its SLO when it completes within its deadline; goodput is
+SLO-meeting requests per second.
 
-Usage: python bench/scheduling_slo.py [--requests 300] [--vllm-router /path/to/vllm-router]
+Scenarios: `bursty` alternates 5 s at 8 req/s and 5 s at 40 req/s (bursts just above
+capacity); `overload` alternates 5 s at 12 req/s and 5 s at 80 req/s (bursts ~2.5x capacity).
+
+Usage: python bench/scheduling_slo.py [--scenario bursty|overload] [--requests 300]
+       [--seed 7] [--vllm-router /path/to/vllm-router]
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from subprocess import Popen
 
 import aiohttp
 import grpc
@@ -34,6 +41,10 @@ ENGINE_TPOT_MS = (8, 12, 20, 32)  # four engines of different speeds
 SLOTS = 4  # batch slots per engine (sim --max-num-seqs)
 
 
+SCENARIOS = {"bursty": (8.0, 40.0), "overload": (12.0, 80.0)}  # calm, burst req/s
+EMBED_SHARE = 0.15  # of arrivals are embedding requests (4 inputs, SLO 500 ms)
+
+
 @dataclass(frozen=True)
 class TraceItem:
     at: float  # seconds from start
@@ -41,21 +52,27 @@ class TraceItem:
     priority: str
     max_tokens: int
     slo_ms: int
+    kind: str = "chat"
 
 
-def make_trace(n: int, seed: int = 7) -> list[TraceItem]:
-    """Bursty arrivals: 5 s calm (8 req/s) then 5 s burst (40 req/s), repeating."""
+def make_trace(n: int, seed: int = 7, scenario: str = "bursty") -> list[TraceItem]:
+    """Bursty arrivals: 5 s calm then 5 s burst, repeating; a share are embeddings."""
+    calm, burst = SCENARIOS[scenario]
     rng = random.Random(seed)
     items: list[TraceItem] = []
     t = 0.0
     while len(items) < n:
-        rate = 40.0 if int(t // 5) % 2 else 8.0
+        rate = burst if int(t // 5) % 2 else calm
         t += rng.expovariate(rate)
+        tenant = "heavy" if rng.random() < 0.75 else "light"
+        if rng.random() < EMBED_SHARE:
+            items.append(TraceItem(t, tenant, "high", 0, 500, kind="embedding"))
+            continue
         high = rng.random() < 0.25
         items.append(
             TraceItem(
                 at=t,
-                tenant="heavy" if rng.random() < 0.75 else "light",
+                tenant=tenant,
                 priority="high" if high else "low",
                 max_tokens=rng.randint(8, 48),
                 slo_ms=1500 if high else 6000,
@@ -72,8 +89,10 @@ class Outcome:
     item: TraceItem
 
 
-async def replay(url: str, trace: list[TraceItem], keys: dict[str, str]) -> list[Outcome]:
-    """Send every request at its trace time (streamed, to measure TTFT); bounded by the trace."""
+async def replay(
+    url: str, embed_url: str, trace: list[TraceItem], keys: dict[str, str]
+) -> list[Outcome]:
+    """Send every request at its trace time (chat streamed, to measure TTFT)."""
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         start = time.perf_counter()
@@ -84,6 +103,17 @@ async def replay(url: str, trace: list[TraceItem], keys: dict[str, str]) -> list
             headers = {"x-sage-priority": item.priority, "x-sage-slo-e2e-ms": str(item.slo_ms)}
             if keys:
                 headers["authorization"] = f"Bearer {keys[item.tenant]}"
+            if item.kind == "embedding":
+                texts = [f"{item.tenant} passage {i}" for i in range(4)]
+                payload = {"model": "sim-embed", "input": texts}
+                try:
+                    async with session.post(embed_url, json=payload, headers=headers) as resp:
+                        await resp.read()
+                        ok = resp.status == 200
+                except (aiohttp.ClientError, TimeoutError):
+                    ok = False
+                e2e = (time.perf_counter() - sent) * 1e3
+                return Outcome(ok, e2e, e2e if ok else 0.0, item)
             body = {
                 "model": "sim",
                 "stream": True,
@@ -115,22 +145,31 @@ def pct(values: list[float], q: float) -> float:
 
 def summarise(name: str, outcomes: list[Outcome], duration_s: float) -> str:
     met = [o for o in outcomes if o.ok and o.e2e_ms <= o.item.slo_ms]
+    embeds = [o for o in outcomes if o.item.kind == "embedding"]
+    embeds_met = [o for o in embeds if o.ok and o.e2e_ms <= o.item.slo_ms]
+    outcomes = [o for o in outcomes if o.item.kind == "chat"]
     high = [o for o in outcomes if o.item.priority == "high"]
     high_met = [o for o in high if o.ok and o.e2e_ms <= o.item.slo_ms]
     light = [o for o in outcomes if o.item.tenant == "light"]
     light_met = [o for o in light if o.ok and o.e2e_ms <= o.item.slo_ms]
     ttfts = [o.ttft_ms for o in outcomes if o.ok]
+    total = len(outcomes) + len(embeds)
     return (
-        f"| {name} | {100 * len(met) / len(outcomes):.1f}% | "
+        f"| {name} | {100 * len(met) / total:.1f}% | "
         f"{100 * len(high_met) / max(1, len(high)):.1f}% | "
         f"{100 * len(light_met) / max(1, len(light)):.1f}% | {pct(ttfts, 0.5):.0f} | "
-        f"{pct(ttfts, 0.99):.0f} | {len(met) / duration_s:.1f} | "
-        f"{sum(not o.ok for o in outcomes)} |"
+        f"{pct(ttfts, 0.99):.0f} | {100 * len(embeds_met) / max(1, len(embeds)):.1f}% | "
+        f"{len(met) / duration_s:.1f} | {sum(not o.ok for o in outcomes)} |"
     )
 
 
 def start_ours(
-    env: dict[str, str], engines: list[str], policy: str, routing: str, keys: dict[str, str]
+    env: dict[str, str],
+    engines: list[str],
+    embed_engine: str,
+    policy: str,
+    routing: str,
+    keys: dict[str, str],
 ) -> tuple[list[subprocess.Popen[bytes]], str]:
     ports = {n: free_port() for n in ("sched", "edge", "emb", "life", "gpu")}
     run_env = {
@@ -147,7 +186,7 @@ def start_ours(
     }
     procs = [
         subprocess.Popen([sys.executable, "-m", f"sage.services.{s}"], env=run_env)
-        for s in ("scheduler", "edge")
+        for s in ("scheduler", "embedding", "edge")
     ]
     with grpc.insecure_channel(f"127.0.0.1:{ports['sched']}") as channel:
         grpc.channel_ready_future(channel).result(timeout=30)
@@ -164,63 +203,98 @@ def start_ours(
                 ),
                 timeout=10,
             )
+        stub.RegisterEngine(
+            scheduler_pb2.RegisterEngineRequest(
+                engine=common_pb2.Engine(
+                    engine_id="sim-embed",
+                    model="sim-embed",
+                    kind=common_pb2.ENGINE_KIND_EMBEDDING,
+                    base_url=embed_engine,
+                )
+            ),
+            timeout=10,
+        )
     gateway = f"http://127.0.0.1:{ports['edge']}"
     wait_http(gateway + "/health")
-    return procs, gateway + "/v1/chat/completions"
+    return procs, gateway + "/v1"
+
+
+def start_sim(
+    env: dict[str, str], model: str, tpot_ms: float, slots: int, embedding_dim: int = 0
+) -> tuple[str, Popen[bytes]]:
+    port = free_port()
+    extra = ["--embedding-dim", str(embedding_dim)] if embedding_dim else []
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sage.engines.sim",
+            "--model",
+            model,
+            "--port",
+            str(port),
+            "--ttft-ms",
+            "40",
+            "--tpot-ms",
+            str(tpot_ms),
+            "--max-num-seqs",
+            str(slots),
+            "--batch-slowdown",
+            "0.1",
+            "--log-level",
+            "WARNING",
+            *extra,
+        ],
+        env=env,
+    )
+    return f"http://127.0.0.1:{port}", proc
+
+
+CONFIGS = (
+    ("fifo", "round_robin"),
+    ("fifo", "least_loaded"),
+    ("priority", "least_loaded"),
+    ("fair", "least_loaded"),
+    ("slo_aware", "least_loaded"),
+    ("slo_aware_shed", "least_loaded"),
+    ("cost_optimized", "least_loaded"),
+    ("adaptive", "least_loaded"),
+    ("hybrid", "least_loaded"),
+)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--scenario", choices=sorted(SCENARIOS), default="bursty")
+    parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--vllm-router", default=shutil.which("vllm-router") or "")
+    parser.add_argument(
+        "--configs",
+        default="",
+        help="comma-separated policy+routing pairs to run (default: all), e.g. fifo+round_robin",
+    )
     args = parser.parse_args()
-    trace = make_trace(args.requests)
+    configs = [tuple(c.split("+", 1)) for c in args.configs.split(",")] if args.configs else CONFIGS
+    trace = make_trace(args.requests, args.seed, args.scenario)
     duration = trace[-1].at
     tmp = Path(tempfile.mkdtemp(prefix="sage-slo-"))
     env = {**os.environ, "SAGE_HOME": str(tmp), "SAGE_LOG_LEVEL": "WARNING"}
-    engines, engine_procs = [], []
-    for tpot in ENGINE_TPOT_MS:
-        port = free_port()
-        engine_procs.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "sage.engines.sim",
-                    "--model",
-                    "sim",
-                    "--port",
-                    str(port),
-                    "--ttft-ms",
-                    "40",
-                    "--tpot-ms",
-                    str(tpot),
-                    "--max-num-seqs",
-                    str(SLOTS),
-                    "--batch-slowdown",
-                    "0.1",
-                    "--log-level",
-                    "WARNING",
-                ],
-                env=env,
-            )
-        )
-        engines.append(f"http://127.0.0.1:{port}")
+    started = [start_sim(env, "sim", tpot, SLOTS) for tpot in ENGINE_TPOT_MS]
+    engines = [url for url, _ in started]
+    embed_engine, embed_proc = start_sim(env, "sim-embed", 1, 32, embedding_dim=384)
+    engine_procs = [proc for _, proc in started] + [embed_proc]
     rows = []
     try:
-        for url, proc in zip(engines, engine_procs, strict=True):
+        for url, proc in [*started, (embed_engine, embed_proc)]:
             wait_http(url + "/health", proc)
         keys = {"heavy": "key-heavy", "light": "key-light"}
-        for policy, routing in (
-            ("fifo", "round_robin"),
-            ("fifo", "least_loaded"),
-            ("slo_aware", "least_loaded"),
-            ("priority", "least_loaded"),
-            ("fair", "least_loaded"),
-        ):
-            procs, url = start_ours(env, engines, policy, routing, keys)
+        for policy, routing in configs:
+            procs, base = start_ours(env, engines, embed_engine, policy, routing, keys)
             try:
-                outcomes = asyncio.run(replay(url, trace, keys))
+                outcomes = asyncio.run(
+                    replay(base + "/chat/completions", base + "/embeddings", trace, keys)
+                )
             finally:
                 for p in procs:
                     stop_process(p)
@@ -247,7 +321,12 @@ def main() -> int:
                 try:
                     wait_http(f"http://127.0.0.1:{port}/health", proc, timeout=60)
                     outcomes = asyncio.run(
-                        replay(f"http://127.0.0.1:{port}/v1/chat/completions", trace, {})
+                        replay(
+                            f"http://127.0.0.1:{port}/v1/chat/completions",
+                            embed_engine + "/v1/embeddings",
+                            trace,
+                            {},
+                        )
                     )
                 finally:
                     stop_process(proc)
@@ -257,13 +336,16 @@ def main() -> int:
         for proc in engine_procs:
             stop_process(proc)
         shutil.rmtree(tmp, ignore_errors=True)
+    chats = sum(i.kind == "chat" for i in trace)
     print(
-        f"\n{args.requests} requests over {duration:.1f} s; engines tpot {ENGINE_TPOT_MS} ms, "
-        f"{SLOTS} slots each; SLO 1.5 s (high) / 6 s (low)\n"
+        f"\nscenario {args.scenario}, seed {args.seed}: {len(trace)} requests ({chats} chat, "
+        f"{len(trace) - chats} embedding) over {duration:.1f} s; engines tpot {ENGINE_TPOT_MS} "
+        f"ms, {SLOTS} slots each; SLO 1.5 s (high) / 6 s (low) / 0.5 s (embedding)\n"
     )
     print(
-        "| configuration | SLO met | high-priority met | light tenant met | TTFT p50 ms | "
-        "TTFT p99 ms | goodput req/s | failed |\n|---|---|---|---|---|---|---|---|"
+        "| configuration | SLO met | high-priority chat met | light tenant chat met | "
+        "TTFT p50 ms | TTFT p99 ms | embeddings met | goodput req/s | failed chat |\n"
+        "|---|---|---|---|---|---|---|---|---|"
     )
     print("\n".join(rows))
     return 0

@@ -9,13 +9,14 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any
 
 import pydantic
 import typer
 
 from sage.common.config.ports import SagePorts
-from sage.common.config.settings import SageSettings, load_settings
+from sage.common.config.settings import CONFIG_ENV, SageSettings, load_settings
 from sage.common.exceptions import ConfigurationError, SageError
 
 from . import supervisor
@@ -106,10 +107,13 @@ class ServeOptions:
     engine_timeout: float = 600.0
     policy: str | None = None
     routing: str | None = None
+    config: str | None = None
 
     def argv(self) -> list[str]:
         """The serve flags that reproduce these options (for background children, restart)."""
         argv = ["--model", self.model]
+        if self.config:
+            argv += ["--config", self.config]
         if self.backend:
             argv += ["--backend", self.backend]
         if self.port is not None:
@@ -194,9 +198,24 @@ def _serve_plan(options: ServeOptions, settings: SageSettings) -> supervisor.Ser
     )
 
 
+def _check_scheduler_names(policy: str, routing: str) -> None:
+    """Fail before starting anything when the policy or routing name is unknown."""
+    from sage.services.scheduler.policies import create_policy
+    from sage.services.scheduler.routing import create_router
+
+    create_policy(policy)
+    create_router(routing)
+
+
 def run_serve(options: ServeOptions, background: bool) -> int:
     """Start the stack: in this process (foreground) or detached (background)."""
+    if options.config:
+        # Children inherit the environment, so every service reads the same file.
+        os.environ[CONFIG_ENV] = options.config
     settings = _settings(options.gateway_port, options.host)
+    _check_scheduler_names(
+        options.policy or settings.scheduler_policy, options.routing or settings.scheduler_routing
+    )
     # Record what was resolved, so a restart comes back on the same gateway address.
     options = dataclasses.replace(options, gateway_port=settings.gateway_port, host=settings.host)
     backend = "" if options.backend == "auto" else options.backend
@@ -357,6 +376,15 @@ def cmd_serve(
             "session_affinity (x-session-id), prefix_aware (SAGE_SCHEDULER_ROUTING).",
         ),
     ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="YAML/TOML/JSON settings file (SAGE_CONFIG): keys are SAGE_* names without "
+            "the prefix, sections flatten (scheduler: {policy: slo_aware}); env vars and "
+            "flags win over it.",
+        ),
+    ] = None,
 ) -> int:
     """Start the gateway, the services behind it and the engines (foreground by default)."""
     if backend not in SERVE_BACKENDS:
@@ -380,6 +408,7 @@ def cmd_serve(
         engine_timeout=engine_timeout,
         policy=policy,
         routing=routing,
+        config=str(config.expanduser().resolve()) if config else None,
     )
     return run_serve(options, background)
 

@@ -1,21 +1,26 @@
 """The one settings model for SAGE_* environment variables and `.env`.
 
-Precedence: explicit argument (CLI flag, constructor) > environment > `.sage/llm/daemon.json`
-> SagePorts defaults. Each process builds it once at start and passes it down.
+Precedence: explicit argument (CLI flag, constructor) > environment > `.env` > the config
+file named by SAGE_CONFIG (`sage llm serve --config`) > `.sage/llm/daemon.json` > SagePorts
+defaults. Each process builds it once at start and passes it down.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
+import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from pydantic import Field
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from sage.common.config.ports import SagePorts
+from sage.common.exceptions import ConfigurationError
 
 _DAEMON_PORTS = {
     # daemon.json service name -> settings field
@@ -66,6 +71,63 @@ class DaemonFileSource(PydanticBaseSettingsSource):
             if isinstance(doc.get(field), int):
                 values[field] = doc[field]
         return values
+
+
+CONFIG_ENV = "SAGE_CONFIG"
+
+
+def _flatten(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{scheduler: {policy: x}}` -> `{scheduler_policy: x}`; lists and scalars are values."""
+    flat: dict[str, Any] = {}
+    for key, value in doc.items():
+        name = f"{prefix}{str(key).strip().lower().replace('-', '_')}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "_"))
+        else:
+            flat[name] = value
+    return flat
+
+
+def read_config_file(path: Path, fields: set[str]) -> dict[str, Any]:
+    """Settings from a YAML/TOML/JSON file; unknown keys are an error naming the key."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read config file {path}: {exc.strerror}") from exc
+    try:
+        if path.suffix.lower() == ".toml":
+            doc: Any = tomllib.loads(text)
+        else:  # YAML is a superset of JSON
+            doc = yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise ConfigurationError(f"config file {path} does not parse: {exc}") from exc
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ConfigurationError(f"config file {path} must hold a mapping of settings")
+    values = _flatten(doc)
+    for key in values:
+        if key not in fields:
+            hint = difflib.get_close_matches(key, sorted(fields), n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ConfigurationError(f"unknown setting {key!r} in config file {path}{extra}")
+    return values
+
+
+class ConfigFileSource(PydanticBaseSettingsSource):
+    """Settings from the file SAGE_CONFIG names, so a deployment can keep them in one place."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: str) -> None:
+        super().__init__(settings_cls)
+        self.path = Path(path).expanduser() if path else None
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        if self.path is None:
+            return {}
+        return read_config_file(self.path, set(self.settings_cls.model_fields))
 
 
 class SageSettings(BaseSettings):
@@ -190,13 +252,14 @@ class SageSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """Argument > environment > .env > daemon.json of a running stack > defaults."""
+        """Argument > environment > .env > SAGE_CONFIG file > live daemon.json > defaults."""
         explicit = getattr(init_settings, "init_kwargs", {}).get("home")
         home = Path(explicit or os.environ.get("SAGE_HOME") or Path.home() / ".sage").expanduser()
         return (
             init_settings,
             env_settings,
             dotenv_settings,
+            ConfigFileSource(settings_cls, os.environ.get(CONFIG_ENV, "")),
             DaemonFileSource(settings_cls, home),
             file_secret_settings,
         )
