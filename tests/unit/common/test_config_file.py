@@ -141,3 +141,14 @@ def test_serve_refuses_an_unknown_policy_before_starting_anything(
     monkeypatch.delenv("SAGE_CONFIG")  # serve exported it for its children
     assert main(["llm", "serve", "--routing", "teleport", "--no-embedding"]) == 2
     assert "teleport" in capsys.readouterr().err
+
+
+def test_the_readme_example_is_a_valid_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    readme = (Path(__file__).parents[3] / "README.md").read_text()
+    block = readme.split("# sage.yaml — sage llm serve --config sage.yaml\n", 1)[1]
+    monkeypatch.setenv("SAGE_CONFIG", str(_config(tmp_path, block.split("```", 1)[0])))
+    s = SageSettings()
+    assert (s.scheduler_policy, s.scheduler_routing) == ("slo_aware", "least_loaded")
+    assert s.scheduler_max_queue == 2000 and s.request_timeout_s == 120
