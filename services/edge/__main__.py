@@ -3,34 +3,49 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 
 import pydantic
-import uvicorn
 
 from sage.common.config.settings import load_settings
 from sage.common.exceptions import ConfigurationError
+from sage.common.grpc.tls import set_process_tls, tls_from_settings
+from sage.common.http.server import serve_app
 from sage.common.utils.logging import configure_logging
 from sage.common.utils.tracing import configure_tracing
 
 from .app import create_app
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Serve the edge until SIGTERM/SIGINT."""
+def build_parser() -> argparse.ArgumentParser:
+    """The edge's command line (deploy files are checked against it)."""
     parser = argparse.ArgumentParser(prog="python -m sage.services.edge")
     parser.add_argument("--host", default=None, help="bind address (default: SAGE_HOST)")
     parser.add_argument(
         "--port", type=int, default=None, help="HTTP port (default: SAGE_GATEWAY_PORT or 8889)"
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Serve the edge until SIGTERM/SIGINT (HTTPS when SAGE_TLS_CERT_FILE is set)."""
+    args = build_parser().parse_args(argv)
     try:
         settings = load_settings()
     except pydantic.ValidationError as exc:
         print(f"invalid SAGE_* setting:\n{exc}", file=sys.stderr)
         return 2
+    except ConfigurationError as exc:  # a SAGE_CONFIG file that is unreadable or wrong
+        print(f"invalid configuration: {exc.message}", file=sys.stderr)
+        return 2
+    try:
+        # HTTPS on the edge and TLS on its gRPC channels: one config, checked before serving.
+        tls = tls_from_settings(settings)
+    except ConfigurationError as exc:
+        print(f"edge: cannot start: {exc.message}", file=sys.stderr)
+        return 2
+    set_process_tls(tls)
     configure_logging("edge", settings.log_level, settings.log_format)
     configure_tracing("edge", settings.otel_exporter)
     try:
@@ -40,28 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     host = args.host or settings.host
     port = args.port if args.port is not None else settings.gateway_port
-    try:
-        import uvloop  # noqa: F401
-
-        loop = "uvloop"
-    except ImportError:  # pragma: no cover
-        loop = "asyncio"
-    config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        loop=loop,
-        http="httptools",
-        lifespan="on",
-        access_log=False,
-        log_config=None,
-        timeout_graceful_shutdown=10,
-        backlog=4096,
-    )
-    logging.getLogger("sage.edge").info("listening", extra={"addr": f"{host}:{port}"})
-    server = uvicorn.Server(config)
-    server.run()
-    return 0 if server.started else 1
+    # serve_app: HTTPS with the same PEM files, and SIGTERM is a clean stop (exit 0).
+    return serve_app(app, host, port, what="edge", tls=tls)
 
 
 if __name__ == "__main__":

@@ -177,7 +177,8 @@ def with_scheduling_hints(
     ):
         if value is None:
             continue
-        if not value.isdigit() or int(value) > INT32_MAX:
+        # isascii: str.isdigit() also accepts "²", which int() rejects.
+        if not (value.isascii() and value.isdigit()) or int(value) > INT32_MAX:
             raise InvalidRequestError(
                 f"{name} must be a whole number of milliseconds, got {value!r}", param=name
             )

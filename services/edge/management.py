@@ -3,22 +3,32 @@ scheduler and gpu_manager gRPC. Protected by the admin key when one is configure
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 import grpc
 
-from sage.common.exceptions import AuthenticationError, InvalidRequestError, NotFoundError
-from sage.common.grpc import rpc_errors_as_sage
-from sage.common.grpc.engine_enums import kind_name, kind_value, state_name
+from sage.common.exceptions import (
+    AuthenticationError,
+    EngineNotFoundError,
+    InsufficientResourcesError,
+    InvalidRequestError,
+    NotFoundError,
+)
+from sage.common.grpc import create_channel, rpc_errors_as_sage
+from sage.common.grpc.engine_enums import kind_name, kind_value, role_name, role_value, state_name
 from sage.common.http import App, Handler, JSONResponse, Request, Response
 from sage.rpc.common.v1 import common_pb2
 from sage.rpc.gpu_manager.v1 import gpu_manager_pb2
-from sage.rpc.lifecycle.v1 import lifecycle_pb2
+from sage.rpc.lifecycle.v1 import lifecycle_pb2, lifecycle_pb2_grpc
 from sage.rpc.scheduler.v1 import scheduler_pb2 as spb
+
+if TYPE_CHECKING:
+    from sage.rpc.lifecycle.v1.lifecycle_pb2_grpc import LifecycleServiceAsyncStub
 
 from .validation import INT32_MAX, parse_json_object
 
@@ -55,6 +65,9 @@ _START_FIELDS = {
     "gpu_memory_utilization",
     "max_model_len",
     "aliases",
+    "role",
+    "node",
+    "dry_run",
 }
 
 
@@ -64,6 +77,7 @@ def engine_json(engine: common_pb2.Engine) -> dict[str, Any]:
         "engine_id": engine.engine_id,
         "model_id": engine.model,
         "engine_kind": kind_name(engine.kind, "unspecified"),
+        "role": role_name(engine.role),
         "backend": engine.backend,
         "status": _STATUS[state_name(engine.state)],
         "host": engine.host,
@@ -76,6 +90,42 @@ def engine_json(engine: common_pb2.Engine) -> dict[str, Any]:
         "started_at": engine.started_at or None,
         "error": engine.error or None,
         "metadata": dict(engine.metadata),
+        "node_id": engine.node_id or None,
+    }
+
+
+_NODE_STATE = {
+    spb.NODE_STATE_READY: "ready",
+    spb.NODE_STATE_UNHEALTHY: "unhealthy",
+    spb.NODE_STATE_DOWN: "down",
+}
+# Backends that never use a GPU: placed on the least-loaded node, not by GPU memory.
+_CPU_BACKENDS = ("sim", "external")
+
+
+def node_json(node: spb.Node) -> dict[str, Any]:
+    """A node of the scheduler's table as management JSON."""
+    report = node.report
+    return {
+        "node_id": report.node_id,
+        "state": _NODE_STATE.get(node.state, "unknown"),
+        "reason": node.reason or None,
+        "lifecycle_addr": report.lifecycle_addr,
+        "advertise_host": report.advertise_host or None,
+        "static": node.static,
+        "last_seen_s_ago": node.last_seen_s_ago if node.last_seen_s_ago >= 0 else None,
+        "gpu_count": report.gpu_count,
+        "gpus": [
+            {
+                "index": g.index,
+                "name": g.name,
+                "memory_total_bytes": g.memory_total_bytes,
+                "memory_free_bytes": g.memory_free_bytes,
+            }
+            for g in report.gpus
+        ],
+        "engines": node.engines,
+        "engine_ids": list(report.engine_ids),
     }
 
 
@@ -119,6 +169,7 @@ def _string(doc: dict[str, Any], key: str) -> str:
 
 def start_request(doc: dict[str, Any]) -> lifecycle_pb2.StartEngineRequest:
     """A management POST body → StartEngineRequest; unknown or ill-typed fields are 400s."""
+    doc = {k: v for k, v in doc.items() if k not in ("node", "dry_run")}  # placement fields
     unknown = sorted(set(doc) - _START_FIELDS)
     if unknown:
         raise InvalidRequestError(f"unknown field(s): {', '.join(unknown)}", param=unknown[0])
@@ -146,6 +197,11 @@ def start_request(doc: dict[str, Any]) -> lifecycle_pb2.StartEngineRequest:
     wait = doc.get("wait", True)
     if not isinstance(wait, bool):
         raise InvalidRequestError("wait must be a boolean", param="wait")
+    role = "both" if doc.get("role") is None else doc["role"]
+    if role not in ("both", "prefill", "decode"):  # PD routing
+        raise InvalidRequestError(
+            f"role must be both, prefill or decode, got {role!r}", param="role"
+        )
     request = lifecycle_pb2.StartEngineRequest(
         model=model,
         kind=kind_value(kind),
@@ -164,6 +220,7 @@ def start_request(doc: dict[str, Any]) -> lifecycle_pb2.StartEngineRequest:
         engine_id=engine_id,
         startup_timeout_s=_int(doc, "startup_timeout_s", 300, 1),
         no_wait=not wait,
+        role=role_value(role),
     )
     if use_gpu is not None:
         request.use_gpu = use_gpu
@@ -179,6 +236,114 @@ def _engine_path(path: str) -> tuple[str, str]:
     return engine_id, tail
 
 
+class NodeLifecycles:
+    """Lifecycle stubs of the scheduler's nodes, one channel per address, opened lazily on
+    the server's loop. With fewer than two nodes known, the edge's own lifecycle is used,
+    so a single-machine stack behaves exactly as before."""
+
+    def __init__(self, upstreams: Callable[[], Any], timeout_s: float) -> None:
+        self._upstreams = upstreams
+        self._timeout_s = timeout_s
+        self._stubs: dict[str, LifecycleServiceAsyncStub] = {}
+
+    def stub(self, addr: str) -> LifecycleServiceAsyncStub:
+        """The lifecycle at `addr`."""
+        stub = self._stubs.get(addr)
+        if stub is None:
+            channel = create_channel(addr, default_timeout=self._timeout_s)
+            stub = self._stubs[addr] = lifecycle_pb2_grpc.LifecycleServiceStub(channel)
+        return stub
+
+    async def nodes(self) -> list[spb.Node]:
+        """The scheduler's node table (empty when the scheduler has none or is older)."""
+        try:
+            reply = await self._upstreams().scheduler.ListNodes(
+                spb.ListNodesRequest(), timeout=self._timeout_s
+            )
+        except grpc.RpcError:
+            return []
+        return list(reply.nodes)
+
+    async def targets(self) -> list[tuple[str, LifecycleServiceAsyncStub]]:
+        """(node id, lifecycle) of every node not down; the edge's own lifecycle alone when
+        fewer than two nodes are known."""
+        nodes = await self.nodes()
+        if len(nodes) < 2:
+            return [("", self._upstreams().lifecycle)]
+        return [
+            (n.report.node_id, self.stub(n.report.lifecycle_addr))
+            for n in nodes
+            if n.state != spb.NODE_STATE_DOWN
+        ]
+
+    async def place(
+        self, start: lifecycle_pb2.StartEngineRequest, node_id: str
+    ) -> tuple[LifecycleServiceAsyncStub, spb.Node | None]:
+        """Where to start `start`: an explicit node, else the scheduler's choice when there
+        are several nodes, else the edge's own lifecycle."""
+        if not node_id and len(await self.nodes()) < 2:
+            return self._upstreams().lifecycle, None
+        gpus = max(1, start.tensor_parallel_size) * max(1, start.pipeline_parallel_size)
+        explicit_gpu = start.HasField("use_gpu")
+        use_gpu = start.use_gpu if explicit_gpu else start.backend not in _CPU_BACKENDS
+        scheduler = self._upstreams().scheduler
+        request = spb.PlaceEngineRequest(gpus_needed=gpus, use_gpu=use_gpu, node_id=node_id)
+        try:
+            with rpc_errors_as_sage():
+                reply = await scheduler.PlaceEngine(request, timeout=self._timeout_s)
+        except InsufficientResourcesError:
+            if explicit_gpu or not use_gpu:
+                raise
+            # "auto" backend and no node has the GPUs: it runs on CPU, least-loaded node.
+            request.use_gpu = False
+            with rpc_errors_as_sage():
+                reply = await scheduler.PlaceEngine(request, timeout=self._timeout_s)
+        return self.stub(reply.node.report.lifecycle_addr), reply.node
+
+    async def owner(self, engine_id: str) -> LifecycleServiceAsyncStub:
+        """The lifecycle that knows `engine_id` (EngineNotFoundError when none does)."""
+        targets = await self.targets()
+        if len(targets) == 1:
+            return targets[0][1]
+
+        async def knows(stub: LifecycleServiceAsyncStub) -> bool:
+            try:
+                await stub.GetEngine(
+                    lifecycle_pb2.GetEngineRequest(engine_id=engine_id), timeout=self._timeout_s
+                )
+            except grpc.RpcError:
+                return False
+            return True
+
+        found = await asyncio.gather(*(knows(stub) for _, stub in targets))
+        for (_, stub), ok in zip(targets, found, strict=True):
+            if ok:
+                return stub
+        raise EngineNotFoundError(f"no engine with id {engine_id!r}", param="engine_id")
+
+    async def list_engines(self) -> list[common_pb2.Engine]:
+        """Engines of every reachable node (a node that does not answer is left out)."""
+        targets = await self.targets()
+        if len(targets) == 1:
+            with rpc_errors_as_sage():
+                reply = await targets[0][1].ListEngines(
+                    lifecycle_pb2.ListEnginesRequest(), timeout=self._timeout_s
+                )
+            return list(reply.engines)
+
+        async def engines_of(stub: LifecycleServiceAsyncStub) -> list[common_pb2.Engine]:
+            try:
+                reply = await stub.ListEngines(
+                    lifecycle_pb2.ListEnginesRequest(), timeout=self._timeout_s
+                )
+            except grpc.RpcError:
+                return []
+            return list(reply.engines)
+
+        lists = await asyncio.gather(*(engines_of(stub) for _, stub in targets))
+        return [e for engines in lists for e in engines]
+
+
 def _query(request: Request) -> dict[str, str]:
     return {k: v[-1] for k, v in parse_qs(request.query.decode("latin-1")).items()}
 
@@ -187,6 +352,7 @@ def add_management_routes(
     app: App, upstreams: Callable[[], Any], admin_api_key: str | None, timeout_s: float
 ) -> None:
     """Register every /v1/management route on `app`."""
+    node_lifecycles = NodeLifecycles(upstreams, timeout_s)
 
     def guarded(handler: Handler) -> Handler:
         if not admin_api_key:
@@ -210,18 +376,23 @@ def add_management_routes(
 
     @route("GET", f"{PREFIX}/engines")
     async def list_engines(request: Request) -> Response:
-        with rpc_errors_as_sage():
-            reply = await upstreams().lifecycle.ListEngines(lifecycle_pb2.ListEnginesRequest())
-        engines = [engine_json(e) for e in reply.engines]
+        engines = [engine_json(e) for e in await node_lifecycles.list_engines()]
         return JSONResponse({"engines": engines, "count": len(engines)})
 
     @route("POST", f"{PREFIX}/engines")
     async def start_engine(request: Request) -> Response:
-        start = start_request(parse_json_object(await request.body()))
-        with rpc_errors_as_sage():
-            reply = await upstreams().lifecycle.StartEngine(
-                start, timeout=start.startup_timeout_s + 60
+        doc = parse_json_object(await request.body())
+        node_id, dry_run = _string(doc, "node"), doc.get("dry_run", False)
+        if not isinstance(dry_run, bool):
+            raise InvalidRequestError("dry_run must be a boolean", param="dry_run")
+        start = start_request(doc)
+        lifecycle, node = await node_lifecycles.place(start, node_id)
+        if dry_run:  # where it would go, nothing started
+            return JSONResponse(
+                {"dry_run": True, "node": node_json(node) if node is not None else None}
             )
+        with rpc_errors_as_sage():
+            reply = await lifecycle.StartEngine(start, timeout=start.startup_timeout_s + 60)
         return JSONResponse(engine_json(reply.engine), 202 if start.no_wait else 201)
 
     @route("POST", f"{PREFIX}/engines/register")
@@ -233,34 +404,38 @@ def add_management_routes(
         start = start_request(doc)
         start.base_url = base_url
         start.backend = "external"
+        lifecycle, _ = await node_lifecycles.place(start, _string(doc, "node"))
         with rpc_errors_as_sage():
-            reply = await upstreams().lifecycle.StartEngine(start)
+            reply = await lifecycle.StartEngine(start)
         return JSONResponse(engine_json(reply.engine), 201)
 
     @route("POST", f"{PREFIX}/engines/prune")
     async def prune(request: Request) -> Response:
-        with rpc_errors_as_sage():
-            reply = await upstreams().lifecycle.PruneEngines(lifecycle_pb2.PruneEnginesRequest())
-        return JSONResponse({"pruned": list(reply.engine_ids), "count": len(reply.engine_ids)})
+        pruned: list[str] = []
+        for _, lifecycle in await node_lifecycles.targets():
+            with rpc_errors_as_sage():
+                reply = await lifecycle.PruneEngines(lifecycle_pb2.PruneEnginesRequest())
+            pruned.extend(reply.engine_ids)
+        return JSONResponse({"pruned": pruned, "count": len(pruned)})
 
     @route("GET", f"{PREFIX}/engines/*")
     async def get_engine(request: Request) -> Response:
         engine_id, tail = _engine_path(request.path)
         if tail == "logs":
             lines = _query(request).get("lines", "100")
-            if not lines.isdigit() or not 0 < int(lines) <= 100_000:
+            if not (lines.isascii() and lines.isdigit()) or not 0 < int(lines) <= 100_000:
                 raise InvalidRequestError("lines must be an integer in 1..100000", param="lines")
+            owner = await node_lifecycles.owner(engine_id)
             with rpc_errors_as_sage():
-                logs = await upstreams().lifecycle.TailLogs(
+                logs = await owner.TailLogs(
                     lifecycle_pb2.TailLogsRequest(engine_id=engine_id, lines=int(lines))
                 )
             return JSONResponse({"engine_id": engine_id, "lines": list(logs.lines)})
         if tail:
             raise NotFoundError(f"no route for GET {request.path}", code="unknown_url")
+        owner = await node_lifecycles.owner(engine_id)
         with rpc_errors_as_sage():
-            reply = await upstreams().lifecycle.GetEngine(
-                lifecycle_pb2.GetEngineRequest(engine_id=engine_id)
-            )
+            reply = await owner.GetEngine(lifecycle_pb2.GetEngineRequest(engine_id=engine_id))
         return JSONResponse(engine_json(reply.engine))
 
     @route("DELETE", f"{PREFIX}/engines/*")
@@ -269,12 +444,20 @@ def add_management_routes(
         if tail:
             raise NotFoundError(f"no route for DELETE {request.path}", code="unknown_url")
         drain = _query(request).get("drain", "false").lower() in ("1", "true", "yes")
+        owner = await node_lifecycles.owner(engine_id)
         with rpc_errors_as_sage():
-            reply = await upstreams().lifecycle.StopEngine(
+            reply = await owner.StopEngine(
                 lifecycle_pb2.StopEngineRequest(engine_id=engine_id, drain=drain),
                 timeout=120,
             )
         return JSONResponse(engine_json(reply.engine))
+
+    @route("GET", f"{PREFIX}/nodes")
+    async def nodes(request: Request) -> Response:
+        with rpc_errors_as_sage():
+            reply = await upstreams().scheduler.ListNodes(spb.ListNodesRequest())
+        listed = [node_json(n) for n in reply.nodes]
+        return JSONResponse({"nodes": listed, "count": len(listed)})
 
     @route("GET", f"{PREFIX}/backends")
     async def backends(request: Request) -> Response:
@@ -351,16 +534,10 @@ def add_management_routes(
             model_stats = []
         ready = [e for e in routed.engines if state_name(e.state) == "ready"]
         try:
-            engines = [
-                engine_json(e)
-                for e in (
-                    await up.lifecycle.ListEngines(
-                        lifecycle_pb2.ListEnginesRequest(), timeout=timeout_s
-                    )
-                ).engines
-            ]
-        except grpc.RpcError:
+            engines = [engine_json(e) for e in await node_lifecycles.list_engines()]
+        except Exception:
             engines = [engine_json(e) for e in routed.engines]  # lifecycle down: routing view
+        nodes = [node_json(n) for n in await node_lifecycles.nodes()]
         try:
             gpu_status: dict[str, Any] | None = await gpu_json()
         except Exception:
@@ -382,6 +559,7 @@ def add_management_routes(
                     },
                 },
                 "gpu": gpu_status,
+                "nodes": nodes,
                 "engines": engines,
                 "count": len(engines),
             }

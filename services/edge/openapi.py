@@ -347,6 +347,13 @@ _SCHEMAS: dict[str, Any] = {
             "use_gpu": {"type": ["boolean", "null"]},
             "extra_args": {"type": ["array", "null"], "items": {"type": "string"}},
             "aliases": {"type": ["array", "null"], "items": {"type": "string"}},
+            "role": {
+                "type": ["string", "null"],
+                "enum": ["both", "prefill", "decode", None],
+                "default": "both",
+                "description": "PD routing: prefill / decode engines serve the two legs of a "
+                "disaggregated request; both serves whole requests.",
+            },
             "metadata": {
                 "type": ["object", "null"],
                 "additionalProperties": {"type": ["string", "number", "boolean"]},
@@ -358,6 +365,17 @@ _SCHEMAS: dict[str, Any] = {
                 "default": True,
                 "description": "false: answer 202 at once with the engine STARTING.",
             },
+            "node": {
+                "type": ["string", "null"],
+                "description": "Node (GPU host) to start on; empty lets the scheduler place "
+                "it: most free GPU memory with all tensor-parallel GPUs on one host, or the "
+                "least-loaded node for CPU engines.",
+            },
+            "dry_run": {
+                "type": "boolean",
+                "default": False,
+                "description": "true: answer 200 with the node it would go to, start nothing.",
+            },
         },
         "examples": [{"model_id": "sim", "backend": "sim", "engine_kind": "llm"}],
     },
@@ -368,6 +386,7 @@ _SCHEMAS: dict[str, Any] = {
             "engine_id": {"type": "string"},
             "model_id": {"type": "string"},
             "engine_kind": {"type": "string", "enum": ["llm", "embedding", "unspecified"]},
+            "role": {"type": "string", "enum": ["both", "prefill", "decode"]},
             "backend": {"type": "string"},
             "status": {
                 "type": "string",
@@ -383,6 +402,51 @@ _SCHEMAS: dict[str, Any] = {
             "started_at": {"type": ["number", "null"]},
             "error": {"type": ["string", "null"]},
             "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+            "node_id": {"type": ["string", "null"], "description": "Node it runs on."},
+        },
+    },
+    "Node": {
+        "type": "object",
+        "required": ["node_id", "state", "lifecycle_addr", "gpu_count", "gpus", "engines"],
+        "properties": {
+            "node_id": {"type": "string"},
+            "state": {"type": "string", "enum": ["ready", "unhealthy", "down", "unknown"]},
+            "reason": {"type": ["string", "null"], "description": "Why unhealthy or down."},
+            "lifecycle_addr": {"type": "string"},
+            "advertise_host": {"type": ["string", "null"]},
+            "static": {"type": "boolean", "description": "Listed in SAGE_NODES (polled)."},
+            "last_seen_s_ago": {"type": ["number", "null"]},
+            "gpu_count": {"type": "integer"},
+            "gpus": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "index": {"type": "integer"},
+                        "name": {"type": "string"},
+                        "memory_total_bytes": {"type": "integer"},
+                        "memory_free_bytes": {"type": "integer"},
+                    },
+                },
+            },
+            "engines": {"type": "integer", "description": "Engines in the routing table."},
+            "engine_ids": {"type": "array", "items": {"type": "string"}},
+        },
+    },
+    "NodeList": {
+        "type": "object",
+        "required": ["nodes", "count"],
+        "properties": {
+            "nodes": {"type": "array", "items": _ref("Node")},
+            "count": {"type": "integer"},
+        },
+    },
+    "PlacementPreview": {
+        "type": "object",
+        "required": ["dry_run", "node"],
+        "properties": {
+            "dry_run": {"type": "boolean"},
+            "node": _nullable(_ref("Node")),
         },
     },
     "EngineList": {
@@ -480,6 +544,7 @@ _SCHEMAS: dict[str, Any] = {
                 },
             },
             "gpu": _nullable(_ref("GpuStatus")),
+            "nodes": {"type": "array", "items": _ref("Node")},
             "engines": {"type": "array", "items": _ref("Engine")},
             "count": {"type": "integer"},
         },
@@ -561,6 +626,34 @@ def _operation(
     return op
 
 
+# Optional scheduling hints on generation requests (read by the edge, judged by the scheduler).
+_SCHEDULING_HEADERS: list[dict[str, Any]] = [
+    {
+        "name": "x-sage-priority",
+        "in": "header",
+        "description": "Priority class: high, normal or low (or 0, 1, 2).",
+        "schema": {"type": "string", "enum": ["high", "normal", "low", "0", "1", "2"]},
+    },
+    {
+        "name": "x-sage-slo-ttft-ms",
+        "in": "header",
+        "description": "Time-to-first-token target in whole milliseconds.",
+        "schema": {"type": "integer", "minimum": 0, "maximum": INT32_MAX},
+    },
+    {
+        "name": "x-sage-slo-e2e-ms",
+        "in": "header",
+        "description": "End-to-end latency target in whole milliseconds.",
+        "schema": {"type": "integer", "minimum": 0, "maximum": INT32_MAX},
+    },
+    {
+        "name": "x-session-id",
+        "in": "header",
+        "description": "Session affinity key: requests with one key prefer one engine.",
+        "schema": {"type": "string", "maxLength": 256},
+    },
+]
+
 _ENGINE_ID = {
     "name": "engine_id",
     "in": "path",
@@ -617,6 +710,7 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
                 tags=["inference"],
                 security=_API_KEY,
                 body="ChatCompletionRequest",
+                parameters=_SCHEDULING_HEADERS,
             )
         },
         "/v1/completions": {
@@ -636,6 +730,7 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
                 tags=["inference"],
                 security=_API_KEY,
                 body="CompletionRequest",
+                parameters=_SCHEDULING_HEADERS,
             )
         },
         "/v1/embeddings": {
@@ -713,12 +808,16 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
                 "201",
                 "Engine",
                 body="StartEngineRequest",
-                errors=(400, 409, 504),
+                errors=(400, 404, 409, 504),
                 extra={
                     "202": {
                         "description": "wait=false: the engine is STARTING.",
                         "content": _json(_ref("Engine")),
-                    }
+                    },
+                    "200": {
+                        "description": "dry_run=true: where the engine would be placed.",
+                        "content": _json(_ref("PlacementPreview")),
+                    },
                 },
             ),
         },
@@ -784,6 +883,9 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
             "get": _mgmt("List engine backends", "listBackends", "200", "BackendList")
         },
         "/v1/management/gpu": {"get": _mgmt("GPU readings", "getGpus", "200", "GpuStatus")},
+        "/v1/management/nodes": {
+            "get": _mgmt("Nodes (GPU hosts) and their health", "listNodes", "200", "NodeList")
+        },
         "/v1/management/status": {
             "get": _mgmt("Control-plane status", "getStatus", "200", "ManagementStatus")
         },

@@ -137,6 +137,27 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _listens_on(pid: int, port: int) -> bool:
+    """True when `pid` or one of its descendants holds a listening socket on `port`.
+
+    A health 200 alone can come from a stranger that took the port first (another stack's
+    engine); routing to it would send users to the wrong model.
+    """
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return False
+    for proc in procs:
+        try:
+            conns = proc.net_connections(kind="tcp")
+        except psutil.Error:
+            continue
+        if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr[1] == port for c in conns):
+            return True
+    return False
+
+
 class EngineLifecycleManager:
     """Owns engine processes, their ports, GPU reservations, logs and registrations."""
 
@@ -150,6 +171,7 @@ class EngineLifecycleManager:
         restart: RestartPolicy | None = None,
         watch_interval_s: float = 0.5,
         health_interval_s: float = 0.2,
+        advertise_host: str = "",
     ) -> None:
         self.log_dir = state_dir / "logs"
         self.store = EngineStore(state_dir / "engines.json")
@@ -166,6 +188,8 @@ class EngineLifecycleManager:
         self._http = httpx.AsyncClient(timeout=2.0, trust_env=False)
         self._tasks: set[asyncio.Task[None]] = set()
         self._watcher: asyncio.Task[None] | None = None
+        # Engines bind to spec.host; their URLs use the address other hosts can reach.
+        self.advertise_host = advertise_host
 
     # -- persistence ------------------------------------------------------------------
 
@@ -221,8 +245,8 @@ class EngineLifecycleManager:
                 engine_id=engine_id,
                 spec=spec,
                 backend=backend.name,
-                base_url=f"http://{spec.host}:{port}",
-                host=spec.host,
+                base_url=f"http://{self.advertise_host or spec.host}:{port}",
+                host=self.advertise_host or spec.host,
                 port=port,
                 log_path=str(self.log_dir / f"{engine_id}.log"),
                 gpu_ids=gpu_ids,
@@ -244,7 +268,12 @@ class EngineLifecycleManager:
     ) -> EngineRecord:
         if not spec.base_url.startswith(("http://", "https://")):
             raise InvalidRequestError("base_url must be an http(s) URL", param="base_url")
-        url = httpx.URL(spec.base_url)
+        try:
+            url = httpx.URL(spec.base_url)
+        except httpx.InvalidURL as exc:
+            raise InvalidRequestError(
+                f"base_url is not a valid URL: {exc}", param="base_url"
+            ) from None
         record = EngineRecord(
             engine_id=engine_id,
             spec=spec,
@@ -357,9 +386,12 @@ class EngineLifecycleManager:
                     f"engine {record.engine_id} exited with code {proc.returncode} while "
                     f"starting; last log lines:\n{tail}"
                 )
+            healthy = False
             with contextlib.suppress(httpx.HTTPError):
-                if (await self._http.get(url)).status_code == 200:
-                    return
+                healthy = (await self._http.get(url)).status_code == 200
+            # A stranger answering on our port does not count: ours will fail to bind and exit.
+            if healthy and (proc is None or _listens_on(proc.pid, record.port)):
+                return
             if time.monotonic() > deadline:
                 raise EngineStartError(
                     f"engine {record.engine_id} not healthy after {timeout_s:g}s at {url}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from typing import Any
 
@@ -24,6 +25,7 @@ from sage.rpc.lifecycle.v1 import lifecycle_pb2 as pb
 from sage.rpc.lifecycle.v1 import lifecycle_pb2_grpc as pb_grpc
 from sage.rpc.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 
+from .agent import NodeAgent, advertise_host_of, node_id_of
 from .manager import EngineLifecycleManager, RestartPolicy
 from .spec import EngineSpec
 from .store import FAILED, READY, STARTING, STOPPED, STOPPING, EngineRecord
@@ -41,8 +43,8 @@ _STATE_TO_PB = {
 RESYNC_INTERVAL_S = 5.0
 
 
-def engine_pb(record: EngineRecord) -> common_pb2.Engine:
-    """Lifecycle's record as the shared Engine message."""
+def engine_pb(record: EngineRecord, node_id: str = "") -> common_pb2.Engine:
+    """Lifecycle's record as the shared Engine message (on node `node_id`)."""
     spec = record.spec
     return common_pb2.Engine(
         engine_id=record.engine_id,
@@ -63,6 +65,7 @@ def engine_pb(record: EngineRecord) -> common_pb2.Engine:
         started_at=record.started_at,
         metadata=spec.metadata,
         host=record.host,
+        node_id=node_id,
     )
 
 
@@ -145,17 +148,28 @@ class GrpcGpuAllocator:
 class LifecycleServicer(pb_grpc.LifecycleServiceServicer):
     """LifecycleService over EngineLifecycleManager."""
 
-    def __init__(self, manager: EngineLifecycleManager, engine_host: str) -> None:
+    def __init__(
+        self,
+        manager: EngineLifecycleManager,
+        engine_host: str,
+        node_id: str = "",
+        agent: NodeAgent | None = None,
+    ) -> None:
         self.manager = manager
         self.engine_host = engine_host
+        self.node_id = node_id
+        self.agent = agent
 
     async def StartEngine(
         self, request: pb.StartEngineRequest, context: Any
     ) -> pb.StartEngineResponse:
-        record = await self.manager.start(
-            spec_from_pb(request, self.engine_host), wait=not request.no_wait
-        )
-        return pb.StartEngineResponse(engine=engine_pb(record))
+        if request.like_engine_id:
+            template = self.manager.get(request.like_engine_id).spec
+            spec = dataclasses.replace(template, engine_id="", port=0, label="")
+        else:
+            spec = spec_from_pb(request, self.engine_host)
+        record = await self.manager.start(spec, wait=not request.no_wait)
+        return pb.StartEngineResponse(engine=engine_pb(record, self.node_id))
 
     async def StopEngine(
         self, request: pb.StopEngineRequest, context: Any
@@ -165,15 +179,19 @@ class LifecycleServicer(pb_grpc.LifecycleServiceServicer):
             drain=request.drain,
             drain_timeout_s=float(request.drain_timeout_s or 30),
         )
-        return pb.StopEngineResponse(engine=engine_pb(record))
+        return pb.StopEngineResponse(engine=engine_pb(record, self.node_id))
 
     async def GetEngine(self, request: pb.GetEngineRequest, context: Any) -> pb.GetEngineResponse:
-        return pb.GetEngineResponse(engine=engine_pb(self.manager.get(request.engine_id)))
+        return pb.GetEngineResponse(
+            engine=engine_pb(self.manager.get(request.engine_id), self.node_id)
+        )
 
     async def ListEngines(
         self, request: pb.ListEnginesRequest, context: Any
     ) -> pb.ListEnginesResponse:
-        return pb.ListEnginesResponse(engines=[engine_pb(r) for r in self.manager.instances()])
+        return pb.ListEnginesResponse(
+            engines=[engine_pb(r, self.node_id) for r in self.manager.instances()]
+        )
 
     async def TailLogs(self, request: pb.TailLogsRequest, context: Any) -> pb.TailLogsResponse:
         return pb.TailLogsResponse(
@@ -201,6 +219,13 @@ class LifecycleServicer(pb_grpc.LifecycleServiceServicer):
             ]
         )
 
+    async def DescribeNode(
+        self, request: pb.DescribeNodeRequest, context: Any
+    ) -> pb.DescribeNodeResponse:
+        if self.agent is None:
+            raise NotFoundError("this lifecycle runs no node agent", param="node")
+        return pb.DescribeNodeResponse(report=await self.agent.report())
+
 
 def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageServer, int]:
     """The lifecycle server; ready engines are registered with the scheduler over gRPC."""
@@ -211,11 +236,12 @@ def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageS
         settings.address("gpu_manager"), default_timeout=settings.rpc_timeout_s
     )
     scheduler = scheduler_pb2_grpc.SchedulerServiceStub(sched_channel)
+    node_id = node_id_of(settings)
 
     async def register(record: EngineRecord) -> None:
         with rpc_errors_as_sage():
             await scheduler.RegisterEngine(
-                scheduler_pb2.RegisterEngineRequest(engine=engine_pb(record))
+                scheduler_pb2.RegisterEngineRequest(engine=engine_pb(record, node_id))
             )
 
     async def deregister(engine_id: str) -> None:
@@ -233,6 +259,15 @@ def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageS
             initial_s=settings.lifecycle_restart_backoff_s,
             max_crashes=settings.lifecycle_max_crashes,
         ),
+        advertise_host=advertise_host_of(settings),
+    )
+    bound: dict[str, int] = {}
+    agent = NodeAgent(
+        settings,
+        manager,
+        gpu_manager_pb2_grpc.GpuManagerServiceStub(gpu_channel),
+        scheduler,
+        lambda: bound["port"],
     )
     server, port = create_server(
         addr or f"{settings.host}:{settings.lifecycle_port}",
@@ -240,10 +275,11 @@ def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageS
             Registration(
                 pb.DESCRIPTOR.services_by_name["LifecycleService"].full_name,
                 pb_grpc.add_LifecycleServiceServicer_to_server,
-                LifecycleServicer(manager, settings.host),
+                LifecycleServicer(manager, settings.host, node_id, agent),
             )
         ],
     )
+    bound["port"] = port
     tasks: list[asyncio.Task[None]] = []
 
     async def resync_forever() -> None:
@@ -254,8 +290,10 @@ def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageS
     async def _start() -> None:
         await manager.recover()
         tasks.append(asyncio.get_running_loop().create_task(resync_forever()))
+        agent.start()
 
     async def _close() -> None:
+        await agent.aclose()
         for task in tasks:
             task.cancel()
         await manager.shutdown(stop_engines=settings.lifecycle_stop_engines_on_exit)

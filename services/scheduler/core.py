@@ -14,17 +14,19 @@ from typing import Any, Protocol
 
 import orjson
 
-from sage.common.exceptions import ServiceUnavailableError
+from sage.common.exceptions import ServiceUnavailableError, UpstreamError
 
 from .admission import AdmissionController
 from .breaker import CircuitBreakers
-from .executor import EngineUnreachableError, HttpExecutionCoordinator
+from .executor import EngineDisconnectedError, EngineUnreachableError, HttpExecutionCoordinator
 from .load import EngineLoadTracker
 from .metrics import SchedulerMetrics
 from .policies import QueuedRequest
 from .ratelimit import TenantLimits, TenantRateLimiter
 from .registry import EngineKind, EngineRecord, EngineRegistry
+from .resume import StreamResume
 from .routing import Router, RouteRequest, prefix_of
+from .routing.pd import PdRouter
 
 log = logging.getLogger("sage.scheduler")
 
@@ -129,6 +131,7 @@ class Scheduler:
         self.counters = Counters()
         self.breakers = breakers or CircuitBreakers()
         self.metrics = metrics or SchedulerMetrics(breakers=self.breakers)
+        self.pd = PdRouter(self.router, self.metrics.registry)  # prefill/decode pairs
 
     def _admit(self, limits: TenantLimits | None, fallback_tokens: int) -> int:
         """Charge the tenant's buckets (RateLimitError when over); returns tokens charged."""
@@ -155,6 +158,26 @@ class Scheduler:
         first = router.pick(RouteRequest(model, session_key, prefix, cost), engines)
         return [first, *(e for e in engines if e.engine_id != first.engine_id)]
 
+    async def _route(
+        self, model: str, path: str, body: bytes, session_key: str, cost: float
+    ) -> tuple[bytes, list[EngineRecord]]:
+        """The body to send and the engines to try: for a model with prefill and decode
+        engines, the prefill leg runs here first (routing/pd.py); else `_candidates`."""
+        engines = self.breakers.routable(self.registry.ready_for(model, EngineKind.LLM), _engine_id)
+        prefix = prefix_of(body) if self.router.needs_prefix else ""
+
+        async def prefill(engine: EngineRecord, leg: bytes) -> bytes:
+            if not self.breakers.begin(engine.engine_id):
+                raise EngineUnreachableError(f"engine {engine.engine_id}: circuit open")
+            with self.load.track(engine.engine_id), self.breakers.guard(engine.engine_id):
+                return await self.executor.post_json(engine, path, _for_engine(leg, model, engine))
+
+        route = RouteRequest(model, session_key, prefix, cost)
+        plan = await self.pd.plan(route, body, engines, prefill)
+        if plan is None:
+            return body, self._candidates(model, EngineKind.LLM, body, session_key, cost)
+        return plan.body, plan.candidates
+
     async def unary(
         self,
         model: str,
@@ -173,7 +196,7 @@ class Scheduler:
         try:
             engines = self.registry.ready_for(model, EngineKind.LLM)
             async with self.admission.slot(ticket, len(engines)):
-                candidates = self._candidates(model, EngineKind.LLM, body, session_key, ticket.cost)
+                body, candidates = await self._route(model, path, body, session_key, ticket.cost)
                 for i, engine in enumerate(candidates):
                     if not self.breakers.begin(engine.engine_id, force=i == len(candidates) - 1):
                         continue
@@ -196,12 +219,16 @@ class Scheduler:
                             completion_tokens=usage.completion_tokens,
                         )
                         return UnaryResult(reply, engine, usage)
-                    except EngineUnreachableError:
+                    except (EngineUnreachableError, EngineDisconnectedError) as exc:
+                        # Nothing reached the client yet, so the whole request can go again.
                         if i == len(candidates) - 1:
                             raise
+                        self.metrics.failover("unary")
                         log.warning(
-                            "engine unreachable, failing over",
-                            extra={"engine_id": engine.engine_id},
+                            "engine unreachable, failing over"
+                            if isinstance(exc, EngineUnreachableError)
+                            else "engine dropped the connection, failing over",
+                            extra={"engine_id": engine.engine_id, "error": str(exc)},
                         )
                 raise AssertionError("unreachable")  # candidates is never empty
         except BaseException:
@@ -220,7 +247,8 @@ class Scheduler:
         ticket: QueuedRequest | None = None,
         session_key: str = "",
     ) -> AsyncIterator[tuple[bytes, EngineRecord]]:
-        """Yield engine SSE payloads one by one; fails over only before the first one."""
+        """Yield engine SSE payloads one by one, failing over to another engine when one is
+        unreachable, or dies mid-stream (then the next continues the text already sent)."""
         charged = self._admit(limits, len(body) // 4)
         self.counters.requests_total += 1
         self.counters.in_flight += 1
@@ -229,24 +257,38 @@ class Scheduler:
         try:
             engines = self.registry.ready_for(model, EngineKind.LLM)
             async with self.admission.slot(ticket, len(engines)):
-                candidates = self._candidates(model, EngineKind.LLM, body, session_key, ticket.cost)
+                body, candidates = await self._route(model, path, body, session_key, ticket.cost)
+                request = body
+                # Tracks what the client saw, so a stream broken mid-way can be continued.
+                seen = StreamResume.for_request(path, body)
+                resumed = False
+                started = False
+                ttft, last = 0.0, b""
                 for i, engine in enumerate(candidates):
                     if not self.breakers.begin(engine.engine_id, force=i == len(candidates) - 1):
                         continue
-                    started = False
-                    ttft, last = 0.0, b""
+                    produced = False
                     try:
                         with (
                             self.load.track(engine.engine_id),
                             self.breakers.guard(engine.engine_id) as call,
                         ):
                             async for payload in self.executor.stream_sse(
-                                engine, path, _for_engine(body, model, engine)
+                                engine, path, _for_engine(request, model, engine)
                             ):
+                                if not produced:
+                                    produced = True
+                                    call.succeeded()  # failing before the first byte counts
+                                if resumed and seen is not None:
+                                    rewritten = seen.rewrite(payload)
+                                    if rewritten is None:
+                                        continue
+                                    payload = rewritten
+                                elif seen is not None:
+                                    seen.absorb(payload)
                                 if not started:
                                     started = True
                                     ttft = time.monotonic() - begun
-                                    call.succeeded()  # failing before the first byte counts
                                 last = payload
                                 yield payload, engine
                         self.admission.finished(ticket, charged or ticket.cost)
@@ -258,13 +300,48 @@ class Scheduler:
                             completion_tokens=usage_of(last).completion_tokens if last else 0,
                         )
                         return
-                    except EngineUnreachableError:
-                        if started or i == len(candidates) - 1:
+                    except (EngineUnreachableError, EngineDisconnectedError) as exc:
+                        if produced:
+                            # The guard settled at the first byte; the break is still a fault.
+                            self.breakers.record_exception(engine.engine_id, exc)
+                        if started:
+                            if seen is None:
+                                raise
+                            if seen.finished:
+                                break  # the client had the whole reply; only [DONE] was lost
+                            continuation = seen.continuation()
+                            if continuation is None:
+                                last = seen.closing_chunk()
+                                yield last, engine
+                                break
+                            if i == len(candidates) - 1:
+                                raise UpstreamError(
+                                    f"engine {engine.engine_id} failed mid-stream and no other "
+                                    f"ready engine of model {model!r} is left to continue it"
+                                ) from exc
+                            request, resumed = continuation, True
+                        elif i == len(candidates) - 1:
                             raise
+                        self.metrics.failover("stream" if started else "stream_start")
                         log.warning(
-                            "engine unreachable, failing over",
-                            extra={"engine_id": engine.engine_id},
+                            "engine failed mid-stream, continuing on another"
+                            if started
+                            else "engine unreachable, failing over"
+                            if isinstance(exc, EngineUnreachableError)
+                            else "engine dropped the connection, failing over",
+                            extra={
+                                "engine_id": engine.engine_id,
+                                "error": str(exc),
+                                "resumed_tokens": seen.tokens if seen else 0,
+                            },
                         )
+                self.admission.finished(ticket, charged or ticket.cost)
+                self.metrics.observe(
+                    ticket,
+                    engine.engine_id,
+                    time.monotonic() - begun,
+                    ttft_s=ttft if started else None,
+                )
         except BaseException:
             self.counters.requests_failed += 1
             self.metrics.failed()

@@ -68,6 +68,13 @@ class EngineUnreachableError(UpstreamError):
     default_code = "engine_unreachable"
 
 
+class EngineDisconnectedError(UpstreamError):
+    """The engine dropped the connection (it died or restarted) before its reply was whole;
+    the request may be sent again elsewhere, from where the client's view of it stopped."""
+
+    default_code = "engine_disconnected"
+
+
 def _engine_error(engine: EngineRecord, status: int, content: bytes) -> SageError:
     """Map an engine's HTTP error (OpenAI or vLLM error JSON) to a SageError."""
     message, param = content.decode(errors="replace")[:500] or f"HTTP {status}", None
@@ -93,12 +100,22 @@ def _engine_error(engine: EngineRecord, status: int, content: bytes) -> SageErro
 
 @contextlib.contextmanager
 def _http_errors(engine: EngineRecord) -> Iterator[None]:
-    """aiohttp failures → SageErrors; only a refused connection is safe to retry elsewhere."""
+    """aiohttp failures → SageErrors; a refused or dropped connection may be retried
+    elsewhere (EngineUnreachableError, EngineDisconnectedError), nothing else."""
     try:
         yield
     except aiohttp.ClientConnectorError as exc:
         raise EngineUnreachableError(
             f"engine {engine.engine_id} at {engine.base_url} is unreachable: {exc}"
+        ) from exc
+    except (
+        aiohttp.ServerDisconnectedError,
+        aiohttp.ClientPayloadError,
+        aiohttp.ClientOSError,  # ECONNRESET and friends (connect errors are caught above)
+        ConnectionError,
+    ) as exc:
+        raise EngineDisconnectedError(
+            f"engine {engine.engine_id} dropped the connection: {exc!r}"
         ) from exc
     except TimeoutError as exc:
         raise DeadlineExceededError(f"engine {engine.engine_id} timed out") from exc
@@ -219,5 +236,9 @@ class HttpExecutionCoordinator:
                         if payload == b"[DONE]":
                             return
                         yield payload
+            # The body ended without [DONE]: the engine went away mid-reply.
+            raise EngineDisconnectedError(
+                f"engine {engine.engine_id} closed the stream before [DONE]"
+            )
         finally:
             resp.release()

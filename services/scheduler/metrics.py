@@ -133,6 +133,7 @@ class SchedulerMetrics(Collector):
         self._tpot: dict[Key, _Histogram] = {}
         self._models: dict[str, _ModelWindow] = {}
         self._status: dict[str, int] = {"ok": 0, "error": 0}
+        self._failovers: dict[str, int] = {}
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
@@ -148,6 +149,11 @@ class SchedulerMetrics(Collector):
     def failed(self) -> None:
         """Count one request that failed (no latency recorded)."""
         self._status["error"] += 1
+
+    def failover(self, kind: str) -> None:
+        """Count one request moved to another engine after its engine failed (`unary`,
+        `stream_start` before any chunk, `stream` continued mid-way)."""
+        self._failovers[kind] = self._failovers.get(kind, 0) + 1
 
     def observe(
         self,
@@ -277,6 +283,14 @@ class SchedulerMetrics(Collector):
         for status, count in self._status.items():
             requests.add_metric((status,), float(count))
         yield requests
+        failovers = CounterMetricFamily(
+            "sage:scheduler_failovers",
+            "Requests moved to another engine after theirs failed, by kind.",
+            labels=["kind"],
+        )
+        for kind, count in self._failovers.items():
+            failovers.add_metric((kind,), float(count))
+        yield failovers
         if self.queue_depth is not None:
             yield GaugeMetricFamily(
                 "sage:scheduler_queue_depth",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -38,8 +41,10 @@ from .core import EmbedResult, Scheduler, TokenUsage
 from .executor import HttpExecutionCoordinator
 from .load import EngineLoadTracker
 from .metrics import SchedulerMetrics
+from .nodes import Node, NodeGpu, NodeReport, NodeState, NodeTable, parse_nodes
 from .policies import QueuedRequest, RequestClass
 from .ratelimit import TenantLimits
+from .rebuild import rebuild_from_lifecycle
 from .registry import EngineKind, EngineRecord, EngineRegistry, EngineState
 from .routing import create_router
 
@@ -81,6 +86,66 @@ def record_to_pb(record: EngineRecord) -> common_pb2.Engine:
         node_id=record.node_id,
         labels=record.labels,
     )
+
+
+log = logging.getLogger("sage.scheduler")
+
+_NODE_STATE_PB = {
+    NodeState.READY: pb.NODE_STATE_READY,
+    NodeState.UNHEALTHY: pb.NODE_STATE_UNHEALTHY,
+    NodeState.DOWN: pb.NODE_STATE_DOWN,
+}
+
+
+def node_report_from_pb(report: common_pb2.NodeReport) -> NodeReport:
+    """NodeReport message → domain report."""
+    return NodeReport(
+        node_id=report.node_id,
+        lifecycle_addr=report.lifecycle_addr,
+        advertise_host=report.advertise_host,
+        gpu_count=report.gpu_count,
+        gpus=tuple(
+            NodeGpu(g.index, g.memory_total_bytes, g.memory_free_bytes, g.name) for g in report.gpus
+        ),
+        engine_ids=tuple(report.engine_ids),
+        agent_instance=report.agent_instance,
+    )
+
+
+def node_to_pb(node: Node, table: NodeTable) -> pb.Node:
+    """Domain node → Node message (with its age and engine count)."""
+    report = node.report
+    since = table.seconds_since_seen(node)
+    return pb.Node(
+        report=common_pb2.NodeReport(
+            node_id=report.node_id,
+            lifecycle_addr=report.lifecycle_addr,
+            advertise_host=report.advertise_host,
+            gpu_count=report.gpu_count,
+            gpus=[
+                common_pb2.NodeGpu(
+                    index=g.index,
+                    name=g.name,
+                    memory_total_bytes=g.memory_total_bytes,
+                    memory_free_bytes=g.memory_free_bytes,
+                )
+                for g in report.gpus
+            ],
+            engine_ids=list(report.engine_ids),
+            agent_instance=report.agent_instance,
+        ),
+        state=_NODE_STATE_PB[node.state],
+        reason=node.reason,
+        last_seen_s_ago=since if since != float("inf") else -1.0,
+        static=node.static,
+        engines=table.engine_count(node.node_id),
+    )
+
+
+def _require_report(request: Any) -> NodeReport:
+    if not request.HasField("report"):
+        raise InvalidRequestError("report is required", param="report")
+    return node_report_from_pb(request.report)
 
 
 def _usage_pb(usage: TokenUsage) -> common_pb2.Usage:
@@ -170,9 +235,12 @@ class GrpcEmbeddingBackend:
 class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
     """SchedulerService over the domain Scheduler."""
 
-    def __init__(self, scheduler: Scheduler, policy_name: str) -> None:
+    def __init__(
+        self, scheduler: Scheduler, policy_name: str, nodes: NodeTable | None = None
+    ) -> None:
         self.scheduler = scheduler
         self.policy_name = policy_name
+        self.nodes = nodes or NodeTable(scheduler.registry, timeout_s=6.0)
 
     async def Chat(self, request: pb.ChatRequest, context: Any) -> pb.ChatResponse:
         result = await self.scheduler.unary(
@@ -248,7 +316,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
     ) -> pb.RegisterEngineResponse:
         if not request.HasField("engine"):
             raise InvalidRequestError("engine is required", param="engine")
-        record = record_from_pb(request.engine)
+        record = self.nodes.admit_engine(record_from_pb(request.engine))
         replaced = self.scheduler.registry.register(record)
         return pb.RegisterEngineResponse(engine=record_to_pb(record), replaced=replaced)
 
@@ -299,7 +367,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
         self, request: pb.GetMetricsRequest, context: Any
     ) -> pb.GetMetricsResponse:
         metrics = self.scheduler.metrics
-        queued = self.scheduler.admission.stats.queued  # the queue depth is not per model
+        admission = self.scheduler.admission
         return pb.GetMetricsResponse(
             prometheus_text=metrics.render(),
             models=[
@@ -312,11 +380,112 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
                     tpot_p50_ms=m.tpot_p50_s * 1000,
                     rps=m.rps,
                     slo_attainment=m.slo_attainment,
-                    queued=queued,
+                    queued=admission.queued_for(m.model),
                 )
                 for m in metrics.summaries()
             ],
         )
+
+    async def RegisterNode(
+        self, request: pb.RegisterNodeRequest, context: Any
+    ) -> pb.RegisterNodeResponse:
+        node = self.nodes.report(_require_report(request), register=True)
+        if node.state is NodeState.UNHEALTHY:
+            log.warning(
+                "node registered unhealthy", extra={"node_id": node.node_id, "reason": node.reason}
+            )
+        return pb.RegisterNodeResponse(node=node_to_pb(node, self.nodes))
+
+    async def NodeHeartbeat(
+        self, request: pb.NodeHeartbeatRequest, context: Any
+    ) -> pb.NodeHeartbeatResponse:
+        node = self.nodes.report(_require_report(request), register=False)
+        return pb.NodeHeartbeatResponse(node=node_to_pb(node, self.nodes))
+
+    async def ListNodes(self, request: pb.ListNodesRequest, context: Any) -> pb.ListNodesResponse:
+        return pb.ListNodesResponse(nodes=[node_to_pb(n, self.nodes) for n in self.nodes.nodes()])
+
+    async def PlaceEngine(
+        self, request: pb.PlaceEngineRequest, context: Any
+    ) -> pb.PlaceEngineResponse:
+        if request.gpus_needed < 0:
+            raise InvalidRequestError("gpus_needed must not be negative", param="gpus_needed")
+        node = self.nodes.place(
+            gpus_needed=request.gpus_needed, use_gpu=request.use_gpu, node_id=request.node_id
+        )
+        return pb.PlaceEngineResponse(node=node_to_pb(node, self.nodes))
+
+
+class NodeWatcher:
+    """Background work of the node table: sweep silent nodes, poll static ones."""
+
+    def __init__(self, table: NodeTable, interval_s: float, rpc_timeout_s: float) -> None:
+        self.table = table
+        self.interval_s = interval_s
+        self.rpc_timeout_s = rpc_timeout_s
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Run until `aclose`."""
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            for node_id in self.table.sweep():
+                log.warning("node down; its engines are drained", extra={"node_id": node_id})
+            statics = self.table.static_nodes()
+            if statics:
+                await asyncio.gather(*(self.poll(s.node_id, s.lifecycle_addr) for s in statics))
+            await asyncio.sleep(self.interval_s)
+
+    async def poll(self, node_id: str, addr: str) -> None:
+        """Ask a static node's lifecycle to describe itself; silence marks it down."""
+        channel = self._channels.get(addr)
+        if channel is None:
+            channel = self._channels[addr] = create_channel(
+                addr, default_timeout=self.rpc_timeout_s
+            )
+        stub = lifecycle_pb2_grpc.LifecycleServiceStub(channel)
+        try:
+            reply = await stub.DescribeNode(
+                lifecycle_pb2.DescribeNodeRequest(),
+                timeout=min(self.rpc_timeout_s, max(self.interval_s * 2, 1.0)),
+            )
+        except grpc.RpcError as err:
+            self.table.mark_unreachable(
+                node_id, f"lifecycle at {addr} unreachable: {err.code().name} {err.details()}"
+            )
+            return
+        report = node_report_from_pb(reply.report)
+        if report.node_id != node_id:
+            self.table.mark_unreachable(
+                node_id, f"the agent at {addr} says it is node {report.node_id!r}"
+            )
+            return
+        with contextlib.suppress(InvalidRequestError):
+            self.table.report(
+                NodeReport(
+                    node_id,
+                    addr,
+                    report.advertise_host,
+                    report.gpu_count,
+                    report.gpus,
+                    report.engine_ids,
+                    report.agent_instance,
+                ),
+                register=True,
+                static=True,
+            )
+
+    async def aclose(self) -> None:
+        """Stop the loop and close the poll channels."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for channel in self._channels.values():
+            await channel.close(None)
 
 
 class LifecycleScalerActions:
@@ -345,13 +514,8 @@ class LifecycleScalerActions:
             raise NotFoundError(
                 f"lifecycle runs no ready engine of {model!r} to copy", param="model"
             )
-        request = lifecycle_pb2.StartEngineRequest(
-            model=template.model,
-            kind=template.kind,
-            backend=template.backend,
-            role=template.role,
-            aliases=list(template.aliases),
-        )
+        # Lifecycle copies the template's whole spec (extra args, parallelism, GPU memory).
+        request = lifecycle_pb2.StartEngineRequest(like_engine_id=template.engine_id)
         with rpc_errors_as_sage():
             await self._stub.StartEngine(request, timeout=self._start_timeout_s)
 
@@ -396,7 +560,17 @@ def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageS
         breakers=breakers,
         metrics=metrics,
     )
-    servicer = SchedulerServicer(scheduler, f"{settings.scheduler_policy}/{routing}")
+    try:
+        static_nodes = parse_nodes(settings.nodes)
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc), param="SAGE_NODES") from None
+    node_table = NodeTable(registry, timeout_s=settings.node_timeout_s, static=static_nodes)
+    node_watcher = NodeWatcher(
+        node_table,
+        min(settings.node_heartbeat_s, settings.node_timeout_s / 4),
+        settings.rpc_timeout_s,
+    )
+    servicer = SchedulerServicer(scheduler, f"{settings.scheduler_policy}/{routing}", node_table)
     server, port = create_server(
         addr or f"{settings.host}:{settings.scheduler_port}",
         [
@@ -407,6 +581,33 @@ def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageS
             )
         ],
     )
+
+    async def _watch_nodes() -> None:
+        node_watcher.start()
+
+    server.on_start(_watch_nodes)
+
+    # A restarted scheduler routes lifecycle's ready engines at once (see rebuild.py).
+    rebuilding: list[asyncio.Task[int]] = []
+
+    async def _register_pb(engine: common_pb2.Engine) -> None:
+        await servicer.RegisterEngine(pb.RegisterEngineRequest(engine=engine), None)
+
+    async def _rebuild() -> None:
+        rebuilding.append(
+            asyncio.get_running_loop().create_task(
+                rebuild_from_lifecycle(
+                    settings.address("lifecycle"), _register_pb, timeout_s=settings.rpc_timeout_s
+                )
+            )
+        )
+
+    async def _stop_rebuild() -> None:
+        for task in rebuilding:
+            task.cancel()
+
+    server.on_start(_rebuild)
+    server.on_stop(_stop_rebuild)
 
     if routing != "round_robin":  # load-aware routers also read the engines' own queues
 
@@ -462,6 +663,7 @@ def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageS
         server.on_start(_autoscale)
 
     async def _close() -> None:
+        await node_watcher.aclose()
         if autoscaler is not None:
             await autoscaler.aclose()
         if lifecycle_channel is not None:

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from sage.common.config.settings import SageSettings
@@ -59,6 +60,13 @@ async def test_queue_adds_a_replica_and_idleness_removes_it(full_plane: Any) -> 
         while len(await engine_ids(full_plane)) < 2:
             assert time.monotonic() < deadline, "no second replica was started"
             await asyncio.sleep(0.1)
+        # The replica is a copy of the first engine's whole spec, extra args included.
+        listed = (await full_plane.client.get("/v1/management/engines")).json()["engines"]
+        pids = [e["pid"] for e in listed if e.get("pid")]
+        assert len(pids) == 2
+        for pid in pids:
+            cmdline = psutil.Process(pid).cmdline()
+            assert cmdline[cmdline.index("--tpot-ms") + 1] == "20", cmdline
     finally:
         stop.set()
         await asyncio.gather(*senders)

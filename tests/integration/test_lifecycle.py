@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import psutil
 import pytest
 
@@ -201,6 +202,24 @@ async def test_port_in_use_and_unknown_ids(full_plane: Any) -> None:
     assert missing.status_code == 404
     traversal = await full_plane.client.get("/v1/management/engines/..%2f..%2fetc/logs")
     assert traversal.status_code in (400, 404)
+
+
+async def test_a_stranger_on_the_engines_port_is_not_taken_for_the_engine(
+    full_plane: Any, sim_engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another stack's engine grabbing the port between the check and the bind: the health
+    probe answers 200, but from someone else; the start must fail, nothing gets routed."""
+    from sage.common.config.ports import SagePorts
+
+    port = httpx.URL(sim_engine()).port
+    monkeypatch.setattr(SagePorts, "is_available", staticmethod(lambda *a, **k: True))
+    resp = await full_plane.client.post(
+        "/v1/management/engines",
+        json={"model_id": "sim", "backend": "sim", "port": port, "startup_timeout_s": 30},
+    )
+    assert resp.status_code >= 400, resp.text
+    assert "exited" in resp.json()["error"]["message"]
+    assert await routed(full_plane) == []
 
 
 async def test_engine_that_fails_to_start_releases_everything(full_plane: Any) -> None:

@@ -38,6 +38,8 @@ class SimBackend:
         ]
         if spec.kind == "embedding":
             argv += ["--embedding-dim", str(SIM_EMBEDDING_DIM)]
+        if spec.role != "both":  # PD serving: the sim plays one side of the KV exchange
+            argv += ["--role", spec.role]
         for alias in spec.aliases:
             argv += ["--served-model-name", alias]
         if spec.max_concurrent_requests > 0:

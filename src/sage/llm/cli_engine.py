@@ -183,6 +183,10 @@ def cmd_engine_start(
     no_wait: Annotated[
         bool, typer.Option("--no-wait", help="Return at once (status STARTING).")
     ] = False,
+    role: Annotated[
+        Literal["both", "prefill", "decode"],
+        typer.Option("--role", help="PD routing: prefill, decode, or both (whole requests)."),
+    ] = "both",
     json_out: JsonOption = False,
     url: UrlOption = None,
     api_key: ApiKeyOption = None,
@@ -210,6 +214,7 @@ def cmd_engine_start(
                 engine_id=engine_id,
                 startup_timeout_s=startup_timeout,
                 wait=not no_wait,
+                role=None if role == "both" else role,
             )
     if json_out:
         print_json(engine.model_dump(mode="json"))

@@ -44,6 +44,7 @@ from sage.common.exceptions import (
     ServiceUnavailableError,
     UpstreamError,
 )
+from sage.common.grpc.tls import process_tls
 from sage.llm.management import EngineInfo, ManagementClient
 from sage.llm.result import (
     InferenceResult,
@@ -120,7 +121,8 @@ def default_base_url(
     env = (settings or _settings()).unified_base_url
     if env:
         return _normalise_url(env)
-    return f"http://localhost:{SagePorts.GATEWAY_DEFAULT}/v1"
+    scheme = "https" if process_tls().dials_tls else "http"
+    return f"{scheme}://localhost:{SagePorts.GATEWAY_DEFAULT}/v1"
 
 
 def _encode(body: Mapping[str, Any]) -> bytes:
@@ -422,7 +424,10 @@ class UnifiedInferenceClient(_ClientCore):
         )
         # A caller's client (proxies, event hooks, mounts) is used as is and left open.
         self._owns_http = http_client is None
-        self._http = http_client or httpx.Client(timeout=self.timeout, trust_env=False)
+        # An https gateway is verified against SAGE_TLS_CA_FILE (and gets our cert) when set.
+        self._http = http_client or httpx.Client(
+            timeout=self.timeout, trust_env=False, verify=process_tls().httpx_verify()
+        )
 
     @classmethod
     def create(

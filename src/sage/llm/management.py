@@ -37,6 +37,7 @@ from sage.common.exceptions import (
     ServiceUnavailableError,
     UpstreamError,
 )
+from sage.common.grpc.tls import process_tls
 
 __all__ = [
     "ADMIN_KEY_ENV",
@@ -210,6 +211,7 @@ class ManagementClient:
             headers=headers,
             trust_env=False,
             transport=transport,
+            verify=process_tls().httpx_verify(),  # an https gateway: SAGE_TLS_CA_FILE
         )
 
     def __enter__(self) -> ManagementClient:
@@ -278,8 +280,10 @@ class ManagementClient:
         engine_id: str | None = None,
         startup_timeout_s: int | None = None,
         wait: bool = True,
+        role: str | None = None,
     ) -> EngineInfo:
-        """Start an engine; with `wait` the call returns once it is RUNNING (or raises)."""
+        """Start an engine; with `wait` the call returns once it is RUNNING (or raises).
+        `role` (both / prefill / decode) places it in PD (disaggregated) routing."""
         body: dict[str, Any] = {
             "model_id": model_id,
             "engine_kind": engine_kind,
@@ -298,6 +302,7 @@ class ManagementClient:
             "metadata": dict(metadata) if metadata is not None else None,
             "engine_id": engine_id,
             "startup_timeout_s": startup_timeout_s,
+            "role": role,
         }
         body.update({k: v for k, v in optional.items() if v is not None})
         budget = (startup_timeout_s or DEFAULT_STARTUP_TIMEOUT_S) + _START_SLACK_S

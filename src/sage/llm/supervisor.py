@@ -34,7 +34,7 @@ from sage.common.exceptions import (
     EngineStartError,
     SageError,
 )
-from sage.common.grpc import from_rpc_error
+from sage.common.grpc import create_sync_channel, from_rpc_error, process_tls
 from sage.rpc.common.v1 import common_pb2
 from sage.rpc.lifecycle.v1 import lifecycle_pb2, lifecycle_pb2_grpc
 
@@ -195,13 +195,19 @@ class Supervisor:
     @staticmethod
     def _probe(addr: str, is_grpc: bool) -> bool:
         if not is_grpc:
+            tls = process_tls()  # HTTPS edge when SAGE_TLS_* name a certificate
             with contextlib.suppress(httpx.HTTPError):
                 return (
-                    httpx.get(f"http://{addr}/health", timeout=1.0, trust_env=False).status_code
+                    httpx.get(
+                        f"{tls.http_scheme}://{addr}/health",
+                        timeout=1.0,
+                        trust_env=False,
+                        verify=tls.httpx_verify(),
+                    ).status_code
                     == 200
                 )
             return False
-        with grpc.insecure_channel(addr) as channel:
+        with create_sync_channel(addr) as channel:
             try:
                 reply = health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(service=""), timeout=1.0
@@ -212,7 +218,7 @@ class Supervisor:
 
     def _start_engine(self, request: EngineRequest) -> dict[str, Any]:
         addr = self.settings.address("lifecycle")
-        with grpc.insecure_channel(addr) as channel:
+        with create_sync_channel(addr) as channel:
             stub = lifecycle_pb2_grpc.LifecycleServiceStub(channel)
             try:
                 future = stub.StartEngine.future(
@@ -256,7 +262,7 @@ class Supervisor:
             "pid": os.getpid(),
             "started_at": time.time(),
             "home": str(s.home),
-            "gateway_url": f"http://{s.host}:{s.gateway_port}/v1",
+            "gateway_url": f"{process_tls().http_scheme}://{s.host}:{s.gateway_port}/v1",
             "llm_port": next((e["port"] for e in self.engines if e["kind"] == "llm"), None),
             "embedding_port": next(
                 (e["port"] for e in self.engines if e["kind"] == "embedding"), None
@@ -301,8 +307,9 @@ class Supervisor:
             self.say(f"  ready: {self.engines[-1]['engine_id']} at {self.engines[-1]['base_url']}")
         path = self.write_daemon_file()
         s = self.settings
+        scheme = process_tls().http_scheme
         self.say(
-            f"SAGE gateway listening on http://{s.host}:{s.gateway_port}/v1  "
+            f"SAGE gateway listening on {scheme}://{s.host}:{s.gateway_port}/v1  "
             f"(state: {path}; Ctrl-C to stop)"
         )
 

@@ -5,20 +5,27 @@ Server side: `create_server(addr, registrations)` builds an asyncio server with
 OpenTelemetry span and maps `sage.common.exceptions` to gRPC status (anything unexpected
 becomes INTERNAL with a log line, never a crash). Client side: `create_channel(addr)` adds
 a default deadline and propagates the request id and trace context on every call;
-`from_rpc_error` rebuilds the original `SageError` from the status and trailers.
+`from_rpc_error` rebuilds the original `SageError` from the status and trailers. Both
+sides use TLS/mTLS when SAGE_TLS_* name certificates (`tls.py`).
 """
 
 from __future__ import annotations
 
-from .client import create_channel, from_rpc_error, rpc_errors_as_sage
+from .client import create_channel, create_sync_channel, from_rpc_error, rpc_errors_as_sage
 from .server import Registration, SageServer, create_server, serve_until_signalled
+from .tls import TlsConfig, process_tls, set_process_tls, tls_from_settings
 
 __all__ = [
     "Registration",
     "SageServer",
+    "TlsConfig",
     "create_channel",
     "create_server",
+    "create_sync_channel",
     "from_rpc_error",
+    "process_tls",
     "rpc_errors_as_sage",
     "serve_until_signalled",
+    "set_process_tls",
+    "tls_from_settings",
 ]

@@ -22,6 +22,7 @@ from sage.common.utils.logging import request_id_var
 
 from . import metadata as md
 from .server import MAX_MESSAGE_BYTES
+from .tls import TlsConfig, process_tls
 
 # Used when a status carries no SageError trailer (another implementation, or grpc itself).
 _BY_STATUS: dict[grpc.StatusCode, type[SageError]] = {
@@ -79,21 +80,46 @@ class _UnaryStreamContext(grpc.aio.UnaryStreamClientInterceptor):  # type: ignor
         return await continuation(_details(client_call_details, self.default_timeout), request)
 
 
-def create_channel(addr: str, *, default_timeout: float = 10.0) -> grpc.aio.Channel:
-    """An insecure aio channel to `addr` whose calls all carry a deadline and SAGE context."""
-    return grpc.aio.insecure_channel(
-        addr,
-        interceptors=[
-            _UnaryUnaryContext(default_timeout),  # type: ignore[list-item]
-            _UnaryStreamContext(default_timeout),  # type: ignore[list-item]
-        ],
-        options=[
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.keepalive_time_ms", 30_000),
-            ("grpc.enable_retries", 1),
-        ],
-    )
+_CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.enable_retries", 1),
+]
+
+
+def create_channel(
+    addr: str, *, default_timeout: float = 10.0, tls: TlsConfig | None = None
+) -> grpc.aio.Channel:
+    """An aio channel to `addr` whose calls all carry a deadline and SAGE context.
+
+    TLS comes from `tls`, else the process's config (SAGE_TLS_*): with a CA or a certificate
+    configured the channel is secure (presenting our certificate for mTLS), else plaintext.
+    Every call site gets it from here, so no channel dials plaintext by accident.
+    """
+    tls = tls if tls is not None else process_tls()
+    interceptors: list[Any] = [
+        _UnaryUnaryContext(default_timeout),
+        _UnaryStreamContext(default_timeout),
+    ]
+    if tls.dials_tls:
+        return grpc.aio.secure_channel(
+            addr,
+            tls.channel_credentials(),
+            interceptors=interceptors,
+            options=[*_CHANNEL_OPTIONS, *tls.channel_options()],
+        )
+    return grpc.aio.insecure_channel(addr, interceptors=interceptors, options=_CHANNEL_OPTIONS)
+
+
+def create_sync_channel(addr: str, *, tls: TlsConfig | None = None) -> grpc.Channel:
+    """A blocking channel (CLI probes and one-off calls) with the same TLS choice."""
+    tls = tls if tls is not None else process_tls()
+    if tls.dials_tls:
+        return grpc.secure_channel(
+            addr, tls.channel_credentials(), options=[*_CHANNEL_OPTIONS, *tls.channel_options()]
+        )
+    return grpc.insecure_channel(addr, options=_CHANNEL_OPTIONS)
 
 
 def from_rpc_error(err: grpc.RpcError) -> SageError:

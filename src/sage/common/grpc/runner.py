@@ -12,10 +12,12 @@ from typing import Any
 import pydantic
 
 from sage.common.config.settings import SageSettings, load_settings
+from sage.common.exceptions import ConfigurationError
 from sage.common.utils.logging import configure_logging
 from sage.common.utils.tracing import configure_tracing
 
 from .server import SageServer, serve_until_signalled
+from .tls import set_process_tls, tls_from_settings
 
 
 def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
@@ -31,10 +33,8 @@ def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
 BuildServer = Callable[[SageSettings, str], tuple[SageServer, int]]
 
 
-def run_service_main(
-    service: str, default_port_attr: str, build: BuildServer, argv: Sequence[str] | None = None
-) -> int:
-    """Parse --host/--port, build the server from settings, serve until SIGTERM/SIGINT."""
+def build_parser(service: str, default_port_attr: str) -> argparse.ArgumentParser:
+    """The command line every gRPC service accepts (deploy files are checked against it)."""
     parser = argparse.ArgumentParser(prog=f"python -m sage.services.{service}")
     parser.add_argument("--host", default=None, help="bind address (default: SAGE_HOST)")
     parser.add_argument(
@@ -43,11 +43,31 @@ def run_service_main(
         default=None,
         help=f"gRPC port (default: SAGE_{default_port_attr.upper()})",
     )
+    return parser
+
+
+def run_service_main(
+    service: str, default_port_attr: str, build: BuildServer, argv: Sequence[str] | None = None
+) -> int:
+    """Parse --host/--port, build the server from settings, serve until SIGTERM/SIGINT.
+
+    The bind address defaults to SAGE_HOST, itself 127.0.0.1: a service is reachable from
+    other hosts only when configured so (and then should use SAGE_TLS_*).
+    """
+    parser = build_parser(service, default_port_attr)
     args = parser.parse_args(argv)
     try:
         settings = load_settings()
     except pydantic.ValidationError as exc:
         print(f"invalid SAGE_* setting:\n{exc}", file=sys.stderr)
+        return 2
+    except ConfigurationError as exc:  # a SAGE_CONFIG file that is unreadable or wrong
+        print(f"invalid configuration: {exc.message}", file=sys.stderr)
+        return 2
+    try:
+        set_process_tls(tls_from_settings(settings))
+    except ConfigurationError as exc:
+        print(f"{service}: cannot start: {exc.message}", file=sys.stderr)
         return 2
     configure_logging(service, settings.log_level, settings.log_format)
     configure_tracing(service, settings.otel_exporter)

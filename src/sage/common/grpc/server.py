@@ -20,6 +20,7 @@ from sage.common.exceptions import SageError
 from sage.common.utils.logging import request_id_var
 
 from . import metadata as md
+from .tls import TlsConfig, process_tls
 
 log = logging.getLogger("sage.grpc")
 _tracer = trace.get_tracer("sage.grpc")
@@ -69,13 +70,30 @@ async def _abort_for(exc: BaseException, method: str, context: Context) -> None:
             "rpc error",
             extra={"method": method, "error": type(exc).__name__, "detail": exc.message},
         )
-        await context.abort(exc.grpc_code, exc.message, trailing_metadata=_error_trailers(exc))
+        # Details travel in a trailer (16 KiB cap); a message echoing a huge input must
+        # not turn the error into "Stream removed".
+        message = exc.message if len(exc.message) <= 2000 else exc.message[:2000] + "…"
+        await context.abort(exc.grpc_code, message, trailing_metadata=_error_trailers(exc))
     log.exception("unexpected error in rpc", extra={"method": method})
     await context.abort(
         grpc.StatusCode.INTERNAL,
         f"internal error in {method}: {type(exc).__name__}",
         trailing_metadata=((md.ERROR_CLASS, "InternalError"),),
     )
+
+
+async def _decode(decode: Any, raw: Any, method: str, context: Context) -> Any:
+    """Parse the request here rather than in grpc, which answers UNKNOWN on a malformed
+    message; the caller's fault is INVALID_ARGUMENT."""
+    if decode is None:
+        return raw
+    try:
+        return decode(raw)
+    except Exception as exc:
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"malformed request message for {method}: {str(exc)[:200]}",
+        )
 
 
 class _SageServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg,misc]
@@ -94,8 +112,10 @@ class _SageServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-a
             return handler
         if handler.unary_unary is not None:
             inner: Any = handler.unary_unary
+            decode: Any = handler.request_deserializer
 
-            async def unary_unary(request: Any, context: Context) -> Any:
+            async def unary_unary(raw: Any, context: Context) -> Any:
+                request = await _decode(decode, raw, method, context)
                 rid_token, span_cm = _enter_call(method, context)
                 started = time.perf_counter()
                 try:
@@ -118,13 +138,15 @@ class _SageServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-a
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=None,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             inner_stream: Any = handler.unary_stream
+            decode_stream: Any = handler.request_deserializer
 
-            async def unary_stream(request: Any, context: Context) -> AsyncIterator[Any]:
+            async def unary_stream(raw: Any, context: Context) -> AsyncIterator[Any]:
+                request = await _decode(decode_stream, raw, method, context)
                 rid_token, span_cm = _enter_call(method, context)
                 try:
                     async for item in inner_stream(request, context):
@@ -140,7 +162,7 @@ class _SageServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-a
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=None,
                 response_serializer=handler.response_serializer,
             )
         return handler
@@ -200,8 +222,14 @@ def create_server(
     registrations: Sequence[Registration],
     *,
     extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),  # type: ignore[type-arg]
+    tls: TlsConfig | None = None,
 ) -> tuple[SageServer, int]:
-    """Build (not start) a server on `addr` (port 0 picks one); returns it and its port."""
+    """Build (not start) a server on `addr` (port 0 picks one); returns it and its port.
+
+    It listens with TLS (mTLS with client_auth) when `tls`, or else the process's TLS
+    config (SAGE_TLS_*), has a certificate; otherwise plaintext.
+    """
+    tls = tls if tls is not None else process_tls()
     server = grpc.aio.server(
         interceptors=[*extra_interceptors, _SageServerInterceptor()],
         options=[
@@ -224,7 +252,10 @@ def create_server(
         ],
         server,
     )
-    port = server.add_insecure_port(addr)
+    if tls.serves_tls:
+        port = server.add_secure_port(addr, tls.server_credentials())
+    else:
+        port = server.add_insecure_port(addr)
     if port == 0:
         raise OSError(f"could not bind gRPC server to {addr}")
     return SageServer(server, health_servicer, names), port

@@ -11,28 +11,47 @@ from typing import Any
 
 import uvicorn
 
+from sage.common.grpc.tls import TlsConfig
+
 log = logging.getLogger("sage.http")
 
 
 class _Server(uvicorn.Server):
     """uvicorn's server, logging one line with the bound URL once it listens."""
 
-    def __init__(self, config: uvicorn.Config, what: str, info: dict[str, Any]) -> None:
+    def __init__(
+        self, config: uvicorn.Config, what: str, info: dict[str, Any], scheme: str = "http"
+    ) -> None:
         super().__init__(config)
         self.what = what
         self.info = info
+        self.scheme = scheme
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.servers and self.servers[0].sockets:
             host, port = self.servers[0].sockets[0].getsockname()[:2]
-            log.info(f"{self.what} listening", extra={"url": f"http://{host}:{port}", **self.info})
+            log.info(
+                f"{self.what} listening",
+                extra={"url": f"{self.scheme}://{host}:{port}", **self.info},
+            )
 
 
 def serve_app(
-    app: Any, host: str, port: int, *, what: str, info: dict[str, Any] | None = None
+    app: Any,
+    host: str,
+    port: int,
+    *,
+    what: str,
+    info: dict[str, Any] | None = None,
+    tls: TlsConfig | None = None,
 ) -> int:
-    """Serve `app` until SIGTERM/SIGINT; 0 after a clean stop, 1 if it never started."""
+    """Serve `app` until SIGTERM/SIGINT; 0 after a clean stop, 1 if it never started.
+
+    With a `tls` that has a certificate it serves HTTPS (demanding client certs with
+    client_auth), from the same PEM files the gRPC services use.
+    """
+    tls_kwargs: dict[str, Any] = tls.uvicorn_kwargs() if tls else {}
     server = _Server(
         uvicorn.Config(
             app,
@@ -46,9 +65,11 @@ def serve_app(
             lifespan="on",
             timeout_graceful_shutdown=10,
             backlog=4096,
+            **tls_kwargs,
         ),
         what,
         info or {},
+        tls.http_scheme if tls else "http",
     )
 
     def on_term(signum: int, frame: FrameType | None) -> None:

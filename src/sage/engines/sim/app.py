@@ -20,19 +20,30 @@ import signal
 import socket
 import sys
 import time
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
+import aiohttp
 import orjson
 import uvicorn
-from prometheus_client import generate_latest
+from prometheus_client import Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from sage.common.exceptions import ConfigurationError, InvalidRequestError, ModelNotFoundError
 from sage.common.http.asgi import App, JSONResponse, Request, Response, StreamingResponse, sse_event
 from sage.common.utils.logging import configure_logging
+from sage.engines.sim.kv import (
+    KV_PULL_PATH,
+    KV_ROLES,
+    BlockStore,
+    KvTransferRequest,
+    PullOutcome,
+    parse_kv_transfer_params,
+    prefill_reply_params,
+)
 from sage.engines.sim.model import (
     OWNED_BY,
     AdmissionQueue,
@@ -57,7 +68,9 @@ _CLIENT_GONE = 499  # nginx's "client closed request"; nobody reads it, the sock
 class _Metrics(VllmRequestMetrics):
     """vLLM's metric names on a registry private to one app, so apps can share a process."""
 
-    def __init__(self, config: SimConfig, queue: AdmissionQueue) -> None:
+    def __init__(
+        self, config: SimConfig, queue: AdmissionQueue, store: BlockStore, engine_id: str
+    ) -> None:
         super().__init__(
             config.model,
             lambda: queue.running,
@@ -74,6 +87,50 @@ class _Metrics(VllmRequestMetrics):
                 "KV-cache usage (simulated: slot occupancy, 0-1).",
                 lambda: queue.running / queue.capacity,
             )
+        # PD serving: the KV exchange as each side sees it, so tests and dashboards can
+        # tell a remote prefill from a local one.
+        reg, label = self.registry, self.label
+        self.gauge(
+            "sage_sim:kv_blocks_held",
+            "KV blocks a prefill engine holds for remote decoders.",
+            lambda: store.held,
+        )
+        self.gauge(
+            "sage_sim:kv_blocks_expired",
+            "KV blocks freed because no decoder pulled them in time (cumulative).",
+            lambda: store.expired_total,
+        )
+        self.gauge(
+            "sage_sim:kv_blocks_pulled",
+            "KV blocks remote decoders pulled from this engine (cumulative).",
+            lambda: store.pulled_total,
+        )
+        Gauge(
+            "sage_sim:engine_info",
+            "This engine's PD role and KV engine id (always 1).",
+            (*label, "role", "kv_role", "kv_engine_id"),
+            registry=reg,
+        ).labels(config.model, config.role, KV_ROLES[config.role], engine_id).set(1)
+        self.kv_params_sent = Counter(
+            "sage_sim:kv_transfer_params_sent",
+            "Prefill answers that returned kv_transfer_params for a remote decoder.",
+            label,
+            registry=reg,
+        ).labels(model_name=config.model)
+        self.kv_params_received = Counter(
+            "sage_sim:kv_transfer_params_received",
+            "Decode requests with remote-prefill kv_transfer_params, by pull outcome; the "
+            "prefill engine is named only when the pull succeeded.",
+            (*label, "outcome", "remote_engine_id"),
+            registry=reg,
+        )
+        self.kv_local_prefill = Counter(
+            "sage_sim:kv_local_prefill_fallbacks",
+            "Remote-prefill requests whose KV could not be loaded, so prefill ran locally "
+            "(vLLM's kv_load_failure_policy=recompute).",
+            label,
+            registry=reg,
+        ).labels(model_name=config.model)
 
 
 class _DisconnectWatch:
@@ -116,6 +173,9 @@ class _Job:
     stream: bool
     include_usage: bool
     pooling: bool = False  # an embedding request: prefill only, no generated tokens
+    # Seconds from admission to the first token; None = a local prefill (ttft_ms). A decode
+    # whose KV came from a prefill engine pays only one decode step.
+    first_token_s: float | None = None
 
     @property
     def steps(self) -> int:
@@ -283,8 +343,17 @@ class _SimEngine:
     def __init__(self, config: SimConfig) -> None:
         self.config = config
         self.queue = AdmissionQueue(config.max_num_seqs)
-        self.metrics = _Metrics(config, self.queue)
+        self.engine_id = config.kv_engine_id or str(uuid.uuid4())
+        self.kv_store = BlockStore(config.kv_block_size, config.kv_hold_s)
+        self.metrics = _Metrics(config, self.queue, self.kv_store, self.engine_id)
         self._created = int(time.time())
+        self._http: aiohttp.ClientSession | None = None
+
+    async def aclose(self) -> None:
+        """Close the client used to pull KV blocks from prefill engines."""
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
 
     # ---- shared pieces
 
@@ -344,7 +413,8 @@ class _SimEngine:
             admitted = loop.time()
             metrics.queue_time.observe(admitted - arrival)
             latency = config.has_latency
-            deadline = admitted + config.ttft_ms / 1000.0
+            first = job.first_token_s
+            deadline = admitted + (config.ttft_ms / 1000.0 if first is None else first)
             for step in range(job.steps):
                 if latency:
                     if step:
@@ -399,6 +469,118 @@ class _SimEngine:
     def _id(self, prefix: str) -> str:
         return f"{prefix}-{secrets.token_hex(16)}"
 
+    # ---- PD: vLLM's kv_transfer_params exchange
+
+    def _kv_params(self, body: dict[str, Any], stream: bool, prompts: int) -> KvTransferRequest:
+        """The request's kv_transfer_params, reduced to what this engine's kv_role honours:
+        a producer (prefill) only sends KV, a consumer (decode) only receives it."""
+        kv = parse_kv_transfer_params(body.get("kv_transfer_params"))
+        if kv is None:
+            return KvTransferRequest()
+        role = self.config.role
+        if kv.do_remote_decode and role != "decode":
+            if stream:
+                raise InvalidRequestError(
+                    "kv_transfer_params.do_remote_decode needs stream=false",
+                    param="kv_transfer_params.do_remote_decode",
+                )
+            if prompts != 1:
+                raise InvalidRequestError(
+                    "kv_transfer_params needs exactly one prompt", param="prompt"
+                )
+            return kv
+        if kv.do_remote_prefill and role != "prefill":
+            return kv
+        return KvTransferRequest()
+
+    async def _first_token_s(self, kv: KvTransferRequest) -> float | None:
+        """Load the remote prefill's KV blocks; the decode-only first-token time when they
+        came, None (prefill locally, counted) when they were unknown, expired or unreachable."""
+        if not kv.do_remote_prefill:
+            return None
+        outcome = await self._pull(kv)
+        metrics = self.metrics
+        engine = kv.remote_engine_id if outcome is PullOutcome.OK else ""
+        metrics.kv_params_received.labels(self.config.model, outcome.value, engine).inc()
+        if outcome is not PullOutcome.OK:
+            metrics.kv_local_prefill.inc()
+            log.warning(
+                "remote KV unavailable, prefilling locally",
+                extra={"outcome": outcome.value, "remote_engine_id": kv.remote_engine_id},
+            )
+            return None
+        return self.config.decode_step_s(self.queue.running + 1)
+
+    async def _pull(self, kv: KvTransferRequest) -> PullOutcome:
+        if self._http is None:
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+        host = kv.remote_host or ""
+        url = f"http://{f'[{host}]' if ':' in host else host}:{kv.remote_port}{KV_PULL_PATH}"
+        payload = {"engine_id": kv.remote_engine_id, "block_ids": list(kv.remote_block_ids)}
+        try:
+            async with self._http.post(url, json=payload) as resp:
+                if resp.status == 200:
+                    return PullOutcome.OK
+                doc: Any = orjson.loads(await resp.read())
+        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError):
+            return PullOutcome.UNREACHABLE
+        error = doc.get("error") if isinstance(doc, dict) else None
+        code = error.get("code") if isinstance(error, dict) else None
+        try:
+            return PullOutcome(str(code))
+        except ValueError:
+            return PullOutcome.UNREACHABLE
+
+    def _kv_reply(
+        self, body: dict[str, Any], kv: KvTransferRequest, prompt_tokens: int, request: Request
+    ) -> dict[str, Any]:
+        """The response's kv_transfer_params: the held blocks for a remote decoder, null for
+        other requests that carried the field (as vLLM answers), absent otherwise."""
+        if kv.do_remote_decode:
+            return {"kv_transfer_params": self._hand_off(prompt_tokens, request)}
+        if "kv_transfer_params" in body:
+            return {"kv_transfer_params": None}
+        return {}
+
+    def _hand_off(self, prompt_tokens: int, request: Request) -> dict[str, Any]:
+        """Hold the prompt's KV blocks and describe them for a remote decoder; the address is
+        the one the caller reached this engine at."""
+        host, port = self.config.host, self.config.port
+        where = request.headers.get("host", "")
+        name, sep, number = where.rpartition(":")
+        if sep and number.isdigit() and name:
+            host, port = name.strip("[]"), int(number)
+        blocks = self.kv_store.hold(prompt_tokens)
+        self.metrics.kv_params_sent.inc()
+        return prefill_reply_params(self.engine_id, blocks, host, port)
+
+    async def kv_pull(self, request: Request) -> Response:
+        """POST /sim/kv/pull: a decoder reads (and frees) blocks this engine holds."""
+        body = await _json_object(request)
+        engine_id = body.get("engine_id")
+        blocks = body.get("block_ids")
+        if not isinstance(engine_id, str) or not isinstance(blocks, list):
+            raise InvalidRequestError("engine_id (string) and block_ids (list) are required")
+        if not all(_is_int(b) for b in blocks):
+            raise InvalidRequestError("block_ids must be integers", param="block_ids")
+        if engine_id != self.engine_id:
+            outcome = PullOutcome.WRONG_ENGINE
+        else:
+            outcome = self.kv_store.pull(tuple(blocks))
+        if outcome is PullOutcome.OK:
+            return JSONResponse({"pulled": len(blocks)})
+        return JSONResponse(
+            {
+                "error": {
+                    "message": f"KV blocks not available: {outcome.value}",
+                    "type": "NotFoundError",
+                    "param": "block_ids",
+                    "code": outcome.value,
+                }
+            },
+            404,
+        )
+
     # ---- chat
 
     async def chat(self, request: Request) -> Response | StreamingResponse:
@@ -418,14 +600,29 @@ class _SimEngine:
         prompt = chat_prompt_text(messages)
         prompt_tokens = count_tokens(prompt)
         max_tokens = self._max_tokens(requested, key, prompt_tokens, "messages")
+        resumed = 0  # tokens of a final assistant message to continue (vLLM's flag)
+        if body.get("continue_final_message") is True and messages[-1].get("role") == "assistant":
+            # Answer the rest of what the earlier messages alone would have got, so a reply
+            # resumed on another engine reads exactly like one uninterrupted reply.
+            resumed = count_tokens(chat_prompt_text(messages[-1:]))
+            prompt = chat_prompt_text(messages[:-1])
         generation = generate(
-            prompt, max_tokens, _seed(body, self.config.seed), _stop_strings(body)
+            prompt, max_tokens + resumed, _seed(body, self.config.seed), _stop_strings(body)
         )
-        job = _Job(model, prompt_tokens, (generation,), stream, include_usage)
+        if resumed:
+            generation = Generation(
+                generation.pieces[resumed:] or ("",),
+                generation.finish_reason,
+                generation.stop_reason,
+            )
+        kv = self._kv_params(body, stream, 1)
+        first_token_s = await self._first_token_s(kv)
+        job = _Job(model, prompt_tokens, (generation,), stream, include_usage, False, first_token_s)
         if stream:
             return StreamingResponse(self._chat_chunks(job, request))
         if not await self._run_to_end(job, request):
             return Response(b"", _CLIENT_GONE)
+        extra = self._kv_reply(body, kv, prompt_tokens, request)
         return JSONResponse(
             {
                 "id": self._id("chatcmpl"),
@@ -447,6 +644,7 @@ class _SimEngine:
                 ],
                 "usage": {**job.usage(), "prompt_tokens_details": None},
                 "prompt_logprobs": None,
+                **extra,
             }
         )
 
@@ -516,11 +714,14 @@ class _SimEngine:
         counts = [count_tokens(p) for p in prompts]
         max_tokens = self._max_tokens(requested, "max_tokens", max(counts), "prompt")
         generations = tuple(generate(p, max_tokens, seed, stop) for p in prompts)
-        job = _Job(model, sum(counts), generations, stream, include_usage)
+        kv = self._kv_params(body, stream, len(prompts))
+        first_token_s = await self._first_token_s(kv)
+        job = _Job(model, sum(counts), generations, stream, include_usage, False, first_token_s)
         if stream:
             return StreamingResponse(self._completion_chunks(job, request))
         if not await self._run_to_end(job, request):
             return Response(b"", _CLIENT_GONE)
+        extra = self._kv_reply(body, kv, sum(counts), request)
         return JSONResponse(
             {
                 "id": self._id("cmpl"),
@@ -539,6 +740,7 @@ class _SimEngine:
                     for i, g in enumerate(generations)
                 ],
                 "usage": {**job.usage(), "prompt_tokens_details": None},
+                **extra,
             }
         )
 
@@ -700,7 +902,7 @@ def _embedding_inputs(value: Any) -> list[str]:
 def create_app(config: SimConfig) -> App:
     """The simulator's ASGI app; each app has its own slots and metrics registry."""
     engine = _SimEngine(config)
-    app = App()
+    app = App(on_shutdown=engine.aclose)
     app.add("POST", "/v1/chat/completions", engine.chat)
     app.add("POST", "/v1/completions", engine.completions)
     if config.embedding_dim > 0:
@@ -709,6 +911,7 @@ def create_app(config: SimConfig) -> App:
     app.add("GET", "/health", engine.health)
     app.add("GET", "/version", engine.version)
     app.add("GET", "/metrics", engine.prometheus)
+    app.add("POST", KV_PULL_PATH, engine.kv_pull)
     return app
 
 
@@ -736,6 +939,7 @@ class _Server(uvicorn.Server):
                 "ttft_ms": self.sim.ttft_ms,
                 "tpot_ms": self.sim.tpot_ms,
                 "max_num_seqs": self.sim.max_num_seqs,
+                "role": self.sim.role,
             },
         )
 
@@ -778,6 +982,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument(
+        "--role",
+        default=defaults.role,
+        choices=["both", "prefill", "decode"],
+        help="PD serving: prefill answers kv_transfer_params for a remote decoder, decode "
+        "loads a remote prefill's KV blocks, both does either (vLLM kv_role kv_both)",
+    )
+    parser.add_argument("--kv-engine-id", default="", help="KV engine id (default: random)")
+    parser.add_argument("--kv-block-size", type=int, default=defaults.kv_block_size)
+    parser.add_argument(
+        "--kv-hold-s",
+        type=float,
+        default=defaults.kv_hold_s,
+        help="seconds a prefill engine keeps KV blocks for a decoder to pull",
+    )
+    parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper
     )
     return parser
@@ -801,6 +1020,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_model_len=args.max_model_len,
             seed=args.seed,
             embedding_dim=args.embedding_dim,
+            role=args.role,
+            kv_engine_id=args.kv_engine_id,
+            kv_block_size=args.kv_block_size,
+            kv_hold_s=args.kv_hold_s,
         )
     except ConfigurationError as exc:
         parser.error(exc.message)

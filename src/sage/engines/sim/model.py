@@ -122,6 +122,11 @@ class SimConfig:
     max_model_len: int = 4096
     seed: int = 0
     embedding_dim: int = 0
+    # PD (disaggregated) serving: which side of vLLM's KV exchange this engine plays.
+    role: str = "both"  # both | prefill | decode
+    kv_engine_id: str = ""  # NixlConnector's engine id; "" = a random one per process
+    kv_block_size: int = 16  # prompt tokens per KV block
+    kv_hold_s: float = 480.0  # prefill keeps blocks this long for a decoder to pull
     served_names: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -135,6 +140,9 @@ class SimConfig:
             (self.max_model_len >= 1, "max_model_len must be >= 1"),
             (self.embedding_dim >= 0, "embedding_dim must be >= 0"),
             (0 <= self.port <= 65535, "port must be in 0..65535"),
+            (self.role in ("both", "prefill", "decode"), "role must be both, prefill or decode"),
+            (self.kv_block_size >= 1, "kv_block_size must be >= 1"),
+            (self.kv_hold_s > 0, "kv_hold_s must be > 0"),
         ]
         for ok, message in checks:
             if not ok:

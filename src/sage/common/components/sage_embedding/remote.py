@@ -236,10 +236,24 @@ def _provider_message(response: httpx.Response) -> str:
     return response.text[:500]
 
 
+def _sent_credential(response: httpx.Response) -> str:
+    """The bearer token the request carried, so an error that echoes it can be masked."""
+    try:
+        header = response.request.headers.get("authorization", "")
+    except RuntimeError:  # a response built without its request
+        return ""
+    return str(header).partition(" ")[2].strip()
+
+
 def error_from_response(provider: str, response: httpx.Response) -> SageError:
-    """The SageError for a failed provider answer, keeping the provider's message."""
+    """The SageError for a failed provider answer, keeping the provider's message (with
+    the caller's key masked: some providers and proxies quote it back)."""
     status = response.status_code
-    message = f"{provider} embeddings API answered HTTP {status}: {_provider_message(response)}"
+    detail = _provider_message(response)
+    credential = _sent_credential(response)
+    if len(credential) >= 8:
+        detail = detail.replace(credential, "***")
+    message = f"{provider} embeddings API answered HTTP {status}: {detail}"
     if status == 401:
         return AuthenticationError(message + " (check the API key)")
     if status == 403:

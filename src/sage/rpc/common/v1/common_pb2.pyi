@@ -251,3 +251,82 @@ class Usage(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Usage: _TypeAlias = Usage  # noqa: Y015
+
+@_typing.final
+class NodeGpu(_message.Message):
+    """NodeGpu is one GPU of a node as its agent reports it (from gpu_manager)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    MEMORY_TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    MEMORY_FREE_BYTES_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    name: _builtins.str
+    memory_total_bytes: _builtins.int
+    memory_free_bytes: _builtins.int
+    """Memory a new engine could still reserve (free minus reservations and safety margin)."""
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        name: _builtins.str = ...,
+        memory_total_bytes: _builtins.int = ...,
+        memory_free_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "memory_free_bytes", b"memory_free_bytes", "memory_total_bytes", b"memory_total_bytes", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeGpu: _TypeAlias = NodeGpu  # noqa: Y015
+
+@_typing.final
+class NodeReport(_message.Message):
+    """NodeReport is what a node agent (lifecycle + gpu_manager on one host) says about itself."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    LIFECYCLE_ADDR_FIELD_NUMBER: _builtins.int
+    ADVERTISE_HOST_FIELD_NUMBER: _builtins.int
+    GPU_COUNT_FIELD_NUMBER: _builtins.int
+    GPUS_FIELD_NUMBER: _builtins.int
+    ENGINE_IDS_FIELD_NUMBER: _builtins.int
+    AGENT_INSTANCE_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    """The node's id (SAGE_NODE_ID, default the hostname); unique in one control plane."""
+    lifecycle_addr: _builtins.str
+    """host:port where other hosts reach the node's lifecycle service."""
+    advertise_host: _builtins.str
+    """Address the node's engines are reachable at (SAGE_ADVERTISE_HOST)."""
+    gpu_count: _builtins.int
+    """Number of GPUs the agent claims; must equal the number of entries in `gpus`."""
+    agent_instance: _builtins.str
+    """Random id of the agent process, so a restarted agent is told apart from a duplicate."""
+    @_builtins.property
+    def gpus(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeGpu]: ...
+    @_builtins.property
+    def engine_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Ids of the engines the node runs that are ready."""
+
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        lifecycle_addr: _builtins.str = ...,
+        advertise_host: _builtins.str = ...,
+        gpu_count: _builtins.int = ...,
+        gpus: _abc.Iterable[Global___NodeGpu] | None = ...,
+        engine_ids: _abc.Iterable[_builtins.str] | None = ...,
+        agent_instance: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["advertise_host", b"advertise_host", "agent_instance", b"agent_instance", "engine_ids", b"engine_ids", "gpu_count", b"gpu_count", "gpus", b"gpus", "lifecycle_addr", b"lifecycle_addr", "node_id", b"node_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeReport: _TypeAlias = NodeReport  # noqa: Y015

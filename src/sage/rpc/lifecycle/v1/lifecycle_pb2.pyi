@@ -63,6 +63,7 @@ class StartEngineRequest(_message.Message):
     METADATA_FIELD_NUMBER: _builtins.int
     MAX_MODEL_LEN_FIELD_NUMBER: _builtins.int
     NO_WAIT_FIELD_NUMBER: _builtins.int
+    LIKE_ENGINE_ID_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model id or local path, e.g. Qwen/Qwen2.5-7B-Instruct."""
     kind: _common_pb2.EngineKind.ValueType
@@ -96,6 +97,10 @@ class StartEngineRequest(_message.Message):
     """Context length for backends that take one; 0 = model default."""
     no_wait: _builtins.bool
     """Return at once with the engine STARTING instead of waiting until it is ready."""
+    like_engine_id: _builtins.str
+    """Start a replica of this engine: its whole spec (model, backend, parallelism, GPU memory,
+    extra args, role, ...) with a fresh id and port; the other fields here are ignored.
+    """
     @_builtins.property
     def extra_args(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Extra command-line arguments passed to the engine program, one argument per item."""
@@ -131,10 +136,11 @@ class StartEngineRequest(_message.Message):
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         max_model_len: _builtins.int = ...,
         no_wait: _builtins.bool = ...,
+        like_engine_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_use_gpu", b"_use_gpu", "use_gpu", b"use_gpu"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_use_gpu", b"_use_gpu", "aliases", b"aliases", "backend", b"backend", "base_url", b"base_url", "engine_id", b"engine_id", "extra_args", b"extra_args", "gpu_memory_utilization", b"gpu_memory_utilization", "kind", b"kind", "label", b"label", "max_concurrent_requests", b"max_concurrent_requests", "max_model_len", b"max_model_len", "metadata", b"metadata", "model", b"model", "no_wait", b"no_wait", "pipeline_parallel_size", b"pipeline_parallel_size", "port", b"port", "required_memory_gb", b"required_memory_gb", "role", b"role", "startup_timeout_s", b"startup_timeout_s", "tensor_parallel_size", b"tensor_parallel_size", "use_gpu", b"use_gpu"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_use_gpu", b"_use_gpu", "aliases", b"aliases", "backend", b"backend", "base_url", b"base_url", "engine_id", b"engine_id", "extra_args", b"extra_args", "gpu_memory_utilization", b"gpu_memory_utilization", "kind", b"kind", "label", b"label", "like_engine_id", b"like_engine_id", "max_concurrent_requests", b"max_concurrent_requests", "max_model_len", b"max_model_len", "metadata", b"metadata", "model", b"model", "no_wait", b"no_wait", "pipeline_parallel_size", b"pipeline_parallel_size", "port", b"port", "required_memory_gb", b"required_memory_gb", "role", b"role", "startup_timeout_s", b"startup_timeout_s", "tensor_parallel_size", b"tensor_parallel_size", "use_gpu", b"use_gpu"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__use_gpu: _TypeAlias = _typing.Literal["use_gpu"]  # noqa: Y015
     _WhichOneofArgType__use_gpu: _TypeAlias = _typing.Literal["_use_gpu", b"_use_gpu"]  # noqa: Y015
@@ -433,3 +439,38 @@ class ListBackendsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListBackendsResponse: _TypeAlias = ListBackendsResponse  # noqa: Y015
+
+@_typing.final
+class DescribeNodeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DescribeNodeRequest: _TypeAlias = DescribeNodeRequest  # noqa: Y015
+
+@_typing.final
+class DescribeNodeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPORT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def report(self) -> _common_pb2.NodeReport: ...
+    def __init__(
+        self,
+        *,
+        report: _common_pb2.NodeReport | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["report", b"report"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["report", b"report"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DescribeNodeResponse: _TypeAlias = DescribeNodeResponse  # noqa: Y015

@@ -71,6 +71,11 @@ class LifecycleServiceStub:
                 request_serializer=sage_dot_rpc_dot_lifecycle_dot_v1_dot_lifecycle__pb2.ListBackendsRequest.SerializeToString,
                 response_deserializer=sage_dot_rpc_dot_lifecycle_dot_v1_dot_lifecycle__pb2.ListBackendsResponse.FromString,
                 _registered_method=True)
+        self.DescribeNode = channel.unary_unary(
+                '/sage.rpc.lifecycle.v1.LifecycleService/DescribeNode',
+                request_serializer=sage_dot_rpc_dot_lifecycle_dot_v1_dot_lifecycle__pb2.DescribeNodeRequest.SerializeToString,
+                response_deserializer=sage_dot_rpc_dot_lifecycle_dot_v1_dot_lifecycle__pb2.DescribeNodeResponse.FromString,
+                _registered_method=True)
 
 
 class LifecycleServiceServicer:
@@ -127,6 +132,14 @@ class LifecycleServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DescribeNode(self, request, context):
+        """DescribeNode reports this node (GPUs, ready engines, addresses), for schedulers that
+        poll statically configured nodes instead of waiting for heartbeats.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LifecycleServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -164,6 +177,11 @@ def add_LifecycleServiceServicer_to_server(servicer, server):
                     servicer.ListBackends,
                     request_deserializer=sage_dot_rpc_dot_lifecycle_dot_v1_dot_lifecycle__pb2.ListBackendsRequest.FromString,
                     response_serializer=sage_dot_rpc_dot_lifecycle_dot_v1_dot_lifecycle__pb2.ListBackendsResponse.SerializeToString,
+            ),
+            'DescribeNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeNode,
+                    request_deserializer=sage_dot_rpc_dot_lifecycle_dot_v1_dot_lifecycle__pb2.DescribeNodeRequest.FromString,
+                    response_serializer=sage_dot_rpc_dot_lifecycle_dot_v1_dot_lifecycle__pb2.DescribeNodeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -357,6 +375,33 @@ class LifecycleService:
             '/sage.rpc.lifecycle.v1.LifecycleService/ListBackends',
             sage_dot_rpc_dot_lifecycle_dot_v1_dot_lifecycle__pb2.ListBackendsRequest.SerializeToString,
             sage_dot_rpc_dot_lifecycle_dot_v1_dot_lifecycle__pb2.ListBackendsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sage.rpc.lifecycle.v1.LifecycleService/DescribeNode',
+            sage_dot_rpc_dot_lifecycle_dot_v1_dot_lifecycle__pb2.DescribeNodeRequest.SerializeToString,
+            sage_dot_rpc_dot_lifecycle_dot_v1_dot_lifecycle__pb2.DescribeNodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -49,6 +49,10 @@ class LifecycleServiceStub:
     """PruneEngines forgets stopped and failed engines."""
     ListBackends: _grpc.UnaryUnaryMultiCallable[_lifecycle_pb2.ListBackendsRequest, _lifecycle_pb2.ListBackendsResponse]
     """ListBackends says which engine backends exist and which can run on this host."""
+    DescribeNode: _grpc.UnaryUnaryMultiCallable[_lifecycle_pb2.DescribeNodeRequest, _lifecycle_pb2.DescribeNodeResponse]
+    """DescribeNode reports this node (GPUs, ready engines, addresses), for schedulers that
+    poll statically configured nodes instead of waiting for heartbeats.
+    """
 
 @_typing.type_check_only
 class LifecycleServiceAsyncStub(LifecycleServiceStub):
@@ -71,6 +75,10 @@ class LifecycleServiceAsyncStub(LifecycleServiceStub):
     """PruneEngines forgets stopped and failed engines."""
     ListBackends: _aio.UnaryUnaryMultiCallable[_lifecycle_pb2.ListBackendsRequest, _lifecycle_pb2.ListBackendsResponse]  # type: ignore[assignment]
     """ListBackends says which engine backends exist and which can run on this host."""
+    DescribeNode: _aio.UnaryUnaryMultiCallable[_lifecycle_pb2.DescribeNodeRequest, _lifecycle_pb2.DescribeNodeResponse]  # type: ignore[assignment]
+    """DescribeNode reports this node (GPUs, ready engines, addresses), for schedulers that
+    poll statically configured nodes instead of waiting for heartbeats.
+    """
 
 class LifecycleServiceServicer(metaclass=_abc_1.ABCMeta):
     """LifecycleService starts, watches and stops engine processes (EngineLifecycleManager),
@@ -132,5 +140,15 @@ class LifecycleServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_lifecycle_pb2.ListBackendsResponse, _abc.Awaitable[_lifecycle_pb2.ListBackendsResponse]]:
         """ListBackends says which engine backends exist and which can run on this host."""
+
+    @_abc_1.abstractmethod
+    def DescribeNode(
+        self,
+        request: _lifecycle_pb2.DescribeNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_lifecycle_pb2.DescribeNodeResponse, _abc.Awaitable[_lifecycle_pb2.DescribeNodeResponse]]:
+        """DescribeNode reports this node (GPUs, ready engines, addresses), for schedulers that
+        poll statically configured nodes instead of waiting for heartbeats.
+        """
 
 def add_LifecycleServiceServicer_to_server(servicer: LifecycleServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -92,6 +92,26 @@ class SchedulerServiceStub:
                 request_serializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.GetMetricsRequest.SerializeToString,
                 response_deserializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.GetMetricsResponse.FromString,
                 _registered_method=True)
+        self.RegisterNode = channel.unary_unary(
+                '/sage.rpc.scheduler.v1.SchedulerService/RegisterNode',
+                request_serializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.RegisterNodeRequest.SerializeToString,
+                response_deserializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.RegisterNodeResponse.FromString,
+                _registered_method=True)
+        self.NodeHeartbeat = channel.unary_unary(
+                '/sage.rpc.scheduler.v1.SchedulerService/NodeHeartbeat',
+                request_serializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.NodeHeartbeatRequest.SerializeToString,
+                response_deserializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.NodeHeartbeatResponse.FromString,
+                _registered_method=True)
+        self.ListNodes = channel.unary_unary(
+                '/sage.rpc.scheduler.v1.SchedulerService/ListNodes',
+                request_serializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.ListNodesRequest.SerializeToString,
+                response_deserializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.ListNodesResponse.FromString,
+                _registered_method=True)
+        self.PlaceEngine = channel.unary_unary(
+                '/sage.rpc.scheduler.v1.SchedulerService/PlaceEngine',
+                request_serializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.PlaceEngineRequest.SerializeToString,
+                response_deserializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.PlaceEngineResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServiceServicer:
@@ -177,6 +197,35 @@ class SchedulerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterNode(self, request, context):
+        """RegisterNode adds a node agent to the node table (ALREADY_EXISTS when another live
+        agent holds the id).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def NodeHeartbeat(self, request, context):
+        """NodeHeartbeat refreshes a registered node (NOT_FOUND tells the agent to register again).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListNodes(self, request, context):
+        """ListNodes returns the node table.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PlaceEngine(self, request, context):
+        """PlaceEngine picks the node a new engine should start on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -234,6 +283,26 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
                     servicer.GetMetrics,
                     request_deserializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.GetMetricsRequest.FromString,
                     response_serializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.GetMetricsResponse.SerializeToString,
+            ),
+            'RegisterNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterNode,
+                    request_deserializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.RegisterNodeRequest.FromString,
+                    response_serializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.RegisterNodeResponse.SerializeToString,
+            ),
+            'NodeHeartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.NodeHeartbeat,
+                    request_deserializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.NodeHeartbeatRequest.FromString,
+                    response_serializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.NodeHeartbeatResponse.SerializeToString,
+            ),
+            'ListNodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListNodes,
+                    request_deserializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.ListNodesRequest.FromString,
+                    response_serializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.ListNodesResponse.SerializeToString,
+            ),
+            'PlaceEngine': grpc.unary_unary_rpc_method_handler(
+                    servicer.PlaceEngine,
+                    request_deserializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.PlaceEngineRequest.FromString,
+                    response_serializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.PlaceEngineResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -536,6 +605,114 @@ class SchedulerService:
             '/sage.rpc.scheduler.v1.SchedulerService/GetMetrics',
             sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.GetMetricsRequest.SerializeToString,
             sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.GetMetricsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sage.rpc.scheduler.v1.SchedulerService/RegisterNode',
+            sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.RegisterNodeRequest.SerializeToString,
+            sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.RegisterNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def NodeHeartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sage.rpc.scheduler.v1.SchedulerService/NodeHeartbeat',
+            sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.NodeHeartbeatRequest.SerializeToString,
+            sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.NodeHeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListNodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sage.rpc.scheduler.v1.SchedulerService/ListNodes',
+            sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.ListNodesRequest.SerializeToString,
+            sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.ListNodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PlaceEngine(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sage.rpc.scheduler.v1.SchedulerService/PlaceEngine',
+            sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.PlaceEngineRequest.SerializeToString,
+            sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.PlaceEngineResponse.FromString,
             options,
             channel_credentials,
             insecure,

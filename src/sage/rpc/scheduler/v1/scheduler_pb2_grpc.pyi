@@ -58,6 +58,16 @@ class SchedulerServiceStub:
     """GetStatus reports queue depth, in-flight requests and engine counts."""
     GetMetrics: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.GetMetricsRequest, _scheduler_pb2.GetMetricsResponse]
     """GetMetrics returns the scheduler's Prometheus metrics and per-model latency stats."""
+    RegisterNode: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.RegisterNodeRequest, _scheduler_pb2.RegisterNodeResponse]
+    """RegisterNode adds a node agent to the node table (ALREADY_EXISTS when another live
+    agent holds the id).
+    """
+    NodeHeartbeat: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.NodeHeartbeatRequest, _scheduler_pb2.NodeHeartbeatResponse]
+    """NodeHeartbeat refreshes a registered node (NOT_FOUND tells the agent to register again)."""
+    ListNodes: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.ListNodesRequest, _scheduler_pb2.ListNodesResponse]
+    """ListNodes returns the node table."""
+    PlaceEngine: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.PlaceEngineRequest, _scheduler_pb2.PlaceEngineResponse]
+    """PlaceEngine picks the node a new engine should start on."""
 
 @_typing.type_check_only
 class SchedulerServiceAsyncStub(SchedulerServiceStub):
@@ -89,6 +99,16 @@ class SchedulerServiceAsyncStub(SchedulerServiceStub):
     """GetStatus reports queue depth, in-flight requests and engine counts."""
     GetMetrics: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.GetMetricsRequest, _scheduler_pb2.GetMetricsResponse]  # type: ignore[assignment]
     """GetMetrics returns the scheduler's Prometheus metrics and per-model latency stats."""
+    RegisterNode: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.RegisterNodeRequest, _scheduler_pb2.RegisterNodeResponse]  # type: ignore[assignment]
+    """RegisterNode adds a node agent to the node table (ALREADY_EXISTS when another live
+    agent holds the id).
+    """
+    NodeHeartbeat: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.NodeHeartbeatRequest, _scheduler_pb2.NodeHeartbeatResponse]  # type: ignore[assignment]
+    """NodeHeartbeat refreshes a registered node (NOT_FOUND tells the agent to register again)."""
+    ListNodes: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.ListNodesRequest, _scheduler_pb2.ListNodesResponse]  # type: ignore[assignment]
+    """ListNodes returns the node table."""
+    PlaceEngine: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.PlaceEngineRequest, _scheduler_pb2.PlaceEngineResponse]  # type: ignore[assignment]
+    """PlaceEngine picks the node a new engine should start on."""
 
 class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
     """SchedulerService classifies, queues, routes and executes inference requests, and owns
@@ -183,5 +203,39 @@ class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_scheduler_pb2.GetMetricsResponse, _abc.Awaitable[_scheduler_pb2.GetMetricsResponse]]:
         """GetMetrics returns the scheduler's Prometheus metrics and per-model latency stats."""
+
+    @_abc_1.abstractmethod
+    def RegisterNode(
+        self,
+        request: _scheduler_pb2.RegisterNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.RegisterNodeResponse, _abc.Awaitable[_scheduler_pb2.RegisterNodeResponse]]:
+        """RegisterNode adds a node agent to the node table (ALREADY_EXISTS when another live
+        agent holds the id).
+        """
+
+    @_abc_1.abstractmethod
+    def NodeHeartbeat(
+        self,
+        request: _scheduler_pb2.NodeHeartbeatRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.NodeHeartbeatResponse, _abc.Awaitable[_scheduler_pb2.NodeHeartbeatResponse]]:
+        """NodeHeartbeat refreshes a registered node (NOT_FOUND tells the agent to register again)."""
+
+    @_abc_1.abstractmethod
+    def ListNodes(
+        self,
+        request: _scheduler_pb2.ListNodesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.ListNodesResponse, _abc.Awaitable[_scheduler_pb2.ListNodesResponse]]:
+        """ListNodes returns the node table."""
+
+    @_abc_1.abstractmethod
+    def PlaceEngine(
+        self,
+        request: _scheduler_pb2.PlaceEngineRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.PlaceEngineResponse, _abc.Awaitable[_scheduler_pb2.PlaceEngineResponse]]:
+        """PlaceEngine picks the node a new engine should start on."""
 
 def add_SchedulerServiceServicer_to_server(servicer: SchedulerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

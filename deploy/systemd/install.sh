@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Install the SAGE LLM control plane as systemd services on this host.
+#
+#   sudo deploy/systemd/install.sh                 # all five services (sage-llm.target)
+#   sudo deploy/systemd/install.sh --node-agent    # GPU host: gpu_manager + lifecycle only
+#   options: --engines (also install torch engines), --no-start, --python PATH
+#
+# Creates the `sage` system user, a venv in /opt/sage/venv with this checkout installed,
+# /etc/sage/sage.env (kept if it exists), /var/lib/sage, the units, then daemon-reload and
+# (unless --no-start) enables and starts the target.
+set -euo pipefail
+
+PREFIX=/opt/sage
+ETC_DIR=/etc/sage
+STATE_DIR=/var/lib/sage
+UNIT_DIR=/etc/systemd/system
+SAGE_USER=sage
+PYTHON=python3
+ROLE=all
+EXTRAS=""
+START=1
+
+usage() {
+  sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
+}
+
+while [ "$#" -gt 0 ]; do
+  case "$1" in
+    --node-agent) ROLE=node-agent ;;
+    --engines) EXTRAS="[engines]" ;;
+    --no-start) START=0 ;;
+    --python)
+      shift
+      PYTHON="${1:?--python needs a path}"
+      ;;
+    -h | --help)
+      usage
+      exit 0
+      ;;
+    *)
+      echo "install.sh: unknown option: $1" >&2
+      usage >&2
+      exit 2
+      ;;
+  esac
+  shift
+done
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "install.sh: run as root (it creates a user and installs units)" >&2
+  exit 1
+fi
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(cd "${HERE}/../.." && pwd)"
+
+if [ "${ROLE}" = node-agent ]; then
+  TARGET=sage-node-agent.target
+  UNITS=(sage-gpu-manager.service sage-lifecycle.service)
+  ENV_TEMPLATE="${HERE}/env/node-agent.env"
+else
+  TARGET=sage-llm.target
+  UNITS=(sage-embedding.service sage-scheduler.service sage-edge.service
+    sage-gpu-manager.service sage-lifecycle.service)
+  ENV_TEMPLATE="${HERE}/env/sage.env"
+fi
+
+echo "== user ${SAGE_USER}"
+if ! id -u "${SAGE_USER}" >/dev/null 2>&1; then
+  useradd --system --home-dir "${STATE_DIR}" --shell /usr/sbin/nologin "${SAGE_USER}"
+fi
+
+echo "== directories"
+install -d -m 0755 "${PREFIX}"
+install -d -m 0750 -o root -g "${SAGE_USER}" "${ETC_DIR}"
+install -d -m 0750 -o "${SAGE_USER}" -g "${SAGE_USER}" "${STATE_DIR}"
+
+echo "== venv ${PREFIX}/venv (${REPO}${EXTRAS})"
+if [ ! -x "${PREFIX}/venv/bin/python" ]; then
+  "${PYTHON}" -m venv "${PREFIX}/venv"
+fi
+"${PREFIX}/venv/bin/python" -m pip install --upgrade pip
+"${PREFIX}/venv/bin/python" -m pip install "${REPO}${EXTRAS}"
+
+echo "== settings ${ETC_DIR}/sage.env"
+if [ -e "${ETC_DIR}/sage.env" ]; then
+  echo "   kept the existing file; the template is ${ENV_TEMPLATE}"
+else
+  install -m 0640 -o root -g "${SAGE_USER}" "${ENV_TEMPLATE}" "${ETC_DIR}/sage.env"
+fi
+
+echo "== units -> ${UNIT_DIR}"
+for unit in "${UNITS[@]}" "${TARGET}"; do
+  install -m 0644 "${HERE}/${unit}" "${UNIT_DIR}/${unit}"
+done
+systemctl daemon-reload
+
+if [ "${START}" = 1 ]; then
+  systemctl enable --now "${TARGET}"
+  systemctl --no-pager status "${TARGET}" || true
+else
+  echo "installed; start with: systemctl enable --now ${TARGET}"
+fi

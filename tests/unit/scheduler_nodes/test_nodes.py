@@ -1,0 +1,199 @@
+"""The node table: duplicates, lying agents, timeouts draining engines, placement."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from sage.common.exceptions import (
+    ConflictError,
+    InsufficientResourcesError,
+    InvalidRequestError,
+    NotFoundError,
+)
+from sage.services.scheduler.nodes import (
+    NodeGpu,
+    NodeReport,
+    NodeState,
+    NodeTable,
+    StaticNode,
+    parse_nodes,
+)
+from sage.services.scheduler.registry import EngineKind, EngineRecord, EngineRegistry, EngineState
+
+GiB = 1 << 30
+
+
+class Clock:
+    """A hand-moved monotonic clock."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def gpus(*free_gib: float, total_gib: float = 80) -> tuple[NodeGpu, ...]:
+    return tuple(
+        NodeGpu(i, int(total_gib * GiB), int(free * GiB)) for i, free in enumerate(free_gib)
+    )
+
+
+def report(node_id: str, addr: str, *gpu: NodeGpu, engines: tuple[str, ...] = ()) -> NodeReport:
+    return NodeReport(node_id, addr, "h", len(gpu), tuple(gpu), engines, agent_instance=addr)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def registry() -> EngineRegistry:
+    return EngineRegistry()
+
+
+@pytest.fixture
+def table(registry: EngineRegistry, clock: Clock) -> NodeTable:
+    return NodeTable(registry, timeout_s=6.0, clock=clock)
+
+
+def engine(engine_id: str, node_id: str) -> EngineRecord:
+    return EngineRecord(
+        engine_id, "m", EngineKind.LLM, f"http://10.0.0.1/{engine_id}", node_id=node_id
+    )
+
+
+def test_duplicate_node_id_from_another_agent_is_refused_while_the_first_lives(
+    table: NodeTable, clock: Clock
+) -> None:
+    table.report(report("a", "10.0.0.1:1", *gpus(10)), register=True)
+    with pytest.raises(
+        ConflictError, match=re.escape("'a' is already held by the live agent at 10.0.0.1:1")
+    ):
+        table.report(report("a", "10.0.0.2:1", *gpus(10)), register=True)
+    clock.now += 7  # the first went silent: the id is free again
+    node = table.report(report("a", "10.0.0.2:1", *gpus(10)), register=True)
+    assert node.report.lifecycle_addr == "10.0.0.2:1"
+
+
+def test_a_restarted_agent_at_the_same_address_may_register_again(table: NodeTable) -> None:
+    table.report(report("a", "10.0.0.1:1"), register=True)
+    again = NodeReport("a", "10.0.0.1:1", agent_instance="new")
+    assert table.report(again, register=True).state is NodeState.READY
+
+
+def test_heartbeat_from_an_unknown_node_asks_it_to_register(table: NodeTable) -> None:
+    with pytest.raises(NotFoundError, match="not registered"):
+        table.report(report("ghost", "10.0.0.9:1"), register=False)
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [
+        (NodeReport("a", "h:1", gpu_count=2, gpus=gpus(10)), "claims 2 GPUs but describes 1"),
+        (NodeReport("a", "h:1", gpu_count=1, gpus=gpus(90)), "more free memory"),
+        (NodeReport("a", "h:1", gpu_count=1, gpus=gpus(-1)), "negative memory"),
+        (NodeReport("a", "h:1", gpu_count=-1), "negative GPU count"),
+    ],
+)
+def test_a_node_lying_about_gpus_is_unhealthy_and_gets_no_engines(
+    table: NodeTable, bad: NodeReport, reason: str
+) -> None:
+    node = table.report(bad, register=True)
+    assert node.state is NodeState.UNHEALTHY
+    assert reason in node.reason
+    with pytest.raises(InsufficientResourcesError, match="no ready node"):
+        table.place(gpus_needed=1, use_gpu=False)
+
+
+def test_missing_identity_is_a_clear_error(table: NodeTable) -> None:
+    with pytest.raises(InvalidRequestError, match="node_id"):
+        table.report(NodeReport("", "h:1"), register=True)
+    with pytest.raises(InvalidRequestError, match="lifecycle_addr"):
+        table.report(NodeReport("a", "nohostport"), register=True)
+
+
+def test_silent_node_has_its_engines_drained_and_restored_when_it_returns(
+    table: NodeTable, registry: EngineRegistry, clock: Clock
+) -> None:
+    table.report(report("a", "h:1", engines=("e1",)), register=True)
+    table.report(report("b", "h:2", engines=("e2",)), register=True)
+    registry.register(engine("e1", "a"))
+    registry.register(engine("e2", "b"))
+    clock.now += 4
+    table.report(report("a", "h:1", engines=("e1",)), register=False)
+    clock.now += 3  # b silent for 7 s > 6 s
+    assert table.sweep() == ["b"]
+    assert [e.engine_id for e in registry.ready_for("m")] == ["e1"]
+    assert next(n for n in table.nodes() if n.node_id == "b").state is NodeState.DOWN
+    # lifecycle's periodic re-registration must not sneak the engine back while b is down
+    registry.register(table.admit_engine(engine("e2", "b")))
+    assert [e.engine_id for e in registry.ready_for("m")] == ["e1"]
+    table.report(report("b", "h:2", engines=("e2",)), register=False)
+    assert sorted(e.engine_id for e in registry.ready_for("m")) == ["e1", "e2"]
+
+
+def test_engines_a_node_no_longer_runs_stay_drained(
+    table: NodeTable, registry: EngineRegistry, clock: Clock
+) -> None:
+    table.report(report("b", "h:2", engines=("e2",)), register=True)
+    registry.register(engine("e2", "b"))
+    clock.now += 10
+    table.sweep()
+    table.report(report("b", "h:2", engines=()), register=True)
+    assert registry.engines()[0].state is EngineState.DRAINING
+
+
+def test_gpu_placement_prefers_free_memory_but_keeps_tensor_parallel_on_one_host(
+    table: NodeTable,
+) -> None:
+    table.report(report("two-small", "h:1", *gpus(40, 40)), register=True)
+    table.report(report("one-big", "h:2", *gpus(70)), register=True)
+    assert table.place(gpus_needed=1, use_gpu=True).node_id == "one-big"
+    assert table.place(gpus_needed=2, use_gpu=True).node_id == "two-small"
+    with pytest.raises(InsufficientResourcesError, match="3 GPUs are needed on one host"):
+        table.place(gpus_needed=3, use_gpu=True)
+
+
+def test_cpu_placement_picks_the_least_loaded_node(
+    table: NodeTable, registry: EngineRegistry
+) -> None:
+    table.report(report("a", "h:1"), register=True)
+    table.report(report("b", "h:2"), register=True)
+    registry.register(engine("e1", "a"))
+    assert table.place(gpus_needed=1, use_gpu=False).node_id == "b"
+
+
+def test_explicit_node_must_exist_and_be_ready(table: NodeTable, clock: Clock) -> None:
+    table.report(report("a", "h:1", *gpus(10)), register=True)
+    with pytest.raises(NotFoundError, match="no node named 'nope' \\(known nodes: a\\)"):
+        table.place(gpus_needed=1, use_gpu=False, node_id="nope")
+    with pytest.raises(InsufficientResourcesError, match="has 1 GPUs, 2 needed"):
+        table.place(gpus_needed=2, use_gpu=True, node_id="a")
+    clock.now += 10
+    table.sweep()
+    with pytest.raises(InsufficientResourcesError, match="'a' is down: no heartbeat"):
+        table.place(gpus_needed=1, use_gpu=False, node_id="a")
+
+
+def test_static_nodes_start_down_until_polled(registry: EngineRegistry, clock: Clock) -> None:
+    table = NodeTable(registry, timeout_s=6, static=[StaticNode("s", "h:9")], clock=clock)
+    assert table.nodes()[0].state is NodeState.DOWN
+    table.report(report("s", "h:9"), register=True, static=True)
+    assert table.nodes()[0].state is NodeState.READY and table.nodes()[0].static
+    table.mark_unreachable("s", "lifecycle at h:9 unreachable")
+    assert table.nodes()[0].reason == "lifecycle at h:9 unreachable"
+
+
+def test_parse_nodes_names_the_bad_entry() -> None:
+    assert parse_nodes(" a=10.0.0.1:50052, b=host:1 ") == [
+        StaticNode("a", "10.0.0.1:50052"),
+        StaticNode("b", "host:1"),
+    ]
+    with pytest.raises(ValueError, match="'b=nohost' is not id=host:port"):
+        parse_nodes("a=h:1,b=nohost")
+    with pytest.raises(ValueError, match="names node 'a' twice"):
+        parse_nodes("a=h:1,a=h:2")
