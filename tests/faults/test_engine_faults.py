@@ -1,0 +1,242 @@
+"""Engine faults under bounded load, as the user of the edge sees them: engines killed with
+SIGKILL (non-streamed and mid-stream), and an engine that accepts but never answers."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import subprocess
+import time
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from sage.engines.sim import expected_text
+from tests.conftest import SimFactory
+from tests.faults.conftest import PlaneFactory
+
+MESSAGES = [{"role": "user", "content": "tell me about fault tolerance"}]
+
+
+def _proc(sims: SimFactory, base_url: str) -> subprocess.Popen[bytes]:
+    """The simulator process serving `base_url`."""
+    port = base_url.rsplit(":", 1)[1]
+    procs: list[subprocess.Popen[bytes]] = sims.procs  # type: ignore[attr-defined]
+    for proc in procs:
+        args = [str(a) for a in proc.args] if isinstance(proc.args, list) else []
+        if args[args.index("--port") + 1] == port:
+            return proc
+    raise AssertionError(f"no simulator serves {base_url}")
+
+
+async def _running(base_url: str) -> float:
+    async with httpx.AsyncClient(trust_env=False) as client:
+        text = (await client.get(base_url + "/metrics")).text
+    found = re.search(r"^vllm:num_requests_running\{[^}]*\} (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+async def _kill_busy(sims: SimFactory, urls: list[str]) -> str:
+    """SIGKILL the engine that is generating right now; returns its URL."""
+    for _ in range(100):
+        for url in urls:
+            if await _running(url) > 0:
+                _proc(sims, url).send_signal(signal.SIGKILL)
+                _proc(sims, url).wait(10)
+                return url
+        await asyncio.sleep(0.02)
+    raise AssertionError("no engine was generating")
+
+
+async def _stream(
+    client: httpx.AsyncClient, path: str, body: dict[str, Any], on_chunk: Any = None
+) -> list[Any]:
+    """POST a streamed request; every SSE data payload, parsed ([DONE] as the string)."""
+    events: list[Any] = []
+    async with client.stream("POST", path, json={**body, "stream": True}) as resp:
+        assert resp.status_code == 200
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[6:]
+            events.append("[DONE]" if data == "[DONE]" else orjson.loads(data))
+            if on_chunk is not None:
+                await on_chunk(events)
+    return events
+
+
+@pytest.mark.slow
+async def test_killing_one_of_three_engines_fails_no_unary_request(
+    no_leaked_children: None, plane_factory: PlaneFactory, sim_engine: SimFactory
+) -> None:
+    plane = await plane_factory()
+    urls = [sim_engine("--ttft-ms", "20", "--tpot-ms", "15") for _ in range(3)]
+    for i, url in enumerate(urls):
+        await plane.register(f"sim-{i}", url)
+    total, workers = 60, 9
+    statuses: list[int] = []
+    warmed = asyncio.Event()
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for n in range(total):
+        queue.put_nowait(n)
+
+    async def worker() -> None:
+        while not queue.empty():
+            n = queue.get_nowait()
+            resp = await plane.client.post(
+                "/v1/chat/completions",
+                json={
+                    "model": "sim",
+                    "messages": [{"role": "user", "content": f"request {n}"}],
+                    "max_tokens": 12,
+                },
+            )
+            statuses.append(resp.status_code)
+            if len(statuses) == 10:
+                warmed.set()
+            assert resp.status_code != 200 or resp.json()["choices"][0]["message"]["content"]
+
+    tasks = [asyncio.create_task(worker()) for _ in range(workers)]
+    await asyncio.wait_for(warmed.wait(), 30)  # then kill while requests are in flight
+    await _kill_busy(sim_engine, urls[:1])
+    await asyncio.wait_for(asyncio.gather(*tasks), 60)
+
+    assert statuses == [200] * total
+    # Requests cut off on the killed engine were re-sent elsewhere, not failed.
+    assert await plane.metric("sage:scheduler_failovers_total", kind="unary") >= 1
+    assert await plane.metric("sage:scheduler_requests_total", status="error") == 0
+
+
+async def test_stream_killed_mid_way_continues_on_another_engine(
+    plane_factory: PlaneFactory, sim_engine: SimFactory
+) -> None:
+    plane = await plane_factory()
+    urls = [sim_engine("--tpot-ms", "40") for _ in range(2)]
+    for i, url in enumerate(urls):
+        await plane.register(f"sim-{i}", url)
+    killed: list[str] = []
+
+    async def kill_after_five(events: list[Any]) -> None:
+        if len(events) == 6 and not killed:  # role chunk + 5 tokens
+            killed.append(await _kill_busy(sim_engine, urls))
+
+    body = {"model": "sim", "messages": MESSAGES, "max_tokens": 30}
+    events = await _stream(plane.client, "/v1/chat/completions", body, kill_after_five)
+
+    assert killed, "the stream ended before an engine could be killed"
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all("error" not in c for c in chunks), chunks
+    # One stream to the client: one id, one role chunk, the reply an unbroken stream gives.
+    assert len({c["id"] for c in chunks}) == 1
+    assert len({c["created"] for c in chunks}) == 1
+    assert sum("role" in c["choices"][0]["delta"] for c in chunks) == 1
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert text == expected_text("tell me about fault tolerance", 30)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert await plane.metric("sage:scheduler_failovers_total", kind="stream") == 1
+
+
+async def test_completion_stream_killed_mid_way_keeps_its_token_budget(
+    plane_factory: PlaneFactory, sim_engine: SimFactory
+) -> None:
+    plane = await plane_factory()
+    urls = [sim_engine("--tpot-ms", "40") for _ in range(2)]
+    for i, url in enumerate(urls):
+        await plane.register(f"sim-{i}", url)
+    killed: list[str] = []
+
+    async def kill_after_four(events: list[Any]) -> None:
+        if len(events) == 4 and not killed:
+            killed.append(await _kill_busy(sim_engine, urls))
+
+    body = {"model": "sim", "prompt": "once upon a time", "max_tokens": 20}
+    events = await _stream(plane.client, "/v1/completions", body, kill_after_four)
+
+    assert killed and events[-1] == "[DONE]"
+    chunks = [c for c in events[:-1] if c["choices"]]
+    assert len({c["id"] for c in chunks}) == 1
+    pieces = [c["choices"][0]["text"] for c in chunks if c["choices"][0]["text"]]
+    # The continuation was asked for what was left of max_tokens, not for 20 more.
+    assert len(pieces) == 20
+    # The first engine's part is the start of its real reply.
+    assert expected_text("once upon a time", 20).startswith("".join(pieces[:4]))
+
+
+async def test_stream_with_no_engine_left_ends_with_an_error_event(
+    plane_factory: PlaneFactory, sim_engine: SimFactory
+) -> None:
+    plane = await plane_factory()
+    url = sim_engine("--tpot-ms", "40")
+    await plane.register("sim-0", url)
+    killed: list[str] = []
+
+    async def kill_after_three(events: list[Any]) -> None:
+        if len(events) == 4 and not killed:
+            killed.append(await _kill_busy(sim_engine, [url]))
+
+    body = {"model": "sim", "messages": MESSAGES, "max_tokens": 30}
+    events = await _stream(plane.client, "/v1/chat/completions", body, kill_after_three)
+
+    assert killed
+    assert events[-1] == "[DONE]"
+    error = events[-2]["error"]
+    assert "no other ready engine" in error["message"]
+    assert error["type"] and error["code"]
+    # What came before the error is the start of the real reply, not garbage.
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in events[:-2])
+    assert expected_text("tell me about fault tolerance", 30).startswith(text) and text
+
+
+async def _hung_server() -> tuple[asyncio.Server, list[asyncio.StreamWriter]]:
+    """Accepts connections and reads requests, never answers."""
+    writers: list[asyncio.StreamWriter] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        while await reader.read(65536):
+            pass
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0), writers
+
+
+async def test_hung_engine_times_out_and_its_breaker_opens(
+    plane_factory: PlaneFactory, sim_engine: SimFactory
+) -> None:
+    timeout = 1.0
+    plane = await plane_factory(
+        request_timeout_s=timeout,
+        scheduler_breaker_failures=2,
+        scheduler_breaker_cooldown_s=60.0,
+    )
+    server, writers = await _hung_server()
+    try:
+        port = server.sockets[0].getsockname()[1]
+        await plane.register("hung", f"http://127.0.0.1:{port}")
+        body = {"model": "sim", "messages": MESSAGES, "max_tokens": 5}
+        for _ in range(2):
+            resp = await plane.client.post("/v1/chat/completions", json=body)
+            assert resp.status_code == 504, resp.text
+            assert "timed out" in resp.json()["error"]["message"]
+        streamed = await plane.client.post(
+            "/v1/chat/completions", json={**body, "stream": True}
+        )  # the breaker is open and no other engine exists: it is still tried, and times out
+        assert streamed.status_code == 504
+        assert await plane.metric("sage:engine_circuit_open", engine="hung") == 1
+
+        # With a healthy engine next to it, nothing is routed to the hung one any more.
+        await plane.register("sim-0", sim_engine())
+        for _ in range(6):
+            began = time.monotonic()
+            resp = await plane.client.post("/v1/chat/completions", json=body)
+            assert resp.status_code == 200
+            assert time.monotonic() - began < timeout  # answered, not waited out
+        assert len(writers) == 3  # no further connection reached the hung engine
+    finally:
+        for writer in writers:
+            writer.close()
+        server.close()
+        await server.wait_closed()
