@@ -16,6 +16,7 @@ from sage.common.exceptions import (
     OverloadedError,
     UpstreamError,
 )
+from sage.common.grpc.tls import process_tls
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,10 @@ class EmbeddingExecutor:
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=1024, limit_per_host=0),
+                # https engines are verified against SAGE_TLS_CA_FILE (our cert for mTLS).
+                connector=aiohttp.TCPConnector(
+                    limit=1024, limit_per_host=0, ssl=process_tls().httpx_verify()
+                ),
                 timeout=self._timeout,
                 auto_decompress=False,
                 skip_auto_headers=("User-Agent",),

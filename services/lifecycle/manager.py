@@ -35,6 +35,7 @@ from sage.common.exceptions import (
     InsufficientResourcesError,
     InvalidRequestError,
 )
+from sage.common.grpc.tls import process_tls
 
 from .backends import get_backend, list_backends, resolve_backend
 from .backends.base import Backend
@@ -185,7 +186,9 @@ class EngineLifecycleManager:
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._busy: set[str] = set()  # engines being started, restarted or stopped
         self._lock = asyncio.Lock()
-        self._http = httpx.AsyncClient(timeout=2.0, trust_env=False)
+        self._http = httpx.AsyncClient(
+            timeout=2.0, trust_env=False, verify=process_tls().httpx_verify()
+        )
         self._tasks: set[asyncio.Task[None]] = set()
         self._watcher: asyncio.Task[None] | None = None
         # Engines bind to spec.host; their URLs use the address other hosts can reach.

@@ -25,6 +25,7 @@ from sage.common.exceptions import (
     SageError,
     UpstreamError,
 )
+from sage.common.grpc.tls import process_tls
 
 from .registry import EngineRecord
 
@@ -178,7 +179,10 @@ class HttpExecutionCoordinator:
         # Created on first use, inside the serving event loop.
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0),
+                # https engines are verified against SAGE_TLS_CA_FILE (our cert for mTLS).
+                connector=aiohttp.TCPConnector(
+                    limit=self._max_connections, limit_per_host=0, ssl=process_tls().httpx_verify()
+                ),
                 timeout=self._timeout,
                 auto_decompress=False,
                 skip_auto_headers=("User-Agent",),

@@ -416,6 +416,62 @@ async def test_edge_serves_https_and_chats_through_a_tls_scheduler(
     assert await _list_engines(sched_port, node_tls) == 1
 
 
+def _start_https_sim(port: int, pki: Pki) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [
+            sys.executable, "-m", "sage.engines.sim", "--port", str(port),
+            "--ssl-certfile", str(pki.cert), "--ssl-keyfile", str(pki.key),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+async def test_scheduler_verifies_https_engines_against_the_ca(
+    launch: Launch, pki: Pki, port_factory: Callable[[], int]
+) -> None:
+    """An engine serving HTTPS (vLLM's --ssl-certfile) is reached only when its certificate
+    chains to SAGE_TLS_CA_FILE; a scheduler trusting another CA refuses it, naming why."""
+    engine_port = port_factory()
+    sim = _start_https_sim(engine_port, pki)
+    try:
+        https_url = f"https://127.0.0.1:{engine_port}"
+        health = await _wait_https(https_url + "/health", sim, _client_tls(pki.ca).httpx_verify())
+        assert health.status_code == 200
+        await _chat_through_schedulers(launch, pki, https_url)
+    finally:
+        stop_process(sim)
+
+
+async def _chat_through_schedulers(launch: Launch, pki: Pki, https_url: str) -> None:
+    body = b'{"model": "sim", "max_tokens": 4, "messages": [{"role": "user", "content": "x"}]}'
+    for ca, ok in ((pki.ca, True), (pki.other_ca, False)):
+        env = {**_tls_env(pki), "SAGE_TLS_CA_FILE": str(ca)}
+        proc, port = launch("scheduler", env)
+        # Only the scheduler's trust in engines changes; we still trust its certificate.
+        _wait_grpc_healthy(proc, port, _client_tls(pki.ca, pki.cert, pki.key))
+        channel = create_channel(f"127.0.0.1:{port}", tls=_client_tls(pki.ca, pki.cert, pki.key))
+        async with channel:
+            stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+            await stub.RegisterEngine(
+                scheduler_pb2.RegisterEngineRequest(
+                    engine=common_pb2.Engine(
+                        engine_id="sim-tls",
+                        model="sim",
+                        base_url=https_url,
+                        kind=common_pb2.ENGINE_KIND_LLM,
+                    )
+                )
+            )
+            if ok:
+                reply = await stub.Chat(scheduler_pb2.ChatRequest(model="sim", body=body))
+                assert b"choices" in reply.body
+            else:
+                with pytest.raises(grpc.RpcError) as info:
+                    await stub.Chat(scheduler_pb2.ChatRequest(model="sim", body=body))
+                assert "CERTIFICATE_VERIFY_FAILED" in str(info.value.details())
+
+
 # --- loopback by default ----------------------------------------------------------------------
 def _unmapped(ip: str) -> str:
     """gRPC listens on an IPv6 socket even for 127.0.0.1 (as ::ffff:127.0.0.1)."""

@@ -981,6 +981,9 @@ def _parser() -> argparse.ArgumentParser:
         help="serve /v1/embeddings with vectors of this size (0: off)",
     )
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    # vLLM's flag names: serve HTTPS (engines whose URLs leave a private network).
+    parser.add_argument("--ssl-certfile", default=None, help="PEM certificate: serve HTTPS")
+    parser.add_argument("--ssl-keyfile", default=None, help="PEM key for --ssl-certfile")
     parser.add_argument(
         "--role",
         default=defaults.role,
@@ -1040,6 +1043,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             log_level="warning",
             lifespan="on",
             timeout_graceful_shutdown=5,
+            ssl_certfile=args.ssl_certfile,
+            ssl_keyfile=args.ssl_keyfile,
         ),
         sim,
     )
