@@ -9,25 +9,37 @@ All in one run on one machine, reported as ratios:
   infinity     the same clients against Infinity (`infinity_emb v2`) serving the same model
                folder, when --infinity-python points at a venv that has infinity-emb
                (it pins older transformers/numpy, so it lives in its own venv)
+Sweeps (each point a fresh count of requests, bounded):
+  --concurrency-sweep C...  gateway and engine-direct texts/s vs client concurrency
+  --budget-sweep T...       texts/s vs the embedding service's batch token budget
+                            (BatcherConfig.max_batch_tokens; 16384 in the service and not a
+                            setting, so its batcher runs in this process for the sweep);
+                            the engine does not split a request, so its own
+                            --max-batch-tokens does not bind for batched callers
 Usage: python bench/embedding_throughput.py [--clients 64] [--requests 1280]
-       [--infinity-python /path/to/venv/bin/python]
+       [--infinity-python /path/to/venv/bin/python] [--concurrency-sweep 1 4 16 64]
+       [--budget-sweep 64 256 1024 4096] [--out bench]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import grpc
 import psutil
+from _stack import save_plot, stack
 
 from sage.common.utils.processes import free_port, stop_process, wait_http
 from sage.engines.embedding import BUNDLED_MODEL_NAME, EmbeddingModel, EngineConfig
@@ -96,13 +108,168 @@ def run_infinity(python: str, texts: list[str], clients: int) -> float:
         stop_process(proc)
 
 
+def gateway_plane(engine_args: list[str]) -> tuple[Any, str, str]:
+    """Context manager: engine + embedding, scheduler, edge services; yields (stack, edge,
+    engine) URLs. The engine is registered with the scheduler before it yields."""
+    return _gateway_plane(engine_args)
+
+
+@contextlib.contextmanager
+def _gateway_plane(engine_args: list[str]) -> Iterator[tuple[Any, str, str]]:
+    with stack() as st:
+        port = free_port()
+        proc = st.start(
+            "engine",
+            [
+                sys.executable,
+                "-m",
+                "sage.engines.embedding",
+                "--port",
+                str(port),
+                "--device",
+                "cpu",
+                "--log-level",
+                "WARNING",
+                *engine_args,
+            ],
+        )
+        engine = f"http://127.0.0.1:{port}"
+        wait_http(engine + "/health", proc, timeout=180)
+        st.urls["engine"] = engine
+        edge = st.plane(("embedding", "scheduler", "edge"))
+        st.register("minilm-0", engine, BUNDLED_MODEL_NAME, common_pb2.ENGINE_KIND_EMBEDDING)
+        asyncio.run(load(edge + "/v1/embeddings", texts_for(64), 16))  # warm-up
+        yield st, edge, engine
+
+
+def sweeps(args: argparse.Namespace, in_process: float) -> None:
+    """Throughput vs client concurrency and vs the engine's batch token budget; PNG + table."""
+    if args.concurrency_sweep:
+        points: dict[str, list[tuple[float, float]]] = {"gateway": [], "engine direct": []}
+        print(
+            "\n| clients | requests | gateway texts/s | engine direct texts/s | "
+            "gateway / in-process |\n|---|---|---|---|---|"
+        )
+        with gateway_plane([]) as (_st, edge, engine):
+            for clients in args.concurrency_sweep:
+                n = max(64, min(args.requests, clients * 40))
+                texts = texts_for(n)
+                via = asyncio.run(load(edge + "/v1/embeddings", texts, clients))
+                direct = asyncio.run(load(engine + "/v1/embeddings", texts, clients))
+                points["gateway"].append((clients, via))
+                points["engine direct"].append((clients, direct))
+                print(
+                    f"| {clients} | {n} | {via:.0f} | {direct:.0f} | {via / in_process:.2f} |",
+                    flush=True,
+                )
+        save_plot(
+            args.out / "embedding_concurrency.png",
+            "Embedding throughput vs clients (all-MiniLM-L6-v2, CPU, 1 text per request)",
+            "concurrent clients",
+            "texts/s",
+            points,
+            logx=True,
+        )
+    if args.budget_sweep:
+        budget_sweep(args, in_process)
+
+
+async def batcher_rate(
+    engine: str, budget: int, texts: list[str], clients: int
+) -> tuple[float, float]:
+    """texts/s and mean texts per batch of the embedding service's batcher with
+    max_batch_tokens=`budget`, run in this process, `clients` one-text callers."""
+    from sage.services.embedding.batcher import BatcherConfig, EmbeddingBatcher
+    from sage.services.embedding.executor import EmbeddingExecutor, Endpoint
+
+    executor = EmbeddingExecutor(timeout_s=120)
+    batcher = EmbeddingBatcher(executor.send, BatcherConfig(max_batch_tokens=budget))
+    endpoints = [Endpoint("minilm-0", engine)]
+    queue = list(reversed(texts))
+
+    async def caller() -> None:
+        while queue:
+            await batcher.embed(BUNDLED_MODEL_NAME, [queue.pop()], endpoints)
+
+    try:
+        started = time.perf_counter()
+        await asyncio.gather(*(caller() for _ in range(clients)))
+        elapsed = time.perf_counter() - started
+    finally:
+        await batcher.close()
+        await executor.aclose()
+    return len(texts) / elapsed, batcher.stats.texts / max(1, batcher.stats.batches)
+
+
+def budget_sweep(args: argparse.Namespace, in_process: float) -> None:
+    """The embedding service's batch token budget (BatcherConfig.max_batch_tokens, 16384 in
+    the service, not a setting) swept with its batcher in this process, one engine."""
+    points: list[tuple[float, float]] = []
+    print(
+        "\n| service max batch tokens | texts/s | mean texts per batch | ratio to in-process |"
+        "\n|---|---|---|---|"
+    )
+    with stack() as st:
+        port = free_port()
+        proc = st.start(
+            "engine",
+            [
+                sys.executable,
+                "-m",
+                "sage.engines.embedding",
+                "--port",
+                str(port),
+                "--device",
+                "cpu",
+                "--log-level",
+                "WARNING",
+                "--max-batch-size",
+                "256",
+            ],
+        )
+        engine = f"http://127.0.0.1:{port}"
+        wait_http(engine + "/health", proc, timeout=180)
+        asyncio.run(batcher_rate(engine, 16384, texts_for(64), 16))  # warm-up
+        for budget in args.budget_sweep:
+            rate, batch = asyncio.run(
+                batcher_rate(engine, budget, texts_for(args.requests), args.clients)
+            )
+            points.append((budget, rate))
+            print(f"| {budget} | {rate:.0f} | {batch:.1f} | {rate / in_process:.2f} |", flush=True)
+    save_plot(
+        args.out / "embedding_budget.png",
+        f"Embedding batcher throughput vs batch token budget ({args.clients} callers)",
+        "max batch tokens (~20 tokens per text)",
+        "texts/s",
+        {"embedding service batcher → engine": points},
+        logx=True,
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--requests", type=int, default=1280)
     parser.add_argument("--infinity-python", default="", help="python of a venv with infinity")
+    parser.add_argument("--concurrency-sweep", type=int, nargs="*", default=[])
+    parser.add_argument("--budget-sweep", type=int, nargs="*", default=[])
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=0,
+        help="OMP/torch threads for every model process (0: library default); 1 keeps a "
+        "shared 2-core box from oversubscription (see RESULTS.md)",
+    )
+    parser.add_argument("--skip-main", action="store_true", help="only the sweeps")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent)
     args = parser.parse_args()
     texts = texts_for(args.requests)
+    if args.torch_threads:
+        # inherited by the engine and Infinity processes started below
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.torch_threads)
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
 
     model = EmbeddingModel(EngineConfig(device="cpu"))
     model.encode(texts[:64])
@@ -111,6 +278,10 @@ def main() -> int:
         model.encode(texts[i : i + 64])
     in_process = len(texts) / (time.perf_counter() - started)
     del model
+    print(f"in-process encode, batch 64: {in_process:.0f} texts/s", flush=True)
+    if args.skip_main:
+        sweeps(args, in_process)
+        return 0
 
     tmp = Path(tempfile.mkdtemp(prefix="sage-embbench-"))
     ports = {name: free_port() for name in ("engine", "embedding", "scheduler", "edge", "life")}
@@ -201,6 +372,7 @@ def main() -> int:
         "\nCPU ms per request during the gateway run: "
         + ", ".join(f"{k} {v:.2f}" for k, v in cpu_ms.items())
     )
+    sweeps(args, in_process)
     return 0
 
 

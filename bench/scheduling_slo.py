@@ -94,7 +94,9 @@ async def replay(
 ) -> list[Outcome]:
     """Send every request at its trace time (chat streamed, to measure TTFT)."""
     timeout = aiohttp.ClientTimeout(total=120)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    # No pool cap: each trace request is its own user (aiohttp caps a session at 100).
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         start = time.perf_counter()
 
         async def one(item: TraceItem) -> Outcome:

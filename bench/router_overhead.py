@@ -1,0 +1,301 @@
+"""Router overhead: one zero-latency engine, reached directly and through each router.
+
+Paths, all in front of the same simulator engine, in one run on one machine:
+  direct        wrk → engine
+  ours          wrk → edge (HTTP) → scheduler (gRPC) → engine (HTTP)
+  vllm-router   wrk → vllm-router (Rust, `--policy round_robin`) → engine
+  litellm       wrk → LiteLLM proxy → engine
+Each path is measured non-streamed and streamed (SSE; wrk times the whole stream) over a
+sweep of connection counts. Reported: req/s, p50/p99, and the p50 each router adds over
+direct at the same concurrency. A peer whose binary is missing is skipped with a reason.
+Load is wrk bounded by --duration per point. Writes a markdown table to stdout (and
+--markdown FILE) and PNG plots to --out.
+
+Usage: python bench/router_overhead.py [--duration 5] [--concurrency 1 16 64]
+       [--vllm-router-bin PATH] [--litellm-bin PATH] [--out bench/out] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _stack import Stack, chat_lua, require_wrk, run_wrk, save_plot, stack
+
+from sage.common.utils.processes import free_port, wait_http
+
+LITELLM_KEY = "sk-bench-0000"
+LITELLM_CONFIG = """model_list:
+  - model_name: sim
+    litellm_params:
+      model: openai/sim
+      api_base: {engine}/v1
+      api_key: none
+litellm_settings:
+  telemetry: false
+  drop_params: true
+"""
+
+
+def start_vllm_router(st: Stack, binary: str, engine: str) -> str:
+    """vllm-router with round_robin (its default cache_aware hashes prompts) on one worker."""
+    port = free_port()
+    proc = st.start(
+        "vllm-router",
+        [
+            binary,
+            "--worker-urls",
+            engine,
+            "--policy",
+            "round_robin",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--prometheus-port",
+            str(free_port()),
+            "--log-level",
+            "error",
+        ],
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/health", proc, timeout=60)
+    return url
+
+
+def start_litellm(st: Stack, binary: str, engine: str) -> str:
+    """LiteLLM proxy, offline: local cost map, no telemetry, a master key, one worker."""
+    port = free_port()
+    config = st.tmp / "litellm.yaml"
+    config.write_text(LITELLM_CONFIG.format(engine=engine))
+    env = {
+        **st.env,
+        "LITELLM_MASTER_KEY": LITELLM_KEY,
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+        "LITELLM_TELEMETRY_DISABLED": "true",
+        "LITELLM_LOG": "ERROR",
+        "DISABLE_SCHEMA_UPDATE": "true",
+    }
+    proc = st.start(
+        "litellm",
+        [
+            binary,
+            "--config",
+            str(config),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--num_workers",
+            "1",
+        ],
+        env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/health/liveliness", proc, timeout=180)
+    return url
+
+
+def peer_bin(given: str, name: str) -> str:
+    """The peer's executable, or '' with the reason printed."""
+    path = given or shutil.which(name) or ""
+    if not path or not Path(path).exists():
+        print(
+            f"skipping {name}: no binary (pass --{name}-bin PATH)"
+            if name != "litellm"
+            else "skipping litellm: no binary (pass --litellm-bin PATH)"
+        )
+        return ""
+    return path
+
+
+def profile(st: Stack, url: str, script: Path, seconds: int, out: Path) -> None:
+    """py-spy on the edge and scheduler while wrk drives the gateway; top frames printed."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    recs = {}
+    for name in ("edge", "scheduler"):
+        dest = out / f"profile-{name}.txt"
+        recs[name] = (
+            subprocess.Popen(
+                [
+                    spy,
+                    "record",
+                    "-p",
+                    str(st.procs[name].pid),
+                    "-d",
+                    str(seconds),
+                    "-r",
+                    "200",
+                    "-f",
+                    "raw",
+                    "-o",
+                    str(dest),
+                    "--nonblocking",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            ),
+            dest,
+        )
+    time.sleep(1)
+    run_wrk(url, script, seconds - 1, 16)
+    for name, (proc, dest) in recs.items():
+        proc.wait(60)
+        if not dest.exists():
+            print(f"py-spy gave no profile for {name} (needs ptrace rights)")
+            continue
+        own: dict[str, int] = {}
+        inclusive: dict[str, int] = {}
+        total = 0
+        for line in dest.read_text().splitlines():
+            stack_s, _, count = line.rpartition(" ")
+            frames = stack_s.split(";")
+            own[frames[-1]] = own.get(frames[-1], 0) + int(count)
+            for frame in {
+                f.split(" (")[0] + " (" + f.split(" (")[-1].split(":")[0] + ")" for f in frames
+            }:
+                inclusive[frame] = inclusive.get(frame, 0) + int(count)
+            total += int(count)
+        print(f"\npy-spy {name}: top self time ({total} samples)")
+        for frame, n in sorted(own.items(), key=lambda kv: -kv[1])[:10]:
+            print(f"  {100 * n / total:5.1f}%  {frame}")
+        print(f"py-spy {name}: inclusive time, functions of ours and of the libraries")
+        for frame, n in sorted(inclusive.items(), key=lambda kv: -kv[1])[:25]:
+            print(f"  {100 * n / total:5.1f}%  {frame}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--duration", type=float, default=5)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--modes", nargs="+", default=["non-stream", "stream"])
+    parser.add_argument("--vllm-router-bin", default="")
+    parser.add_argument("--litellm-bin", default="")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent)
+    parser.add_argument("--markdown", type=Path, default=None)
+    parser.add_argument("--profile", action="store_true", help="py-spy the edge and scheduler")
+    args = parser.parse_args()
+    require_wrk()
+    args.out.mkdir(parents=True, exist_ok=True)
+    vr_bin = peer_bin(args.vllm_router_bin, "vllm-router")
+    ll_bin = peer_bin(args.litellm_bin, "litellm")
+    results: dict[tuple[str, str, int], dict[str, float]] = {}
+    with stack() as st:
+        engine = st.sim("engine")
+        paths = {"direct": engine}
+        paths["ours"] = st.plane()
+        st.register("sim-0", engine)
+        if vr_bin:
+            paths["vllm-router"] = start_vllm_router(st, vr_bin, engine)
+        if ll_bin:
+            try:
+                paths["litellm"] = start_litellm(st, ll_bin, engine)
+            except (RuntimeError, TimeoutError) as err:
+                log = (st.tmp / "litellm.log").read_text(errors="replace")[-2000:]
+                print(f"skipping litellm: did not start ({err})\n{log}")
+        for mode in args.modes:
+            body = {
+                "model": "sim",
+                "max_tokens": args.max_tokens,
+                "messages": [{"role": "user", "content": "写一份日报"}],
+            }
+            if mode == "stream":
+                body["stream"] = True
+            script = st.tmp / f"{mode}.lua"
+            script.write_text(
+                chat_lua(
+                    json.dumps(body, ensure_ascii=False), {"Authorization": f"Bearer {LITELLM_KEY}"}
+                )
+            )
+            for name, base in paths.items():
+                url = base + "/v1/chat/completions"
+                run_wrk(url, script, 1, 4)  # warm-up: connections, JIT-free but caches
+                for conns in args.concurrency:
+                    r = run_wrk(url, script, args.duration, conns)
+                    results[(mode, name, conns)] = r
+                    print(
+                        f"{mode:10} {name:12} c={conns:<4} {r['rps']:8.0f} req/s  "
+                        f"p50 {r['p50_ms']:7.2f}  p99 {r['p99_ms']:7.2f} ms  "
+                        f"errors {r['errors']:.0f}",
+                        flush=True,
+                    )
+        if args.profile:
+            script = st.tmp / f"{args.modes[-1]}.lua"  # the last mode measured
+            # raw py-spy stacks go to bench/out (ignored), not beside RESULTS.md
+            profile_dir = Path(__file__).parent / "out"
+            profile_dir.mkdir(exist_ok=True)
+            profile(st, paths["ours"] + "/v1/chat/completions", script, 8, profile_dir)
+    lines = report(results, args)
+    text = "\n".join(lines)
+    print("\n" + text)
+    if args.markdown:
+        args.markdown.write_text(text + "\n")
+    for mode in args.modes:
+        names = sorted({n for (m, n, _) in results if m == mode}, key=list(paths).index)
+        save_plot(
+            args.out / f"router_overhead_{mode.replace('-', '_')}.png",
+            f"Router overhead, zero-latency engine, {mode}",
+            "concurrent connections (wrk)",
+            "requests/s",
+            {n: [(c, results[(mode, n, c)]["rps"]) for c in args.concurrency] for n in names},
+            logx=True,
+            logy=True,
+        )
+    return 0
+
+
+def report(
+    results: dict[tuple[str, str, int], dict[str, float]], args: argparse.Namespace
+) -> list[str]:
+    """Markdown: the full sweep, then the headline ratios per mode."""
+    lines = [
+        "| mode | path | conns | req/s | p50 ms | p99 ms | added p50 ms | errors |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (mode, name, conns), r in results.items():
+        direct = results[(mode, "direct", conns)]
+        added = "—" if name == "direct" else f"{r['p50_ms'] - direct['p50_ms']:.2f}"
+        lines.append(
+            f"| {mode} | {name} | {conns} | {r['rps']:.0f} | {r['p50_ms']:.2f} "
+            f"| {r['p99_ms']:.2f} | {added} | {r['errors']:.0f} |"
+        )
+    lines += [
+        "",
+        "| mode | max req/s ours | vs direct | vs vllm-router | vs litellm | "
+        "added p50 @1 conn: ours / vllm-router / litellm (ms) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for mode in args.modes:
+        best = {
+            n: max(r["rps"] for (m, nn, _), r in results.items() if m == mode and nn == n)
+            for (m, n, _) in results
+            if m == mode
+        }
+        ours = best.get("ours", 0.0)
+
+        def ratio(peer: str, ours: float = ours, best: dict[str, float] = best) -> str:
+            return f"{ours / best[peer]:.2f}×" if peer in best else "skipped"
+
+        one = min(args.concurrency)
+
+        def added(peer: str, mode: str = mode, one: int = one) -> str:
+            if (mode, peer, one) not in results:
+                return "—"
+            return f"{results[(mode, peer, one)]['p50_ms'] - results[(mode, 'direct', one)]['p50_ms']:.2f}"  # noqa: E501
+
+        lines.append(
+            f"| {mode} | {ours:.0f} | {ratio('direct')} | {ratio('vllm-router')} "
+            f"| {ratio('litellm')} | {added('ours')} / {added('vllm-router')} / "
+            f"{added('litellm')} |"
+        )
+    return lines
+
+
+if __name__ == "__main__":
+    sys.exit(main())

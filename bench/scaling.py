@@ -1,0 +1,157 @@
+"""Scaling: gateway overhead and scheduler CPU per request vs registered engines and vs
+queue depth, and the memory (RSS) of every service idle and under load.
+
+1. Engines: one zero-latency simulator registered N times under distinct engine ids
+   (N = 1 → 256; one process stands in for N so the machine measures the scheduler's
+   per-engine bookkeeping, not 256 engine processes), wrk at --connections through the edge,
+   for each routing policy. Reported: req/s, p50/p99, scheduler and edge CPU ms per request.
+2. Queue depth: SAGE_SCHEDULER_MAX_INFLIGHT_PER_ENGINE=4 in front of one engine with a
+   --ttft-ms delay, so (connections - 4) requests wait in the scheduler's queue; swept by
+   connection count. Reported: the same columns.
+3. RSS of scheduler, edge, lifecycle, gpu_manager and embedding services: idle after
+   start, and the peak sampled while part 1 ran at its largest N.
+Every load point is wrk bounded by --duration. Usage:
+  python bench/scaling.py [--duration 4] [--engines 1 4 16 64 256] [--depths 8 64 256 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from _stack import Stack, chat_lua, require_wrk, run_wrk, save_plot, stack
+
+SERVICES = ("gpu_manager", "lifecycle", "embedding", "scheduler", "edge")
+BODY = json.dumps(
+    {"model": "sim", "max_tokens": 16, "messages": [{"role": "user", "content": "hello"}]}
+)
+
+
+@contextmanager
+def peak_rss(st: Stack, names: tuple[str, ...]) -> Iterator[dict[str, float]]:
+    """Samples RSS of `names` every 100 ms while the block runs; yields name → peak MiB."""
+    peaks = dict.fromkeys(names, 0.0)
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.1):
+            for name in names:
+                peaks[name] = max(peaks[name], st.rss_mib(name))
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield peaks
+    finally:
+        stop.set()
+        thread.join()
+
+
+def measure(st: Stack, script: Path, duration: float, conns: int) -> dict[str, float]:
+    """One wrk run through the edge plus the scheduler's and edge's CPU per request."""
+    before = {n: st.cpu_s(n) for n in ("scheduler", "edge", "engine")}
+    r = run_wrk(st.urls["edge"] + "/v1/chat/completions", script, duration, conns)
+    n = max(r["requests"], 1.0)
+    for name in before:
+        r[f"{name}_cpu_ms"] = (st.cpu_s(name) - before[name]) * 1000 / n
+    return r
+
+
+def row(label: str, r: dict[str, float]) -> str:
+    return (
+        f"| {label} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} "
+        f"| {r['scheduler_cpu_ms']:.3f} | {r['edge_cpu_ms']:.3f} | {r['errors']:.0f} |"
+    )
+
+
+HEADER = (
+    "| {what} | req/s | p50 ms | p99 ms | scheduler CPU ms/req | edge CPU ms/req | errors |\n"
+    "|---|---|---|---|---|---|---|"
+)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--duration", type=float, default=4)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--engines", type=int, nargs="+", default=[1, 4, 16, 64, 256])
+    parser.add_argument("--routings", nargs="+", default=["round_robin", "least_loaded"])
+    parser.add_argument("--depths", type=int, nargs="+", default=[8, 64, 256, 512])
+    parser.add_argument("--ttft-ms", type=float, default=5.0)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent)
+    args = parser.parse_args()
+    require_wrk()
+    lines: list[str] = []
+    series: dict[str, list[tuple[float, float]]] = {}
+    idle: dict[str, float] = {}
+    loaded: dict[str, float] = {}
+    for routing in args.routings:
+        with stack({"SAGE_SCHEDULER_ROUTING": routing}) as st:
+            engine = st.sim("engine")
+            st.plane(SERVICES)
+            script = st.tmp / "chat.lua"
+            script.write_text(chat_lua(BODY))
+            if not idle:
+                idle = {n: st.rss_mib(n) for n in SERVICES}
+            lines += ["", f"routing {routing}:", HEADER.format(what="engines")]
+            registered = 0
+            run_wrk(st.urls["edge"] + "/v1/chat/completions", script, 1, 4)  # warm-up
+            for count in sorted(args.engines):
+                while registered < count:
+                    st.register(f"sim-{registered}", engine)
+                    registered += 1
+                if count == max(args.engines) and not loaded:
+                    with peak_rss(st, SERVICES) as peaks:
+                        r = measure(st, script, args.duration, args.connections)
+                    loaded = dict(peaks)
+                else:
+                    r = measure(st, script, args.duration, args.connections)
+                lines.append(row(str(count), r))
+                print(lines[-1], flush=True)
+                series.setdefault(f"scheduler CPU, {routing}", []).append(
+                    (count, r["scheduler_cpu_ms"])
+                )
+    depth_series: list[tuple[float, float]] = []
+    with stack({"SAGE_SCHEDULER_MAX_INFLIGHT_PER_ENGINE": "4"}) as st:
+        engine = st.sim("engine", "--ttft-ms", str(args.ttft_ms))
+        st.plane()
+        st.register("sim-0", engine)
+        script = st.tmp / "chat.lua"
+        script.write_text(chat_lua(BODY))
+        lines += [
+            "",
+            f"queue depth (1 engine, ttft {args.ttft_ms:g} ms, 4 in flight, rest queued):",
+            HEADER.format(what="connections (queued ≈ conns − 4)"),
+        ]
+        run_wrk(st.urls["edge"] + "/v1/chat/completions", script, 1, 4)
+        for depth in args.depths:
+            r = measure(st, script, args.duration, depth)
+            lines.append(row(str(depth), r))
+            print(lines[-1], flush=True)
+            depth_series.append((depth, r["scheduler_cpu_ms"]))
+    lines += [
+        "",
+        "| service | RSS idle MiB | RSS peak under load MiB |",
+        "|---|---|---|",
+        *(f"| {n} | {idle.get(n, 0):.0f} | {loaded.get(n, 0):.0f} |" for n in SERVICES),
+    ]
+    text = "\n".join(lines)
+    print(text)
+    save_plot(
+        args.out / "scaling.png",
+        "Scheduler CPU per request vs registered engines / queued requests",
+        "registered engines, or concurrent connections (queue depth)",
+        "scheduler CPU ms per request",
+        {**series, "scheduler CPU vs connections (queue)": depth_series},
+        logx=True,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
