@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,12 +43,15 @@ class Stack:
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     urls: dict[str, str] = field(default_factory=dict)
 
-    def start(self, name: str, cmd: Sequence[str], **kw: object) -> subprocess.Popen[bytes]:
-        """Start `cmd` as `name`, output to a log file in the run's temp folder."""
+    def start(
+        self, name: str, cmd: Sequence[str], env: Mapping[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start `cmd` as `name` (with `env`, default the run's), output to a log file in the
+        run's temp folder."""
         log = (self.tmp / f"{name}.log").open("wb")
         proc = subprocess.Popen(
             list(cmd),
-            env=kw.pop("env", self.env),  # type: ignore[arg-type]
+            env=self.env if env is None else env,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -91,8 +94,15 @@ class Stack:
         self.urls["edge"] = edge
         return edge
 
-    def register(self, engine_id: str, base_url: str, model: str = "sim", kind: int = 0) -> None:
-        """Register an engine with the scheduler over gRPC, as lifecycle would."""
+    def register(
+        self,
+        engine_id: str,
+        base_url: str,
+        model: str = "sim",
+        kind: common_pb2.EngineKind.ValueType = common_pb2.ENGINE_KIND_UNSPECIFIED,
+    ) -> None:
+        """Register an engine with the scheduler over gRPC, as lifecycle would (kind
+        unspecified: LLM)."""
         addr = f"127.0.0.1:{self.env['SAGE_SCHEDULER_PORT']}"
         with grpc.insecure_channel(addr) as channel:
             grpc.channel_ready_future(channel).result(timeout=30)

@@ -34,12 +34,11 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import grpc
 import psutil
-from _stack import save_plot, stack
+from _stack import Stack, save_plot, stack
 
 from sage.common.utils.processes import free_port, stop_process, wait_http
 from sage.engines.embedding import BUNDLED_MODEL_NAME, EmbeddingModel, EngineConfig
@@ -108,14 +107,10 @@ def run_infinity(python: str, texts: list[str], clients: int) -> float:
         stop_process(proc)
 
 
-def gateway_plane(engine_args: list[str]) -> tuple[Any, str, str]:
+@contextlib.contextmanager
+def gateway_plane(engine_args: list[str]) -> Iterator[tuple[Stack, str, str]]:
     """Context manager: engine + embedding, scheduler, edge services; yields (stack, edge,
     engine) URLs. The engine is registered with the scheduler before it yields."""
-    return _gateway_plane(engine_args)
-
-
-@contextlib.contextmanager
-def _gateway_plane(engine_args: list[str]) -> Iterator[tuple[Any, str, str]]:
     with stack() as st:
         port = free_port()
         proc = st.start(

@@ -260,10 +260,10 @@ def report(
     ]
     for (mode, name, conns), r in results.items():
         direct = results[(mode, "direct", conns)]
-        added = "—" if name == "direct" else f"{r['p50_ms'] - direct['p50_ms']:.2f}"
+        added_ms = "—" if name == "direct" else f"{r['p50_ms'] - direct['p50_ms']:.2f}"
         lines.append(
             f"| {mode} | {name} | {conns} | {r['rps']:.0f} | {r['p50_ms']:.2f} "
-            f"| {r['p99_ms']:.2f} | {added} | {r['errors']:.0f} |"
+            f"| {r['p99_ms']:.2f} | {added_ms} | {r['errors']:.0f} |"
         )
     lines += [
         "",

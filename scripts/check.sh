@@ -8,7 +8,7 @@ ruff format --check .
 echo "== mypy"
 # mypy maps files to modules by folder; expose services/ as sage.services for it.
 mkdir -p .mypy_bases/sage && ln -sfn ../../services .mypy_bases/sage/services
-mypy src .mypy_bases tests
+mypy src .mypy_bases tests bench
 echo "== generated protobuf code"; scripts/check_protos.sh
 echo "== buf lint"
 if [ "${SAGE_SKIP_BUF:-0}" = 1 ]; then

@@ -246,7 +246,9 @@ def main() -> int:
             before = {k: st.cpu_s(k) for k in ("edge", "scheduler", "embedding", "engine")}
             with GpuPoller(gm) as poller:
                 time.sleep(0.6)
-                r = load(base + "/v1/embeddings", n, clients, per, args.procs, args.seconds)
+                r: dict[str, Any] = load(
+                    base + "/v1/embeddings", n, clients, per, args.procs, args.seconds
+                )
                 r["smi_under_load"] = smi()
             r["gpu_manager"] = poller.summary()
             r["cpu_ms_per_request"] = {
