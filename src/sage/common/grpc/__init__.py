@@ -11,7 +11,13 @@ sides use TLS/mTLS when SAGE_TLS_* name certificates (`tls.py`).
 
 from __future__ import annotations
 
-from .client import create_channel, create_sync_channel, from_rpc_error, rpc_errors_as_sage
+from .client import (
+    call_metadata,
+    create_channel,
+    create_sync_channel,
+    from_rpc_error,
+    rpc_errors_as_sage,
+)
 from .server import Registration, SageServer, create_server, serve_until_signalled
 from .tls import TlsConfig, process_tls, set_process_tls, tls_from_settings
 
@@ -19,6 +25,7 @@ __all__ = [
     "Registration",
     "SageServer",
     "TlsConfig",
+    "call_metadata",
     "create_channel",
     "create_server",
     "create_sync_channel",

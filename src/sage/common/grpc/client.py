@@ -33,8 +33,13 @@ _BY_STATUS: dict[grpc.StatusCode, type[SageError]] = {
 }
 
 
-def _details(details: Any, timeout: float) -> grpc.aio.ClientCallDetails:
-    meta = grpc.aio.Metadata(*(details.metadata or ()))
+def call_metadata(meta: grpc.aio.Metadata | None = None) -> grpc.aio.Metadata:
+    """`meta` plus this task's request id and trace context, as the interceptors add them.
+
+    For calls on a channel made with `intercept_streams=False` (the edge's hot streaming
+    path, where the interceptor's per-message wrapper costs ~17% of the edge's CPU).
+    """
+    meta = meta if meta is not None else grpc.aio.Metadata()
     if md.REQUEST_ID not in meta:
         rid = request_id_var.get()
         if rid:
@@ -43,6 +48,11 @@ def _details(details: Any, timeout: float) -> grpc.aio.ClientCallDetails:
     propagate.inject(carrier)
     for key, value in carrier.items():
         meta.add(key, value)
+    return meta
+
+
+def _details(details: Any, timeout: float) -> grpc.aio.ClientCallDetails:
+    meta = call_metadata(grpc.aio.Metadata(*(details.metadata or ())))
     return grpc.aio.ClientCallDetails(
         method=details.method,
         timeout=details.timeout if details.timeout is not None else timeout,
@@ -89,7 +99,11 @@ _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 
 
 def create_channel(
-    addr: str, *, default_timeout: float = 10.0, tls: TlsConfig | None = None
+    addr: str,
+    *,
+    default_timeout: float = 10.0,
+    tls: TlsConfig | None = None,
+    intercept_streams: bool = True,
 ) -> grpc.aio.Channel:
     """An aio channel to `addr` whose calls all carry a deadline and SAGE context.
 
@@ -98,10 +112,9 @@ def create_channel(
     Every call site gets it from here, so no channel dials plaintext by accident.
     """
     tls = tls if tls is not None else process_tls()
-    interceptors: list[Any] = [
-        _UnaryUnaryContext(default_timeout),
-        _UnaryStreamContext(default_timeout),
-    ]
+    interceptors: list[Any] = [_UnaryUnaryContext(default_timeout)]
+    if intercept_streams:  # else callers pass timeout= and metadata=call_metadata() per call
+        interceptors.append(_UnaryStreamContext(default_timeout))
     if tls.dials_tls:
         return grpc.aio.secure_channel(
             addr,
