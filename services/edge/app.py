@@ -93,6 +93,13 @@ def open_upstreams(settings: SageSettings) -> Upstreams:
     )
 
 
+def _events(message: Any) -> bytes:
+    """The SSE events of one stream message: `data`, then any coalesced `more` chunks."""
+    if not message.more:
+        return sse_event(message.data)
+    return sse_event(message.data) + b"".join(sse_event(chunk) for chunk in message.more)
+
+
 async def _stream_sse(call: Any, on_first: Callable[[], None] | None = None) -> StreamingResponse:
     """SSE from a server-streaming call; errors before the first chunk become HTTP errors."""
     iterator = call.__aiter__()
@@ -108,9 +115,9 @@ async def _stream_sse(call: Any, on_first: Callable[[], None] | None = None) -> 
     async def chunks() -> AsyncIterator[bytes]:
         try:
             if first is not None:
-                yield sse_event(first.data)
+                yield _events(first)
             async for message in iterator:
-                yield sse_event(message.data)
+                yield _events(message)  # one HTTP write per message, however many chunks
             yield DONE
         except grpc.RpcError as err:
             # Headers are gone; vLLM's convention is an error event, then [DONE].
@@ -256,7 +263,7 @@ def create_app(settings: SageSettings, api_keys: ApiKeyTable | None = None) -> A
             if parsed.stream:
                 started = time.perf_counter()
                 call = getattr(scheduler, stream)(
-                    stream_msg(model=model, body=body, options=options),
+                    stream_msg(model=model, body=body, options=options, coalesce=True),
                     timeout=timeout,
                     metadata=call_metadata(),
                 )

@@ -37,6 +37,7 @@ from sage.rpc.scheduler.v1 import scheduler_pb2_grpc as pb_grpc
 from .admission import AdmissionController, parse_priority
 from .autoscaler import Autoscaler, AutoscalerConfig, parse_autoscale
 from .breaker import CircuitBreakers
+from .coalesce import ready_runs
 from .core import EmbedResult, Scheduler, TokenUsage
 from .executor import HttpExecutionCoordinator
 from .load import EngineLoadTracker
@@ -232,6 +233,23 @@ class GrpcEmbeddingBackend:
         )
 
 
+async def _messages(
+    chunks: AsyncIterator[tuple[bytes, EngineRecord]], coalesce: bool
+) -> AsyncIterator[tuple[str, bytes, list[bytes]]]:
+    """(engine_id, data, more) per response message: one chunk each, or with `coalesce` the
+    chunks that were ready together (split where failover changed the engine)."""
+    if not coalesce:
+        async for data, engine in chunks:
+            yield engine.engine_id, data, []
+        return
+    async for run in ready_runs(chunks):
+        start = 0
+        for i in range(1, len(run) + 1):
+            if i == len(run) or run[i][1].engine_id != run[start][1].engine_id:
+                yield run[start][1].engine_id, run[start][0], [d for d, _ in run[start + 1 : i]]
+                start = i
+
+
 class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
     """SchedulerService over the domain Scheduler."""
 
@@ -258,15 +276,16 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
     async def ChatStream(
         self, request: pb.ChatStreamRequest, context: Any
     ) -> AsyncIterator[pb.ChatStreamResponse]:
-        async for data, engine in self.scheduler.stream(
+        chunks = self.scheduler.stream(
             _require_model(request.model),
             request.body,
             "/v1/chat/completions",
             limits_from_pb(request),
             ticket_from_pb(request, RequestClass.LLM_CHAT),
             session_key=request.options.session_key,
-        ):
-            yield pb.ChatStreamResponse(data=data, engine_id=engine.engine_id)
+        )
+        async for engine_id, data, more in _messages(chunks, request.coalesce):
+            yield pb.ChatStreamResponse(data=data, engine_id=engine_id, more=more)
 
     async def Complete(self, request: pb.CompleteRequest, context: Any) -> pb.CompleteResponse:
         result = await self.scheduler.unary(
@@ -284,15 +303,16 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
     async def CompleteStream(
         self, request: pb.CompleteStreamRequest, context: Any
     ) -> AsyncIterator[pb.CompleteStreamResponse]:
-        async for data, engine in self.scheduler.stream(
+        chunks = self.scheduler.stream(
             _require_model(request.model),
             request.body,
             "/v1/completions",
             limits_from_pb(request),
             ticket_from_pb(request, RequestClass.LLM_GENERATE),
             session_key=request.options.session_key,
-        ):
-            yield pb.CompleteStreamResponse(data=data, engine_id=engine.engine_id)
+        )
+        async for engine_id, data, more in _messages(chunks, request.coalesce):
+            yield pb.CompleteStreamResponse(data=data, engine_id=engine_id, more=more)
 
     async def Embed(self, request: pb.EmbedRequest, context: Any) -> pb.EmbedResponse:
         if not request.inputs:

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
+import orjson
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -153,6 +154,37 @@ async def test_scheduler_streams_chunk_by_chunk(
     # role chunk + 5 token chunks + finish chunk, no [DONE] sentinel inside gRPC
     assert len(chunks) >= 6
     assert all(c.startswith(b"{") for c in chunks)
+
+
+async def test_coalesced_stream_carries_the_same_chunks_in_fewer_messages(
+    running: Any, settings: SageSettings, sim_engine: Callable[..., str]
+) -> None:
+    """With `coalesce`, chunks a zero-latency engine sends together share a message; the
+    chunk sequence is unchanged. Without it, old clients still get one chunk per message."""
+    channel, _ = await running(build_scheduler, settings)
+    stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+    base = sim_engine("--tpot-ms", "0", "--ttft-ms", "0")
+    await stub.RegisterEngine(
+        scheduler_pb2.RegisterEngineRequest(engine=sim_engine_pb("sim-a", base))
+    )
+    body = (
+        b'{"model":"sim","stream":true,"max_tokens":32,"seed":1,'
+        b'"messages":[{"role":"user","content":"hi"}]}'
+    )
+
+    async def chunks(coalesce: bool) -> tuple[int, list[bytes]]:
+        request = scheduler_pb2.ChatStreamRequest(model="sim", body=body, coalesce=coalesce)
+        messages = [m async for m in stub.ChatStream(request)]
+        return len(messages), [c for m in messages for c in (m.data, *m.more)]
+
+    plain_messages, plain = await chunks(False)
+    merged_messages, merged = await chunks(True)
+    assert plain_messages == len(plain) >= 33  # one chunk per message
+    assert len(merged) == len(plain)
+    texts = [orjson.loads(c)["choices"][0]["delta"].get("content", "") for c in merged]
+    expected = [orjson.loads(c)["choices"][0]["delta"].get("content", "") for c in plain]
+    assert texts == expected
+    assert merged_messages < plain_messages
 
 
 async def test_gpu_manager_contract(running: Any, settings: SageSettings) -> None:

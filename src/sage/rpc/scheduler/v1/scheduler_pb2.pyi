@@ -161,9 +161,14 @@ class ChatStreamRequest(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     BODY_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
+    COALESCE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     body: _builtins.bytes
     """The OpenAI request JSON with "stream": true."""
+    coalesce: _builtins.bool
+    """Let one response message carry several chunks that are ready together (`data` plus
+    `more`), saving a message per chunk under load. Off: exactly one chunk per message.
+    """
     @_builtins.property
     def options(self) -> Global___RequestOptions: ...
     def __init__(
@@ -172,10 +177,11 @@ class ChatStreamRequest(_message.Message):
         model: _builtins.str = ...,
         body: _builtins.bytes = ...,
         options: Global___RequestOptions | None = ...,
+        coalesce: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "model", b"model", "options", b"options"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "coalesce", b"coalesce", "model", b"model", "options", b"options"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -187,19 +193,25 @@ class ChatStreamResponse(_message.Message):
 
     DATA_FIELD_NUMBER: _builtins.int
     ENGINE_ID_FIELD_NUMBER: _builtins.int
+    MORE_FIELD_NUMBER: _builtins.int
     data: _builtins.bytes
     """One SSE `data:` payload: an OpenAI chat.completion.chunk JSON object, unmodified."""
     engine_id: _builtins.str
     """Engine that produced the chunk (set on the first message, may change on failover)."""
+    @_builtins.property
+    def more(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Chunks that follow `data`, in order (only when the request set `coalesce`)."""
+
     def __init__(
         self,
         *,
         data: _builtins.bytes = ...,
         engine_id: _builtins.str = ...,
+        more: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "engine_id", b"engine_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "engine_id", b"engine_id", "more", b"more"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -265,8 +277,13 @@ class CompleteStreamRequest(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     BODY_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
+    COALESCE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     body: _builtins.bytes
+    coalesce: _builtins.bool
+    """Let one response message carry several chunks that are ready together (`data` plus
+    `more`), saving a message per chunk under load. Off: exactly one chunk per message.
+    """
     @_builtins.property
     def options(self) -> Global___RequestOptions: ...
     def __init__(
@@ -275,10 +292,11 @@ class CompleteStreamRequest(_message.Message):
         model: _builtins.str = ...,
         body: _builtins.bytes = ...,
         options: Global___RequestOptions | None = ...,
+        coalesce: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "model", b"model", "options", b"options"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "coalesce", b"coalesce", "model", b"model", "options", b"options"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -290,18 +308,24 @@ class CompleteStreamResponse(_message.Message):
 
     DATA_FIELD_NUMBER: _builtins.int
     ENGINE_ID_FIELD_NUMBER: _builtins.int
+    MORE_FIELD_NUMBER: _builtins.int
     data: _builtins.bytes
     """One SSE `data:` payload: an OpenAI text_completion chunk JSON object."""
     engine_id: _builtins.str
+    @_builtins.property
+    def more(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Chunks that follow `data`, in order (only when the request set `coalesce`)."""
+
     def __init__(
         self,
         *,
         data: _builtins.bytes = ...,
         engine_id: _builtins.str = ...,
+        more: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "engine_id", b"engine_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "engine_id", b"engine_id", "more", b"more"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
