@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -50,7 +50,7 @@ class _Pump(Generic[T]):
             await self.task
 
 
-async def ready_runs(source: AsyncIterator[T], max_run: int = 64) -> AsyncIterator[list[T]]:
+async def ready_runs(source: AsyncIterator[T], max_run: int = 64) -> AsyncGenerator[list[T], None]:
     """Yield `source`'s items in order, as lists of the items that were ready together.
 
     The first item of a run is awaited; the run then takes whatever else is already queued
