@@ -119,7 +119,7 @@ class _Engine:
         ).labels(model_name=name).set_function(lambda: self.batcher.stats.queued_texts)
 
     def _compute(self, texts: list[str]) -> tuple[Any, list[int]]:
-        return self.model.encode(texts), self.model.count_tokens(texts)
+        return self.model.encode_with_counts(texts)
 
     async def embeddings(self, request: Request) -> Response:
         started = time.perf_counter()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,9 @@ BUNDLED_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 _BUNDLED_ALIASES = frozenset(
     {BUNDLED_MODEL_NAME, "all-MiniLM-L6-v2", "all-minilm-l6-v2", "minilm", "default"}
 )
+
+
+log = logging.getLogger("sage.engines.embedding")
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,7 @@ class EmbeddingModel:
         self.dim = int(dim_value)
         self.max_seq_length = int(model.max_seq_length or 512)
         self.normalize = config.normalize
+        self._single_pass = True
 
     def count_tokens(self, texts: list[str]) -> list[int]:
         """Tokens per text as the model sees them (capped at max_seq_length: truncation)."""
@@ -103,6 +108,34 @@ class EmbeddingModel:
             texts, add_special_tokens=True, truncation=True, max_length=self.max_seq_length
         )["input_ids"]
         return [len(x) for x in ids]
+
+    def encode_with_counts(self, texts: list[str]) -> tuple[Any, list[int]]:
+        """Vectors and per-text token counts from one tokenization (not one for the counts
+        and another inside `encode`: on a GPU the tokenizer is a large share of a batch)."""
+        if self._single_pass:
+            try:
+                return self._encode_once(texts)
+            except (AttributeError, KeyError, TypeError) as exc:  # an API this code predates
+                log.warning("single-pass encode unavailable, tokenizing twice: %r", exc)
+                self._single_pass = False
+        return self.encode(texts), self.count_tokens(texts)
+
+    def _encode_once(self, texts: list[str]) -> tuple[Any, list[int]]:
+        import torch
+
+        model: Any = self._model
+        # sentence-transformers 6 renamed tokenize to preprocess.
+        prepare = getattr(model, "preprocess", None) or model.tokenize
+        features = prepare(texts)
+        counts = [int(n) for n in features["attention_mask"].sum(dim=1).tolist()]
+        on_device = {
+            k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in features.items()
+        }
+        with torch.inference_mode():
+            vectors = model.forward(on_device)["sentence_embedding"]
+            if self.normalize:
+                vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
+        return vectors.float().cpu().numpy(), counts
 
     def encode(self, texts: list[str]) -> Any:
         """float32 array (len(texts), dim); over-long texts are truncated by the model."""
