@@ -4,7 +4,6 @@ that `kill -9` is a real kill."""
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -12,10 +11,10 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from sage.common.config.settings import SageSettings
 from sage.common.grpc import SageServer, create_channel
+from sage.common.http.testing import quiet_server, serve_in_task
 from sage.rpc.common.v1 import common_pb2
 from sage.rpc.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 from sage.services.edge.app import create_app
@@ -77,19 +76,8 @@ async def plane_factory(
         )
         channel = create_channel(f"127.0.0.1:{sched_port}")
         port = port_factory()
-        server = uvicorn.Server(
-            uvicorn.Config(
-                create_app(edge_settings),
-                host="127.0.0.1",
-                port=port,
-                log_config=None,
-                access_log=False,
-                lifespan="on",
-            )
-        )
-        task = asyncio.create_task(server.serve())
-        while not server.started:  # noqa: ASYNC110 - uvicorn exposes a flag, not an event
-            await asyncio.sleep(0.02)
+        server = quiet_server(create_app(edge_settings), port)
+        task = await serve_in_task(server)
         client = httpx.AsyncClient(
             base_url=f"http://127.0.0.1:{port}",
             timeout=60,

@@ -20,10 +20,10 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from sage.common.config.settings import SageSettings
 from sage.common.grpc import SageServer
+from sage.common.http.testing import quiet_server
 from sage.common.utils.processes import free_port
 from sage.services.edge.app import create_app
 from sage.services.embedding.server import build_server as build_embedding
@@ -114,16 +114,7 @@ def threaded_plane(
     loop = _LoopThread()
     servers: list[SageServer] = []
     edge_port = free_port()
-    edge = uvicorn.Server(
-        uvicorn.Config(
-            create_app(settings),
-            host="127.0.0.1",
-            port=edge_port,
-            log_config=None,
-            access_log=False,
-            lifespan="on",
-        )
-    )
+    edge = quiet_server(create_app(settings), edge_port)
 
     async def start() -> asyncio.Task[None]:
         for build, service in (

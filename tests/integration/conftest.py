@@ -3,17 +3,16 @@ the edge on a real uvicorn socket, talking to each other over real gRPC and HTTP
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from sage.common.config.settings import SageSettings
 from sage.common.grpc import SageServer, create_channel
+from sage.common.http.testing import quiet_server, serve_in_task
 from sage.rpc.common.v1 import common_pb2
 from sage.rpc.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 from sage.services.edge.app import create_app
@@ -64,19 +63,8 @@ async def control_plane(
     )
     channel = create_channel(f"127.0.0.1:{sched_port}")
     port = port_factory()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(edge_settings),
-            host="127.0.0.1",
-            port=port,
-            log_config=None,
-            access_log=False,
-            lifespan="on",
-        )
-    )
-    task = asyncio.create_task(server.serve())
-    while not server.started:  # noqa: ASYNC110 - uvicorn exposes a flag, not an event
-        await asyncio.sleep(0.02)
+    server = quiet_server(create_app(edge_settings), port)
+    task = await serve_in_task(server)
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
         yield ControlPlane(client, scheduler_pb2_grpc.SchedulerServiceStub(channel))
     server.should_exit = True
@@ -134,19 +122,8 @@ async def full_plane(
         servers[name] = server
     channel = create_channel(wired.address("scheduler"))
     edge_port = port_factory()
-    edge = uvicorn.Server(
-        uvicorn.Config(
-            create_app(wired),
-            host="127.0.0.1",
-            port=edge_port,
-            log_config=None,
-            access_log=False,
-            lifespan="on",
-        )
-    )
-    task = asyncio.create_task(edge.serve())
-    while not edge.started:  # noqa: ASYNC110 - uvicorn exposes a flag, not an event
-        await asyncio.sleep(0.02)
+    edge = quiet_server(create_app(wired), edge_port)
+    task = await serve_in_task(edge)
     plane = FullPlane(
         httpx.AsyncClient(base_url=f"http://127.0.0.1:{edge_port}", timeout=120),
         scheduler_pb2_grpc.SchedulerServiceStub(channel),

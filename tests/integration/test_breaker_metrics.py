@@ -11,9 +11,9 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from sage.common.config.settings import SageSettings
+from sage.common.http.testing import quiet_server, serve_in_task
 from sage.services.edge.app import create_app
 
 FAILURES = 3
@@ -118,13 +118,9 @@ async def test_edge_metrics_without_a_scheduler(
     """The edge's own metrics still come back when the scheduler cannot be reached."""
     app = create_app(settings.model_copy(update={"scheduler_addr": "127.0.0.1:1"}))
     port = port_factory()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on")
-    )
-    task = asyncio.create_task(server.serve())
+    server = quiet_server(app, port)
+    task = await serve_in_task(server)
     try:
-        while not server.started:  # noqa: ASYNC110 - uvicorn exposes a flag, not an event
-            await asyncio.sleep(0.02)
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
             resp = await client.get("/metrics")
         assert resp.status_code == 200

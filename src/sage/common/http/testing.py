@@ -151,3 +151,31 @@ class RecordingEngine:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
+
+
+def quiet_server(app: Any, port: int) -> uvicorn.Server:
+    """A uvicorn server for `app` on 127.0.0.1:`port`, without access or config logging."""
+    return uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            log_config=None,
+            access_log=False,
+            lifespan="on",
+        )
+    )
+
+
+async def serve_in_task(server: uvicorn.Server, timeout_s: float = 10.0) -> asyncio.Task[None]:
+    """Run `server` in a task of the running loop; return once it listens."""
+    task = asyncio.create_task(server.serve())
+    deadline = time.monotonic() + timeout_s
+    while not server.started:  # uvicorn exposes a flag, not an event
+        if task.done():
+            task.result()  # re-raises what stopped it
+            raise RuntimeError("the server stopped before it listened")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"server not listening after {timeout_s:g}s")
+        await asyncio.sleep(0.01)
+    return task
