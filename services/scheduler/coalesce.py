@@ -33,18 +33,25 @@ class _Pump(Generic[T]):
 
     def __init__(self, source: AsyncIterator[T], bound: int) -> None:
         self.queue: asyncio.Queue[T | _Failed | _Done] = asyncio.Queue(maxsize=bound)
+        self.stopping = False
         self.task = asyncio.get_running_loop().create_task(self._run(source))
 
     async def _run(self, source: AsyncIterator[T]) -> None:
         try:
             async for item in source:
                 await self.queue.put(item)
+        except asyncio.CancelledError:
+            if self.stopping:
+                raise
+            await self.queue.put(_Failed(asyncio.CancelledError()))  # never leave it waiting
+            return
         except Exception as exc:  # handed to the consumer, which re-raises it
             await self.queue.put(_Failed(exc))
             return
         await self.queue.put(_DONE)
 
     async def stop(self) -> None:
+        self.stopping = True
         self.task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.task

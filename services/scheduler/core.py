@@ -257,10 +257,12 @@ class Scheduler:
         try:
             engines = self.registry.ready_for(model, EngineKind.LLM)
             async with self.admission.slot(ticket, len(engines)):
+                client_body = body
                 body, candidates = await self._route(model, path, body, session_key, ticket.cost)
                 request = body
-                # Tracks what the client saw, so a stream broken mid-way can be continued.
-                seen = StreamResume.for_request(path, body)
+                # Tracks what the client saw, so a stream broken mid-way can be continued;
+                # from the client's body, not a PD decode leg's (its KV params are single-use).
+                seen = StreamResume.for_request(path, client_body)
                 resumed = False
                 started = False
                 ttft, last = 0.0, b""

@@ -240,8 +240,12 @@ class NodeTable:
                 entry.drained.add(record.engine_id)
 
     def _restore(self, entry: _Entry, alive: set[str]) -> None:
+        # Only engines still in the DRAINING this table set: one drained or stopped on
+        # purpose since then keeps its state.
+        states = {r.engine_id: r.state for r in self.registry.engines()}
         for engine_id in sorted(entry.drained & alive):
-            self.registry.set_state(engine_id, EngineState.READY)
+            if states.get(engine_id) is EngineState.DRAINING:
+                self.registry.set_state(engine_id, EngineState.READY)
         entry.drained -= alive
 
     def admit_engine(self, record: EngineRecord) -> EngineRecord:
@@ -254,6 +258,7 @@ class NodeTable:
             if record.state is EngineState.READY:
                 entry.drained.add(record.engine_id)
                 return replace(record, state=EngineState.DRAINING)
+            entry.drained.discard(record.engine_id)  # its own state now: not ours to restore
             return record
 
     def nodes(self) -> list[Node]:

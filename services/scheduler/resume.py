@@ -17,6 +17,19 @@ from typing import Any
 import orjson
 
 _CHAT_LIMITS = ("max_completion_tokens", "max_tokens")
+# Replies that are more than text: a restart would not continue them but begin again (a
+# second tool call, repeated reasoning, JSON that restarts under guided decoding).
+_NOT_PLAIN_TEXT = (
+    "tools",
+    "functions",
+    "response_format",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "structured_outputs",
+    "reasoning_effort",
+)
 
 
 def _choice_text(choice: Any, chat: bool) -> str:
@@ -46,12 +59,15 @@ class StreamResume:
     @classmethod
     def for_request(cls, path: str, body: bytes) -> StreamResume | None:
         """A tracker for this request; None when it cannot be continued from its text
-        (several choices, echo, token-id prompts)."""
+        (several choices, echo, token-id prompts, tool calls, structured or reasoning
+        output)."""
         try:
             doc: Any = orjson.loads(body)
         except orjson.JSONDecodeError:
             return None
         if not isinstance(doc, dict) or doc.get("n") not in (None, 1) or doc.get("echo"):
+            return None
+        if any(doc.get(key) for key in _NOT_PLAIN_TEXT):
             return None
         if path.endswith("/chat/completions"):
             ok = isinstance(doc.get("messages"), list) and bool(doc["messages"])
@@ -98,6 +114,8 @@ class StreamResume:
     def continuation(self) -> bytes | None:
         """The request for the rest of the reply; None when the token limit is used up."""
         doc = dict(self.request)
+        # A PD decode leg's KV blocks were single-use: the next engine prefills itself.
+        doc.pop("kv_transfer_params", None)
         if not self._remaining(doc):
             return None
         text = self.text

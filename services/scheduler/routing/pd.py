@@ -81,6 +81,7 @@ def prefill_body(body: bytes) -> bytes:
     doc["max_tokens"] = 1
     if "max_completion_tokens" in doc:
         doc["max_completion_tokens"] = 1
+    doc.pop("min_tokens", None)  # vLLM refuses min_tokens > max_tokens
     doc.pop("stream_options", None)
     return orjson.dumps(doc)
 

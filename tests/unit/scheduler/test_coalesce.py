@@ -71,3 +71,16 @@ async def test_closing_early_stops_the_source() -> None:
     assert await runs.__anext__() == [0]
     await runs.aclose()  # what a cancelled gRPC stream does
     await asyncio.wait_for(cleaned.wait(), 1)
+
+
+async def test_a_source_cancelled_from_inside_does_not_leave_the_reader_waiting() -> None:
+    async def cancelled() -> AsyncIterator[int]:
+        yield 1
+        raise asyncio.CancelledError  # e.g. an inner task it awaited was cancelled
+
+    seen: list[int] = []
+    with pytest.raises(asyncio.CancelledError):
+        async with asyncio.timeout(2):
+            async for run in ready_runs(cancelled()):
+                seen += run
+    assert seen == [1]

@@ -114,3 +114,24 @@ def test_streams_that_cannot_be_continued_from_text_are_not_tracked() -> None:
     assert StreamResume.for_request("/v1/completions", b'{"prompt": [1, 2, 3]}') is None
     assert StreamResume.for_request("/v1/completions", b'{"prompt": "a", "echo": true}') is None
     assert StreamResume.for_request(CHAT, b"not json") is None
+
+
+def test_replies_that_are_more_than_text_are_not_continued() -> None:
+    """A restart would begin a tool call, reasoning or guided JSON again, not continue it."""
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {}}}]
+    assert StreamResume.for_request(CHAT, _body(tools=tools)) is None
+    schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}
+    assert StreamResume.for_request(CHAT, _body(response_format=schema)) is None
+    assert StreamResume.for_request(CHAT, _body(guided_json={"type": "object"})) is None
+    assert StreamResume.for_request(CHAT, _body(tools=[])) is not None  # empty: plain text
+
+
+def test_a_pd_decode_legs_kv_params_are_not_sent_again() -> None:
+    """The blocks the prefill engine held were for the first decode engine only."""
+    kv = {"do_remote_prefill": True, "remote_block_ids": [1], "remote_host": "h"}
+    seen = StreamResume.for_request(CHAT, _body(kv_transfer_params=kv))
+    assert seen is not None
+    seen.absorb(orjson.dumps({"id": "c1", "choices": [{"delta": {"content": "Hel"}}]}))
+    continuation = seen.continuation()
+    assert continuation is not None
+    assert "kv_transfer_params" not in orjson.loads(continuation)

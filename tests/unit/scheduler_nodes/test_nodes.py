@@ -197,3 +197,19 @@ def test_parse_nodes_names_the_bad_entry() -> None:
         parse_nodes("a=h:1,b=nohost")
     with pytest.raises(ValueError, match="names node 'a' twice"):
         parse_nodes("a=h:1,a=h:2")
+
+
+def test_an_engine_drained_on_purpose_while_its_node_was_down_stays_drained(
+    table: NodeTable, registry: EngineRegistry, clock: Clock
+) -> None:
+    table.report(report("a", "h:1", engines=("e1",)), register=True)
+    registry.register(engine("e1", "a"))
+    clock.now += 7
+    assert table.sweep() == ["a"]
+    # lifecycle drains e1 to stop it while the node is down
+    draining = EngineRecord(
+        "e1", "m", EngineKind.LLM, "http://10.0.0.1/e1", node_id="a", state=EngineState.DRAINING
+    )
+    registry.register(table.admit_engine(draining))
+    table.report(report("a", "h:1", engines=("e1",)), register=False)  # node back
+    assert [e.state for e in registry.engines()] == [EngineState.DRAINING]

@@ -195,3 +195,9 @@ async def test_client_errors_from_prefill_reach_the_client() -> None:
         await PdRouter(RoundRobinRouter(), CollectorRegistry()).plan(
             RouteRequest("m"), BODY, pool("prefill", "decode"), call
         )
+
+
+def test_the_prefill_leg_drops_min_tokens_so_one_token_is_valid() -> None:
+    """vLLM refuses min_tokens > max_tokens; the client's request was valid."""
+    leg = orjson.loads(prefill_body(b'{"model": "m", "max_tokens": 50, "min_tokens": 10}'))
+    assert leg["max_tokens"] == 1 and "min_tokens" not in leg
