@@ -282,9 +282,12 @@ def test_engines_are_placed_routed_and_drained_across_hosts(cluster: Cluster) ->
             nodes = cluster.nodes()
         except (AssertionError, OSError):
             return False
-        return all(nodes.get(n, {}).get("state") == "ready" for n in ("node-a", "node-b"))
+        if not all(nodes.get(n, {}).get("state") == "ready" for n in ("node-a", "node-b")):
+            return False
+        # An agent whose gpu_manager was not up yet reports 0 GPUs until its next heartbeat.
+        return (nodes["node-a"]["gpu_count"], nodes["node-b"]["gpu_count"]) == (2, 1)
 
-    cluster.wait_for("both node agents to register", agents_ready, 60)
+    cluster.wait_for("both node agents to register with their GPUs", agents_ready, 60)
     nodes = cluster.nodes()
     assert (nodes["node-a"]["gpu_count"], nodes["node-b"]["gpu_count"]) == (2, 1)
     assert nodes["node-a"]["lifecycle_addr"] == f"{NODE_A_IP}:{LIFE_PORT}"

@@ -5,6 +5,7 @@ Used by the CLI supervisor, the benchmarks and the tests, so all wait and stop a
 
 from __future__ import annotations
 
+import random
 import socket
 import subprocess
 import time
@@ -12,8 +13,32 @@ import time
 import httpx
 
 
+def _ephemeral_floor() -> int:
+    """Lowest port the kernel hands to outgoing connections (Linux; 32768 elsewhere)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now (the OS picks it)."""
+    """A TCP port nothing listens on right now.
+
+    Picked below the kernel's ephemeral range when possible: a port taken from that range
+    (bind to 0) can be handed to some outgoing connection before the caller binds it,
+    which made busy test runs fail with "address already in use".
+    """
+    floor = _ephemeral_floor()
+    if floor > 20_000:
+        for _ in range(50):
+            port = random.randrange(20_000, floor)
+            with socket.socket() as sock:
+                try:
+                    sock.bind((host, port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
