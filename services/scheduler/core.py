@@ -25,7 +25,7 @@ from .policies import QueuedRequest
 from .ratelimit import TenantLimits, TenantRateLimiter
 from .registry import EngineKind, EngineRecord, EngineRegistry
 from .resume import StreamResume
-from .routing import Router, RouteRequest, prefix_of
+from .routing import Router, RouteRequest, failover_order, prefix_of
 from .routing.pd import PdRouter
 
 log = logging.getLogger("sage.scheduler")
@@ -141,29 +141,15 @@ class Scheduler:
         self.rate_limiter.admit(limits, tokens)
         return tokens
 
-    def _candidates(
-        self,
-        model: str,
-        kind: EngineKind,
-        body: bytes = b"",
-        session_key: str = "",
-        cost: float = 0.0,
-    ) -> list[EngineRecord]:
-        """Routed engine first, then the rest in order, for failover on connect errors."""
-        # Engines whose circuit breaker is open are left out (see breaker.py).
-        engines = self.breakers.routable(self.registry.ready_for(model, kind), _engine_id)
-        router = self.router
-        # Only prefix-aware routers pay for parsing the body.
-        prefix = prefix_of(body) if router.needs_prefix else ""
-        first = router.pick(RouteRequest(model, session_key, prefix, cost), engines)
-        return [first, *(e for e in engines if e.engine_id != first.engine_id)]
-
     async def _route(
         self, model: str, path: str, body: bytes, session_key: str, cost: float
     ) -> tuple[bytes, list[EngineRecord]]:
         """The body to send and the engines to try: for a model with prefill and decode
-        engines, the prefill leg runs here first (routing/pd.py); else `_candidates`."""
+        engines, the prefill leg runs here first (routing/pd.py); else the routed engine,
+        then the others for failover."""
+        # Engines whose circuit breaker is open are left out (see breaker.py).
         engines = self.breakers.routable(self.registry.ready_for(model, EngineKind.LLM), _engine_id)
+        # Only prefix-aware routers pay for parsing the body.
         prefix = prefix_of(body) if self.router.needs_prefix else ""
 
         async def prefill(engine: EngineRecord, leg: bytes) -> bytes:
@@ -175,7 +161,7 @@ class Scheduler:
         route = RouteRequest(model, session_key, prefix, cost)
         plan = await self.pd.plan(route, body, engines, prefill)
         if plan is None:
-            return body, self._candidates(model, EngineKind.LLM, body, session_key, cost)
+            return body, failover_order(self.router, route, engines)
         return plan.body, plan.candidates
 
     async def unary(

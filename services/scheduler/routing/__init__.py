@@ -10,7 +10,15 @@ from collections.abc import Callable
 
 from sage.common.exceptions import ConfigurationError
 
-from .base import PREFIX_CHARS, LoadView, NoLoad, Router, RouteRequest, prefix_of
+from .base import (
+    PREFIX_CHARS,
+    LoadView,
+    NoLoad,
+    Router,
+    RouteRequest,
+    failover_order,
+    prefix_of,
+)
 from .least_loaded import LeastLoadedRouter
 from .p2c import PowerOfTwoRouter
 from .prefix_aware import PrefixAwareRouter
@@ -59,5 +67,6 @@ __all__ = [
     "Router",
     "SessionAffinityRouter",
     "create_router",
+    "failover_order",
     "prefix_of",
 ]

@@ -85,6 +85,14 @@ def _text_of(content: Any) -> str:
     return ""
 
 
+def failover_order(
+    router: Router, request: RouteRequest, engines: Sequence[EngineRecord]
+) -> list[EngineRecord]:
+    """The routed engine first, then the rest in order: who to try when one fails."""
+    first = router.pick(request, engines)
+    return [first, *(e for e in engines if e.engine_id != first.engine_id)]
+
+
 def prefix_of(body: bytes, limit: int = PREFIX_CHARS) -> str:
     """The first `limit` characters of the prompt in an OpenAI chat or completion body:
     message texts joined (role-tagged), or the completion prompt; empty when unparsable."""

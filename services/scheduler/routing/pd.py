@@ -26,7 +26,7 @@ from sage.common.exceptions import InvalidRequestError, ModelNotFoundError, Sage
 
 from ..executor import EngineUnreachableError
 from ..registry import EngineRecord
-from .base import Router, RouteRequest
+from .base import Router, RouteRequest, failover_order
 
 log = logging.getLogger("sage.scheduler.pd")
 
@@ -134,12 +134,6 @@ class PdRouter:
             registry=registry,
         )
 
-    def _pick_order(
-        self, request: RouteRequest, engines: Sequence[EngineRecord]
-    ) -> list[EngineRecord]:
-        first = self.router.pick(request, engines)
-        return [first, *(e for e in engines if e.engine_id != first.engine_id)]
-
     async def plan(
         self,
         request: RouteRequest,
@@ -157,9 +151,9 @@ class PdRouter:
         pools = split_roles(engines)
         if not pools.disaggregated:
             return None
-        decode = [*self._pick_order(request, pools.decode), *pools.both]
+        decode = [*failover_order(self.router, request, pools.decode), *pools.both]
         leg = prefill_body(body)
-        for engine in self._pick_order(request, pools.prefill):
+        for engine in failover_order(self.router, request, pools.prefill):
             try:
                 reply = await call_prefill(engine, leg)
             except (InvalidRequestError, ModelNotFoundError):
