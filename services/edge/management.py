@@ -18,6 +18,7 @@ from sage.common.exceptions import (
     InsufficientResourcesError,
     InvalidRequestError,
     NotFoundError,
+    SageError,
 )
 from sage.common.grpc import create_channel, rpc_errors_as_sage
 from sage.common.grpc.engine_enums import kind_name, kind_value, role_name, role_value, state_name
@@ -535,7 +536,7 @@ def add_management_routes(
         ready = [e for e in routed.engines if state_name(e.state) == "ready"]
         try:
             engines = [engine_json(e) for e in await node_lifecycles.list_engines()]
-        except Exception:
+        except (grpc.RpcError, SageError):
             engines = [engine_json(e) for e in routed.engines]  # lifecycle down: routing view
         nodes = [node_json(n) for n in await node_lifecycles.nodes()]
         try:

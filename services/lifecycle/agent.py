@@ -116,7 +116,11 @@ class NodeAgent:
                 self._registered = False  # the scheduler restarted: register next time
             message = f"{err.code().name}: {err.details()}"
             if message != self._last_error:  # log each new problem once, not every beat
-                level = logging.ERROR if err.code() == grpc.StatusCode.ALREADY_EXISTS else 30
+                level = (
+                    logging.ERROR
+                    if err.code() == grpc.StatusCode.ALREADY_EXISTS
+                    else logging.WARNING
+                )
                 log.log(
                     level,
                     "node heartbeat refused",

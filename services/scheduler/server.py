@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -484,18 +485,9 @@ class NodeWatcher:
             )
             return
         with contextlib.suppress(InvalidRequestError):
+            # The address we polled is the one to use, whatever the agent thinks it is.
             self.table.report(
-                NodeReport(
-                    node_id,
-                    addr,
-                    report.advertise_host,
-                    report.gpu_count,
-                    report.gpus,
-                    report.engine_ids,
-                    report.agent_instance,
-                ),
-                register=True,
-                static=True,
+                dataclasses.replace(report, lifecycle_addr=addr), register=True, static=True
             )
 
     async def aclose(self) -> None:
