@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -103,3 +105,18 @@ def no_leaked_children() -> Iterator[None]:
 def port_factory() -> Callable[[], int]:
     """Hands out free TCP ports on 127.0.0.1."""
     return free_port
+
+
+def integration_fixtures() -> Any:
+    """tests/integration/conftest.py as a module, so conftests of other folders can reuse its
+    fixtures (`control_plane`, `full_plane`); loaded once per session."""
+    name = "sage_tests_integration_fixtures"
+    if name in sys.modules:
+        return sys.modules[name]
+    path = Path(__file__).parent / "integration" / "conftest.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # its dataclasses look themselves up there
+    spec.loader.exec_module(module)
+    return module

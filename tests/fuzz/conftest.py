@@ -8,9 +8,7 @@ The wiring is `full_plane`'s (tests/integration/conftest.py); only the loop diff
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -30,20 +28,9 @@ from sage.services.embedding.server import build_server as build_embedding
 from sage.services.gpu_manager.server import build_server as build_gpu
 from sage.services.lifecycle.server import build_server as build_lifecycle
 from sage.services.scheduler.server import build_server as build_scheduler
+from tests.conftest import integration_fixtures
 
-
-def _integration_fixtures() -> Any:
-    """tests/integration/conftest.py as a module, so its fixtures serve these tests too."""
-    path = Path(__file__).parents[1] / "integration" / "conftest.py"
-    spec = importlib.util.spec_from_file_location("sage_tests_integration_fixtures", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look themselves up there
-    spec.loader.exec_module(module)
-    return module
-
-
-_integration = _integration_fixtures()
+_integration = integration_fixtures()
 full_plane = _integration.full_plane
 control_plane = _integration.control_plane
 

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +10,7 @@ from typing import Any
 import pytest
 
 from sage.common.config.settings import SageSettings
+from tests.conftest import integration_fixtures
 
 TENANT_KEY = "sk-tenant-a-SECRET-7f3c9e1d2b"
 OTHER_TENANT_KEY = "sk-tenant-b-SECRET-0a9b8c7d6e"
@@ -20,18 +19,7 @@ PROVIDER_KEY = "sk-openai-provider-SECRET-99aa88bb"
 SECRETS = (TENANT_KEY, OTHER_TENANT_KEY, ADMIN_KEY, PROVIDER_KEY)
 
 
-def _integration_fixtures() -> Any:
-    """tests/integration/conftest.py as a module, so its fixtures serve these tests too."""
-    path = Path(__file__).parents[1] / "integration" / "conftest.py"
-    spec = importlib.util.spec_from_file_location("sage_tests_security_integration", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look themselves up there
-    spec.loader.exec_module(module)
-    return module
-
-
-_integration = _integration_fixtures()
+_integration = integration_fixtures()
 full_plane = _integration.full_plane
 control_plane = _integration.control_plane
 
