@@ -20,7 +20,7 @@ import orjson
 
 from sage.common.config.settings import SageSettings
 from sage.common.exceptions import InvalidRequestError, SageError, ServiceUnavailableError
-from sage.common.grpc import call_metadata, create_channel, from_rpc_error, rpc_errors_as_sage
+from sage.common.grpc import create_channel, rpc_errors_as_sage
 from sage.common.grpc.engine_enums import kind_name
 from sage.common.http import (
     App,
@@ -46,6 +46,7 @@ from .auth import ApiKey, ApiKeyTable, InvalidApiKeyError, load_key_table
 from .management import add_management_routes
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import EdgeMetrics
+from .mux import SchedulerMux
 from .openapi import openapi_document
 from .validation import (
     INT32_MAX,
@@ -67,9 +68,12 @@ class Upstreams:
     lifecycle: LifecycleServiceAsyncStub
     gpu: GpuManagerServiceAsyncStub
     channels: tuple[grpc.aio.Channel, ...]
+    # Chat and completions go over one Multiplex call (mux.py), not a call each.
+    generation: SchedulerMux
 
     async def close(self) -> None:
         """Close every channel."""
+        await self.generation.aclose()
         for channel in self.channels:
             await channel.close(None)
 
@@ -85,11 +89,13 @@ def open_upstreams(settings: SageSettings) -> Upstreams:
     )
     life = create_channel(settings.address("lifecycle"), default_timeout=settings.rpc_timeout_s)
     gpu = create_channel(settings.address("gpu_manager"), default_timeout=settings.rpc_timeout_s)
+    scheduler = spb_grpc.SchedulerServiceStub(sched)
     return Upstreams(
-        spb_grpc.SchedulerServiceStub(sched),
+        scheduler,
         lifecycle_pb2_grpc.LifecycleServiceStub(life),
         gpu_manager_pb2_grpc.GpuManagerServiceStub(gpu),
         (sched, life, gpu),
+        SchedulerMux(scheduler),
     )
 
 
@@ -100,15 +106,15 @@ def _events(message: Any) -> bytes:
     return sse_event(message.data) + b"".join(sse_event(chunk) for chunk in message.more)
 
 
-async def _stream_sse(call: Any, on_first: Callable[[], None] | None = None) -> StreamingResponse:
-    """SSE from a server-streaming call; errors before the first chunk become HTTP errors."""
-    iterator = call.__aiter__()
+async def _stream_sse(
+    messages: AsyncIterator[Any], on_first: Callable[[], None] | None = None
+) -> StreamingResponse:
+    """SSE from a stream of scheduler messages; errors before the first chunk become HTTP
+    errors, later ones an OpenAI error event."""
     try:
-        first = await iterator.__anext__()
+        first = await messages.__anext__()
     except StopAsyncIteration:
         first = None
-    except grpc.RpcError as err:
-        raise from_rpc_error(err) from None
     if on_first is not None and first is not None:
         on_first()
 
@@ -116,15 +122,15 @@ async def _stream_sse(call: Any, on_first: Callable[[], None] | None = None) -> 
         try:
             if first is not None:
                 yield _events(first)
-            async for message in iterator:
+            async for message in messages:
                 yield _events(message)  # one HTTP write per message, however many chunks
             yield DONE
-        except grpc.RpcError as err:
+        except SageError as exc:
             # Headers are gone; vLLM's convention is an error event, then [DONE].
-            yield sse_event(orjson.dumps(from_rpc_error(err).to_openai()))
+            yield sse_event(orjson.dumps(exc.to_openai()))
             yield DONE
         finally:
-            call.cancel()
+            await messages.aclose()  # type: ignore[attr-defined]
 
     return StreamingResponse(chunks())
 
@@ -259,21 +265,20 @@ def create_app(settings: SageSettings, api_keys: ApiKeyTable | None = None) -> A
                 else request_options(key, estimate_tokens(parsed.doc, len(body)))
             )
             options = with_scheduling_hints(options, request.headers)
-            scheduler = up().scheduler
+            scheduler = up().generation
             if parsed.stream:
                 started = time.perf_counter()
-                call = getattr(scheduler, stream)(
+                messages = scheduler.stream(
+                    stream,
                     stream_msg(model=model, body=body, options=options, coalesce=True),
-                    timeout=timeout,
-                    metadata=call_metadata(),
+                    timeout,
                 )
                 return await _stream_sse(
-                    call, lambda: metrics.observe_ttft(model, time.perf_counter() - started)
+                    messages, lambda: metrics.observe_ttft(model, time.perf_counter() - started)
                 )
-            with rpc_errors_as_sage():
-                reply = await getattr(scheduler, unary)(
-                    unary_msg(model=model, body=body, options=options), timeout=timeout
-                )
+            reply = await scheduler.unary(
+                unary, unary_msg(model=model, body=body, options=options), timeout
+            )
             return Response(reply.body)
 
         return handle
@@ -281,16 +286,16 @@ def create_app(settings: SageSettings, api_keys: ApiKeyTable | None = None) -> A
     app.add(
         "POST",
         "/v1/chat/completions",
-        generation(validate_chat, "Chat", spb.ChatRequest, "ChatStream", spb.ChatStreamRequest),
+        generation(validate_chat, "chat", spb.ChatRequest, "chat_stream", spb.ChatStreamRequest),
     )
     app.add(
         "POST",
         "/v1/completions",
         generation(
             validate_completion,
-            "Complete",
+            "complete",
             spb.CompleteRequest,
-            "CompleteStream",
+            "complete_stream",
             spb.CompleteStreamRequest,
         ),
     )

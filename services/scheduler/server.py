@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 
 from sage.common.config.settings import SageSettings
-from sage.common.exceptions import InvalidRequestError, NotFoundError
+from sage.common.exceptions import InvalidRequestError, NotFoundError, ServiceUnavailableError
 from sage.common.grpc import (
     Registration,
     SageServer,
@@ -29,6 +29,7 @@ from sage.common.grpc.engine_enums import (
     state_name,
     state_value,
 )
+from sage.common.grpc.server import error_trailers
 from sage.rpc.common.v1 import common_pb2
 from sage.rpc.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from sage.rpc.lifecycle.v1 import lifecycle_pb2, lifecycle_pb2_grpc
@@ -43,6 +44,7 @@ from .core import EmbedResult, Scheduler, TokenUsage
 from .executor import HttpExecutionCoordinator
 from .load import EngineLoadTracker
 from .metrics import SchedulerMetrics
+from .mux import MultiplexSessions, scheduler_routes
 from .nodes import Node, NodeGpu, NodeReport, NodeState, NodeTable, parse_nodes
 from .policies import QueuedRequest, RequestClass
 from .ratelimit import TenantLimits
@@ -255,11 +257,17 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
     """SchedulerService over the domain Scheduler."""
 
     def __init__(
-        self, scheduler: Scheduler, policy_name: str, nodes: NodeTable | None = None
+        self,
+        scheduler: Scheduler,
+        policy_name: str,
+        nodes: NodeTable | None = None,
+        request_timeout_s: float = 600.0,
     ) -> None:
         self.scheduler = scheduler
         self.policy_name = policy_name
         self.nodes = nodes or NodeTable(scheduler.registry, timeout_s=6.0)
+        # Multiplex requests without their own timeout_s get the edge's request timeout.
+        self.mux = MultiplexSessions(scheduler_routes(self), request_timeout_s)
 
     async def Chat(self, request: pb.ChatRequest, context: Any) -> pb.ChatResponse:
         result = await self.scheduler.unary(
@@ -314,6 +322,15 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
         )
         async for engine_id, data, more in _messages(chunks, request.coalesce):
             yield pb.CompleteStreamResponse(data=data, engine_id=engine_id, more=more)
+
+    async def Multiplex(
+        self, request_iterator: AsyncIterator[pb.MultiplexRequest], context: Any
+    ) -> AsyncIterator[pb.MultiplexResponse]:
+        if self.mux.draining:
+            exc = ServiceUnavailableError("the scheduler is shutting down")
+            await context.abort(exc.grpc_code, exc.message, trailing_metadata=error_trailers(exc))
+        async for message in self.mux.serve(request_iterator):
+            yield message
 
     async def Embed(self, request: pb.EmbedRequest, context: Any) -> pb.EmbedResponse:
         if not request.inputs:
@@ -582,7 +599,12 @@ def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageS
         min(settings.node_heartbeat_s, settings.node_timeout_s / 4),
         settings.rpc_timeout_s,
     )
-    servicer = SchedulerServicer(scheduler, f"{settings.scheduler_policy}/{routing}", node_table)
+    servicer = SchedulerServicer(
+        scheduler,
+        f"{settings.scheduler_policy}/{routing}",
+        node_table,
+        request_timeout_s=settings.request_timeout_s,
+    )
     server, port = create_server(
         addr or f"{settings.host}:{settings.scheduler_port}",
         [
@@ -598,6 +620,7 @@ def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageS
         node_watcher.start()
 
     server.on_start(_watch_nodes)
+    server.on_drain(servicer.mux.drain)
 
     # A restarted scheduler routes lifecycle's ready engines at once (see rebuild.py).
     rebuilding: list[asyncio.Task[int]] = []

@@ -7,7 +7,7 @@ import logging
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -41,7 +41,8 @@ class Registration:
     servicer: Any
 
 
-def _error_trailers(exc: SageError) -> tuple[tuple[str, str], ...]:
+def error_trailers(exc: SageError) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata that lets the caller rebuild `exc` (see client.from_rpc_error)."""
     trailers = [(md.ERROR_CLASS, type(exc).__name__)]
     if exc.param:
         trailers.append((md.ERROR_PARAM, exc.param))
@@ -52,9 +53,15 @@ def _error_trailers(exc: SageError) -> tuple[tuple[str, str], ...]:
     return tuple(trailers)
 
 
-def _enter_call(method: str, context: Context) -> tuple[Any, Any]:
-    """Set request id + trace context from metadata; returns tokens to undo it."""
-    meta = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+def status_message(exc: SageError) -> str:
+    """`exc`'s message as a status detail: details travel in a trailer (16 KiB cap), so a
+    message echoing a huge input must not turn the error into "Stream removed"."""
+    return exc.message if len(exc.message) <= 2000 else exc.message[:2000] + "…"
+
+
+def enter_request(method: str, meta: Mapping[str, str]) -> tuple[Any, Any]:
+    """Set request id + trace context from a request's metadata; returns tokens to undo it
+    (exit_request)."""
     rid = meta.get(md.REQUEST_ID) or uuid.uuid4().hex
     rid_token = request_id_var.set(rid)
     span_cm = _tracer.start_as_current_span(
@@ -64,16 +71,28 @@ def _enter_call(method: str, context: Context) -> tuple[Any, Any]:
     return rid_token, span_cm
 
 
+def exit_request(tokens: tuple[Any, Any]) -> None:
+    """Undo enter_request."""
+    rid_token, span_cm = tokens
+    span_cm.__exit__(None, None, None)
+    request_id_var.reset(rid_token)
+
+
+def _enter_call(method: str, context: Context) -> tuple[Any, Any]:
+    """enter_request with the call's invocation metadata."""
+    meta = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+    return enter_request(method, meta)
+
+
 async def _abort_for(exc: BaseException, method: str, context: Context) -> None:
     if isinstance(exc, SageError):
         log.info(
             "rpc error",
             extra={"method": method, "error": type(exc).__name__, "detail": exc.message},
         )
-        # Details travel in a trailer (16 KiB cap); a message echoing a huge input must
-        # not turn the error into "Stream removed".
-        message = exc.message if len(exc.message) <= 2000 else exc.message[:2000] + "…"
-        await context.abort(exc.grpc_code, message, trailing_metadata=_error_trailers(exc))
+        await context.abort(
+            exc.grpc_code, status_message(exc), trailing_metadata=error_trailers(exc)
+        )
     log.exception("unexpected error in rpc", extra={"method": method})
     await context.abort(
         grpc.StatusCode.INTERNAL,
@@ -133,8 +152,7 @@ class _SageServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-a
                             "ms": round((time.perf_counter() - started) * 1e3, 2),
                         },
                     )
-                    span_cm.__exit__(None, None, None)
-                    request_id_var.reset(rid_token)
+                    exit_request((rid_token, span_cm))
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary,
@@ -157,8 +175,7 @@ class _SageServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-a
                     await _abort_for(exc, method, context)
                     raise
                 finally:
-                    span_cm.__exit__(None, None, None)
-                    request_id_var.reset(rid_token)
+                    exit_request((rid_token, span_cm))
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream,
@@ -182,10 +199,16 @@ class SageServer:
         self.service_names = tuple(service_names)
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
         self._on_start: list[Callable[[], Awaitable[None]]] = []
+        self._on_drain: list[Callable[[float], Awaitable[None]]] = []
 
     def on_start(self, callback: Callable[[], Awaitable[None]]) -> None:
         """Run `callback` once the server is started (recover state, start timers)."""
         self._on_start.append(callback)
+
+    def on_drain(self, callback: Callable[[float], Awaitable[None]]) -> None:
+        """Run `callback(grace)` when shutdown begins, before the server stops: long-lived
+        calls (Multiplex) finish what they started and end, instead of being cut at grace."""
+        self._on_drain.append(callback)
 
     def on_stop(self, callback: Callable[[], Awaitable[None]]) -> None:
         """Run `callback` after the server stops accepting calls (close pools, save state)."""
@@ -205,7 +228,11 @@ class SageServer:
     async def stop(self, grace: float = 5.0) -> None:
         """Report NOT_SERVING first so balancers drain, then finish in-flight calls."""
         await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.server.stop(grace)
+        begun = time.monotonic()
+        if self._on_drain:
+            await asyncio.gather(*(callback(grace) for callback in self._on_drain))
+        # One grace in all: what the drain used is not given again to unary calls.
+        await self.server.stop(max(0.0, grace - (time.monotonic() - begun)))
         for callback in self._on_stop:
             try:
                 await callback()

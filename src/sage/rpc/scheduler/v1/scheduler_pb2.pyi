@@ -965,3 +965,222 @@ class PlaceEngineResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PlaceEngineResponse: _TypeAlias = PlaceEngineResponse  # noqa: Y015
+
+@_typing.final
+class MultiplexRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ID_FIELD_NUMBER: _builtins.int
+    CHAT_FIELD_NUMBER: _builtins.int
+    CHAT_STREAM_FIELD_NUMBER: _builtins.int
+    COMPLETE_FIELD_NUMBER: _builtins.int
+    COMPLETE_STREAM_FIELD_NUMBER: _builtins.int
+    CANCEL_FIELD_NUMBER: _builtins.int
+    TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """The caller's id for this request, unique among its open requests on this call."""
+    timeout_s: _builtins.float
+    """Seconds the request may run (a unary call's deadline); 0 means the scheduler's default."""
+    @_builtins.property
+    def chat(self) -> Global___ChatRequest: ...
+    @_builtins.property
+    def chat_stream(self) -> Global___ChatStreamRequest: ...
+    @_builtins.property
+    def complete(self) -> Global___CompleteRequest: ...
+    @_builtins.property
+    def complete_stream(self) -> Global___CompleteStreamRequest: ...
+    @_builtins.property
+    def cancel(self) -> Global___MultiplexCancel:
+        """Stop request `id`: its client went away or its deadline passed. No reply follows."""
+
+    @_builtins.property
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """What a unary call carries as metadata: x-request-id, traceparent, tracestate."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        chat: Global___ChatRequest | None = ...,
+        chat_stream: Global___ChatStreamRequest | None = ...,
+        complete: Global___CompleteRequest | None = ...,
+        complete_stream: Global___CompleteStreamRequest | None = ...,
+        cancel: Global___MultiplexCancel | None = ...,
+        timeout_s: _builtins.float = ...,
+        metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "cancel", b"cancel", "chat", b"chat", "chat_stream", b"chat_stream", "complete", b"complete", "complete_stream", b"complete_stream"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "cancel", b"cancel", "chat", b"chat", "chat_stream", b"chat_stream", "complete", b"complete", "complete_stream", b"complete_stream", "id", b"id", "metadata", b"metadata", "timeout_s", b"timeout_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_call: _TypeAlias = _typing.Literal["chat", "chat_stream", "complete", "complete_stream", "cancel"]  # noqa: Y015
+    _WhichOneofArgType_call: _TypeAlias = _typing.Literal["call", b"call"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_call) -> _WhichOneofReturnType_call | None: ...
+
+Global___MultiplexRequest: _TypeAlias = MultiplexRequest  # noqa: Y015
+
+@_typing.final
+class MultiplexCancel(_message.Message):
+    """MultiplexCancel asks the scheduler to stop a request (see MultiplexRequest.cancel)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MultiplexCancel: _TypeAlias = MultiplexCancel  # noqa: Y015
+
+@_typing.final
+class MultiplexResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    CHAT_FIELD_NUMBER: _builtins.int
+    CHAT_CHUNK_FIELD_NUMBER: _builtins.int
+    COMPLETE_FIELD_NUMBER: _builtins.int
+    COMPLETE_CHUNK_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """The id of the request this answers."""
+    @_builtins.property
+    def chat(self) -> Global___ChatResponse:
+        """The reply of a chat request; ends it."""
+
+    @_builtins.property
+    def chat_chunk(self) -> Global___ChatStreamResponse:
+        """One message of a chat_stream request."""
+
+    @_builtins.property
+    def complete(self) -> Global___CompleteResponse:
+        """The reply of a complete request; ends it."""
+
+    @_builtins.property
+    def complete_chunk(self) -> Global___CompleteStreamResponse:
+        """One message of a complete_stream request."""
+
+    @_builtins.property
+    def error(self) -> Global___MultiplexError:
+        """The request failed with the status a unary call would end with; ends it."""
+
+    @_builtins.property
+    def end(self) -> Global___MultiplexEnd:
+        """A streamed request ended normally."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        chat: Global___ChatResponse | None = ...,
+        chat_chunk: Global___ChatStreamResponse | None = ...,
+        complete: Global___CompleteResponse | None = ...,
+        complete_chunk: Global___CompleteStreamResponse | None = ...,
+        error: Global___MultiplexError | None = ...,
+        end: Global___MultiplexEnd | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "chat_chunk", b"chat_chunk", "complete", b"complete", "complete_chunk", b"complete_chunk", "end", b"end", "error", b"error", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "chat_chunk", b"chat_chunk", "complete", b"complete", "complete_chunk", b"complete_chunk", "end", b"end", "error", b"error", "id", b"id", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["chat", "chat_chunk", "complete", "complete_chunk", "error", "end"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___MultiplexResponse: _TypeAlias = MultiplexResponse  # noqa: Y015
+
+@_typing.final
+class MultiplexError(_message.Message):
+    """MultiplexError is a failed request's gRPC status."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class TrailersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    TRAILERS_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """grpc status code number (e.g. 8 RESOURCE_EXHAUSTED)."""
+    message: _builtins.str
+    @_builtins.property
+    def trailers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """What a unary call's trailing metadata would carry: sage-error (the error class),
+        sage-error-param, sage-error-code, retry-after.
+        """
+
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        trailers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "trailers", b"trailers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MultiplexError: _TypeAlias = MultiplexError  # noqa: Y015
+
+@_typing.final
+class MultiplexEnd(_message.Message):
+    """MultiplexEnd marks the normal end of a streamed request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MultiplexEnd: _TypeAlias = MultiplexEnd  # noqa: Y015

@@ -68,6 +68,13 @@ class SchedulerServiceStub:
     """ListNodes returns the node table."""
     PlaceEngine: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.PlaceEngineRequest, _scheduler_pb2.PlaceEngineResponse]
     """PlaceEngine picks the node a new engine should start on."""
+    Multiplex: _grpc.StreamStreamMultiCallable[_scheduler_pb2.MultiplexRequest, _scheduler_pb2.MultiplexResponse]
+    """Multiplex carries many chat and completion requests, streamed or not, over one
+    long-lived call, each tagged with an id the caller picks; replies come back as they
+    are ready. The edge's hot path: in grpc-python a message on an open call costs about
+    half the CPU and latency of a unary call (bench/RESULTS.md). The scheduler ends the
+    call with OK when it shuts down, after every request it started has answered.
+    """
 
 @_typing.type_check_only
 class SchedulerServiceAsyncStub(SchedulerServiceStub):
@@ -109,6 +116,13 @@ class SchedulerServiceAsyncStub(SchedulerServiceStub):
     """ListNodes returns the node table."""
     PlaceEngine: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.PlaceEngineRequest, _scheduler_pb2.PlaceEngineResponse]  # type: ignore[assignment]
     """PlaceEngine picks the node a new engine should start on."""
+    Multiplex: _aio.StreamStreamMultiCallable[_scheduler_pb2.MultiplexRequest, _scheduler_pb2.MultiplexResponse]  # type: ignore[assignment]
+    """Multiplex carries many chat and completion requests, streamed or not, over one
+    long-lived call, each tagged with an id the caller picks; replies come back as they
+    are ready. The edge's hot path: in grpc-python a message on an open call costs about
+    half the CPU and latency of a unary call (bench/RESULTS.md). The scheduler ends the
+    call with OK when it shuts down, after every request it started has answered.
+    """
 
 class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
     """SchedulerService classifies, queues, routes and executes inference requests, and owns
@@ -237,5 +251,18 @@ class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_scheduler_pb2.PlaceEngineResponse, _abc.Awaitable[_scheduler_pb2.PlaceEngineResponse]]:
         """PlaceEngine picks the node a new engine should start on."""
+
+    @_abc_1.abstractmethod
+    def Multiplex(
+        self,
+        request_iterator: _MaybeAsyncIterator[_scheduler_pb2.MultiplexRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_scheduler_pb2.MultiplexResponse], _abc.AsyncIterator[_scheduler_pb2.MultiplexResponse]]:
+        """Multiplex carries many chat and completion requests, streamed or not, over one
+        long-lived call, each tagged with an id the caller picks; replies come back as they
+        are ready. The edge's hot path: in grpc-python a message on an open call costs about
+        half the CPU and latency of a unary call (bench/RESULTS.md). The scheduler ends the
+        call with OK when it shuts down, after every request it started has answered.
+        """
 
 def add_SchedulerServiceServicer_to_server(servicer: SchedulerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,309 @@
+"""Multiplex: the edge's requests as tagged messages on one call to a real scheduler.
+
+Each request must behave as its own unary call did: right reply to the right caller, the
+scheduler's error rebuilt exactly, deadlines, cancels that reach the engine, a clean end at
+shutdown, and the unary calls when the scheduler has no Multiplex.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import orjson
+import pytest
+
+from sage.common.config.settings import SageSettings
+from sage.common.exceptions import (
+    DeadlineExceededError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    ServiceUnavailableError,
+)
+from sage.common.grpc import create_channel, create_server
+from sage.common.grpc.server import Registration
+from sage.rpc.common.v1 import common_pb2
+from sage.rpc.scheduler.v1 import scheduler_pb2 as spb
+from sage.rpc.scheduler.v1 import scheduler_pb2_grpc as spb_grpc
+from sage.services.edge.mux import SchedulerMux
+from sage.services.scheduler.server import build_server as build_scheduler
+
+SimFactory = Callable[..., str]
+
+
+def _chat(max_tokens: int, *, model: str = "sim", stream: bool = False) -> bytes:
+    return orjson.dumps(
+        {
+            "model": model,
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": max_tokens,
+            "stream": stream,
+        }
+    )
+
+
+class Plane:
+    """A real scheduler on port 0, its stub, and a SchedulerMux over its channel."""
+
+    def __init__(self, settings: SageSettings) -> None:
+        self.settings = settings
+        self.server: Any = None
+        self.port = 0
+
+    async def start(self, port: int = 0) -> None:
+        self.server, self.port = build_scheduler(self.settings, f"127.0.0.1:{port}")
+        await self.server.start()
+
+    async def register(self, base_url: str, engine_id: str = "e1") -> None:
+        await self.stub.RegisterEngine(
+            spb.RegisterEngineRequest(
+                engine=common_pb2.Engine(
+                    engine_id=engine_id,
+                    model="sim",
+                    base_url=base_url,
+                    kind=common_pb2.ENGINE_KIND_LLM,
+                )
+            )
+        )
+
+    def connect(self) -> None:
+        self.channel = create_channel(f"127.0.0.1:{self.port}", intercept_streams=False)
+        self.stub = spb_grpc.SchedulerServiceStub(self.channel)
+        self.mux = SchedulerMux(self.stub)
+
+    async def in_flight(self) -> int:
+        status = await self.stub.GetStatus(spb.GetStatusRequest())
+        return int(status.in_flight)
+
+    async def close(self) -> None:
+        await self.mux.aclose()
+        await self.channel.close(None)
+        if self.server is not None:
+            await self.server.stop(0)
+
+
+@pytest.fixture
+async def plane(settings: SageSettings) -> AsyncIterator[Plane]:
+    p = Plane(settings)
+    await p.start()
+    p.connect()
+    try:
+        yield p
+    finally:
+        await p.close()
+
+
+async def _wait_idle(plane: Plane, within_s: float = 10.0) -> None:
+    deadline = time.monotonic() + within_s
+    while await plane.in_flight():
+        assert time.monotonic() < deadline, "the scheduler still runs the abandoned request"
+        await asyncio.sleep(0.05)
+
+
+async def test_concurrent_requests_get_their_own_replies_over_one_call(
+    plane: Plane, sim_engine: SimFactory
+) -> None:
+    await plane.register(sim_engine("--ttft-ms", "5", "--tpot-ms", "1"))
+    sizes = list(range(1, 41))
+    replies = await asyncio.gather(
+        *(plane.mux.unary("chat", spb.ChatRequest(model="sim", body=_chat(n)), 30) for n in sizes)
+    )
+    # each caller got the reply to its own request (the sim returns max_tokens tokens)
+    assert [orjson.loads(r.body)["usage"]["completion_tokens"] for r in replies] == sizes
+    assert all(r.engine_id == "e1" and r.usage.completion_tokens > 0 for r in replies)
+    completion = await plane.mux.unary(
+        "complete",
+        spb.CompleteRequest(
+            model="sim", body=orjson.dumps({"model": "sim", "prompt": "a", "max_tokens": 3})
+        ),
+        30,
+    )
+    assert orjson.loads(completion.body)["object"] == "text_completion"
+    # all of it went over one Multiplex call, not a call per request
+    session = plane.mux._session
+    assert session is not None and not session.pending
+
+
+async def test_scheduler_errors_are_rebuilt_exactly(plane: Plane, sim_engine: SimFactory) -> None:
+    with pytest.raises(ModelNotFoundError) as info:
+        await plane.mux.unary(
+            "chat", spb.ChatRequest(model="nope", body=_chat(1, model="nope")), 30
+        )
+    assert info.value.param == "model" and "nope" in info.value.message
+    with pytest.raises(InvalidRequestError) as bad:
+        await plane.mux.unary("chat", spb.ChatRequest(model="", body=b"{}"), 30)
+    assert bad.value.param == "model"
+    # and the call is still usable after errors
+    await plane.register(sim_engine())
+    reply = await plane.mux.unary("chat", spb.ChatRequest(model="sim", body=_chat(2)), 30)
+    assert orjson.loads(reply.body)["usage"]["completion_tokens"] == 2
+
+
+async def test_streams_arrive_in_order_and_end(plane: Plane, sim_engine: SimFactory) -> None:
+    await plane.register(sim_engine("--tpot-ms", "2"))
+
+    async def collect(n: int) -> list[bytes]:
+        out: list[bytes] = []
+        async for message in plane.mux.stream(
+            "chat_stream",
+            spb.ChatStreamRequest(model="sim", body=_chat(n, stream=True)),
+            30,
+        ):
+            out.append(message.data)
+            out.extend(message.more)
+        return out
+
+    first, second = await asyncio.gather(collect(5), collect(9))
+    for chunks, n in ((first, 5), (second, 9)):
+        docs = [orjson.loads(c) for c in chunks]
+        assert len({d["id"] for d in docs}) == 1  # one stream's chunks, not mixed
+        assert docs[-1]["choices"][0]["finish_reason"] == "length"
+        text = "".join(d["choices"][0]["delta"].get("content") or "" for d in docs)
+        assert text.strip()
+        assert sum(1 for d in docs if d["choices"][0]["delta"].get("content")) == n
+
+
+async def test_a_stream_error_before_the_first_chunk_is_raised(plane: Plane) -> None:
+    with pytest.raises(ModelNotFoundError):
+        async for _ in plane.mux.stream(
+            "chat_stream", spb.ChatStreamRequest(model="ghost", body=_chat(1, model="ghost")), 30
+        ):
+            pass
+
+
+async def test_deadline_fails_the_request_and_stops_it_in_the_scheduler(
+    plane: Plane, sim_engine: SimFactory
+) -> None:
+    await plane.register(sim_engine("--ttft-ms", "3000"))
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceededError):
+        await plane.mux.unary("chat", spb.ChatRequest(model="sim", body=_chat(4)), 0.5)
+    assert time.monotonic() - started < 2.5
+    await _wait_idle(plane)
+
+
+async def test_a_caller_going_away_cancels_its_request_in_the_scheduler(
+    plane: Plane, sim_engine: SimFactory
+) -> None:
+    await plane.register(sim_engine("--tpot-ms", "50"))
+    task = asyncio.create_task(
+        plane.mux.unary("chat", spb.ChatRequest(model="sim", body=_chat(200)), 30)
+    )
+    deadline = time.monotonic() + 10
+    while not await plane.in_flight():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # the cancel travelled: the scheduler is idle long before the 10 s reply would end
+    await _wait_idle(plane, within_s=3)
+    # other requests on the same call still work
+    reply = await plane.mux.unary("chat", spb.ChatRequest(model="sim", body=_chat(1)), 30)
+    assert orjson.loads(reply.body)["usage"]["completion_tokens"] == 1
+
+
+async def test_shutdown_answers_started_requests_then_refuses_cleanly(
+    plane: Plane, sim_engine: SimFactory
+) -> None:
+    await plane.register(sim_engine("--ttft-ms", "600"))
+    running = asyncio.create_task(
+        plane.mux.unary("chat", spb.ChatRequest(model="sim", body=_chat(2)), 30)
+    )
+    deadline = time.monotonic() + 10
+    while not await plane.in_flight():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    started = time.monotonic()
+    await plane.server.stop(5)
+    plane.server = None
+    # the started request was answered; the call did not hold shutdown for the whole grace
+    assert orjson.loads((await running).body)["usage"]["completion_tokens"] == 2
+    assert time.monotonic() - started < 3
+    with pytest.raises(ServiceUnavailableError):
+        await plane.mux.unary("chat", spb.ChatRequest(model="sim", body=_chat(1)), 5)
+
+
+async def test_a_restarted_scheduler_is_used_again(plane: Plane, sim_engine: SimFactory) -> None:
+    url = sim_engine()
+    await plane.register(url)
+    await plane.mux.unary("chat", spb.ChatRequest(model="sim", body=_chat(1)), 30)
+    port = plane.port
+    await plane.server.stop(0)
+    with pytest.raises(ServiceUnavailableError):
+        await plane.mux.unary("chat", spb.ChatRequest(model="sim", body=_chat(1)), 5)
+    await plane.start(port)
+    deadline = time.monotonic() + 15
+    while True:  # the channel reconnects with backoff
+        try:
+            await plane.register(url)
+            reply = await plane.mux.unary("chat", spb.ChatRequest(model="sim", body=_chat(3)), 5)
+            break
+        except (ServiceUnavailableError, grpc.RpcError):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.2)
+    assert orjson.loads(reply.body)["usage"]["completion_tokens"] == 3
+
+
+class _NoMultiplex(spb_grpc.SchedulerServiceServicer):
+    """A scheduler from before Multiplex: unary calls only."""
+
+    async def Chat(self, request: spb.ChatRequest, context: Any) -> spb.ChatResponse:
+        return spb.ChatResponse(body=b'{"old": true}', engine_id="old")
+
+    async def ChatStream(
+        self, request: spb.ChatStreamRequest, context: Any
+    ) -> AsyncIterator[spb.ChatStreamResponse]:
+        for i in range(3):
+            yield spb.ChatStreamResponse(data=str(i).encode(), engine_id="old")
+
+
+async def test_a_scheduler_without_multiplex_is_served_with_unary_calls() -> None:
+    server, port = create_server(
+        "127.0.0.1:0",
+        [
+            Registration(
+                spb.DESCRIPTOR.services_by_name["SchedulerService"].full_name,
+                spb_grpc.add_SchedulerServiceServicer_to_server,
+                _NoMultiplex(),  # type: ignore[abstract]
+            )
+        ],
+    )
+    await server.start()
+    channel = create_channel(f"127.0.0.1:{port}", intercept_streams=False)
+    mux = SchedulerMux(spb_grpc.SchedulerServiceStub(channel))
+    try:
+        reply = await mux.unary("chat", spb.ChatRequest(model="m", body=b"{}"), 5)
+        assert reply.body == b'{"old": true}' and not mux.supported
+        again = await mux.unary("chat", spb.ChatRequest(model="m", body=b"{}"), 5)
+        assert again.engine_id == "old"
+        data = [m.data async for m in mux.stream("chat_stream", spb.ChatStreamRequest(), 5)]
+        assert data == [b"0", b"1", b"2"]
+    finally:
+        await mux.aclose()
+        await channel.close(None)
+        await server.stop(0)
+
+
+async def test_malformed_multiplex_messages_get_errors_not_a_broken_call(
+    plane: Plane, sim_engine: SimFactory
+) -> None:
+    await plane.register(sim_engine("--ttft-ms", "300"))
+    call: Any = plane.stub.Multiplex(None)  # type: ignore[arg-type]
+    await call.write(spb.MultiplexRequest(id=1))  # no call named
+    first = await call.read()
+    assert first.id == 1 and first.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert first.error.trailers["sage-error"] == "InvalidRequestError"
+    await call.write(spb.MultiplexRequest(id=2, chat=spb.ChatRequest(model="sim", body=_chat(1))))
+    await call.write(spb.MultiplexRequest(id=2, chat=spb.ChatRequest(model="sim", body=_chat(1))))
+    duplicate = await call.read()
+    assert duplicate.id == 2 and "already open" in duplicate.error.message
+    served = await call.read()
+    assert served.id == 2 and served.WhichOneof("result") == "chat"
+    await call.write(spb.MultiplexRequest(id=3, cancel=spb.MultiplexCancel()))  # unknown: ignored
+    await call.done_writing()
+    assert await call.read() == grpc.aio.EOF  # type: ignore[attr-defined]
+    assert await call.code() == grpc.StatusCode.OK
