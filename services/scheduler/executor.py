@@ -1,7 +1,8 @@
 """HttpExecutionCoordinator: the one place that talks HTTP to engines.
 
-It reuses one pooled connection set for all engines and passes engine JSON through as raw
-bytes; streaming responses are split into SSE events as they arrive, never buffered whole.
+Unary calls go through Http1Pool (http1.py), a lean keep-alive HTTP/1.1 client; streams
+through aiohttp. Engine JSON passes through as raw bytes; streaming responses are split into
+SSE events as they arrive, never buffered whole.
 While a trace is active, each engine call gets a client span and carries W3C `traceparent`
 to the engine; without one (no exporter, no incoming trace) it costs one check.
 """
@@ -9,6 +10,7 @@ to the engine; without one (no exporter, no incoming trace) it costs one check.
 from __future__ import annotations
 
 import contextlib
+import ssl
 from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
@@ -27,6 +29,7 @@ from sage.common.exceptions import (
 )
 from sage.common.grpc.tls import process_tls
 
+from .http1 import ConnectError, DisconnectedError, Http1Error, Http1Pool
 from .registry import EngineRecord
 
 _JSON = {"content-type": "application/json"}
@@ -124,6 +127,32 @@ def _http_errors(engine: EngineRecord) -> Iterator[None]:
         raise UpstreamError(f"engine {engine.engine_id} failed: {exc!r}") from exc
 
 
+@contextlib.contextmanager
+def _http1_errors(engine: EngineRecord) -> Iterator[None]:
+    """Http1Pool failures → the same SageErrors `_http_errors` gives for aiohttp's."""
+    try:
+        yield
+    except ConnectError as exc:
+        raise EngineUnreachableError(
+            f"engine {engine.engine_id} at {engine.base_url} is unreachable: {exc}"
+        ) from exc
+    except DisconnectedError as exc:
+        raise EngineDisconnectedError(
+            f"engine {engine.engine_id} dropped the connection: {exc}"
+        ) from exc
+    except TimeoutError as exc:
+        raise DeadlineExceededError(f"engine {engine.engine_id} timed out") from exc
+    except Http1Error as exc:
+        raise UpstreamError(f"engine {engine.engine_id} failed: {exc!r}") from exc
+
+
+def _client_tls() -> ssl.SSLContext:
+    """The context https engines are dialled with: what aiohttp gets from `httpx_verify()`
+    (our CA and cert for mTLS), or the default verifying context when it says True."""
+    verify = process_tls().httpx_verify()
+    return verify if isinstance(verify, ssl.SSLContext) else ssl.create_default_context()
+
+
 def _split_events(buffer: bytearray) -> list[bytes]:
     """Pop every complete SSE event's data payload from `buffer`."""
     payloads: list[bytes] = []
@@ -158,8 +187,10 @@ async def _traced(payloads: AsyncIterator[bytes], span: Span) -> AsyncIterator[b
 class HttpExecutionCoordinator:
     """Sends requests to engines over pooled HTTP/1.1 keep-alive connections.
 
-    aiohttp rather than httpx: under load httpx's per-request cost was ~60% of the
-    scheduler's CPU (py-spy, bench/gateway_overhead.py); aiohttp's C parser is far cheaper.
+    Not httpx: under load its per-request cost was ~60% of the scheduler's CPU (py-spy,
+    bench/gateway_overhead.py). Unary calls use Http1Pool, which costs less than half of
+    aiohttp's CPU per request (http1.py); streams keep aiohttp. `max_connections` caps each of
+    the two pools separately (requests in flight for Http1Pool, open connections for aiohttp).
     """
 
     def __init__(
@@ -172,8 +203,16 @@ class HttpExecutionCoordinator:
         self._timeout = aiohttp.ClientTimeout(
             total=request_timeout_s, sock_connect=connect_timeout_s
         )
+        self._request_timeout_s = request_timeout_s
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
+        # https engines are verified like aiohttp's are (SAGE_TLS_CA_FILE, our cert for mTLS);
+        # the context is built on the first https connection.
+        self._pool = Http1Pool(
+            connect_timeout_s=connect_timeout_s,
+            max_connections=max_connections,
+            ssl_context=_client_tls,
+        )
 
     def _http(self) -> aiohttp.ClientSession:
         # Created on first use, inside the serving event loop.
@@ -191,6 +230,7 @@ class HttpExecutionCoordinator:
 
     async def aclose(self) -> None:
         """Close every pooled connection."""
+        await self._pool.aclose()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -200,14 +240,12 @@ class HttpExecutionCoordinator:
         span, headers = _engine_span(engine, path)
         status: int | None = None
         try:
-            with _http_errors(engine):
-                async with self._http().post(
-                    engine.base_url + path, data=body, headers=headers
-                ) as resp:
-                    status = resp.status
-                    content = await resp.read()
-            if resp.status >= 400:
-                raise _engine_error(engine, resp.status, content)
+            with _http1_errors(engine):
+                status, content = await self._pool.post(
+                    engine.base_url, path, body, headers, self._request_timeout_s
+                )
+            if status >= 400:
+                raise _engine_error(engine, status, content)
         except BaseException as exc:
             if span is not None:
                 _end_span(span, status, exc if isinstance(exc, Exception) else None)

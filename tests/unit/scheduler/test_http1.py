@@ -1,0 +1,600 @@
+"""Http1Pool against real sockets: raw servers scripted byte by byte, a TLS server with a
+throwaway certificate, and the real sim engine through HttpExecutionCoordinator."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import ipaddress
+import socket
+import ssl
+import struct
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import orjson
+import pytest
+import uvloop
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from sage.common.exceptions import (
+    DeadlineExceededError,
+    ModelNotFoundError,
+    OverloadedError,
+    UpstreamError,
+)
+from sage.common.utils.processes import free_port
+from sage.services.scheduler.executor import (
+    EngineDisconnectedError,
+    EngineUnreachableError,
+    HttpExecutionCoordinator,
+)
+from sage.services.scheduler.http1 import (
+    ConnectError,
+    DisconnectedError,
+    Http1Error,
+    Http1Pool,
+    ProtocolError,
+)
+from sage.services.scheduler.registry import EngineKind, EngineRecord
+
+JSON = {"content-type": "application/json"}
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Type: text/plain\r\n\r\nhello"
+
+Handler = Callable[["RawServer", asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class RawServer:
+    """A TCP (optionally TLS) server whose handler scripts each connection's bytes; it
+    counts accepted connections and keeps every request it read."""
+
+    def __init__(self, handler: Handler, ssl_ctx: ssl.SSLContext | None = None) -> None:
+        self.handler = handler
+        self.ssl_ctx = ssl_ctx
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self.closed_by_peer = asyncio.Event()  # a handler saw the client close
+        self._request_seen = asyncio.Event()
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.port = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"{'https' if self.ssl_ctx else 'http'}://127.0.0.1:{self.port}"
+
+    async def __aenter__(self) -> RawServer:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0, ssl=self.ssl_ctx)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await self.handler(self, reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+            pass
+        finally:
+            self._tasks.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def read_request(self, reader: asyncio.StreamReader) -> bytes | None:
+        """One whole request (head and Content-Length body), or None at EOF."""
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError:
+            self.closed_by_peer.set()
+            return None
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":", 1)[1])
+        request = head + await reader.readexactly(length)
+        self.requests.append(request)
+        self._request_seen.set()
+        return request
+
+    async def wait_requests(self, count: int) -> None:
+        """Until `count` requests have arrived in all."""
+        while len(self.requests) < count:
+            self._request_seen.clear()
+            await asyncio.wait_for(self._request_seen.wait(), 5)
+
+
+async def serve_ok(
+    server: RawServer, reader: asyncio.StreamReader, w: asyncio.StreamWriter
+) -> None:
+    while await server.read_request(reader) is not None:
+        w.write(OK)
+        await w.drain()
+
+
+def reset(writer: asyncio.StreamWriter) -> None:
+    """Close with a TCP RST rather than a FIN."""
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+def engine(base_url: str) -> EngineRecord:
+    return EngineRecord("e0", "sim", EngineKind.LLM, base_url)
+
+
+async def test_content_length_reply_and_request_bytes() -> None:
+    pool = Http1Pool()
+    async with RawServer(serve_ok) as srv:
+        status, body = await pool.post(
+            srv.base_url, "/v1/x", b'{"a":1}', {**JSON, "traceparent": "00-ab-cd-01"}, 5.0
+        )
+        assert (status, body) == (200, b"hello")
+        head, _, sent = srv.requests[0].partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        assert lines[0] == b"POST /v1/x HTTP/1.1"
+        assert f"Host: 127.0.0.1:{srv.port}".encode() in lines
+        assert b"Content-Length: 7" in lines
+        assert b"content-type: application/json" in lines
+        assert b"traceparent: 00-ab-cd-01" in lines
+        assert sent == b'{"a":1}'
+        await pool.aclose()
+
+
+async def test_chunked_reply_in_pieces() -> None:
+    async def chunked(srv: RawServer, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while await srv.read_request(r) is not None:
+            for piece in (
+                b"HTTP/1.1 200 OK\r\nTransfer-",
+                b"Encoding: chunked\r\n\r\n5\r\nhel",
+                b"lo\r\n6\r\n world\r\n",
+                b"0\r\n\r\n",
+            ):
+                w.write(piece)
+                await w.drain()
+                await asyncio.sleep(0.01)
+
+    pool = Http1Pool()
+    async with RawServer(chunked) as srv:
+        assert await pool.post(srv.base_url, "/", b"", JSON, 5.0) == (200, b"hello world")
+        assert await pool.post(srv.base_url, "/", b"", JSON, 5.0) == (200, b"hello world")
+        assert srv.connections == 1
+        await pool.aclose()
+
+
+async def test_keep_alive_reuses_one_connection() -> None:
+    pool = Http1Pool()
+    async with RawServer(serve_ok) as srv:
+        for _ in range(3):
+            assert await pool.post(srv.base_url, "/", b"x", JSON, 5.0) == (200, b"hello")
+        assert srv.connections == 1 and len(srv.requests) == 3
+        assert pool.idle_count() == 1
+        await pool.aclose()
+        assert pool.idle_count() == 0
+        await asyncio.wait_for(srv.closed_by_peer.wait(), 5)
+
+
+async def test_idle_connections_are_capped_and_reused_lifo() -> None:
+    release = asyncio.Event()
+
+    async def slow(srv: RawServer, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while await srv.read_request(r) is not None:
+            await release.wait()
+            w.write(OK)
+            await w.drain()
+
+    pool = Http1Pool(max_idle_per_host=2)
+    async with RawServer(slow) as srv:
+        calls = [
+            asyncio.create_task(pool.post(srv.base_url, "/", b"", JSON, 5.0)) for _ in range(4)
+        ]
+        await srv.wait_requests(4)
+        release.set()
+        assert await asyncio.gather(*calls) == [(200, b"hello")] * 4
+        assert srv.connections == 4 and pool.idle_count() == 2
+        await pool.post(srv.base_url, "/", b"", JSON, 5.0)
+        assert srv.connections == 4
+        await pool.aclose()
+
+
+async def test_interim_100_continue_is_skipped() -> None:
+    async def interim(srv: RawServer, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while await srv.read_request(r) is not None:
+            w.write(b"HTTP/1.1 100 Continue\r\n\r\n" + OK)
+            await w.drain()
+
+    pool = Http1Pool()
+    async with RawServer(interim) as srv:
+        for _ in range(2):
+            assert await pool.post(srv.base_url, "/", b"", JSON, 5.0) == (200, b"hello")
+        assert srv.connections == 1
+        await pool.aclose()
+
+
+async def test_aclose_drops_idle_and_in_flight_connections_but_pool_stays_usable() -> None:
+    release = asyncio.Event()
+
+    async def gated(srv: RawServer, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while await srv.read_request(r) is not None:
+            await release.wait()
+            w.write(OK)
+            await w.drain()
+
+    pool = Http1Pool()
+    async with RawServer(gated) as srv:
+        call = asyncio.create_task(pool.post(srv.base_url, "/", b"", JSON, 5.0))
+        await srv.wait_requests(1)
+        await pool.aclose()
+        release.set()
+        assert await call == (200, b"hello")
+        assert pool.idle_count() == 0  # it finished after aclose: closed, not pooled
+        assert await pool.post(srv.base_url, "/", b"", JSON, 5.0) == (200, b"hello")
+        assert srv.connections == 2 and pool.idle_count() == 1
+        await pool.aclose()
+
+
+@pytest.mark.parametrize("later", [False, True])
+async def test_bytes_after_the_reply_make_the_connection_unusable(later: bool) -> None:
+    async def chatty(srv: RawServer, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while await srv.read_request(r) is not None:
+            w.write(OK if later else OK + OK)
+            await w.drain()
+            if later:
+                await asyncio.sleep(0.05)
+                w.write(OK)  # to an idle connection
+                await w.drain()
+
+    pool = Http1Pool()
+    async with RawServer(chatty) as srv:
+        assert await pool.post(srv.base_url, "/", b"", JSON, 5.0) == (200, b"hello")
+        for _ in range(100):
+            if pool.idle_count() == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert pool.idle_count() == 0
+        assert await pool.post(srv.base_url, "/", b"", JSON, 5.0) == (200, b"hello")
+        assert srv.connections == 2
+        await pool.aclose()
+
+
+async def test_connection_close_reply_is_not_reused() -> None:
+    async def close_each(srv: RawServer, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await srv.read_request(r)
+        w.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok")
+        await w.drain()
+        await asyncio.sleep(0.5)  # the client must not wait for the close to return
+
+    pool = Http1Pool()
+    async with RawServer(close_each) as srv:
+        for _ in range(2):
+            assert await asyncio.wait_for(pool.post(srv.base_url, "/", b"", JSON, 5.0), 0.4) == (
+                200,
+                b"ok",
+            )
+            assert pool.idle_count() == 0
+        assert srv.connections == 2
+        await pool.aclose()
+
+
+async def test_reply_delimited_by_eof() -> None:
+    async def http10(srv: RawServer, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await srv.read_request(r)
+        w.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil ")
+        await w.drain()
+        await asyncio.sleep(0.02)
+        w.write(b"the end")
+        await w.drain()  # the handler returning closes the connection
+
+    pool = Http1Pool()
+    async with RawServer(http10) as srv:
+        for _ in range(2):
+            assert await pool.post(srv.base_url, "/", b"", JSON, 5.0) == (200, b"until the end")
+        assert srv.connections == 2 and pool.idle_count() == 0
+        await pool.aclose()
+
+
+async def test_server_dropping_idle_connection_is_noticed() -> None:
+    async def one_per_conn(
+        srv: RawServer, r: asyncio.StreamReader, w: asyncio.StreamWriter
+    ) -> None:
+        await srv.read_request(r)
+        w.write(OK)  # keep-alive promised, then closed while idle (uvicorn's idle timeout)
+        await w.drain()
+
+    pool = Http1Pool()
+    async with RawServer(one_per_conn) as srv:
+        assert await pool.post(srv.base_url, "/", b"", JSON, 5.0) == (200, b"hello")
+        for _ in range(100):
+            if pool.idle_count() == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert pool.idle_count() == 0  # connection_lost took it out of the pool
+        assert await pool.post(srv.base_url, "/", b"", JSON, 5.0) == (200, b"hello")
+        assert srv.connections == 2
+        await pool.aclose()
+
+
+@pytest.mark.parametrize("rst", [False, True])
+async def test_stale_reused_connection_is_retried_once_on_a_fresh_one(rst: bool) -> None:
+    """The server drops a kept-alive connection just as the next request arrives (before
+    the client could notice): that request goes again on a new connection."""
+
+    async def drop_second(srv: RawServer, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        first = srv.connections == 1
+        await srv.read_request(r)
+        w.write(OK)
+        await w.drain()
+        if await srv.read_request(r) is not None and first:
+            if rst:
+                reset(w)
+            return  # closes without a reply byte
+        w.write(OK)
+        await w.drain()
+
+    pool = Http1Pool()
+    async with RawServer(drop_second) as srv:
+        assert await pool.post(srv.base_url, "/", b"a", JSON, 5.0) == (200, b"hello")
+        assert await pool.post(srv.base_url, "/", b"b", JSON, 5.0) == (200, b"hello")
+        assert srv.connections == 2 and len(srv.requests) == 3
+        await pool.aclose()
+
+
+async def test_reset_on_fresh_connection_is_a_disconnect_not_retried() -> None:
+    async def rst(srv: RawServer, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await srv.read_request(r)
+        reset(w)
+
+    pool = Http1Pool()
+    async with RawServer(rst) as srv:
+        with pytest.raises(DisconnectedError):
+            await pool.post(srv.base_url, "/", b"x", JSON, 5.0)
+        await asyncio.sleep(0.05)
+        assert srv.connections == 1 and len(srv.requests) == 1
+        await pool.aclose()
+
+
+async def test_drop_mid_reply_on_reused_connection_is_not_retried() -> None:
+    async def partial(srv: RawServer, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await srv.read_request(r)
+        w.write(OK)
+        await srv.read_request(r)
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\nshort")
+        await w.drain()
+
+    pool = Http1Pool()
+    async with RawServer(partial) as srv:
+        await pool.post(srv.base_url, "/", b"", JSON, 5.0)
+        with pytest.raises(DisconnectedError, match="mid-reply"):
+            await pool.post(srv.base_url, "/", b"", JSON, 5.0)
+        await asyncio.sleep(0.05)
+        assert srv.connections == 1 and len(srv.requests) == 2
+        await pool.aclose()
+
+
+async def test_connect_refused() -> None:
+    pool = Http1Pool()
+    with pytest.raises(ConnectError):
+        await pool.post(f"http://127.0.0.1:{free_port()}", "/", b"", JSON, 5.0)
+    with pytest.raises(ConnectError):
+        await pool.post("http://no-such-host.invalid:80", "/", b"", JSON, 5.0)
+    with pytest.raises(Http1Error):
+        await pool.post("ftp://127.0.0.1:1", "/", b"", JSON, 5.0)
+
+
+async def test_timeout_closes_the_connection() -> None:
+    async def silent(srv: RawServer, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await srv.read_request(r)
+        await srv.read_request(r)  # returns None when the client closes
+
+    pool = Http1Pool()
+    async with RawServer(silent) as srv:
+        with pytest.raises(TimeoutError):
+            await pool.post(srv.base_url, "/", b"", JSON, 0.2)
+        await asyncio.wait_for(srv.closed_by_peer.wait(), 5)
+        assert pool.idle_count() == 0
+        await pool.aclose()
+
+
+async def test_cancelled_request_closes_its_connection() -> None:
+    async def silent(srv: RawServer, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await srv.read_request(r)
+        await srv.read_request(r)
+
+    pool = Http1Pool()
+    async with RawServer(silent) as srv:
+        call = asyncio.create_task(pool.post(srv.base_url, "/", b"", JSON, 30.0))
+        await srv.wait_requests(1)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await asyncio.wait_for(srv.closed_by_peer.wait(), 5)
+        assert pool.idle_count() == 0
+        await pool.aclose()
+
+
+async def test_error_status_body_is_returned() -> None:
+    reply = b'{"error":{"message":"model nope does not exist","param":"model"}}'
+
+    async def not_found(srv: RawServer, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while await srv.read_request(r) is not None:
+            w.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: %d\r\n\r\n" % len(reply) + reply)
+            await w.drain()
+
+    pool = Http1Pool()
+    async with RawServer(not_found) as srv:
+        assert await pool.post(srv.base_url, "/", b"", JSON, 5.0) == (404, reply)
+        assert pool.idle_count() == 1  # an error reply leaves the connection usable
+        await pool.aclose()
+        executor = HttpExecutionCoordinator()
+        with pytest.raises(ModelNotFoundError):
+            await executor.post_json(engine(srv.base_url), "/v1/chat/completions", b"{}")
+        await executor.aclose()
+
+
+async def test_malformed_reply() -> None:
+    async def garbage(srv: RawServer, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await srv.read_request(r)
+        w.write(b"SMTP is not HTTP\r\n\r\n")
+        await w.drain()
+        await srv.read_request(r)
+
+    pool = Http1Pool()
+    async with RawServer(garbage) as srv:
+        with pytest.raises(ProtocolError):
+            await pool.post(srv.base_url, "/", b"", JSON, 5.0)
+        assert pool.idle_count() == 0
+        executor = HttpExecutionCoordinator()
+        with pytest.raises(UpstreamError) as info:
+            await executor.post_json(engine(srv.base_url), "/v1/completions", b"{}")
+        assert type(info.value) is UpstreamError
+        await executor.aclose()
+
+
+async def test_header_with_line_break_is_refused() -> None:
+    with pytest.raises(ValueError):
+        await Http1Pool().post("http://127.0.0.1:1", "/", b"", {"x": "a\r\nEvil: 1"}, 1.0)
+
+
+async def test_executor_maps_failures_like_aiohttp() -> None:
+    executor = HttpExecutionCoordinator(request_timeout_s=0.3)
+    with pytest.raises(EngineUnreachableError):
+        await executor.post_json(engine(f"http://127.0.0.1:{free_port()}"), "/", b"{}")
+
+    async def rst(srv: RawServer, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await srv.read_request(r)
+        reset(w)
+
+    async with RawServer(rst) as srv:
+        with pytest.raises(EngineDisconnectedError):
+            await executor.post_json(engine(srv.base_url), "/", b"{}")
+
+    async def silent(srv: RawServer, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await srv.read_request(r)
+        await srv.read_request(r)
+
+    async with RawServer(silent) as srv:
+        with pytest.raises(DeadlineExceededError):
+            await executor.post_json(engine(srv.base_url), "/", b"{}")
+
+    async def busy(srv: RawServer, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await srv.read_request(r)
+        w.write(b"HTTP/1.1 429 Too Many Requests\r\nContent-Length: 4\r\n\r\nbusy")
+        await w.drain()
+
+    async with RawServer(busy) as srv:
+        with pytest.raises(OverloadedError):
+            await executor.post_json(engine(srv.base_url), "/", b"{}")
+    await executor.aclose()
+
+
+# --- TLS ---------------------------------------------------------------------------------
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "srv.crt", tmp_path / "srv.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file
+
+
+async def test_https_with_a_trusted_self_signed_certificate(tmp_path: Path) -> None:
+    cert_file, key_file = _self_signed(tmp_path)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert_file, key_file)
+    trusting = Http1Pool(ssl_context=ssl.create_default_context(cafile=str(cert_file)))
+    async with RawServer(serve_ok, ssl_ctx=server_ctx) as srv:
+        for _ in range(2):
+            assert await trusting.post(srv.base_url, "/", b"x", JSON, 5.0) == (200, b"hello")
+        assert srv.connections == 1
+        await trusting.aclose()
+        strict = Http1Pool(ssl_context=lambda: ssl.create_default_context())
+        with pytest.raises(ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            await strict.post(srv.base_url, "/", b"x", JSON, 5.0)
+        await strict.aclose()
+
+
+# --- the real sim engine -----------------------------------------------------------------
+async def test_sim_engine_chat_through_the_executor(sim_engine: Callable[..., str]) -> None:
+    base = sim_engine("--ttft-ms", "0", "--tpot-ms", "0")
+    executor = HttpExecutionCoordinator()
+    request = orjson.dumps(
+        {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    )
+    for _ in range(3):
+        reply = orjson.loads(
+            await executor.post_json(engine(base), "/v1/chat/completions", request)
+        )
+        assert reply["object"] == "chat.completion"
+        assert reply["choices"][0]["message"]["role"] == "assistant"
+        assert reply["usage"]["completion_tokens"] >= 1
+    assert executor._pool.idle_count() == 1  # one kept-alive connection served all three
+    await executor.aclose()
+
+
+# --- the same on uvloop, which the scheduler runs on --------------------------------------
+# uvloop's transports are not asyncio's classes and its TLS is its own: the main scenarios
+# run there too.
+UVLOOP_SCENARIOS: dict[str, Callable[[Path], Coroutine[Any, Any, None]]] = {
+    "content_length": lambda _: test_content_length_reply_and_request_bytes(),
+    "chunked": lambda _: test_chunked_reply_in_pieces(),
+    "keep_alive": lambda _: test_keep_alive_reuses_one_connection(),
+    "eof_delimited": lambda _: test_reply_delimited_by_eof(),
+    "idle_dropped": lambda _: test_server_dropping_idle_connection_is_noticed(),
+    "stale_fin": lambda _: test_stale_reused_connection_is_retried_once_on_a_fresh_one(False),
+    "stale_rst": lambda _: test_stale_reused_connection_is_retried_once_on_a_fresh_one(True),
+    "reset": lambda _: test_reset_on_fresh_connection_is_a_disconnect_not_retried(),
+    "mid_reply": lambda _: test_drop_mid_reply_on_reused_connection_is_not_retried(),
+    "refused": lambda _: test_connect_refused(),
+    "timeout": lambda _: test_timeout_closes_the_connection(),
+    "cancel": lambda _: test_cancelled_request_closes_its_connection(),
+    "executor_errors": lambda _: test_executor_maps_failures_like_aiohttp(),
+    "https": test_https_with_a_trusted_self_signed_certificate,
+}
+
+
+@pytest.mark.parametrize("scenario", sorted(UVLOOP_SCENARIOS))
+def test_on_uvloop(scenario: str, tmp_path: Path) -> None:
+    uvloop.run(UVLOOP_SCENARIOS[scenario](tmp_path))
