@@ -1,12 +1,22 @@
-"""EmbeddingExecutor: one `/v1/embeddings` call per batch to an OpenAI-compatible engine."""
+"""EmbeddingExecutor: one `/v1/embeddings` call per batch to an OpenAI-compatible engine.
+
+Batches ask for `encoding_format: base64` (little-endian float32, as OpenAI, vLLM, TEI,
+Infinity and our own engine send it): the engine skips printing ~50k floats as JSON text,
+the reply is under half the bytes, and the caller gets the engine's float32 values exactly. An
+engine that rejects base64 gets the batch again without the field (float, today's
+request) and is remembered, so its later batches go that way directly.
+"""
 
 from __future__ import annotations
 
+import binascii
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import numpy as np
 import orjson
 
 from sage.common.exceptions import (
@@ -17,6 +27,10 @@ from sage.common.exceptions import (
     UpstreamError,
 )
 from sage.common.grpc.tls import process_tls
+
+log = logging.getLogger("sage.embedding")
+
+_ENCODING_FIELD = "encoding_format"
 
 
 @dataclass(frozen=True)
@@ -51,25 +65,98 @@ def split_tokens(total: int, texts: Sequence[str]) -> list[int]:
     return shares
 
 
+def _vector(embedding: Any, index: Any) -> list[float]:
+    """One item's vector: a base64 string of little-endian float32, or a list of floats."""
+    if isinstance(embedding, str):
+        try:
+            raw = binascii.a2b_base64(embedding, strict_mode=True)
+        except ValueError as exc:  # binascii.Error, or a non-ASCII string
+            raise UpstreamError(
+                f"engine returned an invalid embeddings reply: data[{index}].embedding is not "
+                f"valid base64: {exc}"
+            ) from exc
+        if len(raw) % 4:
+            raise UpstreamError(
+                f"engine returned an invalid embeddings reply: data[{index}].embedding decodes "
+                f"to {len(raw)} bytes, not a whole number of float32 values"
+            )
+        vector: list[float] = np.frombuffer(raw, dtype="<f4").tolist()
+        return vector
+    if isinstance(embedding, list):
+        return embedding
+    raise UpstreamError(
+        f"engine returned an invalid embeddings reply: data[{index}].embedding is a "
+        f"{type(embedding).__name__}, not a list of floats or a base64 string"
+    )
+
+
 def parse_embeddings(content: bytes, texts: Sequence[str]) -> BatchReply:
     """Vectors ordered by `index`, checked for count; per-input tokens when the engine
-    reports them (`sage_tokens`, our own engine), else the total split by length."""
+    reports them (`sage_tokens`, our own engine), else the total split by length.
+
+    Each `embedding` may be a base64 string (little-endian float32) or a list of floats."""
     try:
         doc: Any = orjson.loads(content)
         items = sorted(doc["data"], key=lambda d: d["index"])
-        vectors = [item["embedding"] for item in items]
+        embeddings = [(item["index"], item["embedding"]) for item in items]
         usage = doc.get("usage") or {}
         total = int(usage.get("prompt_tokens") or usage.get("total_tokens") or 0)
         per_input = doc.get("sage_tokens")
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise UpstreamError(f"engine returned an invalid embeddings reply: {exc!r}") from exc
-    if len(vectors) != len(texts):
-        raise UpstreamError(f"engine returned {len(vectors)} vectors for {len(texts)} inputs")
+    if len(embeddings) != len(texts):
+        raise UpstreamError(f"engine returned {len(embeddings)} vectors for {len(texts)} inputs")
+    vectors = [_vector(embedding, index) for index, embedding in embeddings]
     if isinstance(per_input, list) and len(per_input) == len(texts):
         tokens = [int(t) for t in per_input]
     else:
         tokens = split_tokens(total, texts)
     return BatchReply(vectors, tokens)
+
+
+def _error_parts(doc: Any) -> list[tuple[str, Any]]:
+    """(message, param) of each error a 4xx body carries: OpenAI's `{"error": {...}}`,
+    vLLM's top-level `message`/`param`, TEI's `{"error": "..."}`, FastAPI's `detail`."""
+    if not isinstance(doc, dict):
+        return []
+    parts: list[tuple[str, Any]] = []
+    err = doc.get("error")
+    if isinstance(err, dict):
+        parts.append((str(err.get("message") or ""), err.get("param")))
+    elif isinstance(err, str):
+        parts.append((err, None))
+    if "message" in doc:
+        parts.append((str(doc.get("message") or ""), doc.get("param")))
+    detail = doc.get("detail")
+    if isinstance(detail, str):
+        parts.append((detail, None))
+    elif isinstance(detail, list):
+        for d in detail:
+            if isinstance(d, dict):
+                loc = d.get("loc")
+                named = isinstance(loc, list) and _ENCODING_FIELD in loc
+                parts.append((str(d.get("msg") or ""), _ENCODING_FIELD if named else None))
+    return parts
+
+
+def rejects_base64(status: int, content: bytes) -> bool:
+    """Whether an engine's error reply refuses `encoding_format` (an engine that only
+    speaks float): any 4xx naming param `encoding_format`, or a 400/422 whose error
+    message mentions it. Other 4xx are the request's own fault and are not retried."""
+    if not 400 <= status < 500 or _ENCODING_FIELD.encode() not in content:
+        return False
+    mentions = status in (400, 422)
+    try:
+        doc = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return mentions  # a plain-text error naming the field
+    parts = _error_parts(doc)
+    if not parts:  # an error shape we do not know: the field is named somewhere in it
+        return mentions
+    return any(
+        param == _ENCODING_FIELD or (mentions and _ENCODING_FIELD in message)
+        for message, param in parts
+    )
 
 
 def _engine_error(engine: Endpoint, status: int, content: bytes) -> Exception:
@@ -96,6 +183,8 @@ class EmbeddingExecutor:
     def __init__(self, *, timeout_s: float = 120.0) -> None:
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=5.0)
         self._session: aiohttp.ClientSession | None = None
+        # Engines (base URL) that rejected encoding_format=base64: they get float.
+        self._float_only: set[str] = set()
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -119,16 +208,41 @@ class EmbeddingExecutor:
     async def send(
         self, engine: Endpoint, model: str, texts: Sequence[str], dimensions: int = 0
     ) -> BatchReply:
-        """Embed one batch on one engine."""
+        """Embed one batch on one engine (base64 vectors unless the engine only does float)."""
         payload: dict[str, Any] = {"model": model, "input": list(texts)}
         if dimensions:
             payload["dimensions"] = dimensions
-        url = engine.base_url.rstrip("/") + "/v1/embeddings"
+        base = engine.base_url.rstrip("/")
+        url = base + "/v1/embeddings"
+        if base not in self._float_only:
+            status, content = await self._post(engine, url, {**payload, _ENCODING_FIELD: "base64"})
+            if status < 400:
+                return parse_embeddings(content, texts)
+            if not rejects_base64(status, content):
+                raise _engine_error(engine, status, content)
+            self._float_only.add(base)
+            log.warning(
+                "embedding engine rejects encoding_format=base64; sending it float from now on",
+                extra={"engine_id": engine.engine_id, "status": status},
+            )
+        # The request as an OpenAI client sends it by default: float, no encoding_format
+        # (an engine that rejected the field may not know it at all).
+        status, content = await self._post(engine, url, payload)
+        if status >= 400:
+            raise _engine_error(engine, status, content)
+        return parse_embeddings(content, texts)
+
+    def float_only(self, engine: Endpoint) -> bool:
+        """Whether `engine` is sent float because it rejected base64."""
+        return engine.base_url.rstrip("/") in self._float_only
+
+    async def _post(self, engine: Endpoint, url: str, payload: dict[str, Any]) -> tuple[int, bytes]:
+        """(status, body) of one POST; connection failures and timeouts as SageErrors."""
         try:
             async with self._http().post(
                 url, data=orjson.dumps(payload), headers={"content-type": "application/json"}
             ) as resp:
-                content = await resp.read()
+                return resp.status, await resp.read()
         except aiohttp.ClientConnectorError as exc:
             raise EngineUnreachableError(
                 f"embedding engine {engine.engine_id} unreachable: {exc}"
@@ -137,6 +251,3 @@ class EmbeddingExecutor:
             raise DeadlineExceededError(f"embedding engine {engine.engine_id} timed out") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"embedding engine {engine.engine_id} failed: {exc!r}") from exc
-        if resp.status >= 400:
-            raise _engine_error(engine, resp.status, content)
-        return parse_embeddings(content, texts)
