@@ -258,10 +258,22 @@ def main() -> int:
             results[name] = r
             print(f"{name}: {json.dumps(r)}", flush=True)
         results["rss_mib"] = {k: st.rss_mib(k) for k in st.procs}
+    # The baseline again, after the stack is gone: machines of this kind vary by ±40% from
+    # one lease to the next, and within a lease over minutes; the ratios use the better of
+    # the two baseline runs (the one least favourable to us).
+    results["raw_after"] = raw(args.model, args.raw_texts, args.batch, args.device)
+    print(f"raw sentence-transformers again: {results['raw_after']}", flush=True)
+    if results["raw_after"]["texts_per_s"] > results["raw"]["texts_per_s"]:
+        results["raw_before"], results["raw"] = results["raw"], results["raw_after"]
+        for r in results.values():
+            if isinstance(r, dict) and "ratio_to_raw" in r:
+                r["ratio_to_raw"] = r["texts_per_s"] / results["raw"]["texts_per_s"]
     print("\n| path | texts/s | ratio to raw | errors |\n|---|---|---|---|")
+    other = results.get("raw_before", results["raw_after"])["texts_per_s"]
+    best = results["raw"]["texts_per_s"]
     print(
-        f"| raw sentence-transformers, batch {args.batch} | {results['raw']['texts_per_s']:.0f} "
-        "| 1.00 | 0 |"
+        f"| raw sentence-transformers, batch {args.batch} (best of {best:.0f}, {other:.0f}) "
+        f"| {best:.0f} | 1.00 | 0 |"
     )
     for name, r in results.items():
         if isinstance(r, dict) and "ratio_to_raw" in r:
