@@ -1,8 +1,8 @@
 """HttpExecutionCoordinator: the one place that talks HTTP to engines.
 
-Unary calls go through Http1Pool (http1.py), a lean keep-alive HTTP/1.1 client; streams
-through aiohttp. Engine JSON passes through as raw bytes; streaming responses are split into
-SSE events as they arrive, never buffered whole.
+Unary and streamed calls go through Http1Pool (http1.py), a lean keep-alive HTTP/1.1
+client. Engine JSON passes through as raw bytes; streaming responses are split into SSE
+events as they arrive, never buffered whole.
 While a trace is active, each engine call gets a client span and carries W3C `traceparent`
 to the engine; without one (no exporter, no incoming trace) it costs one check.
 """
@@ -14,7 +14,6 @@ import ssl
 from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
-import aiohttp
 import orjson
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
@@ -103,33 +102,9 @@ def _engine_error(engine: EngineRecord, status: int, content: bytes) -> SageErro
 
 
 @contextlib.contextmanager
-def _http_errors(engine: EngineRecord) -> Iterator[None]:
-    """aiohttp failures → SageErrors; a refused or dropped connection may be retried
-    elsewhere (EngineUnreachableError, EngineDisconnectedError), nothing else."""
-    try:
-        yield
-    except aiohttp.ClientConnectorError as exc:
-        raise EngineUnreachableError(
-            f"engine {engine.engine_id} at {engine.base_url} is unreachable: {exc}"
-        ) from exc
-    except (
-        aiohttp.ServerDisconnectedError,
-        aiohttp.ClientPayloadError,
-        aiohttp.ClientOSError,  # ECONNRESET and friends (connect errors are caught above)
-        ConnectionError,
-    ) as exc:
-        raise EngineDisconnectedError(
-            f"engine {engine.engine_id} dropped the connection: {exc!r}"
-        ) from exc
-    except TimeoutError as exc:
-        raise DeadlineExceededError(f"engine {engine.engine_id} timed out") from exc
-    except aiohttp.ClientError as exc:
-        raise UpstreamError(f"engine {engine.engine_id} failed: {exc!r}") from exc
-
-
-@contextlib.contextmanager
 def _http1_errors(engine: EngineRecord) -> Iterator[None]:
-    """Http1Pool failures → the same SageErrors `_http_errors` gives for aiohttp's."""
+    """Http1Pool failures → SageErrors; a refused or dropped connection may be retried
+    elsewhere (EngineUnreachableError, EngineDisconnectedError), nothing else."""
     try:
         yield
     except ConnectError as exc:
@@ -147,8 +122,8 @@ def _http1_errors(engine: EngineRecord) -> Iterator[None]:
 
 
 def _client_tls() -> ssl.SSLContext:
-    """The context https engines are dialled with: what aiohttp gets from `httpx_verify()`
-    (our CA and cert for mTLS), or the default verifying context when it says True."""
+    """The context https engines are dialled with: `httpx_verify()`'s (our CA and cert for
+    mTLS), or the default verifying context when it says True."""
     verify = process_tls().httpx_verify()
     return verify if isinstance(verify, ssl.SSLContext) else ssl.create_default_context()
 
@@ -188,9 +163,10 @@ class HttpExecutionCoordinator:
     """Sends requests to engines over pooled HTTP/1.1 keep-alive connections.
 
     Not httpx: under load its per-request cost was ~60% of the scheduler's CPU (py-spy,
-    bench/gateway_overhead.py). Unary calls use Http1Pool, which costs less than half of
-    aiohttp's CPU per request (http1.py); streams keep aiohttp. `max_connections` caps each of
-    the two pools separately (requests in flight for Http1Pool, open connections for aiohttp).
+    bench/gateway_overhead.py); not aiohttp either: Http1Pool costs less than half of its
+    CPU per request (http1.py). `max_connections` caps engine requests in flight, unary and
+    streamed together (each holds one connection, a stream until it ends); more wait for a
+    free one within `request_timeout_s`, which covers a whole stream, not just its start.
     """
 
     def __init__(
@@ -200,40 +176,18 @@ class HttpExecutionCoordinator:
         connect_timeout_s: float = 5.0,
         max_connections: int = 2048,
     ) -> None:
-        self._timeout = aiohttp.ClientTimeout(
-            total=request_timeout_s, sock_connect=connect_timeout_s
-        )
         self._request_timeout_s = request_timeout_s
-        self._max_connections = max_connections
-        self._session: aiohttp.ClientSession | None = None
-        # https engines are verified like aiohttp's are (SAGE_TLS_CA_FILE, our cert for mTLS);
-        # the context is built on the first https connection.
+        # https engines are verified against SAGE_TLS_CA_FILE (our cert for mTLS); the
+        # context is built on the first https connection.
         self._pool = Http1Pool(
             connect_timeout_s=connect_timeout_s,
             max_connections=max_connections,
             ssl_context=_client_tls,
         )
 
-    def _http(self) -> aiohttp.ClientSession:
-        # Created on first use, inside the serving event loop.
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                # https engines are verified against SAGE_TLS_CA_FILE (our cert for mTLS).
-                connector=aiohttp.TCPConnector(
-                    limit=self._max_connections, limit_per_host=0, ssl=process_tls().httpx_verify()
-                ),
-                timeout=self._timeout,
-                auto_decompress=False,
-                skip_auto_headers=("User-Agent",),
-            )
-        return self._session
-
     async def aclose(self) -> None:
         """Close every pooled connection."""
         await self._pool.aclose()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
 
     async def post_json(self, engine: EngineRecord, path: str, body: bytes) -> bytes:
         """POST raw JSON to the engine and return its raw JSON reply."""
@@ -263,19 +217,24 @@ class HttpExecutionCoordinator:
     async def _stream_sse(
         self, engine: EngineRecord, path: str, body: bytes, headers: Mapping[str, str]
     ) -> AsyncIterator[bytes]:
-        with _http_errors(engine):
-            resp = await self._http().post(engine.base_url + path, data=body, headers=headers)
+        with _http1_errors(engine):
+            stream = await self._pool.stream(
+                engine.base_url, path, body, headers, self._request_timeout_s
+            )
         try:
-            if resp.status >= 400:
-                with _http_errors(engine):
-                    content = await resp.read()
-                raise _engine_error(engine, resp.status, content)
+            if stream.status >= 400:
+                with _http1_errors(engine):
+                    content = await stream.read()
+                raise _engine_error(engine, stream.status, content)
             buffer = bytearray()
-            with _http_errors(engine):
-                async for chunk in resp.content.iter_any():
+            with _http1_errors(engine):
+                async for chunk in stream:
                     buffer += chunk
                     for payload in _split_events(buffer):
                         if payload == b"[DONE]":
+                            # Done: the connection is pooled once the reply's last bytes
+                            # (the chunked terminator) are in; nothing more is read here.
+                            stream.release()
                             return
                         yield payload
             # The body ended without [DONE]: the engine went away mid-reply.
@@ -283,4 +242,6 @@ class HttpExecutionCoordinator:
                 f"engine {engine.engine_id} closed the stream before [DONE]"
             )
         finally:
-            resp.release()
+            # Left early (the caller stopped, or an error): the connection is closed, so the
+            # engine sees the disconnect and stops generating.
+            stream.close()

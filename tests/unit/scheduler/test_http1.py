@@ -1,11 +1,14 @@
 """Http1Pool against real sockets: raw servers scripted byte by byte, a TLS server with a
-throwaway certificate, and the real sim engine through HttpExecutionCoordinator."""
+throwaway certificate, and the real sim engine through HttpExecutionCoordinator. Unary
+requests (post) first, then streamed ones (stream, and the coordinator's stream_sse)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import datetime
+import gc
+import hashlib
 import ipaddress
 import socket
 import ssl
@@ -15,6 +18,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 import uvloop
@@ -25,6 +29,7 @@ from cryptography.x509.oid import NameOID
 
 from sage.common.exceptions import (
     DeadlineExceededError,
+    InvalidRequestError,
     ModelNotFoundError,
     OverloadedError,
     UpstreamError,
@@ -34,12 +39,15 @@ from sage.services.scheduler.executor import (
     EngineDisconnectedError,
     EngineUnreachableError,
     HttpExecutionCoordinator,
+    _split_events,
 )
 from sage.services.scheduler.http1 import (
+    STREAM_BUFFER_LIMIT,
     ConnectError,
     DisconnectedError,
     Http1Error,
     Http1Pool,
+    Http1Stream,
     ProtocolError,
 )
 from sage.services.scheduler.registry import EngineKind, EngineRecord
@@ -103,10 +111,11 @@ class RawServer:
                 await writer.wait_closed()
 
     async def read_request(self, reader: asyncio.StreamReader) -> bytes | None:
-        """One whole request (head and Content-Length body), or None at EOF."""
+        """One whole request (head and Content-Length body), or None once the client has
+        closed the connection (a FIN, or a RST when it closed with our bytes unread)."""
         try:
             head = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.IncompleteReadError:
+        except (asyncio.IncompleteReadError, ConnectionError):
             self.closed_by_peer.set()
             return None
         length = 0
@@ -548,6 +557,8 @@ async def test_https_with_a_trusted_self_signed_certificate(tmp_path: Path) -> N
     async with RawServer(serve_ok, ssl_ctx=server_ctx) as srv:
         for _ in range(2):
             assert await trusting.post(srv.base_url, "/", b"x", JSON, 5.0) == (200, b"hello")
+            stream = await trusting.stream(srv.base_url, "/", b"x", JSON, 5.0)
+            assert (stream.status, await stream.read()) == (200, b"hello")
         assert srv.connections == 1
         await trusting.aclose()
         strict = Http1Pool(ssl_context=lambda: ssl.create_default_context())
@@ -574,6 +585,563 @@ async def test_sim_engine_chat_through_the_executor(sim_engine: Callable[..., st
     await executor.aclose()
 
 
+# --- streamed replies ----------------------------------------------------------------------
+SSE_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+)
+LAST_CHUNK = b"0\r\n\r\n"
+DONE = b"data: [DONE]\n\n"
+# The most one socket read hands the protocol (asyncio: 256 KiB; uvloop: 256,000 bytes).
+ONE_READ = 256 * 1024
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def event(n: int) -> bytes:
+    return b'data: {"n":%d}\n\n' % n
+
+
+async def sse_reply(
+    w: asyncio.StreamWriter, count: int, *, done: bool = True, end: bool = True
+) -> None:
+    """An SSE reply of `count` events, [DONE] and the chunked terminator, in one write."""
+    events = b"".join(chunk(event(i)) for i in range(count))
+    w.write(SSE_HEAD + events + (chunk(DONE) if done else b"") + (LAST_CHUNK if end else b""))
+    await w.drain()
+
+
+async def serve_sse(srv: RawServer, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    while await srv.read_request(r) is not None:
+        await sse_reply(w, 3)
+
+
+async def endless(srv: RawServer, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    """One event every 10 ms until the client leaves (then `closed_by_peer` is set)."""
+    await srv.read_request(r)
+    gone = asyncio.ensure_future(srv.read_request(r))
+    w.write(SSE_HEAD)
+    n = 0
+    while not gone.done():
+        w.write(chunk(event(n)))
+        n += 1
+        await w.drain()
+        await asyncio.sleep(0.01)
+
+
+async def eventually(check: Callable[[], bool]) -> None:
+    for _ in range(500):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not met within 5 s")
+
+
+async def test_stream_hands_out_chunks_as_they_arrive() -> None:
+    """Lock-step: each piece is sent only once the previous one was read, so each read
+    returns exactly one piece (an event may be split across pieces)."""
+    pieces = [event(0), event(1)[:5], event(1)[5:] + event(2), DONE]
+    read = asyncio.Event()
+
+    async def lockstep(srv: RawServer, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while await srv.read_request(r) is not None:
+            w.write(SSE_HEAD)
+            for piece in pieces:
+                read.clear()
+                w.write(chunk(piece))
+                await w.drain()
+                await read.wait()
+            w.write(LAST_CHUNK)
+            await w.drain()
+
+    pool = Http1Pool()
+    async with RawServer(lockstep) as srv:
+        stream = await pool.stream(srv.base_url, "/v1/chat/completions", b"{}", JSON, 5.0)
+        assert isinstance(stream, Http1Stream) and stream.status == 200
+        got = []
+        async for data in stream:
+            got.append(data)
+            read.set()
+        assert got == pieces
+        assert srv.requests[0].startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
+        assert pool.idle_count() == 1  # whole and kept alive: pooled
+        await pool.aclose()
+
+
+async def test_stream_chunks_that_arrive_together_come_out_together() -> None:
+    async def burst(srv: RawServer, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await srv.read_request(r)
+        w.write(SSE_HEAD + chunk(event(0)) + chunk(event(1)) + chunk(event(2)))
+        await w.drain()
+        await srv.read_request(r)  # until the client leaves
+
+    pool = Http1Pool()
+    async with RawServer(burst) as srv:
+        async with await pool.stream(srv.base_url, "/", b"", JSON, 5.0) as stream:
+            data = await stream.read_chunk()
+            while data.count(b"\n\n") < 3:  # a slow machine may still split the burst
+                data += await stream.read_chunk()
+            assert data == event(0) + event(1) + event(2)
+        await asyncio.wait_for(srv.closed_by_peer.wait(), 5)  # closed early: never pooled
+        assert pool.idle_count() == 0
+        await pool.aclose()
+
+
+async def test_complete_streams_reuse_one_connection() -> None:
+    pool = Http1Pool()
+    executor = HttpExecutionCoordinator()
+    async with RawServer(serve_sse) as srv:
+        for _ in range(3):
+            stream = await pool.stream(srv.base_url, "/", b"", JSON, 5.0)
+            assert await stream.read() == event(0) + event(1) + event(2) + DONE
+        for _ in range(3):
+            payloads = [p async for p in executor.stream_sse(engine(srv.base_url), "/", b"{}")]
+            assert payloads == [b'{"n":0}', b'{"n":1}', b'{"n":2}']
+        assert srv.connections == 2 and len(srv.requests) == 6
+        assert pool.idle_count() == 1
+        await eventually(lambda: executor._pool.idle_count() == 1)
+        await pool.aclose()
+        await executor.aclose()
+
+
+async def test_done_before_the_terminator_pools_the_connection_once_it_arrives() -> None:
+    """vLLM writes `[DONE]` and the chunked terminator separately: the stream ends at
+    [DONE], and the connection is pooled when the terminator follows."""
+    gate = asyncio.Event()
+
+    async def late_end(srv: RawServer, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while await srv.read_request(r) is not None:
+            await sse_reply(w, 2, end=False)
+            await gate.wait()
+            gate.clear()
+            w.write(LAST_CHUNK)
+            await w.drain()
+
+    executor = HttpExecutionCoordinator()
+    async with RawServer(late_end) as srv:
+        for _ in range(2):
+            payloads = [p async for p in executor.stream_sse(engine(srv.base_url), "/", b"{}")]
+            assert payloads == [b'{"n":0}', b'{"n":1}']
+            assert executor._pool.idle_count() == 0  # the reply is not whole yet
+            gate.set()
+            await eventually(lambda: executor._pool.idle_count() == 1)
+        assert srv.connections == 1
+        await executor.aclose()
+
+
+async def test_released_stream_whose_reply_never_ends_is_closed() -> None:
+    async def no_end(srv: RawServer, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await srv.read_request(r)
+        await sse_reply(w, 1, end=False)
+        await srv.read_request(r)  # until the client leaves
+
+    pool = Http1Pool()
+    async with RawServer(no_end) as srv:
+        stream = await pool.stream(srv.base_url, "/", b"", JSON, 5.0)
+        data = b""
+        while not data.endswith(DONE):
+            data += await stream.read_chunk()
+        stream.release(within_s=0.1)
+        await asyncio.wait_for(srv.closed_by_peer.wait(), 5)
+        assert pool.idle_count() == 0
+        await pool.aclose()
+
+
+@pytest.mark.parametrize("rst", [False, True])
+async def test_engine_dying_mid_stream_is_a_disconnect(rst: bool) -> None:
+    """Two events, then the connection drops: both events are handed out, then
+    DisconnectedError (the coordinator: EngineDisconnectedError, which resume acts on)."""
+
+    async def dies(srv: RawServer, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await srv.read_request(r)
+        w.write(SSE_HEAD + chunk(event(0)))
+        await w.drain()
+        await asyncio.sleep(0.02)
+        w.write(chunk(event(1)))
+        await w.drain()
+        await asyncio.sleep(0.02)
+        if rst:
+            reset(w)
+
+    pool = Http1Pool()
+    async with RawServer(dies) as srv:
+        stream = await pool.stream(srv.base_url, "/", b"", JSON, 5.0)
+        got = b""
+        with pytest.raises(DisconnectedError, match="mid-reply"):
+            async for data in stream:
+                got += data
+        assert got == event(0) + event(1)
+        with pytest.raises(DisconnectedError):  # and stays failed
+            await stream.read_chunk()
+        assert pool.idle_count() == 0
+
+        executor = HttpExecutionCoordinator()
+        payloads = []
+        with pytest.raises(EngineDisconnectedError):
+            async for payload in executor.stream_sse(engine(srv.base_url), "/", b"{}"):
+                payloads.append(payload)
+        assert payloads == [b'{"n":0}', b'{"n":1}']
+        assert srv.connections == 2 and executor._pool.idle_count() == 0
+        await executor.aclose()
+        await pool.aclose()
+
+
+async def test_stream_ending_without_done_is_a_disconnect() -> None:
+    """A whole reply with no [DONE]: the engine gave up mid-reply, as far as we know."""
+
+    async def no_done(srv: RawServer, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while await srv.read_request(r) is not None:
+            await sse_reply(w, 2, done=False)
+
+    executor = HttpExecutionCoordinator()
+    async with RawServer(no_done) as srv:
+        payloads = []
+        with pytest.raises(EngineDisconnectedError, match="before \\[DONE\\]"):
+            async for payload in executor.stream_sse(engine(srv.base_url), "/", b"{}"):
+                payloads.append(payload)
+        assert payloads == [b'{"n":0}', b'{"n":1}']
+        assert executor._pool.idle_count() == 1  # the reply itself was whole
+        await executor.aclose()
+
+
+async def test_eof_delimited_stream_ends_at_eof() -> None:
+    async def http10(srv: RawServer, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await srv.read_request(r)
+        w.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/event-stream\r\n\r\n" + event(0))
+        await w.drain()
+        await asyncio.sleep(0.02)
+        w.write(DONE)
+        await w.drain()  # the handler returning closes the connection
+
+    executor = HttpExecutionCoordinator()
+    async with RawServer(http10) as srv:
+        for _ in range(2):
+            payloads = [p async for p in executor.stream_sse(engine(srv.base_url), "/", b"{}")]
+            assert payloads == [b'{"n":0}']
+        pool = Http1Pool()
+        stream = await pool.stream(srv.base_url, "/", b"", JSON, 5.0)
+        assert await stream.read() == event(0) + DONE
+        assert srv.connections == 3 and pool.idle_count() == 0
+        await pool.aclose()
+        await executor.aclose()
+
+
+@pytest.mark.parametrize("elsewhere", [False, True])
+async def test_closing_a_stream_early_closes_its_connection(elsewhere: bool) -> None:
+    pool = Http1Pool()
+    async with RawServer(endless) as srv:
+        stream = await pool.stream(srv.base_url, "/", b"", JSON, 5.0)
+        assert (await stream.read_chunk()).startswith(event(0))
+        if elsewhere:  # closed by another task while this one waits to read
+            asyncio.get_running_loop().call_soon(stream.close)
+            with pytest.raises(Http1Error, match="closed"):
+                while True:
+                    await stream.read_chunk()  # the chunks until the close, then this
+        else:
+            stream.close()
+        await asyncio.wait_for(srv.closed_by_peer.wait(), 5)
+        assert pool.idle_count() == 0
+        with pytest.raises(Http1Error, match="closed"):
+            await stream.read_chunk()
+        stream.close()  # again: nothing
+        await pool.aclose()
+
+
+async def _consumer_leaves(how: str) -> None:
+    """The coordinator's stream, left after two payloads in one of several ways: the engine
+    sees the connection close, and the next request gets a new one."""
+    executor = HttpExecutionCoordinator()
+    async with RawServer(endless) as srv:
+        base = srv.base_url
+        if how == "cancel":
+            got: list[bytes] = []
+
+            async def consume() -> None:
+                async for payload in executor.stream_sse(engine(base), "/", b"{}"):
+                    got.append(payload)
+
+            task = asyncio.create_task(consume())
+            await eventually(lambda: len(got) >= 2)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        else:
+            gen = executor.stream_sse(engine(base), "/", b"{}")
+            assert await anext(gen) == b'{"n":0}'
+            assert await anext(gen) == b'{"n":1}'
+            if how == "aclose":
+                await gen.aclose()  # type: ignore[attr-defined]
+            else:  # dropped: asyncio's async-generator finalizer closes it
+                del gen
+                gc.collect()
+        await asyncio.wait_for(srv.closed_by_peer.wait(), 5)
+        assert executor._pool.idle_count() == 0
+        assert executor._pool._slots._value == 2048
+    await executor.aclose()
+
+
+@pytest.mark.parametrize("how", ["aclose", "cancel", "dropped"])
+async def test_consumer_leaving_early_closes_the_connection(how: str) -> None:
+    await _consumer_leaves(how)
+
+
+async def test_dropped_stream_closes_its_connection_and_frees_its_slot() -> None:
+    pool = Http1Pool(max_connections=1)
+    async with RawServer(endless) as srv:
+        stream = await pool.stream(srv.base_url, "/", b"", JSON, 5.0)
+        await stream.read_chunk()
+        del stream
+        gc.collect()
+        await asyncio.wait_for(srv.closed_by_peer.wait(), 5)
+        srv.closed_by_peer.clear()
+        stream = await pool.stream(srv.base_url, "/", b"", JSON, 1.0)  # the slot is free
+        stream.close()
+        assert srv.connections == 2
+        await pool.aclose()
+
+
+async def test_stream_holds_a_connection_slot_until_it_ends() -> None:
+    async def mixed(srv: RawServer, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        if srv.connections == 1:
+            await endless(srv, r, w)
+        else:
+            await serve_ok(srv, r, w)
+
+    pool = Http1Pool(max_connections=1)
+    async with RawServer(mixed) as srv:
+        stream = await pool.stream(srv.base_url, "/", b"", JSON, 5.0)
+        with pytest.raises(TimeoutError):
+            await pool.post(srv.base_url, "/", b"", JSON, 0.1)
+        stream.close()
+        assert await pool.post(srv.base_url, "/", b"", JSON, 5.0) == (200, b"hello")
+        await pool.aclose()
+
+
+async def test_stream_total_timeout_covers_the_body() -> None:
+    async def stalls(srv: RawServer, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await srv.read_request(r)
+        w.write(SSE_HEAD + chunk(event(0)))
+        await w.drain()
+        await srv.read_request(r)  # until the client leaves
+
+    pool = Http1Pool()
+    async with RawServer(stalls) as srv:
+        loop = asyncio.get_running_loop()
+        begun = loop.time()
+        stream = await pool.stream(srv.base_url, "/", b"", JSON, 0.3)
+        assert await stream.read_chunk() == event(0)
+        with pytest.raises(TimeoutError):
+            await stream.read_chunk()
+        assert 0.25 < loop.time() - begun < 3
+        await asyncio.wait_for(srv.closed_by_peer.wait(), 5)
+        assert pool.idle_count() == 0
+        srv.closed_by_peer.clear()
+
+        executor = HttpExecutionCoordinator(request_timeout_s=0.3)
+        payloads = []
+        with pytest.raises(DeadlineExceededError):
+            async for payload in executor.stream_sse(engine(srv.base_url), "/", b"{}"):
+                payloads.append(payload)
+        assert payloads == [b'{"n":0}']
+        await asyncio.wait_for(srv.closed_by_peer.wait(), 5)
+        await executor.aclose()
+        await pool.aclose()
+
+
+async def test_stream_error_status_reads_the_whole_error_body() -> None:
+    busy = b'{"error":{"message":"too many requests","type":"overloaded"}}'
+    bad = b'{"error":{"message":"max_tokens is too large","param":"max_tokens"}}'
+
+    async def errors(srv: RawServer, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while await srv.read_request(r) is not None:
+            body = busy if len(srv.requests) % 2 else bad
+            status = b"429 Too Many Requests" if body is busy else b"400 Bad Request"
+            w.write(b"HTTP/1.1 %s\r\nTransfer-Encoding: chunked\r\n\r\n" % status)
+            w.write(chunk(body[:10]))
+            await w.drain()
+            await asyncio.sleep(0.02)
+            w.write(chunk(body[10:]) + LAST_CHUNK)
+            await w.drain()
+
+    pool = Http1Pool()
+    executor = HttpExecutionCoordinator()
+    async with RawServer(errors) as srv:
+        stream = await pool.stream(srv.base_url, "/", b"", JSON, 5.0)
+        assert stream.status == 429 and await stream.read() == busy
+        stream = await pool.stream(srv.base_url, "/", b"", JSON, 5.0)
+        assert stream.status == 400 and await stream.read() == bad
+        assert pool.idle_count() == 1  # error replies leave the connection usable
+        with pytest.raises(OverloadedError, match="too many requests"):
+            async for _ in executor.stream_sse(engine(srv.base_url), "/", b"{}"):
+                pass
+        with pytest.raises(InvalidRequestError, match="max_tokens is too large") as info:
+            async for _ in executor.stream_sse(engine(srv.base_url), "/", b"{}"):
+                pass
+        assert info.value.param == "max_tokens"
+        assert srv.connections == 2 and executor._pool.idle_count() == 1
+        await pool.aclose()
+        await executor.aclose()
+
+
+async def test_stream_backpressure_bounds_the_buffer() -> None:
+    """The server writes 5 MiB as fast as it can, the reader is slow: the client never
+    holds more than the limit plus one socket read, and gets every byte, in order."""
+    total = 5 << 20
+    payload = bytes(range(256)) * 256  # 64 KiB
+
+    async def firehose(srv: RawServer, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while await srv.read_request(r) is not None:
+            w.write(SSE_HEAD)
+            for _ in range(total // len(payload)):
+                w.write(chunk(payload))
+                await w.drain()
+            w.write(LAST_CHUNK)
+            await w.drain()
+
+    pool = Http1Pool()
+    async with RawServer(firehose) as srv:
+        stream = await pool.stream(srv.base_url, "/", b"", JSON, 10.0)
+        conn = stream._conn
+        assert conn is not None
+        received, reads, digest = 0, 0, hashlib.sha256()
+        async for data in stream:
+            digest.update(data)
+            received += len(data)
+            reads += 1
+            assert stream.buffered == 0
+            await asyncio.sleep(0.02)
+        assert received == total
+        assert digest.digest() == hashlib.sha256(payload * (total // len(payload))).digest()
+        assert STREAM_BUFFER_LIMIT < conn.peak_buffered <= STREAM_BUFFER_LIMIT + ONE_READ
+        assert reads >= total // (STREAM_BUFFER_LIMIT + ONE_READ)
+        # Reading resumed and the connection is whole: pooled and reusable.
+        assert pool.idle_count() == 1
+        assert await (await pool.stream(srv.base_url, "/", b"", JSON, 10.0)).read() != b""
+        assert srv.connections == 1
+        await pool.aclose()
+
+
+async def test_stream_malformed_body_is_a_protocol_error() -> None:
+    async def garbage(srv: RawServer, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await srv.read_request(r)
+        w.write(SSE_HEAD + chunk(event(0)))
+        await w.drain()
+        await asyncio.sleep(0.02)
+        w.write(b"not-a-chunk-size\r\n")
+        await w.drain()
+        await srv.read_request(r)
+
+    executor = HttpExecutionCoordinator()
+    async with RawServer(garbage) as srv:
+        payloads = []
+        with pytest.raises(UpstreamError) as info:
+            async for payload in executor.stream_sse(engine(srv.base_url), "/", b"{}"):
+                payloads.append(payload)
+        assert type(info.value) is UpstreamError and "malformed" in str(info.value)
+        assert payloads == [b'{"n":0}']
+        assert executor._pool.idle_count() == 0
+        await executor.aclose()
+
+
+async def test_stream_on_stale_connection_is_retried_but_not_after_the_head() -> None:
+    async def drop_second(srv: RawServer, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        first = srv.connections == 1
+        while await srv.read_request(r) is not None:
+            if first and len(srv.requests) == 2:
+                return  # kept alive, then closed as the next request arrives: no reply byte
+            if len(srv.requests) == 4:
+                w.write(SSE_HEAD + chunk(event(0)))  # the head, then gone
+                await w.drain()
+                return
+            await sse_reply(w, 1)
+
+    pool = Http1Pool()
+    async with RawServer(drop_second) as srv:
+        for _ in range(2):  # the second is retried on a new connection
+            stream = await pool.stream(srv.base_url, "/", b"", JSON, 5.0)
+            assert await stream.read() == event(0) + DONE
+        assert srv.connections == 2 and len(srv.requests) == 3
+        stream = await pool.stream(srv.base_url, "/", b"", JSON, 5.0)
+        with pytest.raises(DisconnectedError):
+            await stream.read()
+        assert srv.connections == 2 and len(srv.requests) == 4  # not retried
+        await pool.aclose()
+
+
+async def test_stream_connect_errors() -> None:
+    pool = Http1Pool()
+    with pytest.raises(ConnectError):
+        await pool.stream(f"http://127.0.0.1:{free_port()}", "/", b"", JSON, 5.0)
+    executor = HttpExecutionCoordinator()
+    with pytest.raises(EngineUnreachableError):
+        async for _ in executor.stream_sse(engine(f"http://127.0.0.1:{free_port()}"), "/", b""):
+            pass
+    assert pool._slots._value == 2048
+    await executor.aclose()
+    await pool.aclose()
+
+
+def _sans_ids(chunk: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in chunk.items() if k not in ("id", "created")}
+
+
+async def _aiohttp_payloads(url: str, body: bytes) -> list[bytes]:
+    """What the coordinator's aiohttp-based stream_sse yielded, for comparison."""
+    payloads: list[bytes] = []
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url, data=body, headers=JSON) as resp,
+    ):
+        assert resp.status == 200
+        buffer = bytearray()
+        async for data in resp.content.iter_any():
+            buffer += data
+            for payload in _split_events(buffer):
+                if payload == b"[DONE]":
+                    return payloads
+                payloads.append(payload)
+    raise AssertionError("no [DONE]")
+
+
+async def _sim_stream(base: str) -> None:
+    executor = HttpExecutionCoordinator()
+    path = "/v1/chat/completions"
+    for usage in (False, True):
+        request = orjson.dumps(
+            {
+                "model": "sim",
+                "messages": [{"role": "user", "content": "tell me a story"}],
+                "max_tokens": 8,
+                "stream": True,
+                "stream_options": {"include_usage": usage},
+            }
+        )
+        reference = [
+            _sans_ids(orjson.loads(p)) for p in await _aiohttp_payloads(base + path, request)
+        ]
+        for _ in range(3):
+            payloads = [p async for p in executor.stream_sse(engine(base), path, request)]
+            chunks = [orjson.loads(p) for p in payloads]
+            assert [_sans_ids(c) for c in chunks] == reference
+            assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+            with_choices = [c for c in chunks if c["choices"]]
+            assert with_choices[-1]["choices"][0]["finish_reason"] is not None
+            assert all(c["choices"][0]["finish_reason"] is None for c in with_choices[:-1])
+            assert (chunks[-1].get("usage") is not None) is usage
+            await eventually(lambda: executor._pool.idle_count() == 1)  # reused each time
+    await executor.aclose()
+
+
+async def test_sim_engine_stream_through_the_executor(sim_engine: Callable[..., str]) -> None:
+    """The real sim engine: the same payloads aiohttp read, one kept-alive connection."""
+    await _sim_stream(sim_engine("--ttft-ms", "0", "--tpot-ms", "0"))
+
+
+def test_sim_engine_stream_on_uvloop(sim_engine: Callable[..., str]) -> None:
+    uvloop.run(_sim_stream(sim_engine("--ttft-ms", "0", "--tpot-ms", "1")))
+
+
 # --- the same on uvloop, which the scheduler runs on --------------------------------------
 # uvloop's transports are not asyncio's classes and its TLS is its own: the main scenarios
 # run there too.
@@ -592,6 +1160,27 @@ UVLOOP_SCENARIOS: dict[str, Callable[[Path], Coroutine[Any, Any, None]]] = {
     "cancel": lambda _: test_cancelled_request_closes_its_connection(),
     "executor_errors": lambda _: test_executor_maps_failures_like_aiohttp(),
     "https": test_https_with_a_trusted_self_signed_certificate,
+    "stream_pieces": lambda _: test_stream_hands_out_chunks_as_they_arrive(),
+    "stream_reuse": lambda _: test_complete_streams_reuse_one_connection(),
+    "stream_late_end": lambda _: (
+        test_done_before_the_terminator_pools_the_connection_once_it_arrives()
+    ),
+    "stream_never_ends": lambda _: test_released_stream_whose_reply_never_ends_is_closed(),
+    "stream_dies_fin": lambda _: test_engine_dying_mid_stream_is_a_disconnect(False),
+    "stream_dies_rst": lambda _: test_engine_dying_mid_stream_is_a_disconnect(True),
+    "stream_eof": lambda _: test_eof_delimited_stream_ends_at_eof(),
+    "stream_close": lambda _: test_closing_a_stream_early_closes_its_connection(False),
+    "stream_close_elsewhere": lambda _: test_closing_a_stream_early_closes_its_connection(True),
+    "stream_leave_aclose": lambda _: _consumer_leaves("aclose"),
+    "stream_leave_cancel": lambda _: _consumer_leaves("cancel"),
+    "stream_leave_dropped": lambda _: _consumer_leaves("dropped"),
+    "stream_dropped": lambda _: test_dropped_stream_closes_its_connection_and_frees_its_slot(),
+    "stream_slot": lambda _: test_stream_holds_a_connection_slot_until_it_ends(),
+    "stream_timeout": lambda _: test_stream_total_timeout_covers_the_body(),
+    "stream_errors": lambda _: test_stream_error_status_reads_the_whole_error_body(),
+    "stream_backpressure": lambda _: test_stream_backpressure_bounds_the_buffer(),
+    "stream_malformed": lambda _: test_stream_malformed_body_is_a_protocol_error(),
+    "stream_stale": lambda _: test_stream_on_stale_connection_is_retried_but_not_after_the_head(),
 }
 
 
