@@ -68,7 +68,7 @@ class Upstreams:
     lifecycle: LifecycleServiceAsyncStub
     gpu: GpuManagerServiceAsyncStub
     channels: tuple[grpc.aio.Channel, ...]
-    # Chat and completions go over one Multiplex call (mux.py), not a call each.
+    # Chat, completions and embeddings go over one Multiplex call (mux.py), not a call each.
     generation: SchedulerMux
 
     async def close(self) -> None:
@@ -311,13 +311,11 @@ def create_app(settings: SageSettings, api_keys: ApiKeyTable | None = None) -> A
             if key is None
             else request_options(key, min(INT32_MAX, sum(len(t) for t in inputs) // 4 + 1))
         )
-        with rpc_errors_as_sage():
-            reply = await up().scheduler.Embed(
-                spb.EmbedRequest(
-                    model=model, inputs=inputs, dimensions=dimensions, options=options
-                ),
-                timeout=timeout,
-            )
+        reply = await up().generation.unary(
+            "embed",
+            spb.EmbedRequest(model=model, inputs=inputs, dimensions=dimensions, options=options),
+            timeout,
+        )
         return JSONResponse(
             {
                 "object": "list",

@@ -1,5 +1,5 @@
-"""The edge's side of Multiplex: chat and completion requests as tagged messages on one
-long-lived call to the scheduler, instead of one gRPC call each.
+"""The edge's side of Multiplex: chat, completion and embedding requests as tagged
+messages on one long-lived call to the scheduler, instead of one gRPC call each.
 
 A unary call in grpc-python costs ~0.25 ms of client CPU and ~0.5 ms of round trip on a
 small host; a message on an open call about half that (bench/RESULTS.md). Each request
@@ -34,10 +34,11 @@ _STATUS: Final = {code.value[0]: code for code in grpc.StatusCode}
 _METHODS: Final = {
     "chat": "Chat",
     "complete": "Complete",
+    "embed": "Embed",
     "chat_stream": "ChatStream",
     "complete_stream": "CompleteStream",
 }
-_REPLIES: Final = frozenset({"chat", "complete"})
+_REPLIES: Final = frozenset({"chat", "complete", "embed"})
 _END: Final = object()
 
 
@@ -189,7 +190,7 @@ class SchedulerMux:
         task.add_done_callback(self._background.discard)
 
     async def unary(self, kind: str, message: Any, timeout_s: float) -> Any:
-        """Run one non-streamed request ("chat" or "complete"); its reply message, or the
+        """Run one non-streamed request ("chat", "complete" or "embed"); its reply message, or the
         SageError the scheduler raised."""
         for _ in range(2):  # a second time only when the first was never started
             if not self.supported:

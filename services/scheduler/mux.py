@@ -202,6 +202,7 @@ def scheduler_routes(servicer: Any) -> dict[str, Route]:
     return {
         "chat": Route("Chat", "chat", False, servicer.Chat),
         "complete": Route("Complete", "complete", False, servicer.Complete),
+        "embed": Route("Embed", "embed", False, servicer.Embed),
         "chat_stream": Route("ChatStream", "chat_chunk", True, servicer.ChatStream),
         "complete_stream": Route("CompleteStream", "complete_chunk", True, servicer.CompleteStream),
     }

@@ -307,3 +307,12 @@ async def test_malformed_multiplex_messages_get_errors_not_a_broken_call(
     await call.done_writing()
     assert await call.read() == grpc.aio.EOF  # type: ignore[attr-defined]
     assert await call.code() == grpc.StatusCode.OK
+
+
+async def test_embed_requests_travel_over_multiplex_too(plane: Plane) -> None:
+    with pytest.raises(InvalidRequestError) as empty:
+        await plane.mux.unary("embed", spb.EmbedRequest(model="minilm"), 30)
+    assert empty.value.param == "input"
+    with pytest.raises(ModelNotFoundError):
+        await plane.mux.unary("embed", spb.EmbedRequest(model="minilm", inputs=["a"]), 30)
+    assert plane.mux.supported and plane.mux._session is not None

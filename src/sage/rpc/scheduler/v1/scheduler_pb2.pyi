@@ -996,6 +996,7 @@ class MultiplexRequest(_message.Message):
     COMPLETE_FIELD_NUMBER: _builtins.int
     COMPLETE_STREAM_FIELD_NUMBER: _builtins.int
     CANCEL_FIELD_NUMBER: _builtins.int
+    EMBED_FIELD_NUMBER: _builtins.int
     TIMEOUT_S_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     id: _builtins.int
@@ -1015,6 +1016,8 @@ class MultiplexRequest(_message.Message):
         """Stop request `id`: its client went away or its deadline passed. No reply follows."""
 
     @_builtins.property
+    def embed(self) -> Global___EmbedRequest: ...
+    @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """What a unary call carries as metadata: x-request-id, traceparent, tracestate."""
 
@@ -1027,14 +1030,15 @@ class MultiplexRequest(_message.Message):
         complete: Global___CompleteRequest | None = ...,
         complete_stream: Global___CompleteStreamRequest | None = ...,
         cancel: Global___MultiplexCancel | None = ...,
+        embed: Global___EmbedRequest | None = ...,
         timeout_s: _builtins.float = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "cancel", b"cancel", "chat", b"chat", "chat_stream", b"chat_stream", "complete", b"complete", "complete_stream", b"complete_stream"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "cancel", b"cancel", "chat", b"chat", "chat_stream", b"chat_stream", "complete", b"complete", "complete_stream", b"complete_stream", "embed", b"embed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "cancel", b"cancel", "chat", b"chat", "chat_stream", b"chat_stream", "complete", b"complete", "complete_stream", b"complete_stream", "id", b"id", "metadata", b"metadata", "timeout_s", b"timeout_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "cancel", b"cancel", "chat", b"chat", "chat_stream", b"chat_stream", "complete", b"complete", "complete_stream", b"complete_stream", "embed", b"embed", "id", b"id", "metadata", b"metadata", "timeout_s", b"timeout_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_call: _TypeAlias = _typing.Literal["chat", "chat_stream", "complete", "complete_stream", "cancel"]  # noqa: Y015
+    _WhichOneofReturnType_call: _TypeAlias = _typing.Literal["chat", "chat_stream", "complete", "complete_stream", "cancel", "embed"]  # noqa: Y015
     _WhichOneofArgType_call: _TypeAlias = _typing.Literal["call", b"call"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_call) -> _WhichOneofReturnType_call | None: ...
 
@@ -1068,6 +1072,7 @@ class MultiplexResponse(_message.Message):
     COMPLETE_CHUNK_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     END_FIELD_NUMBER: _builtins.int
+    EMBED_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """The id of the request this answers."""
     @_builtins.property
@@ -1094,6 +1099,10 @@ class MultiplexResponse(_message.Message):
     def end(self) -> Global___MultiplexEnd:
         """A streamed request ended normally."""
 
+    @_builtins.property
+    def embed(self) -> Global___EmbedResponse:
+        """The reply of an embed request; ends it."""
+
     def __init__(
         self,
         *,
@@ -1104,12 +1113,13 @@ class MultiplexResponse(_message.Message):
         complete_chunk: Global___CompleteStreamResponse | None = ...,
         error: Global___MultiplexError | None = ...,
         end: Global___MultiplexEnd | None = ...,
+        embed: Global___EmbedResponse | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "chat_chunk", b"chat_chunk", "complete", b"complete", "complete_chunk", b"complete_chunk", "end", b"end", "error", b"error", "result", b"result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "chat_chunk", b"chat_chunk", "complete", b"complete", "complete_chunk", b"complete_chunk", "embed", b"embed", "end", b"end", "error", b"error", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "chat_chunk", b"chat_chunk", "complete", b"complete", "complete_chunk", b"complete_chunk", "end", b"end", "error", b"error", "id", b"id", "result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "chat_chunk", b"chat_chunk", "complete", b"complete", "complete_chunk", b"complete_chunk", "embed", b"embed", "end", b"end", "error", b"error", "id", b"id", "result", b"result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["chat", "chat_chunk", "complete", "complete_chunk", "error", "end"]  # noqa: Y015
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["chat", "chat_chunk", "complete", "complete_chunk", "error", "end", "embed"]  # noqa: Y015
     _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
 

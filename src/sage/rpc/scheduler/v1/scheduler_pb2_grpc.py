@@ -232,7 +232,7 @@ class SchedulerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Multiplex(self, request_iterator, context):
-        """Multiplex carries many chat and completion requests, streamed or not, over one
+        """Multiplex carries many chat, completion and embedding requests over one
         long-lived call, each tagged with an id the caller picks; replies come back as they
         are ready. The edge's hot path: in grpc-python a message on an open call costs about
         half the CPU and latency of a unary call (bench/RESULTS.md). The scheduler ends the

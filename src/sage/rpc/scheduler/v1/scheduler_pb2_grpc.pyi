@@ -69,7 +69,7 @@ class SchedulerServiceStub:
     PlaceEngine: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.PlaceEngineRequest, _scheduler_pb2.PlaceEngineResponse]
     """PlaceEngine picks the node a new engine should start on."""
     Multiplex: _grpc.StreamStreamMultiCallable[_scheduler_pb2.MultiplexRequest, _scheduler_pb2.MultiplexResponse]
-    """Multiplex carries many chat and completion requests, streamed or not, over one
+    """Multiplex carries many chat, completion and embedding requests over one
     long-lived call, each tagged with an id the caller picks; replies come back as they
     are ready. The edge's hot path: in grpc-python a message on an open call costs about
     half the CPU and latency of a unary call (bench/RESULTS.md). The scheduler ends the
@@ -117,7 +117,7 @@ class SchedulerServiceAsyncStub(SchedulerServiceStub):
     PlaceEngine: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.PlaceEngineRequest, _scheduler_pb2.PlaceEngineResponse]  # type: ignore[assignment]
     """PlaceEngine picks the node a new engine should start on."""
     Multiplex: _aio.StreamStreamMultiCallable[_scheduler_pb2.MultiplexRequest, _scheduler_pb2.MultiplexResponse]  # type: ignore[assignment]
-    """Multiplex carries many chat and completion requests, streamed or not, over one
+    """Multiplex carries many chat, completion and embedding requests over one
     long-lived call, each tagged with an id the caller picks; replies come back as they
     are ready. The edge's hot path: in grpc-python a message on an open call costs about
     half the CPU and latency of a unary call (bench/RESULTS.md). The scheduler ends the
@@ -258,7 +258,7 @@ class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_scheduler_pb2.MultiplexRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_scheduler_pb2.MultiplexResponse], _abc.AsyncIterator[_scheduler_pb2.MultiplexResponse]]:
-        """Multiplex carries many chat and completion requests, streamed or not, over one
+        """Multiplex carries many chat, completion and embedding requests over one
         long-lived call, each tagged with an id the caller picks; replies come back as they
         are ready. The edge's hot path: in grpc-python a message on an open call costs about
         half the CPU and latency of a unary call (bench/RESULTS.md). The scheduler ends the
