@@ -97,17 +97,37 @@ class _Session:
     def __init__(self, call: Any) -> None:
         self.call = call
         self.pending: dict[int, _Waiter | _Chunks] = {}
-        self.lock = asyncio.Lock()  # one write at a time on the call
         self.error: BaseException | None = None  # set once the call is over
         self.reader: asyncio.Task[None] | None = None
+        self.outbox: list[spb.MultiplexCall] = []
+        self.writing = False  # one write at a time on the call
+        self.messages_written = 0  # fewer than calls sent: batching under load
+        self._flushers: set[asyncio.Task[None]] = set()
 
-    async def send(self, request: spb.MultiplexRequest) -> None:
-        """Write `request`; a failed write is reported by the reader, which sees the call end."""
+    async def send(self, call: spb.MultiplexCall) -> None:
+        """Queue `call` and, unless a write is under way (which will take it), write every
+        queued call as one message, then what gathered meanwhile. At one request at a time
+        each message carries one call; under load the per-message cost of gRPC is shared.
+        A failed write is reported by the reader, which sees the call end."""
+        self.outbox.append(call)
+        if not self.writing:
+            await self._drain()
+
+    async def _drain(self) -> None:
+        self.writing = True
         try:
-            async with self.lock:
-                await self.call.write(request)
+            while self.outbox and self.error is None:
+                calls, self.outbox = self.outbox, []
+                self.messages_written += 1
+                await self.call.write(spb.MultiplexRequest(calls=calls))
         except (grpc.RpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
             pass
+        finally:
+            self.writing = False
+            if self.outbox and self.error is None:  # the writer's task was cancelled
+                flusher = asyncio.get_running_loop().create_task(self._drain())
+                self._flushers.add(flusher)
+                flusher.add_done_callback(self._flushers.discard)
 
 
 class SchedulerMux:
@@ -131,29 +151,9 @@ class SchedulerMux:
     async def _read(self, session: _Session) -> None:
         error: BaseException = _NotStarted()  # ended with OK: the scheduler is draining
         try:
-            async for reply in session.call:
-                entry = session.pending.get(reply.id)
-                if entry is None:
-                    continue  # its caller gave up (and sent a cancel)
-                kind = reply.WhichOneof("result")
-                if kind in _REPLIES:
-                    del session.pending[reply.id]
-                    entry.deliver(getattr(reply, kind))
-                elif kind == "error":
-                    del session.pending[reply.id]
-                    err = reply.error
-                    entry.fail(
-                        error_from_status(
-                            _STATUS.get(err.code, grpc.StatusCode.UNKNOWN),
-                            err.message,
-                            dict(err.trailers),
-                        )
-                    )
-                elif kind == "end":
-                    del session.pending[reply.id]
-                    entry.finish()
-                elif kind is not None:
-                    entry.deliver(getattr(reply, kind))
+            async for response in session.call:
+                for reply in response.replies:
+                    self._dispatch(session, reply)
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
                 log.info("the scheduler has no Multiplex; using unary calls")
@@ -172,8 +172,31 @@ class SchedulerMux:
             for entry in pending.values():
                 entry.fail(error)
 
-    def _request(self, kind: str, message: Any, timeout_s: float) -> spb.MultiplexRequest:
-        request = spb.MultiplexRequest(
+    @staticmethod
+    def _dispatch(session: _Session, reply: spb.MultiplexReply) -> None:
+        entry = session.pending.get(reply.id)
+        if entry is None:
+            return  # its caller gave up (and sent a cancel)
+        kind = reply.WhichOneof("result")
+        if kind in _REPLIES:
+            del session.pending[reply.id]
+            entry.deliver(getattr(reply, kind))
+        elif kind == "error":
+            del session.pending[reply.id]
+            err = reply.error
+            entry.fail(
+                error_from_status(
+                    _STATUS.get(err.code, grpc.StatusCode.UNKNOWN), err.message, dict(err.trailers)
+                )
+            )
+        elif kind == "end":
+            del session.pending[reply.id]
+            entry.finish()
+        elif kind is not None:
+            entry.deliver(getattr(reply, kind))
+
+    def _request(self, kind: str, message: Any, timeout_s: float) -> spb.MultiplexCall:
+        request = spb.MultiplexCall(
             id=next(self._ids), timeout_s=timeout_s, metadata=request_metadata()
         )
         getattr(request, kind).CopyFrom(message)
@@ -184,7 +207,7 @@ class SchedulerMux:
         if session.error is not None:
             return
         task = asyncio.create_task(
-            session.send(spb.MultiplexRequest(id=request_id, cancel=spb.MultiplexCancel()))
+            session.send(spb.MultiplexCall(id=request_id, cancel=spb.MultiplexCancel()))
         )
         self._background.add(task)
         task.add_done_callback(self._background.discard)

@@ -28,7 +28,7 @@ _SERVICE = "/sage.rpc.scheduler.v1.SchedulerService/"
 
 @dataclass(frozen=True)
 class Route:
-    """How one kind of request (a `call` field of MultiplexRequest) runs: the servicer
+    """How one kind of request (a `call` field of MultiplexCall) runs: the servicer
     method, and the response field its reply (unary) or each message (streamed) goes into."""
 
     method: str
@@ -37,9 +37,9 @@ class Route:
     handler: Callable[[Any, Any], Any]
 
 
-def error_response(request_id: int, exc: SageError) -> pb.MultiplexResponse:
-    """The Multiplex message that fails request `request_id` with `exc`."""
-    return pb.MultiplexResponse(
+def error_reply(request_id: int, exc: SageError) -> pb.MultiplexReply:
+    """The reply that fails request `request_id` with `exc`."""
+    return pb.MultiplexReply(
         id=request_id,
         error=pb.MultiplexError(
             code=exc.grpc_code.value[0],
@@ -49,8 +49,8 @@ def error_response(request_id: int, exc: SageError) -> pb.MultiplexResponse:
     )
 
 
-def _internal(request_id: int, method: str, exc: BaseException) -> pb.MultiplexResponse:
-    return pb.MultiplexResponse(
+def _internal(request_id: int, method: str, exc: BaseException) -> pb.MultiplexReply:
+    return pb.MultiplexReply(
         id=request_id,
         error=pb.MultiplexError(
             code=grpc.StatusCode.INTERNAL.value[0],
@@ -86,16 +86,24 @@ class MultiplexSessions:
     async def serve(
         self, requests: AsyncIterator[pb.MultiplexRequest]
     ) -> AsyncIterator[pb.MultiplexResponse]:
-        """The response stream of one Multiplex call."""
-        out: asyncio.Queue[pb.MultiplexResponse | None] = asyncio.Queue()
+        """The response stream of one Multiplex call: every reply ready at once goes out as
+        one message (while a message is being written, the next ones gather)."""
+        out: asyncio.Queue[pb.MultiplexReply | None] = asyncio.Queue()
         tasks: dict[int, asyncio.Task[None]] = {}
         ended = asyncio.Event()
         reader = asyncio.create_task(self._read(requests, tasks, out))
         self._readers.add(reader)
         self._sessions.add(ended)
         try:
-            while (message := await out.get()) is not None:
-                yield message
+            while (reply := await out.get()) is not None:
+                replies = [reply]
+                while not out.empty():
+                    more = out.get_nowait()
+                    if more is None:
+                        yield pb.MultiplexResponse(replies=replies)
+                        return
+                    replies.append(more)
+                yield pb.MultiplexResponse(replies=replies)
         finally:
             reader.cancel()
             for task in list(tasks.values()):
@@ -108,11 +116,12 @@ class MultiplexSessions:
         self,
         requests: AsyncIterator[pb.MultiplexRequest],
         tasks: dict[int, asyncio.Task[None]],
-        out: asyncio.Queue[pb.MultiplexResponse | None],
+        out: asyncio.Queue[pb.MultiplexReply | None],
     ) -> None:
         try:
             async for request in requests:
-                self._start(request, tasks, out)
+                for call in request.calls:
+                    self._start(call, tasks, out)
         except asyncio.CancelledError:
             pass  # drain (or the call ended): answer what was started, then end
         finally:
@@ -122,9 +131,9 @@ class MultiplexSessions:
 
     def _start(
         self,
-        request: pb.MultiplexRequest,
+        request: pb.MultiplexCall,
         tasks: dict[int, asyncio.Task[None]],
-        out: asyncio.Queue[pb.MultiplexResponse | None],
+        out: asyncio.Queue[pb.MultiplexReply | None],
     ) -> None:
         kind = request.WhichOneof("call")
         if kind == "cancel":
@@ -135,14 +144,14 @@ class MultiplexSessions:
         route = self.routes.get(kind or "")
         if route is None:
             out.put_nowait(
-                error_response(
+                error_reply(
                     request.id, InvalidRequestError("a Multiplex request must name its call")
                 )
             )
             return
         if request.id in tasks:
             out.put_nowait(
-                error_response(
+                error_reply(
                     request.id,
                     InvalidRequestError(
                         f"request id {request.id} is already open on this call", param="id"
@@ -156,11 +165,11 @@ class MultiplexSessions:
 
     async def _run(
         self,
-        request: pb.MultiplexRequest,
+        request: pb.MultiplexCall,
         call: Any,
         route: Route,
         tasks: dict[int, asyncio.Task[None]],
-        out: asyncio.Queue[pb.MultiplexResponse | None],
+        out: asyncio.Queue[pb.MultiplexReply | None],
     ) -> None:
         method = _SERVICE + route.method
         context = enter_request(method, request.metadata)
@@ -171,13 +180,13 @@ class MultiplexSessions:
                     if route.streamed:
                         async for message in route.handler(call, None):
                             out.put_nowait(
-                                pb.MultiplexResponse(id=request.id, **{route.reply_field: message})
+                                pb.MultiplexReply(id=request.id, **{route.reply_field: message})
                             )
-                        out.put_nowait(pb.MultiplexResponse(id=request.id, end=pb.MultiplexEnd()))
+                        out.put_nowait(pb.MultiplexReply(id=request.id, end=pb.MultiplexEnd()))
                     else:
                         reply = await route.handler(call, None)
                         out.put_nowait(
-                            pb.MultiplexResponse(id=request.id, **{route.reply_field: reply})
+                            pb.MultiplexReply(id=request.id, **{route.reply_field: reply})
                         )
             except TimeoutError:
                 raise DeadlineExceededError(
@@ -188,7 +197,7 @@ class MultiplexSessions:
                 "rpc error",
                 extra={"method": method, "error": type(exc).__name__, "detail": exc.message},
             )
-            out.put_nowait(error_response(request.id, exc))
+            out.put_nowait(error_reply(request.id, exc))
         except Exception as exc:  # mapped to INTERNAL, never a crash of the call
             log.exception("unexpected error in rpc", extra={"method": method})
             out.put_nowait(_internal(request.id, method, exc))

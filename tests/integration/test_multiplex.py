@@ -293,20 +293,51 @@ async def test_malformed_multiplex_messages_get_errors_not_a_broken_call(
 ) -> None:
     await plane.register(sim_engine("--ttft-ms", "300"))
     call: Any = plane.stub.Multiplex(None)  # type: ignore[arg-type]
-    await call.write(spb.MultiplexRequest(id=1))  # no call named
-    first = await call.read()
+
+    def one(**fields: Any) -> spb.MultiplexRequest:
+        return spb.MultiplexRequest(calls=[spb.MultiplexCall(**fields)])
+
+    async def replies(n: int) -> list[spb.MultiplexReply]:
+        got: list[spb.MultiplexReply] = []
+        while len(got) < n:
+            got.extend((await call.read()).replies)
+        return got
+
+    await call.write(one(id=1))  # no call named
+    (first,) = await replies(1)
     assert first.id == 1 and first.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert first.error.trailers["sage-error"] == "InvalidRequestError"
-    await call.write(spb.MultiplexRequest(id=2, chat=spb.ChatRequest(model="sim", body=_chat(1))))
-    await call.write(spb.MultiplexRequest(id=2, chat=spb.ChatRequest(model="sim", body=_chat(1))))
-    duplicate = await call.read()
+    chat = spb.ChatRequest(model="sim", body=_chat(1))
+    # two calls in one message, the second reusing the open id
+    await call.write(
+        spb.MultiplexRequest(
+            calls=[spb.MultiplexCall(id=2, chat=chat), spb.MultiplexCall(id=2, chat=chat)]
+        )
+    )
+    duplicate, served = await replies(2)
     assert duplicate.id == 2 and "already open" in duplicate.error.message
-    served = await call.read()
     assert served.id == 2 and served.WhichOneof("result") == "chat"
-    await call.write(spb.MultiplexRequest(id=3, cancel=spb.MultiplexCancel()))  # unknown: ignored
+    await call.write(one(id=3, cancel=spb.MultiplexCancel()))  # unknown id: ignored
     await call.done_writing()
     assert await call.read() == grpc.aio.EOF  # type: ignore[attr-defined]
     assert await call.code() == grpc.StatusCode.OK
+
+
+async def test_calls_ready_together_share_messages(plane: Plane, sim_engine: SimFactory) -> None:
+    await plane.register(sim_engine("--ttft-ms", "20"))
+    replies = await asyncio.gather(
+        *(
+            plane.mux.unary("chat", spb.ChatRequest(model="sim", body=_chat(n)), 30)
+            for n in range(1, 51)
+        )
+    )
+    assert [orjson.loads(r.body)["usage"]["completion_tokens"] for r in replies] == list(
+        range(1, 51)
+    )
+    session = plane.mux._session
+    assert session is not None
+    # the first call goes out alone; the 49 queued while it was written share a message
+    assert session.messages_written <= 3
 
 
 async def test_embed_requests_travel_over_multiplex_too(plane: Plane) -> None:

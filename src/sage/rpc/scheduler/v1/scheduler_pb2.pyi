@@ -968,6 +968,32 @@ Global___PlaceEngineResponse: _TypeAlias = PlaceEngineResponse  # noqa: Y015
 
 @_typing.final
 class MultiplexRequest(_message.Message):
+    """MultiplexRequest carries the calls the caller had ready to send at once (usually one;
+    under load several, so the per-message cost of gRPC is shared).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALLS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___MultiplexCall]: ...
+    def __init__(
+        self,
+        *,
+        calls: _abc.Iterable[Global___MultiplexCall] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MultiplexRequest: _TypeAlias = MultiplexRequest  # noqa: Y015
+
+@_typing.final
+class MultiplexCall(_message.Message):
+    """MultiplexCall is one request on a Multiplex call, or a cancel of one."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -1042,7 +1068,7 @@ class MultiplexRequest(_message.Message):
     _WhichOneofArgType_call: _TypeAlias = _typing.Literal["call", b"call"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_call) -> _WhichOneofReturnType_call | None: ...
 
-Global___MultiplexRequest: _TypeAlias = MultiplexRequest  # noqa: Y015
+Global___MultiplexCall: _TypeAlias = MultiplexCall  # noqa: Y015
 
 @_typing.final
 class MultiplexCancel(_message.Message):
@@ -1063,6 +1089,30 @@ Global___MultiplexCancel: _TypeAlias = MultiplexCancel  # noqa: Y015
 
 @_typing.final
 class MultiplexResponse(_message.Message):
+    """MultiplexResponse carries the replies that were ready to send at once."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def replies(self) -> _containers.RepeatedCompositeFieldContainer[Global___MultiplexReply]: ...
+    def __init__(
+        self,
+        *,
+        replies: _abc.Iterable[Global___MultiplexReply] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replies", b"replies"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MultiplexResponse: _TypeAlias = MultiplexResponse  # noqa: Y015
+
+@_typing.final
+class MultiplexReply(_message.Message):
+    """MultiplexReply is one reply, stream message, end or error of a request."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
@@ -1123,7 +1173,7 @@ class MultiplexResponse(_message.Message):
     _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
 
-Global___MultiplexResponse: _TypeAlias = MultiplexResponse  # noqa: Y015
+Global___MultiplexReply: _TypeAlias = MultiplexReply  # noqa: Y015
 
 @_typing.final
 class MultiplexError(_message.Message):
