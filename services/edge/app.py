@@ -99,18 +99,23 @@ def open_upstreams(settings: SageSettings) -> Upstreams:
     )
 
 
-def _events(message: Any) -> bytes:
-    """The SSE events of one stream message: `data`, then any coalesced `more` chunks."""
-    if not message.more:
-        return sse_event(message.data)
-    return sse_event(message.data) + b"".join(sse_event(chunk) for chunk in message.more)
+def _events(messages: list[Any]) -> bytes:
+    """The SSE events of stream messages that arrived together: each one's `data`, then
+    any chunks the scheduler coalesced into it (`more`)."""
+    return b"".join(
+        sse_event(m.data) + b"".join(sse_event(chunk) for chunk in m.more)
+        if m.more
+        else sse_event(m.data)
+        for m in messages
+    )
 
 
 async def _stream_sse(
-    messages: AsyncIterator[Any], on_first: Callable[[], None] | None = None
+    messages: AsyncIterator[list[Any]], on_first: Callable[[], None] | None = None
 ) -> StreamingResponse:
-    """SSE from a stream of scheduler messages; errors before the first chunk become HTTP
-    errors, later ones an OpenAI error event."""
+    """SSE from a stream of scheduler messages (in lists that arrived together: one HTTP
+    write each); errors before the first chunk become HTTP errors, later ones an OpenAI
+    error event."""
     try:
         first = await messages.__anext__()
     except StopAsyncIteration:
@@ -123,7 +128,7 @@ async def _stream_sse(
             if first is not None:
                 yield _events(first)
             async for message in messages:
-                yield _events(message)  # one HTTP write per message, however many chunks
+                yield _events(message)  # one HTTP write per batch, however many chunks
             yield DONE
         except SageError as exc:
             # Headers are gone; vLLM's convention is an error event, then [DONE].

@@ -72,23 +72,42 @@ class _Waiter:
 
 
 class _Chunks:
-    """A pending streamed request: messages, then the end or an error, in order."""
+    """A pending streamed request: messages, then the end or an error, in order; the
+    consumer takes everything that arrived since it last looked (one HTTP write)."""
 
-    __slots__ = ("queue", "started")
+    __slots__ = ("items", "started", "waiter")
 
     def __init__(self) -> None:
-        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.items: list[Any] = []
         self.started = False
+        self.waiter: asyncio.Future[None] | None = None
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
 
     def deliver(self, message: Any) -> None:
         self.started = True
-        self.queue.put_nowait(message)
+        self.items.append(message)
+        self._wake()
 
     def finish(self) -> None:
-        self.queue.put_nowait(_END)
+        self.items.append(_END)
+        self._wake()
 
     def fail(self, exc: BaseException) -> None:
-        self.queue.put_nowait(exc)
+        self.items.append(exc)
+        self._wake()
+
+    async def take(self) -> list[Any]:
+        while not self.items:
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        items, self.items = self.items, []
+        return items
 
 
 class _Session:
@@ -243,13 +262,14 @@ class SchedulerMux:
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
 
-    async def stream(self, kind: str, message: Any, timeout_s: float) -> AsyncIterator[Any]:
-        """Run one streamed request ("chat_stream" or "complete_stream"): its messages, then
-        the end; a failure raises the SageError the scheduler raised."""
+    async def stream(self, kind: str, message: Any, timeout_s: float) -> AsyncIterator[list[Any]]:
+        """Run one streamed request ("chat_stream" or "complete_stream"): its messages, in
+        lists of those that arrived together, then the end; a failure raises the SageError
+        the scheduler raised (after the messages before it)."""
         for _ in range(2):  # a second time only when the first was never started
             if not self.supported:
                 async for item in self._stream_call(kind, message, timeout_s):
-                    yield item
+                    yield [item]
                 return
             session = self._open()
             request = self._request(kind, message, timeout_s)
@@ -263,16 +283,25 @@ class SchedulerMux:
             try:
                 await session.send(request)
                 while True:
-                    item = await chunks.queue.get()
-                    if item is _END:
-                        return
-                    if isinstance(item, BaseException):
-                        if isinstance(item, (_Unsupported, _NotStarted)) and not chunks.started:
-                            break
-                        if isinstance(item, _NotStarted):
-                            raise ServiceUnavailableError("the scheduler is shutting down")
-                        raise item
-                    yield item
+                    ready: list[Any] = []
+                    for item in await chunks.take():
+                        if item is _END:
+                            if ready:
+                                yield ready
+                            return
+                        if isinstance(item, BaseException):
+                            if ready:
+                                yield ready
+                            if isinstance(item, _Unsupported | _NotStarted) and not chunks.started:
+                                break
+                            if isinstance(item, _NotStarted):
+                                raise ServiceUnavailableError("the scheduler is shutting down")
+                            raise item
+                        ready.append(item)
+                    else:
+                        yield ready
+                        continue
+                    break  # never started: send it again (or by unary calls)
             finally:
                 deadline.cancel()
                 if session.pending.pop(request.id, None) is not None:

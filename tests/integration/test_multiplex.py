@@ -147,13 +147,15 @@ async def test_streams_arrive_in_order_and_end(plane: Plane, sim_engine: SimFact
 
     async def collect(n: int) -> list[bytes]:
         out: list[bytes] = []
-        async for message in plane.mux.stream(
+        async for batch in plane.mux.stream(
             "chat_stream",
             spb.ChatStreamRequest(model="sim", body=_chat(n, stream=True)),
             30,
         ):
-            out.append(message.data)
-            out.extend(message.more)
+            assert batch  # never an empty write
+            for message in batch:
+                out.append(message.data)
+                out.extend(message.more)
         return out
 
     first, second = await asyncio.gather(collect(5), collect(9))
@@ -280,7 +282,11 @@ async def test_a_scheduler_without_multiplex_is_served_with_unary_calls() -> Non
         assert reply.body == b'{"old": true}' and not mux.supported
         again = await mux.unary("chat", spb.ChatRequest(model="m", body=b"{}"), 5)
         assert again.engine_id == "old"
-        data = [m.data async for m in mux.stream("chat_stream", spb.ChatStreamRequest(), 5)]
+        data = [
+            m.data
+            async for batch in mux.stream("chat_stream", spb.ChatStreamRequest(), 5)
+            for m in batch
+        ]
         assert data == [b"0", b"1", b"2"]
     finally:
         await mux.aclose()
