@@ -19,9 +19,16 @@ from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 
-from sage.common.exceptions import DeadlineExceededError, InternalError, ServiceUnavailableError
+from sage.common.exceptions import (
+    DeadlineExceededError,
+    InternalError,
+    InvalidRequestError,
+    OverloadedError,
+    ServiceUnavailableError,
+)
 from sage.common.grpc import call_metadata, from_rpc_error
 from sage.common.grpc.client import error_from_status, request_metadata
+from sage.common.grpc.server import MAX_MESSAGE_BYTES
 from sage.rpc.scheduler.v1 import scheduler_pb2 as spb
 
 if TYPE_CHECKING:
@@ -40,6 +47,13 @@ _METHODS: Final = {
 }
 _REPLIES: Final = frozenset({"chat", "complete", "embed"})
 _END: Final = object()
+# Calls queued together share a message up to this size (one over the gRPC limit would fail
+# the whole call, every request on it).
+_BATCH_BYTES: Final = 4 << 20
+_MAX_CALL_BYTES: Final = MAX_MESSAGE_BYTES - (64 << 10)
+# Unread bytes a streamed request may have waiting at the edge (its HTTP client is slow or
+# gone) before it is stopped; a whole long generation is a few MiB of chunks.
+STREAM_BACKLOG_BYTES: Final = 16 << 20
 
 
 class _Unsupported(Exception):
@@ -59,9 +73,10 @@ class _Waiter:
     def __init__(self) -> None:
         self.future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
-    def deliver(self, message: Any) -> None:
+    def deliver(self, message: Any) -> bool:
         if not self.future.done():
             self.future.set_result(message)
+        return True
 
     def finish(self) -> None:
         self.fail(InternalError("the scheduler ended a non-streamed request without a reply"))
@@ -73,23 +88,32 @@ class _Waiter:
 
 class _Chunks:
     """A pending streamed request: messages, then the end or an error, in order; the
-    consumer takes everything that arrived since it last looked (one HTTP write)."""
+    consumer takes everything that arrived since it last looked (one HTTP write).
 
-    __slots__ = ("items", "started", "waiter")
+    The scheduler's messages arrive at the pace of the engine, whatever the HTTP client
+    reads, so the unread backlog is bounded: past `limit` bytes the request is stopped.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("items", "limit", "started", "unread", "waiter")
+
+    def __init__(self, limit: int) -> None:
         self.items: list[Any] = []
         self.started = False
         self.waiter: asyncio.Future[None] | None = None
+        self.unread = 0
+        self.limit = limit
 
     def _wake(self) -> None:
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
-    def deliver(self, message: Any) -> None:
+    def deliver(self, message: Any) -> bool:
+        """Queue `message`; False when the unread backlog is over the limit."""
         self.started = True
         self.items.append(message)
+        self.unread += message.ByteSize()
         self._wake()
+        return self.unread <= self.limit
 
     def finish(self) -> None:
         self.items.append(_END)
@@ -107,11 +131,19 @@ class _Chunks:
             finally:
                 self.waiter = None
         items, self.items = self.items, []
+        self.unread = 0
         return items
 
 
 class _Session:
-    """One open Multiplex call and the requests waiting on it."""
+    """One open Multiplex call, the requests waiting on it, and its writer task.
+
+    Callers only queue calls; one task per call writes them (grpc-aio cancels the whole
+    call when a task is cancelled inside `write`, so a caller that goes away must never be
+    the one writing). Calls queued while a write is under way go out together, up to
+    _BATCH_BYTES per message: at one request at a time each message carries one call, under
+    load gRPC's per-message cost is shared.
+    """
 
     def __init__(self, call: Any) -> None:
         self.call = call
@@ -119,45 +151,58 @@ class _Session:
         self.error: BaseException | None = None  # set once the call is over
         self.reader: asyncio.Task[None] | None = None
         self.outbox: list[spb.MultiplexCall] = []
-        self.writing = False  # one write at a time on the call
         self.messages_written = 0  # fewer than calls sent: batching under load
-        self._flushers: set[asyncio.Task[None]] = set()
+        self._wakeup: asyncio.Future[None] | None = None
+        self.writer = asyncio.get_running_loop().create_task(self._write())
 
-    async def send(self, call: spb.MultiplexCall) -> None:
-        """Queue `call` and, unless a write is under way (which will take it), write every
-        queued call as one message, then what gathered meanwhile. At one request at a time
-        each message carries one call; under load the per-message cost of gRPC is shared.
-        A failed write is reported by the reader, which sees the call end."""
+    def send(self, call: spb.MultiplexCall) -> None:
+        """Queue `call` for the writer; a failed write is reported by the reader, which
+        sees the call end."""
         self.outbox.append(call)
-        if not self.writing:
-            await self._drain()
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
 
-    async def _drain(self) -> None:
-        self.writing = True
+    def unsend(self, request_id: int) -> bool:
+        """Take request `request_id` back if it is still queued; True if it was."""
+        for i, call in enumerate(self.outbox):
+            if call.id == request_id:
+                del self.outbox[i]
+                return True
+        return False
+
+    async def _write(self) -> None:
         try:
-            while self.outbox and self.error is None:
-                calls, self.outbox = self.outbox, []
+            while self.error is None:
+                if not self.outbox:
+                    self._wakeup = asyncio.get_running_loop().create_future()
+                    await self._wakeup
+                    continue
+                calls = self._batch()
                 self.messages_written += 1
                 await self.call.write(spb.MultiplexRequest(calls=calls))
         except (grpc.RpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
-            pass
-        finally:
-            self.writing = False
-            if self.outbox and self.error is None:  # the writer's task was cancelled
-                flusher = asyncio.get_running_loop().create_task(self._drain())
-                self._flushers.add(flusher)
-                flusher.add_done_callback(self._flushers.discard)
+            pass  # the call is over: the reader fails what is pending
+
+    def _batch(self) -> list[spb.MultiplexCall]:
+        size = 0
+        for n, call in enumerate(self.outbox):
+            size += call.ByteSize()
+            if size > _BATCH_BYTES and n:
+                calls, self.outbox = self.outbox[:n], self.outbox[n:]
+                return calls
+        calls, self.outbox = self.outbox, []
+        return calls
 
 
 class SchedulerMux:
-    """Sends the edge's chat and completion requests over Multiplex (see module doc)."""
+    """Sends the edge's chat, completion and embedding requests over Multiplex (see the
+    module doc)."""
 
     def __init__(self, stub: SchedulerServiceAsyncStub) -> None:
         self.stub = stub
         self.supported = True
         self._session: _Session | None = None
         self._ids = itertools.count(1)
-        self._background: set[asyncio.Task[None]] = set()
 
     def _open(self) -> _Session:
         session = self._session
@@ -183,16 +228,19 @@ class SchedulerMux:
         except asyncio.CancelledError:
             error = ServiceUnavailableError("the edge is shutting down")
             raise
+        except Exception as exc:  # a bug here: fail what is pending, never retry it
+            log.exception("Multiplex reader failed")
+            error = InternalError(f"the edge lost its call to the scheduler: {exc!r}")
         finally:
             session.error = error
+            session.writer.cancel()
             if self._session is session:
                 self._session = None
             pending, session.pending = session.pending, {}
             for entry in pending.values():
                 entry.fail(error)
 
-    @staticmethod
-    def _dispatch(session: _Session, reply: spb.MultiplexReply) -> None:
+    def _dispatch(self, session: _Session, reply: spb.MultiplexReply) -> None:
         entry = session.pending.get(reply.id)
         if entry is None:
             return  # its caller gave up (and sent a cancel)
@@ -211,8 +259,16 @@ class SchedulerMux:
         elif kind == "end":
             del session.pending[reply.id]
             entry.finish()
-        elif kind is not None:
-            entry.deliver(getattr(reply, kind))
+        elif kind is not None and not entry.deliver(getattr(reply, kind)):
+            # a streamed request whose HTTP client is not reading: stop it upstream
+            del session.pending[reply.id]
+            self._cancel(session, reply.id)
+            entry.fail(
+                OverloadedError(
+                    f"the client read too slowly: over {STREAM_BACKLOG_BYTES >> 20} MiB of the "
+                    "stream was waiting; stopped"
+                )
+            )
 
     def _request(self, kind: str, message: Any, timeout_s: float) -> spb.MultiplexCall:
         request = spb.MultiplexCall(
@@ -221,28 +277,36 @@ class SchedulerMux:
         getattr(request, kind).CopyFrom(message)
         return request
 
-    def _cancel(self, session: _Session, request_id: int) -> None:
-        """Tell the scheduler to stop `request_id` (its client went away or timed out)."""
-        if session.error is not None:
-            return
-        task = asyncio.create_task(
+    @staticmethod
+    def _cancel(session: _Session, request_id: int) -> None:
+        """Tell the scheduler to stop `request_id` (its client went away or timed out); a
+        request still queued here is just taken back."""
+        if session.error is None and not session.unsend(request_id):
             session.send(spb.MultiplexCall(id=request_id, cancel=spb.MultiplexCancel()))
-        )
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+
+    @staticmethod
+    def _checked(request: spb.MultiplexCall) -> spb.MultiplexCall:
+        """`request`, unless it is too large for one gRPC message (it would fail the call)."""
+        size = request.ByteSize()
+        if size > _MAX_CALL_BYTES:
+            raise InvalidRequestError(
+                f"the request ({size >> 20} MiB) is over the {_MAX_CALL_BYTES >> 20} MiB "
+                "message limit of the scheduler hop"
+            )
+        return request
 
     async def unary(self, kind: str, message: Any, timeout_s: float) -> Any:
-        """Run one non-streamed request ("chat", "complete" or "embed"); its reply message, or the
-        SageError the scheduler raised."""
+        """Run one non-streamed request ("chat", "complete" or "embed"); its reply message,
+        or the SageError the scheduler raised."""
         for _ in range(2):  # a second time only when the first was never started
             if not self.supported:
                 return await self._unary_call(kind, message, timeout_s)
             session = self._open()
-            request = self._request(kind, message, timeout_s)
+            request = self._checked(self._request(kind, message, timeout_s))
             waiter = _Waiter()
             session.pending[request.id] = waiter
             try:
-                await session.send(request)
+                session.send(request)
                 async with asyncio.timeout(timeout_s):
                     return await waiter.future
             except TimeoutError:
@@ -272,8 +336,8 @@ class SchedulerMux:
                     yield [item]
                 return
             session = self._open()
-            request = self._request(kind, message, timeout_s)
-            chunks = _Chunks()
+            request = self._checked(self._request(kind, message, timeout_s))
+            chunks = _Chunks(STREAM_BACKLOG_BYTES)
             session.pending[request.id] = chunks
             deadline = asyncio.get_running_loop().call_later(
                 timeout_s,
@@ -281,7 +345,7 @@ class SchedulerMux:
                 DeadlineExceededError(f"the stream did not finish within {timeout_s:g} s"),
             )
             try:
-                await session.send(request)
+                session.send(request)
                 while True:
                     ready: list[Any] = []
                     for item in await chunks.take():
@@ -325,6 +389,7 @@ class SchedulerMux:
         session = self._session
         if session is not None and session.reader is not None:
             session.call.cancel()
+            session.writer.cancel()
             session.reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await session.reader

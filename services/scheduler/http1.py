@@ -72,7 +72,14 @@ class ProtocolError(Http1Error):
 
 
 class _StaleConnection(Exception):
-    """A reused idle connection closed before any reply byte: the server had dropped it."""
+    """A reused idle connection closed before any reply byte, right after the request went
+    out: the server had dropped it while idle, so the request was never worked on."""
+
+
+# A close later than this after the request was sent may come from an engine that was
+# working on it (a non-streamed reply sends nothing until it is done): not retried here,
+# so the request is not run twice; the scheduler fails it over instead.
+_STALE_WINDOW_S = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +148,7 @@ class _Connection(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self.closed = False
         self.requests = 0
+        self._sent_at = 0.0
         self.idle_in: list[_Connection] | None = None
         self._active = False  # a request is out: its reply's bytes are expected
         # Per-reply state, reset by send().
@@ -216,7 +224,11 @@ class _Connection(asyncio.Protocol):
         if exc is None and self._headers_done and not self._framed:
             self.keep_alive = False
             waiter.set_result(None)
-        elif not self._got_bytes and self.requests > 1:
+        elif (
+            not self._got_bytes
+            and self.requests > 1
+            and self._loop.time() - self._sent_at < _STALE_WINDOW_S
+        ):
             waiter.set_exception(_StaleConnection())
         else:
             why = f"{exc!r}" if exc is not None else "EOF"
@@ -264,6 +276,7 @@ class _Connection(asyncio.Protocol):
         """Write one request; the future resolves when its reply is whole or, with a
         `stream_limit` (the most body bytes to buffer before pausing), at its head."""
         self.requests += 1
+        self._sent_at = self._loop.time()
         self.status = 0
         self.keep_alive = False
         self._body = []

@@ -18,10 +18,21 @@ from typing import Any
 import grpc
 
 from sage.common.exceptions import DeadlineExceededError, InvalidRequestError, SageError
-from sage.common.grpc.server import enter_request, error_trailers, exit_request, status_message
+from sage.common.grpc.server import (
+    MAX_MESSAGE_BYTES,
+    enter_request,
+    error_trailers,
+    exit_request,
+    status_message,
+)
 from sage.rpc.scheduler.v1 import scheduler_pb2 as pb
 
 log = logging.getLogger("sage.scheduler.mux")
+
+# Replies ready at once share a message up to this size; one over MAX_MESSAGE_BYTES would
+# fail the whole call (every request on it), so such a reply fails only its own request.
+_BATCH_BYTES = 4 << 20
+_MAX_REPLY_BYTES = MAX_MESSAGE_BYTES - (64 << 10)
 
 _SERVICE = "/sage.rpc.scheduler.v1.SchedulerService/"
 
@@ -92,17 +103,22 @@ class MultiplexSessions:
         tasks: dict[int, asyncio.Task[None]] = {}
         ended = asyncio.Event()
         reader = asyncio.create_task(self._read(requests, tasks, out))
+        # A reader cancelled (drain) before its first step never runs its finally: end the
+        # stream for it. It started nothing, so nothing is left unanswered.
+        reader.add_done_callback(lambda task: out.put_nowait(None) if not tasks else None)
         self._readers.add(reader)
         self._sessions.add(ended)
         try:
             while (reply := await out.get()) is not None:
                 replies = [reply]
-                while not out.empty():
+                size = reply.ByteSize()
+                while size < _BATCH_BYTES and not out.empty():
                     more = out.get_nowait()
                     if more is None:
                         yield pb.MultiplexResponse(replies=replies)
                         return
                     replies.append(more)
+                    size += more.ByteSize()
                 yield pb.MultiplexResponse(replies=replies)
         finally:
             reader.cancel()
@@ -137,7 +153,8 @@ class MultiplexSessions:
     ) -> None:
         kind = request.WhichOneof("call")
         if kind == "cancel":
-            task = tasks.get(request.id)
+            # popped here: a task cancelled before it ever ran never reaches its finally
+            task = tasks.pop(request.id, None)
             if task is not None:
                 task.cancel()
             return
@@ -184,10 +201,17 @@ class MultiplexSessions:
                             )
                         out.put_nowait(pb.MultiplexReply(id=request.id, end=pb.MultiplexEnd()))
                     else:
-                        reply = await route.handler(call, None)
-                        out.put_nowait(
-                            pb.MultiplexReply(id=request.id, **{route.reply_field: reply})
+                        reply = pb.MultiplexReply(
+                            id=request.id, **{route.reply_field: await route.handler(call, None)}
                         )
+                        size = reply.ByteSize()
+                        if size > _MAX_REPLY_BYTES:
+                            raise InvalidRequestError(
+                                f"the reply ({size >> 20} MiB) is over the "
+                                f"{_MAX_REPLY_BYTES >> 20} MiB message limit; ask for less "
+                                "(e.g. fewer inputs per embedding request)"
+                            )
+                        out.put_nowait(reply)
             except TimeoutError:
                 raise DeadlineExceededError(
                     f"the request did not finish within its {timeout:g} s deadline"
@@ -202,7 +226,8 @@ class MultiplexSessions:
             log.exception("unexpected error in rpc", extra={"method": method})
             out.put_nowait(_internal(request.id, method, exc))
         finally:
-            tasks.pop(request.id, None)
+            if tasks.get(request.id) is asyncio.current_task():
+                del tasks[request.id]
             exit_request(context)
 
 

@@ -8,6 +8,7 @@ shutdown, and the unary calls when the scheduler has no Multiplex.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -21,6 +22,7 @@ from sage.common.exceptions import (
     DeadlineExceededError,
     InvalidRequestError,
     ModelNotFoundError,
+    OverloadedError,
     ServiceUnavailableError,
 )
 from sage.common.grpc import create_channel, create_server
@@ -29,6 +31,7 @@ from sage.rpc.common.v1 import common_pb2
 from sage.rpc.scheduler.v1 import scheduler_pb2 as spb
 from sage.rpc.scheduler.v1 import scheduler_pb2_grpc as spb_grpc
 from sage.services.edge.mux import SchedulerMux
+from sage.services.scheduler.mux import MultiplexSessions, Route
 from sage.services.scheduler.server import build_server as build_scheduler
 
 SimFactory = Callable[..., str]
@@ -353,3 +356,154 @@ async def test_embed_requests_travel_over_multiplex_too(plane: Plane) -> None:
     with pytest.raises(ModelNotFoundError):
         await plane.mux.unary("embed", spb.EmbedRequest(model="minilm", inputs=["a"]), 30)
     assert plane.mux.supported and plane.mux._session is not None
+
+
+# --- transport edge cases, with stand-in handlers behind the real Multiplex plumbing ---
+
+
+class _Handlers(spb_grpc.SchedulerServiceServicer):
+    """SchedulerService whose Multiplex runs the given handlers (no engines involved)."""
+
+    def __init__(self, chat: Any, chat_stream: Any = None) -> None:
+        routes = {"chat": Route("Chat", "chat", False, chat)}
+        if chat_stream is not None:
+            routes["chat_stream"] = Route("ChatStream", "chat_chunk", True, chat_stream)
+        self.mux = MultiplexSessions(routes, 30.0)
+
+    async def Multiplex(
+        self, request_iterator: Any, context: Any
+    ) -> AsyncIterator[spb.MultiplexResponse]:
+        async for message in self.mux.serve(request_iterator):
+            yield message
+
+
+@contextlib.asynccontextmanager
+async def _handlers_plane(chat: Any, chat_stream: Any = None) -> AsyncIterator[SchedulerMux]:
+    servicer = _Handlers(chat, chat_stream)  # type: ignore[abstract]
+    server, port = create_server(
+        "127.0.0.1:0",
+        [
+            Registration(
+                spb.DESCRIPTOR.services_by_name["SchedulerService"].full_name,
+                spb_grpc.add_SchedulerServiceServicer_to_server,
+                servicer,
+            )
+        ],
+    )
+    server.on_drain(servicer.mux.drain)
+    await server.start()
+    channel = create_channel(f"127.0.0.1:{port}", intercept_streams=False)
+    mux = SchedulerMux(spb_grpc.SchedulerServiceStub(channel))
+    try:
+        yield mux
+    finally:
+        await mux.aclose()
+        await channel.close(None)
+        await server.stop(0)
+
+
+async def test_large_replies_ready_together_do_not_break_the_call() -> None:
+    big = 25 << 20  # an embeddings reply of 2048 inputs x 3072 dims
+    release = asyncio.Event()
+
+    async def chat(request: spb.ChatRequest, context: Any) -> spb.ChatResponse:
+        if request.body == b"small":
+            await asyncio.sleep(0.5)
+            return spb.ChatResponse(body=b"ok")
+        await release.wait()
+        return spb.ChatResponse(body=b"x" * big)
+
+    async with _handlers_plane(chat) as mux:
+        small = asyncio.create_task(mux.unary("chat", spb.ChatRequest(body=b"small"), 30))
+        bigs = [
+            asyncio.create_task(mux.unary("chat", spb.ChatRequest(body=b"big"), 30))
+            for _ in range(3)
+        ]
+        await asyncio.sleep(0.2)
+        release.set()  # three 25 MiB replies ready at once: more than one gRPC message holds
+        assert [len((await t).body) for t in bigs] == [big] * 3
+        assert (await small).body == b"ok"
+
+
+async def test_a_caller_cancelled_while_calls_are_written_leaves_the_others_alone() -> None:
+    async def chat(request: spb.ChatRequest, context: Any) -> spb.ChatResponse:
+        await asyncio.sleep(0.5)
+        return spb.ChatResponse(body=request.body)
+
+    async with _handlers_plane(chat) as mux:
+        await mux.unary("chat", spb.ChatRequest(body=b"warm"), 5)
+        others = [
+            asyncio.create_task(mux.unary("chat", spb.ChatRequest(body=b"u%d" % i), 10))
+            for i in range(5)
+        ]
+        await asyncio.sleep(0.1)
+        for _ in range(5):  # callers that go away at every point of the write
+            victim = asyncio.create_task(mux.unary("chat", spb.ChatRequest(body=b"v"), 10))
+            await asyncio.sleep(0)
+            victim.cancel()
+        assert [(await t).body for t in others] == [b"u%d" % i for i in range(5)]
+        session = mux._session
+        assert session is not None and not session.pending
+
+
+async def test_a_stream_whose_client_stops_reading_is_stopped_not_buffered() -> None:
+    produced = 0
+
+    async def chat(request: spb.ChatRequest, context: Any) -> spb.ChatResponse:
+        return spb.ChatResponse()
+
+    async def chat_stream(
+        request: spb.ChatStreamRequest, context: Any
+    ) -> AsyncIterator[spb.ChatStreamResponse]:
+        nonlocal produced
+        for i in range(100_000):  # 100 MiB if nobody stops it
+            produced += 1
+            yield spb.ChatStreamResponse(data=b"d" * 1024)
+            if i % 100 == 0:
+                await asyncio.sleep(0)
+
+    async with _handlers_plane(chat, chat_stream) as mux:
+        stream = mux.stream("chat_stream", spb.ChatStreamRequest(body=b"{}"), 60)
+        await stream.__anext__()  # the response started; now the HTTP client stalls
+        await asyncio.sleep(3)
+        # stopped upstream once ~16 MiB were waiting, not run to the end
+        assert produced < 40_000
+        with pytest.raises(OverloadedError, match="read too slowly"):
+            async for _ in stream:
+                pass
+
+
+async def test_a_request_cancelled_in_the_same_message_leaves_no_task_behind() -> None:
+    async def chat(request: spb.ChatRequest, context: Any) -> spb.ChatResponse:
+        await asyncio.sleep(10)
+        return spb.ChatResponse()
+
+    sessions = MultiplexSessions({"chat": Route("Chat", "chat", False, chat)}, 30)
+    tasks_seen: list[dict[int, Any]] = []
+    start = sessions._start
+
+    def spy(call: Any, tasks: dict[int, Any], out: Any) -> None:
+        tasks_seen.append(tasks)
+        start(call, tasks, out)
+
+    sessions._start = spy  # type: ignore[method-assign,assignment]
+    hold = asyncio.Event()
+
+    async def requests() -> AsyncIterator[spb.MultiplexRequest]:
+        for i in range(1, 201):
+            yield spb.MultiplexRequest(
+                calls=[
+                    spb.MultiplexCall(id=i, chat=spb.ChatRequest(model="m")),
+                    spb.MultiplexCall(id=i, cancel=spb.MultiplexCancel()),
+                ]
+            )
+        await hold.wait()
+
+    replies: Any = sessions.serve(requests())
+    first: asyncio.Task[Any] = asyncio.create_task(replies.__anext__())
+    await asyncio.sleep(0.3)
+    assert tasks_seen and not tasks_seen[0]
+    first.cancel()
+    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+        await first
+    await replies.aclose()

@@ -369,6 +369,29 @@ async def test_stale_reused_connection_is_retried_once_on_a_fresh_one(rst: bool)
         await pool.aclose()
 
 
+async def test_a_reused_connection_closed_while_the_engine_worked_is_not_retried() -> None:
+    """An engine that dies (or a proxy that cuts) after holding a non-streamed request for
+    a while: the close is not a stale keep-alive, so the request must not run twice here
+    (the scheduler fails it over instead)."""
+
+    async def slow_then_die(
+        srv: RawServer, r: asyncio.StreamReader, w: asyncio.StreamWriter
+    ) -> None:
+        await srv.read_request(r)
+        w.write(OK)
+        await w.drain()
+        if await srv.read_request(r) is not None:
+            await asyncio.sleep(0.5)  # working on it, then gone without a reply byte
+
+    pool = Http1Pool()
+    async with RawServer(slow_then_die) as srv:
+        assert await pool.post(srv.base_url, "/", b"a", JSON, 5.0) == (200, b"hello")
+        with pytest.raises(DisconnectedError):
+            await pool.post(srv.base_url, "/", b"b", JSON, 5.0)
+        assert len(srv.requests) == 2 and srv.connections == 1
+        await pool.aclose()
+
+
 async def test_reset_on_fresh_connection_is_a_disconnect_not_retried() -> None:
     async def rst(srv: RawServer, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         await srv.read_request(r)
