@@ -99,6 +99,13 @@ async def plane(settings: SageSettings) -> AsyncIterator[Plane]:
         await p.close()
 
 
+async def _wait_busy(plane: Plane) -> None:
+    deadline = time.monotonic() + 10
+    while not await plane.in_flight():
+        assert time.monotonic() < deadline, "the request never reached the scheduler"
+        await asyncio.sleep(0.02)
+
+
 async def _wait_idle(plane: Plane, within_s: float = 10.0) -> None:
     deadline = time.monotonic() + within_s
     while await plane.in_flight():
@@ -197,10 +204,7 @@ async def test_a_caller_going_away_cancels_its_request_in_the_scheduler(
     task = asyncio.create_task(
         plane.mux.unary("chat", spb.ChatRequest(model="sim", body=_chat(200)), 30)
     )
-    deadline = time.monotonic() + 10
-    while not await plane.in_flight():
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.02)
+    await _wait_busy(plane)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -218,10 +222,7 @@ async def test_shutdown_answers_started_requests_then_refuses_cleanly(
     running = asyncio.create_task(
         plane.mux.unary("chat", spb.ChatRequest(model="sim", body=_chat(2)), 30)
     )
-    deadline = time.monotonic() + 10
-    while not await plane.in_flight():
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.02)
+    await _wait_busy(plane)
     started = time.monotonic()
     await plane.server.stop(5)
     plane.server = None
