@@ -102,7 +102,8 @@ class MultiplexSessions:
         out: asyncio.Queue[pb.MultiplexReply | None] = asyncio.Queue()
         tasks: dict[int, asyncio.Task[None]] = {}
         ended = asyncio.Event()
-        reader = asyncio.create_task(self._read(requests, tasks, out))
+        malformed: list[Exception] = []
+        reader = asyncio.create_task(self._read(requests, tasks, out, malformed))
         # A reader cancelled (drain) before its first step never runs its finally: end the
         # stream for it. It started nothing, so nothing is left unanswered.
         reader.add_done_callback(lambda task: out.put_nowait(None) if not tasks else None)
@@ -120,6 +121,10 @@ class MultiplexSessions:
                     replies.append(more)
                     size += more.ByteSize()
                 yield pb.MultiplexResponse(replies=replies)
+            if malformed:  # after answering what came before it
+                raise InvalidRequestError(
+                    f"malformed MultiplexRequest message: {str(malformed[0])[:200]}"
+                )
         finally:
             reader.cancel()
             for task in list(tasks.values()):
@@ -133,6 +138,7 @@ class MultiplexSessions:
         requests: AsyncIterator[pb.MultiplexRequest],
         tasks: dict[int, asyncio.Task[None]],
         out: asyncio.Queue[pb.MultiplexReply | None],
+        malformed: list[Exception],
     ) -> None:
         try:
             async for request in requests:
@@ -140,6 +146,8 @@ class MultiplexSessions:
                     self._start(call, tasks, out)
         except asyncio.CancelledError:
             pass  # drain (or the call ended): answer what was started, then end
+        except Exception as exc:  # bytes that are not a MultiplexRequest: the call ends
+            malformed.append(exc)
         finally:
             if tasks:
                 await asyncio.wait(list(tasks.values()))
