@@ -15,9 +15,12 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
-
-from sage.common.exceptions import DeadlineExceededError, InvalidRequestError, SageError
+from sage.common.exceptions import (
+    DeadlineExceededError,
+    InternalError,
+    InvalidRequestError,
+    SageError,
+)
 from sage.common.grpc.server import (
     MAX_MESSAGE_BYTES,
     enter_request,
@@ -56,17 +59,6 @@ def error_reply(request_id: int, exc: SageError) -> pb.MultiplexReply:
             code=exc.grpc_code.value[0],
             message=status_message(exc),
             trailers=dict(error_trailers(exc)),
-        ),
-    )
-
-
-def _internal(request_id: int, method: str, exc: BaseException) -> pb.MultiplexReply:
-    return pb.MultiplexReply(
-        id=request_id,
-        error=pb.MultiplexError(
-            code=grpc.StatusCode.INTERNAL.value[0],
-            message=f"internal error in {method}: {type(exc).__name__}",
-            trailers={"sage-error": "InternalError"},
         ),
     )
 
@@ -232,7 +224,8 @@ class MultiplexSessions:
             out.put_nowait(error_reply(request.id, exc))
         except Exception as exc:  # mapped to INTERNAL, never a crash of the call
             log.exception("unexpected error in rpc", extra={"method": method})
-            out.put_nowait(_internal(request.id, method, exc))
+            error = InternalError(f"internal error in {method}: {type(exc).__name__}")
+            out.put_nowait(error_reply(request.id, error))
         finally:
             if tasks.get(request.id) is asyncio.current_task():
                 del tasks[request.id]

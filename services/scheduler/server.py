@@ -13,12 +13,7 @@ from typing import Any
 import grpc
 
 from sage.common.config.settings import SageSettings
-from sage.common.exceptions import (
-    InvalidRequestError,
-    NotFoundError,
-    SageError,
-    ServiceUnavailableError,
-)
+from sage.common.exceptions import InvalidRequestError, NotFoundError, ServiceUnavailableError
 from sage.common.grpc import (
     Registration,
     SageServer,
@@ -34,7 +29,6 @@ from sage.common.grpc.engine_enums import (
     state_name,
     state_value,
 )
-from sage.common.grpc.server import error_trailers, status_message
 from sage.rpc.common.v1 import common_pb2
 from sage.rpc.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from sage.rpc.lifecycle.v1 import lifecycle_pb2, lifecycle_pb2_grpc
@@ -332,15 +326,9 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
         self, request_iterator: AsyncIterator[pb.MultiplexRequest], context: Any
     ) -> AsyncIterator[pb.MultiplexResponse]:
         if self.mux.draining:
-            exc = ServiceUnavailableError("the scheduler is shutting down")
-            await context.abort(exc.grpc_code, exc.message, trailing_metadata=error_trailers(exc))
-        try:
-            async for message in self.mux.serve(request_iterator):
-                yield message
-        except SageError as exc:  # a malformed message: the call ends with its status
-            await context.abort(
-                exc.grpc_code, status_message(exc), trailing_metadata=error_trailers(exc)
-            )
+            raise ServiceUnavailableError("the scheduler is shutting down")
+        async for message in self.mux.serve(request_iterator):
+            yield message
 
     async def Embed(self, request: pb.EmbedRequest, context: Any) -> pb.EmbedResponse:
         if not request.inputs:

@@ -60,6 +60,17 @@ async def _slow(request: bytes, context: Any) -> bytes:
     return b""
 
 
+async def _missing(request: bytes, context: Any) -> bytes:
+    raise NotImplementedError("Method not implemented!")  # as a generated base servicer does
+
+
+async def _echo_until_bad(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+    async for request in requests:
+        if request == b"bad":
+            raise ServiceUnavailableError("going away")
+        yield request
+
+
 async def _count(request: bytes, context: Any) -> AsyncIterator[bytes]:
     for i in range(int(request)):
         yield str(i).encode()
@@ -76,8 +87,12 @@ def _add(servicer: Any, server: grpc.aio.Server) -> None:
             ("Overloaded", _overloaded),
             ("Bug", _bug),
             ("Slow", _slow),
+            ("Missing", _missing),
         )
     }
+    unary["EchoUntilBad"] = grpc.stream_stream_rpc_method_handler(
+        _echo_until_bad, request_deserializer=_identity, response_serializer=_identity
+    )
     unary["Count"] = grpc.unary_stream_rpc_method_handler(
         _count, request_deserializer=_identity, response_serializer=_identity
     )
@@ -173,6 +188,27 @@ async def test_stream_error_after_items_reaches_the_client(
         async for item in call:
             got.append(item)
     assert got == [b"0", b"1", b"2"]
+
+
+async def test_a_missing_method_is_unimplemented_not_internal(
+    echo: tuple[SageServer, grpc.aio.Channel],
+) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        await _call(echo[1], "Missing")(b"")
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_bidi_stream_error_becomes_its_status(
+    echo: tuple[SageServer, grpc.aio.Channel],
+) -> None:
+    call = echo[1].stream_stream(
+        f"/{SERVICE}/EchoUntilBad", request_serializer=_identity, response_deserializer=_identity
+    )(iter([b"a", b"b", b"bad"]))
+    got = []
+    with pytest.raises(ServiceUnavailableError, match="going away"), rpc_errors_as_sage():
+        async for item in call:
+            got.append(item)
+    assert got == [b"a", b"b"]
 
 
 async def test_health_goes_not_serving_on_stop() -> None:

@@ -93,6 +93,10 @@ async def _abort_for(exc: BaseException, method: str, context: Context) -> None:
         await context.abort(
             exc.grpc_code, status_message(exc), trailing_metadata=error_trailers(exc)
         )
+    if isinstance(exc, NotImplementedError):
+        # What the generated base servicer raises for a method this server lacks (having
+        # set UNIMPLEMENTED on the context): callers may fall back on that status.
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented here")
     log.exception("unexpected error in rpc", extra={"method": method})
     await context.abort(
         grpc.StatusCode.INTERNAL,
@@ -116,7 +120,8 @@ async def _decode(decode: Any, raw: Any, method: str, context: Context) -> Any:
 
 
 class _SageServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg,misc]
-    """Request id, tracing, and SageError → status for every handler."""
+    """Request id, tracing, and SageError → status for every handler (bidirectional
+    streams: the status only)."""
 
     async def intercept_service(
         self,
@@ -180,6 +185,26 @@ class _SageServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-a
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream,
                 request_deserializer=None,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_stream is not None:
+            # Long-lived calls (Multiplex) set request id and span per request themselves;
+            # here only an error raised by the call as a whole becomes its status.
+            inner_bidi: Any = handler.stream_stream
+
+            async def stream_stream(requests: Any, context: Context) -> AsyncIterator[Any]:
+                try:
+                    async for item in inner_bidi(requests, context):
+                        yield item
+                except (grpc.aio.AbortError, asyncio.CancelledError):
+                    raise
+                except Exception as exc:
+                    await _abort_for(exc, method, context)
+                    raise
+
+            return grpc.stream_stream_rpc_method_handler(
+                stream_stream,
+                request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler
