@@ -608,19 +608,13 @@ class Http1Pool:
         Raises ConnectError, DisconnectedError, ProtocolError, or TimeoutError when the
         whole exchange (waiting for a slot, connecting, replying) takes over `timeout_s`.
         """
-        target = self._targets.get(base_url)
-        if target is None:
-            target = self._target(base_url)
+        target = self._target(base_url)
         request = _request(target, path, body, headers)
         async with asyncio.timeout(timeout_s), self._slots:
-            conn = self._take_idle(target.key)
-            if conn is not None:
-                try:
-                    return await self._exchange(target, conn, request)
-                except _StaleConnection:
-                    pass  # the server had closed it while idle; one fresh try
-            conn = await self._connect(target)
-            return await self._exchange(target, conn, request)
+            conn = await self._start(target, request, 0)
+            status, content = conn.status, conn.finish()
+            self._release(target.key, conn)
+            return status, content
 
     async def stream(
         self,
@@ -638,9 +632,7 @@ class Http1Pool:
         are post()'s; a kept-alive connection found closed before any reply byte is retried
         once on a new one, as there.
         """
-        target = self._targets.get(base_url)
-        if target is None:
-            target = self._target(base_url)
+        target = self._target(base_url)
         request = _request(target, path, body, headers)
         deadline = asyncio.get_running_loop().time() + timeout_s
         slots = self._slots
@@ -649,15 +641,7 @@ class Http1Pool:
             async with asyncio.timeout_at(deadline):
                 await slots.acquire()
                 acquired = True
-                conn = self._take_idle(target.key)
-                if conn is not None:
-                    try:
-                        await self._open_stream(conn, request)
-                    except _StaleConnection:
-                        conn = None  # the server had closed it while idle; one fresh try
-                if conn is None:
-                    conn = await self._connect(target)
-                    await self._open_stream(conn, request)
+                conn = await self._start(target, request, self._stream_limit)
         except BaseException:
             if acquired:
                 slots.release()
@@ -677,10 +661,12 @@ class Http1Pool:
 
     # --- internals ---------------------------------------------------------------------
     def _target(self, base_url: str) -> _Target:
-        target = _parse_target(base_url)
-        if len(self._targets) >= _MAX_TARGETS:
-            self._targets.clear()
-        self._targets[base_url] = target
+        target = self._targets.get(base_url)
+        if target is None:
+            target = _parse_target(base_url)
+            if len(self._targets) >= _MAX_TARGETS:
+                self._targets.clear()
+            self._targets[base_url] = target
         return target
 
     def _take_idle(self, key: tuple[str, str, int]) -> _Connection | None:
@@ -738,26 +724,30 @@ class Http1Pool:
             raise ConnectError(f"cannot connect to {_where(target)}: {exc}") from exc
         return conn
 
-    async def _exchange(
-        self, target: _Target, conn: _Connection, request: bytes
-    ) -> tuple[int, bytes]:
+    async def _start(self, target: _Target, request: bytes, stream_limit: int) -> _Connection:
+        """Send `request` on an idle connection, or a new one, and wait for its whole reply
+        (or, with a `stream_limit`, its head); the connection it went out on.
+
+        A kept-alive connection the server had dropped while idle (_StaleConnection) gets
+        one fresh try. A send that fails, times out or is cancelled closes its connection
+        (its state is unknown; the server sees the disconnect and can abort): never reused.
+        """
+        conn = self._take_idle(target.key)
+        if conn is not None:
+            try:
+                return await self._send(conn, request, stream_limit)
+            except _StaleConnection:
+                pass
+        return await self._send(await self._connect(target), request, stream_limit)
+
+    @staticmethod
+    async def _send(conn: _Connection, request: bytes, stream_limit: int) -> _Connection:
         try:
-            await conn.send(request)
+            await conn.send(request, stream_limit)
         except BaseException:
-            # Failed, timed out or cancelled mid-request: the connection's state is unknown,
-            # so it is closed (the server sees the disconnect and can abort), never reused.
             conn.close()
             raise
-        status, content = conn.status, conn.finish()
-        self._release(target.key, conn)
-        return status, content
-
-    async def _open_stream(self, conn: _Connection, request: bytes) -> None:
-        try:
-            await conn.send(request, self._stream_limit)
-        except BaseException:
-            conn.close()  # as in _exchange: never reused after a failed start
-            raise
+        return conn
 
 
 def _request(target: _Target, path: str, body: bytes, headers: Mapping[str, str]) -> bytes:
