@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Any, Final
 
 import grpc
@@ -335,42 +335,50 @@ class SchedulerMux:
                 async for item in self._stream_call(kind, message, timeout_s):
                     yield [item]
                 return
-            session = self._open()
-            request = self._checked(self._request(kind, message, timeout_s))
-            chunks = _Chunks(STREAM_BACKLOG_BYTES)
-            session.pending[request.id] = chunks
-            deadline = asyncio.get_running_loop().call_later(
-                timeout_s,
-                chunks.fail,
-                DeadlineExceededError(f"the stream did not finish within {timeout_s:g} s"),
-            )
             try:
-                session.send(request)
-                while True:
-                    ready: list[Any] = []
-                    for item in await chunks.take():
-                        if item is _END:
-                            if ready:
-                                yield ready
-                            return
-                        if isinstance(item, BaseException):
-                            if ready:
-                                yield ready
-                            if isinstance(item, _Unsupported | _NotStarted) and not chunks.started:
-                                break
-                            if isinstance(item, _NotStarted):
-                                raise ServiceUnavailableError("the scheduler is shutting down")
-                            raise item
-                        ready.append(item)
-                    else:
+                async with contextlib.aclosing(self._stream_once(kind, message, timeout_s)) as once:
+                    async for ready in once:
                         yield ready
-                        continue
-                    break  # never started: send it again (or by unary calls)
-            finally:
-                deadline.cancel()
-                if session.pending.pop(request.id, None) is not None:
-                    self._cancel(session, request.id)
+                return
+            except (_Unsupported, _NotStarted):
+                continue
         raise ServiceUnavailableError("the scheduler is shutting down")
+
+    async def _stream_once(
+        self, kind: str, message: Any, timeout_s: float
+    ) -> AsyncGenerator[list[Any], None]:
+        """One try on the open call; it raises _Unsupported or _NotStarted only while no
+        message of the request has arrived (so it may be sent again)."""
+        session = self._open()
+        request = self._checked(self._request(kind, message, timeout_s))
+        chunks = _Chunks(STREAM_BACKLOG_BYTES)
+        session.pending[request.id] = chunks
+        deadline = asyncio.get_running_loop().call_later(
+            timeout_s,
+            chunks.fail,
+            DeadlineExceededError(f"the stream did not finish within {timeout_s:g} s"),
+        )
+        try:
+            session.send(request)
+            while True:
+                ready: list[Any] = []
+                for item in await chunks.take():
+                    if item is _END:
+                        if ready:
+                            yield ready
+                        return
+                    if isinstance(item, BaseException):
+                        if ready:
+                            yield ready
+                        if isinstance(item, _Unsupported | _NotStarted) and chunks.started:
+                            raise ServiceUnavailableError("the scheduler is shutting down")
+                        raise item
+                    ready.append(item)
+                yield ready
+        finally:
+            deadline.cancel()
+            if session.pending.pop(request.id, None) is not None:
+                self._cancel(session, request.id)
 
     async def _stream_call(self, kind: str, message: Any, timeout_s: float) -> AsyncIterator[Any]:
         call = getattr(self.stub, _METHODS[kind])(
