@@ -5,9 +5,12 @@ same test, memory stays bounded, and every request finishes."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import multiprocessing as mp
 import os
 import time
 
+import httpx
 import psutil
 import pytest
 
@@ -31,18 +34,37 @@ async def _load(
     plane: Plane, workers: int, total: int, deadline_s: float
 ) -> tuple[list[float], list[int], list[str | None]]:
     """`workers` closed-loop clients send `total` requests; (admitted latencies, statuses,
-    Retry-After of each 429). Bounded by `deadline_s` overall."""
+    Retry-After of each 429). Bounded by `deadline_s` overall.
+
+    The clients run in a process of their own, as real clients do: in the test's process
+    they shared its event loop and GIL with the in-process edge and scheduler, and their
+    own wait for a turn was charged to the gateway's latency."""
+    base_url = str(plane.client.base_url)
+    loop = asyncio.get_running_loop()
+    with concurrent.futures.ProcessPoolExecutor(1, mp.get_context("spawn")) as pool:
+        return await loop.run_in_executor(pool, _run_clients, base_url, workers, total, deadline_s)
+
+
+def _run_clients(
+    base_url: str, workers: int, total: int, deadline_s: float
+) -> tuple[list[float], list[int], list[str | None]]:
+    return asyncio.run(_clients(base_url, workers, total, deadline_s))
+
+
+async def _clients(
+    base_url: str, workers: int, total: int, deadline_s: float
+) -> tuple[list[float], list[int], list[str | None]]:
     latencies: list[float] = []
     statuses: list[int] = []
     retry_after: list[str | None] = []
     sent = 0
 
-    async def worker() -> None:
+    async def worker(client: httpx.AsyncClient) -> None:
         nonlocal sent
         while sent < total:
             sent += 1
             began = time.perf_counter()
-            resp = await plane.client.post(
+            resp = await client.post(
                 "/v1/chat/completions",
                 json={
                     "model": "sim",
@@ -57,7 +79,14 @@ async def _load(
                 retry_after.append(resp.headers.get("retry-after"))
                 await asyncio.sleep(0.01)  # a polite client backs off a little
 
-    await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(workers))), deadline_s)
+    async with httpx.AsyncClient(
+        base_url=base_url,
+        timeout=60,
+        limits=httpx.Limits(max_connections=500, max_keepalive_connections=100),
+    ) as client:
+        await asyncio.wait_for(
+            asyncio.gather(*(worker(client) for _ in range(workers))), deadline_s
+        )
     return latencies, statuses, retry_after
 
 
