@@ -163,18 +163,53 @@ class SageSettings(BaseSettings):
     embedding_model: str | None = None
     embedding_api_key: str | None = None
 
-    # Bearer key required on /v1/management/* when set.
+    # Bearer key required on /v1/management/*. Unset: the key in admin_api_key_file
+    # (default $SAGE_HOME/llm/admin.key, 0600, written by `sage llm serve`); with neither,
+    # management answers 403 to everyone (closed by default).
     admin_api_key: str | None = None
+    admin_api_key_file: Path | None = None
+    # Credential every gRPC call between the stack's services carries (metadata
+    # `x-sage-internal-token`); unset: internal_token_file (default
+    # $SAGE_HOME/llm/internal.token, 0600, written by `sage llm serve`). Engines lifecycle
+    # starts require a key derived from it (sage.common.security.engine_api_key).
+    internal_token: str | None = None
+    internal_token_file: Path | None = None
+    # Allow a non-loopback bind without an admin key and TLS (`sage llm serve --insecure`).
+    insecure: bool = False
+    # Host header names the edge accepts besides loopback names and its own bind address
+    # (comma-separated; `*` accepts any: DNS rebinding is then possible).
+    allowed_hosts: str = ""
+
+    # Launch policy for engines lifecycle starts. Local model folders must lie under one of
+    # model_roots (comma-separated; $SAGE_HOME/models and the Hugging Face cache always
+    # count); launch_allowed_args adds engine flags (comma-separated, `*` for any) to each
+    # backend's allow-list of extra_args; engine ports come from engine_ports ("lo-hi").
+    model_roots: str = ""
+    launch_allowed_args: str = ""
+    engine_ports: str = "8900-8999"
+    # External engines (`/v1/management/engines/register`) on loopback, link-local or
+    # private addresses are refused unless their host (or host:port, or CIDR) is listed.
+    external_engine_allow: str = ""
+
+    # HTTP hardening for the edge and our engines: headers must arrive within
+    # http_header_timeout_s; at most http_max_header_bytes in at most http_max_headers
+    # headers; at most http_max_connections open connections.
+    http_header_timeout_s: float = 10.0
+    http_max_header_bytes: int = 32 * 1024
+    http_max_headers: int = 100
+    http_max_connections: int = 2048
 
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
     disable_nvml: bool = False
     # Scheduler: queueing policy (fifo, priority, fair, slo_aware, cost_optimized, adaptive,
     # hybrid[:inner]), instance routing, and admission (requests in flight per engine before
-    # the rest wait in the policy's queue; 0 = no limit, engines queue themselves).
+    # the rest wait in the policy's queue; a full queue answers 429 + Retry-After).
     scheduler_policy: str = "fifo"
     scheduler_routing: str = "round_robin"
-    scheduler_max_inflight_per_engine: int = 0
+    # -1 (default): each engine's own concurrency (its max_concurrent_requests, else the
+    # backend's default); 0: no limit.
+    scheduler_max_inflight_per_engine: int = -1
     scheduler_max_queue: int = 10_000
     # Per-engine circuit breaker: consecutive engine failures (refused, timeout, 5xx) that
     # open it, and the first cool-down before a half-open probe (doubles per failed probe,
@@ -238,8 +273,12 @@ class SageSettings(BaseSettings):
     api_keys: str = ""
     # YAML or JSON file: a list of {key, tenant, rate_limit_rpm?, rate_limit_tpm?}.
     api_keys_file: Path | None = None
-    # Require an API key (or the admin key) on the edge's /metrics too.
-    metrics_require_auth: bool = False
+    # Require an API key (or the admin key) on the edge's /metrics too. None (default):
+    # required whenever API keys are configured.
+    metrics_require_auth: bool | None = None
+    # Embeddings: most tokens one request may carry (about 4 characters a token); a larger
+    # one is a 400 naming the limit.
+    embedding_max_tokens_per_request: int = 300_000
     # CORS on the edge: empty disables it; `*` or a comma-separated list of origins.
     cors_origins: str = ""
 
