@@ -108,6 +108,8 @@ class _Engine:
             self._compute,
             max_batch_size=config.max_batch_size,
             max_batch_chars=config.max_batch_tokens * 4,
+            # The model truncates at its window: a longer text costs one window.
+            max_text_chars=model.max_seq_length * 4,
             max_wait_ms=config.max_wait_ms,
             on_batch=self.batch_size.observe,
         )

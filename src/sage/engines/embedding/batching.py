@@ -3,6 +3,11 @@
 While a batch runs on the model thread, new requests pile up and form the next batch, so
 batch size follows load without a fixed wait. Each job carries its own future; jobs whose
 caller has gone are skipped and counted.
+
+A job larger than one batch is cut into batch-sized slices, and each batch takes texts from
+the waiting jobs in turn (round-robin by request): a huge request never becomes one giant
+forward pass, and a small one that arrives behind it rides in the next batch instead of
+waiting for the whole huge one.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 log = logging.getLogger("sage.engines.embedding")
 
 Compute = Callable[[list[str]], tuple[Any, list[int]]]
@@ -25,10 +32,21 @@ Compute = Callable[[list[str]], tuple[Any, list[int]]]
 class _Job:
     texts: list[str]
     future: asyncio.Future[tuple[Any, list[int]]]
-    chars: int = field(init=False)
+    costs: list[int]
+    taken: int = 0  # texts already given to a batch, in order
+    parts: list[Any] = field(default_factory=list)  # vectors of the batches done, in order
+    tokens: list[int] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
-        self.chars = sum(len(t) for t in self.texts)
+    @property
+    def remaining(self) -> int:
+        return len(self.texts) - self.taken
+
+
+@dataclass(frozen=True)
+class _Slice:
+    job: _Job
+    start: int
+    end: int
 
 
 @dataclass
@@ -41,8 +59,20 @@ class BatchStats:
     queued_texts: int = 0
 
 
+def _joined(parts: list[Any]) -> Any:
+    """One job's vectors from its slices: arrays stacked, anything else concatenated."""
+    if len(parts) == 1:
+        return parts[0]
+    if all(isinstance(p, np.ndarray) for p in parts):
+        return np.concatenate(parts)
+    return [row for part in parts for row in part]
+
+
 class InProcessBatcher:
-    """Groups concurrent requests into model batches capped by count and characters."""
+    """Groups concurrent requests into model batches capped by count and characters.
+
+    `max_text_chars` caps what one text counts against `max_batch_chars`: the model
+    truncates at its window, so an 8 KB text costs no more than a window's worth."""
 
     def __init__(
         self,
@@ -50,12 +80,14 @@ class InProcessBatcher:
         *,
         max_batch_size: int = 64,
         max_batch_chars: int = 65536,
+        max_text_chars: int = 0,
         max_wait_ms: float = 2.0,
         on_batch: Callable[[int], None] | None = None,
     ) -> None:
         self._compute = compute
-        self.max_batch_size = max_batch_size
-        self.max_batch_chars = max_batch_chars
+        self.max_batch_size = max(1, max_batch_size)
+        self.max_batch_chars = max(1, max_batch_chars)
+        self.max_text_chars = max_text_chars
         self.max_wait_s = max_wait_ms / 1000
         self._on_batch = on_batch
         self._queue: deque[_Job] = deque()
@@ -81,36 +113,51 @@ class InProcessBatcher:
         self._queue.clear()
         self._thread.shutdown(wait=False, cancel_futures=True)
 
+    def _cost(self, text: str) -> int:
+        if self.max_text_chars > 0:
+            return max(1, min(len(text), self.max_text_chars))
+        return max(1, len(text))
+
     async def embed(self, texts: list[str]) -> tuple[Any, list[int]]:
         """Vectors (array, one row per text) and token counts, in input order."""
         self.start()
-        job = _Job(texts, asyncio.get_running_loop().create_future())
+        job = _Job(
+            texts, asyncio.get_running_loop().create_future(), [self._cost(t) for t in texts]
+        )
         self._queue.append(job)
         self.stats.queued_texts += len(texts)
         self._wakeup.set()
         return await job.future
 
-    def _take(self) -> list[_Job]:
-        jobs: list[_Job] = []
+    def _take(self) -> list[_Slice]:
+        """The next batch: each waiting job in turn gives the texts that still fit; a job
+        with texts left goes to the back of the line."""
+        slices: list[_Slice] = []
         count = chars = 0
-        while self._queue:
+        for _ in range(len(self._queue)):
             job = self._queue[0]
             if job.future.done():  # caller went away
                 self._queue.popleft()
-                self.stats.queued_texts -= len(job.texts)
+                self.stats.queued_texts -= job.remaining
                 self.stats.skipped_jobs += 1
                 continue
-            if jobs and (
-                count + len(job.texts) > self.max_batch_size
-                or chars + job.chars > self.max_batch_chars
+            start = end = job.taken
+            while end < len(job.texts) and (
+                count == 0
+                or (count < self.max_batch_size and chars + job.costs[end] <= self.max_batch_chars)
             ):
+                count += 1
+                chars += job.costs[end]
+                end += 1
+            if end == start:  # the batch is full
                 break
             self._queue.popleft()
-            self.stats.queued_texts -= len(job.texts)
-            jobs.append(job)
-            count += len(job.texts)
-            chars += job.chars
-        return jobs
+            job.taken = end
+            self.stats.queued_texts -= end - start
+            if job.remaining:
+                self._queue.append(job)
+            slices.append(_Slice(job, start, end))
+        return slices
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -118,29 +165,33 @@ class InProcessBatcher:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._queue:
-                pending = sum(len(j.texts) for j in self._queue)
-                if pending < self.max_batch_size and self.max_wait_s > 0:
+                if self.stats.queued_texts < self.max_batch_size and self.max_wait_s > 0:
                     # A short wait lets requests that arrive together share one batch.
                     await asyncio.sleep(self.max_wait_s)
-                jobs = self._take()
-                if not jobs:
+                slices = self._take()
+                if not slices:
                     continue
-                texts = [t for job in jobs for t in job.texts]
+                texts = [t for s in slices for t in s.job.texts[s.start : s.end]]
                 try:
                     vectors, tokens = await loop.run_in_executor(self._thread, self._compute, texts)
                 except Exception as exc:  # the model failed: every caller of this batch hears it
                     log.exception("embedding batch failed", extra={"texts": len(texts)})
-                    for job in jobs:
-                        if not job.future.done():
-                            job.future.set_exception(exc)
+                    for s in slices:
+                        if not s.job.future.done():
+                            s.job.future.set_exception(exc)
                     continue
                 self.stats.batches += 1
                 self.stats.texts += len(texts)
                 if self._on_batch is not None:
                     self._on_batch(len(texts))
-                start = 0
-                for job in jobs:
-                    end = start + len(job.texts)
+                offset = 0
+                for s in slices:
+                    size = s.end - s.start
+                    job = s.job
                     if not job.future.done():
-                        job.future.set_result((vectors[start:end], tokens[start:end]))
-                    start = end
+                        # Batches run one at a time, so a job's slices come back in order.
+                        job.parts.append(vectors[offset : offset + size])
+                        job.tokens.extend(tokens[offset : offset + size])
+                        if s.end == len(job.texts):
+                            job.future.set_result((_joined(job.parts), job.tokens))
+                    offset += size
