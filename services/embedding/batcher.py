@@ -4,6 +4,11 @@ Follows TEI's queue: one asyncio task per (model, dimensions) lane owns its queu
 entry carries its own future; entries whose caller has gone (deadline, cancel) are skipped
 and counted. A batch is dispatched when an engine has a free slot (least-loaded first), so
 while engines are busy the next batch keeps growing up to its caps: batch size follows load.
+
+Fairness: an entry larger than one batch is cut into batch-sized slices, and each batch
+takes texts from the waiting entries in turn (round-robin by request, an entry with texts
+left goes to the back). A small request that arrives behind a huge one rides in the next
+batch, so it waits about one batch per engine slot, not the whole huge request.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from sage.common.exceptions import OverloadedError, ServiceUnavailableError
+from sage.common.limits import check_embedding_tokens
 
 from .executor import BatchReply, Endpoint, EngineUnreachableError
 
@@ -33,13 +39,17 @@ def estimate_tokens(text: str) -> int:
 
 @dataclass
 class BatcherConfig:
-    """Caps and limits; defaults suit small embedding models on one engine."""
+    """Caps and limits; defaults suit small embedding models on one engine.
+
+    `max_request_tokens` (0: none) refuses a request over it with a 400 naming the limit
+    (settings.embedding_max_tokens_per_request)."""
 
     max_batch_texts: int = 256
     max_batch_tokens: int = 16384
     max_wait_ms: float = 2.0
     max_inflight_per_engine: int = 2
     max_queue_texts: int = 20000
+    max_request_tokens: int = 0
 
 
 @dataclass
@@ -55,10 +65,31 @@ class EmbedOutcome:
 class _Entry:
     texts: list[str]
     future: asyncio.Future[EmbedOutcome]
-    tokens: int = 0
+    costs: list[int] = field(init=False)
+    taken: int = 0  # texts already given to a batch, in order
+    unanswered: int = field(init=False)  # texts whose vectors have not come back
+    vectors: list[list[float]] = field(init=False)
+    tokens: list[int] = field(init=False)
+    engine_ids: list[str] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.tokens = sum(estimate_tokens(t) for t in self.texts)
+        self.costs = [estimate_tokens(t) for t in self.texts]
+        self.unanswered = len(self.texts)
+        self.vectors = [[] for _ in self.texts]
+        self.tokens = [0] * len(self.texts)
+        self.engine_ids = [""] * len(self.texts)
+
+    @property
+    def remaining(self) -> int:
+        """Texts not yet given to a batch."""
+        return len(self.texts) - self.taken
+
+
+@dataclass(frozen=True)
+class _Slice:
+    entry: _Entry
+    start: int
+    end: int
 
 
 @dataclass
@@ -98,7 +129,9 @@ class EmbeddingBatcher:
     async def embed(
         self, model: str, texts: Sequence[str], engines: Sequence[Endpoint], dimensions: int = 0
     ) -> EmbedOutcome:
-        """Queue `texts` and wait for their vectors; OverloadedError when the queue is full."""
+        """Queue `texts` and wait for their vectors; InvalidRequestError over the per-request
+        token cap, OverloadedError when the queue is full."""
+        check_embedding_tokens(texts, self.config.max_request_tokens)
         if not engines:
             raise ServiceUnavailableError(f"no embedding engine is ready for model {model!r}")
         key = (model, dimensions)
@@ -159,26 +192,37 @@ class EmbeddingBatcher:
             self._inflight[engine.engine_id] -= 1
             self._slot_freed.notify_all()
 
-    def _take(self, lane: _Lane) -> list[_Entry]:
-        batch: list[_Entry] = []
+    def _take(self, lane: _Lane) -> list[_Slice]:
+        """The next batch: each waiting entry in turn gives the texts that still fit under
+        the caps; an entry with texts left goes to the back of the line."""
+        batch: list[_Slice] = []
         texts = tokens = 0
-        while lane.queue:
+        for _ in range(len(lane.queue)):
             entry = lane.queue[0]
             if entry.future.done():  # the caller has gone: drop its texts
                 lane.queue.popleft()
-                lane.queued_texts -= len(entry.texts)
+                lane.queued_texts -= entry.remaining
                 self.stats.skipped_entries += 1
                 continue
-            if batch and (
-                texts + len(entry.texts) > self.config.max_batch_texts
-                or tokens + entry.tokens > self.config.max_batch_tokens
+            start = end = entry.taken
+            while end < len(entry.texts) and (
+                texts == 0
+                or (
+                    texts < self.config.max_batch_texts
+                    and tokens + entry.costs[end] <= self.config.max_batch_tokens
+                )
             ):
+                texts += 1
+                tokens += entry.costs[end]
+                end += 1
+            if end == start:  # the batch is full
                 break
             lane.queue.popleft()
-            lane.queued_texts -= len(entry.texts)
-            batch.append(entry)
-            texts += len(entry.texts)
-            tokens += entry.tokens
+            entry.taken = end
+            lane.queued_texts -= end - start
+            if entry.remaining:
+                lane.queue.append(entry)
+            batch.append(_Slice(entry, start, end))
         return batch
 
     async def _run(self, lane: _Lane) -> None:
@@ -199,8 +243,8 @@ class EmbeddingBatcher:
                 self._batches.add(task)
                 task.add_done_callback(self._batches.discard)
 
-    async def _dispatch(self, lane: _Lane, engine: Endpoint, batch: list[_Entry]) -> None:
-        texts = [t for entry in batch for t in entry.texts]
+    async def _dispatch(self, lane: _Lane, engine: Endpoint, batch: list[_Slice]) -> None:
+        texts = [t for s in batch for t in s.entry.texts[s.start : s.end]]
         # Similar lengths side by side: the engine pads less inside its own sub-batches.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         sorted_texts = [texts[i] for i in order]
@@ -227,9 +271,9 @@ class EmbeddingBatcher:
                             self._inflight.get(engine.engine_id, 0) + 1
                         )
         except Exception as exc:  # every caller of the batch hears why
-            for entry in batch:
-                if not entry.future.done():
-                    entry.future.set_exception(exc)
+            for s in batch:
+                if not s.entry.future.done():
+                    s.entry.future.set_exception(exc)
             return
         finally:
             await self._release(engine)
@@ -249,13 +293,17 @@ class EmbeddingBatcher:
                 "ms": round((time.perf_counter() - started) * 1e3, 2),
             },
         )
-        start = 0
-        for entry in batch:
-            end = start + len(entry.texts)
+        offset = 0
+        for s in batch:
+            entry = s.entry
+            size = s.end - s.start
             if not entry.future.done():
-                entry.future.set_result(
-                    EmbedOutcome(
-                        vectors[start:end], tokens[start:end], [engine.engine_id] * len(entry.texts)
+                entry.vectors[s.start : s.end] = vectors[offset : offset + size]
+                entry.tokens[s.start : s.end] = tokens[offset : offset + size]
+                entry.engine_ids[s.start : s.end] = [engine.engine_id] * size
+                entry.unanswered -= size
+                if entry.unanswered == 0:
+                    entry.future.set_result(
+                        EmbedOutcome(entry.vectors, entry.tokens, entry.engine_ids)
                     )
-                )
-            start = end
+            offset += size

@@ -47,7 +47,10 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
 def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageServer, int]:
     """The embedding server wired from settings."""
     executor = EmbeddingExecutor(timeout_s=settings.request_timeout_s)
-    batcher = EmbeddingBatcher(executor.send, BatcherConfig())
+    batcher = EmbeddingBatcher(
+        executor.send,
+        BatcherConfig(max_request_tokens=settings.embedding_max_tokens_per_request),
+    )
     server, port = create_server(
         addr or f"{settings.host}:{settings.embedding_service_port}",
         [

@@ -58,7 +58,12 @@ def engine_pb(record: EngineRecord, node_id: str = "") -> common_pb2.Engine:
         gpu_indexes=record.gpu_ids,
         pid=record.pid,
         port=record.port,
-        labels=spec.labels,
+        # The scheduler caps in-flight requests at the engine's own concurrency.
+        labels=(
+            {**spec.labels, "max_concurrent_requests": str(spec.max_concurrent_requests)}
+            if spec.max_concurrent_requests > 0
+            else spec.labels
+        ),
         label=spec.label,
         restart_count=record.restart_count,
         error=record.error,

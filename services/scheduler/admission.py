@@ -1,8 +1,11 @@
-"""Admission: at most `per_engine` requests in flight per ready engine of a model; the rest
-wait in that model's queueing policy, which decides who runs next when a slot frees.
+"""Admission: a model's ready engines take at most their capacity in flight; the rest wait
+in that model's queueing policy, which decides who runs next when a slot frees, and a full
+queue is refused at once (429 + Retry-After) — shedding is decided here, before any wait.
 
-With `per_engine = 0` (the default) nothing waits here and the policy is bypassed — engines
-queue themselves (vLLM's own scheduler) and the fast path stays a counter increment.
+`per_engine` sets each engine's capacity: -1 (the default) is the engine's own concurrency
+(EngineRecord.concurrency: its registered max_concurrent_requests, else its backend's
+default, e.g. vLLM's max_num_seqs), a positive number the same cap for every engine, and 0
+no limit: nothing waits here and the policy is bypassed — engines queue themselves.
 """
 
 from __future__ import annotations
@@ -10,13 +13,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from sage.common.exceptions import InvalidRequestError, OverloadedError
 
 from .policies import QueuedRequest, SchedulingPolicy, Shed, create_policy
 from .policies.slo_aware import Predictor
+from .registry import DEFAULT_CONCURRENCY, EngineRecord
+
+# Seconds a refused caller is told to wait: about one request's time on a busy engine.
+RETRY_AFTER_S = 1.0
 
 _PRIORITIES = {"high": 0, "normal": 1, "low": 2, "": 1, "0": 0, "1": 1, "2": 2}
 
@@ -56,7 +63,7 @@ class AdmissionController:
         self,
         policy_name: str = "fifo",
         *,
-        per_engine: int = 0,
+        per_engine: int = -1,
         max_queue: int = 10_000,
         predict: Predictor | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -76,14 +83,35 @@ class AdmissionController:
             lane = self._lanes[model] = _ModelLane(create_policy(self.policy_name, self.predict))
         return lane
 
+    @property
+    def limited(self) -> bool:
+        """Whether in-flight requests are capped at all (per_engine 0: no)."""
+        return self.per_engine != 0
+
+    def engine_capacity(self, engine: EngineRecord) -> int:
+        """Requests `engine` may have in flight; 0 means no limit."""
+        if self.per_engine < 0:
+            return engine.concurrency
+        return self.per_engine
+
+    def capacity(self, engines: int | Sequence[EngineRecord]) -> int:
+        """Requests a model's ready `engines` (records, or just how many) may have in flight."""
+        if isinstance(engines, int):
+            per = self.per_engine if self.per_engine > 0 else DEFAULT_CONCURRENCY
+            return max(1, engines) * per
+        return max(1, sum(self.engine_capacity(e) for e in engines))
+
     @contextlib.asynccontextmanager
-    async def slot(self, item: QueuedRequest, engines: int) -> AsyncIterator[None]:
-        """Hold one of the model's slots while the body runs (waiting if all are busy)."""
-        if self.per_engine <= 0:
+    async def slot(
+        self, item: QueuedRequest, engines: int | Sequence[EngineRecord]
+    ) -> AsyncIterator[None]:
+        """Hold one of the model's slots while the body runs (waiting if all are busy; a
+        full queue is refused at once)."""
+        if self.per_engine == 0:
             yield
             return
         lane = self._lane(item.model)
-        lane.capacity = max(1, engines) * self.per_engine
+        lane.capacity = self.capacity(engines)
         if lane.running < lane.capacity and not len(lane.policy):
             lane.running += 1
         else:
@@ -99,7 +127,8 @@ class AdmissionController:
         if self.stats.queued >= self.max_queue:
             self.stats.rejected += 1
             raise OverloadedError(
-                f"the scheduler queue is full ({self.stats.queued} waiting)", retry_after=1.0
+                f"the scheduler queue is full ({self.stats.queued} waiting)",
+                retry_after=RETRY_AFTER_S,
             )
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         item.payload = future
@@ -127,7 +156,11 @@ class AdmissionController:
                 self.stats.shed += 1
                 future = shed.item.payload
                 if isinstance(future, asyncio.Future) and not future.done():
-                    future.set_exception(OverloadedError(shed.reason, code="slo_unattainable"))
+                    future.set_exception(
+                        OverloadedError(
+                            shed.reason, code="slo_unattainable", retry_after=RETRY_AFTER_S
+                        )
+                    )
                 continue
             if nxt is None:
                 return

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import orjson
 
 from sage.common.exceptions import ServiceUnavailableError, UpstreamError
+from sage.common.limits import check_embedding_tokens
 
 from .admission import AdmissionController
 from .breaker import CircuitBreakers
@@ -120,6 +121,7 @@ class Scheduler:
         load: EngineLoadTracker | None = None,
         breakers: CircuitBreakers | None = None,
         metrics: SchedulerMetrics | None = None,
+        embedding_max_tokens: int = 0,
     ) -> None:
         self.registry = registry
         self.router = router
@@ -132,6 +134,8 @@ class Scheduler:
         self.breakers = breakers or CircuitBreakers()
         self.metrics = metrics or SchedulerMetrics(breakers=self.breakers)
         self.pd = PdRouter(self.router, self.metrics.registry)  # prefill/decode pairs
+        # Most tokens one embedding request may carry (0: no cap); see sage.common.limits.
+        self.embedding_max_tokens = embedding_max_tokens
 
     def _admit(self, limits: TenantLimits | None, fallback_tokens: int) -> int:
         """Charge the tenant's buckets (RateLimitError when over); returns tokens charged."""
@@ -161,8 +165,27 @@ class Scheduler:
         route = RouteRequest(model, session_key, prefix, cost)
         plan = await self.pd.plan(route, body, engines, prefill)
         if plan is None:
-            return body, failover_order(self.router, route, engines)
+            return body, self._with_room_first(route, engines)
         return plan.body, plan.candidates
+
+    def _with_room_first(
+        self, route: RouteRequest, engines: Sequence[EngineRecord]
+    ) -> list[EngineRecord]:
+        """The router's order, among engines below their in-flight cap first: admission
+        let the request in because the model has a free slot, so it must not wait on a
+        busy engine while another has room. Full engines stay as failover candidates."""
+        if not self.admission.limited or len(engines) < 2:
+            return failover_order(self.router, route, engines)
+        room = [
+            e
+            for e in engines
+            if self.load.in_flight(e.engine_id) < self.admission.engine_capacity(e)
+        ]
+        if not room or len(room) == len(engines):
+            return failover_order(self.router, route, engines)
+        ordered = failover_order(self.router, route, room)
+        first = {e.engine_id for e in ordered}
+        return ordered + [e for e in engines if e.engine_id not in first]
 
     async def unary(
         self,
@@ -181,7 +204,7 @@ class Scheduler:
         begun = time.monotonic()
         try:
             engines = self.registry.ready_for(model, EngineKind.LLM)
-            async with self.admission.slot(ticket, len(engines)):
+            async with self.admission.slot(ticket, engines):
                 body, candidates = await self._route(model, path, body, session_key, ticket.cost)
                 for i, engine in enumerate(candidates):
                     if not self.breakers.begin(engine.engine_id, force=i == len(candidates) - 1):
@@ -242,7 +265,7 @@ class Scheduler:
         begun = time.monotonic()
         try:
             engines = self.registry.ready_for(model, EngineKind.LLM)
-            async with self.admission.slot(ticket, len(engines)):
+            async with self.admission.slot(ticket, engines):
                 client_body = body
                 body, candidates = await self._route(model, path, body, session_key, ticket.cost)
                 request = body
@@ -344,8 +367,10 @@ class Scheduler:
         dimensions: int,
         limits: TenantLimits | None = None,
     ) -> EmbedResult:
-        """Send an embedding request to the embedding backend with this model's engines."""
-        charged = self._admit(limits, sum(len(text) for text in inputs) // 4 + 1)
+        """Send an embedding request to the embedding backend with this model's engines;
+        a request over the token cap is refused before it is charged or sent on."""
+        tokens = check_embedding_tokens(inputs, self.embedding_max_tokens)
+        charged = self._admit(limits, tokens + 1)
         self.counters.requests_total += 1
         self.counters.in_flight += 1
         try:

@@ -10,6 +10,28 @@ from enum import StrEnum
 
 from sage.common.exceptions import InvalidRequestError, ModelNotFoundError, NotFoundError
 
+# The label lifecycle (or any registrant) sets to an engine's own concurrency: the requests
+# it runs at once (vLLM's and the sim's --max-num-seqs, TEI's --max-concurrent-requests).
+CONCURRENCY_LABEL = "max_concurrent_requests"
+# Each backend's concurrency when the registration does not say: the engine's own default
+# (vLLM's max_num_seqs is 256; our transformers engine generates one request at a time, a
+# few more keep it busy between requests). Anything else counts as vLLM-like.
+BACKEND_CONCURRENCY = {
+    "vllm": 256,
+    "sim": 256,
+    "tei": 512,
+    "infinity": 256,
+    "embedding": 64,
+    "transformers": 4,
+}
+DEFAULT_CONCURRENCY = 256
+
+
+def _positive_int(text: str) -> int:
+    """`text` as a positive decimal integer, or 0."""
+    value = int(text) if text.isascii() and text.isdigit() and len(text) <= 9 else 0
+    return max(0, value)
+
 
 class EngineKind(StrEnum):
     """What an engine serves."""
@@ -51,6 +73,13 @@ class EngineRecord:
         """True when `model` is this engine's model or one of its aliases."""
         return model == self.model or model in self.aliases
 
+    @property
+    def concurrency(self) -> int:
+        """Requests the engine runs at once: its registered max_concurrent_requests label,
+        else its backend's default."""
+        declared = _positive_int(self.labels.get(CONCURRENCY_LABEL, ""))
+        return declared or BACKEND_CONCURRENCY.get(self.backend, DEFAULT_CONCURRENCY)
+
 
 @dataclass(frozen=True)
 class ModelEntry:
@@ -77,6 +106,12 @@ class EngineRegistry:
             raise InvalidRequestError("engine_id must not be empty", param="engine.engine_id")
         if not record.model:
             raise InvalidRequestError("model must not be empty", param="engine.model")
+        declared = record.labels.get(CONCURRENCY_LABEL)
+        if declared is not None and not _positive_int(declared):
+            raise InvalidRequestError(
+                f"label {CONCURRENCY_LABEL} must be a positive integer, got {declared!r}",
+                param=f"engine.labels.{CONCURRENCY_LABEL}",
+            )
         if not record.base_url.startswith(("http://", "https://")):
             raise InvalidRequestError(
                 f"base_url must be an http(s) URL, got {record.base_url!r}", param="engine.base_url"

@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 
+from sage.common.apikeys import ApiKeyTable, load_key_table
 from sage.common.config.settings import SageSettings
 from sage.common.exceptions import InvalidRequestError, NotFoundError, ServiceUnavailableError
 from sage.common.grpc import (
@@ -46,7 +47,7 @@ from .metrics import SchedulerMetrics
 from .mux import MultiplexSessions, scheduler_routes
 from .nodes import Node, NodeGpu, NodeReport, NodeState, NodeTable, parse_nodes
 from .policies import QueuedRequest, RequestClass
-from .ratelimit import TenantLimits
+from .ratelimit import TenantLimits, limits_for
 from .rebuild import rebuild_from_lifecycle
 from .registry import EngineKind, EngineRecord, EngineRegistry, EngineState
 from .routing import create_router
@@ -159,13 +160,17 @@ def _usage_pb(usage: TokenUsage) -> common_pb2.Usage:
     )
 
 
-def ticket_from_pb(request: Any, request_class: RequestClass) -> QueuedRequest:
-    """What the queueing policy orders by: tenant, priority class, SLO deadline, cost."""
+def ticket_from_pb(
+    request: Any, request_class: RequestClass, tenant: str = "default"
+) -> QueuedRequest:
+    """What the queueing policy orders by: tenant (resolved from the caller's key, see
+    limits_from_pb), priority class, SLO deadline, cost."""
     now = time.monotonic()
     if not request.HasField("options"):
         return QueuedRequest(
             model=request.model,
             request_class=request_class,
+            tenant=tenant,
             arrival=now,
             cost=len(request.body) / 4,
         )
@@ -176,7 +181,7 @@ def ticket_from_pb(request: Any, request_class: RequestClass) -> QueuedRequest:
     return QueuedRequest(
         model=request.model,
         request_class=request_class,
-        tenant=options.tenant or "default",
+        tenant=tenant,
         priority=parse_priority(options.priority),
         arrival=now,
         deadline=now + slo_ms / 1000 if slo_ms else None,
@@ -184,19 +189,11 @@ def ticket_from_pb(request: Any, request_class: RequestClass) -> QueuedRequest:
     )
 
 
-def limits_from_pb(request: Any) -> TenantLimits | None:
-    """The tenant and its limits from a request's `options`; None when there are none."""
-    if not request.HasField("options"):
-        return None
+def limits_from_pb(request: Any, keys: ApiKeyTable) -> TenantLimits:
+    """The tenant and its limits for the key in the request's `options.api_key`, from the
+    scheduler's own key table; the request's tenant and rate_limit_* fields are ignored."""
     options: pb.RequestOptions = request.options
-    if options.rate_limit_rpm < 0 or options.rate_limit_tpm < 0:
-        raise InvalidRequestError("rate limits must not be negative", param="options")
-    return TenantLimits(
-        options.tenant or "default",
-        options.rate_limit_rpm,
-        options.rate_limit_tpm,
-        max(0, options.estimated_tokens),
-    )
+    return limits_for(keys, options.api_key, options.estimated_tokens)
 
 
 def _require_model(model: str) -> str:
@@ -261,20 +258,24 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
         policy_name: str,
         nodes: NodeTable | None = None,
         request_timeout_s: float = 600.0,
+        api_keys: ApiKeyTable | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.policy_name = policy_name
+        # Tenants and limits come from this table, not from requests (ratelimit.limits_for).
+        self.api_keys = api_keys if api_keys is not None else ApiKeyTable()
         self.nodes = nodes or NodeTable(scheduler.registry, timeout_s=6.0)
         # Multiplex requests without their own timeout_s get the edge's request timeout.
         self.mux = MultiplexSessions(scheduler_routes(self), request_timeout_s)
 
     async def Chat(self, request: pb.ChatRequest, context: Any) -> pb.ChatResponse:
+        limits = limits_from_pb(request, self.api_keys)
         result = await self.scheduler.unary(
             _require_model(request.model),
             request.body,
             "/v1/chat/completions",
-            limits_from_pb(request),
-            ticket_from_pb(request, RequestClass.LLM_CHAT),
+            limits,
+            ticket_from_pb(request, RequestClass.LLM_CHAT, limits.tenant),
             session_key=request.options.session_key,
         )
         return pb.ChatResponse(
@@ -284,24 +285,26 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
     async def ChatStream(
         self, request: pb.ChatStreamRequest, context: Any
     ) -> AsyncIterator[pb.ChatStreamResponse]:
+        limits = limits_from_pb(request, self.api_keys)
         chunks = self.scheduler.stream(
             _require_model(request.model),
             request.body,
             "/v1/chat/completions",
-            limits_from_pb(request),
-            ticket_from_pb(request, RequestClass.LLM_CHAT),
+            limits,
+            ticket_from_pb(request, RequestClass.LLM_CHAT, limits.tenant),
             session_key=request.options.session_key,
         )
         async for engine_id, data, more in _messages(chunks, request.coalesce):
             yield pb.ChatStreamResponse(data=data, engine_id=engine_id, more=more)
 
     async def Complete(self, request: pb.CompleteRequest, context: Any) -> pb.CompleteResponse:
+        limits = limits_from_pb(request, self.api_keys)
         result = await self.scheduler.unary(
             _require_model(request.model),
             request.body,
             "/v1/completions",
-            limits_from_pb(request),
-            ticket_from_pb(request, RequestClass.LLM_GENERATE),
+            limits,
+            ticket_from_pb(request, RequestClass.LLM_GENERATE, limits.tenant),
             session_key=request.options.session_key,
         )
         return pb.CompleteResponse(
@@ -311,12 +314,13 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
     async def CompleteStream(
         self, request: pb.CompleteStreamRequest, context: Any
     ) -> AsyncIterator[pb.CompleteStreamResponse]:
+        limits = limits_from_pb(request, self.api_keys)
         chunks = self.scheduler.stream(
             _require_model(request.model),
             request.body,
             "/v1/completions",
-            limits_from_pb(request),
-            ticket_from_pb(request, RequestClass.LLM_GENERATE),
+            limits,
+            ticket_from_pb(request, RequestClass.LLM_GENERATE, limits.tenant),
             session_key=request.options.session_key,
         )
         async for engine_id, data, more in _messages(chunks, request.coalesce):
@@ -331,6 +335,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
             yield message
 
     async def Embed(self, request: pb.EmbedRequest, context: Any) -> pb.EmbedResponse:
+        limits = limits_from_pb(request, self.api_keys)
         if not request.inputs:
             raise InvalidRequestError("input must not be empty", param="input")
         if request.dimensions < 0:
@@ -339,7 +344,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
             _require_model(request.model),
             list(request.inputs),
             request.dimensions,
-            limits_from_pb(request),
+            limits,
         )
         return pb.EmbedResponse(
             model=request.model,
@@ -586,6 +591,7 @@ def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageS
         load=load,
         breakers=breakers,
         metrics=metrics,
+        embedding_max_tokens=settings.embedding_max_tokens_per_request,
     )
     try:
         static_nodes = parse_nodes(settings.nodes)
@@ -602,6 +608,9 @@ def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageS
         f"{settings.scheduler_policy}/{routing}",
         node_table,
         request_timeout_s=settings.request_timeout_s,
+        # The edge's table (same settings): tenants and limits are resolved here from the
+        # caller's key, never taken from a request.
+        api_keys=load_key_table(settings.api_keys, settings.api_keys_file),
     )
     server, port = create_server(
         addr or f"{settings.host}:{settings.scheduler_port}",
