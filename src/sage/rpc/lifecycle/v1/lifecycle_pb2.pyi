@@ -64,6 +64,7 @@ class StartEngineRequest(_message.Message):
     MAX_MODEL_LEN_FIELD_NUMBER: _builtins.int
     NO_WAIT_FIELD_NUMBER: _builtins.int
     LIKE_ENGINE_ID_FIELD_NUMBER: _builtins.int
+    JOIN_EXISTING_MODEL_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model id or local path, e.g. Qwen/Qwen2.5-7B-Instruct."""
     kind: _common_pb2.EngineKind.ValueType
@@ -101,6 +102,12 @@ class StartEngineRequest(_message.Message):
     """Start a replica of this engine: its whole spec (model, backend, parallelism, GPU memory,
     extra args, role, ...) with a fresh id and port; the other fields here are ignored.
     """
+    join_existing_model: _builtins.bool
+    """Backend "external" only: register it even though engines lifecycle started already
+    serve this model (or one of its aliases), so that it shares their traffic. Unset, such a
+    registration is refused (ALREADY_EXISTS): an external engine never joins a managed
+    model's pool by accident.
+    """
     @_builtins.property
     def extra_args(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Extra command-line arguments passed to the engine program, one argument per item."""
@@ -137,10 +144,11 @@ class StartEngineRequest(_message.Message):
         max_model_len: _builtins.int = ...,
         no_wait: _builtins.bool = ...,
         like_engine_id: _builtins.str = ...,
+        join_existing_model: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_use_gpu", b"_use_gpu", "use_gpu", b"use_gpu"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_use_gpu", b"_use_gpu", "aliases", b"aliases", "backend", b"backend", "base_url", b"base_url", "engine_id", b"engine_id", "extra_args", b"extra_args", "gpu_memory_utilization", b"gpu_memory_utilization", "kind", b"kind", "label", b"label", "like_engine_id", b"like_engine_id", "max_concurrent_requests", b"max_concurrent_requests", "max_model_len", b"max_model_len", "metadata", b"metadata", "model", b"model", "no_wait", b"no_wait", "pipeline_parallel_size", b"pipeline_parallel_size", "port", b"port", "required_memory_gb", b"required_memory_gb", "role", b"role", "startup_timeout_s", b"startup_timeout_s", "tensor_parallel_size", b"tensor_parallel_size", "use_gpu", b"use_gpu"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_use_gpu", b"_use_gpu", "aliases", b"aliases", "backend", b"backend", "base_url", b"base_url", "engine_id", b"engine_id", "extra_args", b"extra_args", "gpu_memory_utilization", b"gpu_memory_utilization", "join_existing_model", b"join_existing_model", "kind", b"kind", "label", b"label", "like_engine_id", b"like_engine_id", "max_concurrent_requests", b"max_concurrent_requests", "max_model_len", b"max_model_len", "metadata", b"metadata", "model", b"model", "no_wait", b"no_wait", "pipeline_parallel_size", b"pipeline_parallel_size", "port", b"port", "required_memory_gb", b"required_memory_gb", "role", b"role", "startup_timeout_s", b"startup_timeout_s", "tensor_parallel_size", b"tensor_parallel_size", "use_gpu", b"use_gpu"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__use_gpu: _TypeAlias = _typing.Literal["use_gpu"]  # noqa: Y015
     _WhichOneofArgType__use_gpu: _TypeAlias = _typing.Literal["_use_gpu", b"_use_gpu"]  # noqa: Y015
