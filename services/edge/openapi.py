@@ -561,6 +561,11 @@ _SCHEMAS["RegisterEngineRequest"] = {
     "properties": {
         **_SCHEMAS["StartEngineRequest"]["properties"],
         "base_url": {"type": "string", "pattern": "^https?://"},
+        "join_existing_model": {
+            "type": "boolean",
+            "description": "Register it even though engines lifecycle started serve this "
+            "model (it then shares their traffic); otherwise that is a 409.",
+        },
     },
     "examples": [{"model_id": "my-model", "base_url": "http://127.0.0.1:8000"}],
 }
