@@ -89,6 +89,29 @@ else
   install -m 0640 -o root -g "${SAGE_USER}" "${ENV_TEMPLATE}" "${ETC_DIR}/sage.env"
 fi
 
+# The admin key (/v1/management/*) and the internal gRPC token: 0600 files owned by sage in
+# $SAGE_HOME/llm, where the services look for them (they refuse files others can read).
+echo "== secrets ${STATE_DIR}/llm (mode 0600, owner ${SAGE_USER})"
+install -d -m 0700 -o "${SAGE_USER}" -g "${SAGE_USER}" "${STATE_DIR}/llm"
+make_secret() {
+  local path="$1" prefix="$2"
+  if [ -e "${path}" ]; then
+    echo "   kept ${path}"
+    return
+  fi
+  "${PREFIX}/venv/bin/python" -c 'import secrets, sys; print(sys.argv[1] + secrets.token_urlsafe(32))' "${prefix}" |
+    install -m 0600 -o "${SAGE_USER}" -g "${SAGE_USER}" /dev/stdin "${path}"
+  echo "   created ${path}"
+}
+if [ "${ROLE}" = node-agent ]; then
+  if [ ! -e "${STATE_DIR}/llm/internal.token" ]; then
+    echo "   copy the central host's ${STATE_DIR}/llm/internal.token here (0600, owner ${SAGE_USER}) before starting" >&2
+  fi
+else
+  make_secret "${STATE_DIR}/llm/admin.key" "sk-admin-"
+  make_secret "${STATE_DIR}/llm/internal.token" ""
+fi
+
 echo "== units -> ${UNIT_DIR}"
 for unit in "${UNITS[@]}" "${TARGET}"; do
   install -m 0644 "${HERE}/${unit}" "${UNIT_DIR}/${unit}"

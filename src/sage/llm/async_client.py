@@ -307,6 +307,9 @@ class AsyncUnifiedInferenceClient(_ClientCore):
         """Send with retries; returns a 2xx response and its request id, or raises."""
         request_id = uuid.uuid4().hex
         content = _encode(body) if body is not None else None
+        if admin and not self.admin_api_key and not self._file_admin_key_read:
+            # A file read (and a name lookup for a non-IP host): off the event loop.
+            await asyncio.to_thread(self._management_key)
         headers = self._headers(request_id, admin=admin, json=content is not None)
         attempt = 0
         while True:

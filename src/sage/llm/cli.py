@@ -75,12 +75,16 @@ def default_embedding_model() -> str | None:
     return None
 
 
-def _settings(gateway_port: int | None = None, host: str | None = None) -> SageSettings:
+def _settings(
+    gateway_port: int | None = None, host: str | None = None, insecure: bool = False
+) -> SageSettings:
     overrides: dict[str, object] = {}
     if gateway_port:
         overrides["gateway_port"] = gateway_port
     if host:
         overrides["host"] = host
+    if insecure:  # the flag only loosens; SAGE_INSECURE=1 in the env works without it
+        overrides["insecure"] = True
     return load_settings(**overrides)
 
 
@@ -108,6 +112,7 @@ class ServeOptions:
     policy: str | None = None
     routing: str | None = None
     config: str | None = None
+    insecure: bool = False
 
     def argv(self) -> list[str]:
         """The serve flags that reproduce these options (for background children, restart)."""
@@ -146,6 +151,8 @@ class ServeOptions:
             argv += ["--policy", self.policy]
         if self.routing:
             argv += ["--routing", self.routing]
+        if self.insecure:
+            argv.append("--insecure")
         return argv
 
     def child_env(self) -> dict[str, str]:
@@ -212,12 +219,22 @@ def run_serve(options: ServeOptions, background: bool) -> int:
     if options.config:
         # Children inherit the environment, so every service reads the same file.
         os.environ[CONFIG_ENV] = options.config
-    settings = _settings(options.gateway_port, options.host)
+    settings = _settings(options.gateway_port, options.host, options.insecure)
     _check_scheduler_names(
         options.policy or settings.scheduler_policy, options.routing or settings.scheduler_routing
     )
     # Record what was resolved, so a restart comes back on the same gateway address.
-    options = dataclasses.replace(options, gateway_port=settings.gateway_port, host=settings.host)
+    # Local model folders become absolute paths (lifecycle accepts no other local form, and
+    # a restart from another directory must find them too).
+    options = dataclasses.replace(
+        options,
+        gateway_port=settings.gateway_port,
+        host=settings.host,
+        model=supervisor.local_model_path(options.model),
+        embedding_model=supervisor.local_model_path(options.embedding_model)
+        if options.embedding_model
+        else None,
+    )
     backend = "" if options.backend == "auto" else options.backend
     if (backend or ("sim" if options.model == "sim" else "")) != "sim":
         from sage.common.config.network import ensure_hf_mirror_configured
@@ -225,6 +242,10 @@ def run_serve(options: ServeOptions, background: bool) -> int:
         ensure_hf_mirror_configured()
     if not background:
         return supervisor.serve(_serve_plan(options, settings))
+    # Refuse an unsafe bind here, where the person sees it, not only in serve.log.
+    warning = supervisor.check_serve_bind(settings)
+    if warning:
+        err(f"WARNING: {warning}")
     running = supervisor.read_daemon_file(settings)
     if running is not None:
         raise ConfigurationError(
@@ -385,6 +406,14 @@ def cmd_serve(
             "flags win over it.",
         ),
     ] = None,
+    insecure: Annotated[
+        bool,
+        typer.Option(
+            "--insecure",
+            help="Allow a non-loopback --host without an admin key (SAGE_ADMIN_API_KEY) and "
+            "TLS (SAGE_TLS_CERT_FILE/KEY_FILE); logs a warning (SAGE_INSECURE=1).",
+        ),
+    ] = False,
 ) -> int:
     """Start the gateway, the services behind it and the engines (foreground by default)."""
     if backend not in SERVE_BACKENDS:
@@ -409,6 +438,7 @@ def cmd_serve(
         policy=policy,
         routing=routing,
         config=str(config.expanduser().resolve()) if config else None,
+        insecure=insecure,
     )
     return run_serve(options, background)
 

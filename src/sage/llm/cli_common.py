@@ -69,7 +69,12 @@ UrlOption = Annotated[
     ),
 ]
 ApiKeyOption = Annotated[
-    str | None, typer.Option("--api-key", help="Admin API key (default: SAGE_ADMIN_API_KEY).")
+    str | None,
+    typer.Option(
+        "--api-key",
+        help="Admin API key (default: SAGE_ADMIN_API_KEY, else the local stack's "
+        "$SAGE_HOME/llm/admin.key).",
+    ),
 ]
 
 

@@ -6,7 +6,8 @@ engines. The base URL is `control_plane_url` > `SAGE_UNIFIED_BASE_URL` >
 
 Defaults read from the environment (or `.env`) by `create()`: `SAGE_CHAT_MODEL`,
 `SAGE_EMBEDDING_MODEL`, `SAGE_CHAT_API_KEY` (sent as the bearer key) and
-`SAGE_ADMIN_API_KEY` (sent on `/v1/management/*` only). `SAGE_CHAT_BASE_URL` and
+`SAGE_ADMIN_API_KEY` (sent on `/v1/management/*` only; unset, the key file `sage llm serve`
+wrote, $SAGE_HOME/llm/admin.key, for a gateway on this machine). `SAGE_CHAT_BASE_URL` and
 `SAGE_EMBEDDING_BASE_URL` address engines directly; they are for `sage llm serve` and
 local tools, and this client ignores them on purpose so every request is scheduled.
 
@@ -45,7 +46,7 @@ from sage.common.exceptions import (
     UpstreamError,
 )
 from sage.common.grpc.tls import process_tls
-from sage.llm.management import EngineInfo, ManagementClient
+from sage.llm.management import EngineInfo, ManagementClient, admin_key_for
 from sage.llm.result import (
     InferenceResult,
     Kind,
@@ -170,6 +171,10 @@ class _ClientCore:
         self.embedding_model = embedding_model
         self.api_key = api_key
         self.admin_api_key = admin_api_key
+        # The key file is read on the first management call, not here: a client that only
+        # chats never touches it.
+        self._file_admin_key: str | None = None
+        self._file_admin_key_read = False
         self.max_retries = max_retries
         self.timeout = (
             timeout
@@ -196,9 +201,20 @@ class _ClientCore:
     def _url(self, path: str) -> str:
         return self.base_url + path
 
+    def _management_key(self) -> str | None:
+        """The admin key for /v1/management/*: the one given (or SAGE_ADMIN_API_KEY via
+        `create`), else the local stack's key file, looked up once."""
+        if self.admin_api_key:
+            return self.admin_api_key
+        if not self._file_admin_key_read:
+            self._file_admin_key = admin_key_for(self.base_url, _settings())
+            self._file_admin_key_read = True
+        return self._file_admin_key
+
     def _headers(self, request_id: str, *, admin: bool, json: bool) -> dict[str, str]:
         headers = {**self._default_headers, "x-request-id": request_id}
-        key = (self.admin_api_key or self.api_key) if admin else self.api_key
+        # The admin key goes to management routes only, never with an inference request.
+        key = (self._management_key() or self.api_key) if admin else self.api_key
         if key:
             headers["authorization"] = f"Bearer {key}"
         if json:

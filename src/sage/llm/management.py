@@ -8,11 +8,14 @@ callers handle a refused start the same way whether it came over HTTP or gRPC.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import socket
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
@@ -38,6 +41,13 @@ from sage.common.exceptions import (
     UpstreamError,
 )
 from sage.common.grpc.tls import process_tls
+from sage.common.security import (
+    admin_key_path,
+    is_loopback_host,
+    is_wildcard_host,
+    read_secret_file,
+    resolves_to,
+)
 
 __all__ = [
     "ADMIN_KEY_ENV",
@@ -46,7 +56,9 @@ __all__ = [
     "EngineKind",
     "EngineStatus",
     "ManagementClient",
+    "admin_key_for",
     "error_from_response",
+    "is_this_machine",
     "resolve_base_url",
 ]
 
@@ -188,8 +200,54 @@ def resolve_base_url(base_url: str | None = None, settings: SageSettings | None 
     return url if url.endswith("/v1") else url + "/v1"
 
 
+def is_this_machine(host: str) -> bool:
+    """True when `host` (a URL's host) is loopback or resolves only to this machine's own
+    interface addresses."""
+    if is_loopback_host(host) or is_wildcard_host(host):
+        return True
+    found = resolves_to(host)
+    if not found:
+        return False
+    import psutil  # only here: a name that is not loopback needs the interface list
+
+    mine = set()
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family in (socket.AF_INET, socket.AF_INET6):
+                mine.add(ipaddress.ip_address(address.address.split("%")[0]))
+    return all(ip.is_loopback or ip in mine for ip in found)
+
+
+def admin_key_for(base_url: str, settings: SageSettings) -> str | None:
+    """The admin key a client sends on /v1/management/*: SAGE_ADMIN_API_KEY, else the key
+    file `sage llm serve` wrote ($SAGE_HOME/llm/admin.key), else None.
+
+    The file is this machine's stack's secret, so it is sent only to a gateway on this
+    machine, never to another host. A file that exists but is unreadable or readable by
+    others raises ConfigurationError naming it.
+    """
+    if settings.admin_api_key:
+        return settings.admin_api_key
+    host = urlsplit(base_url).hostname or ""
+    if not is_this_machine(host):
+        return None
+    return read_secret_file(admin_key_path(settings))
+
+
+def _admin_hint(settings: SageSettings | None) -> str:
+    where = admin_key_path(settings) if settings else "$SAGE_HOME/llm/admin.key"
+    return (
+        f" (management needs the admin key: --api-key, SAGE_ADMIN_API_KEY, or {where} "
+        "written by `sage llm serve` on this machine)"
+    )
+
+
 class ManagementClient:
-    """Start, list, stop and inspect engines through a SAGE gateway's management API."""
+    """Start, list, stop and inspect engines through a SAGE gateway's management API.
+
+    Without `api_key` it sends the admin key `admin_key_for` finds, so the CLI works on
+    the machine running `sage llm serve` with no configuration.
+    """
 
     def __init__(
         self,
@@ -202,8 +260,11 @@ class ManagementClient:
         settings = load_settings() if base_url is None or api_key is None else None
         self.base_url = resolve_base_url(base_url, settings)
         self.timeout = timeout
-        # SAGE_ADMIN_API_KEY (env or .env), the key the stack itself was started with.
-        key = api_key if api_key is not None or settings is None else settings.admin_api_key
+        # An explicit key (even "": none) wins; else SAGE_ADMIN_API_KEY, else the key file.
+        key = api_key if api_key is not None or settings is None else None
+        if api_key is None and settings is not None:
+            key = admin_key_for(self.base_url, settings)
+        self._settings = settings
         headers = {"authorization": f"Bearer {key}"} if key else {}
         self._http = httpx.Client(
             base_url=self.base_url,
@@ -254,7 +315,11 @@ class ManagementClient:
                 f"talking to the gateway at {self.base_url} failed: {exc}"
             ) from exc
         if resp.status_code >= 400:
-            raise error_from_response(resp)
+            error = error_from_response(resp)
+            if resp.status_code in (401, 403):
+                error.message += _admin_hint(self._settings)
+                error.args = (error.message,)
+            raise error
         try:
             return resp.json()
         except ValueError as exc:

@@ -26,6 +26,7 @@ import httpx
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from sage.common.bind_policy import check_bind
 from sage.common.config.ports import SagePorts
 from sage.common.config.settings import SageSettings
 from sage.common.exceptions import (
@@ -35,6 +36,7 @@ from sage.common.exceptions import (
     SageError,
 )
 from sage.common.grpc import create_sync_channel, from_rpc_error, process_tls
+from sage.common.security import admin_key_path, ensure_secret_file, internal_token_path
 from sage.rpc.common.v1 import common_pb2
 from sage.rpc.lifecycle.v1 import lifecycle_pb2, lifecycle_pb2_grpc
 
@@ -88,14 +90,113 @@ def _write_atomic(path: Path, doc: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _child_env(settings: SageSettings, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Pin every address so all children agree, whatever their own env says."""
+@dataclass(frozen=True)
+class StackSecrets:
+    """Where the stack's admin key and internal token live (the values never leave them)."""
+
+    admin_key_file: Path
+    internal_token_file: Path
+    admin_key_from_env: bool = False
+    """SAGE_ADMIN_API_KEY is set: it wins over the file, which may not exist."""
+
+
+def ensure_stack_secrets(settings: SageSettings) -> StackSecrets:
+    """Create the admin key and the internal token (0600 files under $SAGE_HOME/llm) unless
+    SAGE_ADMIN_API_KEY / SAGE_INTERNAL_TOKEN give them, before any child starts: management
+    and gRPC are closed from the first request, and the CLI and clients find the key there."""
+    admin_file = admin_key_path(settings)
+    token_file = internal_token_path(settings)
+    for path, given, prefix in (
+        (admin_file, settings.admin_api_key, "sk-admin-"),
+        (token_file, settings.internal_token, ""),
+    ):
+        if given:
+            continue
+        try:
+            ensure_secret_file(path, prefix=prefix)
+        except OSError as exc:
+            raise ConfigurationError(f"cannot create secret file {path}: {exc.strerror}") from None
+    return StackSecrets(admin_file, token_file, admin_key_from_env=bool(settings.admin_api_key))
+
+
+def check_serve_bind(settings: SageSettings) -> str | None:
+    """serve's bind policy (before anything starts): a non-loopback host needs an admin key
+    the operator holds and TLS, unless --insecure; returns the warning to show, if any."""
+    return check_bind(settings, settings.host, "sage llm serve", surface="edge")
+
+
+def local_model_path(model: str) -> str:
+    """A model typed as a path (`/…`, `./…`, `../…`, `~…`) made absolute, since lifecycle
+    takes local folders only as absolute paths; anything else (a Hub id, `sim`) unchanged."""
+    if model in (".", "..") or model.startswith(("/", "./", "../", "~")):
+        return os.path.abspath(os.path.expanduser(model))
+    return model
+
+
+def local_model_roots(engines: Sequence[EngineRequest]) -> list[str]:
+    """The local model folders (absolute paths) among the engines serve starts."""
+    roots: list[str] = []
+    for request in engines:
+        if not os.path.isabs(request.model) or request.model in roots:
+            continue
+        if "," in request.model:
+            raise ConfigurationError(
+                f"model path {request.model!r} contains a comma, which SAGE_MODEL_ROOTS "
+                "cannot hold; rename or link the folder"
+            )
+        roots.append(request.model)
+    return roots
+
+
+def model_roots_value(settings: SageSettings, engines: Sequence[EngineRequest]) -> str:
+    """SAGE_MODEL_ROOTS for the children: the configured roots plus the local folders the
+    operator named on the command line (lifecycle's launch policy refuses a folder outside
+    the roots, and what the operator typed is what they allow)."""
+    roots = [r.strip() for r in settings.model_roots.split(",") if r.strip()]
+    roots += [r for r in local_model_roots(engines) if r not in roots]
+    return ",".join(roots)
+
+
+def posture_lines(settings: SageSettings, secrets: StackSecrets) -> list[str]:
+    """Who may call what, said at start (the key itself is never printed)."""
+    if secrets.admin_key_from_env:
+        admin = "admin key: from SAGE_ADMIN_API_KEY (required on /v1/management)"
+    else:
+        admin = (
+            f"admin key: {secrets.admin_key_file} (mode 0600, required on /v1/management; "
+            "`sage llm` commands and UnifiedInferenceClient on this machine read it)"
+        )
+    if settings.api_keys or settings.api_keys_file:
+        tenants = "tenant API keys: required on /v1/* inference; they never open management"
+    else:
+        tenants = (
+            f"tenant API keys: none; inference is open to whoever reaches {settings.host} "
+            "(set SAGE_API_KEYS to require keys)"
+        )
+    return [admin, tenants]
+
+
+def _child_env(
+    settings: SageSettings,
+    extra: dict[str, str] | None = None,
+    *,
+    secrets: StackSecrets | None = None,
+    model_roots: str | None = None,
+) -> dict[str, str]:
+    """Pin every address, secret file and policy so all children agree, whatever their own
+    env says."""
     env = dict(os.environ)
     env.update(extra or {})
+    if secrets is not None:
+        env["SAGE_ADMIN_API_KEY_FILE"] = str(secrets.admin_key_file)
+        env["SAGE_INTERNAL_TOKEN_FILE"] = str(secrets.internal_token_file)
+    if model_roots is not None:
+        env["SAGE_MODEL_ROOTS"] = model_roots
     env.update(
         {
             "SAGE_HOME": str(settings.home),
             "SAGE_HOST": settings.host,
+            "SAGE_INSECURE": "1" if settings.insecure else "0",
             "SAGE_GATEWAY_PORT": str(settings.gateway_port),
             "SAGE_SCHEDULER_PORT": str(settings.scheduler_port),
             "SAGE_LIFECYCLE_PORT": str(settings.lifecycle_port),
@@ -119,6 +220,7 @@ class Supervisor:
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.engines: list[dict[str, Any]] = []
         self.log_dir = self.settings.llm_state_dir / "logs"
+        self.secrets: StackSecrets | None = None
         self._stop = threading.Event()
 
     def say(self, message: str) -> None:
@@ -280,6 +382,11 @@ class Supervisor:
             },
             "engines": self.engines,
             "serve_argv": list(self.plan.serve_argv),
+            # Where the admin key is (never the key): null when SAGE_ADMIN_API_KEY holds it.
+            "admin_key_file": str(self.secrets.admin_key_file)
+            if self.secrets and not self.secrets.admin_key_from_env
+            else None,
+            "insecure": s.insecure,
             "startup_timeout_s": self.plan.startup_timeout_s,
             "engine_timeout_s": self.plan.engine_timeout_s,
             "log_dir": str(self.log_dir),
@@ -290,9 +397,19 @@ class Supervisor:
 
     def start(self) -> None:
         """Start services, then engines; raises (after cleaning up) if anything fails."""
+        # Refused binds and broken secret files stop us before any port is taken.
+        warning = check_serve_bind(self.settings)
+        if warning:
+            self.say(f"WARNING: {warning}")
+        model_roots = model_roots_value(self.settings, self.plan.engines)
+        self.secrets = ensure_stack_secrets(self.settings)
+        for line in posture_lines(self.settings, self.secrets):
+            self.say(line)
         self.check_ports()
         self.become_subreaper()
-        env = _child_env(self.settings, self.plan.child_env)
+        env = _child_env(
+            self.settings, self.plan.child_env, secrets=self.secrets, model_roots=model_roots
+        )
         for name, attr, is_grpc in SERVICES:
             port = getattr(self.settings, attr)
             self.say(f"starting {name:<12} on {self.settings.host}:{port}")
