@@ -3,12 +3,17 @@
 It parses each body once (to validate and find the model) and forwards the raw bytes;
 engine replies come back as raw bytes and are written out unchanged. API keys are checked
 here (one dict lookup); their tenant and limits travel to the scheduler, which enforces them.
+
+Closed by default: /v1/management needs the admin key (none configured: 403), /metrics a
+key whenever API keys exist, and requests a web page could send (foreign Host, another
+site's Origin, a non-JSON POST) are refused before routing (sage.common.http.guard).
+A non-streamed request whose client disconnects is cancelled up to the engine.
 """
 
 from __future__ import annotations
 
 import base64
-import hmac
+import logging
 import struct
 import time
 from collections.abc import AsyncIterator, Callable
@@ -24,6 +29,7 @@ from sage.common.grpc import create_channel, rpc_errors_as_sage
 from sage.common.grpc.engine_enums import kind_name
 from sage.common.http import (
     App,
+    BrowserGuard,
     CorsPolicy,
     Handler,
     JSONResponse,
@@ -32,6 +38,7 @@ from sage.common.http import (
     StreamingResponse,
     sse_event,
 )
+from sage.common.security import resolve_admin_key
 from sage.rpc.gpu_manager.v1 import gpu_manager_pb2_grpc
 from sage.rpc.lifecycle.v1 import lifecycle_pb2_grpc
 from sage.rpc.scheduler.v1 import scheduler_pb2 as spb
@@ -43,7 +50,7 @@ if TYPE_CHECKING:
     from sage.rpc.scheduler.v1.scheduler_pb2_grpc import SchedulerServiceAsyncStub
 
 from .auth import ApiKey, ApiKeyTable, InvalidApiKeyError, load_key_table
-from .management import add_management_routes
+from .management import AdminGate, add_management_routes
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import EdgeMetrics
 from .mux import SchedulerMux
@@ -58,6 +65,7 @@ from .validation import (
 )
 
 DONE = b"data: [DONE]\n\n"
+log = logging.getLogger("sage.edge")
 
 
 @dataclass
@@ -210,10 +218,15 @@ def with_scheduling_hints(
     return options
 
 
-def create_app(settings: SageSettings, api_keys: ApiKeyTable | None = None) -> App:
+def create_app(
+    settings: SageSettings, api_keys: ApiKeyTable | None = None, *, bind_host: str | None = None
+) -> App:
     """The edge ASGI app; gRPC channels open at startup and close at shutdown.
 
     `api_keys` defaults to the keys named by settings (SAGE_API_KEYS, SAGE_API_KEYS_FILE).
+    The admin key is resolved once, here (SAGE_ADMIN_API_KEY, else the admin key file).
+    `bind_host` (default SAGE_HOST) is accepted as a Host header name besides loopback
+    names, IP literals and SAGE_ALLOWED_HOSTS.
     """
     holder: dict[str, Upstreams] = {}
     timeout = settings.request_timeout_s
@@ -223,9 +236,27 @@ def create_app(settings: SageSettings, api_keys: ApiKeyTable | None = None) -> A
         else load_key_table(settings.api_keys, settings.api_keys_file)
     )
     docs = orjson.dumps(openapi_document())
+    admin_key = resolve_admin_key(settings)
+    admin = AdminGate(admin_key)
+    metrics_auth = (
+        settings.metrics_require_auth if settings.metrics_require_auth is not None else keys.enabled
+    )
+    cors = CorsPolicy.parse(settings.cors_origins)
+    guard = BrowserGuard.build(settings.allowed_hosts, (settings.host, bind_host or ""), cors)
 
     async def startup() -> None:
         holder["up"] = open_upstreams(settings)
+        # One line an operator can check the posture by; never the keys themselves.
+        log.info(
+            "edge auth",
+            extra={
+                "api_keys": len(keys),
+                "admin_key": ("env" if settings.admin_api_key else "file" if admin_key else "none"),
+                "management": "admin key" if admin_key else "closed (no admin key)",
+                "metrics_auth": "on" if metrics_auth else "off",
+                "allowed_hosts": "*" if guard.any_host else ",".join(sorted(guard.allowed_hosts)),
+            },
+        )
 
     async def shutdown() -> None:
         up = holder.pop("up", None)
@@ -238,7 +269,8 @@ def create_app(settings: SageSettings, api_keys: ApiKeyTable | None = None) -> A
         on_startup=startup,
         on_shutdown=shutdown,
         observer=metrics.observe_request,
-        cors=CorsPolicy.parse(settings.cors_origins),
+        cors=cors,
+        guard=guard,
     )
     metrics.in_flight_gauge(lambda: app.in_flight)
 
@@ -281,8 +313,9 @@ def create_app(settings: SageSettings, api_keys: ApiKeyTable | None = None) -> A
                 return await _stream_sse(
                     messages, lambda: metrics.observe_ttft(model, time.perf_counter() - started)
                 )
-            reply = await scheduler.unary(
-                unary, unary_msg(model=model, body=body, options=options), timeout
+            # A client that leaves cancels the request: the scheduler and the engine stop.
+            reply = await request.unless_disconnected(
+                scheduler.unary(unary, unary_msg(model=model, body=body, options=options), timeout)
             )
             return Response(reply.body)
 
@@ -316,10 +349,14 @@ def create_app(settings: SageSettings, api_keys: ApiKeyTable | None = None) -> A
             if key is None
             else request_options(key, min(INT32_MAX, sum(len(t) for t in inputs) // 4 + 1))
         )
-        reply = await up().generation.unary(
-            "embed",
-            spb.EmbedRequest(model=model, inputs=inputs, dimensions=dimensions, options=options),
-            timeout,
+        reply = await request.unless_disconnected(
+            up().generation.unary(
+                "embed",
+                spb.EmbedRequest(
+                    model=model, inputs=inputs, dimensions=dimensions, options=options
+                ),
+                timeout,
+            )
         )
         return JSONResponse(
             {
@@ -372,16 +409,15 @@ def create_app(settings: SageSettings, api_keys: ApiKeyTable | None = None) -> A
             return JSONResponse({"status": "unavailable", "scheduler": str(detail)}, 503)
         return JSONResponse({"status": "ok", "engines_ready": status.engines_ready})
 
-    admin = f"Bearer {settings.admin_api_key}".encode() if settings.admin_api_key else None
-
     @app.route("GET", "/metrics")
     async def prometheus(request: Request) -> Response:
-        if settings.metrics_require_auth and (keys.enabled or admin is not None):
-            given = request.headers.get("authorization", "").encode("latin-1")
-            if keys.lookup(request.headers) is None and not (
-                admin is not None and hmac.compare_digest(given, admin)
-            ):
-                raise InvalidApiKeyError("an API key is required for /metrics")
+        # Tenants, models and engines show in the metrics: behind a key whenever keys exist.
+        headers = request.headers
+        if metrics_auth and keys.lookup(headers) is None and not admin.matches(headers):
+            raise InvalidApiKeyError(
+                "an API key (or the admin key) is required for /metrics: "
+                "Authorization: Bearer <key>"
+            )
         text = metrics.render()
         try:  # best effort: the edge's own metrics come back even if the scheduler is down
             reply = await up().scheduler.GetMetrics(spb.GetMetricsRequest(), timeout=1.0)
@@ -394,6 +430,6 @@ def create_app(settings: SageSettings, api_keys: ApiKeyTable | None = None) -> A
     async def openapi(request: Request) -> Response:
         return Response(docs)
 
-    add_management_routes(app, up, settings.admin_api_key, settings.rpc_timeout_s)
+    add_management_routes(app, up, admin, settings.rpc_timeout_s)
 
     return app

@@ -1,12 +1,17 @@
 """The management API (`/v1/management/*`) with SAGE's field names, over lifecycle,
-scheduler and gpu_manager gRPC. Protected by the admin key when one is configured."""
+scheduler and gpu_manager gRPC.
+
+Closed by default: it answers only the admin key (SAGE_ADMIN_API_KEY, else the 0600 file
+`sage llm serve` writes), and with no admin key configured it answers 403 to everyone,
+since starting engines runs programs on the host. Tenant API keys never open it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import hmac
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
@@ -18,6 +23,7 @@ from sage.common.exceptions import (
     InsufficientResourcesError,
     InvalidRequestError,
     NotFoundError,
+    PermissionDeniedError,
     SageError,
 )
 from sage.common.grpc import create_channel, rpc_errors_as_sage
@@ -69,6 +75,7 @@ _START_FIELDS = {
     "role",
     "node",
     "dry_run",
+    "join_existing_model",  # register only: share a model lifecycle's engines serve
 }
 
 
@@ -198,6 +205,11 @@ def start_request(doc: dict[str, Any]) -> lifecycle_pb2.StartEngineRequest:
     wait = doc.get("wait", True)
     if not isinstance(wait, bool):
         raise InvalidRequestError("wait must be a boolean", param="wait")
+    join_existing = doc.get("join_existing_model", False)
+    if not isinstance(join_existing, bool):
+        raise InvalidRequestError(
+            "join_existing_model must be a boolean", param="join_existing_model"
+        )
     role = "both" if doc.get("role") is None else doc["role"]
     if role not in ("both", "prefill", "decode"):  # PD routing
         raise InvalidRequestError(
@@ -222,6 +234,7 @@ def start_request(doc: dict[str, Any]) -> lifecycle_pb2.StartEngineRequest:
         startup_timeout_s=_int(doc, "startup_timeout_s", 300, 1),
         no_wait=not wait,
         role=role_value(role),
+        join_existing_model=join_existing,
     )
     if use_gpu is not None:
         request.use_gpu = use_gpu
@@ -345,25 +358,66 @@ class NodeLifecycles:
         return [e for engines in lists for e in engines]
 
 
+def bearer_token(headers: Mapping[str, str]) -> str | None:
+    """The token of an `Authorization: Bearer …` header (scheme in any case), else None."""
+    header = headers.get("authorization")
+    if header is None:
+        return None
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip() or None
+
+
+class AdminGate:
+    """The admin key check: what opens /v1/management (and /metrics)."""
+
+    def __init__(self, admin_api_key: str | None) -> None:
+        self._key = admin_api_key.encode() if admin_api_key else None
+
+    @property
+    def configured(self) -> bool:
+        """True when an admin key exists (else management is closed to everyone)."""
+        return self._key is not None
+
+    def matches(self, headers: Mapping[str, str]) -> bool:
+        """True when the request carries the admin key (compared in constant time)."""
+        token = bearer_token(headers)
+        if self._key is None or token is None:
+            return False
+        return hmac.compare_digest(token.encode(), self._key)
+
+    def check(self, headers: Mapping[str, str]) -> None:
+        """Raise unless the request carries the admin key: 403 when none is configured,
+        401 otherwise (a tenant's key included, so a 401 never confirms a tenant key)."""
+        if self._key is None:
+            raise PermissionDeniedError(
+                "/v1/management is closed: no admin key is configured. Set "
+                "SAGE_ADMIN_API_KEY for the edge, or start the stack with `sage llm serve`, "
+                "which writes one to $SAGE_HOME/llm/admin.key (mode 0600) for the CLI and "
+                "client to use",
+                code="admin_key_not_configured",
+            )
+        if not self.matches(headers):
+            raise AuthenticationError(
+                "a valid admin key is required for /v1/management "
+                "(Authorization: Bearer <admin key>); tenant API keys do not open it"
+            )
+
+
 def _query(request: Request) -> dict[str, str]:
     return {k: v[-1] for k, v in parse_qs(request.query.decode("latin-1")).items()}
 
 
 def add_management_routes(
-    app: App, upstreams: Callable[[], Any], admin_api_key: str | None, timeout_s: float
+    app: App, upstreams: Callable[[], Any], admin: AdminGate, timeout_s: float
 ) -> None:
-    """Register every /v1/management route on `app`."""
+    """Register every /v1/management route on `app`, each behind `admin`."""
     node_lifecycles = NodeLifecycles(upstreams, timeout_s)
 
     def guarded(handler: Handler) -> Handler:
-        if not admin_api_key:
-            return handler
-        expected = f"Bearer {admin_api_key}".encode()
-
         async def check(request: Request) -> Any:
-            given = request.headers.get("authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
-                raise AuthenticationError("a valid admin key is required for /v1/management")
+            admin.check(request.headers)
             return await handler(request)
 
         return check

@@ -230,7 +230,8 @@ class SchedulerMux:
             raise
         except Exception as exc:  # a bug here: fail what is pending, never retry it
             log.exception("Multiplex reader failed")
-            error = InternalError(f"the edge lost its call to the scheduler: {exc!r}")
+            # The caller gets no internals (the log line has them).
+            error = InternalError(f"the edge lost its call to the scheduler ({type(exc).__name__})")
         finally:
             session.error = error
             session.writer.cancel()

@@ -13,6 +13,7 @@ import pytest
 from sage.common.config.settings import SageSettings
 from sage.common.grpc import SageServer, create_channel
 from sage.common.http.testing import quiet_server, serve_in_task
+from sage.common.security import admin_key_path, ensure_secret_file, resolve_admin_key
 from sage.rpc.common.v1 import common_pb2
 from sage.rpc.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 from sage.services.edge.app import create_app
@@ -20,6 +21,28 @@ from sage.services.embedding.server import build_server as build_embedding
 from sage.services.gpu_manager.server import build_server as build_gpu
 from sage.services.lifecycle.server import build_server as build_lifecycle
 from sage.services.scheduler.server import build_server as build_scheduler
+
+
+class AdminForManagement(httpx.Auth):
+    """Sends the stack's admin key on /v1/management requests that carry no Authorization
+    header, as the CLI and client do with the key file `sage llm serve` writes."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def auth_flow(self, request: httpx.Request) -> Any:
+        if request.url.path.startswith("/v1/management") and "authorization" not in request.headers:
+            request.headers["Authorization"] = f"Bearer {self.key}"
+        yield request
+
+
+def plane_admin(settings: SageSettings) -> AdminForManagement | None:
+    """Management is closed without an admin key: a plane whose settings name none gets one
+    in its SAGE_HOME key file (like `sage llm serve`), sent by its client; settings that
+    name one are left for the test to use explicitly."""
+    if resolve_admin_key(settings) is not None:
+        return None
+    return AdminForManagement(ensure_secret_file(admin_key_path(settings), "sk-admin-"))
 
 
 @dataclass
@@ -63,9 +86,12 @@ async def control_plane(
     )
     channel = create_channel(f"127.0.0.1:{sched_port}")
     port = port_factory()
+    admin = plane_admin(edge_settings)
     server = quiet_server(create_app(edge_settings), port)
     task = await serve_in_task(server)
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{port}", timeout=60, auth=admin
+    ) as client:
         yield ControlPlane(client, scheduler_pb2_grpc.SchedulerServiceStub(channel))
     server.should_exit = True
     await task
@@ -122,10 +148,11 @@ async def full_plane(
         servers[name] = server
     channel = create_channel(wired.address("scheduler"))
     edge_port = port_factory()
+    admin = plane_admin(wired)
     edge = quiet_server(create_app(wired), edge_port)
     task = await serve_in_task(edge)
     plane = FullPlane(
-        httpx.AsyncClient(base_url=f"http://127.0.0.1:{edge_port}", timeout=120),
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{edge_port}", timeout=120, auth=admin),
         scheduler_pb2_grpc.SchedulerServiceStub(channel),
         wired,
         servers,

@@ -105,10 +105,17 @@ async def test_keys_from_env_and_file_are_accepted(edge: httpx.AsyncClient, key:
     assert [m["id"] for m in models.json()["data"]] == ["rec"]
 
 
-async def test_health_metrics_and_docs_stay_open(edge: httpx.AsyncClient) -> None:
+async def test_health_and_docs_stay_open(edge: httpx.AsyncClient) -> None:
     assert (await edge.get("/health")).status_code == 200
-    assert (await edge.get("/metrics")).status_code == 200
     assert (await edge.get("/openapi.json")).status_code == 200
+    # with API keys configured, /metrics (tenants, models) takes a key unless turned off
+    assert (await edge.get("/metrics")).status_code == 401
+    assert (await edge.get("/metrics", headers=bearer("sk-team-b"))).status_code == 200
+
+
+@pytest.mark.parametrize("settings_update", [{"metrics_require_auth": False}])
+async def test_metrics_can_be_opened_explicitly(edge: httpx.AsyncClient) -> None:
+    assert (await edge.get("/metrics")).status_code == 200
 
 
 async def test_management_keeps_the_admin_key(edge: httpx.AsyncClient) -> None:

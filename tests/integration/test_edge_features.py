@@ -330,7 +330,8 @@ async def test_http_errors_are_openai_json(
     status: int,
     code: str | None,
 ) -> None:
-    resp = await edge.request(method, path, content=body)
+    headers = {"content-type": "application/json"}  # a POST without it is a 415 (CSRF)
+    resp = await edge.request(method, path, content=body, headers=headers)
     assert resp.status_code == status
     error = resp.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}

@@ -152,7 +152,7 @@ async def test_metrics_open_without_the_setting(settings: Any) -> None:
     /openapi.json need no key at all)."""
     app = create_app(settings.model_copy(update={"metrics_require_auth": False}))
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://edge") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
         assert (await client.get("/metrics")).status_code == 200
         assert (await client.get("/openapi.json")).status_code == 200
 

@@ -16,9 +16,11 @@ from sage.common.http.asgi import (
     sse_event,
 )
 from sage.common.http.cors import CorsPolicy
+from sage.common.http.guard import BrowserGuard
 
 __all__ = [
     "App",
+    "BrowserGuard",
     "CorsPolicy",
     "Handler",
     "JSONResponse",

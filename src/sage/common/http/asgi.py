@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from opentelemetry import propagate, trace
@@ -23,6 +24,7 @@ from sage.common.exceptions import (
 from sage.common.utils.logging import request_id_var
 
 from .cors import CorsPolicy
+from .guard import SAFE_METHODS, BrowserGuard
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -33,6 +35,10 @@ log = logging.getLogger(__name__)
 _tracer = trace.get_tracer("sage.http")
 
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+# A caller's x-request-id is kept only in this shape: it lands in logs and gRPC metadata,
+# where spaces, `=` or control characters could forge fields.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_T = TypeVar("_T")
 
 
 class PayloadTooLargeError(InvalidRequestError):
@@ -102,6 +108,34 @@ class Request:
             message = await self.receive()
             if message["type"] == "http.disconnect":
                 return
+
+    async def unless_disconnected(self, awaitable: Awaitable[_T]) -> _T:
+        """Await `awaitable` in this task, cancelling it if the client disconnects first
+        (ClientDisconnected then), so an abandoned request stops upstream too.
+
+        Call it once the body was read. It runs in the caller's task, so the only extra
+        cost is one task watching `receive`.
+        """
+        task = asyncio.current_task()
+        assert task is not None
+        watching = True
+
+        def client_gone(watcher: asyncio.Task[None]) -> None:
+            if watching and not watcher.cancelled():
+                task.cancel()
+
+        watcher = asyncio.get_running_loop().create_task(self.wait_disconnect())
+        watcher.add_done_callback(client_gone)
+        try:
+            return await awaitable
+        except asyncio.CancelledError:
+            if watcher.done() and not watcher.cancelled():
+                task.uncancel()
+                raise ClientDisconnected from None
+            raise
+        finally:
+            watching = False  # a callback already scheduled must not cancel us later
+            watcher.cancel()
 
 
 @dataclass(slots=True)
@@ -234,6 +268,7 @@ class App:
         on_shutdown: Callable[[], Awaitable[None]] | None = None,
         observer: Observer | None = None,
         cors: CorsPolicy | None = None,
+        guard: BrowserGuard | None = None,
     ) -> None:
         self._routes: dict[str, dict[str, Handler]] = {}
         self._prefix_routes: list[tuple[str, dict[str, Handler]]] = []
@@ -242,6 +277,7 @@ class App:
         self._on_shutdown = on_shutdown
         self._observer = observer
         self._cors = cors
+        self._guard = guard
         # Requests being handled now, streams included.
         self.in_flight = 0
 
@@ -317,10 +353,19 @@ class App:
         method: str = scope["method"]
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         # The request id travels HTTP → gRPC metadata → logs, and back in the response.
-        request_id = headers.get("x-request-id", "")
-        if not (0 < len(request_id) <= 128 and request_id.isascii() and request_id.isprintable()):
+        request_id = headers.get("x-request-id")
+        if request_id is None or _REQUEST_ID.fullmatch(request_id) is None:
             request_id = uuid.uuid4().hex
         extra = [(b"x-request-id", request_id.encode("latin-1"))]
+        if self._guard is not None:
+            try:
+                self._guard.check_source(method, headers)
+            except SageError as exc:
+                log.info("refused: %s", exc.message, extra={"method": method, "path": path[:200]})
+                await error_response(exc).send(send, extra)
+                if self._observer is not None:
+                    self._observer(method, UNMATCHED_ROUTE, "", exc.http_status, 0.0)
+                return
         if self._cors is not None:
             origin = headers.get("origin")
             if origin is not None:
@@ -398,6 +443,8 @@ class App:
                     self.max_body_bytes,
                 )
                 try:
+                    if self._guard is not None and method not in SAFE_METHODS:
+                        self._guard.check_body_type(method, headers)
                     response = await handler(request)
                 except SageError as exc:
                     response = error_response(exc)

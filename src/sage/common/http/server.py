@@ -1,4 +1,5 @@
-"""Run an ASGI app on uvicorn the same way everywhere (engines, edge)."""
+"""Run an ASGI app on uvicorn the same way everywhere (engines, edge), with the header
+timeout, header size and count limits and connection limit of `limits.py`."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from typing import Any
 import uvicorn
 
 from sage.common.grpc.tls import TlsConfig
+
+from .limits import HttpLimits, protocol_class
 
 log = logging.getLogger("sage.http")
 
@@ -45,11 +48,13 @@ def serve_app(
     what: str,
     info: dict[str, Any] | None = None,
     tls: TlsConfig | None = None,
+    limits: HttpLimits | None = None,
 ) -> int:
     """Serve `app` until SIGTERM/SIGINT; 0 after a clean stop, 1 if it never started.
 
     With a `tls` that has a certificate it serves HTTPS (demanding client certs with
-    client_auth), from the same PEM files the gRPC services use.
+    client_auth), from the same PEM files the gRPC services use. `limits` default to
+    HttpLimits() (SageSettings' defaults); pass HttpLimits.from_settings(settings).
     """
     tls_kwargs: dict[str, Any] = tls.uvicorn_kwargs() if tls else {}
     server = _Server(
@@ -58,7 +63,7 @@ def serve_app(
             host=host,
             port=port,
             loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
-            http="httptools",
+            http=protocol_class(limits or HttpLimits()),
             access_log=False,
             log_config=None,
             log_level="warning",
