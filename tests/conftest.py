@@ -14,7 +14,21 @@ import psutil
 import pytest
 
 from sage.common.config.settings import SageSettings
+from sage.common.grpc.auth import set_process_token
+from sage.common.security import new_secret
 from sage.common.utils.processes import free_port, stop_process, wait_http
+
+
+@pytest.fixture(scope="session", autouse=True)
+def internal_token() -> Iterator[str]:
+    """The stack's internal gRPC token for the run: every in-process server demands it and
+    every channel sends it (as a service's main sets it), so no test resolves or creates one
+    under the real ~/.sage. Service subprocesses a test talks to get it as
+    SAGE_INTERNAL_TOKEN."""
+    token = new_secret()
+    set_process_token(token)
+    yield token
+    set_process_token(None)
 
 
 @pytest.fixture

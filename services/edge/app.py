@@ -173,13 +173,9 @@ def estimate_tokens(doc: dict[str, Any], body_size: int) -> int:
 
 
 def request_options(key: ApiKey, tokens: int) -> spb.RequestOptions:
-    """The tenant and its limits for the scheduler's rate limiter."""
-    return spb.RequestOptions(
-        tenant=key.tenant,
-        rate_limit_rpm=key.rate_limit_rpm,
-        rate_limit_tpm=key.rate_limit_tpm,
-        estimated_tokens=tokens if key.rate_limit_tpm else 0,
-    )
+    """The caller's key: the scheduler resolves the tenant and its limits from it in its own
+    key table, so a direct gRPC caller cannot name another tenant or lift its limits."""
+    return spb.RequestOptions(api_key=key.key, estimated_tokens=tokens if key.rate_limit_tpm else 0)
 
 
 def with_scheduling_hints(

@@ -26,7 +26,7 @@ from sage.common.exceptions import (
     OverloadedError,
     ServiceUnavailableError,
 )
-from sage.common.grpc import call_metadata, from_rpc_error
+from sage.common.grpc import call_metadata, from_rpc_error, token_metadata
 from sage.common.grpc.client import error_from_status, request_metadata
 from sage.common.grpc.server import MAX_MESSAGE_BYTES
 from sage.rpc.scheduler.v1 import scheduler_pb2 as spb
@@ -207,7 +207,10 @@ class SchedulerMux:
     def _open(self) -> _Session:
         session = self._session
         if session is None:
-            session = _Session(self.stub.Multiplex(None))  # type: ignore[arg-type]
+            # The channel has no stream interceptor (hot path): the token goes here.
+            session = _Session(
+                self.stub.Multiplex(None, metadata=token_metadata())  # type: ignore[arg-type]
+            )
             session.reader = asyncio.create_task(self._read(session))
             self._session = session
         return session

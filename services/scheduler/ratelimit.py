@@ -1,8 +1,10 @@
 """Per-tenant rate limits: token buckets on requests and tokens per minute.
 
-The limits arrive with each request (the edge copies them from the caller's API key), so
-the scheduler needs no key store; a bucket is created the first time a tenant is seen and
-follows the limits of the latest request. Everything runs on the event loop's thread.
+Each request carries its caller's API key (the edge forwards the bearer key it checked);
+the tenant and its limits come from the scheduler's own key table (`limits_for`), never
+from the request, so a caller reaching the scheduler directly cannot bill another tenant
+or lift its limits. A bucket is created the first time a tenant is seen and follows the
+limits of its key. Everything runs on the event loop's thread.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from sage.common.apikeys import DEFAULT_TENANT, ApiKeyTable, InvalidApiKeyError, redact_key
 from sage.common.exceptions import RateLimitError
 
 
@@ -27,6 +30,27 @@ class TenantLimits:
     def limited(self) -> bool:
         """True when either limit applies."""
         return self.requests_per_minute > 0 or self.tokens_per_minute > 0
+
+
+def limits_for(keys: ApiKeyTable, api_key: str, estimated_tokens: int = 0) -> TenantLimits:
+    """The tenant and limits of `api_key` in the scheduler's table. Without configured keys
+    every request is the default tenant's, unlimited; with keys, a missing or unknown key
+    is refused (InvalidApiKeyError, UNAUTHENTICATED)."""
+    estimated = max(0, estimated_tokens)
+    if not keys.enabled:
+        return TenantLimits(DEFAULT_TENANT, 0, 0, estimated)
+    if not api_key:
+        raise InvalidApiKeyError(
+            "an API key is required: API keys are configured, and the request's "
+            "options.api_key is empty",
+            param="api_key",
+        )
+    entry = keys.get(api_key)
+    if entry is None:
+        raise InvalidApiKeyError(
+            f"Incorrect API key provided: {redact_key(api_key)}.", param="api_key"
+        )
+    return TenantLimits(entry.tenant, entry.rate_limit_rpm, entry.rate_limit_tpm, estimated)
 
 
 class _Bucket:

@@ -25,7 +25,7 @@ from sage.common.exceptions import (
     OverloadedError,
     ServiceUnavailableError,
 )
-from sage.common.grpc import create_channel, create_server
+from sage.common.grpc import create_channel, create_server, token_metadata
 from sage.common.grpc.server import Registration
 from sage.rpc.common.v1 import common_pb2
 from sage.rpc.scheduler.v1 import scheduler_pb2 as spb
@@ -302,7 +302,7 @@ async def test_malformed_multiplex_messages_get_errors_not_a_broken_call(
     plane: Plane, sim_engine: SimFactory
 ) -> None:
     await plane.register(sim_engine("--ttft-ms", "300"))
-    call: Any = plane.stub.Multiplex(None)  # type: ignore[arg-type]
+    call: Any = plane.stub.Multiplex(None, metadata=token_metadata())  # type: ignore[arg-type]
 
     def one(**fields: Any) -> spb.MultiplexRequest:
         return spb.MultiplexRequest(calls=[spb.MultiplexCall(**fields)])

@@ -32,7 +32,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sage.common.config.settings import SageSettings
 from sage.common.exceptions import ConfigurationError
-from sage.common.grpc import TlsConfig, create_channel, from_rpc_error, tls_from_settings
+from sage.common.grpc import (
+    TlsConfig,
+    create_channel,
+    from_rpc_error,
+    process_token,
+    tls_from_settings,
+)
 from sage.common.utils.processes import stop_process
 from sage.rpc.common.v1 import common_pb2
 from sage.rpc.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
@@ -184,6 +190,7 @@ Launch = Callable[..., tuple[subprocess.Popen[bytes], int]]
 def _base_env(home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SAGE_")}
     env.update({"SAGE_HOME": str(home), "SAGE_DISABLE_NVML": "true", "SAGE_LOG_LEVEL": "WARNING"})
+    env["SAGE_INTERNAL_TOKEN"] = process_token()  # the token this test's channels send
     return env
 
 

@@ -1,7 +1,9 @@
-"""Client channels with a deadline on every call and SAGE context in metadata."""
+"""Client channels with a deadline on every call, the stack's internal token and SAGE
+context in metadata."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -21,6 +23,7 @@ from sage.common.exceptions import (
 from sage.common.utils.logging import request_id_var
 
 from . import metadata as md
+from .auth import process_token
 from .server import MAX_MESSAGE_BYTES
 from .tls import TlsConfig, process_tls
 
@@ -43,21 +46,35 @@ def request_metadata() -> dict[str, str]:
     return meta
 
 
-def call_metadata(meta: grpc.aio.Metadata | None = None) -> grpc.aio.Metadata:
-    """`meta` plus this task's request id and trace context, as the interceptors add them.
+def token_metadata(internal_token: str | None = None) -> grpc.aio.Metadata:
+    """Only the internal token (default: the process's), for a long-lived call opened on a
+    channel without stream interceptors (the edge's Multiplex call): its requests carry
+    their own request ids."""
+    token = internal_token if internal_token is not None else process_token()
+    return grpc.aio.Metadata((md.INTERNAL_TOKEN, token)) if token else grpc.aio.Metadata()
+
+
+def call_metadata(
+    meta: grpc.aio.Metadata | None = None, *, internal_token: str | None = None
+) -> grpc.aio.Metadata:
+    """`meta` plus the internal token (default: the process's; "" for none), this task's
+    request id and trace context, as the interceptors add them.
 
     For calls on a channel made with `intercept_streams=False` (the edge's hot streaming
     path, where the interceptor's per-message wrapper costs ~17% of the edge's CPU).
     """
     meta = meta if meta is not None else grpc.aio.Metadata()
+    token = internal_token if internal_token is not None else process_token()
+    if token and md.INTERNAL_TOKEN not in meta:
+        meta.add(md.INTERNAL_TOKEN, token)
     for key, value in request_metadata().items():
         if key != md.REQUEST_ID or md.REQUEST_ID not in meta:
             meta.add(key, value)
     return meta
 
 
-def _details(details: Any, timeout: float) -> grpc.aio.ClientCallDetails:
-    meta = call_metadata(grpc.aio.Metadata(*(details.metadata or ())))
+def _details(details: Any, timeout: float | None, token: str) -> grpc.aio.ClientCallDetails:
+    meta = call_metadata(grpc.aio.Metadata(*(details.metadata or ())), internal_token=token)
     return grpc.aio.ClientCallDetails(
         method=details.method,
         timeout=details.timeout if details.timeout is not None else timeout,
@@ -68,15 +85,18 @@ def _details(details: Any, timeout: float) -> grpc.aio.ClientCallDetails:
 
 
 class _UnaryUnaryContext(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg,misc]
-    """Never lets a unary call go out without a deadline, a request id and trace context."""
+    """Never lets a unary call go out without a deadline, the internal token, a request id
+    and trace context."""
 
-    def __init__(self, default_timeout: float) -> None:
+    def __init__(self, default_timeout: float, token: str) -> None:
         self.default_timeout = default_timeout
+        self.token = token
 
     async def intercept_unary_unary(
         self, continuation: Callable[..., Any], client_call_details: Any, request: Any
     ) -> Any:
-        return await continuation(_details(client_call_details, self.default_timeout), request)
+        details = _details(client_call_details, self.default_timeout, self.token)
+        return await continuation(details, request)
 
 
 class _UnaryStreamContext(grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[type-arg,misc]
@@ -86,13 +106,72 @@ class _UnaryStreamContext(grpc.aio.UnaryStreamClientInterceptor):  # type: ignor
     type it implements, so one class implementing both would never see streaming calls.
     """
 
-    def __init__(self, default_timeout: float) -> None:
+    def __init__(self, default_timeout: float, token: str) -> None:
         self.default_timeout = default_timeout
+        self.token = token
 
     async def intercept_unary_stream(
         self, continuation: Callable[..., Any], client_call_details: Any, request: Any
     ) -> Any:
-        return await continuation(_details(client_call_details, self.default_timeout), request)
+        details = _details(client_call_details, self.default_timeout, self.token)
+        return await continuation(details, request)
+
+
+class _StreamStreamContext(grpc.aio.StreamStreamClientInterceptor):  # type: ignore[type-arg,misc]
+    """The token and context for bidirectional calls, with no default deadline: such a call
+    (Multiplex) lives as long as the channel; each request on it has its own."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    async def intercept_stream_stream(
+        self, continuation: Callable[..., Any], client_call_details: Any, request_iterator: Any
+    ) -> Any:
+        return await continuation(_details(client_call_details, None, self.token), request_iterator)
+
+
+class _SyncToken(  # type: ignore[misc]
+    grpc.UnaryUnaryClientInterceptor,  # type: ignore[type-arg]
+    grpc.UnaryStreamClientInterceptor,  # type: ignore[type-arg]
+    grpc.StreamUnaryClientInterceptor,  # type: ignore[type-arg]
+    grpc.StreamStreamClientInterceptor,  # type: ignore[type-arg]
+):
+    """Adds the internal token to every call on a blocking channel."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    def _details(self, details: Any) -> Any:
+        return _SyncDetails(
+            details.method,
+            details.timeout,
+            [*(details.metadata or ()), (md.INTERNAL_TOKEN, self.token)],
+            details.credentials,
+            getattr(details, "wait_for_ready", None),
+            getattr(details, "compression", None),
+        )
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+
+class _SyncDetails(
+    collections.namedtuple(
+        "_SyncDetails",
+        ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression"),
+    ),
+    grpc.ClientCallDetails,  # type: ignore[misc]
+):
+    """grpc.ClientCallDetails with the token added (grpc's own class is abstract)."""
 
 
 _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
@@ -109,17 +188,22 @@ def create_channel(
     default_timeout: float = 10.0,
     tls: TlsConfig | None = None,
     intercept_streams: bool = True,
+    internal_token: str | None = None,
 ) -> grpc.aio.Channel:
-    """An aio channel to `addr` whose calls all carry a deadline and SAGE context.
+    """An aio channel to `addr` whose calls all carry a deadline, the internal token and
+    SAGE context.
 
     TLS comes from `tls`, else the process's config (SAGE_TLS_*): with a CA or a certificate
     configured the channel is secure (presenting our certificate for mTLS), else plaintext.
+    The token is `internal_token`, else the process's (auth.process_token); "" sends none.
     Every call site gets it from here, so no channel dials plaintext by accident.
     """
     tls = tls if tls is not None else process_tls()
-    interceptors: list[Any] = [_UnaryUnaryContext(default_timeout)]
+    token = internal_token if internal_token is not None else process_token()
+    interceptors: list[Any] = [_UnaryUnaryContext(default_timeout, token)]
     if intercept_streams:  # else callers pass timeout= and metadata=call_metadata() per call
-        interceptors.append(_UnaryStreamContext(default_timeout))
+        interceptors.append(_UnaryStreamContext(default_timeout, token))
+        interceptors.append(_StreamStreamContext(token))
     if tls.dials_tls:
         return grpc.aio.secure_channel(
             addr,
@@ -130,14 +214,19 @@ def create_channel(
     return grpc.aio.insecure_channel(addr, interceptors=interceptors, options=_CHANNEL_OPTIONS)
 
 
-def create_sync_channel(addr: str, *, tls: TlsConfig | None = None) -> grpc.Channel:
-    """A blocking channel (CLI probes and one-off calls) with the same TLS choice."""
+def create_sync_channel(
+    addr: str, *, tls: TlsConfig | None = None, internal_token: str | None = None
+) -> grpc.Channel:
+    """A blocking channel (CLI probes and one-off calls) with the same TLS and token choice."""
     tls = tls if tls is not None else process_tls()
     if tls.dials_tls:
-        return grpc.secure_channel(
+        channel = grpc.secure_channel(
             addr, tls.channel_credentials(), options=[*_CHANNEL_OPTIONS, *tls.channel_options()]
         )
-    return grpc.insecure_channel(addr, options=_CHANNEL_OPTIONS)
+    else:
+        channel = grpc.insecure_channel(addr, options=_CHANNEL_OPTIONS)
+    token = internal_token if internal_token is not None else process_token()
+    return grpc.intercept_channel(channel, _SyncToken(token)) if token else channel
 
 
 def error_from_status(

@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def probe_grpc(addr: str, service: str, timeout: float, tls: TlsConfig) -> str:
     """'' when SERVING, else what is wrong."""
-    with create_sync_channel(addr, tls=tls) as channel:
+    # Health is open to probes: no token needed (nor a SAGE_HOME to find one in).
+    with create_sync_channel(addr, tls=tls, internal_token="") as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout

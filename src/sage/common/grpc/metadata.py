@@ -8,3 +8,5 @@ ERROR_CLASS = "sage-error"
 ERROR_PARAM = "sage-error-param"
 ERROR_CODE = "sage-error-code"
 RETRY_AFTER = "retry-after"
+# The stack's internal credential on every call between its services (see auth.py).
+INTERNAL_TOKEN = "x-sage-internal-token"

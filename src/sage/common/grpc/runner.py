@@ -16,6 +16,7 @@ from sage.common.exceptions import ConfigurationError
 from sage.common.utils.logging import configure_logging
 from sage.common.utils.tracing import configure_tracing
 
+from .auth import ensure_internal_token, set_process_token
 from .server import SageServer, serve_until_signalled
 from .tls import set_process_tls, tls_from_settings
 
@@ -51,6 +52,8 @@ def run_service_main(
 ) -> int:
     """Parse --host/--port, build the server from settings, serve until SIGTERM/SIGINT.
 
+    Every call but health and reflection must carry the stack's internal token (auth.py).
+
     The bind address defaults to SAGE_HOST, itself 127.0.0.1: a service is reachable from
     other hosts only when configured so (and then should use SAGE_TLS_*).
     """
@@ -66,6 +69,9 @@ def run_service_main(
         return 2
     try:
         set_process_tls(tls_from_settings(settings))
+        # The token its server demands and its channels send; `sage llm serve` hands its
+        # children the file, a service started alone creates it in SAGE_HOME.
+        set_process_token(ensure_internal_token(settings))
     except ConfigurationError as exc:
         print(f"{service}: cannot start: {exc.message}", file=sys.stderr)
         return 2
@@ -83,6 +89,9 @@ def run_service_main(
         run_event_loop(_main())
     except KeyboardInterrupt:  # second Ctrl-C during shutdown
         return 130
+    except ConfigurationError as exc:  # e.g. an unreadable SAGE_API_KEYS_FILE
+        print(f"{service}: cannot start: {exc.message}", file=sys.stderr)
+        return 2
     except OSError as exc:
         logging.getLogger(f"sage.{service}").error("cannot start: %s", exc)
         return 1

@@ -1,4 +1,5 @@
-"""asyncio gRPC server with health, reflection, error mapping and graceful shutdown."""
+"""asyncio gRPC server with health, reflection, authentication, error mapping and graceful
+shutdown."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from sage.common.exceptions import SageError
 from sage.common.utils.logging import request_id_var
 
 from . import metadata as md
+from .auth import ServerAuth, process_token
 from .tls import TlsConfig, process_tls
 
 log = logging.getLogger("sage.grpc")
@@ -119,9 +121,42 @@ async def _decode(decode: Any, raw: Any, method: str, context: Context) -> Any:
         )
 
 
+def _unauthenticated(handler: Handler, method: str) -> Handler:
+    """A handler of `handler`'s kind that refuses the call without reading its request."""
+    message = (
+        f"{method}: missing or wrong internal token ({md.INTERNAL_TOKEN}); calls between "
+        "SAGE services carry the stack's token (SAGE_INTERNAL_TOKEN or "
+        "$SAGE_HOME/llm/internal.token)"
+    )
+
+    async def refuse(context: Context) -> None:
+        log.warning("unauthenticated rpc refused", extra={"method": method})
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def unary(request: Any, context: Context) -> Any:
+        await refuse(context)
+
+    async def streamed(request: Any, context: Context) -> AsyncIterator[Any]:
+        await refuse(context)
+        yield  # pragma: no cover - abort raised
+
+    serialize = handler.response_serializer
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(unary, response_serializer=serialize)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(streamed, response_serializer=serialize)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(unary, response_serializer=serialize)
+    return grpc.stream_stream_rpc_method_handler(streamed, response_serializer=serialize)
+
+
 class _SageServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg,misc]
-    """Request id, tracing, and SageError → status for every handler (bidirectional
-    streams: the status only)."""
+    """Authentication, request id, tracing, and SageError → status for every handler
+    (bidirectional streams: the status only). Health and reflection stay open: probes and
+    tools use them, and they reveal nothing a port scan does not."""
+
+    def __init__(self, auth: ServerAuth) -> None:
+        self._auth = auth
 
     async def intercept_service(
         self,
@@ -134,6 +169,8 @@ class _SageServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-a
         method: str = handler_call_details.method
         if method.startswith(("/grpc.health", "/grpc.reflection")):
             return handler
+        if not self._auth.allows(handler_call_details.invocation_metadata):
+            return _unauthenticated(handler, method)
         if handler.unary_unary is not None:
             inner: Any = handler.unary_unary
             decode: Any = handler.request_deserializer
@@ -275,15 +312,24 @@ def create_server(
     *,
     extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),  # type: ignore[type-arg]
     tls: TlsConfig | None = None,
+    internal_token: str | None = None,
 ) -> tuple[SageServer, int]:
     """Build (not start) a server on `addr` (port 0 picks one); returns it and its port.
 
     It listens with TLS (mTLS with client_auth) when `tls`, or else the process's TLS
-    config (SAGE_TLS_*), has a certificate; otherwise plaintext.
+    config (SAGE_TLS_*), has a certificate; otherwise plaintext. Every call but health and
+    reflection must carry `internal_token` (default: the process's, auth.process_token),
+    or come over mTLS, else it is refused with UNAUTHENTICATED.
     """
     tls = tls if tls is not None else process_tls()
+    auth = ServerAuth(
+        internal_token if internal_token is not None else process_token(),
+        client_certs_verified=tls.serves_tls and tls.client_auth and tls.ca_pem is not None,
+    )
+    if not auth.token:
+        raise ValueError("internal_token must not be empty")
     server = grpc.aio.server(
-        interceptors=[*extra_interceptors, _SageServerInterceptor()],
+        interceptors=[*extra_interceptors, _SageServerInterceptor(auth)],
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

@@ -60,8 +60,11 @@ class RequestOptions(_message.Message):
     RATE_LIMIT_RPM_FIELD_NUMBER: _builtins.int
     RATE_LIMIT_TPM_FIELD_NUMBER: _builtins.int
     ESTIMATED_TOKENS_FIELD_NUMBER: _builtins.int
+    API_KEY_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
-    """Tenant the request is accounted to (from the API key or a header)."""
+    """Ignored: the scheduler takes the tenant from `api_key` in its own key table, so a
+    caller cannot bill another tenant. Kept for wire compatibility.
+    """
     priority: _builtins.str
     """Priority class name (e.g. "high", "normal", "low"); empty means the default."""
     session_key: _builtins.str
@@ -71,12 +74,20 @@ class RequestOptions(_message.Message):
     slo_ttft_ms: _builtins.int
     """Time-to-first-token target in milliseconds; 0 means the model's default."""
     rate_limit_rpm: _builtins.int
-    """The tenant's request limit per minute (from its API key); 0 means unlimited."""
+    """Ignored: limits come from the scheduler's key table (see api_key). Kept for wire
+    compatibility.
+    """
     rate_limit_tpm: _builtins.int
-    """The tenant's token limit per minute (prompt + completion); 0 means unlimited."""
+    """Ignored, as rate_limit_rpm."""
     estimated_tokens: _builtins.int
     """Tokens this request is expected to use (prompt estimate + max_tokens), charged
     against rate_limit_tpm up front; 0 lets the scheduler estimate from the body size.
+    """
+    api_key: _builtins.str
+    """The caller's API key (the edge forwards the bearer key it checked). With API keys
+    configured (SAGE_API_KEYS / SAGE_API_KEYS_FILE) the scheduler resolves the tenant and
+    its limits from it and refuses a missing or unknown key with UNAUTHENTICATED; without
+    keys every request is the default tenant's.
     """
     def __init__(
         self,
@@ -89,10 +100,11 @@ class RequestOptions(_message.Message):
         rate_limit_rpm: _builtins.int = ...,
         rate_limit_tpm: _builtins.int = ...,
         estimated_tokens: _builtins.int = ...,
+        api_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["estimated_tokens", b"estimated_tokens", "priority", b"priority", "rate_limit_rpm", b"rate_limit_rpm", "rate_limit_tpm", b"rate_limit_tpm", "session_key", b"session_key", "slo_e2e_ms", b"slo_e2e_ms", "slo_ttft_ms", b"slo_ttft_ms", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "estimated_tokens", b"estimated_tokens", "priority", b"priority", "rate_limit_rpm", b"rate_limit_rpm", "rate_limit_tpm", b"rate_limit_tpm", "session_key", b"session_key", "slo_e2e_ms", b"slo_e2e_ms", "slo_ttft_ms", b"slo_ttft_ms", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
