@@ -19,7 +19,7 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
@@ -39,6 +39,8 @@ from sage.common.grpc.tls import process_tls
 
 from .backends import get_backend, list_backends, resolve_backend
 from .backends.base import Backend
+from .external_engines import ExternalEnginePolicy, parse_base_url, probe_models
+from .policy import LaunchPolicy, check_name
 from .spec import EngineSpec, validate_spec
 from .store import (
     FAILED,
@@ -55,6 +57,9 @@ log = logging.getLogger("sage.lifecycle")
 
 Registrar = Callable[[EngineRecord], Awaitable[None]]
 Deregistrar = Callable[[str], Awaitable[None]]
+# Ids of engines elsewhere (other nodes) that lifecycle started and that serve one of the
+# names given: an external engine must not silently join their pool.
+ManagedLookup = Callable[[frozenset[str]], Awaitable[list[str]]]
 
 # Log files are rotated when an engine (re)starts and its log is over this size. Engines
 # write straight to the file (no pipe through lifecycle), so they survive a lifecycle restart.
@@ -111,6 +116,10 @@ async def _noop_deregister(engine_id: str) -> None:
     return None
 
 
+async def _no_other_nodes(names: frozenset[str]) -> list[str]:
+    return []
+
+
 @dataclass(frozen=True)
 class RestartPolicy:
     """Crash handling: backoff doubles from `initial_s` to `max_s`; more than `max_crashes`
@@ -126,9 +135,19 @@ def _slug(model: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-")[-40:].strip("-") or "engine"
 
 
-def _missing_local_path(model: str) -> bool:
-    """A model given as a filesystem path that does not exist (an HF id is not a path)."""
-    return model.startswith(("/", "./", "~")) and not Path(model).expanduser().exists()
+def _logs_hint(engine_id: str) -> str:
+    return f"see `sage llm logs {engine_id}`"
+
+
+def _port_free(port: int, host: str, *, bindable: bool) -> bool:
+    """Nothing answers on host:port (and, with bindable, a listener could bind it now)."""
+    if not bindable:
+        return SagePorts.is_available(port, host, 0.3)
+    try:
+        SagePorts.find_available_port(port, port, host=host, timeout=0.3)
+    except (RuntimeError, ValueError):
+        return False
+    return True
 
 
 def _alive(pid: int) -> bool:
@@ -173,8 +192,17 @@ class EngineLifecycleManager:
         watch_interval_s: float = 0.5,
         health_interval_s: float = 0.2,
         advertise_host: str = "",
+        policy: LaunchPolicy | None = None,
+        external_policy: ExternalEnginePolicy | None = None,
+        managed_elsewhere: ManagedLookup = _no_other_nodes,
     ) -> None:
         self.log_dir = state_dir / "logs"
+        # Engines run in a private, empty folder: a relative name (a Hub id) never finds a
+        # local folder of the same name, and `python -m` imports nothing planted there.
+        self.run_dir = state_dir / "engines"
+        self.policy = policy or LaunchPolicy()
+        self.external_policy = external_policy or ExternalEnginePolicy()
+        self._managed_elsewhere = managed_elsewhere
         self.store = EngineStore(state_dir / "engines.json")
         self._register = register
         self._deregister = deregister
@@ -209,29 +237,28 @@ class EngineLifecycleManager:
     async def start(self, spec: EngineSpec, *, wait: bool = True) -> EngineRecord:
         """Start an engine; with wait, return once it is ready (or raise why it is not)."""
         validate_spec(spec)
-        if _missing_local_path(spec.model):
-            raise InvalidRequestError(f"model path {spec.model} does not exist", param="model_id")
         gpu_count = await self.gpus.gpu_count()
         backend = resolve_backend(spec, gpu_count=gpu_count)
         if spec.kind not in backend.kinds:
             raise InvalidRequestError(
                 f"backend {backend.name} does not serve {spec.kind} engines", param="backend"
             )
-        if backend.launches_process:
-            availability = backend.availability()
-            if not availability.ok:
-                raise InvalidRequestError(
-                    f"backend {backend.name} cannot run here: {availability.reason}",
-                    param="backend",
-                )
+        self._check_launch(spec, backend)
+        if not backend.launches_process:
+            return await self._start_external(spec, backend)
+        availability = backend.availability()
+        if not availability.ok:
+            raise InvalidRequestError(
+                f"backend {backend.name} cannot run here: {availability.reason}",
+                param="backend",
+            )
         async with self._lock:
             engine_id = spec.engine_id or f"{_slug(spec.model)}-{uuid.uuid4().hex[:6]}"
             current = self._records.get(engine_id)
             if current is not None and current.state in LIVE_STATES:
                 raise ConflictError(f"engine {engine_id!r} already exists", param="engine_id")
-            if not backend.launches_process:
-                return await self._adopt_external(engine_id, spec, backend)
-            port = self._pick_port(spec)
+            used = {r.port for r in self._records.values() if r.state in LIVE_STATES}
+            port = await asyncio.to_thread(self._pick_port, spec, used)
             use_gpu = backend.uses_gpu and spec.use_gpu is not False and gpu_count > 0
             if spec.use_gpu and gpu_count == 0:
                 raise InsufficientResourcesError(
@@ -266,41 +293,93 @@ class EngineLifecycleManager:
             return record
         return await self._finish_start(record, backend, raise_errors=True)
 
-    async def _adopt_external(
-        self, engine_id: str, spec: EngineSpec, backend: Backend
-    ) -> EngineRecord:
-        if not spec.base_url.startswith(("http://", "https://")):
-            raise InvalidRequestError("base_url must be an http(s) URL", param="base_url")
-        try:
-            url = httpx.URL(spec.base_url)
-        except httpx.InvalidURL as exc:
-            raise InvalidRequestError(
-                f"base_url is not a valid URL: {exc}", param="base_url"
-            ) from None
-        record = EngineRecord(
-            engine_id=engine_id,
-            spec=spec,
-            backend=backend.name,
-            base_url=spec.base_url.rstrip("/").removesuffix("/v1"),
-            host=url.host,
-            port=url.port or 0,
-            state=READY,
+    def _check_launch(self, spec: EngineSpec, backend: Backend) -> None:
+        """The launch policy (policy.py): model, aliases, extra_args and port."""
+        for alias in spec.aliases:
+            check_name(alias, "aliases", "alias")
+        if not backend.launches_process:
+            # Never on an argv: any name the remote serves, minus option-like and bidi ones.
+            check_name(spec.model, "model_id", "model_id")
+            if spec.extra_args:
+                raise InvalidRequestError(
+                    "extra_args are for engines lifecycle starts, not external ones",
+                    param="extra_args",
+                )
+            return
+        self.policy.check_model(spec.model)
+        self.policy.check_extra_args(backend.name, spec.extra_args)
+        if spec.port:
+            self.policy.check_port(spec.port)
+
+    async def _start_external(self, spec: EngineSpec, backend: Backend) -> EngineRecord:
+        """Register an engine someone else runs, once its address is allowed and it answers
+        for the model; never into the pool of engines lifecycle started, unless asked."""
+        url = parse_base_url(spec.base_url)
+        await asyncio.to_thread(self.external_policy.check_address, url)
+        base_url = spec.base_url.rstrip("/").removesuffix("/v1")
+        names = frozenset((spec.model, *spec.aliases))
+        await probe_models(self._http, base_url, [spec.model, *spec.aliases])
+        elsewhere = [] if spec.join_existing_model else await self._managed_elsewhere(names)
+        async with self._lock:
+            engine_id = spec.engine_id or f"{_slug(spec.model)}-{uuid.uuid4().hex[:6]}"
+            current = self._records.get(engine_id)
+            if current is not None and current.state in LIVE_STATES:
+                raise ConflictError(f"engine {engine_id!r} already exists", param="engine_id")
+            if not spec.join_existing_model:
+                serving = sorted({*self._managed_serving(names), *elsewhere})
+                if serving:
+                    raise ConflictError(
+                        f"model {spec.model!r} is served by engines lifecycle started "
+                        f"({', '.join(serving)}); an external engine joins their pool only "
+                        "when the request sets join_existing_model",
+                        param="model_id",
+                    )
+            record = EngineRecord(
+                engine_id=engine_id,
+                spec=spec,
+                backend=backend.name,
+                base_url=base_url,
+                host=url.host,
+                port=url.port or 0,
+                state=READY,
+            )
+            self._set(record)
+            await self._register(record)
+        log.info(
+            "external engine registered",
+            extra={
+                "engine_id": engine_id,
+                "base_url": base_url,
+                "joined": spec.join_existing_model,
+            },
         )
-        self._set(record)
-        await self._register(record)
         return record
 
-    def _pick_port(self, spec: EngineSpec) -> int:
-        used = {r.port for r in self._records.values() if r.state in LIVE_STATES}
+    def _managed_serving(self, names: Iterable[str]) -> list[str]:
+        """Live engines lifecycle started here that answer to one of `names`."""
+        wanted = set(names)
+        return [
+            r.engine_id
+            for r in self._records.values()
+            if r.state in LIVE_STATES
+            and r.backend != "external"
+            and wanted.intersection((r.spec.model, *r.spec.aliases))
+        ]
+
+    def _pick_port(self, spec: EngineSpec, used: set[int]) -> int:
+        """The caller's port if free, else a free one from the policy's range (in a thread:
+        it dials each candidate)."""
         if spec.port:
-            if spec.port in used or not SagePorts.is_available(spec.port, spec.host, 0.3):
+            if spec.port in used or not _port_free(spec.port, spec.host, bindable=False):
                 raise ConflictError(f"port {spec.port} is already in use", param="port")
             return spec.port
-        for _ in range(20):
-            port = SagePorts.find_available_port(host=spec.host)
-            if port not in used:
+        for port in self.policy.candidate_ports():
+            if port not in used and _port_free(port, spec.host, bindable=True):
                 return port
-        raise ConflictError("no free port in the engine port range", param="port")
+        lo, hi = self.policy.port_range
+        raise ConflictError(
+            f"no free port in the engine port range {lo}-{hi} (SAGE_ENGINE_PORTS)", param="port"
+        )
 
     async def _reserve(self, engine_id: str, spec: EngineSpec, backend: Backend) -> list[int]:
         per_gpu = int(spec.required_memory_gb * 2**30)
@@ -319,18 +398,33 @@ class EngineLifecycleManager:
         if log_path.exists() and log_path.stat().st_size > LOG_ROTATE_BYTES:
             os.replace(log_path, log_path.with_suffix(".log.1"))
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **plan.env}
+        self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         with open(log_path, "ab") as log_file:
             log_file.write(f"=== {time.strftime('%F %T')} starting: {plan.argv}\n".encode())
             log_file.flush()
             # Popen (vfork + exec), not the event loop's fork: forking a process that runs
             # gRPC threads under uvloop can crash the child before exec.
-            proc = subprocess.Popen(
-                plan.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
+            try:
+                proc = subprocess.Popen(
+                    plan.argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    cwd=self.run_dir,
+                )
+            except OSError as exc:
+                # The program path and argv stay in the engine's log and lifecycle's log.
+                log_file.write(f"=== could not launch: {exc!r}\n".encode())
+                log.error(
+                    "engine could not be launched",
+                    extra={"engine_id": record.engine_id, "argv": plan.argv, "error": repr(exc)},
+                )
+                raise EngineStartError(
+                    f"engine {record.engine_id} could not be launched "
+                    f"({exc.strerror or type(exc).__name__}); {_logs_hint(record.engine_id)}",
+                    param="backend",
+                ) from None
         self._procs[record.engine_id] = proc
         log.info(
             "engine launched",
@@ -361,19 +455,26 @@ class EngineLifecycleManager:
             self._ensure_watcher()
             return record
         except BaseException as exc:
-            reason = exc.message if isinstance(exc, EngineStartError) else repr(exc)
+            # Callers get what failed and where to look; details stay in lifecycle's log.
+            reason = (
+                exc.message
+                if isinstance(exc, EngineStartError)
+                else f"engine {record.engine_id} failed to start ({type(exc).__name__}); "
+                f"{_logs_hint(record.engine_id)}"
+            )
             await self._kill(record.engine_id)
             await self.gpus.release(record.engine_id)
             failed = self._set(
                 replace(self._records[record.engine_id], state=FAILED, error=reason, pid=0)
             )
             log.error(
-                "engine failed to start", extra={"engine_id": failed.engine_id, "error": reason}
+                "engine failed to start",
+                extra={"engine_id": failed.engine_id, "error": reason, "cause": repr(exc)},
             )
             if isinstance(exc, asyncio.CancelledError) or raise_errors:
                 if isinstance(exc, EngineStartError | asyncio.CancelledError):
                     raise
-                raise EngineStartError(f"engine {record.engine_id} failed: {reason}") from exc
+                raise EngineStartError(reason) from None
             return failed
         finally:
             self._busy.discard(record.engine_id)
@@ -384,10 +485,10 @@ class EngineLifecycleManager:
         while True:
             proc = self._procs.get(record.engine_id)
             if proc is not None and proc.poll() is not None:
-                tail = "\n".join(self.tail_logs(record.engine_id, 20))
+                # No log lines here: they hold the argv and tracebacks (`sage llm logs`).
                 raise EngineStartError(
                     f"engine {record.engine_id} exited with code {proc.returncode} while "
-                    f"starting; last log lines:\n{tail}"
+                    f"starting; {_logs_hint(record.engine_id)}"
                 )
             healthy = False
             with contextlib.suppress(httpx.HTTPError):
@@ -397,7 +498,8 @@ class EngineLifecycleManager:
                 return
             if time.monotonic() > deadline:
                 raise EngineStartError(
-                    f"engine {record.engine_id} not healthy after {timeout_s:g}s at {url}"
+                    f"engine {record.engine_id} not healthy after {timeout_s:g}s; "
+                    f"{_logs_hint(record.engine_id)}"
                 )
             await asyncio.sleep(self._health_interval_s)
 

@@ -25,8 +25,10 @@ from sage.rpc.lifecycle.v1 import lifecycle_pb2 as pb
 from sage.rpc.lifecycle.v1 import lifecycle_pb2_grpc as pb_grpc
 from sage.rpc.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 
-from .agent import NodeAgent, advertise_host_of, node_id_of
+from .agent import NodeAgent, node_id_of
+from .external_engines import ExternalEnginePolicy
 from .manager import EngineLifecycleManager, RestartPolicy
+from .policy import LaunchPolicy, engine_bind_host
 from .spec import EngineSpec
 from .store import FAILED, READY, STARTING, STOPPED, STOPPING, EngineRecord
 
@@ -97,6 +99,7 @@ def spec_from_pb(request: pb.StartEngineRequest, host: str) -> EngineSpec:
         aliases=tuple(request.aliases),
         role=role_name(request.role),
         metadata=dict(request.metadata),
+        join_existing_model=request.join_existing_model,
     )
 
 
@@ -255,6 +258,23 @@ def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageS
                 scheduler_pb2.DeregisterEngineRequest(engine_id=engine_id)
             )
 
+    async def managed_elsewhere(names: frozenset[str]) -> list[str]:
+        """Engines other lifecycles (other nodes) started that serve one of `names`, as the
+        scheduler knows them; an unreachable scheduler leaves this node's own check."""
+        try:
+            reply = await scheduler.ListEngines(scheduler_pb2.ListEnginesRequest())
+        except grpc.RpcError as err:
+            log.warning(
+                "scheduler unreachable; checked this node's engines only",
+                extra={"error": err.details()},
+            )
+            return []
+        return [
+            e.engine_id
+            for e in reply.engines
+            if e.backend not in ("", "external") and names.intersection((e.model, *e.aliases))
+        ]
+
     manager = EngineLifecycleManager(
         settings.llm_state_dir,
         register=register,
@@ -264,7 +284,10 @@ def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageS
             initial_s=settings.lifecycle_restart_backoff_s,
             max_crashes=settings.lifecycle_max_crashes,
         ),
-        advertise_host=advertise_host_of(settings),
+        advertise_host=settings.advertise_host,
+        policy=LaunchPolicy.from_settings(settings),
+        external_policy=ExternalEnginePolicy.from_settings(settings),
+        managed_elsewhere=managed_elsewhere,
     )
     bound: dict[str, int] = {}
     agent = NodeAgent(
@@ -280,7 +303,12 @@ def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageS
             Registration(
                 pb.DESCRIPTOR.services_by_name["LifecycleService"].full_name,
                 pb_grpc.add_LifecycleServiceServicer_to_server,
-                LifecycleServicer(manager, settings.host, node_id, agent),
+                LifecycleServicer(
+                    manager,
+                    engine_bind_host(settings.host, settings.advertise_host),
+                    node_id,
+                    agent,
+                ),
             )
         ],
     )

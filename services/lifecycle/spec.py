@@ -39,6 +39,9 @@ class EngineSpec:
     role: str = "both"  # both | prefill | decode (PD routing)
     labels: dict[str, str] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
+    # External engines only: serve a model that engines lifecycle started already serve
+    # (their traffic is then shared with it). Off, such a registration is a conflict.
+    join_existing_model: bool = False
 
     @property
     def gpus_needed(self) -> int:

@@ -78,19 +78,66 @@ class EngineDisconnectedError(UpstreamError):
     default_code = "engine_disconnected"
 
 
-def _engine_error(engine: EngineRecord, status: int, content: bytes) -> SageError:
-    """Map an engine's HTTP error (OpenAI or vLLM error JSON) to a SageError."""
-    message, param = content.decode(errors="replace")[:500] or f"HTTP {status}", None
+# An engine's own error message is passed on up to this many characters; anything else an
+# engine (or whatever answers at its address) sends is summarised, never echoed.
+MAX_ENGINE_MESSAGE_CHARS = 300
+_MAX_PARAM_CHARS = 64
+
+
+def _clip(text: str, limit: int) -> str:
+    """`text` on one line, without control characters, at most `limit` characters."""
+    text = "".join(ch if ch.isprintable() else " " for ch in text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def openai_error_parts(content: bytes) -> tuple[str, str | None] | None:
+    """(message, param) of an OpenAI-shaped error body (OpenAI's `{"error": {...}}`, vLLM's
+    older `{"object": "error", ...}`, TEI's `{"error": "...", "error_type": ...}`), clipped;
+    None for any other body."""
     try:
         doc: Any = orjson.loads(content)
-        err = doc.get("error", doc) if isinstance(doc, dict) else {}
-        if isinstance(err, dict):
-            message = str(err.get("message") or message)
-            param = err.get("param") if isinstance(err.get("param"), str) else None
-        elif isinstance(err, str):
-            message = err
     except orjson.JSONDecodeError:
-        pass
+        return None
+    if not isinstance(doc, dict):
+        return None
+    err = doc.get("error")
+    if isinstance(err, dict) and isinstance(err.get("message"), str):
+        message, param = err["message"], err.get("param")
+    elif doc.get("object") == "error" and isinstance(doc.get("message"), str):
+        message, param = doc["message"], doc.get("param")
+    elif isinstance(err, str) and isinstance(doc.get("error_type"), str):
+        message, param = err, None
+    else:
+        return None
+    clipped_param = _clip(param, _MAX_PARAM_CHARS) if isinstance(param, str) and param else None
+    return _clip(message, MAX_ENGINE_MESSAGE_CHARS), clipped_param
+
+
+def summarise_reply(status: int, content: bytes) -> str:
+    """`HTTP 500 (html, 1234 bytes)`: what came back, without what it said."""
+    head = content[:64].lstrip().lower()
+    if not head:
+        kind = "empty"
+    elif head.startswith((b"<!doctype html", b"<html", b"<")):
+        kind = "html"
+    elif head.startswith((b"{", b"[")):
+        kind = "json"
+    else:
+        kind = "text"
+    return f"HTTP {status} ({kind}, {len(content)} bytes)"
+
+
+def _engine_error(engine: EngineRecord, status: int, content: bytes) -> SageError:
+    """Map an engine's HTTP error to a SageError. An OpenAI-shaped error keeps its message
+    (clipped); any other body (an HTML page, some other service's reply) is summarised, so
+    a caller never reads what an address answered."""
+    parts = openai_error_parts(content)
+    if parts is None:
+        return UpstreamError(
+            f"engine {engine.engine_id} returned {summarise_reply(status, content)}, not an "
+            "OpenAI error; see the engine's log"
+        )
+    message, param = parts
     if status == 404 and (param == "model" or "model" in message.lower()):
         exc: SageError = ModelNotFoundError(param or "model", message=message)
         return exc

@@ -19,7 +19,7 @@ import httpx
 import psutil
 import pytest
 
-from sage.common.exceptions import EngineNotFoundError, InvalidRequestError
+from sage.common.exceptions import ConflictError, EngineNotFoundError, InvalidRequestError
 from sage.common.utils.processes import free_port
 from sage.llm.management import ManagementClient
 
@@ -79,6 +79,8 @@ def _start_stack(home: Path, **extra_env: str) -> Stack:
         "SAGE_GPU_MANAGER_PORT": str(free_port()),
         "SAGE_EMBEDDING_SERVICE_PORT": str(free_port()),
         "SAGE_DISABLE_NVML": "1",
+        # the external engine registered below is serve's own sim, on loopback
+        "SAGE_EXTERNAL_ENGINE_ALLOW": "127.0.0.1",
     }
     for name in ("SAGE_UNIFIED_BASE_URL", "SAGE_ADMIN_API_KEY"):
         env.pop(name, None)
@@ -309,8 +311,12 @@ def test_python_client_status_backends_gpu_register(stack: Stack) -> None:
         gpu = client.gpu()
         assert isinstance(gpu, dict) and gpu  # NVML is off here: a report with no GPUs
         serving = next(e for e in client.list_engines() if e.model_id == "sim")
+        # An external engine joins the pool of a model lifecycle's engines serve only when
+        # asked to (it is probed first: it must serve the model).
+        with pytest.raises(ConflictError):
+            client.register_engine("sim", serving.base_url)
         external = client.register_engine(
-            "sim-external", serving.base_url, engine_label="e2e-external"
+            "sim", serving.base_url, engine_label="e2e-external", join_existing_model=True
         )
         assert (external.status, external.pid) == ("RUNNING", None)
         assert client.get_engine(external.engine_id).engine_label == "e2e-external"

@@ -79,6 +79,8 @@ def plane_settings(home: Path, **extra: Any) -> SageSettings:
         rpc_timeout_s=10.0,
         request_timeout_s=30.0,
         disable_nvml=not Path("/dev/nvidia0").exists(),
+        # test engines are sims on loopback, registered as external engines
+        external_engine_allow="127.0.0.1",
         gpu_manager_addr=f"127.0.0.1:{ports['gpu']}",
         embedding_service_addr=f"127.0.0.1:{ports['emb']}",
         scheduler_addr=f"127.0.0.1:{ports['sched']}",

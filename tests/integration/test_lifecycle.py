@@ -6,11 +6,12 @@ import asyncio
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-import httpx
 import psutil
 import pytest
 
@@ -156,10 +157,28 @@ async def test_minilm_embedding_engine_through_the_api(full_plane: Any) -> None:
 
 
 def _busy_port() -> socket.socket:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen()
-    return sock
+    """A listening socket on a port of the engine port range (8900-8999 by default)."""
+    for port in range(8900, 9000):
+        sock = socket.socket()
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            sock.close()
+            continue
+        sock.listen()
+        return sock
+    raise AssertionError("every port of the engine range is taken")
+
+
+class _Health(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("content-length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Quiet."""
 
 
 @pytest.mark.parametrize(
@@ -205,18 +224,25 @@ async def test_port_in_use_and_unknown_ids(full_plane: Any) -> None:
 
 
 async def test_a_stranger_on_the_engines_port_is_not_taken_for_the_engine(
-    full_plane: Any, sim_engine: Any, monkeypatch: pytest.MonkeyPatch
+    full_plane: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Another stack's engine grabbing the port between the check and the bind: the health
     probe answers 200, but from someone else; the start must fail, nothing gets routed."""
     from sage.common.config.ports import SagePorts
 
-    port = httpx.URL(sim_engine()).port
+    with _busy_port() as reserved:
+        port = reserved.getsockname()[1]
+    stranger = ThreadingHTTPServer(("127.0.0.1", port), _Health)
+    threading.Thread(target=stranger.serve_forever, daemon=True).start()
     monkeypatch.setattr(SagePorts, "is_available", staticmethod(lambda *a, **k: True))
-    resp = await full_plane.client.post(
-        "/v1/management/engines",
-        json={"model_id": "sim", "backend": "sim", "port": port, "startup_timeout_s": 30},
-    )
+    try:
+        resp = await full_plane.client.post(
+            "/v1/management/engines",
+            json={"model_id": "sim", "backend": "sim", "port": port, "startup_timeout_s": 30},
+        )
+    finally:
+        stranger.shutdown()
+        stranger.server_close()
     assert resp.status_code >= 400, resp.text
     assert "exited" in resp.json()["error"]["message"]
     assert await routed(full_plane) == []
@@ -228,7 +254,7 @@ async def test_engine_that_fails_to_start_releases_everything(full_plane: Any) -
         json={
             "model_id": "sim",
             "backend": "sim",
-            "extra_args": ["--no-such-flag"],
+            "extra_args": ["--max-num-seqs", "many"],  # allowed flag, value the sim refuses
             "startup_timeout_s": 30,
         },
     )

@@ -16,7 +16,6 @@ import psutil
 import pytest
 
 from sage.common.grpc import create_channel
-from sage.common.utils.processes import free_port
 from sage.llm.presets.loader import PresetError, load_preset
 from sage.rpc.lifecycle.v1 import lifecycle_pb2, lifecycle_pb2_grpc
 
@@ -113,7 +112,6 @@ async def test_metacharacters_in_extra_args_stay_one_argv_element(
             "model_id": "sim-argv",
             "backend": "sim",
             "extra_args": ["--served-model-name", alias],
-            "port": free_port(),  # lifecycle's default range is shared with other runs
             "startup_timeout_s": 60,
         },
         headers=admin(),
