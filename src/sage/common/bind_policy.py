@@ -56,8 +56,8 @@ def missing_for_bind(settings: SageSettings, surface: Surface) -> list[str]:
 
 def check_bind(settings: SageSettings, host: str, what: str, surface: Surface) -> str | None:
     """Refuse (ConfigurationError, exit 2) a non-loopback `host` that lacks what
-    `missing_for_bind` names, unless `settings.insecure`; returns the warning to log when
-    the bind is allowed only because of that override, else None."""
+    `missing_for_bind` names, unless `settings.insecure`; returns the warning `what` logs
+    when the bind is allowed only because of that override, else None."""
     if is_loopback_host(host):
         return None
     missing = missing_for_bind(settings, surface)
@@ -67,7 +67,7 @@ def check_bind(settings: SageSettings, host: str, what: str, surface: Surface) -
     lacking = " and ".join(missing)
     if not settings.insecure:
         raise ConfigurationError(
-            f"{what}: refusing to listen on {where} without {lacking}; "
+            f"refusing to listen on {where} without {lacking}; "
             f"bind 127.0.0.1 (the default), provide them, or {INSECURE_HINT}"
         )
     return (
