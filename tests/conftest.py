@@ -39,6 +39,8 @@ def settings(tmp_path: Path) -> SageSettings:
         rpc_timeout_s=10.0,
         request_timeout_s=30.0,
         disable_nvml=not Path("/dev/nvidia0").exists(),
+        # test engines are sims on loopback, registered as external engines
+        external_engine_allow="127.0.0.1",
     )
 
 

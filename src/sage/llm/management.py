@@ -384,13 +384,18 @@ class ManagementClient:
         engine_kind: EngineKind = "llm",
         engine_id: str | None = None,
         engine_label: str | None = None,
+        join_existing_model: bool = False,
     ) -> EngineInfo:
-        """Put an already running OpenAI-compatible endpoint behind the gateway."""
+        """Put an already running OpenAI-compatible endpoint behind the gateway. Lifecycle
+        first checks that it serves `model_id`; `join_existing_model` lets it share a model
+        that engines lifecycle started already serve (refused otherwise)."""
         body: dict[str, Any] = {
             "model_id": model_id,
             "base_url": base_url,
             "engine_kind": engine_kind,
         }
+        if join_existing_model:
+            body["join_existing_model"] = True
         if engine_id is not None:
             body["engine_id"] = engine_id
         if engine_label is not None:

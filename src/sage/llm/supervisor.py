@@ -410,6 +410,10 @@ class Supervisor:
         env = _child_env(
             self.settings, self.plan.child_env, secrets=self.secrets, model_roots=model_roots
         )
+        for request in self.plan.engines:  # lifecycle's port policy admits serve's own ports
+            if request.port:
+                kind = "EMBEDDING" if request.kind == "embedding" else "LLM"
+                env[f"SAGE_{kind}_PORT"] = str(request.port)
         for name, attr, is_grpc in SERVICES:
             port = getattr(self.settings, attr)
             self.say(f"starting {name:<12} on {self.settings.host}:{port}")
