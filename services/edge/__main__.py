@@ -10,12 +10,11 @@ from collections.abc import Sequence
 import pydantic
 
 from sage.common.bind_policy import check_bind
-from sage.common.config.settings import SageSettings, load_settings
+from sage.common.config.settings import load_settings
 from sage.common.exceptions import ConfigurationError
 from sage.common.grpc.tls import set_process_tls, tls_from_settings
 from sage.common.http.limits import HttpLimits
 from sage.common.http.server import serve_app
-from sage.common.security import admin_key_path, resolve_admin_key
 from sage.common.utils.logging import configure_logging
 from sage.common.utils.tracing import configure_tracing
 
@@ -35,23 +34,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="listen on a non-loopback address without an admin key and TLS (SAGE_INSECURE=1)",
     )
     return parser
-
-
-def auth_posture(settings: SageSettings) -> dict[str, str]:
-    """Who may call what, logged at start: an operator who set tenant API keys sees that
-    management is guarded by the admin key (and where it comes from), not by those keys."""
-    if settings.admin_api_key:
-        admin = "SAGE_ADMIN_API_KEY"
-    elif resolve_admin_key(settings) is not None:
-        admin = f"file {admin_key_path(settings)}"
-    else:
-        admin = "none (management answers 403 to everyone)"
-    tenant_keys = bool(settings.api_keys or settings.api_keys_file)
-    return {
-        "admin_key": admin,
-        "tenant_api_keys": "on (they never open /v1/management)" if tenant_keys else "off",
-        "tls": "on" if settings.tls_cert_file and settings.tls_key_file else "off",
-    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -77,17 +59,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # Before anything is bound: a non-loopback address needs the admin key and TLS.
         bind_warning = check_bind(settings, host, "edge", surface="edge")
-        posture = auth_posture(settings)
     except ConfigurationError as exc:
         print(f"edge: cannot start: {exc.message}", file=sys.stderr)
         return 2
     set_process_tls(tls)
     configure_logging("edge", settings.log_level, settings.log_format)
     configure_tracing("edge", settings.otel_exporter)
-    log = logging.getLogger("sage.edge")
     if bind_warning:
-        log.warning(bind_warning)
-    log.info("auth posture", extra=posture)
+        logging.getLogger("sage.edge").warning(bind_warning)
     try:
         app = create_app(settings, bind_host=host)
         limits = HttpLimits.from_settings(settings)

@@ -11,6 +11,7 @@ from typing import Any
 
 import pydantic
 
+from sage.common.bind_policy import check_bind
 from sage.common.config.settings import SageSettings, load_settings
 from sage.common.exceptions import ConfigurationError
 from sage.common.utils.logging import configure_logging
@@ -44,6 +45,11 @@ def build_parser(service: str, default_port_attr: str) -> argparse.ArgumentParse
         default=None,
         help=f"gRPC port (default: SAGE_{default_port_attr.upper()})",
     )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback bind without an internal token and TLS (SAGE_INSECURE=1)",
+    )
     return parser
 
 
@@ -75,9 +81,19 @@ def run_service_main(
     except ConfigurationError as exc:
         print(f"{service}: cannot start: {exc.message}", file=sys.stderr)
         return 2
+    if args.insecure:
+        settings = settings.model_copy(update={"insecure": True})
+    host = args.host or settings.host
+    try:
+        # Before anything is bound: a non-loopback address needs the token and TLS.
+        bind_warning = check_bind(settings, host, service, surface="grpc")
+    except ConfigurationError as exc:
+        print(f"{service}: cannot start: {exc.message}", file=sys.stderr)
+        return 2
     configure_logging(service, settings.log_level, settings.log_format)
     configure_tracing(service, settings.otel_exporter)
-    host = args.host or settings.host
+    if bind_warning:
+        logging.getLogger(f"sage.{service}").warning(bind_warning)
     port = args.port if args.port is not None else getattr(settings, default_port_attr)
 
     async def _main() -> None:
