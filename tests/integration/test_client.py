@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
+from sage.common.config.settings import SageSettings
 from sage.common.exceptions import (
     AuthenticationError,
     ConflictError,
@@ -48,8 +49,10 @@ SEED_PROMPT = chat_prompt_text(SEED)
 
 
 @pytest.fixture(autouse=True)
-def _no_client_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The developer's own SAGE_* client settings must not leak into these tests."""
+def _no_client_env(monkeypatch: pytest.MonkeyPatch, settings: SageSettings) -> None:
+    """The developer's own SAGE_* client settings must not leak into these tests; the
+    clients run as on the plane's machine, so they find its admin key in its SAGE_HOME."""
+    monkeypatch.setenv("SAGE_HOME", str(settings.home))
     for name in (
         "SAGE_UNIFIED_BASE_URL",
         "SAGE_CHAT_MODEL",
