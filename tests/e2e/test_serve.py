@@ -110,6 +110,9 @@ def test_serve_chat_stream_and_clean_stop(stack: Stack, monkeypatch: pytest.Monk
 
     # The seed's call, with the URL from SAGE_UNIFIED_BASE_URL (the documented precedence).
     monkeypatch.setenv("SAGE_UNIFIED_BASE_URL", stack.base_url)
+    # ... on the stack's machine: the client finds the admin key serve wrote there.
+    monkeypatch.setenv("SAGE_HOME", str(stack.home))
+    monkeypatch.delenv("SAGE_ADMIN_API_KEY", raising=False)
     client = UnifiedInferenceClient.create()
     assert client.base_url == stack.base_url
     resp = client.chat([{"role": "user", "content": "写一份日报"}])
