@@ -30,6 +30,7 @@ import pytest
 
 from sage.common.components.sage_embedding import list_embedding_models
 from sage.common.config.ports import SagePorts
+from sage.common.security import read_secret_file
 from sage.llm.management import ManagementClient
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -206,7 +207,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 raise AssertionError("serve did not come up:\n" + "".join(running.output))
             running.output.append(line)
         # The seed's GPU model, served by a simulator under the same name.
-        with ManagementClient(base_url, api_key="") as mgmt:
+        # Management needs the admin key serve wrote into its SAGE_HOME (the snippets, run
+        # with that SAGE_HOME, find it themselves).
+        admin_key = read_secret_file(home / "llm" / "admin.key")
+        with ManagementClient(base_url, api_key=admin_key) as mgmt:
             engine = mgmt.start_engine(SEED_MODEL, backend="sim")
             assert engine.status == "RUNNING"
         yield running
