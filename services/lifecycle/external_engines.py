@@ -207,6 +207,8 @@ async def _fetch(http: httpx.AsyncClient, url: str, max_bytes: int, where: str) 
                         param="base_url",
                     )
             return bytes(body)
+    except httpx.TimeoutException:
+        raise TimeoutError from None  # one message for every timeout (probe_models)
     except httpx.HTTPError as exc:
         raise InvalidRequestError(
             f"{where} cannot be reached ({_why(exc)})", param="base_url"
@@ -217,8 +219,6 @@ def _why(exc: httpx.HTTPError) -> str:
     """A short reason without the peer's reply: the exception's class, made readable."""
     if isinstance(exc, httpx.ConnectError):  # our side's words (refused, DNS, TLS)
         return f"connection failed: {str(exc)[:200]}"
-    if isinstance(exc, httpx.TimeoutException):
-        return "timed out"
     if isinstance(exc, httpx.RemoteProtocolError):
         return "not an HTTP server"
     return type(exc).__name__
