@@ -222,6 +222,7 @@ async def test_cross_site_requests_are_403_unless_cors_allows_them(
     CORS origins pass, and preflights keep working for the latter."""
     async with edge_only(_edge_settings(settings, **settings_update)) as client:
         port = client.base_url.port
+        assert port is not None
         for headers in (
             {"Origin": "http://evil.example"},
             {"Origin": "null"},
