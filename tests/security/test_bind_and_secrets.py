@@ -82,6 +82,8 @@ def child_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChildPlane
             "SAGE_GPU_MANAGER_PORT": str(free_port()),
             "SAGE_EMBEDDING_SERVICE_PORT": str(free_port()),
             "SAGE_DISABLE_NVML": "1",
+            # engines get a port of their own: the default range is shared with other runs
+            "SAGE_ENGINE_PORTS": str(free_port()),
             "SAGE_LOG_LEVEL": "DEBUG",
             "SAGE_API_KEYS": f"{TENANT_KEY}:tenant-a,{OTHER_TENANT_KEY}:tenant-b",
             "SAGE_ADMIN_API_KEY": ADMIN_KEY,
@@ -130,13 +132,7 @@ def _family(pid: int) -> list[psutil.Process]:
 def _start_sim(plane: ChildPlane) -> dict[str, Any]:
     reply = httpx.post(
         f"{plane.base_url}/v1/management/engines",
-        # An explicit free port: lifecycle's default range is shared with other test runs.
-        json={
-            "model_id": "sim-secure",
-            "backend": "sim",
-            "port": free_port(),
-            "startup_timeout_s": 60,
-        },
+        json={"model_id": "sim-secure", "backend": "sim", "startup_timeout_s": 60},
         headers=admin(),
         timeout=90,
         trust_env=False,
