@@ -301,7 +301,12 @@ def test_admin_key_is_required_and_read_from_the_environment(tmp_path: Path) -> 
         _stop_stack(secured)
 
 
-def test_python_client_status_backends_gpu_register(stack: Stack) -> None:
+def test_python_client_status_backends_gpu_register(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As on the stack's machine: the client finds the admin key serve wrote in SAGE_HOME.
+    monkeypatch.setenv("SAGE_HOME", stack.env["SAGE_HOME"])
+    monkeypatch.delenv("SAGE_ADMIN_API_KEY", raising=False)
     with ManagementClient(stack.base_url) as client:
         status = client.status()
         assert status["llm_available"] is True
