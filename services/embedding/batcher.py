@@ -6,9 +6,9 @@ and counted. A batch is dispatched when an engine has a free slot (least-loaded 
 while engines are busy the next batch keeps growing up to its caps: batch size follows load.
 
 Fairness: an entry larger than one batch is cut into batch-sized slices, and each batch
-takes texts from the waiting entries in turn (round-robin by request, an entry with texts
-left goes to the back). A small request that arrives behind a huge one rides in the next
-batch, so it waits about one batch per engine slot, not the whole huge request.
+shares its caps among the waiting entries, round-robin (sage.common.fairbatch). A small
+request that arrives behind a huge one rides in the next batch, so it waits about one batch
+per engine slot, not the whole huge request.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from sage.common.exceptions import OverloadedError, ServiceUnavailableError
+from sage.common.fairbatch import take_batch
 from sage.common.limits import check_embedding_tokens
 
 from .executor import BatchReply, Endpoint, EngineUnreachableError
@@ -132,6 +133,8 @@ class EmbeddingBatcher:
         """Queue `texts` and wait for their vectors; InvalidRequestError over the per-request
         token cap, OverloadedError when the queue is full."""
         check_embedding_tokens(texts, self.config.max_request_tokens)
+        if not texts:
+            return EmbedOutcome([], [], [])
         if not engines:
             raise ServiceUnavailableError(f"no embedding engine is ready for model {model!r}")
         key = (model, dimensions)
@@ -193,36 +196,18 @@ class EmbeddingBatcher:
             self._slot_freed.notify_all()
 
     def _take(self, lane: _Lane) -> list[_Slice]:
-        """The next batch: each waiting entry in turn gives the texts that still fit under
-        the caps; an entry with texts left goes to the back of the line."""
-        batch: list[_Slice] = []
-        texts = tokens = 0
-        for _ in range(len(lane.queue)):
-            entry = lane.queue[0]
-            if entry.future.done():  # the caller has gone: drop its texts
-                lane.queue.popleft()
-                lane.queued_texts -= entry.remaining
-                self.stats.skipped_entries += 1
-                continue
-            start = end = entry.taken
-            while end < len(entry.texts) and (
-                texts == 0
-                or (
-                    texts < self.config.max_batch_texts
-                    and tokens + entry.costs[end] <= self.config.max_batch_tokens
-                )
-            ):
-                texts += 1
-                tokens += entry.costs[end]
-                end += 1
-            if end == start:  # the batch is full
-                break
-            lane.queue.popleft()
-            entry.taken = end
-            lane.queued_texts -= end - start
-            if entry.remaining:
-                lane.queue.append(entry)
-            batch.append(_Slice(entry, start, end))
+        """The next batch, fair across the lane's waiting entries (sage.common.fairbatch)."""
+        for entry in [e for e in lane.queue if e.future.done()]:  # the caller has gone
+            lane.queue.remove(entry)
+            lane.queued_texts -= entry.remaining
+            self.stats.skipped_entries += 1
+        batch = [
+            _Slice(entry, start, end)
+            for entry, start, end in take_batch(
+                lane.queue, self.config.max_batch_texts, self.config.max_batch_tokens
+            )
+        ]
+        lane.queued_texts -= sum(s.end - s.start for s in batch)
         return batch
 
     async def _run(self, lane: _Lane) -> None:

@@ -4,10 +4,10 @@ While a batch runs on the model thread, new requests pile up and form the next b
 batch size follows load without a fixed wait. Each job carries its own future; jobs whose
 caller has gone are skipped and counted.
 
-A job larger than one batch is cut into batch-sized slices, and each batch takes texts from
-the waiting jobs in turn (round-robin by request): a huge request never becomes one giant
-forward pass, and a small one that arrives behind it rides in the next batch instead of
-waiting for the whole huge one.
+A job larger than one batch is cut into batch-sized slices, and each batch shares its caps
+among the waiting jobs, round-robin (sage.common.fairbatch): a huge request never becomes
+one giant forward pass, and a small one that arrives behind it rides in the next batch
+instead of waiting for the whole huge one.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from sage.common.fairbatch import take_batch
 
 log = logging.getLogger("sage.engines.embedding")
 
@@ -120,6 +122,8 @@ class InProcessBatcher:
 
     async def embed(self, texts: list[str]) -> tuple[Any, list[int]]:
         """Vectors (array, one row per text) and token counts, in input order."""
+        if not texts:
+            return [], []
         self.start()
         job = _Job(
             texts, asyncio.get_running_loop().create_future(), [self._cost(t) for t in texts]
@@ -130,33 +134,18 @@ class InProcessBatcher:
         return await job.future
 
     def _take(self) -> list[_Slice]:
-        """The next batch: each waiting job in turn gives the texts that still fit; a job
-        with texts left goes to the back of the line."""
-        slices: list[_Slice] = []
-        count = chars = 0
-        for _ in range(len(self._queue)):
-            job = self._queue[0]
-            if job.future.done():  # caller went away
-                self._queue.popleft()
-                self.stats.queued_texts -= job.remaining
-                self.stats.skipped_jobs += 1
-                continue
-            start = end = job.taken
-            while end < len(job.texts) and (
-                count == 0
-                or (count < self.max_batch_size and chars + job.costs[end] <= self.max_batch_chars)
-            ):
-                count += 1
-                chars += job.costs[end]
-                end += 1
-            if end == start:  # the batch is full
-                break
-            self._queue.popleft()
-            job.taken = end
-            self.stats.queued_texts -= end - start
-            if job.remaining:
-                self._queue.append(job)
-            slices.append(_Slice(job, start, end))
+        """The next batch, fair across the waiting jobs (sage.common.fairbatch)."""
+        for job in [j for j in self._queue if j.future.done()]:  # callers that went away
+            self._queue.remove(job)
+            self.stats.queued_texts -= job.remaining
+            self.stats.skipped_jobs += 1
+        slices = [
+            _Slice(job, start, end)
+            for job, start, end in take_batch(
+                self._queue, self.max_batch_size, self.max_batch_chars
+            )
+        ]
+        self.stats.queued_texts -= sum(s.end - s.start for s in slices)
         return slices
 
     async def _run(self) -> None:
