@@ -133,18 +133,19 @@ def _engine_error(engine: EngineRecord, status: int, content: bytes) -> SageErro
     a caller never reads what an address answered."""
     parts = openai_error_parts(content)
     if parts is None:
-        return UpstreamError(
-            f"engine {engine.engine_id} returned {summarise_reply(status, content)}, not an "
-            "OpenAI error; see the engine's log"
-        )
-    message, param = parts
-    if status == 404 and (param == "model" or "model" in message.lower()):
-        exc: SageError = ModelNotFoundError(param or "model", message=message)
-        return exc
+        summary = f"{summarise_reply(status, content)}, not an OpenAI error; see its log"
+        message, param = f"engine {engine.engine_id} returned {summary}", None
+    else:
+        message, param = parts
+        if status == 404 and (param == "model" or "model" in message.lower()):
+            exc: SageError = ModelNotFoundError(param or "model", message=message)
+            return exc
     if status in (400, 422):
         return InvalidRequestError(message, param=param)
     if status == 429:
         return OverloadedError(f"engine {engine.engine_id} is overloaded: {message}")
+    if parts is None:
+        return UpstreamError(message)
     return UpstreamError(f"engine {engine.engine_id} returned HTTP {status}: {message}")
 
 
