@@ -22,7 +22,12 @@ import httpx
 import pytest
 
 from sage.common.config.settings import SageSettings
-from sage.common.exceptions import InvalidRequestError, ModelNotFoundError, UpstreamError
+from sage.common.exceptions import (
+    InvalidRequestError,
+    ModelNotFoundError,
+    OverloadedError,
+    UpstreamError,
+)
 from sage.services.lifecycle.external_engines import (
     PROBE_TIMEOUT_S,
     ExternalEnginePolicy,
@@ -421,16 +426,25 @@ def test_openai_error_messages_are_kept_but_clipped() -> None:
 
 
 @pytest.mark.parametrize(
-    ("status", "body", "summary"),
+    ("status", "body", "summary", "kind"),
     [
-        (500, b"<html><title>" + SECRET.encode() + b"</title></html>", "HTTP 500 (html, "),
-        (400, b"plain text " + SECRET.encode(), "HTTP 400 (text, "),
-        (404, json.dumps({"detail": SECRET}).encode(), "HTTP 404 (json, "),
-        (503, b"", "HTTP 503 (empty, 0 bytes)"),
+        (
+            500,
+            b"<html><title>" + SECRET.encode() + b"</title></html>",
+            "HTTP 500 (html, ",
+            UpstreamError,
+        ),
+        (400, b"plain text " + SECRET.encode(), "HTTP 400 (text, ", InvalidRequestError),
+        (429, b"slow down " + SECRET.encode(), "HTTP 429 (text, ", OverloadedError),
+        (404, json.dumps({"detail": SECRET}).encode(), "HTTP 404 (json, ", UpstreamError),
+        (503, b"", "HTTP 503 (empty, 0 bytes)", UpstreamError),
     ],
 )
-def test_other_error_bodies_become_a_summary(status: int, body: bytes, summary: str) -> None:
-    """Anything that is not an OpenAI error is summarised: status, kind and size only."""
+def test_other_error_bodies_become_a_summary(
+    status: int, body: bytes, summary: str, kind: type[Exception]
+) -> None:
+    """Anything that is not an OpenAI error is summarised (status, kind and size only); the
+    status still picks the error class (a 429 stays an overload the scheduler can retry)."""
     err = _engine_error(_ENGINE, status, body)
-    assert isinstance(err, UpstreamError)
+    assert type(err) is kind
     assert summary in err.message and SECRET not in err.message
