@@ -19,6 +19,7 @@ import aiohttp
 import numpy as np
 import orjson
 
+from sage.common.engine_keys import engine_auth_headers
 from sage.common.exceptions import (
     DeadlineExceededError,
     InvalidRequestError,
@@ -35,10 +36,12 @@ _ENCODING_FIELD = "encoding_format"
 
 @dataclass(frozen=True)
 class Endpoint:
-    """An embedding engine to send batches to."""
+    """An embedding engine to send batches to; `managed` ones (started by lifecycle)
+    require their key, derived from the stack's token (sage.common.engine_keys)."""
 
     engine_id: str
     base_url: str
+    managed: bool = False
 
 
 class EngineUnreachableError(UpstreamError):
@@ -239,9 +242,11 @@ class EmbeddingExecutor:
     async def _post(self, engine: Endpoint, url: str, payload: dict[str, Any]) -> tuple[int, bytes]:
         """(status, body) of one POST; connection failures and timeouts as SageErrors."""
         try:
-            async with self._http().post(
-                url, data=orjson.dumps(payload), headers={"content-type": "application/json"}
-            ) as resp:
+            headers = {
+                "content-type": "application/json",
+                **engine_auth_headers(engine.engine_id, engine.managed),
+            }
+            async with self._http().post(url, data=orjson.dumps(payload), headers=headers) as resp:
                 return resp.status, await resp.read()
         except aiohttp.ClientConnectorError as exc:
             raise EngineUnreachableError(

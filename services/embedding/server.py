@@ -33,7 +33,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         outcome = await self.batcher.embed(
             request.model,
             list(request.inputs),
-            [Endpoint(e.engine_id, e.base_url) for e in request.engines],
+            [Endpoint(e.engine_id, e.base_url, managed=e.managed) for e in request.engines],
             request.dimensions,
         )
         total = sum(outcome.tokens)

@@ -28,6 +28,7 @@ import httpx
 import psutil
 
 from sage.common.config.ports import SagePorts
+from sage.common.engine_keys import engine_auth_headers, engine_key, is_managed
 from sage.common.exceptions import (
     ConflictError,
     EngineNotFoundError,
@@ -38,6 +39,7 @@ from sage.common.exceptions import (
 from sage.common.grpc.tls import process_tls
 
 from .backends import get_backend, list_backends, resolve_backend
+from .backends._common import launch_env
 from .backends.base import Backend
 from .external_engines import ExternalEnginePolicy, parse_base_url, probe_models
 from .policy import LaunchPolicy, check_name
@@ -176,6 +178,11 @@ def _listens_on(pid: int, port: int) -> bool:
         if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr[1] == port for c in conns):
             return True
     return False
+
+
+def _auth(record: EngineRecord) -> dict[str, str]:
+    """The Authorization header an engine we launched requires (external: none)."""
+    return engine_auth_headers(record.engine_id, is_managed(record.backend))
 
 
 class EngineLifecycleManager:
@@ -397,7 +404,8 @@ class EngineLifecycleManager:
         log_path = Path(record.log_path)
         if log_path.exists() and log_path.stat().st_size > LOG_ROTATE_BYTES:
             os.replace(log_path, log_path.with_suffix(".log.1"))
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **plan.env}
+        # Its own key (derived from the stack's token) in its environment, never argv.
+        env = launch_env(plan, backend, engine_key(record.engine_id, backend.launches_process))
         self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         with open(log_path, "ab") as log_file:
             log_file.write(f"=== {time.strftime('%F %T')} starting: {plan.argv}\n".encode())
@@ -492,7 +500,7 @@ class EngineLifecycleManager:
                 )
             healthy = False
             with contextlib.suppress(httpx.HTTPError):
-                healthy = (await self._http.get(url)).status_code == 200
+                healthy = (await self._http.get(url, headers=_auth(record))).status_code == 200
             # A stranger answering on our port does not count: ours will fail to bind and exit.
             if healthy and (proc is None or _listens_on(proc.pid, record.port)):
                 return
@@ -619,7 +627,8 @@ class EngineLifecycleManager:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
-                text = (await self._http.get(record.base_url + "/metrics")).text
+                metrics_url = record.base_url + "/metrics"
+                text = (await self._http.get(metrics_url, headers=_auth(record))).text
             except httpx.HTTPError:
                 return
             busy = 0.0
@@ -709,7 +718,7 @@ class EngineLifecycleManager:
             if record.pid and _alive(record.pid):
                 with contextlib.suppress(httpx.HTTPError):
                     url = record.base_url + record.health_path
-                    healthy = (await self._http.get(url)).status_code == 200
+                    healthy = (await self._http.get(url, headers=_auth(record))).status_code == 200
             if healthy and record.state == READY:
                 log.info(
                     "re-adopted engine", extra={"engine_id": record.engine_id, "pid": record.pid}

@@ -10,6 +10,7 @@ to the engine; without one (no exporter, no incoming trace) it costs one check.
 from __future__ import annotations
 
 import contextlib
+import functools
 import ssl
 from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
@@ -18,6 +19,7 @@ import orjson
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
+from sage.common.engine_keys import engine_key, is_managed
 from sage.common.exceptions import (
     DeadlineExceededError,
     InvalidRequestError,
@@ -35,12 +37,25 @@ _JSON = {"content-type": "application/json"}
 _tracer = trace.get_tracer("sage.scheduler.executor")
 
 
+@functools.lru_cache(maxsize=4096)
+def _json_with_key(key: str) -> Mapping[str, str]:
+    return {**_JSON, "authorization": f"Bearer {key}"}
+
+
+def engine_headers(engine: EngineRecord) -> Mapping[str, str]:
+    """The request headers for `engine`: JSON, plus the engine's own key when lifecycle
+    started it (derived from the stack's token; external engines get none, and a caller's
+    Authorization never reaches any engine). Cached: no dict is built per request."""
+    key = engine_key(engine.engine_id, is_managed(engine.backend))
+    return _JSON if key is None else _json_with_key(key)
+
+
 def _engine_span(engine: EngineRecord, path: str) -> tuple[Span | None, Mapping[str, str]]:
     """A client span for one engine call and the headers carrying its context, when a trace
     is active; otherwise (None, the plain headers). The span is not made current, so an
     async generator holding it across yields never leaks it into the caller's context."""
     if not trace.get_current_span().get_span_context().is_valid:
-        return None, _JSON
+        return None, engine_headers(engine)
     span = _tracer.start_span(
         f"POST {path}",
         kind=SpanKind.CLIENT,
@@ -51,7 +66,7 @@ def _engine_span(engine: EngineRecord, path: str) -> tuple[Span | None, Mapping[
             "sage.model": engine.model,
         },
     )
-    headers = dict(_JSON)
+    headers = dict(engine_headers(engine))
     propagate.inject(headers, context=trace.set_span_in_context(span))
     return span, headers
 

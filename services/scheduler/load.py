@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from sage.common.engine_keys import engine_auth_headers, is_managed
+
 from .registry import EngineRecord
 
 log = logging.getLogger("sage.scheduler.load")
@@ -105,7 +107,9 @@ class EngineLoadTracker:
 
         async def one(engine: EngineRecord) -> None:
             try:
-                async with session.get(engine.base_url + "/metrics") as resp:
+                # Engines lifecycle started require their key on /metrics too.
+                headers = engine_auth_headers(engine.engine_id, is_managed(engine.backend))
+                async with session.get(engine.base_url + "/metrics", headers=headers) as resp:
                     if resp.status != 200:
                         raise aiohttp.ClientResponseError(resp.request_info, (), status=resp.status)
                     text = await resp.text()

@@ -14,6 +14,7 @@ import grpc
 
 from sage.common.apikeys import ApiKeyTable, load_key_table
 from sage.common.config.settings import SageSettings
+from sage.common.engine_keys import is_managed
 from sage.common.exceptions import InvalidRequestError, NotFoundError, ServiceUnavailableError
 from sage.common.grpc import (
     Registration,
@@ -217,7 +218,9 @@ class GrpcEmbeddingBackend:
             model=model,
             inputs=list(inputs),
             engines=[
-                embedding_pb2.EngineEndpoint(engine_id=e.engine_id, base_url=e.base_url)
+                embedding_pb2.EngineEndpoint(
+                    engine_id=e.engine_id, base_url=e.base_url, managed=is_managed(e.backend)
+                )
                 for e in engines
             ],
             dimensions=dimensions,

@@ -15,7 +15,11 @@ from pathlib import Path
 from sage.common.exceptions import EngineStartError, InvalidRequestError
 
 from ..spec import EngineSpec
-from .base import Availability
+from .base import Availability, Backend, LaunchPlan
+
+# The control plane's own secrets: an engine (which runs model code) needs none of them,
+# only its own key, so they are not inherited from lifecycle's environment.
+_CONTROL_PLANE_SECRETS = ("SAGE_INTERNAL_TOKEN", "SAGE_ADMIN_API_KEY", "SAGE_API_KEYS")
 
 
 def find_program(name: str, env_var: str, environ: Mapping[str, str] | None = None) -> str | None:
@@ -120,3 +124,21 @@ def python_module_argv(module: str) -> list[str]:
 
 def _is_executable(path: Path) -> bool:
     return path.is_file() and os.access(path, os.X_OK)
+
+
+def launch_env(
+    plan: LaunchPlan,
+    backend: Backend,
+    api_key: str | None,
+    environ: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """The environment an engine process starts with: lifecycle's own minus the control
+    plane's secrets, the plan's additions, and `api_key` in the variable the backend reads
+    it from (never argv, which other local users can read in `ps`)."""
+    base = os.environ if environ is None else environ
+    env = {k: v for k, v in base.items() if k not in _CONTROL_PLANE_SECRETS}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(plan.env)
+    if api_key and backend.api_key_env:
+        env[backend.api_key_env] = api_key
+    return env

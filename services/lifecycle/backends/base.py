@@ -38,6 +38,9 @@ class Backend(Protocol):
     kinds: frozenset[str]  # which engine kinds it serves: {"llm"}, {"embedding"}, or both
     uses_gpu: bool  # whether it wants GPUs when the host has them
     launches_process: bool  # False for external (a URL registered as it is)
+    # Environment variable the program reads its API key from ("" = it takes none): the
+    # key lifecycle gives each engine goes there, never into argv (visible in `ps`).
+    api_key_env: str
 
     def availability(self) -> Availability:
         """Installed and runnable here? (cheap: no process is started)"""

@@ -15,6 +15,7 @@ class ExternalBackend:
     kinds = frozenset({"llm", "embedding"})
     uses_gpu = False
     launches_process = False
+    api_key_env = ""  # not ours to start, so not ours to key
     shards = True  # whatever the remote side does is its own business
 
     def availability(self) -> Availability:

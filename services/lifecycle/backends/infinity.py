@@ -28,6 +28,7 @@ class InfinityBackend:
     kinds = frozenset({"embedding"})
     uses_gpu = True
     launches_process = True
+    api_key_env = "INFINITY_API_KEY"  # infinity_emb reads --api-key from it
     shards = False
 
     def availability(self) -> Availability:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from sage.engines.auth import ENGINE_KEY_ENV
+
 from ..spec import EngineSpec
 from ._common import check_kind, check_single_device, python_module_argv
 from .base import Availability, LaunchPlan
@@ -17,6 +19,7 @@ class SimBackend:
     kinds = frozenset({"llm", "embedding"})
     uses_gpu = False
     launches_process = True
+    api_key_env = ENGINE_KEY_ENV
     shards = False
 
     def availability(self) -> Availability:

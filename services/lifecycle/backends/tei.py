@@ -34,6 +34,7 @@ class TeiBackend:
     kinds = frozenset({"embedding"})
     uses_gpu = True
     launches_process = True
+    api_key_env = "API_KEY"  # text-embeddings-router reads --api-key from it (guards every route)
     shards = False
 
     def availability(self) -> Availability:

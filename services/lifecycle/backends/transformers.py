@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from sage.engines.auth import ENGINE_KEY_ENV
+
 from ..spec import EngineSpec
 from ._common import (
     check_kind,
@@ -24,6 +26,7 @@ class TransformersBackend:
     kinds = frozenset({"llm"})
     uses_gpu = True
     launches_process = True
+    api_key_env = ENGINE_KEY_ENV
     shards = False
 
     def availability(self) -> Availability:

@@ -28,6 +28,7 @@ class VllmBackend:
     kinds = frozenset({"llm", "embedding"})
     uses_gpu = True
     launches_process = True
+    api_key_env = "VLLM_API_KEY"  # vLLM reads --api-key from it (guards its /v1 routes)
     shards = True
 
     def availability(self) -> Availability:

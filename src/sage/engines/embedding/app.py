@@ -18,6 +18,7 @@ from sage.common.exceptions import ConfigurationError, InvalidRequestError, Mode
 from sage.common.http.asgi import App, JSONResponse, Request, Response
 from sage.common.http.server import serve_app
 from sage.common.utils.logging import configure_logging
+from sage.engines.auth import add_api_key_argument, protect, resolve_api_key
 
 from .batching import InProcessBatcher
 from .model import EmbeddingModel, EngineConfig
@@ -218,6 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--max-inputs", type=int, default=defaults.max_inputs, help="most inputs in one request"
     )
     parser.add_argument("--log-level", default="INFO", type=str.upper)
+    add_api_key_argument(parser)
     args = parser.parse_args(None if argv is None else list(argv))
     configure_logging("embedding-engine", args.log_level)
     config = EngineConfig(
@@ -237,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigurationError as exc:
         parser.exit(2, f"error: {exc.message}\n")
     return serve_app(
-        create_app(config, model),
+        protect(create_app(config, model), resolve_api_key(args.api_key)),
         config.host,
         config.port,
         what="embedding engine",

@@ -35,6 +35,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from sage.common.exceptions import ConfigurationError, InvalidRequestError, ModelNotFoundError
 from sage.common.http.asgi import App, JSONResponse, Request, Response, StreamingResponse, sse_event
 from sage.common.utils.logging import configure_logging
+from sage.engines.auth import add_api_key_argument, protect, resolve_api_key
 from sage.engines.sim.kv import (
     KV_PULL_PATH,
     KV_ROLES,
@@ -1002,6 +1003,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper
     )
+    add_api_key_argument(parser)
     return parser
 
 
@@ -1031,9 +1033,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigurationError as exc:
         parser.error(exc.message)
     configure_logging("sim-engine", args.log_level)
+    # The KV pull route stands in for vLLM's NIXL side channel, which decode engines reach
+    # without the prefill engine's key; it serves simulated blocks only.
+    app = protect(create_app(sim), resolve_api_key(args.api_key), {"/health", KV_PULL_PATH})
     server = _Server(
         uvicorn.Config(
-            create_app(sim),
+            app,
             host=sim.host,
             port=sim.port,
             loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",

@@ -34,6 +34,7 @@ from sage.common.exceptions import (
 from sage.common.http.asgi import App, JSONResponse, Request, Response, StreamingResponse, sse_event
 from sage.common.http.server import serve_app
 from sage.common.utils.logging import configure_logging
+from sage.engines.auth import add_api_key_argument, protect, resolve_api_key
 from sage.engines.vllm_metrics import VllmRequestMetrics
 
 from .model import CausalLM, EngineConfig, Outcome, SamplingParams
@@ -570,6 +571,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper
     )
+    add_api_key_argument(parser)
     return parser
 
 
@@ -597,7 +599,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(2, f"error: {exc.message}\n")
     warm_s = model.warm_up()
     return serve_app(
-        create_app(config, model),
+        protect(create_app(config, model), resolve_api_key(args.api_key)),
         config.host,
         config.port,
         what="transformers engine",

@@ -27,18 +27,25 @@ class EngineEndpoint(_message.Message):
 
     ENGINE_ID_FIELD_NUMBER: _builtins.int
     BASE_URL_FIELD_NUMBER: _builtins.int
+    MANAGED_FIELD_NUMBER: _builtins.int
     engine_id: _builtins.str
     base_url: _builtins.str
     """Base URL without /v1."""
+    managed: _builtins.bool
+    """Started by lifecycle: the engine requires the key derived from the stack's internal
+    token and engine_id (sage.common.security.engine_api_key), which the embedding
+    service computes itself; external engines get no key of ours.
+    """
     def __init__(
         self,
         *,
         engine_id: _builtins.str = ...,
         base_url: _builtins.str = ...,
+        managed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_url", b"base_url", "engine_id", b"engine_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_url", b"base_url", "engine_id", b"engine_id", "managed", b"managed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
