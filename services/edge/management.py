@@ -466,6 +466,9 @@ def add_management_routes(
 
     @route("POST", f"{PREFIX}/engines/prune")
     async def prune(request: Request) -> Response:
+        body = await request.body()
+        if body.strip():  # no fields; `{}` is what the CLI sends
+            parse_json_object(body)
         pruned: list[str] = []
         for _, lifecycle in await node_lifecycles.targets():
             with rpc_errors_as_sage():

@@ -40,9 +40,12 @@ def _errors(*statuses: int) -> dict[str, Any]:
     names = {
         400: "BadRequest",
         401: "Unauthorized",
+        403: "Forbidden",
         404: "NotFound",
         409: "Conflict",
         413: "PayloadTooLarge",
+        415: "UnsupportedMediaType",
+        421: "MisdirectedRequest",
         429: "RateLimited",
         500: "InternalError",
         502: "BadGateway",
@@ -465,6 +468,10 @@ _SCHEMAS: dict[str, Any] = {
             "lines": {"type": "array", "items": {"type": "string"}},
         },
     },
+    "PruneRequest": {
+        "type": "object",
+        "description": "No fields (`{}`): a JSON body, like every state-changing request.",
+    },
     "PruneResult": {
         "type": "object",
         "required": ["pruned", "count"],
@@ -581,9 +588,20 @@ def _error_response(description: str, headers: dict[str, Any] | None = None) -> 
 _RESPONSES: dict[str, Any] = {
     "BadRequest": _error_response("Malformed request; `error.param` names the field."),
     "Unauthorized": _error_response("Missing or unknown API key (code invalid_api_key)."),
+    "Forbidden": _error_response(
+        "A cross-site browser request (code cross_site_request), or management with no admin "
+        "key configured (code admin_key_not_configured)."
+    ),
     "NotFound": _error_response("Unknown model (code model_not_found), engine or route."),
     "Conflict": _error_response("The engine exists already or resources are insufficient."),
     "PayloadTooLarge": _error_response("The body is over SAGE_MAX_BODY_BYTES."),
+    "UnsupportedMediaType": _error_response(
+        "A POST (or a DELETE with a body) without Content-Type: application/json."
+    ),
+    "MisdirectedRequest": _error_response(
+        "The Host header is not a loopback name, an IP address, the bind host or a name in "
+        "SAGE_ALLOWED_HOSTS (code host_not_allowed)."
+    ),
     "RateLimited": _error_response(
         "The key's tenant is over its requests or tokens per minute "
         "(code rate_limit_exceeded), or the scheduler is overloaded.",
@@ -600,10 +618,12 @@ _RESPONSES: dict[str, Any] = {
     "Timeout": _error_response("The request ran past its deadline."),
 }
 
-_INFERENCE_ERRORS = (400, 401, 404, 413, 429, 500, 502, 503, 504)
+_INFERENCE_ERRORS = (400, 401, 403, 404, 413, 415, 421, 429, 500, 502, 503, 504)
+# Any route: a foreign Host header (421) or another site's Origin (403).
+_BROWSER_ERRORS = (403, 421)
 _API_KEY: list[dict[str, list[str]]] = [{"ApiKey": []}, {}]
 _ADMIN: list[dict[str, list[str]]] = [{"AdminKey": []}, {}]
-_MGMT_ERRORS = (401, 500, 503)
+_MGMT_ERRORS = (401, 403, 421, 500, 503)
 
 
 def _operation(
@@ -760,7 +780,7 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
                 "listModels",
                 {
                     "200": {"description": "Models.", "content": _json(_ref("ModelList"))},
-                    **_errors(401, 500, 503),
+                    **_errors(401, *_BROWSER_ERRORS, 500, 503),
                 },
                 tags=["inference"],
                 security=_API_KEY,
@@ -776,6 +796,7 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
                         "description": "The scheduler is unreachable.",
                         "content": _json(_ref("Health")),
                     },
+                    **_errors(*_BROWSER_ERRORS),
                 },
                 tags=["operations"],
                 security=[{}],
@@ -790,7 +811,7 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
                         "description": "Prometheus text exposition.",
                         "content": {"text/plain": {"schema": {"type": "string"}}},
                     },
-                    **_errors(401),
+                    **_errors(401, *_BROWSER_ERRORS),
                 },
                 tags=["operations"],
                 security=[{"ApiKey": []}, {"AdminKey": []}, {}],
@@ -800,7 +821,10 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
             "get": _operation(
                 "This document",
                 "openapi",
-                {"200": {"description": "OpenAPI 3.1.", "content": _json({"type": "object"})}},
+                {
+                    "200": {"description": "OpenAPI 3.1.", "content": _json({"type": "object"})},
+                    **_errors(*_BROWSER_ERRORS),
+                },
                 tags=["operations"],
                 security=[{}],
             )
@@ -813,7 +837,7 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
                 "201",
                 "Engine",
                 body="StartEngineRequest",
-                errors=(400, 404, 409, 504),
+                errors=(400, 404, 409, 415, 504),
                 extra={
                     "202": {
                         "description": "wait=false: the engine is STARTING.",
@@ -833,11 +857,18 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
                 "201",
                 "Engine",
                 body="RegisterEngineRequest",
-                errors=(400, 409),
+                errors=(400, 409, 415),
             )
         },
         "/v1/management/engines/prune": {
-            "post": _mgmt("Forget stopped and failed engines", "pruneEngines", "200", "PruneResult")
+            "post": _mgmt(
+                "Forget stopped and failed engines",
+                "pruneEngines",
+                "200",
+                "PruneResult",
+                body="PruneRequest",
+                errors=(400, 415),
+            )
         },
         "/v1/management/engines/{engine_id}": {
             "get": _mgmt(
@@ -863,7 +894,7 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
                         "schema": {"type": "string"},
                     },
                 ],
-                errors=(400, 404, 504),
+                errors=(400, 404, 415, 504),
             ),
         },
         "/v1/management/engines/{engine_id}/logs": {
@@ -903,7 +934,8 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
             "description": "OpenAI-compatible inference API plus SAGE's engine management "
             "API. Errors use OpenAI's shape. API keys are required only when the deployment "
             "configures them (SAGE_API_KEYS / SAGE_API_KEYS_FILE); the management routes "
-            "only when SAGE_ADMIN_API_KEY is set.",
+            "always need the admin key (SAGE_ADMIN_API_KEY, or the key file `sage llm serve` "
+            "writes to $SAGE_HOME/llm/admin.key), and answer 403 when none is configured.",
         },
         "servers": [{"url": "/"}],
         "tags": [
@@ -924,7 +956,7 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
                 "AdminKey": {
                     "type": "http",
                     "scheme": "bearer",
-                    "description": "SAGE_ADMIN_API_KEY.",
+                    "description": "SAGE_ADMIN_API_KEY, else $SAGE_HOME/llm/admin.key.",
                 },
             },
         },
