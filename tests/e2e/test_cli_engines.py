@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from sage.common.exceptions import ConflictError, EngineNotFoundError, InvalidRequestError
-from sage.common.utils.processes import free_port
+from sage.common.utils.processes import free_port, stop_process, wait_http
 from sage.llm.management import ManagementClient
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -315,17 +315,28 @@ def test_python_client_status_backends_gpu_register(
         assert not backends["sim"].uses_gpu
         gpu = client.gpu()
         assert isinstance(gpu, dict) and gpu  # NVML is off here: a report with no GPUs
-        serving = next(e for e in client.list_engines() if e.model_id == "sim")
-        # An external engine joins the pool of a model lifecycle's engines serve only when
-        # asked to (it is probed first: it must serve the model).
-        with pytest.raises(ConflictError):
-            client.register_engine("sim", serving.base_url)
-        external = client.register_engine(
-            "sim", serving.base_url, engine_label="e2e-external", join_existing_model=True
-        )
-        assert (external.status, external.pid) == ("RUNNING", None)
-        assert client.get_engine(external.engine_id).engine_label == "e2e-external"
-        assert client.stop_engine(external.engine_id).status == "STOPPED"
+        # Someone else's engine (lifecycle's own answer only the stack): it is probed first
+        # (it must serve the model), and joins the pool of a model lifecycle's engines
+        # serve only when asked to.
+        port = free_port()
+        env = {k: v for k, v in stack.env.items() if k != "SAGE_ENGINE_API_KEY"}
+        other = subprocess.Popen(
+            [sys.executable, "-m", "sage.engines.sim", "--model", "sim", "--port", str(port)],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            wait_http(f"http://127.0.0.1:{port}/health", other)
+            with pytest.raises(ConflictError):
+                client.register_engine("sim", f"http://127.0.0.1:{port}")
+            external = client.register_engine(
+                "sim", f"http://127.0.0.1:{port}", engine_label="e2e-external",
+                join_existing_model=True,
+            )  # fmt: skip
+            assert (external.status, external.pid) == ("RUNNING", None)
+            assert client.get_engine(external.engine_id).engine_label == "e2e-external"
+            assert client.stop_engine(external.engine_id).status == "STOPPED"
+        finally:
+            stop_process(other)
         with pytest.raises(EngineNotFoundError):
             client.get_engine("no-such-engine")
         with pytest.raises(InvalidRequestError) as info:
