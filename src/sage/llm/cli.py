@@ -415,7 +415,12 @@ def cmd_serve(
         ),
     ] = False,
 ) -> int:
-    """Start the gateway, the services behind it and the engines (foreground by default)."""
+    """Start the gateway, the services behind it and the engines (foreground by default).
+
+    Management needs the admin key: SAGE_ADMIN_API_KEY, else a generated one in
+    $SAGE_HOME/llm/admin.key (mode 0600) that `sage llm` and the Python client read.
+    A non-loopback --host needs an admin key and TLS, or --insecure.
+    """
     if backend not in SERVE_BACKENDS:
         raise typer.BadParameter(
             f"{backend!r} is not one of auto, sim, vllm", param_hint="--backend"

@@ -135,7 +135,7 @@ def test_serve_every_flag_and_argv_round_trip(served: list[tuple[ServeOptions, b
         "--gpu-memory", "0.85", "--max-model-len", "4096", "-tp", "2", "--background",
         "-e", "BAAI/bge-m3", "--embedding-port", "9002", "--replicas", "2",
         "--gateway-port", "9003", "--backend", "vllm", "--startup-timeout", "5",
-        "--engine-timeout", "50", "--policy", "fair", "--routing", "prefix",
+        "--engine-timeout", "50", "--policy", "fair", "--routing", "prefix", "--insecure",
     ]  # fmt: skip
     assert main(argv) == 0
     options, background = served[-1]
@@ -157,6 +157,7 @@ def test_serve_every_flag_and_argv_round_trip(served: list[tuple[ServeOptions, b
         engine_timeout=50.0,
         policy="fair",
         routing="prefix",
+        insecure=True,
     )
     assert options.child_env() == {
         "SAGE_SCHEDULER_POLICY": "fair",
