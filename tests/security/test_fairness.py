@@ -93,6 +93,7 @@ async def _embed(client: Any, texts: Sequence[str]) -> tuple[float, Any]:
     return time.perf_counter() - began, resp
 
 
+@pytest.mark.slow
 async def test_small_request_waits_about_one_batch_behind_a_huge_one(
     control_plane: Any, minilm_engine: str, settings: SageSettings
 ) -> None:

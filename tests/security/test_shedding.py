@@ -95,6 +95,7 @@ async def _clients(base_url: str, headers: dict[str, str]) -> list[tuple[int, fl
     return results
 
 
+@pytest.mark.slow
 async def test_flood_is_shed_at_once_with_retry_after_and_the_engine_never_queues(
     control_plane: Any, sim_engine: SimFactory
 ) -> None:
