@@ -232,6 +232,8 @@ def test_cli_works_with_no_key_configured(stack: Stack) -> None:
     assert [(e["model_id"], e["status"]) for e in engines] == [(stack.model, "RUNNING")]
     status = sage("status")
     assert status.returncode == 0, status
+    assert f"admin key: {stack.home / 'llm' / 'admin.key'}" in status.stdout, status
+    assert stack.admin_key not in status.stdout
     # A wrong key is refused, and the message says where the right one comes from.
     wrong = sage("engine", "list", "--api-key", TENANT_KEY)
     assert wrong.returncode == 2, wrong

@@ -466,6 +466,8 @@ def cmd_status(
         print_json(doc)
         return EXIT_OK
     print(f"gateway: {doc['gateway_url']}  (pid {doc['pid']})")
+    if doc.get("admin_key_file"):  # where, never the key
+        print(f"admin key: {doc['admin_key_file']}")
     if is_tty():
         rows: list[tuple[str, ...]] = [
             (name, "service", svc["addr"], str(svc["pid"]), "-")
