@@ -522,3 +522,29 @@ def test_systemd_command_lines_bring_the_stack_up(
     assert codes == [0] * len(order), {
         p.name: p.read_text()[-2000:] for p in tmp_path.glob("*.log")
     }
+
+
+# --- secrets ---------------------------------------------------------------------------------
+SECRET_VALUE_VARS = ("SAGE_ADMIN_API_KEY", "SAGE_INTERNAL_TOKEN")
+
+
+def test_secrets_come_from_0600_files_never_from_env_files(compose: dict[str, Any]) -> None:
+    """Env files are readable by a group (systemd) or sit in the checkout (compose): the admin
+    key and the internal token travel as files the services check for mode 0600."""
+    env_files = [COMPOSE_DIR / ".env", *sorted((SYSTEMD_DIR / "env").glob("*.env"))]
+    for path in env_files:
+        assert not set(read_env_file(path)) & set(SECRET_VALUE_VARS), path.name
+    secrets = compose["secrets"]
+    assert {"sage_admin_key", "sage_internal_token"} <= set(secrets)
+    for name in PORT_FIELD:  # every control-plane service
+        svc = compose["services"][name]
+        assert {"sage_admin_key", "sage_internal_token"} <= set(svc["secrets"]), name
+        env = svc["environment"]
+        assert not set(env) & set(SECRET_VALUE_VARS), name
+        assert env["SAGE_ADMIN_API_KEY_FILE"] == "/run/secrets/sage_admin_key", name
+        assert env["SAGE_INTERNAL_TOKEN_FILE"] == "/run/secrets/sage_internal_token", name
+    assert (COMPOSE_DIR / ".gitignore").read_text().count("secrets/") == 1
+    install = (SYSTEMD_DIR / "install.sh").read_text()
+    assert 'make_secret "${STATE_DIR}/llm/admin.key"' in install
+    assert 'make_secret "${STATE_DIR}/llm/internal.token"' in install
+    assert "install -m 0600" in install
