@@ -22,6 +22,7 @@ import aiohttp
 import grpc
 import pytest
 
+from sage.common.grpc import create_sync_channel, process_token
 from sage.common.utils.processes import free_port, stop_process, wait_http
 from sage.rpc.common.v1 import common_pb2
 from sage.rpc.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
@@ -51,6 +52,7 @@ class Plane:
             "SAGE_EMBEDDING_SERVICE_PORT": str(free_port()),
             "SAGE_DISABLE_NVML": "1",
             "SAGE_LOG_LEVEL": "WARNING",
+            "SAGE_INTERNAL_TOKEN": process_token(),  # the token register() sends
             "HF_HUB_OFFLINE": "1",
             # One torch thread per model process: on a shared 2-core box, 2 OpenMP threads
             # per process made single encodes ~17x slower (bench/RESULTS.md).
@@ -83,7 +85,7 @@ class Plane:
         self, engine_id: str, model: str, kind: common_pb2.EngineKind.ValueType, base_url: str
     ) -> None:
         addr = f"127.0.0.1:{self.env['SAGE_SCHEDULER_PORT']}"
-        with grpc.insecure_channel(addr) as channel:
+        with create_sync_channel(addr) as channel:
             grpc.channel_ready_future(channel).result(timeout=30)
             scheduler_pb2_grpc.SchedulerServiceStub(channel).RegisterEngine(
                 scheduler_pb2.RegisterEngineRequest(

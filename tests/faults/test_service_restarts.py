@@ -25,6 +25,7 @@ import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from sage.common.grpc import create_sync_channel, process_token
 from sage.common.utils.processes import stop_process, wait_http
 from sage.rpc.gpu_manager.v1 import gpu_manager_pb2, gpu_manager_pb2_grpc
 
@@ -116,6 +117,7 @@ def stack(tmp_path: Path, port_factory: Callable[[], int]) -> Iterator[Stack]:
             "SAGE_HOST": "127.0.0.1",
             "SAGE_DISABLE_NVML": "1",
             "SAGE_LOG_LEVEL": "WARNING",
+            "SAGE_INTERNAL_TOKEN": process_token(),  # the token this test's channels send
             "SAGE_REQUEST_TIMEOUT_S": "20",
             "SAGE_LIFECYCLE_RESTART_BACKOFF_S": "0.2",
             "PYTHONUNBUFFERED": "1",
@@ -286,7 +288,7 @@ async def test_kill_and_restart_every_service_under_load(
         listed = (await client.get("/v1/management/engines")).json()["engines"]
     # Lifecycle re-adopted its engines: the same processes, none restarted or lost.
     assert {e["engine_id"]: e["pid"] for e in listed} == pids
-    with grpc.insecure_channel(f"127.0.0.1:{stack.ports['gpu_manager']}") as channel:
+    with create_sync_channel(f"127.0.0.1:{stack.ports['gpu_manager']}") as channel:
         stub = gpu_manager_pb2_grpc.GpuManagerServiceStub(channel)
         reservations = stub.ListReservations(gpu_manager_pb2.ListReservationsRequest(), timeout=5)
     assert {r.engine_id for r in reservations.reservations} <= set(pids)

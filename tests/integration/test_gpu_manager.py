@@ -29,7 +29,7 @@ from sage.common.exceptions import (
     NotFoundError,
     SageError,
 )
-from sage.common.grpc import SageServer, create_channel, from_rpc_error
+from sage.common.grpc import SageServer, create_channel, from_rpc_error, process_token
 from sage.rpc.gpu_manager.v1 import gpu_manager_pb2 as pb
 from sage.rpc.gpu_manager.v1 import gpu_manager_pb2_grpc as pb_grpc
 from sage.services.gpu_manager.config import GpuManagerOptions
@@ -359,7 +359,7 @@ async def run_cli(*args: str, home: Path) -> tuple[int, str, str]:
         "llm",
         "gpu",
         *args,
-        env={**os.environ, "SAGE_HOME": str(home)},
+        env={**os.environ, "SAGE_HOME": str(home), "SAGE_INTERNAL_TOKEN": process_token()},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -429,7 +429,12 @@ async def start_process(port: int, env: dict[str, str]) -> asyncio.subprocess.Pr
         "127.0.0.1",
         "--port",
         str(port),
-        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **env},
+        # The stack's token, as `sage llm serve` hands it to its children.
+        env={
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "SAGE_INTERNAL_TOKEN": process_token(),
+            **env,
+        },
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
     )
@@ -452,7 +457,7 @@ async def test_process_restart_keeps_reservations(tmp_path: Path, port_factory: 
     port = port_factory()
     proc = await start_process(port, env)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with create_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.GpuManagerServiceStub(channel)
             await stub.Reserve(
                 pb.ReserveRequest(engine_id="keep", gpu_count=2, memory_per_gpu_bytes=GiB),
@@ -463,7 +468,7 @@ async def test_process_restart_keeps_reservations(tmp_path: Path, port_factory: 
         assert (tmp_path / "llm" / "gpu_reservations.json").exists()
 
         proc = await start_process(port, env)
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with create_channel(f"127.0.0.1:{port}") as channel:
             assert await reservations(pb_grpc.GpuManagerServiceStub(channel)) == held
         await stop_process(proc)
     finally:
@@ -477,7 +482,7 @@ async def test_process_on_a_cpu_host_reports_no_gpus(tmp_path: Path, port_factor
     port = port_factory()
     proc = await start_process(port, {"SAGE_HOME": str(tmp_path)})
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with create_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.GpuManagerServiceStub(channel)
             gpus = await stub.ListGpus(pb.ListGpusRequest(), timeout=10)
         assert list(gpus.gpus) == [] and not gpus.nvml_available

@@ -26,6 +26,8 @@ from typing import Any
 
 import pytest
 
+from sage.common.grpc import process_token
+from sage.common.security import engine_api_key
 from sage.common.utils.processes import stop_process
 
 SUBNET = "10.77.0"
@@ -50,10 +52,11 @@ def _netns_unavailable() -> str:
 
 _REASON = _netns_unavailable() if sys.platform == "linux" else "network namespaces are Linux-only"
 pytestmark = pytest.mark.skipif(bool(_REASON), reason=_REASON or "ok")
+ADMIN_KEY = "sk-admin-multihost-test"
 
 # Runs inside `central`: one JSON request per stdin line, one JSON answer per stdout line.
 _CLIENT = r"""
-import json, sys
+import json, os, sys
 import grpc, httpx
 from sage.rpc.common.v1 import common_pb2
 from sage.rpc.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
@@ -63,7 +66,9 @@ for line in sys.stdin:
     cmd = json.loads(line)
     try:
         if cmd["op"] == "http":
-            r = http.request(cmd["method"], cmd["url"], json=cmd.get("json"))
+            r = http.request(
+                cmd["method"], cmd["url"], json=cmd.get("json"), headers=cmd.get("headers")
+            )
             try:
                 body = r.json()
             except ValueError:
@@ -75,7 +80,9 @@ for line in sys.stdin:
                 report = common_pb2.NodeReport(**cmd["report"])
                 try:
                     reply = stub.RegisterNode(
-                        scheduler_pb2.RegisterNodeRequest(report=report), timeout=10
+                        scheduler_pb2.RegisterNodeRequest(report=report),
+                        timeout=10,
+                        metadata=(("x-sage-internal-token", os.environ["SAGE_INTERNAL_TOKEN"]),),
                     )
                     node = reply.node
                     out = {"code": "OK", "state": int(node.state), "reason": node.reason}
@@ -133,10 +140,20 @@ class Cluster:
         assert "error" not in answer, answer
         return answer
 
-    def http(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    def http(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Any:
         """(status, json) of an edge request made from inside `central`."""
         url = path if path.startswith("http") else f"http://{CENTRAL_IP}:{EDGE_PORT}{path}"
-        answer = self.call({"op": "http", "method": method, "url": url, "json": body})
+        if path.startswith("/v1/management") and headers is None:
+            headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        answer = self.call(
+            {"op": "http", "method": method, "url": url, "json": body, "headers": headers}
+        )
         return answer["status"], answer["body"]
 
     def register_node(self, **report: Any) -> dict[str, Any]:
@@ -216,6 +233,11 @@ def cluster(tmp_path: Path, no_leaked_children: None) -> Iterator[Cluster]:
             "SAGE_RPC_TIMEOUT_S": "5",
             "SAGE_REQUEST_TIMEOUT_S": "20",
             "SAGE_SCHEDULER_ADDR": f"{CENTRAL_IP}:{SCHED_PORT}",
+            # One stack across hosts: every node holds the same internal token.
+            "SAGE_INTERNAL_TOKEN": process_token(),
+            # Namespace addresses are private to this test: no TLS needed to bind them.
+            "SAGE_INSECURE": "1",
+            "SAGE_ADMIN_API_KEY": ADMIN_KEY,
         }
         cluster.spawn(
             "central",
@@ -249,6 +271,7 @@ def cluster(tmp_path: Path, no_leaked_children: None) -> Iterator[Cluster]:
             cluster.spawn(name, f"{name}-lifecycle", "sage.services.lifecycle", node_env)
         cluster.client = subprocess.Popen(
             ["ip", "netns", "exec", cluster.ns("central"), sys.executable, "-c", _CLIENT],
+            env={**os.environ, "SAGE_INTERNAL_TOKEN": process_token()},
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=open(tmp_path / "client.log", "wb"),  # noqa: SIM115 - closed with the process
@@ -259,9 +282,13 @@ def cluster(tmp_path: Path, no_leaked_children: None) -> Iterator[Cluster]:
         _teardown(cluster)
 
 
-def _successes(cluster: Cluster, base_url: str) -> float:
-    """Requests an engine has served, from its own vLLM metrics (read across hosts)."""
-    status, text = cluster.http("GET", f"{base_url}/metrics")
+def _successes(cluster: Cluster, engine: dict[str, Any]) -> float:
+    """Requests an engine has served, from its own vLLM metrics (read across hosts, with the
+    engine's key: lifecycle started it)."""
+    key = engine_api_key(process_token(), engine["engine_id"])
+    status, text = cluster.http(
+        "GET", f"{engine['base_url']}/metrics", headers={"Authorization": f"Bearer {key}"}
+    )
     assert status == 200
     return sum(
         float(line.rsplit(" ", 1)[1])
@@ -337,8 +364,8 @@ def test_engines_are_placed_routed_and_drained_across_hosts(cluster: Cluster) ->
 
     # Requests from central are served by engines on both hosts.
     assert _chat(cluster, 8) == [200] * 8
-    assert _successes(cluster, on_a["base_url"]) > 0
-    assert _successes(cluster, on_b["base_url"]) > 0
+    assert _successes(cluster, on_a) > 0
+    assert _successes(cluster, on_b) > 0
 
     # Bad agents: a second agent claiming node-a is refused; a lying one is unhealthy.
     dup = cluster.register_node(node_id="node-a", lifecycle_addr=f"{CENTRAL_IP}:9")
@@ -355,7 +382,7 @@ def test_engines_are_placed_routed_and_drained_across_hosts(cluster: Cluster) ->
 
     # Node-b's link goes down: within the node timeout its engine leaves routing, and
     # requests keep succeeding on node-a.
-    served_by_a = _successes(cluster, on_a["base_url"])
+    served_by_a = _successes(cluster, on_a)
     _ip("-n", cluster.ns("node-b"), "link", "set", "eth0", "down")
 
     def ready_instances() -> int:
@@ -369,7 +396,7 @@ def test_engines_are_placed_routed_and_drained_across_hosts(cluster: Cluster) ->
     down = cluster.nodes()["node-b"]
     assert down["state"] == "down" and "no heartbeat" in down["reason"]
     assert _chat(cluster, 6) == [200] * 6
-    assert _successes(cluster, on_a["base_url"]) >= served_by_a + 6
+    assert _successes(cluster, on_a) >= served_by_a + 6
 
     # The link comes back: node-b heart-beats again with its engine alive → back in routing.
     _ip("-n", cluster.ns("node-b"), "link", "set", "eth0", "up")

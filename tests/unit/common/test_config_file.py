@@ -13,6 +13,7 @@ import pytest
 
 from sage.common.config.settings import SageSettings
 from sage.common.exceptions import ConfigurationError
+from sage.common.grpc import create_sync_channel, process_token
 from sage.common.utils.processes import free_port, stop_process
 from sage.llm.cli import main
 from sage.rpc.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
@@ -87,6 +88,7 @@ def _service_env(tmp_path: Path, config: Path) -> dict[str, str]:
     return {
         "SAGE_HOME": str(tmp_path / "home"),
         "SAGE_CONFIG": str(config),
+        "SAGE_INTERNAL_TOKEN": process_token(),  # the token this test's channel sends
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
     }
 
@@ -104,7 +106,7 @@ def test_the_scheduler_service_runs_the_files_policy(tmp_path: Path) -> None:
         deadline = time.monotonic() + 30
         policy = ""
         while time.monotonic() < deadline and not policy:
-            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with create_sync_channel(f"127.0.0.1:{port}") as channel:
                 stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
                 try:
                     policy = stub.GetStatus(scheduler_pb2.GetStatusRequest(), timeout=1).policy
