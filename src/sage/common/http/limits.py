@@ -5,16 +5,17 @@ of never-ending headers took the edge from 75 to 296 MB (and it stayed there), a
 connections that trickle a header byte now and then were never closed. Here:
 
 - a request's head (request line and headers) must be complete within `header_timeout_s`
-  of the connection opening or of its first byte (on a kept-alive connection): else 408
-  (or a plain close if nothing came) — slow-loris connections end within that bound plus
-  the event loop's delay;
+  of the connection opening, or (on a kept-alive connection) of the first chunk that left
+  it unfinished: else 408 (or a plain close if nothing came) — slow-loris connections end
+  within that bound plus the event loop's delay;
 - a head over `max_header_bytes` or `max_headers` gets 431 before more of it is buffered:
   the parser is fed only up to the byte limit, so a flood costs at most that per connection;
 - past `max_connections` open connections a new one is answered 503 and closed at once.
 
 A refused connection is half-closed after the reply and its further input discarded for a
 moment (a "lingering close", as nginx does), so the client reads the status instead of a
-reset. The per-request cost is one timer armed and cancelled and two counters.
+reset. A request whose head arrives in one piece costs two counters; a timer is armed once
+per connection and only again for a head that arrives in pieces.
 """
 
 from __future__ import annotations
@@ -148,6 +149,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 self.handle_websocket_upgrade()
             else:
                 self._unsupported_upgrade_warning()
+            return True
+        if self._in_head and self._head_bytes and self._head_timer is None:
+            # A head left unfinished by this chunk: from now on it has header_timeout_s.
+            # (A head that arrives whole, the usual case, never arms a timer.)
+            self._arm_head_timer()
         return True
 
     def _bad_request(self) -> None:
@@ -159,7 +165,6 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head_count = 0
-        self._arm_head_timer()  # a kept-alive connection's next request: from its first byte
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._head_count += 1
