@@ -21,6 +21,8 @@ from pathlib import Path
 import grpc
 import psutil
 
+from sage.common.grpc import create_sync_channel
+from sage.common.security import new_secret
 from sage.common.utils.processes import free_port, stop_process, wait_http
 from sage.rpc.common.v1 import common_pb2
 from sage.rpc.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
@@ -104,7 +106,8 @@ class Stack:
         """Register an engine with the scheduler over gRPC, as lifecycle would (kind
         unspecified: LLM)."""
         addr = f"127.0.0.1:{self.env['SAGE_SCHEDULER_PORT']}"
-        with grpc.insecure_channel(addr) as channel:
+        token = self.env["SAGE_INTERNAL_TOKEN"]
+        with create_sync_channel(addr, internal_token=token) as channel:
             grpc.channel_ready_future(channel).result(timeout=30)
             scheduler_pb2_grpc.SchedulerServiceStub(channel).RegisterEngine(
                 scheduler_pb2.RegisterEngineRequest(
@@ -143,6 +146,8 @@ def stack(extra_env: dict[str, str] | None = None) -> Iterator[Stack]:
         "SAGE_DISABLE_NVML": os.environ.get("SAGE_DISABLE_NVML", "1"),
         "SAGE_LOG_LEVEL": "WARNING",
         "HF_HUB_OFFLINE": "1",
+        # The stack's internal token: every service demands it, register() sends it.
+        "SAGE_INTERNAL_TOKEN": new_secret(),
         **(extra_env or {}),
     }
     st = Stack(tmp, env)

@@ -40,6 +40,8 @@ import grpc
 import psutil
 from _stack import Stack, save_plot, stack
 
+from sage.common.grpc import create_sync_channel
+from sage.common.security import new_secret
 from sage.common.utils.processes import free_port, stop_process, wait_http
 from sage.engines.embedding import BUNDLED_MODEL_NAME, EmbeddingModel, EngineConfig
 from sage.rpc.common.v1 import common_pb2
@@ -289,6 +291,7 @@ def main() -> int:
         "SAGE_GATEWAY_PORT": str(ports["edge"]),
         "SAGE_LIFECYCLE_PORT": str(ports["life"]),
         "HF_HUB_OFFLINE": "1",
+        "SAGE_INTERNAL_TOKEN": new_secret(),  # the stack's gRPC credential
     }
     procs = [
         subprocess.Popen(
@@ -313,7 +316,9 @@ def main() -> int:
     try:
         engine = f"http://127.0.0.1:{ports['engine']}"
         wait_http(engine + "/health", timeout=120)
-        with grpc.insecure_channel(f"127.0.0.1:{ports['scheduler']}") as channel:
+        with create_sync_channel(
+            f"127.0.0.1:{ports['scheduler']}", internal_token=env["SAGE_INTERNAL_TOKEN"]
+        ) as channel:
             grpc.channel_ready_future(channel).result(timeout=30)
             scheduler_pb2_grpc.SchedulerServiceStub(channel).RegisterEngine(
                 scheduler_pb2.RegisterEngineRequest(

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import grpc
 
+from sage.common.grpc import create_sync_channel
+from sage.common.security import new_secret
 from sage.common.utils.processes import free_port, wait_http
 from sage.rpc.common.v1 import common_pb2
 from sage.rpc.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
@@ -75,6 +77,7 @@ def main() -> int:
         "SAGE_GATEWAY_PORT": str(edge_port),
         "SAGE_LIFECYCLE_PORT": str(free_port()),
         "SAGE_LOG_LEVEL": "WARNING",
+        "SAGE_INTERNAL_TOKEN": new_secret(),  # the stack's gRPC credential
     }
     procs = [
         subprocess.Popen(
@@ -97,7 +100,9 @@ def main() -> int:
     try:
         engine = f"http://127.0.0.1:{engine_port}"
         wait_http(engine + "/health")
-        with grpc.insecure_channel(f"127.0.0.1:{sched_port}") as channel:
+        with create_sync_channel(
+            f"127.0.0.1:{sched_port}", internal_token=env["SAGE_INTERNAL_TOKEN"]
+        ) as channel:
             grpc.channel_ready_future(channel).result(timeout=30)
             scheduler_pb2_grpc.SchedulerServiceStub(channel).RegisterEngine(
                 scheduler_pb2.RegisterEngineRequest(

@@ -33,6 +33,8 @@ from subprocess import Popen
 import aiohttp
 import grpc
 
+from sage.common.grpc import create_sync_channel
+from sage.common.security import new_secret
 from sage.common.utils.processes import free_port, stop_process, wait_http
 from sage.rpc.common.v1 import common_pb2
 from sage.rpc.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
@@ -185,12 +187,15 @@ def start_ours(
         "SAGE_SCHEDULER_ROUTING": routing,
         "SAGE_SCHEDULER_MAX_INFLIGHT_PER_ENGINE": str(SLOTS),
         "SAGE_API_KEYS": ",".join(f"{k}:{t}" for t, k in keys.items()),
+        "SAGE_INTERNAL_TOKEN": new_secret(),  # the stack's gRPC credential
     }
     procs = [
         subprocess.Popen([sys.executable, "-m", f"sage.services.{s}"], env=run_env)
         for s in ("scheduler", "embedding", "edge")
     ]
-    with grpc.insecure_channel(f"127.0.0.1:{ports['sched']}") as channel:
+    with create_sync_channel(
+        f"127.0.0.1:{ports['sched']}", internal_token=run_env["SAGE_INTERNAL_TOKEN"]
+    ) as channel:
         grpc.channel_ready_future(channel).result(timeout=30)
         stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
         for i, url in enumerate(engines):

@@ -119,8 +119,9 @@ def load(
 class GpuPoller:
     """Polls gpu_manager's ListGpus in a thread; keeps per-GPU-0 samples."""
 
-    def __init__(self, addr: str) -> None:
+    def __init__(self, addr: str, internal_token: str) -> None:
         self.addr = addr
+        self.internal_token = internal_token
         self.samples: list[dict[str, float]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -128,10 +129,11 @@ class GpuPoller:
     def _run(self) -> None:
         import grpc
 
+        from sage.common.grpc import create_sync_channel
         from sage.rpc.gpu_manager.v1 import gpu_manager_pb2 as pb
         from sage.rpc.gpu_manager.v1 import gpu_manager_pb2_grpc as pb_grpc
 
-        with grpc.insecure_channel(self.addr) as channel:
+        with create_sync_channel(self.addr, internal_token=self.internal_token) as channel:
             stub = pb_grpc.GpuManagerServiceStub(channel)
             while not self._stop.wait(0.5):
                 try:
@@ -244,7 +246,7 @@ def main() -> int:
         }
         for name, (base, n, clients, per) in runs.items():
             before = {k: st.cpu_s(k) for k in ("edge", "scheduler", "embedding", "engine")}
-            with GpuPoller(gm) as poller:
+            with GpuPoller(gm, st.env["SAGE_INTERNAL_TOKEN"]) as poller:
                 time.sleep(0.6)
                 r: dict[str, Any] = load(
                     base + "/v1/embeddings", n, clients, per, args.procs, args.seconds
