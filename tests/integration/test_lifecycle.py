@@ -58,7 +58,7 @@ async def test_start_use_stop_prune_a_sim_engine(full_plane: Any) -> None:
         or psutil.Process(engine["pid"]).status() == psutil.STATUS_ZOMBIE
     )
     assert await routed(full_plane) == []
-    pruned = (await full_plane.client.post("/v1/management/engines/prune")).json()
+    pruned = (await full_plane.client.post("/v1/management/engines/prune", json={})).json()
     assert pruned == {"pruned": [engine["engine_id"]], "count": 1}
 
 
