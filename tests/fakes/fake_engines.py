@@ -355,6 +355,8 @@ def infinity(argv: list[str]) -> None:
     cmd.add_argument("--dtype")
     cmd.add_argument("--model-warmup", action="store_true")
     cmd.add_argument("--no-model-warmup", action="store_true")
+    cmd.add_argument("--trust-remote-code", action="store_true")
+    cmd.add_argument("--no-trust-remote-code", action="store_true")
     args = parser.parse_args(argv)
     record("infinity_emb", argv)
     names = args.served_model_name or args.model_id

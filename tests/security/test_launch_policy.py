@@ -420,3 +420,21 @@ async def test_management_cannot_run_a_model_folders_code(
     assert listed["count"] == 0
     assert not marker.exists()
     assert not (folder / "__pycache__").exists()
+
+
+def test_infinity_is_told_not_to_trust_remote_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, roots: tuple[Path, Path]
+) -> None:
+    """infinity_emb trusts a model repo's Python code unless told otherwise (its default is
+    true); its plan says --no-trust-remote-code, and a caller cannot turn it back on."""
+    from sage.services.lifecycle.backends import BACKENDS
+    from sage.services.lifecycle.spec import EngineSpec
+
+    program = tmp_path / "infinity_emb"
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    monkeypatch.setenv("SAGE_INFINITY_BIN", str(program))
+    plan = BACKENDS["infinity"].plan(EngineSpec(model="BAAI/bge-m3", kind="embedding"), 9000, [])
+    assert "--no-trust-remote-code" in plan.argv
+    with pytest.raises(InvalidRequestError, match="runs Python code"):
+        policy_for(roots[0]).check_extra_args("infinity", ["--trust-remote-code"])

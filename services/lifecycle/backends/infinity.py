@@ -57,6 +57,8 @@ class InfinityBackend:
             URL_PREFIX,
             "--device",
             device_flag(gpu_ids),
+            # Infinity trusts a model repo's Python code by default (0.0.77); we never do.
+            "--no-trust-remote-code",
         ]
         argv += list(spec.extra_args)
         return LaunchPlan(argv=argv, env=gpu_env(gpu_ids), health_path="/health")

@@ -197,6 +197,7 @@ def test_infinity_plan_on_gpu(fake_programs: FakePrograms) -> None:
         "/v1",
         "--device",
         "cuda",
+        "--no-trust-remote-code",
         "--batch-size",
         "64",
     ]
