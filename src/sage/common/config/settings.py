@@ -187,8 +187,9 @@ class SageSettings(BaseSettings):
     model_roots: str = ""
     launch_allowed_args: str = ""
     engine_ports: str = "8900-8999"
-    # External engines (`/v1/management/engines/register`) on loopback, link-local or
-    # private addresses are refused unless their host (or host:port, or CIDR) is listed.
+    # External engines (`/v1/management/engines/register`) on loopback, link-local (cloud
+    # metadata included), unspecified, multicast or reserved addresses are refused unless
+    # their host (or host:port, or a CIDR covering them) is listed; private networks pass.
     external_engine_allow: str = ""
 
     # HTTP hardening for the edge and our engines: headers must arrive within
