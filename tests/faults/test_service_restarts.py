@@ -42,6 +42,8 @@ PORT_ENV = {
 }
 CHAT = {"model": "sim", "messages": [{"role": "user", "content": "status?"}], "max_tokens": 6}
 EMBED = {"model": "sim-embed", "input": ["one", "two"]}
+# Management needs the admin key (closed by default); the clients below send it.
+ADMIN = {"Authorization": "Bearer sk-faults-admin-key"}
 
 
 @dataclass
@@ -118,6 +120,7 @@ def stack(tmp_path: Path, port_factory: Callable[[], int]) -> Iterator[Stack]:
             "SAGE_DISABLE_NVML": "1",
             "SAGE_LOG_LEVEL": "WARNING",
             "SAGE_INTERNAL_TOKEN": process_token(),  # the token this test's channels send
+            "SAGE_ADMIN_API_KEY": ADMIN["Authorization"].removeprefix("Bearer "),
             "SAGE_REQUEST_TIMEOUT_S": "20",
             "SAGE_LIFECYCLE_RESTART_BACKOFF_S": "0.2",
             "PYTHONUNBUFFERED": "1",
@@ -214,7 +217,9 @@ async def _recovered(gateway: str, engine_ids: set[str], within_s: float = 30.0)
     """Every engine routed again, and chat + embeddings answered end to end."""
     deadline = time.monotonic() + within_s
     last: Any = None
-    async with httpx.AsyncClient(base_url=gateway, timeout=10, trust_env=False) as client:
+    async with httpx.AsyncClient(
+        base_url=gateway, timeout=10, trust_env=False, headers=ADMIN
+    ) as client:
         while time.monotonic() < deadline:
             try:
                 models = (await client.get("/v1/models")).json()
@@ -248,7 +253,9 @@ def _gone(pid: int) -> bool:
 async def test_kill_and_restart_every_service_under_load(
     no_leaked_children: None, stack: Stack
 ) -> None:
-    async with httpx.AsyncClient(base_url=stack.gateway, timeout=60, trust_env=False) as client:
+    async with httpx.AsyncClient(
+        base_url=stack.gateway, timeout=60, trust_env=False, headers=ADMIN
+    ) as client:
         for body in (
             {"model": "sim", "backend": "sim"},
             {"model": "sim", "backend": "sim"},
@@ -284,7 +291,9 @@ async def test_kill_and_restart_every_service_under_load(
         assert any(p == f"after {name}" and o == "ok" for p, _, o in out.seen), out.seen
     assert sum(n for (_, _, o), n in out.seen.items() if o == "ok") > 20
 
-    async with httpx.AsyncClient(base_url=stack.gateway, timeout=10, trust_env=False) as client:
+    async with httpx.AsyncClient(
+        base_url=stack.gateway, timeout=10, trust_env=False, headers=ADMIN
+    ) as client:
         listed = (await client.get("/v1/management/engines")).json()["engines"]
     # Lifecycle re-adopted its engines: the same processes, none restarted or lost.
     assert {e["engine_id"]: e["pid"] for e in listed} == pids
