@@ -32,6 +32,7 @@ from .cli_common import (
     spinner,
 )
 from .management import EngineInfo, ManagementClient
+from .supervisor import local_model_path
 
 __all__ = [
     "EXIT_FAILED",
@@ -195,6 +196,8 @@ def cmd_engine_start(
     if use_gpu and no_gpu:
         raise typer.BadParameter("give at most one of --use-gpu and --no-gpu")
     gpu = True if use_gpu else False if no_gpu else None
+    # Lifecycle takes local folders only as absolute paths (the launch policy).
+    model = local_model_path(model)
     what = f"{engine_kind} engine {model} (backend {backend})"
     with client_for(url, api_key) as client:
         waiting = spinner(f"starting {what}…") if not no_wait else nullcontext()
