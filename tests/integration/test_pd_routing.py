@@ -9,6 +9,8 @@ from typing import Any
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
+from sage.common.grpc import process_token
+from sage.common.security import engine_api_key
 from sage.engines.sim import chat_prompt_text, expected_text
 from sage.rpc.common.v1 import common_pb2
 
@@ -27,8 +29,12 @@ def metric(text: str, sample: str, **labels: str) -> float:
     return total
 
 
-async def scrape(client: Any, base_url: str) -> str:
-    reply = await client.get(f"{base_url}/metrics")
+async def scrape(client: Any, base_url: str, engine_id: str = "") -> str:
+    """An engine's /metrics; `engine_id` for one lifecycle started (it requires its key)."""
+    headers = {}
+    if engine_id:
+        headers["Authorization"] = f"Bearer {engine_api_key(process_token(), engine_id)}"
+    reply = await client.get(f"{base_url}/metrics", headers=headers)
     assert reply.status_code == 200
     text: str = reply.text
     return text
@@ -179,7 +185,7 @@ async def test_lifecycle_starts_engines_with_roles(
         "/v1/chat/completions", json={"model": "sim", "messages": MESSAGES, "max_tokens": 3}
     )
     assert reply.json()["choices"][0]["message"]["content"] == expected_text(PROMPT, 3)
-    decode_text = await scrape(client, started["decode"]["base_url"])
-    prefill_text = await scrape(client, started["prefill"]["base_url"])
+    decode_text = await scrape(client, started["decode"]["base_url"], "sim-decode")
+    prefill_text = await scrape(client, started["prefill"]["base_url"], "sim-prefill")
     assert metric(prefill_text, "sage_sim:engine_info", role="prefill", kv_role="kv_producer") == 1
     assert metric(decode_text, RECEIVED, outcome="ok") == 1
