@@ -1,5 +1,9 @@
 """A control plane in the test's event loop: scheduler and embedding service on port 0,
-the edge on a real uvicorn socket, talking to each other over real gRPC and HTTP."""
+the edge on a real uvicorn socket, talking to each other over real gRPC and HTTP.
+
+Authenticated as `sage llm serve` runs: every server demands the run's internal token and
+every channel sends it (set once per run by tests/conftest.py `internal_token`, as each
+service's main sets its own), and engines lifecycle starts require their derived keys."""
 
 from __future__ import annotations
 
