@@ -130,7 +130,7 @@ def _unauthenticated(handler: Handler, method: str) -> Handler:
     )
 
     async def refuse(context: Context) -> None:
-        log.warning("unauthenticated rpc refused", extra={"method": method})
+        log.warning("unauthenticated rpc refused", extra={"method": method, "peer": context.peer()})
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     async def unary(request: Any, context: Context) -> Any:
