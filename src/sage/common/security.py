@@ -11,6 +11,7 @@ Two secrets live in `$SAGE_HOME/llm/` as 0600 files that `sage llm serve` create
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -69,11 +70,9 @@ def ensure_secret_file(path: Path, prefix: str = "") -> str:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(value + "\n")
-        try:
-            # Another process may have won the race: keep its secret, not ours.
+        # Another process may have won the race: keep its secret, not ours.
+        with contextlib.suppress(FileExistsError):
             os.link(tmp, path)
-        except FileExistsError:
-            pass
     finally:
         tmp.unlink(missing_ok=True)
     found = read_secret_file(path)
