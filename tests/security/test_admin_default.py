@@ -170,6 +170,8 @@ def test_serve_writes_the_secrets_0600_and_hands_their_files_to_every_child(
     stack: Stack,
 ) -> None:
     state = stack.home / "llm"
+    # Engine logs, the registry and the secrets: no other local user can list or read them.
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
     for name in ("admin.key", "internal.token"):
         mode = stat.S_IMODE((state / name).stat().st_mode)
         assert mode == 0o600, f"{name}: {mode:o}"

@@ -106,6 +106,14 @@ def ensure_stack_secrets(settings: SageSettings) -> StackSecrets:
     and gRPC are closed from the first request, and the CLI and clients find the key there."""
     admin_file = admin_key_path(settings)
     token_file = internal_token_path(settings)
+    # The state dir holds engine logs (prompts, engine arguments), the registry and the
+    # secrets: other local users get no way in.
+    state_dir = settings.llm_state_dir
+    try:
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        state_dir.chmod(0o700)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot make {state_dir} private: {exc.strerror}") from None
     for path, given, prefix in (
         (admin_file, settings.admin_api_key, "sk-admin-"),
         (token_file, settings.internal_token, ""),
