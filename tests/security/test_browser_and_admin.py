@@ -241,6 +241,15 @@ async def test_cross_site_requests_are_403_unless_cors_allows_them(
                 assert "SAGE_CORS_ORIGINS" in error["message"]
         own = {"Origin": f"http://127.0.0.1:{port}", "Sec-Fetch-Site": "same-origin"}
         assert (await client.get("/openapi.json", headers=own)).status_code == 200
+        # Behind a proxy on port 80 the Host carries no port: only port 80 is this origin,
+        # a page on another port of the same name is not.
+        proxied = {"Host": "localhost"}
+        reply = await client.get(
+            "/openapi.json", headers={**proxied, "Origin": "http://localhost:3000"}
+        )
+        _error(reply, 403, "cross_site_request")
+        reply = await client.get("/openapi.json", headers={**proxied, "Origin": "http://localhost"})
+        assert reply.status_code == 200, reply.text
         app_origin = {"Origin": "https://app.example", "Sec-Fetch-Site": "cross-site"}
         reply = await client.get("/openapi.json", headers=app_origin)
         preflight = await client.options(

@@ -178,8 +178,9 @@ def _same_origin(origin: str, host_header: str | None) -> bool:
     parsed = _origin_authority(origin)  # "null" (sandboxed pages, files) never matches
     if parsed is None:
         return False
-    _, origin_host, origin_port = parsed
+    scheme, origin_host, origin_port = parsed
     host, port = split_host(host_header)
     # A Host without a port means the default port of the scheme the browser used (also
-    # behind a TLS-terminating proxy, where this server's own scheme differs).
-    return origin_host == host and (port or origin_port) == origin_port
+    # behind a TLS-terminating proxy, where this server's own scheme differs): a page on
+    # another port of the same name (http://localhost:3000) is another origin.
+    return origin_host == host and (port or _DEFAULT_PORTS.get(scheme, "")) == origin_port
