@@ -4,8 +4,8 @@ A per-stack token (`SAGE_INTERNAL_TOKEN`, else the 0600 file `SAGE_INTERNAL_TOKE
 default `$SAGE_HOME/llm/internal.token`) travels as `x-sage-internal-token` metadata. Any
 local process can reach a loopback port, so a port alone proves nothing: without the token
 lifecycle would start engines and the scheduler would route traffic for anyone. Servers
-check it in their one interceptor (server.py); `create_channel` adds it (client.py). With
-mTLS (servers demand client certificates signed by the CA) the handshake is a credential too.
+check it in their one interceptor (server.py); `create_channel` adds it (client.py). mTLS
+does not replace it (a client certificate of the CA may belong to an HTTPS user of the edge).
 
 Each service sets the token once at start (`set_process_token`, done by the service
 runner); a process that never did (the edge, the CLI) resolves it from its settings on
@@ -89,13 +89,12 @@ def metadata_token(metadata: Iterable[Any] | None) -> str | bytes | None:
 
 @dataclass(frozen=True)
 class ServerAuth:
-    """What a server accepts as a caller's credential: the stack's token, and with
-    `client_certs_verified` (mTLS: the handshake already checked the peer's certificate
-    against the CA) any caller that got through the handshake."""
+    """What a server accepts as a caller's credential: the stack's token. mTLS does not
+    replace it: the edge's HTTPS may trust client certificates of the same CA, and such a
+    client must not reach the internal services."""
 
     token: str
-    client_certs_verified: bool = False
 
     def allows(self, metadata: Iterable[Any] | None) -> bool:
         """True when the call may proceed."""
-        return self.client_certs_verified or token_matches(metadata_token(metadata), self.token)
+        return token_matches(metadata_token(metadata), self.token)

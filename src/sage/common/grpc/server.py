@@ -318,14 +318,11 @@ def create_server(
 
     It listens with TLS (mTLS with client_auth) when `tls`, or else the process's TLS
     config (SAGE_TLS_*), has a certificate; otherwise plaintext. Every call but health and
-    reflection must carry `internal_token` (default: the process's, auth.process_token),
-    or come over mTLS, else it is refused with UNAUTHENTICATED.
+    reflection must carry `internal_token` (default: the process's, auth.process_token), with
+    or without mTLS, else it is refused with UNAUTHENTICATED.
     """
     tls = tls if tls is not None else process_tls()
-    auth = ServerAuth(
-        internal_token if internal_token is not None else process_token(),
-        client_certs_verified=tls.serves_tls and tls.client_auth and tls.ca_pem is not None,
-    )
+    auth = ServerAuth(internal_token if internal_token is not None else process_token())
     if not auth.token:
         raise ValueError("internal_token must not be empty")
     server = grpc.aio.server(
