@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -51,8 +52,12 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_the_key_file_is_sent_to_this_machine_only(home: Path) -> None:
     settings = SageSettings(home=home)
     key = ensure_secret_file(home / "llm" / "admin.key", prefix="sk-admin-")
-    assert admin_key_for("http://127.0.0.1:8889/v1", settings) == key
-    assert admin_key_for("http://localhost:8889/v1", settings) == key
+    with socket.create_server(("127.0.0.1", 0)) as ours:
+        port = ours.getsockname()[1]
+        assert admin_key_for(f"http://127.0.0.1:{port}/v1", settings) == key
+        assert admin_key_for(f"http://localhost:{port}/v1", settings) == key
+    # Nobody listening (the stack is down): a squatter could take the port, so no key.
+    assert admin_key_for(f"http://127.0.0.1:{port}/v1", settings) is None
     # Another host never receives this machine's key (the environment's key is the
     # operator's explicit choice and goes wherever they point it).
     assert admin_key_for("http://192.0.2.10:8889/v1", settings) is None
@@ -66,6 +71,31 @@ def test_the_key_file_is_sent_to_this_machine_only(home: Path) -> None:
     with ManagementClient("http://192.0.2.10:8889/v1", transport=httpx.MockTransport(remote)) as c:
         assert c.list_engines() == []
     assert "authorization" not in seen[0].headers
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to listen as another user")
+def test_the_key_is_not_sent_to_another_users_listener(home: Path) -> None:
+    """Another local user who binds the gateway port while the stack is down gets no key."""
+    settings = SageSettings(home=home)
+    ensure_secret_file(home / "llm" / "admin.key", prefix="sk-admin-")
+    squatter = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import os, socket, sys, time; os.setuid(65534); "
+            "s = socket.create_server(('127.0.0.1', 0)); "
+            "print(s.getsockname()[1], flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert squatter.stdout is not None
+        port = int(squatter.stdout.readline())
+        assert admin_key_for(f"http://127.0.0.1:{port}/v1", settings) is None
+    finally:
+        squatter.kill()
+        squatter.wait()
 
 
 def test_a_key_file_others_can_read_is_a_clear_error(

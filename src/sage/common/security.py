@@ -139,3 +139,25 @@ def resolves_to(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address
     except (socket.gaierror, UnicodeError):
         return []
     return [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
+
+
+def listener_uid(port: int) -> int | None:
+    """The user id of the process listening on TCP `port` on this machine, or None when
+    nothing listens there or its owner cannot be seen (another user's process, for a
+    non-root caller). Lets a client check, before it sends a local secret, that the
+    listener is its own user's and not a squatter's on a free port."""
+    import psutil  # only here: the socket table is read when a secret is about to be sent
+
+    try:
+        connections = psutil.net_connections(kind="tcp")
+    except (psutil.AccessDenied, OSError):
+        return None
+    for conn in connections:
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
+            if conn.pid is None:
+                return None
+            try:
+                return int(psutil.Process(conn.pid).uids().effective)
+            except psutil.Error:
+                return None
+    return None

@@ -45,6 +45,7 @@ from sage.common.security import (
     admin_key_path,
     is_loopback_host,
     is_wildcard_host,
+    listener_uid,
     read_secret_file,
     resolves_to,
 )
@@ -228,10 +229,18 @@ def admin_key_for(base_url: str, settings: SageSettings) -> str | None:
     """
     if settings.admin_api_key:
         return settings.admin_api_key
-    host = urlsplit(base_url).hostname or ""
-    if not is_this_machine(host):
+    parts = urlsplit(base_url)
+    if not is_this_machine(parts.hostname or ""):
         return None
-    return read_secret_file(admin_key_path(settings))
+    key = read_secret_file(admin_key_path(settings))
+    if key is None:
+        return None
+    # While the stack is down, any local user may bind the free gateway port and wait for
+    # the key: send it only to a listener run by this user.
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    if listener_uid(port) != os.geteuid():
+        return None
+    return key
 
 
 def _admin_hint(settings: SageSettings | None) -> str:
