@@ -208,7 +208,9 @@ class _ClientCore:
             return self.admin_api_key
         if not self._file_admin_key_read:
             self._file_admin_key = admin_key_for(self.base_url, _settings())
-            self._file_admin_key_read = True
+            # Found: kept. Not found (no file yet, or no gateway of ours listening yet):
+            # looked up again on the next management call, e.g. once serve is up.
+            self._file_admin_key_read = self._file_admin_key is not None
         return self._file_admin_key
 
     def _headers(self, request_id: str, *, admin: bool, json: bool) -> dict[str, str]:
