@@ -5,8 +5,8 @@ fetches from. Unchecked, registering one is a server-side request forgery (the s
 loopback services, the cloud metadata endpoint) and a way to hijack a model's traffic. So:
 
 - its address must not be loopback, link-local (cloud metadata included), unspecified,
-  multicast or reserved, unless `SAGE_EXTERNAL_ENGINE_ALLOW` lists its host, host:port or a
-  network (CIDR) covering it;
+  multicast, reserved or one of this machine's own interface addresses, unless
+  `SAGE_EXTERNAL_ENGINE_ALLOW` lists its host, host:port or a network (CIDR) covering it;
 - it is probed before it is registered: `GET {base_url}/v1/models` within a few seconds, a
   small reply, no redirects, must list the model (or one of its aliases). Failures say why
   without echoing what the address answered.
@@ -26,7 +26,7 @@ import orjson
 
 from sage.common.config.settings import SageSettings
 from sage.common.exceptions import InvalidRequestError
-from sage.common.security import resolves_to
+from sage.common.security import local_interface_addresses, resolves_to
 
 PROBE_TIMEOUT_S = 5.0
 PROBE_MAX_BYTES = 1024 * 1024
@@ -120,8 +120,10 @@ class ExternalEnginePolicy:
             raise InvalidRequestError(
                 f"base_url host {url.host!r} does not resolve", param="base_url"
             )
+        mine = local_interface_addresses()
         for address in addresses:
-            kind = refused_kind(address)
+            # This machine's own LAN or bridge address reaches services bound to 0.0.0.0.
+            kind = refused_kind(address) or ("this machine's own" if address in mine else None)
             if kind is not None:
                 raise InvalidRequestError(
                     f"base_url host {url.host!r} is a {kind} address ({address}); external "

@@ -28,6 +28,7 @@ from sage.common.exceptions import (
     OverloadedError,
     UpstreamError,
 )
+from sage.common.security import local_interface_addresses
 from sage.services.lifecycle.external_engines import (
     PROBE_TIMEOUT_S,
     ExternalEnginePolicy,
@@ -199,6 +200,25 @@ async def test_loopback_link_local_metadata_and_unspecified_addresses_are_refuse
         assert error["param"] == "base_url", (base_url, error)
         assert SECRET not in reply.text
     assert inside.seen == []
+    assert await engine_ids(secure_plane) == []
+
+
+async def test_this_machines_own_interface_addresses_are_refused(
+    secure_plane: Any, fakes: Callable[..., FakeServer]
+) -> None:
+    """A LAN or bridge address of this machine reaches its services bound to 0.0.0.0, so it
+    is refused like loopback (found in review)."""
+    own = sorted(
+        str(a)
+        for a in local_interface_addresses()
+        if not a.is_loopback and not a.is_link_local and a.version == 4
+    )
+    if not own:
+        pytest.skip("this machine has no non-loopback IPv4 address")
+    reply = await register(secure_plane, model_id="probe", base_url=f"http://{own[0]}:9/v1")
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == "base_url" and "this machine's own" in error["message"], error
     assert await engine_ids(secure_plane) == []
 
 

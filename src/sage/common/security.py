@@ -161,3 +161,15 @@ def listener_uid(port: int) -> int | None:
             except psutil.Error:
                 return None
     return None
+
+
+def local_interface_addresses() -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """Every address assigned to one of this machine's interfaces (LAN, bridges, loopback)."""
+    import psutil  # only here: most callers never need the interface list
+
+    mine: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family in (socket.AF_INET, socket.AF_INET6):
+                mine.add(ipaddress.ip_address(address.address.split("%")[0]))
+    return mine

@@ -8,10 +8,8 @@ callers handle a refused start the same way whether it came over HTTP or gRPC.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
-import socket
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -46,6 +44,7 @@ from sage.common.security import (
     is_loopback_host,
     is_wildcard_host,
     listener_uid,
+    local_interface_addresses,
     read_secret_file,
     resolves_to,
 )
@@ -209,13 +208,7 @@ def is_this_machine(host: str) -> bool:
     found = resolves_to(host)
     if not found:
         return False
-    import psutil  # only here: a name that is not loopback needs the interface list
-
-    mine = set()
-    for addresses in psutil.net_if_addrs().values():
-        for address in addresses:
-            if address.family in (socket.AF_INET, socket.AF_INET6):
-                mine.add(ipaddress.ip_address(address.address.split("%")[0]))
+    mine = local_interface_addresses()
     return all(ip.is_loopback or ip in mine for ip in found)
 
 
