@@ -70,6 +70,11 @@ DEFAULT_GPU_MEMORY_FRACTION = 0.9  # vLLM's own default for --gpu-memory-utiliza
 DEFAULT_SMALL_ENGINE_GB = 2.0  # embedding / small chat engines on a GPU
 
 
+def _private_opener(path: str, flags: int) -> int:
+    """open() opener creating files 0600 (engine logs)."""
+    return os.open(path, flags, 0o600)
+
+
 class GpuAllocator(Protocol):
     """What lifecycle needs from gpu_manager."""
 
@@ -400,14 +405,16 @@ class EngineLifecycleManager:
 
     def _spawn(self, record: EngineRecord, backend: Backend) -> EngineRecord:
         plan = backend.plan(record.spec, record.port, record.gpu_ids)
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        # Engine logs hold prompts and engine arguments: this user's only, with or without
+        # `sage llm serve` (which also makes the whole state dir 0700).
+        self.log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         log_path = Path(record.log_path)
         if log_path.exists() and log_path.stat().st_size > LOG_ROTATE_BYTES:
             os.replace(log_path, log_path.with_suffix(".log.1"))
         # Its own key (derived from the stack's token) in its environment, never argv.
         env = launch_env(plan, backend, engine_key(record.engine_id, backend.launches_process))
         self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with open(log_path, "ab") as log_file:
+        with open(log_path, "ab", opener=_private_opener) as log_file:
             log_file.write(f"=== {time.strftime('%F %T')} starting: {plan.argv}\n".encode())
             log_file.flush()
             # Popen (vfork + exec), not the event loop's fork: forking a process that runs

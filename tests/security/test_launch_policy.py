@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import random
 import socket
+import stat
 from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack, asynccontextmanager
 from pathlib import Path
@@ -364,6 +365,12 @@ async def test_start_failures_carry_no_argv_or_traceback(
         )
         text = "\n".join(logs.lines)
         assert "sage.engines.sim" in text and "invalid int value" in text
+    # The log (argv, the engine's output, later prompts) is this user's only, even
+    # without `sage llm serve` making the state dir private.
+    logs_dir = tmp_path / "a" / "llm" / "logs"
+    assert stat.S_IMODE(logs_dir.stat().st_mode) == 0o700
+    for log in logs_dir.iterdir():
+        assert stat.S_IMODE(log.stat().st_mode) == 0o600, log
 
 
 # -- through the edge (the issue's own attack) -------------------------------------------
