@@ -24,18 +24,13 @@ from dataclasses import dataclass, field
 from sage.common.exceptions import OverloadedError, ServiceUnavailableError
 from sage.common.fairbatch import take_batch
 from sage.common.limits import check_embedding_tokens
+from sage.common.limits import estimate_text_tokens as estimate_tokens
 
 from .executor import BatchReply, Endpoint, EngineUnreachableError
 
 log = logging.getLogger("sage.embedding")
 
 Send = Callable[[Endpoint, str, Sequence[str], int], Awaitable[BatchReply]]
-
-
-def estimate_tokens(text: str) -> int:
-    """Conservative token estimate without a tokenizer: ASCII ~4 chars/token is counted as
-    3 bytes/token, CJK (3 UTF-8 bytes, ~1 token per character) comes out exact."""
-    return len(text.encode()) // 3 + 1
 
 
 @dataclass

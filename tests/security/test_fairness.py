@@ -131,19 +131,23 @@ async def test_token_cap_is_a_400_naming_the_limit(
 ) -> None:
     url = sim_engine("--embedding-dim", "8", model="emb")
     await control_plane.register("emb-0", "emb", url, kind="embedding")
+    at_cap = "x" * 3 * (TOKEN_CAP - 1)  # 3 UTF-8 bytes a token, +1 per input
     under = await control_plane.client.post(
-        "/v1/embeddings", headers=tenant(), json={"model": "emb", "input": ["x" * 4 * TOKEN_CAP]}
+        "/v1/embeddings", headers=tenant(), json={"model": "emb", "input": [at_cap]}
     )
     assert under.status_code == 200, under.text
-    over = await control_plane.client.post(
-        "/v1/embeddings",
-        headers=tenant(),
-        json={"model": "emb", "input": ["x" * 4 * TOKEN_CAP, "one more"]},
-    )
-    assert over.status_code == 400, over.text
-    error = over.json()["error"]
-    assert error["type"] == "invalid_request_error" and error["param"] == "input"
-    assert str(TOKEN_CAP) in error["message"] and "EMBEDDING_MAX_TOKENS" in error["message"]
+    for inputs in (
+        [at_cap, "one more"],
+        # CJK: ~1 token a character; counted by characters it passed at ~4x the cap.
+        ["字" * TOKEN_CAP],
+    ):
+        over = await control_plane.client.post(
+            "/v1/embeddings", headers=tenant(), json={"model": "emb", "input": inputs}
+        )
+        assert over.status_code == 400, over.text
+        error = over.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["param"] == "input"
+        assert str(TOKEN_CAP) in error["message"] and "EMBEDDING_MAX_TOKENS" in error["message"]
     # The gateway still serves after refusing it.
     again = await control_plane.client.post(
         "/v1/embeddings", headers=tenant(), json={"model": "emb", "input": "hello"}

@@ -277,7 +277,7 @@ class SageSettings(BaseSettings):
     # Require an API key (or the admin key) on the edge's /metrics too. None (default):
     # required whenever API keys are configured.
     metrics_require_auth: bool | None = None
-    # Embeddings: most tokens one request may carry (about 4 characters a token); a larger
+    # Embeddings: most tokens one request may carry (3 UTF-8 bytes a token); a larger
     # one is a 400 naming the limit.
     embedding_max_tokens_per_request: int = 300_000
     # CORS on the edge: empty disables it; `*` or a comma-separated list of origins.
