@@ -19,14 +19,9 @@ import aiohttp
 import numpy as np
 import orjson
 
+from sage.common.engine_errors import engine_error
 from sage.common.engine_keys import engine_auth_headers
-from sage.common.exceptions import (
-    DeadlineExceededError,
-    InvalidRequestError,
-    ModelNotFoundError,
-    OverloadedError,
-    UpstreamError,
-)
+from sage.common.exceptions import DeadlineExceededError, SageError, UpstreamError
 from sage.common.grpc.tls import process_tls
 
 log = logging.getLogger("sage.embedding")
@@ -162,22 +157,14 @@ def rejects_base64(status: int, content: bytes) -> bool:
     )
 
 
-def _engine_error(engine: Endpoint, status: int, content: bytes) -> Exception:
-    message = content.decode(errors="replace")[:500]
-    param = None
-    try:
-        err = orjson.loads(content).get("error", {})
-        message = str(err.get("message") or message)
-        param = err.get("param") if isinstance(err.get("param"), str) else None
-    except (orjson.JSONDecodeError, AttributeError):
-        pass
-    if status == 404:
-        return ModelNotFoundError(param or "model", message=message)
-    if status in (400, 413, 422):
-        return InvalidRequestError(message, param=param or "input")
-    if status == 429:
-        return OverloadedError(f"embedding engine {engine.engine_id} is overloaded: {message}")
-    return UpstreamError(f"embedding engine {engine.engine_id} returned HTTP {status}: {message}")
+def _engine_error(engine: Endpoint, status: int, content: bytes) -> SageError:
+    """An engine's non-2xx reply as a SageError, summarised exactly as the scheduler does
+    (sage.common.engine_errors): an OpenAI-shaped error keeps its message, clipped; any
+    other body (an HTML page, some internal service's reply, a redirect) is summarised, so
+    a caller never reads what an address answered."""
+    return engine_error(
+        engine.engine_id, status, content, label="embedding engine", default_param="input"
+    )
 
 
 class EmbeddingExecutor:
@@ -219,7 +206,7 @@ class EmbeddingExecutor:
         url = base + "/v1/embeddings"
         if base not in self._float_only:
             status, content = await self._post(engine, url, {**payload, _ENCODING_FIELD: "base64"})
-            if status < 400:
+            if 200 <= status < 300:
                 return parse_embeddings(content, texts)
             if not rejects_base64(status, content):
                 raise _engine_error(engine, status, content)
@@ -231,7 +218,7 @@ class EmbeddingExecutor:
         # The request as an OpenAI client sends it by default: float, no encoding_format
         # (an engine that rejected the field may not know it at all).
         status, content = await self._post(engine, url, payload)
-        if status >= 400:
+        if not 200 <= status < 300:  # a 3xx too: redirects are never followed
             raise _engine_error(engine, status, content)
         return parse_embeddings(content, texts)
 
@@ -246,7 +233,12 @@ class EmbeddingExecutor:
                 "content-type": "application/json",
                 **engine_auth_headers(engine.engine_id, engine.managed),
             }
-            async with self._http().post(url, data=orjson.dumps(payload), headers=headers) as resp:
+            # Never follow a redirect (aiohttp would by default): an engine that passed the
+            # registration probe could otherwise send batches to loopback or metadata
+            # addresses. A 3xx comes back as an engine error.
+            async with self._http().post(
+                url, data=orjson.dumps(payload), headers=headers, allow_redirects=False
+            ) as resp:
                 return resp.status, await resp.read()
         except aiohttp.ClientConnectorError as exc:
             raise EngineUnreachableError(

@@ -13,21 +13,14 @@ import contextlib
 import functools
 import ssl
 from collections.abc import AsyncIterator, Iterator, Mapping
-from typing import Any
 
-import orjson
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
+from sage.common.engine_errors import MAX_ENGINE_MESSAGE_CHARS as MAX_ENGINE_MESSAGE_CHARS
+from sage.common.engine_errors import engine_error
 from sage.common.engine_keys import engine_key, is_managed
-from sage.common.exceptions import (
-    DeadlineExceededError,
-    InvalidRequestError,
-    ModelNotFoundError,
-    OverloadedError,
-    SageError,
-    UpstreamError,
-)
+from sage.common.exceptions import DeadlineExceededError, SageError, UpstreamError
 from sage.common.grpc.tls import process_tls
 
 from .http1 import ConnectError, DisconnectedError, Http1Error, Http1Pool
@@ -93,75 +86,12 @@ class EngineDisconnectedError(UpstreamError):
     default_code = "engine_disconnected"
 
 
-# An engine's own error message is passed on up to this many characters; anything else an
-# engine (or whatever answers at its address) sends is summarised, never echoed.
-MAX_ENGINE_MESSAGE_CHARS = 300
-_MAX_PARAM_CHARS = 64
-
-
-def _clip(text: str, limit: int) -> str:
-    """`text` on one line, without control characters, at most `limit` characters."""
-    text = "".join(ch if ch.isprintable() else " " for ch in text)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def openai_error_parts(content: bytes) -> tuple[str, str | None] | None:
-    """(message, param) of an OpenAI-shaped error body (OpenAI's `{"error": {...}}`, vLLM's
-    older `{"object": "error", ...}`, TEI's `{"error": "...", "error_type": ...}`), clipped;
-    None for any other body."""
-    try:
-        doc: Any = orjson.loads(content)
-    except orjson.JSONDecodeError:
-        return None
-    if not isinstance(doc, dict):
-        return None
-    err = doc.get("error")
-    if isinstance(err, dict) and isinstance(err.get("message"), str):
-        message, param = err["message"], err.get("param")
-    elif doc.get("object") == "error" and isinstance(doc.get("message"), str):
-        message, param = doc["message"], doc.get("param")
-    elif isinstance(err, str) and isinstance(doc.get("error_type"), str):
-        message, param = err, None
-    else:
-        return None
-    clipped_param = _clip(param, _MAX_PARAM_CHARS) if isinstance(param, str) and param else None
-    return _clip(message, MAX_ENGINE_MESSAGE_CHARS), clipped_param
-
-
-def summarise_reply(status: int, content: bytes) -> str:
-    """`HTTP 500 (html, 1234 bytes)`: what came back, without what it said."""
-    head = content[:64].lstrip().lower()
-    if not head:
-        kind = "empty"
-    elif head.startswith((b"<!doctype html", b"<html", b"<")):
-        kind = "html"
-    elif head.startswith((b"{", b"[")):
-        kind = "json"
-    else:
-        kind = "text"
-    return f"HTTP {status} ({kind}, {len(content)} bytes)"
-
-
 def _engine_error(engine: EngineRecord, status: int, content: bytes) -> SageError:
-    """Map an engine's HTTP error to a SageError. An OpenAI-shaped error keeps its message
-    (clipped); any other body (an HTML page, some other service's reply) is summarised, so
-    a caller never reads what an address answered."""
-    parts = openai_error_parts(content)
-    if parts is None:
-        summary = f"{summarise_reply(status, content)}, not an OpenAI error; see its log"
-        message, param = f"engine {engine.engine_id} returned {summary}", None
-    else:
-        message, param = parts
-        if status == 404 and (param == "model" or "model" in message.lower()):
-            exc: SageError = ModelNotFoundError(param or "model", message=message)
-            return exc
-    if status in (400, 422):
-        return InvalidRequestError(message, param=param)
-    if status == 429:
-        return OverloadedError(f"engine {engine.engine_id} is overloaded: {message}")
-    if parts is None:
-        return UpstreamError(message)
-    return UpstreamError(f"engine {engine.engine_id} returned HTTP {status}: {message}")
+    """Map an engine's non-2xx reply to a SageError (sage.common.engine_errors): an
+    OpenAI-shaped error keeps its message (clipped); any other body (an HTML page, some
+    other service's reply, a redirect) is summarised, so a caller never reads what an
+    address answered."""
+    return engine_error(engine.engine_id, status, content)
 
 
 @contextlib.contextmanager
@@ -261,7 +191,7 @@ class HttpExecutionCoordinator:
                 status, content = await self._pool.post(
                     engine.base_url, path, body, headers, self._request_timeout_s
                 )
-            if status >= 400:
+            if status >= 300:  # a redirect is an error: engine calls never follow one
                 raise _engine_error(engine, status, content)
         except BaseException as exc:
             if span is not None:
@@ -285,7 +215,7 @@ class HttpExecutionCoordinator:
                 engine.base_url, path, body, headers, self._request_timeout_s
             )
         try:
-            if stream.status >= 400:
+            if stream.status >= 300:
                 with _http1_errors(engine):
                     content = await stream.read()
                 raise _engine_error(engine, stream.status, content)

@@ -107,9 +107,13 @@ class EngineLoadTracker:
 
         async def one(engine: EngineRecord) -> None:
             try:
-                # Engines lifecycle started require their key on /metrics too.
+                # Engines lifecycle started require their key on /metrics too. A redirect
+                # is never followed (aiohttp would by default): an engine could otherwise
+                # point the scrape at loopback or metadata addresses; a 3xx is a failure.
                 headers = engine_auth_headers(engine.engine_id, is_managed(engine.backend))
-                async with session.get(engine.base_url + "/metrics", headers=headers) as resp:
+                async with session.get(
+                    engine.base_url + "/metrics", headers=headers, allow_redirects=False
+                ) as resp:
                     if resp.status != 200:
                         raise aiohttp.ClientResponseError(resp.request_info, (), status=resp.status)
                     text = await resp.text()
