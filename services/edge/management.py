@@ -17,6 +17,7 @@ from urllib.parse import parse_qs
 
 import grpc
 
+from sage.common.apikeys import bearer_token
 from sage.common.exceptions import (
     AuthenticationError,
     EngineNotFoundError,
@@ -358,31 +359,15 @@ class NodeLifecycles:
         return [e for engines in lists for e in engines]
 
 
-def bearer_token(headers: Mapping[str, str]) -> str | None:
-    """The token of an `Authorization: Bearer …` header (scheme in any case), else None."""
-    header = headers.get("authorization")
-    if header is None:
-        return None
-    scheme, _, token = header.strip().partition(" ")
-    if scheme.lower() != "bearer":
-        return None
-    return token.strip() or None
-
-
 class AdminGate:
     """The admin key check: what opens /v1/management (and /metrics)."""
 
     def __init__(self, admin_api_key: str | None) -> None:
         self._key = admin_api_key.encode() if admin_api_key else None
 
-    @property
-    def configured(self) -> bool:
-        """True when an admin key exists (else management is closed to everyone)."""
-        return self._key is not None
-
     def matches(self, headers: Mapping[str, str]) -> bool:
         """True when the request carries the admin key (compared in constant time)."""
-        token = bearer_token(headers)
+        token = bearer_token(headers.get("authorization"))
         if self._key is None or token is None:
             return False
         return hmac.compare_digest(token.encode(), self._key)

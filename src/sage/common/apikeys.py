@@ -140,25 +140,34 @@ class ApiKeyTable:
 
     def lookup(self, headers: Mapping[str, str]) -> ApiKey | None:
         """The key in the `Authorization: Bearer` header, or None when absent or unknown."""
-        header = headers.get("authorization")
-        if header is None or header[:7].lower() != "bearer ":
-            return None
-        return self._by_token.get(header[7:].strip())
+        token = bearer_token(headers.get("authorization"))
+        return None if token is None else self._by_token.get(token)
 
     def authenticate(self, headers: Mapping[str, str]) -> ApiKey | None:
         """The caller's key; None when authentication is off; 401 when missing or wrong."""
         if not self._by_token:
             return None
-        key = self.lookup(headers)
-        if key is not None:
-            return key
-        header = headers.get("authorization")
-        if header is None or header[:7].lower() != "bearer ":
+        token = bearer_token(headers.get("authorization"))
+        if token is None:
             raise InvalidApiKeyError(
                 "You didn't provide an API key. You need to provide your API key in an "
                 "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
             )
-        raise InvalidApiKeyError(f"Incorrect API key provided: {redact_key(header[7:].strip())}.")
+        key = self._by_token.get(token)
+        if key is None:
+            raise InvalidApiKeyError(f"Incorrect API key provided: {redact_key(token)}.")
+        return key
+
+
+def bearer_token(header: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` value (the scheme in any case), else
+    None: the one parser of the header for the edge's keys, the admin key and our engines."""
+    if header is None:
+        return None
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip() or None
 
 
 def load_key_table(api_keys: str, api_keys_file: Path | None) -> ApiKeyTable:

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 
 import orjson
 
+from sage.common.apikeys import bearer_token
 from sage.common.exceptions import openai_error_body
 from sage.common.http.asgi import Receive, Scope, Send
 
@@ -51,16 +52,17 @@ class ApiKeyGate:
         if not api_key:
             raise ValueError("api_key must not be empty")
         self.app = app
-        self._expected = f"bearer {api_key}".encode()
+        self._expected = api_key.encode()
         self._open = frozenset(open_paths)
 
     def allows(self, headers: Iterable[tuple[bytes, bytes]]) -> bool:
         """True when the Authorization header carries the key (scheme case-insensitive)."""
         for name, value in headers:
             if name.lower() == b"authorization":
-                scheme, _, token = value.partition(b" ")
-                given = scheme.lower() + b" " + token.strip()
-                return hmac.compare_digest(given, self._expected)
+                token = bearer_token(value.decode("latin-1"))
+                return token is not None and hmac.compare_digest(
+                    token.encode("latin-1"), self._expected
+                )
         return False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
