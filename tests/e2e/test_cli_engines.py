@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from sage.common.exceptions import ConflictError, EngineNotFoundError, InvalidRequestError
-from sage.common.utils.processes import free_port, stop_process, wait_http
+from sage.common.utils.processes import free_port, stop_process, stop_process_tree, wait_http
 from sage.llm.management import ManagementClient
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -111,8 +111,7 @@ def _start_stack(home: Path, **extra_env: str) -> Stack:
     while True:
         line = proc.stdout.readline()
         if not line or time.monotonic() > deadline:
-            proc.kill()
-            proc.wait()
+            stop_process_tree(proc)  # its services and engines too
             raise AssertionError("serve did not come up:\n" + "".join(running.output))
         running.output.append(line)
         if "gateway listening" in line:

@@ -17,6 +17,7 @@ import openai
 import psutil
 import pytest
 
+from sage.common.utils.processes import stop_process_tree
 from sage.engines.sim import chat_prompt_text, expected_text
 from sage.llm import UnifiedInferenceClient
 
@@ -79,10 +80,12 @@ def _start(tmp_path: Path, port_factory: Callable[[], int], *extra: str) -> Stac
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
         if not line:
+            stop_process_tree(proc)
             raise AssertionError("serve exited early:\n" + "".join(stack.output))
         stack.output.append(line)
         if "gateway listening" in line:
             return stack
+    stop_process_tree(proc)  # a half-started stack must not outlive the test
     raise AssertionError("serve did not come up:\n" + "".join(stack.output))
 
 
@@ -90,9 +93,7 @@ def _start(tmp_path: Path, port_factory: Callable[[], int], *extra: str) -> Stac
 def stack(tmp_path: Path, port_factory: Callable[[], int]) -> Iterator[Stack]:
     s = _start(tmp_path, port_factory)
     yield s
-    if s.proc.poll() is None:
-        s.proc.kill()
-        s.proc.wait()
+    stop_process_tree(s.proc)
 
 
 def _tree(pid: int) -> list[psutil.Process]:
@@ -241,6 +242,4 @@ def test_crashed_service_stops_the_stack_without_orphans(
         _, alive = psutil.wait_procs(everything, timeout=10)
         assert alive == [], [p.pid for p in alive]
     finally:
-        if stack.proc.poll() is None:
-            stack.proc.kill()
-            stack.proc.wait()
+        stop_process_tree(stack.proc)

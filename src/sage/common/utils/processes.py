@@ -5,12 +5,15 @@ Used by the CLI supervisor, the benchmarks and the tests, so all wait and stop a
 
 from __future__ import annotations
 
+import contextlib
 import random
 import socket
 import subprocess
 import time
+from typing import Any
 
 import httpx
+import psutil
 
 
 def _ephemeral_floor() -> int:
@@ -69,3 +72,26 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
             proc.kill()
             proc.wait()
     return int(proc.returncode)
+
+
+def stop_process_tree(proc: subprocess.Popen[Any], timeout: float = 30.0) -> int | None:
+    """Stop `proc` and every process below it: SIGTERM first (so `sage llm serve` stops
+    its services and engines in order), then SIGKILL whatever is left, children included
+    (a SIGKILLed supervisor would leave them orphaned). Returns proc's exit code."""
+    try:
+        below = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        below = []
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    _, alive = psutil.wait_procs(below, timeout=5)
+    for child in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    psutil.wait_procs(alive, timeout=5)
+    return proc.returncode
