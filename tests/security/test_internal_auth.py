@@ -432,3 +432,30 @@ def test_token_checks_refuse_near_misses_and_never_raise() -> None:
     assert not auth.allows((("authorization", "sk-token"),))
     assert metadata_token((("a", "b"), ("x-sage-internal-token", "t"))) == "t"
     assert token_matches(b"sk-token", "sk-token") and not token_matches(None, "sk-token")
+
+
+def test_engines_inherit_none_of_the_control_planes_secrets_or_their_files() -> None:
+    """An engine runs model code: it gets its own key and nothing that opens the stack."""
+    from sage.services.lifecycle.backends import BACKENDS
+    from sage.services.lifecycle.backends._common import launch_env
+    from sage.services.lifecycle.spec import EngineSpec
+
+    backend = BACKENDS["sim"]
+    plan = backend.plan(EngineSpec(model="sim"), 8900, [])
+    secrets = {
+        name: "secret"
+        for name in (
+            "SAGE_INTERNAL_TOKEN",
+            "SAGE_INTERNAL_TOKEN_FILE",
+            "SAGE_ADMIN_API_KEY",
+            "SAGE_ADMIN_API_KEY_FILE",
+            "SAGE_API_KEYS",
+            "SAGE_API_KEYS_FILE",
+            "SAGE_CHAT_API_KEY",
+            "SAGE_EMBEDDING_API_KEY",
+            "SAGE_TLS_KEY_FILE",
+        )
+    }
+    env = launch_env(plan, backend, "sk-engine-x", {**secrets, "PATH": "/usr/bin"})
+    assert not set(secrets) & set(env), sorted(set(secrets) & set(env))
+    assert env["SAGE_ENGINE_API_KEY"] == "sk-engine-x" and env["PATH"] == "/usr/bin"

@@ -17,9 +17,23 @@ from sage.common.exceptions import EngineStartError, InvalidRequestError
 from ..spec import EngineSpec
 from .base import Availability, Backend, LaunchPlan
 
-# The control plane's own secrets: an engine (which runs model code) needs none of them,
-# only its own key, so they are not inherited from lifecycle's environment.
-_CONTROL_PLANE_SECRETS = ("SAGE_INTERNAL_TOKEN", "SAGE_ADMIN_API_KEY", "SAGE_API_KEYS")
+# The control plane's own secrets and where they live: an engine (which runs model code)
+# needs none of them, only its own key, so they are not inherited from lifecycle's
+# environment. (An engine runs as the same user, so the 0600 files are a speed bump for it,
+# not a wall: see README, Security.)
+_CONTROL_PLANE_SECRETS = frozenset(
+    {
+        "SAGE_INTERNAL_TOKEN",
+        "SAGE_INTERNAL_TOKEN_FILE",
+        "SAGE_ADMIN_API_KEY",
+        "SAGE_ADMIN_API_KEY_FILE",
+        "SAGE_API_KEYS",
+        "SAGE_API_KEYS_FILE",
+        "SAGE_CHAT_API_KEY",
+        "SAGE_EMBEDDING_API_KEY",
+        "SAGE_TLS_KEY_FILE",
+    }
+)
 
 
 def find_program(name: str, env_var: str, environ: Mapping[str, str] | None = None) -> str | None:
