@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Iterable
@@ -73,10 +74,10 @@ class EngineRecord:
         """True when `model` is this engine's model or one of its aliases."""
         return model == self.model or model in self.aliases
 
-    @property
+    @functools.cached_property
     def concurrency(self) -> int:
         """Requests the engine runs at once: its registered max_concurrent_requests label,
-        else its backend's default."""
+        else its backend's default (parsed once: admission reads it per request)."""
         declared = _positive_int(self.labels.get(CONCURRENCY_LABEL, ""))
         return declared or BACKEND_CONCURRENCY.get(self.backend, DEFAULT_CONCURRENCY)
 
