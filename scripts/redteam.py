@@ -12,10 +12,12 @@ Exit status: 0 when every check holds, 1 when any fails (each printed as one lin
 from __future__ import annotations
 
 import argparse
+import asyncio
 import concurrent.futures
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -34,7 +36,7 @@ import httpx
 
 TENANT_A = "sk-redteam-tenant-a-0123456789"
 TENANT_B = "sk-redteam-tenant-b-0123456789"
-REFUSED = frozenset({400, 401, 403, 404, 405, 409, 413, 415, 421, 422, 431})
+ATTACKER_HOST = "127.0.0.2"  # the stack allows external engines here, as an operator might
 
 
 @dataclass
@@ -90,33 +92,56 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _listener(body: bytes, status: int = 200) -> Iterator[tuple[str, list[str]]]:
-    """An 'internal service' on loopback that records what reaches it."""
+def _listener(
+    body: bytes, host: str = "127.0.0.1", serves: str = ""
+) -> Iterator[tuple[str, list[str]]]:
+    """An 'internal service' (or, with `serves`, an attacker's engine whose /v1/models lists
+    that model) on a loopback address, recording what reaches it."""
     seen: list[str] = []
+    models = json.dumps({"object": "list", "data": [{"id": serves, "object": "model"}]})
 
     class Handler(BaseHTTPRequestHandler):
         def _reply(self) -> None:
             length = int(self.headers.get("content-length") or 0)
             seen.append(self.rfile.read(length).decode(errors="replace") if length else self.path)
-            self.send_response(status)
+            reply = models.encode() if serves and self.path == "/v1/models" else body
+            self.send_response(200)
             self.send_header("content-type", "text/plain")
-            self.send_header("content-length", str(len(body)))
+            self.send_header("content-length", str(len(reply)))
             self.end_headers()
-            self.wfile.write(body)
+            self.wfile.write(reply)
 
         do_GET = do_POST = _reply
 
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = ThreadingHTTPServer((host, 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+        yield f"http://{host}:{server.server_address[1]}", seen
     finally:
         server.shutdown()
         server.server_close()
+
+
+def _error(resp: httpx.Response) -> dict[str, Any]:
+    try:
+        error = resp.json().get("error")
+    except ValueError:
+        return {}
+    return error if isinstance(error, dict) else {}
+
+
+def refused(resp: httpx.Response, status: int, param: str | None = None) -> bool:
+    """The exact refusal: this status, an OpenAI error body, naming `param` when given."""
+    error = _error(resp)
+    return (
+        resp.status_code == status
+        and bool(error.get("message"))
+        and (param is None or error.get("param") == param)
+    )
 
 
 def start_stack(work: Path) -> Target:
@@ -139,6 +164,7 @@ def start_stack(work: Path) -> Target:
         "SAGE_DISABLE_NVML": "1",
         "SAGE_API_KEYS_FILE": str(keys),
         "SAGE_SCHEDULER_MAX_QUEUE": "64",
+        "SAGE_EXTERNAL_ENGINE_ALLOW": ATTACKER_HOST,
     }
     for name in ("SAGE_ADMIN_API_KEY", "SAGE_API_KEYS", "SAGE_UNIFIED_BASE_URL", "SAGE_INSECURE"):
         env.pop(name, None)
@@ -207,16 +233,17 @@ def management_attacks(run: Run, t: Target, client: httpx.Client, model_dir: Pat
         "extra_args": ["--trust-remote-code"],
         "wait": False,
     }
-    for who, headers in (
-        ("no key", {}),
-        ("tenant key", {"Authorization": f"Bearer {TENANT_A}"}),
-        ("admin key", t.admin()),
+    for who, headers, status, param in (
+        ("no key", {}, 401, None),
+        ("tenant key", {"Authorization": f"Bearer {TENANT_A}"}, 401, None),
+        # The folder lies under $SAGE_HOME/models (an allowed root): the flag is what stops it.
+        ("admin key", t.admin(), 400, "extra_args"),
     ):
         resp = client.post("/v1/management/engines", json=body, headers=headers)
         run.check(
             finding,
             f"start engine with --trust-remote-code ({who})",
-            resp.status_code in REFUSED,
+            refused(resp, status, param),
             _status(resp),
         )
     resp = client.post(
@@ -225,7 +252,10 @@ def management_attacks(run: Run, t: Target, client: httpx.Client, model_dir: Pat
         headers=t.admin(),
     )
     run.check(
-        finding, "extra_args --host 0.0.0.0 (admin key)", resp.status_code in REFUSED, _status(resp)
+        finding,
+        "extra_args --host 0.0.0.0 (admin key)",
+        refused(resp, 400, "extra_args"),
+        _status(resp),
     )
     for method, path in (
         ("GET", "/v1/management/engines"),
@@ -233,9 +263,7 @@ def management_attacks(run: Run, t: Target, client: httpx.Client, model_dir: Pat
         ("DELETE", "/v1/management/engines/x"),
     ):
         resp = client.request(method, path)
-        run.check(
-            finding, f"{method} {path} without a key", resp.status_code in (401, 403), _status(resp)
-        )
+        run.check(finding, f"{method} {path} without a key", refused(resp, 401), _status(resp))
 
     finding = "argv and ids"
     for model_id in ("--trust-remote-code", "-h", "../../../../etc/passwd", "evil\u202egpj.sh"):
@@ -244,13 +272,13 @@ def management_attacks(run: Run, t: Target, client: httpx.Client, model_dir: Pat
             json={"model_id": model_id, "backend": "sim", "wait": False},
             headers=t.admin(),
         )
-        run.check(finding, f"model_id {model_id!r}", resp.status_code in REFUSED, _status(resp))
+        run.check(finding, f"model_id {model_id!r}", refused(resp, 400, "model_id"), _status(resp))
     resp = client.post(
         "/v1/management/engines",
         json={"model_id": "sim", "backend": "sim", "port": 22, "wait": False},
         headers=t.admin(),
     )
-    run.check(finding, "engine port 22", resp.status_code in REFUSED, _status(resp))
+    run.check(finding, "engine port 22", refused(resp, 400, "port"), _status(resp))
 
 
 def browser_attacks(run: Run, t: Target, client: httpx.Client) -> None:
@@ -262,25 +290,18 @@ def browser_attacks(run: Run, t: Target, client: httpx.Client) -> None:
         content=payload,
         headers={**t.admin(), "content-type": "text/plain", "origin": "http://evil.example"},
     )
-    run.check(
-        finding, "text/plain + evil Origin on register", resp.status_code in REFUSED, _status(resp)
-    )
+    run.check(finding, "text/plain + evil Origin on register", refused(resp, 403), _status(resp))
     resp = client.post(
         "/v1/chat/completions",
         content=json.dumps({"model": "sim", "messages": [{"role": "user", "content": "hi"}]}),
         headers={"Authorization": f"Bearer {TENANT_A}", "content-type": "text/plain"},
     )
-    run.check(finding, "text/plain chat completion", resp.status_code in REFUSED, _status(resp))
+    run.check(finding, "text/plain chat completion", refused(resp, 415), _status(resp))
     resp = client.get(
         "/v1/models",
         headers={"Host": "attacker.example:8889", "Authorization": f"Bearer {TENANT_A}"},
     )
-    run.check(
-        finding,
-        "Host: attacker.example (DNS rebinding)",
-        resp.status_code in REFUSED,
-        _status(resp),
-    )
+    run.check(finding, "Host: attacker.example (DNS rebinding)", refused(resp, 421), _status(resp))
     resp = client.post(
         "/v1/chat/completions",
         json={"model": "sim", "messages": [{"role": "user", "content": "hi"}]},
@@ -290,23 +311,16 @@ def browser_attacks(run: Run, t: Target, client: httpx.Client) -> None:
             "origin": "http://evil.example",
         },
     )
-    run.check(finding, "Sec-Fetch-Site: cross-site", resp.status_code in REFUSED, _status(resp))
+    run.check(finding, "Sec-Fetch-Site: cross-site", refused(resp, 403), _status(resp))
 
 
 def key_attacks(run: Run, t: Target, client: httpx.Client) -> None:
     """Management with API keys set; inference and /metrics without keys; bearer case."""
     finding = "API keys set, management open"
     resp = client.get("/v1/management/status")
-    run.check(
-        finding, "management status with no key", resp.status_code in (401, 403), _status(resp)
-    )
+    run.check(finding, "management status with no key", refused(resp, 401), _status(resp))
     resp = client.get("/v1/management/status", headers={"Authorization": f"Bearer {TENANT_A}"})
-    run.check(
-        finding,
-        "management status with a tenant key",
-        resp.status_code in (401, 403),
-        _status(resp),
-    )
+    run.check(finding, "management status with a tenant key", refused(resp, 401), _status(resp))
     resp = client.get("/v1/management/status", headers={"Authorization": f"bearer {t.admin_key}"})
     run.check(
         "logs and info leaks",
@@ -315,12 +329,7 @@ def key_attacks(run: Run, t: Target, client: httpx.Client) -> None:
         _status(resp),
     )
     resp = client.get("/metrics")
-    run.check(
-        "logs and info leaks",
-        "/metrics without a key",
-        resp.status_code in (401, 403),
-        _status(resp),
-    )
+    run.check("logs and info leaks", "/metrics without a key", refused(resp, 401), _status(resp))
     resp = client.get("/v1/models", headers={"x-request-id": "evil level=ERROR msg=forged"})
     rid = resp.headers.get("x-request-id", "")
     run.check(
@@ -341,24 +350,38 @@ def external_engine_attacks(run: Run, t: Target, client: httpx.Client) -> None:
                 json={"model_id": "probe", "base_url": base_url},
                 headers=t.admin(),
             )
-            ok = resp.status_code in REFUSED | {502, 503}
-            run.check(finding, f"register {base_url}", ok, _status(resp))
+            run.check(
+                finding, f"register {base_url}", refused(resp, 400, "base_url"), _status(resp)
+            )
             run.check(
                 finding,
                 f"no internal body echoed for {base_url}",
                 "INTERNAL-SECRET-PAYLOAD" not in resp.text,
                 f"{len(resp.text)} bytes",
             )
+        run.check(finding, "the internal service was never asked", not seen, f"{len(seen)} hits")
+    # An allowed address whose /v1/models lists `sim`: registering it under the managed
+    # model would split sim's traffic with it; one that does not serve the model is refused
+    # by the probe, its body not echoed.
+    with _listener(b"INTERNAL-SECRET-PAYLOAD", ATTACKER_HOST, serves="sim") as (url, seen):
+        resp = client.post(
+            "/v1/management/engines/register",
+            json={"model_id": "other", "base_url": url},
+            headers=t.admin(),
+        )
+        run.check(
+            finding,
+            "register an address that does not serve the model",
+            refused(resp, 400, "model_id") and "INTERNAL-SECRET-PAYLOAD" not in resp.text,
+            _status(resp),
+        )
         resp = client.post(
             "/v1/management/engines/register",
             json={"model_id": "sim", "base_url": url},
             headers=t.admin(),
         )
         run.check(
-            finding,
-            "register under the managed model `sim`",
-            resp.status_code in REFUSED | {502, 503},
-            _status(resp),
+            finding, "register under the managed model `sim`", refused(resp, 409), _status(resp)
         )
         for _ in range(6):
             client.post(
@@ -537,25 +560,28 @@ def slowloris_attacks(run: Run, t: Target, header_timeout_s: float) -> None:
     ):
         try:
             resp = httpx.get(t.base + "/health", headers=headers, timeout=10)
-            run.check(finding, name, resp.status_code in (400, 413, 431), _status(resp))
+            run.check(finding, name, refused(resp, 431), _status(resp))
         except httpx.HTTPError as exc:  # closed without a reply is also a refusal
             run.check(finding, name, True, f"connection closed ({type(exc).__name__})")
 
 
 def embedding_attack(run: Run, t: Target, client: httpx.Client) -> None:
-    """One huge embedding request is refused by the per-request token cap."""
+    """Huge embedding requests are refused (token cap, body limit) instead of holding the
+    engine for everyone; a small one right after is served at once."""
+    finding = "one embedding request blocks all"
+    headers = {"Authorization": f"Bearer {TENANT_A}"}
+    for count, status, param in ((256, 400, "input"), (2048, 413, None)):
+        resp = client.post(
+            "/v1/embeddings",
+            json={"model": "sim-embedding", "input": ["x" * 8192] * count},
+            headers=headers,
+            timeout=60,
+        )
+        run.check(finding, f"{count} x 8 KB inputs", refused(resp, status, param), _status(resp))
     resp = client.post(
-        "/v1/embeddings",
-        json={"model": "sim-embedding", "input": ["x" * 8192] * 2048},
-        headers={"Authorization": f"Bearer {TENANT_A}"},
-        timeout=60,
+        "/v1/embeddings", json={"model": "sim-embedding", "input": "hello"}, headers=headers
     )
-    run.check(
-        "one embedding request blocks all",
-        "2048 x 8 KB inputs",
-        resp.status_code in (400, 413),
-        _status(resp),
-    )
+    run.check(finding, "a 1-input request afterwards", resp.status_code == 200, _status(resp))
 
 
 def cancellation_attack(run: Run, t: Target) -> None:
@@ -586,35 +612,41 @@ def cancellation_attack(run: Run, t: Target) -> None:
     )
 
 
-def shedding_attack(run: Run, t: Target) -> None:
-    """A flood past the queue gets quick 429s with Retry-After, not unbounded waits."""
+def shedding_attack(run: Run, t: Target, burst: int = 450) -> None:
+    """A burst past every engine slot (the sim's 256) and the queue (64) is shed with 429 +
+    Retry-After by default, and every admitted request completes."""
     finding = "no load shedding by default"
-    body = {"model": "sim", "max_tokens": 64, "messages": [{"role": "user", "content": "x"}]}
+    body = {"model": "sim", "max_tokens": 256, "messages": [{"role": "user", "content": "x"}]}
     headers = {"Authorization": f"Bearer {TENANT_A}"}
-    results: list[tuple[int, float, bool]] = []
-    lock = threading.Lock()
 
-    def one() -> None:
-        started = time.perf_counter()
-        try:
-            resp = httpx.post(
-                t.base + "/v1/chat/completions", json=body, headers=headers, timeout=60
-            )
-            row = (resp.status_code, time.perf_counter() - started, "retry-after" in resp.headers)
-        except httpx.HTTPError:
-            row = (0, time.perf_counter() - started, False)
-        with lock:
-            results.append(row)
+    async def flood() -> list[tuple[int, float, bool]]:
+        limits = httpx.Limits(max_connections=burst, max_keepalive_connections=0)
+        async with httpx.AsyncClient(base_url=t.base, limits=limits, timeout=120) as http:
 
-    with concurrent.futures.ThreadPoolExecutor(64) as pool:
-        list(pool.map(lambda _: one(), range(600)))
-    shed = [r for r in results if r[0] == 429]
-    failed = [r for r in results if r[0] not in (200, 429)]
+            async def one() -> tuple[int, float, bool]:
+                started = time.perf_counter()
+                try:
+                    resp = await http.post("/v1/chat/completions", json=body, headers=headers)
+                except httpx.HTTPError:
+                    return 0, time.perf_counter() - started, False
+                return (
+                    resp.status_code,
+                    time.perf_counter() - started,
+                    "retry-after" in resp.headers,
+                )
+
+            return await asyncio.gather(*(one() for _ in range(burst)))
+
+    results = asyncio.run(flood())
+    shed = sorted(r[1] for r in results if r[0] == 429)
+    failed = [r[0] for r in results if r[0] not in (200, 429)]
+    p50 = f"{shed[len(shed) // 2] * 1000:.0f} ms" if shed else "-"
     run.check(
         finding,
-        "600 requests at 64 concurrent (queue 64)",
-        not failed and all(r[2] for r in shed),
-        f"{len(shed)} shed with Retry-After, {len(failed)} failed otherwise",
+        f"{burst} concurrent requests (256 engine slots + queue 64)",
+        bool(shed) and not failed and all(r[2] for r in results if r[0] == 429),
+        f"{len(shed)} shed with Retry-After (p50 {p50} in the burst), "
+        f"{sum(r[0] == 200 for r in results)} served, other: {failed[:5]}",
     )
 
 
@@ -631,14 +663,16 @@ def main(argv: list[str] | None = None) -> int:
     run = Run()
     with tempfile.TemporaryDirectory(prefix="sage-redteam-") as tmp:
         work = Path(tmp)
-        model_dir = work / "evil-model"
-        model_dir.mkdir()
+        target = start_stack(work) if args.start else Target(args.base_url.rstrip("/"), args.home)
+        # A model folder with code behind auto_map, inside an allowed root ($SAGE_HOME/models):
+        # only the refusal of --trust-remote-code stands between it and the stack's user.
+        model_dir = target.home / "models" / f"evil-model-{os.getpid()}"
+        model_dir.mkdir(parents=True)
         (model_dir / "config.json").write_text(
             json.dumps({"model_type": "evil", "auto_map": {"AutoConfig": "evil.EvilConfig"}})
         )
         marker = work / "pwned"
         (model_dir / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('pwned')\n")
-        target = start_stack(work) if args.start else Target(args.base_url.rstrip("/"), args.home)
         try:
             with httpx.Client(base_url=target.base, timeout=30) as client:
                 management_attacks(run, target, client, model_dir)
@@ -659,6 +693,7 @@ def main(argv: list[str] | None = None) -> int:
                 "marker file absent" if not marker.exists() else "RAN",
             )
         finally:
+            shutil.rmtree(model_dir, ignore_errors=True)
             if args.start:
                 stop_stack(target)
     failed = [r for r in run.results if not r.ok]
