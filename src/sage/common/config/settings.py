@@ -192,13 +192,17 @@ class SageSettings(BaseSettings):
     # their host (or host:port, or a CIDR covering them) is listed; private networks pass.
     external_engine_allow: str = ""
 
-    # HTTP hardening for the edge and our engines: headers must arrive within
-    # http_header_timeout_s; at most http_max_header_bytes in at most http_max_headers
-    # headers; at most http_max_connections open connections.
+    # HTTP hardening for the edge and our engines: headers (and a chunked body's trailer)
+    # must arrive within http_header_timeout_s; at most http_max_header_bytes in at most
+    # http_max_headers headers; at most http_max_connections open connections; a request
+    # body may not stall for http_body_idle_timeout_s, nor (past that) average under
+    # http_body_min_rate bytes/s (0: no minimum rate).
     http_header_timeout_s: float = 10.0
     http_max_header_bytes: int = 32 * 1024
     http_max_headers: int = 100
     http_max_connections: int = 2048
+    http_body_idle_timeout_s: float = 30.0
+    http_body_min_rate: int = 1024
 
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
