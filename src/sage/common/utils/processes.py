@@ -74,7 +74,7 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
     return int(proc.returncode)
 
 
-def stop_process_tree(proc: subprocess.Popen[Any], timeout: float = 30.0) -> int | None:
+def stop_process_tree(proc: subprocess.Popen[Any], timeout: float = 30.0) -> int:
     """Stop `proc` and every process below it: SIGTERM first (so `sage llm serve` stops
     its services and engines in order), then SIGKILL whatever is left, children included
     (a SIGKILLed supervisor would leave them orphaned). Returns proc's exit code."""
@@ -82,16 +82,10 @@ def stop_process_tree(proc: subprocess.Popen[Any], timeout: float = 30.0) -> int
         below = psutil.Process(proc.pid).children(recursive=True)
     except psutil.NoSuchProcess:
         below = []
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    stop_process(proc, timeout)
     _, alive = psutil.wait_procs(below, timeout=5)
     for child in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             child.kill()
     psutil.wait_procs(alive, timeout=5)
-    return proc.returncode
+    return int(proc.returncode)
