@@ -23,8 +23,7 @@ from dataclasses import dataclass, field
 
 from sage.common.exceptions import OverloadedError, ServiceUnavailableError
 from sage.common.fairbatch import take_batch
-from sage.common.limits import check_embedding_tokens
-from sage.common.limits import estimate_text_tokens as estimate_tokens
+from sage.common.limits import check_embedding_tokens, estimate_text_tokens
 
 from .executor import BatchReply, Endpoint, EngineUnreachableError
 
@@ -69,7 +68,7 @@ class _Entry:
     engine_ids: list[str] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.costs = [estimate_tokens(t) for t in self.texts]
+        self.costs = [estimate_text_tokens(t) for t in self.texts]
         self.unanswered = len(self.texts)
         self.vectors = [[] for _ in self.texts]
         self.tokens = [0] * len(self.texts)

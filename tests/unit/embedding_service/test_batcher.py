@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sage.common.exceptions import OverloadedError, ServiceUnavailableError
-from sage.services.embedding.batcher import BatcherConfig, EmbeddingBatcher, estimate_tokens
+from sage.common.limits import estimate_text_tokens as estimate_tokens
+from sage.services.embedding.batcher import BatcherConfig, EmbeddingBatcher
 from sage.services.embedding.executor import BatchReply, Endpoint, EngineUnreachableError
 
 A = Endpoint("a", "http://127.0.0.1:1")
