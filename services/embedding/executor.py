@@ -5,18 +5,21 @@ Infinity and our own engine send it): the engine skips printing ~50k floats as J
 the reply is under half the bytes, and the caller gets the engine's float32 values exactly. An
 engine that rejects base64 gets the batch again without the field (float, today's
 request) and is remembered, so its later batches go that way directly.
+
+Vectors are unpacked with `struct` (as fast as numpy here, ~5 us per 384-float vector): the
+base install has no numpy, only the engines extra brings it.
 """
 
 from __future__ import annotations
 
 import binascii
 import logging
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-import numpy as np
 import orjson
 
 from sage.common.engine_errors import engine_error
@@ -78,8 +81,7 @@ def _vector(embedding: Any, index: Any) -> list[float]:
                 f"engine returned an invalid embeddings reply: data[{index}].embedding decodes "
                 f"to {len(raw)} bytes, not a whole number of float32 values"
             )
-        vector: list[float] = np.frombuffer(raw, dtype="<f4").tolist()
-        return vector
+        return list(struct.unpack(f"<{len(raw) // 4}f", raw))
     if isinstance(embedding, list):
         return embedding
     raise UpstreamError(

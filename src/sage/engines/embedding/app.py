@@ -9,7 +9,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -132,6 +131,10 @@ class _Engine:
         vectors, tokens = await self.batcher.embed(inputs)
         total = int(sum(tokens))
         if encoding == "base64":
+            # Imported here so the engine's modules import on the base install (no numpy);
+            # a loaded model means the engines extra, and numpy, are there.
+            import numpy as np
+
             rows: list[Any] = [
                 base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode() for v in vectors
             ]

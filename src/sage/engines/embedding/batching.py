@@ -21,8 +21,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from sage.common.fairbatch import take_batch
 
 log = logging.getLogger("sage.engines.embedding")
@@ -65,6 +63,10 @@ def _joined(parts: list[Any]) -> Any:
     """One job's vectors from its slices: arrays stacked, anything else concatenated."""
     if len(parts) == 1:
         return parts[0]
+    # Imported here: the module stays importable on the base install (no numpy), and the
+    # model that made these arrays has already loaded numpy.
+    import numpy as np
+
     if all(isinstance(p, np.ndarray) for p in parts):
         return np.concatenate(parts)
     return [row for part in parts for row in part]
