@@ -37,10 +37,12 @@ from sage.common.exceptions import (
     InvalidRequestError,
 )
 from sage.common.grpc.tls import process_tls
+from sage.engines.vllm_metrics import read_load
 
 from .backends import get_backend, list_backends, resolve_backend
-from .backends._common import launch_env
+from .backends._common import cpu_only, launch_env, side_port_count
 from .backends.base import Backend
+from .backends.vllm import DEFAULT_GPU_MEMORY_UTILIZATION
 from .external_engines import ExternalEnginePolicy, parse_base_url, probe_models
 from .policy import LaunchPolicy, check_name
 from .spec import EngineSpec, validate_spec
@@ -66,7 +68,6 @@ ManagedLookup = Callable[[frozenset[str]], Awaitable[list[str]]]
 # Log files are rotated when an engine (re)starts and its log is over this size. Engines
 # write straight to the file (no pipe through lifecycle), so they survive a lifecycle restart.
 LOG_ROTATE_BYTES = 20 * 1024 * 1024
-DEFAULT_GPU_MEMORY_FRACTION = 0.9  # vLLM's own default for --gpu-memory-utilization
 DEFAULT_SMALL_ENGINE_GB = 2.0  # embedding / small chat engines on a GPU
 
 
@@ -269,9 +270,20 @@ class EngineLifecycleManager:
             current = self._records.get(engine_id)
             if current is not None and current.state in LIVE_STATES:
                 raise ConflictError(f"engine {engine_id!r} already exists", param="engine_id")
-            used = {r.port for r in self._records.values() if r.state in LIVE_STATES}
-            port = await asyncio.to_thread(self._pick_port, spec, used)
-            use_gpu = backend.uses_gpu and spec.use_gpu is not False and gpu_count > 0
+            used = {
+                p
+                for r in self._records.values()
+                if r.state in LIVE_STATES
+                for p in range(r.port, r.port + 1 + side_port_count(get_backend(r.backend), r.spec))
+            }
+            side = side_port_count(backend, spec)
+            port = await asyncio.to_thread(self._pick_port, spec, used, side)
+            use_gpu = (
+                backend.uses_gpu
+                and not cpu_only(backend)
+                and spec.use_gpu is not False
+                and gpu_count > 0
+            )
             if spec.use_gpu and gpu_count == 0:
                 raise InsufficientResourcesError(
                     "use_gpu was asked but this host has no GPUs", param="use_gpu"
@@ -378,15 +390,20 @@ class EngineLifecycleManager:
             and wanted.intersection((r.spec.model, *r.spec.aliases))
         ]
 
-    def _pick_port(self, spec: EngineSpec, used: set[int]) -> int:
+    def _pick_port(self, spec: EngineSpec, used: set[int], side: int = 0) -> int:
         """The caller's port if free, else a free one from the policy's range (in a thread:
-        it dials each candidate)."""
+        it dials each candidate); with `side`, the `side` ports after it must be free too."""
         if spec.port:
-            if spec.port in used or not _port_free(spec.port, spec.host, bindable=False):
-                raise ConflictError(f"port {spec.port} is already in use", param="port")
+            for p in range(spec.port, spec.port + 1 + side):
+                if p in used or p > 65535 or not _port_free(p, spec.host, bindable=p > spec.port):
+                    raise ConflictError(f"port {p} is already in use", param="port")
             return spec.port
+        hi_port = self.policy.port_range[1]
         for port in self.policy.candidate_ports():
-            if port not in used and _port_free(port, spec.host, bindable=True):
+            run = range(port, port + 1 + side)
+            if run[-1] <= hi_port and all(
+                p not in used and _port_free(p, spec.host, bindable=True) for p in run
+            ):
                 return port
         lo, hi = self.policy.port_range
         raise ConflictError(
@@ -396,11 +413,11 @@ class EngineLifecycleManager:
     async def _reserve(self, engine_id: str, spec: EngineSpec, backend: Backend) -> list[int]:
         per_gpu = int(spec.required_memory_gb * 2**30)
         fraction = 0.0
-        if not per_gpu:
-            if backend.name == "vllm":
-                fraction = spec.gpu_memory_utilization or DEFAULT_GPU_MEMORY_FRACTION
-            else:
-                per_gpu = int(DEFAULT_SMALL_ENGINE_GB * 2**30)
+        if backend.name == "vllm":
+            # vLLM takes this fraction of each GPU whatever else is asked: reserve it.
+            per_gpu, fraction = 0, spec.gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION
+        elif not per_gpu:
+            per_gpu = int(DEFAULT_SMALL_ENGINE_GB * 2**30)
         return await self.gpus.reserve(engine_id, spec.gpus_needed, per_gpu, fraction)
 
     def _spawn(self, record: EngineRecord, backend: Backend) -> EngineRecord:
@@ -638,12 +655,9 @@ class EngineLifecycleManager:
                 text = (await self._http.get(metrics_url, headers=_auth(record))).text
             except httpx.HTTPError:
                 return
-            busy = 0.0
-            for line in text.splitlines():
-                if line.startswith(("vllm:num_requests_running", "vllm:num_requests_waiting")):
-                    with contextlib.suppress(ValueError):
-                        busy += float(line.rsplit(" ", 1)[1])
-            if busy == 0:
+            # Exact names, summed over engine cores: `..._waiting_by_reason` (which repeats
+            # the waiting count) must not count twice.
+            if read_load(text).queued == 0:
                 return
             await asyncio.sleep(0.2)
 

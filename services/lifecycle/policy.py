@@ -87,9 +87,6 @@ ALLOWED_ARGS: dict[str, dict[str, Arity]] = {
         "--tokenizer-mode": V,
         "--revision": V,
         "--tokenizer-revision": V,
-        "--task": V,
-        "--runner": V,
-        "--convert": V,
         "--max-logprobs": V,
         "--max-seq-len-to-capture": V,
         "--disable-custom-all-reduce": S,
@@ -193,6 +190,11 @@ REFUSED_ARGS: dict[str, str] = {
     "--model": "use the model_id field",
     "--model-id": "use the model_id field",
     "--role": "use the role field",
+    "--task": "use the engine_kind field (embedding engines run vLLM's pooling runner)",
+    "--runner": "use the engine_kind field (embedding engines run vLLM's pooling runner)",
+    "--convert": "use the engine_kind field (embedding engines run vLLM's pooling runner)",
+    "--kv-transfer-config": "use the role field (prefill/decode engines get their connector)",
+    "--prometheus-port": "lifecycle chooses the engine's metrics port",
 }
 
 

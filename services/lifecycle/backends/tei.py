@@ -41,6 +41,11 @@ class TeiBackend:
         """Installed when `text-embeddings-router` is on PATH (or in SAGE_TEI_BIN)."""
         return program_availability(PROGRAM, ENV_VAR, _INSTALL_HINT)
 
+    def side_ports(self, spec: EngineSpec) -> int:
+        """TEI's Prometheus listener takes the port after the HTTP port (lifecycle reserves
+        it); left alone it binds 9000, where two TEI engines (or anything else) clash."""
+        return 1
+
     def plan(self, spec: EngineSpec, port: int, gpu_ids: list[int]) -> LaunchPlan:
         """`text-embeddings-router --model-id M --hostname H --port P ...` + extra args."""
         check_kind(self.name, self.kinds, spec)
@@ -65,6 +70,8 @@ class TeiBackend:
             # instance on the host; one per port keeps two engines apart.
             "--uds-path",
             str(Path(tempfile.gettempdir()) / f"sage-tei-{port}"),
+            "--prometheus-port",
+            str(port + 1),
         ]
         if spec.max_concurrent_requests > 0:
             argv += ["--max-concurrent-requests", str(spec.max_concurrent_requests)]

@@ -16,10 +16,19 @@ import pytest
 
 from sage.common.utils.processes import stop_process, wait_http
 from sage.services.lifecycle.backends import LaunchPlan
+from sage.services.lifecycle.backends import vllm as vllm_module
 
 FAKE_SCRIPT = Path(__file__).resolve().parents[2] / "fakes" / "fake_engines.py"
 PROGRAMS = ("vllm", "text-embeddings-router", "infinity_emb")
-BIN_ENV_VARS = ("SAGE_VLLM_BIN", "SAGE_TEI_BIN", "SAGE_INFINITY_BIN")
+BIN_ENV_VARS = ("SAGE_VLLM_BIN", "SAGE_VLLM_PYTHON", "SAGE_TEI_BIN", "SAGE_INFINITY_BIN")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_vllm_probes() -> Iterator[None]:
+    """Each test sees what is installed now, not what an earlier test's probe cached."""
+    vllm_module._probe_cache.clear()
+    yield
+    vllm_module._probe_cache.clear()
 
 
 def _skip_if_installed_next_to_python() -> None:

