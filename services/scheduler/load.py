@@ -2,9 +2,10 @@
 
 Two sources: requests this scheduler has in flight to each engine (exact, updated around
 every engine call) and, optionally, the engine's own vLLM gauges scraped from `/metrics`
-(`vllm:num_requests_running` + `vllm:num_requests_waiting`), which also see traffic from
-elsewhere. The scrape is stale by up to one interval, so only the part of it this
-scheduler did not cause is added to the live in-flight count.
+(`vllm:num_requests_running` + `vllm:num_requests_waiting`, summed over vLLM's `engine`
+label; read by sage.engines.vllm_metrics), which also see traffic from elsewhere. The
+scrape is stale by up to one interval, so only the part of it this scheduler did not cause
+is added to the live in-flight count.
 """
 
 from __future__ import annotations
@@ -18,12 +19,11 @@ from dataclasses import dataclass
 import aiohttp
 
 from sage.common.engine_keys import engine_auth_headers, is_managed
+from sage.engines.vllm_metrics import read_load
 
 from .registry import EngineRecord
 
 log = logging.getLogger("sage.scheduler.load")
-
-_GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting")
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,17 +35,9 @@ class EngineReport:
 
 
 def parse_queue_depth(text: str) -> float:
-    """Sum of running and waiting requests in a Prometheus text exposition (all models)."""
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(_GAUGES):
-            continue
-        end = line.find("{")
-        name = line[:end] if end != -1 else line.split(" ", 1)[0]
-        if name in _GAUGES:  # not a longer name sharing the prefix
-            with contextlib.suppress(ValueError, IndexError):
-                total += float(line.rsplit(" ", 1)[1])
-    return total
+    """Running + waiting requests in a Prometheus text exposition (all models and engine
+    cores; `..._waiting_by_reason` is not counted again)."""
+    return read_load(text).queued
 
 
 class EngineLoadTracker:

@@ -1,9 +1,15 @@
-"""vLLM's request metrics under vLLM's names and buckets, for the engines this project ships,
-on a registry private to one app so several apps can share a process (tests)."""
+"""vLLM's request metrics under vLLM's names, labels and buckets: written by the engines this
+project ships (on a registry private to one app, so several apps can share a process), and
+read back from any vLLM's `/metrics` by the scheduler's load view and lifecycle's drain.
+
+Names and labels follow vLLM 0.32/0.33 (`vllm/v1/metrics/loggers.py`): every series carries
+`model_name` and `engine` (the engine-core index, "0" without data parallelism).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -78,9 +84,22 @@ E2E_BUCKETS = (
 )
 
 
+# vLLM's FinishReason values; vLLM exports a request_success series for each one.
+FINISH_REASONS = ("stop", "length", "abort", "error", "repetition")
+# vLLM's num_requests_waiting_by_reason reasons (their sum is num_requests_waiting).
+WAITING_REASONS = ("capacity", "deferred")
+
+RUNNING = "vllm:num_requests_running"
+WAITING = "vllm:num_requests_waiting"
+KV_CACHE_USAGE = "vllm:kv_cache_usage_perc"
+# vLLM before 0.10 called it this; still read so older engines keep their readings.
+KV_CACHE_USAGE_OLD = "vllm:gpu_cache_usage_perc"
+_READ = frozenset((RUNNING, WAITING, KV_CACHE_USAGE, KV_CACHE_USAGE_OLD))
+
+
 class VllmRequestMetrics:
-    """Running/waiting gauges, token counters, TTFT/TPOT/e2e/queue-time histograms and
-    finished-request counters, all labelled with the served model name."""
+    """Running/waiting gauges, token counters, TTFT/inter-token/per-request TPOT/e2e/queue
+    histograms and finished-request counters, labelled as vLLM labels them."""
 
     def __init__(
         self,
@@ -91,32 +110,53 @@ class VllmRequestMetrics:
         running_help: str,
         waiting_help: str,
         queue_help: str,
-        finish_reasons: Iterable[str],
+        finish_reasons: Iterable[str] = FINISH_REASONS,
+        engine: str = "0",
     ) -> None:
         self.registry = reg = CollectorRegistry()
         self.name = name
-        self.label = label = ("model_name",)
-        self.gauge("vllm:num_requests_running", running_help, running)
-        self.gauge("vllm:num_requests_waiting", waiting_help, waiting)
+        self.engine = engine
+        # vLLM's exposition lists labels sorted (engine before model_name); so does ours,
+        # so a text match written against one reads the other.
+        self.label = label = ("engine", "model_name")
+        self.values = values = {"engine": engine, "model_name": name}
+        self.gauge(RUNNING, running_help, running)
+        self.gauge(WAITING, waiting_help, waiting)
+        # Every waiting request here waits for a batch slot: vLLM's "capacity" reason.
+        by_reason = Gauge(
+            "vllm:num_requests_waiting_by_reason",
+            "Number of waiting requests by reason (capacity: waiting for a batch slot; "
+            "deferred: held back by a transient constraint). Their sum is "
+            "vllm:num_requests_waiting.",
+            (*label, "reason"),
+            registry=reg,
+        )
+        by_reason.labels(reason="capacity", **values).set_function(waiting)
+        by_reason.labels(reason="deferred", **values).set(0)
         self.prompt_tokens = Counter(
             "vllm:prompt_tokens", "Prefilled prompt tokens.", label, registry=reg
-        ).labels(model_name=name)
+        ).labels(**values)
         self.generation_tokens = Counter(
             "vllm:generation_tokens", "Generated tokens.", label, registry=reg
-        ).labels(model_name=name)
+        ).labels(**values)
 
         def histogram(metric: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
-            return Histogram(metric, doc, label, buckets=buckets, registry=reg).labels(
-                model_name=name
-            )
+            return Histogram(metric, doc, label, buckets=buckets, registry=reg).labels(**values)
 
         self.ttft = histogram(
             "vllm:time_to_first_token_seconds",
             "Arrival to first token, queueing included.",
             TTFT_BUCKETS,
         )
+        # vLLM 0.32 split the old time_per_output_token_seconds in two: one observation
+        # per token gap, and one per request (its mean gap).
+        self.inter_token = histogram(
+            "vllm:inter_token_latency_seconds",
+            "Histogram of inter-token latency in seconds.",
+            TPOT_BUCKETS,
+        )
         self.tpot = histogram(
-            "vllm:time_per_output_token_seconds",
+            "vllm:request_time_per_output_token_seconds",
             "Mean time per output token after the first (one observation per request).",
             TPOT_BUCKETS,
         )
@@ -127,20 +167,69 @@ class VllmRequestMetrics:
         success = Counter(
             "vllm:request_success",
             "Requests that finished.",
-            ("model_name", "finished_reason"),
+            ("engine", "finished_reason", "model_name"),
             registry=reg,
         )
+        reasons = dict.fromkeys((*FINISH_REASONS, *finish_reasons))
         self._success = {
-            reason: success.labels(model_name=name, finished_reason=reason)
-            for reason in finish_reasons
+            reason: success.labels(finished_reason=reason, **values) for reason in reasons
         }
 
     def gauge(self, metric: str, doc: str, read: Callable[[], float]) -> None:
         """A gauge read at scrape time."""
-        Gauge(metric, doc, self.label, registry=self.registry).labels(
-            model_name=self.name
-        ).set_function(read)
+        Gauge(metric, doc, self.label, registry=self.registry).labels(**self.values).set_function(
+            read
+        )
 
     def finished(self, reason: str) -> None:
         """Count a finished request by its finish reason."""
         self._success[reason].inc()
+
+
+# -- reading a vLLM /metrics page -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class VllmLoad:
+    """What a vLLM /metrics page says about load, summed over its engine-core series."""
+
+    running: float = 0.0
+    waiting: float = 0.0
+    kv_cache_usage: float | None = None  # the fullest engine core's; None if not exported
+
+    @property
+    def queued(self) -> float:
+        """Requests running or waiting."""
+        return self.running + self.waiting
+
+
+def read_load(text: str) -> VllmLoad:
+    """Parse vLLM's running/waiting gauges and KV-cache usage from a Prometheus exposition.
+
+    Names match exactly, so `vllm:num_requests_waiting_by_reason` (whose sum already is
+    `vllm:num_requests_waiting`) is never added twice; series of several engine cores or
+    models are summed. Unparsable lines are skipped: a scrape never fails on them.
+    """
+    running = waiting = 0.0
+    usage: float | None = None
+    old_usage: float | None = None
+    for line in text.splitlines():
+        if not line.startswith("vllm:"):
+            continue
+        end = line.find("{")
+        name = line[:end] if end != -1 else line.split(" ", 1)[0]
+        if name not in _READ:
+            continue
+        try:
+            value = float(line.rsplit(" ", 1)[1])
+        except (ValueError, IndexError):
+            continue
+        if name == RUNNING:
+            running += value
+        elif name == WAITING:
+            waiting += value
+        elif name == KV_CACHE_USAGE:
+            usage = value if usage is None else max(usage, value)
+        else:
+            old_usage = value if old_usage is None else max(old_usage, value)
+    return VllmLoad(running, waiting, usage if usage is not None else old_usage)

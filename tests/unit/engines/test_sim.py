@@ -298,17 +298,22 @@ async def test_metrics_names_and_counters_move(sim: httpx.AsyncClient) -> None:
     for name in (
         "vllm:num_requests_running",
         "vllm:num_requests_waiting",
-        "vllm:gpu_cache_usage_perc",
+        "vllm:num_requests_waiting_by_reason",
         "vllm:kv_cache_usage_perc",
         "vllm:time_to_first_token_seconds",
-        "vllm:time_per_output_token_seconds",
+        "vllm:inter_token_latency_seconds",
+        "vllm:request_time_per_output_token_seconds",
         "vllm:e2e_request_latency_seconds",
         "vllm:prompt_tokens_total",
         "vllm:generation_tokens_total",
         "vllm:request_success_total",
     ):
         assert name in before, name
-    assert 'model_name="sim"' in before
+    # names vLLM 0.32 no longer exports are gone, so nothing can lean on them by mistake
+    assert "vllm:gpu_cache_usage_perc" not in before
+    assert "vllm:time_per_output_token_seconds" not in before
+    # every series carries vLLM's labels, in vLLM's (sorted) order
+    assert 'vllm:num_requests_running{engine="0",model_name="sim"} 0.0' in before
     await sim.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 5})
     await sim.post("/v1/completions", json={"prompt": "a b c", "max_tokens": 2, "stream": True})
     after = await scrape(sim)
@@ -320,7 +325,9 @@ async def test_metrics_names_and_counters_move(sim: httpx.AsyncClient) -> None:
     assert delta("vllm:prompt_tokens_total") == 8 + 3
     assert delta("vllm:generation_tokens_total") == 5 + 2
     assert delta("vllm:time_to_first_token_seconds_count") == 2
-    assert delta("vllm:time_per_output_token_seconds_count") == 2
+    assert delta("vllm:request_time_per_output_token_seconds_count") == 2
+    # one inter-token gap per token after the first: (5 - 1) + (2 - 1)
+    assert delta("vllm:inter_token_latency_seconds_count") == 4 + 1
     assert delta("vllm:e2e_request_latency_seconds_count") == 2
     assert metric(after, "vllm:num_requests_running") == 0
 
@@ -372,7 +379,7 @@ async def test_validation_errors_name_the_field(
     response = await sim.post(path, json=body)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
-    assert error["type"] == "invalid_request_error"
+    assert error["type"] == "BadRequestError" and error["code"] == 400  # vLLM's ErrorResponse
     assert error["param"] == param
     assert param.split("[")[0] in error["message"] or "context length" in error["message"]
 
@@ -381,7 +388,7 @@ async def test_validation_errors_name_the_field(
 async def test_malformed_body_is_400(sim: httpx.AsyncClient, raw: bytes) -> None:
     response = await sim.post(CHAT, content=raw, headers={"content-type": "application/json"})
     assert response.status_code == 400
-    assert response.json()["error"]["type"] == "invalid_request_error"
+    assert response.json()["error"]["type"] == "BadRequestError"
 
 
 async def test_unknown_model_is_404(sim: httpx.AsyncClient) -> None:
@@ -389,8 +396,9 @@ async def test_unknown_model_is_404(sim: httpx.AsyncClient) -> None:
         response = await sim.post(path, json={**body, "model": "gpt-9"})
         assert response.status_code == 404
         error = response.json()["error"]
-        assert error["code"] == "model_not_found" and error["param"] == "model"
-        assert "gpt-9" in error["message"]
+        assert error["code"] == 404 and error["type"] == "NotFoundError"
+        assert error["param"] == "model"
+        assert error["message"] == "The model `gpt-9` does not exist. Valid aliases: sim."
 
 
 # -- embeddings ------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The simulator's PD (disaggregated prefill) side: vLLM's kv_transfer_params exchange.
 
 The prefill engine runs on a real socket because the decode engine pulls KV blocks from
-it over HTTP, as a vLLM decoder pulls them over NIXL from the address the prefill returned.
+its side channel (a port of its own, not the HTTP one), as a vLLM decoder pulls them over
+NIXL from the address the prefill returned.
 """
 
 from __future__ import annotations
@@ -18,7 +19,13 @@ import uvicorn
 from sage.common.exceptions import ConfigurationError, InvalidRequestError
 from sage.common.http.testing import quiet_server, serve_in_task
 from sage.engines.sim import SimConfig, count_tokens, create_app, expected_text
-from sage.engines.sim.kv import BlockStore, PullOutcome, parse_kv_transfer_params
+from sage.engines.sim.kv import (
+    BlockStore,
+    PullOutcome,
+    parse_kv_transfer_params,
+    prefill_reply_params,
+    pull_blocks,
+)
 from tests.unit.engines.test_sim import MESSAGES, PROMPT, metric, scrape, sse_payloads
 
 # What vLLM's toy_proxy_server sends to the prefill engine.
@@ -131,7 +138,17 @@ async def prefill(port_factory: Callable[[], int]) -> AsyncIterator[httpx.AsyncC
 
 
 def decode_client(**overrides: Any) -> httpx.AsyncClient:
-    config = SimConfig(**{"role": "decode", "ttft_ms": 150, "tpot_ms": 2, **overrides})
+    """A decode-role sim; KV that cannot be loaded is prefilled locally (recompute) unless
+    the test picks vLLM's default policy, fail."""
+    config = SimConfig(
+        **{
+            "role": "decode",
+            "ttft_ms": 150,
+            "tpot_ms": 2,
+            "kv_load_failure_policy": "recompute",
+            **overrides,
+        }
+    )
     return httpx.AsyncClient(
         transport=httpx.ASGITransport(app=create_app(config)), base_url="http://decode"
     )
@@ -158,18 +175,28 @@ async def test_prefill_returns_nixl_params_and_decode_skips_prefill(
     prefill: httpx.AsyncClient,
 ) -> None:
     params = await prefill_params(prefill)
-    port = int(str(prefill.base_url).rsplit(":", 1)[1].rstrip("/"))
+    http_port = int(str(prefill.base_url).rsplit(":", 1)[1].rstrip("/"))
     blocks = math.ceil(count_tokens(PROMPT) / 16)
+    # vLLM 0.33 NixlConnector's shape, key for key (pull_scheduler.request_finished)
     assert params == {
         "do_remote_prefill": True,
         "do_remote_decode": False,
-        "remote_block_ids": params["remote_block_ids"],
+        "remote_block_ids": [list(range(blocks))],  # one list per KV-cache group
         "remote_engine_id": "prefill-A",
+        "remote_request_id": params["remote_request_id"],
         "remote_host": "127.0.0.1",
-        "remote_port": port,
+        "remote_port": params["remote_port"],
         "tp_size": 1,
+        "dcp_size": 1,
+        "pp_size": 1,
+        "remote_num_tokens": count_tokens(PROMPT),
+        "remote_blocks_expiry_time": None,
+        "remote_registration_generation": 0,
+        "transfer_mode": "pull",
     }
-    assert len(params["remote_block_ids"]) == blocks
+    assert params["remote_request_id"].startswith("chatcmpl-")
+    # the side channel is a port of its own, not the HTTP one
+    assert isinstance(params["remote_port"], int) and params["remote_port"] != http_port
     text = await scrape(prefill)
     assert metric(text, "sage_sim:kv_transfer_params_sent_total") == 1
     assert metric(text, "sage_sim:kv_blocks_held") == blocks
@@ -313,3 +340,132 @@ async def test_roles_honour_only_their_side(prefill: httpx.AsyncClient) -> None:
     assert bad.status_code == 400
     assert bad.json()["error"]["param"] == "kv_transfer_params.remote_engine_id"
     assert (await prefill.get("/health")).status_code == 200
+
+
+def test_both_nixl_shapes_parse_and_bad_groups_are_refused() -> None:
+    new = parse_kv_transfer_params(
+        prefill_reply_params("pf", "chatcmpl-1", (3, 4), "10.0.0.2", 5601, 20)
+    )
+    assert new is not None and new.remote_request_id == "chatcmpl-1"
+    assert new.remote_block_ids == (3, 4) and new.remote_port == 5601
+    # vLLM before 0.33: one flat list, no request id
+    old = parse_kv_transfer_params(
+        {
+            "do_remote_prefill": True,
+            "remote_engine_id": "pf",
+            "remote_block_ids": [3, 4],
+            "remote_host": "h",
+            "remote_port": 5600,
+            "tp_size": 1,
+        }
+    )
+    assert old is not None and old.remote_block_ids == (3, 4) and old.remote_request_id is None
+    for blocks in ([[1, "x"]], [[1], 2], [[]]):
+        with pytest.raises(InvalidRequestError) as info:
+            parse_kv_transfer_params({**TO_PREFILL, **_decode_fields(blocks)})
+        assert info.value.param == "kv_transfer_params.remote_block_ids"
+
+
+def _decode_fields(blocks: Any) -> dict[str, Any]:
+    return {
+        "do_remote_decode": False,
+        "do_remote_prefill": True,
+        "remote_engine_id": "pf",
+        "remote_block_ids": blocks,
+        "remote_host": "h",
+        "remote_port": 5600,
+    }
+
+
+async def test_decode_loads_the_older_flat_shape_too(prefill: httpx.AsyncClient) -> None:
+    params = await prefill_params(prefill)
+    flat = {k: v for k, v in params.items() if k != "remote_request_id"}
+    flat["remote_block_ids"] = params["remote_block_ids"][0]
+    async with decode_client(ttft_ms=0, tpot_ms=0, kv_load_failure_policy="fail") as decode:
+        reply = await decode.post(
+            "/v1/chat/completions",
+            json={"messages": MESSAGES, "max_tokens": 4, "kv_transfer_params": flat},
+        )
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["message"]["content"] == expected_text(PROMPT, 4)
+        text = await scrape(decode)
+    assert metric(text, "sage_sim:kv_transfer_params_received_total", outcome="ok") == 1
+
+
+async def test_blocks_are_pulled_only_for_their_request(prefill: httpx.AsyncClient) -> None:
+    params = await prefill_params(prefill)
+    other = {**params, "remote_request_id": "chatcmpl-someone-else"}
+    async with decode_client(ttft_ms=0, tpot_ms=0) as decode:
+        for attempt in (other, params):
+            reply = await decode.post(
+                "/v1/chat/completions",
+                json={"messages": MESSAGES, "max_tokens": 2, "kv_transfer_params": attempt},
+            )
+            assert reply.status_code == 200
+        text = await scrape(decode)
+    received = "sage_sim:kv_transfer_params_received_total"
+    assert metric(text, received, outcome="unknown_blocks") == 1
+    assert metric(text, received, outcome="ok") == 1  # the blocks were still there for it
+
+
+async def test_vllms_default_policy_fails_the_request_when_kv_cannot_load(
+    prefill: httpx.AsyncClient,
+) -> None:
+    params = await prefill_params(prefill)
+    gone = {**params, "remote_engine_id": "not-this-one"}
+    async with decode_client(ttft_ms=0, tpot_ms=0, kv_load_failure_policy="fail") as decode:
+        reply = await decode.post(
+            "/v1/chat/completions",
+            json={"messages": MESSAGES, "max_tokens": 3, "kv_transfer_params": gone},
+        )
+        # vLLM: finish_reason error → GenerationError → 500, no silent local prefill
+        assert reply.status_code == 500
+        assert reply.json() == {
+            "error": {
+                "message": "Internal server error",
+                "type": "InternalServerError",
+                "param": None,
+                "code": 500,
+            }
+        }
+        # streamed, vLLM has answered 200 already: role chunk, the error event, [DONE]
+        chat = await decode.post(
+            "/v1/chat/completions",
+            json={"messages": MESSAGES, "stream": True, "kv_transfer_params": gone},
+        )
+        events = sse_payloads(chat.text)
+        assert chat.status_code == 200 and events[-1] == "[DONE]"
+        assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        assert events[1]["error"]["type"] == "InternalServerError" and len(events) == 3
+        completion = await decode.post(
+            "/v1/completions",
+            json={"prompt": PROMPT, "stream": True, "kv_transfer_params": gone},
+        )
+        events = sse_payloads(completion.text)
+        assert events[0]["error"]["code"] == 500 and events[1:] == ["[DONE]"]
+        text = await scrape(decode)
+    assert metric(text, "vllm:request_success_total", finished_reason="error") == 3
+    assert metric(text, "sage_sim:kv_local_prefill_fallbacks_total") == 0
+    assert metric(text, "vllm:generation_tokens_total") == 0
+
+
+async def test_side_channel_listens_where_configured(port_factory: Callable[[], int]) -> None:
+    http_port, side_port = port_factory(), port_factory()
+    server, task = await serve(
+        SimConfig(role="prefill", kv_side_channel_port=side_port, kv_engine_id="pf-side"),
+        http_port,
+    )
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}") as prefill:
+            params = await prefill_params(prefill)
+            # the HTTP port serves no KV: the old HTTP pull route is gone
+            assert (await prefill.post("/sim/kv/pull", json={})).status_code == 404
+        assert (params["remote_host"], params["remote_port"]) == ("127.0.0.1", side_port)
+        kv = parse_kv_transfer_params(params)
+        assert kv is not None
+        assert await pull_blocks(kv) is PullOutcome.OK
+        assert await pull_blocks(kv) is PullOutcome.UNKNOWN_BLOCKS  # freed by the first
+    finally:
+        server.should_exit = True
+        await task
+    assert await pull_blocks(kv) is PullOutcome.UNREACHABLE

@@ -1,8 +1,9 @@
 """HTTP front of the simulator engine (a testing/benchmarking tool for the control plane).
 
-It answers vLLM's OpenAI routes in vLLM's exact JSON and SSE shapes and exports vLLM's
-`/metrics` names, so the scheduler, the edge and benchmarks can run against it as if it
-were vLLM. Latency comes from a continuous-batching model (see `_SimEngine._steps`).
+It answers vLLM's OpenAI routes in vLLM's exact JSON and SSE shapes (errors included:
+vLLM's `ErrorResponse`, see `vllm_error_body`) and exports vLLM's `/metrics` names and
+labels, so the scheduler, the edge and benchmarks can run against it as if it were vLLM.
+Latency comes from a continuous-batching model (see `_SimEngine._steps`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import contextlib
 import importlib.util
 import logging
 import math
+import os
 import secrets
 import signal
 import socket
@@ -23,27 +25,44 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
+from http import HTTPStatus
 from types import FrameType
 from typing import Any
 
-import aiohttp
 import orjson
 import uvicorn
 from prometheus_client import Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from sage.common.exceptions import ConfigurationError, InvalidRequestError, ModelNotFoundError
-from sage.common.http.asgi import App, JSONResponse, Request, Response, StreamingResponse, sse_event
+from sage.common.exceptions import (
+    ConfigurationError,
+    InternalError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    SageError,
+)
+from sage.common.http.asgi import (
+    App,
+    ClientDisconnected,
+    Handler,
+    JSONResponse,
+    Request,
+    Response,
+    StreamingResponse,
+    sse_event,
+)
 from sage.common.utils.logging import configure_logging
 from sage.engines.auth import add_api_key_argument, protect, resolve_api_key
 from sage.engines.sim.kv import (
-    KV_PULL_PATH,
+    KV_LOAD_FAILURE_POLICIES,
     KV_ROLES,
     BlockStore,
     KvTransferRequest,
     PullOutcome,
+    SideChannel,
     parse_kv_transfer_params,
     prefill_reply_params,
+    pull_blocks,
 )
 from sage.engines.sim.model import (
     OWNED_BY,
@@ -57,13 +76,71 @@ from sage.engines.sim.model import (
 )
 from sage.engines.vllm_metrics import VllmRequestMetrics
 
-__all__ = ["create_app", "main"]
+__all__ = ["create_app", "main", "vllm_error_body"]
 
 log = logging.getLogger(__name__)
 
 
 _DONE = b"data: [DONE]\n\n"
 _CLIENT_GONE = 499  # nginx's "client closed request"; nobody reads it, the socket is gone
+# The `type` vLLM's create_error_response gives each status; others get the status phrase,
+# as vLLM's HTTPException handler does.
+_ERROR_TYPES = {
+    400: "BadRequestError",
+    404: "NotFoundError",
+    422: "UnprocessableEntityError",
+    500: "InternalServerError",
+    501: "NotImplementedError",
+    503: "ServiceUnavailableError",
+}
+_METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH")
+
+
+def vllm_error_body(message: str, status: int, param: str | None = None) -> dict[str, Any]:
+    """vLLM's `ErrorResponse` (vllm/entrypoints/serve/engine/protocol.py): `code` is the
+    HTTP status as an int and `type` names the error class (`BadRequestError`, ...), where
+    OpenAI's API says `invalid_request_error` and a string code."""
+    kind = _ERROR_TYPES.get(status) or HTTPStatus(status).phrase
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+def _error_response(exc: SageError) -> Response:
+    headers = []
+    if exc.retry_after is not None:
+        headers.append((b"retry-after", str(max(1, round(exc.retry_after))).encode()))
+    body = vllm_error_body(exc.message, exc.http_status, exc.param)
+    return JSONResponse(body, exc.http_status, headers)
+
+
+def _vllm_errors(handler: Handler) -> Handler:
+    """`handler`, answering its errors with vLLM's error body instead of OpenAI's."""
+
+    async def handle(request: Request) -> Response | StreamingResponse:
+        try:
+            return await handler(request)
+        except SageError as exc:
+            return _error_response(exc)
+        except ClientDisconnected:
+            raise
+        except Exception:
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            return JSONResponse(vllm_error_body("Internal server error", 500), 500)
+
+    return handle
+
+
+def _detail(status: int) -> Handler:
+    """FastAPI's own answer, which vLLM gives for an unknown route (404) or method (405)."""
+    body = orjson.dumps({"detail": HTTPStatus(status).phrase})
+
+    async def handle(request: Request) -> Response:
+        return Response(body, status, b"application/json")
+
+    return handle
+
+
+class _KvLoadFailedError(InternalError):
+    """Remote KV could not be loaded and the policy is vLLM's default, fail."""
 
 
 class _Metrics(VllmRequestMetrics):
@@ -82,15 +159,14 @@ class _Metrics(VllmRequestMetrics):
             finish_reasons=("stop", "length"),
         )
         # No real KV cache: occupancy of the max_num_seqs slots stands in for it.
-        for metric in ("vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc"):
-            self.gauge(
-                metric,
-                "KV-cache usage (simulated: slot occupancy, 0-1).",
-                lambda: queue.running / queue.capacity,
-            )
+        self.gauge(
+            "vllm:kv_cache_usage_perc",
+            "KV-cache usage. 1 means 100 percent usage (simulated: slot occupancy).",
+            lambda: queue.running / queue.capacity,
+        )
         # PD serving: the KV exchange as each side sees it, so tests and dashboards can
         # tell a remote prefill from a local one.
-        reg, label = self.registry, self.label
+        reg, label, values = self.registry, self.label, self.values
         self.gauge(
             "sage_sim:kv_blocks_held",
             "KV blocks a prefill engine holds for remote decoders.",
@@ -111,13 +187,15 @@ class _Metrics(VllmRequestMetrics):
             "This engine's PD role and KV engine id (always 1).",
             (*label, "role", "kv_role", "kv_engine_id"),
             registry=reg,
-        ).labels(config.model, config.role, KV_ROLES[config.role], engine_id).set(1)
+        ).labels(
+            role=config.role, kv_role=KV_ROLES[config.role], kv_engine_id=engine_id, **values
+        ).set(1)
         self.kv_params_sent = Counter(
             "sage_sim:kv_transfer_params_sent",
             "Prefill answers that returned kv_transfer_params for a remote decoder.",
             label,
             registry=reg,
-        ).labels(model_name=config.model)
+        ).labels(**values)
         self.kv_params_received = Counter(
             "sage_sim:kv_transfer_params_received",
             "Decode requests with remote-prefill kv_transfer_params, by pull outcome; the "
@@ -128,10 +206,11 @@ class _Metrics(VllmRequestMetrics):
         self.kv_local_prefill = Counter(
             "sage_sim:kv_local_prefill_fallbacks",
             "Remote-prefill requests whose KV could not be loaded, so prefill ran locally "
-            "(vLLM's kv_load_failure_policy=recompute).",
+            "(kv_load_failure_policy=recompute; vLLM's default, fail, ends them with an "
+            "error instead).",
             label,
             registry=reg,
-        ).labels(model_name=config.model)
+        ).labels(**values)
 
 
 class _DisconnectWatch:
@@ -347,14 +426,20 @@ class _SimEngine:
         self.engine_id = config.kv_engine_id or str(uuid.uuid4())
         self.kv_store = BlockStore(config.kv_block_size, config.kv_hold_s)
         self.metrics = _Metrics(config, self.queue, self.kv_store, self.engine_id)
+        self.side_channel = SideChannel(self._serve_pull)
         self._created = int(time.time())
-        self._http: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        """Open the KV side channel of an engine that hands KV out (a busy port fails the
+        start, as NIXL's does)."""
+        if self.config.role != "decode":
+            await self.side_channel.start(
+                self._side_channel_host(), self.config.kv_side_channel_port
+            )
 
     async def aclose(self) -> None:
-        """Close the client used to pull KV blocks from prefill engines."""
-        if self._http is not None:
-            await self._http.close()
-            self._http = None
+        """Close the KV side channel."""
+        await self.side_channel.close()
 
     # ---- shared pieces
 
@@ -365,7 +450,10 @@ class _SimEngine:
         if not isinstance(model, str):
             raise InvalidRequestError("model must be a string", param="model")
         if model not in self.config.served_names:
-            raise ModelNotFoundError(model)
+            aliases = ", ".join(self.config.served_names)
+            raise ModelNotFoundError(
+                model, message=f"The model `{model}` does not exist. Valid aliases: {aliases}."
+            )
         return model
 
     def _max_tokens(self, requested: int | None, key: str, prompt_tokens: int, where: str) -> int:
@@ -424,7 +512,10 @@ class _SimEngine:
                         return
                 elif watch.gone:
                     return
-                last_at = loop.time()
+                now = loop.time()
+                if step:
+                    metrics.inter_token.observe(now - last_at)
+                last_at = now
                 if step == 0:
                     first_at = last_at
                     metrics.ttft.observe(first_at - arrival)
@@ -496,91 +587,93 @@ class _SimEngine:
 
     async def _first_token_s(self, kv: KvTransferRequest) -> float | None:
         """Load the remote prefill's KV blocks; the decode-only first-token time when they
-        came, None (prefill locally, counted) when they were unknown, expired or unreachable."""
+        came. When they were unknown, expired or unreachable: _KvLoadFailedError under
+        vLLM's default policy (fail), None (prefill locally, counted) under recompute."""
         if not kv.do_remote_prefill:
             return None
-        outcome = await self._pull(kv)
+        outcome = await pull_blocks(kv)
         metrics = self.metrics
         engine = kv.remote_engine_id if outcome is PullOutcome.OK else ""
-        metrics.kv_params_received.labels(self.config.model, outcome.value, engine).inc()
-        if outcome is not PullOutcome.OK:
-            metrics.kv_local_prefill.inc()
-            log.warning(
-                "remote KV unavailable, prefilling locally",
-                extra={"outcome": outcome.value, "remote_engine_id": kv.remote_engine_id},
+        metrics.kv_params_received.labels(
+            outcome=outcome.value, remote_engine_id=engine, **metrics.values
+        ).inc()
+        if outcome is PullOutcome.OK:
+            return self.config.decode_step_s(self.queue.running + 1)
+        where = {"outcome": outcome.value, "remote_engine_id": kv.remote_engine_id}
+        if self.config.kv_load_failure_policy == "fail":
+            log.warning("remote KV unavailable, failing the request", extra=where)
+            metrics.finished("error")
+            raise _KvLoadFailedError("Internal server error")
+        metrics.kv_local_prefill.inc()
+        log.warning("remote KV unavailable, prefilling locally", extra=where)
+        return None
+
+    async def _failed_stream(self, chat: bool, model: str) -> AsyncIterator[bytes]:
+        """What vLLM streams when a request ends with finish_reason error (a failed KV
+        load): chat's role chunk first, the error as an event, then [DONE]."""
+        if chat:
+            yield sse_event(
+                orjson.dumps(
+                    {
+                        "id": self._id("chatcmpl"),
+                        "object": "chat.completion.chunk",
+                        "created": int(time.time()),
+                        "model": model,
+                        "choices": [
+                            {
+                                "index": 0,
+                                "delta": {"role": "assistant", "content": ""},
+                                "logprobs": None,
+                                "finish_reason": None,
+                            }
+                        ],
+                    }
+                )
             )
-            return None
-        return self.config.decode_step_s(self.queue.running + 1)
+        yield sse_event(orjson.dumps(vllm_error_body("Internal server error", 500)))
+        yield _DONE
 
-    async def _pull(self, kv: KvTransferRequest) -> PullOutcome:
-        if self._http is None:
-            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
-        host = kv.remote_host or ""
-        url = f"http://{f'[{host}]' if ':' in host else host}:{kv.remote_port}{KV_PULL_PATH}"
-        payload = {"engine_id": kv.remote_engine_id, "block_ids": list(kv.remote_block_ids)}
-        try:
-            async with self._http.post(url, json=payload) as resp:
-                if resp.status == 200:
-                    return PullOutcome.OK
-                doc: Any = orjson.loads(await resp.read())
-        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError):
-            return PullOutcome.UNREACHABLE
-        error = doc.get("error") if isinstance(doc, dict) else None
-        code = error.get("code") if isinstance(error, dict) else None
-        try:
-            return PullOutcome(str(code))
-        except ValueError:
-            return PullOutcome.UNREACHABLE
+    def _side_channel_host(self) -> str:
+        return self.config.kv_side_channel_host or self.config.host
 
-    def _kv_reply(
-        self, body: dict[str, Any], kv: KvTransferRequest, prompt_tokens: int, request: Request
+    def _serve_pull(
+        self, engine_id: str, request_id: str | None, block_ids: tuple[int, ...]
+    ) -> PullOutcome:
+        """A decoder reads (and frees) blocks this engine holds, over the side channel."""
+        if engine_id != self.engine_id:
+            return PullOutcome.WRONG_ENGINE
+        return self.kv_store.pull(block_ids, request_id)
+
+    async def _kv_reply(
+        self,
+        body: dict[str, Any],
+        kv: KvTransferRequest,
+        prompt_tokens: int,
+        request: Request,
+        request_id: str,
     ) -> dict[str, Any]:
         """The response's kv_transfer_params: the held blocks for a remote decoder, null for
         other requests that carried the field (as vLLM answers), absent otherwise."""
         if kv.do_remote_decode:
-            return {"kv_transfer_params": self._hand_off(prompt_tokens, request)}
+            return {"kv_transfer_params": await self._hand_off(prompt_tokens, request, request_id)}
         if "kv_transfer_params" in body:
             return {"kv_transfer_params": None}
         return {}
 
-    def _hand_off(self, prompt_tokens: int, request: Request) -> dict[str, Any]:
-        """Hold the prompt's KV blocks and describe them for a remote decoder; the address is
-        the one the caller reached this engine at."""
-        host, port = self.config.host, self.config.port
-        where = request.headers.get("host", "")
-        name, sep, number = where.rpartition(":")
-        if sep and number.isdigit() and name:
-            host, port = name.strip("[]"), int(number)
-        blocks = self.kv_store.hold(prompt_tokens)
-        self.metrics.kv_params_sent.inc()
-        return prefill_reply_params(self.engine_id, blocks, host, port)
-
-    async def kv_pull(self, request: Request) -> Response:
-        """POST /sim/kv/pull: a decoder reads (and frees) blocks this engine holds."""
-        body = await _json_object(request)
-        engine_id = body.get("engine_id")
-        blocks = body.get("block_ids")
-        if not isinstance(engine_id, str) or not isinstance(blocks, list):
-            raise InvalidRequestError("engine_id (string) and block_ids (list) are required")
-        if not all(_is_int(b) for b in blocks):
-            raise InvalidRequestError("block_ids must be integers", param="block_ids")
-        if engine_id != self.engine_id:
-            outcome = PullOutcome.WRONG_ENGINE
-        else:
-            outcome = self.kv_store.pull(tuple(blocks))
-        if outcome is PullOutcome.OK:
-            return JSONResponse({"pulled": len(blocks)})
-        return JSONResponse(
-            {
-                "error": {
-                    "message": f"KV blocks not available: {outcome.value}",
-                    "type": "NotFoundError",
-                    "param": "block_ids",
-                    "code": outcome.value,
-                }
-            },
-            404,
+    async def _hand_off(
+        self, prompt_tokens: int, request: Request, request_id: str
+    ) -> dict[str, Any]:
+        """Hold the prompt's KV blocks and describe them for a remote decoder: the address
+        is the side channel's; a wildcard bind is named as the caller named this host."""
+        host, port = await self.side_channel.start(
+            self._side_channel_host(), self.config.kv_side_channel_port
         )
+        if host in ("0.0.0.0", "::", ""):
+            name, sep, number = request.headers.get("host", "").rpartition(":")
+            host = name.strip("[]") if sep and number.isdigit() and name else "localhost"
+        blocks = self.kv_store.hold(prompt_tokens, request_id)
+        self.metrics.kv_params_sent.inc()
+        return prefill_reply_params(self.engine_id, request_id, blocks, host, port, prompt_tokens)
 
     # ---- chat
 
@@ -617,16 +710,22 @@ class _SimEngine:
                 generation.stop_reason,
             )
         kv = self._kv_params(body, stream, 1)
-        first_token_s = await self._first_token_s(kv)
+        try:
+            first_token_s = await self._first_token_s(kv)
+        except _KvLoadFailedError:
+            if stream:  # vLLM has answered 200 already; the error comes as an event
+                return StreamingResponse(self._failed_stream(True, model))
+            raise
         job = _Job(model, prompt_tokens, (generation,), stream, include_usage, False, first_token_s)
         if stream:
             return StreamingResponse(self._chat_chunks(job, request))
         if not await self._run_to_end(job, request):
             return Response(b"", _CLIENT_GONE)
-        extra = self._kv_reply(body, kv, prompt_tokens, request)
+        reply_id = self._id("chatcmpl")
+        extra = await self._kv_reply(body, kv, prompt_tokens, request, reply_id)
         return JSONResponse(
             {
-                "id": self._id("chatcmpl"),
+                "id": reply_id,
                 "object": "chat.completion",
                 "created": int(time.time()),
                 "model": model,
@@ -716,16 +815,22 @@ class _SimEngine:
         max_tokens = self._max_tokens(requested, "max_tokens", max(counts), "prompt")
         generations = tuple(generate(p, max_tokens, seed, stop) for p in prompts)
         kv = self._kv_params(body, stream, len(prompts))
-        first_token_s = await self._first_token_s(kv)
+        try:
+            first_token_s = await self._first_token_s(kv)
+        except _KvLoadFailedError:
+            if stream:
+                return StreamingResponse(self._failed_stream(False, model))
+            raise
         job = _Job(model, sum(counts), generations, stream, include_usage, False, first_token_s)
         if stream:
             return StreamingResponse(self._completion_chunks(job, request))
         if not await self._run_to_end(job, request):
             return Response(b"", _CLIENT_GONE)
-        extra = self._kv_reply(body, kv, sum(counts), request)
+        reply_id = self._id("cmpl")
+        extra = await self._kv_reply(body, kv, sum(counts), request, reply_id)
         return JSONResponse(
             {
-                "id": self._id("cmpl"),
+                "id": reply_id,
                 "object": "text_completion",
                 "created": int(time.time()),
                 "model": model,
@@ -903,16 +1008,26 @@ def _embedding_inputs(value: Any) -> list[str]:
 def create_app(config: SimConfig) -> App:
     """The simulator's ASGI app; each app has its own slots and metrics registry."""
     engine = _SimEngine(config)
-    app = App(on_shutdown=engine.aclose)
-    app.add("POST", "/v1/chat/completions", engine.chat)
-    app.add("POST", "/v1/completions", engine.completions)
+    app = App(on_startup=engine.start, on_shutdown=engine.aclose)
+    routes: dict[str, tuple[str, Handler]] = {
+        "/v1/chat/completions": ("POST", engine.chat),
+        "/v1/completions": ("POST", engine.completions),
+        "/v1/models": ("GET", engine.models),
+        "/health": ("GET", engine.health),
+        "/version": ("GET", engine.version),
+        "/metrics": ("GET", engine.prometheus),
+    }
     if config.embedding_dim > 0:
-        app.add("POST", "/v1/embeddings", engine.embeddings)
-    app.add("GET", "/v1/models", engine.models)
-    app.add("GET", "/health", engine.health)
-    app.add("GET", "/version", engine.version)
-    app.add("GET", "/metrics", engine.prometheus)
-    app.add("POST", KV_PULL_PATH, engine.kv_pull)
+        routes["/v1/embeddings"] = ("POST", engine.embeddings)
+    not_allowed = _detail(405)
+    for path, (method, handler) in routes.items():
+        app.add(method, path, _vllm_errors(handler))
+        for other in _METHODS:
+            if other != method:
+                app.add(other, path, not_allowed)
+    not_found = _detail(404)
+    for method in _METHODS:
+        app.add(method, "/*", not_found)
     return app
 
 
@@ -1001,6 +1116,25 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds a prefill engine keeps KV blocks for a decoder to pull",
     )
     parser.add_argument(
+        "--kv-side-channel-host",
+        default=os.environ.get("VLLM_NIXL_SIDE_CHANNEL_HOST", ""),
+        help="host of the KV side channel decoders pull from (default: "
+        "$VLLM_NIXL_SIDE_CHANNEL_HOST, else --host)",
+    )
+    parser.add_argument(
+        "--kv-side-channel-port",
+        type=int,
+        default=int(os.environ.get("VLLM_NIXL_SIDE_CHANNEL_PORT", "0")),
+        help="port of the KV side channel (default: $VLLM_NIXL_SIDE_CHANNEL_PORT, else a free one)",
+    )
+    parser.add_argument(
+        "--kv-load-failure-policy",
+        default=defaults.kv_load_failure_policy,
+        choices=KV_LOAD_FAILURE_POLICIES,
+        help="remote KV that cannot be loaded: fail the request (vLLM's default) or "
+        "recompute (prefill locally)",
+    )
+    parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper
     )
     add_api_key_argument(parser)
@@ -1029,13 +1163,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             kv_engine_id=args.kv_engine_id,
             kv_block_size=args.kv_block_size,
             kv_hold_s=args.kv_hold_s,
+            kv_side_channel_host=args.kv_side_channel_host,
+            kv_side_channel_port=args.kv_side_channel_port,
+            kv_load_failure_policy=args.kv_load_failure_policy,
         )
     except ConfigurationError as exc:
         parser.error(exc.message)
     configure_logging("sim-engine", args.log_level)
-    # The KV pull route stands in for vLLM's NIXL side channel, which decode engines reach
-    # without the prefill engine's key; it serves simulated blocks only.
-    app = protect(create_app(sim), resolve_api_key(args.api_key), {"/health", KV_PULL_PATH})
+    # Decoders pull KV over the side channel (its own port), so only /health is open here.
+    app = protect(create_app(sim), resolve_api_key(args.api_key), {"/health"})
     server = _Server(
         uvicorn.Config(
             app,

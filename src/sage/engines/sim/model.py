@@ -127,6 +127,13 @@ class SimConfig:
     kv_engine_id: str = ""  # NixlConnector's engine id; "" = a random one per process
     kv_block_size: int = 16  # prompt tokens per KV block
     kv_hold_s: float = 480.0  # prefill keeps blocks this long for a decoder to pull
+    # NIXL's side channel (vLLM: VLLM_NIXL_SIDE_CHANNEL_HOST/PORT), where decoders pull
+    # from; "" = the HTTP host, 0 = a free port (vLLM's 5600 would clash between engines).
+    kv_side_channel_host: str = ""
+    kv_side_channel_port: int = 0
+    # What a decode engine does when remote KV cannot be loaded: vLLM's default "fail"
+    # (the request ends with a 500), or "recompute" (prefill locally).
+    kv_load_failure_policy: str = "fail"
     served_names: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -143,6 +150,11 @@ class SimConfig:
             (self.role in ("both", "prefill", "decode"), "role must be both, prefill or decode"),
             (self.kv_block_size >= 1, "kv_block_size must be >= 1"),
             (self.kv_hold_s > 0, "kv_hold_s must be > 0"),
+            (0 <= self.kv_side_channel_port <= 65535, "kv_side_channel_port must be 0..65535"),
+            (
+                self.kv_load_failure_policy in ("fail", "recompute"),
+                "kv_load_failure_policy must be fail or recompute",
+            ),
         ]
         for ok, message in checks:
             if not ok:
