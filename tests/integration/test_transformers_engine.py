@@ -445,4 +445,5 @@ async def test_a_failure_mid_stream_is_reported_in_band() -> None:
         assert events[-2]["error"]["type"] == "internal_error"
         assert events[-1] == "[DONE]"
         metrics = (await failing.get("/metrics")).text
-        assert 'vllm:num_requests_running{model_name="failing"} 0.0' in metrics
+        # vLLM's labels, in its exposition's (sorted) order
+        assert 'vllm:num_requests_running{engine="0",model_name="failing"} 0.0' in metrics
