@@ -4,8 +4,11 @@ When a model has ready engines with role prefill AND role decode, a chat or comp
 request runs in two legs, as vLLM's disaggregated-serving proxies do (toy_proxy_server.py
 for NixlConnector): the prefill engine gets the request with `max_tokens=1`, `stream=false`
 and `kv_transfer_params={"do_remote_decode": true, ...}`; its reply's `kv_transfer_params`
-(remote engine, block ids, host, port) go with the original request to a decode engine,
-which loads those KV blocks instead of prefilling, and answers (streamed or not).
+(NixlConnector: remote engine and request ids, block ids per KV-cache group, the NIXL side
+channel's host and port, ... in whichever version's shape) go verbatim with the original
+request to a decode engine, which loads those KV blocks instead of prefilling, and answers
+(streamed or not). Connectors that return no params (ExampleConnector, shared storage:
+the KV is found by prompt) get the client's request as is on the decode leg.
 
 If the prefill leg fails before answering, the original request goes to a decode (or both)
 engine that prefills itself, so the client still gets its answer. Engines with role both

@@ -201,3 +201,66 @@ def test_the_prefill_leg_drops_min_tokens_so_one_token_is_valid() -> None:
     """vLLM refuses min_tokens > max_tokens; the client's request was valid."""
     leg = orjson.loads(prefill_body(b'{"model": "m", "max_tokens": 50, "min_tokens": 10}'))
     assert leg["max_tokens"] == 1 and "min_tokens" not in leg
+
+
+# A vLLM 0.33 NixlConnector prefill reply's params (pull_scheduler.request_finished).
+NIXL_033 = {
+    "do_remote_prefill": True,
+    "do_remote_decode": False,
+    "remote_block_ids": [[0, 1, 2]],
+    "remote_engine_id": "p-engine",
+    "remote_request_id": "cmpl-abc-0",
+    "remote_host": "10.0.0.5",
+    "remote_port": 5601,
+    "tp_size": 1,
+    "dcp_size": 1,
+    "pp_size": 1,
+    "remote_num_tokens": 40,
+    "remote_blocks_expiry_time": None,
+    "remote_registration_generation": 0,
+    "transfer_mode": "pull",
+}
+
+
+async def test_nixl_033_params_reach_decode_verbatim() -> None:
+    registry = CollectorRegistry()
+    call = Prefill({"e0": reply_with(NIXL_033)})
+    plan = await PdRouter(RoundRobinRouter(), registry).plan(
+        RouteRequest("m"), BODY, pool("prefill", "decode"), call
+    )
+    assert plan is not None and plan.kv_params == NIXL_033
+    decode = orjson.loads(plan.body)
+    # grouped block ids, the request id the decoder indexes, the side channel: untouched
+    assert decode["kv_transfer_params"] == NIXL_033
+    assert {k: v for k, v in decode.items() if k != "kv_transfer_params"} == orjson.loads(BODY)
+    assert counted(registry, "kv_transfer") == 1
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        # vLLM with ExampleConnector (shared storage): the KV is on disk, the reply says null
+        orjson.dumps(
+            {
+                "choices": [{"text": "x", "finish_reason": "length"}],
+                "kv_transfer_params": None,
+                "ec_transfer_params": None,
+            }
+        ),
+        # an engine without any KV connector field
+        orjson.dumps({"choices": [{"text": "x"}]}),
+        orjson.dumps({"choices": [{"text": "x"}], "kv_transfer_params": {}}),
+    ],
+)
+async def test_without_params_the_decode_leg_resends_the_request(reply: bytes) -> None:
+    registry = CollectorRegistry()
+    call = Prefill({"e0": reply})
+    plan = await PdRouter(RoundRobinRouter(), registry).plan(
+        RouteRequest("m"), BODY, pool("prefill", "decode"), call
+    )
+    # the prefill still ran (it wrote the KV where the decoder's connector finds it) ...
+    assert [c[0] for c in call.calls] == ["e0"]
+    # ... and decode gets the client's request byte for byte, to load it by prompt
+    assert plan is not None and plan.body == BODY and plan.kv_params is None
+    assert plan.prefill_engine is not None and plan.prefill_engine.engine_id == "e0"
+    assert counted(registry, "no_kv_params") == 1
