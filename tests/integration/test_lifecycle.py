@@ -37,6 +37,9 @@ async def test_start_use_stop_prune_a_sim_engine(full_plane: Any) -> None:
         full_plane, model_id="sim", backend="sim", engine_label="demo", metadata={"team": "a"}
     )
     assert engine["status"] == "RUNNING" and engine["pid"] and engine["port"]
+    # A process group of its own, which stop and crash clean-up signal whole (vLLM's
+    # EngineCore outlives its API server otherwise).
+    assert os.getpgid(engine["pid"]) == engine["pid"]
     assert engine["engine_label"] == "demo" and engine["metadata"] == {"team": "a"}
     assert await routed(full_plane) == [engine["engine_id"]]
     chat = await full_plane.client.post("/v1/chat/completions", json={"model": "sim", **CHAT})
