@@ -252,6 +252,7 @@ async def test_completions_prompt_list_gives_one_choice_each(sim: httpx.AsyncCli
         "completion_tokens": 6,
         "total_tokens": 9,
         "prompt_tokens_details": None,
+        "completion_tokens_details": None,
     }
 
 

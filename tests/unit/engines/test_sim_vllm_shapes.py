@@ -345,3 +345,62 @@ def test_vllm_error_body_types() -> None:
 def test_probe_reads_only_python_literals() -> None:
     """The probe's source parsing stays valid Python (a typo would only show where vLLM is)."""
     ast.parse(_PROBE)
+
+
+# -- reply schemas: the sim against replies recorded from vLLM ----------------------------
+
+RECORDED: dict[str, Any] = json.loads(
+    (Path(__file__).with_name("vllm_0_32_replies.json")).read_text(encoding="utf-8")
+)
+
+
+def schema(value: Any) -> Any:
+    """A JSON value's shape: keys in order with their shapes, a list's first item's shape,
+    and the JSON type of anything else (null is a type of its own)."""
+    if isinstance(value, dict):
+        return [(k, schema(v)) for k, v in value.items()]
+    if isinstance(value, list):
+        return [schema(value[0])] if value else []
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int | float):
+        return "number"
+    return type(value).__name__
+
+
+async def _sim_replies() -> dict[str, Any]:
+    """The sim's counterpart of every recorded reply."""
+    chat = {"messages": MESSAGES, "max_tokens": 5}
+    usage = {"stream": True, "stream_options": {"include_usage": True}}
+    replies: dict[str, Any] = {}
+    async with make_client() as sim:
+        replies["chat"] = (await sim.post("/v1/chat/completions", json=chat)).json()
+        completion = {"prompt": "the quick brown fox", "max_tokens": 5}
+        replies["completion"] = (await sim.post("/v1/completions", json=completion)).json()
+        replies["models"] = (await sim.get("/v1/models")).json()
+        events = sse_payloads((await sim.post("/v1/chat/completions", json={**chat, **usage})).text)
+        replies["chat_stream_role"], replies["chat_stream_content"] = events[0], events[1]
+        replies["chat_stream_final"], replies["chat_stream_usage"] = events[-3], events[-2]
+        plain = {**chat, "stream": True}
+        events = sse_payloads((await sim.post("/v1/chat/completions", json=plain)).text)
+        replies["chat_stream_final_no_usage"] = events[-2]
+        streamed = {**completion, **usage}
+        events = sse_payloads((await sim.post("/v1/completions", json=streamed)).text)
+        replies["completion_stream_content"] = events[0]
+        replies["completion_stream_final"], replies["completion_stream_usage"] = events[-3:-1]
+        unknown = {**chat, "model": "nope"}
+        replies["error_unknown_model"] = (
+            await sim.post("/v1/chat/completions", json=unknown)
+        ).json()
+        bad = {**chat, "temperature": -1}
+        replies["error_bad_request"] = (await sim.post("/v1/chat/completions", json=bad)).json()
+    return replies
+
+
+async def test_sim_replies_have_vllms_schema() -> None:
+    replies = await _sim_replies()
+    assert set(replies) == set(RECORDED) - {"_source"}
+    for name, reply in replies.items():
+        assert schema(reply) == schema(RECORDED[name]), name

@@ -94,6 +94,8 @@ _ERROR_TYPES = {
     503: "ServiceUnavailableError",
 }
 _METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH")
+# vLLM's says "vllm-<version>-<hash>"; the sim's says what it is.
+_FINGERPRINT = f"{OWNED_BY}-fingerprint"
 
 
 def vllm_error_body(message: str, status: int, param: str | None = None) -> dict[str, Any]:
@@ -137,6 +139,20 @@ def _detail(status: int) -> Handler:
         return Response(body, status, b"application/json")
 
     return handle
+
+
+def _usage_details(job: _Job) -> dict[str, Any]:
+    return {**job.usage(), "prompt_tokens_details": None, "completion_tokens_details": None}
+
+
+def _transfer_fields(kv_params: dict[str, Any] | None) -> dict[str, Any]:
+    """vLLM's trailing reply fields: the KV and encoder-cache transfer params (null unless
+    this engine hands KV to a decoder) and per-request metrics (null)."""
+    return {
+        "kv_transfer_params": kv_params,
+        "ec_transfer_params": None,
+        "metrics": None,
+    }
 
 
 class _KvLoadFailedError(InternalError):
@@ -627,6 +643,8 @@ class _SimEngine:
                                 "finish_reason": None,
                             }
                         ],
+                        "prompt_token_ids": None,
+                        "prompt_text": None,
                     }
                 )
             )
@@ -645,20 +663,13 @@ class _SimEngine:
         return self.kv_store.pull(block_ids, request_id)
 
     async def _kv_reply(
-        self,
-        body: dict[str, Any],
-        kv: KvTransferRequest,
-        prompt_tokens: int,
-        request: Request,
-        request_id: str,
-    ) -> dict[str, Any]:
-        """The response's kv_transfer_params: the held blocks for a remote decoder, null for
-        other requests that carried the field (as vLLM answers), absent otherwise."""
+        self, kv: KvTransferRequest, prompt_tokens: int, request: Request, request_id: str
+    ) -> dict[str, Any] | None:
+        """The response's kv_transfer_params: the held blocks for a remote decoder, null
+        otherwise (vLLM always sends the field)."""
         if kv.do_remote_decode:
-            return {"kv_transfer_params": await self._hand_off(prompt_tokens, request, request_id)}
-        if "kv_transfer_params" in body:
-            return {"kv_transfer_params": None}
-        return {}
+            return await self._hand_off(prompt_tokens, request, request_id)
+        return None
 
     async def _hand_off(
         self, prompt_tokens: int, request: Request, request_id: str
@@ -722,7 +733,7 @@ class _SimEngine:
         if not await self._run_to_end(job, request):
             return Response(b"", _CLIENT_GONE)
         reply_id = self._id("chatcmpl")
-        extra = await self._kv_reply(body, kv, prompt_tokens, request, reply_id)
+        kv_params = await self._kv_reply(kv, prompt_tokens, request, reply_id)
         return JSONResponse(
             {
                 "id": reply_id,
@@ -732,19 +743,30 @@ class _SimEngine:
                 "choices": [
                     {
                         "index": 0,
+                        # vLLM leaves tool_calls out when there are none
                         "message": {
                             "role": "assistant",
                             "content": generation.text,
-                            "tool_calls": [],
+                            "refusal": None,
+                            "annotations": None,
+                            "audio": None,
+                            "function_call": None,
+                            "reasoning": None,
                         },
                         "logprobs": None,
                         "finish_reason": generation.finish_reason,
                         "stop_reason": generation.stop_reason,
+                        "token_ids": None,
+                        "routed_experts": None,
                     }
                 ],
-                "usage": {**job.usage(), "prompt_tokens_details": None},
+                "service_tier": None,
+                "system_fingerprint": _FINGERPRINT,
+                "usage": _usage_details(job),
                 "prompt_logprobs": None,
-                **extra,
+                "prompt_token_ids": None,
+                "prompt_text": None,
+                **_transfer_fields(kv_params),
             }
         )
 
@@ -777,6 +799,8 @@ class _SimEngine:
                                             "finish_reason": None,
                                         }
                                     ],
+                                    "prompt_token_ids": None,
+                                    "prompt_text": None,
                                 }
                             )
                         )
@@ -785,18 +809,32 @@ class _SimEngine:
                         "delta": {"content": generation.pieces[step]},
                         "logprobs": None,
                         "finish_reason": None,
+                        "token_ids": None,
                     }
+                    chunk: dict[str, Any] = {**head, "choices": [choice]}
                     if step == last:
                         choice["finish_reason"] = generation.finish_reason
                         choice["stop_reason"] = generation.stop_reason
-                    yield sse_event(orjson.dumps({**head, "choices": [choice]}))
+                        choice["token_ids"] = choice.pop("token_ids")  # vLLM's key order
+                        if not job.include_usage:  # vLLM stamps the terminal chunk
+                            chunk["system_fingerprint"] = _FINGERPRINT
+                    yield sse_event(orjson.dumps(chunk))
                     sent += 1
         finally:
             watch.close()
         if sent < job.steps:
             return  # the client left; nobody is reading
         if job.include_usage:
-            yield sse_event(orjson.dumps({**head, "choices": [], "usage": job.usage()}))
+            yield sse_event(
+                orjson.dumps(
+                    {
+                        **head,
+                        "choices": [],
+                        "usage": job.usage(),
+                        "system_fingerprint": _FINGERPRINT,
+                    }
+                )
+            )
         yield _DONE
 
     # ---- completions
@@ -827,7 +865,7 @@ class _SimEngine:
         if not await self._run_to_end(job, request):
             return Response(b"", _CLIENT_GONE)
         reply_id = self._id("cmpl")
-        extra = await self._kv_reply(body, kv, sum(counts), request, reply_id)
+        kv_params = await self._kv_reply(kv, sum(counts), request, reply_id)
         return JSONResponse(
             {
                 "id": reply_id,
@@ -841,12 +879,17 @@ class _SimEngine:
                         "logprobs": None,
                         "finish_reason": g.finish_reason,
                         "stop_reason": g.stop_reason,
+                        "token_ids": None,
                         "prompt_logprobs": None,
+                        "prompt_token_ids": None,
+                        "routed_experts": None,
                     }
                     for i, g in enumerate(generations)
                 ],
-                "usage": {**job.usage(), "prompt_tokens_details": None},
-                **extra,
+                "service_tier": None,
+                "system_fingerprint": _FINGERPRINT,
+                "usage": _usage_details(job),
+                **_transfer_fields(kv_params),
             }
         )
 
@@ -867,33 +910,39 @@ class _SimEngine:
                         if step >= generation.completion_tokens:
                             continue
                         final = step == generation.completion_tokens - 1
-                        yield sse_event(
-                            orjson.dumps(
+                        chunk: dict[str, Any] = {
+                            **head,
+                            "choices": [
                                 {
-                                    **head,
-                                    "choices": [
-                                        {
-                                            "index": index,
-                                            "text": generation.pieces[step],
-                                            "logprobs": None,
-                                            "finish_reason": generation.finish_reason
-                                            if final
-                                            else None,
-                                            "stop_reason": generation.stop_reason
-                                            if final
-                                            else None,
-                                        }
-                                    ],
+                                    "index": index,
+                                    "text": generation.pieces[step],
+                                    "logprobs": None,
+                                    "finish_reason": generation.finish_reason if final else None,
+                                    "stop_reason": generation.stop_reason if final else None,
+                                    "prompt_token_ids": None,
+                                    "token_ids": None,
                                 }
-                            )
-                        )
+                            ],
+                        }
+                        if final and not job.include_usage:
+                            chunk["system_fingerprint"] = _FINGERPRINT
+                        yield sse_event(orjson.dumps(chunk))
                     sent += 1
         finally:
             watch.close()
         if sent < job.steps:
             return
         if job.include_usage:
-            yield sse_event(orjson.dumps({**head, "choices": [], "usage": job.usage()}))
+            yield sse_event(
+                orjson.dumps(
+                    {
+                        **head,
+                        "choices": [],
+                        "usage": job.usage(),
+                        "system_fingerprint": _FINGERPRINT,
+                    }
+                )
+            )
         yield _DONE
 
     # ---- embeddings
@@ -968,7 +1017,22 @@ class _SimEngine:
                         "root": self.config.model,
                         "parent": None,
                         "max_model_len": self.config.max_model_len,
-                        "permission": [],
+                        "permission": [
+                            {
+                                "id": f"modelperm-{name}",
+                                "object": "model_permission",
+                                "created": self._created,
+                                "allow_create_engine": False,
+                                "allow_sampling": True,
+                                "allow_logprobs": True,
+                                "allow_search_indices": False,
+                                "allow_view": True,
+                                "allow_fine_tuning": False,
+                                "organization": "*",
+                                "group": None,
+                                "is_blocking": False,
+                            }
+                        ],
                     }
                     for name in self.config.served_names
                 ],
