@@ -360,7 +360,8 @@ def test_both_nixl_shapes_parse_and_bad_groups_are_refused() -> None:
         }
     )
     assert old is not None and old.remote_block_ids == (3, 4) and old.remote_request_id is None
-    for blocks in ([[1, "x"]], [[1], 2], [[]]):
+    bad_groups: list[Any] = [[[1, "x"]], [[1], 2], [[]]]
+    for blocks in bad_groups:
         with pytest.raises(InvalidRequestError) as info:
             parse_kv_transfer_params({**TO_PREFILL, **_decode_fields(blocks)})
         assert info.value.param == "kv_transfer_params.remote_block_ids"
