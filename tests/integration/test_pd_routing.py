@@ -1,5 +1,6 @@
 """PD (prefill/decode) routing end to end: the real edge and scheduler in front of sim engine
-processes playing vLLM's NixlConnector roles, exchanging real `kv_transfer_params`."""
+processes playing vLLM's NixlConnector roles, exchanging real `kv_transfer_params`, and
+ExampleConnector's, which exchange none."""
 
 from __future__ import annotations
 
@@ -114,6 +115,42 @@ async def test_requests_go_prefill_then_decode_with_kv_params(
     edge = (await client.get("/metrics")).text
     assert metric(edge, "sage:scheduler_pd_requests_total", outcome="kv_transfer") == 3
     assert metric(edge, "sage:scheduler_time_to_first_token_seconds_count") == 1
+
+
+async def test_example_connector_style_decode_leg_resends_the_request(
+    no_leaked_children: None, control_plane: Any, sim_engine: Callable[..., str], tmp_path: Any
+) -> None:
+    # ExampleConnector's style: the prefill reply has no kv_transfer_params; the KV waits
+    # in a folder both engines share and the decode engine finds it by the prompt.
+    shared = ("--kv-connector", "example", "--kv-shared-storage-path", str(tmp_path / "kv"))
+    prefill = sim_engine("--role", "prefill", "--ttft-ms", "300", *shared)
+    decode = sim_engine("--role", "decode", "--ttft-ms", "300", "--tpot-ms", "5", *shared)
+    await control_plane.register("pf", "sim", prefill, role=common_pb2.ENGINE_ROLE_PREFILL)
+    await control_plane.register("dc", "sim", decode, role=common_pb2.ENGINE_ROLE_DECODE)
+    client = control_plane.client
+
+    reply = await client.post(
+        "/v1/chat/completions", json={"model": "sim", "messages": MESSAGES, "max_tokens": 9}
+    )
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["message"]["content"] == expected_text(PROMPT, 9)
+    streamed = await client.post(
+        "/v1/chat/completions",
+        json={"model": "sim", "messages": MESSAGES, "max_tokens": 5, "stream": True},
+    )
+    assert streamed_text(streamed.text)[0] == expected_text(PROMPT, 5)
+
+    decode_text = await scrape(client, decode)
+    prefill_text = await scrape(client, prefill)
+    # the decode engine's external cache hits prove the KV moved (vLLM's counter, in tokens)
+    hits = metric(decode_text, "vllm:external_prefix_cache_hits_total")
+    assert hits == metric(decode_text, "vllm:external_prefix_cache_queries_total") > 0
+    assert metric(prefill_text, "vllm:generation_tokens_total") == 2  # one token a leg
+    assert metric(decode_text, "vllm:generation_tokens_total") == 9 + 5
+    ttft = "vllm:time_to_first_token_seconds_sum"
+    assert metric(decode_text, ttft) < metric(prefill_text, ttft) / 2
+    edge = (await client.get("/metrics")).text
+    assert metric(edge, "sage:scheduler_pd_requests_total", outcome="no_kv_params") == 2
 
 
 async def test_prefill_failure_falls_back_to_decode_doing_the_whole_request(

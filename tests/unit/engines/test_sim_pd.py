@@ -18,7 +18,7 @@ import uvicorn
 
 from sage.common.exceptions import ConfigurationError, InvalidRequestError
 from sage.common.http.testing import quiet_server, serve_in_task
-from sage.engines.sim import SimConfig, count_tokens, create_app, expected_text
+from sage.engines.sim import SimConfig, chat_prompt_text, count_tokens, create_app, expected_text
 from sage.engines.sim.kv import (
     BlockStore,
     PullOutcome,
@@ -470,3 +470,37 @@ async def test_side_channel_listens_where_configured(port_factory: Callable[[], 
         server.should_exit = True
         await task
     assert await pull_blocks(kv) is PullOutcome.UNREACHABLE
+
+
+async def test_example_connector_finds_kv_by_prompt_without_params(tmp_path: Any) -> None:
+    shared = {"kv_connector": "example", "kv_shared_storage_path": str(tmp_path / "kv")}
+    producer = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=create_app(SimConfig(role="prefill", **shared))),
+        base_url="http://prefill",
+    )
+    async with producer, decode_client(ttft_ms=300, tpot_ms=2, **shared) as decode:
+        # what the scheduler's prefill leg sends; ExampleConnector ignores the params
+        leg = {"messages": MESSAGES, "max_tokens": 1, "kv_transfer_params": TO_PREFILL}
+        reply = await producer.post("/v1/chat/completions", json=leg)
+        assert reply.status_code == 200 and reply.json()["kv_transfer_params"] is None
+        # the decode leg is the client's request as is: found by its prompt
+        hit = await decode.post(
+            "/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 4}
+        )
+        assert hit.json()["choices"][0]["message"]["content"] == expected_text(PROMPT, 4)
+        other = [{"role": "user", "content": "something never prefilled"}]
+        miss = await decode.post("/v1/chat/completions", json={"messages": other, "max_tokens": 2})
+        assert miss.status_code == 200
+        text = await scrape(decode)
+    tokens = count_tokens(PROMPT)
+    missed = count_tokens(chat_prompt_text(other))
+    # vLLM's counters, in tokens: both prompts were looked up, one was found
+    assert metric(text, "vllm:external_prefix_cache_queries_total") == tokens + missed
+    assert metric(text, "vllm:external_prefix_cache_hits_total") == tokens
+    # the hit skipped the 300 ms prefill; the miss paid it
+    assert metric(text, "vllm:time_to_first_token_seconds_sum") < 0.3 + 0.25
+
+
+def test_example_connector_needs_its_folder() -> None:
+    with pytest.raises(ConfigurationError, match="kv_shared_storage_path"):
+        SimConfig(kv_connector="example")

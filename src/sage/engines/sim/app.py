@@ -59,6 +59,7 @@ from sage.engines.sim.kv import (
     BlockStore,
     KvTransferRequest,
     PullOutcome,
+    SharedStorage,
     SideChannel,
     parse_kv_transfer_params,
     prefill_reply_params,
@@ -219,6 +220,21 @@ class _Metrics(VllmRequestMetrics):
             (*label, "outcome", "remote_engine_id"),
             registry=reg,
         )
+        # vLLM's names: prompt tokens a KV connector was asked for, and found elsewhere.
+        self.external_queries = Counter(
+            "vllm:external_prefix_cache_queries",
+            "External prefix cache queries from KV connector cross-instance cache sharing, "
+            "in terms of number of queried tokens.",
+            label,
+            registry=reg,
+        ).labels(**values)
+        self.external_hits = Counter(
+            "vllm:external_prefix_cache_hits",
+            "External prefix cache hits from KV connector cross-instance cache sharing, "
+            "in terms of number of cached tokens.",
+            label,
+            registry=reg,
+        ).labels(**values)
         self.kv_local_prefill = Counter(
             "sage_sim:kv_local_prefill_fallbacks",
             "Remote-prefill requests whose KV could not be loaded, so prefill ran locally "
@@ -443,12 +459,17 @@ class _SimEngine:
         self.kv_store = BlockStore(config.kv_block_size, config.kv_hold_s)
         self.metrics = _Metrics(config, self.queue, self.kv_store, self.engine_id)
         self.side_channel = SideChannel(self._serve_pull)
+        self.shared_storage = (
+            SharedStorage(config.kv_shared_storage_path)
+            if config.kv_connector == "example"
+            else None
+        )
         self._created = int(time.time())
 
     async def start(self) -> None:
         """Open the KV side channel of an engine that hands KV out (a busy port fails the
         start, as NIXL's does)."""
-        if self.config.role != "decode":
+        if self.config.role != "decode" and self.shared_storage is None:
             await self.side_channel.start(
                 self._side_channel_host(), self.config.kv_side_channel_port
             )
@@ -581,7 +602,10 @@ class _SimEngine:
 
     def _kv_params(self, body: dict[str, Any], stream: bool, prompts: int) -> KvTransferRequest:
         """The request's kv_transfer_params, reduced to what this engine's kv_role honours:
-        a producer (prefill) only sends KV, a consumer (decode) only receives it."""
+        a producer (prefill) only sends KV, a consumer (decode) only receives it.
+        ExampleConnector ignores them: its KV is found by prompt."""
+        if self.shared_storage is not None:
+            return KvTransferRequest()
         kv = parse_kv_transfer_params(body.get("kv_transfer_params"))
         if kv is None:
             return KvTransferRequest()
@@ -601,14 +625,21 @@ class _SimEngine:
             return kv
         return KvTransferRequest()
 
-    async def _first_token_s(self, kv: KvTransferRequest) -> float | None:
+    async def _first_token_s(
+        self, kv: KvTransferRequest, prompts: Sequence[str], prompt_tokens: int
+    ) -> float | None:
         """Load the remote prefill's KV blocks; the decode-only first-token time when they
         came. When they were unknown, expired or unreachable: _KvLoadFailedError under
         vLLM's default policy (fail), None (prefill locally, counted) under recompute."""
+        if self.shared_storage is not None:
+            return await self._shared_first_token_s(self.shared_storage, prompts, prompt_tokens)
         if not kv.do_remote_prefill:
             return None
         outcome = await pull_blocks(kv)
         metrics = self.metrics
+        metrics.external_queries.inc(prompt_tokens)
+        if outcome is PullOutcome.OK:
+            metrics.external_hits.inc(prompt_tokens)
         engine = kv.remote_engine_id if outcome is PullOutcome.OK else ""
         metrics.kv_params_received.labels(
             outcome=outcome.value, remote_engine_id=engine, **metrics.values
@@ -622,6 +653,24 @@ class _SimEngine:
             raise _KvLoadFailedError("Internal server error")
         metrics.kv_local_prefill.inc()
         log.warning("remote KV unavailable, prefilling locally", extra=where)
+        return None
+
+    async def _shared_first_token_s(
+        self, storage: SharedStorage, prompts: Sequence[str], prompt_tokens: int
+    ) -> float | None:
+        """ExampleConnector: a consumer that finds every prompt's KV in the shared folder
+        loads it (one decode step to the first token); a producer that prefills stores it."""
+        role, metrics = self.config.role, self.metrics
+        if role != "prefill":
+            metrics.external_queries.inc(prompt_tokens)
+            found = [await storage.has(p) for p in prompts]
+            if all(found):
+                metrics.external_hits.inc(prompt_tokens)
+                log.info("external cache hit", extra={"prompt_tokens": prompt_tokens})
+                return self.config.decode_step_s(self.queue.running + 1)
+        if role != "decode":
+            for prompt in prompts:
+                await storage.save(prompt)
         return None
 
     async def _failed_stream(self, chat: bool, model: str) -> AsyncIterator[bytes]:
@@ -722,7 +771,7 @@ class _SimEngine:
             )
         kv = self._kv_params(body, stream, 1)
         try:
-            first_token_s = await self._first_token_s(kv)
+            first_token_s = await self._first_token_s(kv, (prompt,), prompt_tokens)
         except _KvLoadFailedError:
             if stream:  # vLLM has answered 200 already; the error comes as an event
                 return StreamingResponse(self._failed_stream(True, model))
@@ -854,7 +903,7 @@ class _SimEngine:
         generations = tuple(generate(p, max_tokens, seed, stop) for p in prompts)
         kv = self._kv_params(body, stream, len(prompts))
         try:
-            first_token_s = await self._first_token_s(kv)
+            first_token_s = await self._first_token_s(kv, prompts, sum(counts))
         except _KvLoadFailedError:
             if stream:
                 return StreamingResponse(self._failed_stream(False, model))
@@ -1199,6 +1248,18 @@ def _parser() -> argparse.ArgumentParser:
         "recompute (prefill locally)",
     )
     parser.add_argument(
+        "--kv-connector",
+        default=defaults.kv_connector,
+        choices=["nixl", "example"],
+        help="vLLM KV connector to play in PD serving: nixl (kv_transfer_params name the "
+        "blocks) or example (ExampleConnector: KV in --kv-shared-storage-path, by prompt)",
+    )
+    parser.add_argument(
+        "--kv-shared-storage-path",
+        default="",
+        help="folder ExampleConnector engines share (its shared_storage_path)",
+    )
+    parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper
     )
     add_api_key_argument(parser)
@@ -1230,6 +1291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             kv_side_channel_host=args.kv_side_channel_host,
             kv_side_channel_port=args.kv_side_channel_port,
             kv_load_failure_policy=args.kv_load_failure_policy,
+            kv_connector=args.kv_connector,
+            kv_shared_storage_path=args.kv_shared_storage_path,
         )
     except ConfigurationError as exc:
         parser.error(exc.message)

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -34,6 +36,7 @@ __all__ = [
     "BlockStore",
     "KvTransferRequest",
     "PullOutcome",
+    "SharedStorage",
     "SideChannel",
     "parse_kv_transfer_params",
     "prefill_reply_params",
@@ -353,3 +356,29 @@ async def pull_blocks(kv: KvTransferRequest, timeout_s: float = 5.0) -> PullOutc
         return PullOutcome(doc["outcome"])
     except (OSError, TimeoutError, ValueError, TypeError, KeyError):
         return PullOutcome.UNREACHABLE
+
+
+class SharedStorage:
+    """ExampleConnector's stand-in: a producer writes each prompt's KV under one folder that
+    its consumers read too, named by a hash of the prompt, and a consumer that finds its
+    prompt there loads it instead of prefilling ("External Cache Hit"). The reply carries
+    no kv_transfer_params: the prompt is the key."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def _file(self, prompt: str) -> Path:
+        return self.path / hashlib.sha256(prompt.encode()).hexdigest()
+
+    async def save(self, prompt: str) -> None:
+        """Store `prompt`'s (simulated) KV."""
+
+        def write() -> None:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._file(prompt).write_bytes(b"kv")
+
+        await asyncio.to_thread(write)
+
+    async def has(self, prompt: str) -> bool:
+        """Whether a producer stored `prompt`'s KV."""
+        return await asyncio.to_thread(self._file(prompt).is_file)

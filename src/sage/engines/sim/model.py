@@ -134,6 +134,11 @@ class SimConfig:
     # What a decode engine does when remote KV cannot be loaded: vLLM's default "fail"
     # (the request ends with a 500), or "recompute" (prefill locally).
     kv_load_failure_policy: str = "fail"
+    # Which vLLM KV connector the engine plays: "nixl" (NixlConnector: the prefill reply's
+    # kv_transfer_params name the blocks) or "example" (ExampleConnector: KV of whole
+    # prompts in kv_shared_storage_path, found by prompt, no params in the reply).
+    kv_connector: str = "nixl"
+    kv_shared_storage_path: str = ""
     served_names: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -154,6 +159,11 @@ class SimConfig:
             (
                 self.kv_load_failure_policy in ("fail", "recompute"),
                 "kv_load_failure_policy must be fail or recompute",
+            ),
+            (self.kv_connector in ("nixl", "example"), "kv_connector must be nixl or example"),
+            (
+                self.kv_connector != "example" or bool(self.kv_shared_storage_path),
+                "kv_connector example needs kv_shared_storage_path",
             ),
         ]
         for ok, message in checks:
