@@ -23,6 +23,18 @@ def test_parse_queue_depth_sums_running_and_waiting_only() -> None:
     assert parse_queue_depth("garbage\nvllm:num_requests_running oops\n") == 0.0
 
 
+def test_parse_queue_depth_sums_vllm_engine_cores() -> None:
+    # vLLM 0.32+: every series carries `engine` (one per engine core with data parallel)
+    text = (
+        'vllm:num_requests_running{engine="0",model_name="m"} 2.0\n'
+        'vllm:num_requests_running{engine="1",model_name="m"} 1.0\n'
+        'vllm:num_requests_waiting{engine="0",model_name="m"} 4.0\n'
+        'vllm:num_requests_waiting_by_reason{engine="0",model_name="m",reason="capacity"} 3.0\n'
+        'vllm:num_requests_waiting_by_reason{engine="0",model_name="m",reason="deferred"} 1.0\n'
+    )
+    assert parse_queue_depth(text) == 7.0
+
+
 def test_track_counts_and_forgets_at_zero() -> None:
     tracker = EngineLoadTracker()
     with tracker.track("a"), tracker.track("a"):
