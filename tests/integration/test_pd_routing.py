@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sage.common.grpc import process_token
 from sage.common.security import engine_api_key
-from sage.engines.sim import chat_prompt_text, expected_text
+from sage.engines.sim import chat_prompt_text, count_tokens, expected_text
 from sage.rpc.common.v1 import common_pb2
 
 MESSAGES = [{"role": "user", "content": "explain disaggregated prefill in one line"}]
@@ -122,7 +122,10 @@ async def test_example_connector_style_decode_leg_resends_the_request(
 ) -> None:
     # ExampleConnector's style: the prefill reply has no kv_transfer_params; the KV waits
     # in a folder both engines share and the decode engine finds it by the prompt.
-    shared = ("--kv-connector", "example", "--kv-shared-storage-path", str(tmp_path / "kv"))
+    shared = (
+        *("--kv-connector", "example", "--kv-block-size", "2"),
+        *("--kv-shared-storage-path", str(tmp_path / "kv")),
+    )
     prefill = sim_engine("--role", "prefill", "--ttft-ms", "300", *shared)
     decode = sim_engine("--role", "decode", "--ttft-ms", "300", "--tpot-ms", "5", *shared)
     await control_plane.register("pf", "sim", prefill, role=common_pb2.ENGINE_ROLE_PREFILL)
@@ -142,9 +145,13 @@ async def test_example_connector_style_decode_leg_resends_the_request(
 
     decode_text = await scrape(client, decode)
     prefill_text = await scrape(client, prefill)
-    # the decode engine's external cache hits prove the KV moved (vLLM's counter, in tokens)
-    hits = metric(decode_text, "vllm:external_prefix_cache_hits_total")
-    assert hits == metric(decode_text, "vllm:external_prefix_cache_queries_total") > 0
+    # the decode engine's external cache hits prove the KV moved (vLLM's counters, in
+    # tokens: whole blocks of each prompt less its last token)
+    tokens = count_tokens(PROMPT)
+    queried = metric(decode_text, "vllm:external_prefix_cache_queries_total")
+    assert queried == 2 * tokens
+    per_request = (tokens - 2) // 2 * 2  # --kv-block-size 2
+    assert metric(decode_text, "vllm:external_prefix_cache_hits_total") == 2 * per_request > 0
     assert metric(prefill_text, "vllm:generation_tokens_total") == 2  # one token a leg
     assert metric(decode_text, "vllm:generation_tokens_total") == 9 + 5
     ttft = "vllm:time_to_first_token_seconds_sum"

@@ -22,6 +22,7 @@ from sage.engines.sim import SimConfig, chat_prompt_text, count_tokens, create_a
 from sage.engines.sim.kv import (
     BlockStore,
     PullOutcome,
+    SharedStorage,
     parse_kv_transfer_params,
     prefill_reply_params,
     pull_blocks,
@@ -473,7 +474,11 @@ async def test_side_channel_listens_where_configured(port_factory: Callable[[], 
 
 
 async def test_example_connector_finds_kv_by_prompt_without_params(tmp_path: Any) -> None:
-    shared = {"kv_connector": "example", "kv_shared_storage_path": str(tmp_path / "kv")}
+    shared = {
+        "kv_connector": "example",
+        "kv_shared_storage_path": str(tmp_path / "kv"),
+        "kv_block_size": 4,
+    }
     producer = httpx.AsyncClient(
         transport=httpx.ASGITransport(app=create_app(SimConfig(role="prefill", **shared))),
         base_url="http://prefill",
@@ -488,17 +493,34 @@ async def test_example_connector_finds_kv_by_prompt_without_params(tmp_path: Any
             "/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 4}
         )
         assert hit.json()["choices"][0]["message"]["content"] == expected_text(PROMPT, 4)
-        other = [{"role": "user", "content": "something never prefilled"}]
+        other = [{"role": "user", "content": "something never prefilled by anyone before"}]
         miss = await decode.post("/v1/chat/completions", json={"messages": other, "max_tokens": 2})
         assert miss.status_code == 200
         text = await scrape(decode)
     tokens = count_tokens(PROMPT)
     missed = count_tokens(chat_prompt_text(other))
-    # vLLM's counters, in tokens: both prompts were looked up, one was found
+    # vLLM's counters, in tokens: both prompts were looked up; the hit loads whole blocks
+    # of the prompt less its last token (ExampleConnector's align_to_block_size(n - 1))
     assert metric(text, "vllm:external_prefix_cache_queries_total") == tokens + missed
-    assert metric(text, "vllm:external_prefix_cache_hits_total") == tokens
+    assert metric(text, "vllm:external_prefix_cache_hits_total") == (tokens - 2) // 4 * 4 > 0
     # the hit skipped the 300 ms prefill; the miss paid it
     assert metric(text, "vllm:time_to_first_token_seconds_sum") < 0.3 + 0.25
+
+
+def test_example_connector_hits_whole_blocks_of_the_prefix(tmp_path: Any) -> None:
+    storage = SharedStorage(str(tmp_path), block_size=4)
+    assert storage.hit_tokens("a b c d e") == 0  # under a block once the last token is out
+    assert storage.hit_tokens("a b c d e f") == 4
+    assert storage.hit_tokens(" ".join("w" * 11)) == 8
+
+
+async def test_example_connector_prefix_match(tmp_path: Any) -> None:
+    storage = SharedStorage(str(tmp_path), block_size=4)
+    await storage.save("a b c d e f g")  # stores the first 4 tokens' KV
+    assert await storage.load("a b c d e f x") == 4  # same first block: a hit, as in vLLM
+    assert await storage.load("a b c x e f g") == 0
+    await storage.save("a b c")  # too short to store anything
+    assert await storage.load("a b c") == 0
 
 
 def test_example_connector_needs_its_folder() -> None:

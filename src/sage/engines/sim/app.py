@@ -39,6 +39,7 @@ from sage.common.exceptions import (
     InternalError,
     InvalidRequestError,
     ModelNotFoundError,
+    NotFoundError,
     SageError,
 )
 from sage.common.http.asgi import (
@@ -460,7 +461,7 @@ class _SimEngine:
         self.metrics = _Metrics(config, self.queue, self.kv_store, self.engine_id)
         self.side_channel = SideChannel(self._serve_pull)
         self.shared_storage = (
-            SharedStorage(config.kv_shared_storage_path)
+            SharedStorage(config.kv_shared_storage_path, config.kv_block_size)
             if config.kv_connector == "example"
             else None
         )
@@ -480,13 +481,15 @@ class _SimEngine:
 
     # ---- shared pieces
 
-    def _model(self, body: dict[str, Any]) -> str:
+    def _model(self, body: dict[str, Any], pooling: bool = False) -> str:
         model = body.get("model")
         if model is None:
             return self.config.model
         if not isinstance(model, str):
             raise InvalidRequestError("model must be a string", param="model")
         if model not in self.config.served_names:
+            if pooling:  # vLLM's pooling routes say less, and name no param
+                raise NotFoundError(f"The model `{model}` does not exist.")
             aliases = ", ".join(self.config.served_names)
             raise ModelNotFoundError(
                 model, message=f"The model `{model}` does not exist. Valid aliases: {aliases}."
@@ -494,17 +497,25 @@ class _SimEngine:
         return model
 
     def _max_tokens(self, requested: int | None, key: str, prompt_tokens: int, where: str) -> int:
+        """The tokens to generate; the context-length refusals in vLLM 0.32's words."""
         limit = self.config.max_model_len
         room = limit - prompt_tokens
+        if room < 1:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {limit} tokens. However, your prompt "
+                f"contains at least {prompt_tokens} input tokens, which exceeds this limit even "
+                "without any output tokens. Please reduce the length of the input prompt. "
+                f"(parameter=input_tokens, value={prompt_tokens})",
+                param="input_tokens",
+            )
         if requested is None:
-            if room < 1:
-                raise InvalidRequestError(
-                    f"This model's maximum context length is {limit} tokens. However, your "
-                    f"{where} has {prompt_tokens} tokens. Please reduce the length of the "
-                    f"{where}.",
-                    param=where,
-                )
             return min(self.config.max_tokens_default, room)
+        if requested > limit:
+            raise InvalidRequestError(
+                f"{key}={requested} cannot be greater than max_model_len={limit}. Please "
+                f"request fewer output tokens. (parameter={key}, value={requested})",
+                param=key,
+            )
         if requested > room:
             raise InvalidRequestError(
                 f"This model's maximum context length is {limit} tokens. However, you requested "
@@ -658,19 +669,18 @@ class _SimEngine:
     async def _shared_first_token_s(
         self, storage: SharedStorage, prompts: Sequence[str], prompt_tokens: int
     ) -> float | None:
-        """ExampleConnector: a consumer that finds every prompt's KV in the shared folder
-        loads it (one decode step to the first token); a producer that prefills stores it."""
-        role, metrics = self.config.role, self.metrics
-        if role != "prefill":
-            metrics.external_queries.inc(prompt_tokens)
-            found = [await storage.has(p) for p in prompts]
-            if all(found):
-                metrics.external_hits.inc(prompt_tokens)
-                log.info("external cache hit", extra={"prompt_tokens": prompt_tokens})
-                return self.config.decode_step_s(self.queue.running + 1)
-        if role != "decode":
-            for prompt in prompts:
-                await storage.save(prompt)
+        """ExampleConnector: an engine that finds every prompt's KV in the shared folder
+        loads it (one decode step to the first token); otherwise it prefills and stores it.
+        Queries and hits count tokens, as vLLM's do."""
+        metrics = self.metrics
+        metrics.external_queries.inc(prompt_tokens)
+        found = [await storage.load(p) for p in prompts]
+        if all(found):
+            metrics.external_hits.inc(sum(found))
+            log.info("external cache hit", extra={"tokens": sum(found)})
+            return self.config.decode_step_s(self.queue.running + 1)
+        for prompt in prompts:
+            await storage.save(prompt)
         return None
 
     async def _failed_stream(self, chat: bool, model: str) -> AsyncIterator[bytes]:
@@ -999,7 +1009,7 @@ class _SimEngine:
     async def embeddings(self, request: Request) -> Response:
         """POST /v1/embeddings: hash-based unit vectors, after admission and ttft_ms."""
         body = await _json_object(request)
-        model = self._model(body)
+        model = self._model(body, pooling=True)
         texts = _embedding_inputs(body.get("input"))
         encoding = body.get("encoding_format")
         if encoding not in (None, "float", "base64"):

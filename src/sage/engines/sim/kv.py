@@ -359,26 +359,42 @@ async def pull_blocks(kv: KvTransferRequest, timeout_s: float = 5.0) -> PullOutc
 
 
 class SharedStorage:
-    """ExampleConnector's stand-in: a producer writes each prompt's KV under one folder that
-    its consumers read too, named by a hash of the prompt, and a consumer that finds its
-    prompt there loads it instead of prefilling ("External Cache Hit"). The reply carries
-    no kv_transfer_params: the prompt is the key."""
+    """ExampleConnector's stand-in: KV of prompt prefixes as files under one folder that
+    several engines share, named by a hash of the prefix. As in vLLM's ExampleConnector,
+    the prefix is the prompt's first `hit_tokens` tokens (whole blocks, the last token
+    excluded), every engine stores prompts it prefilled and loads any it finds, whatever its
+    kv_role ("External Cache Hit"), and the reply carries no kv_transfer_params."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, block_size: int) -> None:
         self.path = Path(path)
+        self.block_size = block_size
 
-    def _file(self, prompt: str) -> Path:
-        return self.path / hashlib.sha256(prompt.encode()).hexdigest()
+    def hit_tokens(self, prompt: str) -> int:
+        """Tokens a hit loads: vLLM's align_to_block_size(len(prompt) - 1)."""
+        return max(0, (len(prompt.split()) - 2) // self.block_size * self.block_size)
+
+    def _file(self, prompt: str) -> Path | None:
+        tokens = self.hit_tokens(prompt)
+        if tokens == 0:
+            return None
+        prefix = " ".join(prompt.split()[:tokens])
+        return self.path / hashlib.sha256(prefix.encode()).hexdigest()
 
     async def save(self, prompt: str) -> None:
-        """Store `prompt`'s (simulated) KV."""
+        """Store `prompt`'s (simulated) KV; a prompt shorter than a block has none."""
+        target = self._file(prompt)
+        if target is None:
+            return
 
         def write() -> None:
             self.path.mkdir(parents=True, exist_ok=True)
-            self._file(prompt).write_bytes(b"kv")
+            target.write_bytes(b"kv")
 
         await asyncio.to_thread(write)
 
-    async def has(self, prompt: str) -> bool:
-        """Whether a producer stored `prompt`'s KV."""
-        return await asyncio.to_thread(self._file(prompt).is_file)
+    async def load(self, prompt: str) -> int:
+        """Tokens of `prompt` found in the folder (0: none)."""
+        target = self._file(prompt)
+        if target is None or not await asyncio.to_thread(target.is_file):
+            return 0
+        return self.hit_tokens(prompt)

@@ -135,8 +135,9 @@ class SimConfig:
     # (the request ends with a 500), or "recompute" (prefill locally).
     kv_load_failure_policy: str = "fail"
     # Which vLLM KV connector the engine plays: "nixl" (NixlConnector: the prefill reply's
-    # kv_transfer_params name the blocks) or "example" (ExampleConnector: KV of whole
-    # prompts in kv_shared_storage_path, found by prompt, no params in the reply).
+    # kv_transfer_params name the blocks) or "example" (ExampleConnector: KV of prompt
+    # prefixes, whole kv_block_size blocks, in kv_shared_storage_path, found by prompt, no
+    # params in the reply).
     kv_connector: str = "nixl"
     kv_shared_storage_path: str = ""
     served_names: tuple[str, ...] = field(init=False)
