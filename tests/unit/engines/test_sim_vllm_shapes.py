@@ -404,3 +404,27 @@ async def test_sim_replies_have_vllms_schema() -> None:
     assert set(replies) == set(RECORDED) - {"_source"}
     for name, reply in replies.items():
         assert schema(reply) == schema(RECORDED[name]), name
+
+
+async def test_refusals_use_vllms_words_and_params() -> None:
+    async with make_client(SimConfig(max_model_len=8, embedding_dim=4)) as sim:
+        long = await sim.post("/v1/completions", json={"prompt": "w " * 9, "max_tokens": 1})
+        over = await sim.post("/v1/completions", json={"prompt": "hi", "max_tokens": 50})
+        pooled = await sim.post("/v1/embeddings", json={"input": "x", "model": "nope"})
+    assert long.json()["error"]["param"] == "input_tokens"
+    assert long.json()["error"]["message"].startswith(
+        "This model's maximum context length is 8 tokens. However, your prompt contains at "
+        "least 9 input tokens"
+    )
+    assert over.json()["error"]["param"] == "max_tokens"
+    assert over.json()["error"]["message"].startswith(
+        "max_tokens=50 cannot be greater than max_model_len=8."
+    )
+    # vLLM's pooling routes name no aliases and no param
+    assert pooled.status_code == 404
+    assert pooled.json()["error"] == {
+        "message": "The model `nope` does not exist.",
+        "type": "NotFoundError",
+        "param": None,
+        "code": 404,
+    }
