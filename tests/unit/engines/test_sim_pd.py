@@ -474,7 +474,7 @@ async def test_side_channel_listens_where_configured(port_factory: Callable[[], 
 
 
 async def test_example_connector_finds_kv_by_prompt_without_params(tmp_path: Any) -> None:
-    shared = {
+    shared: dict[str, Any] = {
         "kv_connector": "example",
         "kv_shared_storage_path": str(tmp_path / "kv"),
         "kv_block_size": 4,
