@@ -96,7 +96,7 @@ _ERROR_TYPES = {
     503: "ServiceUnavailableError",
 }
 _METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH")
-# vLLM's says "vllm-<version>-<hash>"; the sim's says what it is.
+# vLLM sends "vllm-<version>-<hash>"; the sim names itself.
 _FINGERPRINT = f"{OWNED_BY}-fingerprint"
 
 
