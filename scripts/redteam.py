@@ -616,7 +616,8 @@ def shedding_attack(run: Run, t: Target, burst: int = 450) -> None:
     """A burst past every engine slot (the sim's 256) and the queue (64) is shed with 429 +
     Retry-After by default, and every admitted request completes."""
     finding = "no load shedding by default"
-    body = {"model": "sim", "max_tokens": 256, "messages": [{"role": "user", "content": "x"}]}
+    # Long replies keep the first 320 in flight while the rest arrive, even on a busy machine.
+    body = {"model": "sim", "max_tokens": 1024, "messages": [{"role": "user", "content": "x"}]}
     headers = {"Authorization": f"Bearer {TENANT_A}"}
 
     async def flood() -> list[tuple[int, float, bool]]:
