@@ -143,7 +143,7 @@ def test_embedding_service_starts_without_numpy(
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_every_install_path() -> None:
-    """Base alone, engines, bench and test extras alone (about 3 minutes on 2 cores with a
+    """Base alone, engines, bench and test extras alone (about 4 minutes on 2 cores with a
     warm pip cache; SAGE_INSTALL_PATHS="base" narrows it for a quick local run)."""
     paths = os.environ.get("SAGE_INSTALL_PATHS", "").split()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
