@@ -13,6 +13,7 @@ no vLLM) every test here skips, saying why.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -35,7 +36,18 @@ BUILD_SCRIPT = REPO / "scripts" / "build_tiny_llama.py"
 MAX_MODEL_LEN = 1024
 # Cold start on a fresh CI machine (torch.compile cache empty) measured 72-82 s on 2 cores.
 START_TIMEOUT_S = 300.0
+MESSAGES: list[Any] = [{"role": "user", "content": "say something about batching"}]
 SERVICE_LOGS = frozenset({"edge", "embedding", "gpu_manager", "lifecycle", "scheduler", "serve"})
+
+
+def sse(body: str) -> list[Any]:
+    """The `data:` payloads of an SSE body: parsed JSON, or the literal [DONE]."""
+    events: list[Any] = []
+    for line in body.splitlines():
+        if line.startswith("data: "):
+            data = line[len("data: ") :]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
 
 
 def vllm_python() -> str:

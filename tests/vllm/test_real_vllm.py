@@ -8,8 +8,8 @@ the engine itself: its /metrics gauges (the scheduler's load view) and its per-e
 from __future__ import annotations
 
 import asyncio
-import json
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -19,25 +19,13 @@ import pytest
 from sage.engines.vllm_metrics import read_load
 from sage.services.scheduler.load import EngineLoadTracker
 from sage.services.scheduler.registry import EngineKind, EngineRecord
-from tests.vllm.conftest import MAX_MODEL_LEN, VllmStack
+from tests.vllm.conftest import MAX_MODEL_LEN, MESSAGES, VllmStack, sse
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(420)]
 
-MESSAGES: list[Any] = [{"role": "user", "content": "say something about batching"}]
-
-
-def sse(body: str) -> list[Any]:
-    """The `data:` payloads of an SSE body: parsed JSON, or the literal [DONE]."""
-    events: list[Any] = []
-    for line in body.splitlines():
-        if line.startswith("data: "):
-            data = line[len("data: ") :]
-            events.append(data if data == "[DONE]" else json.loads(data))
-    return events
-
 
 @pytest.fixture
-def client(vllm_stack: VllmStack) -> Any:
+def client(vllm_stack: VllmStack) -> Iterator[httpx.Client]:
     """An httpx client on the gateway (OpenAI routes under /v1)."""
     with httpx.Client(base_url=vllm_stack.gateway + "/v1", timeout=60) as http:
         yield http
