@@ -157,6 +157,27 @@ def _transfer_fields(kv_params: dict[str, Any] | None) -> dict[str, Any]:
     }
 
 
+def _role_chunk(head: dict[str, Any]) -> bytes:
+    """vLLM's first chat stream event: the assistant role with empty content."""
+    return sse_event(
+        orjson.dumps(
+            {
+                **head,
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                ],
+                "prompt_token_ids": None,
+                "prompt_text": None,
+            }
+        )
+    )
+
+
 class _KvLoadFailedError(InternalError):
     """Remote KV could not be loaded and the policy is vLLM's default, fail."""
 
@@ -687,25 +708,13 @@ class _SimEngine:
         """What vLLM streams when a request ends with finish_reason error (a failed KV
         load): chat's role chunk first, the error as an event, then [DONE]."""
         if chat:
-            yield sse_event(
-                orjson.dumps(
-                    {
-                        "id": self._id("chatcmpl"),
-                        "object": "chat.completion.chunk",
-                        "created": int(time.time()),
-                        "model": model,
-                        "choices": [
-                            {
-                                "index": 0,
-                                "delta": {"role": "assistant", "content": ""},
-                                "logprobs": None,
-                                "finish_reason": None,
-                            }
-                        ],
-                        "prompt_token_ids": None,
-                        "prompt_text": None,
-                    }
-                )
+            yield _role_chunk(
+                {
+                    "id": self._id("chatcmpl"),
+                    "object": "chat.completion.chunk",
+                    "created": int(time.time()),
+                    "model": model,
+                }
             )
         yield sse_event(orjson.dumps(vllm_error_body("Internal server error", 500)))
         yield _DONE
@@ -846,23 +855,7 @@ class _SimEngine:
             async with contextlib.aclosing(self._steps(job, watch)) as steps:
                 async for step in steps:
                     if step == 0:
-                        yield sse_event(
-                            orjson.dumps(
-                                {
-                                    **head,
-                                    "choices": [
-                                        {
-                                            "index": 0,
-                                            "delta": {"role": "assistant", "content": ""},
-                                            "logprobs": None,
-                                            "finish_reason": None,
-                                        }
-                                    ],
-                                    "prompt_token_ids": None,
-                                    "prompt_text": None,
-                                }
-                            )
-                        )
+                        yield _role_chunk(head)
                     choice: dict[str, Any] = {
                         "index": 0,
                         "delta": {"content": generation.pieces[step]},
