@@ -138,14 +138,6 @@ def test_replies_and_streams(pair: Pair, path: str, body: dict[str, Any]) -> Non
         )
 
 
-# Drifts found by this suite and not fixed yet: strict xfails, so a fix turns them red
-# until the marker goes.
-SIM_DRIFT_VALIDATION = pytest.mark.xfail(
-    strict=True,
-    reason="sim drift: vLLM answers a request-validation error (pydantic, e.g. a missing "
-    "field) with type 'Bad Request' and param 'body.messages'; the sim says BadRequestError "
-    "and 'messages'",
-)
 ERROR_CASES = [
     pytest.param(
         "/v1/chat/completions",
@@ -163,7 +155,16 @@ ERROR_CASES = [
         id="unknown model (chat)",
     ),
     pytest.param("/v1/completions", {"prompt": "x", "model": "nope"}, id="unknown model"),
-    pytest.param("/v1/chat/completions", {}, id="missing messages", marks=SIM_DRIFT_VALIDATION),
+    pytest.param("/v1/chat/completions", {}, id="missing messages"),
+    pytest.param("/v1/chat/completions", {"messages": "hi"}, id="messages not a list"),
+    pytest.param(
+        "/v1/chat/completions", {"messages": MESSAGES, "stream": "yes"}, id="stream 'yes'"
+    ),
+    pytest.param(
+        "/v1/chat/completions", {"messages": MESSAGES, "temperature": "hot"}, id="temperature 'hot'"
+    ),
+    pytest.param("/v1/completions", {"prompt": "x", "max_tokens": 2.5}, id="max_tokens 2.5"),
+    pytest.param("/v1/completions", {"prompt": "x", "seed": "x"}, id="seed 'x'"),
 ]
 
 
@@ -178,11 +179,6 @@ def test_error_bodies(pair: Pair, path: str, body: dict[str, Any]) -> None:
         assert sim_error[field] == real_error[field], (field, sim_error, real_error)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sim drift: vLLM's API-key middleware answers 401 with {'error': 'Unauthorized'}; "
-    "the sim with --api-key sends an OpenAI-shaped error object",
-)
 def test_unauthorized_body(pair: Pair) -> None:
     sim = pair.sim.get("/v1/models", headers={"Authorization": "Bearer wrong"})
     real = pair.real.get("/v1/models", headers={"Authorization": "Bearer wrong"})

@@ -48,12 +48,27 @@ class ApiKeyGate:
     """ASGI middleware: refuses requests without the engine's bearer key (401, OpenAI JSON)
     before the app sees them; lifespan and the open paths pass straight through."""
 
-    def __init__(self, app: AsgiApp, api_key: str, open_paths: Iterable[str] = OPEN_PATHS) -> None:
+    def __init__(
+        self,
+        app: AsgiApp,
+        api_key: str,
+        open_paths: Iterable[str] = OPEN_PATHS,
+        refusal: Mapping[str, object] | None = None,
+    ) -> None:
         if not api_key:
             raise ValueError("api_key must not be empty")
         self.app = app
         self._expected = api_key.encode()
         self._open = frozenset(open_paths)
+        self._body = orjson.dumps(
+            refusal
+            if refusal is not None
+            else openai_error_body(
+                "this engine requires its API key (Authorization: Bearer <key>)",
+                "authentication_error",
+                code="invalid_api_key",
+            )
+        )
 
     def allows(self, headers: Iterable[tuple[bytes, bytes]]) -> bool:
         """True when the Authorization header carries the key (scheme case-insensitive)."""
@@ -73,13 +88,7 @@ class ApiKeyGate:
         ):
             await self.app(scope, receive, send)
             return
-        body = orjson.dumps(
-            openai_error_body(
-                "this engine requires its API key (Authorization: Bearer <key>)",
-                "authentication_error",
-                code="invalid_api_key",
-            )
-        )
+        body = self._body
         await send(
             {
                 "type": "http.response.start",
@@ -94,6 +103,12 @@ class ApiKeyGate:
         await send({"type": "http.response.body", "body": body})
 
 
-def protect(app: AsgiApp, api_key: str | None, open_paths: Iterable[str] = OPEN_PATHS) -> AsgiApp:
-    """`app` behind an ApiKeyGate when `api_key` is set, else `app` unchanged."""
-    return ApiKeyGate(app, api_key, open_paths) if api_key else app
+def protect(
+    app: AsgiApp,
+    api_key: str | None,
+    open_paths: Iterable[str] = OPEN_PATHS,
+    refusal: Mapping[str, object] | None = None,
+) -> AsgiApp:
+    """`app` behind an ApiKeyGate when `api_key` is set, else `app` unchanged; `refusal` is
+    the 401 body (default: an OpenAI error object)."""
+    return ApiKeyGate(app, api_key, open_paths, refusal) if api_key else app

@@ -136,7 +136,8 @@ async def test_every_sim_error_body_is_vllms_error_response() -> None:
         assert isinstance(error["message"], str) and error["message"], case
         assert error["param"] is None or isinstance(error["param"], str), case
     kinds = {case: body["error"]["type"] for case, _, body in cases}
-    assert kinds["missing messages"] == "BadRequestError"
+    assert kinds["missing messages"] == "Bad Request"  # pydantic's, as vLLM's handler names it
+    assert kinds["bad temperature"] == "BadRequestError"
     assert kinds["unknown model (chat)"] == "NotFoundError"
     assert kinds["KV load failed"] == "InternalServerError"
 

@@ -74,7 +74,8 @@ from sage.engines.sim.model import (
     chat_prompt_text,
     count_tokens,
     embedding_vector,
-    generate,
+    generate_ids,
+    tokenize,
 )
 from sage.engines.vllm_metrics import VllmRequestMetrics
 
@@ -96,15 +97,36 @@ _ERROR_TYPES = {
     503: "ServiceUnavailableError",
 }
 _METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH")
+_VOCAB_SIZE = 2**31  # token ids the sim's tokenizer can give (model.tokenize)
 # vLLM sends "vllm-<version>-<hash>"; the sim names itself.
 _FINGERPRINT = f"{OWNED_BY}-fingerprint"
 
 
-def vllm_error_body(message: str, status: int, param: str | None = None) -> dict[str, Any]:
+# vLLM's AuthenticationMiddleware answers a missing or wrong key with this, not an
+# ErrorResponse (vllm/entrypoints/serve/middleware/authenticate.py).
+VLLM_UNAUTHORIZED: dict[str, object] = {"error": "Unauthorized"}
+
+
+class RequestSchemaError(InvalidRequestError):
+    """A body that fails vLLM's pydantic request model (a missing or mistyped field), which
+    vLLM's validation handler answers with type "Bad Request" and param "body.<field>",
+    unlike the checks its serving code makes (type "BadRequestError", bare param)."""
+
+    def __init__(self, field: str, kind: str, msg: str) -> None:
+        loc = f"body.{field}"
+        super().__init__(
+            f"1 validation error:\n  {{'type': '{kind}', 'loc': '{loc}', 'msg': '{msg}'}}",
+            param=loc,
+        )
+
+
+def vllm_error_body(
+    message: str, status: int, param: str | None = None, kind: str | None = None
+) -> dict[str, Any]:
     """vLLM's `ErrorResponse` (vllm/entrypoints/serve/engine/protocol.py): `code` is the
     HTTP status as an int and `type` names the error class (`BadRequestError`, ...), where
     OpenAI's API says `invalid_request_error` and a string code."""
-    kind = _ERROR_TYPES.get(status) or HTTPStatus(status).phrase
+    kind = kind or _ERROR_TYPES.get(status) or HTTPStatus(status).phrase
     return {"error": {"message": message, "type": kind, "param": param, "code": status}}
 
 
@@ -112,7 +134,9 @@ def _error_response(exc: SageError) -> Response:
     headers = []
     if exc.retry_after is not None:
         headers.append((b"retry-after", str(max(1, round(exc.retry_after))).encode()))
-    body = vllm_error_body(exc.message, exc.http_status, exc.param)
+    # pydantic's errors get the status phrase as type (vLLM's validation_exception_handler)
+    kind = HTTPStatus(exc.http_status).phrase if isinstance(exc, RequestSchemaError) else None
+    body = vllm_error_body(exc.message, exc.http_status, exc.param, kind)
     return JSONResponse(body, exc.http_status, headers)
 
 
@@ -157,8 +181,9 @@ def _transfer_fields(kv_params: dict[str, Any] | None) -> dict[str, Any]:
     }
 
 
-def _role_chunk(head: dict[str, Any]) -> bytes:
-    """vLLM's first chat stream event: the assistant role with empty content."""
+def _role_chunk(head: dict[str, Any], prompt_ids: list[int] | None = None) -> bytes:
+    """vLLM's first chat stream event: the assistant role with empty content (and the
+    prompt's token ids, when asked for with return_token_ids)."""
     return sse_event(
         orjson.dumps(
             {
@@ -171,7 +196,7 @@ def _role_chunk(head: dict[str, Any]) -> bytes:
                         "finish_reason": None,
                     }
                 ],
-                "prompt_token_ids": None,
+                "prompt_token_ids": prompt_ids,
                 "prompt_text": None,
             }
         )
@@ -310,6 +335,20 @@ class _Job:
     # Seconds from admission to the first token; None = a local prefill (ttft_ms). A decode
     # whose KV came from a prefill engine pays only one decode step.
     first_token_s: float | None = None
+    # Each prompt's token ids, when the request asked for them (vLLM's return_token_ids).
+    prompt_ids: tuple[tuple[int, ...], ...] | None = None
+
+    def prompt_token_ids(self, index: int) -> list[int] | None:
+        """Prompt `index`'s token ids as vLLM returns them, or None when not asked for."""
+        return None if self.prompt_ids is None else list(self.prompt_ids[index])
+
+    def token_ids(self, generation: Generation, step: int | None = None) -> list[int] | None:
+        """A generation's token ids (or only those of `step`), or None when not asked for."""
+        if self.prompt_ids is None:
+            return None
+        if step is None:
+            return list(generation.token_ids)
+        return [generation.token_ids[step]]
 
     @property
     def steps(self) -> int:
@@ -338,6 +377,15 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _numeric(text: str) -> bool:
+    """Whether pydantic's lax mode would read `text` as a number (vLLM then accepts it)."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 async def _json_object(request: Request) -> dict[str, Any]:
     body = await request.json()
     if not isinstance(body, dict):
@@ -349,6 +397,18 @@ def _positive_int(body: dict[str, Any], key: str) -> int | None:
     value = body.get(key)
     if value is None:
         return None
+    if isinstance(value, float) and not value.is_integer():
+        raise RequestSchemaError(
+            key,
+            "int_from_float",
+            "Input should be a valid integer, got a number with a fractional part",
+        )
+    if isinstance(value, str) and not value.strip().lstrip("-").isdigit():
+        raise RequestSchemaError(
+            key,
+            "int_parsing",
+            "Input should be a valid integer, unable to parse string as an integer",
+        )
     if not _is_int(value) or value < 1:
         raise InvalidRequestError(f"{key} must be a positive integer, got {value!r}", param=key)
     result: int = value
@@ -358,6 +418,12 @@ def _positive_int(body: dict[str, Any], key: str) -> int | None:
 def _check_sampling(body: dict[str, Any]) -> None:
     """Sampling knobs do not change the simulated text, but bad values are still errors."""
     temperature = body.get("temperature")
+    if isinstance(temperature, str) and not _numeric(temperature):
+        raise RequestSchemaError(
+            "temperature",
+            "float_parsing",
+            "Input should be a valid number, unable to parse string as a number",
+        )
     if temperature is not None and (not _is_number(temperature) or temperature < 0):
         raise InvalidRequestError(
             f"temperature must be a non-negative number, got {temperature!r}", param="temperature"
@@ -374,6 +440,10 @@ def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
     stream = body.get("stream")
     if stream is None:
         stream = False
+    elif isinstance(stream, str):
+        raise RequestSchemaError(
+            "stream", "bool_parsing", "Input should be a valid boolean, unable to interpret input"
+        )
     elif not isinstance(stream, bool):
         raise InvalidRequestError(f"stream must be a boolean, got {stream!r}", param="stream")
     options = body.get("stream_options")
@@ -406,6 +476,12 @@ def _seed(body: dict[str, Any], default: int) -> int:
     seed = body.get("seed")
     if seed is None:
         return default
+    if isinstance(seed, str):
+        raise RequestSchemaError(
+            "seed",
+            "int_parsing",
+            "Input should be a valid integer, unable to parse string as an integer",
+        )
     if not _is_int(seed):
         raise InvalidRequestError(f"seed must be an integer, got {seed!r}", param="seed")
     result: int = seed
@@ -414,9 +490,9 @@ def _seed(body: dict[str, Any], default: int) -> int:
 
 def _check_messages(messages: Any) -> list[dict[str, Any]]:
     if messages is None:
-        raise InvalidRequestError("messages is required", param="messages")
+        raise RequestSchemaError("messages", "missing", "Field required")
     if not isinstance(messages, list):
-        raise InvalidRequestError("messages must be a list of message objects", param="messages")
+        raise RequestSchemaError("messages", "list_type", "Input should be a valid list")
     if not messages:
         raise InvalidRequestError("messages must not be empty", param="messages")
     for i, message in enumerate(messages):
@@ -450,22 +526,45 @@ def _check_messages(messages: Any) -> list[dict[str, Any]]:
     return messages
 
 
-def _completion_prompts(prompt: Any) -> list[str]:
-    """Prompt texts of a completions request; token-id prompts count one token per id."""
+def _token_ids(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(_is_int(t) and 0 <= t < _VOCAB_SIZE for t in value)
+    )
+
+
+def _completion_prompts(prompt: Any) -> list[tuple[int, ...]]:
+    """The token ids of each prompt of a completions request: texts are tokenized, token-id
+    prompts (a list of ids, or a list of such lists) are taken as they are, as vLLM does."""
     if prompt is None:
         raise InvalidRequestError("prompt is required", param="prompt")
     if isinstance(prompt, str):
-        return [prompt]
+        return [tuple(tokenize(prompt))]
     if isinstance(prompt, list) and prompt:
         if all(isinstance(p, str) for p in prompt):
-            return list(prompt)
-        if all(_is_int(t) for t in prompt):
-            return [" ".join(map(str, prompt))]
-        if all(isinstance(p, list) and p and all(_is_int(t) for t in p) for p in prompt):
-            return [" ".join(map(str, p)) for p in prompt]
+            return [tuple(tokenize(p)) for p in prompt]
+        if _token_ids(prompt):
+            return [tuple(prompt)]
+        if all(_token_ids(p) for p in prompt):
+            return [tuple(p) for p in prompt]
     raise InvalidRequestError(
         "prompt must be a string, a list of strings, or token ids", param="prompt"
     )
+
+
+def _prompt_key(token_ids: Sequence[int]) -> str:
+    """A prompt's text as ExampleConnector storage keys it (one word per token)."""
+    return " ".join(map(str, token_ids))
+
+
+def _return_token_ids(body: dict[str, Any]) -> bool:
+    flag = body.get("return_token_ids")
+    if flag is not None and not isinstance(flag, bool):
+        raise InvalidRequestError(
+            f"return_token_ids must be a boolean, got {flag!r}", param="return_token_ids"
+        )
+    return bool(flag)
 
 
 # -- the engine ----------------------------------------------------------------------------
@@ -770,24 +869,16 @@ class _SimEngine:
         )
         requested = _positive_int(body, "max_tokens")
         requested = _positive_int(body, "max_completion_tokens") or requested
+        # The sim's chat template adds nothing: with continue_final_message a final
+        # assistant message is simply continued, as a prompt that ends with it would be.
         prompt = chat_prompt_text(messages)
-        prompt_tokens = count_tokens(prompt)
+        prompt_ids = tokenize(prompt)
+        prompt_tokens = len(prompt_ids)
         max_tokens = self._max_tokens(requested, key, prompt_tokens, "messages")
-        resumed = 0  # tokens of a final assistant message to continue (vLLM's flag)
-        if body.get("continue_final_message") is True and messages[-1].get("role") == "assistant":
-            # Answer the rest of what the earlier messages alone would have got, so a reply
-            # resumed on another engine reads exactly like one uninterrupted reply.
-            resumed = count_tokens(chat_prompt_text(messages[-1:]))
-            prompt = chat_prompt_text(messages[:-1])
-        generation = generate(
-            prompt, max_tokens + resumed, _seed(body, self.config.seed), _stop_strings(body)
+        generation = generate_ids(
+            prompt_ids, max_tokens, _seed(body, self.config.seed), _stop_strings(body)
         )
-        if resumed:
-            generation = Generation(
-                generation.pieces[resumed:] or ("",),
-                generation.finish_reason,
-                generation.stop_reason,
-            )
+        with_ids = (tuple(prompt_ids),) if _return_token_ids(body) else None
         kv = self._kv_params(body, stream, 1)
         try:
             first_token_s = await self._first_token_s(kv, (prompt,), prompt_tokens)
@@ -795,7 +886,16 @@ class _SimEngine:
             if stream:  # vLLM has answered 200 already; the error comes as an event
                 return StreamingResponse(self._failed_stream(True, model))
             raise
-        job = _Job(model, prompt_tokens, (generation,), stream, include_usage, False, first_token_s)
+        job = _Job(
+            model,
+            prompt_tokens,
+            (generation,),
+            stream,
+            include_usage,
+            False,
+            first_token_s,
+            with_ids,
+        )
         if stream:
             return StreamingResponse(self._chat_chunks(job, request))
         if not await self._run_to_end(job, request):
@@ -824,7 +924,7 @@ class _SimEngine:
                         "logprobs": None,
                         "finish_reason": generation.finish_reason,
                         "stop_reason": generation.stop_reason,
-                        "token_ids": None,
+                        "token_ids": job.token_ids(generation),
                         "routed_experts": None,
                     }
                 ],
@@ -832,7 +932,7 @@ class _SimEngine:
                 "system_fingerprint": _FINGERPRINT,
                 "usage": _usage_details(job),
                 "prompt_logprobs": None,
-                "prompt_token_ids": None,
+                "prompt_token_ids": job.prompt_token_ids(0),
                 "prompt_text": None,
                 **_transfer_fields(kv_params),
             }
@@ -855,13 +955,13 @@ class _SimEngine:
             async with contextlib.aclosing(self._steps(job, watch)) as steps:
                 async for step in steps:
                     if step == 0:
-                        yield _role_chunk(head)
+                        yield _role_chunk(head, job.prompt_token_ids(0))
                     choice: dict[str, Any] = {
                         "index": 0,
                         "delta": {"content": generation.pieces[step]},
                         "logprobs": None,
                         "finish_reason": None,
-                        "token_ids": None,
+                        "token_ids": job.token_ids(generation, step),
                     }
                     chunk: dict[str, Any] = {**head, "choices": [choice]}
                     if step == last:
@@ -895,15 +995,17 @@ class _SimEngine:
         """POST /v1/completions (a list of prompts gives one choice per prompt)."""
         body = await _json_object(request)
         model = self._model(body)
-        prompts = _completion_prompts(body.get("prompt"))
+        prompt_ids = _completion_prompts(body.get("prompt"))
         _check_sampling(body)
         stream, include_usage = _stream_flags(body)
         requested = _positive_int(body, "max_tokens")
         seed = _seed(body, self.config.seed)
         stop = _stop_strings(body)
-        counts = [count_tokens(p) for p in prompts]
+        counts = [len(p) for p in prompt_ids]
         max_tokens = self._max_tokens(requested, "max_tokens", max(counts), "prompt")
-        generations = tuple(generate(p, max_tokens, seed, stop) for p in prompts)
+        generations = tuple(generate_ids(p, max_tokens, seed, stop) for p in prompt_ids)
+        with_ids = tuple(prompt_ids) if _return_token_ids(body) else None
+        prompts = [_prompt_key(p) for p in prompt_ids]
         kv = self._kv_params(body, stream, len(prompts))
         try:
             first_token_s = await self._first_token_s(kv, prompts, sum(counts))
@@ -911,7 +1013,9 @@ class _SimEngine:
             if stream:
                 return StreamingResponse(self._failed_stream(False, model))
             raise
-        job = _Job(model, sum(counts), generations, stream, include_usage, False, first_token_s)
+        job = _Job(
+            model, sum(counts), generations, stream, include_usage, False, first_token_s, with_ids
+        )
         if stream:
             return StreamingResponse(self._completion_chunks(job, request))
         if not await self._run_to_end(job, request):
@@ -931,9 +1035,9 @@ class _SimEngine:
                         "logprobs": None,
                         "finish_reason": g.finish_reason,
                         "stop_reason": g.stop_reason,
-                        "token_ids": None,
+                        "token_ids": job.token_ids(g),
                         "prompt_logprobs": None,
-                        "prompt_token_ids": None,
+                        "prompt_token_ids": job.prompt_token_ids(i),
                         "routed_experts": None,
                     }
                     for i, g in enumerate(generations)
@@ -971,8 +1075,11 @@ class _SimEngine:
                                     "logprobs": None,
                                     "finish_reason": generation.finish_reason if final else None,
                                     "stop_reason": generation.stop_reason if final else None,
-                                    "prompt_token_ids": None,
-                                    "token_ids": None,
+                                    # vLLM sends a prompt's ids with its first chunk only
+                                    "prompt_token_ids": job.prompt_token_ids(index)
+                                    if step == 0
+                                    else None,
+                                    "token_ids": job.token_ids(generation, step),
                                 }
                             ],
                         }
@@ -1301,7 +1408,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(exc.message)
     configure_logging("sim-engine", args.log_level)
     # Decoders pull KV over the side channel (its own port), so only /health is open here.
-    app = protect(create_app(sim), resolve_api_key(args.api_key), {"/health"})
+    # vLLM's AuthenticationMiddleware refuses with exactly this body
+    app = protect(create_app(sim), resolve_api_key(args.api_key), {"/health"}, VLLM_UNAUTHORIZED)
     server = _Server(
         uvicorn.Config(
             app,
