@@ -40,7 +40,7 @@ from sage.common.grpc.tls import process_tls
 from sage.engines.vllm_metrics import read_load
 
 from .backends import BACKENDS, get_backend, list_backends, resolve_backend
-from .backends._common import cpu_only, launch_env, side_port_count
+from .backends._common import cpu_only, estimated_gpu_bytes, launch_env, side_port_count
 from .backends.base import Backend
 from .backends.vllm import DEFAULT_GPU_MEMORY_UTILIZATION
 from .external_engines import ExternalEnginePolicy, parse_base_url, probe_models
@@ -437,7 +437,10 @@ class EngineLifecycleManager:
             # vLLM takes this fraction of each GPU whatever else is asked: reserve it.
             per_gpu, fraction = 0, spec.gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION
         elif not per_gpu:
-            per_gpu = int(DEFAULT_SMALL_ENGINE_GB * 2**30)
+            # What the engine will hold (the transformers engine: weights + KV + runtime, read
+            # from the model folder), else a flat default that under-reserves any 1B+ model.
+            estimate = await asyncio.to_thread(estimated_gpu_bytes, backend, spec)
+            per_gpu = estimate or int(DEFAULT_SMALL_ENGINE_GB * 2**30)
         return await self.gpus.reserve(engine_id, spec.gpus_needed, per_gpu, fraction)
 
     def _spawn(self, record: EngineRecord, backend: Backend) -> EngineRecord:

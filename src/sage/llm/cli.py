@@ -41,7 +41,7 @@ __all__ = ["ServeOptions", "app", "default_embedding_model", "llm_app", "main"]
 
 # Kept in sync with sage.engines.embedding.BUNDLED_MODEL_NAME (not imported: it pulls numpy).
 BUNDLED_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
-SERVE_BACKENDS = ("", "auto", "sim", "vllm")
+SERVE_BACKENDS = ("", "auto", "sim", "vllm", "transformers")
 
 app = typer.Typer(
     name="sage",
@@ -370,7 +370,8 @@ def cmd_serve(
         str,
         typer.Option(
             "--backend",
-            help="LLM engine backend: auto, sim or vllm (default: sim for --model sim, else vllm).",
+            help="LLM engine backend: auto, sim, vllm or transformers (default: sim for --model "
+            "sim, else vllm where it can run, else transformers).",
             show_default=False,
         ),
     ] = "",
@@ -423,7 +424,7 @@ def cmd_serve(
     """
     if backend not in SERVE_BACKENDS:
         raise typer.BadParameter(
-            f"{backend!r} is not one of auto, sim, vllm", param_hint="--backend"
+            f"{backend!r} is not one of auto, sim, vllm, transformers", param_hint="--backend"
         )
     options = ServeOptions(
         model=model,
