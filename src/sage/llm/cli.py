@@ -113,6 +113,7 @@ class ServeOptions:
     routing: str | None = None
     config: str | None = None
     insecure: bool = False
+    extra_args: tuple[str, ...] = ()  # passed to each LLM engine as is (launch policy applies)
 
     def argv(self) -> list[str]:
         """The serve flags that reproduce these options (for background children, restart)."""
@@ -153,6 +154,7 @@ class ServeOptions:
             argv += ["--routing", self.routing]
         if self.insecure:
             argv.append("--insecure")
+        argv += [f"--extra-arg={arg}" for arg in self.extra_args]
         return argv
 
     def child_env(self) -> dict[str, str]:
@@ -197,6 +199,7 @@ def _serve_plan(options: ServeOptions, settings: SageSettings) -> supervisor.Ser
             options.tensor_parallel,
             options.gpu_memory,
             options.max_model_len,
+            options.extra_args,
         ),
         startup_timeout_s=options.startup_timeout,
         engine_timeout_s=options.engine_timeout,
@@ -415,6 +418,15 @@ def cmd_serve(
             "TLS (SAGE_TLS_CERT_FILE/KEY_FILE); logs a warning (SAGE_INSECURE=1).",
         ),
     ] = False,
+    extra_arg: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--extra-arg",
+            metavar="ARG",
+            help="Argument passed to each LLM engine as is, e.g. --extra-arg=--dtype=float32 "
+            "(repeatable; only flags the launch policy allows: SAGE_LAUNCH_ALLOWED_ARGS).",
+        ),
+    ] = None,
 ) -> int:
     """Start the gateway, the services behind it and the engines (foreground by default).
 
@@ -445,6 +457,7 @@ def cmd_serve(
         routing=routing,
         config=str(config.expanduser().resolve()) if config else None,
         insecure=insecure,
+        extra_args=tuple(extra_arg or ()),
     )
     return run_serve(options, background)
 

@@ -61,6 +61,7 @@ class EngineRequest:
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.0
     max_model_len: int = 0
+    extra_args: tuple[str, ...] = ()
 
 
 @dataclass
@@ -342,6 +343,7 @@ class Supervisor:
                         tensor_parallel_size=request.tensor_parallel_size,
                         gpu_memory_utilization=request.gpu_memory_utilization,
                         max_model_len=request.max_model_len,
+                        extra_args=list(request.extra_args),
                         startup_timeout_s=int(self.plan.engine_timeout_s),
                     ),
                     timeout=self.plan.engine_timeout_s + 30,
@@ -529,6 +531,7 @@ def engine_requests(
     tensor_parallel: int,
     gpu_memory_utilization: float,
     max_model_len: int = 0,
+    extra_args: Sequence[str] = (),
 ) -> list[EngineRequest]:
     """The engines a `serve` command line asks for."""
     if replicas < 1:
@@ -542,6 +545,7 @@ def engine_requests(
             tensor_parallel,
             gpu_memory_utilization,
             max_model_len,
+            tuple(extra_args),
         )
         for i in range(replicas)
     ]

@@ -136,6 +136,7 @@ def test_serve_every_flag_and_argv_round_trip(served: list[tuple[ServeOptions, b
         "-e", "BAAI/bge-m3", "--embedding-port", "9002", "--replicas", "2",
         "--gateway-port", "9003", "--backend", "vllm", "--startup-timeout", "5",
         "--engine-timeout", "50", "--policy", "fair", "--routing", "prefix", "--insecure",
+        "--extra-arg=--dtype=float32", "--extra-arg", "--enforce-eager",
     ]  # fmt: skip
     assert main(argv) == 0
     options, background = served[-1]
@@ -158,6 +159,7 @@ def test_serve_every_flag_and_argv_round_trip(served: list[tuple[ServeOptions, b
         policy="fair",
         routing="prefix",
         insecure=True,
+        extra_args=("--dtype=float32", "--enforce-eager"),
     )
     assert options.child_env() == {
         "SAGE_SCHEDULER_POLICY": "fair",
@@ -187,12 +189,15 @@ def test_serve_plan_carries_engines_argv_and_env(tmp_path: Path) -> None:
         embedding_model="sim-embedding",
         embedding_port=9101,
         policy="fifo",
+        extra_args=("--ttft-ms=5",),
     )
     plan = cli._serve_plan(options, settings)
-    assert [(e.model, e.kind, e.port, e.backend, e.max_model_len) for e in plan.engines] == [
-        ("sim", "llm", 9100, "sim", 2048),
-        ("sim", "llm", 0, "sim", 2048),
-        ("sim-embedding", "embedding", 9101, "sim", 0),
+    assert [
+        (e.model, e.kind, e.port, e.backend, e.max_model_len, e.extra_args) for e in plan.engines
+    ] == [
+        ("sim", "llm", 9100, "sim", 2048, ("--ttft-ms=5",)),
+        ("sim", "llm", 0, "sim", 2048, ("--ttft-ms=5",)),
+        ("sim-embedding", "embedding", 9101, "sim", 0, ()),  # engine flags are the LLM's
     ]
     assert plan.serve_argv == options.argv()
     assert plan.child_env == {"SAGE_SCHEDULER_POLICY": "fifo"}
