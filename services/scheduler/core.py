@@ -279,14 +279,19 @@ class Scheduler:
                     if not self.breakers.begin(engine.engine_id, force=i == len(candidates) - 1):
                         continue
                     produced = False
+                    if resumed and seen is not None:
+                        leg, sent = seen.continuation(engine)
+                        sent = _for_engine(sent, model, engine)
+                    else:
+                        leg, sent = path, _for_engine(request, model, engine)
+                        if seen is not None:  # token ids, to resume exactly if need be
+                            sent = seen.asking_ids(sent, engine)
                     try:
                         with (
                             self.load.track(engine.engine_id),
                             self.breakers.guard(engine.engine_id) as call,
                         ):
-                            async for payload in self.executor.stream_sse(
-                                engine, path, _for_engine(request, model, engine)
-                            ):
+                            async for payload in self.executor.stream_sse(engine, leg, sent):
                                 if not produced:
                                     produced = True
                                     call.succeeded()  # failing before the first byte counts
@@ -296,7 +301,7 @@ class Scheduler:
                                         continue
                                     payload = rewritten
                                 elif seen is not None:
-                                    seen.absorb(payload)
+                                    payload = seen.absorb(payload)
                                 if not started:
                                     started = True
                                     ttft = time.monotonic() - begun
@@ -320,8 +325,7 @@ class Scheduler:
                                 raise
                             if seen.finished:
                                 break  # the client had the whole reply; only [DONE] was lost
-                            continuation = seen.continuation()
-                            if continuation is None:
+                            if seen.exhausted:
                                 last = seen.closing_chunk()
                                 yield last, engine
                                 break
@@ -330,7 +334,7 @@ class Scheduler:
                                     f"engine {engine.engine_id} failed mid-stream and no other "
                                     f"ready engine of model {model!r} is left to continue it"
                                 ) from exc
-                            request, resumed = continuation, True
+                            resumed = True  # the next engine gets seen.continuation()
                         elif i == len(candidates) - 1:
                             raise
                         self.metrics.failover("stream" if started else "stream_start")
@@ -343,7 +347,7 @@ class Scheduler:
                             extra={
                                 "engine_id": engine.engine_id,
                                 "error": str(exc),
-                                "resumed_tokens": seen.tokens if seen else 0,
+                                "resumed_tokens": seen.produced if seen else 0,
                             },
                         )
                 self.admission.finished(ticket, charged or ticket.cost)

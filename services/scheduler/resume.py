@@ -1,20 +1,44 @@
 """Mid-stream failover: continue a streamed reply on another engine where the first stopped.
 
-When an engine dies after some chunks went to the client, the request is sent again to
-another engine with the text already sent as a prefix (chat: a final assistant message with
-vLLM's `continue_final_message`; completions: appended to the prompt) and `max_tokens`
-reduced by the tokens already produced. The new engine's chunks are rewritten to carry the
-first stream's id/created/model, and its role chunk is dropped, so the client reads one stream.
+When an engine dies after some chunks went to the client, another engine is asked for the
+rest, with `max_tokens` reduced by the tokens already produced, and its chunks are rewritten
+into the first stream's (id/created/model, no second role chunk), so the client reads one
+stream. Two ways to ask:
+
+- From token ids (exact): engines that return and accept token ids (vLLM >= 0.10.2 and our
+  sim, which mimics it; see `resumes_from_token_ids`) are sent `return_token_ids: true`, so
+  the stream carries the prompt's ids (first chunk) and each chunk's generated ids. The rest
+  is then a `/v1/completions` request whose prompt is those ids, prompt then output: the
+  engine is in exactly the state the first one was in, so a greedy reply continues byte for
+  byte (chat template and BOS are already in the prompt ids; a token-id prompt is not
+  tokenized again). Its completion chunks are rewritten as chat chunks for a chat client.
+  The ids are taken out of what the client sees unless it asked for them itself.
+- From text: anywhere else, or when the ids are incomplete, the text sent so far goes back
+  as a prefix (chat: a final assistant message with vLLM's `continue_final_message`;
+  completions: appended to the prompt). Text need not re-tokenize to the same ids (WordPiece
+  did not: 4 of 48 greedy replies differed after a kill), so this is the fallback.
+
+The text path also serves requests whose text lags their tokens or that a completion
+cannot carry: stop strings (vLLM holds back text that might start one), chat logprobs (a
+completion's have another shape) and chat without a token limit (completions default to 16).
 
 On the normal path this costs one parse of the request and of each payload (orjson, a few
-microseconds), so only the text sent so far is kept, never the payloads.
+microseconds) plus, when ids were added for us, one regex pass over each payload to null them.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
+
+from .registry import EngineRecord
+
+COMPLETIONS = "/v1/completions"
+# Backends whose engines speak vLLM's token-id fields; an engine's label overrides it.
+TOKEN_ID_BACKENDS = frozenset({"vllm", "sim"})
+TOKEN_IDS_LABEL = "resume_token_ids"
 
 _CHAT_LIMITS = ("max_completion_tokens", "max_tokens")
 # Replies that are more than text: a restart would not continue them but begin again (a
@@ -30,17 +54,57 @@ _NOT_PLAIN_TEXT = (
     "structured_outputs",
     "reasoning_effort",
 )
+# Fields of a chat request a completion has no use for (vLLM 0.32's ChatCompletionRequest
+# less CompletionRequest, and OpenAI's chat-only fields). `add_special_tokens` goes too: a
+# token-id prompt is not tokenized, and chat's default (False) is the opposite of ours.
+_CHAT_ONLY = (
+    "messages",
+    "add_generation_prompt",
+    "continue_final_message",
+    "chat_template",
+    "chat_template_kwargs",
+    "documents",
+    "include_reasoning",
+    "media_io_kwargs",
+    "mm_processor_kwargs",
+    "parallel_tool_calls",
+    "tool_choice",
+    "return_prompt_text",
+    "top_logprobs",
+    "logprobs",
+    "max_completion_tokens",
+    "add_special_tokens",
+    "modalities",
+    "audio",
+    "prediction",
+    "store",
+    "metadata",
+    "web_search_options",
+    "function_call",
+)
+# What must not be applied twice to prompt + output ids: the prompt was truncated and
+# scored already, and its KV blocks (PD) were single-use.
+_PROMPT_ONLY = ("kv_transfer_params", "truncate_prompt_tokens", "prompt_logprobs", "suffix")
+# The token-id fields, nulled in what the client sees when we asked for them, not it. A
+# `"token_ids":[` can only be a key: a quote inside a JSON string is escaped.
+_ID_FIELDS = re.compile(rb'"(prompt_token_ids|token_ids)":\[[0-9, ]*\]')
 
 
-def _choice_text(choice: Any, chat: bool) -> str:
-    if not isinstance(choice, dict):
-        return ""
-    if chat:
-        delta = choice.get("delta")
-        text = delta.get("content") if isinstance(delta, dict) else None
-    else:
-        text = choice.get("text")
-    return text if isinstance(text, str) else ""
+def resumes_from_token_ids(engine: EngineRecord) -> bool:
+    """Whether `engine` returns token ids and accepts them as a prompt (vLLM's fields): its
+    `resume_token_ids` label when set ("true"/"false"), else its backend."""
+    declared = engine.labels.get(TOKEN_IDS_LABEL)
+    if declared is not None:
+        return declared.lower() in ("1", "true", "yes")
+    return engine.backend in TOKEN_ID_BACKENDS
+
+
+def _int_list(value: Any) -> list[int] | None:
+    if isinstance(value, list) and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in value
+    ):
+        return value
+    return None
 
 
 class StreamResume:
@@ -49,12 +113,32 @@ class StreamResume:
 
     def __init__(self, path: str, request: dict[str, Any]) -> None:
         self.chat = path.endswith("/chat/completions")
+        self.path = path
         self.request = request
         self.parts: list[str] = []
         self.tokens = 0  # content chunks sent; one token each, as vLLM streams them
         self.finished = False  # a finish_reason reached the client: nothing is missing
         self.head: dict[str, Any] = {}
         self.prefix_tokens = 0  # tokens the current engine was given as prefix
+        # Token ids, when the engine returned them: the prompt's (as the engine built it,
+        # chat template included) and every generated token's, in order.
+        self.client_ids = request.get("return_token_ids") is True  # the client asked itself
+        self.prompt_ids: list[int] | None = None
+        self.output_ids: list[int] = []
+        self.ids_complete = True  # every token the client got came with its id
+        self.strip_ids = False  # the current engine was asked for ids on our behalf
+        self.from_ids = False  # the current engine continues from token ids
+        self.text_offset = 0  # completions logprobs: where the continuation's text starts
+        self.exact = self._exact_possible(request)
+
+    def _exact_possible(self, doc: dict[str, Any]) -> bool:
+        """Whether this request can be continued from token ids at all (see the module doc)."""
+        if doc.get("stop") or doc.get("return_token_ids") is False:
+            return False
+        if self.chat:
+            limited = any(isinstance(doc.get(k), int) for k in _CHAT_LIMITS)
+            return limited and not doc.get("logprobs")
+        return True
 
     @classmethod
     def for_request(cls, path: str, body: bytes) -> StreamResume | None:
@@ -78,48 +162,131 @@ class StreamResume:
             )
         return cls(path, doc) if ok else None
 
-    def absorb(self, payload: bytes) -> None:
-        """Account one payload the client was sent."""
+    def asking_ids(self, body: bytes, engine: EngineRecord) -> bytes:
+        """The first request as sent to `engine`: asking for token ids where the engine
+        can give them and the reply could be continued from them."""
+        self.strip_ids = False
+        if not self.exact or self.client_ids or not resumes_from_token_ids(engine):
+            return body
+        start = body.find(b"{")
+        if start < 0:
+            return body
+        self.strip_ids = True
+        return b'{"return_token_ids":true,' + body[start + 1 :]
+
+    def _account(self, text: str, ids: Any, finish: Any) -> None:
+        """Count one choice's piece of output the client was sent."""
+        if text:
+            self.parts.append(text)
+            self.tokens += 1
+        token_ids = _int_list(ids)
+        if token_ids is not None:
+            self.output_ids.extend(token_ids)
+        elif text:
+            self.ids_complete = False  # an engine that ignored return_token_ids
+        if finish:
+            self.finished = True
+
+    def absorb(self, payload: bytes) -> bytes:
+        """Account one payload of the first engine; returns it as the client is to see it."""
         try:
             doc: Any = orjson.loads(payload)
         except orjson.JSONDecodeError:
-            return
+            return payload
         if not isinstance(doc, dict):
-            return
+            return payload
         if not self.head:
             self.head = {k: doc[k] for k in ("id", "created", "model") if k in doc}
+            if self.chat:
+                self.prompt_ids = _int_list(doc.get("prompt_token_ids"))
         for choice in doc.get("choices") or ():
-            text = _choice_text(choice, self.chat)
-            if text:
-                self.parts.append(text)
-                self.tokens += 1
-            if isinstance(choice, dict) and choice.get("finish_reason"):
-                self.finished = True
+            if not isinstance(choice, dict):
+                continue
+            if self.chat:
+                delta = choice.get("delta")
+                text = delta.get("content") if isinstance(delta, dict) else None
+            else:
+                text = choice.get("text")
+                if self.prompt_ids is None:
+                    self.prompt_ids = _int_list(choice.get("prompt_token_ids"))
+            self._account(
+                text if isinstance(text, str) else "",
+                choice.get("token_ids"),
+                choice.get("finish_reason"),
+            )
+        if self.strip_ids and b'token_ids":[' in payload:
+            return _ID_FIELDS.sub(rb'"\1":null', payload)
+        return payload
 
     @property
     def text(self) -> str:
         """The generated text the client has received so far."""
         return "".join(self.parts)
 
-    def _remaining(self, doc: dict[str, Any]) -> bool:
-        """Reduce the token limit by what was produced; False when nothing is left to make."""
+    @property
+    def produced(self) -> int:
+        """Tokens generated so far: exact from ids where they were all returned."""
+        return len(self.output_ids) if self._have_ids() else self.tokens
+
+    def _have_ids(self) -> bool:
+        return self.exact and self.ids_complete and self.prompt_ids is not None
+
+    def _limit_key(self, doc: dict[str, Any]) -> str | None:
         for key in _CHAT_LIMITS if self.chat else ("max_tokens",):
             limit = doc.get(key)
             if isinstance(limit, int) and not isinstance(limit, bool):
-                left = limit - self.tokens
-                doc[key] = left
-                return left > 0
-        return True
+                return key
+        return None
 
-    def continuation(self) -> bytes | None:
-        """The request for the rest of the reply; None when the token limit is used up."""
+    @property
+    def exhausted(self) -> bool:
+        """True when the token limit is used up: nothing is left to ask another engine for."""
+        key = self._limit_key(self.request)
+        return key is not None and self.request[key] - self.produced <= 0
+
+    def continuation(self, engine: EngineRecord) -> tuple[str, bytes]:
+        """The path and body asking `engine` for the rest of the reply (from token ids
+        where both the ids and `engine` allow, else from the text)."""
+        produced = self.produced
+        self.prefix_tokens = produced
+        self.text_offset = len(self.text)
+        self.strip_ids = not self.client_ids
+        self.from_ids = self._have_ids() and resumes_from_token_ids(engine)
+        if self.from_ids:
+            return COMPLETIONS, orjson.dumps(self._from_ids(produced))
+        self.strip_ids = False
+        return self.path, orjson.dumps(self._from_text(produced))
+
+    def _common(self, doc: dict[str, Any], produced: int) -> None:
+        """Token limits reduced by what was produced; prompt-only fields dropped."""
+        key = self._limit_key(doc)
+        if key is not None:
+            doc[key] = doc[key] - produced
+        minimum = doc.get("min_tokens")
+        if isinstance(minimum, int) and not isinstance(minimum, bool) and minimum:
+            doc["min_tokens"] = max(0, minimum - produced)
+
+    def _from_ids(self, produced: int) -> dict[str, Any]:
         doc = dict(self.request)
+        self._common(doc, produced)
+        if self.chat:
+            limit = doc.pop("max_completion_tokens", None)
+            if isinstance(limit, int):
+                doc["max_tokens"] = limit
+            for key in _CHAT_ONLY:
+                doc.pop(key, None)
+        for key in _PROMPT_ONLY:
+            doc.pop(key, None)
+        doc["prompt"] = [*(self.prompt_ids or ()), *self.output_ids]
+        doc["return_token_ids"] = True
+        return doc
+
+    def _from_text(self, produced: int) -> dict[str, Any]:
+        doc = dict(self.request)
+        self._common(doc, produced)
         # A PD decode leg's KV blocks were single-use: the next engine prefills itself.
         doc.pop("kv_transfer_params", None)
-        if not self._remaining(doc):
-            return None
         text = self.text
-        self.prefix_tokens = self.tokens
         if self.chat:
             messages = list(doc["messages"])
             last = messages[-1]
@@ -138,7 +305,7 @@ class StreamResume:
         else:
             prompt = doc["prompt"]
             doc["prompt"] = prompt + text if isinstance(prompt, str) else [prompt[0] + text]
-        return orjson.dumps(doc)
+        return doc
 
     def rewrite(self, payload: bytes) -> bytes | None:
         """A continuing engine's payload as part of the client's stream (None: drop it)."""
@@ -149,24 +316,86 @@ class StreamResume:
         if not isinstance(doc, dict):
             return payload
         choices = doc.get("choices") or []
-        if self.chat and choices:
-            delta = choices[0].get("delta") if isinstance(choices[0], dict) else None
-            if (
-                isinstance(delta, dict)
-                and "role" in delta
-                and not delta.get("content")
-                and not choices[0].get("finish_reason")
-            ):
-                return None  # the client already had the role chunk
-        doc.update(self.head)
+        first = choices[0] if choices and isinstance(choices[0], dict) else None
+        if not self.from_ids:
+            self.ids_complete = False  # text continued from text: its ids do not extend ours
+        if self.from_ids and self.chat:
+            doc = self._as_chat_chunk(doc, first)
+        elif first is not None:
+            if self.chat:
+                delta = first.get("delta")
+                if (
+                    isinstance(delta, dict)
+                    and "role" in delta
+                    and not delta.get("content")
+                    and not first.get("finish_reason")
+                ):
+                    return None  # the client already had the role chunk
+                text = delta.get("content") if isinstance(delta, dict) else None
+            else:
+                text = first.get("text")
+                self._shift_offsets(first)
+                if "prompt_token_ids" in first:
+                    first["prompt_token_ids"] = None  # the client had its prompt's ids
+            self._account(
+                text if isinstance(text, str) else "",
+                first.get("token_ids"),
+                first.get("finish_reason"),
+            )
+            if self.strip_ids and "token_ids" in first:
+                first["token_ids"] = None
+            doc.update(self.head)
+        else:
+            doc.update(self.head)
         usage = doc.get("usage")
         if isinstance(usage, dict):
-            # The sent text was prompt to this engine; count it as completion, as the client saw.
+            # The sent tokens were prompt to this engine; count them as completion, as the
+            # client saw them.
             produced = self.prefix_tokens
             usage["completion_tokens"] = int(usage.get("completion_tokens") or 0) + produced
             usage["prompt_tokens"] = max(0, int(usage.get("prompt_tokens") or 0) - produced)
-        out = orjson.dumps(doc)
-        self.absorb(out)
+        return orjson.dumps(doc)
+
+    def _shift_offsets(self, choice: dict[str, Any]) -> None:
+        """Completions logprobs count text offsets from the continuation's own start."""
+        logprobs = choice.get("logprobs")
+        if not isinstance(logprobs, dict) or not self.text_offset:
+            return
+        offsets = logprobs.get("text_offset")
+        if isinstance(offsets, list):
+            logprobs["text_offset"] = [
+                o + self.text_offset if isinstance(o, int) else o for o in offsets
+            ]
+
+    def _as_chat_chunk(self, doc: dict[str, Any], choice: dict[str, Any] | None) -> dict[str, Any]:
+        """A completion chunk as the chat chunk vLLM would have streamed for it."""
+        out: dict[str, Any] = {
+            "id": self.head.get("id", doc.get("id")),
+            "object": "chat.completion.chunk",
+            "created": self.head.get("created", doc.get("created")),
+            "model": self.head.get("model", doc.get("model")),
+        }
+        if choice is None:
+            out["choices"] = []
+        else:
+            text = choice.get("text")
+            text = text if isinstance(text, str) else ""
+            ids = choice.get("token_ids")
+            finish = choice.get("finish_reason")
+            self._account(text, ids, finish)
+            converted: dict[str, Any] = {
+                "index": 0,
+                "delta": {"content": text},
+                "logprobs": None,
+                "finish_reason": finish,
+            }
+            if finish:
+                converted["stop_reason"] = choice.get("stop_reason")
+            converted["token_ids"] = None if self.strip_ids else ids
+            out["choices"] = [converted]
+        for key, value in doc.items():
+            if key not in ("id", "object", "created", "model", "choices"):
+                out[key] = value
         return out
 
     def closing_chunk(self) -> bytes:

@@ -14,6 +14,8 @@ from sage.engines.sim.model import (
     embedding_vector,
     expected_text,
     generate,
+    generate_ids,
+    tokenize,
 )
 
 __all__ = [
@@ -26,5 +28,7 @@ __all__ = [
     "embedding_vector",
     "expected_text",
     "generate",
+    "generate_ids",
     "main",
+    "tokenize",
 ]

@@ -876,7 +876,11 @@ class _SimEngine:
         prompt_tokens = len(prompt_ids)
         max_tokens = self._max_tokens(requested, key, prompt_tokens, "messages")
         generation = generate_ids(
-            prompt_ids, max_tokens, _seed(body, self.config.seed), _stop_strings(body)
+            prompt_ids,
+            max_tokens,
+            _seed(body, self.config.seed),
+            _stop_strings(body),
+            self.config.subword_tokens,
         )
         with_ids = (tuple(prompt_ids),) if _return_token_ids(body) else None
         kv = self._kv_params(body, stream, 1)
@@ -1003,7 +1007,8 @@ class _SimEngine:
         stop = _stop_strings(body)
         counts = [len(p) for p in prompt_ids]
         max_tokens = self._max_tokens(requested, "max_tokens", max(counts), "prompt")
-        generations = tuple(generate_ids(p, max_tokens, seed, stop) for p in prompt_ids)
+        subword = self.config.subword_tokens
+        generations = tuple(generate_ids(p, max_tokens, seed, stop, subword) for p in prompt_ids)
         with_ids = tuple(prompt_ids) if _return_token_ids(body) else None
         prompts = [_prompt_key(p) for p in prompt_ids]
         kv = self._kv_params(body, stream, len(prompts))
@@ -1370,6 +1375,12 @@ def _parser() -> argparse.ArgumentParser:
         help="folder ExampleConnector engines share (its shared_storage_path)",
     )
     parser.add_argument(
+        "--subword-tokens",
+        action="store_true",
+        help="output tokens that continue the word before them (like WordPiece's ##s), so "
+        "a reply's text does not re-tokenize to its own token ids",
+    )
+    parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper
     )
     add_api_key_argument(parser)
@@ -1403,6 +1414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             kv_load_failure_policy=args.kv_load_failure_policy,
             kv_connector=args.kv_connector,
             kv_shared_storage_path=args.kv_shared_storage_path,
+            subword_tokens=args.subword_tokens,
         )
     except ConfigurationError as exc:
         parser.error(exc.message)

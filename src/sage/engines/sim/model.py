@@ -10,10 +10,12 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import functools
 import hashlib
 import math
-import random
+import struct
 import sys
+import zlib
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +35,8 @@ __all__ = [
     "embedding_vector",
     "expected_text",
     "generate",
+    "generate_ids",
+    "tokenize",
 ]
 
 OWNED_BY = "sage-sim"
@@ -140,6 +144,9 @@ class SimConfig:
     # params in the reply).
     kv_connector: str = "nixl"
     kv_shared_storage_path: str = ""
+    # Output tokens that continue the word before them (WordPiece's "##s"): replies then
+    # do not re-tokenize to their own ids, as real tokenizers' often do not.
+    subword_tokens: bool = False
     served_names: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -191,6 +198,7 @@ class Generation:
     pieces: tuple[str, ...]
     finish_reason: str
     stop_reason: str | None = None
+    token_ids: tuple[int, ...] = ()  # one per piece
 
     @property
     def text(self) -> str:
@@ -206,28 +214,71 @@ def count_tokens(text: str) -> int:
     return len(text.split())
 
 
+# Word pieces that continue the word before them, as WordPiece's "##s" does; only engines
+# started with subword_tokens produce them. Their text glued to a word re-tokenizes as one
+# other word, so a reply resumed from its text (not its ids) goes on differently.
+SUFFIXES: tuple[str, ...] = ("s", "ing", "ed", "er")
+
+# The sim's tokenizer: one word, one token. Output words have small ids of their own (so a
+# reply's ids decode back to its words); any other word gets a stable hash id above them.
+FIRST_WORD_ID = 100
+FIRST_HASHED_ID = 1000
+_HASHED_IDS = 2**31 - FIRST_HASHED_ID
+_WORD_IDS = {word: FIRST_WORD_ID + i for i, word in enumerate(VOCABULARY)}
+_OUTPUT = (*((w, " " + w) for w in VOCABULARY), *((s, s) for s in SUFFIXES))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _word_id(word: str) -> int:
+    found = _WORD_IDS.get(word)
+    if found is not None:
+        return found
+    return FIRST_HASHED_ID + zlib.crc32(word.encode("utf-8", "surrogatepass")) % _HASHED_IDS
+
+
+def tokenize(text: str) -> list[int]:
+    """The token ids of `text` as the simulator reads it (one per whitespace word)."""
+    return list(map(_word_id, text.split()))
+
+
 def _seed_bytes(seed: int) -> bytes:
     # Any int works as a seed; only its low 64 bits matter.
     return (seed & 0xFFFF_FFFF_FFFF_FFFF).to_bytes(8, "little")
 
 
-def _stable_seed(text: str, seed: int) -> int:
-    # hash() is salted per process; blake2b keeps outputs equal across processes and runs.
-    digest = hashlib.blake2b(
-        text.encode("utf-8", "surrogatepass"),
-        digest_size=8,
-        person=b"sage-sim",
-        salt=_seed_bytes(seed),
-    )
-    return int.from_bytes(digest.digest(), "little")
+def _id_bytes(token_ids: Sequence[int]) -> bytes:
+    # Ids as little-endian uint32 (the sim's ids are below 2**31), the same on every host.
+    return struct.pack(f"<{len(token_ids)}I", *token_ids)
 
 
-def generate(
-    prompt_text: str, max_tokens: int, seed: int = 0, stop: Sequence[str] | None = None
+def generate_ids(
+    prompt_ids: Sequence[int],
+    max_tokens: int,
+    seed: int = 0,
+    stop: Sequence[str] | None = None,
+    subword: bool = False,
 ) -> Generation:
-    """The output for a prompt: `max_tokens` words seeded by (prompt, seed), cut at `stop`."""
-    words = random.Random(_stable_seed(prompt_text, seed)).choices(VOCABULARY, k=max_tokens)
-    pieces = [words[0], *(" " + word for word in words[1:])] if words else []
+    """The output for a prompt of token ids, one token at a time: each next token is a
+    hash of every token before it (prompt and output), as a greedy model's would be, so a
+    prompt that ends with part of a reply continues that reply exactly. Cut at `stop`;
+    `subword` adds SUFFIXES to the output vocabulary."""
+    # blake2b is stable across processes (hash() is salted) and hashes incrementally, so a
+    # long prompt costs one C call and each step a copy of the running state.
+    state = hashlib.blake2b(
+        _id_bytes(prompt_ids), digest_size=8, person=b"sage-sim", salt=_seed_bytes(seed)
+    )
+    # A word after another output token is spaced from it; the first after prompt text is not.
+    spaced = bool(prompt_ids) and FIRST_WORD_ID <= prompt_ids[-1] < FIRST_WORD_ID + len(_OUTPUT)
+    choices = len(_OUTPUT) if subword else len(VOCABULARY)
+    ids: list[int] = []
+    pieces: list[str] = []
+    for _ in range(max_tokens):
+        index = int.from_bytes(state.digest(), "little") % choices
+        token = FIRST_WORD_ID + index
+        ids.append(token)
+        pieces.append(_OUTPUT[index][spaced])
+        spaced = True
+        state.update(token.to_bytes(4, "little"))
     if stop:
         text = "".join(pieces)
         hits = [(text.find(s), s) for s in stop if s]
@@ -242,15 +293,30 @@ def generate(
                 consumed += len(piece)
                 if consumed > cut:
                     break
-            return Generation(tuple(kept), "stop", stop_string)
-    return Generation(tuple(pieces), "length")
+            return Generation(tuple(kept), "stop", stop_string, tuple(ids[: len(kept)]))
+    return Generation(tuple(pieces), "length", None, tuple(ids))
+
+
+def generate(
+    prompt_text: str,
+    max_tokens: int,
+    seed: int = 0,
+    stop: Sequence[str] | None = None,
+    subword: bool = False,
+) -> Generation:
+    """The output for a text prompt: that of its token ids (see `generate_ids`)."""
+    return generate_ids(tokenize(prompt_text), max_tokens, seed, stop, subword)
 
 
 def expected_text(
-    prompt_text: str, max_tokens: int, seed: int = 0, stop: Sequence[str] | None = None
+    prompt_text: str,
+    max_tokens: int,
+    seed: int = 0,
+    stop: Sequence[str] | None = None,
+    subword: bool = False,
 ) -> str:
     """Exactly the text the simulator answers for this prompt text (for tests)."""
-    return generate(prompt_text, max_tokens, seed, stop).text
+    return generate(prompt_text, max_tokens, seed, stop, subword).text
 
 
 def chat_prompt_text(messages: Iterable[Mapping[str, Any]]) -> str:
