@@ -95,15 +95,19 @@ class VllmStack:
         """The tail of serve's output and of the engine's log, for failure messages."""
         parts = [self.log.read_text(errors="replace")[-3000:]]
         for log in sorted((self.home / "llm" / "logs").glob("*.log")):
-            if log.stem not in SERVICE_LOGS:  # engine logs are named for the engine id
-                parts.append(f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}")
+            # engine logs are named for the engine id; scheduler/lifecycle say what they saw
+            if log.stem not in SERVICE_LOGS or log.stem in ("scheduler", "lifecycle"):
+                lines = log.read_text(errors="replace").splitlines()
+                kept = [line for line in lines if '"GET /metrics' not in line]  # the scrapes
+                parts.append(f"--- {log.name}\n" + "\n".join(kept)[-3000:])
         return "\n".join(parts)
 
 
-def start_engine(stack: VllmStack) -> dict[str, Any]:
+def start_engine(stack: VllmStack, **fields: Any) -> dict[str, Any]:
     """Start one more vLLM engine for the stack's model through the management API, as
-    `sage llm engine start DIR --backend vllm` does; returns it once RUNNING."""
-    body = {"model_id": stack.model, "backend": "vllm", "max_model_len": MAX_MODEL_LEN}
+    `sage llm engine start DIR --backend vllm` does (`fields` add to or replace the
+    request's, e.g. role="prefill"); returns it once RUNNING."""
+    body = {"model_id": stack.model, "backend": "vllm", "max_model_len": MAX_MODEL_LEN, **fields}
     started = httpx.post(
         stack.gateway + "/v1/management/engines",
         json=body,

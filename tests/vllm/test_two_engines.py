@@ -75,6 +75,17 @@ def engine_state(stack: VllmStack, engine_id: str) -> dict[str, Any] | None:
     return next((e for e in listed if e["engine_id"] == engine_id), None)
 
 
+def routing_state(stack: VllmStack) -> str:
+    """The gateway's per-engine series (attempts, breaker state, requests), for failures."""
+    text = httpx.get(stack.gateway + "/metrics", headers=stack.admin(), timeout=30).text
+    listed = httpx.get(
+        stack.gateway + "/v1/management/engines", headers=stack.admin(), timeout=30
+    ).json()["engines"]
+    states = [(e["engine_id"], e["status"], e.get("restart_count"), e.get("error")) for e in listed]
+    series = [line for line in text.splitlines() if 'engine="' in line and line[0] != "#"]
+    return "\n".join([f"engines: {states}", *series])
+
+
 def ready_engines(stack: VllmStack) -> int:
     """How many engines the edge reports ready for the stack's model."""
     models = httpx.get(stack.gateway + "/v1/models", timeout=30).json()["data"]
@@ -110,6 +121,7 @@ async def stream_chat(http: httpx.AsyncClient, model: str, max_tokens: int) -> d
         "messages": MESSAGES,
         "max_tokens": max_tokens,
         "temperature": 0,
+        "ignore_eos": True,  # runs to max_tokens: long enough to be caught mid-stream
         "stream": True,
     }
     reply = await http.post("/chat/completions", json=body)
@@ -132,16 +144,27 @@ async def test_kill_9_of_one_engine_mid_stream_fails_no_request(
     victim = engine_state(vllm_stack, two_engines[1]["engine_id"])
     assert victim is not None and victim["status"] == "RUNNING"
     async with httpx.AsyncClient(base_url=vllm_stack.gateway + "/v1", timeout=120) as http:
-        streams = [asyncio.create_task(stream_chat(http, vllm_stack.model, 300)) for _ in range(6)]
-        # Kill vLLM's API server once the victim is decoding some of them.
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            metrics = await http.get(str(victim["base_url"]) + "/metrics", timeout=30)
-            if read_load(metrics.text).running > 0:
+        streams = [asyncio.create_task(stream_chat(http, vllm_stack.model, 700)) for _ in range(8)]
+        # Kill vLLM's API server once the victim is decoding some of them. On 2 busy cores
+        # a /metrics answer can lag by seconds: the streams are long enough to outlast that.
+        deadline = time.monotonic() + 90
+        seen: list[tuple[float, float]] = []
+        while time.monotonic() < deadline and not all(s.done() for s in streams):
+            loads = [
+                read_load((await http.get(str(e["base_url"]) + "/metrics", timeout=30)).text)
+                for e in (two_engines[0], victim)
+            ]
+            seen.append((loads[0].running, loads[1].running))
+            if loads[1].running > 0:
                 break
             await asyncio.sleep(0.05)
         else:
-            pytest.fail("no request reached the second engine")
+            done = [s.result() for s in streams if s.done()]
+            pytest.fail(
+                f"no request reached the second engine; running (first, second) over time: "
+                f"{seen[-20:]}; streams finished: {len(done)} {done[:1]}\n"
+                f"{routing_state(vllm_stack)}\n{vllm_stack.logs()}"
+            )
         left_behind = psutil.Process(int(victim["pid"])).children(recursive=True)
         os.kill(int(victim["pid"]), signal.SIGKILL)
         results = await asyncio.gather(*streams)
@@ -192,7 +215,11 @@ async def test_drain_stop_waits_for_in_flight_requests(
                 break
             await asyncio.sleep(0.05)
         else:
-            pytest.fail("no request reached the second engine")
+            done = [r.result().text[:300] for r in requests if r.done()]
+            pytest.fail(
+                f"no request reached the second engine; finished: {done}\n"
+                f"{routing_state(vllm_stack)}\n{vllm_stack.logs()}"
+            )
         stopped = await http.delete(
             f"{vllm_stack.gateway}/v1/management/engines/{engine['engine_id']}",
             params={"drain": "true"},
