@@ -14,7 +14,9 @@ import httpx
 import orjson
 import pytest
 
-from sage.engines.sim import expected_text
+from sage.engines.sim import expected_text, generate, tokenize
+from sage.rpc.common.v1 import common_pb2
+from sage.rpc.scheduler.v1 import scheduler_pb2
 from tests.conftest import SimFactory
 from tests.faults.conftest import PlaneFactory
 
@@ -164,6 +166,86 @@ async def test_completion_stream_killed_mid_way_keeps_its_token_budget(
     assert len(pieces) == 20
     # The first engine's part is the start of its real reply.
     assert expected_text("once upon a time", 20).startswith("".join(pieces[:4]))
+
+
+def _glued_early_prompt() -> str:
+    """A prompt whose subword-sim reply glues a piece to a word among its first 4 tokens (as
+    WordPiece's "##s" does), so its first 5 tokens' text does not re-tokenize to their ids."""
+    for n in range(500):
+        prompt = f"tell me about fault tolerance {n}"
+        pieces = generate(prompt, 30, subword=True).pieces
+        if any(not p.startswith(" ") for p in pieces[1:4]):
+            return prompt
+    raise AssertionError("no prompt glues a piece early")
+
+
+@pytest.mark.parametrize(
+    ("backend", "exact"),
+    [("sim", True), ("", False)],
+    ids=["token-ids", "text-control"],
+)
+async def test_stream_killed_mid_way_resumes_from_token_ids_byte_for_byte(
+    plane_factory: PlaneFactory, sim_engine: SimFactory, backend: str, exact: bool
+) -> None:
+    """Engines registered as vLLM-like (backend sim) are resumed from token ids: the reply
+    reads exactly like an unbroken one although its text does not re-tokenize to its ids.
+    The control, engines of unknown kind, is resumed from text and goes on differently:
+    the failure exact resume exists for."""
+    plane = await plane_factory()
+    urls = [sim_engine("--tpot-ms", "40", "--subword-tokens") for _ in range(2)]
+    for i, url in enumerate(urls):
+        engine = common_pb2.Engine(
+            engine_id=f"sim-{i}",
+            model="sim",
+            base_url=url,
+            kind=common_pb2.ENGINE_KIND_LLM,
+            backend=backend,
+        )
+        await plane.scheduler.RegisterEngine(scheduler_pb2.RegisterEngineRequest(engine=engine))
+    prompt = _glued_early_prompt()
+    body = {
+        "model": "sim",
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": 30,
+        "stream_options": {"include_usage": True},
+    }
+    unbroken = await _stream(plane.client, "/v1/chat/completions", body)
+    killed: list[str] = []
+
+    async def kill_after_five(events: list[Any]) -> None:
+        if len(events) == 6 and not killed:  # role chunk + 5 tokens
+            killed.append(await _kill_busy(sim_engine, urls))
+
+    events = await _stream(plane.client, "/v1/chat/completions", body, kill_after_five)
+
+    assert killed and events[-1] == "[DONE]"
+    assert await plane.metric("sage:scheduler_failovers_total", kind="stream") == 1
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in events[:-2])
+    want = expected_text(prompt, 30, subword=True)
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in unbroken[:-2]) == want
+    if not exact:
+        assert text != want
+        return
+    assert text == want
+    # The same stream in every other respect: the chunks' keys (no token ids the client did
+    # not ask for), one id, the finish and the usage of the unbroken reply.
+    assert [sorted(c) for c in events[:-1]] == [sorted(c) for c in unbroken[:-1]]
+    assert [[sorted(ch) for ch in c["choices"]] for c in events[:-1]] == [
+        [sorted(ch) for ch in c["choices"]] for c in unbroken[:-1]
+    ]
+    assert all(c.get("prompt_token_ids") is None for c in events[:-1])
+    assert all(ch.get("token_ids") is None for c in events[:-1] for ch in c["choices"])
+    assert len({c["id"] for c in events[:-1]}) == 1
+    assert events[-3]["choices"][0]["finish_reason"] == "length"
+    assert (
+        events[-2]["usage"]
+        == unbroken[-2]["usage"]
+        == {
+            "prompt_tokens": len(tokenize(prompt)),
+            "total_tokens": len(tokenize(prompt)) + 30,
+            "completion_tokens": 30,
+        }
+    )
 
 
 async def test_stream_with_no_engine_left_ends_with_an_error_event(
