@@ -25,10 +25,10 @@ from .base import Availability, LaunchPlan
 _INSTALL_HINT = "pip install 'sage-llm-control-plane[engines]'"
 
 GiB = 1 << 30
-# Besides weights and KV: the CUDA context (~0.5 GiB under torch 2.11 on an H100), cuBLAS
-# workspace, activations and the caching allocator's slack (measured: bench/RESULTS.md,
-# "Real chat engine on a GPU").
-RUNTIME_HEADROOM_BYTES = 1 * GiB
+# Besides weights, KV and the prefill's activations: the CUDA context, cuBLAS workspace and
+# the caching allocator's blocks. Measured 0.89 GiB after warm-up and short chats (H100,
+# torch 2.11 + CUDA 13; bench/RESULTS.md, "Real chat engine on a GPU"), plus a margin.
+RUNTIME_HEADROOM_BYTES = 5 * GiB // 4
 _DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2}
 
 
@@ -75,17 +75,18 @@ class TransformersBackend:
 
     def gpu_memory_bytes(self, spec: EngineSpec) -> int:
         """What the engine will hold on its GPU: the weights in the dtype it serves (it loads
-        them whole), one sequence's KV cache at its context length (it serves one request at
-        a time) and RUNTIME_HEADROOM_BYTES; 0 when `spec.model` is no local folder with
-        safetensors weights (lifecycle then reserves its flat default)."""
+        them whole), one sequence's KV cache and the activations of a prefill at its context
+        length (it serves one request at a time), and RUNTIME_HEADROOM_BYTES; 0 when
+        `spec.model` is no local folder with safetensors weights (lifecycle then reserves
+        its flat default)."""
         folder = Path(spec.model).expanduser()
         params = _safetensors_params(folder) if folder.is_dir() else 0
         if not params:
             return 0
         config = _read_config(folder / "config.json")
         per_value = _served_bytes(spec.extra_args)
-        kv = _kv_bytes(config, spec.max_model_len, per_value)
-        return params * per_value + kv + RUNTIME_HEADROOM_BYTES
+        context = _context_bytes(config, spec.max_model_len, per_value)
+        return params * per_value + context + RUNTIME_HEADROOM_BYTES
 
 
 def _safetensors_params(folder: Path) -> int:
@@ -127,15 +128,21 @@ def _served_bytes(extra_args: tuple[str, ...]) -> int:
     return _DTYPE_BYTES.get(dtype, 2)
 
 
-def _kv_bytes(config: dict[str, Any], max_model_len: int, per_value: int) -> int:
-    """Keys and values of one sequence at the context length (max_model_len, else the
-    model's own); 0 when config.json does not say the model's shape."""
+def _context_bytes(config: dict[str, Any], max_model_len: int, per_value: int) -> int:
+    """What a full-length sequence adds (max_model_len, else the model's own length): its
+    keys and values in every layer, and the prefill's largest live activations in one
+    layer (the MLP's gate, up and product; residual, norm and q/k/v/o of hidden size).
+    0 when config.json does not say the model's shape."""
     try:
         layers = int(config["num_hidden_layers"])
+        hidden = int(config["hidden_size"])
         heads = int(config["num_attention_heads"])
         kv_heads = int(config.get("num_key_value_heads") or heads)
-        head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
+        head_dim = int(config.get("head_dim") or hidden // heads)
+        intermediate = int(config.get("intermediate_size") or 4 * hidden)
         length = int(max_model_len or config.get("max_position_embeddings") or 0)
     except (KeyError, TypeError, ValueError, ZeroDivisionError):
         return 0
-    return 2 * layers * kv_heads * head_dim * length * per_value
+    kv = 2 * layers * kv_heads * head_dim
+    activations = 3 * intermediate + 6 * hidden
+    return (kv + activations) * length * per_value

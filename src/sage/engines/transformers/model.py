@@ -182,6 +182,11 @@ class CausalLM:
         # transformers 5 renamed the cache argument and output from past_key_values.
         params = inspect.signature(self.model.forward).parameters
         self._cache_key = "cache" if "cache" in params else "past_key_values"
+        # The prefill needs the last position's logits only; all of them cost prompt length x
+        # vocabulary on the GPU (2 GiB for an 8k prompt over a 128k vocabulary in bf16).
+        # transformers 4.45-4.49 call the argument num_logits_to_keep.
+        keep = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
+        self._last_logits_only = {keep: 1} if keep else {}
         self._torch = torch
 
     # ---- loading helpers
@@ -307,7 +312,7 @@ class CausalLM:
         counts = None
         with torch.inference_mode():
             input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)
-            output = self.model(input_ids=input_ids, use_cache=True)
+            output = self.model(input_ids=input_ids, use_cache=True, **self._last_logits_only)
             cache = output.get(self._cache_key)
             logits = output["logits"][0, -1, :]
             while produced < params.max_tokens:
