@@ -16,6 +16,10 @@ whose params follow vLLM 0.33's NixlConnector shape (tests/vllm/test_conformance
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -24,7 +28,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.vllm.conftest import VllmStack, sse, start_engine, stop_engine
+from tests.vllm.conftest import START_TIMEOUT_S, VllmStack, sse, start_engine, stop_engine
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -56,14 +60,34 @@ def pd_requests(stack: VllmStack) -> dict[str, float]:
     }
 
 
+def start_with_cli(stack: VllmStack, role: str) -> dict[str, Any]:
+    """`sage llm engine start DIR --backend vllm --role ROLE` as a user types it (the CLI
+    reads the stack's admin key from $SAGE_HOME/llm/admin.key itself)."""
+    env = {**os.environ, "SAGE_HOME": str(stack.home), "HF_HUB_OFFLINE": "1"}
+    for name in ("SAGE_ADMIN_API_KEY", "SAGE_UNIFIED_BASE_URL"):
+        env.pop(name, None)
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "sage.llm.cli", "llm", "engine", "start", stack.model,
+            "--backend", "vllm", "--role", role, "--json", "--url", stack.gateway,
+            "--startup-timeout", str(int(START_TIMEOUT_S)),
+        ],
+        env=env, capture_output=True, text=True, timeout=START_TIMEOUT_S + 60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}\n{stack.logs()}"
+    engine: dict[str, Any] = json.loads(done.stdout)
+    assert engine["status"] == "RUNNING", engine
+    return engine
+
+
 @pytest.fixture(scope="module")
 def pd_pair(vllm_stack: VllmStack) -> Iterator[dict[str, dict[str, Any]]]:
-    """A prefill and a decode engine, started together; both stopped at the end."""
+    """A prefill engine (management API) and a decode engine (the CLI), started together;
+    both stopped at the end."""
     with ThreadPoolExecutor(2) as pool:
-        futures = {
-            role: pool.submit(start_engine, vllm_stack, role=role) for role in ("prefill", "decode")
-        }
-        engines = {role: future.result() for role, future in futures.items()}
+        prefill = pool.submit(start_engine, vllm_stack, role="prefill")
+        decode = pool.submit(start_with_cli, vllm_stack, "decode")
+        engines = {"prefill": prefill.result(), "decode": decode.result()}
     try:
         yield engines
     finally:

@@ -362,7 +362,7 @@ COMPLETIONS = "/v1/completions"
         (CHAT, {"messages": MESSAGES, "max_tokens": True}, "max_tokens"),
         (CHAT, {"messages": MESSAGES, "max_completion_tokens": -1}, "max_completion_tokens"),
         (CHAT, {"messages": MESSAGES, "temperature": "hot"}, "body.temperature"),
-        (CHAT, {"messages": MESSAGES, "stream": "yes"}, "body.stream"),
+        (CHAT, {"messages": MESSAGES, "stream": "maybe"}, "body.stream"),
         (CHAT, {"messages": MESSAGES, "stop": 3}, "stop"),
         (CHAT, {"messages": MESSAGES, "seed": "x"}, "body.seed"),
         (CHAT, {"messages": MESSAGES, "model": 7}, "model"),
@@ -605,3 +605,11 @@ def test_cli_serves_streaming_chat_and_stops_on_sigterm() -> None:
         assert proc.returncode == 0
         stderr = proc.stderr.read().decode() if proc.stderr else ""
         assert "sim engine listening" in stderr and f":{port}" in stderr
+
+
+async def test_stream_flag_is_read_as_pydantic_reads_it(sim: httpx.AsyncClient) -> None:
+    # vLLM's request model is pydantic in lax mode: "yes" streams, "no" does not.
+    streamed = await sim.post(CHAT, json={"messages": MESSAGES, "stream": "yes", "max_tokens": 2})
+    assert streamed.status_code == 200 and streamed.text.startswith("data: "), streamed.text
+    plain = await sim.post(CHAT, json={"messages": MESSAGES, "stream": "no", "max_tokens": 2})
+    assert plain.json()["object"] == "chat.completion"

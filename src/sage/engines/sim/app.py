@@ -377,6 +377,12 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+_LAX_BOOLS = {
+    **dict.fromkeys(("1", "on", "t", "true", "y", "yes"), True),
+    **dict.fromkeys(("0", "off", "f", "false", "n", "no"), False),
+}
+
+
 def _numeric(text: str) -> bool:
     """Whether pydantic's lax mode would read `text` as a number (vLLM then accepts it)."""
     try:
@@ -441,9 +447,15 @@ def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
     if stream is None:
         stream = False
     elif isinstance(stream, str):
-        raise RequestSchemaError(
-            "stream", "bool_parsing", "Input should be a valid boolean, unable to interpret input"
-        )
+        # pydantic's lax mode, as vLLM's request model reads it: "yes"/"true"/"1"/... pass
+        flag = _LAX_BOOLS.get(stream.lower())
+        if flag is None:
+            raise RequestSchemaError(
+                "stream",
+                "bool_parsing",
+                "Input should be a valid boolean, unable to interpret input",
+            )
+        stream = flag
     elif not isinstance(stream, bool):
         raise InvalidRequestError(f"stream must be a boolean, got {stream!r}", param="stream")
     options = body.get("stream_options")
