@@ -32,6 +32,7 @@ import json
 import os
 import random
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -178,7 +179,7 @@ def overhead(args: argparse.Namespace) -> int:
     """direct vs ours vs vllm-router in front of one real engine (module docstring)."""
     require_wrk()
     vr_bin = peer_bin(args.vllm_router_bin, "vllm-router")
-    results: dict[tuple[str, str, int], dict[str, float]] = {}
+    rounds: dict[tuple[str, str, int], list[dict[str, float]]] = {}
     # No admission cap in front of the engine: vllm-router has none either.
     with stack({"SAGE_SCHEDULER_MAX_INFLIGHT_PER_ENGINE": "0"}) as st:
         (engine,) = start_engines(st, args, [args.cpu_bind], 0)
@@ -205,18 +206,40 @@ def overhead(args: argparse.Namespace) -> int:
             script.write_text(chat_lua(json.dumps({**body, "stream": mode == "stream"})))
             for base in paths.values():  # warm-up: connections, vLLM's first batches
                 run_wrk(base + "/v1/chat/completions", script, 2, 4)
-            # Paths interleaved per point, so drift on the shared machine hits all alike.
-            for conns in args.concurrency:
-                for name, base in paths.items():
-                    r = run_wrk(base + "/v1/chat/completions", script, args.duration, conns)
-                    results[(mode, name, conns)] = r
-                    print(
-                        f"{mode:10} {name:12} c={conns:<4} {r['rps']:8.1f} req/s  "
-                        f"p50 {r['p50_ms']:7.2f}  p99 {r['p99_ms']:7.2f} ms  "
-                        f"errors {r['errors']:.0f}",
-                        flush=True,
+            # Paths interleaved per point and rounds repeated, so drift on the shared
+            # machine hits every path alike; the tables give each figure's median.
+            for round_no in range(args.rounds):
+                for conns in args.concurrency:
+                    for name, base in paths.items():
+                        r = run_wrk(base + "/v1/chat/completions", script, args.duration, conns)
+                        rounds.setdefault((mode, name, conns), []).append(r)
+                        print(
+                            f"{mode:10} round {round_no} {name:12} c={conns:<4} "
+                            f"{r['rps']:8.1f} req/s  p50 {r['p50_ms']:7.2f}  "
+                            f"p99 {r['p99_ms']:7.2f} ms  errors {r['errors']:.0f}",
+                            flush=True,
+                        )
+    results = {
+        key: {m: statistics.median(r[m] for r in runs) for m in runs[0]}
+        for key, runs in rounds.items()
+    }
+    lines = report(results, args)
+    one = min(args.concurrency)
+    for mode in args.modes:
+        for name in ("ours", "vllm-router"):
+            if (mode, name, one) in rounds:
+                added = [
+                    r["p50_ms"] - d["p50_ms"]
+                    for r, d in zip(
+                        rounds[(mode, name, one)], rounds[(mode, "direct", one)], strict=True
                     )
-    text = "\n".join(report(results, args))
+                ]
+                lines.append(
+                    f"\n{mode}, {name}: added p50 at {one} connection(s) per round: "
+                    + ", ".join(f"{a:.2f}" for a in added)
+                    + " ms"
+                )
+    text = "\n".join(lines)
     print("\n" + text)
     if args.markdown:
         args.markdown.write_text(text + "\n")
@@ -332,7 +355,8 @@ def main() -> int:
     common.add_argument("--markdown", type=Path, default=None)
     common.add_argument("--calibrate-s", type=float, default=20.0)
     over = sub.add_parser("overhead", parents=[common])
-    over.add_argument("--duration", type=float, default=10)
+    over.add_argument("--duration", type=float, default=5)
+    over.add_argument("--rounds", type=int, default=3, help="interleaved repeats; medians")
     over.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     over.add_argument("--max-tokens", type=int, default=16)
     over.add_argument("--modes", nargs="+", default=["non-stream", "stream"])
