@@ -101,6 +101,13 @@ def resumes_from_token_ids(engine: EngineRecord) -> bool:
     return engine.backend in TOKEN_ID_BACKENDS
 
 
+def _asked(value: Any) -> bool:
+    """A bool field as vLLM's pydantic model reads it (lax: "yes", "true", 1 ... count)."""
+    if isinstance(value, str):
+        return value.lower() in ("1", "on", "t", "true", "y", "yes")
+    return value is True or (type(value) is int and value == 1)
+
+
 def _int_list(value: Any) -> list[int] | None:
     if isinstance(value, list) and all(
         isinstance(t, int) and not isinstance(t, bool) for t in value
@@ -124,7 +131,7 @@ class StreamResume:
         self.prefix_tokens = 0  # tokens the current engine was given as prefix
         # Token ids, when the engine returned them: the prompt's (as the engine built it,
         # chat template included) and every generated token's, in order.
-        self.client_ids = request.get("return_token_ids") is True  # the client asked itself
+        self.client_ids = _asked(request.get("return_token_ids"))  # the client asked itself
         self.prompt_ids: list[int] | None = None
         self.output_ids: list[int] = []
         self.ids_complete = True  # every token the client got came with its id
@@ -135,8 +142,9 @@ class StreamResume:
 
     def _exact_possible(self, doc: dict[str, Any]) -> bool:
         """Whether this request can be continued from token ids at all (see the module doc)."""
-        if doc.get("stop") or doc.get("return_token_ids") is False:
-            return False
+        said_no = doc.get("return_token_ids") is not None and not self.client_ids
+        if doc.get("stop") or said_no:
+            return False  # stop strings hold text back; the client said no to ids
         if self.chat:
             limited = any(isinstance(doc.get(k), int) for k in _CHAT_LIMITS)
             return limited and not doc.get("logprobs")

@@ -148,15 +148,33 @@ async def test_continuing_from_text_is_exact_without_glued_words() -> None:
 
 
 @pytest.mark.parametrize(
-    ("prompt", "flag"),
-    [([1, -2], None), ([[1], []], None), ([1, 2**31], None), ("a", "yes")],
+    ("prompt", "message", "param"),
+    [
+        ([1, -2], "Token id -2 is out of vocabulary", None),
+        ([[1], [2**31]], "Token id 2147483648 is out of vocabulary", None),
+        ([[1], []], "prompt must be a string, a list of strings, or token ids", "prompt"),
+    ],
 )
-async def test_bad_token_ids_and_flags_are_400s_naming_the_field(
-    sim: httpx.AsyncClient, prompt: Any, flag: Any
+async def test_bad_token_id_prompts_are_vllms_400s(
+    sim: httpx.AsyncClient, prompt: Any, message: str, param: str | None
 ) -> None:
-    body: dict[str, Any] = {"prompt": prompt, "max_tokens": 2}
-    if flag is not None:
-        body["return_token_ids"] = flag
-    response = await sim.post("/v1/completions", json=body)
+    response = await sim.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2})
     assert response.status_code == 400
-    assert response.json()["error"]["param"] == ("prompt" if flag is None else "return_token_ids")
+    error = response.json()["error"]
+    assert (error["message"], error["param"], error["type"]) == (message, param, "BadRequestError")
+
+
+async def test_return_token_ids_is_read_as_vllms_pydantic_model_reads_a_bool(
+    sim: httpx.AsyncClient,
+) -> None:
+    async def ask(flag: Any) -> httpx.Response:
+        body = {"prompt": "a", "max_tokens": 1, "return_token_ids": flag}
+        return await sim.post("/v1/completions", json=body)
+
+    assert (await ask("yes")).json()["choices"][0]["token_ids"] is not None
+    assert (await ask(0)).json()["choices"][0]["token_ids"] is None
+    for bad in ("maybe", [True]):
+        response = await ask(bad)
+        assert response.status_code == 400
+        error = response.json()["error"]
+        assert (error["param"], error["type"]) == ("body.return_token_ids", "Bad Request")

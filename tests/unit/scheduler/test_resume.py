@@ -122,6 +122,7 @@ def test_requests_whose_text_lags_their_tokens_are_not_asked_for_ids() -> None:
         _body(max_tokens=10, logprobs=True),
         _body(),
         _body(max_tokens=10, return_token_ids=False),
+        _body(max_tokens=10, return_token_ids="no"),
     ):
         assert _tracked(body).asking_ids(body, VLLM) == body
 
@@ -140,11 +141,13 @@ def test_ids_asked_for_the_client_are_nulled_in_what_it_is_sent() -> None:
 
 
 def test_ids_the_client_asked_for_reach_it() -> None:
-    body = _body(max_tokens=10, return_token_ids=True)
-    seen = _tracked(body)
-    assert seen.asking_ids(body, VLLM) == body
-    assert seen.absorb(_role(PROMPT_IDS)) == _role(PROMPT_IDS)
-    assert seen.absorb(_chunk(" a", [7])) == _chunk(" a", [7])
+    for flag in (True, "yes", 1):  # vLLM reads the flag as pydantic's lax mode does
+        body = _body(max_tokens=10, return_token_ids=flag)
+        seen = _tracked(body)
+        assert seen.asking_ids(body, VLLM) == body
+        assert seen.absorb(_role(PROMPT_IDS)) == _role(PROMPT_IDS)
+        assert seen.absorb(_chunk(" a", [7])) == _chunk(" a", [7])
+        assert seen.continuation(VLLM)[0] == COMPLETIONS
 
 
 # ---- continuing from token ids

@@ -539,11 +539,13 @@ def _check_messages(messages: Any) -> list[dict[str, Any]]:
 
 
 def _token_ids(value: Any) -> bool:
-    return (
-        isinstance(value, list)
-        and bool(value)
-        and all(_is_int(t) and 0 <= t < _VOCAB_SIZE for t in value)
-    )
+    """Whether `value` is a token-id prompt; ids outside the vocabulary are vLLM's 400."""
+    if not isinstance(value, list) or not value or not all(_is_int(t) for t in value):
+        return False
+    for bound in (min(value), max(value)):
+        if not 0 <= bound < _VOCAB_SIZE:
+            raise InvalidRequestError(f"Token id {bound} is out of vocabulary")
+    return True
 
 
 def _completion_prompts(prompt: Any) -> list[tuple[int, ...]]:
@@ -571,12 +573,21 @@ def _prompt_key(token_ids: Sequence[int]) -> str:
 
 
 def _return_token_ids(body: dict[str, Any]) -> bool:
+    """vLLM's return_token_ids, read as its pydantic model reads a bool (lax mode)."""
     flag = body.get("return_token_ids")
-    if flag is not None and not isinstance(flag, bool):
-        raise InvalidRequestError(
-            f"return_token_ids must be a boolean, got {flag!r}", param="return_token_ids"
+    if flag is None or isinstance(flag, bool):
+        return bool(flag)
+    if isinstance(flag, str) and flag.lower() in _LAX_BOOLS:
+        return _LAX_BOOLS[flag.lower()]
+    if _is_int(flag) and flag in (0, 1):
+        return bool(flag)
+    if isinstance(flag, str | int | float):
+        raise RequestSchemaError(
+            "return_token_ids",
+            "bool_parsing",
+            "Input should be a valid boolean, unable to interpret input",
         )
-    return bool(flag)
+    raise RequestSchemaError("return_token_ids", "bool_type", "Input should be a valid boolean")
 
 
 # -- the engine ----------------------------------------------------------------------------
