@@ -248,6 +248,39 @@ async def test_stream_killed_mid_way_resumes_from_token_ids_byte_for_byte(
     )
 
 
+async def test_completion_stream_killed_mid_way_resumes_from_token_ids(
+    plane_factory: PlaneFactory, sim_engine: SimFactory
+) -> None:
+    """A completion goes on from its token ids too, in its own chunk shape."""
+    plane = await plane_factory()
+    urls = [sim_engine("--tpot-ms", "40", "--subword-tokens") for _ in range(2)]
+    for i, url in enumerate(urls):
+        engine = common_pb2.Engine(
+            engine_id=f"sim-{i}",
+            model="sim",
+            base_url=url,
+            kind=common_pb2.ENGINE_KIND_LLM,
+            backend="sim",
+        )
+        await plane.scheduler.RegisterEngine(scheduler_pb2.RegisterEngineRequest(engine=engine))
+    prompt = _glued_early_prompt()
+    killed: list[str] = []
+
+    async def kill_after_five(events: list[Any]) -> None:
+        if len(events) == 5 and not killed:
+            killed.append(await _kill_busy(sim_engine, urls))
+
+    body = {"model": "sim", "prompt": prompt, "max_tokens": 30}
+    events = await _stream(plane.client, "/v1/completions", body, kill_after_five)
+
+    assert killed and events[-1] == "[DONE]"
+    assert await plane.metric("sage:scheduler_failovers_total", kind="stream") == 1
+    choices = [c["choices"][0] for c in events[:-1]]
+    assert "".join(c["text"] for c in choices) == expected_text(prompt, 30, subword=True)
+    assert all(c["token_ids"] is None and c["prompt_token_ids"] is None for c in choices)
+    assert len({c["id"] for c in events[:-1]}) == 1 and len(choices) == 30
+
+
 async def test_stream_with_no_engine_left_ends_with_an_error_event(
     plane_factory: PlaneFactory, sim_engine: SimFactory
 ) -> None:
