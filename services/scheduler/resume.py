@@ -145,9 +145,8 @@ class StreamResume:
         said_no = doc.get("return_token_ids") is not None and not self.client_ids
         if doc.get("stop") or said_no:
             return False  # stop strings hold text back; the client said no to ids
-        if self.chat:
-            limited = any(isinstance(doc.get(k), int) for k in _CHAT_LIMITS)
-            return limited and not doc.get("logprobs")
+        if self.chat:  # a completion's limit defaults to 16, a chat's to the context
+            return self._limit_key(doc) is not None and not doc.get("logprobs")
         return True
 
     @classmethod
