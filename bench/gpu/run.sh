@@ -7,18 +7,7 @@
 # Results: stdout and $OUT/gpu_results.json.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PY=${PYTHON:-python3}
-if [ "${SKIP_WHL:-0}" != 1 ] && compgen -G ".whl/*.whl" >/dev/null; then
-  site=$(mktemp -d)
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target "$site" .whl/*.whl
-  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-# `sage` is a namespace package; `sage.services` is services/ (setuptools package-dir).
-shim=$(mktemp -d)
-mkdir -p "$shim/sage"
-ln -s "$PWD/services" "$shim/sage/services"
-export PYTHONPATH="$PWD/src:$shim${PYTHONPATH:+:$PYTHONPATH}"
+source scripts/device/env.sh
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 echo "python: $("$PY" --version) at $(command -v "$PY")"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true

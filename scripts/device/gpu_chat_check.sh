@@ -13,19 +13,9 @@
 #   CPU=1 PYTHON=.venv/bin/python bash scripts/device/gpu_chat_check.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PY=${PYTHON:-python3}
-# The wheels are cp312 for the device machines: not for a local CPU run (SKIP_WHL=1).
-if [ "${SKIP_WHL:-${CPU:-0}}" != 1 ] && compgen -G ".whl/*.whl" >/dev/null; then
-  site=$(mktemp -d)
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target "$site" .whl/*.whl
-  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-# `sage` is a namespace package; `sage.services` is services/ (setuptools package-dir).
-shim=$(mktemp -d)
-mkdir -p "$shim/sage"
-ln -s "$PWD/services" "$shim/sage/services"
-export PYTHONPATH="$PWD/src:$shim${PYTHONPATH:+:$PYTHONPATH}"
+# The wheels are cp312 for the device machines: not for a local CPU run.
+SKIP_WHL=${SKIP_WHL:-${CPU:-0}}
+source scripts/device/env.sh
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 work=${WORK:-$(mktemp -d)}
 out=${OUT:-$work}

@@ -10,18 +10,7 @@
 # into a private folder. The repo itself is imported from the working tree, not installed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PY=${PYTHON:-python3}
-if compgen -G ".whl/*.whl" >/dev/null; then
-  site=$(mktemp -d)
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target "$site" .whl/*.whl
-  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-# `sage` is a namespace package; `sage.services` is services/ (setuptools package-dir).
-shim=$(mktemp -d)
-mkdir -p "$shim/sage"
-ln -s "$PWD/services" "$shim/sage/services"
-export PYTHONPATH="$PWD/src:$shim:$PYTHONPATH"
+source scripts/device/env.sh
 SAGE_HOME=$(mktemp -d)
 export SAGE_HOME PYTHONUNBUFFERED=1
 echo "python: $("$PY" --version) at $(command -v "$PY")"
