@@ -28,6 +28,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from sage.common.security import engine_api_key
 from sage.common.utils.processes import free_port, stop_process_tree
@@ -104,6 +105,18 @@ class VllmStack:
                 kept = [line for line in lines if '"GET /metrics' not in line]  # the scrapes
                 parts.append(f"--- {log.name}\n" + "\n".join(kept)[-3000:])
         return "\n".join(parts)
+
+
+def engine_counter(base_url: str, name: str) -> float:
+    """A vLLM counter from an engine's /metrics (open, as vLLM's key guards only /v1...),
+    summed over its label sets (vLLM labels each engine core)."""
+    text = httpx.get(base_url + "/metrics", timeout=30).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    )
 
 
 def start_engine(stack: VllmStack, **fields: Any) -> dict[str, Any]:

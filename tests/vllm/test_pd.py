@@ -25,7 +25,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.vllm.conftest import VllmStack, sse, stop_engine
+from tests.vllm.conftest import VllmStack, engine_counter, sse, stop_engine
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -33,17 +33,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(420)]
 # no other module sends (so no engine has it cached beforehand).
 PROMPT = "a stitch in time saves nine when the tide waits for no one " * 24
 EXTERNAL_HITS = "vllm:external_prefix_cache_hits_total"
-
-
-def counter(base_url: str, name: str) -> float:
-    """A vLLM counter from the engine's /metrics, summed over its label sets."""
-    text = httpx.get(base_url + "/metrics", timeout=30).text
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name
-    )
 
 
 def pd_requests(stack: VllmStack) -> dict[str, float]:
@@ -102,8 +91,8 @@ def test_completion_goes_prefill_then_decode_and_the_kv_moves(
 
     decode_url = str(pd_pair["decode"]["base_url"])
     prefill_url = str(pd_pair["prefill"]["base_url"])
-    hits_before = counter(decode_url, EXTERNAL_HITS)
-    prefill_before = counter(prefill_url, "vllm:prompt_tokens_total")
+    hits_before = engine_counter(decode_url, EXTERNAL_HITS)
+    prefill_before = engine_counter(prefill_url, "vllm:prompt_tokens_total")
     outcomes_before = pd_requests(vllm_stack)
     pd_model = pd_pair["prefill"]["model_id"]
     reply = httpx.post(
@@ -114,8 +103,8 @@ def test_completion_goes_prefill_then_decode_and_the_kv_moves(
     assert doc["usage"]["prompt_tokens"] >= 257, doc["usage"]
     assert doc["usage"]["completion_tokens"] == 12
     # The producer prefilled the prompt; the consumer loaded at least its 2 whole blocks.
-    assert counter(prefill_url, "vllm:prompt_tokens_total") - prefill_before >= 257
-    assert counter(decode_url, EXTERNAL_HITS) - hits_before >= 256
+    assert engine_counter(prefill_url, "vllm:prompt_tokens_total") - prefill_before >= 257
+    assert engine_counter(decode_url, EXTERNAL_HITS) - hits_before >= 256
     outcomes = pd_requests(vllm_stack)
     grew = outcomes.get("no_kv_params", 0) - outcomes_before.get("no_kv_params", 0)
     assert grew == 1, (outcomes_before, outcomes)
@@ -130,7 +119,7 @@ def test_streamed_chat_through_pd_equals_one_engine(
     direct(vllm_stack, "/v1/chat/completions", body).raise_for_status()
     reference = direct(vllm_stack, "/v1/chat/completions", body).json()
     decode_url = str(pd_pair["decode"]["base_url"])
-    hits_before = counter(decode_url, EXTERNAL_HITS)
+    hits_before = engine_counter(decode_url, EXTERNAL_HITS)
     reply = httpx.post(
         vllm_stack.gateway + "/v1/chat/completions",
         json={
@@ -148,5 +137,5 @@ def test_streamed_chat_through_pd_equals_one_engine(
     assert not [c for c in chunks if "error" in c], chunks
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     assert chunks[-1]["usage"]["completion_tokens"] == 10
-    assert counter(decode_url, EXTERNAL_HITS) - hits_before >= 256
+    assert engine_counter(decode_url, EXTERNAL_HITS) - hits_before >= 256
     assert text == reference["choices"][0]["message"]["content"]

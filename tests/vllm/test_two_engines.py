@@ -20,12 +20,12 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from sage.engines.vllm_metrics import read_load
 from tests.vllm.conftest import (
     MESSAGES,
     VllmStack,
+    engine_counter,
     sse,
     start_engine,
     still_running,
@@ -45,13 +45,7 @@ PROMPTS = {
 
 def prefix_hits(base_url: str) -> float:
     """An engine's vllm:prefix_cache_hits_total (tokens), summed over its engine cores."""
-    text = httpx.get(base_url + "/metrics", timeout=30).text
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == HITS
-    )
+    return engine_counter(base_url, HITS)
 
 
 @pytest.fixture(scope="module")
