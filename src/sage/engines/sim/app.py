@@ -538,13 +538,21 @@ def _check_messages(messages: Any) -> list[dict[str, Any]]:
     return messages
 
 
-def _token_ids(value: Any) -> bool:
-    """Whether `value` is a token-id prompt; ids outside the vocabulary are vLLM's 400."""
+def _token_ids(value: Any, nested: bool = False) -> bool:
+    """Whether `value` is a token-id prompt. A negative id fails vLLM's request model (ids
+    are `int >= 0`; its first error is the flat list's, item 0 for a nested prompt); one
+    past the vocabulary fails its renderer's check."""
     if not isinstance(value, list) or not value or not all(_is_int(t) for t in value):
         return False
-    for bound in (min(value), max(value)):
-        if not 0 <= bound < _VOCAB_SIZE:
-            raise InvalidRequestError(f"Token id {bound} is out of vocabulary")
+    if min(value) < 0:
+        if nested:
+            raise RequestSchemaError("prompt.0", "int_type", "Input should be a valid integer")
+        at = next(i for i, t in enumerate(value) if t < 0)
+        raise RequestSchemaError(
+            f"prompt.{at}", "greater_than_equal", "Input should be greater than or equal to 0"
+        )
+    if max(value) >= _VOCAB_SIZE:
+        raise InvalidRequestError(f"Token id {max(value)} is out of vocabulary")
     return True
 
 
@@ -560,7 +568,7 @@ def _completion_prompts(prompt: Any) -> list[tuple[int, ...]]:
             return [tuple(tokenize(p)) for p in prompt]
         if _token_ids(prompt):
             return [tuple(prompt)]
-        if all(_token_ids(p) for p in prompt):
+        if all(_token_ids(p, nested=True) for p in prompt):
             return [tuple(p) for p in prompt]
     raise InvalidRequestError(
         "prompt must be a string, a list of strings, or token ids", param="prompt"
