@@ -168,6 +168,13 @@ ERROR_CASES = [
     ),
     pytest.param("/v1/completions", {"prompt": "x", "max_tokens": 2.5}, id="max_tokens 2.5"),
     pytest.param("/v1/completions", {"prompt": "x", "seed": "x"}, id="seed 'x'"),
+    pytest.param("/v1/completions", {"prompt": [101, -2]}, id="token id -2"),
+    pytest.param("/v1/completions", {"prompt": [[101], [3, -2]]}, id="nested token id -2"),
+    pytest.param(
+        "/v1/chat/completions",
+        {"messages": MESSAGES, "return_token_ids": "maybe"},
+        id="return_token_ids 'maybe'",
+    ),
 ]
 
 
