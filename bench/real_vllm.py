@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -41,6 +42,7 @@ from pathlib import Path
 
 import aiohttp
 import httpx
+import psutil
 from _stack import Stack, chat_lua, require_wrk, run_wrk, stack
 from router_overhead import peer_bin, report, start_vllm_router
 from scheduling_slo import (
@@ -175,6 +177,24 @@ def start_engines(st: Stack, args: argparse.Namespace, binds: list[str], slots: 
     return urls
 
 
+def tree_cpu_s(st: Stack, names: list[str]) -> float:
+    """CPU seconds used so far by processes `names` and everything below them (vLLM's
+    EngineCore and workers)."""
+    total = 0.0
+    for name in names:
+        top = psutil.Process(st.procs[name].pid)
+        for proc in [top, *top.children(recursive=True)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                times = proc.cpu_times()
+                total += times.user + times.system
+    return total
+
+
+# Whose CPU counts as each path's router: wall-clock latency on a shared 2-core machine is
+# noisier than what the routers add, CPU time per request is not.
+ROUTER_PROCS = {"direct": [], "ours": ["edge", "scheduler"], "vllm-router": ["vllm-router"]}
+
+
 def overhead(args: argparse.Namespace) -> int:
     """direct vs ours vs vllm-router in front of one real engine (module docstring)."""
     require_wrk()
@@ -211,12 +231,19 @@ def overhead(args: argparse.Namespace) -> int:
             for round_no in range(args.rounds):
                 for conns in args.concurrency:
                     for name, base in paths.items():
+                        cpu = tree_cpu_s(st, ROUTER_PROCS[name]), tree_cpu_s(st, ["vllm-0"])
                         r = run_wrk(base + "/v1/chat/completions", script, args.duration, conns)
+                        done = max(1.0, r["requests"])
+                        r["router_cpu_ms"] = (
+                            (tree_cpu_s(st, ROUTER_PROCS[name]) - cpu[0]) * 1e3 / done
+                        )
+                        r["engine_cpu_ms"] = (tree_cpu_s(st, ["vllm-0"]) - cpu[1]) * 1e3 / done
                         rounds.setdefault((mode, name, conns), []).append(r)
                         print(
                             f"{mode:10} round {round_no} {name:12} c={conns:<4} "
                             f"{r['rps']:8.1f} req/s  p50 {r['p50_ms']:7.2f}  "
-                            f"p99 {r['p99_ms']:7.2f} ms  errors {r['errors']:.0f}",
+                            f"p99 {r['p99_ms']:7.2f} ms  errors {r['errors']:.0f}  CPU ms/req "
+                            f"router {r['router_cpu_ms']:.2f} engine {r['engine_cpu_ms']:.2f}",
                             flush=True,
                         )
     results = {
@@ -224,6 +251,23 @@ def overhead(args: argparse.Namespace) -> int:
         for key, runs in rounds.items()
     }
     lines = report(results, args)
+    lines += [
+        "",
+        "| mode | conns | CPU ms per request: engine (direct) | ours (edge + scheduler) "
+        "| vllm-router |",
+        "|---|---|---|---|---|",
+    ]
+    for mode in args.modes:
+        for conns in args.concurrency:
+            cells = [
+                f"{results[(mode, n, conns)][m]:.2f}" if (mode, n, conns) in results else "—"
+                for n, m in (
+                    ("direct", "engine_cpu_ms"),
+                    ("ours", "router_cpu_ms"),
+                    ("vllm-router", "router_cpu_ms"),
+                )
+            ]
+            lines.append(f"| {mode} | {conns} | " + " | ".join(cells) + " |")
     one = min(args.concurrency)
     for mode in args.modes:
         for name in ("ours", "vllm-router"):
