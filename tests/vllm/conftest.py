@@ -107,15 +107,15 @@ class VllmStack:
         return "\n".join(parts)
 
 
-def engine_counter(base_url: str, name: str) -> float:
-    """A vLLM counter from an engine's /metrics (open, as vLLM's key guards only /v1...),
-    summed over its label sets (vLLM labels each engine core)."""
+def engine_counter(base_url: str, name: str, **labels: str) -> float:
+    """A counter from an engine's /metrics (open: vLLM's key guards only /v1...), summed over
+    the label sets that match `labels` (vLLM labels each engine core)."""
     text = httpx.get(base_url + "/metrics", timeout=30).text
     return sum(
         sample.value
         for family in text_string_to_metric_families(text)
         for sample in family.samples
-        if sample.name == name
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
     )
 
 

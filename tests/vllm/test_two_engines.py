@@ -1,6 +1,7 @@
 """Two real vLLM engines for one model behind the stack (the second started through the
 management API, once for the module), in order: prefix_aware routing, kill -9 of one engine
-mid-stream, its restart by lifecycle, and a drain-stop.
+under 8 greedy streams (each cut stream resumed exactly, from token ids), its restart by
+lifecycle, and a drain-stop.
 
 prefix_aware: a repeated long prompt goes back to the engine that cached it, so that
 engine's own `vllm:prefix_cache_hits_total` grows (vLLM caches whole 128-token blocks; a
@@ -20,10 +21,10 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from sage.engines.vllm_metrics import read_load
 from tests.vllm.conftest import (
-    MESSAGES,
     VllmStack,
     engine_counter,
     sse,
@@ -108,66 +109,143 @@ def test_repeated_prefix_hits_the_cache_of_one_engine(
             assert max(grew) >= (REPEATS - 1) * 256, (name, grew)
 
 
-async def stream_chat(http: httpx.AsyncClient, model: str, max_tokens: int) -> dict[str, Any]:
-    """One streamed chat through the edge: status, text, finish reason, errors seen."""
+MAX_TOKENS = 160
+SUBJECTS = (
+    "batching",
+    "prefix caching",
+    "tokenizers",
+    "schedulers",
+    "paged attention",
+    "speculative decoding",
+    "quantization",
+    "disaggregated prefill",
+)
+
+
+def gateway_sample(stack: VllmStack, name: str, **labels: str) -> float:
+    """A series of the gateway's /metrics, summed over the label sets matching `labels`."""
+    text = httpx.get(stack.gateway + "/metrics", headers=stack.admin(), timeout=30).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+async def stream_chat(
+    http: httpx.AsyncClient, model: str, subject: str, progress: list[int], index: int
+) -> dict[str, Any]:
+    """One greedy streamed chat through the edge, as the client reads it."""
     body = {
         "model": model,
-        "messages": MESSAGES,
-        "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": f"say something about {subject}"}],
+        "max_tokens": MAX_TOKENS,
         "temperature": 0,
-        "ignore_eos": True,  # runs to max_tokens: long enough to be caught mid-stream
+        "ignore_eos": True,  # runs to max_tokens: long enough to be cut mid-way
         "stream": True,
+        "stream_options": {"include_usage": True},
     }
-    reply = await http.post("/chat/completions", json=body)
-    events = sse(reply.text) if reply.status_code == 200 else []
-    chunks = [e for e in events if isinstance(e, dict)]
+    chunks: list[Any] = []
+    async with http.stream("POST", "/chat/completions", json=body) as reply:
+        assert reply.status_code == 200, await reply.aread()
+        async for line in reply.aiter_lines():
+            if line.startswith("data: "):
+                chunks.extend(sse(line))
+                progress[index] += 1
+    assert chunks and chunks[-1] == "[DONE]", chunks[-3:]
+    events = [c for c in chunks if isinstance(c, dict)]
+    assert not [e for e in events if "error" in e], events
+    content = [e["choices"][0] for e in events if e["choices"]]
     return {
-        "status": reply.status_code,
-        "done": bool(events) and events[-1] == "[DONE]",
-        "errors": [c for c in chunks if "error" in c],
-        "finish": [c["choices"][0]["finish_reason"] for c in chunks if c.get("choices")][-1:],
-        "text": "".join(
-            c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices")
-        ),
+        "text": "".join(c["delta"].get("content") or "" for c in content),
+        "finish": content[-1]["finish_reason"],
+        "usage": events[-1]["usage"],
+        "ids": {e["id"] for e in events},
+        "roles": sum("role" in c["delta"] for c in content),
+        # what a client that did not ask for token ids must never see
+        "token_ids": [c.get("token_ids") for c in content if c.get("token_ids") is not None]
+        + [e["prompt_token_ids"] for e in events if e.get("prompt_token_ids") is not None],
     }
 
 
-async def test_kill_9_of_one_engine_mid_stream_fails_no_request(
-    vllm_stack: VllmStack, two_engines: list[dict[str, Any]]
+async def all_streams(
+    stack: VllmStack, engines: list[dict[str, Any]], victim: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """Every subject's stream at once; with a victim, SIGKILL its API server once all
+    streams are under way and it is decoding some of them. On 2 busy cores a /metrics
+    answer can lag by seconds; a failure says where the requests went."""
+    progress = [0] * len(SUBJECTS)
+    async with httpx.AsyncClient(base_url=stack.gateway + "/v1", timeout=300) as http:
+        streams = [
+            asyncio.create_task(stream_chat(http, stack.model, subject, progress, i))
+            for i, subject in enumerate(SUBJECTS)
+        ]
+        if victim is not None:
+            deadline = time.monotonic() + 120
+            seen: list[tuple[float, ...]] = []
+            while not all(s.done() for s in streams) and time.monotonic() < deadline:
+                loads = [
+                    read_load((await http.get(str(e["base_url"]) + "/metrics", timeout=30)).text)
+                    for e in engines
+                ]
+                seen.append(tuple(load.running for load in loads))
+                on_victim = loads[[e["engine_id"] for e in engines].index(victim["engine_id"])]
+                if min(progress) >= 3 and on_victim.running > 0:
+                    os.kill(int(victim["pid"]), signal.SIGKILL)
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                pytest.fail(
+                    f"no stream caught on the victim; chunks per stream {progress}, running "
+                    f"per engine over time {seen[-20:]}\n{routing_state(stack)}\n{stack.logs()}"
+                )
+        return list(await asyncio.gather(*streams))
+
+
+@pytest.fixture(scope="module")
+def unbroken(vllm_stack: VllmStack, two_engines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every subject's stream once, nothing killed: what the resumed ones must read like."""
+    return asyncio.run(all_streams(vllm_stack, two_engines))
+
+
+def test_streams_cut_by_kill_9_read_exactly_like_unbroken_ones(
+    vllm_stack: VllmStack, two_engines: list[dict[str, Any]], unbroken: list[dict[str, Any]]
 ) -> None:
+    """kill -9 of one engine's API server under 8 greedy streams fails none: the scheduler
+    continues each cut stream on the other engine from its token ids (vLLM's
+    return_token_ids; a /v1/completions of prompt + output ids), so every reply is byte for
+    byte the unbroken one (resuming from text was not: WordPiece text does not re-tokenize
+    to its ids), and lifecycle kills what the API server left behind."""
     victim = engine_state(vllm_stack, two_engines[1]["engine_id"])
     assert victim is not None and victim["status"] == "RUNNING"
-    async with httpx.AsyncClient(base_url=vllm_stack.gateway + "/v1", timeout=120) as http:
-        streams = [asyncio.create_task(stream_chat(http, vllm_stack.model, 700)) for _ in range(8)]
-        # Kill vLLM's API server once the victim is decoding some of them. On 2 busy cores
-        # a /metrics answer can lag by seconds: the streams are long enough to outlast that.
-        deadline = time.monotonic() + 90
-        seen: list[tuple[float, float]] = []
-        while time.monotonic() < deadline and not all(s.done() for s in streams):
-            loads = [
-                read_load((await http.get(str(e["base_url"]) + "/metrics", timeout=30)).text)
-                for e in (two_engines[0], victim)
-            ]
-            seen.append((loads[0].running, loads[1].running))
-            if loads[1].running > 0:
-                break
-            await asyncio.sleep(0.05)
-        else:
-            done = [s.result() for s in streams if s.done()]
-            pytest.fail(
-                f"no request reached the second engine; running (first, second) over time: "
-                f"{seen[-20:]}; streams finished: {len(done)} {done[:1]}\n"
-                f"{routing_state(vllm_stack)}\n{vllm_stack.logs()}"
-            )
-        left_behind = psutil.Process(int(victim["pid"])).children(recursive=True)
-        os.kill(int(victim["pid"]), signal.SIGKILL)
-        results = await asyncio.gather(*streams)
+    assert ready_engines(vllm_stack) == 2
+    left_behind = psutil.Process(int(victim["pid"])).children(recursive=True)
+    failovers = gateway_sample(vllm_stack, "sage:scheduler_failovers_total", kind="stream")
+    completions = engine_counter(
+        vllm_stack.engine_url, "http_requests_total", handler="/v1/completions"
+    )
+
+    resumed = asyncio.run(all_streams(vllm_stack, two_engines, victim))
+
     # lifecycle killed what the API server left (EngineCore, Worker: ~2.4 GiB otherwise)
     assert not still_running(left_behind, timeout=30), [p.pid for p in left_behind]
-    for result in results:
-        assert result["status"] == 200 and result["done"], result
-        assert result["errors"] == [] and result["finish"] == ["length"], result
-        assert result["text"], result
+    # Some streams were cut after chunks went out; each went on from its token ids, as a
+    # completion on the surviving engine (the client sent only chat requests).
+    cut = gateway_sample(vllm_stack, "sage:scheduler_failovers_total", kind="stream") - failovers
+    assert cut >= 1, vllm_stack.logs()
+    served = (
+        engine_counter(vllm_stack.engine_url, "http_requests_total", handler="/v1/completions")
+        - completions
+    )
+    assert served == cut, (served, cut)
+    for subject, want, got in zip(SUBJECTS, unbroken, resumed, strict=True):
+        assert got["text"] == want["text"], (subject, want["text"], got["text"])
+        assert got["finish"] == want["finish"] == "length", subject
+        assert got["usage"] == want["usage"], subject  # prompt and reply counted as unbroken
+        # one stream to the client: one id, one role chunk, no token ids it did not ask for
+        assert len(got["ids"]) == 1 and got["roles"] == 1, (subject, got["ids"])
+        assert got["token_ids"] == [] and want["token_ids"] == [], subject
 
 
 def test_killed_engine_is_restarted_by_lifecycle(
