@@ -10,12 +10,13 @@ the shared lock: `flock /tmp/vllm.lock timeout 900 python bench/real_vllm.py ...
   overhead      one engine; wrk → engine (direct), → our edge + scheduler, → vllm-router
                 (round_robin); short chats non-streamed and streamed; req/s, p50/p99 and
                 the p50 each router adds over direct at the same concurrency.
-  slo           2-3 engines with few batch slots; their capacity measured first (closed
-                loop, slots clients per engine, direct), then scheduling_slo.py's trace
-                rescaled to it: calm and burst rates and SLOs keep the sim scenario's
-                ratios to capacity and service time (SIM_* below, from `sim-capacity`).
-                Ours (several policies) vs round-robin vs vllm-router's policies; chat
-                only (no embedding engine: 2 cores cannot hold a third model).
+  slo           2-3 engines with few batch slots (as many in all as the sim's 4 x 4);
+                their capacity measured first (closed loop, slots clients per engine,
+                direct), then scheduling_slo.py's trace for the same seed, sped up or
+                slowed down by capacity / the sim's (SIM_* below, from `sim-capacity`),
+                SLOs scaled by service time / the sim's; its embedding requests dropped (the
+                sim sent them to an embedding engine of their own; 2 cores cannot hold a
+                third model). Ours (several policies) vs vllm-router's policies.
   sim-capacity  the same capacity measurement on scheduling_slo.py's four sim engines: the
                 reference the trace is scaled by.
 
@@ -309,10 +310,12 @@ def slo(args: argparse.Namespace) -> int:
         calm, burst = (r / SIM_CAPACITY_RPS * cap.rps for r in SCENARIOS[args.scenario])
         scale = cap.service_ms / SIM_SERVICE_MS
         slo_ms = (round(SIM_SLO_MS[0] * scale), round(SIM_SLO_MS[1] * scale))
-        n = args.requests or round(args.cycles * 5 * (calm + burst))
+        # The sim's trace (same seed and count) at these rates: the same draws, arrival
+        # times divided by capacity / the sim's; its embedding requests left out.
         trace = make_trace(
-            n, args.seed, rates=(calm, burst), embed_share=0.0, slo_ms=(slo_ms[0], slo_ms[1])
+            args.requests, args.seed, rates=(calm, burst), slo_ms=(slo_ms[0], slo_ms[1])
         )
+        trace = [item for item in trace if item.kind == "chat"]
         duration = trace[-1].at
         header = (
             f"capacity {cap.rps:.2f} req/s, mean service {cap.service_ms:.0f} ms "
@@ -320,9 +323,9 @@ def slo(args: argparse.Namespace) -> int:
             f"sim {SIM_CAPACITY_RPS:.1f} req/s, {SIM_SERVICE_MS:.0f} ms); scenario "
             f"{args.scenario}: calm {calm:.2f} / burst {burst:.2f} req/s "
             f"({calm / cap.rps:.2f}x / {burst / cap.rps:.2f}x capacity); SLO "
-            f"{slo_ms[0]} ms high / {slo_ms[1]} ms low; {len(trace)} chat requests over "
-            f"{duration:.1f} s, seed {args.seed}; {len(urls)} engines (cores {args.cpu_binds}),"
-            f" {args.slots} slots each"
+            f"{slo_ms[0]} ms high / {slo_ms[1]} ms low; {len(trace)} chat requests (of "
+            f"{args.requests}) over {duration:.1f} s, seed {args.seed}; {len(urls)} engines "
+            f"(cores {args.cpu_binds}), {args.slots} slots each"
         )
         print(header, flush=True)
         for config in args.ours.split(","):
@@ -408,10 +411,11 @@ def main() -> int:
     slo_p = sub.add_parser("slo", parents=[common])
     slo_p.add_argument("--scenario", choices=sorted(SCENARIOS), default="overload")
     slo_p.add_argument("--cpu-binds", default="0,1", help="one engine per entry")
-    slo_p.add_argument("--slots", type=int, default=SLOTS, help="vLLM --max-num-seqs")
+    slo_p.add_argument(
+        "--slots", type=int, default=8, help="vLLM --max-num-seqs (2 x 8: the sim's 4 x 4)"
+    )
     slo_p.add_argument("--seed", type=int, default=7)
-    slo_p.add_argument("--cycles", type=float, default=2.0, help="10 s calm+burst cycles")
-    slo_p.add_argument("--requests", type=int, default=0, help="instead of --cycles")
+    slo_p.add_argument("--requests", type=int, default=400, help="of the sim trace, as there")
     slo_p.add_argument("--capacity", type=float, default=0.0, help="skip the measurement")
     slo_p.add_argument("--service-ms", type=float, default=0.0)
     slo_p.add_argument(
