@@ -12,8 +12,8 @@ the shared lock: `flock /tmp/vllm.lock timeout 900 python bench/real_vllm.py ...
                 the p50 each router adds over direct at the same concurrency.
   slo           2-3 engines with few batch slots (as many in all as the sim's 4 x 4);
                 their capacity measured first (closed loop, slots clients per engine,
-                direct), then scheduling_slo.py's trace for the same seed, sped up or
-                slowed down by capacity / the sim's (SIM_* below, from `sim-capacity`),
+                direct), then scheduling_slo.py's trace for the same seed, its rates
+                scaled by capacity / the sim's (SIM_* below, from `sim-capacity`),
                 SLOs scaled by service time / the sim's; its embedding requests dropped (the
                 sim sent them to an embedding engine of their own; 2 cores cannot hold a
                 third model). Ours (several policies) vs vllm-router's policies.
@@ -310,8 +310,8 @@ def slo(args: argparse.Namespace) -> int:
         calm, burst = (r / SIM_CAPACITY_RPS * cap.rps for r in SCENARIOS[args.scenario])
         scale = cap.service_ms / SIM_SERVICE_MS
         slo_ms = (round(SIM_SLO_MS[0] * scale), round(SIM_SLO_MS[1] * scale))
-        # The sim's trace (same seed and count) at these rates: the same draws, arrival
-        # times divided by capacity / the sim's; its embedding requests left out.
+        # The sim's trace generator (same seed, count and 5 s phases) at these rates; its
+        # embedding requests left out.
         trace = make_trace(
             args.requests, args.seed, rates=(calm, burst), slo_ms=(slo_ms[0], slo_ms[1])
         )
