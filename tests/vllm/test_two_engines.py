@@ -77,7 +77,11 @@ def routing_state(stack: VllmStack) -> str:
         stack.gateway + "/v1/management/engines", headers=stack.admin(), timeout=30
     ).json()["engines"]
     states = [(e["engine_id"], e["status"], e.get("restart_count"), e.get("error")) for e in listed]
-    series = [line for line in text.splitlines() if 'engine="' in line and line[0] != "#"]
+    series = [
+        line
+        for line in text.splitlines()
+        if 'engine="' in line and line[0] != "#" and "_bucket{" not in line
+    ]
     return "\n".join([f"engines: {states}", *series])
 
 
@@ -109,7 +113,7 @@ def test_repeated_prefix_hits_the_cache_of_one_engine(
             assert max(grew) >= (REPEATS - 1) * 256, (name, grew)
 
 
-MAX_TOKENS = 160
+MAX_TOKENS = 400  # ~2-5 s a stream here: time to cut them mid-way
 SUBJECTS = (
     "batching",
     "prefix caching",
@@ -170,11 +174,12 @@ async def stream_chat(
 
 
 async def all_streams(
-    stack: VllmStack, engines: list[dict[str, Any]], victim: dict[str, Any] | None = None
+    stack: VllmStack, victim: dict[str, Any] | None = None
 ) -> list[dict[str, Any]]:
-    """Every subject's stream at once; with a victim, SIGKILL its API server once all
-    streams are under way and it is decoding some of them. On 2 busy cores a /metrics
-    answer can lag by seconds; a failure says where the requests went."""
+    """Every subject's stream at once; with a victim, SIGKILL its API server as soon as every
+    stream has its first chunks. Not by the victim's /metrics: on 2 busy cores its answer
+    can come after the streams ended. The scheduler spreads the 8 streams over both
+    engines (least in flight), so some are cut; the caller checks that some were."""
     progress = [0] * len(SUBJECTS)
     async with httpx.AsyncClient(base_url=stack.gateway + "/v1", timeout=300) as http:
         streams = [
@@ -183,30 +188,18 @@ async def all_streams(
         ]
         if victim is not None:
             deadline = time.monotonic() + 120
-            seen: list[tuple[float, ...]] = []
-            while not all(s.done() for s in streams) and time.monotonic() < deadline:
-                loads = [
-                    read_load((await http.get(str(e["base_url"]) + "/metrics", timeout=30)).text)
-                    for e in engines
-                ]
-                seen.append(tuple(load.running for load in loads))
-                on_victim = loads[[e["engine_id"] for e in engines].index(victim["engine_id"])]
-                if min(progress) >= 3 and on_victim.running > 0:
-                    os.kill(int(victim["pid"]), signal.SIGKILL)
-                    break
-                await asyncio.sleep(0.05)
-            else:
-                pytest.fail(
-                    f"no stream caught on the victim; chunks per stream {progress}, running "
-                    f"per engine over time {seen[-20:]}\n{routing_state(stack)}\n{stack.logs()}"
-                )
+            while min(progress) < 3:
+                if all(s.done() for s in streams) or time.monotonic() > deadline:
+                    pytest.fail(f"the streams never got under way together: {progress}")
+                await asyncio.sleep(0.01)
+            os.kill(int(victim["pid"]), signal.SIGKILL)
         return list(await asyncio.gather(*streams))
 
 
 @pytest.fixture(scope="module")
 def unbroken(vllm_stack: VllmStack, two_engines: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every subject's stream once, nothing killed: what the resumed ones must read like."""
-    return asyncio.run(all_streams(vllm_stack, two_engines))
+    return asyncio.run(all_streams(vllm_stack))
 
 
 def test_streams_cut_by_kill_9_read_exactly_like_unbroken_ones(
@@ -226,14 +219,14 @@ def test_streams_cut_by_kill_9_read_exactly_like_unbroken_ones(
         vllm_stack.engine_url, "http_requests_total", handler="/v1/completions"
     )
 
-    resumed = asyncio.run(all_streams(vllm_stack, two_engines, victim))
+    resumed = asyncio.run(all_streams(vllm_stack, victim))
 
     # lifecycle killed what the API server left (EngineCore, Worker: ~2.4 GiB otherwise)
     assert not still_running(left_behind, timeout=30), [p.pid for p in left_behind]
     # Some streams were cut after chunks went out; each went on from its token ids, as a
     # completion on the surviving engine (the client sent only chat requests).
     cut = gateway_sample(vllm_stack, "sage:scheduler_failovers_total", kind="stream") - failovers
-    assert cut >= 1, vllm_stack.logs()
+    assert cut >= 1, f"no stream was cut: {routing_state(vllm_stack)}\n{vllm_stack.logs()}"
     served = (
         engine_counter(vllm_stack.engine_url, "http_requests_total", handler="/v1/completions")
         - completions
