@@ -332,8 +332,9 @@ def slo(args: argparse.Namespace) -> int:
             policy, routing = config.split("+", 1)
             began = time.monotonic()
             wait_idle(urls)
+            inflight = args.slots if args.inflight < 0 else args.inflight
             procs, base = start_ours(
-                st.env, urls, "", policy, routing, keys, model=SERVED, slots=args.slots
+                st.env, urls, "", policy, routing, keys, model=SERVED, slots=inflight
             )
             try:
                 outcomes = asyncio.run(
@@ -413,6 +414,12 @@ def main() -> int:
     slo_p.add_argument("--cpu-binds", default="0,1", help="one engine per entry")
     slo_p.add_argument(
         "--slots", type=int, default=8, help="vLLM --max-num-seqs (2 x 8: the sim's 4 x 4)"
+    )
+    slo_p.add_argument(
+        "--inflight",
+        type=int,
+        default=-1,
+        help="our requests in flight per engine (default: --slots; 0: no cap, vLLM queues)",
     )
     slo_p.add_argument("--seed", type=int, default=7)
     slo_p.add_argument("--requests", type=int, default=400, help="of the sim trace, as there")
