@@ -329,10 +329,12 @@ def slo(args: argparse.Namespace) -> int:
         )
         print(header, flush=True)
         for config in args.ours.split(","):
+            # POLICY+ROUTING[@INFLIGHT]: a per-configuration admission cap
+            config, _, cap_s = config.partition("@")
             policy, routing = config.split("+", 1)
             began = time.monotonic()
             wait_idle(urls)
-            inflight = args.slots if args.inflight < 0 else args.inflight
+            inflight = int(cap_s) if cap_s else args.slots if args.inflight < 0 else args.inflight
             procs, base = start_ours(
                 st.env, urls, "", policy, routing, keys, model=SERVED, slots=inflight
             )
@@ -343,7 +345,8 @@ def slo(args: argparse.Namespace) -> int:
             finally:
                 for proc in procs:
                     stop_process(proc)
-            rows.append(summarise(f"ours: {policy} + {routing}", outcomes, duration))
+            label = f"ours: {policy} + {routing}" + (f", {inflight} in flight" if cap_s else "")
+            rows.append(summarise(label, outcomes, duration))
             print(rows[-1], f"({time.monotonic() - began:.0f} s)", flush=True)
         for policy in args.vllm_router_policies.split(",") if vr_bin else []:
             began = time.monotonic()
