@@ -55,6 +55,10 @@ class EngineLoadTracker:
         """Requests this scheduler has in flight to `engine_id`."""
         return self._in_flight.get(engine_id, 0)
 
+    def in_flight_by_engine(self) -> dict[str, int]:
+        """Every engine with requests in flight from here, and how many."""
+        return dict(self._in_flight)
+
     def load(self, engine_id: str) -> float:
         """In flight from here plus the engine-reported queue not caused by us; 0 if unknown."""
         own = self._in_flight.get(engine_id, 0)

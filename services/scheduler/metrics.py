@@ -13,7 +13,7 @@ import math
 import time
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -122,11 +122,13 @@ class SchedulerMetrics(Collector):
         clock: Callable[[], float] = time.monotonic,
         queue_depth: Callable[[], int] | None = None,
         breakers: CircuitBreakers | None = None,
+        in_flight: Callable[[], Mapping[str, int]] | None = None,
     ) -> None:
         self.max_tenants = max_tenants
         self.clock = clock
         self.queue_depth = queue_depth
         self.breakers = breakers
+        self.in_flight = in_flight  # engine id -> requests this scheduler has on it now
         self._tenants: set[str] = set()
         self._latency: dict[Key, _Histogram] = {}
         self._ttft: dict[Key, _Histogram] = {}
@@ -322,6 +324,17 @@ class SchedulerMetrics(Collector):
         yield tps
         if self.breakers is not None:
             yield from self._breaker_families(self.breakers)
+        if self.in_flight is not None:
+            # What the engine's own gauges say can lag by seconds on a busy host (its API
+            # server answers /metrics between tokens); this is exact, from this side.
+            busy = GaugeMetricFamily(
+                "sage:engine_in_flight",
+                "Requests the scheduler has in flight to the engine now.",
+                labels=["engine"],
+            )
+            for engine_id, count in sorted(self.in_flight().items()):
+                busy.add_metric((engine_id,), float(count))
+            yield busy
 
     @staticmethod
     def _breaker_families(breakers: CircuitBreakers) -> Iterator[Metric]:

@@ -23,7 +23,6 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from sage.engines.vllm_metrics import read_load
 from tests.vllm.conftest import (
     VllmStack,
     engine_counter,
@@ -271,11 +270,14 @@ async def test_drain_stop_waits_for_in_flight_requests(
     body = {"model": vllm_stack.model, "prompt": "hello", "max_tokens": 900, "ignore_eos": True}
     async with httpx.AsyncClient(base_url=vllm_stack.gateway + "/v1", timeout=120) as http:
         requests = [asyncio.create_task(http.post("/completions", json=body)) for _ in range(4)]
-        deadline = time.monotonic() + 30
+        # The scheduler's own count: the engine's /metrics can answer only after the
+        # requests ended when its API server is busy on 2 cores.
+        deadline = time.monotonic() + 60
         on_engine = 0.0
-        while time.monotonic() < deadline:
-            metrics = await http.get(str(engine["base_url"]) + "/metrics", timeout=30)
-            on_engine = read_load(metrics.text).running
+        while time.monotonic() < deadline and not all(r.done() for r in requests):
+            on_engine = gateway_sample(
+                vllm_stack, "sage:engine_in_flight", engine=str(engine["engine_id"])
+            )
             if on_engine > 0:
                 break
             await asyncio.sleep(0.05)
@@ -285,6 +287,7 @@ async def test_drain_stop_waits_for_in_flight_requests(
                 f"no request reached the second engine; finished: {done}\n"
                 f"{routing_state(vllm_stack)}\n{vllm_stack.logs()}"
             )
+        failovers = gateway_sample(vllm_stack, "sage:scheduler_failovers_total")
         stopped = await http.delete(
             f"{vllm_stack.gateway}/v1/management/engines/{engine['engine_id']}",
             params={"drain": "true"},
@@ -296,6 +299,8 @@ async def test_drain_stop_waits_for_in_flight_requests(
         # drain it would be SIGTERMed mid-decode (and the scheduler would resume them).
         assert sum(r.done() for r in requests) >= on_engine
         replies = await asyncio.gather(*requests)
+    # none was cut and finished elsewhere
+    assert gateway_sample(vllm_stack, "sage:scheduler_failovers_total") == failovers
     # every request ran to its end, those on the drained engine included
     for reply in replies:
         assert reply.status_code == 200, reply.text

@@ -126,3 +126,16 @@ def test_prometheus_exposition(clock: Clock) -> None:
     assert 'sage:scheduler_requests_total{status="error"} 1.0' in text
     assert 'sage:engine_circuit_open{engine="dead"} 1.0' in text
     assert 'sage:engine_failures_total{engine="dead"} 1.0' in text
+
+
+def test_in_flight_per_engine_is_exported_while_requests_run() -> None:
+    from sage.services.scheduler.load import EngineLoadTracker
+
+    load = EngineLoadTracker()
+    metrics = SchedulerMetrics(in_flight=load.in_flight_by_engine)
+    with load.track("e1"), load.track("e1"), load.track("e2"):
+        text = metrics.render().decode()
+        assert 'sage:engine_in_flight{engine="e1"} 2.0' in text
+        assert 'sage:engine_in_flight{engine="e2"} 1.0' in text
+    # An engine with nothing in flight has no series left (no stale ids pile up).
+    assert 'engine="e1"' not in metrics.render().decode()
