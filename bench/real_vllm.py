@@ -345,7 +345,8 @@ def slo(args: argparse.Namespace) -> int:
             finally:
                 for proc in procs:
                     stop_process(proc)
-            label = f"ours: {policy} + {routing}" + (f", {inflight} in flight" if cap_s else "")
+            cap_label = f", at most {inflight} in flight" if inflight else ", no admission cap"
+            label = f"ours: {policy} + {routing}" + (cap_label if cap_s else "")
             rows.append(summarise(label, outcomes, duration))
             print(rows[-1], f"({time.monotonic() - began:.0f} s)", flush=True)
         for policy in args.vllm_router_policies.split(",") if vr_bin else []:
