@@ -8,8 +8,9 @@ cores with VLLM_CPU_OMP_THREADS_BIND. Each engine takes ~3 GiB and ~1 min to sta
 the shared lock: `flock /tmp/vllm.lock timeout 900 python bench/real_vllm.py ...`.
 
   overhead      one engine; wrk → engine (direct), → our edge + scheduler, → vllm-router
-                (round_robin); short chats non-streamed and streamed; req/s, p50/p99 and
-                the p50 each router adds over direct at the same concurrency.
+                (round_robin); short chats non-streamed and streamed; req/s, p50/p99, the
+                p50 each router adds over direct at the same concurrency, and CPU ms per
+                request of each router (steadier than latency on a shared machine).
   slo           2-3 engines with few batch slots (as many in all as the sim's 4 x 4);
                 their capacity measured first (closed loop, slots clients per engine,
                 direct), then scheduling_slo.py's trace for the same seed, its rates
@@ -20,9 +21,12 @@ the shared lock: `flock /tmp/vllm.lock timeout 900 python bench/real_vllm.py ...
   sim-capacity  the same capacity measurement on scheduling_slo.py's four sim engines: the
                 reference the trace is scaled by.
 
-Usage: python bench/real_vllm.py overhead [--duration 10] [--concurrency 1 4 16]
-       python bench/real_vllm.py slo [--scenario overload] [--cpu-binds 0,1] [--slots 4]
+Usage: python bench/real_vllm.py overhead --vllm-router-bin PATH [--duration 5] [--rounds 3]
+           [--concurrency 1 4 16] [--max-tokens 16] [--cpu-bind 0]
+       python bench/real_vllm.py slo --vllm-router-bin PATH [--scenario overload] [--seed 7]
+           [--cpu-binds 0,1] [--slots 8] [--ours fifo+round_robin,adaptive+least_loaded@0]
        python bench/real_vllm.py sim-capacity
+Figures and how to read them: bench/RESULTS.md, "Real vLLM engines (issue 17, item 5)".
 """
 
 from __future__ import annotations
