@@ -60,7 +60,9 @@ from .store import (
 log = logging.getLogger("sage.lifecycle")
 
 Registrar = Callable[[EngineRecord], Awaitable[None]]
-Deregistrar = Callable[[str], Awaitable[None]]
+# (engine id, drain_timeout_s): with a timeout > 0 it returns once the scheduler has no
+# request in flight to the engine (see SchedulerService.DeregisterEngine).
+Deregistrar = Callable[[str, float], Awaitable[None]]
 # Ids of engines elsewhere (other nodes) that lifecycle started and that serve one of the
 # names given: an external engine must not silently join their pool.
 ManagedLookup = Callable[[frozenset[str]], Awaitable[list[str]]]
@@ -136,7 +138,7 @@ async def _noop_register(record: EngineRecord) -> None:
     return None
 
 
-async def _noop_deregister(engine_id: str) -> None:
+async def _noop_deregister(engine_id: str, drain_timeout_s: float = 0.0) -> None:
     return None
 
 
@@ -604,7 +606,7 @@ class EngineLifecycleManager:
             if proc is not None:
                 _signal_group(proc.pid, signal.SIGKILL)  # what it left behind holds memory
             with contextlib.suppress(Exception):
-                await self._deregister(engine_id)
+                await self._deregister(engine_id, 0.0)
             now = time.time()
             crashes = [t for t in record.crash_times if now - t < self.restart.window_s] + [now]
             if len(crashes) > self.restart.max_crashes:
@@ -701,10 +703,15 @@ class EngineLifecycleManager:
         self._busy.add(engine_id)
         try:
             record = self._set(replace(record, state=STOPPING))
+            started = time.monotonic()
             with contextlib.suppress(Exception):
-                await self._deregister(engine_id)
+                # With a drain, the scheduler answers once its requests to the engine ended,
+                # those routed but not yet seen by the engine included.
+                await self._deregister(engine_id, drain_timeout_s if drain else 0.0)
             if drain and record.backend != "external":
-                await self._drain(record, drain_timeout_s)
+                # Then the engine's own count: traffic that did not come through us.
+                left_s = max(0.0, drain_timeout_s - (time.monotonic() - started))
+                await self._drain(record, left_s)
             await self._kill(engine_id)
             await self.gpus.release(engine_id)
             stopped = self._set(replace(self._records[engine_id], state=STOPPED, pid=0))
@@ -779,7 +786,7 @@ class EngineLifecycleManager:
             if record.pid and _alive(record.pid):
                 await self._kill_pid(record.pid, 10.0)
             with contextlib.suppress(Exception):  # the scheduler may still route to it
-                await self._deregister(record.engine_id)
+                await self._deregister(record.engine_id, 0.0)
             await self.gpus.release(record.engine_id)
             self._records[record.engine_id] = replace(
                 record, state=FAILED, pid=0, error="not healthy when lifecycle restarted; stopped"

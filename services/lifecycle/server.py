@@ -252,10 +252,13 @@ def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageS
                 scheduler_pb2.RegisterEngineRequest(engine=engine_pb(record, node_id))
             )
 
-    async def deregister(engine_id: str) -> None:
+    async def deregister(engine_id: str, drain_timeout_s: float = 0.0) -> None:
         with rpc_errors_as_sage():
             await scheduler.DeregisterEngine(
-                scheduler_pb2.DeregisterEngineRequest(engine_id=engine_id)
+                scheduler_pb2.DeregisterEngineRequest(
+                    engine_id=engine_id, drain_timeout_s=drain_timeout_s
+                ),
+                timeout=settings.rpc_timeout_s + drain_timeout_s,
             )
 
     async def managed_elsewhere(names: frozenset[str]) -> list[str]:

@@ -6,6 +6,7 @@ unit-tested without gRPC.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -138,6 +139,18 @@ class Scheduler:
         self.pd = PdRouter(self.router, self.metrics.registry)  # prefill/decode pairs
         # Most tokens one embedding request may carry (0: no cap); see sage.common.limits.
         self.embedding_max_tokens = embedding_max_tokens
+
+    async def wait_idle(self, engine_id: str, timeout_s: float) -> int:
+        """Wait until nothing this scheduler routed to `engine_id` is in flight (at most
+        `timeout_s`); returns how many still are. A request counts from the moment it is
+        routed, before the engine has seen it: the engine's own gauges miss those, and a
+        drain that trusted only them would stop an engine with requests on their way."""
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        while True:  # polled: the tracker is a plain counter, updated around engine calls
+            left = self.load.in_flight(engine_id)
+            if not left or time.monotonic() >= deadline:
+                return left
+            await asyncio.sleep(0.05)
 
     def _admit(self, limits: TenantLimits | None, fallback_tokens: int) -> int:
         """Charge the tenant's buckets (RateLimitError when over); returns tokens charged."""

@@ -369,7 +369,8 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
     ) -> pb.DeregisterEngineResponse:
         record = self.scheduler.registry.deregister(request.engine_id)
         self.scheduler.breakers.forget(request.engine_id)
-        return pb.DeregisterEngineResponse(engine=record_to_pb(record))
+        left = await self.scheduler.wait_idle(request.engine_id, request.drain_timeout_s)
+        return pb.DeregisterEngineResponse(engine=record_to_pb(record), in_flight=left)
 
     async def ListEngines(
         self, request: pb.ListEnginesRequest, context: Any

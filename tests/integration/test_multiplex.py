@@ -508,3 +508,39 @@ async def test_a_request_cancelled_in_the_same_message_leaves_no_task_behind() -
     with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
         await first
     await replies.aclose()
+
+
+async def test_deregister_with_drain_answers_once_the_engines_requests_ended(
+    plane: Plane, sim_engine: SimFactory
+) -> None:
+    """A drain-stop's deregister waits for what the scheduler routed to the engine, those
+    still on their way to it included (the engine's own gauges cannot count those)."""
+    await plane.register(sim_engine("--tpot-ms", "20"))
+
+    async def stream() -> int:
+        chunks = 0
+        async for batch in plane.mux.stream(
+            "chat_stream", spb.ChatStreamRequest(model="sim", body=_chat(40, stream=True)), 30
+        ):
+            chunks += len(batch)
+        return chunks
+
+    running = asyncio.create_task(stream())
+    await _wait_busy(plane)
+    quick = await plane.stub.DeregisterEngine(
+        spb.DeregisterEngineRequest(engine_id="e1", drain_timeout_s=0.05)
+    )
+    assert quick.engine.engine_id == "e1" and quick.in_flight == 1  # timed out, still going
+    assert not running.done()
+    await plane.register(sim_engine("--tpot-ms", "20"), engine_id="e2")
+    second = asyncio.create_task(stream())
+    deadline = time.monotonic() + 10
+    while not (await plane.stub.GetStatus(spb.GetStatusRequest())).in_flight >= 2:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    drained = await plane.stub.DeregisterEngine(
+        spb.DeregisterEngineRequest(engine_id="e2", drain_timeout_s=30)
+    )
+    assert drained.in_flight == 0
+    assert second.done() and await second > 0  # answered only after the stream ended
+    assert await running > 0

@@ -15,12 +15,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
 
 from tests.vllm.conftest import VllmStack, stop_engine
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(420)]
+np = pytest.importorskip("numpy")  # the engines extra brings it
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",

@@ -481,15 +481,21 @@ class DeregisterEngineRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ENGINE_ID_FIELD_NUMBER: _builtins.int
+    DRAIN_TIMEOUT_S_FIELD_NUMBER: _builtins.int
     engine_id: _builtins.str
+    drain_timeout_s: _builtins.float
+    """> 0: answer once no request this scheduler routed to the engine is in flight any more
+    (or after this many seconds), so a drain-stop cuts none of them; 0: answer at once.
+    """
     def __init__(
         self,
         *,
         engine_id: _builtins.str = ...,
+        drain_timeout_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine_id", b"engine_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["drain_timeout_s", b"drain_timeout_s", "engine_id", b"engine_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -500,6 +506,9 @@ class DeregisterEngineResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ENGINE_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    in_flight: _builtins.int
+    """Requests still in flight to it when the answer was sent (0 unless the drain timed out)."""
     @_builtins.property
     def engine(self) -> _common_pb2.Engine:
         """The engine as it was when removed."""
@@ -508,10 +517,11 @@ class DeregisterEngineResponse(_message.Message):
         self,
         *,
         engine: _common_pb2.Engine | None = ...,
+        in_flight: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine", "in_flight", b"in_flight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
