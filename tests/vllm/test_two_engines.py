@@ -172,13 +172,24 @@ async def stream_chat(
     }
 
 
+def engine_in_flight(text: str, engine_id: str) -> float:
+    """The scheduler's sage:engine_in_flight for one engine, from gateway /metrics text."""
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "sage:engine_in_flight" and sample.labels.get("engine") == engine_id
+    )
+
+
 async def all_streams(
     stack: VllmStack, victim: dict[str, Any] | None = None
 ) -> list[dict[str, Any]]:
-    """Every subject's stream at once; with a victim, SIGKILL its API server as soon as every
-    stream has its first chunks. Not by the victim's /metrics: on 2 busy cores its answer
-    can come after the streams ended. The scheduler spreads the 8 streams over both
-    engines (least in flight), so some are cut; the caller checks that some were."""
+    """Every subject's stream at once; with a victim, SIGKILL its API server once every
+    stream has sent chunks and the scheduler still streams from the victim. Neither the
+    victim's /metrics (on 2 busy cores it answered after the streams ended) nor the
+    client's progress alone (the victim could be done while the client still reads) says
+    that; the scheduler's own per-engine count does."""
     progress = [0] * len(SUBJECTS)
     async with httpx.AsyncClient(base_url=stack.gateway + "/v1", timeout=300) as http:
         streams = [
@@ -187,11 +198,20 @@ async def all_streams(
         ]
         if victim is not None:
             deadline = time.monotonic() + 120
-            while min(progress) < 3:
-                if all(s.done() for s in streams) or time.monotonic() > deadline:
-                    pytest.fail(f"the streams never got under way together: {progress}")
-                await asyncio.sleep(0.01)
-            os.kill(int(victim["pid"]), signal.SIGKILL)
+            seen: list[tuple[int, float]] = []
+            while not all(s.done() for s in streams) and time.monotonic() < deadline:
+                metrics = await http.get(stack.gateway + "/metrics", headers=stack.admin())
+                on_victim = engine_in_flight(metrics.text, str(victim["engine_id"]))
+                seen.append((min(progress), on_victim))
+                if min(progress) >= 2 and on_victim > 0:
+                    os.kill(int(victim["pid"]), signal.SIGKILL)
+                    break
+                await asyncio.sleep(0.02)
+            else:
+                pytest.fail(
+                    f"never caught the victim streaming; (least chunks, in flight on the "
+                    f"victim) over time {seen[-20:]}\n{routing_state(stack)}\n{stack.logs()}"
+                )
         return list(await asyncio.gather(*streams))
 
 
