@@ -136,6 +136,8 @@ class Scheduler:
         self.metrics = metrics or SchedulerMetrics(breakers=self.breakers)
         if self.metrics.in_flight is None:
             self.metrics.in_flight = self.load.in_flight_by_engine
+        if self.metrics.loads is None:
+            self.metrics.loads = self.load.loads
         self.pd = PdRouter(self.router, self.metrics.registry)  # prefill/decode pairs
         # Most tokens one embedding request may carry (0: no cap); see sage.common.limits.
         self.embedding_max_tokens = embedding_max_tokens

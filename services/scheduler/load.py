@@ -59,6 +59,10 @@ class EngineLoadTracker:
         """Every engine with requests in flight from here, and how many."""
         return dict(self._in_flight)
 
+    def loads(self) -> dict[str, float]:
+        """What load-aware routing sees for every engine it has a count or a report of."""
+        return {e: self.load(e) for e in sorted(self._in_flight.keys() | self._reports.keys())}
+
     def load(self, engine_id: str) -> float:
         """In flight from here plus the engine-reported queue not caused by us; 0 if unknown."""
         own = self._in_flight.get(engine_id, 0)

@@ -123,12 +123,14 @@ class SchedulerMetrics(Collector):
         queue_depth: Callable[[], int] | None = None,
         breakers: CircuitBreakers | None = None,
         in_flight: Callable[[], Mapping[str, int]] | None = None,
+        loads: Callable[[], Mapping[str, float]] | None = None,
     ) -> None:
         self.max_tenants = max_tenants
         self.clock = clock
         self.queue_depth = queue_depth
         self.breakers = breakers
         self.in_flight = in_flight  # engine id -> requests this scheduler has on it now
+        self.loads = loads  # engine id -> the load routing sees (in flight + engine-reported)
         self._tenants: set[str] = set()
         self._latency: dict[Key, _Histogram] = {}
         self._ttft: dict[Key, _Histogram] = {}
@@ -335,6 +337,16 @@ class SchedulerMetrics(Collector):
             for engine_id, count in sorted(self.in_flight().items()):
                 busy.add_metric((engine_id,), float(count))
             yield busy
+        if self.loads is not None:
+            seen = GaugeMetricFamily(
+                "sage:engine_routing_load",
+                "The engine's load as load-aware routing sees it: requests in flight from "
+                "here plus what the engine's last /metrics scrape reported beyond those.",
+                labels=["engine"],
+            )
+            for engine_id, value in sorted(self.loads().items()):
+                seen.add_metric((engine_id,), value)
+            yield seen
 
     @staticmethod
     def _breaker_families(breakers: CircuitBreakers) -> Iterator[Metric]:

@@ -112,6 +112,8 @@ def test_repeated_prefix_hits_the_cache_of_one_engine(
             assert max(grew) >= (REPEATS - 1) * 256, (name, grew)
 
 
+# The engine test_streams_cut_by_kill_9... killed (as listed then), for the restart test.
+KILLED: dict[str, Any] = {}
 MAX_TOKENS = 400  # ~2-5 s a stream here: time to cut them mid-way
 SUBJECTS = (
     "batching",
@@ -183,42 +185,45 @@ def engine_in_flight(text: str, engine_id: str) -> float:
 
 
 async def all_streams(
-    stack: VllmStack, victim: dict[str, Any] | None = None
-) -> list[dict[str, Any]]:
-    """Every subject's stream at once; with a victim, SIGKILL its API server once every
-    stream has sent chunks and the scheduler still streams from the victim. Neither the
-    victim's /metrics (on 2 busy cores it answered after the streams ended) nor the
-    client's progress alone (the victim could be done while the client still reads) says
-    that; the scheduler's own per-engine count does."""
+    stack: VllmStack, engines: list[dict[str, Any]] | None = None
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Every subject's stream at once, and with `engines`, SIGKILL of one's API server once
+    every stream has sent chunks and the scheduler still streams from it (the second
+    engine if it has some, else the first). Neither an engine's /metrics (on 2 busy cores
+    it answered after the streams ended) nor the client's progress alone (an engine could
+    be done while the client still reads) says that; the scheduler's own count does.
+    Returns the replies and the engine killed."""
     progress = [0] * len(SUBJECTS)
+    killed: dict[str, Any] | None = None
     async with httpx.AsyncClient(base_url=stack.gateway + "/v1", timeout=300) as http:
         streams = [
             asyncio.create_task(stream_chat(http, stack.model, subject, progress, i))
             for i, subject in enumerate(SUBJECTS)
         ]
-        if victim is not None:
+        if engines:
             deadline = time.monotonic() + 120
-            seen: list[tuple[int, float]] = []
+            seen: list[tuple[int, ...]] = []
             while not all(s.done() for s in streams) and time.monotonic() < deadline:
-                metrics = await http.get(stack.gateway + "/metrics", headers=stack.admin())
-                on_victim = engine_in_flight(metrics.text, str(victim["engine_id"]))
-                seen.append((min(progress), on_victim))
-                if min(progress) >= 2 and on_victim > 0:
-                    os.kill(int(victim["pid"]), signal.SIGKILL)
+                text = (await http.get(stack.gateway + "/metrics", headers=stack.admin())).text
+                busy = [engine_in_flight(text, str(e["engine_id"])) for e in engines]
+                seen.append((min(progress), *map(int, busy)))
+                if min(progress) >= 2 and any(busy):
+                    killed = engines[1] if busy[1] else engines[0]
+                    os.kill(int(killed["pid"]), signal.SIGKILL)
                     break
                 await asyncio.sleep(0.02)
             else:
                 pytest.fail(
-                    f"never caught the victim streaming; (least chunks, in flight on the "
-                    f"victim) over time {seen[-20:]}\n{routing_state(stack)}\n{stack.logs()}"
+                    f"never caught an engine streaming; (least chunks, in flight per engine) "
+                    f"over time {seen[-20:]}\n{routing_state(stack)}\n{stack.logs()}"
                 )
-        return list(await asyncio.gather(*streams))
+        return list(await asyncio.gather(*streams)), killed
 
 
 @pytest.fixture(scope="module")
 def unbroken(vllm_stack: VllmStack, two_engines: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every subject's stream once, nothing killed: what the resumed ones must read like."""
-    return asyncio.run(all_streams(vllm_stack))
+    return asyncio.run(all_streams(vllm_stack))[0]
 
 
 def test_streams_cut_by_kill_9_read_exactly_like_unbroken_ones(
@@ -229,16 +234,28 @@ def test_streams_cut_by_kill_9_read_exactly_like_unbroken_ones(
     return_token_ids; a /v1/completions of prompt + output ids), so every reply is byte for
     byte the unbroken one (resuming from text was not: WordPiece text does not re-tokenize
     to its ids), and lifecycle kills what the API server left behind."""
-    victim = engine_state(vllm_stack, two_engines[1]["engine_id"])
-    assert victim is not None and victim["status"] == "RUNNING"
+    engines = [engine_state(vllm_stack, e["engine_id"]) for e in two_engines]
+    assert all(e is not None and e["status"] == "RUNNING" for e in engines), engines
     assert ready_engines(vllm_stack) == 2
-    left_behind = psutil.Process(int(victim["pid"])).children(recursive=True)
+    children = {
+        e["engine_id"]: psutil.Process(int(e["pid"])).children(recursive=True)
+        for e in engines
+        if e is not None
+    }
     failovers = gateway_sample(vllm_stack, "sage:scheduler_failovers_total", kind="stream")
-    completions = engine_counter(
-        vllm_stack.engine_url, "http_requests_total", handler="/v1/completions"
-    )
+    served_before = {
+        e["engine_id"]: engine_counter(
+            e["base_url"], "http_requests_total", handler="/v1/completions"
+        )
+        for e in engines
+        if e is not None
+    }
 
-    resumed = asyncio.run(all_streams(vllm_stack, victim))
+    resumed, victim = asyncio.run(all_streams(vllm_stack, [e for e in engines if e]))
+    assert victim is not None
+    KILLED.update(victim)  # the restart test follows this engine
+    survivor = next(e for e in engines if e and e["engine_id"] != victim["engine_id"])
+    left_behind = children[victim["engine_id"]]
 
     # lifecycle killed what the API server left (EngineCore, Worker: ~2.4 GiB otherwise)
     assert not still_running(left_behind, timeout=30), [p.pid for p in left_behind]
@@ -247,8 +264,8 @@ def test_streams_cut_by_kill_9_read_exactly_like_unbroken_ones(
     cut = gateway_sample(vllm_stack, "sage:scheduler_failovers_total", kind="stream") - failovers
     assert cut >= 1, f"no stream was cut: {routing_state(vllm_stack)}\n{vllm_stack.logs()}"
     served = (
-        engine_counter(vllm_stack.engine_url, "http_requests_total", handler="/v1/completions")
-        - completions
+        engine_counter(survivor["base_url"], "http_requests_total", handler="/v1/completions")
+        - served_before[survivor["engine_id"]]
     )
     assert served == cut, (served, cut)
     for subject, want, got in zip(SUBJECTS, unbroken, resumed, strict=True):
@@ -263,7 +280,7 @@ def test_streams_cut_by_kill_9_read_exactly_like_unbroken_ones(
 def test_killed_engine_is_restarted_by_lifecycle(
     vllm_stack: VllmStack, two_engines: list[dict[str, Any]]
 ) -> None:
-    engine_id = two_engines[1]["engine_id"]
+    engine_id = KILLED.get("engine_id") or pytest.skip("the kill test killed no engine")
     deadline = time.monotonic() + 240
     state = engine_state(vllm_stack, engine_id)
     while time.monotonic() < deadline:
@@ -275,7 +292,7 @@ def test_killed_engine_is_restarted_by_lifecycle(
         time.sleep(1)
     else:
         pytest.fail(f"not restarted: {state}\n{vllm_stack.logs()}")
-    assert state["pid"] != two_engines[1]["pid"]
+    assert state["pid"] != KILLED["pid"]
     deadline = time.monotonic() + 30
     while ready_engines(vllm_stack) != 2 and time.monotonic() < deadline:
         time.sleep(0.5)  # registered again with the scheduler
@@ -285,26 +302,31 @@ def test_killed_engine_is_restarted_by_lifecycle(
 async def test_drain_stop_waits_for_in_flight_requests(
     vllm_stack: VllmStack, two_engines: list[dict[str, Any]]
 ) -> None:
-    engine = engine_state(vllm_stack, two_engines[1]["engine_id"])
-    assert engine is not None and engine["status"] == "RUNNING"
+    engines = [engine_state(vllm_stack, e["engine_id"]) for e in two_engines]
+    assert all(e is not None and e["status"] == "RUNNING" for e in engines), engines
     body = {"model": vllm_stack.model, "prompt": "hello", "max_tokens": 900, "ignore_eos": True}
     async with httpx.AsyncClient(base_url=vllm_stack.gateway + "/v1", timeout=120) as http:
         requests = [asyncio.create_task(http.post("/completions", json=body)) for _ in range(4)]
-        # The scheduler's own count: the engine's /metrics can answer only after the
-        # requests ended when its API server is busy on 2 cores.
+        # The scheduler's own count: an engine's /metrics can answer only after the
+        # requests ended when its API server is busy on 2 cores. The engine drained is one
+        # with requests on it (the second if it has some).
         deadline = time.monotonic() + 60
+        engine: dict[str, Any] | None = None
         on_engine = 0.0
         while time.monotonic() < deadline and not all(r.done() for r in requests):
-            on_engine = gateway_sample(
-                vllm_stack, "sage:engine_in_flight", engine=str(engine["engine_id"])
-            )
-            if on_engine > 0:
+            text = (
+                await http.get(vllm_stack.gateway + "/metrics", headers=vllm_stack.admin())
+            ).text
+            busy = [engine_in_flight(text, str(e["engine_id"])) for e in engines if e]
+            if any(busy):
+                index = 1 if busy[1] else 0
+                engine, on_engine = engines[index], busy[index]
                 break
             await asyncio.sleep(0.05)
-        else:
+        if engine is None:
             done = [r.result().text[:300] for r in requests if r.done()]
             pytest.fail(
-                f"no request reached the second engine; finished: {done}\n"
+                f"no request seen in flight; finished: {done}\n"
                 f"{routing_state(vllm_stack)}\n{vllm_stack.logs()}"
             )
         failovers = gateway_sample(vllm_stack, "sage:scheduler_failovers_total")

@@ -132,10 +132,13 @@ def test_in_flight_per_engine_is_exported_while_requests_run() -> None:
     from sage.services.scheduler.load import EngineLoadTracker
 
     load = EngineLoadTracker()
-    metrics = SchedulerMetrics(in_flight=load.in_flight_by_engine)
+    metrics = SchedulerMetrics(in_flight=load.in_flight_by_engine, loads=load.loads)
+    load.report("e2", 5.0)  # the engine said 5 running + waiting, none of them ours
     with load.track("e1"), load.track("e1"), load.track("e2"):
         text = metrics.render().decode()
         assert 'sage:engine_in_flight{engine="e1"} 2.0' in text
         assert 'sage:engine_in_flight{engine="e2"} 1.0' in text
+        assert 'sage:engine_routing_load{engine="e1"} 2.0' in text
+        assert 'sage:engine_routing_load{engine="e2"} 6.0' in text
     # An engine with nothing in flight has no series left (no stale ids pile up).
-    assert 'engine="e1"' not in metrics.render().decode()
+    assert 'sage:engine_in_flight{engine="e1"}' not in metrics.render().decode()
