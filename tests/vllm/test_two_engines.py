@@ -23,6 +23,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from sage.engines.vllm_metrics import read_load
 from tests.vllm.conftest import (
     VllmStack,
     engine_counter,
@@ -114,7 +115,7 @@ def test_repeated_prefix_hits_the_cache_of_one_engine(
 
 # The engine test_streams_cut_by_kill_9... killed (as listed then), for the restart test.
 KILLED: dict[str, Any] = {}
-MAX_TOKENS = 800  # several seconds of decoding a stream: time to cut them mid-way
+MAX_TOKENS = 160
 SUBJECTS = (
     "batching",
     "prefix caching",
@@ -187,40 +188,31 @@ def engine_in_flight(text: str, engine_id: str) -> float:
 async def all_streams(
     stack: VllmStack, engines: list[dict[str, Any]] | None = None
 ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    """Every subject's stream at once, and with `engines`, SIGKILL of one's API server once
-    every stream has sent chunks and the scheduler still streams from it (the second
-    engine if it has some, else the first). Neither an engine's /metrics (on 2 busy cores
-    it answered after the streams ended) nor the client's progress alone (an engine could
-    be done while the client still reads) says that; the scheduler's own count does.
-    The kill comes as soon as every stream has its first chunk: a busy client reads
-    slower than vLLM writes, so later the victim may have sent everything already (its
-    replies then sit in buffers and nothing is cut). Returns the replies and the engine
-    killed."""
+    """Every subject's stream at once; with `engines`, SIGKILL of the second one's API
+    server once all streams are under way and it is decoding some of them (its own
+    vllm:num_requests_running). Returns the replies and the engine killed."""
     progress = [0] * len(SUBJECTS)
-    killed: dict[str, Any] | None = None
+    victim = engines[1] if engines else None
     async with httpx.AsyncClient(base_url=stack.gateway + "/v1", timeout=300) as http:
         streams = [
             asyncio.create_task(stream_chat(http, stack.model, subject, progress, i))
             for i, subject in enumerate(SUBJECTS)
         ]
-        if engines:
+        if victim is not None:
             deadline = time.monotonic() + 120
-            seen: list[tuple[int, ...]] = []
-            while not all(s.done() for s in streams) and time.monotonic() < deadline:
-                text = (await http.get(stack.gateway + "/metrics", headers=stack.admin())).text
-                busy = [engine_in_flight(text, str(e["engine_id"])) for e in engines]
-                seen.append((min(progress), *map(int, busy)))
-                if min(progress) >= 1 and any(busy):  # as early as can be: see the docstring
-                    killed = engines[1] if busy[1] else engines[0]
-                    os.kill(int(killed["pid"]), signal.SIGKILL)
+            while not all(s.done() for s in streams):
+                assert time.monotonic() < deadline, f"no stream reached the victim: {progress}"
+                metrics = await http.get(str(victim["base_url"]) + "/metrics", timeout=30)
+                if min(progress) >= 3 and read_load(metrics.text).running > 0:
+                    os.kill(int(victim["pid"]), signal.SIGKILL)
                     break
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(0.05)
             else:
                 pytest.fail(
-                    f"never caught an engine streaming; (least chunks, in flight per engine) "
-                    f"over time {seen[-20:]}\n{routing_state(stack)}\n{stack.logs()}"
+                    f"every stream ended before the victim could be killed: {progress}\n"
+                    f"{routing_state(stack)}"
                 )
-        return list(await asyncio.gather(*streams)), killed
+        return list(await asyncio.gather(*streams)), victim
 
 
 @pytest.fixture(scope="module")
