@@ -410,11 +410,13 @@ def test_fallback_chat_template_when_the_tokenizer_has_none(tmp_path: Path) -> N
 
 
 class _FailingModel:
-    """Stands in for CausalLM: emits one piece of text, then fails like a CUDA OOM."""
+    """Stands in for CausalLM: its first step emits one piece of text, then fails like a
+    CUDA OOM."""
 
     max_model_len = 64
     vocab_size = 100
     has_chat_template = True
+    can_batch = True
 
     def render_chat(self, messages: Any) -> str:
         return "prompt"
@@ -422,11 +424,29 @@ class _FailingModel:
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
         return [1, 2, 3]
 
-    def generate(
+    def begin(
         self, prompt_ids: Any, params: Any, cancelled: Any, on_text: Any, on_token: Any = None
     ) -> Any:
-        on_text("partial")
+        from sage.engines.transformers import Generation
+
+        return Generation(
+            tuple(prompt_ids),
+            params,
+            cancelled,
+            on_text,
+            on_token,
+            decode=lambda ids: "",
+            eos_ids=frozenset(),
+        )
+
+    def step(self, admitted: Any = ()) -> Any:
+        for generation in admitted:
+            if generation.on_text is not None:
+                generation.on_text("partial")
         raise RuntimeError("CUDA out of memory (fake)")
+
+    def abandon(self) -> list[Any]:
+        return []
 
 
 async def test_a_failure_mid_stream_is_reported_in_band() -> None:

@@ -1,6 +1,7 @@
 """The project's own chat engine: OpenAI chat/completions over Hugging Face transformers.
 
-Meant for small models on CPU or one GPU (vLLM is the backend for large ones). It speaks
+Meant for small models on CPU or one GPU (vLLM is the backend for large ones); concurrent
+requests are decoded together in one batch. It speaks
 vLLM's JSON, SSE and `/metrics` names, so the scheduler treats it like any other engine.
 """
 
@@ -9,6 +10,7 @@ from sage.engines.transformers.model import (
     FALLBACK_CHAT_TEMPLATE,
     CausalLM,
     EngineConfig,
+    Generation,
     Outcome,
     SamplingParams,
 )
@@ -17,6 +19,7 @@ __all__ = [
     "FALLBACK_CHAT_TEMPLATE",
     "CausalLM",
     "EngineConfig",
+    "Generation",
     "Outcome",
     "SamplingParams",
     "create_app",

@@ -1,9 +1,9 @@
 """HTTP front of the transformers engine: vLLM's OpenAI routes, JSON/SSE shapes and metrics.
 
-Generation runs in one worker thread (one request at a time; the rest wait in FIFO order),
+Generation runs in one thread that decodes every admitted request together (batching.py),
 prompt rendering and tokenising in another, so the event loop only moves bytes. A client
-that disconnects sets its request's cancel flag, which the generation loop checks before
-every token.
+that disconnects sets its request's cancel flag; its sequence leaves the batch before the
+next decode step.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -35,8 +34,8 @@ from sage.common.http.asgi import App, JSONResponse, Request, Response, Streamin
 from sage.common.http.server import serve_app
 from sage.common.utils.logging import configure_logging
 from sage.engines.auth import add_api_key_argument, protect, resolve_api_key
-from sage.engines.vllm_metrics import VllmRequestMetrics
 
+from .batching import BatchMetrics, BatchRunner
 from .model import CausalLM, EngineConfig, Outcome, SamplingParams
 from .protocol import Sampling, parse_chat, parse_completion
 
@@ -59,94 +58,6 @@ def _stream_error(exc: Exception) -> bytes:
     return sse_event(orjson.dumps(error.to_openai()))
 
 
-class _Metrics(VllmRequestMetrics):
-    """vLLM's metric names where they overlap, on a registry private to one app."""
-
-    def __init__(self, name: str, running: Callable[[], int], waiting: Callable[[], int]):
-        super().__init__(
-            name,
-            running,
-            waiting,
-            running_help="Requests generating now (at most 1).",
-            waiting_help="Requests queued for the model.",
-            queue_help="Time waiting for the model.",
-            finish_reasons=("stop", "length", "abort"),
-        )
-
-
-@dataclass(eq=False)  # compared and hashed by identity: jobs live in a set
-class _Job:
-    """One generation waiting for, or holding, the model."""
-
-    prompt_ids: tuple[int, ...]
-    params: SamplingParams
-    on_text: Callable[[str], None]
-    cancelled: threading.Event
-    arrival: float  # time.monotonic()
-
-
-class _Worker:
-    """Runs jobs one at a time in a dedicated thread and keeps the running/waiting counts."""
-
-    def __init__(self, model: CausalLM, metrics: _Metrics) -> None:
-        self.model = model
-        self.metrics = metrics
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="generate")
-        self._lock = threading.Lock()
-        self.waiting = 0
-        self.running = 0
-        self._jobs: set[_Job] = set()
-
-    def submit(self, job: _Job) -> Future[Outcome]:
-        with self._lock:
-            self.waiting += 1
-            self._jobs.add(job)
-        return self._executor.submit(self._run, job)
-
-    def _run(self, job: _Job) -> Outcome:
-        metrics = self.metrics
-        with self._lock:
-            self.waiting -= 1
-            if job.cancelled.is_set():  # the client left while queued
-                self._jobs.discard(job)
-                metrics.finished("abort")
-                return Outcome("", "", "abort", None, len(job.prompt_ids), 0)
-            self.running += 1
-        started = time.monotonic()
-        metrics.queue_time.observe(started - job.arrival)
-        first_at = last_at = started
-
-        def on_token(step: int) -> None:
-            nonlocal first_at, last_at
-            last_at = time.monotonic()
-            if step == 1:
-                first_at = last_at
-                metrics.ttft.observe(first_at - job.arrival)
-                metrics.prompt_tokens.inc(len(job.prompt_ids))
-            metrics.generation_tokens.inc()
-
-        try:
-            outcome = self.model.generate(
-                job.prompt_ids, job.params, job.cancelled, job.on_text, on_token
-            )
-        finally:
-            with self._lock:
-                self.running -= 1
-                self._jobs.discard(job)
-        if outcome.completion_tokens > 1:
-            metrics.tpot.observe((last_at - first_at) / (outcome.completion_tokens - 1))
-        metrics.e2e.observe(time.monotonic() - job.arrival)
-        metrics.finished(outcome.finish_reason)
-        return outcome
-
-    def close(self) -> None:
-        """Cancel everything queued or running and let the thread go."""
-        with self._lock:
-            for job in self._jobs:
-                job.cancelled.set()
-        self._executor.shutdown(wait=False, cancel_futures=True)
-
-
 class _Engine:
     """The routes of one engine app; they share the model, the worker and the metrics."""
 
@@ -154,18 +65,20 @@ class _Engine:
         self.config = config
         self.model = model
         self.names = config.names
-        # The gauges read the worker's counts when scraped, so they may be built first.
-        self.metrics = _Metrics(
-            self.names[0], lambda: self.worker.running, lambda: self.worker.waiting
+        self.runner = BatchRunner(
+            model,
+            lambda running, waiting: BatchMetrics(self.names[0], running, waiting),
+            max_num_seqs=config.max_num_seqs,
+            kv_budget_tokens=config.kv_budget_tokens or model.max_model_len,
         )
-        self.worker = _Worker(model, self.metrics)
+        self.metrics = self.runner.metrics
         # Tokenising is CPU work too; its own thread keeps 400s fast while a long answer
         # holds the generation thread.
         self._prep = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
         self._created = int(time.time())
 
     async def close(self) -> None:
-        self.worker.close()
+        self.runner.close()
         self._prep.shutdown(wait=False, cancel_futures=True)
 
     # ---- shared pieces
@@ -222,12 +135,12 @@ class _Engine:
         )
 
     async def _events(
-        self, prompt_ids: tuple[int, ...], params: SamplingParams
+        self, prompt_ids: tuple[int, ...], params: SamplingParams, *, stream: bool = True
     ) -> AsyncGenerator[str | Outcome, None]:
-        """Text pieces as the worker releases them, then the Outcome.
+        """Text pieces as the batch releases them (none unless `stream`), then the Outcome.
 
-        However this generator ends (finished, client gone, cancelled), the job's cancel
-        flag is set on the way out, so the worker stops within one token.
+        However this generator ends (finished, client gone, cancelled), the request's cancel
+        flag is set on the way out, so its sequence leaves the batch within one step.
         """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[str | Outcome | BaseException] = asyncio.Queue()
@@ -237,16 +150,13 @@ class _Engine:
                 loop.call_soon_threadsafe(queue.put_nowait, item)
 
         def done(future: Future[Outcome]) -> None:
-            if future.cancelled():
-                put(InternalError("generation was cancelled (engine shutting down)"))
-                return
             error = future.exception()
             put(error if error is not None else future.result())
 
         cancelled = threading.Event()
-        job = _Job(prompt_ids, params, put, cancelled, time.monotonic())
         try:
-            self.worker.submit(job).add_done_callback(done)
+            future = self.runner.submit(prompt_ids, params, cancelled, put if stream else None)
+            future.add_done_callback(done)
             while True:
                 item = await queue.get()
                 if isinstance(item, BaseException):
@@ -262,14 +172,18 @@ class _Engine:
     ) -> list[Outcome] | None:
         """Run every prompt to the end; None when the client disconnects first."""
 
+        async def one(prompt_ids: tuple[int, ...]) -> Outcome:
+            async with contextlib.aclosing(
+                self._events(prompt_ids, params, stream=False)
+            ) as events:
+                async for item in events:
+                    if isinstance(item, Outcome):
+                        return item
+            raise InternalError("generation ended without an outcome")
+
         async def run_all() -> list[Outcome]:
-            outcomes: list[Outcome] = []
-            for prompt_ids in prompts:
-                async with contextlib.aclosing(self._events(prompt_ids, params)) as events:
-                    async for item in events:
-                        if isinstance(item, Outcome):
-                            outcomes.append(item)
-            return outcomes
+            # Every prompt at once: they join the batch together.
+            return list(await asyncio.gather(*(one(p) for p in prompts)))
 
         work = asyncio.ensure_future(run_all())
         watch = asyncio.ensure_future(request.wait_disconnect())
@@ -540,7 +454,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m sage.engines.transformers",
         description="OpenAI-compatible chat/completions engine over Hugging Face transformers "
-        "for small models (one request generates at a time; others wait).",
+        "for small models (concurrent requests are decoded together in one batch).",
     )
     parser.add_argument("--model", required=True, help="local folder or Hugging Face model id")
     parser.add_argument(
@@ -569,6 +483,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--trust-remote-code", action="store_true")
     parser.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=64,
+        help="most sequences decoded together (1: one request at a time, the old engine)",
+    )
+    parser.add_argument(
+        "--kv-budget-tokens",
+        type=int,
+        default=0,
+        help="KV cache tokens the whole batch may hold, each sequence counted at prompt + "
+        "max_tokens (0: the context length, which lifecycle reserves GPU memory for)",
+    )
+    parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper
     )
     add_api_key_argument(parser)
@@ -579,8 +506,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Load the model, then serve until SIGTERM/SIGINT; returns the exit status."""
     parser = _parser()
     args = parser.parse_args(None if argv is None else list(argv))
-    if args.max_model_len < 0 or args.max_tokens_default < 0:
-        parser.error("--max-model-len and --max-tokens-default must be >= 0")
+    if args.max_model_len < 0 or args.max_tokens_default < 0 or args.kv_budget_tokens < 0:
+        parser.error("--max-model-len, --max-tokens-default and --kv-budget-tokens must be >= 0")
+    if args.max_num_seqs < 1:
+        parser.error("--max-num-seqs must be >= 1")
     configure_logging("transformers-engine", args.log_level)
     config = EngineConfig(
         model=args.model,
@@ -592,6 +521,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_model_len=args.max_model_len,
         max_tokens_default=args.max_tokens_default,
         trust_remote_code=args.trust_remote_code,
+        max_num_seqs=args.max_num_seqs,
+        kv_budget_tokens=args.kv_budget_tokens,
     )
     try:
         model = CausalLM(config)
@@ -610,5 +541,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "max_model_len": model.max_model_len,
             "chat_template": "model" if model.has_chat_template else "fallback",
             "warm_up_s": round(warm_s, 3),
+            "max_num_seqs": config.max_num_seqs,
+            "batching": model.can_batch,
         },
     )

@@ -1,8 +1,17 @@
-"""Loading a causal LM with Hugging Face transformers and generating from it.
+"""Loading a causal LM with Hugging Face transformers and generating from it, batched.
 
-Nothing here knows about HTTP. `CausalLM.generate` is blocking and runs in the engine's
-single generation thread; it checks a cancel flag before every token, so a client that
-goes away frees the model within one decode step. torch is imported only here.
+Nothing here knows about HTTP. `CausalLM.step` runs in the engine's one generation thread:
+it prefills newly admitted requests (left-padded, one forward pass), stacks their KV cache
+under the running ones and decodes every running sequence in one forward pass, so
+concurrent requests share each step (continuous batching). Each request keeps its own
+sampling (greedy rows share one argmax; sampled rows use their own seeded generator), stop
+checks and incremental text. A cancelled request leaves the batch before the next forward
+pass. torch is imported only here.
+
+Why not transformers' own continuous batching (`generate_batch`, ContinuousBatchingManager):
+it fixes do_sample and the logits processors for the whole manager (no per-request seed,
+top_k, penalties, min_tokens or stop token ids), and its API changed between the 5.17 on the
+GPU machines and the 5.25 here. Padding a DynamicCache works on every version we support.
 """
 
 from __future__ import annotations
@@ -17,14 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from sage.common.exceptions import ConfigurationError, InvalidRequestError
+from sage.common.exceptions import ConfigurationError, InternalError, InvalidRequestError
 
 __all__ = [
     "FALLBACK_CHAT_TEMPLATE",
     "CausalLM",
     "EngineConfig",
+    "Generation",
     "Outcome",
     "SamplingParams",
+    "Step",
 ]
 
 # Used when a tokenizer ships no chat template (base models, hand-built tokenizers): each
@@ -54,6 +65,8 @@ class EngineConfig:
     max_model_len: int = 0  # 0 = the model's own context length
     max_tokens_default: int = 0  # 0 = up to the context length, as vLLM does
     trust_remote_code: bool = False
+    max_num_seqs: int = 64  # sequences decoded together; 1 = one request at a time
+    kv_budget_tokens: int = 0  # KV cache columns of the whole batch; 0 = max_model_len
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -117,6 +130,127 @@ class _Detokenizer:
         return full[len(prefix) :] if len(full) > len(prefix) else ""
 
 
+@dataclass(frozen=True)
+class Step:
+    """What one engine step did."""
+
+    finished: list[Generation]  # left the batch this step; their outcome() is ready
+    decoded: int  # sequences stepped together in the decode pass (0: none ran)
+
+
+@dataclass(eq=False)  # compared by identity: the batch finds its rows by it
+class Generation:
+    """One request's decoding state in the batch: how its tokens are picked, when it stops,
+    and its text (released to on_text once no stop string can still claim it)."""
+
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    cancelled: threading.Event
+    on_text: Callable[[str], None] | None
+    on_token: Callable[[int], None] | None
+    decode: Callable[[list[int]], str]
+    eos_ids: frozenset[int]
+    generator: Any = None  # a seeded torch.Generator when sampling; None = greedy
+    text: str = ""
+    sent: int = 0
+    produced: int = 0
+    finish_reason: str | None = None  # stop | length | abort once done
+    stop_reason: str | int | None = None
+    next_token: int = -1  # sampled, not yet fed to the model
+    counts: Any = None  # tokens generated so far, per vocabulary id (for penalties)
+
+    def __post_init__(self) -> None:
+        params = self.params
+        self._stop_ids = frozenset(params.stop_token_ids)
+        self._end_ids = frozenset() if params.ignore_eos else self.eos_ids
+        self._banned_early = sorted(self._stop_ids | self.eos_ids) if params.min_tokens else []
+        self._penalised = bool(params.presence_penalty or params.frequency_penalty)
+        self._hold = max((len(s) for s in params.stop), default=1) - 1
+        context = list(self.prompt_ids[-_DETOKENIZE_CONTEXT:])
+        self._detok = _Detokenizer(self.decode, context, 0, len(context))
+
+    @property
+    def done(self) -> bool:
+        """Whether it has finished (its outcome is final)."""
+        return self.finish_reason is not None
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing to adjust: its token comes from the batch's one argmax."""
+        banning = bool(self._banned_early) and self.produced < self.params.min_tokens
+        return self.generator is None and not self._penalised and not banning
+
+    @property
+    def reserve(self) -> int:
+        """KV cache columns it may come to hold: prompt plus every token it may generate."""
+        return len(self.prompt_ids) + self.params.max_tokens
+
+    def check_cancelled(self) -> bool:
+        """End it as aborted if its client has gone; True if that happened now."""
+        if self.finish_reason is None and self.cancelled.is_set():
+            self.finish_reason = "abort"
+            return True
+        return False
+
+    def adjust(self, scores: Any) -> Any:
+        """This row's logits after its penalties and its min_tokens ban."""
+        params = self.params
+        if self._penalised:
+            if self.counts is None:
+                self.counts = scores.new_zeros(scores.shape)
+            scores = scores - params.frequency_penalty * self.counts
+            scores = scores - params.presence_penalty * (self.counts > 0).float()
+        if self._banned_early and self.produced < params.min_tokens:
+            scores = scores.clone()
+            scores[self._banned_early] = float("-inf")
+        return scores
+
+    def accept(self, token: int) -> None:
+        """Take the sampled token: count it, release text, and see whether it ends here."""
+        params = self.params
+        self.produced += 1
+        if self.counts is not None:
+            self.counts[token] += 1
+        if self.on_token is not None:
+            self.on_token(self.produced)
+        if token in self._stop_ids or token in self._end_ids:
+            # The ending token counts as generated but is not part of the text.
+            self.finish_reason = "stop"
+            self.stop_reason = token if token in self._stop_ids else None
+            return
+        self.text += self._detok.add(token)
+        if params.stop and (cut := _find_stop(self.text, params.stop, self.sent)) is not None:
+            self.text, self.stop_reason = cut
+            self.finish_reason = "stop"
+            return
+        release = len(self.text) - self._hold if params.stop else len(self.text)
+        if release > self.sent:
+            if self.on_text is not None:
+                self.on_text(self.text[self.sent : release])
+            self.sent = release
+        if self.produced >= params.max_tokens:
+            self.text += self._detok.flush()
+            cut = _find_stop(self.text, params.stop, self.sent) if params.stop else None
+            if cut is not None:
+                self.text, self.stop_reason = cut
+                self.finish_reason = "stop"
+            else:
+                self.finish_reason = "length"
+            return
+        self.next_token = token
+
+    def outcome(self) -> Outcome:
+        """How it ended (abort if it has not)."""
+        return Outcome(
+            text=self.text,
+            tail=self.text[self.sent :],
+            finish_reason=self.finish_reason or "abort",
+            stop_reason=self.stop_reason,
+            prompt_tokens=len(self.prompt_ids),
+            completion_tokens=self.produced,
+        )
+
+
 def _transformers_version() -> tuple[int, int]:
     import transformers
 
@@ -132,7 +266,7 @@ def _resolve_path(model: str) -> str:
 
 
 class CausalLM:
-    """One loaded causal LM and its tokenizer; generate() runs one request at a time."""
+    """One loaded causal LM and its tokenizer, and the batch of sequences decoding on it."""
 
     def __init__(self, config: EngineConfig) -> None:
         for module in ("torch", "transformers"):
@@ -188,6 +322,14 @@ class CausalLM:
         keep = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
         self._last_logits_only = {keep: 1} if keep else {}
         self._torch = torch
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        self._pad_id = pad if isinstance(pad, int) else 0
+        # The batch: its rows, their stacked KV cache and the attention mask over its columns
+        # (rows are right-aligned; a row's columns before its prompt are padding).
+        self._rows: list[Generation] = []
+        self._cache: Any = None
+        self._mask: Any = None
+        self.can_batch = True  # False once a prefill shows a cache that cannot be stacked
 
     # ---- loading helpers
 
@@ -271,7 +413,69 @@ class CausalLM:
         )
         return str(text)
 
-    # ---- generation (blocking; one at a time)
+    # ---- generation (blocking; called from the engine's one generation thread)
+
+    def begin(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        cancelled: threading.Event,
+        on_text: Callable[[str], None] | None = None,
+        on_token: Callable[[int], None] | None = None,
+    ) -> Generation:
+        """A request's decoding state, ready to be admitted by `step`."""
+        generator = None
+        if params.temperature > 0:
+            generator = self._torch.Generator(device=self.device)
+            seed = params.seed if params.seed is not None else random.getrandbits(63)
+            generator.manual_seed(seed)
+        return Generation(
+            tuple(prompt_ids),
+            params,
+            cancelled,
+            on_text,
+            on_token,
+            decode=self._decode,
+            eos_ids=self.eos_token_ids,
+            generator=generator,
+        )
+
+    @property
+    def running(self) -> int:
+        """Sequences in the batch now."""
+        return len(self._rows)
+
+    def step(self, admitted: Sequence[Generation] = ()) -> Step:
+        """Prefill `admitted` into the batch, then one decode step for every sequence in it.
+
+        Cancelled sequences leave before any model work. Returns the sequences that finished
+        (their outcome is ready) and how many were decoded together.
+        """
+        torch = self._torch
+        finished = [g for g in self._rows if g.check_cancelled()]
+        if finished:
+            self._retain()
+        fresh: list[Generation] = []
+        for generation in admitted:
+            (finished if generation.check_cancelled() else fresh).append(generation)
+        decoded = 0
+        with torch.inference_mode():
+            if fresh:
+                cache, mask, logits = self._prefill(fresh)
+                self._sample(fresh, logits)
+                self._merge(fresh, cache, mask)
+                finished += self._retain()
+            if self._rows:
+                decoded = len(self._rows)
+                self._sample(self._rows, self._decode_step())
+                finished += self._retain()
+        return Step(finished, decoded)
+
+    def abandon(self) -> list[Generation]:
+        """Drop the whole batch (after a failed step); returns what was in it."""
+        rows, self._rows = self._rows, []
+        self._cache = self._mask = None
+        return rows
 
     def generate(
         self,
@@ -281,91 +485,123 @@ class CausalLM:
         on_text: Callable[[str], None],
         on_token: Callable[[int], None] | None = None,
     ) -> Outcome:
-        """Generate up to params.max_tokens tokens after `prompt_ids`.
+        """One request alone, to the end (warm-up and tests; the engine batches via step)."""
+        generation = self.begin(prompt_ids, params, cancelled, on_text, on_token)
+        admitted: list[Generation] = [generation]
+        try:
+            while generation not in self.step(admitted).finished:
+                admitted = []
+        except BaseException:
+            self.abandon()
+            raise
+        return generation.outcome()
 
-        `on_text` gets each piece of text as soon as it is certain (text that could still
-        turn into a stop string is held back); `on_token(step)` is called after each token.
-        The returned Outcome holds the whole text and the part not yet passed on.
-        """
+    def _prefill(self, fresh: Sequence[Generation]) -> tuple[Any, Any, Any]:
+        """Left-padded prompts in one forward pass: (cache, attention mask, last logits)."""
         torch = self._torch
-        stop_ids = set(params.stop_token_ids)
-        eos_ids = set() if params.ignore_eos else set(self.eos_token_ids)
-        banned_early = sorted((stop_ids | set(self.eos_token_ids)) if params.min_tokens else ())
-        hold = max((len(s) for s in params.stop), default=1) - 1
-        detok = _Detokenizer(self._decode)
-        context = list(prompt_ids[-_DETOKENIZE_CONTEXT:])
-        detok.ids = context
-        detok.prefix_offset = 0
-        detok.read_offset = len(context)
-
-        generator = None
-        if params.temperature > 0:
-            generator = torch.Generator(device=self.device)
-            seed = params.seed if params.seed is not None else random.getrandbits(63)
-            generator.manual_seed(seed)
-
-        text = ""
-        sent = 0
-        produced = 0
-        finish_reason = "length"
-        stop_reason: str | int | None = None
-        counts = None
-        with torch.inference_mode():
-            input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)
-            output = self.model(input_ids=input_ids, use_cache=True, **self._last_logits_only)
-            cache = output.get(self._cache_key)
-            logits = output["logits"][0, -1, :]
-            while produced < params.max_tokens:
-                if cancelled.is_set():
-                    finish_reason = "abort"
-                    break
-                scores = logits.float()
-                if params.presence_penalty or params.frequency_penalty:
-                    if counts is None:
-                        counts = torch.zeros_like(scores)
-                    scores = scores - params.frequency_penalty * counts
-                    scores = scores - params.presence_penalty * (counts > 0).float()
-                if produced < params.min_tokens and banned_early:
-                    scores[banned_early] = float("-inf")
-                token = self._pick(scores, params, generator)
-                produced += 1
-                if counts is not None:
-                    counts[token] += 1
-                if on_token is not None:
-                    on_token(produced)
-                if token in stop_ids or token in eos_ids:
-                    # The ending token counts as generated but is not part of the text.
-                    finish_reason = "stop"
-                    stop_reason = token if token in stop_ids else None
-                    break
-                text += detok.add(token)
-                if params.stop and (cut := _find_stop(text, params.stop, sent)) is not None:
-                    text, stop_reason = cut
-                    finish_reason = "stop"
-                    break
-                release = len(text) - hold if params.stop else len(text)
-                if release > sent:
-                    on_text(text[sent:release])
-                    sent = release
-                if produced >= params.max_tokens:
-                    break
-                step_ids = torch.tensor([[token]], dtype=torch.long, device=self.device)
-                output = self.model(input_ids=step_ids, use_cache=True, **{self._cache_key: cache})
-                cache = output.get(self._cache_key)
-                logits = output["logits"][0, -1, :]
-        if finish_reason == "length":
-            text += detok.flush()
-            if params.stop and (cut := _find_stop(text, params.stop, sent)) is not None:
-                text, stop_reason = cut
-                finish_reason = "stop"
-        return Outcome(
-            text=text,
-            tail=text[sent:],
-            finish_reason=finish_reason,
-            stop_reason=stop_reason,
-            prompt_tokens=len(prompt_ids),
-            completion_tokens=produced,
+        width = max(len(g.prompt_ids) for g in fresh)
+        ids = torch.full((len(fresh), width), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(fresh), width), dtype=torch.long)
+        for row, generation in enumerate(fresh):
+            n = len(generation.prompt_ids)
+            ids[row, width - n :] = torch.tensor(generation.prompt_ids, dtype=torch.long)
+            mask[row, width - n :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        output = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            use_cache=True,
+            **self._last_logits_only,
         )
+        cache = output.get(self._cache_key)
+        if not _plain_cache(cache):
+            # Sliding-window or quantised caches cannot be padded and stacked row-wise.
+            self.can_batch = False
+        return cache, mask, output["logits"][:, -1, :]
+
+    def _decode_step(self) -> Any:
+        torch = self._torch
+        tokens = torch.tensor(
+            [[g.next_token] for g in self._rows], dtype=torch.long, device=self.device
+        )
+        ones = torch.ones((len(self._rows), 1), dtype=torch.long, device=self.device)
+        self._mask = torch.cat([self._mask, ones], dim=1)
+        output = self.model(
+            input_ids=tokens,
+            attention_mask=self._mask,
+            position_ids=self._mask.sum(-1, keepdim=True) - 1,
+            use_cache=True,
+            **{self._cache_key: self._cache},
+        )
+        self._cache = output.get(self._cache_key)
+        return output["logits"][:, -1, :]
+
+    def _sample(self, rows: Sequence[Generation], logits: Any) -> None:
+        """Pick each row's next token: one argmax for the plain greedy rows, the rest one
+        by one with their own penalties, bans, temperature and seeded generator."""
+        scores = logits.float()
+        special = [i for i, g in enumerate(rows) if not g.plain_greedy]
+        for i in special:
+            scores[i] = rows[i].adjust(scores[i])
+        greedy = scores.argmax(dim=-1).tolist()
+        for i, generation in enumerate(rows):
+            if generation.generator is not None:
+                token = self._pick(scores[i], generation.params, generation.generator)
+            else:
+                token = int(greedy[i])
+            generation.accept(token)
+
+    def _merge(self, fresh: Sequence[Generation], cache: Any, mask: Any) -> None:
+        """Stack the prefilled rows under the running ones, left-padding the shorter side."""
+        if not self._rows:
+            self._rows, self._cache, self._mask = list(fresh), cache, mask
+            return
+        if not self.can_batch:
+            raise InternalError("this model's KV cache cannot be batched")
+        functional = self._torch.nn.functional
+        width = max(self._mask.shape[1], mask.shape[1])
+
+        def pad(tensor: Any, dim_from_end: int) -> Any:
+            missing = width - tensor.shape[-dim_from_end]
+            if not missing:
+                return tensor
+            return functional.pad(tensor, (0, 0) * (dim_from_end - 1) + (missing, 0))
+
+        layers = [
+            (
+                self._torch.cat([pad(k_old, 2), pad(k_new, 2)], dim=0),
+                self._torch.cat([pad(v_old, 2), pad(v_new, 2)], dim=0),
+            )
+            for (k_old, v_old), (k_new, v_new) in zip(_kv(self._cache), _kv(cache), strict=True)
+        ]
+        _set_kv(self._cache, layers)
+        self._mask = self._torch.cat([pad(self._mask, 1), pad(mask, 1)], dim=0)
+        self._rows = [*self._rows, *fresh]
+
+    def _retain(self) -> list[Generation]:
+        """Remove finished rows from the batch (and columns that only padded them)."""
+        gone = [g for g in self._rows if g.done]
+        if not gone:
+            return []
+        keep = [i for i, g in enumerate(self._rows) if not g.done]
+        if not keep:
+            self.abandon()
+            return gone
+        torch = self._torch
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        mask = self._mask.index_select(0, index)
+        start = int(mask.any(dim=0).nonzero()[0].item())
+        self._mask = mask[:, start:]
+        _set_kv(
+            self._cache,
+            [
+                (k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:])
+                for k, v in _kv(self._cache)
+            ],
+        )
+        self._rows = [self._rows[i] for i in keep]
+        return gone
 
     def _pick(self, scores: Any, params: SamplingParams, generator: Any) -> int:
         torch = self._torch
@@ -393,6 +629,33 @@ class CausalLM:
             ids, SamplingParams(max_tokens=2, temperature=0.0), threading.Event(), lambda _: None
         )
         return time.perf_counter() - started
+
+
+def _plain_cache(cache: Any) -> bool:
+    """Whether `cache` is a DynamicCache of full-attention layers (rows can be stacked)."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:  # transformers >= 4.56
+        return type(cache).__name__ == "DynamicCache" and all(
+            type(layer).__name__ == "DynamicLayer" for layer in layers
+        )
+    return type(cache).__name__ == "DynamicCache" and hasattr(cache, "key_cache")
+
+
+def _kv(cache: Any) -> list[tuple[Any, Any]]:
+    """(keys, values) per layer, each [batch, kv heads, columns, head dim]."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        return [(layer.keys, layer.values) for layer in layers]
+    return list(zip(cache.key_cache, cache.value_cache, strict=True))
+
+
+def _set_kv(cache: Any, tensors: Sequence[tuple[Any, Any]]) -> None:
+    layers = getattr(cache, "layers", None)
+    for i, (keys, values) in enumerate(tensors):
+        if layers is not None:
+            layers[i].keys, layers[i].values = keys, values
+        else:
+            cache.key_cache[i], cache.value_cache[i] = keys, values
 
 
 def _find_stop(text: str, stops: Sequence[str], sent: int) -> tuple[str, str] | None:

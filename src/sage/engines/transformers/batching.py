@@ -1,0 +1,248 @@
+"""The engine's generation thread: admits waiting requests into the running batch between
+steps (continuous batching) and keeps vLLM's request metrics.
+
+Admission is FIFO and bounded twice: at most `max_num_seqs` sequences, and a KV budget in
+cache columns. Rows are padded to the longest, so the batch holds at most rows x the
+largest `reserve` (prompt + max_tokens) of any row; a request joins only while that stays
+within `kv_budget_tokens`. The default budget is the context length, the one full-length
+sequence lifecycle reserves GPU memory for. A request that needs the whole budget runs
+alone. With `max_num_seqs=1` this is the old engine: one request at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass
+from typing import Protocol
+
+from prometheus_client import Histogram
+
+from sage.common.exceptions import InternalError
+from sage.engines.vllm_metrics import VllmRequestMetrics
+
+from .model import Generation, Outcome, SamplingParams, Step
+
+__all__ = ["BatchMetrics", "BatchRunner", "BatchedModel"]
+
+log = logging.getLogger(__name__)
+
+# Sequences per decode pass: powers of two up to vLLM's default max_num_seqs.
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class BatchedModel(Protocol):
+    """What the runner needs of the model (CausalLM; a fake in tests)."""
+
+    can_batch: bool
+
+    def begin(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        cancelled: threading.Event,
+        on_text: Callable[[str], None] | None = None,
+        on_token: Callable[[int], None] | None = None,
+    ) -> Generation: ...
+
+    def step(self, admitted: Sequence[Generation] = ()) -> Step: ...
+
+    def abandon(self) -> list[Generation]: ...
+
+
+class BatchMetrics(VllmRequestMetrics):
+    """vLLM's request metrics plus how many sequences each decode pass carried."""
+
+    def __init__(
+        self, name: str, running: Callable[[], float], waiting: Callable[[], float]
+    ) -> None:
+        super().__init__(
+            name,
+            running,
+            waiting,
+            running_help="Requests in the running batch (decoded together each step).",
+            waiting_help="Requests queued for a place in the batch.",
+            queue_help="Time waiting for a place in the batch.",
+            finish_reasons=("stop", "length", "abort"),
+        )
+        self.batch_size = Histogram(
+            "sage:engine_batch_size",
+            "Sequences decoded together in one forward pass (one observation per step).",
+            self.label,
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=self.registry,
+        ).labels(**self.values)
+
+
+@dataclass
+class _Clock:
+    """When a request arrived and produced its first and latest tokens (monotonic)."""
+
+    arrival: float
+    first_at: float = 0.0
+    last_at: float = 0.0
+
+
+@dataclass(eq=False)  # compared and hashed by identity
+class _Job:
+    """One request waiting for, or holding, a place in the batch."""
+
+    generation: Generation
+    future: Future[Outcome]
+    clock: _Clock
+
+
+class BatchRunner:
+    """Owns the generation thread; `submit` queues a request and returns its Future."""
+
+    def __init__(
+        self,
+        model: BatchedModel,
+        metrics_factory: Callable[[Callable[[], float], Callable[[], float]], BatchMetrics],
+        *,
+        max_num_seqs: int,
+        kv_budget_tokens: int,
+    ) -> None:
+        self.model = model
+        self.max_num_seqs = max(1, max_num_seqs)
+        self.kv_budget_tokens = kv_budget_tokens
+        self.metrics = metrics_factory(lambda: self.running, lambda: len(self._waiting))
+        self._cond = threading.Condition()
+        self._waiting: deque[_Job] = deque()
+        self._running: dict[Generation, _Job] = {}
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="generate", daemon=True)
+        self._thread.start()
+
+    @property
+    def running(self) -> int:
+        """Requests in the batch now."""
+        return len(self._running)
+
+    def submit(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        cancelled: threading.Event,
+        on_text: Callable[[str], None] | None,
+    ) -> Future[Outcome]:
+        """Queue one request; its Future gets the Outcome (or the step's exception)."""
+        future: Future[Outcome] = Future()
+        clock = _Clock(time.monotonic())
+        prompt_tokens = len(prompt_ids)
+        generation = self.model.begin(
+            prompt_ids,
+            params,
+            cancelled,
+            on_text,
+            lambda step: self._on_token(clock, prompt_tokens, step),
+        )
+        job = _Job(generation, future, clock)
+        with self._cond:
+            if self._closed:
+                raise InternalError("the engine is shutting down")
+            self._waiting.append(job)
+            self._cond.notify()
+        return future
+
+    def close(self) -> None:
+        """Cancel everything queued or running, fail their Futures and let the thread end
+        (after the step in hand, which the cancel flags cut short)."""
+        with self._cond:
+            self._closed = True
+            jobs = [*self._waiting, *self._running.values()]
+            self._waiting.clear()
+            self._cond.notify()
+        for job in jobs:
+            job.generation.cancelled.set()
+            _fail(job.future, InternalError("generation was cancelled (engine shutting down)"))
+
+    # ---- the generation thread
+
+    def _on_token(self, clock: _Clock, prompt_tokens: int, step: int) -> None:
+        metrics = self.metrics
+        now = time.monotonic()
+        if step == 1:
+            clock.first_at = now
+            metrics.ttft.observe(now - clock.arrival)
+            metrics.prompt_tokens.inc(prompt_tokens)
+        else:
+            metrics.inter_token.observe(now - clock.last_at)
+        clock.last_at = now
+        metrics.generation_tokens.inc()
+
+    def _admit(self) -> list[Generation]:
+        """Take waiting requests, oldest first, while the batch has room (lock held)."""
+        admitted: list[Generation] = []
+        rows = len(self._running)
+        widest = max((g.reserve for g in self._running), default=0)
+        limit = self.max_num_seqs if self.model.can_batch else 1
+        now = time.monotonic()
+        while self._waiting:
+            job = self._waiting[0]
+            generation = job.generation
+            if generation.cancelled.is_set():  # the client left while queued
+                self._waiting.popleft()
+                generation.check_cancelled()
+                self._finish(job)
+                continue
+            wider = max(widest, generation.reserve)
+            if rows and (rows + 1 > limit or (rows + 1) * wider > self.kv_budget_tokens):
+                break
+            self._waiting.popleft()
+            self.metrics.queue_time.observe(now - job.clock.arrival)
+            self._running[generation] = job
+            admitted.append(generation)
+            rows, widest = rows + 1, wider
+        return admitted
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and not self._waiting and not self._running:
+                    self._cond.wait()
+                if self._closed:
+                    break
+                admitted = self._admit()
+            if not admitted and not self._running:
+                continue
+            try:
+                step = self.model.step(admitted)
+            except Exception as exc:  # a failed forward pass (CUDA OOM...) fails its batch
+                log.error("generation step failed", exc_info=exc)
+                lost = self.model.abandon()
+                with self._cond:
+                    jobs = [self._running.pop(g) for g in {*lost, *admitted} if g in self._running]
+                for job in jobs:
+                    self.metrics.finished("abort")
+                    _fail(job.future, exc)
+                continue
+            if step.decoded:
+                self.metrics.batch_size.observe(step.decoded)
+            with self._cond:
+                done = [self._running.pop(g) for g in step.finished if g in self._running]
+            for job in done:
+                self._finish(job)
+        self.model.abandon()
+
+    def _finish(self, job: _Job) -> None:
+        outcome = job.generation.outcome()
+        metrics = self.metrics
+        clock = job.clock
+        if outcome.completion_tokens > 1:
+            metrics.tpot.observe((clock.last_at - clock.first_at) / (outcome.completion_tokens - 1))
+        metrics.e2e.observe(time.monotonic() - clock.arrival)
+        metrics.finished(outcome.finish_reason)
+        # close() may have failed it a moment ago.
+        with contextlib.suppress(InvalidStateError):
+            job.future.set_result(outcome)
+
+
+def _fail(future: Future[Outcome], exc: BaseException) -> None:
+    with contextlib.suppress(InvalidStateError):
+        future.set_exception(exc)
