@@ -19,7 +19,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sage.common.exceptions import (
     ConflictError,
@@ -288,6 +288,47 @@ class ReservationLedger:
             released = self._by_engine[engine_id]
             self._commit({k: v for k, v in self._by_engine.items() if k != engine_id})
             return released
+
+    def set_owner(
+        self, engine_id: str, owner_pid: int, owner_started_at: float = 0.0
+    ) -> tuple[Reservation, ...]:
+        """Make `owner_pid` the owner of an engine's reservations (0: no owner). Lifecycle
+        hands them to the engine once it is spawned, so they go when the engine dies, even
+        if lifecycle is gone by then. `owner_started_at` (the start time the caller sees,
+        0: unknown) tells a process of the caller's from another one with the same pid
+        here: a caller in another pid namespace (a container) is refused, not misread."""
+        if owner_pid < 0:
+            raise InvalidRequestError("owner_pid must be >= 0", param="owner_pid")
+        owner_started = 0.0
+        if owner_pid:
+            started = self._probe.started_at(owner_pid)
+            if started is None:
+                raise InvalidRequestError(
+                    f"owner_pid {owner_pid} is not a running process on gpu_manager's host "
+                    "(or in its pid namespace)",
+                    param="owner_pid",
+                )
+            if owner_started_at and started and abs(started - owner_started_at) > 1.0:
+                raise InvalidRequestError(
+                    f"owner_pid {owner_pid} is another process here than the caller's "
+                    "(start times differ): gpu_manager and the caller do not share a pid "
+                    "namespace",
+                    param="owner_pid",
+                )
+            owner_started = started
+        with self._lock:
+            if engine_id not in self._by_engine:
+                raise NotFoundError(
+                    f"no reservation for engine {engine_id!r}",
+                    param="engine_id",
+                    code="reservation_not_found",
+                )
+            owned = tuple(
+                replace(r, owner_pid=owner_pid, owner_started_at=owner_started)
+                for r in self._by_engine[engine_id]
+            )
+            self._commit({**self._by_engine, engine_id: owned})
+            return owned
 
     def reconcile(self) -> list[Reservation]:
         """Release every reservation whose owner process is gone (or whose pid now belongs to

@@ -119,6 +119,12 @@ class GPUResourceManager:
         """Free an engine's reservations (NOT_FOUND when it holds none)."""
         return self.ledger.release(engine_id)
 
+    def set_owner(
+        self, engine_id: str, owner_pid: int, owner_started_at: float = 0.0
+    ) -> tuple[Reservation, ...]:
+        """Hand an engine's reservations to a process (NOT_FOUND when it holds none)."""
+        return self.ledger.set_owner(engine_id, owner_pid, owner_started_at)
+
     def reservations(self) -> list[Reservation]:
         """The whole ledger."""
         return self.ledger.all()

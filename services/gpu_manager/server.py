@@ -97,6 +97,19 @@ class GpuManagerServicer(pb_grpc.GpuManagerServiceServicer):
         log.info("released", extra={"engine_id": request.engine_id})
         return pb.ReleaseResponse(reservations=[_reservation_pb(r) for r in released])
 
+    async def SetOwner(self, request: pb.SetOwnerRequest, context: Any) -> pb.SetOwnerResponse:
+        owned = await asyncio.to_thread(
+            self.manager.set_owner,
+            request.engine_id,
+            request.owner_pid,
+            request.owner_started_at,
+        )
+        log.info(
+            "reservation owner set",
+            extra={"engine_id": request.engine_id, "owner_pid": request.owner_pid},
+        )
+        return pb.SetOwnerResponse(reservations=[_reservation_pb(r) for r in owned])
+
     async def ListReservations(
         self, request: pb.ListReservationsRequest, context: Any
     ) -> pb.ListReservationsResponse:

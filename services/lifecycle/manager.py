@@ -115,6 +115,11 @@ class GpuAllocator(Protocol):
         """Engines that hold reservations."""
         ...
 
+    async def set_owner(self, engine_id: str, pid: int) -> None:
+        """Make process `pid` the owner of an engine's reservation (best effort: a failure
+        is logged, the reservation stays as it was)."""
+        ...
+
 
 class NoGpus:
     """The allocator for hosts without a GPU manager: zero GPUs, nothing to reserve."""
@@ -132,6 +137,9 @@ class NoGpus:
 
     async def reserved_engine_ids(self) -> list[str]:
         return []
+
+    async def set_owner(self, engine_id: str, pid: int) -> None:
+        return None
 
 
 async def _noop_register(record: EngineRecord) -> None:
@@ -324,6 +332,7 @@ class EngineLifecycleManager:
                 self._busy.discard(engine_id)
                 await self.gpus.release(engine_id)
                 raise
+            await self._own_reservation(record, record.pid)
         if not wait:
             self._background(self._finish_start(record, backend, raise_errors=False))
             return record
@@ -502,6 +511,13 @@ class EngineLifecycleManager:
             )
         )
 
+    async def _own_reservation(self, record: EngineRecord, pid: int) -> None:
+        """Hand the engine's GPU reservation to `pid` (the engine once spawned; lifecycle
+        itself while a crashed engine waits to restart): gpu_manager's reconcile then
+        releases it when that process dies, even while lifecycle is down."""
+        if record.gpu_ids and pid > 0:
+            await self.gpus.set_owner(record.engine_id, pid)
+
     async def _finish_start(
         self, record: EngineRecord, backend: Backend, *, raise_errors: bool
     ) -> EngineRecord:
@@ -623,6 +639,8 @@ class EngineLifecycleManager:
                 )
                 log.error("engine failed: too many crashes", extra={"engine_id": engine_id})
                 return
+            # The dead engine's pid would let reconcile release what the restart needs.
+            await self._own_reservation(record, os.getpid())
             delay = min(self.restart.max_s, self.restart.initial_s * 2 ** (len(crashes) - 1))
             self._set(
                 replace(
@@ -639,8 +657,9 @@ class EngineLifecycleManager:
             if current is None or current.state != STARTING:
                 return  # stopped while we waited
             backend = get_backend(current.backend)
-            self._spawn(current, backend)
-            await self._finish_start(self._records[engine_id], backend, raise_errors=False)
+            respawned = self._spawn(current, backend)
+            await self._own_reservation(respawned, respawned.pid)
+            await self._finish_start(respawned, backend, raise_errors=False)
         finally:
             self._busy.discard(engine_id)
 
@@ -781,6 +800,9 @@ class EngineLifecycleManager:
                 log.info(
                     "re-adopted engine", extra={"engine_id": record.engine_id, "pid": record.pid}
                 )
+                # Reservations made before owners were handed over (or by a lifecycle that
+                # died mid-way) get their engine as owner now.
+                await self._own_reservation(record, record.pid)
                 await self._register_quietly(record)
                 continue
             if record.pid and _alive(record.pid):

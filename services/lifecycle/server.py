@@ -8,6 +8,7 @@ import logging
 from typing import Any
 
 import grpc
+import psutil
 
 from sage.common.config.settings import SageSettings
 from sage.common.exceptions import NotFoundError
@@ -151,6 +152,21 @@ class GrpcGpuAllocator:
         except grpc.RpcError:
             return []
         return sorted({r.engine_id for r in reply.reservations})
+
+    async def set_owner(self, engine_id: str, pid: int) -> None:
+        try:
+            started_at = psutil.Process(pid).create_time()
+            with rpc_errors_as_sage():
+                await self._stub.SetOwner(
+                    gpu_manager_pb2.SetOwnerRequest(
+                        engine_id=engine_id, owner_pid=pid, owner_started_at=started_at
+                    )
+                )
+        except Exception as exc:  # the reservation keeps its owner; stop still releases it
+            log.warning(
+                "could not hand the GPU reservation to its process",
+                extra={"engine_id": engine_id, "pid": pid, "error": str(exc)},
+            )
 
 
 class LifecycleServicer(pb_grpc.LifecycleServiceServicer):

@@ -355,6 +355,42 @@ def test_reconcile_releases_only_reservations_of_gone_owners() -> None:
     assert book.reconcile() == []
 
 
+def test_a_reservation_handed_to_its_engine_goes_when_the_engine_does(tmp_path: Path) -> None:
+    """Lifecycle reserves without an owner, then hands the reservation to the engine it
+    spawned: reconcile releases it once that engine is gone (whoever else is alive)."""
+    path = tmp_path / "gpu_reservations.json"
+    probe = FakeProbe({500: 50.0, 600: 60.0})
+    book = ledger(probe=probe, store=ReservationStore(path))
+    book.reserve("tp", snap(gpu(0, 80), gpu(1, 80)), gpu_count=2, memory_per_gpu_bytes=GiB)
+    assert book.reconcile() == []  # no owner: never released
+    owned = book.set_owner("tp", 500, owner_started_at=50.2)
+    assert [(r.owner_pid, r.owner_started_at) for r in owned] == [(500, 50.0), (500, 50.0)]
+    # A restarted gpu_manager reads the owner back from disk.
+    book = ledger(probe=probe, store=ReservationStore(path))
+    assert {r.owner_pid for r in book.all()} == {500}
+    assert book.reconcile() == []
+    del probe.alive[500]
+    assert [r.gpu_index for r in book.reconcile()] == [0, 1]
+    assert book.all() == []
+
+
+def test_set_owner_refuses_what_it_cannot_tell_apart() -> None:
+    probe = FakeProbe({500: 50.0})
+    book = ledger(probe=probe)
+    with pytest.raises(NotFoundError):
+        book.set_owner("none", 500)
+    book.reserve("e", snap(gpu(0, 80)), memory_per_gpu_bytes=GiB)
+    with pytest.raises(InvalidRequestError, match="not a running process"):
+        book.set_owner("e", 501)
+    # Same pid, another start time: the caller sees a different process (a pid namespace
+    # of its own); the owner is left as it was rather than tied to a stranger.
+    with pytest.raises(InvalidRequestError, match="pid namespace"):
+        book.set_owner("e", 500, owner_started_at=999.0)
+    assert [r.owner_pid for r in book.all()] == [0]
+    book.set_owner("e", 500)
+    assert book.set_owner("e", 0)[0].owner_pid == 0  # cleared again
+
+
 # ---- persistence -------------------------------------------------------------------------
 
 

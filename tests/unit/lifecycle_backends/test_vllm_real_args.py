@@ -249,6 +249,9 @@ class RecordingGpus:
     async def reserved_engine_ids(self) -> list[str]:
         return []
 
+    async def set_owner(self, engine_id: str, pid: int) -> None:
+        return None
+
 
 async def test_gpu_vllm_reserves_the_fraction_it_passes(tmp_path: Path) -> None:
     gpus = RecordingGpus()

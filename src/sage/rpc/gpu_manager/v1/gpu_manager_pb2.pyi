@@ -366,3 +366,55 @@ class ReconcileResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReconcileResponse: _TypeAlias = ReconcileResponse  # noqa: Y015
+
+@_typing.final
+class SetOwnerRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENGINE_ID_FIELD_NUMBER: _builtins.int
+    OWNER_PID_FIELD_NUMBER: _builtins.int
+    OWNER_STARTED_AT_FIELD_NUMBER: _builtins.int
+    engine_id: _builtins.str
+    owner_pid: _builtins.int
+    """A running process on this host; 0 clears the owner (then Reconcile never releases it)."""
+    owner_started_at: _builtins.float
+    """The process's start time as the caller sees it (seconds since the epoch; 0: unknown).
+    A different start time here means another process with the same pid (the caller runs
+    in another pid namespace): the request is refused.
+    """
+    def __init__(
+        self,
+        *,
+        engine_id: _builtins.str = ...,
+        owner_pid: _builtins.int = ...,
+        owner_started_at: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine_id", b"engine_id", "owner_pid", b"owner_pid", "owner_started_at", b"owner_started_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetOwnerRequest: _TypeAlias = SetOwnerRequest  # noqa: Y015
+
+@_typing.final
+class SetOwnerResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESERVATIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def reservations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Reservation]:
+        """The engine's reservations with their new owner."""
+
+    def __init__(
+        self,
+        *,
+        reservations: _abc.Iterable[Global___Reservation] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reservations", b"reservations"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetOwnerResponse: _TypeAlias = SetOwnerResponse  # noqa: Y015

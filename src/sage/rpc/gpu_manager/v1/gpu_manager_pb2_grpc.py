@@ -61,6 +61,11 @@ class GpuManagerServiceStub:
                 request_serializer=sage_dot_rpc_dot_gpu__manager_dot_v1_dot_gpu__manager__pb2.ReconcileRequest.SerializeToString,
                 response_deserializer=sage_dot_rpc_dot_gpu__manager_dot_v1_dot_gpu__manager__pb2.ReconcileResponse.FromString,
                 _registered_method=True)
+        self.SetOwner = channel.unary_unary(
+                '/sage.rpc.gpu_manager.v1.GpuManagerService/SetOwner',
+                request_serializer=sage_dot_rpc_dot_gpu__manager_dot_v1_dot_gpu__manager__pb2.SetOwnerRequest.SerializeToString,
+                response_deserializer=sage_dot_rpc_dot_gpu__manager_dot_v1_dot_gpu__manager__pb2.SetOwnerResponse.FromString,
+                _registered_method=True)
 
 
 class GpuManagerServiceServicer:
@@ -104,6 +109,15 @@ class GpuManagerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetOwner(self, request, context):
+        """SetOwner makes a process the owner of an engine's reservations: lifecycle hands them to
+        the engine once it is spawned, so Reconcile releases them when the engine dies, even
+        while lifecycle is down.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GpuManagerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -131,6 +145,11 @@ def add_GpuManagerServiceServicer_to_server(servicer, server):
                     servicer.Reconcile,
                     request_deserializer=sage_dot_rpc_dot_gpu__manager_dot_v1_dot_gpu__manager__pb2.ReconcileRequest.FromString,
                     response_serializer=sage_dot_rpc_dot_gpu__manager_dot_v1_dot_gpu__manager__pb2.ReconcileResponse.SerializeToString,
+            ),
+            'SetOwner': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetOwner,
+                    request_deserializer=sage_dot_rpc_dot_gpu__manager_dot_v1_dot_gpu__manager__pb2.SetOwnerRequest.FromString,
+                    response_serializer=sage_dot_rpc_dot_gpu__manager_dot_v1_dot_gpu__manager__pb2.SetOwnerResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -270,6 +289,33 @@ class GpuManagerService:
             '/sage.rpc.gpu_manager.v1.GpuManagerService/Reconcile',
             sage_dot_rpc_dot_gpu__manager_dot_v1_dot_gpu__manager__pb2.ReconcileRequest.SerializeToString,
             sage_dot_rpc_dot_gpu__manager_dot_v1_dot_gpu__manager__pb2.ReconcileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetOwner(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sage.rpc.gpu_manager.v1.GpuManagerService/SetOwner',
+            sage_dot_rpc_dot_gpu__manager_dot_v1_dot_gpu__manager__pb2.SetOwnerRequest.SerializeToString,
+            sage_dot_rpc_dot_gpu__manager_dot_v1_dot_gpu__manager__pb2.SetOwnerResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,6 +47,11 @@ class GpuManagerServiceStub:
     """Reconcile releases reservations whose owner process is gone (the service also does
     this on a timer).
     """
+    SetOwner: _grpc.UnaryUnaryMultiCallable[_gpu_manager_pb2.SetOwnerRequest, _gpu_manager_pb2.SetOwnerResponse]
+    """SetOwner makes a process the owner of an engine's reservations: lifecycle hands them to
+    the engine once it is spawned, so Reconcile releases them when the engine dies, even
+    while lifecycle is down.
+    """
 
 @_typing.type_check_only
 class GpuManagerServiceAsyncStub(GpuManagerServiceStub):
@@ -66,6 +71,11 @@ class GpuManagerServiceAsyncStub(GpuManagerServiceStub):
     Reconcile: _aio.UnaryUnaryMultiCallable[_gpu_manager_pb2.ReconcileRequest, _gpu_manager_pb2.ReconcileResponse]  # type: ignore[assignment]
     """Reconcile releases reservations whose owner process is gone (the service also does
     this on a timer).
+    """
+    SetOwner: _aio.UnaryUnaryMultiCallable[_gpu_manager_pb2.SetOwnerRequest, _gpu_manager_pb2.SetOwnerResponse]  # type: ignore[assignment]
+    """SetOwner makes a process the owner of an engine's reservations: lifecycle hands them to
+    the engine once it is spawned, so Reconcile releases them when the engine dies, even
+    while lifecycle is down.
     """
 
 class GpuManagerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -113,6 +123,17 @@ class GpuManagerServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_gpu_manager_pb2.ReconcileResponse, _abc.Awaitable[_gpu_manager_pb2.ReconcileResponse]]:
         """Reconcile releases reservations whose owner process is gone (the service also does
         this on a timer).
+        """
+
+    @_abc_1.abstractmethod
+    def SetOwner(
+        self,
+        request: _gpu_manager_pb2.SetOwnerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gpu_manager_pb2.SetOwnerResponse, _abc.Awaitable[_gpu_manager_pb2.SetOwnerResponse]]:
+        """SetOwner makes a process the owner of an engine's reservations: lifecycle hands them to
+        the engine once it is spawned, so Reconcile releases them when the engine dies, even
+        while lifecycle is down.
         """
 
 def add_GpuManagerServiceServicer_to_server(servicer: GpuManagerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
