@@ -12,6 +12,7 @@ from sage.common.exceptions import InvalidRequestError
 _BAD_MODEL_CHARS = re.compile(r"[;&|`$<>(){}!*?\"'\\\s\x00-\x1f]")
 
 KINDS = ("llm", "embedding")
+_CONCURRENCY_FLAGS = ("--max-num-seqs", "--max-concurrent-requests")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,24 @@ class EngineSpec:
     # External engines only: serve a model that engines lifecycle started already serve
     # (their traffic is then shared with it). Off, such a registration is a conflict.
     join_existing_model: bool = False
+
+    @property
+    def concurrency(self) -> int:
+        """Requests the engine was told to run at once: max_concurrent_requests, else the
+        engine's own flag among extra_args (vLLM's and the sim's --max-num-seqs, TEI's
+        --max-concurrent-requests); 0 when neither says (the scheduler then measures it)."""
+        if self.max_concurrent_requests > 0:
+            return self.max_concurrent_requests
+        args = list(self.extra_args)
+        for i, arg in enumerate(args):
+            flag, eq, value = arg.partition("=")
+            if flag.replace("_", "-") not in _CONCURRENCY_FLAGS:
+                continue
+            if not eq:
+                value = args[i + 1] if i + 1 < len(args) else ""
+            if value.isascii() and value.isdigit() and 0 < int(value) < 1_000_000:
+                return int(value)
+        return 0
 
     @property
     def gpus_needed(self) -> int:

@@ -3,9 +3,15 @@ in that model's queueing policy, which decides who runs next when a slot frees, 
 queue is refused at once (429 + Retry-After) — shedding is decided here, before any wait.
 
 `per_engine` sets each engine's capacity: -1 (the default) is the engine's own concurrency
-(EngineRecord.concurrency: its registered max_concurrent_requests, else its backend's
-default, e.g. vLLM's max_num_seqs), a positive number the same cap for every engine, and 0
-no limit: nothing waits here and the policy is bypassed — engines queue themselves.
+(its registered max_concurrent_requests label; else what its gauges showed it runs at once,
+measured by the load tracker; else its backend's default, e.g. vLLM's max_num_seqs), a
+positive number the same cap for every engine, and 0 no limit: nothing waits here and the
+policy is bypassed — engines queue themselves.
+
+Requests wait here, not at an engine: a slot frees on whichever engine finishes first, and
+the request that leaves the queue is routed then, among the engines with a free slot
+(Scheduler._with_room_first), so nothing queues behind a busy engine while another idles.
+One lane per model (aliases share their model's lane).
 """
 
 from __future__ import annotations
@@ -67,6 +73,7 @@ class AdmissionController:
         max_queue: int = 10_000,
         predict: Predictor | None = None,
         clock: Callable[[], float] = time.monotonic,
+        measured: Callable[[str], int] | None = None,
     ) -> None:
         create_policy(policy_name, predict)  # fail fast on an unknown name
         self.policy_name = policy_name
@@ -74,6 +81,7 @@ class AdmissionController:
         self.max_queue = max_queue
         self.predict = predict
         self.clock = clock
+        self.measured = measured or (lambda engine_id: 0)  # engine_id -> measured capacity
         self._lanes: dict[str, _ModelLane] = {}
         self.stats = AdmissionStats()
 
@@ -91,7 +99,9 @@ class AdmissionController:
     def engine_capacity(self, engine: EngineRecord) -> int:
         """Requests `engine` may have in flight; 0 means no limit."""
         if self.per_engine < 0:
-            return engine.concurrency
+            return (
+                engine.declared_concurrency or self.measured(engine.engine_id) or engine.concurrency
+            )
         return self.per_engine
 
     def capacity(self, engines: int | Sequence[EngineRecord]) -> int:
@@ -111,7 +121,10 @@ class AdmissionController:
             yield
             return
         lane = self._lane(item.model)
-        lane.capacity = self.capacity(engines)
+        capacity = self.capacity(engines)
+        grew, lane.capacity = capacity > lane.capacity, capacity
+        if grew:  # measured capacity went up: let waiting requests in first
+            self._hand_over(lane)
         if lane.running < lane.capacity and not len(lane.policy):
             lane.running += 1
         else:

@@ -25,7 +25,7 @@ from .load import EngineLoadTracker
 from .metrics import SchedulerMetrics
 from .policies import QueuedRequest
 from .ratelimit import TenantLimits, TenantRateLimiter
-from .registry import EngineKind, EngineRecord, EngineRegistry
+from .registry import EngineKind, EngineRecord, EngineRegistry, EngineState
 from .resume import StreamResume
 from .routing import Router, RouteRequest, failover_order, prefix_of
 from .routing.pd import PdRouter
@@ -138,9 +138,19 @@ class Scheduler:
             self.metrics.in_flight = self.load.in_flight_by_engine
         if self.metrics.loads is None:
             self.metrics.loads = self.load.loads
+        if self.metrics.capacities is None:
+            self.metrics.capacities = self._capacities
         self.pd = PdRouter(self.router, self.metrics.registry)  # prefill/decode pairs
         # Most tokens one embedding request may carry (0: no cap); see sage.common.limits.
         self.embedding_max_tokens = embedding_max_tokens
+
+    def _capacities(self) -> dict[str, int]:
+        """Every ready chat engine's admission cap (0: uncapped)."""
+        return {
+            e.engine_id: self.admission.engine_capacity(e) if self.admission.limited else 0
+            for e in self.registry.engines()
+            if e.kind is EngineKind.LLM and e.state is EngineState.READY
+        }
 
     async def wait_idle(self, engine_id: str, timeout_s: float) -> int:
         """Wait until nothing this scheduler routed to `engine_id` is in flight (at most
@@ -221,7 +231,9 @@ class Scheduler:
         begun = time.monotonic()
         try:
             engines = self.registry.ready_for(model, EngineKind.LLM)
-            async with self.admission.slot(ticket, engines):
+            ticket.model = engines[0].model  # an alias shares its model's lane and windows
+            # Capacity counts only engines routing may use (an open breaker's are not).
+            async with self.admission.slot(ticket, self.breakers.routable(engines, _engine_id)):
                 body, candidates = await self._route(model, path, body, session_key, ticket.cost)
                 for i, engine in enumerate(candidates):
                     if not self.breakers.begin(engine.engine_id, force=i == len(candidates) - 1):
@@ -282,7 +294,9 @@ class Scheduler:
         begun = time.monotonic()
         try:
             engines = self.registry.ready_for(model, EngineKind.LLM)
-            async with self.admission.slot(ticket, engines):
+            ticket.model = engines[0].model  # an alias shares its model's lane and windows
+            # Capacity counts only engines routing may use (an open breaker's are not).
+            async with self.admission.slot(ticket, self.breakers.routable(engines, _engine_id)):
                 client_body = body
                 body, candidates = await self._route(model, path, body, session_key, ticket.cost)
                 request = body

@@ -6,6 +6,12 @@ every engine call) and, optionally, the engine's own vLLM gauges scraped from `/
 label; read by sage.engines.vllm_metrics), which also see traffic from elsewhere. The
 scrape is stale by up to one interval, so only the part of it this scheduler did not cause
 is added to the live in-flight count.
+
+The same scrapes teach the scheduler each engine's concurrency when nobody declared it
+(CapacityEstimate): an engine with requests waiting runs all it can, so its running count
+is its capacity now; one that runs everything it was given, nothing waiting, is probed one
+request higher (the step doubles while probes keep succeeding). vLLM does not export its
+max_num_seqs, and the real limit also moves with KV-cache room, so it is measured.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from sage.common.engine_keys import engine_auth_headers, is_managed
-from sage.engines.vllm_metrics import read_load
+from sage.engines.vllm_metrics import VllmLoad, read_load
 
 from .registry import EngineRecord
 
@@ -32,6 +38,33 @@ class EngineReport:
 
     queued: float
     own_in_flight: int
+
+
+# A probe costs one request queued inside an engine when the estimate was right: probe only
+# after the engine ran at its estimate, nothing waiting, for this many scrapes in a row.
+PROBE_AFTER_SCRAPES = 3
+
+
+@dataclass(slots=True)
+class CapacityEstimate:
+    """An engine's concurrency as its gauges show it (see the module docstring)."""
+
+    value: int = 0  # 0: not measured yet
+    step: int = 1
+    full_scrapes: int = 0  # consecutive scrapes at `value` with nothing waiting
+
+    def observe(self, running: float, waiting: float, ceiling: int) -> None:
+        """Fold in one scrape; `ceiling` bounds the probe (the backend's documented max)."""
+        busy = int(running)
+        if waiting >= 1 and busy >= 1:
+            self.value, self.step, self.full_scrapes = min(busy, ceiling), 1, 0
+        elif self.value and busy >= self.value:
+            self.full_scrapes += 1
+            if self.full_scrapes >= PROBE_AFTER_SCRAPES:  # it kept up: try one more
+                self.value = min(ceiling, self.value + self.step)
+                self.step, self.full_scrapes = min(self.step * 2, 64), 0
+        else:
+            self.full_scrapes = 0
 
 
 def parse_queue_depth(text: str) -> float:
@@ -48,6 +81,7 @@ class EngineLoadTracker:
         self.scrape_timeout_s = scrape_timeout_s
         self._in_flight: dict[str, int] = {}
         self._reports: dict[str, EngineReport] = {}
+        self._capacity: dict[str, CapacityEstimate] = {}
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
 
@@ -62,6 +96,19 @@ class EngineLoadTracker:
     def loads(self) -> dict[str, float]:
         """What load-aware routing sees for every engine it has a count or a report of."""
         return {e: self.load(e) for e in sorted(self._in_flight.keys() | self._reports.keys())}
+
+    def capacity(self, engine_id: str) -> int:
+        """The engine's concurrency as measured from its gauges; 0 while unknown."""
+        estimate = self._capacity.get(engine_id)
+        return estimate.value if estimate is not None else 0
+
+    def observe(self, engine_id: str, load: VllmLoad, ceiling: int) -> None:
+        """Record one scrape of `engine_id`: its queue for routing, its capacity for
+        admission (never above `ceiling`)."""
+        self.report(engine_id, load.queued)
+        self._capacity.setdefault(engine_id, CapacityEstimate()).observe(
+            load.running, load.waiting, ceiling
+        )
 
     def load(self, engine_id: str) -> float:
         """In flight from here plus the engine-reported queue not caused by us; 0 if unknown."""
@@ -94,6 +141,8 @@ class EngineLoadTracker:
         live = set(engine_ids)
         for engine_id in [k for k in self._reports if k not in live]:
             del self._reports[engine_id]
+        for engine_id in [k for k in self._capacity if k not in live]:
+            del self._capacity[engine_id]  # a re-registered engine is measured afresh
 
     async def scrape_once(self, engines: Iterable[EngineRecord]) -> None:
         """Poll every engine's /metrics concurrently; an engine that fails keeps no report."""
@@ -120,7 +169,7 @@ class EngineLoadTracker:
             except (aiohttp.ClientError, TimeoutError, UnicodeDecodeError):
                 self._reports.pop(engine.engine_id, None)
                 return
-            self.report(engine.engine_id, parse_queue_depth(text))
+            self.observe(engine.engine_id, read_load(text), engine.concurrency)
 
         await asyncio.gather(*(one(e) for e in records))
 

@@ -124,6 +124,7 @@ class SchedulerMetrics(Collector):
         breakers: CircuitBreakers | None = None,
         in_flight: Callable[[], Mapping[str, int]] | None = None,
         loads: Callable[[], Mapping[str, float]] | None = None,
+        capacities: Callable[[], Mapping[str, int]] | None = None,
     ) -> None:
         self.max_tenants = max_tenants
         self.clock = clock
@@ -131,6 +132,7 @@ class SchedulerMetrics(Collector):
         self.breakers = breakers
         self.in_flight = in_flight  # engine id -> requests this scheduler has on it now
         self.loads = loads  # engine id -> the load routing sees (in flight + engine-reported)
+        self.capacities = capacities  # engine id -> requests admission lets it have at once
         self._tenants: set[str] = set()
         self._latency: dict[Key, _Histogram] = {}
         self._ttft: dict[Key, _Histogram] = {}
@@ -347,6 +349,16 @@ class SchedulerMetrics(Collector):
             for engine_id, value in sorted(self.loads().items()):
                 seen.add_metric((engine_id,), value)
             yield seen
+        if self.capacities is not None:
+            cap = GaugeMetricFamily(
+                "sage:engine_capacity",
+                "Requests admission lets the engine have in flight (declared, measured from "
+                "its /metrics, or the backend's default; 0: no cap); the rest wait here.",
+                labels=["engine"],
+            )
+            for engine_id, value in sorted(self.capacities().items()):
+                cap.add_metric((engine_id,), float(value))
+            yield cap
 
     @staticmethod
     def _breaker_families(breakers: CircuitBreakers) -> Iterator[Metric]:

@@ -75,11 +75,17 @@ class EngineRecord:
         return model == self.model or model in self.aliases
 
     @functools.cached_property
+    def declared_concurrency(self) -> int:
+        """Its registered max_concurrent_requests label; 0 when not declared (parsed once:
+        admission reads it per request)."""
+        return _positive_int(self.labels.get(CONCURRENCY_LABEL, ""))
+
+    @functools.cached_property
     def concurrency(self) -> int:
-        """Requests the engine runs at once: its registered max_concurrent_requests label,
-        else its backend's default (parsed once: admission reads it per request)."""
-        declared = _positive_int(self.labels.get(CONCURRENCY_LABEL, ""))
-        return declared or BACKEND_CONCURRENCY.get(self.backend, DEFAULT_CONCURRENCY)
+        """Requests the engine runs at once at most: declared, else its backend's default."""
+        return self.declared_concurrency or BACKEND_CONCURRENCY.get(
+            self.backend, DEFAULT_CONCURRENCY
+        )
 
 
 @dataclass(frozen=True)

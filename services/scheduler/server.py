@@ -576,15 +576,16 @@ def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageS
         max_cooldown_s=settings.scheduler_breaker_max_cooldown_s,
     )
     metrics = SchedulerMetrics(breakers=breakers)
+    load = EngineLoadTracker(scrape_interval_s=max(0.1, settings.scheduler_scrape_interval_s))
     admission = AdmissionController(
         settings.scheduler_policy,
         per_engine=settings.scheduler_max_inflight_per_engine,
         max_queue=settings.scheduler_max_queue,
         predict=metrics.predict,
+        measured=load.capacity,
     )
     metrics.queue_depth = lambda: admission.stats.queued
     routing = settings.scheduler_routing
-    load = EngineLoadTracker()
     registry = EngineRegistry()
     scheduler = Scheduler(
         registry,
@@ -655,7 +656,9 @@ def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageS
     server.on_start(_rebuild)
     server.on_stop(_stop_rebuild)
 
-    if routing != "round_robin":  # load-aware routers also read the engines' own queues
+    # Engines' /metrics feed load-aware routers and measure undeclared capacities; with
+    # neither in use (round robin under a fixed or no cap) nothing is scraped.
+    if routing != "round_robin" or settings.scheduler_max_inflight_per_engine < 0:
 
         async def _scrape() -> None:
             load.start(

@@ -380,3 +380,13 @@ def test_missing_python_packages_are_named() -> None:
     assert "surely_not_a_module_sage_xyz" in availability.reason
     assert "torch" not in availability.reason.split(";")[0]
     assert availability.reason.endswith("pip it")
+
+
+def test_spec_concurrency_comes_from_the_field_or_the_engines_own_flag() -> None:
+    from sage.services.lifecycle.spec import EngineSpec
+
+    assert EngineSpec("m").concurrency == 0
+    assert EngineSpec("m", max_concurrent_requests=6).concurrency == 6
+    assert EngineSpec("m", extra_args=("--max-num-seqs", "8")).concurrency == 8
+    assert EngineSpec("m", extra_args=("--max_num_seqs=12",)).concurrency == 12
+    assert EngineSpec("m", extra_args=("--max-concurrent-requests", "x")).concurrency == 0

@@ -102,3 +102,30 @@ async def test_background_scraper_polls_until_closed(metrics_url: str) -> None:
     assert tracker.load("up") == 5.0
     await tracker.aclose()
     assert tracker._task is None and tracker._session is None
+
+
+def test_capacity_is_what_a_full_engine_runs_and_is_probed_upward() -> None:
+    from sage.engines.vllm_metrics import VllmLoad
+    from sage.services.scheduler.load import PROBE_AFTER_SCRAPES, CapacityEstimate
+
+    tracker = EngineLoadTracker()
+    assert tracker.capacity("e") == 0  # unknown until the engine is seen full
+    tracker.observe("e", VllmLoad(running=3, waiting=0), ceiling=256)
+    assert tracker.capacity("e") == 0  # busy is not full
+    tracker.observe("e", VllmLoad(running=4, waiting=5), ceiling=256)
+    assert tracker.capacity("e") == 4
+    # Running at the estimate with nothing waiting, scrape after scrape: probe one higher,
+    # then two (the step doubles while probes succeed), never past the ceiling.
+    estimate = CapacityEstimate(value=4)
+    for _ in range(PROBE_AFTER_SCRAPES):
+        estimate.observe(4, 0, ceiling=256)
+    assert estimate.value == 5
+    for _ in range(PROBE_AFTER_SCRAPES):
+        estimate.observe(5, 0, ceiling=256)
+    assert estimate.value == 7
+    estimate.observe(6, 1, ceiling=256)  # a request waits: 6 is all it runs
+    assert (estimate.value, estimate.step) == (6, 1)
+    estimate.observe(200, 3, ceiling=8)
+    assert estimate.value == 8
+    tracker.retain([])  # deregistered: measured afresh if it comes back
+    assert tracker.capacity("e") == 0

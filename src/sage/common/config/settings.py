@@ -216,10 +216,12 @@ class SageSettings(BaseSettings):
     # the rest wait in the policy's queue; a full queue answers 429 + Retry-After).
     scheduler_policy: str = "fifo"
     scheduler_routing: str = "round_robin"
-    # -1 (default): each engine's own concurrency (its max_concurrent_requests, else the
-    # backend's default); 0: no limit.
+    # -1 (default): each engine's own concurrency (its max_concurrent_requests label, else
+    # what its /metrics show it runs at once, else the backend's default); 0: no limit.
     scheduler_max_inflight_per_engine: int = -1
     scheduler_max_queue: int = 10_000
+    # How often the scheduler reads engines' /metrics (queue depth, measured capacity).
+    scheduler_scrape_interval_s: float = 1.0
     # Per-engine circuit breaker: consecutive engine failures (refused, timeout, 5xx) that
     # open it, and the first cool-down before a half-open probe (doubles per failed probe,
     # at most scheduler_breaker_max_cooldown_s).
