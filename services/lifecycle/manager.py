@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import logging
 import os
 import re
@@ -71,6 +72,16 @@ ManagedLookup = Callable[[frozenset[str]], Awaitable[list[str]]]
 # write straight to the file (no pipe through lifecycle), so they survive a lifecycle restart.
 LOG_ROTATE_BYTES = 20 * 1024 * 1024
 DEFAULT_SMALL_ENGINE_GB = 2.0  # embedding / small chat engines on a GPU
+# Stopped and failed engines kept in the registry (engine list, get_status()); older ones
+# move to the history log, as do all of them when `sage llm serve` starts a new stack.
+MAX_FINISHED_ENGINES = 20
+HISTORY_FILE = "engine-history.jsonl"
+HISTORY_ROTATE_BYTES = 5 * 1024 * 1024
+STOPPED_DURING_STARTUP = "stopped during start-up"
+
+
+class _StoppedWhileStarting(EngineStartError):
+    """A stop (or the start's caller going away) ended an engine's start: not a failure."""
 
 
 def _signal_group(pid: int, sig: int) -> None:
@@ -243,6 +254,8 @@ class EngineLifecycleManager:
         self.external_policy = external_policy or ExternalEnginePolicy()
         self._managed_elsewhere = managed_elsewhere
         self.store = EngineStore(state_dir / "engines.json")
+        # Stopped and failed engines the registry no longer lists (see prune()).
+        self.history_path = self.log_dir / HISTORY_FILE
         self._register = register
         self._deregister = deregister
         self.gpus: GpuAllocator = gpus or NoGpus()
@@ -268,8 +281,36 @@ class EngineLifecycleManager:
 
     def _set(self, record: EngineRecord) -> EngineRecord:
         self._records[record.engine_id] = record
+        if record.state in (STOPPED, FAILED):
+            self._trim_finished()
         self._persist()
         return record
+
+    def _trim_finished(self) -> None:
+        """Keep the newest MAX_FINISHED_ENGINES stopped/failed records; older ones go to the
+        history log, so the registry (and `engine list`) stays bounded however long it runs."""
+        finished = sorted(
+            (
+                r
+                for r in self._records.values()
+                if r.state in (STOPPED, FAILED) and r.engine_id not in self._busy
+            ),
+            key=lambda r: r.started_at,
+        )
+        self._archive(finished[: max(0, len(finished) - MAX_FINISHED_ENGINES)])
+
+    def _archive(self, records: list[EngineRecord]) -> None:
+        """Move records from the registry to the history log (one JSON object a line)."""
+        if not records:
+            return
+        self.log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.history_path.exists() and self.history_path.stat().st_size > HISTORY_ROTATE_BYTES:
+            os.replace(self.history_path, self.history_path.with_suffix(".jsonl.1"))
+        now = time.time()
+        with open(self.history_path, "a", opener=_private_opener) as history:
+            for record in records:
+                history.write(json.dumps({**record.to_json(), "archived_at": now}) + "\n")
+                del self._records[record.engine_id]
 
     # -- start ------------------------------------------------------------------------
 
@@ -531,6 +572,26 @@ class EngineLifecycleManager:
             )
             self._ensure_watcher()
             return record
+        except _StoppedWhileStarting:
+            # stop() owns the record: it kills, releases and marks it STOPPED.
+            if raise_errors:
+                raise
+            return self._records.get(record.engine_id, record)
+        except asyncio.CancelledError:
+            # The start's caller went away (Ctrl-C on `sage llm serve`, a dropped client):
+            # the engine is stopped, which is no failure of the engine.
+            await self._kill(record.engine_id)
+            await self.gpus.release(record.engine_id)
+            self._set(
+                replace(
+                    self._records[record.engine_id],
+                    state=STOPPED,
+                    pid=0,
+                    error=f"{STOPPED_DURING_STARTUP} (its start was cancelled)",
+                )
+            )
+            log.info("engine stopped during start-up", extra={"engine_id": record.engine_id})
+            raise
         except BaseException as exc:
             # Callers get what failed and where to look; details stay in lifecycle's log.
             reason = (
@@ -548,10 +609,12 @@ class EngineLifecycleManager:
                 "engine failed to start",
                 extra={"engine_id": failed.engine_id, "error": reason, "cause": repr(exc)},
             )
-            if isinstance(exc, asyncio.CancelledError) or raise_errors:
-                if isinstance(exc, EngineStartError | asyncio.CancelledError):
+            if raise_errors:
+                if isinstance(exc, EngineStartError):
                     raise
                 raise EngineStartError(reason) from None
+            if not isinstance(exc, Exception):
+                raise  # KeyboardInterrupt, SystemExit
             return failed
         finally:
             self._busy.discard(record.engine_id)
@@ -560,6 +623,11 @@ class EngineLifecycleManager:
         deadline = time.monotonic() + timeout_s
         url = record.base_url + record.health_path
         while True:
+            current = self._records.get(record.engine_id)
+            if current is None or current.state in (STOPPING, STOPPED):
+                raise _StoppedWhileStarting(
+                    f"engine {record.engine_id} was {STOPPED_DURING_STARTUP}"
+                )
             proc = self._procs.get(record.engine_id)
             if proc is not None and proc.poll() is not None:
                 # No log lines here: they hold the argv and tracebacks (`sage llm logs`).
@@ -721,6 +789,7 @@ class EngineLifecycleManager:
             return record
         self._busy.add(engine_id)
         try:
+            was_starting = record.state == STARTING
             record = self._set(replace(record, state=STOPPING))
             started = time.monotonic()
             with contextlib.suppress(Exception):
@@ -733,23 +802,31 @@ class EngineLifecycleManager:
                 await self._drain(record, left_s)
             await self._kill(engine_id)
             await self.gpus.release(engine_id)
-            stopped = self._set(replace(self._records[engine_id], state=STOPPED, pid=0))
+            stopped = self._set(
+                replace(
+                    self._records[engine_id],
+                    state=STOPPED,
+                    pid=0,
+                    error=STOPPED_DURING_STARTUP if was_starting else "",
+                )
+            )
         finally:
             self._busy.discard(engine_id)
         log.info("engine stopped", extra={"engine_id": engine_id})
         return stopped
 
     def prune(self) -> list[str]:
-        """Forget stopped and failed engines; returns their ids."""
+        """Move stopped and failed engines from the registry to the history log
+        (`logs/engine-history.jsonl`); returns their ids. `sage llm serve` prunes as it
+        starts, so a new stack lists only its own engines."""
         gone = [
-            r.engine_id
+            r
             for r in self._records.values()
             if r.state in (STOPPED, FAILED) and r.engine_id not in self._busy
         ]
-        for engine_id in gone:
-            del self._records[engine_id]
+        self._archive(gone)
         self._persist()
-        return gone
+        return [r.engine_id for r in gone]
 
     # -- queries ----------------------------------------------------------------------
 
@@ -813,6 +890,7 @@ class EngineLifecycleManager:
             self._records[record.engine_id] = replace(
                 record, state=FAILED, pid=0, error="not healthy when lifecycle restarted; stopped"
             )
+        self._trim_finished()
         # Reservations held for engines that are no longer live are leaks: release them.
         live = {r.engine_id for r in self._records.values() if r.state in LIVE_STATES}
         for engine_id in await self.gpus.reserved_engine_ids():

@@ -114,6 +114,7 @@ ALLOWED_ARGS: dict[str, dict[str, Arity]] = {
         "--kv-engine-id": V,
         "--kv-block-size": V,
         "--kv-hold-s": V,
+        "--startup-delay-s": V,
         "--log-level": V,
     },
     "transformers": {

@@ -367,6 +367,24 @@ class Supervisor:
             "backend": engine.backend,
         }
 
+    def forget_earlier_engines(self) -> None:
+        """A new stack lists only its own engines: lifecycle moves the stopped and failed
+        ones of earlier runs to its history log (logs/engine-history.jsonl)."""
+        with create_sync_channel(self.settings.address("lifecycle")) as channel:
+            stub = lifecycle_pb2_grpc.LifecycleServiceStub(channel)
+            try:
+                reply = stub.PruneEngines(
+                    lifecycle_pb2.PruneEnginesRequest(), timeout=self.settings.rpc_timeout_s
+                )
+            except grpc.RpcError as err:
+                raise from_rpc_error(err) from None
+        if reply.engine_ids:
+            history = self.log_dir / "engine-history.jsonl"
+            self.say(
+                f"{len(reply.engine_ids)} stopped/failed engine(s) of earlier runs moved to "
+                f"{history}"
+            )
+
     def write_daemon_file(self) -> Path:
         """Record ports, pids and engines for the CLI and other tools."""
         s = self.settings
@@ -429,6 +447,7 @@ class Supervisor:
             self.say(f"starting {name:<12} on {self.settings.host}:{port}")
             self._spawn(name, env)
             self._wait_ready(name, port, is_grpc)
+        self.forget_earlier_engines()
         for request in self.plan.engines:
             self.say(
                 f"starting {request.kind} engine {request.model} "

@@ -1412,6 +1412,13 @@ def _parser() -> argparse.ArgumentParser:
         "a reply's text does not re-tokenize to its own token ids",
     )
     parser.add_argument(
+        "--startup-delay-s",
+        type=float,
+        default=0.0,
+        help="wait this long before listening, as a real engine loading its weights does "
+        "(tests of what users see while engines start)",
+    )
+    parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper
     )
     add_api_key_argument(parser)
@@ -1450,6 +1457,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigurationError as exc:
         parser.error(exc.message)
     configure_logging("sim-engine", args.log_level)
+    if args.startup_delay_s > 0:
+        time.sleep(args.startup_delay_s)  # SIGTERM's default action still ends us here
     # Decoders pull KV over the side channel (its own port), so only /health is open here.
     # vLLM's AuthenticationMiddleware refuses with exactly this body
     app = protect(create_app(sim), resolve_api_key(args.api_key), {"/health"}, VLLM_UNAUTHORIZED)
