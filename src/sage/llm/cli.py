@@ -479,27 +479,45 @@ def cmd_status(
     if json_out:
         print_json(doc)
         return EXIT_OK
-    print(f"gateway: {doc['gateway_url']}  (pid {doc['pid']})")
+    # A stack still starting (serve writes daemon.json from its first moment) says so, and
+    # which parts are up; files of older versions have no phase and were written ready.
+    starting = doc.get("phase", "ready") == "starting"
+    what = "starting" if starting else "gateway"
+    print(f"{what}: {doc['gateway_url']}  (pid {doc['pid']})")
     if doc.get("admin_key_file"):  # where, never the key
         print(f"admin key: {doc['admin_key_file']}")
+    services = doc["services"].items()
     if is_tty():
         rows: list[tuple[str, ...]] = [
-            (name, "service", svc["addr"], str(svc["pid"]), "-")
-            for name, svc in doc["services"].items()
+            (name, "service", svc["addr"], str(svc["pid"] or "-"), "-", svc.get("state", "up"))
+            for name, svc in services
         ]
         rows += [
-            (e["engine_id"], f"{e['kind']} engine", e["base_url"], str(e["pid"] or "-"), e["model"])
+            (
+                e["engine_id"] or "-",
+                f"{e['kind']} engine",
+                e["base_url"] or "-",
+                str(e["pid"] or "-"),
+                e["model"],
+                e.get("state", "ready"),
+            )
             for e in doc["engines"]
         ]
-        render_table(None, ("NAME", "WHAT", "ADDRESS", "PID", "MODEL"), rows)
+        render_table(None, ("NAME", "WHAT", "ADDRESS", "PID", "MODEL", "STATE"), rows)
         return EXIT_OK
-    for name, svc in doc["services"].items():
-        print(f"  {name:<12} {svc['addr']:<22} pid {svc['pid']}")
+    for name, svc in services:
+        state = svc.get("state", "up")
+        pid = f"pid {svc['pid']}" if svc["pid"] else "-"
+        print(f"  {name:<12} {svc['addr']:<22} {pid:<10} {state}")
     for engine in doc["engines"]:
-        print(
-            f"  engine {engine['engine_id']:<28} {engine['kind']:<9} {engine['model']} "
-            f"at {engine['base_url']}"
-        )
+        state = engine.get("state", "ready")
+        if state == "ready":
+            print(
+                f"  engine {engine['engine_id']:<28} {engine['kind']:<9} {engine['model']} "
+                f"at {engine['base_url']}"
+            )
+        else:
+            print(f"  engine {'(' + state + ')':<28} {engine['kind']:<9} {engine['model']}")
     return EXIT_OK
 
 

@@ -228,6 +228,12 @@ class Supervisor:
         self.out = out
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.engines: list[dict[str, Any]] = []
+        # Start-up progress that daemon.json shows from the first moment (`sage llm status`):
+        # per service "pending" → "starting" → "up"; the engine being started.
+        self.service_states: dict[str, str] = {name: "pending" for name, _, _ in SERVICES}
+        self.starting_engine: EngineRequest | None = None
+        self.phase = "starting"
+        self._started_at = time.time()
         self.log_dir = self.settings.llm_state_dir / "logs"
         self.secrets: StackSecrets | None = None
         self._stop = threading.Event()
@@ -385,12 +391,34 @@ class Supervisor:
                 f"{history}"
             )
 
+    def _engine_rows(self) -> list[dict[str, Any]]:
+        """Ready engines, then the one being started and those still to come."""
+        rows = [{**engine, "state": "ready"} for engine in self.engines]
+        pending = self.plan.engines[len(self.engines) :] if self.phase == "starting" else []
+        for request in pending:
+            rows.append(
+                {
+                    "engine_id": "",
+                    "model": request.model,
+                    "kind": request.kind,
+                    "base_url": "",
+                    "port": request.port,
+                    "pid": None,
+                    "backend": request.backend,
+                    "state": "starting" if request is self.starting_engine else "pending",
+                }
+            )
+        return rows
+
     def write_daemon_file(self) -> Path:
-        """Record ports, pids and engines for the CLI and other tools."""
+        """Record ports, pids and engines for the CLI and other tools: first as the stack
+        starts (phase "starting", each service and engine with its state), and again as
+        each part comes up, so `sage llm status` shows a stack from its first moment."""
         s = self.settings
         doc = {
             "pid": os.getpid(),
-            "started_at": time.time(),
+            "started_at": self._started_at,
+            "phase": self.phase,
             "home": str(s.home),
             "gateway_url": f"{process_tls().http_scheme}://{s.host}:{s.gateway_port}/v1",
             "llm_port": next((e["port"] for e in self.engines if e["kind"] == "llm"), None),
@@ -399,16 +427,16 @@ class Supervisor:
             ),
             "services": {
                 name: {
-                    "pid": self.children[name].pid,
+                    "pid": self.children[name].pid if name in self.children else None,
                     "port": getattr(s, attr),
                     "addr": f"{s.host}:{getattr(s, attr)}",
                     "grpc": is_grpc,
                     "log": str(self.log_dir / f"{name}.log"),
+                    "state": self.service_states[name],
                 }
                 for name, attr, is_grpc in SERVICES
-                if name in self.children
             },
-            "engines": self.engines,
+            "engines": self._engine_rows(),
             "serve_argv": list(self.plan.serve_argv),
             # Where the admin key is (never the key): null when SAGE_ADMIN_API_KEY holds it.
             "admin_key_file": str(self.secrets.admin_key_file)
@@ -442,19 +470,29 @@ class Supervisor:
             if request.port:
                 kind = "EMBEDDING" if request.kind == "embedding" else "LLM"
                 env[f"SAGE_{kind}_PORT"] = str(request.port)
+        self.write_daemon_file()
         for name, attr, is_grpc in SERVICES:
             port = getattr(self.settings, attr)
             self.say(f"starting {name:<12} on {self.settings.host}:{port}")
             self._spawn(name, env)
+            self.service_states[name] = "starting"
+            self.write_daemon_file()
             self._wait_ready(name, port, is_grpc)
+            self.service_states[name] = "up"
+            self.write_daemon_file()
         self.forget_earlier_engines()
         for request in self.plan.engines:
             self.say(
                 f"starting {request.kind} engine {request.model} "
                 f"(port {request.port or 'auto'}) ..."
             )
+            self.starting_engine = request
+            self.write_daemon_file()
             self.engines.append(self._start_engine(request))
+            self.starting_engine = None
+            self.write_daemon_file()
             self.say(f"  ready: {self.engines[-1]['engine_id']} at {self.engines[-1]['base_url']}")
+        self.phase = "ready"
         path = self.write_daemon_file()
         s = self.settings
         scheme = process_tls().http_scheme
@@ -506,8 +544,12 @@ class Supervisor:
         with contextlib.suppress(ChildProcessError):
             while os.waitpid(-1, os.WNOHANG)[0]:
                 pass
-        with contextlib.suppress(FileNotFoundError):
-            daemon_file(self.settings).unlink()
+        # Only our own record: a serve that failed early (say, on a port the running stack
+        # holds) must not delete the running stack's.
+        path = daemon_file(self.settings)
+        with contextlib.suppress(OSError, ValueError):
+            if int(json.loads(path.read_text()).get("pid") or 0) == os.getpid():
+                path.unlink()
 
 
 def serve(
@@ -717,7 +759,11 @@ def wait_for_stack(
                 raise ConfigurationError(message)
             raise EngineStartError(message)
         doc = read_daemon_file(settings)
-        if doc is not None and int(doc.get("pid") or 0) == proc.pid:
+        if (
+            doc is not None
+            and int(doc.get("pid") or 0) == proc.pid
+            and doc.get("phase", "ready") == "ready"  # files of older versions: ready
+        ):
             edge = (doc.get("services") or {}).get("edge") or {}
             if Supervisor._probe(str(edge.get("addr", "")), is_grpc=False):
                 return doc
