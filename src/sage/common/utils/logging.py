@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import sys
+import threading
 import time
 from typing import Any
 
@@ -98,6 +99,39 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(doc, default=str).decode()
 
 
+# huggingface_hub's logger of Hub requests (its retries, when the Hub cannot be reached).
+HUB_HTTP_LOGGER = "huggingface_hub.utils._http"
+
+
+class _HubRetryLines(logging.Filter):
+    """One line per failed Hub attempt, through our handlers only.
+
+    huggingface_hub writes each retry as two records ("'<error>' thrown while requesting
+    HEAD <url>", then "Retrying in 1s [Retry 1/5]."), and every record twice: to the stderr
+    handler it adds to its own logger (at import, which may come after us) and, propagated,
+    to ours. As a filter on the logger that makes them, this joins the pair into one record,
+    hands it to the root logger's handlers and drops the original, so no other handler sees
+    it. The last attempt's error line is dropped: the exception it raises says it again.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pending = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if " thrown while requesting " in message:
+            self._pending.message = message  # its retry line follows, unless it was the last
+            return False
+        pending = getattr(self._pending, "message", "")
+        self._pending.message = ""
+        if pending and message.startswith(("Retrying in", "Rate limited")):
+            record.msg = f"Hub request failed: {pending}; {message[0].lower()}{message[1:]}"
+            record.args = ()
+        logging.getLogger().handle(record)
+        return False
+
+
 def configure_logging(service: str, level: str = "INFO", fmt: str = "text") -> None:
     """Install the structured handler on the root logger (idempotent)."""
     root = logging.getLogger()
@@ -113,6 +147,9 @@ def configure_logging(service: str, level: str = "INFO", fmt: str = "text") -> N
     # grpc and httpx are chatty at INFO; their warnings still show.
     for noisy in ("httpx", "httpcore", "grpc._cython"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    hub_http = logging.getLogger(HUB_HTTP_LOGGER)
+    if not any(isinstance(f, _HubRetryLines) for f in hub_http.filters):
+        hub_http.addFilter(_HubRetryLines())
 
 
 def get_logger(name: str) -> logging.Logger:
