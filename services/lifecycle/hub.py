@@ -51,12 +51,17 @@ def hub_cache_dirs(environ: Mapping[str, str]) -> list[Path]:
     return [xdg / "huggingface" / "hub"]
 
 
+# A snapshot holding one of these is a model an engine can load without the Hub
+# (config.json: transformers layout; params.json: Mistral's; a GGUF file: llama.cpp's).
+_MODEL_FILES = ("*/config.json", "*/params.json", "*/*.gguf")
+
+
 def is_cached(model: str, environ: Mapping[str, str]) -> bool:
-    """A snapshot of the model with a config.json is in the local Hub cache."""
+    """A snapshot of the model is in the local Hub cache."""
     folder = "models--" + model.replace("/", "--")
     for root in hub_cache_dirs(environ):
         snapshots = root / folder / "snapshots"
-        if snapshots.is_dir() and any(snapshots.glob("*/config.json")):
+        if snapshots.is_dir() and any(any(snapshots.glob(p)) for p in _MODEL_FILES):
             return True
     return False
 

@@ -272,7 +272,7 @@ def cmd_engine_stop(
 def cmd_engine_prune(
     json_out: JsonOption = False, url: UrlOption = None, api_key: ApiKeyOption = None
 ) -> int:
-    """Forget engines that are STOPPED or FAILED."""
+    """Forget STOPPED and FAILED engines (moved to $SAGE_HOME/llm/logs/engine-history.jsonl)."""
     with client_for(url, api_key) as client:
         pruned = client.prune()
     if json_out:

@@ -77,6 +77,16 @@ def test_models_the_host_has_or_can_get_pass(tmp_path: Path, hub: str) -> None:
     snapshot.mkdir(parents=True)
     (snapshot / "config.json").write_text("{}")
     check_hub_model(MODEL, {**env, "HF_HUB_OFFLINE": "1"})
+    gguf = tmp_path / "hub" / "models--org--tiny-GGUF" / "snapshots" / "abc"
+    gguf.mkdir(parents=True)
+    (gguf / "tiny.Q4_K_M.gguf").write_bytes(b"GGUF")
+    check_hub_model("org/tiny-GGUF", {**env, "HF_HUB_OFFLINE": "1"})
+    # An interrupted download (no model file yet) is not a model the engine can load.
+    partial = tmp_path / "hub" / "models--org--partial" / "snapshots" / "abc"
+    partial.mkdir(parents=True)
+    (partial / "README.md").write_text("")
+    with pytest.raises(EngineStartError):
+        check_hub_model("org/partial", {**env, "HF_HUB_OFFLINE": "1"})
     # A local folder is not the Hub's business.
     check_hub_model(str(tmp_path), {**env, "HF_HUB_OFFLINE": "1"})
     # A Hub (mirror) that answers: the engine downloads, and reports what the Hub says.
