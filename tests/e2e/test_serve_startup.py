@@ -19,7 +19,7 @@ import pytest
 
 from sage.common.utils.processes import stop_process_tree
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 class Serve:
@@ -95,8 +95,9 @@ def serve(tmp_path: Path, port_factory: Callable[[], int]) -> Iterator[Callable[
 
 
 def test_status_shows_the_stack_while_it_starts(serve: Callable[..., Serve]) -> None:
-    # The engine takes 15 s to listen, as a real one loads its weights.
-    stack = serve("--extra-arg=--startup-delay-s=15")
+    # The engine takes 25 s to listen, as a real one loads its weights (long enough for the
+    # checks below on a busy 2-core CI host).
+    stack = serve("--extra-arg=--startup-delay-s=25")
     stack.read_until("starting llm engine")
     # The gateway already answers, and status says what is up and what is still starting.
     health = httpx.get(f"http://127.0.0.1:{stack.gateway}/health", trust_env=False, timeout=10)

@@ -31,7 +31,7 @@ from sage.rpc.lifecycle.v1 import lifecycle_pb2, lifecycle_pb2_grpc
 from sage.services.gpu_manager.config import GpuManagerOptions
 from sage.services.gpu_manager.server import build_server as build_gpu_manager
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
