@@ -24,7 +24,8 @@ the shared lock: `flock /tmp/vllm.lock timeout 900 python bench/real_vllm.py ...
 Usage: python bench/real_vllm.py overhead --vllm-router-bin PATH [--duration 5] [--rounds 3]
            [--concurrency 1 4 16] [--max-tokens 16] [--cpu-bind 0]
        python bench/real_vllm.py slo --vllm-router-bin PATH [--scenario overload] [--seed 7]
-           [--cpu-binds 0,1] [--slots 8] [--ours fifo+round_robin,adaptive+least_loaded@0]
+           [--seeds 7,11,23] [--cpu-binds 0,1] [--slots 8]
+           [--ours defaults,fifo+round_robin,adaptive+least_loaded@0]
        python bench/real_vllm.py sim-capacity
 Figures and how to read them: bench/RESULTS.md, "Real vLLM engines (issue 17, item 5)".
 """
@@ -53,12 +54,18 @@ from router_overhead import peer_bin, report, start_vllm_router
 from scheduling_slo import (
     ENGINE_TPOT_MS,
     SCENARIOS,
+    SEEDS_HEADER,
     SLOTS,
+    Score,
+    config_name,
     make_trace,
     replay,
+    score,
+    seeds_row,
     start_ours,
     start_sim,
     summarise,
+    verdict,
 )
 
 from sage.common.utils.processes import stop_process, wait_http
@@ -296,13 +303,15 @@ def overhead(args: argparse.Namespace) -> int:
 
 
 def slo(args: argparse.Namespace) -> int:
-    """SLO attainment on real engines, trace scaled to their measured capacity."""
+    """SLO attainment on real engines, trace scaled to their measured capacity; every seed's
+    trace replayed by every configuration on the same engines, means and spreads."""
     if not (SIM_CAPACITY_RPS and SIM_SERVICE_MS):
         raise SystemExit("run `sim-capacity` first and record SIM_* in this file")
     binds = args.cpu_binds.split(",")
     vr_bin = peer_bin(args.vllm_router_bin, "vllm-router")
     keys = {"heavy": "key-heavy", "light": "key-light"}
-    rows: list[str] = []
+    seeds = [int(x) for x in (args.seeds or str(args.seed)).split(",")]
+    scores: dict[str, list[Score]] = {}
     with stack() as st:
         urls = start_engines(st, args, binds, args.slots)
         for url in urls:  # first requests compile/allocate; keep them out of the figures
@@ -314,66 +323,73 @@ def slo(args: argparse.Namespace) -> int:
         calm, burst = (r / SIM_CAPACITY_RPS * cap.rps for r in SCENARIOS[args.scenario])
         scale = cap.service_ms / SIM_SERVICE_MS
         slo_ms = (round(SIM_SLO_MS[0] * scale), round(SIM_SLO_MS[1] * scale))
-        # The sim's trace generator (same seed, count and 5 s phases) at these rates; its
-        # embedding requests left out.
-        trace = make_trace(
-            args.requests, args.seed, rates=(calm, burst), slo_ms=(slo_ms[0], slo_ms[1])
-        )
-        trace = [item for item in trace if item.kind == "chat"]
-        duration = trace[-1].at
         header = (
             f"capacity {cap.rps:.2f} req/s, mean service {cap.service_ms:.0f} ms "
             f"({cap.clients} clients, {cap.completed} completions in {args.calibrate_s:g} s; "
             f"sim {SIM_CAPACITY_RPS:.1f} req/s, {SIM_SERVICE_MS:.0f} ms); scenario "
             f"{args.scenario}: calm {calm:.2f} / burst {burst:.2f} req/s "
             f"({calm / cap.rps:.2f}x / {burst / cap.rps:.2f}x capacity); SLO "
-            f"{slo_ms[0]} ms high / {slo_ms[1]} ms low; {len(trace)} chat requests (of "
-            f"{args.requests}) over {duration:.1f} s, seed {args.seed}; {len(urls)} engines "
-            f"(cores {args.cpu_binds}), {args.slots} slots each"
+            f"{slo_ms[0]} ms high / {slo_ms[1]} ms low; {args.requests} requests of the "
+            f"sim trace per seed (chat only), seeds {','.join(map(str, seeds))}; {len(urls)} "
+            f"engines (cores {args.cpu_binds}), {args.slots} slots each"
         )
         print(header, flush=True)
-        for config in args.ours.split(","):
-            # POLICY+ROUTING[@INFLIGHT]: a per-configuration admission cap
-            config, _, cap_s = config.partition("@")
-            policy, routing = config.split("+", 1)
-            began = time.monotonic()
-            wait_idle(urls)
-            inflight = int(cap_s) if cap_s else args.slots if args.inflight < 0 else args.inflight
-            procs, base = start_ours(
-                st.env, urls, "", policy, routing, keys, model=SERVED, slots=inflight
+        for seed in seeds:
+            # The sim's trace generator (same seed, count and 5 s phases) at these rates;
+            # its embedding requests left out.
+            trace = make_trace(
+                args.requests, seed, rates=(calm, burst), slo_ms=(slo_ms[0], slo_ms[1])
             )
-            try:
-                outcomes = asyncio.run(
-                    replay(base + "/chat/completions", "", trace, keys, model=SERVED)
+            trace = [item for item in trace if item.kind == "chat"]
+            duration = trace[-1].at
+            for config in args.ours.split(","):
+                # defaults, or POLICY+ROUTING[@INFLIGHT]: a per-configuration admission cap
+                config, _, cap_s = config.partition("@")
+                policy, _, routing = ("" if config == "defaults" else config).partition("+")
+                began = time.monotonic()
+                wait_idle(urls)
+                inflight = int(cap_s) if cap_s else args.inflight
+                if config == "defaults":
+                    inflight = -1  # nothing set: what `sage llm serve` runs
+                procs, base = start_ours(
+                    st.env, urls, "", policy, routing, keys, model=SERVED, slots=inflight
                 )
-            finally:
-                for proc in procs:
-                    stop_process(proc)
-            cap_label = f", at most {inflight} in flight" if inflight else ", no admission cap"
-            label = f"ours: {policy} + {routing}" + (cap_label if cap_s else "")
-            rows.append(summarise(label, outcomes, duration))
-            print(rows[-1], f"({time.monotonic() - began:.0f} s)", flush=True)
-        for policy in args.vllm_router_policies.split(",") if vr_bin else []:
-            began = time.monotonic()
-            wait_idle(urls)
-            name = f"vllm-router-{policy}"
-            url = start_vllm_router(st, vr_bin, *urls, policy=policy, name=name)
-            try:
-                outcomes = asyncio.run(
-                    replay(url + "/v1/chat/completions", "", trace, {}, model=SERVED)
-                )
-            finally:
-                st.stop(name)
-            rows.append(summarise(f"vllm-router: {policy}", outcomes, duration))
-            print(rows[-1], f"({time.monotonic() - began:.0f} s)", flush=True)
+                try:
+                    outcomes = asyncio.run(
+                        replay(base + "/chat/completions", "", trace, keys, model=SERVED)
+                    )
+                finally:
+                    for proc in procs:
+                        stop_process(proc)
+                cap_label = f", at most {inflight} in flight" if inflight else ", no admission cap"
+                label = config_name(policy, routing) + (cap_label if cap_s else "")
+                scores.setdefault(label, []).append(score(outcomes, duration))
+                print(seed, summarise(label, outcomes, duration), end=" ", flush=True)
+                print(f"({time.monotonic() - began:.0f} s)", flush=True)
+            for policy in args.vllm_router_policies.split(",") if vr_bin else []:
+                began = time.monotonic()
+                wait_idle(urls)
+                name = f"vllm-router-{policy}"
+                url = start_vllm_router(st, vr_bin, *urls, policy=policy, name=name)
+                try:
+                    outcomes = asyncio.run(
+                        replay(url + "/v1/chat/completions", "", trace, {}, model=SERVED)
+                    )
+                finally:
+                    st.stop(name)
+                label = f"vllm-router: {policy}"
+                scores.setdefault(label, []).append(score(outcomes, duration))
+                print(seed, summarise(label, outcomes, duration), end=" ", flush=True)
+                print(f"({time.monotonic() - began:.0f} s)", flush=True)
+    means = {k: statistics.fmean(s.slo_met for s in v) for k, v in scores.items()}
     table = "\n".join(
         [
             header,
             "",
-            "| configuration | SLO met | high-priority chat met | light tenant chat met | "
-            "TTFT p50 ms | TTFT p99 ms | embeddings met | goodput req/s | failed chat |",
-            "|---|---|---|---|---|---|---|---|---|",
-            *rows,
+            SEEDS_HEADER,
+            *(seeds_row(k, v) for k, v in scores.items()),
+            "",
+            *(f"- {line}" for line in verdict(means, args.scenario)),
         ]
     )
     print("\n" + table)
@@ -427,15 +443,18 @@ def main() -> int:
         "--inflight",
         type=int,
         default=-1,
-        help="our requests in flight per engine (default: --slots; 0: no cap, vLLM queues)",
+        help="our requests in flight per engine for the named configurations (default -1: "
+        "each engine's measured concurrency; 0: no cap, vLLM queues)",
     )
     slo_p.add_argument("--seed", type=int, default=7)
+    slo_p.add_argument("--seeds", default="", help="comma-separated; overrides --seed")
     slo_p.add_argument("--requests", type=int, default=400, help="of the sim trace, as there")
     slo_p.add_argument("--capacity", type=float, default=0.0, help="skip the measurement")
     slo_p.add_argument("--service-ms", type=float, default=0.0)
     slo_p.add_argument(
         "--ours",
-        default="fifo+round_robin,fifo+least_loaded,priority+least_loaded,adaptive+least_loaded",
+        default="defaults,fifo+round_robin,fifo+least_loaded,fifo+power_of_two,"
+        "priority+least_loaded,adaptive+least_loaded",
     )
     slo_p.add_argument("--vllm-router-policies", default="round_robin,power_of_two,cache_aware")
     sub.add_parser("sim-capacity", parents=[common])

@@ -11,8 +11,15 @@ SLO-meeting requests per second.
 Scenarios: `bursty` alternates 5 s at 8 req/s and 5 s at 40 req/s (bursts just above
 capacity); `overload` alternates 5 s at 12 req/s and 5 s at 80 req/s (bursts ~2.5x capacity).
 
-Usage: python bench/scheduling_slo.py [--scenario bursty|overload] [--requests 300]
-       [--seed 7] [--vllm-router /path/to/vllm-router]
+Every scenario runs for several seeds (default 7, 23, 41: each its own trace, replayed by
+every configuration) and the tables give each configuration's mean and spread (min–max)
+over the seeds. "ours: defaults" is the stack with nothing set (no policy, routing or
+in-flight cap chosen: what `sage llm serve` runs); the other rows of ours set only the
+policy and routing, so admission caps engines at their measured concurrency in all of them.
+
+Usage: python bench/scheduling_slo.py [--scenarios bursty,overload] [--seeds 7,23,41]
+       [--requests 300] [--configs defaults,fifo+round_robin,...] [--inflight N]
+       [--vllm-router /path/to/vllm-router] [--markdown FILE]
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import asyncio
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -157,25 +165,102 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def summarise(name: str, outcomes: list[Outcome], duration_s: float) -> str:
+@dataclass(frozen=True)
+class Score:
+    """One configuration's run over one trace."""
+
+    slo_met: float  # % of all requests (chat and embedding) within their SLO
+    high_met: float  # % of high-priority chat requests
+    light_met: float  # % of the light tenant's chat requests
+    ttft_p50: float
+    ttft_p99: float
+    embeds_met: float | None
+    goodput: float  # SLO-meeting requests per second
+    failed: int  # chat requests that got no reply
+
+
+def score(outcomes: list[Outcome], duration_s: float) -> Score:
     met = [o for o in outcomes if o.ok and o.e2e_ms <= o.item.slo_ms]
     embeds = [o for o in outcomes if o.item.kind == "embedding"]
     embeds_met = [o for o in embeds if o.ok and o.e2e_ms <= o.item.slo_ms]
-    outcomes = [o for o in outcomes if o.item.kind == "chat"]
-    high = [o for o in outcomes if o.item.priority == "high"]
+    chats = [o for o in outcomes if o.item.kind == "chat"]
+    high = [o for o in chats if o.item.priority == "high"]
     high_met = [o for o in high if o.ok and o.e2e_ms <= o.item.slo_ms]
-    light = [o for o in outcomes if o.item.tenant == "light"]
+    light = [o for o in chats if o.item.tenant == "light"]
     light_met = [o for o in light if o.ok and o.e2e_ms <= o.item.slo_ms]
-    ttfts = [o.ttft_ms for o in outcomes if o.ok]
-    total = len(outcomes) + len(embeds)
-    embeds_cell = f"{100 * len(embeds_met) / len(embeds):.1f}%" if embeds else "—"
-    return (
-        f"| {name} | {100 * len(met) / total:.1f}% | "
-        f"{100 * len(high_met) / max(1, len(high)):.1f}% | "
-        f"{100 * len(light_met) / max(1, len(light)):.1f}% | {pct(ttfts, 0.5):.0f} | "
-        f"{pct(ttfts, 0.99):.0f} | {embeds_cell} | "
-        f"{len(met) / duration_s:.1f} | {sum(not o.ok for o in outcomes)} |"
+    ttfts = [o.ttft_ms for o in chats if o.ok]
+    return Score(
+        slo_met=100 * len(met) / max(1, len(outcomes)),
+        high_met=100 * len(high_met) / max(1, len(high)),
+        light_met=100 * len(light_met) / max(1, len(light)),
+        ttft_p50=pct(ttfts, 0.5),
+        ttft_p99=pct(ttfts, 0.99),
+        embeds_met=100 * len(embeds_met) / len(embeds) if embeds else None,
+        goodput=len(met) / duration_s,
+        failed=sum(not o.ok for o in chats),
     )
+
+
+def summarise(name: str, outcomes: list[Outcome], duration_s: float) -> str:
+    """One table row for one run."""
+    s = score(outcomes, duration_s)
+    embeds_cell = f"{s.embeds_met:.1f}%" if s.embeds_met is not None else "—"
+    return (
+        f"| {name} | {s.slo_met:.1f}% | {s.high_met:.1f}% | {s.light_met:.1f}% | "
+        f"{s.ttft_p50:.0f} | {s.ttft_p99:.0f} | {embeds_cell} | {s.goodput:.1f} | {s.failed} |"
+    )
+
+
+SEEDS_HEADER = (
+    "| configuration | SLO met, mean | spread (min–max) | per seed | high-priority chat met | "
+    "light tenant chat met | TTFT p50 ms | TTFT p99 ms | goodput req/s | failed chat |\n"
+    "|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def seeds_row(name: str, scores: list[Score]) -> str:
+    """One configuration over several seeds: means, and the spread of SLO met."""
+    met = [s.slo_met for s in scores]
+
+    def mean(values: list[float]) -> float:
+        return statistics.fmean(values)
+
+    return (
+        f"| {name} | **{mean(met):.1f}%** | {min(met):.1f}–{max(met):.1f} | "
+        f"{' / '.join(f'{m:.1f}' for m in met)} | {mean([s.high_met for s in scores]):.1f}% | "
+        f"{mean([s.light_met for s in scores]):.1f}% | "
+        f"{mean([s.ttft_p50 for s in scores]):.0f} | {mean([s.ttft_p99 for s in scores]):.0f} | "
+        f"{mean([s.goodput for s in scores]):.1f} | {sum(s.failed for s in scores)} |"
+    )
+
+
+def verdict(means: dict[str, float], scenario: str) -> list[str]:
+    """The targets of the default-policy issue, checked on these means."""
+    vr = {k.removeprefix("vllm-router: "): v for k, v in means.items() if k.startswith("vllm-")}
+    ours = {k.removeprefix("ours: "): v for k, v in means.items() if k.startswith("ours: ")}
+    lines: list[str] = []
+    if vr and "defaults" in ours:
+        best = max(vr.values())
+        need = best + (15 if scenario == "overload" else 0)
+        lines.append(
+            f"defaults {ours['defaults']:.1f} vs vllm-router best {best:.1f} "
+            f"({ours['defaults'] - best:+.1f} points; target ≥ {need:.1f}): "
+            + ("met" if ours["defaults"] >= need else "NOT met")
+        )
+    pairs = (
+        ("round_robin", "round_robin"),
+        ("power_of_two", "power_of_two"),
+        ("prefix_aware", "cache_aware"),
+    )
+    for routing, peer in pairs:
+        mine = {k: v for k, v in ours.items() if k.endswith(f"+ {routing}")}
+        if peer in vr and mine:
+            worst = min(mine, key=lambda k: mine[k])
+            lines.append(
+                f"ours {worst} (lowest with {routing}) {mine[worst]:.1f} vs vllm-router "
+                f"{peer} {vr[peer]:.1f}: " + ("met" if mine[worst] >= vr[peer] else "NOT met")
+            )
+    return lines
 
 
 def start_ours(
@@ -188,8 +273,10 @@ def start_ours(
     model: str = "sim",
     slots: int = SLOTS,
 ) -> tuple[list[subprocess.Popen[bytes]], str]:
-    """Scheduler, embedding service and edge with `policy` + `routing`, the chat engines
-    (`model`) and the embedding engine (if any) registered; the gateway's /v1 URL."""
+    """Scheduler, embedding service and edge with `policy` + `routing` (empty: the
+    default) and at most `slots` in flight per engine (-1: the default, each engine's
+    measured concurrency), the chat engines (`model`) and the embedding engine (if any)
+    registered; the gateway's /v1 URL."""
     ports = {n: free_port() for n in ("sched", "edge", "emb", "life", "gpu")}
     run_env = {
         **env,
@@ -198,12 +285,17 @@ def start_ours(
         "SAGE_EMBEDDING_SERVICE_PORT": str(ports["emb"]),
         "SAGE_LIFECYCLE_PORT": str(ports["life"]),
         "SAGE_GPU_MANAGER_PORT": str(ports["gpu"]),
-        "SAGE_SCHEDULER_POLICY": policy,
-        "SAGE_SCHEDULER_ROUTING": routing,
-        "SAGE_SCHEDULER_MAX_INFLIGHT_PER_ENGINE": str(slots),
         "SAGE_API_KEYS": ",".join(f"{k}:{t}" for t, k in keys.items()),
         "SAGE_INTERNAL_TOKEN": new_secret(),  # the stack's gRPC credential
     }
+    for name in ("POLICY", "ROUTING", "MAX_INFLIGHT_PER_ENGINE"):
+        run_env.pop(f"SAGE_SCHEDULER_{name}", None)  # the defaults unless set below
+    if policy:
+        run_env["SAGE_SCHEDULER_POLICY"] = policy
+    if routing:
+        run_env["SAGE_SCHEDULER_ROUTING"] = routing
+    if slots >= 0:
+        run_env["SAGE_SCHEDULER_MAX_INFLIGHT_PER_ENGINE"] = str(slots)
     procs = [
         subprocess.Popen([sys.executable, "-m", f"sage.services.{s}"], env=run_env)
         for s in ("scheduler", "embedding", "edge")
@@ -274,8 +366,11 @@ def start_sim(
 
 
 CONFIGS = (
+    ("", ""),  # defaults
     ("fifo", "round_robin"),
     ("fifo", "least_loaded"),
+    ("fifo", "power_of_two"),
+    ("fifo", "prefix_aware"),
     ("priority", "least_loaded"),
     ("fair", "least_loaded"),
     ("slo_aware", "least_loaded"),
@@ -284,93 +379,165 @@ CONFIGS = (
     ("adaptive", "least_loaded"),
     ("hybrid", "least_loaded"),
 )
+VLLM_ROUTER_POLICIES = ("round_robin", "power_of_two", "cache_aware")
+
+
+def parse_configs(text: str) -> list[tuple[str, str]]:
+    """`defaults,fifo+round_robin,...` -> [("", ""), ("fifo", "round_robin"), ...]."""
+    if not text:
+        return list(CONFIGS)
+    out: list[tuple[str, str]] = []
+    for item in text.split(","):
+        if item == "defaults":
+            out.append(("", ""))
+        else:
+            policy, _, routing = item.partition("+")
+            out.append((policy, routing))
+    return out
+
+
+def config_name(policy: str, routing: str) -> str:
+    return f"ours: {policy} + {routing}" if policy or routing else "ours: defaults"
+
+
+def run_vllm_router(
+    binary: str, policy: str, engines: list[str], embed_engine: str, trace: list[TraceItem]
+) -> list[Outcome]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            binary,
+            "--worker-urls",
+            *engines,
+            "--policy",
+            policy,
+            "--port",
+            str(port),
+            "--prometheus-port",
+            str(free_port()),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc, timeout=60)
+        return asyncio.run(
+            replay(
+                f"http://127.0.0.1:{port}/v1/chat/completions",
+                embed_engine + "/v1/embeddings",
+                trace,
+                {},
+            )
+        )
+    finally:
+        stop_process(proc)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=300)
-    parser.add_argument("--scenario", choices=sorted(SCENARIOS), default="bursty")
-    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--scenarios", default="bursty,overload")
+    parser.add_argument("--scenario", choices=sorted(SCENARIOS), help="one scenario only")
+    parser.add_argument("--seeds", default="7,23,41")
+    parser.add_argument("--seed", type=int, help="one seed only")
     parser.add_argument("--vllm-router", default=shutil.which("vllm-router") or "")
     parser.add_argument(
         "--configs",
         default="",
-        help="comma-separated policy+routing pairs to run (default: all), e.g. fifo+round_robin",
+        help="comma-separated policy+routing pairs or `defaults` (default: all), "
+        "e.g. defaults,fifo+round_robin",
     )
+    parser.add_argument(
+        "--inflight",
+        type=int,
+        default=-1,
+        help="per-engine cap for the named configurations (-1: the default, measured)",
+    )
+    parser.add_argument("--markdown", type=Path, default=None, help="also write the tables")
     args = parser.parse_args()
-    configs = [tuple(c.split("+", 1)) for c in args.configs.split(",")] if args.configs else CONFIGS
-    trace = make_trace(args.requests, args.seed, args.scenario)
-    duration = trace[-1].at
+    configs = parse_configs(args.configs)
+    scenarios = [args.scenario] if args.scenario else args.scenarios.split(",")
+    seeds = [args.seed] if args.seed is not None else [int(x) for x in args.seeds.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="sage-slo-"))
     env = {**os.environ, "SAGE_HOME": str(tmp), "SAGE_LOG_LEVEL": "WARNING"}
     started = [start_sim(env, "sim", tpot, SLOTS) for tpot in ENGINE_TPOT_MS]
     engines = [url for url, _ in started]
     embed_engine, embed_proc = start_sim(env, "sim-embed", 1, 32, embedding_dim=384)
     engine_procs = [proc for _, proc in started] + [embed_proc]
-    rows = []
+    keys = {"heavy": "key-heavy", "light": "key-light"}
+    tables: list[str] = []
     try:
         for url, proc in [*started, (embed_engine, embed_proc)]:
             wait_http(url + "/health", proc)
-        keys = {"heavy": "key-heavy", "light": "key-light"}
-        for policy, routing in configs:
-            procs, base = start_ours(env, engines, embed_engine, policy, routing, keys)
-            try:
-                outcomes = asyncio.run(
-                    replay(base + "/chat/completions", base + "/embeddings", trace, keys)
+        for scenario in scenarios:
+            scores: dict[str, list[Score]] = {}
+            described = ""
+            for seed in seeds:
+                trace = make_trace(args.requests, seed, scenario)
+                duration = trace[-1].at
+                chats = sum(i.kind == "chat" for i in trace)
+                described += (
+                    f" seed {seed}: {chats} chat + {len(trace) - chats} embedding"
+                    f" over {duration:.1f} s;"
                 )
-            finally:
-                for p in procs:
-                    stop_process(p)
-            rows.append(summarise(f"ours: {policy} + {routing}", outcomes, duration))
-            print(rows[-1], flush=True)
-        if args.vllm_router:
-            for policy in ("round_robin", "power_of_two", "cache_aware"):
-                port = free_port()
-                proc = subprocess.Popen(
-                    [
-                        args.vllm_router,
-                        "--worker-urls",
-                        *engines,
-                        "--policy",
+                for policy, routing in configs:
+                    named = bool(policy or routing)
+                    procs, base = start_ours(
+                        env,
+                        engines,
+                        embed_engine,
                         policy,
-                        "--port",
-                        str(port),
-                        "--prometheus-port",
-                        str(free_port()),
-                    ],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-                try:
-                    wait_http(f"http://127.0.0.1:{port}/health", proc, timeout=60)
-                    outcomes = asyncio.run(
-                        replay(
-                            f"http://127.0.0.1:{port}/v1/chat/completions",
-                            embed_engine + "/v1/embeddings",
-                            trace,
-                            {},
-                        )
+                        routing,
+                        keys,
+                        slots=args.inflight if named else -1,
                     )
-                finally:
-                    stop_process(proc)
-                rows.append(summarise(f"vllm-router: {policy}", outcomes, duration))
-                print(rows[-1], flush=True)
+                    try:
+                        outcomes = asyncio.run(
+                            replay(base + "/chat/completions", base + "/embeddings", trace, keys)
+                        )
+                    finally:
+                        for p in procs:
+                            stop_process(p)
+                    name = config_name(policy, routing)
+                    scores.setdefault(name, []).append(score(outcomes, duration))
+                    print(scenario, seed, summarise(name, outcomes, duration), flush=True)
+                for policy in VLLM_ROUTER_POLICIES if args.vllm_router else ():
+                    outcomes = run_vllm_router(
+                        args.vllm_router, policy, engines, embed_engine, trace
+                    )
+                    name = f"vllm-router: {policy}"
+                    scores.setdefault(name, []).append(score(outcomes, duration))
+                    print(scenario, seed, summarise(name, outcomes, duration), flush=True)
+            means = {k: statistics.fmean(s.slo_met for s in v) for k, v in scores.items()}
+            cap = (
+                f"at most {args.inflight} in flight per engine"
+                if args.inflight >= 0
+                else ("each engine's measured concurrency")
+            )
+            tables.append(
+                "\n".join(
+                    [
+                        f"scenario {scenario}, {args.requests} requests per seed;{described} "
+                        f"engines tpot {ENGINE_TPOT_MS} ms, {SLOTS} slots each; SLO 1.5 s "
+                        f"(high) / 6 s (low) / 0.5 s (embedding); admission cap of the named "
+                        f"configurations: {cap}",
+                        "",
+                        SEEDS_HEADER,
+                        *(seeds_row(k, v) for k, v in scores.items()),
+                        "",
+                        *(f"- {line}" for line in verdict(means, scenario)),
+                    ]
+                )
+            )
+            print("\n" + tables[-1] + "\n", flush=True)
     finally:
         for proc in engine_procs:
             stop_process(proc)
         shutil.rmtree(tmp, ignore_errors=True)
-    chats = sum(i.kind == "chat" for i in trace)
-    print(
-        f"\nscenario {args.scenario}, seed {args.seed}: {len(trace)} requests ({chats} chat, "
-        f"{len(trace) - chats} embedding) over {duration:.1f} s; engines tpot {ENGINE_TPOT_MS} "
-        f"ms, {SLOTS} slots each; SLO 1.5 s (high) / 6 s (low) / 0.5 s (embedding)\n"
-    )
-    print(
-        "| configuration | SLO met | high-priority chat met | light tenant chat met | "
-        "TTFT p50 ms | TTFT p99 ms | embeddings met | goodput req/s | failed chat |\n"
-        "|---|---|---|---|---|---|---|---|---|"
-    )
-    print("\n".join(rows))
+    text = "\n\n".join(tables)
+    print("\n" + text)
+    if args.markdown:
+        args.markdown.write_text(text + "\n")
     return 0
 
 

@@ -90,7 +90,7 @@ async def test_session_affinity_keeps_a_session_on_one_engine(
     assert too_long.status_code == 400
     assert too_long.json()["error"]["param"] == "x-session-id"
     status = (await control_plane.client.get("/v1/management/status")).json()
-    assert status["control_plane"]["policy"] == "fifo/session_affinity"
+    assert status["control_plane"]["policy"] == "adaptive/session_affinity"  # default policy
 
 
 @pytest.mark.parametrize("routing", ["least_loaded"])

@@ -49,7 +49,7 @@ async def test_high_priority_overtakes_queued_low_priority(
     assert done[0] == "blocker"
     assert done[1] == "high"  # overtook the three low-priority requests queued before it
     status = (await control_plane.client.get("/v1/management/status")).json()
-    assert status["control_plane"]["policy"] == "priority/round_robin"
+    assert status["control_plane"]["policy"] == "priority/least_loaded"  # default routing
 
 
 async def test_bad_scheduling_headers_are_400s(

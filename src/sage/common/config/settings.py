@@ -214,8 +214,8 @@ class SageSettings(BaseSettings):
     # Scheduler: queueing policy (fifo, priority, fair, slo_aware, cost_optimized, adaptive,
     # hybrid[:inner]), instance routing, and admission (requests in flight per engine before
     # the rest wait in the policy's queue; a full queue answers 429 + Retry-After).
-    scheduler_policy: str = "fifo"
-    scheduler_routing: str = "round_robin"
+    scheduler_policy: str = "adaptive"
+    scheduler_routing: str = "least_loaded"
     # -1 (default): each engine's own concurrency (its max_concurrent_requests label, else
     # what its /metrics show it runs at once, else the backend's default); 0: no limit.
     scheduler_max_inflight_per_engine: int = -1
