@@ -382,8 +382,9 @@ class Supervisor:
                 reply = stub.PruneEngines(
                     lifecycle_pb2.PruneEnginesRequest(), timeout=self.settings.rpc_timeout_s
                 )
-            except grpc.RpcError as err:
-                raise from_rpc_error(err) from None
+            except grpc.RpcError as err:  # a longer list is no reason not to serve
+                self.say(f"note: earlier engines stay listed ({from_rpc_error(err).message})")
+                return
         if reply.engine_ids:
             history = self.log_dir / "engine-history.jsonl"
             self.say(
