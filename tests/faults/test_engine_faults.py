@@ -306,16 +306,19 @@ async def test_stream_with_no_engine_left_ends_with_an_error_event(
     assert expected_text("tell me about fault tolerance", 30).startswith(text) and text
 
 
-async def _hung_server() -> tuple[asyncio.Server, list[asyncio.StreamWriter]]:
-    """Accepts connections and reads requests, never answers."""
+async def _hung_server() -> tuple[asyncio.Server, list[asyncio.StreamWriter], list[bytes]]:
+    """Accepts connections and reads requests, never answers; also returns the request
+    lines seen (the scheduler's /metrics scrapes reach it too)."""
     writers: list[asyncio.StreamWriter] = []
+    lines: list[bytes] = []
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writers.append(writer)
+        lines.append(await reader.readline())
         while await reader.read(65536):
             pass
 
-    return await asyncio.start_server(handle, "127.0.0.1", 0), writers
+    return await asyncio.start_server(handle, "127.0.0.1", 0), writers, lines
 
 
 async def test_hung_engine_times_out_and_its_breaker_opens(
@@ -327,7 +330,7 @@ async def test_hung_engine_times_out_and_its_breaker_opens(
         scheduler_breaker_failures=2,
         scheduler_breaker_cooldown_s=60.0,
     )
-    server, writers = await _hung_server()
+    server, writers, lines = await _hung_server()
     try:
         port = server.sockets[0].getsockname()[1]
         await plane.register("hung", f"http://127.0.0.1:{port}")
@@ -349,7 +352,8 @@ async def test_hung_engine_times_out_and_its_breaker_opens(
             resp = await plane.client.post("/v1/chat/completions", json=body)
             assert resp.status_code == 200
             assert time.monotonic() - began < timeout  # answered, not waited out
-        assert len(writers) == 3  # no further connection reached the hung engine
+        chats = [line for line in lines if b"/chat/completions" in line]
+        assert len(chats) == 3, lines  # no further request reached the hung engine
     finally:
         for writer in writers:
             writer.close()
