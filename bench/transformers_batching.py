@@ -1,23 +1,31 @@
 """Continuous batching in the transformers engine (issue 23, item 1), all rows in one run.
 
 Rows, on one model and the same prompts, 32 concurrent clients, every request 64 tokens
-(greedy, ignore_eos):
-  old          the engine with --max-num-seqs 1: one request at a time, as before
-  new          the engine as shipped (continuous batching), non-streamed requests
+(greedy, ignore_eos), non-streamed unless marked:
+  old          the engine before batching (df4329c), from a copy of its package
+               (--old-engine; `--old-rev REV` extracts one with git)
+  serial       today's engine with --max-num-seqs 1: one request at a time
+  new          today's engine (continuous batching)
   new-stream   the same engine, streamed requests (SSE token by token)
   raw          no server: `model.generate` on batches of 32 left-padded prompts
-Each engine is `python -m sage.engines.transformers` over HTTP on a free port, warmed up
-before its timed run; raw runs in this process after the engines have stopped. The report
-gives tokens/s, the ratios new/old and new/raw, and how many greedy answers of the batched
-engine equal the one-at-a-time engine's (bf16 on a GPU may differ in the last bits).
+Each engine is a subprocess on a free port, warmed up before its timed runs (the batching
+one with a full wave: `clients` requests of max_tokens, so every batch shape and allocation
+size has been seen); raw runs in this process after the engines have stopped, warmed up with
+one full batch. The report gives tokens/s, the ratios to old (serial without --old-engine)
+and to raw, the mean batch size from the engine's sage:engine_batch_size histogram, and how
+many greedy answers of the batched engine equal the one-at-a-time engine's (bf16 rounding on
+a GPU depends on the batch shape, so random-weight models, whose logits are near ties, differ
+there; on a CPU in float32 they are equal).
 
 The model is built here (random weights, the MiniLM tokenizer of scripts/build_tiny_llama.py):
   tiny     scripts/build_tiny_llama.py's 2-layer hidden-128 Llama (float32; CPU)
-  llama4   TinyLlama-1.1B's shape cut to 4 layers (hidden 2048, bf16; ~0.3e9 parameters):
+  llama4   TinyLlama-1.1B's shape cut to 4 layers (hidden 2048, bf16; 0.3e9 parameters):
            the model of issue 23's measurement
 Usage:
-  nice -n 10 python bench/transformers_batching.py --shape tiny --requests 128 --old-requests 32
-  python bench/transformers_batching.py --shape llama4 --requests 512 --tokenizer DIR  # GPU
+  nice -n 10 python bench/transformers_batching.py --shape tiny --requests 128 \
+      --old-requests 32 --old-rev df4329c
+  python bench/transformers_batching.py --shape llama4 --requests 512 --tokenizer DIR \
+      --old-engine DIR/old_transformers_engine        # GPU (device tool: no git there)
 Figures: bench/RESULTS.md, "Continuous batching in the transformers engine (issue 23)".
 """
 
@@ -196,16 +204,55 @@ def metric(base: str, name: str) -> list[tuple[str, float]]:
     return out
 
 
+def old_engine_from_git(rev: str) -> Path:
+    """The engine package of `rev`, extracted into a temp folder (its three modules)."""
+    package = Path(tempfile.mkdtemp(prefix="old-engine-")) / "old_transformers_engine"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    for name in ("app.py", "model.py", "protocol.py"):
+        text = subprocess.run(
+            ["git", "-C", str(REPO), "show", f"{rev}:src/sage/engines/transformers/{name}"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        (package / name).write_text(text)
+    return package
+
+
+def engine_command(package: Path | None) -> list[str]:
+    """How to start today's engine, or the copy of an old one in `package`."""
+    if package is None:
+        return [sys.executable, "-m", "sage.engines.transformers"]
+    code = (
+        f"import sys; sys.path.insert(0, {str(package.parent)!r}); "
+        f"from {package.name}.app import main; sys.exit(main())"
+    )
+    return [sys.executable, "-c", code]
+
+
+def batch_steps(base: str) -> tuple[float, float] | None:
+    """(decode steps, sequences decoded) so far; None for an engine without the histogram."""
+    count = metric(base, "sage:engine_batch_size_count")
+    total = metric(base, "sage:engine_batch_size_sum")
+    return (count[0][1], total[0][1]) if count and total else None
+
+
 def run_engine(
-    model: Path, device: str, extra: list[str], jobs: list[tuple[str, int, bool]], args: Any
+    model: Path,
+    device: str,
+    extra: list[str],
+    jobs: list[tuple[str, int, bool]],
+    args: Any,
+    *,
+    package: Path | None = None,
+    warm_tokens: int = 8,
 ) -> list[Row]:
     """Start one engine, warm it up, then run each (name, requests, stream) job on it."""
     port = free_port()
     log_path = Path(tempfile.mkstemp(prefix="engine-", suffix=".log")[1])
     cmd = [
-        sys.executable,
-        "-m",
-        "sage.engines.transformers",
+        *engine_command(package),
         "--model",
         str(model),
         "--port",
@@ -223,23 +270,21 @@ def run_engine(
     rows = []
     try:
         wait_http(base + "/health", proc, timeout=300)
-        warm = prompts(args.clients)
-        asyncio.run(drive(base, warm, args.clients, 8, False))
+        asyncio.run(drive(base, prompts(args.clients), args.clients, warm_tokens, False))
         for name, requests, stream in jobs:
-            steps_before = metric(base, "sage:engine_batch_size_count")
-            sum_before = metric(base, "sage:engine_batch_size_sum")
+            before = batch_steps(base)
             tokens, seconds, texts = asyncio.run(
                 drive(base, prompts(requests), args.clients, args.max_tokens, stream)
             )
-            steps = metric(base, "sage:engine_batch_size_count")[0][1] - steps_before[0][1]
-            rows_sum = metric(base, "sage:engine_batch_size_sum")[0][1] - sum_before[0][1]
-            mean_batch = rows_sum / steps if steps else 0.0
-            rows.append(
-                Row(name, requests, tokens, seconds, texts, {"mean_batch": round(mean_batch, 1)})
-            )
+            after = batch_steps(base)
+            extra_figures: dict[str, Any] = {}
+            if before is not None and after is not None and after[0] > before[0]:
+                mean = (after[1] - before[1]) / (after[0] - before[0])
+                extra_figures["mean_batch"] = round(mean, 1)
+            rows.append(Row(name, requests, tokens, seconds, texts, extra_figures))
             print(
                 f"  {name}: {requests} requests, {tokens} tokens in {seconds:.2f}s = "
-                f"{tokens / seconds:.0f} tok/s (mean batch {mean_batch:.1f})",
+                f"{tokens / seconds:.0f} tok/s {extra_figures}",
                 flush=True,
             )
     except BaseException:
@@ -275,7 +320,7 @@ def run_raw(model: Path, device: str, requests: int, args: Any) -> Row:
             )
         return int((out.shape[1] - enc["input_ids"].shape[1]) * out.shape[0])
 
-    generate(batches[0], 8)  # warm-up
+    generate(batches[0], args.max_tokens)  # warm-up: one full batch
     if device != "cpu":
         torch.cuda.synchronize()
     started = time.perf_counter()
@@ -298,6 +343,10 @@ def main() -> int:
     parser.add_argument("--old-requests", type=int, default=64, help="for the old engine")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
+    parser.add_argument(
+        "--old-engine", type=Path, help="a copy of the old engine package (old row)"
+    )
+    parser.add_argument("--old-rev", help="extract the old engine from this git revision")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -319,35 +368,47 @@ def main() -> int:
         model = Path(tempfile.mkdtemp(prefix="batching-")) / args.shape
         build(model, args.shape, args.tokenizer)
 
+    old_package = args.old_engine
+    if old_package is None and args.old_rev:
+        old_package = old_engine_from_git(args.old_rev)
+    rows: list[Row] = []
+    if old_package is not None:
+        rows += run_engine(
+            model, device, [], [("old", args.old_requests, False)], args, package=old_package
+        )
+    rows += run_engine(
+        model, device, ["--max-num-seqs", "1"], [("serial", args.old_requests, False)], args
+    )
     # Room for every client's sequence: clients x (prompt + max_tokens) KV columns.
     budget = ["--kv-budget-tokens", str(args.clients * (64 + args.max_tokens))]
-    rows = run_engine(
-        model, device, ["--max-num-seqs", "1"], [("old", args.old_requests, False)], args
-    )
     rows += run_engine(
         model,
         device,
         ["--max-num-seqs", str(args.clients), *budget],
         [("new", args.requests, False), ("new-stream", args.requests, True)],
         args,
+        warm_tokens=args.max_tokens,
     )
     raw = run_raw(model, device, args.requests, args)
     rows.append(raw)
 
     by_name = {r.name: r for r in rows}
-    old, new = by_name["old"], by_name["new"]
-    same = sum(1 for i, text in old.texts.items() if new.texts.get(i) == text)
+    base, serial, new = by_name.get("old", by_name["serial"]), by_name["serial"], by_name["new"]
+    same = sum(1 for i, text in serial.texts.items() if new.texts.get(i) == text)
     print(
         f"\n{'row':<11} {'requests':>8} {'tokens':>7} {'seconds':>8} {'tok/s':>8} "
-        f"{'x old':>6} {'x raw':>6}"
+        f"{'x ' + base.name:>8} {'x raw':>6}"
     )
     for r in rows:
         print(
             f"{r.name:<11} {r.requests:>8} {r.tokens:>7} {r.seconds:>8.2f} {r.tok_s:>8.0f} "
-            f"{r.tok_s / old.tok_s:>6.1f} {r.tok_s / raw.tok_s:>6.2f}"
+            f"{r.tok_s / base.tok_s:>8.1f} {r.tok_s / raw.tok_s:>6.2f}"
             + (f"  mean batch {r.extra['mean_batch']}" if "mean_batch" in r.extra else "")
         )
-    print(f"greedy answers equal, batched vs one at a time: {same}/{len(old.texts)}")
+    print(f"greedy answers equal, batched vs one at a time: {same}/{len(serial.texts)}")
+    if "old" in by_name:
+        old_same = sum(1 for i, t in by_name["old"].texts.items() if serial.texts.get(i) == t)
+        print(f"greedy answers equal, serial vs old engine: {old_same}/{len(serial.texts)}")
     if args.out:
         doc = {
             "device": device,
@@ -368,10 +429,12 @@ def main() -> int:
                 }
                 for r in rows
             ],
-            "new_over_old": round(new.tok_s / old.tok_s, 2),
+            "baseline": base.name,
+            "new_over_baseline": round(new.tok_s / base.tok_s, 2),
+            "stream_over_baseline": round(by_name["new-stream"].tok_s / base.tok_s, 2),
             "new_over_raw": round(new.tok_s / raw.tok_s, 3),
             "stream_over_raw": round(by_name["new-stream"].tok_s / raw.tok_s, 3),
-            "greedy_equal": [same, len(old.texts)],
+            "greedy_equal_batched_vs_serial": [same, len(serial.texts)],
             "median_prompt_chars": statistics.median(len(p) for p in prompts(args.requests)),
         }
         args.out.write_text(json.dumps(doc, indent=2))
