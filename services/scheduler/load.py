@@ -43,6 +43,9 @@ class EngineReport:
 # A probe costs one request queued inside an engine when the estimate was right: probe only
 # after the engine ran at its estimate, nothing waiting, for this many scrapes in a row.
 PROBE_AFTER_SCRAPES = 3
+# Closest two scrapes may follow each other when requests pile onto an engine of unknown
+# capacity (EngineLoadTracker.track wakes the scraper).
+MIN_SCRAPE_GAP_S = 0.05
 
 
 @dataclass(slots=True)
@@ -84,6 +87,7 @@ class EngineLoadTracker:
         self._capacity: dict[str, CapacityEstimate] = {}
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._wake = asyncio.Event()  # set: scrape now (see track)
 
     def in_flight(self, engine_id: str) -> int:
         """Requests this scheduler has in flight to `engine_id`."""
@@ -122,7 +126,11 @@ class EngineLoadTracker:
     def track(self, engine_id: str) -> Iterator[None]:
         """Count one request in flight to `engine_id` for the duration of the block."""
         counts = self._in_flight
-        counts[engine_id] = counts.get(engine_id, 0) + 1
+        busy = counts[engine_id] = counts.get(engine_id, 0) + 1
+        if busy >= 2 and not self.capacity(engine_id):
+            # Capacity unknown and load building: look now, not at the next interval,
+            # so a burst is capped within one scrape of the engine filling up.
+            self._wake.set()
         try:
             yield
         finally:
@@ -175,11 +183,17 @@ class EngineLoadTracker:
 
     async def _scrape_forever(self, engines: Callable[[], Iterable[EngineRecord]]) -> None:
         while True:
+            self._wake.clear()
             try:
                 await self.scrape_once(engines())
             except Exception:  # keep scraping; one bad round must not stop load readings
                 log.exception("engine load scrape failed")
-            await asyncio.sleep(self.scrape_interval_s)
+            # At most every MIN_SCRAPE_GAP_S when woken, else every interval.
+            await asyncio.sleep(MIN_SCRAPE_GAP_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._wake.wait(), max(0.0, self.scrape_interval_s - MIN_SCRAPE_GAP_S)
+                )
 
     def start(self, engines: Callable[[], Iterable[EngineRecord]]) -> None:
         """Start polling `engines()`' /metrics every scrape_interval_s (in the running loop)."""
