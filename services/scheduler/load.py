@@ -55,10 +55,12 @@ class CapacityEstimate:
     value: int = 0  # 0: not measured yet
     step: int = 1
     full_scrapes: int = 0  # consecutive scrapes at `value` with nothing waiting
+    peak: int = 0  # the most it was ever seen running
 
     def observe(self, running: float, waiting: float, ceiling: int) -> None:
         """Fold in one scrape; `ceiling` bounds the probe (the backend's documented max)."""
         busy = int(running)
+        self.peak = max(self.peak, busy)
         if waiting >= 1 and busy >= 1:
             self.value, self.step, self.full_scrapes = min(busy, ceiling), 1, 0
         elif self.value and busy >= self.value:
@@ -127,9 +129,11 @@ class EngineLoadTracker:
         """Count one request in flight to `engine_id` for the duration of the block."""
         counts = self._in_flight
         busy = counts[engine_id] = counts.get(engine_id, 0) + 1
-        if busy >= 2 and not self.capacity(engine_id):
-            # Capacity unknown and load building: look now, not at the next interval,
-            # so a burst is capped within one scrape of the engine filling up.
+        estimate = self._capacity.get(engine_id)
+        if busy >= 2 and (estimate is None or (not estimate.value and busy > estimate.peak)):
+            # Capacity unknown and more in flight than the engine was ever seen running:
+            # look now, not at the next interval, so a burst is capped within one scrape
+            # of the engine filling up (and an engine that never fills is not polled hot).
             self._wake.set()
         try:
             yield
