@@ -389,15 +389,15 @@ def cmd_serve(
         typer.Option(
             "--policy",
             help="Scheduling policy: fifo, priority, fair, slo_aware, slo_aware_shed, "
-            "cost_optimized, adaptive, hybrid[:inner] (SAGE_SCHEDULER_POLICY; it orders "
-            "requests once SAGE_SCHEDULER_MAX_INFLIGHT_PER_ENGINE limits the engines).",
+            "cost_optimized, adaptive (default), hybrid[:inner] (SAGE_SCHEDULER_POLICY; it "
+            "orders the requests waiting for a free engine slot).",
         ),
     ] = None,
     routing: Annotated[
         str | None,
         typer.Option(
             "--routing",
-            help="Instance routing: round_robin, least_loaded, power_of_two (p2c), "
+            help="Instance routing: round_robin, least_loaded (default), power_of_two (p2c), "
             "session_affinity (x-session-id), prefix_aware (SAGE_SCHEDULER_ROUTING).",
         ),
     ] = None,
