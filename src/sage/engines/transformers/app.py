@@ -70,6 +70,8 @@ class _Engine:
             lambda running, waiting: BatchMetrics(self.names[0], running, waiting),
             max_num_seqs=config.max_num_seqs,
             kv_budget_tokens=config.kv_budget_tokens or model.max_model_len,
+            waiting_served_ratio=config.waiting_served_ratio,
+            max_waiting_steps=config.max_waiting_steps,
         )
         self.metrics = self.runner.metrics
         # Tokenising is CPU work too; its own thread keeps 400s fast while a long answer
@@ -496,6 +498,14 @@ def _parser() -> argparse.ArgumentParser:
         "max_tokens (0: the context length, which lifecycle reserves GPU memory for)",
     )
     parser.add_argument(
+        "--waiting-served-ratio",
+        type=float,
+        default=0.3,
+        help="while a batch runs, waiting requests join it once they are this share of it "
+        "(or fill it, or have waited --max-waiting-steps): fewer, larger prefills",
+    )
+    parser.add_argument("--max-waiting-steps", type=int, default=20)
+    parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper
     )
     add_api_key_argument(parser)
@@ -508,8 +518,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(None if argv is None else list(argv))
     if args.max_model_len < 0 or args.max_tokens_default < 0 or args.kv_budget_tokens < 0:
         parser.error("--max-model-len, --max-tokens-default and --kv-budget-tokens must be >= 0")
-    if args.max_num_seqs < 1:
-        parser.error("--max-num-seqs must be >= 1")
+    if args.max_num_seqs < 1 or args.max_waiting_steps < 0 or args.waiting_served_ratio < 0:
+        parser.error("--max-num-seqs must be >= 1, the waiting limits >= 0")
     configure_logging("transformers-engine", args.log_level)
     config = EngineConfig(
         model=args.model,
@@ -523,6 +533,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         trust_remote_code=args.trust_remote_code,
         max_num_seqs=args.max_num_seqs,
         kv_budget_tokens=args.kv_budget_tokens,
+        waiting_served_ratio=args.waiting_served_ratio,
+        max_waiting_steps=args.max_waiting_steps,
     )
     try:
         model = CausalLM(config)

@@ -6,7 +6,8 @@ cache columns. Rows are padded to the longest, so the batch holds at most rows x
 largest `reserve` (prompt + max_tokens) of any row; a request joins only while that stays
 within `kv_budget_tokens`. The default budget is the context length, the one full-length
 sequence lifecycle reserves GPU memory for. A request that needs the whole budget runs
-alone. With `max_num_seqs=1` this is the old engine: one request at a time.
+alone. With `max_num_seqs=1` this is the old engine: one request at a time. While a batch
+runs, newcomers are gathered into fewer, larger prefills (see `_admit`).
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ class _Job:
     generation: Generation
     future: Future[Outcome]
     clock: _Clock
+    enqueued_step: int = 0
 
 
 class BatchRunner:
@@ -107,10 +109,15 @@ class BatchRunner:
         *,
         max_num_seqs: int,
         kv_budget_tokens: int,
+        waiting_served_ratio: float = 0.3,
+        max_waiting_steps: int = 20,
     ) -> None:
         self.model = model
         self.max_num_seqs = max(1, max_num_seqs)
         self.kv_budget_tokens = kv_budget_tokens
+        self.waiting_served_ratio = waiting_served_ratio
+        self.max_waiting_steps = max_waiting_steps
+        self._steps = 0  # engine steps so far (a waiting request's age is counted in them)
         self.metrics = metrics_factory(lambda: self.running, lambda: len(self._waiting))
         self._cond = threading.Condition()
         self._waiting: deque[_Job] = deque()
@@ -146,6 +153,7 @@ class BatchRunner:
         with self._cond:
             if self._closed:
                 raise InternalError("the engine is shutting down")
+            job.enqueued_step = self._steps
             self._waiting.append(job)
             self._cond.notify()
         return future
@@ -177,20 +185,33 @@ class BatchRunner:
         metrics.generation_tokens.inc()
 
     def _admit(self) -> list[Generation]:
-        """Take waiting requests, oldest first, while the batch has room (lock held)."""
-        admitted: list[Generation] = []
+        """Take waiting requests, oldest first, while the batch has room (lock held).
+
+        A prefill is a forward pass of its own, as dear as a decode step, so while the batch
+        runs, newcomers are held until they are a fair share of it (`waiting_served_ratio`
+        of the running rows), fill every free place, or the oldest has waited
+        `max_waiting_steps` steps (TGI's rule): one prefill then serves many.
+        """
+        for job in [j for j in self._waiting if j.generation.cancelled.is_set()]:
+            self._waiting.remove(job)  # the client left while queued
+            job.generation.check_cancelled()
+            self._finish(job)
         rows = len(self._running)
-        widest = max((g.reserve for g in self._running), default=0)
         limit = self.max_num_seqs if self.model.can_batch else 1
+        if rows and self._waiting:
+            waiting = len(self._waiting)
+            if not (
+                waiting >= max(1, int(self.waiting_served_ratio * rows))
+                or waiting >= limit - rows
+                or self._steps - self._waiting[0].enqueued_step >= self.max_waiting_steps
+            ):
+                return []
+        admitted: list[Generation] = []
+        widest = max((g.reserve for g in self._running), default=0)
         now = time.monotonic()
         while self._waiting:
             job = self._waiting[0]
             generation = job.generation
-            if generation.cancelled.is_set():  # the client left while queued
-                self._waiting.popleft()
-                generation.check_cancelled()
-                self._finish(job)
-                continue
             wider = max(widest, generation.reserve)
             if rows and (rows + 1 > limit or (rows + 1) * wider > self.kv_budget_tokens):
                 break
@@ -211,6 +232,7 @@ class BatchRunner:
                 admitted = self._admit()
             if not admitted and not self._running:
                 continue
+            self._steps += 1
             try:
                 step = self.model.step(admitted)
             except Exception as exc:  # a failed forward pass (CUDA OOM...) fails its batch

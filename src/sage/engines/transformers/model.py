@@ -67,6 +67,8 @@ class EngineConfig:
     trust_remote_code: bool = False
     max_num_seqs: int = 64  # sequences decoded together; 1 = one request at a time
     kv_budget_tokens: int = 0  # KV cache columns of the whole batch; 0 = max_model_len
+    waiting_served_ratio: float = 0.3  # newcomers join a running batch at this share...
+    max_waiting_steps: int = 20  # ...or once the oldest has waited this many steps
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -599,6 +601,11 @@ class CausalLM:
         torch = self._torch
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
         mask = self._mask.index_select(0, index)
+        if not self.can_batch:  # a cache of another kind: its own row selection, no trim
+            self._cache.batch_select_indices(index)
+            self._mask = mask
+            self._rows = [self._rows[i] for i in keep]
+            return gone
         start = int(mask.any(dim=0).nonzero()[0].item())
         self._mask = mask[:, start:]
         _set_kv(
