@@ -102,7 +102,9 @@ def build(out: Path, shape: str, tokenizer: Path | None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tiny.write_tokenizer(tokenizer, out, MAX_POS)
     tok = AutoTokenizer.from_pretrained(str(out))
-    pad_id, cls_id, sep_id = tok.convert_tokens_to_ids([tiny.PAD, tiny.CLS, tiny.SEP])
+    ids = tok.convert_tokens_to_ids([tiny.PAD, tiny.CLS, tiny.SEP])
+    assert isinstance(ids, list)
+    pad_id, cls_id, sep_id = ids
     dims = dict(SHAPES[shape])
     dtype = dims.pop("dtype")
     config = LlamaConfig(
@@ -303,7 +305,8 @@ def run_raw(model: Path, device: str, requests: int, args: Any) -> Row:
     tok = AutoTokenizer.from_pretrained(str(model))
     tok.padding_side = "left"
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    lm = AutoModelForCausalLM.from_pretrained(str(model), dtype=dtype).to(device).eval()
+    lm: Any = AutoModelForCausalLM.from_pretrained(str(model), dtype=dtype)
+    lm = lm.to(device).eval()
     texts = prompts(requests)
     batches = [texts[i : i + args.clients] for i in range(0, len(texts), args.clients)]
 
@@ -332,6 +335,56 @@ def run_raw(model: Path, device: str, requests: int, args: Any) -> Row:
     return Row("raw", requests, tokens, seconds)
 
 
+def profile_in_process(model: Path, device: str, args: Any) -> None:
+    """No server: one wave of `clients` x max_tokens through CausalLM.step (cProfile'd, top
+    functions printed) and through model.generate, ms per decode step of each."""
+    import cProfile
+    import pstats
+    import threading
+
+    import torch
+
+    from sage.engines.transformers.model import CausalLM, EngineConfig, SamplingParams
+
+    lm = CausalLM(EngineConfig(model=str(model), device=device))
+    texts = prompts(args.clients)
+    ids = [lm.encode(t, add_special_tokens=True) for t in texts]
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
+
+    def ours() -> None:
+        lm.step([lm.begin(i, params, threading.Event()) for i in ids])
+        while lm.running:
+            lm.step()
+
+    tok = lm.tokenizer
+    tok.padding_side = "left"
+    enc = tok(texts, return_tensors="pt", padding=True).to(device)
+
+    def raw() -> None:
+        with torch.inference_mode():
+            lm.model.generate(
+                input_ids=enc["input_ids"],
+                attention_mask=enc["attention_mask"],
+                max_new_tokens=args.max_tokens,
+                min_new_tokens=args.max_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+            )
+
+    for fn in (ours, raw, ours, raw):  # warm-up
+        fn()
+    for fn in (ours, raw):
+        started = time.perf_counter()
+        fn()
+        ms = (time.perf_counter() - started) * 1000 / args.max_tokens
+        print(f"  in-process {fn.__name__}: {ms:.2f} ms per step of {args.clients}", flush=True)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    ours()
+    profiler.disable()
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(14)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
@@ -347,6 +400,9 @@ def main() -> int:
         "--old-engine", type=Path, help="a copy of the old engine package (old row)"
     )
     parser.add_argument("--old-rev", help="extract the old engine from this git revision")
+    parser.add_argument(
+        "--profile", action="store_true", help="first: in-process step vs generate, cProfile"
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -368,6 +424,8 @@ def main() -> int:
         model = Path(tempfile.mkdtemp(prefix="batching-")) / args.shape
         build(model, args.shape, args.tokenizer)
 
+    if args.profile:
+        profile_in_process(model, device, args)
     old_package = args.old_engine
     if old_package is None and args.old_rev:
         old_package = old_engine_from_git(args.old_rev)

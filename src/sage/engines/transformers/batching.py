@@ -141,14 +141,7 @@ class BatchRunner:
         """Queue one request; its Future gets the Outcome (or the step's exception)."""
         future: Future[Outcome] = Future()
         clock = _Clock(time.monotonic())
-        prompt_tokens = len(prompt_ids)
-        generation = self.model.begin(
-            prompt_ids,
-            params,
-            cancelled,
-            on_text,
-            lambda step: self._on_token(clock, prompt_tokens, step),
-        )
+        generation = self.model.begin(prompt_ids, params, cancelled, on_text)
         job = _Job(generation, future, clock)
         with self._cond:
             if self._closed:
@@ -171,18 +164,6 @@ class BatchRunner:
             _fail(job.future, InternalError("generation was cancelled (engine shutting down)"))
 
     # ---- the generation thread
-
-    def _on_token(self, clock: _Clock, prompt_tokens: int, step: int) -> None:
-        metrics = self.metrics
-        now = time.monotonic()
-        if step == 1:
-            clock.first_at = now
-            metrics.ttft.observe(now - clock.arrival)
-            metrics.prompt_tokens.inc(prompt_tokens)
-        else:
-            metrics.inter_token.observe(now - clock.last_at)
-        clock.last_at = now
-        metrics.generation_tokens.inc()
 
     def _admit(self) -> list[Generation]:
         """Take waiting requests, oldest first, while the batch has room (lock held).
@@ -244,11 +225,21 @@ class BatchRunner:
                     self.metrics.finished("abort")
                     _fail(job.future, exc)
                 continue
+            # Token timings at step resolution: every row of a step gets its token at once.
+            metrics, now = self.metrics, time.monotonic()
+            for generation in admitted:
+                job = self._running[generation]
+                if generation.produced:
+                    job.clock.first_at = now
+                    metrics.ttft.observe(now - job.clock.arrival)
+                    metrics.prompt_tokens.inc(len(generation.prompt_ids))
+            metrics.generation_tokens.inc(step.sampled)
             if step.decoded:
-                self.metrics.batch_size.observe(step.decoded)
+                metrics.batch_size.observe(step.decoded)
             with self._cond:
                 done = [self._running.pop(g) for g in step.finished if g in self._running]
             for job in done:
+                job.clock.last_at = now
                 self._finish(job)
         self.model.abandon()
 

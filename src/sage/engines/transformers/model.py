@@ -138,6 +138,7 @@ class Step:
 
     finished: list[Generation]  # left the batch this step; their outcome() is ready
     decoded: int  # sequences stepped together in the decode pass (0: none ran)
+    sampled: int = 0  # tokens generated this step (prefilled rows' first ones included)
 
 
 @dataclass(eq=False)  # compared by identity: the batch finds its rows by it
@@ -468,18 +469,17 @@ class CausalLM:
         fresh: list[Generation] = []
         for generation in admitted:
             (finished if generation.check_cancelled() else fresh).append(generation)
-        decoded = 0
         with torch.inference_mode():
             if fresh:
                 cache, mask, logits = self._prefill(fresh)
                 self._sample(fresh, logits)
                 self._merge(fresh, cache, mask)
                 finished += self._retain()
-            if self._rows:
-                decoded = len(self._rows)
+            rows = len(self._rows)
+            if rows:
                 self._sample(self._rows, self._decode_step())
                 finished += self._retain()
-        return Step(finished, decoded)
+        return Step(finished, rows, rows + len(fresh))
 
     def abandon(self) -> list[Generation]:
         """Drop the whole batch (after a failed step); returns what was in it."""
