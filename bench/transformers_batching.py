@@ -233,11 +233,13 @@ def engine_command(package: Path | None) -> list[str]:
     return [sys.executable, "-c", code]
 
 
-def batch_steps(base: str) -> tuple[float, float] | None:
-    """(decode steps, sequences decoded) so far; None for an engine without the histogram."""
+def batch_steps(base: str) -> tuple[float, float, float] | None:
+    """(decode steps, sequences decoded, prefill passes) so far; None for an engine without
+    these metrics (the old one)."""
     count = metric(base, "sage:engine_batch_size_count")
     total = metric(base, "sage:engine_batch_size_sum")
-    return (count[0][1], total[0][1]) if count and total else None
+    prefills = metric(base, "sage:engine_prefills_total")
+    return (count[0][1], total[0][1], prefills[0][1]) if count and total and prefills else None
 
 
 def run_engine(
@@ -283,6 +285,8 @@ def run_engine(
             if before is not None and after is not None and after[0] > before[0]:
                 mean = (after[1] - before[1]) / (after[0] - before[0])
                 extra_figures["mean_batch"] = round(mean, 1)
+                extra_figures["decode_steps"] = int(after[0] - before[0])
+                extra_figures["prefills"] = int(after[2] - before[2])
             rows.append(Row(name, requests, tokens, seconds, texts, extra_figures))
             print(
                 f"  {name}: {requests} requests, {tokens} tokens in {seconds:.2f}s = "

@@ -22,7 +22,7 @@ from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from typing import Protocol
 
-from prometheus_client import Histogram
+from prometheus_client import Counter, Histogram
 
 from sage.common.exceptions import InternalError
 from sage.engines.vllm_metrics import VllmRequestMetrics
@@ -76,6 +76,12 @@ class BatchMetrics(VllmRequestMetrics):
             "Sequences decoded together in one forward pass (one observation per step).",
             self.label,
             buckets=BATCH_SIZE_BUCKETS,
+            registry=self.registry,
+        ).labels(**self.values)
+        self.prefills = Counter(
+            "sage:engine_prefills",
+            "Prefill forward passes; each admits one or more waiting requests into the batch.",
+            self.label,
             registry=self.registry,
         ).labels(**self.values)
 
@@ -234,6 +240,8 @@ class BatchRunner:
                     metrics.ttft.observe(now - job.clock.arrival)
                     metrics.prompt_tokens.inc(len(generation.prompt_ids))
             metrics.generation_tokens.inc(step.sampled)
+            if step.sampled > step.decoded:
+                metrics.prefills.inc()
             if step.decoded:
                 metrics.batch_size.observe(step.decoded)
             with self._cond:
