@@ -386,7 +386,9 @@ def profile_in_process(model: Path, device: str, args: Any) -> None:
     profiler.enable()
     ours()
     profiler.disable()
-    pstats.Stats(profiler).sort_stats("tottime").print_stats(14)
+    stats = pstats.Stats(profiler)
+    stats.sort_stats("tottime").print_stats(25)
+    stats.sort_stats("cumulative").print_stats("sage/engines", 15)
 
 
 def main() -> int:
@@ -407,6 +409,7 @@ def main() -> int:
     parser.add_argument(
         "--profile", action="store_true", help="first: in-process step vs generate, cProfile"
     )
+    parser.add_argument("--profile-only", action="store_true", help="--profile, then stop")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -428,8 +431,10 @@ def main() -> int:
         model = Path(tempfile.mkdtemp(prefix="batching-")) / args.shape
         build(model, args.shape, args.tokenizer)
 
-    if args.profile:
+    if args.profile or args.profile_only:
         profile_in_process(model, device, args)
+        if args.profile_only:
+            return 0
     old_package = args.old_engine
     if old_package is None and args.old_rev:
         old_package = old_engine_from_git(args.old_rev)
