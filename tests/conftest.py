@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 import pytest
 
@@ -136,3 +137,18 @@ def integration_fixtures() -> Any:
     sys.modules[name] = module  # its dataclasses look themselves up there
     spec.loader.exec_module(module)
     return module
+
+
+async def served_by_engine(urls: dict[str, str]) -> dict[str, float]:
+    """Finished requests per engine (id -> base URL), from each engine's own
+    vllm:request_success_total: which engine served a request, as the engine saw it."""
+    counts: dict[str, float] = {}
+    async with httpx.AsyncClient(timeout=10) as http:
+        for engine_id, url in urls.items():
+            text = (await http.get(url + "/metrics")).text
+            counts[engine_id] = sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith("vllm:request_success_total")
+            )
+    return counts

@@ -15,11 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sage.common.config.settings import SageSettings
+from tests.conftest import served_by_engine
 
 
 @pytest.fixture
@@ -32,20 +32,6 @@ def settings(tmp_path: Path) -> SageSettings:
         scheduler_routing="round_robin",
         scheduler_scrape_interval_s=0.2,
     )
-
-
-async def _served(urls: dict[str, str]) -> dict[str, float]:
-    """Finished requests per engine, from vllm:request_success_total."""
-    counts: dict[str, float] = {}
-    async with httpx.AsyncClient(timeout=10) as http:
-        for engine_id, url in urls.items():
-            text = (await http.get(url + "/metrics")).text
-            counts[engine_id] = sum(
-                float(line.rsplit(" ", 1)[1])
-                for line in text.splitlines()
-                if line.startswith("vllm:request_success_total")
-            )
-    return counts
 
 
 def _capacity(text: str, engine_id: str) -> float:
@@ -84,9 +70,9 @@ async def test_queued_requests_go_to_the_engine_that_frees_first(
         if all(1 <= c <= 2 for c in measured.values()) or time.monotonic() > deadline:
             break
 
-    before = await _served(urls)
+    before = await served_by_engine(urls)
     await wave(16)
-    after = await _served(urls)
+    after = await served_by_engine(urls)
     served = {e: after[e] - before[e] for e in urls}
     assert sum(served.values()) == 16
     # Arrival-time round robin gives 8 / 8; at dequeue the slow engine gets about one

@@ -8,10 +8,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from sage.common.config.settings import SageSettings
+from tests.conftest import served_by_engine
 
 
 @pytest.fixture
@@ -29,20 +29,6 @@ def settings(tmp_path: Path, routing: str) -> SageSettings:
         disable_nvml=True,
         scheduler_routing=routing,
     )
-
-
-async def _served(urls: dict[str, str]) -> dict[str, float]:
-    """Finished requests per engine, from vllm:request_success_total."""
-    counts: dict[str, float] = {}
-    async with httpx.AsyncClient(timeout=10) as http:
-        for engine_id, url in urls.items():
-            text = (await http.get(url + "/metrics")).text
-            counts[engine_id] = sum(
-                float(line.rsplit(" ", 1)[1])
-                for line in text.splitlines()
-                if line.startswith("vllm:request_success_total")
-            )
-    return counts
 
 
 async def _engines(
@@ -70,14 +56,14 @@ async def test_session_affinity_keeps_a_session_on_one_engine(
     homes: dict[str, set[str]] = {}
     for round_ in range(4):
         for session in ("alice", "bob", "carol", "dave", "erin"):
-            before = await _served(urls)
+            before = await served_by_engine(urls)
             resp = await control_plane.client.post(
                 "/v1/chat/completions",
                 json=_chat(f"turn {round_}"),
                 headers={"x-session-id": session},
             )
             assert resp.status_code == 200, resp.text
-            after = await _served(urls)
+            after = await served_by_engine(urls)
             served = [e for e in urls if after[e] > before[e]]
             assert len(served) == 1
             homes.setdefault(session, set()).update(served)
@@ -98,7 +84,7 @@ async def test_least_loaded_spreads_concurrent_slow_requests_evenly(
     control_plane: Any, sim_engine: Callable[..., str]
 ) -> None:
     urls = await _engines(control_plane, sim_engine, "--tpot-ms", "20")
-    before = await _served(urls)
+    before = await served_by_engine(urls)
 
     async def send(i: int) -> None:
         resp = await control_plane.client.post(
@@ -107,7 +93,7 @@ async def test_least_loaded_spreads_concurrent_slow_requests_evenly(
         assert resp.status_code == 200, resp.text
 
     await asyncio.gather(*(send(i) for i in range(9)))
-    after = await _served(urls)
+    after = await served_by_engine(urls)
     assert sorted(after[e] - before[e] for e in urls) == [3, 3, 3]
 
 
@@ -117,7 +103,7 @@ async def test_prefix_aware_sends_a_shared_prompt_prefix_to_one_engine(
 ) -> None:
     urls = await _engines(control_plane, sim_engine)
     system = "You are a terse assistant who answers in one word. " * 8
-    before = await _served(urls)
+    before = await served_by_engine(urls)
     for i in range(6):
         body = {
             "model": "sim",
@@ -129,5 +115,5 @@ async def test_prefix_aware_sends_a_shared_prompt_prefix_to_one_engine(
         }
         resp = await control_plane.client.post("/v1/chat/completions", json=body)
         assert resp.status_code == 200, resp.text
-    after = await _served(urls)
+    after = await served_by_engine(urls)
     assert sorted(after[e] - before[e] for e in urls) == [0, 0, 6]
