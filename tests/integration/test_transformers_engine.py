@@ -315,7 +315,7 @@ async def test_concurrent_streams_are_decoded_together_with_their_greedy_answers
     """Four streams run in one batch (the engine's gauge says 4), and each gets, token for
     token, what it gets alone; prompts of different lengths make the batch pad its rows."""
     prompts = ["hello", "a longer prompt about what batching does", "x y", "one two three four"]
-    max_tokens = 800  # long enough that all four are still decoding when the gauge is read
+    max_tokens = 400  # long enough that all four are still decoding when the gauge is read
     body = {"model": NAME, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
     expected = []
     for prompt in prompts:
