@@ -120,6 +120,10 @@ ALLOWED_ARGS: dict[str, dict[str, Arity]] = {
     "transformers": {
         "--dtype": V,
         "--max-tokens-default": V,
+        "--max-num-seqs": V,
+        "--kv-budget-tokens": V,
+        "--waiting-served-ratio": V,
+        "--max-waiting-steps": V,
         "--served-model-name": NS,
         "--log-level": V,
     },

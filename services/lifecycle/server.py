@@ -63,8 +63,8 @@ def engine_pb(record: EngineRecord, node_id: str = "") -> common_pb2.Engine:
         port=record.port,
         # The scheduler caps in-flight requests at the engine's own concurrency.
         labels=(
-            {**spec.labels, "max_concurrent_requests": str(spec.concurrency)}
-            if spec.concurrency > 0
+            {**spec.labels, "max_concurrent_requests": str(concurrency)}
+            if (concurrency := spec.declared_concurrency(record.backend)) > 0
             else spec.labels
         ),
         label=spec.label,

@@ -13,6 +13,11 @@ _BAD_MODEL_CHARS = re.compile(r"[;&|`$<>(){}!*?\"'\\\s\x00-\x1f]")
 
 KINDS = ("llm", "embedding")
 _CONCURRENCY_FLAGS = ("--max-num-seqs", "--max-concurrent-requests")
+# Backends whose concurrency lifecycle declares when the spec does not: our transformers
+# engine holds new requests back until enough wait to prefill together, so its gauges show
+# requests waiting below its limit and the scheduler could not measure it (its default
+# --max-num-seqs).
+DEFAULT_DECLARED_CONCURRENCY = {"transformers": 64}
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,10 @@ class EngineSpec:
             if value.isascii() and value.isdigit() and 0 < int(value) < 1_000_000:
                 return int(value)
         return 0
+
+    def declared_concurrency(self, backend: str) -> int:
+        """What lifecycle tells the scheduler the engine runs at once (0: let it measure)."""
+        return self.concurrency or DEFAULT_DECLARED_CONCURRENCY.get(backend, 0)
 
     @property
     def gpus_needed(self) -> int:

@@ -15,15 +15,15 @@ from sage.common.exceptions import InvalidRequestError, ModelNotFoundError, NotF
 # it runs at once (vLLM's and the sim's --max-num-seqs, TEI's --max-concurrent-requests).
 CONCURRENCY_LABEL = "max_concurrent_requests"
 # Each backend's concurrency when the registration does not say: the engine's own default
-# (vLLM's max_num_seqs is 256; our transformers engine generates one request at a time, a
-# few more keep it busy between requests). Anything else counts as vLLM-like.
+# (vLLM's max_num_seqs is at most 256 on most hardware; our transformers engine decodes up
+# to 64 sequences together). Anything else counts as vLLM-like.
 BACKEND_CONCURRENCY = {
     "vllm": 256,
     "sim": 256,
     "tei": 512,
     "infinity": 256,
     "embedding": 64,
-    "transformers": 4,
+    "transformers": 64,
 }
 DEFAULT_CONCURRENCY = 256
 

@@ -70,6 +70,8 @@ class TransformersBackend:
         ]
         if spec.max_model_len > 0:
             argv += ["--max-model-len", str(spec.max_model_len)]
+        if spec.max_concurrent_requests > 0:
+            argv += ["--max-num-seqs", str(spec.max_concurrent_requests)]
         argv += list(spec.extra_args)
         return LaunchPlan(argv=argv, env=gpu_env(gpu_ids), health_path="/health")
 

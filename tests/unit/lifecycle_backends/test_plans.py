@@ -390,3 +390,15 @@ def test_spec_concurrency_comes_from_the_field_or_the_engines_own_flag() -> None
     assert EngineSpec("m", extra_args=("--max-num-seqs", "8")).concurrency == 8
     assert EngineSpec("m", extra_args=("--max_num_seqs=12",)).concurrency == 12
     assert EngineSpec("m", extra_args=("--max-concurrent-requests", "x")).concurrency == 0
+
+
+def test_transformers_engines_are_declared_at_their_batch_limit() -> None:
+    # Their gauges show requests waiting to join a batch below the limit, so the scheduler
+    # must not measure them: lifecycle declares the engine's --max-num-seqs.
+    from sage.services.lifecycle.spec import EngineSpec
+
+    assert EngineSpec("m").declared_concurrency("transformers") == 64
+    assert EngineSpec("m", max_concurrent_requests=8).declared_concurrency("transformers") == 8
+    assert EngineSpec("m").declared_concurrency("vllm") == 0  # measured from its gauges
+    plan = BACKENDS["transformers"].plan(EngineSpec("m", max_concurrent_requests=8), 8001, [])
+    assert plan.argv[plan.argv.index("--max-num-seqs") + 1] == "8"
