@@ -58,6 +58,17 @@ def stream_shape(body: str) -> list[Any]:
     return shapes
 
 
+def split_middle(shapes: list[Any]) -> tuple[list[Any], list[Any]]:
+    """(middle chunks: after the first, with choices and no finish_reason; the others)."""
+
+    def middle(chunk: Any) -> bool:
+        choices: list[Any] = chunk.get("choices") or [] if isinstance(chunk, dict) else []
+        return bool(choices) and all(c.get("finish_reason") == "null" for c in choices)
+
+    inner = [s for s in shapes[1:] if middle(s)]
+    return inner, shapes[:1] + [s for s in shapes[1:] if not middle(s)]
+
+
 @dataclass
 class Pair:
     """The same engine API twice: the sim and real vLLM, each with its key."""
@@ -136,9 +147,15 @@ def test_replies_and_streams(pair: Pair, path: str, body: dict[str, Any]) -> Non
         assert sim.status_code == real.status_code == 200
         assert sse(sim.text)[-1] == sse(real.text)[-1] == "[DONE]"
         sim_shapes, real_shapes = stream_shape(sim.text), stream_shape(real.text)
-        assert sim_shapes == real_shapes, (
-            f"{path} stream_options={options}:\nsim  {sim_shapes}\nreal {real_shapes}"
-        )
+        what = f"{path} stream_options={options}:\nsim  {sim_shapes}\nreal {real_shapes}"
+        # On a busy host vLLM sends the tokens ready together as one chunk, so a stream of
+        # 5 tokens may have no chunk between its first and its last: middle chunks are
+        # compared only when both streams have some.
+        sim_middle, sim_ends = split_middle(sim_shapes)
+        real_middle, real_ends = split_middle(real_shapes)
+        assert sim_ends == real_ends, what
+        if sim_middle and real_middle:
+            assert sim_middle == real_middle, what
 
 
 ERROR_CASES = [
