@@ -323,7 +323,19 @@ class SchedulerMetrics(Collector):
             slo.add_metric((summary.model,), summary.slo_attainment)
             rps.add_metric((summary.model,), summary.rps)
             tps.add_metric((summary.model,), summary.tokens_per_s)
+        # The ratio above covers the scheduler's whole life; these counters let alerts and
+        # dashboards take it over a window: rate(met) / rate(met + missed).
+        outcomes = CounterMetricFamily(
+            "sage:scheduler_slo_requests",
+            "Finished requests with a deadline, by model and whether they met it.",
+            labels=["model", "outcome"],
+        )
+        for model, window in sorted(self._models.items()):
+            if window.slo_total:
+                outcomes.add_metric((model, "met"), float(window.slo_met))
+                outcomes.add_metric((model, "missed"), float(window.slo_total - window.slo_met))
         yield slo
+        yield outcomes
         yield rps
         yield tps
         if self.breakers is not None:

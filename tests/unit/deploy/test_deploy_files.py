@@ -62,6 +62,10 @@ GRPC_DESCRIPTORS = {
     "gpu_manager": gpu_manager_pb2.DESCRIPTOR,
     "embedding": embedding_pb2.DESCRIPTOR,
 }
+# Images of others in compose: checked for what they mount, not run through our parsers.
+OBSERVABILITY = ("prometheus", "grafana")
+THIRD_PARTY = ("envoy", *OBSERVABILITY)
+OBSERVABILITY_DIR = ROOT / "deploy" / "observability"
 KNOWN_SAGE_VARS = (
     {f"SAGE_{name.upper()}" for name in SageSettings.model_fields}
     | {f"SAGE_GPU_{name.upper()}" for name in GpuManagerOptions.model_fields}
@@ -249,9 +253,9 @@ def test_compose_services_commands_and_env(
         for dep in svc.get("depends_on") or {}:
             assert dep in services, f"{name} depends on unknown {dep}"
         assert "healthcheck" in svc, f"{name} has no healthcheck"
-        command = svc["command"]
-        if name == "envoy":
+        if name in THIRD_PARTY:
             continue
+        command = svc["command"]
         module, args = command[0], command[1:]
         if name in PORT_FIELD:
             assert module == f"sage.services.{name}", name
@@ -278,7 +282,9 @@ def test_compose_gpu_node_agents_request_gpus(compose: dict[str, Any]) -> None:
         assert "deploy" not in compose["services"][name], f"{name} should not hold GPUs"
     published = compose["services"]["envoy"]["ports"]
     for name, svc in compose["services"].items():
-        if name != "envoy":
+        if name in OBSERVABILITY:  # operators' consoles: host loopback only
+            assert all(str(p).startswith("127.0.0.1:") for p in svc["ports"]), name
+        elif name != "envoy":
             assert "ports" not in svc, f"only envoy is published, not {name}"
     assert f"{SagePorts.GATEWAY_DEFAULT}:{SagePorts.GATEWAY_DEFAULT}" in published
     # The internal gRPC entry stays on host loopback.
@@ -355,6 +361,57 @@ def test_envoy_routes_every_grpc_service_to_the_compose_service(
             assert grpc_routes[matching[0]] == package, service.full_name
     sage_prefixes = [p for p in grpc_routes if p.startswith("/sage.")]
     assert len(sage_prefixes) == len(GRPC_DESCRIPTORS)
+
+
+def _mounts(svc: dict[str, Any]) -> dict[str, Path]:
+    """Container path -> host file of a service's bind mounts (relative to deploy/compose)."""
+    out: dict[str, Path] = {}
+    for volume in svc["volumes"]:
+        source, target = volume.split(":")[:2]
+        if source.startswith("."):
+            out[target] = (COMPOSE_DIR / source).resolve()
+    return out
+
+
+def test_compose_prometheus_scrapes_the_edge_with_the_shipped_rules(
+    compose: dict[str, Any],
+) -> None:
+    services = compose["services"]
+    prometheus = services["prometheus"]
+    mounts = _mounts(prometheus)
+    config_flag = next(a for a in prometheus["command"] if a.startswith("--config.file="))
+    config_path = mounts[config_flag.split("=", 1)[1]]
+    assert config_path == OBSERVABILITY_DIR / "prometheus.yml"
+    config = yaml.safe_load(config_path.read_text())
+    # Every rule file resolves, inside the container, to a mounted file of ours.
+    container_dir = Path(config_flag.split("=", 1)[1]).parent
+    for rule_file in config["rule_files"]:
+        host = mounts[str(container_dir / rule_file)]
+        assert host.parent == OBSERVABILITY_DIR and host.exists(), rule_file
+    edge_command = services["edge"]["command"]
+    edge_port = edge_command[edge_command.index("--port") + 1]
+    [sage_job] = [job for job in config["scrape_configs"] if job["job_name"] == "sage"]
+    assert sage_job["metrics_path"] == "/metrics"
+    assert sage_job["static_configs"][0]["targets"] == [f"edge:{edge_port}"]
+    assert "edge" in prometheus["depends_on"]
+
+
+def test_compose_grafana_provisions_the_datasource_and_dashboards(
+    compose: dict[str, Any],
+) -> None:
+    grafana = compose["services"]["grafana"]
+    mounts = _mounts(grafana)
+    provisioning = mounts["/etc/grafana/provisioning"]
+    datasources = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())
+    [datasource] = datasources["datasources"]
+    assert datasource["type"] == "prometheus" and datasource["isDefault"]
+    assert datasource["url"] == "http://prometheus:9090"
+    assert "127.0.0.1:9090:9090" in compose["services"]["prometheus"]["ports"]
+    providers = yaml.safe_load((provisioning / "dashboards" / "sage.yml").read_text())
+    [provider] = providers["providers"]
+    dashboards = mounts[provider["options"]["path"]]
+    assert dashboards == OBSERVABILITY_DIR / "grafana" / "dashboards"
+    assert sorted(p.name for p in dashboards.glob("*.json")) == ["sage-llm.json"]
 
 
 # --- systemd -------------------------------------------------------------------------------

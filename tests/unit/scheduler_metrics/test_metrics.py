@@ -79,6 +79,10 @@ def test_slo_attainment(metrics: SchedulerMetrics, clock: Clock) -> None:
     )
     assert metrics.slo_attainment("m") == pytest.approx(1 / 3)
     assert metrics.summaries()[0].slo_attainment == pytest.approx(1 / 3)
+    text = metrics.render().decode()
+    # Counters too, so alerts can take the attainment over a window rather than a lifetime.
+    assert 'sage:scheduler_slo_requests_total{model="m",outcome="met"} 1.0' in text
+    assert 'sage:scheduler_slo_requests_total{model="m",outcome="missed"} 2.0' in text
 
 
 def test_predict_is_the_recent_median_and_zero_when_unknown(metrics: SchedulerMetrics) -> None:
