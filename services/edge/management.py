@@ -182,16 +182,23 @@ def start_request(doc: dict[str, Any]) -> lifecycle_pb2.StartEngineRequest:
     unknown = sorted(set(doc) - _START_FIELDS)
     if unknown:
         raise InvalidRequestError(f"unknown field(s): {', '.join(unknown)}", param=unknown[0])
+    # Each alias pair (model_id/model, engine_kind/kind, engine_label/label) is checked in
+    # full: the first name wins, but a broken second one is a 400, not silently ignored.
+    for key in ("model_id", "model"):
+        if key in doc and (not isinstance(doc[key], str) or not doc[key].strip()):
+            raise InvalidRequestError(f"{key} must be a non-empty string", param=key)
     model = doc.get("model_id", doc.get("model"))
-    if not isinstance(model, str) or not model.strip():
+    if not isinstance(model, str):
         raise InvalidRequestError("model_id is required", param="model_id")
+    for key in ("engine_kind", "kind"):
+        if key in doc and doc[key] not in ("llm", "embedding"):
+            raise InvalidRequestError(
+                f"{key} must be llm or embedding, got {doc[key]!r}", param=key
+            )
     kind = doc.get("engine_kind", doc.get("kind", "llm"))
-    if kind not in ("llm", "embedding"):
-        raise InvalidRequestError(
-            f"engine_kind must be llm or embedding, got {kind!r}", param="engine_kind"
-        )
     backend = _string(doc, "backend")
-    label = _string(doc, "engine_label") if "engine_label" in doc else _string(doc, "label")
+    labels = _string(doc, "engine_label"), _string(doc, "label")
+    label = labels[0] if "engine_label" in doc else labels[1]
     engine_id = _string(doc, "engine_id")
     metadata = doc.get("metadata")
     if metadata is None:

@@ -857,7 +857,7 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
                 "201",
                 "Engine",
                 body="RegisterEngineRequest",
-                errors=(400, 409, 415),
+                errors=(400, 404, 409, 415),  # 404: no node of that name
             )
         },
         "/v1/management/engines/prune": {

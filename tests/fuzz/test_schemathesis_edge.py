@@ -1,15 +1,25 @@
 """Schemathesis against the live edge: every operation of /openapi.json gets generated
-requests (valid and invalid) with real keys; no 5xx, responses match the document, and
-the edge still answers /health afterwards.
+requests (valid and invalid), with the right key, with none and with a wrong one; every
+built-in schemathesis check runs on every reply (no 5xx, status code, content type, headers
+and body match the document, ...), and afterwards every service still answers and nothing
+logged a traceback.
 
 `SAGE_FUZZ_EXAMPLES` is the total number of cases over all operations (CI default 200;
-`scripts/fuzz_nightly.sh` runs thousands).
+`scripts/fuzz_nightly.sh` runs thousands). `SAGE_FUZZ_REPORT` names a JSON file that gets
+the run's figures: cases per operation, auth mode and status class, failures per check,
+tracebacks logged.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
-from collections.abc import Iterator
+import os
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,23 +27,88 @@ import pytest
 import requests
 import schemathesis
 from hypothesis import HealthCheck, settings
-from schemathesis.specs.openapi.checks import allow_header_conformance
+from schemathesis.checks import CHECKS, load_all_checks
+from schemathesis.core.failures import FailureGroup
+from schemathesis.specs.openapi.checks import allow_header_conformance, positive_data_acceptance
 
 from sage.services.edge.openapi import openapi_document
 
-from .conftest import ADMIN_KEY, API_KEY, FUZZ_EXAMPLES, ThreadedPlane
+from .conftest import ADMIN_KEY, API_KEY, FUZZ_EXAMPLES, SIM_MODEL, ThreadedPlane
 
 DOCUMENT = openapi_document()
-_ALL = schemathesis.openapi.from_dict(DOCUMENT)
-# Starting engines would launch real processes (vLLM, transformers) from random bodies:
-# their body parsing is fuzzed without the side effect in test_properties.py
-# (test_management_start_body_*), register/adopt runs in the fixture, and
-# test_huge_or_broken_inputs_are_4xx sends both routes bad bodies.
-SCHEMA = _ALL.exclude(path="/v1/management/engines", method="POST").exclude(
-    path="/v1/management/engines/register", method="POST"
-)
-OPERATIONS = sum(len(methods) for methods in DOCUMENT["paths"].values()) - 2
-PER_OPERATION = max(5, math.ceil(FUZZ_EXAMPLES / OPERATIONS))
+SCHEMA = schemathesis.openapi.from_dict(DOCUMENT)
+OPERATIONS = sum(len(methods) for methods in DOCUMENT["paths"].values())
+# Most cases carry the right key; a fifth go without a key or with a wrong one.
+PER_OPERATION = max(5, math.ceil(FUZZ_EXAMPLES * 0.8 / OPERATIONS))
+PER_OPERATION_UNAUTHORIZED = max(2, math.ceil(FUZZ_EXAMPLES * 0.2 / OPERATIONS))
+START_PATH = "/v1/management/engines"
+REGISTER_PATH = "/v1/management/engines/register"
+# Operations anyone may call (security is only `{}`): health, the document, static files.
+PUBLIC_PATHS = {
+    path
+    for path, methods in DOCUMENT["paths"].items()
+    if all(op.get("security") == [{}] for op in methods.values())
+}
+
+load_all_checks()
+# Every built-in check schemathesis has (its CLI's `--checks all`), each run on its own so
+# the report counts failures per check.
+CHECK_FUNCTIONS: list[Callable[..., Any]] = [c for c in CHECKS.get_all() if callable(c)]
+
+
+@dataclass
+class Tally:
+    """What the fuzz run did and found; written to SAGE_FUZZ_REPORT at the module's end."""
+
+    cases: Counter[str] = field(default_factory=Counter)  # by auth mode
+    operations: Counter[str] = field(default_factory=Counter)
+    statuses: Counter[str] = field(default_factory=Counter)  # "2xx", "4xx", "5xx"
+    failures: Counter[str] = field(default_factory=Counter)  # failing cases per check
+    examples: dict[str, str] = field(default_factory=dict)  # the first failure per check
+    tracebacks: list[str] = field(default_factory=list)  # log records with exc_info
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "cases": sum(self.cases.values()),
+            "cases_by_auth": dict(self.cases),
+            "operations": len(self.operations),
+            "cases_by_operation": dict(sorted(self.operations.items())),
+            "statuses": dict(sorted(self.statuses.items())),
+            "server_errors": self.statuses.get("5xx", 0),
+            "checks": [c.__name__ for c in CHECK_FUNCTIONS],
+            "failures_by_check": {c.__name__: self.failures[c.__name__] for c in CHECK_FUNCTIONS},
+            "failure_examples": self.examples,
+            "tracebacks_logged": len(self.tracebacks),
+            "traceback_examples": self.tracebacks[:5],
+        }
+
+
+class _TracebackCounter(logging.Handler):
+    """Counts ERROR records with an exception attached (an unhandled error somewhere)."""
+
+    def __init__(self, into: list[str]) -> None:
+        super().__init__(logging.ERROR)
+        self.into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info is not None or record.exc_text:
+            self.into.append(f"{record.name}: {record.getMessage()[:300]}")
+
+
+@pytest.fixture(scope="module")
+def tally() -> Iterator[Tally]:
+    """The module's figures; tracebacks logged in this process (edge and gRPC services)."""
+    result = Tally()
+    handler = _TracebackCounter(result.tracebacks)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield result
+    finally:
+        root.removeHandler(handler)
+        report = os.environ.get("SAGE_FUZZ_REPORT")
+        if report:
+            Path(report).write_text(json.dumps(result.summary(), indent=2) + "\n")
 
 
 def _integral_floats_to_ints(value: Any) -> Any:
@@ -60,12 +135,57 @@ def _auth_for(path: str) -> str:
     return f"Bearer {ADMIN_KEY if path.startswith('/v1/management') else API_KEY}"
 
 
+def _wrong_auth_for(path: str) -> str:
+    """A tenant key on admin routes (403), an unknown key elsewhere (401)."""
+    return f"Bearer {API_KEY if path.startswith('/v1/management') else 'not-a-key-0123456789'}"
+
+
 @pytest.fixture(scope="module")
 def session() -> Iterator[requests.Session]:
     """One keep-alive HTTP session for every generated case."""
     with requests.Session() as http:
         http.trust_env = False
         yield http
+
+
+def _fuzz_case(
+    case: Any,
+    plane: ThreadedPlane,
+    http: requests.Session,
+    tally: Tally,
+    auth: str,
+    headers: dict[str, str],
+) -> int:
+    """Send `case`, run every check on the reply, count; raise the failures found."""
+    if not _is_negative(case) and isinstance(case.body, dict):
+        case.body = _integral_floats_to_ints(case.body)
+    # Random bodies must not launch engines (vLLM, transformers): a dry run goes through the
+    # same parsing, validation and placement and starts nothing.
+    starts = case.path == START_PATH and case.method == "POST" and isinstance(case.body, dict)
+    if starts and isinstance(case.body.get("dry_run", False), bool):
+        case.body["dry_run"] = True
+    response = case.call(base_url=plane.base_url, session=http, headers=headers, timeout=30)
+    tally.cases[auth] += 1
+    tally.operations[f"{case.method} {case.path}"] += 1
+    tally.statuses[f"{response.status_code // 100}xx"] += 1
+    # The router serves /engines/{id} and /engines/{id}/logs from one prefix route, so a
+    # 405 on .../logs lists DELETE too (DELETE there answers 404); a known router limit.
+    excluded = [allow_header_conformance] if case.path.endswith("/logs") else []
+    if case.path == REGISTER_PATH:  # a valid body is still refused without an engine there
+        excluded.append(positive_data_acceptance)
+    errors: list[str] = []
+    for check in CHECK_FUNCTIONS:
+        if check in excluded:
+            continue
+        try:
+            case.validate_response(response, checks=[check])
+        except FailureGroup as exc:
+            tally.failures[check.__name__] += 1
+            tally.examples.setdefault(check.__name__, str(exc)[:2000])
+            errors.append(str(exc))
+    assert response.status_code < 500, (response.status_code, response.text[:500])
+    assert not errors, "\n".join(errors)
+    return int(response.status_code)
 
 
 @SCHEMA.parametrize()
@@ -76,22 +196,32 @@ def session() -> Iterator[requests.Session]:
     derandomize=FUZZ_EXAMPLES <= 500,
 )
 def test_edge_conforms_to_its_openapi(
-    case: Any, threaded_plane: ThreadedPlane, session: requests.Session
+    case: Any, threaded_plane: ThreadedPlane, session: requests.Session, tally: Tally
 ) -> None:
     """Generated requests with real keys: no 5xx, status/content-type/body match the spec."""
-    if not _is_negative(case) and isinstance(case.body, dict):
-        case.body = _integral_floats_to_ints(case.body)
-    response = case.call(
-        base_url=threaded_plane.base_url,
-        session=session,
-        headers={"Authorization": _auth_for(case.path)},
-        timeout=30,
-    )
-    assert response.status_code < 500, (response.status_code, response.text[:500])
-    # The router serves /engines/{id} and /engines/{id}/logs from one prefix route, so a
-    # 405 on .../logs lists DELETE too (DELETE there answers 404); a known router limit.
-    excluded = [allow_header_conformance] if case.path.endswith("/logs") else []
-    case.validate_response(response, excluded_checks=excluded)
+    headers = {"Authorization": _auth_for(case.path)}
+    _fuzz_case(case, threaded_plane, session, tally, "keyed", headers)
+
+
+@SCHEMA.parametrize()
+@settings(
+    max_examples=PER_OPERATION_UNAUTHORIZED,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    derandomize=FUZZ_EXAMPLES <= 500,
+)
+def test_edge_without_a_valid_key_conforms_to_its_openapi(
+    case: Any, threaded_plane: ThreadedPlane, session: requests.Session, tally: Tally
+) -> None:
+    """The same without a key, or with a wrong one (a tenant's on admin routes): 401/403
+    as documented, never 5xx, and nothing reaches a service (no engine starts)."""
+    wrong = tally.cases["unauthorized"] % 2 == 1  # alternate: no key, wrong key
+    headers = {"Authorization": _wrong_auth_for(case.path)} if wrong else {}
+    status = _fuzz_case(case, threaded_plane, session, tally, "unauthorized", headers)
+    if case.path not in PUBLIC_PATHS:
+        # Only the router (405) and the content-type gate (415) may answer before the key is
+        # checked; a 400, 404 or 2xx would mean the request went further.
+        assert status in (401, 403, 405, 415), (case.method, case.path, status)
 
 
 def test_served_document_is_the_fuzzed_one(threaded_plane: ThreadedPlane) -> None:
@@ -156,16 +286,68 @@ def test_huge_or_broken_inputs_are_4xx(
     assert len(reply.json()["error"]["message"]) < 5000
 
 
-def test_edge_healthy_after_fuzzing(threaded_plane: ThreadedPlane) -> None:
-    """Runs after the fuzz cases of this module: the edge and its engine still serve."""
-    health = httpx.get(f"{threaded_plane.base_url}/health", trust_env=False, timeout=10)
-    assert health.status_code == 200 and health.json()["status"] == "ok"
-    chat = httpx.post(
-        f"{threaded_plane.base_url}/v1/chat/completions",
-        json={"model": "sim-fuzz", "messages": [{"role": "user", "content": "hi"}]},
-        headers={"Authorization": f"Bearer {API_KEY}"},
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model_id": "sim", "engine_label": None, "label": {}}, "label"),
+        ({"model_id": "sim", "model": 5}, "model"),
+        ({"model_id": "sim", "engine_kind": "llm", "kind": "chat"}, "kind"),
+    ],
+)
+def test_start_checks_both_names_of_an_alias(
+    threaded_plane: ThreadedPlane, body: dict[str, Any], param: str
+) -> None:
+    """Found by the deep fuzz run: with both names of a field given (label/engine_label,
+    ...), the second was never checked, so `"label": {}` started (here: placed) an engine."""
+    reply = httpx.post(
+        f"{threaded_plane.base_url}{START_PATH}",
+        json={**body, "backend": "sim", "dry_run": True},
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
         trust_env=False,
         timeout=30,
     )
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["param"] == param
+
+
+def test_register_on_an_unknown_node_is_a_documented_404(threaded_plane: ThreadedPlane) -> None:
+    """Found by the deep fuzz run: the 404 (no such node) was missing from the document."""
+    reply = httpx.post(
+        f"{threaded_plane.base_url}{REGISTER_PATH}",
+        json={"model_id": SIM_MODEL, "base_url": threaded_plane.sim_url, "node": "nowhere"},
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+        trust_env=False,
+        timeout=30,
+    )
+    assert reply.status_code == 404, reply.text
+    assert reply.json()["error"]["code"] == "node_not_found"
+    assert "404" in DOCUMENT["paths"][REGISTER_PATH]["post"]["responses"]
+
+
+def test_edge_healthy_after_fuzzing(
+    threaded_plane: ThreadedPlane, module_sim_engine: Callable[..., str], tally: Tally
+) -> None:
+    """Runs after the fuzz cases of this module: every service still answers, the engine
+    process never died, its engine is still routed, and nothing logged a traceback."""
+    base = threaded_plane.base_url
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    with httpx.Client(trust_env=False, timeout=30) as client:
+        health = client.get(f"{base}/health")
+        assert health.status_code == 200 and health.json()["status"] == "ok"
+        status = client.get(f"{base}/v1/management/status", headers=admin)  # every service
+        assert status.status_code == 200, status.text
+        engine = client.get(f"{base}/v1/management/engines/sim-fuzz-1", headers=admin)
+        assert engine.status_code == 200 and engine.json()["status"] == "RUNNING", engine.text
+        chat = client.post(
+            f"{base}/v1/chat/completions",
+            json={"model": SIM_MODEL, "messages": [_HI]},
+            headers={"Authorization": f"Bearer {API_KEY}"},
+        )
     assert chat.status_code == 200, chat.text
     assert chat.json()["choices"][0]["message"]["content"]
+    sims = module_sim_engine.procs  # type: ignore[attr-defined]
+    assert sims and all(proc.poll() is None for proc in sims), "the sim engine died"
+    for log in module_sim_engine.log_dir.glob("*.log"):  # type: ignore[attr-defined]
+        text = log.read_text(errors="replace")
+        tally.tracebacks.extend(f"{log.name}: traceback" for _ in range(text.count("Traceback")))
+    assert not tally.tracebacks, tally.tracebacks[:5]
