@@ -61,7 +61,9 @@ done
 export SAGE_FUZZ_EXAMPLES="$examples"
 export SAGE_FUZZ_PROFILE="${SAGE_FUZZ_PROFILE:-nightly}"
 export SAGE_FUZZ_REPORT="$report"
-command=(python -m pytest tests/fuzz -q -p no:cacheprovider -o "timeout=$timeout_s" "${pytest_args[@]}")
+python=python # the project's venv (scripts/test.sh makes it) unless there is none
+if [[ -x "${SAGE_VENV:-.venv}/bin/python" ]]; then python="${SAGE_VENV:-.venv}/bin/python"; fi
+command=("$python" -m pytest tests/fuzz -q -p no:cacheprovider -o "timeout=$timeout_s" "${pytest_args[@]}")
 if [[ -n "${SAGE_FUZZ_DRY_RUN:-}" ]]; then # the argument handling's test: say, run nothing
     echo "SAGE_FUZZ_EXAMPLES=$SAGE_FUZZ_EXAMPLES SAGE_FUZZ_PROFILE=$SAGE_FUZZ_PROFILE SAGE_FUZZ_REPORT=$SAGE_FUZZ_REPORT ${command[*]}"
     exit 0
@@ -72,7 +74,7 @@ rm -f "$report"
 started=$(date +%s)
 rc=0
 "${command[@]}" || rc=$?
-python - "$report" "$rc" "$(($(date +%s) - started))" "$examples" <<'EOF'
+"$python" - "$report" "$rc" "$(($(date +%s) - started))" "$examples" <<'EOF'
 import json
 import sys
 from pathlib import Path
