@@ -233,13 +233,23 @@ def engine_command(package: Path | None) -> list[str]:
     return [sys.executable, "-c", code]
 
 
-def batch_steps(base: str) -> tuple[float, float, float] | None:
-    """(decode steps, sequences decoded, prefill passes) so far; None for an engine without
-    these metrics (the old one)."""
-    count = metric(base, "sage:engine_batch_size_count")
-    total = metric(base, "sage:engine_batch_size_sum")
-    prefills = metric(base, "sage:engine_prefills_total")
-    return (count[0][1], total[0][1], prefills[0][1]) if count and total and prefills else None
+def batch_steps(base: str) -> tuple[float, float, float, float, float] | None:
+    """(decode steps, sequences decoded, prefill passes, engine steps, seconds in steps) so
+    far; None for an engine without these metrics (the old one)."""
+    figures = [
+        metric(base, name)
+        for name in (
+            "sage:engine_batch_size_count",
+            "sage:engine_batch_size_sum",
+            "sage:engine_prefills_total",
+            "sage:engine_step_seconds_count",
+            "sage:engine_step_seconds_sum",
+        )
+    ]
+    if not all(figures):
+        return None
+    count, total, prefills, steps, busy = (f[0][1] for f in figures)
+    return count, total, prefills, steps, busy
 
 
 def run_engine(
@@ -287,6 +297,10 @@ def run_engine(
                 extra_figures["mean_batch"] = round(mean, 1)
                 extra_figures["decode_steps"] = int(after[0] - before[0])
                 extra_figures["prefills"] = int(after[2] - before[2])
+                # Where the time went: in steps (ms each) vs the thread waiting for work.
+                steps, busy = after[3] - before[3], after[4] - before[4]
+                extra_figures["step_ms"] = round(1000 * busy / max(steps, 1), 2)
+                extra_figures["busy"] = round(busy / seconds, 3)
             rows.append(Row(name, requests, tokens, seconds, texts, extra_figures))
             print(
                 f"  {name}: {requests} requests, {tokens} tokens in {seconds:.2f}s = "

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 # Sequences per decode pass: powers of two up to vLLM's default max_num_seqs.
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+STEP_SECONDS_BUCKETS = (0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 1.0)
 
 
 class BatchedModel(Protocol):
@@ -76,6 +77,14 @@ class BatchMetrics(VllmRequestMetrics):
             "Sequences decoded together in one forward pass (one observation per step).",
             self.label,
             buckets=BATCH_SIZE_BUCKETS,
+            registry=self.registry,
+        ).labels(**self.values)
+        self.step_seconds = Histogram(
+            "sage:engine_step_seconds",
+            "Wall time of one engine step (prefill of newcomers, if any, plus one decode pass);"
+            " its sum over a run against the run's length is how busy the generation thread was.",
+            self.label,
+            buckets=STEP_SECONDS_BUCKETS,
             registry=self.registry,
         ).labels(**self.values)
         self.prefills = Counter(
@@ -220,6 +229,7 @@ class BatchRunner:
             if not admitted and not self._running:
                 continue
             self._steps += 1
+            started = time.perf_counter()
             try:
                 step = self.model.step(admitted)
             except Exception as exc:  # a failed forward pass (CUDA OOM...) fails its batch
@@ -233,6 +243,7 @@ class BatchRunner:
                 continue
             # Token timings at step resolution: every row of a step gets its token at once.
             metrics, now = self.metrics, time.monotonic()
+            metrics.step_seconds.observe(time.perf_counter() - started)
             for generation in admitted:
                 job = self._running[generation]
                 if generation.produced:
