@@ -7,6 +7,8 @@ here (one dict lookup); their tenant and limits travel to the scheduler, which e
 Closed by default: /v1/management needs the admin key (none configured: 403), /metrics a
 key whenever API keys exist, and requests a web page could send (foreign Host, another
 site's Origin, a non-JSON POST) are refused before routing (sage.common.http.guard).
+The operators' page at /dashboard is static and keyless (dashboard_routes.py); its data
+comes from the admin-keyed management routes.
 A non-streamed request whose client disconnects is cancelled up to the engine.
 """
 
@@ -50,11 +52,13 @@ if TYPE_CHECKING:
     from sage.rpc.scheduler.v1.scheduler_pb2_grpc import SchedulerServiceAsyncStub
 
 from .auth import ApiKey, ApiKeyTable, InvalidApiKeyError, load_key_table
+from .dashboard_routes import Sampler, add_dashboard_routes
 from .management import AdminGate, add_management_routes
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import EdgeMetrics
 from .mux import SchedulerMux
 from .openapi import openapi_document
+from .timeseries import TimeSeries
 from .validation import (
     INT32_MAX,
     ParsedRequest,
@@ -239,9 +243,13 @@ def create_app(
     )
     cors = CorsPolicy.parse(settings.cors_origins)
     guard = BrowserGuard.build(settings.allowed_hosts, (settings.host, bind_host or ""), cors)
+    # The dashboard's chart history, sampled from the scheduler while the edge runs.
+    series = TimeSeries()
+    sampler = Sampler(series, lambda: up().scheduler)
 
     async def startup() -> None:
         holder["up"] = open_upstreams(settings)
+        sampler.start()
         # One line an operator can check the posture by; never the keys themselves.
         log.info(
             "edge auth",
@@ -255,6 +263,7 @@ def create_app(
         )
 
     async def shutdown() -> None:
+        await sampler.stop()
         up = holder.pop("up", None)
         if up is not None:
             await up.close()
@@ -427,5 +436,6 @@ def create_app(
         return Response(docs)
 
     add_management_routes(app, up, admin, settings.rpc_timeout_s)
+    add_dashboard_routes(app, admin, series)
 
     return app

@@ -556,6 +556,92 @@ _SCHEMAS: dict[str, Any] = {
             "count": {"type": "integer"},
         },
     },
+    "TimeSeries": {
+        "type": "object",
+        "description": "The scheduler's numbers sampled by the edge every interval_s seconds "
+        "over the last window_s seconds (the dashboard's charts), plus recent errors.",
+        "required": ["interval_s", "window_s", "samples", "errors"],
+        "properties": {
+            "interval_s": {"type": "number"},
+            "window_s": {"type": "number"},
+            "policy": {"type": ["string", "null"]},
+            "samples": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["t", "queued", "in_flight", "models", "engine_in_flight"],
+                    "properties": {
+                        "t": {"type": "number", "description": "Unix seconds."},
+                        "queued": {"type": "integer"},
+                        "in_flight": {"type": "integer"},
+                        "requests_total": {"type": "integer"},
+                        "requests_failed": {"type": "integer"},
+                        "models": {
+                            "type": "object",
+                            "additionalProperties": {
+                                "type": "object",
+                                "properties": {
+                                    "rps": {"type": "number"},
+                                    "tokens_per_s": {"type": "number"},
+                                    "ttft_p50_ms": {"type": "number"},
+                                    "tpot_p50_ms": {"type": "number"},
+                                    "p95_ms": {"type": "number"},
+                                    "slo_attainment": {"type": "number"},
+                                    "queued": {"type": "integer"},
+                                },
+                            },
+                        },
+                        "engine_in_flight": {
+                            "type": "object",
+                            "additionalProperties": {"type": "number"},
+                        },
+                    },
+                },
+            },
+            "errors": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "t": {"type": "number"},
+                        "source": {"type": "string"},
+                        "message": {"type": "string"},
+                    },
+                },
+            },
+        },
+    },
+    "PresetList": {
+        "type": "object",
+        "description": "Built-in presets; each engine carries the body that starts it with "
+        "POST /v1/management/engines, as `sage llm preset apply` would.",
+        "required": ["presets"],
+        "properties": {
+            "presets": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string"},
+                        "description": {"type": "string"},
+                        "engines": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "properties": {
+                                    "name": {"type": "string"},
+                                    "model_id": {"type": "string"},
+                                    "engine_kind": {"type": "string"},
+                                    "engine_label": {"type": "string"},
+                                    "start": {"type": "object"},
+                                },
+                            },
+                        },
+                    },
+                },
+            }
+        },
+    },
 }
 # RegisterEngineRequest = StartEngineRequest's fields plus base_url, closed to others.
 _SCHEMAS["RegisterEngineRequest"] = {
@@ -711,6 +797,27 @@ def _mgmt(
         security=_ADMIN,
         body=body,
         parameters=parameters,
+    )
+
+
+# The dashboard's static files: served without a key (its data needs the admin key).
+_DASHBOARD_ASSETS = (
+    ("/dashboard", "The operators' dashboard (HTML)", "dashboard", "text/html"),
+    ("/dashboard/app.js", "The dashboard's script", "dashboardScript", "text/javascript"),
+    ("/dashboard/style.css", "The dashboard's stylesheet", "dashboardStyle", "text/css"),
+)
+
+
+def _static_asset(summary: str, operation_id: str, media: str) -> dict[str, Any]:
+    return _operation(
+        summary,
+        operation_id,
+        {
+            "200": {"description": summary, "content": {media: {"schema": {"type": "string"}}}},
+            **_errors(*_BROWSER_ERRORS),
+        },
+        tags=["operations"],
+        security=[{}],
     )
 
 
@@ -925,6 +1032,23 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
         "/v1/management/status": {
             "get": _mgmt("Control-plane status", "getStatus", "200", "ManagementStatus")
         },
+        "/v1/management/timeseries": {
+            "get": _mgmt(
+                "The last minutes of queue, latency and throughput (the dashboard's charts)",
+                "getTimeSeries",
+                "200",
+                "TimeSeries",
+            )
+        },
+        "/v1/management/presets": {
+            "get": _mgmt(
+                "Built-in presets with their start bodies", "listPresets", "200", "PresetList"
+            )
+        },
+        **{
+            path: {"get": _static_asset(summary, operation_id, media)}
+            for path, summary, operation_id, media in _DASHBOARD_ASSETS
+        },
     }
     return {
         "openapi": "3.1.0",
@@ -941,7 +1065,7 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
         "tags": [
             {"name": "inference", "description": "OpenAI-compatible routes."},
             {"name": "management", "description": "Engines, backends, GPUs, status."},
-            {"name": "operations", "description": "Health, metrics, this document."},
+            {"name": "operations", "description": "Health, metrics, this document, the dashboard."},
         ],
         "paths": paths,
         "components": {
