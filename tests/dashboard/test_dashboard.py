@@ -23,6 +23,7 @@ from sage.rpc.scheduler.v1 import scheduler_pb2
 from .conftest import ADMIN_KEY
 
 SCREENSHOTS = os.environ.get("SAGE_DASHBOARD_SCREENSHOTS")
+EMBED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 async def start_engine(plane: Any, **body: Any) -> dict[str, Any]:
@@ -119,8 +120,8 @@ async def test_page_and_data_routes_are_locked_down(plane: Any) -> None:
 
 async def test_dashboard_in_a_browser(plane: Any, browser: Any) -> None:
     """Live engines, queue, charts and GPUs from a running stack; stop, drain and start
-    from the page; 401 and a message without the key; no console errors or failed
-    requests once the key is in."""
+    engines and apply a preset from the page; 401 and a message without the key; no
+    console errors or failed requests once the key is in."""
     sim = await start_engine(plane, model_id="sim", backend="sim", engine_label="chat")
     slow = await start_engine(
         plane,
@@ -128,6 +129,15 @@ async def test_dashboard_in_a_browser(plane: Any, browser: Any) -> None:
         backend="sim",
         max_concurrent_requests=1,
         extra_args=["--tpot-ms", "25"],
+    )
+    # The cpu-demo preset's embedding engine, already running (a sim stands in for
+    # MiniLM): applying the preset from the page keeps it and starts only the chat engine.
+    await start_engine(
+        plane,
+        model_id=EMBED_MODEL,
+        engine_kind="embedding",
+        backend="sim",
+        engine_label="preset:cpu-demo/embed",
     )
 
     # A crash lifecycle recovers from (restarts and recent errors show it), and a GPU
@@ -221,7 +231,7 @@ async def browse(plane: Any, browser: Any, sim: dict[str, Any], slow: dict[str, 
     if SCREENSHOTS:
         await page.screenshot(path=str(Path(SCREENSHOTS) / "dashboard.png"), full_page=True)
 
-    # Actions: drain one engine, stop the other, start a new one, plan a preset.
+    # Actions: drain one engine, stop another, start a new one, plan and apply a preset.
     await page.click(f'button[data-action="drain"][data-engine="{slow["engine_id"]}"]')
     await (
         page.locator("#action-log")
@@ -248,7 +258,17 @@ async def browse(plane: Any, browser: Any, sim: dict[str, Any], slow: dict[str, 
     await page.click("#preset-plan")
     plan = page.locator("#action-log").get_by_text("preset cpu-demo (dry run)")
     await plan.wait_for()
-    assert "would start chat (sim)" in await plan.inner_text()
+    assert "would start chat (sim); keep embed" in await plan.inner_text()
+    await page.click("#preset-apply")
+    applied = page.locator("#action-log").get_by_text("preset cpu-demo: started chat")
+    await applied.wait_for(timeout=30_000)
+    assert "keep embed" in await applied.inner_text()
+    listed = (await plane.client.get("/v1/management/engines")).json()["engines"]
+    by_label = {e["engine_label"]: e for e in listed if e["status"] == "RUNNING"}
+    chat_engine = by_label["preset:cpu-demo/chat"]
+    assert chat_engine["model_id"] == "sim" and chat_engine["metadata"]["preset"] == "cpu-demo"
+    assert by_label["preset:cpu-demo/embed"]["model_id"] == EMBED_MODEL
+    assert len([e for e in listed if e["engine_label"].startswith("preset:")]) == 2
 
     # Forgetting the key locks the page again.
     await page.click("#key-forget")
