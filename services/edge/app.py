@@ -14,6 +14,7 @@ A non-streamed request whose client disconnects is cancelled up to the engine.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import struct
@@ -53,7 +54,8 @@ if TYPE_CHECKING:
 
 from .auth import ApiKey, ApiKeyTable, InvalidApiKeyError, load_key_table
 from .dashboard_routes import Sampler, add_dashboard_routes
-from .management import AdminGate, add_management_routes
+from .fleet_metrics import fleet_metrics
+from .management import AdminGate, NodeLifecycles, add_management_routes
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import EdgeMetrics
 from .mux import SchedulerMux
@@ -414,6 +416,9 @@ def create_app(
             return JSONResponse({"status": "unavailable", "scheduler": str(detail)}, 503)
         return JSONResponse({"status": "ok", "engines_ready": status.engines_ready})
 
+    # Engine states, restarts and GPU headroom of every node, for the same scrape.
+    fleet_lifecycles = NodeLifecycles(up, 1.0)
+
     @app.route("GET", "/metrics")
     async def prometheus(request: Request) -> Response:
         # Tenants, models and engines show in the metrics: behind a key whenever keys exist.
@@ -424,11 +429,13 @@ def create_app(
                 "Authorization: Bearer <key>"
             )
         text = metrics.render()
+        fleet = asyncio.ensure_future(fleet_metrics(fleet_lifecycles))
         try:  # best effort: the edge's own metrics come back even if the scheduler is down
             reply = await up().scheduler.GetMetrics(spb.GetMetricsRequest(), timeout=1.0)
             text += reply.prometheus_text
         except (grpc.RpcError, SageError):
             pass
+        text += await fleet
         return Response(text, content_type=METRICS_CONTENT_TYPE)
 
     @app.route("GET", "/openapi.json")

@@ -117,7 +117,13 @@ async def fleet_metrics(lifecycles: NodeLifecycles) -> bytes:
         except (grpc.RpcError, SageError):
             return []
 
-    listed, nodes = await asyncio.gather(engines(), lifecycles.nodes())
-    if not listed and not nodes:
+    async def nodes() -> list[spb.Node]:
+        try:  # SageError: the edge has no upstreams (not started, or stopping)
+            return await lifecycles.nodes()
+        except SageError:
+            return []
+
+    listed, table = await asyncio.gather(engines(), nodes())
+    if not listed and not table:
         return b""
-    return render_fleet(listed, nodes)
+    return render_fleet(listed, table)

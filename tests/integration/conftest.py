@@ -7,6 +7,8 @@ service's main sets its own), and engines lifecycle starts require their derived
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -105,14 +107,26 @@ async def control_plane(
 
 
 @dataclass
-class FullPlane:
+class FullPlane(ControlPlane):
     """Every service in-process (lifecycle spawns real engine processes) plus the edge."""
 
-    client: httpx.AsyncClient
-    scheduler: Any
     settings: SageSettings
     servers: dict[str, SageServer]
     lifecycle_port: int
+
+    async def wait_engine(
+        self, engine_id: str, ok: Callable[[dict[str, Any]], bool], within_s: float = 30
+    ) -> dict[str, Any]:
+        """The engine's management JSON once `ok` holds for it (AssertionError after
+        `within_s`)."""
+        deadline = time.monotonic() + within_s
+        engine: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            engine = (await self.client.get(f"/v1/management/engines/{engine_id}")).json()
+            if ok(engine):
+                return engine
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"{engine_id}: condition never met: {engine}")
 
     async def restart_lifecycle(self) -> None:
         """Stop lifecycle (its engines keep running) and start a new one on the same state."""

@@ -68,14 +68,8 @@ async def test_start_use_stop_prune_a_sim_engine(full_plane: Any) -> None:
 async def wait_engine(
     plane: Any, engine_id: str, ok: Callable[[dict[str, Any]], bool], within_s: float = 30
 ) -> dict[str, Any]:
-    deadline = time.monotonic() + within_s
-    engine: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        engine = (await plane.client.get(f"/v1/management/engines/{engine_id}")).json()
-        if ok(engine):
-            return engine
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"{engine_id}: condition never met: {engine}")
+    engine: dict[str, Any] = await plane.wait_engine(engine_id, ok, within_s)
+    return engine
 
 
 async def test_killed_engine_is_restarted_then_failed_after_repeated_crashes(
