@@ -24,6 +24,7 @@ from .conftest import ADMIN_KEY
 
 SCREENSHOTS = os.environ.get("SAGE_DASHBOARD_SCREENSHOTS")
 EMBED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+XSS = "<img src=x onerror=\"document.title='pwned'\">"
 
 
 async def start_engine(plane: Any, **body: Any) -> dict[str, Any]:
@@ -243,6 +244,22 @@ async def browse(plane: Any, browser: Any, sim: dict[str, Any], slow: dict[str, 
     await page.locator("#action-log").get_by_text(f"stopped {sim['engine_id']}").wait_for()
     assert await engine_status(plane, sim["engine_id"]) in ("STOPPED", "ABSENT")
     assert not {sim["engine_id"], slow["engine_id"]} & await routed(plane)
+
+    # Text from the API (here an error echoing the model id) is shown as text, never markup.
+    await page.fill("#start-model", XSS)
+    await page.select_option("#start-backend", "sim")
+    await page.click("#start-submit")
+    refused = page.locator("#action-log .failed").first
+    await refused.wait_for()
+    assert "start <img" in await refused.inner_text()
+    assert await page.locator("#action-log img").count() == 0
+    assert await page.title() == "SAGE control plane"
+    assert [a for a in answered if a[0] >= 400] == [(400, f"{base}/v1/management/engines")]
+    # That refusal is the one console line so far (Chrome logs the 400); CSP violations or
+    # script errors from rendering the payload would be more.
+    assert len(console_errors) == 1 and "400" in console_errors[0], console_errors
+    answered.clear()
+    console_errors.clear()
 
     await page.fill("#start-model", "sim-new")
     await page.select_option("#start-backend", "sim")
