@@ -459,7 +459,7 @@ def add_management_routes(
     @route("POST", f"{PREFIX}/engines/prune")
     async def prune(request: Request) -> Response:
         body = await request.body()
-        if body.strip():  # no fields; `{}` is what the CLI sends
+        if body:  # no fields; `{}` is what the CLI sends, whitespace alone is broken JSON
             parse_json_object(body)
         pruned: list[str] = []
         for _, lifecycle in await node_lifecycles.targets():

@@ -331,6 +331,23 @@ def test_register_on_an_unknown_node_is_a_documented_404(threaded_plane: Threade
     assert "404" in DOCUMENT["paths"][REGISTER_PATH]["post"]["responses"]
 
 
+@pytest.mark.parametrize(
+    ("body", "status"), [(b"", 200), (b"{}", 200), (b"\t", 400), (b"\n\n", 400)]
+)
+def test_prune_body_is_nothing_or_json(
+    threaded_plane: ThreadedPlane, body: bytes, status: int
+) -> None:
+    """Found by the deep fuzz run: a whitespace-only JSON body was taken for no body."""
+    reply = httpx.post(
+        f"{threaded_plane.base_url}/v1/management/engines/prune",
+        content=body,
+        headers={"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"},
+        trust_env=False,
+        timeout=30,
+    )
+    assert reply.status_code == status, reply.text
+
+
 def test_edge_healthy_after_fuzzing(
     threaded_plane: ThreadedPlane, module_sim_engine: Callable[..., str], tally: Tally
 ) -> None:
