@@ -306,6 +306,7 @@ class NodeLifecycles:
         if not node_id and len(await self.nodes()) < 2:
             return self._upstreams().lifecycle, None
         gpus = max(1, start.tensor_parallel_size) * max(1, start.pipeline_parallel_size)
+        gpus = min(gpus, INT32_MAX)  # int32 on the wire; no node has that many anyway
         explicit_gpu = start.HasField("use_gpu")
         use_gpu = start.use_gpu if explicit_gpu else start.backend not in _CPU_BACKENDS
         scheduler = self._upstreams().scheduler

@@ -55,7 +55,10 @@ def _errors(*statuses: int) -> dict[str, Any]:
     return {str(s): {"$ref": f"#/components/responses/{names[s]}"} for s in statuses}
 
 
-_NON_EMPTY = {"type": "string", "minLength": 1, "pattern": r"\S"}
+# Some character that str.strip() keeps (the edge's test), spelled out: `\S` reads differently
+# in ECMA, Python and Python's ASCII mode (a lone "\x1f" or "\xa0" passed some, not the edge).
+_NOT_BLANK = r"[^\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+_NON_EMPTY = {"type": "string", "minLength": 1, "pattern": _NOT_BLANK}
 _SAMPLING: dict[str, Any] = {
     "model": {**_NON_EMPTY, "description": "Model (or alias) to route to.", "examples": ["sim"]},
     "stream": {

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -342,6 +343,48 @@ def test_prune_body_is_nothing_or_json(
         f"{threaded_plane.base_url}/v1/management/engines/prune",
         content=body,
         headers={"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"},
+        trust_env=False,
+        timeout=30,
+    )
+    assert reply.status_code == status, reply.text
+
+
+def test_parallel_sizes_past_int32_are_placed_not_a_500(threaded_plane: ThreadedPlane) -> None:
+    """Found by the deep fuzz run: tensor x pipeline parallel size, each within int32, made
+    a GPU count past int32 for the placement request, a ValueError and a 500."""
+    reply = httpx.post(
+        f"{threaded_plane.base_url}{START_PATH}",
+        json={
+            "model_id": "m",
+            "tensor_parallel_size": 2**31 - 1,
+            "pipeline_parallel_size": 2**31 - 1,
+            "node": "nowhere",
+            "dry_run": True,
+        },
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+        trust_env=False,
+        timeout=30,
+    )
+    assert reply.status_code == 404, reply.text
+    assert reply.json()["error"]["code"] == "node_not_found"
+
+
+@pytest.mark.parametrize(
+    ("model", "status"), [("\x1f", 400), ("\xa0", 400), ("\u3000 ", 400), ("\ufeff", 404)]
+)
+def test_document_and_edge_agree_on_blank_model_names(
+    threaded_plane: ThreadedPlane, model: str, status: int
+) -> None:
+    """Found by the deep fuzz run: the document's `\\S` took "\\x1f" for a character (so
+    did schemathesis), the edge's str.strip() for a blank: valid data answered 400."""
+    pattern = DOCUMENT["components"]["schemas"]["ChatCompletionRequest"]["properties"]["model"]
+    blank = status == 400
+    for flags in (0, re.ASCII):  # Python's reading and schemathesis'
+        assert (re.search(pattern["pattern"], model, flags) is None) == blank
+    reply = httpx.post(
+        f"{threaded_plane.base_url}/v1/chat/completions",
+        json={"model": model, "messages": [_HI]},
+        headers={"Authorization": f"Bearer {API_KEY}"},
         trust_env=False,
         timeout=30,
     )
