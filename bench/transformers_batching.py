@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.util
 import json
 import os
@@ -252,6 +253,21 @@ def batch_steps(base: str) -> tuple[float, float, float, float, float] | None:
     return count, total, prefills, steps, busy
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds per thread of process `pid` so far (Linux /proc; empty elsewhere), keyed
+    "main" (the event loop: HTTP) or by thread id: how much of the engine's time went to the
+    event loop and helpers beside the generation thread (the busiest of the others)."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            text = stat.read_text()
+            fields = text[text.rindex(")") + 2 :].split()
+            tid = int(stat.parent.name)
+            out["main" if tid == pid else str(tid)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 def run_engine(
     model: Path,
     device: str,
@@ -287,6 +303,7 @@ def run_engine(
         asyncio.run(drive(base, prompts(args.clients), args.clients, warm_tokens, False))
         for name, requests, stream in jobs:
             before = batch_steps(base)
+            cpu_before = thread_cpu(proc.pid)
             tokens, seconds, texts = asyncio.run(
                 drive(base, prompts(requests), args.clients, args.max_tokens, stream)
             )
@@ -301,6 +318,18 @@ def run_engine(
                 steps, busy = after[3] - before[3], after[4] - before[4]
                 extra_figures["step_ms"] = round(1000 * busy / max(steps, 1), 2)
                 extra_figures["busy"] = round(busy / seconds, 3)
+            cpu_after = thread_cpu(proc.pid)
+            # Share of the run's wall time each engine thread was on a CPU.
+            shares = sorted(
+                ((k, (v - cpu_before.get(k, 0.0)) / seconds) for k, v in cpu_after.items()),
+                key=lambda kv: -kv[1],
+            )
+            main = next((v for k, v in shares if k == "main"), 0.0)
+            others = [v for k, v in shares if k != "main"]
+            if others:
+                extra_figures["cpu_main"] = round(main, 2)
+                extra_figures["cpu_busiest_thread"] = round(others[0], 2)
+                extra_figures["cpu_rest"] = round(sum(others[1:]), 2)
             rows.append(Row(name, requests, tokens, seconds, texts, extra_figures))
             print(
                 f"  {name}: {requests} requests, {tokens} tokens in {seconds:.2f}s = "
@@ -396,6 +425,7 @@ def profile_in_process(model: Path, device: str, args: Any) -> None:
         fn()
         ms = (time.perf_counter() - started) * 1000 / args.max_tokens
         print(f"  in-process {fn.__name__}: {ms:.2f} ms per step of {args.clients}", flush=True)
+    runner_in_process(lm, args)
     profiler = cProfile.Profile()
     profiler.enable()
     ours()
@@ -403,6 +433,63 @@ def profile_in_process(model: Path, device: str, args: Any) -> None:
     stats = pstats.Stats(profiler)
     stats.sort_stats("tottime").print_stats(25)
     stats.sort_stats("cumulative").print_stats("sage/engines", 15)
+
+
+def runner_in_process(lm: Any, args: Any) -> None:
+    """The engine's BatchRunner without HTTP: `clients` threads send `requests` requests
+    back to back, as the HTTP clients do; ms per engine step, to set beside the server's."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sage.engines.transformers.batching import BatchMetrics, BatchRunner
+    from sage.engines.transformers.model import SamplingParams
+
+    runner = BatchRunner(
+        lm,
+        lambda running, waiting: BatchMetrics("bench", running, waiting),
+        max_num_seqs=args.clients,
+        kv_budget_tokens=args.clients * (64 + args.max_tokens),
+    )
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
+    texts = prompts(args.requests)
+    ids = [lm.encode(t, add_special_tokens=True) for t in texts]
+
+    def client(mine: list[list[int]]) -> int:
+        return sum(
+            runner.submit(p, params, threading.Event(), None).result().completion_tokens
+            for p in mine
+        )
+
+    def wave(n: int) -> tuple[int, float, int, float]:
+        steps_before = runner._steps
+        busy_before = sum(
+            s.value
+            for m in runner.metrics.registry.collect()
+            if m.name == "sage:engine_step_seconds"
+            for s in m.samples
+            if s.name.endswith("_sum")
+        )
+        started = time.perf_counter()
+        with ThreadPoolExecutor(args.clients) as pool:
+            tokens = sum(pool.map(client, [ids[i : n : args.clients] for i in range(args.clients)]))
+        seconds = time.perf_counter() - started
+        busy = sum(
+            s.value
+            for m in runner.metrics.registry.collect()
+            if m.name == "sage:engine_step_seconds"
+            for s in m.samples
+            if s.name.endswith("_sum")
+        )
+        return tokens, seconds, runner._steps - steps_before, busy - busy_before
+
+    wave(args.clients)  # warm-up
+    tokens, seconds, steps, busy = wave(len(ids))
+    print(
+        f"  in-process runner: {tokens} tokens in {seconds:.2f}s = {tokens / seconds:.0f} tok/s, "
+        f"{steps} steps, {1000 * busy / max(steps, 1):.2f} ms per step, busy {busy / seconds:.2f}",
+        flush=True,
+    )
+    runner.close()
 
 
 def main() -> int:
