@@ -59,6 +59,26 @@ def _errors(*statuses: int) -> dict[str, Any]:
 # in ECMA, Python and Python's ASCII mode (a lone "\x1f" or "\xa0" passed some, not the edge).
 _NOT_BLANK = r"[^\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
 _NON_EMPTY = {"type": "string", "minLength": 1, "pattern": _NOT_BLANK}
+# What engines (vLLM, OpenAI) take as a content part: a type, and text for a text part.
+_CONTENT_PART = {
+    "type": "object",
+    "required": ["type"],
+    "properties": {"type": {"type": "string"}},
+    "if": {"properties": {"type": {"const": "text"}}},
+    "then": {"required": ["text"], "properties": {"text": {"type": "string"}}},
+}
+# One server-sent event, as tools read a `text/event-stream` schema without `itemSchema`:
+# `data` is a JSON chunk (ChatCompletionChunk, CompletionChunk or an error), last `[DONE]`.
+_SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {"type": "string"},
+        "event": {"type": "string"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer"},
+    },
+}
 _SAMPLING: dict[str, Any] = {
     "model": {**_NON_EMPTY, "description": "Model (or alias) to route to.", "examples": ["sim"]},
     "stream": {
@@ -75,7 +95,7 @@ _SAMPLING: dict[str, Any] = {
     "max_completion_tokens": _nullable(_int(1, description="Most tokens to generate.")),
     "n": _nullable(_int(1, description="Choices to generate.")),
     "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": 2},
-    "top_p": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+    "top_p": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1},  # as vLLM
     "presence_penalty": {"type": ["number", "null"], "minimum": -2, "maximum": 2},
     "frequency_penalty": {"type": ["number", "null"], "minimum": -2, "maximum": 2},
     "stop": {
@@ -128,7 +148,7 @@ _SCHEMAS: dict[str, Any] = {
                 "may be null or absent only for assistant messages.",
                 "anyOf": [
                     {"type": "string"},
-                    {"type": "array", "items": {"type": "object"}},
+                    {"type": "array", "items": _CONTENT_PART},
                     {"type": "null"},
                 ],
             },
@@ -837,7 +857,7 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
                         "description": "The completion, or with stream=true its chunks.",
                         "content": {
                             JSON: {"schema": _ref("ChatCompletion")},
-                            SSE: {"schema": {"type": "string"}},
+                            SSE: {"schema": _SSE_EVENT},
                         },
                     },
                     **generation_errors,
@@ -857,7 +877,7 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
                         "description": "The completion, or with stream=true its chunks.",
                         "content": {
                             JSON: {"schema": _ref("Completion")},
-                            SSE: {"schema": {"type": "string"}},
+                            SSE: {"schema": _SSE_EVENT},
                         },
                     },
                     **generation_errors,
