@@ -4,9 +4,10 @@
 # keeps the reservation, reconcile of a dead owner, `sage llm gpu` (scripts/device/gpu_check.py).
 #
 # Without a package index there (the device machines), carry the wheels the service needs in
-# .whl/ (cp312, e.g. grpcio protobuf grpcio-health-checking grpcio-reflection pydantic
-# pydantic-core pydantic-settings python-dotenv typing-inspection annotated-types
-# opentelemetry-api/-sdk/-semantic-conventions orjson typing_extensions): they are installed
+# .whl/ (cp312, e.g. grpcio protobuf grpcio-health-checking grpcio-reflection
+# googleapis-common-protos pydantic pydantic-core pydantic-settings python-dotenv
+# typing-inspection annotated-types opentelemetry-api/-sdk/-semantic-conventions orjson
+# typing_extensions): they are installed
 # into a private folder. The repo itself is imported from the working tree, not installed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."

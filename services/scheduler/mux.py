@@ -10,6 +10,7 @@ deadline, a cancel, and its SageError mapped to a status (the same trailers).
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from sage.common.grpc.server import (
     exit_request,
     status_message,
 )
+from sage.common.grpc.status import DETAILS_KEY, status_details
 from sage.rpc.scheduler.v1 import scheduler_pb2 as pb
 
 log = logging.getLogger("sage.scheduler.mux")
@@ -52,14 +54,16 @@ class Route:
 
 
 def error_reply(request_id: int, exc: SageError) -> pb.MultiplexReply:
-    """The reply that fails request `request_id` with `exc`."""
+    """The reply that fails request `request_id` with `exc`: the trailers a unary call
+    would end with, the google.rpc.Status base64-encoded as on the HTTP/2 wire (a map of
+    strings holds no bytes) beside the legacy sage-error* ones."""
+    message = status_message(exc)
+    trailers = dict(error_trailers(exc))
+    details = status_details(exc.grpc_code, message, exc)
+    trailers[DETAILS_KEY] = base64.b64encode(details).decode("ascii")
     return pb.MultiplexReply(
         id=request_id,
-        error=pb.MultiplexError(
-            code=exc.grpc_code.value[0],
-            message=status_message(exc),
-            trailers=dict(error_trailers(exc)),
-        ),
+        error=pb.MultiplexError(code=exc.grpc_code.value[0], message=message, trailers=trailers),
     )
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "UpstreamError",
     "ValidationError",
     "error_class_by_name",
+    "error_class_by_reason",
     "openai_error_body",
 ]
 
@@ -38,6 +39,8 @@ __all__ = [
 class SageError(Exception):
     """Base of every error the control plane raises on purpose."""
 
+    # google.rpc.ErrorInfo.reason on gRPC: stable, UPPER_SNAKE, documented in protos/README.md.
+    reason: ClassVar[str] = "INTERNAL"
     grpc_code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
     http_status: ClassVar[int] = 500
     openai_type: ClassVar[str] = "internal_error"
@@ -68,6 +71,7 @@ class SageError(Exception):
 class InvalidRequestError(SageError):
     """The request is malformed or names a bad value; `param` names the field."""
 
+    reason = "INVALID_REQUEST"
     grpc_code = grpc.StatusCode.INVALID_ARGUMENT
     http_status = 400
     openai_type = "invalid_request_error"
@@ -80,6 +84,7 @@ ValidationError = InvalidRequestError
 class AuthenticationError(SageError):
     """Missing or wrong API key."""
 
+    reason = "AUTHENTICATION_FAILED"
     grpc_code = grpc.StatusCode.UNAUTHENTICATED
     http_status = 401
     openai_type = "authentication_error"
@@ -89,6 +94,7 @@ class AuthenticationError(SageError):
 class PermissionDeniedError(SageError):
     """The key is valid but may not do this (e.g. management routes without the admin key)."""
 
+    reason = "PERMISSION_DENIED"
     grpc_code = grpc.StatusCode.PERMISSION_DENIED
     http_status = 403
     openai_type = "permission_error"
@@ -97,6 +103,7 @@ class PermissionDeniedError(SageError):
 class NotFoundError(SageError):
     """A named thing does not exist."""
 
+    reason = "NOT_FOUND"
     grpc_code = grpc.StatusCode.NOT_FOUND
     http_status = 404
     openai_type = "invalid_request_error"
@@ -106,6 +113,7 @@ class NotFoundError(SageError):
 class ModelNotFoundError(NotFoundError):
     """No registered engine serves the requested model."""
 
+    reason = "MODEL_NOT_FOUND"
     default_code = "model_not_found"
 
     def __init__(self, model: str, *, message: str | None = None) -> None:
@@ -116,12 +124,14 @@ class ModelNotFoundError(NotFoundError):
 class EngineNotFoundError(NotFoundError):
     """No engine with this id."""
 
+    reason = "ENGINE_NOT_FOUND"
     default_code = "engine_not_found"
 
 
 class ConflictError(SageError):
     """The thing already exists or is in a state that forbids the request."""
 
+    reason = "CONFLICT"
     grpc_code = grpc.StatusCode.ALREADY_EXISTS
     http_status = 409
     openai_type = "invalid_request_error"
@@ -131,6 +141,7 @@ class ConflictError(SageError):
 class OverloadedError(SageError):
     """Admission refused: queues are full. Clients should retry after `retry_after` seconds."""
 
+    reason = "OVERLOADED"
     grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
     http_status = 429
     openai_type = "rate_limit_error"
@@ -140,6 +151,7 @@ class OverloadedError(SageError):
 class RateLimitError(OverloadedError):
     """A per-key or per-tenant rate limit was hit."""
 
+    reason = "RATE_LIMITED"
     default_code = "rate_limit_exceeded"
 
 
@@ -150,6 +162,7 @@ class InsufficientResourcesError(SageError):
     than 429: retrying the same request will not help until something is released.
     """
 
+    reason = "INSUFFICIENT_RESOURCES"
     grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
     http_status = 409
     openai_type = "invalid_request_error"
@@ -159,6 +172,7 @@ class InsufficientResourcesError(SageError):
 class ServiceUnavailableError(SageError):
     """A dependency (engine, service) cannot serve now; retrying later may work."""
 
+    reason = "SERVICE_UNAVAILABLE"
     grpc_code = grpc.StatusCode.UNAVAILABLE
     http_status = 503
     openai_type = "service_unavailable"
@@ -168,6 +182,7 @@ class ServiceUnavailableError(SageError):
 class UpstreamError(SageError):
     """An engine answered with a server error or broke the protocol."""
 
+    reason = "UPSTREAM_ERROR"
     grpc_code = grpc.StatusCode.UNAVAILABLE
     http_status = 502
     openai_type = "upstream_error"
@@ -177,6 +192,7 @@ class UpstreamError(SageError):
 class DeadlineExceededError(SageError):
     """The request ran past its deadline."""
 
+    reason = "DEADLINE_EXCEEDED"
     grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
     http_status = 504
     openai_type = "timeout"
@@ -186,6 +202,7 @@ class DeadlineExceededError(SageError):
 class EngineStartError(SageError):
     """An engine process could not be started or did not become ready."""
 
+    reason = "ENGINE_START_FAILED"
     grpc_code = grpc.StatusCode.ABORTED
     http_status = 500
     openai_type = "internal_error"
@@ -195,6 +212,7 @@ class EngineStartError(SageError):
 class ConfigurationError(SageError):
     """Configuration (flags, env, files) is invalid; the message says which setting."""
 
+    reason = "CONFIGURATION_ERROR"
     grpc_code = grpc.StatusCode.FAILED_PRECONDITION
     http_status = 500
     openai_type = "internal_error"
@@ -203,6 +221,8 @@ class ConfigurationError(SageError):
 
 class InternalError(SageError):
     """A bug or unexpected failure; logged with a traceback where it happened."""
+
+    reason = "INTERNAL"
 
 
 _BY_NAME: dict[str, type[SageError]] = {}
@@ -222,6 +242,16 @@ def error_class_by_name(name: str) -> type[SageError] | None:
     if name not in _BY_NAME:
         _collect(SageError)  # pick up subclasses defined after import
     return _BY_NAME.get(name)
+
+
+def error_class_by_reason(reason: str) -> type[SageError] | None:
+    """The class that declares this ErrorInfo reason (its subclasses inherit it); INTERNAL
+    is InternalError's, the base class only lends it to subclasses that declare none."""
+    _collect(SageError)  # cheap; picks up subclasses defined after import
+    for cls in _BY_NAME.values():
+        if cls is not SageError and cls.__dict__.get("reason") == reason:
+            return cls
+    return None
 
 
 def openai_error_body(

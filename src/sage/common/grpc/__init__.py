@@ -3,9 +3,10 @@
 Server side: `create_server(addr, registrations)` builds an asyncio server with
 `grpc.health.v1`, reflection, and one interceptor that sets the request id, opens an
 OpenTelemetry span and maps `sage.common.exceptions` to gRPC status (anything unexpected
-becomes INTERNAL with a log line, never a crash). Client side: `create_channel(addr)` adds
-a default deadline and propagates the request id and trace context on every call;
-`from_rpc_error` rebuilds the original `SageError` from the status and trailers. Both
+becomes INTERNAL with a log line, never a crash); the error travels as a standard
+`google.rpc.Status` (`status.py`). Client side: `create_channel(addr)` adds a default
+deadline and propagates the request id and trace context on every call; `from_rpc_error`
+rebuilds the original `SageError` from the status and trailers. Both
 sides use TLS/mTLS when SAGE_TLS_* name certificates (`tls.py`), and every call between
 services carries the stack's internal token (`auth.py`), checked by the server interceptor.
 """

@@ -25,6 +25,7 @@ from sage.common.utils.logging import request_id_var
 from . import metadata as md
 from .auth import process_token
 from .server import MAX_MESSAGE_BYTES
+from .status import DETAILS_KEY, parse_details
 from .tls import TlsConfig, process_tls
 
 # Used when a status carries no SageError trailer (another implementation, or grpc itself).
@@ -230,23 +231,39 @@ def create_sync_channel(
 
 
 def error_from_status(
-    code: grpc.StatusCode, message: str, trailers: Mapping[str, str]
+    code: grpc.StatusCode, message: str, trailers: Mapping[str, str | bytes]
 ) -> SageError:
     """Rebuild the SageError a service raised, from a status code, its message and the
-    trailers server.error_trailers wrote (a unary call's, or a Multiplex error's)."""
-    cls = error_class_by_name(trailers.get(md.ERROR_CLASS, "")) or _BY_STATUS.get(
-        code, InternalError
-    )
-    retry_after = trailers.get(md.RETRY_AFTER)
+    trailers server.error_metadata wrote (a unary call's, or a Multiplex error's, where the
+    Status is base64 text).
+
+    The google.rpc.Status in grpc-status-details-bin comes first; the legacy sage-error*
+    trailers are the fallback for a peer of the previous release (drop them after it).
+    """
+    details = parse_details(trailers.get(DETAILS_KEY))
+    exc: SageError
+    if details is not None:
+        exc = details.cls.__new__(details.cls)
+        SageError.__init__(
+            exc,
+            message,
+            param=details.param,
+            code=details.code,
+            retry_after=details.retry_after,
+        )
+        return exc
+    legacy = {k: v for k, v in trailers.items() if isinstance(v, str)}
+    cls = error_class_by_name(legacy.get(md.ERROR_CLASS, "")) or _BY_STATUS.get(code, InternalError)
+    retry_after = legacy.get(md.RETRY_AFTER)
     exc = cls.__new__(cls)
     SageError.__init__(
         exc,
         message,
-        param=trailers.get(md.ERROR_PARAM),
-        code=trailers.get(md.ERROR_CODE),
+        param=legacy.get(md.ERROR_PARAM),
+        code=legacy.get(md.ERROR_CODE),
         retry_after=float(retry_after) if retry_after else None,
     )
-    if code == grpc.StatusCode.UNAVAILABLE and md.ERROR_CLASS not in trailers:
+    if code == grpc.StatusCode.UNAVAILABLE and md.ERROR_CLASS not in legacy:
         exc.message = f"control-plane service unavailable: {message}"
     return exc
 
@@ -255,9 +272,7 @@ def from_rpc_error(err: grpc.RpcError) -> SageError:
     """Rebuild the SageError a service raised, from the status and its trailers."""
     code: grpc.StatusCode = err.code()
     raw: Any = err.trailing_metadata() or ()  # type: ignore[attr-defined]
-    return error_from_status(
-        code, err.details() or code.name, {k: v for k, v in raw if isinstance(v, str)}
-    )
+    return error_from_status(code, err.details() or code.name, dict(raw))
 
 
 @contextlib.contextmanager

@@ -17,11 +17,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry import propagate, trace
 
-from sage.common.exceptions import SageError
+from sage.common.exceptions import InternalError, InvalidRequestError, SageError
 from sage.common.utils.logging import request_id_var
 
 from . import metadata as md
 from .auth import ServerAuth, process_token
+from .status import DETAILS_KEY, INTERNAL_TOKEN_REJECTED, status_details
 from .tls import TlsConfig, process_tls
 
 log = logging.getLogger("sage.grpc")
@@ -44,7 +45,12 @@ class Registration:
 
 
 def error_trailers(exc: SageError) -> tuple[tuple[str, str], ...]:
-    """The trailing metadata that lets the caller rebuild `exc` (see client.from_rpc_error)."""
+    """The legacy sage-error* trailers that let a caller rebuild `exc`.
+
+    Superseded by the google.rpc.Status in grpc-status-details-bin (error_metadata), which
+    callers read first; still sent for one release so a caller of the previous release (which
+    reads only these) keeps getting the exact error in a mixed-version deployment.
+    """
     trailers = [(md.ERROR_CLASS, type(exc).__name__)]
     if exc.param:
         trailers.append((md.ERROR_PARAM, exc.param))
@@ -53,6 +59,13 @@ def error_trailers(exc: SageError) -> tuple[tuple[str, str], ...]:
     if exc.retry_after is not None:
         trailers.append((md.RETRY_AFTER, f"{exc.retry_after:g}"))
     return tuple(trailers)
+
+
+def error_metadata(exc: SageError) -> tuple[tuple[str, str | bytes], ...]:
+    """A failed call's trailing metadata: the standard google.rpc.Status (ErrorInfo,
+    BadRequest, RetryInfo) plus the legacy trailers (error_trailers)."""
+    details = status_details(exc.grpc_code, status_message(exc), exc)
+    return (*error_trailers(exc), (DETAILS_KEY, details))
 
 
 def status_message(exc: SageError) -> str:
@@ -93,7 +106,7 @@ async def _abort_for(exc: BaseException, method: str, context: Context) -> None:
             extra={"method": method, "error": type(exc).__name__, "detail": exc.message},
         )
         await context.abort(
-            exc.grpc_code, status_message(exc), trailing_metadata=error_trailers(exc)
+            exc.grpc_code, status_message(exc), trailing_metadata=error_metadata(exc)
         )
     if isinstance(exc, NotImplementedError):
         # What the generated base servicer raises for a method this server lacks (having
@@ -103,7 +116,9 @@ async def _abort_for(exc: BaseException, method: str, context: Context) -> None:
     await context.abort(
         grpc.StatusCode.INTERNAL,
         f"internal error in {method}: {type(exc).__name__}",
-        trailing_metadata=((md.ERROR_CLASS, "InternalError"),),
+        trailing_metadata=error_metadata(
+            InternalError(f"internal error in {method}: {type(exc).__name__}")
+        ),
     )
 
 
@@ -115,9 +130,9 @@ async def _decode(decode: Any, raw: Any, method: str, context: Context) -> Any:
     try:
         return decode(raw)
     except Exception as exc:
+        error = InvalidRequestError(f"malformed request message for {method}: {str(exc)[:200]}")
         await context.abort(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"malformed request message for {method}: {str(exc)[:200]}",
+            error.grpc_code, status_message(error), trailing_metadata=error_metadata(error)
         )
 
 
@@ -129,9 +144,12 @@ def _unauthenticated(handler: Handler, method: str) -> Handler:
         "$SAGE_HOME/llm/internal.token)"
     )
 
+    code = grpc.StatusCode.UNAUTHENTICATED
+    details = status_details(code, message, reason=INTERNAL_TOKEN_REJECTED)
+
     async def refuse(context: Context) -> None:
         log.warning("unauthenticated rpc refused", extra={"method": method, "peer": context.peer()})
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await context.abort(code, message, trailing_metadata=((DETAILS_KEY, details),))
 
     async def unary(request: Any, context: Context) -> Any:
         await refuse(context)
