@@ -46,7 +46,7 @@ def test_arguments_reach_pytest(tmp_path: Path) -> None:
         *("-o", "timeout=60", "-k", "x", "y"),
     ]
     defaults = _run(SAGE_FUZZ_DRY_RUN="1")
-    assert "SAGE_FUZZ_EXAMPLES=5000 " in defaults.stdout
+    assert "SAGE_FUZZ_EXAMPLES=40000 " in defaults.stdout
     assert "SAGE_FUZZ_REPORT=bench/out/fuzz_nightly.json " in defaults.stdout
 
 
