@@ -105,6 +105,10 @@ async def _fail(request: bytes, context: Any) -> bytes:
     raise ERRORS[int(request)][0]
 
 
+async def _huge(request: bytes, context: Any) -> bytes:
+    raise InvalidRequestError("bad prompt: " + "x" * 200_000, param="prompt")
+
+
 async def _bug(request: bytes, context: Any) -> bytes:
     raise KeyError("oops")
 
@@ -152,7 +156,7 @@ def _add(servicer: Any, server: grpc.aio.Server) -> None:
     )
     server.add_generic_rpc_handlers(
         (
-            _handlers(("Fail", _fail), ("Bug", _bug)),
+            _handlers(("Fail", _fail), ("Bug", _bug), ("Huge", _huge)),
             grpc.method_handlers_generic_handler(SERVICE + "2", {"Strict": strict}),
         )
     )
@@ -249,6 +253,15 @@ async def test_the_legacy_trailers_are_still_sent_for_older_peers(port: int) -> 
     assert trailers["sage-error"] == "RateLimitError"
     assert trailers["retry-after"] == "2.5"
     assert DETAILS_KEY in trailers
+
+
+async def test_a_huge_message_still_fits_the_trailers(port: int) -> None:
+    err = await asyncio.to_thread(_foreign_call, port, "Huge", b"")
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    status = rpc_status.from_call(err)
+    assert status is not None and status.message.startswith("bad prompt: xxx")
+    (violation,) = _unpack(status)["BadRequest"].field_violations
+    assert violation.field == "prompt" and len(violation.description) < 5000
 
 
 async def test_an_unexpected_error_is_internal_with_a_reason(port: int) -> None:

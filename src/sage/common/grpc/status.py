@@ -62,7 +62,11 @@ def status_proto(
     _pack(status, info)
     if exc.param:
         violation = error_details_pb2.BadRequest.FieldViolation(
-            field=exc.param, description=exc.message, reason=type(exc).reason
+            # `message`, not exc.message: the status's (capped) text, so that a message
+            # echoing a huge input does not push the trailer past grpc's size limit.
+            field=exc.param,
+            description=message,
+            reason=type(exc).reason,
         )
         _pack(status, error_details_pb2.BadRequest(field_violations=[violation]))
     if exc.retry_after is not None:
