@@ -583,7 +583,7 @@ def main() -> int:
             "card": card,
             "torch": torch.__version__,
             "transformers": transformers.__version__,
-            "shape": args.shape,
+            "shape": args.shape if args.model is None else str(args.model),
             "clients": args.clients,
             "max_tokens": args.max_tokens,
             "rows": [
