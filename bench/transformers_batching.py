@@ -460,27 +460,23 @@ def runner_in_process(lm: Any, args: Any) -> None:
             for p in mine
         )
 
-    def wave(n: int) -> tuple[int, float, int, float]:
-        steps_before = runner._steps
-        busy_before = sum(
-            s.value
-            for m in runner.metrics.registry.collect()
-            if m.name == "sage:engine_step_seconds"
-            for s in m.samples
-            if s.name.endswith("_sum")
+    def step_seconds() -> float:
+        """Seconds spent in engine steps so far (sage:engine_step_seconds' sum)."""
+        return sum(
+            sample.value
+            for family in runner.metrics.registry.collect()
+            if family.name == "sage:engine_step_seconds"
+            for sample in family.samples
+            if sample.name.endswith("_sum")
         )
+
+    def wave(n: int) -> tuple[int, float, int, float]:
+        steps_before, busy_before = runner._steps, step_seconds()
         started = time.perf_counter()
         with ThreadPoolExecutor(args.clients) as pool:
             tokens = sum(pool.map(client, [ids[i : n : args.clients] for i in range(args.clients)]))
         seconds = time.perf_counter() - started
-        busy = sum(
-            s.value
-            for m in runner.metrics.registry.collect()
-            if m.name == "sage:engine_step_seconds"
-            for s in m.samples
-            if s.name.endswith("_sum")
-        )
-        return tokens, seconds, runner._steps - steps_before, busy - busy_before
+        return tokens, seconds, runner._steps - steps_before, step_seconds() - busy_before
 
     wave(args.clients)  # warm-up
     tokens, seconds, steps, busy = wave(len(ids))
