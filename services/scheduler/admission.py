@@ -31,6 +31,9 @@ from .registry import DEFAULT_CONCURRENCY, EngineRecord
 # Seconds a refused caller is told to wait: about one request's time on a busy engine.
 RETRY_AFTER_S = 1.0
 
+# Engine tuples whose capacity sum is kept (one per model and alias served, in practice).
+CAPACITY_CACHE_SIZE = 256
+
 _PRIORITIES = {"high": 0, "normal": 1, "low": 2, "": 1, "0": 0, "1": 1, "2": 2}
 
 
@@ -74,6 +77,7 @@ class AdmissionController:
         predict: Predictor | None = None,
         clock: Callable[[], float] = time.monotonic,
         measured: Callable[[str], int] | None = None,
+        measured_version: Callable[[], int] | None = None,
     ) -> None:
         create_policy(policy_name, predict)  # fail fast on an unknown name
         self.policy_name = policy_name
@@ -82,6 +86,13 @@ class AdmissionController:
         self.predict = predict
         self.clock = clock
         self.measured = measured or (lambda engine_id: 0)  # engine_id -> measured capacity
+        # Changes whenever `measured` may answer differently; with it, capacity() of the
+        # same engines tuple (the registry's, unchanged until an engine changes) is summed
+        # once per change, not once per request.
+        self.measured_version = measured_version
+        # id(engines) → (engines, version, capacity); the tuple is kept so an id is not
+        # reused while cached.
+        self._capacities: dict[int, tuple[Sequence[EngineRecord], int, int]] = {}
         self._lanes: dict[str, _ModelLane] = {}
         self.stats = AdmissionStats()
 
@@ -109,7 +120,19 @@ class AdmissionController:
         if isinstance(engines, int):
             per = self.per_engine if self.per_engine > 0 else DEFAULT_CONCURRENCY
             return max(1, engines) * per
-        return max(1, sum(self.engine_capacity(e) for e in engines))
+        if self.per_engine >= 0:
+            return max(1, len(engines) * self.per_engine)
+        if self.measured_version is None or not isinstance(engines, tuple):
+            return max(1, sum(self.engine_capacity(e) for e in engines))
+        version = self.measured_version()
+        cached = self._capacities.get(id(engines))
+        if cached is not None and cached[0] is engines and cached[1] == version:
+            return cached[2]
+        total = max(1, sum(self.engine_capacity(e) for e in engines))
+        if len(self._capacities) >= CAPACITY_CACHE_SIZE:
+            self._capacities.clear()  # engine sets changed since: sum again on demand
+        self._capacities[id(engines)] = (engines, version, total)
+        return total
 
     @contextlib.asynccontextmanager
     async def slot(

@@ -103,6 +103,10 @@ class CircuitBreakers:
         self.max_cooldown_s = max(cooldown_s, max_cooldown_s)
         self.clock = clock
         self.engines: dict[str, EngineBreaker] = {}
+        # Engines whose breaker is not closed (kept by _move and forget): while it is
+        # empty, routable() hands its input back untouched instead of scanning every engine
+        # per request.
+        self._tripped: set[str] = set()
 
     def _get(self, engine_id: str) -> EngineBreaker:
         breaker = self.engines.get(engine_id)
@@ -119,11 +123,12 @@ class CircuitBreakers:
             return BreakerState.HALF_OPEN
         return breaker.state
 
-    def routable(self, engines: Sequence[E], engine_id: Callable[[E], str]) -> list[E]:
+    def routable(self, engines: Sequence[E], engine_id: Callable[[E], str]) -> Sequence[E]:
         """The engines routing may use: closed ones, and open ones due a probe. When every
-        engine is open, the one whose cool-down ends first, so requests are not refused."""
-        if not self.engines:
-            return list(engines)
+        engine is open, the one whose cool-down ends first, so requests are not refused.
+        With every breaker closed, `engines` itself (the same object: callers cache by it)."""
+        if not self._tripped:
+            return engines
         now = self.clock()
         allowed: list[E] = []
         for engine in engines:
@@ -195,6 +200,7 @@ class CircuitBreakers:
     def forget(self, engine_id: str) -> None:
         """Drop an engine's breaker (it was deregistered)."""
         self.engines.pop(engine_id, None)
+        self._tripped.discard(engine_id)
 
     def _open(self, engine_id: str, breaker: EngineBreaker) -> None:
         breaker.cooldown_s = (
@@ -220,3 +226,7 @@ class CircuitBreakers:
             },
         )
         breaker.state = state
+        if state is BreakerState.CLOSED:
+            self._tripped.discard(engine_id)
+        else:
+            self._tripped.add(engine_id)

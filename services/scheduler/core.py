@@ -27,7 +27,7 @@ from .policies import QueuedRequest
 from .ratelimit import TenantLimits, TenantRateLimiter
 from .registry import EngineKind, EngineRecord, EngineRegistry, EngineState
 from .resume import StreamResume
-from .routing import Router, RouteRequest, failover_order, prefix_of
+from .routing import Router, RouteRequest, failover_order, failover_view, prefix_of
 from .routing.pd import PdRouter
 
 log = logging.getLogger("sage.scheduler")
@@ -141,6 +141,8 @@ class Scheduler:
         if self.metrics.capacities is None:
             self.metrics.capacities = self._capacities
         self.pd = PdRouter(self.router, self.metrics.registry)  # prefill/decode pairs
+        # model → (the registry tuple last routed over, its engines by id), for _any_full.
+        self._members: dict[str, tuple[Sequence[EngineRecord], dict[str, EngineRecord]]] = {}
         # Most tokens one embedding request may carry (0: no cap); see sage.common.limits.
         self.embedding_max_tokens = embedding_max_tokens
 
@@ -174,7 +176,7 @@ class Scheduler:
 
     async def _route(
         self, model: str, path: str, body: bytes, session_key: str, cost: float
-    ) -> tuple[bytes, list[EngineRecord]]:
+    ) -> tuple[bytes, Sequence[EngineRecord]]:
         """The body to send and the engines to try: for a model with prefill and decode
         engines, the prefill leg runs here first (routing/pd.py); else the routed engine,
         then the others for failover."""
@@ -195,14 +197,34 @@ class Scheduler:
             return body, self._with_room_first(route, engines)
         return plan.body, plan.candidates
 
+    def _any_full(self, model: str, engines: Sequence[EngineRecord]) -> bool | None:
+        """Whether one of `engines` is at its in-flight cap, looking only at the engines
+        with requests in flight (an idle engine has room: every cap is at least 1), so the
+        cost follows the requests in flight, not the engines registered. None when
+        `engines` is not a registry tuple (a breaker-filtered list): the caller scans."""
+        if not isinstance(engines, tuple):
+            return None
+        cached = self._members.get(model)
+        if cached is None or cached[0] is not engines:
+            cached = self._members[model] = (engines, {e.engine_id: e for e in engines})
+        members = cached[1]
+        capacity = self.admission.engine_capacity
+        for engine_id, count in self.load.busy().items():
+            engine = members.get(engine_id)
+            if engine is not None and count >= capacity(engine):
+                return True
+        return False
+
     def _with_room_first(
         self, route: RouteRequest, engines: Sequence[EngineRecord]
-    ) -> list[EngineRecord]:
+    ) -> Sequence[EngineRecord]:
         """The router's order, among engines below their in-flight cap first: admission
         let the request in because the model has a free slot, so it must not wait on a
         busy engine while another has room. Full engines stay as failover candidates."""
         if not self.admission.limited or len(engines) < 2:
-            return failover_order(self.router, route, engines)
+            return failover_view(self.router, route, engines)
+        if self._any_full(route.model, engines) is False:
+            return failover_view(self.router, route, engines)  # every engine has room
         room = [
             e
             for e in engines

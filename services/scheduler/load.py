@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -90,10 +90,28 @@ class EngineLoadTracker:
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._wake = asyncio.Event()  # set: scrape now (see track)
+        # Called with an engine id whenever load(engine_id) may have changed, so indexes
+        # over loads (routing/least_loaded.py) stay right without rescanning every engine.
+        self._listeners: list[Callable[[str], None]] = []
+        # Bumped whenever a measured capacity changes: admission caches sums keyed by it.
+        self.capacity_version = 0
+
+    def subscribe(self, listener: Callable[[str], None]) -> None:
+        """Call `listener(engine_id)` after every change to that engine's load."""
+        self._listeners.append(listener)
+
+    def _changed(self, engine_id: str) -> None:
+        for listener in self._listeners:
+            listener(engine_id)
 
     def in_flight(self, engine_id: str) -> int:
         """Requests this scheduler has in flight to `engine_id`."""
         return self._in_flight.get(engine_id, 0)
+
+    def busy(self) -> Mapping[str, int]:
+        """The live table of engines with requests in flight from here (read only; no
+        copy: per-request callers rely on it costing nothing)."""
+        return self._in_flight
 
     def in_flight_by_engine(self) -> dict[str, int]:
         """Every engine with requests in flight from here, and how many."""
@@ -112,9 +130,11 @@ class EngineLoadTracker:
         """Record one scrape of `engine_id`: its queue for routing, its capacity for
         admission (never above `ceiling`)."""
         self.report(engine_id, load.queued)
-        self._capacity.setdefault(engine_id, CapacityEstimate()).observe(
-            load.running, load.waiting, ceiling
-        )
+        estimate = self._capacity.setdefault(engine_id, CapacityEstimate())
+        before = estimate.value
+        estimate.observe(load.running, load.waiting, ceiling)
+        if estimate.value != before:
+            self.capacity_version += 1
 
     def load(self, engine_id: str) -> float:
         """In flight from here plus the engine-reported queue not caused by us; 0 if unknown."""
@@ -135,6 +155,8 @@ class EngineLoadTracker:
             # look now, not at the next interval, so a burst is capped within one scrape
             # of the engine filling up (and an engine that never fills is not polled hot).
             self._wake.set()
+        if self._listeners:
+            self._changed(engine_id)
         try:
             yield
         finally:
@@ -143,18 +165,25 @@ class EngineLoadTracker:
                 counts[engine_id] = left
             else:
                 del counts[engine_id]  # no entry outlives its last request
+            if self._listeners:
+                self._changed(engine_id)
 
     def report(self, engine_id: str, queued: float) -> None:
         """Record an engine's running + waiting requests as of now."""
         self._reports[engine_id] = EngineReport(queued, self._in_flight.get(engine_id, 0))
+        if self._listeners:
+            self._changed(engine_id)
 
     def retain(self, engine_ids: Iterable[str]) -> None:
         """Forget reports of engines not in `engine_ids` (they were deregistered)."""
         live = set(engine_ids)
         for engine_id in [k for k in self._reports if k not in live]:
             del self._reports[engine_id]
+            if self._listeners:
+                self._changed(engine_id)
         for engine_id in [k for k in self._capacity if k not in live]:
             del self._capacity[engine_id]  # a re-registered engine is measured afresh
+            self.capacity_version += 1
 
     async def scrape_once(self, engines: Iterable[EngineRecord]) -> None:
         """Poll every engine's /metrics concurrently; an engine that fails keeps no report."""
@@ -179,7 +208,8 @@ class EngineLoadTracker:
                         raise aiohttp.ClientResponseError(resp.request_info, (), status=resp.status)
                     text = await resp.text()
             except (aiohttp.ClientError, TimeoutError, UnicodeDecodeError):
-                self._reports.pop(engine.engine_id, None)
+                if self._reports.pop(engine.engine_id, None) is not None and self._listeners:
+                    self._changed(engine.engine_id)
                 return
             self.observe(engine.engine_id, read_load(text), engine.concurrency)
 

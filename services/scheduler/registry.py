@@ -100,12 +100,15 @@ class ModelEntry:
 
 
 class EngineRegistry:
-    """Thread-safe engine table with a per-model index rebuilt on change (reads are hot)."""
+    """Thread-safe engine table with per-model and per-(model, kind) indexes rebuilt on
+    change: reads are per request, so they return a stored tuple (the same object until
+    the next change, which lets callers cache what they derive from it by identity)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._engines: dict[str, EngineRecord] = {}
         self._by_model: dict[str, tuple[EngineRecord, ...]] = {}
+        self._by_model_kind: dict[tuple[str, EngineKind], tuple[EngineRecord, ...]] = {}
 
     def register(self, record: EngineRecord) -> bool:
         """Add or replace an engine; returns True when it replaced one with the same id."""
@@ -155,13 +158,21 @@ class EngineRegistry:
                 continue
             for name in (record.model, *record.aliases):
                 index.setdefault(name, []).append(record)
-        self._by_model = {k: tuple(v) for k, v in index.items()}
+        by_model = {k: tuple(v) for k, v in index.items()}
+        by_kind: dict[tuple[str, EngineKind], tuple[EngineRecord, ...]] = {}
+        for name, records in by_model.items():
+            for kind in EngineKind:
+                of_kind = tuple(r for r in records if r.kind is kind)
+                if of_kind:
+                    by_kind[name, kind] = records if len(of_kind) == len(records) else of_kind
+        self._by_model, self._by_model_kind = by_model, by_kind
 
     def ready_for(self, model: str, kind: EngineKind | None = None) -> tuple[EngineRecord, ...]:
         """Ready engines serving `model`; raises ModelNotFoundError if there are none."""
-        engines = self._by_model.get(model, ())
-        if kind is not None:
-            engines = tuple(e for e in engines if e.kind is kind)
+        if kind is None:
+            engines = self._by_model.get(model, ())
+        else:
+            engines = self._by_model_kind.get((model, kind), ())
         if not engines:
             known = self.engines(model)
             if known:

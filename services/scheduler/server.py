@@ -583,6 +583,7 @@ def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageS
         max_queue=settings.scheduler_max_queue,
         predict=metrics.predict,
         measured=load.capacity,
+        measured_version=lambda: load.capacity_version,
     )
     metrics.queue_depth = lambda: admission.stats.queued
     routing = settings.scheduler_routing

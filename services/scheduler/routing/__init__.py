@@ -12,11 +12,13 @@ from sage.common.exceptions import ConfigurationError
 
 from .base import (
     PREFIX_CHARS,
+    FailoverOrder,
     LoadView,
     NoLoad,
     Router,
     RouteRequest,
     failover_order,
+    failover_view,
     prefix_of,
 )
 from .least_loaded import LeastLoadedRouter
@@ -57,6 +59,7 @@ __all__ = [
     "PREFIX_CHARS",
     "ROUTERS",
     "ROUTER_NAMES",
+    "FailoverOrder",
     "LeastLoadedRouter",
     "LoadView",
     "NoLoad",
@@ -68,5 +71,6 @@ __all__ = [
     "SessionAffinityRouter",
     "create_router",
     "failover_order",
+    "failover_view",
     "prefix_of",
 ]

@@ -6,9 +6,9 @@ execution live in the scheduler core.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, overload
 
 import orjson
 
@@ -91,6 +91,59 @@ def failover_order(
     """The routed engine first, then the rest in order: who to try when one fails."""
     first = router.pick(request, engines)
     return [first, *(e for e in engines if e.engine_id != first.engine_id)]
+
+
+class FailoverOrder(Sequence[EngineRecord]):
+    """failover_order's list, built lazily: the routed engine first, then the others in
+    their order. A request that succeeds on its first engine (nearly all) reads only
+    element 0, so building the rest, O(engines), is paid only by failovers."""
+
+    __slots__ = ("_engines", "_first", "_rest")
+
+    def __init__(self, first: EngineRecord, engines: Sequence[EngineRecord]) -> None:
+        self._first = first
+        self._engines = engines
+        self._rest: list[EngineRecord] | None = None
+
+    def _others(self) -> list[EngineRecord]:
+        if self._rest is None:
+            first_id = self._first.engine_id
+            self._rest = [e for e in self._engines if e.engine_id != first_id]
+        return self._rest
+
+    def __len__(self) -> int:
+        return 1 + len(self._others()) if self._rest is not None else len(self._engines)
+
+    @overload
+    def __getitem__(self, index: int) -> EngineRecord: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[EngineRecord]: ...
+
+    def __getitem__(self, index: int | slice) -> EngineRecord | list[EngineRecord]:
+        if isinstance(index, slice):
+            return list(self)[index]
+        if index == 0 or index == -len(self):
+            return self._first
+        return self._others()[index - 1 if index > 0 else index]
+
+    def __iter__(self) -> Iterator[EngineRecord]:
+        yield self._first
+        yield from self._others()
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Sequence):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def failover_view(
+    router: Router, request: RouteRequest, engines: Sequence[EngineRecord]
+) -> FailoverOrder:
+    """failover_order without building the list up front (see FailoverOrder)."""
+    return FailoverOrder(router.pick(request, engines), engines)
 
 
 def prefix_of(body: bytes, limit: int = PREFIX_CHARS) -> str:

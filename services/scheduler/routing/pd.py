@@ -136,6 +136,19 @@ class PdRouter:
             ["model", "outcome"],
             registry=registry,
         )
+        # model → (the registry tuple last split, its pools): asked on every request, the
+        # split would otherwise cost O(engines) per request for models that never use PD.
+        self._pools: dict[str, tuple[Sequence[EngineRecord], PdPools]] = {}
+
+    def _pools_of(self, model: str, engines: Sequence[EngineRecord]) -> PdPools:
+        """split_roles(engines), reused while `engines` is the same registry tuple (tuples
+        of frozen records do not change; any other sequence is split afresh)."""
+        if not isinstance(engines, tuple):
+            return split_roles(engines)
+        cached = self._pools.get(model)
+        if cached is None or cached[0] is not engines:
+            cached = self._pools[model] = (engines, split_roles(engines))
+        return cached[1]
 
     async def plan(
         self,
@@ -151,7 +164,7 @@ class PdRouter:
         sends the client's request to decode as is (it prefills itself). Client errors
         (400s) are raised: the decode engine would refuse the same request.
         """
-        pools = split_roles(engines)
+        pools = self._pools_of(request.model, engines)
         if not pools.disaggregated:
             return None
         decode = [*failover_order(self.router, request, pools.decode), *pools.both]

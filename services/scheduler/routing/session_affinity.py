@@ -12,7 +12,8 @@ import itertools
 from collections.abc import Sequence
 
 from ..registry import EngineRecord
-from .base import LoadView, NoLoad, RouteRequest, least_loaded
+from .base import LoadView, NoLoad, RouteRequest
+from .load_index import LoadIndexes
 
 # Rings rebuilt per distinct engine set; a few cover every model in a typical deployment.
 _MAX_RINGS = 64
@@ -51,6 +52,13 @@ class SessionAffinityRouter:
         self.vnodes = vnodes
         self._rings: dict[tuple[str, ...], HashRing] = {}
         self._turn = itertools.count()
+        self._indexes = LoadIndexes(self.load)
+        # model → (the engine tuple last routed over, its ring, its engines by id): the
+        # registry hands out the same tuple until an engine changes, so the ring's key
+        # (sorted ids) and the owner lookup are not rebuilt per request.
+        self._current: dict[
+            str, tuple[Sequence[EngineRecord], HashRing, dict[str, EngineRecord]]
+        ] = {}
 
     def _ring(self, engines: Sequence[EngineRecord]) -> HashRing:
         ids = tuple(sorted(e.engine_id for e in engines))
@@ -64,8 +72,14 @@ class SessionAffinityRouter:
     def pick(self, request: RouteRequest, engines: Sequence[EngineRecord]) -> EngineRecord:
         """The session's engine on the ring, or the least loaded when there is no key."""
         if not request.session_key:
-            return least_loaded(engines, self.load, next(self._turn))[0]
+            return self._indexes.least(request.model, engines, next(self._turn))[0]
         if len(engines) == 1:
             return engines[0]
-        owner = self._ring(engines).owner(request.session_key)
-        return next(e for e in engines if e.engine_id == owner)
+        if not isinstance(engines, tuple):
+            owner = self._ring(engines).owner(request.session_key)
+            return next(e for e in engines if e.engine_id == owner)
+        current = self._current.get(request.model)
+        if current is None or current[0] is not engines:
+            current = (engines, self._ring(engines), {e.engine_id: e for e in engines})
+            self._current[request.model] = current
+        return current[2][current[1].owner(request.session_key)]
