@@ -15,9 +15,7 @@ A non-streamed request whose client disconnects is cancelled up to the engine.
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
-import struct
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -28,6 +26,7 @@ import orjson
 
 from sage.common.config.settings import SageSettings
 from sage.common.exceptions import InvalidRequestError, SageError, ServiceUnavailableError
+from sage.common.float32 import openai_embedding
 from sage.common.grpc import create_channel, rpc_errors_as_sage
 from sage.common.grpc.engine_enums import kind_name
 from sage.common.http import (
@@ -152,12 +151,6 @@ async def _stream_sse(
             await messages.aclose()  # type: ignore[attr-defined]
 
     return StreamingResponse(chunks())
-
-
-def _pack(vector: Any, encoding: str) -> Any:
-    if encoding == "base64":
-        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
-    return list(vector)
 
 
 def _label_model(request: Request, doc: dict[str, Any]) -> None:
@@ -360,7 +353,11 @@ def create_app(
             up().generation.unary(
                 "embed",
                 spb.EmbedRequest(
-                    model=model, inputs=inputs, dimensions=dimensions, options=options
+                    model=model,
+                    inputs=inputs,
+                    dimensions=dimensions,
+                    options=options,
+                    packed_vectors=True,
                 ),
                 timeout,
             )
@@ -373,7 +370,7 @@ def create_app(
                     {
                         "object": "embedding",
                         "index": item.index,
-                        "embedding": _pack(item.values, encoding),
+                        "embedding": openai_embedding(item.packed_values, item.values, encoding),
                     }
                     for item in reply.data
                 ],

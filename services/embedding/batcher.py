@@ -49,9 +49,9 @@ class BatcherConfig:
 
 @dataclass
 class EmbedOutcome:
-    """One caller's vectors (input order), tokens, and the engine per vector."""
+    """One caller's vectors (input order, packed float32), tokens, and the engine per vector."""
 
-    vectors: list[list[float]]
+    vectors: list[bytes]
     tokens: list[int]
     engine_ids: list[str]
 
@@ -63,14 +63,14 @@ class _Entry:
     costs: list[int] = field(init=False)
     taken: int = 0  # texts already given to a batch, in order
     unanswered: int = field(init=False)  # texts whose vectors have not come back
-    vectors: list[list[float]] = field(init=False)
+    vectors: list[bytes] = field(init=False)
     tokens: list[int] = field(init=False)
     engine_ids: list[str] = field(init=False)
 
     def __post_init__(self) -> None:
         self.costs = [estimate_text_tokens(t) for t in self.texts]
         self.unanswered = len(self.texts)
-        self.vectors = [[] for _ in self.texts]
+        self.vectors = [b""] * len(self.texts)
         self.tokens = [0] * len(self.texts)
         self.engine_ids = [""] * len(self.texts)
 
@@ -256,7 +256,7 @@ class EmbeddingBatcher:
             return
         finally:
             await self._release(engine)
-        vectors: list[list[float]] = [[] for _ in texts]
+        vectors: list[bytes] = [b""] * len(texts)
         tokens = [0] * len(texts)
         for pos, original in enumerate(order):
             vectors[original] = reply.vectors[pos]

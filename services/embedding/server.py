@@ -6,6 +6,7 @@ from typing import Any
 
 from sage.common.config.settings import SageSettings
 from sage.common.exceptions import InvalidRequestError
+from sage.common.float32 import unpack
 from sage.common.grpc import Registration, SageServer, create_server
 from sage.rpc.common.v1 import common_pb2
 from sage.rpc.embedding.v1 import embedding_pb2 as pb
@@ -37,8 +38,12 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             request.dimensions,
         )
         total = sum(outcome.tokens)
+        if request.packed_vectors:
+            vectors = [pb.Vector(packed_values=v) for v in outcome.vectors]
+        else:  # a caller from before packed vectors reads `values`
+            vectors = [pb.Vector(values=unpack(v)) for v in outcome.vectors]
         return pb.EmbedBatchResponse(
-            vectors=[pb.Vector(values=v) for v in outcome.vectors],
+            vectors=vectors,
             usage=common_pb2.Usage(prompt_tokens=total, total_tokens=total),
             engine_ids=outcome.engine_ids,
         )

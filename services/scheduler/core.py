@@ -53,9 +53,10 @@ class UnaryResult:
 
 @dataclass(frozen=True)
 class EmbedResult:
-    """Vectors in input order, plus usage and the engines that produced them."""
+    """Vectors in input order (packed little-endian float32, sage.common.float32), plus usage
+    and the engines that produced them."""
 
-    vectors: list[list[float]]
+    vectors: list[bytes]
     usage: TokenUsage
     engine_ids: list[str]
 

@@ -16,6 +16,7 @@ from sage.common.apikeys import ApiKeyTable, load_key_table
 from sage.common.config.settings import SageSettings
 from sage.common.engine_keys import is_managed
 from sage.common.exceptions import InvalidRequestError, NotFoundError, ServiceUnavailableError
+from sage.common.float32 import packed_or_pack, unpack
 from sage.common.grpc import (
     Registration,
     SageServer,
@@ -224,12 +225,14 @@ class GrpcEmbeddingBackend:
                 for e in engines
             ],
             dimensions=dimensions,
+            packed_vectors=True,
         )
         with rpc_errors_as_sage():
             reply = await self._stub.EmbedBatch(request, timeout=self._timeout_s)
         usage = reply.usage
         return EmbedResult(
-            vectors=[list(v.values) for v in reply.vectors],
+            # An embedding service from before packed vectors fills only `values`.
+            vectors=[packed_or_pack(v.packed_values, v.values) for v in reply.vectors],
             usage=TokenUsage(usage.prompt_tokens, usage.completion_tokens, usage.total_tokens),
             engine_ids=list(reply.engine_ids),
         )
@@ -349,9 +352,13 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
             request.dimensions,
             limits,
         )
+        if request.packed_vectors:
+            data = [pb.Embedding(index=i, packed_values=v) for i, v in enumerate(result.vectors)]
+        else:  # a caller from before packed vectors (or any gRPC client) reads `values`
+            data = [pb.Embedding(index=i, values=unpack(v)) for i, v in enumerate(result.vectors)]
         return pb.EmbedResponse(
             model=request.model,
-            data=[pb.Embedding(index=i, values=v) for i, v in enumerate(result.vectors)],
+            data=data,
             usage=_usage_pb(result.usage),
         )
 

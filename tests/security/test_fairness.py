@@ -22,6 +22,7 @@ import pytest
 
 from sage.common.config.settings import SageSettings
 from sage.common.exceptions import InvalidRequestError
+from sage.common.float32 import pack
 from sage.common.grpc import create_channel
 from sage.common.utils.processes import free_port, stop_process, wait_http
 from sage.engines.embedding.batching import InProcessBatcher
@@ -195,7 +196,7 @@ class _TimedEngine:
     ) -> BatchReply:
         self.calls.append(list(texts))
         await asyncio.sleep(self.per_text_s * len(texts))
-        return BatchReply([[float(len(t))] for t in texts], [1] * len(texts))
+        return BatchReply([pack([float(len(t))]) for t in texts], [1] * len(texts))
 
 
 async def test_service_batches_take_turns_between_callers() -> None:
@@ -213,8 +214,8 @@ async def test_service_batches_take_turns_between_callers() -> None:
     small = await batcher.embed("m", ["small"], engines)
     waited = time.perf_counter() - began
     outcome = await huge
-    assert small.vectors == [[5.0]]
-    assert outcome.vectors == [[float(len(t))] for t in huge_texts]  # its own, in order
+    assert small.vectors == [pack([5.0])]
+    assert outcome.vectors == [pack([float(len(t))]) for t in huge_texts]  # its own, in order
     assert max(len(call) for call in engine.calls) <= 8  # never one giant call
     where = next(i for i, call in enumerate(engine.calls) if "small" in call)
     assert where < len(engine.calls) - 5  # served long before the huge one finished

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sage.common.exceptions import OverloadedError, ServiceUnavailableError
+from sage.common.float32 import pack
 from sage.common.limits import estimate_text_tokens as estimate_tokens
 from sage.services.embedding.batcher import BatcherConfig, EmbeddingBatcher
 from sage.services.embedding.executor import BatchReply, Endpoint, EngineUnreachableError
@@ -21,8 +22,8 @@ A = Endpoint("a", "http://127.0.0.1:1")
 B = Endpoint("b", "http://127.0.0.1:2")
 
 
-def vector_of(text: str) -> list[float]:
-    return [float(len(text)), float(sum(map(ord, text)) % 997)]
+def vector_of(text: str) -> bytes:
+    return pack([float(len(text)), float(sum(map(ord, text)) % 997)])
 
 
 class RecordingEngine:

@@ -47,6 +47,15 @@ def reply(rows: list[Any], tokens: list[int] | None = None, total: int = 0) -> b
     return orjson.dumps(doc)
 
 
+def packed(vectors: Any) -> list[bytes]:
+    """Rows as the executor hands them on: little-endian float32 bytes."""
+    return [np.asarray(v, dtype="<f4").tobytes() for v in vectors]
+
+
+def as_floats(vectors: list[bytes]) -> np.ndarray:
+    return np.array([np.frombuffer(v, dtype="<f4") for v in vectors])
+
+
 def awkward_float32s(n: int, dim: int) -> np.ndarray:
     """float32 values whose decimal text is long, plus -0.0, a subnormal and extremes."""
     rng = np.random.default_rng(7)
@@ -61,20 +70,19 @@ def awkward_float32s(n: int, dim: int) -> np.ndarray:
 def test_base64_vectors_decode_to_the_exact_float32_values() -> None:
     want = awkward_float32s(3, DIM)
     got = parse_embeddings(reply([b64(v) for v in want], tokens=[1, 2, 3]), ["a", "b", "c"])
-    assert got.vectors == want.tolist()  # exact: every value is the engine's float32
-    assert all(type(x) is float for v in got.vectors for x in v)
-    assert np.array_equal(np.array(got.vectors, dtype=np.float32), want)
-    assert np.signbit(got.vectors[0][1])  # -0.0 survives
+    assert got.vectors == packed(want)  # exact: the engine's float32 bytes, kept as they are
+    assert np.array_equal(as_floats(got.vectors), want)
+    assert np.signbit(as_floats(got.vectors)[0][1])  # -0.0 survives
     assert got.tokens == [1, 2, 3]
 
 
 def test_float_lists_are_still_accepted_and_items_may_mix() -> None:
     want = awkward_float32s(2, DIM)
     floats = parse_embeddings(reply([v.tolist() for v in want], total=7), ["a", "bbbb"])
-    assert floats.vectors == want.tolist()
+    assert floats.vectors == packed(want)  # float lists packed once, to the same bytes
     assert sum(floats.tokens) == 7  # no sage_tokens: the total split by length
     mixed = parse_embeddings(reply([b64(want[0]), want[1].tolist()]), ["a", "b"])
-    assert mixed.vectors == want.tolist()
+    assert mixed.vectors == packed(want)
 
 
 def test_vectors_are_ordered_by_index() -> None:
@@ -82,7 +90,7 @@ def test_vectors_are_ordered_by_index() -> None:
     data = [{"index": i, "embedding": b64(want[i])} for i in (2, 0, 1)]
     doc = orjson.dumps({"data": data, "usage": {"prompt_tokens": 3}, "sage_tokens": [5, 6, 7]})
     got = parse_embeddings(doc, ["a", "b", "c"])
-    assert got.vectors == want.tolist()
+    assert got.vectors == packed(want)
     assert got.tokens == [5, 6, 7]
 
 
@@ -96,6 +104,7 @@ def test_vectors_are_ordered_by_index() -> None:
         (reply([base64.b64encode(b"\x00" * 6).decode()]), "6 bytes"),
         (reply([None]), "NoneType"),
         (reply([{"values": [1.0]}]), "dict"),
+        (reply([[1.0, "x"]]), "not a list of numbers"),
         (reply([[1.0], [2.0]]), "2 vectors for 1 inputs"),
         (b"not json", "invalid embeddings reply"),
         (b'{"data": [{"embedding": "AAAAAA=="}]}', "invalid embeddings reply"),  # no index
@@ -228,8 +237,8 @@ async def executor() -> AsyncIterator[EmbeddingExecutor]:
     await ex.aclose()
 
 
-def expected(texts: list[str]) -> list[list[float]]:
-    return [FakeEngine.vector(t).tolist() for t in texts]
+def expected(texts: list[str]) -> list[bytes]:
+    return packed([FakeEngine.vector(t) for t in texts])
 
 
 async def test_base64_is_asked_for_and_dimensions_pass_through(
@@ -320,9 +329,9 @@ async def test_own_engine_base64_equals_its_float_reply(executor: EmbeddingExecu
         got = await executor.send(Endpoint("own", url), BUNDLED_MODEL_NAME, texts)
         floats, b64s = await raw("float"), await raw("base64")
     assert not executor.float_only(Endpoint("own", url))
-    assert len(got.vectors) == len(texts) and all(len(v) == 384 for v in got.vectors)
+    assert len(got.vectors) == len(texts) and all(len(v) == 384 * 4 for v in got.vectors)
     want = np.array([d["embedding"] for d in floats["data"]])
-    assert np.allclose(np.array(got.vectors), want, rtol=0, atol=1e-6)
+    assert np.allclose(as_floats(got.vectors), want, rtol=0, atol=1e-6)
     exact = [np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in b64s["data"]]
-    assert got.vectors == [v.tolist() for v in exact]  # the engine's float32 values, exactly
+    assert got.vectors == packed(exact)  # the engine's float32 values, exactly
     assert got.tokens == floats["sage_tokens"]

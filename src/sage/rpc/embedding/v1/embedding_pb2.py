@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from sage.rpc.common.v1 import common_pb2 as sage_dot_rpc_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%sage/rpc/embedding/v1/embedding.proto\x12\x15sage.rpc.embedding.v1\x1a\x1fsage/rpc/common/v1/common.proto\"F\n\x0e\x45ngineEndpoint\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61se_url\x18\x02 \x01(\t\x12\x0f\n\x07managed\x18\x03 \x01(\x08\"~\n\x11\x45mbedBatchRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12\x36\n\x07\x65ngines\x18\x03 \x03(\x0b\x32%.sage.rpc.embedding.v1.EngineEndpoint\x12\x12\n\ndimensions\x18\x04 \x01(\x05\"\x1c\n\x06Vector\x12\x12\n\x06values\x18\x01 \x03(\x02\x42\x02\x10\x01\"\x82\x01\n\x12\x45mbedBatchResponse\x12.\n\x07vectors\x18\x01 \x03(\x0b\x32\x1d.sage.rpc.embedding.v1.Vector\x12(\n\x05usage\x18\x02 \x01(\x0b\x32\x19.sage.rpc.common.v1.Usage\x12\x12\n\nengine_ids\x18\x03 \x03(\t2u\n\x10\x45mbeddingService\x12\x61\n\nEmbedBatch\x12(.sage.rpc.embedding.v1.EmbedBatchRequest\x1a).sage.rpc.embedding.v1.EmbedBatchResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%sage/rpc/embedding/v1/embedding.proto\x12\x15sage.rpc.embedding.v1\x1a\x1fsage/rpc/common/v1/common.proto\"F\n\x0e\x45ngineEndpoint\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61se_url\x18\x02 \x01(\t\x12\x0f\n\x07managed\x18\x03 \x01(\x08\"\x96\x01\n\x11\x45mbedBatchRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12\x36\n\x07\x65ngines\x18\x03 \x03(\x0b\x32%.sage.rpc.embedding.v1.EngineEndpoint\x12\x12\n\ndimensions\x18\x04 \x01(\x05\x12\x16\n\x0epacked_vectors\x18\x05 \x01(\x08\"3\n\x06Vector\x12\x12\n\x06values\x18\x01 \x03(\x02\x42\x02\x10\x01\x12\x15\n\rpacked_values\x18\x02 \x01(\x0c\"\x82\x01\n\x12\x45mbedBatchResponse\x12.\n\x07vectors\x18\x01 \x03(\x0b\x32\x1d.sage.rpc.embedding.v1.Vector\x12(\n\x05usage\x18\x02 \x01(\x0b\x32\x19.sage.rpc.common.v1.Usage\x12\x12\n\nengine_ids\x18\x03 \x03(\t2u\n\x10\x45mbeddingService\x12\x61\n\nEmbedBatch\x12(.sage.rpc.embedding.v1.EmbedBatchRequest\x1a).sage.rpc.embedding.v1.EmbedBatchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,12 +36,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VECTOR'].fields_by_name['values']._serialized_options = b'\020\001'
   _globals['_ENGINEENDPOINT']._serialized_start=97
   _globals['_ENGINEENDPOINT']._serialized_end=167
-  _globals['_EMBEDBATCHREQUEST']._serialized_start=169
-  _globals['_EMBEDBATCHREQUEST']._serialized_end=295
-  _globals['_VECTOR']._serialized_start=297
-  _globals['_VECTOR']._serialized_end=325
-  _globals['_EMBEDBATCHRESPONSE']._serialized_start=328
-  _globals['_EMBEDBATCHRESPONSE']._serialized_end=458
-  _globals['_EMBEDDINGSERVICE']._serialized_start=460
-  _globals['_EMBEDDINGSERVICE']._serialized_end=577
+  _globals['_EMBEDBATCHREQUEST']._serialized_start=170
+  _globals['_EMBEDBATCHREQUEST']._serialized_end=320
+  _globals['_VECTOR']._serialized_start=322
+  _globals['_VECTOR']._serialized_end=373
+  _globals['_EMBEDBATCHRESPONSE']._serialized_start=376
+  _globals['_EMBEDBATCHRESPONSE']._serialized_end=506
+  _globals['_EMBEDDINGSERVICE']._serialized_start=508
+  _globals['_EMBEDDINGSERVICE']._serialized_end=625
 # @@protoc_insertion_point(module_scope)

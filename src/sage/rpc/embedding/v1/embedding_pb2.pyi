@@ -59,9 +59,14 @@ class EmbedBatchRequest(_message.Message):
     INPUTS_FIELD_NUMBER: _builtins.int
     ENGINES_FIELD_NUMBER: _builtins.int
     DIMENSIONS_FIELD_NUMBER: _builtins.int
+    PACKED_VECTORS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     dimensions: _builtins.int
     """Output dimensions for models that support truncation; 0 means the model's own."""
+    packed_vectors: _builtins.bool
+    """The caller reads Vector.packed_values: the reply fills it instead of `values`. Unset (a
+    caller from before packed vectors, or one that wants plain floats), `values` is filled.
+    """
     @_builtins.property
     def inputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -75,10 +80,11 @@ class EmbedBatchRequest(_message.Message):
         inputs: _abc.Iterable[_builtins.str] | None = ...,
         engines: _abc.Iterable[Global___EngineEndpoint] | None = ...,
         dimensions: _builtins.int = ...,
+        packed_vectors: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dimensions", b"dimensions", "engines", b"engines", "inputs", b"inputs", "model", b"model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dimensions", b"dimensions", "engines", b"engines", "inputs", b"inputs", "model", b"model", "packed_vectors", b"packed_vectors"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -91,16 +97,25 @@ class Vector(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     VALUES_FIELD_NUMBER: _builtins.int
+    PACKED_VALUES_FIELD_NUMBER: _builtins.int
+    packed_values: _builtins.bytes
+    """The vector as little-endian IEEE-754 float32, 4 bytes per value: the bytes of the
+    engine's base64 reply, passed on without conversion. Readers use it when non-empty and
+    fall back to `values` (a peer from before this field).
+    """
     @_builtins.property
-    def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """The vector as floats; empty when packed_values is set."""
+
     def __init__(
         self,
         *,
         values: _abc.Iterable[_builtins.float] | None = ...,
+        packed_values: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["values", b"values"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["packed_values", b"packed_values", "values", b"values"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

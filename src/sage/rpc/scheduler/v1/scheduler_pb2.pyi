@@ -352,11 +352,16 @@ class EmbedRequest(_message.Message):
     ENCODING_FORMAT_FIELD_NUMBER: _builtins.int
     DIMENSIONS_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
+    PACKED_VECTORS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     encoding_format: _builtins.str
     """"float" (default) or "base64", as OpenAI's encoding_format."""
     dimensions: _builtins.int
     """Output dimensions for models that support truncation; 0 means the model's own."""
+    packed_vectors: _builtins.bool
+    """The caller reads Embedding.packed_values: the reply fills it instead of `values` (the
+    edge sets it). Unset (an older caller, or one that wants plain floats), `values` is filled.
+    """
     @_builtins.property
     def inputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Texts to embed, in order."""
@@ -371,10 +376,11 @@ class EmbedRequest(_message.Message):
         encoding_format: _builtins.str = ...,
         dimensions: _builtins.int = ...,
         options: Global___RequestOptions | None = ...,
+        packed_vectors: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dimensions", b"dimensions", "encoding_format", b"encoding_format", "inputs", b"inputs", "model", b"model", "options", b"options"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dimensions", b"dimensions", "encoding_format", b"encoding_format", "inputs", b"inputs", "model", b"model", "options", b"options", "packed_vectors", b"packed_vectors"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -388,18 +394,27 @@ class Embedding(_message.Message):
 
     INDEX_FIELD_NUMBER: _builtins.int
     VALUES_FIELD_NUMBER: _builtins.int
+    PACKED_VALUES_FIELD_NUMBER: _builtins.int
     index: _builtins.int
+    packed_values: _builtins.bytes
+    """The vector as little-endian IEEE-754 float32, 4 bytes per value (the engine's own bytes;
+    base64 of it is OpenAI's `encoding_format: base64`). Readers use it when non-empty and
+    fall back to `values` (a peer from before this field).
+    """
     @_builtins.property
-    def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """The vector as floats; empty when packed_values is set."""
+
     def __init__(
         self,
         *,
         index: _builtins.int = ...,
         values: _abc.Iterable[_builtins.float] | None = ...,
+        packed_values: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "values", b"values"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "packed_values", b"packed_values", "values", b"values"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
