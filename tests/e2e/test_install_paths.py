@@ -56,11 +56,13 @@ print(len(names), "modules")
 for name, why in sorted(failed.items()):
     print("FAILED", name, why)
 
+from sage.common.float32 import unpack
 from sage.services.embedding.executor import parse_embeddings
 want = [1 / 3, -0.0, 1e-45, 3e38]
 packed = base64.b64encode(struct.pack("<4f", *want)).decode()
 doc = {"data": [{"index": 0, "embedding": packed}], "usage": {"prompt_tokens": 2}}
-got = parse_embeddings(orjson.dumps(doc), ["hi"]).vectors[0]
+# The reply carries the engine's float32 bytes as they came; unpacked here to compare.
+got = unpack(parse_embeddings(orjson.dumps(doc), ["hi"]).vectors[0])
 exact = struct.unpack("<4f", struct.pack("<4f", *want))
 print("vector", "exact" if got == list(exact) and str(got[1]) == "-0.0" else got)
 """
