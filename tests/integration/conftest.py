@@ -141,29 +141,40 @@ async def full_plane(
     settings: SageSettings, port_factory: Callable[[], int]
 ) -> AsyncIterator[FullPlane]:
     """gpu_manager, embedding, scheduler, lifecycle and edge, wired like `sage llm serve`."""
-    servers: dict[str, SageServer] = {}
-    ports = {name: port_factory() for name in ("gpu", "emb", "sched", "life")}
-    wired = settings.model_copy(
-        update={
-            "gpu_manager_addr": f"127.0.0.1:{ports['gpu']}",
-            "embedding_service_addr": f"127.0.0.1:{ports['emb']}",
-            "scheduler_addr": f"127.0.0.1:{ports['sched']}",
-            "lifecycle_addr": f"127.0.0.1:{ports['life']}",
-            "lifecycle_restart_backoff_s": 0.2,
-            "lifecycle_max_crashes": 2,
-            # engines outlive a lifecycle restart; teardown stops them through the API
-            "lifecycle_stop_engines_on_exit": False,
-        }
-    )
-    for name, build, port in (
-        ("gpu_manager", build_gpu, ports["gpu"]),
-        ("embedding", build_embedding, ports["emb"]),
-        ("scheduler", build_scheduler, ports["sched"]),
-        ("lifecycle", build_lifecycle, ports["life"]),
-    ):
-        server, _ = build(wired, f"127.0.0.1:{port}")
-        await server.start()
-        servers[name] = server
+    # The services know each other's addresses before they bind, so a port taken by another
+    # process between the pick and the bind fails the build: then all of them start again on
+    # fresh ports (a busy CI run hit "Address already in use" here).
+    for attempt in range(3):
+        servers: dict[str, SageServer] = {}
+        ports = {name: port_factory() for name in ("gpu", "emb", "sched", "life")}
+        wired = settings.model_copy(
+            update={
+                "gpu_manager_addr": f"127.0.0.1:{ports['gpu']}",
+                "embedding_service_addr": f"127.0.0.1:{ports['emb']}",
+                "scheduler_addr": f"127.0.0.1:{ports['sched']}",
+                "lifecycle_addr": f"127.0.0.1:{ports['life']}",
+                "lifecycle_restart_backoff_s": 0.2,
+                "lifecycle_max_crashes": 2,
+                # engines outlive a lifecycle restart; teardown stops them through the API
+                "lifecycle_stop_engines_on_exit": False,
+            }
+        )
+        try:
+            for name, build, port in (
+                ("gpu_manager", build_gpu, ports["gpu"]),
+                ("embedding", build_embedding, ports["emb"]),
+                ("scheduler", build_scheduler, ports["sched"]),
+                ("lifecycle", build_lifecycle, ports["life"]),
+            ):
+                server, _ = build(wired, f"127.0.0.1:{port}")
+                await server.start()
+                servers[name] = server
+            break
+        except RuntimeError as exc:
+            for started in servers.values():
+                await started.stop(0)
+            if "Failed to bind" not in str(exc) or attempt == 2:
+                raise
     channel = create_channel(wired.address("scheduler"))
     edge_port = port_factory()
     admin = plane_admin(wired)
