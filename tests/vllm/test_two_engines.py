@@ -115,7 +115,7 @@ def test_repeated_prefix_hits_the_cache_of_one_engine(
 
 # The engine test_streams_cut_by_kill_9... killed (as listed then), for the restart test.
 KILLED: dict[str, Any] = {}
-MAX_TOKENS = 160
+MAX_TOKENS = 256  # ~2 s a stream on 2 CPU cores: room to pick and kill an engine
 SUBJECTS = (
     "batching",
     "prefix caching",
@@ -204,15 +204,23 @@ async def all_streams(
             deadline = time.monotonic() + 120
             while not all(s.done() for s in streams):
                 assert time.monotonic() < deadline, f"no stream reached an engine: {progress}"
-                running = [
-                    read_load((await http.get(str(e["base_url"]) + "/metrics")).text).running
-                    for e in engines
-                ]
-                if min(progress) >= 3 and any(running):
+                if min(progress) < 3:
+                    await asyncio.sleep(0.01)  # cheap: no scrape until every stream is under way
+                    continue
+                # Both engines' own gauges at once, with the scheduler's in-flight count as the
+                # fallback: on 2 busy cores a sequential scrape could outlast the 8 streams.
+                replies = await asyncio.gather(
+                    *(http.get(str(e["base_url"]) + "/metrics") for e in engines),
+                    http.get(stack.gateway + "/metrics", headers=stack.admin()),
+                )
+                running = [read_load(r.text).running for r in replies[:-1]]
+                if not any(running):
+                    running = [engine_in_flight(replies[-1].text, e["engine_id"]) for e in engines]
+                if any(running) and not all(s.done() for s in streams):
                     killed = engines[1] if running[1] else engines[0]
                     os.kill(int(killed["pid"]), signal.SIGKILL)
                     break
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.02)
             else:
                 pytest.fail(
                     f"every stream ended before an engine could be killed: {progress}\n"
