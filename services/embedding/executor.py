@@ -18,14 +18,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import orjson
 
 from sage.common.engine_errors import engine_error
 from sage.common.engine_keys import engine_auth_headers
+from sage.common.error_bodies import loads_error_body
 from sage.common.exceptions import DeadlineExceededError, SageError, UpstreamError
 from sage.common.float32 import pack
-from sage.common.grpc.tls import process_tls
+from sage.common.http.http1 import ConnectError, Http1Error, Http1Pool, engine_tls_context
 
 log = logging.getLogger("sage.embedding")
 
@@ -122,31 +122,6 @@ def parse_embeddings(content: bytes, texts: Sequence[str]) -> BatchReply:
     return BatchReply(vectors, tokens)
 
 
-def _error_parts(doc: Any) -> list[tuple[str, Any]]:
-    """(message, param) of each error a 4xx body carries: OpenAI's `{"error": {...}}`,
-    vLLM's top-level `message`/`param`, TEI's `{"error": "..."}`, FastAPI's `detail`."""
-    if not isinstance(doc, dict):
-        return []
-    parts: list[tuple[str, Any]] = []
-    err = doc.get("error")
-    if isinstance(err, dict):
-        parts.append((str(err.get("message") or ""), err.get("param")))
-    elif isinstance(err, str):
-        parts.append((err, None))
-    if "message" in doc:
-        parts.append((str(doc.get("message") or ""), doc.get("param")))
-    detail = doc.get("detail")
-    if isinstance(detail, str):
-        parts.append((detail, None))
-    elif isinstance(detail, list):
-        for d in detail:
-            if isinstance(d, dict):
-                loc = d.get("loc")
-                named = isinstance(loc, list) and _ENCODING_FIELD in loc
-                parts.append((str(d.get("msg") or ""), _ENCODING_FIELD if named else None))
-    return parts
-
-
 def rejects_base64(status: int, content: bytes) -> bool:
     """Whether an engine's error reply refuses `encoding_format` (an engine that only
     speaks float): any 4xx naming param `encoding_format`, or a 400/422 whose error
@@ -154,17 +129,10 @@ def rejects_base64(status: int, content: bytes) -> bool:
     if not 400 <= status < 500 or _ENCODING_FIELD.encode() not in content:
         return False
     mentions = status in (400, 422)
-    try:
-        doc = orjson.loads(content)
-    except orjson.JSONDecodeError:
-        return mentions  # a plain-text error naming the field
-    parts = _error_parts(doc)
-    if not parts:  # an error shape we do not know: the field is named somewhere in it
+    body = loads_error_body(content)  # OpenAI's, vLLM's, TEI's or FastAPI's error shapes
+    if body is None:  # plain text, or a shape we do not know, naming the field somewhere
         return mentions
-    return any(
-        param == _ENCODING_FIELD or (mentions and _ENCODING_FIELD in message)
-        for message, param in parts
-    )
+    return body.param == _ENCODING_FIELD or (mentions and _ENCODING_FIELD in (body.message or ""))
 
 
 def _engine_error(engine: Endpoint, status: int, content: bytes) -> SageError:
@@ -178,32 +146,22 @@ def _engine_error(engine: Endpoint, status: int, content: bytes) -> SageError:
 
 
 class EmbeddingExecutor:
-    """Sends batches over one pooled keep-alive session (aiohttp: cheapest per call)."""
+    """Sends batches over pooled keep-alive connections (Http1Pool, the scheduler's engine
+    client: a fraction of aiohttp's CPU per call). At most 1024 batches are in flight; more
+    wait for a connection within their timeout."""
 
     def __init__(self, *, timeout_s: float = 120.0) -> None:
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=5.0)
-        self._session: aiohttp.ClientSession | None = None
+        self._timeout_s = timeout_s
+        # https engines are verified against SAGE_TLS_CA_FILE (our cert for mTLS).
+        self._pool = Http1Pool(
+            connect_timeout_s=5.0, max_connections=1024, ssl_context=engine_tls_context
+        )
         # Engines (base URL) that rejected encoding_format=base64: they get float.
         self._float_only: set[str] = set()
 
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                # https engines are verified against SAGE_TLS_CA_FILE (our cert for mTLS).
-                connector=aiohttp.TCPConnector(
-                    limit=1024, limit_per_host=0, ssl=process_tls().httpx_verify()
-                ),
-                timeout=self._timeout,
-                auto_decompress=False,
-                skip_auto_headers=("User-Agent",),
-            )
-        return self._session
-
     async def aclose(self) -> None:
-        """Close pooled connections."""
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        """Close pooled connections (the executor stays usable)."""
+        await self._pool.aclose()
 
     async def send(
         self, engine: Endpoint, model: str, texts: Sequence[str], dimensions: int = 0
@@ -213,9 +171,8 @@ class EmbeddingExecutor:
         if dimensions:
             payload["dimensions"] = dimensions
         base = engine.base_url.rstrip("/")
-        url = base + "/v1/embeddings"
         if base not in self._float_only:
-            status, content = await self._post(engine, url, {**payload, _ENCODING_FIELD: "base64"})
+            status, content = await self._post(engine, base, {**payload, _ENCODING_FIELD: "base64"})
             if 200 <= status < 300:
                 return parse_embeddings(content, texts)
             if not rejects_base64(status, content):
@@ -227,7 +184,7 @@ class EmbeddingExecutor:
             )
         # The request as an OpenAI client sends it by default: float, no encoding_format
         # (an engine that rejected the field may not know it at all).
-        status, content = await self._post(engine, url, payload)
+        status, content = await self._post(engine, base, payload)
         if not 200 <= status < 300:  # a 3xx too: redirects are never followed
             raise _engine_error(engine, status, content)
         return parse_embeddings(content, texts)
@@ -236,25 +193,26 @@ class EmbeddingExecutor:
         """Whether `engine` is sent float because it rejected base64."""
         return engine.base_url.rstrip("/") in self._float_only
 
-    async def _post(self, engine: Endpoint, url: str, payload: dict[str, Any]) -> tuple[int, bytes]:
-        """(status, body) of one POST; connection failures and timeouts as SageErrors."""
+    async def _post(
+        self, engine: Endpoint, base: str, payload: dict[str, Any]
+    ) -> tuple[int, bytes]:
+        """(status, body) of one POST to `base`/v1/embeddings; connection failures and
+        timeouts as SageErrors. A redirect is never followed (an engine that passed the
+        registration probe could otherwise send batches to loopback or metadata
+        addresses): a 3xx comes back as an engine error."""
+        headers = {
+            "content-type": "application/json",
+            **engine_auth_headers(engine.engine_id, engine.managed),
+        }
         try:
-            headers = {
-                "content-type": "application/json",
-                **engine_auth_headers(engine.engine_id, engine.managed),
-            }
-            # Never follow a redirect (aiohttp would by default): an engine that passed the
-            # registration probe could otherwise send batches to loopback or metadata
-            # addresses. A 3xx comes back as an engine error.
-            async with self._http().post(
-                url, data=orjson.dumps(payload), headers=headers, allow_redirects=False
-            ) as resp:
-                return resp.status, await resp.read()
-        except aiohttp.ClientConnectorError as exc:
+            return await self._pool.post(
+                base, "/v1/embeddings", orjson.dumps(payload), headers, self._timeout_s
+            )
+        except ConnectError as exc:
             raise EngineUnreachableError(
                 f"embedding engine {engine.engine_id} unreachable: {exc}"
             ) from exc
         except TimeoutError as exc:
             raise DeadlineExceededError(f"embedding engine {engine.engine_id} timed out") from exc
-        except aiohttp.ClientError as exc:
+        except Http1Error as exc:  # dropped mid-reply, or not HTTP
             raise UpstreamError(f"embedding engine {engine.engine_id} failed: {exc!r}") from exc

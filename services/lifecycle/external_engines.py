@@ -11,7 +11,8 @@ loopback services, the cloud metadata endpoint) and a way to hijack a model's tr
   small reply, no redirects, must list the model (or one of its aliases). Failures say why
   without echoing what the address answered.
 
-Plain Python (no grpc); the manager calls these.
+Plain Python (no grpc); the manager calls these. httpx only parses URLs here; the probe
+goes through Http1Pool, the client of every engine call.
 """
 
 from __future__ import annotations
@@ -26,6 +27,13 @@ import orjson
 
 from sage.common.config.settings import SageSettings
 from sage.common.exceptions import InvalidRequestError
+from sage.common.http.http1 import (
+    ConnectError,
+    DisconnectedError,
+    Http1Error,
+    Http1Pool,
+    ProtocolError,
+)
 from sage.common.security import local_interface_addresses, resolves_to
 
 PROBE_TIMEOUT_S = 5.0
@@ -148,7 +156,7 @@ def parse_base_url(base_url: str) -> httpx.URL:
 
 
 async def probe_models(
-    http: httpx.AsyncClient,
+    http: Http1Pool,
     base_url: str,
     names: Iterable[str],
     *,
@@ -157,12 +165,11 @@ async def probe_models(
 ) -> None:
     """GET {base_url}/v1/models must list one of `names`; InvalidRequestError (param
     base_url) says what went wrong without quoting the reply."""
-    url = base_url.rstrip("/") + "/v1/models"
     wanted = [n for n in names if n]
     where = f"the engine at {base_url}"
     try:
         async with asyncio.timeout(timeout_s):
-            body = await _fetch(http, url, max_bytes, where)
+            body = await _fetch(http, base_url.rstrip("/"), timeout_s, max_bytes, where)
     except TimeoutError:
         raise InvalidRequestError(
             f"{where} did not answer GET /v1/models within {timeout_s:g}s", param="base_url"
@@ -186,41 +193,49 @@ async def probe_models(
         )
 
 
-async def _fetch(http: httpx.AsyncClient, url: str, max_bytes: int, where: str) -> bytes:
+async def _fetch(
+    http: Http1Pool, base_url: str, timeout_s: float, max_bytes: int, where: str
+) -> bytes:
     try:
-        async with http.stream("GET", url, follow_redirects=False) as reply:
-            if reply.is_redirect:
-                raise InvalidRequestError(
-                    f"{where} answered GET /v1/models with a redirect (HTTP "
-                    f"{reply.status_code}); register the address it serves from",
-                    param="base_url",
-                )
-            if reply.status_code != 200:
-                raise InvalidRequestError(
-                    f"{where} answered GET /v1/models with HTTP {reply.status_code}",
-                    param="base_url",
-                )
-            body = bytearray()
-            async for chunk in reply.aiter_bytes():
+        reply = await http.stream(base_url, "/v1/models", b"", {}, timeout_s, method="GET")
+    except Http1Error as exc:
+        raise InvalidRequestError(
+            f"{where} cannot be reached ({_why(exc)})", param="base_url"
+        ) from None
+    async with reply:  # closed early (a refusal below) means the connection is dropped
+        if 300 <= reply.status < 400:
+            raise InvalidRequestError(
+                f"{where} answered GET /v1/models with a redirect (HTTP "
+                f"{reply.status}); register the address it serves from",
+                param="base_url",
+            )
+        if reply.status != 200:
+            raise InvalidRequestError(
+                f"{where} answered GET /v1/models with HTTP {reply.status}",
+                param="base_url",
+            )
+        body = bytearray()
+        try:
+            async for chunk in reply:
                 body += chunk
                 if len(body) > max_bytes:
                     raise InvalidRequestError(
                         f"{where} answered GET /v1/models with more than {max_bytes} bytes",
                         param="base_url",
                     )
-            return bytes(body)
-    except httpx.TimeoutException:
-        raise TimeoutError from None  # one message for every timeout (probe_models)
-    except httpx.HTTPError as exc:
-        raise InvalidRequestError(
-            f"{where} cannot be reached ({_why(exc)})", param="base_url"
-        ) from None
+        except Http1Error as exc:
+            raise InvalidRequestError(
+                f"{where} cannot be reached ({_why(exc)})", param="base_url"
+            ) from None
+        return bytes(body)
 
 
-def _why(exc: httpx.HTTPError) -> str:
+def _why(exc: Http1Error) -> str:
     """A short reason without the peer's reply: the exception's class, made readable."""
-    if isinstance(exc, httpx.ConnectError):  # our side's words (refused, DNS, TLS)
+    if isinstance(exc, ConnectError):  # our side's words (refused, DNS, TLS)
         return f"connection failed: {str(exc)[:200]}"
-    if isinstance(exc, httpx.RemoteProtocolError):
+    if isinstance(exc, ProtocolError):
         return "not an HTTP server"
+    if isinstance(exc, DisconnectedError):
+        return "it closed the connection before a whole reply"
     return type(exc).__name__

@@ -25,7 +25,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
-import httpx
 import psutil
 
 from sage.common.config.ports import SagePorts
@@ -37,7 +36,7 @@ from sage.common.exceptions import (
     InsufficientResourcesError,
     InvalidRequestError,
 )
-from sage.common.grpc.tls import process_tls
+from sage.common.http.http1 import Http1Error, Http1Pool, engine_tls_context
 from sage.engines.vllm_metrics import read_load
 
 from .backends import BACKENDS, get_backend, list_backends, resolve_backend
@@ -224,6 +223,10 @@ def _listens_on(pid: int, port: int) -> bool:
     return False
 
 
+# Each health check, drain poll or metrics read of an engine, whole.
+_HTTP_TIMEOUT_S = 2.0
+
+
 def _auth(record: EngineRecord) -> dict[str, str]:
     """The Authorization header an engine we launched requires (external: none)."""
     return engine_auth_headers(record.engine_id, is_managed(record.backend))
@@ -267,9 +270,9 @@ class EngineLifecycleManager:
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._busy: set[str] = set()  # engines being started, restarted or stopped
         self._lock = asyncio.Lock()
-        self._http = httpx.AsyncClient(
-            timeout=2.0, trust_env=False, verify=process_tls().httpx_verify()
-        )
+        # Health checks, drains and registration probes: the engine client the scheduler
+        # uses (no proxies from the environment, redirects never followed).
+        self._http = Http1Pool(max_idle_per_host=4, ssl_context=engine_tls_context)
         self._tasks: set[asyncio.Task[None]] = set()
         self._watcher: asyncio.Task[None] | None = None
         # Engines bind to spec.host; their URLs use the address other hosts can reach.
@@ -623,9 +626,18 @@ class EngineLifecycleManager:
         finally:
             self._busy.discard(record.engine_id)
 
+    async def _answers_health(self, record: EngineRecord) -> bool:
+        """Whether the engine answers GET on its health path with 200 now."""
+        try:
+            status, _ = await self._http.get(
+                record.base_url, record.health_path, _auth(record), _HTTP_TIMEOUT_S
+            )
+        except (Http1Error, TimeoutError):
+            return False
+        return status == 200
+
     async def _wait_healthy(self, record: EngineRecord, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        url = record.base_url + record.health_path
         while True:
             current = self._records.get(record.engine_id)
             if current is None or current.state in (STOPPING, STOPPED):
@@ -639,9 +651,7 @@ class EngineLifecycleManager:
                     f"engine {record.engine_id} exited with code {proc.returncode} while "
                     f"starting; {_logs_hint(record.engine_id)}"
                 )
-            healthy = False
-            with contextlib.suppress(httpx.HTTPError):
-                healthy = (await self._http.get(url, headers=_auth(record))).status_code == 200
+            healthy = await self._answers_health(record)
             # A stranger answering on our port does not count: ours will fail to bind and exit.
             if healthy and (proc is None or _listens_on(proc.pid, record.port)):
                 return
@@ -774,10 +784,12 @@ class EngineLifecycleManager:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
-                metrics_url = record.base_url + "/metrics"
-                text = (await self._http.get(metrics_url, headers=_auth(record))).text
-            except httpx.HTTPError:
+                _, body = await self._http.get(
+                    record.base_url, "/metrics", _auth(record), _HTTP_TIMEOUT_S
+                )
+            except (Http1Error, TimeoutError):
                 return
+            text = body.decode(errors="replace")
             # Exact names, summed over engine cores: `..._waiting_by_reason` (which repeats
             # the waiting count) must not count twice.
             if read_load(text).queued == 0:
@@ -872,11 +884,7 @@ class EngineLifecycleManager:
             if record.backend == "external":
                 await self._register_quietly(record)
                 continue
-            healthy = False
-            if record.pid and _alive(record.pid):
-                with contextlib.suppress(httpx.HTTPError):
-                    url = record.base_url + record.health_path
-                    healthy = (await self._http.get(url, headers=_auth(record))).status_code == 200
+            healthy = bool(record.pid and _alive(record.pid)) and await self._answers_health(record)
             if healthy and record.state == READY:
                 log.info(
                     "re-adopted engine", extra={"engine_id": record.engine_id, "pid": record.pid}

@@ -1,8 +1,8 @@
 """HttpExecutionCoordinator: the one place that talks HTTP to engines.
 
-Unary and streamed calls go through Http1Pool (http1.py), a lean keep-alive HTTP/1.1
-client. Engine JSON passes through as raw bytes; streaming responses are split into SSE
-events as they arrive, never buffered whole.
+Unary and streamed calls go through Http1Pool (sage.common.http.http1), a lean keep-alive
+HTTP/1.1 client. Engine JSON passes through as raw bytes; streaming responses are split into
+SSE events as they arrive, never buffered whole.
 While a trace is active, each engine call gets a client span and carries W3C `traceparent`
 to the engine; without one (no exporter, no incoming trace) it costs one check.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import ssl
 from collections.abc import AsyncIterator, Iterator, Mapping
 
 from opentelemetry import propagate, trace
@@ -21,9 +20,14 @@ from sage.common.engine_errors import MAX_ENGINE_MESSAGE_CHARS as MAX_ENGINE_MES
 from sage.common.engine_errors import engine_error
 from sage.common.engine_keys import engine_key, is_managed
 from sage.common.exceptions import DeadlineExceededError, SageError, UpstreamError
-from sage.common.grpc.tls import process_tls
+from sage.common.http.http1 import (
+    ConnectError,
+    DisconnectedError,
+    Http1Error,
+    Http1Pool,
+    engine_tls_context,
+)
 
-from .http1 import ConnectError, DisconnectedError, Http1Error, Http1Pool
 from .registry import EngineRecord
 
 _JSON = {"content-type": "application/json"}
@@ -114,13 +118,6 @@ def _http1_errors(engine: EngineRecord) -> Iterator[None]:
         raise UpstreamError(f"engine {engine.engine_id} failed: {exc!r}") from exc
 
 
-def _client_tls() -> ssl.SSLContext:
-    """The context https engines are dialled with: `httpx_verify()`'s (our CA and cert for
-    mTLS), or the default verifying context when it says True."""
-    verify = process_tls().httpx_verify()
-    return verify if isinstance(verify, ssl.SSLContext) else ssl.create_default_context()
-
-
 def _split_events(buffer: bytearray) -> list[bytes]:
     """Pop every complete SSE event's data payload from `buffer`."""
     payloads: list[bytes] = []
@@ -157,9 +154,10 @@ class HttpExecutionCoordinator:
 
     Not httpx: under load its per-request cost was ~60% of the scheduler's CPU (py-spy,
     bench/gateway_overhead.py); not aiohttp either: Http1Pool costs less than half of its
-    CPU per request (http1.py). `max_connections` caps engine requests in flight, unary and
-    streamed together (each holds one connection, a stream until it ends); more wait for a
-    free one within `request_timeout_s`, which covers a whole stream, not just its start.
+    CPU per request (sage.common.http.http1). `max_connections` caps engine requests in
+    flight, unary and streamed together (each holds one connection, a stream until it
+    ends); more wait for a free one within `request_timeout_s`, which covers a whole
+    stream, not just its start.
     """
 
     def __init__(
@@ -175,7 +173,7 @@ class HttpExecutionCoordinator:
         self._pool = Http1Pool(
             connect_timeout_s=connect_timeout_s,
             max_connections=max_connections,
-            ssl_context=_client_tls,
+            ssl_context=engine_tls_context,
         )
 
     async def aclose(self) -> None:

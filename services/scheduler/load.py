@@ -22,9 +22,8 @@ import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
-import aiohttp
-
 from sage.common.engine_keys import engine_auth_headers, is_managed
+from sage.common.http.http1 import Http1Error, Http1Pool, engine_tls_context
 from sage.engines.vllm_metrics import VllmLoad, read_load
 
 from .registry import EngineRecord
@@ -88,7 +87,9 @@ class EngineLoadTracker:
         self._reports: dict[str, EngineReport] = {}
         self._capacity: dict[str, CapacityEstimate] = {}
         self._task: asyncio.Task[None] | None = None
-        self._session: aiohttp.ClientSession | None = None
+        # Its own pool, not the executor's: a scrape never waits for a slot behind user
+        # requests, and needs only one kept-alive connection per engine.
+        self._http = Http1Pool(max_idle_per_host=1, ssl_context=engine_tls_context)
         self._wake = asyncio.Event()  # set: scrape now (see track)
         # Called with an engine id whenever load(engine_id) may have changed, so indexes
         # over loads (routing/least_loaded.py) stay right without rescanning every engine.
@@ -189,25 +190,19 @@ class EngineLoadTracker:
         """Poll every engine's /metrics concurrently; an engine that fails keeps no report."""
         records = list(engines)
         self.retain(e.engine_id for e in records)
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.scrape_timeout_s)
-            )
-        session = self._session
+        http, timeout_s = self._http, self.scrape_timeout_s
 
         async def one(engine: EngineRecord) -> None:
             try:
                 # Engines lifecycle started require their key on /metrics too. A redirect
-                # is never followed (aiohttp would by default): an engine could otherwise
+                # is never followed (Http1Pool follows none): an engine could otherwise
                 # point the scrape at loopback or metadata addresses; a 3xx is a failure.
                 headers = engine_auth_headers(engine.engine_id, is_managed(engine.backend))
-                async with session.get(
-                    engine.base_url + "/metrics", headers=headers, allow_redirects=False
-                ) as resp:
-                    if resp.status != 200:
-                        raise aiohttp.ClientResponseError(resp.request_info, (), status=resp.status)
-                    text = await resp.text()
-            except (aiohttp.ClientError, TimeoutError, UnicodeDecodeError):
+                status, body = await http.get(engine.base_url, "/metrics", headers, timeout_s)
+                if status != 200:
+                    raise Http1Error(f"HTTP {status}")
+                text = body.decode()  # Prometheus' text format is UTF-8
+            except (Http1Error, TimeoutError, UnicodeDecodeError):
                 if self._reports.pop(engine.engine_id, None) is not None and self._listeners:
                     self._changed(engine.engine_id)
                 return
@@ -241,6 +236,4 @@ class EngineLoadTracker:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._http.aclose()

@@ -1,4 +1,4 @@
-"""What an engine's error reply becomes: the one parser of OpenAI error bodies.
+"""What an engine's error reply becomes.
 
 Both hops to engines (the scheduler's ExecutionCoordinator and the embedding service's
 EmbeddingExecutor) map an engine's non-2xx reply through `engine_error`. An OpenAI-shaped
@@ -6,17 +6,15 @@ error (OpenAI's `{"error": {...}}`, vLLM's older `{"object": "error", ...}`, TEI
 `{"error": "...", "error_type": ...}`) keeps its message and param, clipped to one short
 line; any other body (an HTML page, some other service's reply, a redirect) is summarised
 as `HTTP 500 (html, 1234 bytes)`, never echoed, so a caller never reads what an address
-answered. The HTTP status picks the error class.
+answered. The HTTP status picks the error class. The body is read by
+sage.common.error_bodies, the one parser of error bodies.
 
 Plain code: no grpc, no HTTP client or server framework.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-import orjson
-
+from sage.common.error_bodies import loads_error_body
 from sage.common.exceptions import (
     InvalidRequestError,
     ModelNotFoundError,
@@ -51,23 +49,11 @@ def openai_error_parts(content: bytes) -> tuple[str, str | None] | None:
     """(message, param) of an OpenAI-shaped error body (OpenAI's `{"error": {...}}`, vLLM's
     older `{"object": "error", ...}`, TEI's `{"error": "...", "error_type": ...}`), clipped;
     None for any other body."""
-    try:
-        doc: Any = orjson.loads(content)
-    except orjson.JSONDecodeError:
+    body = loads_error_body(content)
+    if body is None or not body.openai or body.message is None:
         return None
-    if not isinstance(doc, dict):
-        return None
-    err = doc.get("error")
-    if isinstance(err, dict) and isinstance(err.get("message"), str):
-        message, param = err["message"], err.get("param")
-    elif doc.get("object") == "error" and isinstance(doc.get("message"), str):
-        message, param = doc["message"], doc.get("param")
-    elif isinstance(err, str) and isinstance(doc.get("error_type"), str):
-        message, param = err, None
-    else:
-        return None
-    clipped_param = clip(param, _MAX_PARAM_CHARS) if isinstance(param, str) and param else None
-    return clip(message, MAX_ENGINE_MESSAGE_CHARS), clipped_param
+    param = clip(body.param, _MAX_PARAM_CHARS) if body.param else None
+    return clip(body.message, MAX_ENGINE_MESSAGE_CHARS), param
 
 
 def summarise_reply(status: int, content: bytes) -> str:

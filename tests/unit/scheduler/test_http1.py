@@ -41,7 +41,7 @@ from sage.services.scheduler.executor import (
     HttpExecutionCoordinator,
     _split_events,
 )
-from sage.services.scheduler.http1 import (
+from sage.common.http.http1 import (
     STREAM_BUFFER_LIMIT,
     ConnectError,
     DisconnectedError,

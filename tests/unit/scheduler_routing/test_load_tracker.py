@@ -101,7 +101,7 @@ async def test_background_scraper_polls_until_closed(metrics_url: str) -> None:
         await asyncio.sleep(0.02)
     assert tracker.load("up") == 5.0
     await tracker.aclose()
-    assert tracker._task is None and tracker._session is None
+    assert tracker._task is None and tracker._http.idle_count() == 0
 
 
 def test_capacity_is_what_a_full_engine_runs_and_is_probed_upward() -> None:

@@ -1,12 +1,16 @@
-"""Http1Pool: a small HTTP/1.1 keep-alive client for the scheduler's unary engine calls.
+"""Http1Pool: the one HTTP/1.1 keep-alive client for calls to engines.
 
-Why not aiohttp here: on a kept-alive loopback connection an aiohttp POST costs ~0.18 ms of
+The scheduler's chat and completion calls, the embedding service's batches, the scheduler's
+/metrics scrape and lifecycle's health checks and registration probe all go through it.
+
+Why not aiohttp: on a kept-alive loopback connection an aiohttp POST costs ~0.18 ms of
 process CPU (request/response objects, stream readers, timers, tracing hooks), a large part
 of the gateway's added latency. A bare `asyncio.Protocol` that writes the request in one
 call and parses the reply with httptools (llhttp, the parser uvicorn uses) does the same
 exchange in ~0.08 ms (p50 wall 0.35 → 0.22 ms against the sim engine, on uvloop). It only
-does what the scheduler needs: POST a body, and return the status and the whole body
-(`post`) or the status and then the body as it arrives (`stream`, for SSE).
+does what engine calls need: POST a body or GET a path, and return the status and the whole
+body (`post`, `get`) or the status and then the body as it arrives (`stream`, for SSE).
+Redirects are never followed: a 3xx is a reply like any other.
 
 Streams: body chunks collect in the connection's list until the one reader takes them all
 at once (no queue, one future per wait); past `stream_buffer_limit` unread bytes the socket
@@ -30,10 +34,12 @@ import socket
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Final, NoReturn, cast
+from typing import Final, Literal, NoReturn, cast
 from urllib.parse import urlsplit
 
 import httptools
+
+from sage.common.grpc.tls import process_tls
 
 __all__ = [
     "ConnectError",
@@ -42,6 +48,7 @@ __all__ = [
     "Http1Pool",
     "Http1Stream",
     "ProtocolError",
+    "engine_tls_context",
 ]
 
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
@@ -558,7 +565,7 @@ class Http1Stream:
 
 
 class Http1Pool:
-    """POSTs over per-origin pools of kept-alive HTTP/1.1 connections (see module doc).
+    """POSTs and GETs over per-origin pools of kept-alive HTTP/1.1 connections (see module doc).
 
     `max_connections` caps requests in flight, unary or streamed (each holds one
     connection; a stream until it ends); more wait for a slot within their timeout. At most
@@ -616,6 +623,20 @@ class Http1Pool:
             self._release(target.key, conn)
             return status, content
 
+    async def get(
+        self, base_url: str, path: str, headers: Mapping[str, str], timeout_s: float
+    ) -> tuple[int, bytes]:
+        """GET `base_url + path`; returns the status and the whole reply body, with post()'s
+        errors and timeout. For small replies (health checks, /metrics): a reply of unknown
+        size is better read with stream(method="GET")."""
+        target = self._target(base_url)
+        request = _get_request(target, path, headers)
+        async with asyncio.timeout(timeout_s), self._slots:
+            conn = await self._start(target, request, 0)
+            status, content = conn.status, conn.finish()
+            self._release(target.key, conn)
+            return status, content
+
     async def stream(
         self,
         base_url: str,
@@ -623,9 +644,11 @@ class Http1Pool:
         body: bytes,
         headers: Mapping[str, str],
         timeout_s: float,
+        *,
+        method: Literal["POST", "GET"] = "POST",
     ) -> Http1Stream:
-        """POST `body` to `base_url + path`; returns once the reply's head is in, with the
-        body to be read from the Http1Stream as it arrives (see there).
+        """POST `body` to `base_url + path` (or GET it, `body` empty); returns once the
+        reply's head is in, with the body to be read from the Http1Stream as it arrives.
 
         `timeout_s` covers the whole exchange, the body included: reads past it raise
         TimeoutError, and the connection is closed then. Until the head arrives the errors
@@ -633,7 +656,12 @@ class Http1Pool:
         once on a new one, as there.
         """
         target = self._target(base_url)
-        request = _request(target, path, body, headers)
+        if method == "GET":
+            if body:
+                raise ValueError("a GET carries no body")
+            request = _get_request(target, path, headers)
+        else:
+            request = _request(target, path, body, headers)
         deadline = asyncio.get_running_loop().time() + timeout_s
         slots = self._slots
         acquired = False
@@ -768,5 +796,29 @@ def _request(target: _Target, path: str, body: bytes, headers: Mapping[str, str]
     )
 
 
+def _get_request(target: _Target, path: str, headers: Mapping[str, str]) -> bytes:
+    """A GET sends no Content-Length (RFC 9110: a request without a body should not)."""
+    return b"".join(
+        (
+            b"GET ",
+            target.prefix,
+            path.encode("ascii"),
+            b" HTTP/1.1\r\nHost: ",
+            target.host_header,
+            b"\r\n",
+            _header_block(headers),
+            b"\r\n",
+        )
+    )
+
+
 def _where(target: _Target) -> str:
     return f"{target.key[0]}://{target.host_header.decode()}"
+
+
+def engine_tls_context() -> ssl.SSLContext:
+    """The context https engines are dialled with: our CA and, for mTLS, our certificate
+    (SAGE_TLS_*), else the default verifying one. Pass it uncalled as Http1Pool's
+    `ssl_context`, so the files are read at the first https connection, not at start."""
+    verify = process_tls().httpx_verify()
+    return verify if isinstance(verify, ssl.SSLContext) else ssl.create_default_context()
