@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sage.common.config.ports import SagePorts
 from sage.common.config.settings import SageSettings, load_settings
+from sage.common.error_bodies import loads_error_body
 from sage.common.exceptions import (
     AuthenticationError,
     ConflictError,
@@ -141,17 +142,10 @@ _BY_STATUS: dict[int, type[SageError]] = {
 
 def error_from_response(resp: httpx.Response) -> SageError:
     """The SageError an error response stands for, keeping its message, param and code."""
-    try:
-        body = resp.json()
-    except ValueError:
-        body = None
-    err = body.get("error") if isinstance(body, dict) else None
-    if not isinstance(err, dict):
-        err = {}
-    message = str(err.get("message") or resp.text[:300] or f"HTTP {resp.status_code}")
-    param = err.get("param") if isinstance(err.get("param"), str) else None
-    raw_code = err.get("code")
-    code = str(raw_code) if raw_code is not None else None
+    body = loads_error_body(resp.content)
+    message = (body.message if body else None) or resp.text[:300] or f"HTTP {resp.status_code}"
+    param = body.param if body else None
+    code = str(body.code) if body and body.code is not None else None
     retry_after = resp.headers.get("retry-after")
     cls = _BY_CODE.get(code or "") or _BY_STATUS.get(resp.status_code)
     if cls is None:

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import orjson
 
+from sage.common.error_bodies import parse_error_body
 from sage.common.exceptions import (
     AuthenticationError,
     ConflictError,
@@ -302,18 +303,14 @@ def error_from_payload(
     The error `code` wins (it is the most specific), then the HTTP status, then the error
     `type`; `model` is the model the request named, so ModelNotFoundError can say which.
     """
-    err = payload.get("error") if isinstance(payload, dict) else None
-    if isinstance(err, str):  # some servers send {"error": "message"}
-        err = {"message": err}
-    if not isinstance(err, dict):
-        err = {}
-    raw_code = err.get("code")
-    if status is None and isinstance(raw_code, int) and not isinstance(raw_code, bool):
+    body = parse_error_body(payload)  # OpenAI's, vLLM's, TEI's, FastAPI's shapes
+    raw_code = body.code if body else None
+    if status is None and isinstance(raw_code, int):
         status = raw_code  # vLLM puts the HTTP status in `code`
     code = raw_code if isinstance(raw_code, str) else None
-    message = str(err.get("message") or text[:300] or f"HTTP {status or 'error'}")
-    param = err.get("param") if isinstance(err.get("param"), str) else None
-    type_ = err.get("type") if isinstance(err.get("type"), str) else None
+    message = (body.message if body else None) or text[:300] or f"HTTP {status or 'error'}"
+    param = body.param if body else None
+    type_ = body.type if body else None
     cls = _by_code().get(code or "")
     if cls is None and status is not None:
         cls = _BY_STATUS.get(status)

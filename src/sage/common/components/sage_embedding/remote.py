@@ -27,6 +27,7 @@ import orjson
 from sage.common.components.sage_embedding.base import BaseEmbedding
 from sage.common.components.sage_embedding.credentials import find_api_key, resolve_api_key
 from sage.common.components.sage_embedding.protocols import Vector
+from sage.common.error_bodies import loads_error_body
 from sage.common.exceptions import (
     AuthenticationError,
     DeadlineExceededError,
@@ -214,26 +215,12 @@ class JsonPoster:
 
 
 def _provider_message(response: httpx.Response) -> str:
-    """The provider's own error text: OpenAI, Cohere, Jina, Zhipu, Ollama, AWS shapes."""
-    try:
-        doc = orjson.loads(response.content)
-    except orjson.JSONDecodeError:
-        return response.text[:500] or response.reason_phrase
-    if isinstance(doc, dict):
-        error = doc.get("error")
-        if isinstance(error, dict):
-            for key in ("message", "msg", "detail"):
-                if isinstance(error.get(key), str):
-                    return str(error[key])
-        if isinstance(error, str):
-            return error
-        for key in ("message", "Message", "detail", "msg"):
-            value = doc.get(key)
-            if isinstance(value, str):
-                return value
-            if value is not None:
-                return orjson.dumps(value).decode()
-    return response.text[:500]
+    """The provider's own error text: OpenAI, Cohere, Jina, Zhipu, Ollama, AWS shapes (read
+    by sage.common.error_bodies), else the start of the reply."""
+    body = loads_error_body(response.content)
+    if body is not None and body.message is not None:
+        return body.message
+    return response.text[:500] or response.reason_phrase
 
 
 def _sent_credential(response: httpx.Response) -> str:
