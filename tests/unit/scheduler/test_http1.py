@@ -34,13 +34,6 @@ from sage.common.exceptions import (
     OverloadedError,
     UpstreamError,
 )
-from sage.common.utils.processes import free_port
-from sage.services.scheduler.executor import (
-    EngineDisconnectedError,
-    EngineUnreachableError,
-    HttpExecutionCoordinator,
-    _split_events,
-)
 from sage.common.http.http1 import (
     STREAM_BUFFER_LIMIT,
     ConnectError,
@@ -49,6 +42,13 @@ from sage.common.http.http1 import (
     Http1Pool,
     Http1Stream,
     ProtocolError,
+)
+from sage.common.utils.processes import free_port
+from sage.services.scheduler.executor import (
+    EngineDisconnectedError,
+    EngineUnreachableError,
+    HttpExecutionCoordinator,
+    _split_events,
 )
 from sage.services.scheduler.registry import EngineKind, EngineRecord
 
@@ -506,6 +506,97 @@ async def test_malformed_reply() -> None:
 async def test_header_with_line_break_is_refused() -> None:
     with pytest.raises(ValueError):
         await Http1Pool().post("http://127.0.0.1:1", "/", b"", {"x": "a\r\nEvil: 1"}, 1.0)
+
+
+# -- GET (health checks, /metrics, the registration probe) ----------------------------
+
+
+async def test_get_sends_no_body_and_shares_the_kept_alive_connection() -> None:
+    pool = Http1Pool()
+    async with RawServer(serve_ok) as srv:
+        auth = {"authorization": "Bearer k"}
+        assert await pool.get(srv.base_url + "/base", "/metrics", auth, 5.0) == (200, b"hello")
+        assert await pool.post(srv.base_url, "/v1/x", b"{}", JSON, 5.0) == (200, b"hello")
+        assert await pool.get(srv.base_url, "/health", {}, 5.0) == (200, b"hello")
+        assert srv.connections == 1
+        first = srv.requests[0]
+        assert (
+            first
+            == (
+                f"GET /base/metrics HTTP/1.1\r\nHost: 127.0.0.1:{srv.port}\r\n"
+                "authorization: Bearer k\r\n\r\n"
+            ).encode()
+        )
+        assert srv.requests[2].startswith(b"GET /health HTTP/1.1\r\n")
+        await pool.aclose()
+
+
+async def test_get_returns_a_redirect_without_following_it() -> None:
+    async def redirect(srv: RawServer, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while await srv.read_request(r) is not None:
+            w.write(
+                b"HTTP/1.1 307 Temporary Redirect\r\nLocation: http://169.254.169.254/\r\n"
+                b"Content-Length: 0\r\n\r\n"
+            )
+            await w.drain()
+
+    pool = Http1Pool()
+    async with RawServer(redirect) as srv:
+        assert await pool.get(srv.base_url, "/metrics", {}, 5.0) == (307, b"")
+        assert len(srv.requests) == 1
+        await pool.aclose()
+
+
+async def test_get_timeout_and_refusal() -> None:
+    async def silent(srv: RawServer, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await srv.read_request(r)
+        await asyncio.sleep(30)
+
+    pool = Http1Pool()
+    async with RawServer(silent) as srv:
+        with pytest.raises(TimeoutError):
+            await pool.get(srv.base_url, "/health", {}, 0.2)
+        assert pool.idle_count() == 0  # a timed-out connection is never reused
+    with pytest.raises(ConnectError):
+        await pool.get(f"http://127.0.0.1:{free_port()}", "/health", {}, 5.0)
+    await pool.aclose()
+
+
+async def test_get_stream_reads_a_large_body_in_pieces() -> None:
+    """stream(method="GET"): a reply too large to take whole (the registration probe stops
+    reading past its limit) arrives piece by piece, and leaving early drops it."""
+    chunk = b"x" * 65536
+
+    async def large(srv: RawServer, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await srv.read_request(r)
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (len(chunk) * 64))
+        try:
+            for _ in range(64):
+                w.write(chunk)
+                await w.drain()
+        except ConnectionError:  # the client closed with our bytes unread: a RST
+            srv.closed_by_peer.set()
+            return
+        await srv.read_request(r)  # None: the client closed the connection
+
+    pool = Http1Pool()
+    async with RawServer(large) as srv:
+        got = 0
+        async with await pool.stream(
+            srv.base_url, "/v1/models", b"", {}, 5.0, method="GET"
+        ) as reply:
+            assert reply.status == 200
+            async for piece in reply:
+                got += len(piece)
+                if got > 4 * len(chunk):
+                    break
+        assert srv.requests[0].startswith(b"GET /v1/models HTTP/1.1\r\n")
+        assert b"Content-Length" not in srv.requests[0]
+        await asyncio.wait_for(srv.closed_by_peer.wait(), 5)
+        assert pool.idle_count() == 0
+    with pytest.raises(ValueError):
+        await pool.stream("http://127.0.0.1:1", "/", b"body", {}, 1.0, method="GET")
+    await pool.aclose()
 
 
 async def test_executor_maps_failures_like_aiohttp() -> None:
