@@ -8,6 +8,8 @@ Rows, on one model and the same prompts, 32 concurrent clients, every request 64
   new          today's engine (continuous batching)
   new-stream   the same engine, streamed requests (SSE token by token)
   raw          no server: `model.generate` on batches of 32 left-padded prompts
+  inproc(-stream)  with --ab-in-process: the new engine stepping in a thread of its HTTP
+               process (--generation-in-process) instead of its generation process
 Each engine is a subprocess on a free port, warmed up before its timed runs (the batching
 one with a full wave: `clients` requests of max_tokens, so every batch shape and allocation
 size has been seen); raw runs in this process after the engines have stopped, warmed up with
@@ -254,17 +256,23 @@ def batch_steps(base: str) -> tuple[float, float, float, float, float] | None:
 
 
 def thread_cpu(pid: int) -> dict[str, float]:
-    """CPU seconds per thread of process `pid` so far (Linux /proc; empty elsewhere), keyed
-    "main" (the event loop: HTTP) or by thread id: how much of the engine's time went to the
-    event loop and helpers beside the generation thread (the busiest of the others)."""
+    """CPU seconds per thread of process `pid` and its children so far (Linux /proc; empty
+    elsewhere), keyed "main" (the event loop: HTTP) or by thread id: how much of the engine's
+    time went to the event loop and helpers beside the generation thread (which runs in the
+    engine's generation process, a child, since the EngineCore-style split)."""
     out: dict[str, float] = {}
     tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            text = stat.read_text()
-            fields = text[text.rindex(")") + 2 :].split()
-            tid = int(stat.parent.name)
-            out["main" if tid == pid else str(tid)] = (int(fields[11]) + int(fields[12])) / tick
+    pids = [pid]
+    with contextlib.suppress(OSError, ValueError):
+        pids += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    for owner in pids:
+        for stat in Path(f"/proc/{owner}/task").glob("*/stat"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                text = stat.read_text()
+                fields = text[text.rindex(")") + 2 :].split()
+                tid = int(stat.parent.name)
+                key = "main" if tid == pid else str(tid)
+                out[key] = (int(fields[11]) + int(fields[12])) / tick
     return out
 
 
@@ -507,6 +515,12 @@ def main() -> int:
         "--profile", action="store_true", help="first: in-process step vs generate, cProfile"
     )
     parser.add_argument("--profile-only", action="store_true", help="--profile, then stop")
+    parser.add_argument(
+        "--ab-in-process",
+        action="store_true",
+        help="also run the new engine with --generation-in-process (rows inproc, "
+        "inproc-stream): the generation process against a thread of the HTTP process",
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -553,6 +567,15 @@ def main() -> int:
         args,
         warm_tokens=args.max_tokens,
     )
+    if args.ab_in_process:
+        rows += run_engine(
+            model,
+            device,
+            ["--max-num-seqs", str(args.clients), *budget, "--generation-in-process"],
+            [("inproc", args.requests, False), ("inproc-stream", args.requests, True)],
+            args,
+            warm_tokens=args.max_tokens,
+        )
     raw = run_raw(model, device, args.requests, args)
     rows.append(raw)
 

@@ -18,6 +18,7 @@ from typing import Any, cast
 
 import httpx
 import orjson
+import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -502,3 +503,100 @@ async def test_a_failure_mid_stream_is_reported_in_band() -> None:
         metrics = (await failing.get("/metrics")).text
         # vLLM's labels, in its exposition's (sorted) order
         assert 'vllm:num_requests_running{engine="0",model_name="failing"} 0.0' in metrics
+
+
+# -- the generation process (core.py): it and the HTTP front live and die together ----------
+
+
+@pytest.fixture
+def own_engine(model_dir: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """An engine of this test's own (the test kills part of it); (process, base URL)."""
+    port = free_port()
+    log_path = tmp_path / "engine.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "sage.engines.transformers", "--model", str(model_dir)),
+                *("--served-model-name", NAME, "--port", str(port), "--device", "cpu"),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(base + "/health", proc, timeout=90)
+        yield proc, base
+    finally:
+        stop_process(proc)
+
+
+def _generation_process(proc: subprocess.Popen[bytes]) -> psutil.Process:
+    """The engine's child that steps the model (not multiprocessing's resource tracker)."""
+    children = psutil.Process(proc.pid).children()
+    (core,) = [c for c in children if "resource_tracker" not in " ".join(c.cmdline())]
+    return core
+
+
+def test_the_model_steps_in_a_process_of_its_own(
+    own_engine: tuple[subprocess.Popen[bytes], str],
+) -> None:
+    """The model steps in the engine's child, the generation process: it does the work of
+    a batch of answers, while the HTTP front (whose threads would otherwise share the GIL
+    with every step) only parses and replies."""
+    proc, base = own_engine
+    core, front = _generation_process(proc), psutil.Process(proc.pid)
+
+    def cpu(process: psutil.Process) -> float:
+        times = process.cpu_times()
+        return float(times.user + times.system)
+
+    core_before, front_before = cpu(core), cpu(front)
+    body = {"messages": MESSAGES, "max_tokens": 200, "ignore_eos": True, "temperature": 0}
+
+    async def batch() -> None:
+        async with httpx.AsyncClient(base_url=base, timeout=120) as http:
+            replies = await asyncio.gather(
+                *(http.post("/v1/chat/completions", json=body) for _ in range(8))
+            )
+        assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
+
+    asyncio.run(batch())
+    core_used, front_used = cpu(core) - core_before, cpu(front) - front_before
+    assert core_used > 2 * front_used, (core_used, front_used)
+
+
+def test_killing_the_generation_process_stops_the_engine_with_an_error(
+    own_engine: tuple[subprocess.Popen[bytes], str],
+) -> None:
+    """kill -9 of the generation process mid-stream: the stream ends with an OpenAI error
+    event (not a hang), and the engine exits with status 1 so lifecycle restarts it."""
+    proc, base = own_engine
+    core = _generation_process(proc)
+    body = {"messages": MESSAGES, "max_tokens": 3000, "ignore_eos": True, "stream": True}
+    events: list[Any] = []
+    with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=60) as reply:
+        assert reply.status_code == 200
+        for line in reply.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[len("data: ") :]
+            events.append(data if data == "[DONE]" else orjson.loads(data))
+            if len(events) == 3:
+                core.kill()
+    assert events[-1] == "[DONE]", events[-3:]
+    assert events[-2]["error"]["type"] == "internal_error", events[-2]
+    assert "generation process" in events[-2]["error"]["message"]
+    assert proc.wait(timeout=60) == 1
+
+
+def test_the_generation_process_exits_when_the_engine_is_killed(
+    own_engine: tuple[subprocess.Popen[bytes], str],
+) -> None:
+    """kill -9 of the engine (what lifecycle's stop falls back to): its generation process,
+    which holds the model's memory, does not outlive it."""
+    proc, _ = own_engine
+    core = _generation_process(proc)
+    proc.kill()
+    proc.wait(timeout=30)
+    _, alive = psutil.wait_procs([core], timeout=30)
+    assert not alive, f"generation process {core.pid} outlived its engine"

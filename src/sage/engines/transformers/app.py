@@ -20,7 +20,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import orjson
-from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from sage.common.exceptions import (
@@ -36,7 +35,8 @@ from sage.common.utils.logging import configure_logging
 from sage.engines.auth import add_api_key_argument, protect, resolve_api_key
 
 from .batching import BatchMetrics, BatchRunner
-from .model import CausalLM, EngineConfig, Outcome, SamplingParams
+from .core import CoreFacts, CoreProcess
+from .model import CausalLM, EngineConfig, Outcome, Prompts, SamplingParams, load_tokenizer
 from .protocol import Sampling, parse_chat, parse_completion
 
 __all__ = ["create_app", "main"]
@@ -59,28 +59,48 @@ def _stream_error(exc: Exception) -> bytes:
 
 
 class _Engine:
-    """The routes of one engine app; they share the model, the worker and the metrics."""
+    """The routes of one engine app; they share the model, the worker and the metrics.
 
-    def __init__(self, config: EngineConfig, model: CausalLM) -> None:
+    Given a loaded model (tests), it steps in a thread of this process. Otherwise the model
+    lives in a generation process of its own (core.py) and this one only serves HTTP.
+    """
+
+    def __init__(self, config: EngineConfig, model: CausalLM | None = None) -> None:
         self.config = config
-        self.model = model
         self.names = config.names
-        self.runner = BatchRunner(
-            model,
-            lambda running, waiting: BatchMetrics(self.names[0], running, waiting),
-            max_num_seqs=config.max_num_seqs,
-            kv_budget_tokens=config.kv_budget_tokens or model.max_model_len,
-            waiting_served_ratio=config.waiting_served_ratio,
-            max_waiting_steps=config.max_waiting_steps,
-        )
-        self.metrics = self.runner.metrics
+        self.runner: BatchRunner | CoreProcess
+        self.prompts: CausalLM | Prompts
+        if model is not None:
+            self.runner = BatchRunner(
+                model,
+                lambda running, waiting: BatchMetrics(self.names[0], running, waiting),
+                max_num_seqs=config.max_num_seqs,
+                kv_budget_tokens=config.kv_budget_tokens or model.max_model_len,
+                waiting_served_ratio=config.waiting_served_ratio,
+                max_waiting_steps=config.max_waiting_steps,
+            )
+            self.prompts = model
+            self.facts = CoreFacts(
+                device=str(getattr(model, "device", "cpu")),  # a stand-in model may lack them
+                dtype=str(getattr(model, "dtype", "")),
+                max_model_len=model.max_model_len,
+                vocab_size=model.vocab_size,
+                can_batch=model.can_batch,
+                warm_up_s=0.0,
+            )
+        else:
+            prompts = Prompts(load_tokenizer(config))  # fails fast, before the weights load
+            self.runner = CoreProcess(config)
+            self.prompts, self.facts = prompts, self.runner.facts
+        self.max_model_len = self.facts.max_model_len
+        self.vocab_size = self.facts.vocab_size
         # Tokenising is CPU work too; its own thread keeps 400s fast while a long answer
         # holds the generation thread.
         self._prep = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
         self._created = int(time.time())
 
     async def close(self) -> None:
-        self.runner.close()
+        await asyncio.to_thread(self.runner.close)
         self._prep.shutdown(wait=False, cancel_futures=True)
 
     # ---- shared pieces
@@ -96,7 +116,7 @@ class _Engine:
         return await asyncio.get_running_loop().run_in_executor(self._prep, fn)
 
     def _params(self, sampling: Sampling, prompt_tokens: int, where: str) -> SamplingParams:
-        limit = self.model.max_model_len
+        limit = self.max_model_len
         room = limit - prompt_tokens
         if room < 1:
             raise InvalidRequestError(
@@ -116,10 +136,10 @@ class _Engine:
                 f"{where} or completion.",
                 param=sampling.max_tokens_field,
             )
-        bad = [i for i in sampling.stop_token_ids if i >= self.model.vocab_size]
+        bad = [i for i in sampling.stop_token_ids if i >= self.vocab_size]
         if bad:
             raise InvalidRequestError(
-                f"stop_token_ids {bad} are outside the vocabulary of {self.model.vocab_size}",
+                f"stop_token_ids {bad} are outside the vocabulary of {self.vocab_size}",
                 param="stop_token_ids",
             )
         return SamplingParams(
@@ -156,6 +176,7 @@ class _Engine:
             put(error if error is not None else future.result())
 
         cancelled = threading.Event()
+        future: Future[Outcome] | None = None
         try:
             future = self.runner.submit(prompt_ids, params, cancelled, put if stream else None)
             future.add_done_callback(done)
@@ -168,6 +189,8 @@ class _Engine:
                     return
         finally:
             cancelled.set()
+            if future is not None and isinstance(self.runner, CoreProcess):
+                self.runner.cancel(future)
 
     async def _collect(
         self, request: Request, prompts: Sequence[tuple[int, ...]], params: SamplingParams
@@ -220,8 +243,8 @@ class _Engine:
         model = self._check_model(parsed.model)
 
         def prepare() -> tuple[int, ...]:
-            text = self.model.render_chat(parsed.messages)
-            return tuple(self.model.encode(text, add_special_tokens=False))
+            text = self.prompts.render_chat(parsed.messages)
+            return tuple(self.prompts.encode(text, add_special_tokens=False))
 
         prompt_ids: tuple[int, ...] = await self._in_prep(prepare)
         params = self._params(parsed.sampling, len(prompt_ids), "messages")
@@ -304,13 +327,13 @@ class _Engine:
         """POST /v1/completions (a list of prompts gives one choice per prompt, in turn)."""
         parsed = parse_completion(await request.json())
         model = self._check_model(parsed.model)
-        vocab = self.model.vocab_size
+        vocab = self.vocab_size
 
         def prepare() -> list[tuple[int, ...]]:
             prompts: list[tuple[int, ...]] = []
             for prompt in parsed.prompts:
                 if isinstance(prompt, str):
-                    prompts.append(tuple(self.model.encode(prompt, add_special_tokens=True)))
+                    prompts.append(tuple(self.prompts.encode(prompt, add_special_tokens=True)))
                 else:
                     if any(not 0 <= t < vocab for t in prompt):
                         raise InvalidRequestError(
@@ -418,7 +441,7 @@ class _Engine:
                         "owned_by": OWNED_BY,
                         "root": self.config.model,
                         "parent": None,
-                        "max_model_len": self.model.max_model_len,
+                        "max_model_len": self.max_model_len,
                         "permission": [],
                     }
                     for name in self.names
@@ -436,12 +459,21 @@ class _Engine:
 
     async def prometheus(self, request: Request) -> Response:
         """GET /metrics in Prometheus text format."""
-        return Response(generate_latest(self.metrics.registry), 200, CONTENT_TYPE_LATEST.encode())
+        if isinstance(self.runner, CoreProcess):
+            text = await asyncio.wrap_future(self.runner.metrics_text())
+        else:
+            text = self.runner.metrics_text()
+        return Response(text, 200, CONTENT_TYPE_LATEST.encode())
 
 
 def create_app(config: EngineConfig, model: CausalLM | None = None) -> App:
-    """The engine's ASGI app; loads the model now unless one is passed in."""
-    engine = _Engine(config, model or CausalLM(config))
+    """The engine's ASGI app. With `model`, it steps in this process; without, a generation
+    process is started now and loads (and warms up) the model."""
+    return _build(config, model)[0]
+
+
+def _build(config: EngineConfig, model: CausalLM | None) -> tuple[App, _Engine]:
+    engine = _Engine(config, model)
     app = App(on_shutdown=engine.close)
     app.add("POST", "/v1/chat/completions", engine.chat)
     app.add("POST", "/v1/completions", engine.completions)
@@ -449,7 +481,7 @@ def create_app(config: EngineConfig, model: CausalLM | None = None) -> App:
     app.add("GET", "/health", engine.health)
     app.add("GET", "/version", engine.version)
     app.add("GET", "/metrics", engine.prometheus)
-    return app
+    return app, engine
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -506,6 +538,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max-waiting-steps", type=int, default=20)
     parser.add_argument(
+        "--generation-in-process",
+        action="store_true",
+        help="step the model in a thread of the HTTP process instead of a generation process "
+        "of its own (the layout before; for comparison and debugging)",
+    )
+    parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper
     )
     add_api_key_argument(parser)
@@ -537,23 +575,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_waiting_steps=args.max_waiting_steps,
     )
     try:
-        model = CausalLM(config)
+        if args.generation_in_process:
+            model = CausalLM(config)
+            model.warm_up()
+            app, engine = _build(config, model)
+        else:
+            app, engine = _build(config, None)
     except ConfigurationError as exc:
         parser.exit(2, f"error: {exc.message}\n")
-    warm_s = model.warm_up()
-    return serve_app(
-        protect(create_app(config, model), resolve_api_key(args.api_key)),
+    facts = engine.facts
+    code = serve_app(
+        protect(app, resolve_api_key(args.api_key)),
         config.host,
         config.port,
         what="transformers engine",
         info={
             "model": config.names[0],
-            "device": model.device,
-            "dtype": model.dtype,
-            "max_model_len": model.max_model_len,
-            "chat_template": "model" if model.has_chat_template else "fallback",
-            "warm_up_s": round(warm_s, 3),
+            "device": facts.device,
+            "dtype": facts.dtype,
+            "max_model_len": facts.max_model_len,
+            "chat_template": "model" if engine.prompts.has_chat_template else "fallback",
+            "warm_up_s": round(facts.warm_up_s, 3),
             "max_num_seqs": config.max_num_seqs,
-            "batching": model.can_batch,
+            "batching": facts.can_batch,
+            "generation_pid": getattr(engine.runner, "pid", None),
         },
     )
+    # Stopped because the generation process died: a crash to lifecycle (it restarts us).
+    return 1 if getattr(engine.runner, "died", False) else code

@@ -22,7 +22,7 @@ from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from typing import Protocol
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Histogram, generate_latest
 
 from sage.common.exceptions import InternalError
 from sage.engines.vllm_metrics import VllmRequestMetrics
@@ -126,8 +126,12 @@ class BatchRunner:
         kv_budget_tokens: int,
         waiting_served_ratio: float = 0.3,
         max_waiting_steps: int = 20,
+        after_step: Callable[[], None] | None = None,
     ) -> None:
         self.model = model
+        # Called by the generation thread after each step (and before it sleeps): the core
+        # process sends the step's text and outcomes in one message from here.
+        self.after_step = after_step
         self.max_num_seqs = max(1, max_num_seqs)
         self.kv_budget_tokens = kv_budget_tokens
         self.waiting_served_ratio = waiting_served_ratio
@@ -218,8 +222,14 @@ class BatchRunner:
             rows, widest = rows + 1, wider
         return admitted
 
+    def metrics_text(self) -> bytes:
+        """This runner's metrics in Prometheus text format."""
+        return bytes(generate_latest(self.metrics.registry))
+
     def _loop(self) -> None:
         while True:
+            if self.after_step is not None:
+                self.after_step()
             with self._cond:
                 while not self._closed and not self._waiting and not self._running:
                     self._cond.wait()
@@ -261,6 +271,8 @@ class BatchRunner:
                 job.clock.last_at = now
                 self._finish(job)
         self.model.abandon()
+        if self.after_step is not None:
+            self.after_step()
 
     def _finish(self, job: _Job) -> None:
         outcome = job.generation.outcome()

@@ -34,8 +34,10 @@ __all__ = [
     "EngineConfig",
     "Generation",
     "Outcome",
+    "Prompts",
     "SamplingParams",
     "Step",
+    "load_tokenizer",
 ]
 
 # Used when a tokenizer ships no chat template (base models, hand-built tokenizers): each
@@ -268,6 +270,58 @@ def _resolve_path(model: str) -> str:
     return model
 
 
+def load_tokenizer(config: EngineConfig) -> Any:
+    """The model's tokenizer; a local folder never turns a missing file into a download."""
+    from transformers import AutoTokenizer
+
+    path = _resolve_path(config.model)
+    try:
+        # Typed as Any: transformers' stubs cover the Auto classes only loosely.
+        return cast(
+            Any,
+            AutoTokenizer.from_pretrained(
+                path,
+                trust_remote_code=config.trust_remote_code,
+                local_files_only=Path(path).exists(),
+            ),
+        )
+    except (OSError, ValueError) as exc:
+        raise ConfigurationError(
+            f"cannot load model {config.model!r}: {exc}", param="model"
+        ) from exc
+
+
+class Prompts:
+    """Chat rendering and tokenising: what the HTTP front needs of the model, without its
+    weights (the front runs apart from the generation process; see core.py)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+
+    def render_chat(self, messages: Sequence[Mapping[str, Any]]) -> str:
+        """The prompt text for `messages`: the tokenizer's chat template, or the fallback."""
+        from jinja2 import TemplateError
+
+        kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": True}
+        if not self.has_chat_template:
+            kwargs["chat_template"] = FALLBACK_CHAT_TEMPLATE
+        try:
+            text = self.tokenizer.apply_chat_template(list(messages), **kwargs)
+        except TemplateError as exc:
+            raise InvalidRequestError(
+                f"the model's chat template rejected the messages: {exc}", param="messages"
+            ) from None
+        if not isinstance(text, str):
+            raise InvalidRequestError("the chat template did not produce text", param="messages")
+        return text
+
+    def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        """Token ids of `text`; chat prompts pass False (the template holds the specials)."""
+        ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return [int(i) for i in ids]
+
+
 class CausalLM:
     """One loaded causal LM and its tokenizer, and the batch of sequences decoding on it."""
 
@@ -279,29 +333,22 @@ class CausalLM:
                     "'sage-llm-control-plane[engines]')"
                 )
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         path = _resolve_path(config.model)
         self.device = self._pick_device(config.device)
         dtype = self._pick_dtype(config.dtype, self.device)
         # transformers 4.56 renamed torch_dtype to dtype and warns about the old name.
         dtype_key = "dtype" if _transformers_version() >= (4, 56) else "torch_dtype"
+        self.tokenizer: Any = load_tokenizer(config)
         try:
-            # Typed as Any: transformers' stubs cover the Auto classes only loosely.
             # A local folder needs no hub: never turn a missing file into a download.
-            local = Path(path).exists()
-            self.tokenizer: Any = cast(
-                Any,
-                AutoTokenizer.from_pretrained(
-                    path, trust_remote_code=config.trust_remote_code, local_files_only=local
-                ),
-            )
             self.model: Any = cast(
                 Any,
                 AutoModelForCausalLM.from_pretrained(
                     path,
                     trust_remote_code=config.trust_remote_code,
-                    local_files_only=local,
+                    local_files_only=Path(path).exists(),
                     **{dtype_key: dtype},
                 ),
             )
@@ -312,7 +359,8 @@ class CausalLM:
         self.model.to(self.device)
         self.model.eval()
         self.dtype = str(dtype).removeprefix("torch.")
-        self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
+        self.prompts = Prompts(self.tokenizer)
+        self.has_chat_template = self.prompts.has_chat_template
         # A fast tokenizer's decode without clean-up is its Rust backend's decode; called
         # directly it skips ~10 us of Python per call, and every token costs two calls.
         backend = getattr(self.tokenizer, "_tokenizer", None)
@@ -395,26 +443,12 @@ class CausalLM:
     # ---- prompts (called from a worker thread, never on the event loop)
 
     def render_chat(self, messages: Sequence[Mapping[str, Any]]) -> str:
-        """The prompt text for `messages`: the tokenizer's chat template, or the fallback."""
-        from jinja2 import TemplateError
-
-        kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": True}
-        if not self.has_chat_template:
-            kwargs["chat_template"] = FALLBACK_CHAT_TEMPLATE
-        try:
-            text = self.tokenizer.apply_chat_template(list(messages), **kwargs)
-        except TemplateError as exc:
-            raise InvalidRequestError(
-                f"the model's chat template rejected the messages: {exc}", param="messages"
-            ) from None
-        if not isinstance(text, str):
-            raise InvalidRequestError("the chat template did not produce text", param="messages")
-        return text
+        """The prompt text for `messages` (see Prompts)."""
+        return self.prompts.render_chat(messages)
 
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
-        """Token ids of `text`; chat prompts pass False (the template holds the specials)."""
-        ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
-        return [int(i) for i in ids]
+        """Token ids of `text` (see Prompts)."""
+        return self.prompts.encode(text, add_special_tokens=add_special_tokens)
 
     def _decode(self, ids: list[int]) -> str:
         if self._backend_decode is not None:
