@@ -616,12 +616,7 @@ class Http1Pool:
         whole exchange (waiting for a slot, connecting, replying) takes over `timeout_s`.
         """
         target = self._target(base_url)
-        request = _request(target, path, body, headers)
-        async with asyncio.timeout(timeout_s), self._slots:
-            conn = await self._start(target, request, 0)
-            status, content = conn.status, conn.finish()
-            self._release(target.key, conn)
-            return status, content
+        return await self._exchange(target, _request(target, path, body, headers), timeout_s)
 
     async def get(
         self, base_url: str, path: str, headers: Mapping[str, str], timeout_s: float
@@ -630,12 +625,7 @@ class Http1Pool:
         errors and timeout. For small replies (health checks, /metrics): a reply of unknown
         size is better read with stream(method="GET")."""
         target = self._target(base_url)
-        request = _get_request(target, path, headers)
-        async with asyncio.timeout(timeout_s), self._slots:
-            conn = await self._start(target, request, 0)
-            status, content = conn.status, conn.finish()
-            self._release(target.key, conn)
-            return status, content
+        return await self._exchange(target, _request(target, path, None, headers), timeout_s)
 
     async def stream(
         self,
@@ -656,12 +646,9 @@ class Http1Pool:
         once on a new one, as there.
         """
         target = self._target(base_url)
-        if method == "GET":
-            if body:
-                raise ValueError("a GET carries no body")
-            request = _get_request(target, path, headers)
-        else:
-            request = _request(target, path, body, headers)
+        if method == "GET" and body:
+            raise ValueError("a GET carries no body")
+        request = _request(target, path, None if method == "GET" else body, headers)
         deadline = asyncio.get_running_loop().time() + timeout_s
         slots = self._slots
         acquired = False
@@ -688,6 +675,16 @@ class Http1Pool:
         await asyncio.sleep(0)  # let the transports run their close callbacks
 
     # --- internals ---------------------------------------------------------------------
+    async def _exchange(
+        self, target: _Target, request: bytes, timeout_s: float
+    ) -> tuple[int, bytes]:
+        """Send `request`; the status and the whole reply body (post()'s errors)."""
+        async with asyncio.timeout(timeout_s), self._slots:
+            conn = await self._start(target, request, 0)
+            status, content = conn.status, conn.finish()
+            self._release(target.key, conn)
+            return status, content
+
     def _target(self, base_url: str) -> _Target:
         target = self._targets.get(base_url)
         if target is None:
@@ -778,36 +775,20 @@ class Http1Pool:
         return conn
 
 
-def _request(target: _Target, path: str, body: bytes, headers: Mapping[str, str]) -> bytes:
+def _request(target: _Target, path: str, body: bytes | None, headers: Mapping[str, str]) -> bytes:
+    """A POST of `body`, or a GET when it is None: no Content-Length then (RFC 9110: a
+    request without a body should not send one)."""
     return b"".join(
         (
-            b"POST ",
+            b"GET " if body is None else b"POST ",
             target.prefix,
             path.encode("ascii"),
             b" HTTP/1.1\r\nHost: ",
             target.host_header,
-            b"\r\nContent-Length: ",
-            str(len(body)).encode(),
-            b"\r\n",
+            b"\r\n" if body is None else b"\r\nContent-Length: %d\r\n" % len(body),
             _header_block(headers),
             b"\r\n",
-            body,
-        )
-    )
-
-
-def _get_request(target: _Target, path: str, headers: Mapping[str, str]) -> bytes:
-    """A GET sends no Content-Length (RFC 9110: a request without a body should not)."""
-    return b"".join(
-        (
-            b"GET ",
-            target.prefix,
-            path.encode("ascii"),
-            b" HTTP/1.1\r\nHost: ",
-            target.host_header,
-            b"\r\n",
-            _header_block(headers),
-            b"\r\n",
+            body or b"",
         )
     )
 
