@@ -65,7 +65,9 @@ class _Engine:
     lives in a generation process of its own (core.py) and this one only serves HTTP.
     """
 
-    def __init__(self, config: EngineConfig, model: CausalLM | None = None) -> None:
+    def __init__(
+        self, config: EngineConfig, model: CausalLM | None = None, log_level: str = "INFO"
+    ) -> None:
         self.config = config
         self.names = config.names
         self.runner: BatchRunner | CoreProcess
@@ -90,7 +92,7 @@ class _Engine:
             )
         else:
             prompts = Prompts(load_tokenizer(config))  # fails fast, before the weights load
-            self.runner = CoreProcess(config)
+            self.runner = CoreProcess(config, log_level=log_level)
             self.prompts, self.facts = prompts, self.runner.facts
         self.max_model_len = self.facts.max_model_len
         self.vocab_size = self.facts.vocab_size
@@ -472,8 +474,10 @@ def create_app(config: EngineConfig, model: CausalLM | None = None) -> App:
     return _build(config, model)[0]
 
 
-def _build(config: EngineConfig, model: CausalLM | None) -> tuple[App, _Engine]:
-    engine = _Engine(config, model)
+def _build(
+    config: EngineConfig, model: CausalLM | None, log_level: str = "INFO"
+) -> tuple[App, _Engine]:
+    engine = _Engine(config, model, log_level)
     app = App(on_shutdown=engine.close)
     app.add("POST", "/v1/chat/completions", engine.chat)
     app.add("POST", "/v1/completions", engine.completions)
@@ -580,7 +584,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             model.warm_up()
             app, engine = _build(config, model)
         else:
-            app, engine = _build(config, None)
+            app, engine = _build(config, None, args.log_level)
     except ConfigurationError as exc:
         parser.exit(2, f"error: {exc.message}\n")
     facts = engine.facts

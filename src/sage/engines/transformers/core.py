@@ -67,11 +67,13 @@ class _Pending:
 class CoreProcess:
     """The front's handle on the generation process; submit/metrics_text as BatchRunner's."""
 
-    def __init__(self, config: EngineConfig, *, start_timeout_s: float = 1800.0) -> None:
+    def __init__(
+        self, config: EngineConfig, *, log_level: str = "INFO", start_timeout_s: float = 1800.0
+    ) -> None:
         context = multiprocessing.get_context("spawn")  # no CUDA or threads forked
         self._conn, child = context.Pipe(duplex=True)
         self._process = context.Process(
-            target=_core_main, args=(config, child), name="sage-engine-core", daemon=True
+            target=_core_main, args=(config, child, log_level), name="sage-engine-core", daemon=True
         )
         self._process.start()
         child.close()
@@ -230,8 +232,11 @@ def _stop_this_process() -> None:
 # ---- the core process
 
 
-def _core_main(config: EngineConfig, conn: Connection) -> None:
+def _core_main(config: EngineConfig, conn: Connection, log_level: str) -> None:
     """Load and warm up the model, then step until the front goes away."""
+    from sage.common.utils.logging import configure_logging
+
+    configure_logging("transformers-engine-core", log_level)
     from .batching import BatchMetrics, BatchRunner
     from .model import CausalLM
 
