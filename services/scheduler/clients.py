@@ -1,0 +1,93 @@
+"""gRPC clients the scheduler calls: the embedding service's batcher and lifecycle (for
+the autoscaler's replica starts and stops)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grpc
+
+from sage.common.engine_keys import is_managed
+from sage.common.exceptions import NotFoundError
+from sage.common.float32 import packed_or_pack
+from sage.common.grpc import rpc_errors_as_sage
+from sage.rpc.common.v1 import common_pb2
+from sage.rpc.embedding.v1 import embedding_pb2, embedding_pb2_grpc
+from sage.rpc.lifecycle.v1 import lifecycle_pb2, lifecycle_pb2_grpc
+
+from .core import EmbedResult, TokenUsage
+from .registry import EngineRecord
+
+
+class GrpcEmbeddingBackend:
+    """EmbeddingBackend that calls the embedding service's EmbedBatch."""
+
+    def __init__(self, channel: grpc.aio.Channel, timeout_s: float) -> None:
+        self._stub = embedding_pb2_grpc.EmbeddingServiceStub(channel)
+        self._timeout_s = timeout_s
+
+    async def embed_batch(
+        self, model: str, inputs: Sequence[str], engines: Sequence[EngineRecord], dimensions: int
+    ) -> EmbedResult:
+        """One EmbedBatch call; errors come back as the SageError the service raised."""
+        request = embedding_pb2.EmbedBatchRequest(
+            model=model,
+            inputs=list(inputs),
+            engines=[
+                embedding_pb2.EngineEndpoint(
+                    engine_id=e.engine_id, base_url=e.base_url, managed=is_managed(e.backend)
+                )
+                for e in engines
+            ],
+            dimensions=dimensions,
+            packed_vectors=True,
+        )
+        with rpc_errors_as_sage():
+            reply = await self._stub.EmbedBatch(request, timeout=self._timeout_s)
+        usage = reply.usage
+        return EmbedResult(
+            # An embedding service from before packed vectors fills only `values`.
+            vectors=[packed_or_pack(v.packed_values, v.values) for v in reply.vectors],
+            usage=TokenUsage(usage.prompt_tokens, usage.completion_tokens, usage.total_tokens),
+            engine_ids=list(reply.engine_ids),
+        )
+
+
+class LifecycleScalerActions:
+    """ScalerActions over lifecycle gRPC: StartEngine like an existing replica, drained stop."""
+
+    def __init__(self, channel: grpc.aio.Channel, rpc_timeout_s: float, start_timeout_s: float):
+        self._stub = lifecycle_pb2_grpc.LifecycleServiceStub(channel)
+        self._rpc_timeout_s = rpc_timeout_s
+        self._start_timeout_s = start_timeout_s
+
+    async def start_replica(self, model: str) -> None:
+        """Start an engine with the model/kind/backend/role of a ready one of `model`."""
+        with rpc_errors_as_sage():
+            listed = await self._stub.ListEngines(
+                lifecycle_pb2.ListEnginesRequest(), timeout=self._rpc_timeout_s
+            )
+        template = next(
+            (
+                e
+                for e in listed.engines
+                if e.model == model and e.state == common_pb2.ENGINE_STATE_READY
+            ),
+            None,
+        )
+        if template is None:
+            raise NotFoundError(
+                f"lifecycle runs no ready engine of {model!r} to copy", param="model"
+            )
+        # Lifecycle copies the template's whole spec (extra args, parallelism, GPU memory).
+        request = lifecycle_pb2.StartEngineRequest(like_engine_id=template.engine_id)
+        with rpc_errors_as_sage():
+            await self._stub.StartEngine(request, timeout=self._start_timeout_s)
+
+    async def stop_replica(self, engine_id: str) -> None:
+        """Drain then stop `engine_id` (lifecycle deregisters it from us first)."""
+        with rpc_errors_as_sage():
+            await self._stub.StopEngine(
+                lifecycle_pb2.StopEngineRequest(engine_id=engine_id, drain=True),
+                timeout=self._start_timeout_s,
+            )

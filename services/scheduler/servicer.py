@@ -1,0 +1,263 @@
+"""gRPC transport of the scheduler: decode, call the domain, encode. No logic lives here."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from sage.common.apikeys import ApiKeyTable
+from sage.common.exceptions import InvalidRequestError, ServiceUnavailableError
+from sage.common.float32 import unpack
+from sage.common.grpc.engine_enums import kind_value
+from sage.rpc.scheduler.v1 import scheduler_pb2 as pb
+from sage.rpc.scheduler.v1 import scheduler_pb2_grpc as pb_grpc
+
+from .coalesce import ready_runs
+from .convert import (
+    limits_from_pb,
+    node_to_pb,
+    record_from_pb,
+    record_to_pb,
+    require_model,
+    require_report,
+    ticket_from_pb,
+    usage_pb,
+)
+from .core import Scheduler
+from .mux import MultiplexSessions, scheduler_routes
+from .nodes import NodeState, NodeTable
+from .policies import RequestClass
+from .registry import EngineRecord, EngineState
+
+log = logging.getLogger("sage.scheduler")
+
+
+async def _messages(
+    chunks: AsyncIterator[tuple[bytes, EngineRecord]], coalesce: bool
+) -> AsyncIterator[tuple[str, bytes, list[bytes]]]:
+    """(engine_id, data, more) per response message: one chunk each, or with `coalesce` the
+    chunks that were ready together (split where failover changed the engine)."""
+    if not coalesce:
+        async for data, engine in chunks:
+            yield engine.engine_id, data, []
+        return
+    async for run in ready_runs(chunks):
+        start = 0
+        for i in range(1, len(run) + 1):
+            if i == len(run) or run[i][1].engine_id != run[start][1].engine_id:
+                yield run[start][1].engine_id, run[start][0], [d for d, _ in run[start + 1 : i]]
+                start = i
+
+
+class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
+    """SchedulerService over the domain Scheduler."""
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        policy_name: str,
+        nodes: NodeTable | None = None,
+        request_timeout_s: float = 600.0,
+        api_keys: ApiKeyTable | None = None,
+    ) -> None:
+        self.scheduler = scheduler
+        self.policy_name = policy_name
+        # Tenants and limits come from this table, not from requests (ratelimit.limits_for).
+        self.api_keys = api_keys if api_keys is not None else ApiKeyTable()
+        self.nodes = nodes or NodeTable(scheduler.registry, timeout_s=6.0)
+        # Multiplex requests without their own timeout_s get the edge's request timeout.
+        self.mux = MultiplexSessions(scheduler_routes(self), request_timeout_s)
+
+    async def Chat(self, request: pb.ChatRequest, context: Any) -> pb.ChatResponse:
+        limits = limits_from_pb(request, self.api_keys)
+        result = await self.scheduler.unary(
+            require_model(request.model),
+            request.body,
+            "/v1/chat/completions",
+            limits,
+            ticket_from_pb(request, RequestClass.LLM_CHAT, limits.tenant),
+            session_key=request.options.session_key,
+        )
+        return pb.ChatResponse(
+            body=result.body, engine_id=result.engine.engine_id, usage=usage_pb(result.usage)
+        )
+
+    async def ChatStream(
+        self, request: pb.ChatStreamRequest, context: Any
+    ) -> AsyncIterator[pb.ChatStreamResponse]:
+        limits = limits_from_pb(request, self.api_keys)
+        chunks = self.scheduler.stream(
+            require_model(request.model),
+            request.body,
+            "/v1/chat/completions",
+            limits,
+            ticket_from_pb(request, RequestClass.LLM_CHAT, limits.tenant),
+            session_key=request.options.session_key,
+        )
+        async for engine_id, data, more in _messages(chunks, request.coalesce):
+            yield pb.ChatStreamResponse(data=data, engine_id=engine_id, more=more)
+
+    async def Complete(self, request: pb.CompleteRequest, context: Any) -> pb.CompleteResponse:
+        limits = limits_from_pb(request, self.api_keys)
+        result = await self.scheduler.unary(
+            require_model(request.model),
+            request.body,
+            "/v1/completions",
+            limits,
+            ticket_from_pb(request, RequestClass.LLM_GENERATE, limits.tenant),
+            session_key=request.options.session_key,
+        )
+        return pb.CompleteResponse(
+            body=result.body, engine_id=result.engine.engine_id, usage=usage_pb(result.usage)
+        )
+
+    async def CompleteStream(
+        self, request: pb.CompleteStreamRequest, context: Any
+    ) -> AsyncIterator[pb.CompleteStreamResponse]:
+        limits = limits_from_pb(request, self.api_keys)
+        chunks = self.scheduler.stream(
+            require_model(request.model),
+            request.body,
+            "/v1/completions",
+            limits,
+            ticket_from_pb(request, RequestClass.LLM_GENERATE, limits.tenant),
+            session_key=request.options.session_key,
+        )
+        async for engine_id, data, more in _messages(chunks, request.coalesce):
+            yield pb.CompleteStreamResponse(data=data, engine_id=engine_id, more=more)
+
+    async def Multiplex(
+        self, request_iterator: AsyncIterator[pb.MultiplexRequest], context: Any
+    ) -> AsyncIterator[pb.MultiplexResponse]:
+        if self.mux.draining:
+            raise ServiceUnavailableError("the scheduler is shutting down")
+        async for message in self.mux.serve(request_iterator):
+            yield message
+
+    async def Embed(self, request: pb.EmbedRequest, context: Any) -> pb.EmbedResponse:
+        limits = limits_from_pb(request, self.api_keys)
+        if not request.inputs:
+            raise InvalidRequestError("input must not be empty", param="input")
+        if request.dimensions < 0:
+            raise InvalidRequestError("dimensions must be positive", param="dimensions")
+        result = await self.scheduler.embed(
+            require_model(request.model),
+            list(request.inputs),
+            request.dimensions,
+            limits,
+        )
+        if request.packed_vectors:
+            data = [pb.Embedding(index=i, packed_values=v) for i, v in enumerate(result.vectors)]
+        else:  # a caller from before packed vectors (or any gRPC client) reads `values`
+            data = [pb.Embedding(index=i, values=unpack(v)) for i, v in enumerate(result.vectors)]
+        return pb.EmbedResponse(
+            model=request.model,
+            data=data,
+            usage=usage_pb(result.usage),
+        )
+
+    async def RegisterEngine(
+        self, request: pb.RegisterEngineRequest, context: Any
+    ) -> pb.RegisterEngineResponse:
+        if not request.HasField("engine"):
+            raise InvalidRequestError("engine is required", param="engine")
+        record = self.nodes.admit_engine(record_from_pb(request.engine))
+        replaced = self.scheduler.registry.register(record)
+        return pb.RegisterEngineResponse(engine=record_to_pb(record), replaced=replaced)
+
+    async def DeregisterEngine(
+        self, request: pb.DeregisterEngineRequest, context: Any
+    ) -> pb.DeregisterEngineResponse:
+        record = self.scheduler.registry.deregister(request.engine_id)
+        self.scheduler.breakers.forget(request.engine_id)
+        left = await self.scheduler.wait_idle(request.engine_id, request.drain_timeout_s)
+        return pb.DeregisterEngineResponse(engine=record_to_pb(record), in_flight=left)
+
+    async def ListEngines(
+        self, request: pb.ListEnginesRequest, context: Any
+    ) -> pb.ListEnginesResponse:
+        return pb.ListEnginesResponse(
+            engines=[record_to_pb(r) for r in self.scheduler.registry.engines(request.model)]
+        )
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: Any
+    ) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(
+            models=[
+                pb.Model(
+                    id=m.id,
+                    kind=kind_value(m.kind),
+                    created=m.created,
+                    ready_engines=m.ready_engines,
+                    alias_of=m.alias_of,
+                )
+                for m in self.scheduler.registry.models()
+            ]
+        )
+
+    async def GetStatus(self, request: pb.GetStatusRequest, context: Any) -> pb.GetStatusResponse:
+        engines = self.scheduler.registry.engines()
+        counters = self.scheduler.counters
+        return pb.GetStatusResponse(
+            engines_total=len(engines),
+            engines_ready=sum(1 for e in engines if e.state is EngineState.READY),
+            in_flight=counters.in_flight,
+            queued=self.scheduler.admission.stats.queued,
+            policy=self.policy_name,
+            requests_total=counters.requests_total,
+            requests_failed=counters.requests_failed,
+        )
+
+    async def GetMetrics(
+        self, request: pb.GetMetricsRequest, context: Any
+    ) -> pb.GetMetricsResponse:
+        metrics = self.scheduler.metrics
+        admission = self.scheduler.admission
+        return pb.GetMetricsResponse(
+            prometheus_text=metrics.render(),
+            models=[
+                pb.ModelStats(
+                    model=m.model,
+                    p50_ms=m.p50_s * 1000,
+                    p95_ms=m.p95_s * 1000,
+                    p99_ms=m.p99_s * 1000,
+                    ttft_p50_ms=m.ttft_p50_s * 1000,
+                    tpot_p50_ms=m.tpot_p50_s * 1000,
+                    rps=m.rps,
+                    slo_attainment=m.slo_attainment,
+                    queued=admission.queued_for(m.model),
+                )
+                for m in metrics.summaries()
+            ],
+        )
+
+    async def RegisterNode(
+        self, request: pb.RegisterNodeRequest, context: Any
+    ) -> pb.RegisterNodeResponse:
+        node = self.nodes.report(require_report(request), register=True)
+        if node.state is NodeState.UNHEALTHY:
+            log.warning(
+                "node registered unhealthy", extra={"node_id": node.node_id, "reason": node.reason}
+            )
+        return pb.RegisterNodeResponse(node=node_to_pb(node, self.nodes))
+
+    async def NodeHeartbeat(
+        self, request: pb.NodeHeartbeatRequest, context: Any
+    ) -> pb.NodeHeartbeatResponse:
+        node = self.nodes.report(require_report(request), register=False)
+        return pb.NodeHeartbeatResponse(node=node_to_pb(node, self.nodes))
+
+    async def ListNodes(self, request: pb.ListNodesRequest, context: Any) -> pb.ListNodesResponse:
+        return pb.ListNodesResponse(nodes=[node_to_pb(n, self.nodes) for n in self.nodes.nodes()])
+
+    async def PlaceEngine(
+        self, request: pb.PlaceEngineRequest, context: Any
+    ) -> pb.PlaceEngineResponse:
+        if request.gpus_needed < 0:
+            raise InvalidRequestError("gpus_needed must not be negative", param="gpus_needed")
+        node = self.nodes.place(
+            gpus_needed=request.gpus_needed, use_gpu=request.use_gpu, node_id=request.node_id
+        )
+        return pb.PlaceEngineResponse(node=node_to_pb(node, self.nodes))
