@@ -20,7 +20,7 @@ from sage.common.limits import check_embedding_tokens
 
 from .admission import AdmissionController
 from .breaker import CircuitBreakers
-from .executor import EngineDisconnectedError, EngineUnreachableError, HttpExecutionCoordinator
+from .executor import EngineDisconnectedError, EngineUnreachableError
 from .load import EngineLoadTracker
 from .metrics import SchedulerMetrics
 from .policies import QueuedRequest
@@ -71,6 +71,21 @@ class EmbeddingBackend(Protocol):
         ...
 
 
+class EngineExecutor(Protocol):
+    """How the scheduler calls an engine (executor.HttpExecutionCoordinator over HTTP). A
+    refused connection raises EngineUnreachableError and a dropped one
+    EngineDisconnectedError (both may go to another engine); an engine's error reply raises
+    the SageError it maps to."""
+
+    async def post_json(self, engine: EngineRecord, path: str, body: bytes) -> bytes:
+        """The engine's JSON reply to `body` POSTed at `path`."""
+        ...
+
+    def stream_sse(self, engine: EngineRecord, path: str, body: bytes) -> AsyncIterator[bytes]:
+        """The engine's SSE `data:` payloads, up to and not including `[DONE]`."""
+        ...
+
+
 @dataclass
 class Counters:
     """Running totals for GetStatus."""
@@ -116,7 +131,7 @@ class Scheduler:
         self,
         registry: EngineRegistry,
         router: Router,
-        executor: HttpExecutionCoordinator,
+        executor: EngineExecutor,
         embedding_backend: EmbeddingBackend | None = None,
         rate_limiter: TenantRateLimiter | None = None,
         admission: AdmissionController | None = None,
