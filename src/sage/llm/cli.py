@@ -4,8 +4,11 @@ preset | model` (typer; rich help, tables on a terminal, plain lines or --json f
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import importlib.util
 import os
+import re
+import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,6 +45,8 @@ __all__ = ["ServeOptions", "app", "default_embedding_model", "llm_app", "main"]
 # Kept in sync with sage.engines.embedding.BUNDLED_MODEL_NAME (not imported: it pulls numpy).
 BUNDLED_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 SERVE_BACKENDS = ("", "auto", "sim", "vllm", "transformers")
+DISTRIBUTION = "sage-llm-control-plane"
+SERVER_INSTALL_HINT = f"pip install '{DISTRIBUTION}[server]'"
 
 app = typer.Typer(
     name="sage",
@@ -208,13 +213,51 @@ def _serve_plan(options: ServeOptions, settings: SageSettings) -> supervisor.Ser
     )
 
 
-def _check_scheduler_names(policy: str, routing: str) -> None:
-    """Fail before starting anything when the policy or routing name is unknown."""
-    from sage.services.scheduler.policies import create_policy
-    from sage.services.scheduler.routing import create_router
+def missing_server_packages() -> list[str]:
+    """The `server` extra's distributions this install lacks (none when sage runs from a
+    source tree without package metadata). A base (client) install has the CLI, not the
+    stack."""
+    try:
+        requires = importlib.metadata.requires(DISTRIBUTION) or []
+    except importlib.metadata.PackageNotFoundError:
+        return []
+    missing = []
+    for requirement in requires:
+        spec, _, marker = requirement.partition(";")
+        # Only plain `extra == "server"`: platform-only ones (uvloop) are optional speed-ups.
+        if marker.replace(" ", "").replace("'", '"') != 'extra=="server"':
+            continue
+        name = re.split(r"[\s<>=!~\[(]", spec.strip(), maxsplit=1)[0]
+        try:
+            importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(name)
+    return missing
 
-    create_policy(policy)
-    create_router(routing)
+
+def _check_server_install() -> None:
+    missing = missing_server_packages()
+    if missing:
+        raise ConfigurationError(
+            f"`sage llm serve` runs the stack, which needs the server extra "
+            f"({', '.join(missing)} missing): {SERVER_INSTALL_HINT}"
+        )
+
+
+def _check_scheduler_settings(child_env: dict[str, str]) -> None:
+    """Fail before starting anything when the policy or routing name is unknown: the
+    scheduler's own `--check-config` judges, in a child like the one serve would start."""
+    done = subprocess.run(
+        [sys.executable, "-m", "sage.services.scheduler", "--check-config"],
+        env={**os.environ, **child_env},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines() or [f"exited {done.returncode}"]
+        raise ConfigurationError(lines[-1] if done.returncode == 2 else "\n".join(lines[-20:]))
 
 
 def run_serve(options: ServeOptions, background: bool) -> int:
@@ -222,10 +265,9 @@ def run_serve(options: ServeOptions, background: bool) -> int:
     if options.config:
         # Children inherit the environment, so every service reads the same file.
         os.environ[CONFIG_ENV] = options.config
+    _check_server_install()
     settings = _settings(options.gateway_port, options.host, options.insecure)
-    _check_scheduler_names(
-        options.policy or settings.scheduler_policy, options.routing or settings.scheduler_routing
-    )
+    _check_scheduler_settings(options.child_env())
     # Record what was resolved, so a restart comes back on the same gateway address.
     # Local model folders become absolute paths (lifecycle accepts no other local form, and
     # a restart from another directory must find them too).

@@ -300,7 +300,8 @@ def test_dockerfiles_are_multi_stage_non_root_and_slim(compose: dict[str, Any]) 
     installs = " ".join(
         line for stage in control.values() for line in stage if "pip install" in line
     )
-    assert "pip install ." in installs and "[engines]" not in installs and "torch" in installs
+    assert 'pip install ".[server]"' in installs and "[engines]" not in installs
+    assert "torch" in installs
     engine = dockerfile_stages(COMPOSE_DIR / "Dockerfile.engine")
     for variant in ("sim", "cpu", "cuda"):
         assert variant in engine, f"Dockerfile.engine has no {variant} target"

@@ -50,13 +50,26 @@ def build_parser(service: str, default_port_attr: str) -> argparse.ArgumentParse
         action="store_true",
         help="allow a non-loopback bind without an internal token and TLS (SAGE_INSECURE=1)",
     )
+    parser.add_argument(
+        "--check-config",
+        action="store_true",
+        help="check the settings this service would start with, then exit (0 ok, 2 not)",
+    )
     return parser
 
 
 def run_service_main(
-    service: str, default_port_attr: str, build: BuildServer, argv: Sequence[str] | None = None
+    service: str,
+    default_port_attr: str,
+    build: BuildServer,
+    argv: Sequence[str] | None = None,
+    check: Callable[[SageSettings], None] | None = None,
 ) -> int:
     """Parse --host/--port, build the server from settings, serve until SIGTERM/SIGINT.
+
+    `--check-config` only loads the settings and runs `check` (which raises
+    ConfigurationError): `sage llm serve` asks that before it starts anything, without
+    importing the service.
 
     Every call but health and reflection must carry the stack's internal token (auth.py).
 
@@ -73,6 +86,14 @@ def run_service_main(
     except ConfigurationError as exc:  # a SAGE_CONFIG file that is unreadable or wrong
         print(f"invalid configuration: {exc.message}", file=sys.stderr)
         return 2
+    if args.check_config:
+        try:
+            if check is not None:
+                check(settings)
+        except ConfigurationError as exc:
+            print(f"{service}: {exc.message}", file=sys.stderr)
+            return 2
+        return 0
     try:
         set_process_tls(tls_from_settings(settings))
         # The token its server demands and its channels send; `sage llm serve` hands its
