@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, Protocol
 
 import orjson
@@ -122,6 +123,91 @@ def _for_engine(body: bytes, model: str, engine: EngineRecord) -> bytes:
     doc = orjson.loads(body)
     doc["model"] = engine.model
     return orjson.dumps(doc)
+
+
+class _Next(Enum):
+    """What a stream does after its engine failed."""
+
+    RETRY = "retry"  # the next engine starts over, or continues what the client has
+    DONE = "done"  # the client had the whole reply; only [DONE] was lost
+    CLOSE = "close"  # the token budget is spent: a closing chunk ends the reply
+    FAIL = "fail"  # the engine's error is the request's
+    STRANDED = "stranded"  # output went out and no engine is left to continue it
+
+
+class _StreamProgress:
+    """One streamed request across its engine attempts: what the next engine is sent and
+    how its payloads reach the client. Fresh until a payload goes out (a failure then
+    starts over elsewhere), streaming after, resumed once another engine continues the
+    reply (its payloads rewritten into the first stream's, see resume.py)."""
+
+    __slots__ = ("begun", "body", "last", "model", "path", "resume", "resumed", "ttft_s")
+
+    def __init__(
+        self, path: str, model: str, body: bytes, resume: StreamResume | None, begun: float
+    ) -> None:
+        self.path = path
+        self.model = model  # as the client named it (maybe an alias)
+        self.body = body  # as routed (a PD decode leg's, when there was one)
+        self.resume = resume  # None: the reply cannot be continued once it has begun
+        self.resumed = False
+        self.begun = begun
+        self.ttft_s: float | None = None  # set when the first payload goes out
+        self.last = b""  # the last payload the client was sent
+
+    @property
+    def started(self) -> bool:
+        """Whether the client has been sent anything."""
+        return self.ttft_s is not None
+
+    def request(self, engine: EngineRecord) -> tuple[str, bytes]:
+        """The path and body for `engine`: the request, or the rest of the reply."""
+        resume = self.resume
+        if self.resumed and resume is not None:
+            leg, sent = resume.continuation(engine)
+            return leg, _for_engine(sent, self.model, engine)
+        sent = _for_engine(self.body, self.model, engine)
+        if resume is not None:  # token ids, to resume exactly if need be
+            sent = resume.asking_ids(sent, engine)
+        return self.path, sent
+
+    def to_client(self, payload: bytes) -> bytes | None:
+        """An engine's payload as the client is to see it (None: not sent)."""
+        resume = self.resume
+        if resume is not None:
+            if self.resumed:
+                rewritten = resume.rewrite(payload)
+                if rewritten is None:
+                    return None
+                payload = rewritten
+            else:
+                payload = resume.absorb(payload)
+        if self.ttft_s is None:
+            self.ttft_s = time.monotonic() - self.begun
+        self.last = payload
+        return payload
+
+    def after_failure(self, last_try: bool) -> _Next:
+        """The next step once the current engine failed (`last_try`: no engine is left)."""
+        if not self.started:
+            return _Next.FAIL if last_try else _Next.RETRY
+        resume = self.resume
+        if resume is None:
+            return _Next.FAIL
+        if resume.finished:
+            return _Next.DONE
+        if resume.exhausted:
+            return _Next.CLOSE
+        if last_try:
+            return _Next.STRANDED
+        self.resumed = True
+        return _Next.RETRY
+
+    def closing_chunk(self) -> bytes:
+        """The chunk that ends a reply whose token budget ran out mid-stream."""
+        assert self.resume is not None  # CLOSE comes only from a tracked reply
+        self.last = self.resume.closing_chunk()
+        return self.last
 
 
 class Scheduler:
@@ -335,26 +421,18 @@ class Scheduler:
             ticket.model = engines[0].model  # an alias shares its model's lane and windows
             # Capacity counts only engines routing may use (an open breaker's are not).
             async with self.admission.slot(ticket, self.breakers.routable(engines, _engine_id)):
-                client_body = body
+                # What the client saw is tracked from its own body, not a PD decode leg's
+                # (the leg's KV params are single-use).
+                resume = StreamResume.for_request(path, body)
                 body, candidates = await self._route(model, path, body, session_key, ticket.cost)
-                request = body
-                # Tracks what the client saw, so a stream broken mid-way can be continued;
-                # from the client's body, not a PD decode leg's (its KV params are single-use).
-                seen = StreamResume.for_request(path, client_body)
-                resumed = False
-                started = False
-                ttft, last = 0.0, b""
-                for i, engine in enumerate(candidates):
-                    if not self.breakers.begin(engine.engine_id, force=i == len(candidates) - 1):
+                progress = _StreamProgress(path, model, body, resume, begun)
+                clean = False
+                for i, engine in enumerate(candidates):  # one attempt per engine
+                    last_try = i == len(candidates) - 1
+                    if not self.breakers.begin(engine.engine_id, force=last_try):
                         continue
+                    leg, sent = progress.request(engine)
                     produced = False
-                    if resumed and seen is not None:
-                        leg, sent = seen.continuation(engine)
-                        sent = _for_engine(sent, model, engine)
-                    else:
-                        leg, sent = path, _for_engine(request, model, engine)
-                        if seen is not None:  # token ids, to resume exactly if need be
-                            sent = seen.asking_ids(sent, engine)
                     try:
                         with (
                             self.load.track(engine.engine_id),
@@ -364,67 +442,50 @@ class Scheduler:
                                 if not produced:
                                     produced = True
                                     call.succeeded()  # failing before the first byte counts
-                                if resumed and seen is not None:
-                                    rewritten = seen.rewrite(payload)
-                                    if rewritten is None:
-                                        continue
-                                    payload = rewritten
-                                elif seen is not None:
-                                    payload = seen.absorb(payload)
-                                if not started:
-                                    started = True
-                                    ttft = time.monotonic() - begun
-                                last = payload
-                                yield payload, engine
-                        self.admission.finished(ticket, charged or ticket.cost)
-                        self.metrics.observe(
-                            ticket,
-                            engine.engine_id,
-                            time.monotonic() - begun,
-                            ttft_s=ttft if started else None,
-                            completion_tokens=usage_of(last).completion_tokens if last else 0,
-                        )
-                        return
+                                out = progress.to_client(payload)
+                                if out is not None:
+                                    yield out, engine
+                        clean = True
+                        break
                     except (EngineUnreachableError, EngineDisconnectedError) as exc:
                         if produced:
                             # The guard settled at the first byte; the break is still a fault.
                             self.breakers.record_exception(engine.engine_id, exc)
-                        if started:
-                            if seen is None:
-                                raise
-                            if seen.finished:
-                                break  # the client had the whole reply; only [DONE] was lost
-                            if seen.exhausted:
-                                last = seen.closing_chunk()
-                                yield last, engine
-                                break
-                            if i == len(candidates) - 1:
-                                raise UpstreamError(
-                                    f"engine {engine.engine_id} failed mid-stream and no other "
-                                    f"ready engine of model {model!r} is left to continue it"
-                                ) from exc
-                            resumed = True  # the next engine gets seen.continuation()
-                        elif i == len(candidates) - 1:
+                        mid_stream = progress.started
+                        step = progress.after_failure(last_try)
+                        if step is _Next.FAIL:
                             raise
-                        self.metrics.failover("stream" if started else "stream_start")
+                        if step is _Next.STRANDED:
+                            raise UpstreamError(
+                                f"engine {engine.engine_id} failed mid-stream and no other "
+                                f"ready engine of model {model!r} is left to continue it"
+                            ) from exc
+                        if step is _Next.DONE:
+                            break
+                        if step is _Next.CLOSE:
+                            yield progress.closing_chunk(), engine
+                            break
+                        self.metrics.failover("stream" if mid_stream else "stream_start")
                         log.warning(
                             "engine failed mid-stream, continuing on another"
-                            if started
+                            if mid_stream
                             else "engine unreachable, failing over"
                             if isinstance(exc, EngineUnreachableError)
                             else "engine dropped the connection, failing over",
                             extra={
                                 "engine_id": engine.engine_id,
                                 "error": str(exc),
-                                "resumed_tokens": seen.produced if seen else 0,
+                                "resumed_tokens": resume.produced if resume else 0,
                             },
                         )
                 self.admission.finished(ticket, charged or ticket.cost)
+                last = progress.last
                 self.metrics.observe(
                     ticket,
                     engine.engine_id,
                     time.monotonic() - begun,
-                    ttft_s=ttft if started else None,
+                    ttft_s=progress.ttft_s,
+                    completion_tokens=usage_of(last).completion_tokens if clean and last else 0,
                 )
         except BaseException:
             self.counters.requests_failed += 1
