@@ -34,7 +34,7 @@ from sage.common.http.server import serve_app
 from sage.common.utils.logging import configure_logging
 from sage.engines.auth import add_api_key_argument, protect, resolve_api_key
 
-from .batching import BatchMetrics, BatchRunner
+from .batching import BatchRunner
 from .core import CoreFacts, CoreProcess
 from .model import CausalLM, EngineConfig, Outcome, Prompts, SamplingParams, load_tokenizer
 from .protocol import Sampling, parse_chat, parse_completion
@@ -73,14 +73,7 @@ class _Engine:
         self.runner: BatchRunner | CoreProcess
         self.prompts: CausalLM | Prompts
         if model is not None:
-            self.runner = BatchRunner(
-                model,
-                lambda running, waiting: BatchMetrics(self.names[0], running, waiting),
-                max_num_seqs=config.max_num_seqs,
-                kv_budget_tokens=config.kv_budget_tokens or model.max_model_len,
-                waiting_served_ratio=config.waiting_served_ratio,
-                max_waiting_steps=config.max_waiting_steps,
-            )
+            self.runner = BatchRunner.for_engine(model, config, model.max_model_len)
             self.prompts = model
             self.facts = CoreFacts(
                 device=str(getattr(model, "device", "cpu")),  # a stand-in model may lack them

@@ -27,7 +27,7 @@ from prometheus_client import Counter, Histogram, generate_latest
 from sage.common.exceptions import InternalError
 from sage.engines.vllm_metrics import VllmRequestMetrics
 
-from .model import Generation, Outcome, SamplingParams, Step
+from .model import EngineConfig, Generation, Outcome, SamplingParams, Step
 
 __all__ = ["BatchMetrics", "BatchRunner", "BatchedModel"]
 
@@ -144,6 +144,25 @@ class BatchRunner:
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="generate", daemon=True)
         self._thread.start()
+
+    @classmethod
+    def for_engine(
+        cls,
+        model: BatchedModel,
+        config: EngineConfig,
+        max_model_len: int,
+        after_step: Callable[[], None] | None = None,
+    ) -> BatchRunner:
+        """The runner an engine with `config` uses (its limits and vLLM-named metrics)."""
+        return cls(
+            model,
+            lambda running, waiting: BatchMetrics(config.names[0], running, waiting),
+            max_num_seqs=config.max_num_seqs,
+            kv_budget_tokens=config.kv_budget_tokens or max_model_len,
+            waiting_served_ratio=config.waiting_served_ratio,
+            max_waiting_steps=config.max_waiting_steps,
+            after_step=after_step,
+        )
 
     @property
     def running(self) -> int:

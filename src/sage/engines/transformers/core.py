@@ -237,7 +237,7 @@ def _core_main(config: EngineConfig, conn: Connection, log_level: str) -> None:
     from sage.common.utils.logging import configure_logging
 
     configure_logging("transformers-engine-core", log_level)
-    from .batching import BatchMetrics, BatchRunner
+    from .batching import BatchRunner
     from .model import CausalLM
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the front; it stops us
@@ -270,15 +270,7 @@ def _core_main(config: EngineConfig, conn: Connection, log_level: str) -> None:
         except (OSError, ValueError):
             os._exit(0)  # the front is gone
 
-    runner = BatchRunner(
-        model,
-        lambda running, waiting: BatchMetrics(config.names[0], running, waiting),
-        max_num_seqs=config.max_num_seqs,
-        kv_budget_tokens=config.kv_budget_tokens or model.max_model_len,
-        waiting_served_ratio=config.waiting_served_ratio,
-        max_waiting_steps=config.max_waiting_steps,
-        after_step=flush,
-    )
+    runner = BatchRunner.for_engine(model, config, model.max_model_len, after_step=flush)
     facts = CoreFacts(
         device=model.device,
         dtype=model.dtype,

@@ -274,15 +274,22 @@ def load_tokenizer(config: EngineConfig) -> Any:
     """The model's tokenizer; a local folder never turns a missing file into a download."""
     from transformers import AutoTokenizer
 
+    return _from_pretrained(AutoTokenizer, config)
+
+
+def _from_pretrained(auto_class: Any, config: EngineConfig, **kwargs: Any) -> Any:
+    """`auto_class.from_pretrained` for the engine's model; a local folder needs no hub (a
+    missing file never turns into a download), and a failure is a ConfigurationError."""
     path = _resolve_path(config.model)
     try:
         # Typed as Any: transformers' stubs cover the Auto classes only loosely.
         return cast(
             Any,
-            AutoTokenizer.from_pretrained(
+            auto_class.from_pretrained(
                 path,
                 trust_remote_code=config.trust_remote_code,
                 local_files_only=Path(path).exists(),
+                **kwargs,
             ),
         )
     except (OSError, ValueError) as exc:
@@ -335,27 +342,12 @@ class CausalLM:
         import torch
         from transformers import AutoModelForCausalLM
 
-        path = _resolve_path(config.model)
         self.device = self._pick_device(config.device)
         dtype = self._pick_dtype(config.dtype, self.device)
         # transformers 4.56 renamed torch_dtype to dtype and warns about the old name.
         dtype_key = "dtype" if _transformers_version() >= (4, 56) else "torch_dtype"
         self.tokenizer: Any = load_tokenizer(config)
-        try:
-            # A local folder needs no hub: never turn a missing file into a download.
-            self.model: Any = cast(
-                Any,
-                AutoModelForCausalLM.from_pretrained(
-                    path,
-                    trust_remote_code=config.trust_remote_code,
-                    local_files_only=Path(path).exists(),
-                    **{dtype_key: dtype},
-                ),
-            )
-        except (OSError, ValueError) as exc:
-            raise ConfigurationError(
-                f"cannot load model {config.model!r}: {exc}", param="model"
-            ) from exc
+        self.model: Any = _from_pretrained(AutoModelForCausalLM, config, **{dtype_key: dtype})
         self.model.to(self.device)
         self.model.eval()
         self.dtype = str(dtype).removeprefix("torch.")
