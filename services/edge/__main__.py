@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigurationError as exc:  # e.g. an unreadable SAGE_API_KEYS_FILE
         print(f"edge: {exc.message}", file=sys.stderr)
         return 2
-    port = args.port if args.port is not None else settings.gateway_port
+    port = args.port if args.port is not None else settings.edge.port
     # serve_app: HTTPS with the same PEM files, and SIGTERM is a clean stop (exit 0).
     return serve_app(app, host, port, what="edge", tls=tls, limits=limits)
 

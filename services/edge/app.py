@@ -228,16 +228,18 @@ def create_app(
     keys = (
         api_keys
         if api_keys is not None
-        else load_key_table(settings.api_keys, settings.api_keys_file)
+        else load_key_table(settings.auth.api_keys, settings.auth.api_keys_file)
     )
     docs = orjson.dumps(openapi_document())
     admin_key = resolve_admin_key(settings)
     admin = AdminGate(admin_key)
     metrics_auth = (
-        settings.metrics_require_auth if settings.metrics_require_auth is not None else keys.enabled
+        settings.auth.metrics_require_auth
+        if settings.auth.metrics_require_auth is not None
+        else keys.enabled
     )
-    cors = CorsPolicy.parse(settings.cors_origins)
-    guard = BrowserGuard.build(settings.allowed_hosts, (settings.host, bind_host or ""), cors)
+    cors = CorsPolicy.parse(settings.edge.cors_origins)
+    guard = BrowserGuard.build(settings.edge.allowed_hosts, (settings.host, bind_host or ""), cors)
     # The dashboard's chart history, sampled from the scheduler while the edge runs.
     series = TimeSeries()
     sampler = Sampler(series, lambda: up().scheduler)
@@ -265,7 +267,7 @@ def create_app(
 
     metrics = EdgeMetrics()
     app = App(
-        max_body_bytes=settings.max_body_bytes,
+        max_body_bytes=settings.edge.max_body_bytes,
         on_startup=startup,
         on_shutdown=shutdown,
         observer=metrics.observe_request,

@@ -57,7 +57,7 @@ def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageS
         BatcherConfig(max_request_tokens=settings.embedding_max_tokens_per_request),
     )
     server, port = create_server(
-        addr or f"{settings.host}:{settings.embedding_service_port}",
+        addr or f"{settings.host}:{settings.embedding_service.port}",
         [
             Registration(
                 pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name,

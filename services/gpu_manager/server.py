@@ -12,7 +12,6 @@ from sage.common.grpc import Registration, SageServer, create_server
 from sage.rpc.gpu_manager.v1 import gpu_manager_pb2 as pb
 from sage.rpc.gpu_manager.v1 import gpu_manager_pb2_grpc as pb_grpc
 
-from .config import GpuManagerOptions
 from .estimate import ModelMemoryEstimator
 from .ledger import MiB, ReservationLedger, SafetyMargin
 from .nvml import NvmlReader
@@ -160,11 +159,10 @@ class GpuManagerServer(SageServer):
             await asyncio.sleep(self.interval_s)
 
 
-def build_manager(
-    settings: SageSettings, options: GpuManagerOptions, nvml: Any | None = None
-) -> GPUResourceManager:
+def build_manager(settings: SageSettings, nvml: Any | None = None) -> GPUResourceManager:
     """GPUResourceManager wired from settings: NVML (unless disabled; `nvml` replaces the
     pynvml module, e.g. with a SimNvml), the persisted ledger."""
+    options = settings.gpu_manager
     ledger = ReservationLedger(
         margin=SafetyMargin(options.reserve_margin_fraction, options.reserve_margin_mib * MiB),
         store=ReservationStore(settings.llm_state_dir / RESERVATIONS_FILE),
@@ -173,7 +171,7 @@ def build_manager(
         nvml = parse_simulation(options.simulate)
     return GPUResourceManager(
         # Simulated GPUs never touch NVML, so SAGE_DISABLE_NVML does not switch them off.
-        NvmlReader(nvml, disabled=settings.disable_nvml and not options.simulate),
+        NvmlReader(nvml, disabled=options.disable_nvml and not options.simulate),
         ledger,
         ModelMemoryEstimator(options.hub_cache_dirs()),
     )
@@ -183,14 +181,12 @@ def build_server(
     settings: SageSettings,
     addr: str | None = None,
     *,
-    options: GpuManagerOptions | None = None,
     nvml: Any | None = None,
 ) -> tuple[GpuManagerServer, int]:
-    """The GPU manager server wired from settings (and SAGE_GPU_* options from the env)."""
-    options = options or GpuManagerOptions()
-    manager = build_manager(settings, options, nvml)
+    """The GPU manager server wired from settings (its `gpu_manager` section)."""
+    manager = build_manager(settings, nvml)
     base, port = create_server(
-        addr or f"{settings.host}:{settings.gpu_manager_port}",
+        addr or f"{settings.host}:{settings.gpu_manager.port}",
         [
             Registration(
                 pb.DESCRIPTOR.services_by_name["GpuManagerService"].full_name,
@@ -199,7 +195,7 @@ def build_server(
             )
         ],
     )
-    server = GpuManagerServer(base, manager, options.reconcile_interval_s)
+    server = GpuManagerServer(base, manager, settings.gpu_manager.reconcile_interval_s)
 
     async def _close() -> None:
         await asyncio.to_thread(manager.close)

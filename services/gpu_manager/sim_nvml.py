@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, ClassVar
 
+from sage.common.config.values import parse_gpu_simulation
+
 # Error codes and messages as in nvml.h / pynvml.
 NVML_SUCCESS = 0
 NVML_ERROR_UNINITIALIZED = 1
@@ -230,14 +232,7 @@ class SimNvml:
 
 def parse_simulation(spec: str) -> SimNvml:
     """`SimNvml` from `SAGE_GPU_SIMULATE`: "N" (N GPUs of 80 GiB) or "NxG" (G GiB each)."""
-    count_text, _, size_text = spec.lower().partition("x")
-    try:
-        count = int(count_text)
-        size = float(size_text) if size_text else 80.0
-    except ValueError:
-        raise ValueError(f"expected N or NxGiB, e.g. 2x80, got {spec!r}") from None
-    if count < 0 or size <= 0:
-        raise ValueError(f"expected a GPU count >= 0 and a size > 0, got {spec!r}")
+    count, size = parse_gpu_simulation(spec)
     return SimNvml(
         [SimGpu(total_bytes=int(size * GiB), reserved_bytes=512 * MiB) for _ in range(count)]
     )

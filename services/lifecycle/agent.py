@@ -31,14 +31,14 @@ _WILDCARD = ("", "0.0.0.0", "::", "[::]")
 
 def node_id_of(settings: SageSettings) -> str:
     """SAGE_NODE_ID, or the hostname."""
-    return settings.node_id or socket.gethostname()
+    return settings.cluster.node_id or socket.gethostname()
 
 
 def advertise_host_of(settings: SageSettings) -> str:
     """The address other hosts reach this node at: SAGE_ADVERTISE_HOST, else the bind host
     (the hostname when bound to a wildcard address, which no other host can dial)."""
-    if settings.advertise_host:
-        return settings.advertise_host
+    if settings.cluster.advertise_host:
+        return settings.cluster.advertise_host
     if settings.host in _WILDCARD:
         return socket.gethostname()
     return settings.host
@@ -57,8 +57,8 @@ class NodeAgent:
     ) -> None:
         self.node_id = node_id_of(settings)
         self.advertise_host = advertise_host_of(settings)
-        self.interval_s = settings.node_heartbeat_s
-        self.rpc_timeout_s = min(settings.rpc_timeout_s, max(1.0, settings.node_heartbeat_s * 2))
+        self.interval_s = settings.cluster.heartbeat_s
+        self.rpc_timeout_s = min(settings.rpc_timeout_s, max(1.0, settings.cluster.heartbeat_s * 2))
         self.instance = uuid.uuid4().hex[:12]
         self._manager = manager
         self._gpus = gpu_stub

@@ -84,7 +84,7 @@ class ExternalEnginePolicy:
     @classmethod
     def from_settings(cls, settings: SageSettings) -> ExternalEnginePolicy:
         """From SAGE_EXTERNAL_ENGINE_ALLOW: comma-separated hosts, host:port or CIDRs."""
-        return cls.parse(settings.external_engine_allow)
+        return cls.parse(settings.lifecycle.external_engine_allow)
 
     @classmethod
     def parse(cls, text: str) -> ExternalEnginePolicy:

@@ -272,7 +272,7 @@ class LaunchPolicy:
     ) -> LaunchPolicy:
         """The policy `settings` describe; $SAGE_HOME/models and the HF cache always count."""
         env = os.environ if environ is None else environ
-        roots = [Path(p).expanduser() for p in _split(settings.model_roots)]
+        roots = [Path(p).expanduser() for p in _split(settings.lifecycle.model_roots)]
         roots += [settings.home / "models", *hf_cache_roots(env)]
         extra = {
             p
@@ -281,9 +281,11 @@ class LaunchPolicy:
         }
         return cls(
             model_roots=tuple(roots),
-            port_range=parse_port_range(settings.engine_ports or DEFAULT_ENGINE_PORTS),
+            port_range=parse_port_range(settings.lifecycle.engine_ports or DEFAULT_ENGINE_PORTS),
             extra_ports=frozenset(extra),
-            added_args=frozenset(_normalise(a) for a in _split(settings.launch_allowed_args)),
+            added_args=frozenset(
+                _normalise(a) for a in _split(settings.lifecycle.launch_allowed_args)
+            ),
         )
 
     # -- models -----------------------------------------------------------------------

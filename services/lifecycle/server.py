@@ -300,10 +300,10 @@ def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageS
         deregister=deregister,
         gpus=GrpcGpuAllocator(gpu_channel),
         restart=RestartPolicy(
-            initial_s=settings.lifecycle_restart_backoff_s,
-            max_crashes=settings.lifecycle_max_crashes,
+            initial_s=settings.lifecycle.restart_backoff_s,
+            max_crashes=settings.lifecycle.max_crashes,
         ),
-        advertise_host=settings.advertise_host,
+        advertise_host=settings.cluster.advertise_host,
         policy=LaunchPolicy.from_settings(settings),
         external_policy=ExternalEnginePolicy.from_settings(settings),
         managed_elsewhere=managed_elsewhere,
@@ -317,14 +317,14 @@ def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageS
         lambda: bound["port"],
     )
     server, port = create_server(
-        addr or f"{settings.host}:{settings.lifecycle_port}",
+        addr or f"{settings.host}:{settings.lifecycle.port}",
         [
             Registration(
                 pb.DESCRIPTOR.services_by_name["LifecycleService"].full_name,
                 pb_grpc.add_LifecycleServiceServicer_to_server,
                 LifecycleServicer(
                     manager,
-                    engine_bind_host(settings.host, settings.advertise_host),
+                    engine_bind_host(settings.host, settings.cluster.advertise_host),
                     node_id,
                     agent,
                 ),
@@ -348,7 +348,7 @@ def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageS
         await agent.aclose()
         for task in tasks:
             task.cancel()
-        await manager.shutdown(stop_engines=settings.lifecycle_stop_engines_on_exit)
+        await manager.shutdown(stop_engines=settings.lifecycle.stop_engines_on_exit)
         await sched_channel.close(None)
         await gpu_channel.close(None)
 

@@ -12,8 +12,8 @@ from .server import build_server
 
 def check_config(settings: SageSettings) -> None:
     """`--check-config`: the policy and routing names are known."""
-    create_policy(settings.scheduler_policy)
-    create_router(settings.scheduler_routing)
+    create_policy(settings.scheduler.policy)
+    create_router(settings.scheduler.routing)
 
 
 if __name__ == "__main__":

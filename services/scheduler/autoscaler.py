@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
-from sage.common.exceptions import ConfigurationError
+from sage.common.config.values import parse_autoscale as parse_autoscale_rules
 
 log = logging.getLogger("sage.scheduler.autoscaler")
 
@@ -33,37 +33,9 @@ class ReplicaRange:
 
 
 def parse_autoscale(spec: str) -> dict[str, ReplicaRange]:
-    """Parse "model:min:max[,model:min:max]"; a bad entry is a ConfigurationError."""
-    ranges: dict[str, ReplicaRange] = {}
-    for raw in spec.split(","):
-        entry = raw.strip()
-        if not entry:
-            continue
-        # The model name may itself contain ':' (e.g. "qwen:7b"), so split from the right.
-        parts = entry.rsplit(":", 2)
-        if len(parts) != 3 or not parts[0].strip():
-            raise ConfigurationError(
-                f"SAGE_AUTOSCALE entries must be model:min:max, got {entry!r}",
-                param="SAGE_AUTOSCALE",
-            )
-        model = parts[0].strip()
-        try:
-            low, high = int(parts[1]), int(parts[2])
-        except ValueError:
-            raise ConfigurationError(
-                f"SAGE_AUTOSCALE min and max must be integers, got {entry!r}",
-                param="SAGE_AUTOSCALE",
-            ) from None
-        if low < 1 or high < low:
-            raise ConfigurationError(
-                f"SAGE_AUTOSCALE needs 1 <= min <= max, got {entry!r}", param="SAGE_AUTOSCALE"
-            )
-        if model in ranges:
-            raise ConfigurationError(
-                f"SAGE_AUTOSCALE names model {model!r} twice", param="SAGE_AUTOSCALE"
-            )
-        ranges[model] = ReplicaRange(model, low, high)
-    return ranges
+    """Parse "model:min:max[,model:min:max]" (sage.common.config.values parses it); a bad
+    entry is a ConfigurationError."""
+    return {r.model: ReplicaRange(r.model, r.min, r.max) for r in parse_autoscale_rules(spec)}
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
+from sage.common.config.values import parse_nodes as parse_node_addresses
 from sage.common.exceptions import (
     ConflictError,
     InsufficientResourcesError,
@@ -80,20 +81,9 @@ class StaticNode:
 
 
 def parse_nodes(text: str) -> list[StaticNode]:
-    """`id=host:port,id=host:port` → entries; a malformed or repeated entry names itself."""
-    nodes: list[StaticNode] = []
-    for raw in text.split(","):
-        entry = raw.strip()
-        if not entry:
-            continue
-        node_id, sep, addr = entry.partition("=")
-        host, colon, port = addr.strip().rpartition(":")
-        if not sep or not node_id.strip() or not colon or not host or not port.isdigit():
-            raise ValueError(f"SAGE_NODES entry {entry!r} is not id=host:port")
-        if any(n.node_id == node_id.strip() for n in nodes):
-            raise ValueError(f"SAGE_NODES names node {node_id.strip()!r} twice")
-        nodes.append(StaticNode(node_id.strip(), addr.strip()))
-    return nodes
+    """`id=host:port,id=host:port` → entries (sage.common.config.values parses it); a
+    malformed or repeated entry names itself."""
+    return [StaticNode(n.id, n.address) for n in parse_node_addresses(text)]
 
 
 def report_problem(report: NodeReport) -> str:

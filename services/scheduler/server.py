@@ -14,14 +14,13 @@ import grpc
 
 from sage.common.apikeys import load_key_table
 from sage.common.config.settings import SageSettings
-from sage.common.exceptions import InvalidRequestError
 from sage.common.grpc import Registration, SageServer, create_channel, create_server
 from sage.rpc.common.v1 import common_pb2
 from sage.rpc.scheduler.v1 import scheduler_pb2 as pb
 from sage.rpc.scheduler.v1 import scheduler_pb2_grpc as pb_grpc
 
 from .admission import AdmissionController
-from .autoscaler import Autoscaler, AutoscalerConfig, parse_autoscale
+from .autoscaler import Autoscaler, AutoscalerConfig, ReplicaRange
 from .breaker import CircuitBreakers
 from .clients import GrpcEmbeddingBackend, LifecycleScalerActions
 from .convert import (
@@ -37,7 +36,7 @@ from .executor import HttpExecutionCoordinator
 from .load import EngineLoadTracker
 from .loops import NodeWatcher
 from .metrics import SchedulerMetrics
-from .nodes import NodeTable, parse_nodes
+from .nodes import NodeTable, StaticNode
 from .rebuild import rebuild_from_lifecycle
 from .registry import EngineKind, EngineRegistry, EngineState
 from .routing import create_router
@@ -64,23 +63,22 @@ def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageS
     embedding_channel = create_channel(
         settings.address("embedding_service"), default_timeout=settings.request_timeout_s
     )
+    own = settings.scheduler
     breakers = CircuitBreakers(
-        settings.scheduler_breaker_failures,
-        settings.scheduler_breaker_cooldown_s,
-        max_cooldown_s=settings.scheduler_breaker_max_cooldown_s,
+        own.breaker_failures, own.breaker_cooldown_s, max_cooldown_s=own.breaker_max_cooldown_s
     )
     metrics = SchedulerMetrics(breakers=breakers)
-    load = EngineLoadTracker(scrape_interval_s=max(0.1, settings.scheduler_scrape_interval_s))
+    load = EngineLoadTracker(scrape_interval_s=max(0.1, own.scrape_interval_s))
     admission = AdmissionController(
-        settings.scheduler_policy,
-        per_engine=settings.scheduler_max_inflight_per_engine,
-        max_queue=settings.scheduler_max_queue,
+        own.policy,
+        per_engine=own.max_inflight_per_engine,
+        max_queue=own.max_queue,
         predict=metrics.predict,
         measured=load.capacity,
         measured_version=lambda: load.capacity_version,
     )
     metrics.queue_depth = lambda: admission.stats.queued
-    routing = settings.scheduler_routing
+    routing = own.routing
     registry = EngineRegistry()
     scheduler = Scheduler(
         registry,
@@ -93,27 +91,25 @@ def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageS
         metrics=metrics,
         embedding_max_tokens=settings.embedding_max_tokens_per_request,
     )
-    try:
-        static_nodes = parse_nodes(settings.nodes)
-    except ValueError as exc:
-        raise InvalidRequestError(str(exc), param="SAGE_NODES") from None
-    node_table = NodeTable(registry, timeout_s=settings.node_timeout_s, static=static_nodes)
+    cluster = settings.cluster
+    static_nodes = [StaticNode(n.id, n.address) for n in cluster.nodes]
+    node_table = NodeTable(registry, timeout_s=cluster.timeout_s, static=static_nodes)
     node_watcher = NodeWatcher(
         node_table,
-        min(settings.node_heartbeat_s, settings.node_timeout_s / 4),
+        min(cluster.heartbeat_s, cluster.timeout_s / 4),
         settings.rpc_timeout_s,
     )
     servicer = SchedulerServicer(
         scheduler,
-        f"{settings.scheduler_policy}/{routing}",
+        f"{own.policy}/{routing}",
         node_table,
         request_timeout_s=settings.request_timeout_s,
         # The edge's table (same settings): tenants and limits are resolved here from the
         # caller's key, never taken from a request.
-        api_keys=load_key_table(settings.api_keys, settings.api_keys_file),
+        api_keys=load_key_table(settings.auth.api_keys, settings.auth.api_keys_file),
     )
     server, port = create_server(
-        addr or f"{settings.host}:{settings.scheduler_port}",
+        addr or f"{settings.host}:{settings.scheduler.port}",
         [
             Registration(
                 pb.DESCRIPTOR.services_by_name["SchedulerService"].full_name,
@@ -153,7 +149,7 @@ def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageS
 
     # Engines' /metrics feed load-aware routers and measure undeclared capacities; with
     # neither in use (round robin under a fixed or no cap) nothing is scraped.
-    if routing != "round_robin" or settings.scheduler_max_inflight_per_engine < 0:
+    if routing != "round_robin" or settings.scheduler.max_inflight_per_engine < 0:
 
         async def _scrape() -> None:
             load.start(
@@ -168,7 +164,8 @@ def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageS
 
     autoscaler: Autoscaler | None = None
     lifecycle_channel: grpc.aio.Channel | None = None
-    if settings.autoscale.strip():
+    scaling = settings.autoscaler
+    if scaling.models:
         lifecycle_channel = create_channel(
             settings.address("lifecycle"), default_timeout=settings.rpc_timeout_s
         )
@@ -182,14 +179,14 @@ def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageS
 
         autoscaler = Autoscaler(
             AutoscalerConfig(
-                ranges=parse_autoscale(settings.autoscale),
-                dry_run=settings.autoscale_dry_run,
-                interval_s=settings.autoscale_interval_s,
-                queue_threshold=settings.autoscale_queue_threshold,
-                up_after_s=settings.autoscale_up_after_s,
-                idle_s=settings.autoscale_idle_s,
-                cooldown_s=settings.autoscale_cooldown_s,
-                slo_target=settings.autoscale_slo_target,
+                ranges={r.model: ReplicaRange(r.model, r.min, r.max) for r in scaling.models},
+                dry_run=scaling.dry_run,
+                interval_s=scaling.interval_s,
+                queue_threshold=scaling.queue_threshold,
+                up_after_s=scaling.up_after_s,
+                idle_s=scaling.idle_s,
+                cooldown_s=scaling.cooldown_s,
+                slo_target=scaling.slo_target,
             ),
             LifecycleScalerActions(
                 lifecycle_channel, settings.rpc_timeout_s, settings.request_timeout_s

@@ -28,7 +28,6 @@ from sage.common.grpc import create_channel, process_token
 from sage.rpc.common.v1 import common_pb2
 from sage.rpc.gpu_manager.v1 import gpu_manager_pb2, gpu_manager_pb2_grpc
 from sage.rpc.lifecycle.v1 import lifecycle_pb2, lifecycle_pb2_grpc
-from sage.services.gpu_manager.config import GpuManagerOptions
 from sage.services.gpu_manager.server import build_server as build_gpu_manager
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -103,8 +102,8 @@ class Lifecycle:
 @pytest.fixture
 async def gpu_manager(settings: SageSettings) -> AsyncIterator[int]:
     """gpu_manager on port 0 with one simulated 80 GiB GPU, reconciling every 0.2 s."""
-    options = GpuManagerOptions(simulate="1x80", reconcile_interval_s=0.2)
-    server, port = build_gpu_manager(settings, "127.0.0.1:0", options=options)
+    sim = settings.model_copy(update={"gpu_simulate": "1x80", "gpu_reconcile_interval_s": 0.2})
+    server, port = build_gpu_manager(sim, "127.0.0.1:0")
     await server.start()
     yield port
     await server.stop(1)

@@ -32,7 +32,6 @@ from sage.common.exceptions import (
 from sage.common.grpc import SageServer, create_channel, from_rpc_error, process_token
 from sage.rpc.gpu_manager.v1 import gpu_manager_pb2 as pb
 from sage.rpc.gpu_manager.v1 import gpu_manager_pb2_grpc as pb_grpc
-from sage.services.gpu_manager.config import GpuManagerOptions
 from sage.services.gpu_manager.server import build_server
 from sage.services.gpu_manager.sim_nvml import SimGpu, SimNvml
 
@@ -66,11 +65,10 @@ async def gpu_service(settings: SageSettings) -> AsyncIterator[Starter]:
         settings_: SageSettings | None = None,
     ) -> GpuService:
         nvml = nvml if nvml is not None else two_h200()
-        options = GpuManagerOptions(reconcile_interval_s=reconcile_interval_s)
+        base = settings_ or settings.model_copy(update={"disable_nvml": False})
         server, port = build_server(
-            settings_ or settings.model_copy(update={"disable_nvml": False}),
+            base.model_copy(update={"gpu_reconcile_interval_s": reconcile_interval_s}),
             "127.0.0.1:0",
-            options=options,
             nvml=nvml,
         )
         await server.start()

@@ -49,7 +49,7 @@ def missing_for_bind(settings: SageSettings, surface: Surface) -> list[str]:
             "an internal token (SAGE_INTERNAL_TOKEN, or a 0600 file named by "
             f"SAGE_INTERNAL_TOKEN_FILE; default {internal_token_path(settings)})"
         )
-    if not (settings.tls_cert_file and settings.tls_key_file):
+    if not (settings.tls.cert_file and settings.tls.key_file):
         missing.append("TLS (SAGE_TLS_CERT_FILE and SAGE_TLS_KEY_FILE)")
     return missing
 

@@ -273,7 +273,7 @@ def run_serve(options: ServeOptions, background: bool) -> int:
     # a restart from another directory must find them too).
     options = dataclasses.replace(
         options,
-        gateway_port=settings.gateway_port,
+        gateway_port=settings.edge.port,
         host=settings.host,
         model=supervisor.local_model_path(options.model),
         embedding_model=supervisor.local_model_path(options.embedding_model)

@@ -161,7 +161,7 @@ def model_roots_value(settings: SageSettings, engines: Sequence[EngineRequest]) 
     """SAGE_MODEL_ROOTS for the children: the configured roots plus the local folders the
     operator named on the command line (lifecycle's launch policy refuses a folder outside
     the roots, and what the operator typed is what they allow)."""
-    roots = [r.strip() for r in settings.model_roots.split(",") if r.strip()]
+    roots = [r.strip() for r in settings.lifecycle.model_roots.split(",") if r.strip()]
     roots += [r for r in local_model_roots(engines) if r not in roots]
     return ",".join(roots)
 
@@ -175,7 +175,7 @@ def posture_lines(settings: SageSettings, secrets: StackSecrets) -> list[str]:
             f"admin key: {secrets.admin_key_file} (mode 0600, required on /v1/management; "
             "`sage llm` commands and UnifiedInferenceClient on this machine read it)"
         )
-    if settings.api_keys or settings.api_keys_file:
+    if settings.auth.api_keys or settings.auth.api_keys_file:
         tenants = "tenant API keys: required on /v1/* inference; they never open management"
     else:
         tenants = (
@@ -206,11 +206,11 @@ def _child_env(
             "SAGE_HOME": str(settings.home),
             "SAGE_HOST": settings.host,
             "SAGE_INSECURE": "1" if settings.insecure else "0",
-            "SAGE_GATEWAY_PORT": str(settings.gateway_port),
-            "SAGE_SCHEDULER_PORT": str(settings.scheduler_port),
-            "SAGE_LIFECYCLE_PORT": str(settings.lifecycle_port),
-            "SAGE_GPU_MANAGER_PORT": str(settings.gpu_manager_port),
-            "SAGE_EMBEDDING_SERVICE_PORT": str(settings.embedding_service_port),
+            "SAGE_GATEWAY_PORT": str(settings.edge.port),
+            "SAGE_SCHEDULER_PORT": str(settings.scheduler.port),
+            "SAGE_LIFECYCLE_PORT": str(settings.lifecycle.port),
+            "SAGE_GPU_MANAGER_PORT": str(settings.gpu_manager.port),
+            "SAGE_EMBEDDING_SERVICE_PORT": str(settings.embedding_service.port),
             "SAGE_LOG_LEVEL": settings.log_level,
             "SAGE_LOG_FORMAT": settings.log_format,
             "PYTHONUNBUFFERED": "1",
@@ -421,7 +421,7 @@ class Supervisor:
             "started_at": self._started_at,
             "phase": self.phase,
             "home": str(s.home),
-            "gateway_url": f"{process_tls().http_scheme}://{s.host}:{s.gateway_port}/v1",
+            "gateway_url": f"{process_tls().http_scheme}://{s.host}:{s.edge.port}/v1",
             "llm_port": next((e["port"] for e in self.engines if e["kind"] == "llm"), None),
             "embedding_port": next(
                 (e["port"] for e in self.engines if e["kind"] == "embedding"), None
@@ -498,7 +498,7 @@ class Supervisor:
         s = self.settings
         scheme = process_tls().http_scheme
         self.say(
-            f"SAGE gateway listening on {scheme}://{s.host}:{s.gateway_port}/v1  "
+            f"SAGE gateway listening on {scheme}://{s.host}:{s.edge.port}/v1  "
             f"(state: {path}; Ctrl-C to stop)"
         )
 

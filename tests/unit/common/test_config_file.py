@@ -12,6 +12,7 @@ import grpc
 import pytest
 
 from sage.common.config.settings import SageSettings
+from sage.common.config.values import AutoscaleRule
 from sage.common.exceptions import ConfigurationError
 from sage.common.grpc import create_sync_channel, process_token
 from sage.common.utils.processes import free_port, stop_process
@@ -46,7 +47,8 @@ def test_yaml_sections_flatten_into_settings(
     s = SageSettings()
     assert (s.scheduler_policy, s.scheduler_routing) == ("slo_aware", "least_loaded")
     assert s.scheduler_max_inflight_per_engine == 4
-    assert s.autoscale == "sim:1:3" and s.gateway_port == 9999
+    assert s.autoscaler.models == [AutoscaleRule(model="sim", min=1, max=3)]
+    assert s.gateway_port == 9999 and s.edge.port == 9999
 
 
 def test_toml_works_and_env_and_arguments_win(

@@ -26,13 +26,12 @@ import pytest
 import yaml
 
 from sage.common.config.ports import SagePorts
-from sage.common.config.settings import SageSettings
+from sage.common.config.settings import env_names, flat_default
 from sage.common.utils.processes import free_port, stop_process
 from sage.rpc.embedding.v1 import embedding_pb2
 from sage.rpc.gpu_manager.v1 import gpu_manager_pb2
 from sage.rpc.lifecycle.v1 import lifecycle_pb2
 from sage.rpc.scheduler.v1 import scheduler_pb2
-from sage.services.gpu_manager.config import GpuManagerOptions
 
 ROOT = Path(__file__).resolve().parents[3]
 COMPOSE_DIR = ROOT / "deploy" / "compose"
@@ -67,9 +66,7 @@ OBSERVABILITY = ("prometheus", "grafana")
 THIRD_PARTY = ("envoy", *OBSERVABILITY)
 OBSERVABILITY_DIR = ROOT / "deploy" / "observability"
 KNOWN_SAGE_VARS = (
-    {f"SAGE_{name.upper()}" for name in SageSettings.model_fields}
-    | {f"SAGE_GPU_{name.upper()}" for name in GpuManagerOptions.model_fields}
-    | {"SAGE_CONFIG"}  # the settings file sage.common.config.settings reads
+    env_names() | {"SAGE_CONFIG"}  # the settings file sage.common.config.settings reads
 )
 
 
@@ -227,7 +224,7 @@ def test_dotenv_ports_and_names_are_real(dotenv: dict[str, str]) -> None:
         field = key.removeprefix("SAGE_").lower()
         if field in SAGEPORTS_OF_FIELD:
             assert int(value) == SAGEPORTS_OF_FIELD[field], key
-            assert SageSettings.model_fields[field].default == int(value), key
+            assert flat_default(field) == int(value), key
     # Every service port the stack needs is pinned in .env, so compose and envoy agree.
     for field in PORT_FIELD.values():
         assert f"SAGE_{field.upper()}" in dotenv

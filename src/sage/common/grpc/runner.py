@@ -12,7 +12,7 @@ from typing import Any
 import pydantic
 
 from sage.common.bind_policy import check_bind
-from sage.common.config.settings import SageSettings, load_settings
+from sage.common.config.settings import SageSettings, describe_settings_error, load_settings
 from sage.common.exceptions import ConfigurationError
 from sage.common.utils.logging import configure_logging
 from sage.common.utils.tracing import configure_tracing
@@ -81,7 +81,7 @@ def run_service_main(
     try:
         settings = load_settings()
     except pydantic.ValidationError as exc:
-        print(f"invalid SAGE_* setting:\n{exc}", file=sys.stderr)
+        print(f"invalid SAGE_* setting:\n{describe_settings_error(exc)}", file=sys.stderr)
         return 2
     except ConfigurationError as exc:  # a SAGE_CONFIG file that is unreadable or wrong
         print(f"invalid configuration: {exc.message}", file=sys.stderr)

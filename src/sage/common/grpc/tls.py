@@ -122,10 +122,10 @@ def _read_pem(path: str, setting: str) -> bytes:
 
 def tls_from_settings(settings: SageSettings) -> TlsConfig:
     """Read and check the TLS files the settings name; raises ConfigurationError naming one."""
-    cert_file, key_file = settings.tls_cert_file.strip(), settings.tls_key_file.strip()
-    ca_file = settings.tls_ca_file.strip()
+    cert_file, key_file = settings.tls.cert_file.strip(), settings.tls.key_file.strip()
+    ca_file = settings.tls.ca_file.strip()
     if not (cert_file or key_file or ca_file):
-        if settings.tls_client_auth:
+        if settings.tls.client_auth:
             raise ConfigurationError(
                 "SAGE_TLS_CLIENT_AUTH needs SAGE_TLS_CERT_FILE, SAGE_TLS_KEY_FILE and "
                 "SAGE_TLS_CA_FILE",
@@ -137,7 +137,7 @@ def tls_from_settings(settings: SageSettings) -> TlsConfig:
         raise ConfigurationError(
             f"{missing} is empty: a certificate and its key go together", param=missing
         )
-    if settings.tls_client_auth and not (cert_file and ca_file):
+    if settings.tls.client_auth and not (cert_file and ca_file):
         raise ConfigurationError(
             "SAGE_TLS_CLIENT_AUTH needs SAGE_TLS_CA_FILE (the CA client certificates are "
             "checked against) and a certificate/key",
@@ -172,8 +172,8 @@ def tls_from_settings(settings: SageSettings) -> TlsConfig:
         cert_pem=cert_pem,
         key_pem=key_pem,
         ca_pem=ca_pem,
-        client_auth=settings.tls_client_auth,
-        server_name=settings.tls_server_name.strip(),
+        client_auth=settings.tls.client_auth,
+        server_name=settings.tls.server_name.strip(),
     )
 
 

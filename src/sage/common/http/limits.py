@@ -84,12 +84,12 @@ class HttpLimits:
         SAGE_HTTP_MAX_HEADERS, SAGE_HTTP_MAX_CONNECTIONS, SAGE_HTTP_BODY_IDLE_TIMEOUT_S and
         SAGE_HTTP_BODY_MIN_RATE."""
         return cls(
-            header_timeout_s=settings.http_header_timeout_s,
-            max_header_bytes=settings.http_max_header_bytes,
-            max_headers=settings.http_max_headers,
-            max_connections=settings.http_max_connections,
-            body_idle_timeout_s=settings.http_body_idle_timeout_s,
-            body_min_rate=settings.http_body_min_rate,
+            header_timeout_s=settings.http.header_timeout_s,
+            max_header_bytes=settings.http.max_header_bytes,
+            max_headers=settings.http.max_headers,
+            max_connections=settings.http.max_connections,
+            body_idle_timeout_s=settings.http.body_idle_timeout_s,
+            body_min_rate=settings.http.body_min_rate,
         )
 
 
