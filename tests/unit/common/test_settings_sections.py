@@ -207,3 +207,32 @@ def test_a_service_with_a_bad_structured_file_exits_naming_the_setting(tmp_path:
     )
     assert proc.returncode == 2
     assert "SAGE_AUTOSCALE (autoscaler.models" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_lists_and_port_ranges_in_a_file_equal_the_comma_strings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    strings = _file(
+        tmp_path,
+        "strings.toml",
+        'model_roots = "/models,/data/models"\nengine_ports = "9100-9199"\n'
+        'cors_origins = "http://a.test,http://b.test"\napi_keys = "k1:t1,k2"\n',
+    )
+    structured = _file(
+        tmp_path,
+        "structured.toml",
+        '[lifecycle]\nmodel_roots = ["/models", "/data/models"]\n'
+        "engine_ports = {first = 9100, last = 9199}\n"
+        '[edge]\ncors_origins = ["http://a.test", "http://b.test"]\n'
+        '[auth]\napi_keys = ["k1:t1", "k2"]\n',
+    )
+    loaded = []
+    for path in (strings, structured):
+        monkeypatch.setenv("SAGE_CONFIG", str(path))
+        s = SageSettings()
+        loaded.append((s.lifecycle.model_roots, s.lifecycle.engine_ports, s.edge.cors_origins))
+        assert s.auth.api_keys == "k1:t1,k2"
+    assert loaded[0] == loaded[1] == ("/models,/data/models", "9100-9199", loaded[0][2])
+    monkeypatch.setenv("SAGE_CONFIG", str(_file(tmp_path, "bad.toml", 'model_roots = ["/a,/b"]\n')))
+    with pytest.raises(pydantic.ValidationError, match="model_roots"):
+        SageSettings()

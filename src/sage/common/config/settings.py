@@ -40,10 +40,12 @@ from sage.common.config.values import (
     StaticNodeAddress,
     check_autoscale,
     check_nodes,
+    comma_list,
     parse_autoscale,
     parse_gpu_simulation,
     parse_nodes,
     policy_name,
+    port_range,
 )
 from sage.common.exceptions import ConfigurationError
 
@@ -201,6 +203,11 @@ class LifecycleSettings(_Section):
     # their host (or host:port, or a CIDR covering them) is listed; private networks pass.
     external_engine_allow: str = ""
 
+    _lists = field_validator(
+        "model_roots", "launch_allowed_args", "external_engine_allow", mode="before"
+    )(comma_list)
+    _ports = field_validator("engine_ports", mode="before")(port_range)
+
 
 class GpuManagerSettings(_Section):
     """gpu_manager: NVML or simulated GPUs, the ledger's safety margin, model files."""
@@ -256,6 +263,8 @@ class EdgeSettings(_Section):
     # CORS: empty disables it; `*` or a comma-separated list of origins.
     cors_origins: str = ""
 
+    _lists = field_validator("allowed_hosts", "cors_origins", mode="before")(comma_list)
+
 
 class HttpSettings(_Section):
     """HTTP hardening for the edge and our engines.
@@ -286,6 +295,8 @@ class AuthSettings(_Section):
     # Require an API key (or the admin key) on the edge's /metrics too. None (default):
     # required whenever API keys are configured.
     metrics_require_auth: bool | None = None
+
+    _lists = field_validator("api_keys", mode="before")(comma_list)
 
 
 class TlsSettings(_Section):

@@ -125,6 +125,24 @@ def policy_name(value: Any) -> Any:
     return f"{value['name']}:{policy_name(inner)}"
 
 
+def comma_list(value: Any) -> Any:
+    """A file's list (`model_roots: [/a, /b]`) -> the variable's comma-separated string."""
+    if isinstance(value, list | tuple):
+        if not all(isinstance(item, str) and "," not in item for item in value):
+            raise ValueError(f"expected a list of names without commas, got {value!r}")
+        return ",".join(value)
+    return value
+
+
+def port_range(value: Any) -> Any:
+    """A file's `{first: 8900, last: 8999}` -> the variable's `8900-8999`."""
+    if not isinstance(value, dict):
+        return value
+    if set(value) != {"first", "last"} or not all(isinstance(v, int) for v in value.values()):
+        raise ValueError(f"a port range is {{first, last}}, got {value!r}")
+    return f"{value['first']}-{value['last']}"
+
+
 def parse_gpu_simulation(spec: str) -> tuple[int, float]:
     """`N` (N GPUs of 80 GiB) or `NxG` (G GiB each) -> (count, GiB); else a ValueError."""
     count_text, _, size_text = spec.lower().partition("x")
