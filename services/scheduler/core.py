@@ -28,7 +28,7 @@ from .policies import QueuedRequest
 from .ratelimit import TenantLimits, TenantRateLimiter
 from .registry import EngineKind, EngineRecord, EngineRegistry, EngineState
 from .resume import StreamResume
-from .routing import Router, RouteRequest, failover_order, failover_view, prefix_of
+from .routing import Router, RouteRequest, failover_order, failover_view, prompt_prefix
 from .routing.pd import PdRouter
 
 log = logging.getLogger("sage.scheduler")
@@ -116,13 +116,42 @@ def _engine_id(engine: EngineRecord) -> str:
     return engine.engine_id
 
 
-def _for_engine(body: bytes, model: str, engine: EngineRecord) -> bytes:
-    """The body to send: unchanged unless the client used an alias of the engine's model."""
+_UNPARSED: Any = object()
+
+
+class RequestBody:
+    """A request's JSON bytes and, on first use, their parsed value: one parse per hop
+    however many steps read it (prefix routing, stream resume, alias renaming)."""
+
+    __slots__ = ("_doc", "raw")
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+        self._doc: Any = _UNPARSED
+
+    def doc(self) -> Any:
+        """The parsed value, shared: read it, never change it (None: not JSON)."""
+        if self._doc is _UNPARSED:
+            try:
+                self._doc = orjson.loads(self.raw)
+            except orjson.JSONDecodeError:
+                self._doc = None
+        return self._doc
+
+
+def _for_engine(
+    body: bytes, model: str, engine: EngineRecord, parsed: RequestBody | None = None
+) -> bytes:
+    """The body to send: unchanged unless the client used an alias of the engine's model
+    (`parsed`: `body` already parsed, when it is)."""
     if model == engine.model:
         return body
-    doc = orjson.loads(body)
-    doc["model"] = engine.model
-    return orjson.dumps(doc)
+    doc = parsed.doc() if parsed is not None and parsed.raw is body else None
+    if not isinstance(doc, dict):
+        doc = orjson.loads(body)
+        doc["model"] = engine.model
+        return orjson.dumps(doc)
+    return orjson.dumps({**doc, "model": engine.model})  # the shared value stays as it was
 
 
 class _Next(Enum):
@@ -141,14 +170,31 @@ class _StreamProgress:
     starts over elsewhere), streaming after, resumed once another engine continues the
     reply (its payloads rewritten into the first stream's, see resume.py)."""
 
-    __slots__ = ("begun", "body", "last", "model", "path", "resume", "resumed", "ttft_s")
+    __slots__ = (
+        "begun",
+        "body",
+        "last",
+        "model",
+        "parsed",
+        "path",
+        "resume",
+        "resumed",
+        "ttft_s",
+    )
 
     def __init__(
-        self, path: str, model: str, body: bytes, resume: StreamResume | None, begun: float
+        self,
+        path: str,
+        model: str,
+        body: bytes,
+        parsed: RequestBody,
+        resume: StreamResume | None,
+        begun: float,
     ) -> None:
         self.path = path
         self.model = model  # as the client named it (maybe an alias)
         self.body = body  # as routed (a PD decode leg's, when there was one)
+        self.parsed = parsed  # the client's body
         self.resume = resume  # None: the reply cannot be continued once it has begun
         self.resumed = False
         self.begun = begun
@@ -166,7 +212,7 @@ class _StreamProgress:
         if self.resumed and resume is not None:
             leg, sent = resume.continuation(engine)
             return leg, _for_engine(sent, self.model, engine)
-        sent = _for_engine(self.body, self.model, engine)
+        sent = _for_engine(self.body, self.model, engine, self.parsed)
         if resume is not None:  # token ids, to resume exactly if need be
             sent = resume.asking_ids(sent, engine)
         return self.path, sent
@@ -277,15 +323,15 @@ class Scheduler:
         return tokens
 
     async def _route(
-        self, model: str, path: str, body: bytes, session_key: str, cost: float
+        self, model: str, path: str, parsed: RequestBody, session_key: str, cost: float
     ) -> tuple[bytes, Sequence[EngineRecord]]:
         """The body to send and the engines to try: for a model with prefill and decode
         engines, the prefill leg runs here first (routing/pd.py); else the routed engine,
         then the others for failover."""
         # Engines whose circuit breaker is open are left out (see breaker.py).
         engines = self.breakers.routable(self.registry.ready_for(model, EngineKind.LLM), _engine_id)
-        # Only prefix-aware routers pay for parsing the body.
-        prefix = prefix_of(body) if self.router.needs_prefix else ""
+        # Only prefix-aware routers need the body parsed.
+        prefix = prompt_prefix(parsed.doc()) if self.router.needs_prefix else ""
 
         async def prefill(engine: EngineRecord, leg: bytes) -> bytes:
             if not self.breakers.begin(engine.engine_id):
@@ -294,9 +340,9 @@ class Scheduler:
                 return await self.executor.post_json(engine, path, _for_engine(leg, model, engine))
 
         route = RouteRequest(model, session_key, prefix, cost)
-        plan = await self.pd.plan(route, body, engines, prefill)
+        plan = await self.pd.plan(route, parsed.raw, engines, prefill)
         if plan is None:
-            return body, self._with_room_first(route, engines)
+            return parsed.raw, self._with_room_first(route, engines)
         return plan.body, plan.candidates
 
     def _any_full(self, model: str, engines: Sequence[EngineRecord]) -> bool | None:
@@ -358,7 +404,8 @@ class Scheduler:
             ticket.model = engines[0].model  # an alias shares its model's lane and windows
             # Capacity counts only engines routing may use (an open breaker's are not).
             async with self.admission.slot(ticket, self.breakers.routable(engines, _engine_id)):
-                body, candidates = await self._route(model, path, body, session_key, ticket.cost)
+                parsed = RequestBody(body)
+                body, candidates = await self._route(model, path, parsed, session_key, ticket.cost)
                 for i, engine in enumerate(candidates):
                     if not self.breakers.begin(engine.engine_id, force=i == len(candidates) - 1):
                         continue
@@ -368,7 +415,7 @@ class Scheduler:
                             self.breakers.guard(engine.engine_id),
                         ):
                             reply = await self.executor.post_json(
-                                engine, path, _for_engine(body, model, engine)
+                                engine, path, _for_engine(body, model, engine, parsed)
                             )
                         usage = usage_of(reply)
                         if charged and limits is not None:
@@ -423,9 +470,10 @@ class Scheduler:
             async with self.admission.slot(ticket, self.breakers.routable(engines, _engine_id)):
                 # What the client saw is tracked from its own body, not a PD decode leg's
                 # (the leg's KV params are single-use).
-                resume = StreamResume.for_request(path, body)
-                body, candidates = await self._route(model, path, body, session_key, ticket.cost)
-                progress = _StreamProgress(path, model, body, resume, begun)
+                parsed = RequestBody(body)
+                resume = StreamResume.for_document(path, parsed.doc())
+                body, candidates = await self._route(model, path, parsed, session_key, ticket.cost)
+                progress = _StreamProgress(path, model, body, parsed, resume, begun)
                 clean = False
                 for i, engine in enumerate(candidates):  # one attempt per engine
                     last_try = i == len(candidates) - 1

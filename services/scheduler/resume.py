@@ -161,6 +161,12 @@ class StreamResume:
             doc: Any = orjson.loads(body)
         except orjson.JSONDecodeError:
             return None
+        return cls.for_document(path, doc)
+
+    @classmethod
+    def for_document(cls, path: str, doc: Any) -> StreamResume | None:
+        """for_request for a body already parsed (`doc`: its JSON value, None if it was
+        none); `doc` is read, never changed."""
         if not isinstance(doc, dict) or doc.get("n") not in (None, 1) or doc.get("echo"):
             return None
         if any(doc.get(key) for key in _NOT_PLAIN_TEXT):

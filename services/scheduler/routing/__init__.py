@@ -20,6 +20,7 @@ from .base import (
     failover_order,
     failover_view,
     prefix_of,
+    prompt_prefix,
 )
 from .least_loaded import LeastLoadedRouter
 from .p2c import PowerOfTwoRouter
@@ -73,4 +74,5 @@ __all__ = [
     "failover_order",
     "failover_view",
     "prefix_of",
+    "prompt_prefix",
 ]

@@ -153,6 +153,11 @@ def prefix_of(body: bytes, limit: int = PREFIX_CHARS) -> str:
         doc: Any = orjson.loads(body)
     except orjson.JSONDecodeError:
         return ""
+    return prompt_prefix(doc, limit)
+
+
+def prompt_prefix(doc: Any, limit: int = PREFIX_CHARS) -> str:
+    """prefix_of for a body already parsed (`doc`: its JSON value, None if it was none)."""
     if not isinstance(doc, dict):
         return ""
     messages = doc.get("messages")

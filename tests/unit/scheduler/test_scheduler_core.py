@@ -177,7 +177,11 @@ def _engine(engine_id: str, model: str = "m", **fields: Any) -> EngineRecord:
 
 
 def _scheduler(
-    fake: FakeEngines, *engines: EngineRecord, per_engine: int = -1, max_queue: int = 100
+    fake: FakeEngines,
+    *engines: EngineRecord,
+    per_engine: int = -1,
+    max_queue: int = 100,
+    routing: str = "round_robin",
 ) -> Scheduler:
     registry = EngineRegistry()
     for engine in engines:
@@ -185,7 +189,7 @@ def _scheduler(
     load = EngineLoadTracker()
     return Scheduler(
         registry,
-        create_router("round_robin", load),
+        create_router(routing, load),
         fake,
         admission=AdmissionController(per_engine=per_engine, max_queue=max_queue),
         load=load,
@@ -317,6 +321,25 @@ async def test_a_stream_cut_midway_is_continued_on_another_engine(backend: str) 
         assert second.path == CHAT
         assert second.doc["messages"][-1] == {"role": "assistant", "content": "".join(WORDS[:2])}
     assert scheduler.counters.requests_failed == 0
+
+
+@pytest.mark.parametrize("routing", ["round_robin", "prefix_aware"])
+async def test_a_stream_to_an_alias_cut_midway_goes_on_under_the_engines_model_name(
+    routing: str,
+) -> None:
+    fake = FakeEngines()
+    fake.cuts.append(3)
+    scheduler = _scheduler(
+        fake,
+        _engine("e0", backend="sim", aliases=("latest",)),
+        _engine("e1", backend="sim", aliases=("latest",)),
+        routing=routing,
+    )
+    docs = await _read(scheduler.stream("latest", _chat("latest", max_tokens=50), CHAT))
+    assert _text(docs) == REPLY
+    assert [c.doc["model"] for c in fake.calls] == ["m", "m"]
+    assert fake.calls[1].doc["prompt"] == PROMPT_IDS + WORD_IDS[:3]
+    assert fake.calls[1].doc["max_tokens"] == 50 - 3
 
 
 async def test_a_stream_cut_with_no_engine_left_ends_in_an_upstream_error() -> None:
