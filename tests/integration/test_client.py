@@ -566,3 +566,112 @@ async def test_create_for_model_binds_starts_and_refuses(
     assert embedder.embedding_model == "sim-embedder" and embedder.model is None
     assert await embedder.embed("x") == [pytest.approx(embedding_vector("x", 384))]
     await embedder.close()
+
+
+# ---- the sync and async clients share one core: same retries, same errors
+
+# (class name, text or message, param, code, retry_after, attempts the gateway saw)
+Outcome = tuple[str, str | None, str | None, str | None, float | None, int]
+
+
+def _failed(exc: Exception, attempts: int) -> Outcome:
+    return (
+        type(exc).__name__,
+        getattr(exc, "message", str(exc)),
+        getattr(exc, "param", None),
+        getattr(exc, "code", None),
+        getattr(exc, "retry_after", None),
+        attempts,
+    )
+
+
+def _sync_outcome(fake: FakeGateway, client: UnifiedInferenceClient) -> Outcome:
+    fake.hits.clear()
+    try:
+        text = client.chat(SEED)
+    except Exception as exc:
+        return _failed(exc, len(fake.hits))
+    return ("ok", text, None, None, None, len(fake.hits))
+
+
+async def _async_outcome(fake: FakeGateway, client: AsyncUnifiedInferenceClient) -> Outcome:
+    fake.hits.clear()
+    try:
+        text = await client.chat(SEED)
+    except Exception as exc:
+        return _failed(exc, len(fake.hits))
+    return ("ok", text, None, None, None, len(fake.hits))
+
+
+def _param_error(
+    status: int, code: str, message: str, param: str
+) -> tuple[int, dict[str, str], bytes]:
+    body = {
+        "error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}
+    }
+    return status, {"content-type": "application/json"}, json.dumps(body).encode()
+
+
+async def test_sync_and_async_clients_retry_and_map_errors_alike(
+    fake_gateway: Callable[..., FakeGateway],
+) -> None:
+    fake = fake_gateway()
+    sync_client = UnifiedInferenceClient.create(
+        control_plane_url=fake.url, default_llm_model="fake"
+    )
+    async_client = AsyncUnifiedInferenceClient.create(
+        control_plane_url=fake.url, default_llm_model="fake"
+    )
+    busy = error(429, "rate_limit_error", "overloaded", "busy", **{"retry-after": "0.3"})
+    warming = error(
+        503, "service_unavailable", "service_unavailable", "warming", **{"retry-after": "0"}
+    )
+    scripts: dict[str, list[tuple[int, dict[str, str], bytes]]] = {
+        "429": [busy, chat_reply("after the wait")],
+        "503": [warming] * 3,
+        "400": [_param_error(400, "bad_param", "no such field", "messages[0]"), chat_reply("no")],
+        "404": [error(404, "invalid_request_error", "model_not_found", "gone")],
+        "500": [error(500, "internal_error", None, "boom"), chat_reply("no")],
+        "502": [(502, {"retry-after": "0"}, b"<html>bad gateway</html>")] * 3,
+    }
+    sync: dict[str, Outcome] = {}
+    for name, script in scripts.items():
+        fake.script = list(script)
+        sync[name] = await asyncio.to_thread(_sync_outcome, fake, sync_client)
+        waited = [b - a for (_, a), (_, b) in zip(fake.hits, fake.hits[1:], strict=False)]
+        fake.script = list(script)
+        assert await _async_outcome(fake, async_client) == sync[name], name
+        if name == "429":  # Retry-After (0.3 s) was honoured, by both
+            async_waited = fake.hits[1][1] - fake.hits[0][1]
+            assert min(waited[0], async_waited) >= 0.25
+    sync_client.close()
+    await async_client.close()
+
+    assert sync["429"] == ("ok", "after the wait", None, None, None, 2)
+    assert sync["503"][0] == "ServiceUnavailableError" and sync["503"][5] == 3  # 1 + 2 retries
+    assert sync["400"] == (
+        "InvalidRequestError",
+        "no such field",
+        "messages[0]",
+        "bad_param",
+        None,
+        1,
+    )
+    assert sync["404"][0] == "ModelNotFoundError" and sync["404"][5] == 1
+    assert sync["500"][0] == "InternalError" and sync["500"][5] == 1
+    assert sync["502"][0] == "UpstreamError" and sync["502"][5] == 3
+    assert "bad gateway" in str(sync["502"][1])
+
+    # Nothing listens: both retry once after a backoff, then say how to start a gateway
+    # (the transport's own words in the message differ between httpx's sync and async).
+    nowhere = f"http://127.0.0.1:{free_port()}/v1"
+    refused = UnifiedInferenceClient.create(control_plane_url=nowhere, max_retries=1)
+    async_refused = AsyncUnifiedInferenceClient.create(control_plane_url=nowhere, max_retries=1)
+    for failure in (
+        await asyncio.to_thread(_sync_outcome, fake, refused),
+        await _async_outcome(fake, async_refused),
+    ):
+        assert failure[0] == "ServiceUnavailableError"
+        assert "sage llm serve" in str(failure[1]) and "SAGE_UNIFIED_BASE_URL" in str(failure[1])
+    refused.close()
+    await async_refused.close()

@@ -1,46 +1,38 @@
 """AsyncUnifiedInferenceClient: the same client for asyncio code, on httpx.AsyncClient.
 
-Same base URL precedence, defaults, retries and exceptions as UnifiedInferenceClient (the
-request building and error mapping are shared); every network call is a coroutine and
-`stream_chat` is an async iterator.
+Same base URL precedence, defaults, retries and exceptions as UnifiedInferenceClient: both
+build requests, decide retries and map errors in `sage.llm._core`; only this transport
+loop is async. Every network call is a coroutine and `stream_chat` is an async iterator.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal, overload
 
 import httpx
 
-from sage.common.exceptions import ModelNotFoundError, SageError, UpstreamError
-from sage.llm.client import (
-    _RETRY_TRANSPORT,
+from sage.common.exceptions import SageError, UpstreamError
+from sage.llm._core import (
     DEFAULT_MAX_RETRIES,
     DEFAULT_TIMEOUT_S,
-    EMBED_BATCH,
-    EngineKind,
+    ClientCore,
     Messages,
-    UnifiedInferenceClient,
-    _ClientCore,
-    _encode,
-    _messages,
-    _settings,
-    _shift_input_param,
-    default_base_url,
-    ensure_model_served,
+    StreamReader,
+    chat_messages,
+    embed_batches,
+    generation_path,
+    json_of,
+    models_from_reply,
+    status_from_reply,
+    transport_error,
 )
-from sage.llm.result import (
-    InferenceResult,
-    Kind,
-    SseDecoder,
-    StreamState,
-    result_from_reply,
-    vectors_from_reply,
-)
+from sage.llm.client import UnifiedInferenceClient
+from sage.llm.management import EngineKind
+from sage.llm.result import InferenceResult, Kind, StreamState
 
 __all__ = ["AsyncTextStream", "AsyncUnifiedInferenceClient"]
 
@@ -58,7 +50,7 @@ class AsyncTextStream(AsyncIterator[str]):
         opener: Callable[[], Awaitable[tuple[httpx.Response, str]]],
         kind: Kind,
         model: Callable[[], Awaitable[str]],
-        core: _ClientCore,
+        core: ClientCore,
     ) -> None:
         self._opener = opener
         self._kind: Kind = kind
@@ -66,8 +58,8 @@ class AsyncTextStream(AsyncIterator[str]):
         self._core = core
         self._response: httpx.Response | None = None
         self._state: StreamState | None = None
+        self._reader: StreamReader | None = None
         self._lines: AsyncIterator[str] | None = None
-        self._decoder = SseDecoder()
         self._finished = False
         self._started = time.perf_counter()
 
@@ -80,6 +72,8 @@ class AsyncTextStream(AsyncIterator[str]):
             self._state = StreamState(
                 self._kind, request_id=request_id, model=name, started=self._started
             )
+            self._reader = StreamReader(self._state)
+            self._lines = self._response.aiter_lines()
         return self
 
     @property
@@ -101,40 +95,28 @@ class AsyncTextStream(AsyncIterator[str]):
         if self._finished:
             raise StopAsyncIteration
         await self.start()
-        assert self._state is not None  # set by start()
+        assert self._state is not None and self._reader is not None  # set by start()
         while not self._finished:
-            data = await self._next_event()
-            if data is None:
-                continue
             try:
-                delta = self._state.event(data)
+                delta, more = self._reader.step(await self._next_line())
             except SageError:
                 await self.aclose()
                 raise
-            if self._state.done:
+            if self._state.done or not more:
                 await self.aclose()
             elif delta:
                 return delta
         raise StopAsyncIteration
 
-    async def _next_event(self) -> str | None:
-        assert self._response is not None and self._state is not None
-        if self._lines is None:
-            self._lines = self._response.aiter_lines()
+    async def _next_line(self) -> str | None:
+        """The next line of the body; None once it has ended."""
+        assert self._lines is not None  # set by start()
         try:
-            line = await self._lines.__anext__()
+            return await self._lines.__anext__()
         except StopAsyncIteration:
-            data = self._decoder.flush()
-            if data is not None:
-                return data
-            await self.aclose()
-            if not self._state.done and self._state.finish_reason is None:
-                raise UpstreamError("the stream ended before [DONE]") from None
             return None
         except httpx.TransportError as exc:
-            await self.aclose()
-            raise self._core._transport_error(exc) from exc
-        return self._decoder.feed(line)
+            raise transport_error(self._core.base_url, exc) from exc
 
     async def text(self) -> str:
         """Read the rest of the stream; returns the whole answer's text."""
@@ -162,7 +144,7 @@ class AsyncTextStream(AsyncIterator[str]):
         await self.aclose()
 
 
-class AsyncUnifiedInferenceClient(_ClientCore):
+class AsyncUnifiedInferenceClient(ClientCore):
     """UnifiedInferenceClient for asyncio: chat, generate and embed through the gateway."""
 
     def __init__(
@@ -208,16 +190,17 @@ class AsyncUnifiedInferenceClient(_ClientCore):
         http_client: httpx.AsyncClient | None = None,
     ) -> AsyncUnifiedInferenceClient:
         """As UnifiedInferenceClient.create (no I/O happens here, so it is not async)."""
-        settings = _settings()
+        configured = cls._settings_kwargs(
+            control_plane_url,
+            default_llm_model=default_llm_model,
+            default_embedding_model=default_embedding_model,
+            model=model,
+            embedding_model=embedding_model,
+            api_key=api_key,
+            admin_api_key=admin_api_key,
+        )
         return cls(
-            default_base_url(control_plane_url, settings),
-            model=default_llm_model or model or settings.chat_model or None,
-            embedding_model=default_embedding_model
-            or embedding_model
-            or settings.embedding_model
-            or None,
-            api_key=api_key or settings.chat_api_key or None,
-            admin_api_key=admin_api_key or settings.admin_api_key or None,
+            **configured,
             timeout=timeout,
             max_retries=max_retries,
             default_headers=default_headers,
@@ -253,11 +236,8 @@ class AsyncUnifiedInferenceClient(_ClientCore):
                 timeout=client.timeout,
                 max_retries=client.max_retries,
             ) as probe:
-                ensure_model_served(
-                    probe.base_url,
+                probe._ensure_served(
                     model_id,
-                    list_models=probe.list_models,
-                    admin_api_key=probe.admin_api_key,
                     engine_kind=engine_kind,
                     backend=backend,
                     tensor_parallel_size=tensor_parallel_size,
@@ -305,49 +285,31 @@ class AsyncUnifiedInferenceClient(_ClientCore):
         model: str | None = None,
     ) -> tuple[httpx.Response, str]:
         """Send with retries; returns a 2xx response and its request id, or raises."""
-        request_id = uuid.uuid4().hex
-        content = _encode(body) if body is not None else None
-        if admin and not self.admin_api_key and not self._file_admin_key_read:
+        if self._needs_key_file(admin):
             # A file read (and a name lookup for a non-IP host): off the event loop.
             await asyncio.to_thread(self._management_key)
-        headers = self._headers(request_id, admin=admin, json=content is not None)
-        attempt = 0
+        call = self._exchange(method, path, body, admin, model)
         while True:
             request = self._http.build_request(
-                method, self._url(path), content=content, headers=headers, timeout=self.timeout
+                method, call.url, content=call.content, headers=call.headers, timeout=self.timeout
             )
             try:
                 resp = await self._http.send(request, stream=stream)
             except httpx.TransportError as exc:
-                error = self._transport_error(exc)
-                if attempt >= self.max_retries or not isinstance(exc, _RETRY_TRANSPORT):
-                    raise error from exc
-                delay = self._backoff(attempt)
-                self._log_retry(type(exc).__name__, path, attempt, delay)
-                await asyncio.sleep(delay)
-                attempt += 1
+                await asyncio.sleep(call.delay_after_transport(exc))
                 continue
             if resp.status_code < 400:
-                return resp, resp.headers.get("x-request-id") or request_id
+                return resp, call.request_id_of(resp)
             try:
                 raw = await resp.aread()
             except httpx.TransportError:
                 raw = b""
             finally:
                 await resp.aclose()
-            error = self._http_error(resp.status_code, raw, resp.headers, model)
-            retry_in = self._retry_delay(resp.status_code, error, attempt)
-            if retry_in is None:
-                raise error
-            self._log_retry(f"HTTP {resp.status_code}", path, attempt, retry_in)
-            await asyncio.sleep(retry_in)
-            attempt += 1
+            await asyncio.sleep(call.delay_after_status(resp.status_code, raw, resp.headers))
 
-    async def _call(
-        self, method: str, path: str, body: Mapping[str, Any] | None = None, **kw: Any
-    ) -> tuple[Any, str]:
-        resp, request_id = await self._send(method, path, body, **kw)
-        return self._json(resp), request_id
+    async def _get(self, path: str, *, admin: bool = False) -> Any:
+        return json_of((await self._send("GET", path, admin=admin))[0])
 
     async def _model(self, kind: EngineKind, explicit: str | None) -> str:
         configured = self._configured_model(kind, explicit)
@@ -360,7 +322,6 @@ class AsyncUnifiedInferenceClient(_ClientCore):
     def _stream(
         self, kind: Kind, payload: Any, model: str | None, params: Mapping[str, Any]
     ) -> AsyncTextStream:
-        path = "/chat/completions" if kind == "chat" else "/completions"
         resolved: list[str] = []
 
         async def name() -> str:
@@ -371,11 +332,10 @@ class AsyncUnifiedInferenceClient(_ClientCore):
         async def opener() -> tuple[httpx.Response, str]:
             chosen = await name()
             body = self._body(kind, chosen, payload, True, params)
-            try:
-                return await self._send("POST", path, body, stream=True, model=chosen)
-            except ModelNotFoundError:
-                self._forget_auto_model("llm", chosen)
-                raise
+            with self._model_errors("llm", chosen):
+                return await self._send(
+                    "POST", generation_path(kind), body, stream=True, model=chosen
+                )
 
         return AsyncTextStream(opener, kind, name, self)
 
@@ -393,14 +353,9 @@ class AsyncUnifiedInferenceClient(_ClientCore):
         started = time.perf_counter()
         name = await self._model("llm", model)
         body = self._body(kind, name, payload, False, params)
-        path = "/chat/completions" if kind == "chat" else "/completions"
-        try:
-            reply, request_id = await self._call("POST", path, body, model=name)
-        except ModelNotFoundError:
-            self._forget_auto_model("llm", name)
-            raise
-        result = result_from_reply(kind, reply, request_id=request_id, model=name, started=started)
-        return result if return_result else result.content
+        with self._model_errors("llm", name):
+            resp, request_id = await self._send("POST", generation_path(kind), body, model=name)
+        return self._result(kind, resp, request_id, name, started, return_result)
 
     @overload
     async def chat(
@@ -457,14 +412,14 @@ class AsyncUnifiedInferenceClient(_ClientCore):
     ) -> str | InferenceResult | AsyncTextStream:
         """Send a chat; returns the text, an InferenceResult, or a started AsyncTextStream."""
         return await self._generation(
-            "chat", _messages(messages), model, return_result, stream, params
+            "chat", chat_messages(messages), model, return_result, stream, params
         )
 
     def stream_chat(
         self, messages: Messages, model: str | None = None, **params: Any
     ) -> AsyncTextStream:
         """Stream a chat: `async for delta in client.stream_chat(...)`."""
-        return self._stream("chat", _messages(messages), model, params)
+        return self._stream("chat", chat_messages(messages), model, params)
 
     @overload
     async def generate(
@@ -534,36 +489,23 @@ class AsyncUnifiedInferenceClient(_ClientCore):
         self, texts: str | Sequence[str], model: str | None = None
     ) -> list[list[float]]:
         """Embed one text or many; one vector per text, in input order (a str gives [vector])."""
-        inputs = [texts] if isinstance(texts, str) else list(texts)
-        if not inputs:
+        batches = embed_batches(texts)
+        if not batches:
             return []
         name = await self._model("embedding", model)
         vectors: list[list[float]] = []
-        for offset in range(0, len(inputs), EMBED_BATCH):
-            batch = inputs[offset : offset + EMBED_BATCH]
-            try:
-                reply, _ = await self._call(
+        for offset, batch in batches:
+            with self._embedding_errors(name, offset):
+                resp, _ = await self._send(
                     "POST", "/embeddings", {"model": name, "input": batch}, model=name
                 )
-            except ModelNotFoundError:
-                self._forget_auto_model("embedding", name)
-                raise
-            except SageError as exc:
-                _shift_input_param(exc, offset)
-                raise
-            vectors.extend(vectors_from_reply(reply, len(batch)))
+            vectors.extend(self._vectors(resp, len(batch)))
         return vectors
 
     async def list_models(self) -> list[dict[str, Any]]:
         """Models the gateway serves (OpenAI model objects plus `kind` and `ready_engines`)."""
-        reply, _ = await self._call("GET", "/models")
-        return [dict(m) for m in reply.get("data", [])]
+        return models_from_reply(await self._get("/models"))
 
     async def get_status(self) -> dict[str, Any]:
         """Control-plane status: `llm_available`, `embedding_available`, engines, GPUs."""
-        reply, _ = await self._call("GET", "/management/status", admin=True)
-        status = dict(reply)
-        status.setdefault("llm_available", False)
-        status.setdefault("embedding_available", False)
-        status["base_url"] = self.base_url
-        return status
+        return status_from_reply(await self._get("/management/status", admin=True), self.base_url)

@@ -31,7 +31,7 @@ from .cli_common import (
     render_table,
     spinner,
 )
-from .management import EngineInfo, ManagementClient
+from .management import EngineInfo, ManagementClient, new_lines
 from .supervisor import local_model_path
 
 __all__ = [
@@ -285,17 +285,6 @@ def cmd_engine_prune(
 
 
 # --- logs -------------------------------------------------------------------------------
-
-
-def new_lines(previous: Sequence[str], current: Sequence[str]) -> list[str]:
-    """Lines of `current` not already seen at the end of `previous` (both are log tails).
-
-    The largest suffix of `previous` that `current` starts with is what both polls saw.
-    """
-    for overlap in range(min(len(previous), len(current)), 0, -1):
-        if list(previous[len(previous) - overlap :]) == list(current[:overlap]):
-            return list(current[overlap:])
-    return list(current)
 
 
 def _engine_logs(client: ManagementClient, engine: str, tail: int, follow: bool) -> int:

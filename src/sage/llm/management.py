@@ -9,8 +9,11 @@ callers handle a refused start the same way whether it came over HTTP or gRPC.
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -58,10 +61,15 @@ __all__ = [
     "EngineStatus",
     "ManagementClient",
     "admin_key_for",
+    "ensure_model_served",
     "error_from_response",
     "is_this_machine",
+    "model_is_served",
+    "new_lines",
     "resolve_base_url",
 ]
+
+log = logging.getLogger(__name__)
 
 # Where the admin key comes from when none is passed (read through SageSettings).
 ADMIN_KEY_ENV = "SAGE_ADMIN_API_KEY"
@@ -449,6 +457,155 @@ class ManagementClient:
     def gpu(self) -> dict[str, Any]:
         """GPU readings and reservations, as the GPU manager reports them."""
         return dict(self._request("GET", "/management/gpu"))
+
+    def wait_until_running(
+        self,
+        engine: EngineInfo,
+        *,
+        timeout: float,
+        poll_interval: float = 0.5,
+        deadline: float | None = None,
+        logger: logging.Logger = log,
+    ) -> EngineInfo:
+        """Poll a started engine until RUNNING, logging its status changes and new log
+        lines to `logger`; EngineStartError if it fails, DeadlineExceededError after
+        `timeout` seconds (or at the monotonic `deadline`), while it keeps starting."""
+        deadline = time.monotonic() + timeout if deadline is None else deadline
+        status = ""
+        shown: list[str] = []
+        while True:
+            if engine.status != status:
+                status = engine.status
+                logger.info("engine %s (%s): %s", engine.engine_id, engine.model_id, status)
+            try:
+                tail = self.engine_logs(engine.engine_id, 50)
+            except SageError:
+                tail = []  # external engines have no logs; progress is only the status
+            for line in new_lines(shown, tail):
+                logger.info("engine %s | %s", engine.engine_id, line)
+            shown = tail
+            if status == "RUNNING":
+                return engine
+            if status in ("FAILED", "STOPPED", "STOPPING"):
+                detail = "\n".join(tail[-20:])
+                raise EngineStartError(
+                    f"engine {engine.engine_id} for {engine.model_id} is {status}: "
+                    f"{engine.error or 'no error recorded'}"
+                    + (f"\nlast log lines:\n{detail}" if detail else "")
+                )
+            if time.monotonic() >= deadline:
+                raise DeadlineExceededError(
+                    f"engine {engine.engine_id} for {engine.model_id} is not RUNNING after "
+                    f"{timeout:g}s (still {status}); it keeps starting - see "
+                    f"`sage llm engine logs {engine.engine_id}`"
+                )
+            time.sleep(poll_interval)
+            engine = self.get_engine(engine.engine_id)
+
+
+def new_lines(previous: Sequence[str], current: Sequence[str]) -> list[str]:
+    """Lines of `current` not already seen at the end of `previous` (both are log tails).
+
+    The largest suffix of `previous` that `current` starts with is what both polls saw.
+    """
+    for overlap in range(min(len(previous), len(current)), 0, -1):
+        if list(previous[len(previous) - overlap :]) == list(current[:overlap]):
+            return list(current[overlap:])
+    return list(current)
+
+
+def model_is_served(models: Sequence[Mapping[str, Any]], model_id: str, kind: str) -> bool:
+    """Whether a /v1/models listing has `model_id` of `kind` with a ready engine."""
+    return any(
+        entry.get("id") == model_id
+        and entry.get("kind", "llm") == kind
+        and (entry.get("ready_engines") is None or int(entry.get("ready_engines") or 0) > 0)
+        for entry in models
+    )
+
+
+def ensure_model_served(
+    base_url: str,
+    model_id: str,
+    *,
+    list_models: Callable[[], list[dict[str, Any]]],
+    admin_api_key: str | None = None,
+    engine_kind: EngineKind = "llm",
+    backend: str = "auto",
+    tensor_parallel_size: int = 1,
+    required_memory_gb: float | None = None,
+    auto_start: bool = True,
+    prefer_existing: bool = True,
+    wait_timeout: float = 600.0,
+    poll_interval: float = 0.5,
+    logger: logging.Logger = log,
+) -> EngineInfo | None:
+    """Return once the gateway at `base_url` routes `model_id` to a ready engine.
+
+    Returns the engine waited for or started, or None when the gateway already served
+    the model (it may be an alias or an externally registered endpoint lifecycle never
+    started). Blocking; the async client runs it in a thread. Progress goes to `logger`.
+    """
+    deadline = time.monotonic() + wait_timeout
+    if (prefer_existing or not auto_start) and model_is_served(
+        list_models(), model_id, engine_kind
+    ):
+        logger.info("model %s is served by %s", model_id, base_url)
+        return None
+    with ManagementClient(base_url, api_key=admin_api_key) as mgmt:
+        candidates = (
+            [
+                e
+                for e in mgmt.list_engines()
+                if e.model_id == model_id
+                and e.engine_kind == engine_kind
+                and e.status in ("RUNNING", "STARTING")
+            ]
+            if prefer_existing or not auto_start
+            else []
+        )
+        if candidates:
+            engine = min(candidates, key=lambda e: e.status != "RUNNING")
+            logger.info("waiting for engine %s serving %s", engine.engine_id, model_id)
+        elif not auto_start:
+            raise ModelNotFoundError(
+                model_id,
+                message=f"no running engine serves `{model_id}` at {base_url}; start one with "
+                f"`sage llm engine start {model_id}` or pass auto_start=True",
+            )
+        else:
+            engine = mgmt.start_engine(
+                model_id,
+                engine_kind=engine_kind,
+                backend=backend,
+                tensor_parallel_size=tensor_parallel_size,
+                required_memory_gb=required_memory_gb,
+                startup_timeout_s=max(1, math.ceil(wait_timeout)),
+                wait=False,
+            )
+            logger.info(
+                "starting engine %s for %s (backend %s) through %s",
+                engine.engine_id,
+                model_id,
+                engine.backend or backend,
+                base_url,
+            )
+        engine = mgmt.wait_until_running(
+            engine,
+            timeout=wait_timeout,
+            poll_interval=poll_interval,
+            deadline=deadline,
+            logger=logger,
+        )
+    # Lifecycle marks RUNNING as it registers the engine; the route may trail by a moment.
+    while not model_is_served(list_models(), model_id, engine_kind):
+        if time.monotonic() >= deadline:
+            raise DeadlineExceededError(
+                f"engine {engine.engine_id} is RUNNING but the gateway does not route "
+                f"`{model_id}` after {wait_timeout:g}s"
+            )
+        time.sleep(poll_interval)
+    return engine
 
 
 def _segment(engine_id: str) -> str:
