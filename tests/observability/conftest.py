@@ -39,9 +39,10 @@ def settings(settings: SageSettings, monkeypatch: pytest.MonkeyPatch) -> SageSet
     """The shared test settings with small engine caps (so floods queue), a breaker that
     opens after two failures, and gpu_manager simulating one 80 GiB GPU (its NVML stand-in,
     the boundary a GPU-less host fakes)."""
-    monkeypatch.setenv("SAGE_GPU_SIMULATE", "1x80")
+    monkeypatch.setenv("SAGE_GPU_SIMULATE", "1x80")  # for the processes a test starts
     return settings.model_copy(
         update={
+            "gpu_simulate": "1x80",
             "scheduler_max_inflight_per_engine": ENGINE_SLOTS,
             "scheduler_breaker_failures": BREAKER_FAILURES,
             "node_heartbeat_s": 0.5,
