@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, Self, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -289,7 +289,11 @@ class StreamReader:
         return None, False
 
 
-class ClientCore:
+# The connection pool type: httpx.Client for the sync client, httpx.AsyncClient for async.
+HttpT = TypeVar("HttpT", httpx.Client, httpx.AsyncClient)
+
+
+class ClientCore(Generic[HttpT]):
     """Configuration, request building and model choice shared by both clients."""
 
     def __init__(
@@ -303,6 +307,7 @@ class ClientCore:
         timeout: float | httpx.Timeout = DEFAULT_TIMEOUT_S,
         max_retries: int = DEFAULT_MAX_RETRIES,
         default_headers: Mapping[str, str] | None = None,
+        http_client: HttpT | None = None,
     ) -> None:
         if max_retries < 0:
             raise ConfigurationError(f"max_retries must be >= 0, got {max_retries}")
@@ -325,30 +330,50 @@ class ClientCore:
         self._default_headers = {"user-agent": "sage-unified-client", **(default_headers or {})}
         # Models picked from /v1/models when none was configured, per kind.
         self._auto_model: dict[str, str] = {}
+        # A caller's client (proxies, event hooks, mounts) is used as is and left open.
+        self._owns_http = http_client is None
+        self._http: HttpT = http_client or self._new_http()
 
-    @staticmethod
-    def _settings_kwargs(
-        control_plane_url: str | None,
+    def _new_http(self) -> HttpT:
+        """The connection pool this client owns when the caller passed none."""
+        raise NotImplementedError
+
+    @classmethod
+    def create(
+        cls,
+        control_plane_url: str | None = None,
         *,
-        default_llm_model: str | None,
-        default_embedding_model: str | None,
-        model: str | None,
-        embedding_model: str | None,
-        api_key: str | None,
-        admin_api_key: str | None,
-    ) -> dict[str, Any]:
-        """`create`'s constructor arguments: the given ones, else the SAGE_* settings."""
+        default_llm_model: str | None = None,
+        default_embedding_model: str | None = None,
+        model: str | None = None,
+        embedding_model: str | None = None,
+        api_key: str | None = None,
+        admin_api_key: str | None = None,
+        timeout: float | httpx.Timeout = DEFAULT_TIMEOUT_S,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        default_headers: Mapping[str, str] | None = None,
+        http_client: HttpT | None = None,
+    ) -> Self:
+        """A client for `control_plane_url`, else SAGE_UNIFIED_BASE_URL, else the local gateway.
+
+        `model=`/`embedding_model=` are older spellings of the `default_*` arguments. No
+        I/O happens here, so the async client's `create` is not async either.
+        """
         settings = load_client_settings()
-        return {
-            "base_url": default_base_url(control_plane_url, settings),
-            "model": default_llm_model or model or settings.chat_model or None,
-            "embedding_model": default_embedding_model
+        return cls(
+            default_base_url(control_plane_url, settings),
+            model=default_llm_model or model or settings.chat_model or None,
+            embedding_model=default_embedding_model
             or embedding_model
             or settings.embedding_model
             or None,
-            "api_key": api_key or settings.chat_api_key or None,
-            "admin_api_key": admin_api_key or settings.admin_api_key or None,
-        }
+            api_key=api_key or settings.chat_api_key or None,
+            admin_api_key=admin_api_key or settings.admin_api_key or None,
+            timeout=timeout,
+            max_retries=max_retries,
+            default_headers=default_headers,
+            http_client=http_client,
+        )
 
     @property
     def default_llm_model(self) -> str | None:

@@ -17,8 +17,6 @@ import httpx
 
 from sage.common.exceptions import SageError, UpstreamError
 from sage.llm._core import (
-    DEFAULT_MAX_RETRIES,
-    DEFAULT_TIMEOUT_S,
     ClientCore,
     Messages,
     StreamReader,
@@ -50,7 +48,7 @@ class AsyncTextStream(AsyncIterator[str]):
         opener: Callable[[], Awaitable[tuple[httpx.Response, str]]],
         kind: Kind,
         model: Callable[[], Awaitable[str]],
-        core: ClientCore,
+        core: ClientCore[Any],
     ) -> None:
         self._opener = opener
         self._kind: Kind = kind
@@ -144,68 +142,11 @@ class AsyncTextStream(AsyncIterator[str]):
         await self.aclose()
 
 
-class AsyncUnifiedInferenceClient(ClientCore):
+class AsyncUnifiedInferenceClient(ClientCore[httpx.AsyncClient]):
     """UnifiedInferenceClient for asyncio: chat, generate and embed through the gateway."""
 
-    def __init__(
-        self,
-        base_url: str,
-        *,
-        model: str | None = None,
-        embedding_model: str | None = None,
-        api_key: str | None = None,
-        admin_api_key: str | None = None,
-        timeout: float | httpx.Timeout = DEFAULT_TIMEOUT_S,
-        max_retries: int = DEFAULT_MAX_RETRIES,
-        default_headers: Mapping[str, str] | None = None,
-        http_client: httpx.AsyncClient | None = None,
-    ) -> None:
-        super().__init__(
-            base_url,
-            model=model,
-            embedding_model=embedding_model,
-            api_key=api_key,
-            admin_api_key=admin_api_key,
-            timeout=timeout,
-            max_retries=max_retries,
-            default_headers=default_headers,
-        )
-        self._owns_http = http_client is None
-        self._http = http_client or httpx.AsyncClient(timeout=self.timeout, trust_env=False)
-
-    @classmethod
-    def create(
-        cls,
-        control_plane_url: str | None = None,
-        *,
-        default_llm_model: str | None = None,
-        default_embedding_model: str | None = None,
-        model: str | None = None,
-        embedding_model: str | None = None,
-        api_key: str | None = None,
-        admin_api_key: str | None = None,
-        timeout: float | httpx.Timeout = DEFAULT_TIMEOUT_S,
-        max_retries: int = DEFAULT_MAX_RETRIES,
-        default_headers: Mapping[str, str] | None = None,
-        http_client: httpx.AsyncClient | None = None,
-    ) -> AsyncUnifiedInferenceClient:
-        """As UnifiedInferenceClient.create (no I/O happens here, so it is not async)."""
-        configured = cls._settings_kwargs(
-            control_plane_url,
-            default_llm_model=default_llm_model,
-            default_embedding_model=default_embedding_model,
-            model=model,
-            embedding_model=embedding_model,
-            api_key=api_key,
-            admin_api_key=admin_api_key,
-        )
-        return cls(
-            **configured,
-            timeout=timeout,
-            max_retries=max_retries,
-            default_headers=default_headers,
-            http_client=http_client,
-        )
+    def _new_http(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(timeout=self.timeout, trust_env=False)
 
     @classmethod
     async def create_for_model(

@@ -71,7 +71,7 @@ class TextStream(Iterator[str]):
     the whole answer with usage and finish reason. Close it (or use `with`) to stop early.
     """
 
-    def __init__(self, response: httpx.Response, state: StreamState, core: ClientCore) -> None:
+    def __init__(self, response: httpx.Response, state: StreamState, core: ClientCore[Any]) -> None:
         self._response = response
         self._state = state
         self._core = core
@@ -138,74 +138,13 @@ class TextStream(Iterator[str]):
         self.close()
 
 
-class UnifiedInferenceClient(ClientCore):
+class UnifiedInferenceClient(ClientCore[httpx.Client]):
     """Chat, generate and embed through the SAGE control plane (the gateway)."""
 
-    def __init__(
-        self,
-        base_url: str,
-        *,
-        model: str | None = None,
-        embedding_model: str | None = None,
-        api_key: str | None = None,
-        admin_api_key: str | None = None,
-        timeout: float | httpx.Timeout = DEFAULT_TIMEOUT_S,
-        max_retries: int = DEFAULT_MAX_RETRIES,
-        default_headers: Mapping[str, str] | None = None,
-        http_client: httpx.Client | None = None,
-    ) -> None:
-        super().__init__(
-            base_url,
-            model=model,
-            embedding_model=embedding_model,
-            api_key=api_key,
-            admin_api_key=admin_api_key,
-            timeout=timeout,
-            max_retries=max_retries,
-            default_headers=default_headers,
-        )
-        # A caller's client (proxies, event hooks, mounts) is used as is and left open.
-        self._owns_http = http_client is None
+    def _new_http(self) -> httpx.Client:
         # An https gateway is verified against SAGE_TLS_CA_FILE (and gets our cert) when set.
-        self._http = http_client or httpx.Client(
+        return httpx.Client(
             timeout=self.timeout, trust_env=False, verify=process_tls().httpx_verify()
-        )
-
-    @classmethod
-    def create(
-        cls,
-        control_plane_url: str | None = None,
-        *,
-        default_llm_model: str | None = None,
-        default_embedding_model: str | None = None,
-        model: str | None = None,
-        embedding_model: str | None = None,
-        api_key: str | None = None,
-        admin_api_key: str | None = None,
-        timeout: float | httpx.Timeout = DEFAULT_TIMEOUT_S,
-        max_retries: int = DEFAULT_MAX_RETRIES,
-        default_headers: Mapping[str, str] | None = None,
-        http_client: httpx.Client | None = None,
-    ) -> UnifiedInferenceClient:
-        """A client for `control_plane_url`, else SAGE_UNIFIED_BASE_URL, else the local gateway.
-
-        `model=`/`embedding_model=` are older spellings of the `default_*` arguments.
-        """
-        configured = cls._settings_kwargs(
-            control_plane_url,
-            default_llm_model=default_llm_model,
-            default_embedding_model=default_embedding_model,
-            model=model,
-            embedding_model=embedding_model,
-            api_key=api_key,
-            admin_api_key=admin_api_key,
-        )
-        return cls(
-            **configured,
-            timeout=timeout,
-            max_retries=max_retries,
-            default_headers=default_headers,
-            http_client=http_client,
         )
 
     @classmethod
