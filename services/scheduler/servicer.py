@@ -24,7 +24,7 @@ from .convert import (
     ticket_from_pb,
     usage_pb,
 )
-from .core import Scheduler
+from .core import Scheduler, UnaryResult
 from .mux import MultiplexSessions, scheduler_routes
 from .nodes import NodeState, NodeTable
 from .policies import RequestClass
@@ -69,16 +69,40 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
         # Multiplex requests without their own timeout_s get the edge's request timeout.
         self.mux = MultiplexSessions(scheduler_routes(self), request_timeout_s)
 
-    async def Chat(self, request: pb.ChatRequest, context: Any) -> pb.ChatResponse:
+    async def _unary(
+        self, request: pb.ChatRequest | pb.CompleteRequest, path: str, cls: RequestClass
+    ) -> UnaryResult:
+        """A chat or completion request to the end: both differ only in route and class."""
         limits = limits_from_pb(request, self.api_keys)
-        result = await self.scheduler.unary(
+        return await self.scheduler.unary(
             require_model(request.model),
             request.body,
-            "/v1/chat/completions",
+            path,
             limits,
-            ticket_from_pb(request, RequestClass.LLM_CHAT, limits.tenant),
+            ticket_from_pb(request, cls, limits.tenant),
             session_key=request.options.session_key,
         )
+
+    def _stream(
+        self,
+        request: pb.ChatStreamRequest | pb.CompleteStreamRequest,
+        path: str,
+        cls: RequestClass,
+    ) -> AsyncIterator[tuple[str, bytes, list[bytes]]]:
+        """A streamed chat or completion as (engine id, data, more) messages."""
+        limits = limits_from_pb(request, self.api_keys)
+        chunks = self.scheduler.stream(
+            require_model(request.model),
+            request.body,
+            path,
+            limits,
+            ticket_from_pb(request, cls, limits.tenant),
+            session_key=request.options.session_key,
+        )
+        return _messages(chunks, request.coalesce)
+
+    async def Chat(self, request: pb.ChatRequest, context: Any) -> pb.ChatResponse:
+        result = await self._unary(request, "/v1/chat/completions", RequestClass.LLM_CHAT)
         return pb.ChatResponse(
             body=result.body, engine_id=result.engine.engine_id, usage=usage_pb(result.usage)
         )
@@ -86,28 +110,12 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
     async def ChatStream(
         self, request: pb.ChatStreamRequest, context: Any
     ) -> AsyncIterator[pb.ChatStreamResponse]:
-        limits = limits_from_pb(request, self.api_keys)
-        chunks = self.scheduler.stream(
-            require_model(request.model),
-            request.body,
-            "/v1/chat/completions",
-            limits,
-            ticket_from_pb(request, RequestClass.LLM_CHAT, limits.tenant),
-            session_key=request.options.session_key,
-        )
-        async for engine_id, data, more in _messages(chunks, request.coalesce):
+        messages = self._stream(request, "/v1/chat/completions", RequestClass.LLM_CHAT)
+        async for engine_id, data, more in messages:
             yield pb.ChatStreamResponse(data=data, engine_id=engine_id, more=more)
 
     async def Complete(self, request: pb.CompleteRequest, context: Any) -> pb.CompleteResponse:
-        limits = limits_from_pb(request, self.api_keys)
-        result = await self.scheduler.unary(
-            require_model(request.model),
-            request.body,
-            "/v1/completions",
-            limits,
-            ticket_from_pb(request, RequestClass.LLM_GENERATE, limits.tenant),
-            session_key=request.options.session_key,
-        )
+        result = await self._unary(request, "/v1/completions", RequestClass.LLM_GENERATE)
         return pb.CompleteResponse(
             body=result.body, engine_id=result.engine.engine_id, usage=usage_pb(result.usage)
         )
@@ -115,16 +123,8 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
     async def CompleteStream(
         self, request: pb.CompleteStreamRequest, context: Any
     ) -> AsyncIterator[pb.CompleteStreamResponse]:
-        limits = limits_from_pb(request, self.api_keys)
-        chunks = self.scheduler.stream(
-            require_model(request.model),
-            request.body,
-            "/v1/completions",
-            limits,
-            ticket_from_pb(request, RequestClass.LLM_GENERATE, limits.tenant),
-            session_key=request.options.session_key,
-        )
-        async for engine_id, data, more in _messages(chunks, request.coalesce):
+        messages = self._stream(request, "/v1/completions", RequestClass.LLM_GENERATE)
+        async for engine_id, data, more in messages:
             yield pb.CompleteStreamResponse(data=data, engine_id=engine_id, more=more)
 
     async def Multiplex(
