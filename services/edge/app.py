@@ -160,21 +160,11 @@ def _label_model(request: Request, doc: dict[str, Any]) -> None:
         request.model = model
 
 
-def estimate_tokens(doc: dict[str, Any], body_size: int) -> int:
-    """Tokens a generation request may use: ~4 body bytes per prompt token + max_tokens x n.
-
-    Charged against the tenant's tokens-per-minute up front; the scheduler corrects the
-    charge with the engine's reported usage once a non-streamed reply is back.
-    """
-    limit = doc.get("max_completion_tokens") or doc.get("max_tokens") or 0
-    choices = doc.get("n") or 1
-    return min(INT32_MAX, body_size // 4 + int(limit) * int(choices))
-
-
-def request_options(key: ApiKey, tokens: int) -> spb.RequestOptions:
+def request_options(key: ApiKey) -> spb.RequestOptions:
     """The caller's key: the scheduler resolves the tenant and its limits from it in its own
-    key table, so a direct gRPC caller cannot name another tenant or lift its limits."""
-    return spb.RequestOptions(api_key=key.key, estimated_tokens=tokens if key.rate_limit_tpm else 0)
+    key table and estimates the request's tokens from its body, so a direct gRPC caller
+    gets the same tenant, limits and cost as one through the edge."""
+    return spb.RequestOptions(api_key=key.key)
 
 
 def with_scheduling_hints(
@@ -298,11 +288,7 @@ def create_app(
             _label_model(request, doc)
             parsed = validate(doc)
             model = parsed.model
-            options = (
-                None
-                if key is None
-                else request_options(key, estimate_tokens(parsed.doc, len(body)))
-            )
+            options = None if key is None else request_options(key)
             options = with_scheduling_hints(options, request.headers)
             scheduler = up().generation
             if parsed.stream:
@@ -346,11 +332,7 @@ def create_app(
         doc = parse_json_object(await request.body())
         _label_model(request, doc)
         model, inputs, dimensions, encoding = validate_embeddings(doc)
-        options = (
-            None
-            if key is None
-            else request_options(key, min(INT32_MAX, sum(len(t) for t in inputs) // 4 + 1))
-        )
+        options = None if key is None else request_options(key)
         reply = await request.unless_disconnected(
             up().generation.unary(
                 "embed",

@@ -21,7 +21,6 @@ from sage.common.apikeys import bearer_token
 from sage.common.exceptions import (
     AuthenticationError,
     EngineNotFoundError,
-    InsufficientResourcesError,
     InvalidRequestError,
     NotFoundError,
     PermissionDeniedError,
@@ -108,8 +107,6 @@ _NODE_STATE = {
     spb.NODE_STATE_UNHEALTHY: "unhealthy",
     spb.NODE_STATE_DOWN: "down",
 }
-# Backends that never use a GPU: placed on the least-loaded node, not by GPU memory.
-_CPU_BACKENDS = ("sim", "external")
 
 
 def node_json(node: spb.Node) -> dict[str, Any]:
@@ -302,32 +299,39 @@ class NodeLifecycles:
         self, start: lifecycle_pb2.StartEngineRequest, node_id: str
     ) -> tuple[LifecycleServiceAsyncStub, spb.Node | None]:
         """Where to start `start`: an explicit node, else the scheduler's choice when there
-        are several nodes, else the edge's own lifecycle."""
+        are several nodes, else the edge's own lifecycle. GPU or CPU, and the fallback to
+        CPU, are the scheduler's call unless the request says `use_gpu`."""
         if not node_id and len(await self.nodes()) < 2:
             return self._upstreams().lifecycle, None
         gpus = max(1, start.tensor_parallel_size) * max(1, start.pipeline_parallel_size)
-        gpus = min(gpus, INT32_MAX)  # int32 on the wire; no node has that many anyway
-        explicit_gpu = start.HasField("use_gpu")
-        use_gpu = start.use_gpu if explicit_gpu else start.backend not in _CPU_BACKENDS
-        scheduler = self._upstreams().scheduler
-        request = spb.PlaceEngineRequest(gpus_needed=gpus, use_gpu=use_gpu, node_id=node_id)
-        try:
-            with rpc_errors_as_sage():
-                reply = await scheduler.PlaceEngine(request, timeout=self._timeout_s)
-        except InsufficientResourcesError:
-            if explicit_gpu or not use_gpu:
-                raise
-            # "auto" backend and no node has the GPUs: it runs on CPU, least-loaded node.
-            request.use_gpu = False
-            with rpc_errors_as_sage():
-                reply = await scheduler.PlaceEngine(request, timeout=self._timeout_s)
+        request = spb.PlaceEngineRequest(
+            gpus_needed=min(gpus, INT32_MAX),  # int32 on the wire; no node has that many
+            use_gpu=start.use_gpu,
+            gpu_auto=not start.HasField("use_gpu"),
+            backend=start.backend,
+            node_id=node_id,
+        )
+        with rpc_errors_as_sage():
+            reply = await self._upstreams().scheduler.PlaceEngine(request, timeout=self._timeout_s)
         return self.stub(reply.node.report.lifecycle_addr), reply.node
 
     async def owner(self, engine_id: str) -> LifecycleServiceAsyncStub:
-        """The lifecycle that knows `engine_id` (EngineNotFoundError when none does)."""
-        targets = await self.targets()
-        if len(targets) == 1:
-            return targets[0][1]
+        """The lifecycle that knows `engine_id` (EngineNotFoundError when none does): the
+        node the scheduler's routing table names for it; an engine not in routing (starting,
+        failed, stopped) is looked for on every node."""
+        nodes = await self.nodes()
+        if len(nodes) < 2:
+            lifecycle: LifecycleServiceAsyncStub = self._upstreams().lifecycle
+            return lifecycle
+        with rpc_errors_as_sage():
+            routed = await self._upstreams().scheduler.ListEngines(
+                spb.ListEnginesRequest(), timeout=self._timeout_s
+            )
+        node_id = next((e.node_id for e in routed.engines if e.engine_id == engine_id), "")
+        addr = next((n.report.lifecycle_addr for n in nodes if n.report.node_id == node_id), "")
+        if addr:
+            return self.stub(addr)
+        targets = [stub for _, stub in await self.targets()]
 
         async def knows(stub: LifecycleServiceAsyncStub) -> bool:
             try:
@@ -338,8 +342,8 @@ class NodeLifecycles:
                 return False
             return True
 
-        found = await asyncio.gather(*(knows(stub) for _, stub in targets))
-        for (_, stub), ok in zip(targets, found, strict=True):
+        found = await asyncio.gather(*(knows(stub) for stub in targets))
+        for stub, ok in zip(targets, found, strict=True):
             if ok:
                 return stub
         raise EngineNotFoundError(f"no engine with id {engine_id!r}", param="engine_id")

@@ -17,6 +17,7 @@ from sage.rpc.common.v1 import common_pb2
 from sage.rpc.gpu_manager.v1 import gpu_manager_pb2
 from sage.rpc.scheduler.v1 import scheduler_pb2
 
+from .backends import BACKENDS
 from .manager import EngineLifecycleManager
 from .store import READY
 
@@ -94,6 +95,7 @@ class NodeAgent:
             gpus=gpus,
             engine_ids=[r.engine_id for r in self._manager.instances() if r.state == READY],
             agent_instance=self.instance,
+            cpu_backends=sorted(b.name for b in BACKENDS.values() if not b.uses_gpu),
         )
 
     async def beat(self) -> None:

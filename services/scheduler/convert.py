@@ -84,6 +84,7 @@ def node_report_from_pb(report: common_pb2.NodeReport) -> NodeReport:
         ),
         engine_ids=tuple(report.engine_ids),
         agent_instance=report.agent_instance,
+        cpu_backends=tuple(report.cpu_backends),
     )
 
 
@@ -108,6 +109,7 @@ def node_to_pb(node: Node, table: NodeTable) -> pb.Node:
             ],
             engine_ids=list(report.engine_ids),
             agent_instance=report.agent_instance,
+            cpu_backends=list(report.cpu_backends),
         ),
         state=_NODE_STATE_PB[node.state],
         reason=node.reason,
@@ -135,7 +137,8 @@ def ticket_from_pb(
     request: Any, request_class: RequestClass, tenant: str = "default"
 ) -> QueuedRequest:
     """What the queueing policy orders by: tenant (resolved from the caller's key, see
-    limits_from_pb), priority class, SLO deadline, cost."""
+    limits_from_pb), priority class, SLO deadline. The cost is the scheduler's own estimate
+    (core.estimate_tokens); `options.estimated_tokens` is ignored."""
     now = time.monotonic()
     if not request.HasField("options"):
         return QueuedRequest(
@@ -143,7 +146,6 @@ def ticket_from_pb(
             request_class=request_class,
             tenant=tenant,
             arrival=now,
-            cost=len(request.body) / 4,
         )
     options: pb.RequestOptions = request.options
     if options.slo_e2e_ms < 0 or options.slo_ttft_ms < 0:
@@ -156,7 +158,6 @@ def ticket_from_pb(
         priority=parse_priority(options.priority),
         arrival=now,
         deadline=now + slo_ms / 1000 if slo_ms else None,
-        cost=float(options.estimated_tokens or len(request.body) / 4),
     )
 
 
@@ -164,7 +165,7 @@ def limits_from_pb(request: Any, keys: ApiKeyTable) -> TenantLimits:
     """The tenant and its limits for the key in the request's `options.api_key`, from the
     scheduler's own key table; the request's tenant and rate_limit_* fields are ignored."""
     options: pb.RequestOptions = request.options
-    return limits_for(keys, options.api_key, options.estimated_tokens)
+    return limits_for(keys, options.api_key)
 
 
 def require_model(model: str) -> str:

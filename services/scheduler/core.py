@@ -139,6 +139,29 @@ class RequestBody:
         return self._doc
 
 
+_INT32_MAX = 2**31 - 1
+
+
+def _count(value: Any, default: int) -> int:
+    """A non-negative whole number from a body field, else `default` (bool is not one)."""
+    return (
+        value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else default
+    )
+
+
+def estimate_tokens(parsed: RequestBody) -> int:
+    """Tokens a generation request may use: ~4 body bytes per prompt token + max tokens x n.
+
+    Made once, here, for every caller (the edge or a direct gRPC client): it is charged to
+    the tenant's tokens-per-minute up front (corrected with the engine's reported usage
+    once a non-streamed reply is back) and is the request's cost for fair queueing.
+    """
+    doc = parsed.doc()
+    fields = doc if isinstance(doc, dict) else {}
+    limit = _count(fields.get("max_completion_tokens"), 0) or _count(fields.get("max_tokens"), 0)
+    return min(_INT32_MAX, len(parsed.raw) // 4 + limit * max(1, _count(fields.get("n"), 1)))
+
+
 def _for_engine(
     body: bytes, model: str, engine: EngineRecord, parsed: RequestBody | None = None
 ) -> bytes:
@@ -314,11 +337,10 @@ class Scheduler:
                 return left
             await asyncio.sleep(0.05)
 
-    def _admit(self, limits: TenantLimits | None, fallback_tokens: int) -> int:
+    def _admit(self, limits: TenantLimits | None, tokens: int) -> int:
         """Charge the tenant's buckets (RateLimitError when over); returns tokens charged."""
         if limits is None or not limits.limited:
             return 0
-        tokens = limits.estimated_tokens or fallback_tokens
         self.rate_limiter.admit(limits, tokens)
         return tokens
 
@@ -394,17 +416,19 @@ class Scheduler:
         session_key: str = "",
     ) -> UnaryResult:
         """Run one non-streaming request; fails over while engines refuse connections."""
-        charged = self._admit(limits, len(body) // 4)
+        parsed = RequestBody(body)
+        estimate = estimate_tokens(parsed)
+        charged = self._admit(limits, estimate)
         self.counters.requests_total += 1
         self.counters.in_flight += 1
         ticket = ticket or QueuedRequest(model=model)
+        ticket.cost = float(estimate)
         begun = time.monotonic()
         try:
             engines = self.registry.ready_for(model, EngineKind.LLM)
             ticket.model = engines[0].model  # an alias shares its model's lane and windows
             # Capacity counts only engines routing may use (an open breaker's are not).
             async with self.admission.slot(ticket, self.breakers.routable(engines, _engine_id)):
-                parsed = RequestBody(body)
                 body, candidates = await self._route(model, path, parsed, session_key, ticket.cost)
                 for i, engine in enumerate(candidates):
                     if not self.breakers.begin(engine.engine_id, force=i == len(candidates) - 1):
@@ -458,19 +482,21 @@ class Scheduler:
     ) -> AsyncIterator[tuple[bytes, EngineRecord]]:
         """Yield engine SSE payloads one by one, failing over to another engine when one is
         unreachable, or dies mid-stream (then the next continues the text already sent)."""
-        charged = self._admit(limits, len(body) // 4)
+        # What the client saw is tracked from its own body, not a PD decode leg's
+        # (the leg's KV params are single-use).
+        parsed = RequestBody(body)
+        estimate = estimate_tokens(parsed)
+        charged = self._admit(limits, estimate)
         self.counters.requests_total += 1
         self.counters.in_flight += 1
         ticket = ticket or QueuedRequest(model=model)
+        ticket.cost = float(estimate)
         begun = time.monotonic()
         try:
             engines = self.registry.ready_for(model, EngineKind.LLM)
             ticket.model = engines[0].model  # an alias shares its model's lane and windows
             # Capacity counts only engines routing may use (an open breaker's are not).
             async with self.admission.slot(ticket, self.breakers.routable(engines, _engine_id)):
-                # What the client saw is tracked from its own body, not a PD decode leg's
-                # (the leg's KV params are single-use).
-                parsed = RequestBody(body)
                 resume = StreamResume.for_document(path, parsed.doc())
                 body, candidates = await self._route(model, path, parsed, session_key, ticket.cost)
                 progress = _StreamProgress(path, model, body, parsed, resume, begun)

@@ -54,6 +54,7 @@ class NodeReport:
     gpus: tuple[NodeGpu, ...] = ()
     engine_ids: tuple[str, ...] = ()
     agent_instance: str = ""
+    cpu_backends: tuple[str, ...] = ()  # backends that never use a GPU (lifecycle's facts)
 
 
 @dataclass(frozen=True)
@@ -264,8 +265,30 @@ class NodeTable:
         """Engines of `node_id` in the routing table."""
         return sum(1 for r in self.registry.engines() if r.node_id == node_id)
 
-    def place(self, *, gpus_needed: int, use_gpu: bool, node_id: str = "") -> Node:
-        """The node a new engine should start on.
+    def place(
+        self, *, gpus_needed: int, use_gpu: bool | None, node_id: str = "", backend: str = ""
+    ) -> Node:
+        """The node a new engine should start on; `use_gpu` None decides it here.
+
+        Deciding: a backend some node reports as CPU-only runs on CPU; any other (the
+        automatic choice "" included) on GPUs, or on CPU when no node has the GPUs.
+        """
+        if use_gpu is not None:
+            return self._place(gpus_needed, use_gpu, node_id)
+        if self.cpu_only(backend):
+            return self._place(gpus_needed, False, node_id)
+        try:
+            return self._place(gpus_needed, True, node_id)
+        except InsufficientResourcesError:
+            return self._place(gpus_needed, False, node_id)
+
+    def cpu_only(self, backend: str) -> bool:
+        """True when a node's lifecycle published `backend` as one that never uses a GPU."""
+        name = backend.strip().lower()
+        return bool(name) and any(name in n.report.cpu_backends for n in self.nodes())
+
+    def _place(self, gpus_needed: int, use_gpu: bool, node_id: str) -> Node:
+        """The node for an engine on GPUs (`use_gpu`) or on CPU.
 
         GPU engines: among READY nodes with at least `gpus_needed` GPUs, the one whose
         `gpus_needed` best GPUs have the most free memory (the tightest of them decides, as

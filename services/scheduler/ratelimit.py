@@ -19,12 +19,11 @@ from sage.common.exceptions import RateLimitError
 
 @dataclass(frozen=True, slots=True)
 class TenantLimits:
-    """Who a request bills to, that tenant's per-minute limits (0 = none), and its cost."""
+    """Who a request bills to and that tenant's per-minute limits (0 = none)."""
 
     tenant: str
     requests_per_minute: int = 0
     tokens_per_minute: int = 0
-    estimated_tokens: int = 0
 
     @property
     def limited(self) -> bool:
@@ -32,13 +31,12 @@ class TenantLimits:
         return self.requests_per_minute > 0 or self.tokens_per_minute > 0
 
 
-def limits_for(keys: ApiKeyTable, api_key: str, estimated_tokens: int = 0) -> TenantLimits:
+def limits_for(keys: ApiKeyTable, api_key: str) -> TenantLimits:
     """The tenant and limits of `api_key` in the scheduler's table. Without configured keys
     every request is the default tenant's, unlimited; with keys, a missing or unknown key
     is refused (InvalidApiKeyError, UNAUTHENTICATED)."""
-    estimated = max(0, estimated_tokens)
     if not keys.enabled:
-        return TenantLimits(DEFAULT_TENANT, 0, 0, estimated)
+        return TenantLimits(DEFAULT_TENANT)
     if not api_key:
         raise InvalidApiKeyError(
             "an API key is required: API keys are configured, and the request's "
@@ -50,7 +48,7 @@ def limits_for(keys: ApiKeyTable, api_key: str, estimated_tokens: int = 0) -> Te
         raise InvalidApiKeyError(
             f"Incorrect API key provided: {redact_key(api_key)}.", param="api_key"
         )
-    return TenantLimits(entry.tenant, entry.rate_limit_rpm, entry.rate_limit_tpm, estimated)
+    return TenantLimits(entry.tenant, entry.rate_limit_rpm, entry.rate_limit_tpm)
 
 
 class _Bucket:

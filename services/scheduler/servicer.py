@@ -258,6 +258,9 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
         if request.gpus_needed < 0:
             raise InvalidRequestError("gpus_needed must not be negative", param="gpus_needed")
         node = self.nodes.place(
-            gpus_needed=request.gpus_needed, use_gpu=request.use_gpu, node_id=request.node_id
+            gpus_needed=request.gpus_needed,
+            use_gpu=None if request.gpu_auto else request.use_gpu,
+            node_id=request.node_id,
+            backend=request.backend,
         )
         return pb.PlaceEngineResponse(node=node_to_pb(node, self.nodes))

@@ -6,12 +6,15 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
+import orjson
 import pytest
 import yaml
 
 from sage.common.config.settings import SageSettings
 from sage.common.http.testing import RecordingEngine
+from sage.rpc.scheduler.v1 import scheduler_pb2
 
 KEYS_FILE = [
     {"key": "sk-team-a-1", "tenant": "team-a", "rate_limit_rpm": 2},
@@ -186,6 +189,35 @@ async def test_tokens_per_minute_charges_estimates_and_settles_with_usage(
     # a small request still fits in what is left
     small = await edge.post("/v1/chat/completions", json={**CHAT, "max_tokens": 1}, headers=key)
     assert small.status_code == 200, small.text
+
+
+async def test_a_direct_grpc_caller_is_charged_the_scheduler_estimate_too(
+    control_plane: Any, edge: httpx.AsyncClient
+) -> None:
+    # No edge: the caller names a tiny estimate and other tenants' limits. The scheduler
+    # ignores them, charging the key's tenant its own estimate (~920 of 1000 tokens), so
+    # the same stream through the edge no longer fits in the minute.
+    stream = {**CHAT, "max_tokens": 900, "stream": True}
+    options = scheduler_pb2.RequestOptions(
+        api_key="sk-tokens", estimated_tokens=1, tenant="team-b", rate_limit_tpm=10**9
+    )
+    direct = control_plane.scheduler.ChatStream(
+        scheduler_pb2.ChatStreamRequest(model="rec", body=orjson.dumps(stream), options=options)
+    )
+    assert [m.data async for m in direct]
+    refused = await edge.post("/v1/chat/completions", json=stream, headers=bearer("sk-tokens"))
+    assert refused.status_code == 429
+    assert "team-t" in refused.json()["error"]["message"]
+    assert "tokens per minute" in refused.json()["error"]["message"]
+    # and the direct caller is refused the same way, whatever estimate it names
+    again = control_plane.scheduler.ChatStream(
+        scheduler_pb2.ChatStreamRequest(model="rec", body=orjson.dumps(stream), options=options)
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as limited:
+        async for _ in again:
+            pass
+    assert limited.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "tokens per minute" in (limited.value.details() or "")
 
 
 async def test_unlimited_keys_are_never_limited(edge: httpx.AsyncClient) -> None:

@@ -16,6 +16,7 @@ from sage.rpc.common.v1 import common_pb2
 from sage.rpc.scheduler.v1 import scheduler_pb2
 
 GiB = 1 << 30
+LIST_NODES = scheduler_pb2.ListNodesRequest()
 
 
 @pytest.fixture
@@ -96,6 +97,36 @@ async def test_nodes_register_place_and_refuse_bad_agents(control_plane: Any) ->
     assert (await control_plane.client.get("/health")).status_code == 200
 
 
+async def test_gpu_or_cpu_and_the_fallback_are_decided_by_the_scheduler(
+    control_plane: Any,
+) -> None:
+    # The nodes publish which backends never use a GPU; "gpu" also runs an engine, so a
+    # CPU engine goes to the idler "cpu" node.
+    for rep in (report("gpu", 1, 70, engines=("e1",)), report("cpu", 2)):
+        rep.cpu_backends.append("sim")
+        await register(control_plane, rep)
+    await control_plane.register("e1", "m", "http://127.0.0.1:9", node_id="gpu")
+
+    async def placed(**fields: Any) -> tuple[int, str]:
+        body = {"model_id": "m", "dry_run": True, **fields}
+        resp = await control_plane.client.post("/v1/management/engines", json=body)
+        doc = resp.json()
+        answer = doc["node"]["node_id"] if resp.is_success else doc["error"]["message"]
+        return resp.status_code, answer
+
+    assert await placed(backend="vllm") == (200, "gpu")
+    assert await placed(backend="sim") == (200, "cpu")
+    # no node has two GPUs: the automatic choice runs on CPU, an explicit one is refused
+    assert await placed(backend="vllm", tensor_parallel_size=2) == (200, "cpu")
+    status, message = await placed(backend="vllm", tensor_parallel_size=2, use_gpu=True)
+    assert status == 409 and "2 GPUs are needed on one host" in message
+    # a direct gRPC caller gets the same decision
+    place = control_plane.scheduler.PlaceEngine
+    for backend, gpus, node in (("vllm", 1, "gpu"), ("sim", 1, "cpu"), ("", 2, "cpu")):
+        request = scheduler_pb2.PlaceEngineRequest(gpus_needed=gpus, backend=backend, gpu_auto=True)
+        assert (await place(request)).node.report.node_id == node, backend
+
+
 async def test_a_silent_node_is_drained_and_restored(control_plane: Any) -> None:
     await register(control_plane, report("n1", 1, engines=("e1",)))
     await control_plane.register("e1", "m", "http://127.0.0.1:9", node_id="n1")
@@ -115,3 +146,31 @@ async def test_a_silent_node_is_drained_and_restored(control_plane: Any) -> None
         scheduler_pb2.NodeHeartbeatRequest(report=report("n1", 1, engines=("e1",)))
     )
     assert await ready() == 1
+
+
+async def test_an_engine_is_found_on_the_node_the_routing_table_names(full_plane: Any) -> None:
+    # The plane's lifecycle runs a node agent; a second node nobody answers for is added.
+    deadline = time.monotonic() + 10
+    while not (nodes := (await full_plane.scheduler.ListNodes(LIST_NODES)).nodes):
+        assert time.monotonic() < deadline, "the lifecycle's node agent never registered"
+        await asyncio.sleep(0.05)
+    here = nodes[0].report
+    # the agent publishes its lifecycle's facts: which backends never use a GPU
+    assert "sim" in here.cpu_backends and "vllm" not in here.cpu_backends
+    await register(full_plane, report("far", 1))
+    body = {"model_id": "sim", "backend": "sim", "engine_id": "owned", "node": here.node_id}
+    started = await full_plane.client.post("/v1/management/engines", json=body)
+    assert started.status_code == 201, started.text
+    assert started.json()["node_id"] == here.node_id
+
+    got = await full_plane.client.get("/v1/management/engines/owned")
+    assert got.status_code == 200 and got.json()["status"] == "RUNNING"
+    logs = await full_plane.client.get("/v1/management/engines/owned/logs?lines=5")
+    assert logs.status_code == 200 and logs.json()["lines"]
+    stopped = await full_plane.client.delete("/v1/management/engines/owned")
+    assert stopped.status_code == 200 and stopped.json()["status"] == "STOPPED"
+    # out of routing now: the nodes themselves are asked
+    gone = await full_plane.client.get("/v1/management/engines/owned")
+    assert gone.status_code == 200 and gone.json()["status"] == "STOPPED"
+    missing = await full_plane.client.get("/v1/management/engines/nobody")
+    assert missing.status_code == 404

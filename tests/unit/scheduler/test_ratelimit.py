@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sage.common.exceptions import RateLimitError
+from sage.services.scheduler.core import RequestBody, estimate_tokens
 from sage.services.scheduler.ratelimit import TenantLimits, TenantRateLimiter
 
 
@@ -18,6 +19,23 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b'{"max_tokens": 100, "n": 2}', 27 // 4 + 200),
+        (b'{"max_completion_tokens": 9, "max_tokens": 100}', 47 // 4 + 9),
+        # a direct gRPC caller's body is not validated: odd fields count as absent
+        (b'{"max_tokens": true, "n": -3}', 29 // 4),
+        (b'{"max_tokens": "900"}', 21 // 4),
+        (b"[1, 2]", 6 // 4),
+        (b"not json", 8 // 4),
+        (b'{"max_tokens": 4294967296, "n": 4294967296}', 2**31 - 1),
+    ],
+)
+def test_the_token_estimate_reads_the_body_whoever_sent_it(body: bytes, expected: int) -> None:
+    assert estimate_tokens(RequestBody(body)) == expected
 
 
 def test_requests_per_minute_with_retry_after() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import pytest
 
@@ -165,6 +166,25 @@ def test_cpu_placement_picks_the_least_loaded_node(
     table.report(report("b", "h:2"), register=True)
     registry.register(engine("e1", "a"))
     assert table.place(gpus_needed=1, use_gpu=False).node_id == "b"
+
+
+def test_the_scheduler_decides_gpu_or_cpu_from_the_backends_the_nodes_publish(
+    table: NodeTable, registry: EngineRegistry
+) -> None:
+    cpu_only = ("sim",)
+    table.report(replace(report("gpu", "h:1", *gpus(70)), cpu_backends=cpu_only), register=True)
+    table.report(replace(report("cpu", "h:2"), cpu_backends=cpu_only), register=True)
+    registry.register(engine("e1", "cpu"))  # the CPU node is the busier one
+    # a GPU backend goes to the GPUs; one a node publishes as CPU-only, to the idler node
+    assert table.place(gpus_needed=1, use_gpu=None, backend="vllm").node_id == "gpu"
+    registry.register(engine("e2", "gpu"))
+    registry.register(engine("e3", "gpu"))
+    assert table.place(gpus_needed=1, use_gpu=None, backend=" Sim").node_id == "cpu"
+    assert table.place(gpus_needed=1, use_gpu=None, backend="vllm").node_id == "gpu"
+    # no node has 2 GPUs: the automatic choice falls back to CPU, an explicit one does not
+    assert table.place(gpus_needed=2, use_gpu=None, backend="").node_id == "cpu"
+    with pytest.raises(InsufficientResourcesError, match="2 GPUs are needed on one host"):
+        table.place(gpus_needed=2, use_gpu=True, backend="")
 
 
 def test_explicit_node_must_exist_and_be_ready(table: NodeTable, clock: Clock) -> None:

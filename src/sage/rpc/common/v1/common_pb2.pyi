@@ -296,6 +296,7 @@ class NodeReport(_message.Message):
     GPUS_FIELD_NUMBER: _builtins.int
     ENGINE_IDS_FIELD_NUMBER: _builtins.int
     AGENT_INSTANCE_FIELD_NUMBER: _builtins.int
+    CPU_BACKENDS_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """The node's id (SAGE_NODE_ID, default the hostname); unique in one control plane."""
     lifecycle_addr: _builtins.str
@@ -312,6 +313,12 @@ class NodeReport(_message.Message):
     def engine_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Ids of the engines the node runs that are ready."""
 
+    @_builtins.property
+    def cpu_backends(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Backends this node's lifecycle runs that never use a GPU (ListBackends' uses_gpu
+        false), so the scheduler places them by load rather than GPU memory.
+        """
+
     def __init__(
         self,
         *,
@@ -322,10 +329,11 @@ class NodeReport(_message.Message):
         gpus: _abc.Iterable[Global___NodeGpu] | None = ...,
         engine_ids: _abc.Iterable[_builtins.str] | None = ...,
         agent_instance: _builtins.str = ...,
+        cpu_backends: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["advertise_host", b"advertise_host", "agent_instance", b"agent_instance", "engine_ids", b"engine_ids", "gpu_count", b"gpu_count", "gpus", b"gpus", "lifecycle_addr", b"lifecycle_addr", "node_id", b"node_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["advertise_host", b"advertise_host", "agent_instance", b"agent_instance", "cpu_backends", b"cpu_backends", "engine_ids", b"engine_ids", "gpu_count", b"gpu_count", "gpus", b"gpus", "lifecycle_addr", b"lifecycle_addr", "node_id", b"node_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

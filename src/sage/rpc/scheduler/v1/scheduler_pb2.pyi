@@ -80,8 +80,8 @@ class RequestOptions(_message.Message):
     rate_limit_tpm: _builtins.int
     """Ignored, as rate_limit_rpm."""
     estimated_tokens: _builtins.int
-    """Tokens this request is expected to use (prompt estimate + max_tokens), charged
-    against rate_limit_tpm up front; 0 lets the scheduler estimate from the body size.
+    """Ignored: the scheduler estimates a request's tokens from its body itself, the same
+    for every caller. Kept for wire compatibility.
     """
     api_key: _builtins.str
     """The caller's API key (the edge forwards the bearer key it checked). With API keys
@@ -962,22 +962,33 @@ class PlaceEngineRequest(_message.Message):
     GPUS_NEEDED_FIELD_NUMBER: _builtins.int
     USE_GPU_FIELD_NUMBER: _builtins.int
     NODE_ID_FIELD_NUMBER: _builtins.int
+    BACKEND_FIELD_NUMBER: _builtins.int
+    GPU_AUTO_FIELD_NUMBER: _builtins.int
     gpus_needed: _builtins.int
     """GPUs one replica needs on one host (tensor x pipeline parallel); 0 means 1."""
     use_gpu: _builtins.bool
     """True when the engine runs on GPUs: pick by free GPU memory; false: least-loaded node."""
     node_id: _builtins.str
     """Explicit node; empty lets the scheduler choose."""
+    backend: _builtins.str
+    """The engine's backend (empty: lifecycle picks one); read when gpu_auto is set."""
+    gpu_auto: _builtins.bool
+    """True: use_gpu is ignored and the scheduler decides. A backend the nodes report as
+    CPU-only (NodeReport.cpu_backends) goes to the least-loaded node; any other to the
+    node with the GPUs, or, when no node has them, to the least-loaded node on CPU.
+    """
     def __init__(
         self,
         *,
         gpus_needed: _builtins.int = ...,
         use_gpu: _builtins.bool = ...,
         node_id: _builtins.str = ...,
+        backend: _builtins.str = ...,
+        gpu_auto: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["gpus_needed", b"gpus_needed", "node_id", b"node_id", "use_gpu", b"use_gpu"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "gpu_auto", b"gpu_auto", "gpus_needed", b"gpus_needed", "node_id", b"node_id", "use_gpu", b"use_gpu"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
