@@ -557,6 +557,17 @@ def test_sage_llm_serve_status_and_client_work_over_mtls(
 
         client = UnifiedInferenceClient.create()
         assert client.chat([{"role": "user", "content": "hi"}], max_tokens=3)
+
+        from sage.llm import AsyncUnifiedInferenceClient
+
+        async def async_chat() -> str:
+            # The async client verifies the gateway against the same CA (and shows our cert).
+            async with AsyncUnifiedInferenceClient.create() as async_client:
+                return str(
+                    await async_client.chat([{"role": "user", "content": "hi"}], max_tokens=3)
+                )
+
+        assert asyncio.run(async_chat())
     finally:
         serve.send_signal(signal.SIGINT)
         try:

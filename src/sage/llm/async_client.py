@@ -16,6 +16,7 @@ from typing import Any, Literal, overload
 import httpx
 
 from sage.common.exceptions import SageError, UpstreamError
+from sage.common.grpc.tls import process_tls
 from sage.llm._core import (
     ClientCore,
     Messages,
@@ -146,7 +147,11 @@ class AsyncUnifiedInferenceClient(ClientCore[httpx.AsyncClient]):
     """UnifiedInferenceClient for asyncio: chat, generate and embed through the gateway."""
 
     def _new_http(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(timeout=self.timeout, trust_env=False)
+        # As the sync client: an https gateway is verified against SAGE_TLS_CA_FILE (and
+        # gets our cert) when set.
+        return httpx.AsyncClient(
+            timeout=self.timeout, trust_env=False, verify=process_tls().httpx_verify()
+        )
 
     @classmethod
     async def create_for_model(
