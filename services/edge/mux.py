@@ -37,8 +37,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("sage.edge.mux")
 
 _STATUS: Final = {code.value[0]: code for code in grpc.StatusCode}
-# Multiplex request kind → the unary/streaming method used without Multiplex.
-_METHODS: Final = {
+# Multiplex request kind → the scheduler RPC that serves it on a call of its own, used when
+# the scheduler has no Multiplex.
+_RPC_WITHOUT_MULTIPLEX: Final = {
     "chat": "Chat",
     "complete": "Complete",
     "embed": "Embed",
@@ -326,7 +327,9 @@ class SchedulerMux:
 
     async def _unary_call(self, kind: str, message: Any, timeout_s: float) -> Any:
         try:
-            return await getattr(self.stub, _METHODS[kind])(message, timeout=timeout_s)
+            return await getattr(self.stub, _RPC_WITHOUT_MULTIPLEX[kind])(
+                message, timeout=timeout_s
+            )
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
 
@@ -385,7 +388,7 @@ class SchedulerMux:
                 self._cancel(session, request.id)
 
     async def _stream_call(self, kind: str, message: Any, timeout_s: float) -> AsyncIterator[Any]:
-        call = getattr(self.stub, _METHODS[kind])(
+        call = getattr(self.stub, _RPC_WITHOUT_MULTIPLEX[kind])(
             message, timeout=timeout_s, metadata=call_metadata()
         )
         try:

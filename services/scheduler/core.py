@@ -44,7 +44,7 @@ class TokenUsage:
 
 
 @dataclass(frozen=True)
-class UnaryResult:
+class GenerateResult:
     """A non-streamed reply: the engine's raw JSON, who served it, and its token usage."""
 
     body: bytes
@@ -406,7 +406,7 @@ class Scheduler:
         first = {e.engine_id for e in ordered}
         return ordered + [e for e in engines if e.engine_id not in first]
 
-    async def unary(
+    async def generate(
         self,
         model: str,
         body: bytes,
@@ -414,8 +414,9 @@ class Scheduler:
         limits: TenantLimits | None = None,
         ticket: QueuedRequest | None = None,
         session_key: str = "",
-    ) -> UnaryResult:
-        """Run one non-streaming request; fails over while engines refuse connections."""
+    ) -> GenerateResult:
+        """Run one chat or completion (`path` says which), not streamed, to its reply; fails
+        over while engines refuse connections."""
         parsed = RequestBody(body)
         estimate = estimate_tokens(parsed)
         charged = self._admit(limits, estimate)
@@ -451,7 +452,7 @@ class Scheduler:
                             time.monotonic() - begun,
                             completion_tokens=usage.completion_tokens,
                         )
-                        return UnaryResult(reply, engine, usage)
+                        return GenerateResult(reply, engine, usage)
                     except (EngineUnreachableError, EngineDisconnectedError) as exc:
                         # Nothing reached the client yet, so the whole request can go again.
                         if i == len(candidates) - 1:
@@ -471,7 +472,7 @@ class Scheduler:
         finally:
             self.counters.in_flight -= 1
 
-    async def stream(
+    async def generate_stream(
         self,
         model: str,
         body: bytes,
@@ -480,8 +481,9 @@ class Scheduler:
         ticket: QueuedRequest | None = None,
         session_key: str = "",
     ) -> AsyncIterator[tuple[bytes, EngineRecord]]:
-        """Yield engine SSE payloads one by one, failing over to another engine when one is
-        unreachable, or dies mid-stream (then the next continues the text already sent)."""
+        """Run one streamed chat or completion: its engine SSE payloads one by one, failing
+        over to another engine when one is unreachable, or dies mid-stream (then the next
+        continues the text already sent)."""
         # What the client saw is tracked from its own body, not a PD decode leg's
         # (the leg's KV params are single-use).
         parsed = RequestBody(body)

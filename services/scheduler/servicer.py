@@ -24,7 +24,7 @@ from .convert import (
     ticket_from_pb,
     usage_pb,
 )
-from .core import Scheduler, UnaryResult
+from .core import GenerateResult, Scheduler
 from .mux import MultiplexSessions, scheduler_routes
 from .nodes import NodeState, NodeTable
 from .policies import RequestClass
@@ -69,12 +69,12 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
         # Multiplex requests without their own timeout_s get the edge's request timeout.
         self.mux = MultiplexSessions(scheduler_routes(self), request_timeout_s)
 
-    async def _unary(
+    async def _generate(
         self, request: pb.ChatRequest | pb.CompleteRequest, path: str, cls: RequestClass
-    ) -> UnaryResult:
+    ) -> GenerateResult:
         """A chat or completion request to the end: both differ only in route and class."""
         limits = limits_from_pb(request, self.api_keys)
-        return await self.scheduler.unary(
+        return await self.scheduler.generate(
             require_model(request.model),
             request.body,
             path,
@@ -83,7 +83,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
             session_key=request.options.session_key,
         )
 
-    def _stream(
+    def _generate_stream(
         self,
         request: pb.ChatStreamRequest | pb.CompleteStreamRequest,
         path: str,
@@ -91,7 +91,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
     ) -> AsyncIterator[tuple[str, bytes, list[bytes]]]:
         """A streamed chat or completion as (engine id, data, more) messages."""
         limits = limits_from_pb(request, self.api_keys)
-        chunks = self.scheduler.stream(
+        chunks = self.scheduler.generate_stream(
             require_model(request.model),
             request.body,
             path,
@@ -102,7 +102,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
         return _messages(chunks, request.coalesce)
 
     async def Chat(self, request: pb.ChatRequest, context: Any) -> pb.ChatResponse:
-        result = await self._unary(request, "/v1/chat/completions", RequestClass.LLM_CHAT)
+        result = await self._generate(request, "/v1/chat/completions", RequestClass.LLM_CHAT)
         return pb.ChatResponse(
             body=result.body, engine_id=result.engine.engine_id, usage=usage_pb(result.usage)
         )
@@ -110,12 +110,12 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
     async def ChatStream(
         self, request: pb.ChatStreamRequest, context: Any
     ) -> AsyncIterator[pb.ChatStreamResponse]:
-        messages = self._stream(request, "/v1/chat/completions", RequestClass.LLM_CHAT)
+        messages = self._generate_stream(request, "/v1/chat/completions", RequestClass.LLM_CHAT)
         async for engine_id, data, more in messages:
             yield pb.ChatStreamResponse(data=data, engine_id=engine_id, more=more)
 
     async def Complete(self, request: pb.CompleteRequest, context: Any) -> pb.CompleteResponse:
-        result = await self._unary(request, "/v1/completions", RequestClass.LLM_GENERATE)
+        result = await self._generate(request, "/v1/completions", RequestClass.LLM_GENERATE)
         return pb.CompleteResponse(
             body=result.body, engine_id=result.engine.engine_id, usage=usage_pb(result.usage)
         )
@@ -123,7 +123,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
     async def CompleteStream(
         self, request: pb.CompleteStreamRequest, context: Any
     ) -> AsyncIterator[pb.CompleteStreamResponse]:
-        messages = self._stream(request, "/v1/completions", RequestClass.LLM_GENERATE)
+        messages = self._generate_stream(request, "/v1/completions", RequestClass.LLM_GENERATE)
         async for engine_id, data, more in messages:
             yield pb.CompleteStreamResponse(data=data, engine_id=engine_id, more=more)
 

@@ -222,7 +222,7 @@ async def test_requests_beyond_the_engines_slots_wait_and_go_to_the_engine_that_
     fake = FakeEngines()
     scheduler = _scheduler(fake, _engine("e0"), _engine("e1"), per_engine=1)
     fake.hold("e0", "e1")
-    tasks = [asyncio.create_task(scheduler.unary("m", _chat(), CHAT)) for _ in range(3)]
+    tasks = [asyncio.create_task(scheduler.generate("m", _chat(), CHAT)) for _ in range(3)]
     await _until(lambda: len(fake.calls) == 2 and scheduler.admission.queued_for("m") == 1)
     assert sorted(c.engine_id for c in fake.calls) == ["e0", "e1"]  # one each, one waits
 
@@ -243,7 +243,7 @@ async def test_a_request_an_engine_refuses_or_drops_is_answered_by_another(fault
     getattr(fake, fault).add("e0")
     scheduler = _scheduler(fake, _engine("e0"), _engine("e1"))
     for _ in range(2):  # whichever engine round robin picks first
-        result = await scheduler.unary("m", _chat(), CHAT)
+        result = await scheduler.generate("m", _chat(), CHAT)
         assert result.engine.engine_id == "e1"
         assert orjson.loads(result.body)["choices"][0]["message"]["content"] == REPLY
         assert result.usage.total_tokens == 3 + len(WORDS)
@@ -255,7 +255,7 @@ async def test_every_engine_refusing_is_an_upstream_error() -> None:
     fake.refuse |= {"e0", "e1"}
     scheduler = _scheduler(fake, _engine("e0"), _engine("e1"))
     with pytest.raises(UpstreamError) as caught:
-        await scheduler.unary("m", _chat(), CHAT)
+        await scheduler.generate("m", _chat(), CHAT)
     assert caught.value.http_status == 502
     assert scheduler.counters.requests_failed == 1
 
@@ -267,7 +267,7 @@ async def test_an_engines_error_reply_reaches_the_caller_and_is_not_retried_else
     )
     scheduler = _scheduler(fake, _engine("e0"), _engine("e1"))
     with pytest.raises(InvalidRequestError, match="max_tokens is too large"):
-        await scheduler.unary("m", _chat(max_tokens=10**9), CHAT)
+        await scheduler.generate("m", _chat(max_tokens=10**9), CHAT)
     assert len(fake.calls) == 1  # a bad request is the client's, not the engine's fault
 
 
@@ -275,9 +275,9 @@ async def test_an_unknown_model_is_model_not_found_and_reaches_no_engine() -> No
     fake = FakeEngines()
     scheduler = _scheduler(fake, _engine("e0"))
     with pytest.raises(ModelNotFoundError):
-        await scheduler.unary("nope", _chat("nope"), CHAT)
+        await scheduler.generate("nope", _chat("nope"), CHAT)
     with pytest.raises(ModelNotFoundError):
-        await _read(scheduler.stream("nope", _chat("nope"), CHAT))
+        await _read(scheduler.generate_stream("nope", _chat("nope"), CHAT))
     assert fake.calls == []
 
 
@@ -285,11 +285,11 @@ async def test_a_full_queue_refuses_at_once_with_overloaded() -> None:
     fake = FakeEngines()
     scheduler = _scheduler(fake, _engine("e0"), per_engine=1, max_queue=1)
     fake.hold("e0")
-    running = asyncio.create_task(scheduler.unary("m", _chat(), CHAT))
-    queued = asyncio.create_task(scheduler.unary("m", _chat(), CHAT))
+    running = asyncio.create_task(scheduler.generate("m", _chat(), CHAT))
+    queued = asyncio.create_task(scheduler.generate("m", _chat(), CHAT))
     await _until(lambda: scheduler.admission.queued_for("m") == 1)
     with pytest.raises(OverloadedError) as caught:
-        await scheduler.unary("m", _chat(), CHAT)
+        await scheduler.generate("m", _chat(), CHAT)
     assert caught.value.http_status == 429
     fake.release("e0")
     await asyncio.gather(running, queued)
@@ -302,7 +302,7 @@ async def test_a_stream_cut_midway_is_continued_on_another_engine(backend: str) 
     fake = FakeEngines()
     fake.cuts.append(2)  # the first engine dies after two tokens
     scheduler = _scheduler(fake, _engine("e0", backend=backend), _engine("e1", backend=backend))
-    docs = await _read(scheduler.stream("m", _chat(max_tokens=50), CHAT))
+    docs = await _read(scheduler.generate_stream("m", _chat(max_tokens=50), CHAT))
 
     assert _text(docs) == REPLY  # every token once, in order
     assert [d["choices"][0]["finish_reason"] for d in docs].count("stop") == 1
@@ -335,7 +335,7 @@ async def test_a_stream_to_an_alias_cut_midway_goes_on_under_the_engines_model_n
         _engine("e1", backend="sim", aliases=("latest",)),
         routing=routing,
     )
-    docs = await _read(scheduler.stream("latest", _chat("latest", max_tokens=50), CHAT))
+    docs = await _read(scheduler.generate_stream("latest", _chat("latest", max_tokens=50), CHAT))
     assert _text(docs) == REPLY
     assert [c.doc["model"] for c in fake.calls] == ["m", "m"]
     assert fake.calls[1].doc["prompt"] == PROMPT_IDS + WORD_IDS[:3]
@@ -348,7 +348,7 @@ async def test_a_stream_cut_with_no_engine_left_ends_in_an_upstream_error() -> N
     scheduler = _scheduler(fake, _engine("e0", backend="sim"))
     seen: list[bytes] = []
     with pytest.raises(UpstreamError, match="mid-stream"):
-        async for data, _ in scheduler.stream("m", _chat(max_tokens=50), CHAT):
+        async for data, _ in scheduler.generate_stream("m", _chat(max_tokens=50), CHAT):
             seen.append(data)
     assert _text([orjson.loads(d) for d in seen]) == "".join(WORDS[:2])  # what was sent
     assert scheduler.counters.requests_failed == 1
@@ -358,7 +358,7 @@ async def test_a_stream_cut_after_its_last_token_is_not_continued() -> None:
     fake = FakeEngines()
     fake.cuts.append(2)  # the engine dies after its finish chunk, before [DONE]
     scheduler = _scheduler(fake, _engine("e0", backend="sim"), _engine("e1", backend="sim"))
-    docs = await _read(scheduler.stream("m", _chat(max_tokens=2), CHAT))
+    docs = await _read(scheduler.generate_stream("m", _chat(max_tokens=2), CHAT))
     assert _text(docs) == "".join(WORDS[:2])  # the client had the whole reply
     assert docs[-1]["choices"][0]["finish_reason"] == "length"
     assert len(fake.calls) == 1
@@ -371,7 +371,8 @@ async def test_a_stream_refused_before_its_first_byte_starts_on_another_engine()
     scheduler = _scheduler(fake, _engine("e0"), _engine("e1"))
     for _ in range(2):
         chunks = [
-            (orjson.loads(d), e.engine_id) async for d, e in scheduler.stream("m", _chat(), CHAT)
+            (orjson.loads(d), e.engine_id)
+            async for d, e in scheduler.generate_stream("m", _chat(), CHAT)
         ]
         assert {engine_id for _, engine_id in chunks} == {"e1"}
         assert _text([d for d, _ in chunks]) == REPLY
@@ -382,10 +383,10 @@ async def test_a_cancelled_request_gives_its_slot_to_the_next_in_line() -> None:
     fake = FakeEngines()
     scheduler = _scheduler(fake, _engine("e0"), per_engine=1)
     fake.hold("e0")
-    first = asyncio.create_task(scheduler.unary("m", _chat(), CHAT))
+    first = asyncio.create_task(scheduler.generate("m", _chat(), CHAT))
     await _until(lambda: len(fake.calls) == 1)
-    second = asyncio.create_task(scheduler.unary("m", _chat(), CHAT))
-    third = asyncio.create_task(scheduler.unary("m", _chat(), CHAT))
+    second = asyncio.create_task(scheduler.generate("m", _chat(), CHAT))
+    third = asyncio.create_task(scheduler.generate("m", _chat(), CHAT))
     await _until(lambda: scheduler.admission.queued_for("m") == 2)
 
     third.cancel()  # a caller gone while queued leaves the queue
@@ -406,7 +407,7 @@ async def test_a_cancelled_request_gives_its_slot_to_the_next_in_line() -> None:
 async def test_a_client_leaving_a_stream_closes_the_engine_stream_and_frees_its_slot() -> None:
     fake = FakeEngines()
     scheduler = _scheduler(fake, _engine("e0"), per_engine=1)
-    chunks = scheduler.stream("m", _chat(), CHAT)
+    chunks = scheduler.generate_stream("m", _chat(), CHAT)
     assert isinstance(chunks, AsyncGenerator)
     read = 0
     async for _ in chunks:
@@ -416,7 +417,7 @@ async def test_a_client_leaving_a_stream_closes_the_engine_stream_and_frees_its_
     await chunks.aclose()
     await _until(lambda: fake.closed_early == ["e0"])  # the engine sees the disconnect
     assert scheduler.load.in_flight("e0") == 0
-    result = await asyncio.wait_for(scheduler.unary("m", _chat(), CHAT), 30)  # hang guard
+    result = await asyncio.wait_for(scheduler.generate("m", _chat(), CHAT), 30)  # hang guard
     assert result.engine.engine_id == "e0"
     assert scheduler.counters.in_flight == 0
 
@@ -425,9 +426,9 @@ async def test_an_alias_reaches_the_models_engines_and_waits_in_the_models_lane(
     fake = FakeEngines()
     scheduler = _scheduler(fake, _engine("e0", aliases=("latest",)), per_engine=1)
     fake.hold("e0")
-    busy = asyncio.create_task(scheduler.unary("m", _chat(), CHAT))
+    busy = asyncio.create_task(scheduler.generate("m", _chat(), CHAT))
     await _until(lambda: len(fake.calls) == 1)
-    aliased = asyncio.create_task(scheduler.unary("latest", _chat("latest"), CHAT))
+    aliased = asyncio.create_task(scheduler.generate("latest", _chat("latest"), CHAT))
     await _until(lambda: scheduler.admission.queued_for("m") == 1)  # same lane, same slots
     fake.release("e0")
     await busy
@@ -440,10 +441,10 @@ async def test_a_busy_model_does_not_hold_up_another_models_requests() -> None:
     fake = FakeEngines()
     scheduler = _scheduler(fake, _engine("a0", "a"), _engine("b0", "b"), per_engine=1)
     fake.hold("a0")
-    running = asyncio.create_task(scheduler.unary("a", _chat("a"), CHAT))
-    waiting = asyncio.create_task(scheduler.unary("a", _chat("a"), CHAT))
+    running = asyncio.create_task(scheduler.generate("a", _chat("a"), CHAT))
+    waiting = asyncio.create_task(scheduler.generate("a", _chat("a"), CHAT))
     await _until(lambda: scheduler.admission.queued_for("a") == 1)
-    result = await scheduler.unary("b", _chat("b"), CHAT)  # served while a's queue waits
+    result = await scheduler.generate("b", _chat("b"), CHAT)  # served while a's queue waits
     assert result.engine.engine_id == "b0"
     assert scheduler.admission.queued_for("a") == 1
     fake.release("a0")
