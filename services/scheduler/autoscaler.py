@@ -18,38 +18,10 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
-from sage.common.config.values import parse_autoscale as parse_autoscale_rules
+from sage.common.config.settings import AutoscalerSettings
+from sage.common.config.values import AutoscaleRule
 
 log = logging.getLogger("sage.scheduler.autoscaler")
-
-
-@dataclass(frozen=True, slots=True)
-class ReplicaRange:
-    """How many replicas of one model may run."""
-
-    model: str
-    min_replicas: int
-    max_replicas: int
-
-
-def parse_autoscale(spec: str) -> dict[str, ReplicaRange]:
-    """Parse "model:min:max[,model:min:max]" (sage.common.config.values parses it); a bad
-    entry is a ConfigurationError."""
-    return {r.model: ReplicaRange(r.model, r.min, r.max) for r in parse_autoscale_rules(spec)}
-
-
-@dataclass(frozen=True, slots=True)
-class AutoscalerConfig:
-    """Thresholds and timings of the autoscaler (from SAGE_AUTOSCALE_* settings)."""
-
-    ranges: dict[str, ReplicaRange]
-    dry_run: bool = False
-    interval_s: float = 2.0
-    queue_threshold: int = 4
-    up_after_s: float = 5.0
-    idle_s: float = 60.0
-    cooldown_s: float = 30.0
-    slo_target: float = 0.9
 
 
 class ScalerActions(Protocol):
@@ -90,11 +62,13 @@ class _ModelState:
 
 
 class Autoscaler:
-    """Decides scale up/down per model each `tick` and acts through `ScalerActions`."""
+    """Decides scale up/down per model each `tick` and acts through `ScalerActions`. Its
+    thresholds and timings are the settings' own (AutoscalerSettings, SAGE_AUTOSCALE_*),
+    so their defaults live in one place."""
 
     def __init__(
         self,
-        config: AutoscalerConfig,
+        config: AutoscalerSettings,
         actions: ScalerActions,
         *,
         replicas: Callable[[str], Sequence[str]],
@@ -110,7 +84,8 @@ class Autoscaler:
         self._in_flight = in_flight
         self._slo_attainment = slo_attainment
         self.clock = clock
-        self._models = {model: _ModelState() for model in config.ranges}
+        self._ranges = {rule.model: rule for rule in config.models}
+        self._models = {model: _ModelState() for model in self._ranges}
         self._task: asyncio.Task[None] | None = None
 
     def in_flight_action(self, model: str) -> bool:
@@ -122,7 +97,7 @@ class Autoscaler:
         """Decide for every model and start the actions (they run as tasks)."""
         at = self.clock() if now is None else now
         decisions: list[ScaleDecision] = []
-        for model, limits in self.config.ranges.items():
+        for model, limits in self._ranges.items():
             decision = self._decide(model, limits, at)
             if decision is not None:
                 decisions.append(decision)
@@ -135,7 +110,7 @@ class Autoscaler:
             return None  # unknown: no evidence either way
         return attainment if attainment < self.config.slo_target else None
 
-    def _decide(self, model: str, limits: ReplicaRange, now: float) -> ScaleDecision | None:
+    def _decide(self, model: str, limits: AutoscaleRule, now: float) -> ScaleDecision | None:
         state = self._models[model]
         replicas = list(self._replicas(model))
         queued = self._queued(model)
@@ -162,9 +137,9 @@ class Autoscaler:
             return None  # nothing to copy a new replica from; lifecycle owns the first one
 
         count = len(replicas)
-        if count < limits.max_replicas:
-            if count < limits.min_replicas:
-                return ScaleDecision(model, ScaleDirection.UP, f"below min {limits.min_replicas}")
+        if count < limits.max:
+            if count < limits.min:
+                return ScaleDecision(model, ScaleDirection.UP, f"below min {limits.min}")
             high_since = state.queue_high_since
             if high_since is not None and now - high_since >= self.config.up_after_s:
                 return ScaleDecision(
@@ -179,7 +154,7 @@ class Autoscaler:
                     ScaleDirection.UP,
                     f"slo attainment {missed:.2f} < {self.config.slo_target:.2f}",
                 )
-        if count > limits.min_replicas and queued == 0:
+        if count > limits.min and queued == 0:
             idle = [
                 (since, engine_id)
                 for engine_id, since in state.idle_since.items()

@@ -20,7 +20,7 @@ from sage.rpc.scheduler.v1 import scheduler_pb2 as pb
 from sage.rpc.scheduler.v1 import scheduler_pb2_grpc as pb_grpc
 
 from .admission import AdmissionController
-from .autoscaler import Autoscaler, AutoscalerConfig, ReplicaRange
+from .autoscaler import Autoscaler
 from .breaker import CircuitBreakers
 from .clients import GrpcEmbeddingBackend, LifecycleScalerActions
 from .convert import (
@@ -178,16 +178,7 @@ def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageS
             ]
 
         autoscaler = Autoscaler(
-            AutoscalerConfig(
-                ranges={r.model: ReplicaRange(r.model, r.min, r.max) for r in scaling.models},
-                dry_run=scaling.dry_run,
-                interval_s=scaling.interval_s,
-                queue_threshold=scaling.queue_threshold,
-                up_after_s=scaling.up_after_s,
-                idle_s=scaling.idle_s,
-                cooldown_s=scaling.cooldown_s,
-                slo_target=scaling.slo_target,
-            ),
+            scaling,
             LifecycleScalerActions(
                 lifecycle_channel, settings.rpc_timeout_s, settings.request_timeout_s
             ),

@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from sage.common.config.settings import SageSettings
+from sage.common.config.values import parse_autoscale
 from sage.common.exceptions import ConfigurationError, InvalidRequestError
 from sage.llm.presets.loader import PresetError, load_preset, parse_preset
 from sage.services.edge.app import with_scheduling_hints
@@ -30,7 +31,6 @@ from sage.services.edge.validation import (
     validate_completion,
     validate_embeddings,
 )
-from sage.services.scheduler.autoscaler import parse_autoscale
 
 from .conftest import PROPERTY_EXAMPLES
 
@@ -342,9 +342,9 @@ def test_api_keys_file_loads_or_is_a_configuration_error(
 def test_autoscale_spec_parses_or_is_a_configuration_error(spec: str) -> None:
     """SAGE_AUTOSCALE: ranges with 1 <= min <= max, or a ConfigurationError."""
     try:
-        ranges = parse_autoscale(spec)
+        rules = parse_autoscale(spec)
     except ConfigurationError as exc:
         assert exc.param == "SAGE_AUTOSCALE"
         return
-    for model, replicas in ranges.items():
-        assert model and 1 <= replicas.min_replicas <= replicas.max_replicas
+    for rule in rules:
+        assert rule.model and 1 <= rule.min <= rule.max

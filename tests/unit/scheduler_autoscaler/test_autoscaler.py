@@ -8,14 +8,10 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from sage.common.config.settings import AutoscalerSettings
+from sage.common.config.values import AutoscaleRule, parse_autoscale
 from sage.common.exceptions import ConfigurationError
-from sage.services.scheduler.autoscaler import (
-    Autoscaler,
-    AutoscalerConfig,
-    ReplicaRange,
-    ScaleDirection,
-    parse_autoscale,
-)
+from sage.services.scheduler.autoscaler import Autoscaler, ScaleDirection
 
 
 @dataclass
@@ -74,8 +70,8 @@ def make(
     actions = RecordingActions(fleet, gate=gate)
     signals = Signals()
     clock = Clock()
-    config = AutoscalerConfig(
-        ranges={"m": ReplicaRange("m", low, high)},
+    config = AutoscalerSettings(
+        models=[AutoscaleRule(model="m", min=low, max=high)],
         dry_run=dry_run,
         queue_threshold=4,
         up_after_s=5.0,
@@ -249,7 +245,7 @@ async def test_no_replicas_means_no_action() -> None:
 async def test_start_ticks_in_the_background_and_aclose_stops_it() -> None:
     first, actions, _signals, _clock = make()
     scaler = Autoscaler(
-        AutoscalerConfig(ranges=first.config.ranges, interval_s=0.01, slo_target=0.9),
+        AutoscalerSettings(models=first.config.models, interval_s=0.01, slo_target=0.9),
         actions,
         replicas=lambda model: ["m-0"],
         queued=lambda model: 0,
@@ -266,11 +262,11 @@ async def test_start_ticks_in_the_background_and_aclose_stops_it() -> None:
 
 
 def test_parse_autoscale() -> None:
-    assert parse_autoscale("") == {}
-    assert parse_autoscale(" sim:1:2 , qwen:7b:2:4 ") == {
-        "sim": ReplicaRange("sim", 1, 2),
-        "qwen:7b": ReplicaRange("qwen:7b", 2, 4),
-    }
+    assert parse_autoscale("") == []
+    assert parse_autoscale(" sim:1:2 , qwen:7b:2:4 ") == [
+        AutoscaleRule(model="sim", min=1, max=2),
+        AutoscaleRule(model="qwen:7b", min=2, max=4),
+    ]
 
 
 @pytest.mark.parametrize(
