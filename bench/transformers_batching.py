@@ -446,7 +446,6 @@ def profile_in_process(model: Path, device: str, args: Any) -> None:
 def runner_in_process(lm: Any, args: Any) -> None:
     """The engine's BatchRunner without HTTP: `clients` threads send `requests` requests
     back to back, as the HTTP clients do; ms per engine step, to set beside the server's."""
-    import threading
     from concurrent.futures import ThreadPoolExecutor
 
     from sage.engines.transformers.batching import BatchMetrics, BatchRunner
@@ -463,10 +462,7 @@ def runner_in_process(lm: Any, args: Any) -> None:
     ids = [lm.encode(t, add_special_tokens=True) for t in texts]
 
     def client(mine: list[list[int]]) -> int:
-        return sum(
-            runner.submit(p, params, threading.Event(), None).result().completion_tokens
-            for p in mine
-        )
+        return sum(runner.submit(p, params, None).future.result().completion_tokens for p in mine)
 
     def step_seconds() -> float:
         """Seconds spent in engine steps so far (sage:engine_step_seconds' sum)."""

@@ -132,7 +132,7 @@ def test_the_kv_budget_bounds_the_batch(lm: CausalLM) -> None:
         kv_budget_tokens=2 * widest,  # room for two rows of the widest request
     )
     try:
-        futures = [runner.submit(i, params, threading.Event(), None) for i in ids]
+        futures = [runner.submit(i, params, None).future for i in ids]
         outcomes = [f.result(timeout=60) for f in futures]
     finally:
         runner.close()

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,7 +33,7 @@ from sage.common.http.server import serve_app
 from sage.common.utils.logging import configure_logging
 from sage.engines.auth import add_api_key_argument, protect, resolve_api_key
 
-from .batching import BatchRunner
+from .batching import BatchRunner, Runner, Submission
 from .core import CoreFacts, CoreProcess
 from .model import CausalLM, EngineConfig, Outcome, Prompts, SamplingParams, load_tokenizer
 from .protocol import Sampling, parse_chat, parse_completion
@@ -70,7 +69,7 @@ class _Engine:
     ) -> None:
         self.config = config
         self.names = config.names
-        self.runner: BatchRunner | CoreProcess
+        self.runner: Runner
         self.prompts: CausalLM | Prompts
         if model is not None:
             self.runner = BatchRunner.for_engine(model, config, model.max_model_len)
@@ -170,11 +169,10 @@ class _Engine:
             error = future.exception()
             put(error if error is not None else future.result())
 
-        cancelled = threading.Event()
-        future: Future[Outcome] | None = None
+        submission: Submission | None = None
         try:
-            future = self.runner.submit(prompt_ids, params, cancelled, put if stream else None)
-            future.add_done_callback(done)
+            submission = self.runner.submit(prompt_ids, params, put if stream else None)
+            submission.future.add_done_callback(done)
             while True:
                 item = await queue.get()
                 if isinstance(item, BaseException):
@@ -183,9 +181,8 @@ class _Engine:
                 if isinstance(item, Outcome):
                     return
         finally:
-            cancelled.set()
-            if future is not None and isinstance(self.runner, CoreProcess):
-                self.runner.cancel(future)
+            if submission is not None:
+                submission.cancel()
 
     async def _collect(
         self, request: Request, prompts: Sequence[tuple[int, ...]], params: SamplingParams
@@ -454,10 +451,7 @@ class _Engine:
 
     async def prometheus(self, request: Request) -> Response:
         """GET /metrics in Prometheus text format."""
-        if isinstance(self.runner, CoreProcess):
-            text = await asyncio.wrap_future(self.runner.metrics_text())
-        else:
-            text = self.runner.metrics_text()
+        text = await asyncio.wrap_future(self.runner.metrics_text())
         return Response(text, 200, CONTENT_TYPE_LATEST.encode())
 
 
@@ -595,8 +589,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "warm_up_s": round(facts.warm_up_s, 3),
             "max_num_seqs": config.max_num_seqs,
             "batching": facts.can_batch,
-            "generation_pid": getattr(engine.runner, "pid", None),
+            "generation_pid": engine.runner.pid,
         },
     )
     # Stopped because the generation process died: a crash to lifecycle (it restarts us).
-    return 1 if getattr(engine.runner, "died", False) else code
+    return 1 if engine.runner.died else code

@@ -29,7 +29,7 @@ from sage.engines.vllm_metrics import VllmRequestMetrics
 
 from .model import EngineConfig, Generation, Outcome, SamplingParams, Step
 
-__all__ = ["BatchMetrics", "BatchRunner", "BatchedModel"]
+__all__ = ["BatchMetrics", "BatchRunner", "BatchedModel", "Runner", "Submission"]
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,43 @@ class _Clock:
     last_at: float = 0.0
 
 
+@dataclass(frozen=True)
+class Submission:
+    """One queued request: the Future of its Outcome (or its error), and `cancel`, for when
+    its client has gone: its row leaves the batch before the next step."""
+
+    future: Future[Outcome]
+    cancel: Callable[[], None]
+
+
+class Runner(Protocol):
+    """What the HTTP front needs of whatever steps the model: a BatchRunner stepping in the
+    front's own process, or CoreProcess, its handle on a generation process (core.py)."""
+
+    # The generation process, if generation runs in one; and whether it exited on its own
+    # (the engine then exits as after a crash, so lifecycle restarts it).
+    pid: int | None
+    died: bool
+
+    def submit(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        on_text: Callable[[str], None] | None,
+    ) -> Submission:
+        """Queue one request; `on_text` (streaming) gets its text as steps release it."""
+        ...
+
+    def metrics_text(self) -> Future[bytes]:
+        """The runner's metrics in Prometheus text format (a generation process answers
+        between steps)."""
+        ...
+
+    def close(self) -> None:
+        """Stop generating and fail what is queued or running."""
+        ...
+
+
 @dataclass(eq=False)  # compared and hashed by identity
 class _Job:
     """One request waiting for, or holding, a place in the batch."""
@@ -115,7 +152,11 @@ class _Job:
 
 
 class BatchRunner:
-    """Owns the generation thread; `submit` queues a request and returns its Future."""
+    """Owns the generation thread; `submit` queues a request (a Runner that steps in this
+    process)."""
+
+    pid: int | None = None  # no generation process: the thread is this process's
+    died = False
 
     def __init__(
         self,
@@ -173,11 +214,11 @@ class BatchRunner:
         self,
         prompt_ids: Sequence[int],
         params: SamplingParams,
-        cancelled: threading.Event,
         on_text: Callable[[str], None] | None,
-    ) -> Future[Outcome]:
+    ) -> Submission:
         """Queue one request; its Future gets the Outcome (or the step's exception)."""
         future: Future[Outcome] = Future()
+        cancelled = threading.Event()
         clock = _Clock(time.monotonic())
         generation = self.model.begin(prompt_ids, params, cancelled, on_text)
         job = _Job(generation, future, clock)
@@ -187,7 +228,7 @@ class BatchRunner:
             job.enqueued_step = self._steps
             self._waiting.append(job)
             self._cond.notify()
-        return future
+        return Submission(future, cancelled.set)
 
     def close(self) -> None:
         """Cancel everything queued or running, fail their Futures and let the thread end
@@ -241,9 +282,11 @@ class BatchRunner:
             rows, widest = rows + 1, wider
         return admitted
 
-    def metrics_text(self) -> bytes:
-        """This runner's metrics in Prometheus text format."""
-        return bytes(generate_latest(self.metrics.registry))
+    def metrics_text(self) -> Future[bytes]:
+        """This runner's metrics in Prometheus text format (done at once)."""
+        future: Future[bytes] = Future()
+        future.set_result(bytes(generate_latest(self.metrics.registry)))
+        return future
 
     def _loop(self) -> None:
         while True:

@@ -39,6 +39,7 @@ from sage.common.exceptions import (
     error_class_by_name,
 )
 
+from .batching import BatchRunner, Submission
 from .model import EngineConfig, Outcome, SamplingParams
 
 __all__ = ["CoreFacts", "CoreProcess"]
@@ -65,7 +66,7 @@ class _Pending:
 
 
 class CoreProcess:
-    """The front's handle on the generation process; submit/metrics_text as BatchRunner's."""
+    """The front's handle on the generation process: a Runner, as BatchRunner is."""
 
     def __init__(
         self, config: EngineConfig, *, log_level: str = "INFO", start_timeout_s: float = 1800.0
@@ -77,7 +78,7 @@ class CoreProcess:
         )
         self._process.start()
         child.close()
-        self.pid = self._process.pid
+        self.pid: int | None = self._process.pid
         if not self._conn.poll(start_timeout_s):
             self._process.kill()
             raise ConfigurationError("the generation process did not start in time")
@@ -108,25 +109,22 @@ class CoreProcess:
         self,
         prompt_ids: Sequence[int],
         params: SamplingParams,
-        cancelled: threading.Event,
         on_text: Callable[[str], None] | None,
-    ) -> Future[Outcome]:
+    ) -> Submission:
         """Queue one request in the core; its Future gets the Outcome or the error."""
-        del cancelled  # the front calls cancel(); the core holds the real flag
         future: Future[Outcome] = Future()
         with self._lock:
             if self._closed:
                 raise InternalError("the engine is shutting down")
             rid = next(self._ids)
             self._pending[rid] = _Pending(future, on_text)
-        future.rid = rid  # type: ignore[attr-defined]  # for cancel()
         self._send(("submit", rid, tuple(prompt_ids), params, on_text is not None))
-        return future
+        return Submission(future, functools.partial(self._cancel, rid, future))
 
-    def cancel(self, future: Future[Outcome]) -> None:
-        """The client left: its row leaves the batch before the core's next step."""
-        rid = getattr(future, "rid", None)
-        if rid is not None and not future.done():
+    def _cancel(self, rid: int, future: Future[Outcome]) -> None:
+        """The client left: the core sets the request's flag, so its row leaves the batch
+        before the next step."""
+        if not future.done():
             self._send(("cancel", rid))
 
     def metrics_text(self) -> Future[bytes]:
@@ -237,7 +235,6 @@ def _core_main(config: EngineConfig, conn: Connection, log_level: str) -> None:
     from sage.common.utils.logging import configure_logging
 
     configure_logging("transformers-engine-core", log_level)
-    from .batching import BatchRunner
     from .model import CausalLM
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the front; it stops us
@@ -280,13 +277,13 @@ def _core_main(config: EngineConfig, conn: Connection, log_level: str) -> None:
         warm_up_s=warm_s,
     )
     conn.send(("ready", asdict(facts)))
-    flags: dict[int, threading.Event] = {}
+    cancels: dict[int, Callable[[], None]] = {}
 
     def post_text(rid: int, text: str) -> None:
         post(("text", rid, text))
 
     def finished(rid: int, future: Future[Outcome]) -> None:
-        flags.pop(rid, None)
+        cancels.pop(rid, None)
         error = future.exception()
         if error is None:
             post(("done", rid, future.result()))
@@ -304,20 +301,19 @@ def _core_main(config: EngineConfig, conn: Connection, log_level: str) -> None:
         kind, rid = message[0], message[1]
         if kind == "submit":
             _, _, prompt_ids, params, stream = message
-            flags[rid] = threading.Event()
             on_text = functools.partial(post_text, rid) if stream else None
             try:
-                future = runner.submit(prompt_ids, params, flags[rid], on_text)
+                submission = runner.submit(prompt_ids, params, on_text)
             except SageError as exc:
-                flags.pop(rid, None)
                 post(("error", rid, type(exc).__name__, exc.message, exc.param))
                 flush()
                 continue
-            future.add_done_callback(functools.partial(finished, rid))
+            cancels[rid] = submission.cancel
+            submission.future.add_done_callback(functools.partial(finished, rid))
         elif kind == "cancel":
-            cancel_flag = flags.get(rid)  # None once finished
-            if cancel_flag is not None:
-                cancel_flag.set()
+            cancel = cancels.get(rid)  # None once finished
+            if cancel is not None:
+                cancel()
         elif kind == "metrics":
-            post(("metrics", rid, runner.metrics_text()))
+            post(("metrics", rid, runner.metrics_text().result()))
             flush()
