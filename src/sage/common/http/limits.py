@@ -42,23 +42,27 @@ import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from sage.common.config.settings import SageSettings
+from sage.common.config.settings import HttpSettings, SageSettings
 from sage.common.exceptions import ConfigurationError, openai_error_body
 
 # How long a refused connection may keep sending before it is closed regardless.
 LINGER_S = 1.0
 
 
+# The defaults are the settings' (SAGE_HTTP_*), kept in one place.
+_DEFAULTS = HttpSettings()
+
+
 @dataclass(frozen=True, slots=True)
 class HttpLimits:
     """Limits on what one HTTP client may hold (see the module doc)."""
 
-    header_timeout_s: float = 10.0
-    max_header_bytes: int = 32 * 1024
-    max_headers: int = 100
-    max_connections: int = 2048
-    body_idle_timeout_s: float = 30.0
-    body_min_rate: int = 1024  # bytes/s; 0: none
+    header_timeout_s: float = _DEFAULTS.header_timeout_s
+    max_header_bytes: int = _DEFAULTS.max_header_bytes
+    max_headers: int = _DEFAULTS.max_headers
+    max_connections: int = _DEFAULTS.max_connections
+    body_idle_timeout_s: float = _DEFAULTS.body_idle_timeout_s
+    body_min_rate: int = _DEFAULTS.body_min_rate  # bytes/s; 0: none
 
     def __post_init__(self) -> None:
         for name in (
@@ -83,14 +87,7 @@ class HttpLimits:
         """The limits named by SAGE_HTTP_HEADER_TIMEOUT_S, SAGE_HTTP_MAX_HEADER_BYTES,
         SAGE_HTTP_MAX_HEADERS, SAGE_HTTP_MAX_CONNECTIONS, SAGE_HTTP_BODY_IDLE_TIMEOUT_S and
         SAGE_HTTP_BODY_MIN_RATE."""
-        return cls(
-            header_timeout_s=settings.http.header_timeout_s,
-            max_header_bytes=settings.http.max_header_bytes,
-            max_headers=settings.http.max_headers,
-            max_connections=settings.http.max_connections,
-            body_idle_timeout_s=settings.http.body_idle_timeout_s,
-            body_min_rate=settings.http.body_min_rate,
-        )
+        return cls(**settings.http.model_dump())
 
 
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
