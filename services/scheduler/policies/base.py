@@ -7,6 +7,7 @@ scheduler. One module per policy, registered by name (see __init__.py).
 from __future__ import annotations
 
 import itertools
+from collections.abc import MutableSequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
@@ -36,6 +37,18 @@ class QueuedRequest:
     cost: float = 1.0  # estimated tokens, for fairness and shortest-job-first
     payload: Any = None  # what the dispatcher needs to run it
     seq: int = field(default_factory=lambda: next(_sequence))  # FIFO tie-break
+
+
+def take_out(queue: MutableSequence[QueuedRequest] | None, item: QueuedRequest) -> bool:
+    """Remove `item` from `queue` (None: no queue holds its kind); False if it was not in it.
+    Every policy's `remove` comes down to this."""
+    if queue is None:
+        return False
+    try:
+        queue.remove(item)
+    except ValueError:
+        return False
+    return True
 
 
 class Shed(Exception):

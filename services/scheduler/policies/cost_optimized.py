@@ -3,7 +3,7 @@ requests still run; maximises completed requests per second under load."""
 
 from __future__ import annotations
 
-from .base import QueuedRequest
+from .base import QueuedRequest, take_out
 
 
 class CostOptimizedPolicy:
@@ -27,11 +27,7 @@ class CostOptimizedPolicy:
         return best
 
     def remove(self, item: QueuedRequest) -> bool:
-        try:
-            self._items.remove(item)
-        except ValueError:
-            return False
-        return True
+        return take_out(self._items, item)
 
     def on_finish(self, item: QueuedRequest, tokens: float) -> None:
         return None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from .base import QueuedRequest
+from .base import QueuedRequest, take_out
 
 
 class FairPolicy:
@@ -53,12 +53,7 @@ class FairPolicy:
         return item
 
     def remove(self, item: QueuedRequest) -> bool:
-        queue = self._queues.get(item.tenant)
-        if queue is None:
-            return False
-        try:
-            queue.remove(item)
-        except ValueError:
+        if not take_out(self._queues.get(item.tenant), item):
             return False
         self._size -= 1
         return True

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from .base import QueuedRequest
+from .base import QueuedRequest, take_out
 
 
 class FifoPolicy:
@@ -22,11 +22,7 @@ class FifoPolicy:
         return self._queue.popleft() if self._queue else None
 
     def remove(self, item: QueuedRequest) -> bool:
-        try:
-            self._queue.remove(item)
-        except ValueError:
-            return False
-        return True
+        return take_out(self._queue, item)
 
     def on_finish(self, item: QueuedRequest, tokens: float) -> None:
         return None

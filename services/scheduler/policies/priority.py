@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from .base import QueuedRequest
+from .base import QueuedRequest, take_out
 
 
 class PriorityPolicy:
@@ -41,12 +41,7 @@ class PriorityPolicy:
         return best.popleft()
 
     def remove(self, item: QueuedRequest) -> bool:
-        queue = self._classes.get(item.priority)
-        if queue is None:
-            return False
-        try:
-            queue.remove(item)
-        except ValueError:
+        if not take_out(self._classes.get(item.priority), item):
             return False
         self._size -= 1
         return True
