@@ -41,6 +41,12 @@ from sage.common.http import (
     sse_event,
 )
 from sage.common.security import resolve_admin_key
+from sage.protocol.openai import (
+    INT32_MAX,
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+)
 from sage.rpc.gpu_manager.v1 import gpu_manager_pb2_grpc
 from sage.rpc.lifecycle.v1 import lifecycle_pb2_grpc
 from sage.rpc.scheduler.v1 import scheduler_pb2 as spb
@@ -60,14 +66,7 @@ from .metrics import EdgeMetrics
 from .mux import SchedulerMux
 from .openapi import openapi_document
 from .timeseries import TimeSeries
-from .validation import (
-    INT32_MAX,
-    ParsedRequest,
-    parse_json_object,
-    validate_chat,
-    validate_completion,
-    validate_embeddings,
-)
+from .validation import read_request
 
 DONE = b"data: [DONE]\n\n"
 log = logging.getLogger("sage.edge")
@@ -151,13 +150,6 @@ async def _stream_sse(
             await messages.aclose()  # type: ignore[attr-defined]
 
     return StreamingResponse(chunks())
-
-
-def _label_model(request: Request, doc: dict[str, Any]) -> None:
-    """Name the model on the request for metrics, even if validation then fails."""
-    model = doc.get("model")
-    if isinstance(model, str):
-        request.model = model
 
 
 def request_options(key: ApiKey) -> spb.RequestOptions:
@@ -273,7 +265,7 @@ def create_app(
             raise ServiceUnavailableError("the edge is starting") from None
 
     def generation(
-        validate: Callable[[dict[str, Any]], ParsedRequest],
+        protocol: type[ChatCompletionRequest | CompletionRequest],
         unary: str,
         unary_msg: Any,
         stream: str,
@@ -284,14 +276,12 @@ def create_app(
         async def handle(request: Request) -> Response | StreamingResponse:
             key = keys.authenticate(request.headers)
             body = await request.body()
-            doc = parse_json_object(body)
-            _label_model(request, doc)
-            parsed = validate(doc)
+            parsed = read_request(request, body, protocol)
             model = parsed.model
             options = None if key is None else request_options(key)
             options = with_scheduling_hints(options, request.headers)
             scheduler = up().generation
-            if parsed.stream:
+            if parsed.streaming:
                 started = time.perf_counter()
                 messages = scheduler.stream(
                     stream,
@@ -312,13 +302,15 @@ def create_app(
     app.add(
         "POST",
         "/v1/chat/completions",
-        generation(validate_chat, "chat", spb.ChatRequest, "chat_stream", spb.ChatStreamRequest),
+        generation(
+            ChatCompletionRequest, "chat", spb.ChatRequest, "chat_stream", spb.ChatStreamRequest
+        ),
     )
     app.add(
         "POST",
         "/v1/completions",
         generation(
-            validate_completion,
+            CompletionRequest,
             "complete",
             spb.CompleteRequest,
             "complete_stream",
@@ -329,9 +321,9 @@ def create_app(
     @app.route("POST", "/v1/embeddings")
     async def embeddings(request: Request) -> Response:
         key = keys.authenticate(request.headers)
-        doc = parse_json_object(await request.body())
-        _label_model(request, doc)
-        model, inputs, dimensions, encoding = validate_embeddings(doc)
+        parsed = read_request(request, await request.body(), EmbeddingRequest)
+        model, inputs, encoding = parsed.model, parsed.inputs, parsed.encoding_format or "float"
+        dimensions = parsed.dimensions or 0
         options = None if key is None else request_options(key)
         reply = await request.unless_disconnected(
             up().generation.unary(

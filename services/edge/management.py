@@ -29,6 +29,7 @@ from sage.common.exceptions import (
 from sage.common.grpc import create_channel, rpc_errors_as_sage
 from sage.common.grpc.engine_enums import kind_name, kind_value, role_name, role_value, state_name
 from sage.common.http import App, Handler, JSONResponse, Request, Response
+from sage.protocol.openai import INT32_MAX
 from sage.rpc.common.v1 import common_pb2
 from sage.rpc.gpu_manager.v1 import gpu_manager_pb2
 from sage.rpc.lifecycle.v1 import lifecycle_pb2, lifecycle_pb2_grpc
@@ -37,7 +38,7 @@ from sage.rpc.scheduler.v1 import scheduler_pb2 as spb
 if TYPE_CHECKING:
     from sage.rpc.lifecycle.v1.lifecycle_pb2_grpc import LifecycleServiceAsyncStub
 
-from .validation import INT32_MAX, parse_json_object
+from .validation import parse_json_object
 
 PREFIX = "/v1/management"
 _ENGINE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")

@@ -1,20 +1,36 @@
-"""The edge's OpenAPI 3.1 document, written by hand to match what the routes accept.
+"""The edge's OpenAPI 3.1 document.
 
-Request schemas state exactly what `validation.py` and `management.py` check (so a fuzzer's
-valid inputs pass and its invalid ones get a 4xx); fields the edge passes through to the
-engine untouched are listed for documentation and left open (`additionalProperties`).
+The OpenAI API's schemas are generated from the models the edge validates with
+(`sage.protocol.openai`), so they cannot drift from what the routes accept; fields the edge
+passes through to the engine are open (`additionalProperties`). The management API's
+schemas are written here, to state exactly what `management.py` checks.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .validation import INT32_MAX, MAX_EMBEDDING_INPUTS
+from sage.protocol.openai import INT32_MAX, NOT_BLANK, json_schemas
 
 JSON = "application/json"
 SSE = "text/event-stream"
+# Request examples, for readers of the document and for its fuzzers' first cases.
+_EXAMPLES = {
+    "ChatCompletionRequest": {
+        "model": "sim",
+        "messages": [{"role": "user", "content": "Say hello"}],
+        "max_tokens": 8,
+    },
+    "CompletionRequest": {"model": "sim", "prompt": "Once upon a time", "max_tokens": 8},
+    "EmbeddingRequest": {"model": "sim-embedding", "input": ["hello", "world"]},
+}
 
-_ROLES = ["system", "user", "assistant", "tool", "function", "developer"]
+
+def _openai_schemas() -> dict[str, Any]:
+    schemas = json_schemas()
+    for name, example in _EXAMPLES.items():
+        schemas[name]["examples"] = [example]
+    return schemas
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -55,18 +71,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
     return {str(s): {"$ref": f"#/components/responses/{names[s]}"} for s in statuses}
 
 
-# Some character that str.strip() keeps (the edge's test), spelled out: `\S` reads differently
-# in ECMA, Python and Python's ASCII mode (a lone "\x1f" or "\xa0" passed some, not the edge).
-_NOT_BLANK = r"[^\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
-_NON_EMPTY = {"type": "string", "minLength": 1, "pattern": _NOT_BLANK}
-# What engines (vLLM, OpenAI) take as a content part: a type, and text for a text part.
-_CONTENT_PART = {
-    "type": "object",
-    "required": ["type"],
-    "properties": {"type": {"type": "string"}},
-    "if": {"properties": {"type": {"const": "text"}}},
-    "then": {"required": ["text"], "properties": {"text": {"type": "string"}}},
-}
+_NON_EMPTY = {"type": "string", "minLength": 1, "pattern": NOT_BLANK}
 # One server-sent event, as tools read a `text/event-stream` schema without `itemSchema`:
 # `data` is a JSON chunk (ChatCompletionChunk, CompletionChunk or an error), last `[DONE]`.
 _SSE_EVENT = {
@@ -79,267 +84,8 @@ _SSE_EVENT = {
         "retry": {"type": "integer"},
     },
 }
-_SAMPLING: dict[str, Any] = {
-    "model": {**_NON_EMPTY, "description": "Model (or alias) to route to.", "examples": ["sim"]},
-    "stream": {
-        "type": ["boolean", "null"],
-        "default": False,
-        "description": "Stream chunks as server-sent events.",
-    },
-    "stream_options": {
-        "type": ["object", "null"],
-        "description": "Passed to the engine, e.g. {include_usage: true}.",
-        "properties": {"include_usage": {"type": "boolean"}},
-    },
-    "max_tokens": _nullable(_int(1, description="Most tokens to generate.")),
-    "max_completion_tokens": _nullable(_int(1, description="Most tokens to generate.")),
-    "n": _nullable(_int(1, description="Choices to generate.")),
-    "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": 2},
-    "top_p": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1},  # as vLLM
-    "presence_penalty": {"type": ["number", "null"], "minimum": -2, "maximum": 2},
-    "frequency_penalty": {"type": ["number", "null"], "minimum": -2, "maximum": 2},
-    "stop": {
-        "description": "Up to the engine how many; strings at which generation stops.",
-        "anyOf": [
-            {"type": "string"},
-            {"type": "array", "items": {"type": "string"}},
-            {"type": "null"},
-        ],
-    },
-    "seed": {"type": ["integer", "null"], "description": "Passed to the engine."},
-    "user": {"type": "string", "description": "Passed to the engine."},
-}
-
 _SCHEMAS: dict[str, Any] = {
-    "Error": {
-        "type": "object",
-        "description": "OpenAI's error shape; `param` names the offending field.",
-        "required": ["error"],
-        "properties": {
-            "error": {
-                "type": "object",
-                "required": ["message", "type", "param", "code"],
-                "properties": {
-                    "message": {"type": "string"},
-                    "type": {
-                        "type": "string",
-                        "examples": [
-                            "invalid_request_error",
-                            "rate_limit_error",
-                            "upstream_error",
-                        ],
-                    },
-                    "param": {"type": ["string", "null"]},
-                    "code": {
-                        "type": ["string", "integer", "null"],
-                        "examples": ["invalid_api_key", "model_not_found", "rate_limit_exceeded"],
-                    },
-                },
-            }
-        },
-    },
-    "ChatMessage": {
-        "type": "object",
-        "required": ["role"],
-        "properties": {
-            "role": {"type": "string", "enum": _ROLES},
-            "content": {
-                "description": "Text, or an array of content parts (passed to the engine); "
-                "may be null or absent only for assistant messages.",
-                "anyOf": [
-                    {"type": "string"},
-                    {"type": "array", "items": _CONTENT_PART},
-                    {"type": "null"},
-                ],
-            },
-            "name": {"type": "string"},
-            "tool_calls": {"type": "array", "items": {"type": "object"}},
-            "tool_call_id": {"type": "string"},
-        },
-        "if": {"properties": {"role": {"const": "assistant"}}},
-        "then": {},
-        "else": {
-            "required": ["content"],
-            "properties": {"content": {"type": ["string", "array"]}},
-        },
-    },
-    "ChatCompletionRequest": {
-        "type": "object",
-        "required": ["model", "messages"],
-        "description": "Forwarded to the engine byte for byte; every field below besides "
-        "model, messages and the checked sampling options is the engine's to judge.",
-        "properties": {
-            **_SAMPLING,
-            "messages": {"type": "array", "minItems": 1, "items": _ref("ChatMessage")},
-            "tools": {"type": "array", "items": {"type": "object"}},
-            "tool_choice": {"anyOf": [{"type": "string"}, {"type": "object"}]},
-            "response_format": {"type": "object"},
-            "logprobs": {"type": ["boolean", "null"]},
-            "top_logprobs": {"type": ["integer", "null"]},
-            "logit_bias": {"type": ["object", "null"]},
-            "parallel_tool_calls": {"type": "boolean"},
-        },
-        "examples": [
-            {
-                "model": "sim",
-                "messages": [{"role": "user", "content": "Say hello"}],
-                "max_tokens": 8,
-            }
-        ],
-    },
-    "CompletionRequest": {
-        "type": "object",
-        "required": ["model", "prompt"],
-        "properties": {
-            **_SAMPLING,
-            "prompt": {
-                "description": "A string, or an array (of strings or token ids) for the engine.",
-                "type": ["string", "array"],
-            },
-            "echo": {"type": "boolean"},
-            "logprobs": {"type": ["integer", "null"]},
-            "suffix": {"type": ["string", "null"]},
-        },
-        "examples": [{"model": "sim", "prompt": "Once upon a time", "max_tokens": 8}],
-    },
-    "EmbeddingRequest": {
-        "type": "object",
-        "required": ["model", "input"],
-        "properties": {
-            "model": _SAMPLING["model"],
-            "input": {
-                "anyOf": [
-                    {"type": "string", "minLength": 1},
-                    {
-                        "type": "array",
-                        "minItems": 1,
-                        "maxItems": MAX_EMBEDDING_INPUTS,
-                        "items": {"type": "string", "minLength": 1},
-                    },
-                ]
-            },
-            "dimensions": _nullable(_int(0, description="0 or null: the model's own size.")),
-            "encoding_format": {
-                "anyOf": [{"type": "string", "enum": ["float", "base64"]}, {"type": "null"}]
-            },
-            "user": {"type": "string"},
-        },
-        "examples": [{"model": "sim-embedding", "input": ["hello", "world"]}],
-    },
-    "Usage": {
-        "type": "object",
-        "properties": {
-            "prompt_tokens": {"type": "integer"},
-            "completion_tokens": {"type": "integer"},
-            "total_tokens": {"type": "integer"},
-        },
-    },
-    "ChatCompletion": {
-        "type": "object",
-        "description": "The engine's response, relayed unchanged.",
-        "required": ["id", "object", "choices"],
-        "properties": {
-            "id": {"type": "string"},
-            "object": {"const": "chat.completion"},
-            "created": {"type": "integer"},
-            "model": {"type": "string"},
-            "choices": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "properties": {
-                        "index": {"type": "integer"},
-                        "message": {"type": "object"},
-                        "finish_reason": {"type": ["string", "null"]},
-                        "logprobs": {"type": ["object", "null"]},
-                    },
-                },
-            },
-            "usage": _ref("Usage"),
-        },
-    },
-    "ChatCompletionChunk": {
-        "type": "object",
-        "description": "One SSE `data:` payload; the stream ends with `data: [DONE]`.",
-        "required": ["id", "object", "choices"],
-        "properties": {
-            "id": {"type": "string"},
-            "object": {"const": "chat.completion.chunk"},
-            "choices": {"type": "array", "items": {"type": "object"}},
-            "usage": _nullable(_ref("Usage")),
-        },
-    },
-    "Completion": {
-        "type": "object",
-        "description": "The engine's response, relayed unchanged.",
-        "required": ["id", "object", "choices"],
-        "properties": {
-            "id": {"type": "string"},
-            "object": {"const": "text_completion"},
-            "created": {"type": "integer"},
-            "model": {"type": "string"},
-            "choices": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "properties": {
-                        "index": {"type": "integer"},
-                        "text": {"type": "string"},
-                        "finish_reason": {"type": ["string", "null"]},
-                    },
-                },
-            },
-            "usage": _ref("Usage"),
-        },
-    },
-    "EmbeddingList": {
-        "type": "object",
-        "required": ["object", "model", "data", "usage"],
-        "properties": {
-            "object": {"const": "list"},
-            "model": {"type": "string"},
-            "data": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["object", "index", "embedding"],
-                    "properties": {
-                        "object": {"const": "embedding"},
-                        "index": {"type": "integer"},
-                        "embedding": {
-                            "description": "Floats, or base64 of little-endian float32.",
-                            "anyOf": [
-                                {"type": "array", "items": {"type": "number"}},
-                                {"type": "string"},
-                            ],
-                        },
-                    },
-                },
-            },
-            "usage": _ref("Usage"),
-        },
-    },
-    "Model": {
-        "type": "object",
-        "required": ["id", "object", "created", "owned_by"],
-        "properties": {
-            "id": {"type": "string"},
-            "object": {"const": "model"},
-            "created": {"type": "integer"},
-            "owned_by": {"type": "string"},
-            "kind": {"type": "string", "enum": ["llm", "embedding"]},
-            "ready_engines": {"type": "integer"},
-            "root": {"type": "string", "description": "Set on aliases: the model they name."},
-        },
-    },
-    "ModelList": {
-        "type": "object",
-        "required": ["object", "data"],
-        "properties": {
-            "object": {"const": "list"},
-            "data": {"type": "array", "items": _ref("Model")},
-        },
-    },
+    **_openai_schemas(),
     "Health": {
         "type": "object",
         "required": ["status"],

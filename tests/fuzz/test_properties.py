@@ -22,15 +22,16 @@ from sage.common.config.settings import SageSettings
 from sage.common.config.values import parse_autoscale
 from sage.common.exceptions import ConfigurationError, InvalidRequestError
 from sage.llm.presets.loader import PresetError, load_preset, parse_preset
+from sage.protocol.openai import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    decode,
+)
 from sage.services.edge.app import with_scheduling_hints
 from sage.services.edge.auth import ApiKeyTable, load_api_keys_file, parse_api_keys
 from sage.services.edge.management import start_request
-from sage.services.edge.validation import (
-    parse_json_object,
-    validate_chat,
-    validate_completion,
-    validate_embeddings,
-)
+from sage.services.edge.validation import parse_json_object
 
 from .conftest import PROPERTY_EXAMPLES
 
@@ -114,12 +115,13 @@ def test_chat_validation_only_raises_invalid_request(doc: Any) -> None:
     """Any JSON object is a valid chat request or an InvalidRequestError (HTTP 400)."""
     assume(isinstance(doc, dict))
     try:
-        parsed = validate_chat(doc)
+        parsed = decode(json.dumps(doc).encode(), ChatCompletionRequest)
     except InvalidRequestError as exc:
         assert exc.message and exc.to_openai()["error"]["type"] == "invalid_request_error"
         return
     assert isinstance(parsed.model, str) and parsed.model.strip()
     assert isinstance(doc["messages"], list) and doc["messages"]
+    assert len(parsed.messages) == len(doc["messages"])
 
 
 @PROPS
@@ -127,10 +129,11 @@ def test_chat_validation_only_raises_invalid_request(doc: Any) -> None:
 def test_completion_validation_only_raises_invalid_request(doc: dict[str, Any]) -> None:
     """Legacy completions: valid, or a 400."""
     try:
-        parsed = validate_completion(doc)
-    except InvalidRequestError:
+        parsed = decode(json.dumps(doc).encode(), CompletionRequest)
+    except InvalidRequestError as exc:
+        assert exc.message
         return
-    assert isinstance(parsed.stream, bool)
+    assert isinstance(parsed.streaming, bool)
 
 
 @PROPS
@@ -139,12 +142,13 @@ def test_embedding_validation_only_raises_invalid_request(doc: Any) -> None:
     """Embeddings: valid (every input a non-empty string) or a 400."""
     assume(isinstance(doc, dict))
     try:
-        _model, inputs, dimensions, encoding = validate_embeddings(doc)
+        parsed = decode(json.dumps(doc).encode(), EmbeddingRequest)
     except InvalidRequestError as exc:
         assert exc.message
         return
-    assert all(isinstance(t, str) and t for t in inputs)
-    assert 0 <= dimensions < 2**31 and encoding in ("float", "base64")
+    assert all(isinstance(t, str) and t for t in parsed.inputs)
+    assert 0 <= (parsed.dimensions or 0) < 2**31
+    assert parsed.encoding_format in ("float", "base64", None)
 
 
 @PROPS

@@ -125,7 +125,7 @@ async def test_client_embed_and_status(plane: Any) -> None:
 
 BAD: list[tuple[dict[str, Any], int, str | None, str]] = [
     ({"model": MODEL, "input": []}, 400, "input", "empty"),
-    ({"model": MODEL, "input": ""}, 400, "input[0]", "empty"),
+    ({"model": MODEL, "input": ""}, 400, "input", "empty"),
     ({"model": MODEL, "input": ["ok", 7]}, 400, "input[1]", "string"),
     ({"model": MODEL, "input": [[1, 2, 3]]}, 400, "input[0]", "token arrays"),
     ({"model": MODEL, "input": ["x"] * 2049}, 400, "input", "at most 2048"),

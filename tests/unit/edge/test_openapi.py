@@ -1,8 +1,9 @@
-"""The hand-written OpenAPI document: valid OpenAPI 3.1, every route in it, and request
-schemas that accept exactly what the edge's validation accepts."""
+"""The OpenAPI document: valid OpenAPI 3.1, every route in it, and request schemas (generated
+from the protocol models) that accept exactly what the edge's validation accepts."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from typing import Any
@@ -11,14 +12,15 @@ import pytest
 
 from sage.common.config.settings import SageSettings
 from sage.common.exceptions import InvalidRequestError
+from sage.protocol.openai import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    decode,
+)
 from sage.services.edge.app import create_app
 from sage.services.edge.management import start_request
 from sage.services.edge.openapi import openapi_document
-from sage.services.edge.validation import (
-    validate_chat,
-    validate_completion,
-    validate_embeddings,
-)
 
 DOC = openapi_document()
 METHODS = {"get", "post", "put", "delete", "patch", "options", "head"}
@@ -93,6 +95,11 @@ def _validator(name: str) -> Any:
     return jsonschema.Draft202012Validator(schema)
 
 
+def _protocol(cls: type[Any]) -> Callable[[dict[str, Any]], Any]:
+    """The edge's check of an OpenAI body: the protocol model, decoding the JSON bytes."""
+    return lambda body: decode(json.dumps(body).encode(), cls)
+
+
 def _accepted(check: Callable[[dict[str, Any]], Any], body: dict[str, Any]) -> bool:
     try:
         check(body)
@@ -146,7 +153,9 @@ CHAT_BODIES: list[dict[str, Any]] = [
 
 @pytest.mark.parametrize("body", CHAT_BODIES, ids=lambda b: str(b)[:60])
 def test_chat_schema_agrees_with_validation(body: dict[str, Any]) -> None:
-    assert _validator("ChatCompletionRequest").is_valid(body) == _accepted(validate_chat, body)
+    assert _validator("ChatCompletionRequest").is_valid(body) == _accepted(
+        _protocol(ChatCompletionRequest), body
+    )
 
 
 COMPLETION_BODIES: list[dict[str, Any]] = [
@@ -162,7 +171,7 @@ COMPLETION_BODIES: list[dict[str, Any]] = [
 
 @pytest.mark.parametrize("body", COMPLETION_BODIES, ids=lambda b: str(b)[:60])
 def test_completion_schema_agrees_with_validation(body: dict[str, Any]) -> None:
-    accepted = _accepted(validate_completion, body)
+    accepted = _accepted(_protocol(CompletionRequest), body)
     assert _validator("CompletionRequest").is_valid(body) == accepted
 
 
@@ -191,7 +200,7 @@ EMBEDDING_BODIES: list[dict[str, Any]] = [
 
 @pytest.mark.parametrize("body", EMBEDDING_BODIES, ids=lambda b: str(b)[:60])
 def test_embedding_schema_agrees_with_validation(body: dict[str, Any]) -> None:
-    accepted = _accepted(validate_embeddings, body)
+    accepted = _accepted(_protocol(EmbeddingRequest), body)
     assert _validator("EmbeddingRequest").is_valid(body) == accepted
 
 

@@ -1,0 +1,558 @@
+"""OpenAI's HTTP API as SAGE serves it: request and response models, and their decoding.
+
+One set of msgspec Structs is the contract for the edge (strict: a wrong type is a 400),
+our engines (the simulator reads bodies as vLLM's lax pydantic models do) and the OpenAPI
+document, which is generated from these classes (`json_schemas`). msgspec won the edge's
+CPU-per-request A/B against pydantic v2 (bench/protocol_ab.py, bench/RESULTS.md).
+
+Fields the gateway does not act on are typed where OpenAI or vLLM define them, so a bad
+value fails at the edge with the field named, and unknown fields are allowed: engines take
+extensions we do not list, and the edge forwards the raw body, never a re-encoding.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal, TypeVar
+
+import msgspec
+import orjson
+
+from sage.common.exceptions import InvalidRequestError
+
+__all__ = [
+    "INT32_MAX",
+    "MAX_EMBEDDING_INPUTS",
+    "NOT_BLANK",
+    "ChatCompletion",
+    "ChatCompletionChunk",
+    "ChatCompletionRequest",
+    "ChatMessage",
+    "Completion",
+    "CompletionRequest",
+    "ContentPart",
+    "Embedding",
+    "EmbeddingList",
+    "EmbeddingRequest",
+    "ErrorResponse",
+    "Model",
+    "ModelList",
+    "StreamOptions",
+    "Usage",
+    "convert",
+    "decode",
+    "json_schemas",
+]
+
+# OpenAI's own per-request cap on embedding inputs.
+MAX_EMBEDDING_INPUTS = 2048
+# Integer fields end up in int32 protobuf fields or engine limits; larger is never valid.
+INT32_MAX = 2**31 - 1
+
+# Some character that str.strip() keeps, spelled out: `\S` reads differently in ECMA (the
+# schema's readers), Python and Python's ASCII mode; msgspec applies it with re.search.
+NOT_BLANK = r"[^\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+
+ModelName = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=1,
+        pattern=NOT_BLANK,
+        description="Model (or alias) to route to.",
+        examples=["sim"],
+    ),
+]
+PositiveInt = Annotated[int, msgspec.Meta(ge=1, le=INT32_MAX)]
+NonNegativeInt = Annotated[int, msgspec.Meta(ge=0, le=INT32_MAX)]
+NonEmptyText = Annotated[str, msgspec.Meta(min_length=1)]
+Temperature = Annotated[float, msgspec.Meta(ge=0, le=2)]
+TopP = Annotated[float, msgspec.Meta(gt=0, le=1)]  # as vLLM: 0 would sample nothing
+Penalty = Annotated[float, msgspec.Meta(ge=-2, le=2)]
+Role = Literal["system", "user", "assistant", "tool", "function", "developer"]
+
+
+class _Model(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Base of every model: keyword-only fields, defaults left out when encoding."""
+
+
+class StreamOptions(_Model):
+    """Options of a streamed reply (passed to the engine)."""
+
+    include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None  # vLLM
+
+
+class ContentPart(_Model):
+    """One part of a message's content. Engines take several part types (image_url,
+    input_audio, ...); only a text part's payload matters to the control plane."""
+
+    type: str
+    text: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.type == "text" and self.text is None:
+            raise ValueError("`text` is required in a text part")
+
+
+_TEXT_PART_NEEDS_TEXT = {
+    "if": {"properties": {"type": {"const": "text"}}},
+    "then": {"required": ["text"], "properties": {"text": {"type": "string"}}},
+}
+_CONTENT_NEEDED_UNLESS_ASSISTANT = {
+    "if": {"properties": {"role": {"const": "assistant"}}},
+    "then": {},
+    "else": {"required": ["content"], "properties": {"content": {"type": ["string", "array"]}}},
+}
+Content = (
+    str | list[Annotated[ContentPart, msgspec.Meta(extra_json_schema=_TEXT_PART_NEEDS_TEXT)]] | None
+)
+
+
+class ChatMessage(_Model):
+    """One turn; `content` may be null or absent only for an assistant message (one that
+    carried only tool calls)."""
+
+    role: Role
+    content: Annotated[
+        Content,
+        msgspec.Meta(description="Text, or an array of content parts (passed to the engine)."),
+    ] = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.content is None and self.role != "assistant":
+            raise ValueError("`content` is required (only an assistant message may omit it)")
+
+    def text(self) -> str:
+        """The content as plain text: text parts joined by newlines, others left out."""
+        if isinstance(self.content, str):
+            return self.content
+        if not self.content:
+            return ""
+        return "\n".join(p.text for p in self.content if p.type == "text" and p.text is not None)
+
+
+class _Sampling(_Model):
+    """Fields chat and completion requests share: OpenAI's, then vLLM's extensions."""
+
+    model: ModelName
+    stream: Annotated[
+        bool | None, msgspec.Meta(description="Stream chunks as server-sent events.")
+    ] = False
+    stream_options: StreamOptions | None = None
+    max_tokens: Annotated[
+        PositiveInt | None, msgspec.Meta(description="Most tokens to generate.")
+    ] = None
+    n: Annotated[PositiveInt | None, msgspec.Meta(description="Choices to generate.")] = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    stop: Annotated[
+        str | list[str] | None,
+        msgspec.Meta(description="Strings at which generation stops (the engine caps how many)."),
+    ] = None
+    seed: int | None = None
+    user: str | None = None
+    # vLLM's sampling extensions
+    top_k: Annotated[int, msgspec.Meta(ge=-1, le=INT32_MAX)] | None = None
+    min_tokens: NonNegativeInt | None = None
+    ignore_eos: bool | None = None
+    stop_token_ids: list[NonNegativeInt] | None = None
+
+    @property
+    def streaming(self) -> bool:
+        return bool(self.stream)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_Sampling, kw_only=True):
+    """POST /v1/chat/completions. The edge forwards the body byte for byte; fields not
+    listed here are the engine's to judge."""
+
+    messages: Annotated[
+        list[
+            Annotated[ChatMessage, msgspec.Meta(extra_json_schema=_CONTENT_NEEDED_UNLESS_ASSISTANT)]
+        ],
+        msgspec.Meta(min_length=1),
+    ]
+    max_completion_tokens: Annotated[
+        PositiveInt | None, msgspec.Meta(description="Most tokens to generate.")
+    ] = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    logit_bias: dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+
+    @property
+    def token_limit(self) -> tuple[int | None, str]:
+        """The most tokens to generate and the field that set it (for error messages)."""
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens, "max_completion_tokens"
+        return self.max_tokens, "max_tokens"
+
+
+class CompletionRequest(_Sampling, kw_only=True):
+    """POST /v1/completions (legacy): a prompt as text, texts or token ids."""
+
+    prompt: Annotated[
+        str | list[Any],
+        msgspec.Meta(description="A string, or an array (of strings or token ids)."),
+    ]
+    echo: bool | None = None
+    logprobs: int | None = None
+    suffix: str | None = None
+
+    @property
+    def token_limit(self) -> tuple[int | None, str]:
+        return self.max_tokens, "max_tokens"
+
+
+class EmbeddingRequest(_Model):
+    """POST /v1/embeddings: text inputs only (token arrays are not supported)."""
+
+    model: ModelName
+    input: (
+        NonEmptyText
+        | Annotated[list[NonEmptyText], msgspec.Meta(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
+    )
+    dimensions: Annotated[
+        NonNegativeInt | None, msgspec.Meta(description="0 or null: the model's own size.")
+    ] = None
+    encoding_format: Literal["float", "base64"] | None = None
+    user: str | None = None
+
+    @property
+    def inputs(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else self.input
+
+
+# Responses. Engines' replies are relayed unchanged; these describe them for clients and
+# let our engines build them.
+
+
+class Usage(_Model):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class ChatChoice(_Model):
+    index: int
+    message: dict[str, Any]
+    finish_reason: str | None = None
+    logprobs: dict[str, Any] | None = None
+
+
+class ChatCompletion(_Model):
+    """The engine's reply, relayed unchanged."""
+
+    id: str
+    object: Literal["chat.completion"]
+    choices: list[ChatChoice]
+    created: int | None = None
+    model: str | None = None
+    usage: Usage | None = None
+
+
+class ChatCompletionChunk(_Model):
+    """One SSE `data:` payload; the stream ends with `data: [DONE]`."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    choices: list[dict[str, Any]]
+    usage: Usage | None = None
+
+
+class CompletionChoice(_Model):
+    index: int
+    text: str
+    finish_reason: str | None = None
+
+
+class Completion(_Model):
+    """The engine's reply, relayed unchanged."""
+
+    id: str
+    object: Literal["text_completion"]
+    choices: list[CompletionChoice]
+    created: int | None = None
+    model: str | None = None
+    usage: Usage | None = None
+
+
+class Embedding(_Model):
+    object: Literal["embedding"]
+    index: int
+    embedding: Annotated[
+        list[float] | str,
+        msgspec.Meta(description="Floats, or base64 of little-endian float32."),
+    ]
+
+
+class EmbeddingList(_Model):
+    object: Literal["list"]
+    model: str
+    data: list[Embedding]
+    usage: Usage
+
+
+class Model(_Model):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    kind: Literal["llm", "embedding"] | None = None
+    ready_engines: int | None = None
+    root: Annotated[
+        str | None, msgspec.Meta(description="Set on aliases: the model they name.")
+    ] = None
+
+
+class ModelList(_Model):
+    object: Literal["list"]
+    data: list[Model]
+
+
+class ErrorDetail(_Model):
+    message: str
+    type: Annotated[
+        str, msgspec.Meta(examples=["invalid_request_error", "rate_limit_error", "upstream_error"])
+    ]
+    param: str | None
+    code: Annotated[
+        str | int | None,
+        msgspec.Meta(examples=["invalid_api_key", "model_not_found", "rate_limit_exceeded"]),
+    ]
+
+
+class ErrorResponse(_Model):
+    """OpenAI's error shape; `param` names the offending field."""
+
+    error: ErrorDetail
+
+
+SCHEMA_MODELS: tuple[type[_Model], ...] = (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    ChatCompletion,
+    ChatCompletionChunk,
+    Completion,
+    EmbeddingList,
+    ModelList,
+    ErrorResponse,
+)
+_SCHEMA_NAMES = {ErrorResponse: "Error"}
+
+
+def json_schemas(ref_prefix: str = "#/components/schemas/") -> dict[str, Any]:
+    """JSON Schemas of every model, by name, with refs under `ref_prefix` (OpenAPI's)."""
+    _, schemas = msgspec.json.schema_components(SCHEMA_MODELS, ref_template=ref_prefix + "{name}")
+    for cls, name in _SCHEMA_NAMES.items():
+        schemas[name] = schemas.pop(cls.__name__)
+    text = orjson.dumps(schemas).decode()
+    for cls, name in _SCHEMA_NAMES.items():
+        text = text.replace(f'"{ref_prefix}{cls.__name__}"', f'"{ref_prefix}{name}"')
+    result: dict[str, Any] = orjson.loads(text)
+    for schema in result.values():
+        schema.pop("title", None)
+    return result
+
+
+# Decoding, with errors a person can act on.
+
+T = TypeVar("T", bound=msgspec.Struct)
+
+_DECODERS: dict[type[Any], msgspec.json.Decoder[Any]] = {}
+_AT = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+_MISSING = re.compile(r"^Object missing required field `(?P<field>[^`]+)`")
+_FIELD_NOTE = re.compile(r"^`(?P<field>[^`]+)` (?P<rest>.*)$")
+
+
+def decode(body: bytes, cls: type[T]) -> T:
+    """`body` as a `cls`, strictly, or an InvalidRequestError naming the bad field."""
+    decoder = _DECODERS.get(cls)
+    if decoder is None:
+        decoder = _DECODERS[cls] = msgspec.json.Decoder(cls)
+    if not body:
+        raise InvalidRequestError("request body is empty; expected a JSON object")
+    try:
+        result: T = decoder.decode(body)
+        return result
+    except msgspec.ValidationError as exc:
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError as bad:
+            # msgspec stops at the first type error, which may come before the syntax error
+            raise InvalidRequestError(f"request body is not valid JSON: {bad}") from None
+        raise _invalid(exc, cls, doc) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
+
+
+def convert(doc: Any, cls: type[T], *, lax: bool = False) -> T:
+    """An already parsed body as a `cls`. `lax` reads numbers and booleans given as strings,
+    as the pydantic models of vLLM do."""
+    try:
+        result: T = msgspec.convert(doc, cls, strict=not lax)
+        return result
+    except msgspec.ValidationError as exc:
+        raise _invalid(exc, cls, doc) from None
+
+
+def _invalid(exc: msgspec.ValidationError, cls: type[Any], doc: Any) -> InvalidRequestError:
+    message = str(exc)
+    match = _AT.search(message)
+    path = match.group("path") if match else ""
+    text = message[: match.start()] if match else message
+    if not path and text.startswith("Expected `object`"):
+        got = "null" if doc is None else _json_type(doc)
+        return InvalidRequestError(f"request body must be a JSON object, got {got}")
+    missing = _MISSING.match(text)
+    if missing:
+        param = _join(path, missing.group("field"))
+        return InvalidRequestError(f"{param} is required", param=param)
+    note = _FIELD_NOTE.match(text)
+    if note:  # a model's own check (__post_init__), naming its field in backticks
+        param = _join(path, note.group("field"))
+        return InvalidRequestError(f"{param} {note.group('rest')}", param=param)
+    param = path.lstrip(".")
+    found, value = _lookup(doc, param)
+    if text.startswith(("Expected", "Invalid enum value")):
+        expected = _describe(_type_at(msgspec.inspect.type_info(cls), param))
+        got = f", got {_shown(value)}" if found else ""
+        return InvalidRequestError(f"{param} must be {expected}{got}", param=param or None)
+    return InvalidRequestError(f"{param}: {text}" if param else text, param=param or None)
+
+
+def _join(path: str, field: str) -> str:
+    path = path.lstrip(".")
+    return f"{path}.{field}" if path else field
+
+
+_STEP = re.compile(r"\.?([^.\[\]]+)|\[(\d+)\]")
+
+
+def _steps(param: str) -> list[str | int]:
+    return [int(i) if i else name for name, i in _STEP.findall(param)]
+
+
+def _lookup(doc: Any, param: str) -> tuple[bool, Any]:
+    node = doc
+    for step in _steps(param):
+        if (isinstance(step, int) and isinstance(node, list) and step < len(node)) or (
+            isinstance(step, str) and isinstance(node, dict) and step in node
+        ):
+            node = node[step]
+        else:
+            return False, None
+    return True, node
+
+
+def _shown(value: Any) -> str:
+    text = orjson.dumps(value).decode() if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, dict):
+        return "object"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, int | float):
+        return "number"
+    return "null"
+
+
+_Info = msgspec.inspect.Type
+
+
+def _type_at(info: _Info, param: str) -> _Info:
+    for step in _steps(param):
+        info = _step(info, step)
+    return info
+
+
+def _step(info: _Info, step: str | int) -> _Info:
+    for member in _members(info):
+        if isinstance(step, str) and isinstance(member, msgspec.inspect.StructType):
+            for f in member.fields:
+                if f.encode_name == step:
+                    return f.type
+        if isinstance(step, int) and isinstance(member, msgspec.inspect.ListType):
+            return member.item_type
+    return info
+
+
+def _members(info: _Info) -> list[_Info]:
+    if isinstance(info, msgspec.inspect.Metadata):
+        return _members(info.type)
+    if isinstance(info, msgspec.inspect.UnionType):
+        return [m for t in info.types for m in _members(t)]
+    return [info]
+
+
+def _describe(info: _Info) -> str:
+    """What a value of this type must be, in words ("a positive integer (at most N)")."""
+    words = [_word(t) for t in _members(info) if not isinstance(t, msgspec.inspect.NoneType)]
+    words = list(dict.fromkeys(w for w in words if w))
+    if not words:
+        return "null"
+    return " or ".join(words)
+
+
+def _bounds(low: float | None, high: float | None, what: str) -> str:
+    if low is not None and high is not None:
+        return f"{what} between {low} and {high}"
+    if low is not None:
+        return f"{what} >= {low}"
+    if high is not None:
+        return f"{what} <= {high}"
+    return what
+
+
+def _word(t: _Info) -> str:
+    i = msgspec.inspect
+    if isinstance(t, i.BoolType):
+        return "a boolean"
+    if isinstance(t, i.IntType):
+        low = t.ge if t.ge is not None else (t.gt + 1 if t.gt is not None else None)
+        if low == 1:
+            return "a positive integer" + (f" (at most {t.le})" if t.le is not None else "")
+        if low == 0:
+            return "a non-negative integer" + (f" (at most {t.le})" if t.le is not None else "")
+        return _bounds(low, t.le, "an integer")
+    if isinstance(t, i.FloatType):
+        if t.gt is not None and t.le is not None:
+            return f"a number in ({t.gt}, {t.le}]"
+        return _bounds(t.ge, t.le, "a number")
+    if isinstance(t, i.StrType):
+        return "a non-empty string" if t.min_length else "a string"
+    if isinstance(t, i.LiteralType):
+        return "one of " + ", ".join(repr(v) for v in t.values)
+    if isinstance(t, i.ListType):
+        item = _describe(t.item_type).removeprefix("a ").removeprefix("an ")
+        items = f" {item}s" if re.fullmatch(r"[a-z -]+", item) else ""
+        if t.min_length and t.max_length is not None:
+            return f"a non-empty array of at most {t.max_length}{items or ' items'}"
+        if t.min_length:
+            return f"a non-empty array{' of' + items if items else ''}"
+        return f"an array{' of' + items if items else ''}"
+    if isinstance(t, i.StructType | i.DictType):
+        return "an object"
+    if isinstance(t, i.AnyType):
+        return ""
+    return "valid"
