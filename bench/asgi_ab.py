@@ -3,7 +3,7 @@
 Issue 18 asks for Starlette unless it costs more than 5% of the edge's throughput. Both
 apps here do the edge's per-request work without its upstream: the same host/origin and
 content-type guard, request id, server span, in-flight count, then for POST
-/v1/chat/completions the edge's own parse_json_object + validate_chat and a fixed
+/v1/chat/completions the edge's own body decoding (sage.protocol.openai) and a fixed
 OpenAI-shaped reply (orjson), or 16 SSE chunks then [DONE]; GET /health answers JSON.
 The Starlette app is written as a port would be: Route handlers taking Starlette's
 Request and returning its Response/StreamingResponse, the cross-cutting work in a pure
@@ -45,7 +45,7 @@ from sage.common.http.asgi import App, Request, Response, StreamingResponse, sse
 from sage.common.http.guard import SAFE_METHODS, BrowserGuard
 from sage.common.http.server import serve_app
 from sage.common.utils.processes import free_port, stop_process, wait_http
-from sage.services.edge.validation import parse_json_object, validate_chat
+from sage.protocol.openai import ChatCompletionRequest, decode
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -103,18 +103,23 @@ async def _sse(model: str) -> AsyncIterator[bytes]:
     yield DONE
 
 
-def ours_app() -> App:
+def read_chat(body: bytes) -> tuple[str, bool]:
+    """The edge's reading of a chat body: (model, stream)."""
+    parsed = decode(body, ChatCompletionRequest)
+    return parsed.model, parsed.streaming
+
+
+def ours_app(read: Callable[[bytes], tuple[str, bool]] = read_chat) -> App:
     """The edge's framework, configured as the edge configures it (guard on, no CORS)."""
     app = App(guard=_guard())
 
     @app.route("POST", "/v1/chat/completions")
     async def chat(request: Request) -> Response | StreamingResponse:
-        body = await request.body()
-        parsed = validate_chat(parse_json_object(body))
-        request.model = parsed.model
-        if parsed.stream:
-            return StreamingResponse(_sse(parsed.model))
-        return Response(_reply(parsed.model))
+        model, stream = read(await request.body())
+        request.model = model
+        if stream:
+            return StreamingResponse(_sse(model))
+        return Response(_reply(model))
 
     @app.route("GET", "/health")
     async def health(request: Request) -> Response:
@@ -181,15 +186,14 @@ def starlette_app() -> Any:
     from starlette.routing import Route
 
     async def chat(request: SRequest) -> SResponse:
-        body = await request.body()
-        parsed = validate_chat(parse_json_object(body))
-        if parsed.stream:
+        model, stream = read_chat(await request.body())
+        if stream:
             return SStreamingResponse(
-                _sse(parsed.model),
+                _sse(model),
                 media_type="text/event-stream",
                 headers={"cache-control": "no-cache"},
             )
-        return SResponse(_reply(parsed.model), media_type="application/json")
+        return SResponse(_reply(model), media_type="application/json")
 
     async def health(request: SRequest) -> SResponse:
         return SResponse(
@@ -235,12 +239,19 @@ def _check(url: str, impl: str) -> None:
             raise RuntimeError(f"{impl}: bad reply {data!r}")
 
 
-def measure(impl: str, duration: float, scripts: dict[bool, Path], tmp: Path) -> dict[str, Any]:
-    """Start `impl`, run every case against it once, stop it."""
+def measure(
+    impl: str,
+    duration: float,
+    scripts: dict[bool, Path],
+    tmp: Path,
+    server_script: str = __file__,
+    cases: tuple[tuple[str, str, bool, int], ...] = CASES,
+) -> dict[str, Any]:
+    """Start `impl` (`server_script --serve impl`), run every case against it once, stop it."""
     port = free_port()
     log = (tmp / f"{impl}-{port}.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, __file__, "--serve", impl, "--port", str(port)],
+        [sys.executable, server_script, "--serve", impl, "--port", str(port)],
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -251,7 +262,7 @@ def measure(impl: str, duration: float, scripts: dict[bool, Path], tmp: Path) ->
         _check(url, impl)
         server = psutil.Process(proc.pid)
         run_wrk(url + "/health", scripts[False], 1, 8)  # warm-up
-        for name, path, streamed, conns in CASES:
+        for name, path, streamed, conns in cases:
             script = scripts[streamed] if path != "/health" else tmp / "get.lua"
             before = server.cpu_times()
             got = run_wrk(url + path, script, duration, conns)
