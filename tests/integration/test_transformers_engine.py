@@ -185,7 +185,7 @@ async def test_unknown_model_is_404(client: httpx.AsyncClient) -> None:
             {"messages": MESSAGES, "max_completion_tokens": "5"},
             "max_completion_tokens",
         ),
-        ("/v1/chat/completions", {"messages": MESSAGES, "stop": [1]}, "stop"),
+        ("/v1/chat/completions", {"messages": MESSAGES, "stop": [1]}, "stop[0]"),
         ("/v1/chat/completions", {"messages": MESSAGES, "seed": 1.5}, "seed"),
         ("/v1/chat/completions", {"messages": MESSAGES, "n": 2}, "n"),
         ("/v1/chat/completions", {"messages": MESSAGES, "stream": "yes"}, "stream"),

@@ -34,6 +34,8 @@ __all__ = [
     "Embedding",
     "EmbeddingList",
     "EmbeddingRequest",
+    "EngineChatCompletionRequest",
+    "EngineCompletionRequest",
     "ErrorResponse",
     "Model",
     "ModelList",
@@ -210,10 +212,23 @@ class CompletionRequest(_Sampling, kw_only=True):
     echo: bool | None = None
     logprobs: int | None = None
     suffix: str | None = None
+    best_of: PositiveInt | None = None
 
     @property
     def token_limit(self) -> tuple[int | None, str]:
         return self.max_tokens, "max_tokens"
+
+
+class EngineChatCompletionRequest(ChatCompletionRequest, kw_only=True):
+    """A chat request as an engine reads it: without `model` it serves its own (as vLLM)."""
+
+    model: str | None = None  # type: ignore[assignment]
+
+
+class EngineCompletionRequest(CompletionRequest, kw_only=True):
+    """A completion request as an engine reads it: without `model` it serves its own."""
+
+    model: str | None = None  # type: ignore[assignment]
 
 
 class EmbeddingRequest(_Model):
@@ -449,12 +464,13 @@ def _steps(param: str) -> list[str | int]:
 def _lookup(doc: Any, param: str) -> tuple[bool, Any]:
     node = doc
     for step in _steps(param):
-        if (isinstance(step, int) and isinstance(node, list) and step < len(node)) or (
-            isinstance(step, str) and isinstance(node, dict) and step in node
-        ):
+        if isinstance(step, int) and isinstance(node, list) and step < len(node):
             node = node[step]
-        else:
-            return False, None
+            continue
+        if isinstance(step, str) and isinstance(node, dict) and step in node:
+            node = node[step]
+            continue
+        return False, None
     return True, node
 
 

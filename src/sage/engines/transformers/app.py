@@ -231,7 +231,7 @@ class _Engine:
 
     async def chat(self, request: Request) -> Response | StreamingResponse:
         """POST /v1/chat/completions."""
-        parsed = parse_chat(await request.json())
+        parsed = parse_chat(await request.body())
         model = self._check_model(parsed.model)
 
         def prepare() -> tuple[int, ...]:
@@ -317,7 +317,7 @@ class _Engine:
 
     async def completions(self, request: Request) -> Response | StreamingResponse:
         """POST /v1/completions (a list of prompts gives one choice per prompt, in turn)."""
-        parsed = parse_completion(await request.json())
+        parsed = parse_completion(await request.body())
         model = self._check_model(parsed.model)
         vocab = self.vocab_size
 
