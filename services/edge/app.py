@@ -374,6 +374,8 @@ def create_app(
                         "kind": kind_name(m.kind, "llm"),
                         "ready_engines": m.ready_engines,
                         **({"root": m.alias_of} if m.alias_of else {}),
+                        # a LoRA adapter names its base model, as vLLM's /v1/models does
+                        **({"parent": m.parent} if m.parent else {}),
                     }
                     for m in reply.models
                 ],

@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 from .validation import parse_json_object
 
 PREFIX = "/v1/management"
+# Loading an adapter reads its weights in the engine (lifecycle bounds it at 120 s).
+ADAPTER_TIMEOUT_S = 150.0
 _ENGINE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # SAGE's status names for the contract's engine states.
 _STATUS = {
@@ -77,6 +79,8 @@ _START_FIELDS = {
     "node",
     "dry_run",
     "join_existing_model",  # register only: share a model lifecycle's engines serve
+    "enable_lora",  # serve LoRA adapters loaded at run time
+    "max_lora_rank",
 }
 
 
@@ -100,6 +104,8 @@ def engine_json(engine: common_pb2.Engine) -> dict[str, Any]:
         "error": engine.error or None,
         "metadata": dict(engine.metadata),
         "node_id": engine.node_id or None,
+        "lora_enabled": engine.lora_enabled,
+        "adapters": [{"name": a.name, "path": a.path} for a in engine.adapters],
     }
 
 
@@ -221,6 +227,9 @@ def start_request(doc: dict[str, Any]) -> lifecycle_pb2.StartEngineRequest:
         raise InvalidRequestError(
             f"role must be both, prefill or decode, got {role!r}", param="role"
         )
+    enable_lora = doc.get("enable_lora", False)
+    if not isinstance(enable_lora, bool):
+        raise InvalidRequestError("enable_lora must be a boolean", param="enable_lora")
     request = lifecycle_pb2.StartEngineRequest(
         model=model,
         kind=kind_value(kind),
@@ -241,10 +250,25 @@ def start_request(doc: dict[str, Any]) -> lifecycle_pb2.StartEngineRequest:
         no_wait=not wait,
         role=role_value(role),
         join_existing_model=join_existing,
+        enable_lora=enable_lora,
+        max_lora_rank=_int(doc, "max_lora_rank", 0),
     )
     if use_gpu is not None:
         request.use_gpu = use_gpu
     return request
+
+
+def adapter_request(engine_id: str, doc: dict[str, Any]) -> lifecycle_pb2.LoadAdapterRequest:
+    """A POST .../adapters body (`name`, `path`) → LoadAdapterRequest."""
+    unknown = sorted(set(doc) - {"name", "path"})
+    if unknown:
+        raise InvalidRequestError(f"unknown field(s): {', '.join(unknown)}", param=unknown[0])
+    for key in ("name", "path"):
+        if not isinstance(doc.get(key), str) or not doc[key].strip():
+            raise InvalidRequestError(f"{key} must be a non-empty string", param=key)
+    return lifecycle_pb2.LoadAdapterRequest(
+        engine_id=engine_id, adapter=common_pb2.LoraAdapter(name=doc["name"], path=doc["path"])
+    )
 
 
 def _engine_path(path: str) -> tuple[str, str]:
@@ -487,6 +511,12 @@ def add_management_routes(
                     lifecycle_pb2.TailLogsRequest(engine_id=engine_id, lines=int(lines))
                 )
             return JSONResponse({"engine_id": engine_id, "lines": list(logs.lines)})
+        if tail == "adapters":
+            owner = await node_lifecycles.owner(engine_id)
+            with rpc_errors_as_sage():
+                reply = await owner.GetEngine(lifecycle_pb2.GetEngineRequest(engine_id=engine_id))
+            listed = engine_json(reply.engine)
+            return JSONResponse({"engine_id": engine_id, "adapters": listed["adapters"]})
         if tail:
             raise NotFoundError(f"no route for GET {request.path}", code="unknown_url")
         owner = await node_lifecycles.owner(engine_id)
@@ -494,9 +524,31 @@ def add_management_routes(
             reply = await owner.GetEngine(lifecycle_pb2.GetEngineRequest(engine_id=engine_id))
         return JSONResponse(engine_json(reply.engine))
 
+    @route("POST", f"{PREFIX}/engines/*")
+    async def load_adapter(request: Request) -> Response:
+        engine_id, tail = _engine_path(request.path)
+        if tail != "adapters":
+            raise NotFoundError(f"no route for POST {request.path}", code="unknown_url")
+        load = adapter_request(engine_id, parse_json_object(await request.body()))
+        owner = await node_lifecycles.owner(engine_id)
+        with rpc_errors_as_sage():
+            reply = await owner.LoadAdapter(load, timeout=ADAPTER_TIMEOUT_S)
+        return JSONResponse(engine_json(reply.engine), 201)
+
     @route("DELETE", f"{PREFIX}/engines/*")
     async def stop_engine(request: Request) -> Response:
         engine_id, tail = _engine_path(request.path)
+        if tail.startswith("adapters/"):
+            name = tail.removeprefix("adapters/")  # ASGI paths arrive percent-decoded
+            if not name:
+                raise InvalidRequestError("adapter name is empty", param="name")
+            owner = await node_lifecycles.owner(engine_id)
+            with rpc_errors_as_sage():
+                unloaded = await owner.UnloadAdapter(
+                    lifecycle_pb2.UnloadAdapterRequest(engine_id=engine_id, name=name),
+                    timeout=ADAPTER_TIMEOUT_S,
+                )
+            return JSONResponse(engine_json(unloaded.engine))
         if tail:
             raise NotFoundError(f"no route for DELETE {request.path}", code="unknown_url")
         drain = _query(request).get("drain", "false").lower() in ("1", "true", "yes")

@@ -148,6 +148,12 @@ _SCHEMAS: dict[str, Any] = {
                 "default": False,
                 "description": "true: answer 200 with the node it would go to, start nothing.",
             },
+            "enable_lora": {
+                "type": "boolean",
+                "default": False,
+                "description": "Let LoRA adapters be loaded at run time (vllm, sim).",
+            },
+            "max_lora_rank": _nullable(_int(0, 512, "Highest LoRA rank; 0: the engine's.")),
         },
         "examples": [{"model_id": "sim", "backend": "sim", "engine_kind": "llm"}],
     },
@@ -175,6 +181,24 @@ _SCHEMAS: dict[str, Any] = {
             "error": {"type": ["string", "null"]},
             "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
             "node_id": {"type": ["string", "null"], "description": "Node it runs on."},
+            "lora_enabled": {"type": "boolean", "description": "LoRA adapters can be loaded."},
+            "adapters": {"type": "array", "items": _ref("Adapter")},
+        },
+    },
+    "Adapter": {
+        "type": "object",
+        "required": ["name", "path"],
+        "additionalProperties": False,
+        "description": "A LoRA adapter: the name requests send as `model`, and the folder "
+        "(adapter_config.json + weights, on the engine's host) it loads from.",
+        "properties": {"name": _NON_EMPTY, "path": _NON_EMPTY},
+    },
+    "AdapterList": {
+        "type": "object",
+        "required": ["engine_id", "adapters"],
+        "properties": {
+            "engine_id": {"type": "string"},
+            "adapters": {"type": "array", "items": _ref("Adapter")},
         },
     },
     "Node": {
@@ -772,6 +796,39 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
                 ],
                 errors=(400, 404, 415, 504),
             ),
+        },
+        "/v1/management/engines/{engine_id}/adapters": {
+            "get": _mgmt(
+                "The LoRA adapters loaded on an engine",
+                "listAdapters",
+                "200",
+                "AdapterList",
+                parameters=[_ENGINE_ID],
+                errors=(400, 404),
+            ),
+            "post": _mgmt(
+                "Load a LoRA adapter on an engine started with enable_lora; requests naming "
+                "it as their model then go to it",
+                "loadAdapter",
+                "201",
+                "Engine",
+                body="Adapter",
+                parameters=[_ENGINE_ID],
+                errors=(400, 404, 409, 415, 502, 504),
+            ),
+        },
+        "/v1/management/engines/{engine_id}/adapters/{name}": {
+            "delete": _mgmt(
+                "Unload a LoRA adapter from an engine",
+                "unloadAdapter",
+                "200",
+                "Engine",
+                parameters=[
+                    _ENGINE_ID,
+                    {"name": "name", "in": "path", "required": True, "schema": _NON_EMPTY},
+                ],
+                errors=(400, 404, 415, 502),
+            )
         },
         "/v1/management/engines/{engine_id}/logs": {
             "get": _mgmt(

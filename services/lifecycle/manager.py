@@ -39,6 +39,7 @@ from sage.common.exceptions import (
 from sage.common.http.http1 import Http1Error, Http1Pool, engine_tls_context
 from sage.engines.vllm_metrics import read_load
 
+from . import adapters
 from .backends import BACKENDS, get_backend, list_backends, resolve_backend
 from .backends._common import cpu_only, estimated_gpu_bytes, launch_env, side_port_count
 from .backends.base import Backend
@@ -328,6 +329,11 @@ class EngineLifecycleManager:
                 f"backend {backend.name} does not serve {spec.kind} engines", param="backend"
             )
         self._check_launch(spec, backend)
+        if spec.enable_lora and backend.name not in adapters.LORA_BACKENDS:
+            raise InvalidRequestError(
+                f"backend {backend.name} cannot load LoRA adapters (vllm and sim can)",
+                param="enable_lora",
+            )
         if not backend.launches_process:
             return await self._start_external(spec, backend)
         availability = backend.availability()
@@ -572,6 +578,7 @@ class EngineLifecycleManager:
         timeout = record.spec.startup_timeout_s
         try:
             await self._wait_healthy(record, timeout)
+            await self._reload_adapters(record.engine_id)
             record = self._set(replace(self._records[record.engine_id], state=READY))
             await self._register_quietly(record)
             log.info(
@@ -844,6 +851,82 @@ class EngineLifecycleManager:
         self._persist()
         return [r.engine_id for r in gone]
 
+    # -- LoRA adapters ----------------------------------------------------------------
+
+    def _lora_engine(self, engine_id: str) -> EngineRecord:
+        record = self.get(engine_id)
+        if not record.spec.enable_lora:
+            raise InvalidRequestError(
+                f"engine {engine_id} was not started with LoRA enabled (start one with "
+                "enable_lora / `--enable-lora`)",
+                param="engine_id",
+            )
+        if record.state != READY:
+            raise ConflictError(
+                f"engine {engine_id} is {record.state}, not ready", param="engine_id"
+            )
+        return record
+
+    async def load_adapter(self, engine_id: str, name: str, path: str) -> EngineRecord:
+        """Load a LoRA adapter on a ready engine and register the engine again, so the
+        scheduler routes requests naming the adapter to it. The same name and path loaded
+        already is no error; the same name from another path is a conflict."""
+        record = self._lora_engine(engine_id)
+        adapters.check_adapter_name(name, (record.spec.model, *record.spec.aliases))
+        self.policy.check_model(path, "path")
+        known = record.adapters.get(name)
+        if known is not None:
+            if known != path:
+                raise ConflictError(
+                    f"engine {engine_id} has adapter {name!r} loaded from {known}",
+                    param="name",
+                )
+            return record
+        loaded = await adapters.load(
+            self._http, engine_id, record.base_url, _auth(record), name, path
+        )
+        if not loaded:  # loaded behind our back (or by a call that lost its reply)
+            log.warning("adapter was already loaded on the engine", extra={"engine_id": engine_id})
+        current = self.get(engine_id)
+        record = self._set(replace(current, adapters={**current.adapters, name: path}))
+        await self._register_quietly(record)
+        log.info("adapter loaded", extra={"engine_id": engine_id, "adapter": name})
+        return record
+
+    async def unload_adapter(self, engine_id: str, name: str) -> EngineRecord:
+        """Unload a LoRA adapter from an engine and register the engine without it."""
+        record = self.get(engine_id)
+        if name not in record.adapters:
+            raise adapters.not_loaded(engine_id, name)
+        if record.state == READY:
+            await adapters.unload(self._http, engine_id, record.base_url, _auth(record), name)
+        current = self.get(engine_id)
+        left = {k: v for k, v in current.adapters.items() if k != name}
+        record = self._set(replace(current, adapters=left))
+        if record.state == READY:
+            await self._register_quietly(record)
+        log.info("adapter unloaded", extra={"engine_id": engine_id, "adapter": name})
+        return record
+
+    async def _reload_adapters(self, engine_id: str) -> None:
+        """After a crash restart, load the engine's adapters again before it is routed;
+        one that fails to load is dropped from the record (and so from routing)."""
+        record = self._records[engine_id]
+        kept: dict[str, str] = {}
+        for name, path in record.adapters.items():
+            try:
+                await adapters.load(
+                    self._http, engine_id, record.base_url, _auth(record), name, path
+                )
+                kept[name] = path
+            except Exception as exc:
+                log.warning(
+                    "adapter not reloaded after restart; dropped",
+                    extra={"engine_id": engine_id, "adapter": name, "error": str(exc)},
+                )
+        if kept != record.adapters:
+            self._set(replace(self._records[engine_id], adapters=kept))
+
     # -- queries ----------------------------------------------------------------------
 
     def get(self, engine_id: str) -> EngineRecord:
@@ -924,8 +1007,10 @@ class EngineLifecycleManager:
 
     async def resync(self) -> None:
         """Register every ready engine again (rebuilds a restarted scheduler's view)."""
-        for record in list(self._records.values()):
-            if record.state == READY:
+        for engine_id in list(self._records):
+            # Read at its turn: an adapter loaded meanwhile must not be registered away.
+            record = self._records.get(engine_id)
+            if record is not None and record.state == READY:
                 with contextlib.suppress(Exception):
                     await self._register(record)
 

@@ -74,6 +74,10 @@ def engine_pb(record: EngineRecord, node_id: str = "") -> common_pb2.Engine:
         metadata=spec.metadata,
         host=record.host,
         node_id=node_id,
+        adapters=[
+            common_pb2.LoraAdapter(name=name, path=path) for name, path in record.adapters.items()
+        ],
+        lora_enabled=spec.enable_lora,
     )
 
 
@@ -101,6 +105,8 @@ def spec_from_pb(request: pb.StartEngineRequest, host: str) -> EngineSpec:
         role=role_name(request.role),
         metadata=dict(request.metadata),
         join_existing_model=request.join_existing_model,
+        enable_lora=request.enable_lora,
+        max_lora_rank=request.max_lora_rank,
     )
 
 
@@ -242,6 +248,20 @@ class LifecycleServicer(pb_grpc.LifecycleServiceServicer):
                 for b in self.manager.backends()
             ]
         )
+
+    async def LoadAdapter(
+        self, request: pb.LoadAdapterRequest, context: Any
+    ) -> pb.LoadAdapterResponse:
+        record = await self.manager.load_adapter(
+            request.engine_id, request.adapter.name, request.adapter.path
+        )
+        return pb.LoadAdapterResponse(engine=engine_pb(record, self.node_id))
+
+    async def UnloadAdapter(
+        self, request: pb.UnloadAdapterRequest, context: Any
+    ) -> pb.UnloadAdapterResponse:
+        record = await self.manager.unload_adapter(request.engine_id, request.name)
+        return pb.UnloadAdapterResponse(engine=engine_pb(record, self.node_id))
 
     async def DescribeNode(
         self, request: pb.DescribeNodeRequest, context: Any

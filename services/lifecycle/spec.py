@@ -49,6 +49,9 @@ class EngineSpec:
     # External engines only: serve a model that engines lifecycle started already serve
     # (their traffic is then shared with it). Off, such a registration is a conflict.
     join_existing_model: bool = False
+    # Serve LoRA adapters loaded at run time (vLLM --enable-lora, runtime updating on).
+    enable_lora: bool = False
+    max_lora_rank: int = 0  # vLLM --max-lora-rank; 0 = the engine's default (16)
 
     @property
     def concurrency(self) -> int:
@@ -110,6 +113,12 @@ def validate_spec(spec: EngineSpec) -> None:
         raise InvalidRequestError(
             "engine_id may hold letters, digits, '.', '_' and '-' (at most 128)",
             param="engine_id",
+        )
+    if not 0 <= spec.max_lora_rank <= 512:
+        raise InvalidRequestError("max_lora_rank must be in 0..512", param="max_lora_rank")
+    if spec.max_lora_rank and not spec.enable_lora:
+        raise InvalidRequestError(
+            "max_lora_rank needs enable_lora (lora: true)", param="max_lora_rank"
         )
     if spec.role not in ("both", "prefill", "decode"):
         raise InvalidRequestError("role must be both, prefill or decode", param="role")

@@ -42,6 +42,8 @@ class EngineRecord:
     error: str = ""
     crash_times: list[float] = field(default_factory=list)
     health_path: str = "/health"
+    # LoRA adapters loaded on the engine, name → path (re-loaded after a crash restart).
+    adapters: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-safe dict."""

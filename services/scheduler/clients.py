@@ -1,22 +1,28 @@
 """gRPC clients the scheduler calls: the embedding service's batcher and lifecycle (for
-the autoscaler's replica starts and stops)."""
+the autoscaler's replica starts and stops, and LoRA adapters loaded on demand)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import grpc
 
 from sage.common.engine_keys import is_managed
 from sage.common.exceptions import NotFoundError
 from sage.common.float32 import packed_or_pack
-from sage.common.grpc import rpc_errors_as_sage
+from sage.common.grpc import create_channel, rpc_errors_as_sage
 from sage.rpc.common.v1 import common_pb2
 from sage.rpc.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from sage.rpc.lifecycle.v1 import lifecycle_pb2, lifecycle_pb2_grpc
 
+from .convert import record_from_pb
 from .core import EmbedResult, TokenUsage
-from .registry import EngineRecord
+from .nodes import Node
+from .registry import AdapterEntry, EngineRecord
+
+if TYPE_CHECKING:
+    from sage.rpc.lifecycle.v1.lifecycle_pb2_grpc import LifecycleServiceAsyncStub
 
 
 class GrpcEmbeddingBackend:
@@ -91,3 +97,51 @@ class LifecycleScalerActions:
                 lifecycle_pb2.StopEngineRequest(engine_id=engine_id, drain=True),
                 timeout=self._start_timeout_s,
             )
+
+
+# Longer than lifecycle's own bound on a load (lifecycle/adapters.py LOAD_TIMEOUT_S).
+ADAPTER_RPC_TIMEOUT_S = 150.0
+
+
+class LifecycleAdapterLoader:
+    """AdapterLoader over lifecycle gRPC: LoadAdapter on the lifecycle of the engine's node
+    (from the node table), else on this stack's own lifecycle."""
+
+    def __init__(
+        self, nodes: Callable[[], list[Node]], default_addr: str, rpc_timeout_s: float
+    ) -> None:
+        self._nodes = nodes
+        self._default_addr = default_addr
+        self._rpc_timeout_s = rpc_timeout_s
+        self._stubs: dict[str, LifecycleServiceAsyncStub] = {}
+        self._channels: list[grpc.aio.Channel] = []
+
+    def _stub(self, node_id: str) -> LifecycleServiceAsyncStub:
+        addr = next(
+            (n.report.lifecycle_addr for n in self._nodes() if node_id and n.node_id == node_id),
+            self._default_addr,
+        )
+        stub = self._stubs.get(addr)
+        if stub is None:
+            channel = create_channel(addr, default_timeout=self._rpc_timeout_s)
+            self._channels.append(channel)
+            stub = self._stubs[addr] = lifecycle_pb2_grpc.LifecycleServiceStub(channel)
+        return stub  # type: ignore[no-any-return]
+
+    async def __call__(self, engine: EngineRecord, adapter: AdapterEntry) -> EngineRecord:
+        """Load `adapter` on `engine`; the engine as lifecycle registered it after."""
+        request = lifecycle_pb2.LoadAdapterRequest(
+            engine_id=engine.engine_id,
+            adapter=common_pb2.LoraAdapter(name=adapter.name, path=adapter.path),
+        )
+        with rpc_errors_as_sage():
+            # Lifecycle bounds the engine call itself; the caller bounds its own wait.
+            reply = await self._stub(engine.node_id).LoadAdapter(
+                request, timeout=ADAPTER_RPC_TIMEOUT_S
+            )
+        return record_from_pb(reply.engine)
+
+    async def aclose(self) -> None:
+        """Close the channels opened."""
+        for channel in self._channels:
+            await channel.close(None)

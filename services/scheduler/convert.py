@@ -43,6 +43,8 @@ def record_from_pb(engine: common_pb2.Engine) -> EngineRecord:
         node_id=engine.node_id,
         gpu_indexes=tuple(engine.gpu_indexes),
         labels=dict(engine.labels),
+        adapters={a.name: a.path for a in engine.adapters},
+        lora_enabled=engine.lora_enabled,
     )
 
 
@@ -62,6 +64,8 @@ def record_to_pb(record: EngineRecord) -> common_pb2.Engine:
         port=record.port,
         node_id=record.node_id,
         labels=record.labels,
+        adapters=[common_pb2.LoraAdapter(name=n, path=p) for n, p in record.adapters.items()],
+        lora_enabled=record.lora_enabled,
     )
 
 

@@ -16,9 +16,10 @@ from typing import Any, Protocol
 
 import orjson
 
-from sage.common.exceptions import ServiceUnavailableError, UpstreamError
+from sage.common.exceptions import ModelNotFoundError, ServiceUnavailableError, UpstreamError
 from sage.common.limits import check_embedding_tokens
 
+from .adapters import AdapterPlacer
 from .admission import AdmissionController
 from .breaker import CircuitBreakers
 from .executor import EngineDisconnectedError, EngineUnreachableError
@@ -167,7 +168,7 @@ def _for_engine(
 ) -> bytes:
     """The body to send: unchanged unless the client used an alias of the engine's model
     (`parsed`: `body` already parsed, when it is)."""
-    if model == engine.model:
+    if model == engine.model or model in engine.adapters:  # vLLM routes an adapter by name
         return body
     doc = parsed.doc() if parsed is not None and parsed.raw is body else None
     if not isinstance(doc, dict):
@@ -294,6 +295,7 @@ class Scheduler:
         breakers: CircuitBreakers | None = None,
         metrics: SchedulerMetrics | None = None,
         embedding_max_tokens: int = 0,
+        adapters: AdapterPlacer | None = None,
     ) -> None:
         self.registry = registry
         self.router = router
@@ -316,6 +318,15 @@ class Scheduler:
         self._members: dict[str, tuple[Sequence[EngineRecord], dict[str, EngineRecord]]] = {}
         # Most tokens one embedding request may carry (0: no cap); see sage.common.limits.
         self.embedding_max_tokens = embedding_max_tokens
+        # Loads a LoRA adapter no ready engine has when a request names it (None: never).
+        self.adapters = adapters
+
+    async def _ready_llm(self, model: str) -> Sequence[EngineRecord]:
+        """Ready chat engines for `model`; a LoRA adapter no engine has loaded is loaded
+        first (bounded, see adapters.py). Called once the plain lookup failed."""
+        if self.adapters is None or self.registry.adapter(model) is None:
+            return self.registry.ready_for(model, EngineKind.LLM)
+        return await self.adapters.engines_for(model)
 
     def _capacities(self) -> dict[str, int]:
         """Every ready chat engine's admission cap (0: uncapped)."""
@@ -426,7 +437,10 @@ class Scheduler:
         ticket.cost = float(estimate)
         begun = time.monotonic()
         try:
-            engines = self.registry.ready_for(model, EngineKind.LLM)
+            try:
+                engines: Sequence[EngineRecord] = self.registry.ready_for(model, EngineKind.LLM)
+            except ModelNotFoundError:
+                engines = await self._ready_llm(model)
             ticket.model = engines[0].model  # an alias shares its model's lane and windows
             # Capacity counts only engines routing may use (an open breaker's are not).
             async with self.admission.slot(ticket, self.breakers.routable(engines, _engine_id)):
@@ -495,7 +509,10 @@ class Scheduler:
         ticket.cost = float(estimate)
         begun = time.monotonic()
         try:
-            engines = self.registry.ready_for(model, EngineKind.LLM)
+            try:
+                engines: Sequence[EngineRecord] = self.registry.ready_for(model, EngineKind.LLM)
+            except ModelNotFoundError:
+                engines = await self._ready_llm(model)
             ticket.model = engines[0].model  # an alias shares its model's lane and windows
             # Capacity counts only engines routing may use (an open breaker's are not).
             async with self.admission.slot(ticket, self.breakers.routable(engines, _engine_id)):

@@ -69,10 +69,12 @@ class EngineRecord:
     gpu_indexes: tuple[int, ...] = ()
     labels: dict[str, str] = field(default_factory=dict)
     registered_at: float = field(default_factory=time.time)
+    adapters: dict[str, str] = field(default_factory=dict)  # LoRA adapters: name → path
+    lora_enabled: bool = False  # adapters can be loaded on it at run time
 
     def serves(self, model: str) -> bool:
-        """True when `model` is this engine's model or one of its aliases."""
-        return model == self.model or model in self.aliases
+        """True when `model` is this engine's model, one of its aliases or adapters."""
+        return model == self.model or model in self.aliases or model in self.adapters
 
     @functools.cached_property
     def declared_concurrency(self) -> int:
@@ -97,6 +99,19 @@ class ModelEntry:
     created: int
     ready_engines: int
     alias_of: str = ""
+    parent: str = ""  # a LoRA adapter's base model
+
+
+@dataclass(frozen=True)
+class AdapterEntry:
+    """A LoRA adapter the stack knows: its base model and where it loads from. Kept while
+    an engine's registration lists it and after that engine stops or crashes (so a request
+    can load it on another engine); forgotten once it is unloaded from the last engine."""
+
+    name: str
+    base_model: str
+    path: str
+    created: int
 
 
 class EngineRegistry:
@@ -109,6 +124,7 @@ class EngineRegistry:
         self._engines: dict[str, EngineRecord] = {}
         self._by_model: dict[str, tuple[EngineRecord, ...]] = {}
         self._by_model_kind: dict[tuple[str, EngineKind], tuple[EngineRecord, ...]] = {}
+        self._adapters: dict[str, AdapterEntry] = {}
 
     def register(self, record: EngineRecord) -> bool:
         """Add or replace an engine; returns True when it replaced one with the same id."""
@@ -127,10 +143,27 @@ class EngineRegistry:
                 f"base_url must be an http(s) URL, got {record.base_url!r}", param="engine.base_url"
             )
         with self._lock:
-            replaced = record.engine_id in self._engines
+            old = self._engines.get(record.engine_id)
             self._engines[record.engine_id] = replace(record, base_url=record.base_url.rstrip("/"))
+            self._catalogue_adapters(old, record)
             self._reindex()
-        return replaced
+        return old is not None
+
+    def _catalogue_adapters(self, old: EngineRecord | None, new: EngineRecord) -> None:
+        """Learn the adapters `new` lists; forget those it dropped that no engine has."""
+        for name, path in new.adapters.items():
+            known = self._adapters.get(name)
+            if known is None or (known.base_model, known.path) != (new.model, path):
+                self._adapters[name] = AdapterEntry(name, new.model, path, int(time.time()))
+        if old is None:
+            return
+        for name in old.adapters.keys() - new.adapters.keys():
+            if not any(name in e.adapters for e in self._engines.values()):
+                self._adapters.pop(name, None)
+
+    def adapter(self, name: str) -> AdapterEntry | None:
+        """The LoRA adapter called `name`, if the stack knows one."""
+        return self._adapters.get(name)
 
     def deregister(self, engine_id: str) -> EngineRecord:
         """Remove an engine; raises NotFoundError naming the id if unknown."""
@@ -156,7 +189,7 @@ class EngineRegistry:
         for record in self._engines.values():
             if record.state is not EngineState.READY:
                 continue
-            for name in (record.model, *record.aliases):
+            for name in (record.model, *record.aliases, *record.adapters):
                 index.setdefault(name, []).append(record)
         by_model = {k: tuple(v) for k, v in index.items()}
         by_kind: dict[tuple[str, EngineKind], tuple[EngineRecord, ...]] = {}
@@ -210,4 +243,13 @@ class EngineRegistry:
                         len(self._by_model.get(alias, ())),
                         alias_of=record.model,
                     )
+        for adapter in list(self._adapters.values()):
+            if adapter.name not in entries:
+                entries[adapter.name] = ModelEntry(
+                    adapter.name,
+                    EngineKind.LLM,
+                    adapter.created,
+                    len(self._by_model.get(adapter.name, ())),
+                    parent=adapter.base_model,
+                )
         return sorted(entries.values(), key=lambda m: m.id)

@@ -19,10 +19,11 @@ from sage.rpc.common.v1 import common_pb2
 from sage.rpc.scheduler.v1 import scheduler_pb2 as pb
 from sage.rpc.scheduler.v1 import scheduler_pb2_grpc as pb_grpc
 
+from .adapters import AdapterPlacer
 from .admission import AdmissionController
 from .autoscaler import Autoscaler
 from .breaker import CircuitBreakers
-from .clients import GrpcEmbeddingBackend, LifecycleScalerActions
+from .clients import GrpcEmbeddingBackend, LifecycleAdapterLoader, LifecycleScalerActions
 from .convert import (
     limits_from_pb,
     node_report_from_pb,
@@ -94,6 +95,12 @@ def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageS
     cluster = settings.cluster
     static_nodes = [StaticNode(n.id, n.address) for n in cluster.nodes]
     node_table = NodeTable(registry, timeout_s=cluster.timeout_s, static=static_nodes)
+    adapter_loader = LifecycleAdapterLoader(
+        node_table.nodes, settings.address("lifecycle"), settings.rpc_timeout_s
+    )
+    scheduler.adapters = AdapterPlacer(
+        registry, adapter_loader, load, timeout_s=own.adapter_load_timeout_s
+    )
     node_watcher = NodeWatcher(
         node_table,
         min(cluster.heartbeat_s, cluster.timeout_s / 4),
@@ -196,6 +203,7 @@ def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageS
 
     async def _close() -> None:
         await node_watcher.aclose()
+        await adapter_loader.aclose()
         if autoscaler is not None:
             await autoscaler.aclose()
         if lifecycle_channel is not None:

@@ -192,6 +192,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
                     created=m.created,
                     ready_engines=m.ready_engines,
                     alias_of=m.alias_of,
+                    parent=m.parent,
                 )
                 for m in self.scheduler.registry.models()
             ]

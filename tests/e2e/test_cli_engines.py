@@ -245,6 +245,50 @@ def test_failed_preset_rolls_back(stack: Stack, tmp_path: Path) -> None:
     assert stack.chat("sim-rb").status_code == 404
 
 
+def test_lora_adapters_from_a_preset_and_the_cli(stack: Stack, tmp_path: Path) -> None:
+    preset = _write_preset(
+        tmp_path / "lora.yaml",
+        "e2e-lora",
+        "  - {name: lora, model: sim-lora-e2e, backend: sim, lora: true, max_lora_rank: 8}\n",
+    )
+    applied = stack.sage("preset", "apply", "-f", str(preset), "--yes")
+    assert applied.code == 0, applied
+    (engine,) = [e for e in _engines(stack).values() if e["model_id"] == "sim-lora-e2e"]
+    assert engine["lora_enabled"]
+    # An adapter folder under $SAGE_HOME/models (an allowed model root); the sim reads its rank.
+    folder = Path(stack.env["SAGE_HOME"]) / "models" / "e2e-adapter"
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8}')
+
+    loaded = stack.sage("engine", "adapter", "load", engine["engine_id"], "e2e-lora", str(folder))
+    assert loaded.code == 0, loaded
+    assert "loaded adapter e2e-lora" in loaded.stdout
+    listed = stack.sage("engine", "adapter", "list", "--json")
+    assert listed.code == 0, listed
+    assert listed.json()["adapters"] == [
+        {
+            "engine_id": engine["engine_id"],
+            "name": "e2e-lora",
+            "path": str(folder),
+            "base_model": "sim-lora-e2e",
+        }
+    ]
+    models = httpx.get(f"{stack.base_url}/models", timeout=30).json()["data"]
+    assert {"id": "e2e-lora", "parent": "sim-lora-e2e"}.items() <= next(
+        m for m in models if m["id"] == "e2e-lora"
+    ).items()
+    reply = stack.chat("e2e-lora")
+    assert reply.status_code == 200, reply.text
+
+    unloaded = stack.sage("engine", "adapter", "unload", engine["engine_id"], "e2e-lora")
+    assert unloaded.code == 0, unloaded
+    assert "no LoRA adapters" in stack.sage("engine", "adapter", "list").stdout
+    missing = stack.sage("engine", "adapter", "unload", engine["engine_id"], "e2e-lora")
+    assert missing.code == 1 and "no LoRA adapter named 'e2e-lora'" in missing.stderr, missing
+    assert stack.chat("e2e-lora").status_code == 404
+    assert stack.sage("engine", "stop", engine["engine_id"]).code == 0
+
+
 def test_errors_have_clear_messages_and_exit_codes(stack: Stack, tmp_path: Path) -> None:
     unknown_backend = stack.sage("engine", "start", "sim", "--backend", "no-such-backend")
     assert unknown_backend.code in (1, 2), unknown_backend

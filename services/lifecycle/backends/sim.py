@@ -7,6 +7,7 @@ from sage.engines.auth import ENGINE_KEY_ENV
 from ..spec import EngineSpec
 from ._common import check_kind, check_single_device, python_module_argv
 from .base import Availability, LaunchPlan
+from .vllm import lora_args
 
 # The simulator's vectors have the size of all-MiniLM-L6-v2's, the default embedding model.
 SIM_EMBEDDING_DIM = 384
@@ -49,5 +50,7 @@ class SimBackend:
             argv += ["--max-num-seqs", str(spec.max_concurrent_requests)]
         if spec.max_model_len > 0:
             argv += ["--max-model-len", str(spec.max_model_len)]
+        if spec.enable_lora:  # the sim takes vLLM's flags and serves its adapter routes
+            argv += lora_args(spec)
         argv += list(spec.extra_args)
         return LaunchPlan(argv=argv, health_path="/health")

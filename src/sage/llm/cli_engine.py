@@ -1,4 +1,5 @@
-"""`sage llm engine list|start|stop|prune` and `sage llm logs [SERVICE_OR_ENGINE]`.
+"""`sage llm engine list|start|stop|prune`, `sage llm engine adapter load|unload|list` and
+`sage llm logs [SERVICE_OR_ENGINE]`.
 
 Everything about engines goes through the gateway's management API (ManagementClient), so
 the CLI works against any running stack, local or remote.
@@ -188,6 +189,16 @@ def cmd_engine_start(
         Literal["both", "prefill", "decode"],
         typer.Option("--role", help="PD routing: prefill, decode, or both (whole requests)."),
     ] = "both",
+    enable_lora: Annotated[
+        bool,
+        typer.Option(
+            "--enable-lora", help="Let LoRA adapters be loaded on it (`engine adapter load`)."
+        ),
+    ] = False,
+    max_lora_rank: Annotated[
+        int | None,
+        typer.Option("--max-lora-rank", min=1, metavar="N", help="Highest LoRA rank (vLLM's)."),
+    ] = None,
     json_out: JsonOption = False,
     url: UrlOption = None,
     api_key: ApiKeyOption = None,
@@ -218,6 +229,8 @@ def cmd_engine_start(
                 startup_timeout_s=startup_timeout,
                 wait=not no_wait,
                 role=None if role == "both" else role,
+                enable_lora=enable_lora,
+                max_lora_rank=max_lora_rank,
             )
     if json_out:
         print_json(engine.model_dump(mode="json"))
@@ -260,10 +273,15 @@ def cmd_engine_stop(
         spinner(f"stopping {engine_id}…"),
     ):
         engine = client.stop_engine(engine_id, drain=drain)
+    return _report(engine, json_out, "stopped")
+
+
+def _report(engine: EngineInfo, json_out: bool, done: str) -> int:
+    """Print the engine a command changed: JSON, or `DONE <engine described>`."""
     if json_out:
         print_json(engine.model_dump(mode="json"))
     else:
-        print(f"stopped {describe_engine(engine)}")
+        print(f"{done} {describe_engine(engine)}")
     return EXIT_OK
 
 
@@ -281,6 +299,95 @@ def cmd_engine_prune(
         print(f"pruned {len(pruned)} engine(s): {', '.join(pruned)}")
     else:
         print("nothing to prune")
+    return EXIT_OK
+
+
+# --- LoRA adapters -----------------------------------------------------------------------
+
+adapter_app = typer.Typer(
+    name="adapter",
+    help="Load, unload and list LoRA adapters on engines started with --enable-lora.",
+    epilog="Example: sage llm engine adapter load ENGINE_ID my-lora /models/my-lora",
+    no_args_is_help=True,
+)
+engine_app.add_typer(adapter_app)
+
+
+@adapter_app.command(
+    "load", epilog="Example: sage llm engine adapter load qwen-1a2b3c sql-lora ./sql-lora"
+)
+@cli_errors
+def cmd_adapter_load(
+    engine_id: Annotated[str, typer.Argument(metavar="ENGINE_ID", help="Engine to load it on.")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The name requests send as `model`.")],
+    path: Annotated[
+        str,
+        typer.Argument(
+            metavar="PATH", help="Adapter folder (adapter_config.json) on the engine's host."
+        ),
+    ],
+    json_out: JsonOption = False,
+    url: UrlOption = None,
+    api_key: ApiKeyOption = None,
+) -> int:
+    """Load a LoRA adapter on an engine; requests with `model: NAME` then go to it."""
+    with (
+        client_for(url, api_key) as client,
+        engine_must_exist(engine_id),
+        spinner(f"loading {name} on {engine_id}…"),
+    ):
+        engine = client.load_adapter(engine_id, name, local_model_path(path))
+    return _report(engine, json_out, f"loaded adapter {name} on")
+
+
+@adapter_app.command(
+    "unload", epilog="Example: sage llm engine adapter unload qwen-1a2b3c sql-lora"
+)
+@cli_errors
+def cmd_adapter_unload(
+    engine_id: Annotated[str, typer.Argument(metavar="ENGINE_ID", help="Engine to unload from.")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The adapter's name.")],
+    json_out: JsonOption = False,
+    url: UrlOption = None,
+    api_key: ApiKeyOption = None,
+) -> int:
+    """Unload a LoRA adapter from an engine."""
+    with client_for(url, api_key) as client:
+        engine = client.unload_adapter(engine_id, name)
+    return _report(engine, json_out, f"unloaded adapter {name} from")
+
+
+@adapter_app.command("list", epilog="Example: sage llm engine adapter list --json")
+@cli_errors
+def cmd_adapter_list(
+    engine_id: Annotated[
+        str | None, typer.Argument(metavar="[ENGINE_ID]", help="Only this engine's.")
+    ] = None,
+    json_out: JsonOption = False,
+    url: UrlOption = None,
+    api_key: ApiKeyOption = None,
+) -> int:
+    """List the LoRA adapters loaded on engines (a table, or `{adapters, count}` JSON)."""
+    with client_for(url, api_key) as client:
+        if engine_id is None:
+            engines = client.list_engines()
+        else:
+            with engine_must_exist(engine_id):
+                engines = [client.get_engine(engine_id)]
+    rows = [
+        {"engine_id": e.engine_id, "name": a.name, "path": a.path, "base_model": e.model_id}
+        for e in engines
+        for a in e.adapters
+    ]
+    if json_out:
+        print_json({"adapters": rows, "count": len(rows)})
+        return EXIT_OK
+    if not rows:
+        print("no LoRA adapters loaded (load one with `sage llm engine adapter load`)")
+        return EXIT_OK
+    headers = ("ENGINE", "ADAPTER", "PATH", "BASE MODEL")
+    table = [(r["engine_id"], r["name"], r["path"], r["base_model"]) for r in rows]
+    render_table(None, headers, table, [None] * len(table))
     return EXIT_OK
 
 

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
@@ -75,10 +75,22 @@ log = logging.getLogger(__name__)
 ADMIN_KEY_ENV = "SAGE_ADMIN_API_KEY"
 # Server-side default start timeout; a waiting POST may take this long plus slack.
 DEFAULT_STARTUP_TIMEOUT_S = 600.0
+# An adapter load reads its weights in the engine (the gateway allows it 150 s).
+ADAPTER_TIMEOUT_S = 160.0
 _START_SLACK_S = 30.0
 
 EngineKind = Literal["llm", "embedding"]
 EngineStatus = Literal["STARTING", "RUNNING", "STOPPING", "STOPPED", "FAILED"]
+
+
+class AdapterInfo(BaseModel):
+    """A LoRA adapter loaded on an engine: the name requests send as `model`, and where the
+    engine loaded it from."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    path: str
 
 
 class EngineInfo(BaseModel):
@@ -104,6 +116,8 @@ class EngineInfo(BaseModel):
     started_at: float | None = None
     error: str | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
+    lora_enabled: bool = False
+    adapters: list[AdapterInfo] = Field(default_factory=list)
 
 
 class BackendInfo(BaseModel):
@@ -350,9 +364,12 @@ class ManagementClient:
         startup_timeout_s: int | None = None,
         wait: bool = True,
         role: str | None = None,
+        enable_lora: bool = False,
+        max_lora_rank: int | None = None,
     ) -> EngineInfo:
         """Start an engine; with `wait` the call returns once it is RUNNING (or raises).
-        `role` (both / prefill / decode) places it in PD (disaggregated) routing."""
+        `role` (both / prefill / decode) places it in PD (disaggregated) routing;
+        `enable_lora` lets LoRA adapters be loaded on it (vllm, sim)."""
         body: dict[str, Any] = {
             "model_id": model_id,
             "engine_kind": engine_kind,
@@ -372,6 +389,8 @@ class ManagementClient:
             "engine_id": engine_id,
             "startup_timeout_s": startup_timeout_s,
             "role": role,
+            "enable_lora": enable_lora or None,
+            "max_lora_rank": max_lora_rank,
         }
         body.update({k: v for k, v in optional.items() if v is not None})
         budget = (startup_timeout_s or DEFAULT_STARTUP_TIMEOUT_S) + _START_SLACK_S
@@ -430,6 +449,28 @@ class ManagementClient:
                 f"/management/engines/{_segment(engine_id)}",
                 params=params,
                 timeout=timeout,
+            )
+        )
+
+    def load_adapter(self, engine_id: str, name: str, path: str) -> EngineInfo:
+        """Load LoRA adapter `name` from `path` (on the engine's host) on an engine started
+        with LoRA enabled; requests naming `name` as their model then go to it."""
+        return EngineInfo.model_validate(
+            self._request(
+                "POST",
+                f"/management/engines/{_segment(engine_id)}/adapters",
+                body={"name": name, "path": path},
+                timeout=max(self.timeout, ADAPTER_TIMEOUT_S),
+            )
+        )
+
+    def unload_adapter(self, engine_id: str, name: str) -> EngineInfo:
+        """Unload LoRA adapter `name` from an engine."""
+        return EngineInfo.model_validate(
+            self._request(
+                "DELETE",
+                f"/management/engines/{_segment(engine_id)}/adapters/{quote(name, safe='')}",
+                timeout=max(self.timeout, ADAPTER_TIMEOUT_S),
             )
         )
 

@@ -60,10 +60,17 @@ class InMemoryEngines:
         use_gpu: bool | None = None,
         extra_args: Sequence[str] | None = None,
         metadata: Mapping[str, str] | None = None,
+        enable_lora: bool = False,
+        max_lora_rank: int | None = None,
     ) -> EngineInfo:
         self.calls.append(("start", model_id))
         self.start_kwargs.append(
-            {"tp": tensor_parallel_size, "label": engine_label, "metadata": dict(metadata or {})}
+            {
+                "tp": tensor_parallel_size,
+                "label": engine_label,
+                "metadata": dict(metadata or {}),
+                "lora": (enable_lora, max_lora_rank),
+            }
         )
         if model_id in self.fail:
             raise self.fail[model_id]
@@ -118,6 +125,17 @@ def test_starts_all_in_order_with_labels_and_metadata() -> None:
         "preset_engine": "big",
         "team": "a",
     }
+
+
+def test_a_lora_engine_starts_with_lora_enabled() -> None:
+    plane = InMemoryEngines()
+    preset = parse_preset(
+        "version: 1\nname: lora\nengines:\n"
+        "  - {name: base, model: m-base, backend: vllm, lora: true, max_lora_rank: 8}\n"
+        "  - {name: plain, model: m-plain}\n"
+    )
+    apply_preset(preset, plane)
+    assert [k["lora"] for k in plane.start_kwargs] == [(True, 8), (False, None)]
 
 
 def test_second_apply_keeps_everything() -> None:

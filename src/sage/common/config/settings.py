@@ -132,6 +132,9 @@ class SchedulerSettings(_Section):
     breaker_failures: int = 5
     breaker_cooldown_s: float = 5.0
     breaker_max_cooldown_s: float = 60.0
+    # How long a request naming a LoRA adapter no engine has loaded waits for it to load
+    # (on the least-loaded LoRA engine of its base model) before it fails with a timeout.
+    adapter_load_timeout_s: float = Field(default=60.0, gt=0)
 
     @field_validator("policy", mode="before")
     @classmethod

@@ -66,6 +66,7 @@ from sage.engines.sim.kv import (
     prefill_reply_params,
     pull_blocks,
 )
+from sage.engines.sim.lora import SimLora
 from sage.engines.sim.model import (
     OWNED_BY,
     AdmissionQueue,
@@ -617,6 +618,8 @@ class _SimEngine:
             else None
         )
         self._created = int(time.time())
+        # LoRA adapters loaded at run time (--enable-lora; see lora.py).
+        self.lora = SimLora(config.max_lora_rank) if config.enable_lora else None
 
     async def start(self) -> None:
         """Open the KV side channel of an engine that hands KV out (a busy port fails the
@@ -638,7 +641,7 @@ class _SimEngine:
             return self.config.model
         if not isinstance(model, str):
             raise InvalidRequestError("model must be a string", param="model")
-        if model not in self.config.served_names:
+        if model not in self.config.served_names and not (self.lora and self.lora.serves(model)):
             if pooling:  # vLLM's pooling routes say less, and name no param
                 raise NotFoundError(f"The model `{model}` does not exist.")
             aliases = ", ".join(self.config.served_names)
@@ -1199,8 +1202,9 @@ class _SimEngine:
     # ---- plain routes
 
     async def models(self, request: Request) -> Response:
-        """GET /v1/models: every served name, owned by sage-sim so nobody mistakes it."""
-        return JSONResponse(
+        """GET /v1/models: every served name, owned by sage-sim so nobody mistakes it, then
+        the LoRA adapters loaded (`parent`: the model)."""
+        response = JSONResponse(
             {
                 "object": "list",
                 "data": [
@@ -1233,6 +1237,11 @@ class _SimEngine:
                 ],
             }
         )
+        if self.lora is None:
+            return response
+        listed = orjson.loads(response.body)
+        listed["data"] += self.lora.model_entries(listed["data"][0])
+        return JSONResponse(listed)
 
     async def health(self, request: Request) -> Response:
         """GET /health: 200 with an empty body, as vLLM answers."""
@@ -1278,6 +1287,9 @@ def create_app(config: SimConfig) -> App:
     }
     if config.embedding_dim > 0:
         routes["/v1/embeddings"] = ("POST", engine.embeddings)
+    if engine.lora is not None:
+        routes["/v1/load_lora_adapter"] = ("POST", engine.lora.load)
+        routes["/v1/unload_lora_adapter"] = ("POST", engine.lora.unload)
     not_allowed = _detail(405)
     for path, (method, handler) in routes.items():
         app.add(method, path, _vllm_errors(handler))
@@ -1406,6 +1418,13 @@ def _parser() -> argparse.ArgumentParser:
         help="folder ExampleConnector engines share (its shared_storage_path)",
     )
     parser.add_argument(
+        "--enable-lora",
+        action="store_true",
+        help="serve /v1/load_lora_adapter and /v1/unload_lora_adapter, as vLLM does with "
+        "--enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING",
+    )
+    parser.add_argument("--max-lora-rank", type=int, default=defaults.max_lora_rank)
+    parser.add_argument(
         "--subword-tokens",
         action="store_true",
         help="output tokens that continue the word before them (like WordPiece's ##s), so "
@@ -1453,6 +1472,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             kv_connector=args.kv_connector,
             kv_shared_storage_path=args.kv_shared_storage_path,
             subword_tokens=args.subword_tokens,
+            enable_lora=args.enable_lora,
+            max_lora_rank=args.max_lora_rank,
         )
     except ConfigurationError as exc:
         parser.error(exc.message)

@@ -147,6 +147,9 @@ class SimConfig:
     # Output tokens that continue the word before them (WordPiece's "##s"): replies then
     # do not re-tokenize to their own ids, as real tokenizers' often do not.
     subword_tokens: bool = False
+    # Serve vLLM's runtime LoRA routes (vLLM's --enable-lora, runtime updating on).
+    enable_lora: bool = False
+    max_lora_rank: int = 16
     served_names: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -162,6 +165,7 @@ class SimConfig:
             (0 <= self.port <= 65535, "port must be in 0..65535"),
             (self.role in ("both", "prefill", "decode"), "role must be both, prefill or decode"),
             (self.kv_block_size >= 1, "kv_block_size must be >= 1"),
+            (self.max_lora_rank >= 1, "max_lora_rank must be >= 1"),
             (self.kv_hold_s > 0, "kv_hold_s must be > 0"),
             (0 <= self.kv_side_channel_port <= 65535, "kv_side_channel_port must be 0..65535"),
             (

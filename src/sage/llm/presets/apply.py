@@ -52,6 +52,8 @@ class EngineControl(Protocol):
         use_gpu: bool | None = None,
         extra_args: Sequence[str] | None = None,
         metadata: Mapping[str, str] | None = None,
+        enable_lora: bool = False,
+        max_lora_rank: int | None = None,
     ) -> EngineInfo:
         """Start one engine and wait until it is ready."""
         ...
@@ -160,6 +162,8 @@ def _start(client: EngineControl, preset: Preset, spec: PresetEngine, label: str
         use_gpu=spec.use_gpu,
         extra_args=spec.extra_args or None,
         metadata=metadata,
+        enable_lora=spec.lora,
+        max_lora_rank=spec.max_lora_rank,
     )
 
 

@@ -34,6 +34,9 @@ class PresetEngine(BaseModel):
     use_gpu: bool | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
     extra_args: list[str] = Field(default_factory=list)
+    # LoRA adapters can be loaded on it at run time (`sage llm engine adapter load`).
+    lora: bool = False
+    max_lora_rank: int | None = Field(default=None, ge=1, le=512)
 
     def engine_label(self, preset_name: str) -> str:
         """The label that identifies this engine as started by the preset."""

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fsage/rpc/common/v1/common.proto\x12\x12sage.rpc.common.v1\"\xd6\x04\n\x06\x45ngine\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12,\n\x04kind\x18\x03 \x01(\x0e\x32\x1e.sage.rpc.common.v1.EngineKind\x12\x10\n\x08\x62\x61se_url\x18\x04 \x01(\t\x12,\n\x04role\x18\x05 \x01(\x0e\x32\x1e.sage.rpc.common.v1.EngineRole\x12.\n\x05state\x18\x06 \x01(\x0e\x32\x1f.sage.rpc.common.v1.EngineState\x12\x0f\n\x07\x62\x61\x63kend\x18\x07 \x01(\t\x12\x0f\n\x07\x61liases\x18\x08 \x03(\t\x12\x13\n\x0bgpu_indexes\x18\t \x03(\x05\x12\x0b\n\x03pid\x18\n \x01(\x05\x12\x0c\n\x04port\x18\x0b \x01(\x05\x12\x0f\n\x07node_id\x18\x0c \x01(\t\x12\x36\n\x06labels\x18\r \x03(\x0b\x32&.sage.rpc.common.v1.Engine.LabelsEntry\x12\r\n\x05label\x18\x0e \x01(\t\x12\x15\n\rrestart_count\x18\x0f \x01(\x05\x12\r\n\x05\x65rror\x18\x10 \x01(\t\x12\x12\n\nstarted_at\x18\x11 \x01(\x01\x12:\n\x08metadata\x18\x12 \x03(\x0b\x32(.sage.rpc.common.v1.Engine.MetadataEntry\x12\x0c\n\x04host\x18\x13 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x03\"]\n\x07NodeGpu\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x1a\n\x12memory_total_bytes\x18\x03 \x01(\x03\x12\x19\n\x11memory_free_bytes\x18\x04 \x01(\x03\"\xcd\x01\n\nNodeReport\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x16\n\x0elifecycle_addr\x18\x02 \x01(\t\x12\x16\n\x0e\x61\x64vertise_host\x18\x03 \x01(\t\x12\x11\n\tgpu_count\x18\x04 \x01(\x05\x12)\n\x04gpus\x18\x05 \x03(\x0b\x32\x1b.sage.rpc.common.v1.NodeGpu\x12\x12\n\nengine_ids\x18\x06 \x03(\t\x12\x16\n\x0e\x61gent_instance\x18\x07 \x01(\t\x12\x14\n\x0c\x63pu_backends\x18\x08 \x03(\t*Y\n\nEngineKind\x12\x1b\n\x17\x45NGINE_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x45NGINE_KIND_LLM\x10\x01\x12\x19\n\x15\x45NGINE_KIND_EMBEDDING\x10\x02*p\n\nEngineRole\x12\x1b\n\x17\x45NGINE_ROLE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45NGINE_ROLE_BOTH\x10\x01\x12\x17\n\x13\x45NGINE_ROLE_PREFILL\x10\x02\x12\x16\n\x12\x45NGINE_ROLE_DECODE\x10\x03*\xac\x01\n\x0b\x45ngineState\x12\x1c\n\x18\x45NGINE_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45NGINE_STATE_STARTING\x10\x01\x12\x16\n\x12\x45NGINE_STATE_READY\x10\x02\x12\x19\n\x15\x45NGINE_STATE_DRAINING\x10\x03\x12\x18\n\x14\x45NGINE_STATE_STOPPED\x10\x04\x12\x17\n\x13\x45NGINE_STATE_FAILED\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fsage/rpc/common/v1/common.proto\x12\x12sage.rpc.common.v1\"\x9f\x05\n\x06\x45ngine\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12,\n\x04kind\x18\x03 \x01(\x0e\x32\x1e.sage.rpc.common.v1.EngineKind\x12\x10\n\x08\x62\x61se_url\x18\x04 \x01(\t\x12,\n\x04role\x18\x05 \x01(\x0e\x32\x1e.sage.rpc.common.v1.EngineRole\x12.\n\x05state\x18\x06 \x01(\x0e\x32\x1f.sage.rpc.common.v1.EngineState\x12\x0f\n\x07\x62\x61\x63kend\x18\x07 \x01(\t\x12\x0f\n\x07\x61liases\x18\x08 \x03(\t\x12\x13\n\x0bgpu_indexes\x18\t \x03(\x05\x12\x0b\n\x03pid\x18\n \x01(\x05\x12\x0c\n\x04port\x18\x0b \x01(\x05\x12\x0f\n\x07node_id\x18\x0c \x01(\t\x12\x36\n\x06labels\x18\r \x03(\x0b\x32&.sage.rpc.common.v1.Engine.LabelsEntry\x12\r\n\x05label\x18\x0e \x01(\t\x12\x15\n\rrestart_count\x18\x0f \x01(\x05\x12\r\n\x05\x65rror\x18\x10 \x01(\t\x12\x12\n\nstarted_at\x18\x11 \x01(\x01\x12:\n\x08metadata\x18\x12 \x03(\x0b\x32(.sage.rpc.common.v1.Engine.MetadataEntry\x12\x0c\n\x04host\x18\x13 \x01(\t\x12\x31\n\x08\x61\x64\x61pters\x18\x14 \x03(\x0b\x32\x1f.sage.rpc.common.v1.LoraAdapter\x12\x14\n\x0clora_enabled\x18\x15 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\")\n\x0bLoraAdapter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x03\"]\n\x07NodeGpu\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x1a\n\x12memory_total_bytes\x18\x03 \x01(\x03\x12\x19\n\x11memory_free_bytes\x18\x04 \x01(\x03\"\xcd\x01\n\nNodeReport\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x16\n\x0elifecycle_addr\x18\x02 \x01(\t\x12\x16\n\x0e\x61\x64vertise_host\x18\x03 \x01(\t\x12\x11\n\tgpu_count\x18\x04 \x01(\x05\x12)\n\x04gpus\x18\x05 \x03(\x0b\x32\x1b.sage.rpc.common.v1.NodeGpu\x12\x12\n\nengine_ids\x18\x06 \x03(\t\x12\x16\n\x0e\x61gent_instance\x18\x07 \x01(\t\x12\x14\n\x0c\x63pu_backends\x18\x08 \x03(\t*Y\n\nEngineKind\x12\x1b\n\x17\x45NGINE_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x45NGINE_KIND_LLM\x10\x01\x12\x19\n\x15\x45NGINE_KIND_EMBEDDING\x10\x02*p\n\nEngineRole\x12\x1b\n\x17\x45NGINE_ROLE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45NGINE_ROLE_BOTH\x10\x01\x12\x17\n\x13\x45NGINE_ROLE_PREFILL\x10\x02\x12\x16\n\x12\x45NGINE_ROLE_DECODE\x10\x03*\xac\x01\n\x0b\x45ngineState\x12\x1c\n\x18\x45NGINE_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45NGINE_STATE_STARTING\x10\x01\x12\x16\n\x12\x45NGINE_STATE_READY\x10\x02\x12\x19\n\x15\x45NGINE_STATE_DRAINING\x10\x03\x12\x18\n\x14\x45NGINE_STATE_STOPPED\x10\x04\x12\x17\n\x13\x45NGINE_STATE_FAILED\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,22 +35,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENGINE_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_ENGINE_METADATAENTRY']._loaded_options = None
   _globals['_ENGINE_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_ENGINEKIND']._serialized_start=1040
-  _globals['_ENGINEKIND']._serialized_end=1129
-  _globals['_ENGINEROLE']._serialized_start=1131
-  _globals['_ENGINEROLE']._serialized_end=1243
-  _globals['_ENGINESTATE']._serialized_start=1246
-  _globals['_ENGINESTATE']._serialized_end=1418
+  _globals['_ENGINEKIND']._serialized_start=1156
+  _globals['_ENGINEKIND']._serialized_end=1245
+  _globals['_ENGINEROLE']._serialized_start=1247
+  _globals['_ENGINEROLE']._serialized_end=1359
+  _globals['_ENGINESTATE']._serialized_start=1362
+  _globals['_ENGINESTATE']._serialized_end=1534
   _globals['_ENGINE']._serialized_start=56
-  _globals['_ENGINE']._serialized_end=654
-  _globals['_ENGINE_LABELSENTRY']._serialized_start=560
-  _globals['_ENGINE_LABELSENTRY']._serialized_end=605
-  _globals['_ENGINE_METADATAENTRY']._serialized_start=607
-  _globals['_ENGINE_METADATAENTRY']._serialized_end=654
-  _globals['_USAGE']._serialized_start=656
-  _globals['_USAGE']._serialized_end=735
-  _globals['_NODEGPU']._serialized_start=737
-  _globals['_NODEGPU']._serialized_end=830
-  _globals['_NODEREPORT']._serialized_start=833
-  _globals['_NODEREPORT']._serialized_end=1038
+  _globals['_ENGINE']._serialized_end=727
+  _globals['_ENGINE_LABELSENTRY']._serialized_start=633
+  _globals['_ENGINE_LABELSENTRY']._serialized_end=678
+  _globals['_ENGINE_METADATAENTRY']._serialized_start=680
+  _globals['_ENGINE_METADATAENTRY']._serialized_end=727
+  _globals['_LORAADAPTER']._serialized_start=729
+  _globals['_LORAADAPTER']._serialized_end=770
+  _globals['_USAGE']._serialized_start=772
+  _globals['_USAGE']._serialized_end=851
+  _globals['_NODEGPU']._serialized_start=853
+  _globals['_NODEGPU']._serialized_end=946
+  _globals['_NODEREPORT']._serialized_start=949
+  _globals['_NODEREPORT']._serialized_end=1154
 # @@protoc_insertion_point(module_scope)

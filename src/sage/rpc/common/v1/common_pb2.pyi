@@ -152,6 +152,8 @@ class Engine(_message.Message):
     STARTED_AT_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     HOST_FIELD_NUMBER: _builtins.int
+    ADAPTERS_FIELD_NUMBER: _builtins.int
+    LORA_ENABLED_FIELD_NUMBER: _builtins.int
     engine_id: _builtins.str
     """Stable id chosen by lifecycle (or the registrant); safe as a file name."""
     model: _builtins.str
@@ -178,6 +180,8 @@ class Engine(_message.Message):
     """Unix seconds when the current process started."""
     host: _builtins.str
     """Host the engine listens on (reachable address)."""
+    lora_enabled: _builtins.bool
+    """Started with LoRA enabled (vLLM --enable-lora): adapters can be loaded at run time."""
     @_builtins.property
     def aliases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Extra names clients may use for the model."""
@@ -193,6 +197,10 @@ class Engine(_message.Message):
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Caller-supplied metadata, returned as given."""
+
+    @_builtins.property
+    def adapters(self) -> _containers.RepeatedCompositeFieldContainer[Global___LoraAdapter]:
+        """LoRA adapters loaded on the engine now; a request naming one (`model`) may go here."""
 
     def __init__(
         self,
@@ -216,14 +224,42 @@ class Engine(_message.Message):
         started_at: _builtins.float = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         host: _builtins.str = ...,
+        adapters: _abc.Iterable[Global___LoraAdapter] | None = ...,
+        lora_enabled: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "backend", b"backend", "base_url", b"base_url", "engine_id", b"engine_id", "error", b"error", "gpu_indexes", b"gpu_indexes", "host", b"host", "kind", b"kind", "label", b"label", "labels", b"labels", "metadata", b"metadata", "model", b"model", "node_id", b"node_id", "pid", b"pid", "port", b"port", "restart_count", b"restart_count", "role", b"role", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "aliases", b"aliases", "backend", b"backend", "base_url", b"base_url", "engine_id", b"engine_id", "error", b"error", "gpu_indexes", b"gpu_indexes", "host", b"host", "kind", b"kind", "label", b"label", "labels", b"labels", "lora_enabled", b"lora_enabled", "metadata", b"metadata", "model", b"model", "node_id", b"node_id", "pid", b"pid", "port", b"port", "restart_count", b"restart_count", "role", b"role", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Engine: _TypeAlias = Engine  # noqa: Y015
+
+@_typing.final
+class LoraAdapter(_message.Message):
+    """LoraAdapter is one LoRA adapter loaded on an engine."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The name clients send as `model` (vLLM's lora_name)."""
+    path: _builtins.str
+    """Where the engine loaded it from (a folder with adapter_config.json, on the engine's host)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        path: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "path", b"path"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoraAdapter: _TypeAlias = LoraAdapter  # noqa: Y015
 
 @_typing.final
 class Usage(_message.Message):

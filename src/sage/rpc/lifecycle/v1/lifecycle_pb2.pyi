@@ -65,6 +65,8 @@ class StartEngineRequest(_message.Message):
     NO_WAIT_FIELD_NUMBER: _builtins.int
     LIKE_ENGINE_ID_FIELD_NUMBER: _builtins.int
     JOIN_EXISTING_MODEL_FIELD_NUMBER: _builtins.int
+    ENABLE_LORA_FIELD_NUMBER: _builtins.int
+    MAX_LORA_RANK_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model id or local path, e.g. Qwen/Qwen2.5-7B-Instruct."""
     kind: _common_pb2.EngineKind.ValueType
@@ -108,6 +110,12 @@ class StartEngineRequest(_message.Message):
     registration is refused (ALREADY_EXISTS): an external engine never joins a managed
     model's pool by accident.
     """
+    enable_lora: _builtins.bool
+    """Serve LoRA adapters loaded at run time (vLLM --enable-lora with runtime updating; the
+    sim likewise). Backends without LoRA refuse it.
+    """
+    max_lora_rank: _builtins.int
+    """Highest LoRA rank the engine accepts (vLLM --max-lora-rank); 0 = the engine's default."""
     @_builtins.property
     def extra_args(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Extra command-line arguments passed to the engine program, one argument per item."""
@@ -145,10 +153,12 @@ class StartEngineRequest(_message.Message):
         no_wait: _builtins.bool = ...,
         like_engine_id: _builtins.str = ...,
         join_existing_model: _builtins.bool = ...,
+        enable_lora: _builtins.bool = ...,
+        max_lora_rank: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_use_gpu", b"_use_gpu", "use_gpu", b"use_gpu"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_use_gpu", b"_use_gpu", "aliases", b"aliases", "backend", b"backend", "base_url", b"base_url", "engine_id", b"engine_id", "extra_args", b"extra_args", "gpu_memory_utilization", b"gpu_memory_utilization", "join_existing_model", b"join_existing_model", "kind", b"kind", "label", b"label", "like_engine_id", b"like_engine_id", "max_concurrent_requests", b"max_concurrent_requests", "max_model_len", b"max_model_len", "metadata", b"metadata", "model", b"model", "no_wait", b"no_wait", "pipeline_parallel_size", b"pipeline_parallel_size", "port", b"port", "required_memory_gb", b"required_memory_gb", "role", b"role", "startup_timeout_s", b"startup_timeout_s", "tensor_parallel_size", b"tensor_parallel_size", "use_gpu", b"use_gpu"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_use_gpu", b"_use_gpu", "aliases", b"aliases", "backend", b"backend", "base_url", b"base_url", "enable_lora", b"enable_lora", "engine_id", b"engine_id", "extra_args", b"extra_args", "gpu_memory_utilization", b"gpu_memory_utilization", "join_existing_model", b"join_existing_model", "kind", b"kind", "label", b"label", "like_engine_id", b"like_engine_id", "max_concurrent_requests", b"max_concurrent_requests", "max_lora_rank", b"max_lora_rank", "max_model_len", b"max_model_len", "metadata", b"metadata", "model", b"model", "no_wait", b"no_wait", "pipeline_parallel_size", b"pipeline_parallel_size", "port", b"port", "required_memory_gb", b"required_memory_gb", "role", b"role", "startup_timeout_s", b"startup_timeout_s", "tensor_parallel_size", b"tensor_parallel_size", "use_gpu", b"use_gpu"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__use_gpu: _TypeAlias = _typing.Literal["use_gpu"]  # noqa: Y015
     _WhichOneofArgType__use_gpu: _TypeAlias = _typing.Literal["_use_gpu", b"_use_gpu"]  # noqa: Y015
@@ -482,3 +492,93 @@ class DescribeNodeResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DescribeNodeResponse: _TypeAlias = DescribeNodeResponse  # noqa: Y015
+
+@_typing.final
+class LoadAdapterRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENGINE_ID_FIELD_NUMBER: _builtins.int
+    ADAPTER_FIELD_NUMBER: _builtins.int
+    engine_id: _builtins.str
+    @_builtins.property
+    def adapter(self) -> _common_pb2.LoraAdapter: ...
+    def __init__(
+        self,
+        *,
+        engine_id: _builtins.str = ...,
+        adapter: _common_pb2.LoraAdapter | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "engine_id", b"engine_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoadAdapterRequest: _TypeAlias = LoadAdapterRequest  # noqa: Y015
+
+@_typing.final
+class LoadAdapterResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENGINE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def engine(self) -> _common_pb2.Engine:
+        """The engine with the adapter loaded."""
+
+    def __init__(
+        self,
+        *,
+        engine: _common_pb2.Engine | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoadAdapterResponse: _TypeAlias = LoadAdapterResponse  # noqa: Y015
+
+@_typing.final
+class UnloadAdapterRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENGINE_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    engine_id: _builtins.str
+    name: _builtins.str
+    """The adapter's name."""
+    def __init__(
+        self,
+        *,
+        engine_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine_id", b"engine_id", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnloadAdapterRequest: _TypeAlias = UnloadAdapterRequest  # noqa: Y015
+
+@_typing.final
+class UnloadAdapterResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENGINE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def engine(self) -> _common_pb2.Engine:
+        """The engine without the adapter."""
+
+    def __init__(
+        self,
+        *,
+        engine: _common_pb2.Engine | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnloadAdapterResponse: _TypeAlias = UnloadAdapterResponse  # noqa: Y015

@@ -76,6 +76,16 @@ class LifecycleServiceStub:
                 request_serializer=sage_dot_rpc_dot_lifecycle_dot_v1_dot_lifecycle__pb2.DescribeNodeRequest.SerializeToString,
                 response_deserializer=sage_dot_rpc_dot_lifecycle_dot_v1_dot_lifecycle__pb2.DescribeNodeResponse.FromString,
                 _registered_method=True)
+        self.LoadAdapter = channel.unary_unary(
+                '/sage.rpc.lifecycle.v1.LifecycleService/LoadAdapter',
+                request_serializer=sage_dot_rpc_dot_lifecycle_dot_v1_dot_lifecycle__pb2.LoadAdapterRequest.SerializeToString,
+                response_deserializer=sage_dot_rpc_dot_lifecycle_dot_v1_dot_lifecycle__pb2.LoadAdapterResponse.FromString,
+                _registered_method=True)
+        self.UnloadAdapter = channel.unary_unary(
+                '/sage.rpc.lifecycle.v1.LifecycleService/UnloadAdapter',
+                request_serializer=sage_dot_rpc_dot_lifecycle_dot_v1_dot_lifecycle__pb2.UnloadAdapterRequest.SerializeToString,
+                response_deserializer=sage_dot_rpc_dot_lifecycle_dot_v1_dot_lifecycle__pb2.UnloadAdapterResponse.FromString,
+                _registered_method=True)
 
 
 class LifecycleServiceServicer:
@@ -140,6 +150,23 @@ class LifecycleServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadAdapter(self, request, context):
+        """LoadAdapter loads a LoRA adapter on a ready engine started with LoRA enabled, and
+        registers the engine again so the scheduler routes the adapter's requests to it. An
+        adapter already loaded there under the same name and path is not an error.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadAdapter(self, request, context):
+        """UnloadAdapter unloads a LoRA adapter from an engine (NOT_FOUND when it has none of
+        that name).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LifecycleServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -182,6 +209,16 @@ def add_LifecycleServiceServicer_to_server(servicer, server):
                     servicer.DescribeNode,
                     request_deserializer=sage_dot_rpc_dot_lifecycle_dot_v1_dot_lifecycle__pb2.DescribeNodeRequest.FromString,
                     response_serializer=sage_dot_rpc_dot_lifecycle_dot_v1_dot_lifecycle__pb2.DescribeNodeResponse.SerializeToString,
+            ),
+            'LoadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadAdapter,
+                    request_deserializer=sage_dot_rpc_dot_lifecycle_dot_v1_dot_lifecycle__pb2.LoadAdapterRequest.FromString,
+                    response_serializer=sage_dot_rpc_dot_lifecycle_dot_v1_dot_lifecycle__pb2.LoadAdapterResponse.SerializeToString,
+            ),
+            'UnloadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadAdapter,
+                    request_deserializer=sage_dot_rpc_dot_lifecycle_dot_v1_dot_lifecycle__pb2.UnloadAdapterRequest.FromString,
+                    response_serializer=sage_dot_rpc_dot_lifecycle_dot_v1_dot_lifecycle__pb2.UnloadAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -402,6 +439,60 @@ class LifecycleService:
             '/sage.rpc.lifecycle.v1.LifecycleService/DescribeNode',
             sage_dot_rpc_dot_lifecycle_dot_v1_dot_lifecycle__pb2.DescribeNodeRequest.SerializeToString,
             sage_dot_rpc_dot_lifecycle_dot_v1_dot_lifecycle__pb2.DescribeNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sage.rpc.lifecycle.v1.LifecycleService/LoadAdapter',
+            sage_dot_rpc_dot_lifecycle_dot_v1_dot_lifecycle__pb2.LoadAdapterRequest.SerializeToString,
+            sage_dot_rpc_dot_lifecycle_dot_v1_dot_lifecycle__pb2.LoadAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sage.rpc.lifecycle.v1.LifecycleService/UnloadAdapter',
+            sage_dot_rpc_dot_lifecycle_dot_v1_dot_lifecycle__pb2.UnloadAdapterRequest.SerializeToString,
+            sage_dot_rpc_dot_lifecycle_dot_v1_dot_lifecycle__pb2.UnloadAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -53,6 +53,15 @@ class LifecycleServiceStub:
     """DescribeNode reports this node (GPUs, ready engines, addresses), for schedulers that
     poll statically configured nodes instead of waiting for heartbeats.
     """
+    LoadAdapter: _grpc.UnaryUnaryMultiCallable[_lifecycle_pb2.LoadAdapterRequest, _lifecycle_pb2.LoadAdapterResponse]
+    """LoadAdapter loads a LoRA adapter on a ready engine started with LoRA enabled, and
+    registers the engine again so the scheduler routes the adapter's requests to it. An
+    adapter already loaded there under the same name and path is not an error.
+    """
+    UnloadAdapter: _grpc.UnaryUnaryMultiCallable[_lifecycle_pb2.UnloadAdapterRequest, _lifecycle_pb2.UnloadAdapterResponse]
+    """UnloadAdapter unloads a LoRA adapter from an engine (NOT_FOUND when it has none of
+    that name).
+    """
 
 @_typing.type_check_only
 class LifecycleServiceAsyncStub(LifecycleServiceStub):
@@ -78,6 +87,15 @@ class LifecycleServiceAsyncStub(LifecycleServiceStub):
     DescribeNode: _aio.UnaryUnaryMultiCallable[_lifecycle_pb2.DescribeNodeRequest, _lifecycle_pb2.DescribeNodeResponse]  # type: ignore[assignment]
     """DescribeNode reports this node (GPUs, ready engines, addresses), for schedulers that
     poll statically configured nodes instead of waiting for heartbeats.
+    """
+    LoadAdapter: _aio.UnaryUnaryMultiCallable[_lifecycle_pb2.LoadAdapterRequest, _lifecycle_pb2.LoadAdapterResponse]  # type: ignore[assignment]
+    """LoadAdapter loads a LoRA adapter on a ready engine started with LoRA enabled, and
+    registers the engine again so the scheduler routes the adapter's requests to it. An
+    adapter already loaded there under the same name and path is not an error.
+    """
+    UnloadAdapter: _aio.UnaryUnaryMultiCallable[_lifecycle_pb2.UnloadAdapterRequest, _lifecycle_pb2.UnloadAdapterResponse]  # type: ignore[assignment]
+    """UnloadAdapter unloads a LoRA adapter from an engine (NOT_FOUND when it has none of
+    that name).
     """
 
 class LifecycleServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -149,6 +167,27 @@ class LifecycleServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_lifecycle_pb2.DescribeNodeResponse, _abc.Awaitable[_lifecycle_pb2.DescribeNodeResponse]]:
         """DescribeNode reports this node (GPUs, ready engines, addresses), for schedulers that
         poll statically configured nodes instead of waiting for heartbeats.
+        """
+
+    @_abc_1.abstractmethod
+    def LoadAdapter(
+        self,
+        request: _lifecycle_pb2.LoadAdapterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_lifecycle_pb2.LoadAdapterResponse, _abc.Awaitable[_lifecycle_pb2.LoadAdapterResponse]]:
+        """LoadAdapter loads a LoRA adapter on a ready engine started with LoRA enabled, and
+        registers the engine again so the scheduler routes the adapter's requests to it. An
+        adapter already loaded there under the same name and path is not an error.
+        """
+
+    @_abc_1.abstractmethod
+    def UnloadAdapter(
+        self,
+        request: _lifecycle_pb2.UnloadAdapterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_lifecycle_pb2.UnloadAdapterResponse, _abc.Awaitable[_lifecycle_pb2.UnloadAdapterResponse]]:
+        """UnloadAdapter unloads a LoRA adapter from an engine (NOT_FOUND when it has none of
+        that name).
         """
 
 def add_LifecycleServiceServicer_to_server(servicer: LifecycleServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -608,6 +608,7 @@ class Model(_message.Message):
     CREATED_FIELD_NUMBER: _builtins.int
     READY_ENGINES_FIELD_NUMBER: _builtins.int
     ALIAS_OF_FIELD_NUMBER: _builtins.int
+    PARENT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     kind: _common_pb2.EngineKind.ValueType
     created: _builtins.int
@@ -616,6 +617,8 @@ class Model(_message.Message):
     """Ready engines serving it."""
     alias_of: _builtins.str
     """Set when `id` is an alias; names the model it resolves to."""
+    parent: _builtins.str
+    """Set when `id` is a LoRA adapter; names its base model (vLLM's `parent`)."""
     def __init__(
         self,
         *,
@@ -624,10 +627,11 @@ class Model(_message.Message):
         created: _builtins.int = ...,
         ready_engines: _builtins.int = ...,
         alias_of: _builtins.str = ...,
+        parent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias_of", b"alias_of", "created", b"created", "id", b"id", "kind", b"kind", "ready_engines", b"ready_engines"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias_of", b"alias_of", "created", b"created", "id", b"id", "kind", b"kind", "parent", b"parent", "ready_engines", b"ready_engines"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
