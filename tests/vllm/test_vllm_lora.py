@@ -2,7 +2,9 @@
 `enable_lora` gets `--enable-lora --max-lora-rank 8` and runtime loading; an adapter built
 here (scripts/build_tiny_lora.py, rank 8 on q_proj/v_proj) is loaded through the management
 API, listed in /v1/models with its base model, changes what the model writes, and is gone
-once unloaded."""
+once unloaded. Named to run after the other modules here (pytest collects files in
+order): by then their extra engines are stopped, so this one's engine adds to no other
+start-up on a small CI machine."""
 
 from __future__ import annotations
 
