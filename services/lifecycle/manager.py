@@ -561,6 +561,7 @@ class EngineLifecycleManager:
                 state=STARTING,
                 started_at=time.time(),
                 health_path=plan.health_path,
+                labels=plan.labels,
                 error="",
             )
         )

@@ -63,9 +63,9 @@ def engine_pb(record: EngineRecord, node_id: str = "") -> common_pb2.Engine:
         port=record.port,
         # The scheduler caps in-flight requests at the engine's own concurrency.
         labels=(
-            {**spec.labels, "max_concurrent_requests": str(concurrency)}
+            {**spec.labels, **record.labels, "max_concurrent_requests": str(concurrency)}
             if (concurrency := spec.declared_concurrency(record.backend)) > 0
-            else spec.labels
+            else {**spec.labels, **record.labels}
         ),
         label=spec.label,
         restart_count=record.restart_count,

@@ -42,6 +42,7 @@ class EngineRecord:
     error: str = ""
     crash_times: list[float] = field(default_factory=list)
     health_path: str = "/health"
+    labels: dict[str, str] = field(default_factory=dict)  # the launch plan's (LaunchPlan)
     # LoRA adapters loaded on the engine, name → path (re-loaded after a crash restart).
     adapters: dict[str, str] = field(default_factory=dict)
 

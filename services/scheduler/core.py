@@ -373,6 +373,10 @@ class Scheduler:
                 return await self.executor.post_json(engine, path, _for_engine(leg, model, engine))
 
         route = RouteRequest(model, session_key, prefix, cost)
+        # A router needing I/O before it picks (base.Annotating: kv_events' token ids).
+        annotate = getattr(self.router, "annotate", None)
+        if annotate is not None and engines:
+            route = await annotate(route, parsed.doc(), engines)
         plan = await self.pd.plan(route, parsed.raw, engines, prefill)
         if plan is None:
             return parsed.raw, self._with_room_first(route, engines)

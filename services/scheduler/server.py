@@ -40,7 +40,7 @@ from .metrics import SchedulerMetrics
 from .nodes import NodeTable, StaticNode
 from .rebuild import rebuild_from_lifecycle
 from .registry import EngineKind, EngineRegistry, EngineState
-from .routing import create_router
+from .routing import KvEventsRouter, create_router
 from .servicer import SchedulerServicer
 
 __all__ = [
@@ -81,9 +81,10 @@ def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageS
     metrics.queue_depth = lambda: admission.stats.queued
     routing = own.routing
     registry = EngineRegistry()
+    router = create_router(routing, load)
     scheduler = Scheduler(
         registry,
-        create_router(routing, load),
+        router,
         executor,
         GrpcEmbeddingBackend(embedding_channel, settings.request_timeout_s),
         admission=admission,
@@ -168,6 +169,22 @@ def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageS
             )
 
         server.on_start(_scrape)
+
+    if isinstance(router, KvEventsRouter):
+        # Subscribes to the ready engines' KV-event publishers; its counters join /metrics.
+        metrics.registry.register(router)
+
+        async def _subscribe() -> None:
+            router.start(
+                lambda: [
+                    e
+                    for e in registry.engines()
+                    if e.kind is EngineKind.LLM and e.state is EngineState.READY
+                ]
+            )
+
+        server.on_start(_subscribe)
+        server.on_stop(router.aclose)
 
     autoscaler: Autoscaler | None = None
     lifecycle_channel: grpc.aio.Channel | None = None

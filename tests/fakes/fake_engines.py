@@ -159,6 +159,8 @@ def vllm(argv: list[str]) -> None:
     cmd.add_argument("--runner", choices=["auto", "generate", "pooling", "draft"])
     cmd.add_argument("--convert", choices=["auto", "none", "embed", "classify"])
     cmd.add_argument("--kv-transfer-config", type=json.loads)
+    cmd.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction)
+    cmd.add_argument("--kv-events-config", type=json.loads)
     args = parser.parse_args(argv)
     record("vllm", argv)
     names: list[str] = args.served_model_name or [args.model_tag]

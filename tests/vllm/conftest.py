@@ -6,8 +6,9 @@ SAGE_VLLM_PYTHON naming vLLM's own venv (scripts/install_vllm_cpu.sh; scripts/te
 model is the tiny random Llama of scripts/build_tiny_llama.py, built under $SAGE_HOME/models
 (an allowed model root). One engine costs ~3 GiB and 35-80 s to start, so one stack serves
 every test here (tests/vllm runs last: the session ends right after it); tests needing a
-second engine add one through the management API and stop it. Routing is prefix_aware (with
-one engine it routes like any other policy). Without SAGE_VLLM_PYTHON (or with one that has
+second engine add one through the management API and stop it. Routing is kv_events: the
+engines' KV-cache events, prefix_aware where they say nothing (with one engine it routes
+like any other policy). Without SAGE_VLLM_PYTHON (or with one that has
 no vLLM) every test here skips, saying why.
 """
 
@@ -231,7 +232,7 @@ def start_stack(base: Path, python: str, token: str, *extra: str) -> VllmStack:
                 "--engine-timeout",
                 str(START_TIMEOUT_S),
                 "--routing",
-                "prefix_aware",
+                "kv_events",
                 *extra,
             ],
             env=env,

@@ -1,9 +1,10 @@
 """Two real vLLM engines for one model behind the stack (the second started through the
-management API, once for the module), in order: prefix_aware routing, kill -9 of one engine
+management API, once for the module), in order: prefix routing, routing by the engines'
+KV-cache events (kv_events, the stack's routing), kill -9 of one engine
 under 8 greedy streams (each cut stream resumed exactly, from token ids), its restart by
 lifecycle, and a drain-stop.
 
-prefix_aware: a repeated long prompt goes back to the engine that cached it, so that
+Prefix routing: a repeated long prompt goes back to the engine that cached it, so that
 engine's own `vllm:prefix_cache_hits_total` grows (vLLM caches whole 128-token blocks; a
 prompt under 129 tokens never hits). Round-robin would alternate the repeats between the
 engines and split the hits; each engine would then recompute the prompt once.
@@ -23,6 +24,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from sage.common.security import engine_api_key
 from sage.engines.vllm_metrics import read_load
 from tests.vllm.conftest import (
     VllmStack,
@@ -111,6 +113,63 @@ def test_repeated_prefix_hits_the_cache_of_one_engine(
             # one served at least 2 cached blocks each time, the other none.
             assert sorted(grew)[0] == 0, (name, grew)
             assert max(grew) >= (REPEATS - 1) * 256, (name, grew)
+
+
+# Prompts no other test sends: 632 and 902 tokens, 4 and 7 whole 128-token blocks.
+KV_PROMPTS = (
+    "sphinx of black quartz judge my vow " * 90,
+    "how vexingly quick daft zebras jump " * 90,
+)
+KV_REPEATS = 3
+
+
+def test_kv_events_send_a_prompt_to_the_engine_that_cached_it(
+    vllm_stack: VllmStack, two_engines: list[dict[str, Any]]
+) -> None:
+    """Each prompt is first computed on one engine directly, behind the scheduler's back, so
+    only that engine's KV-cache events (kv_events routing) can say where it is cached.
+    Through the gateway every repeat then goes there: its prefix-cache hits grow, the other
+    engine's do not, and the scheduler counts each pick as a kv_hit. prefix_aware, which
+    knows only what it routed itself, would place the first repeat of each by load."""
+    urls = [str(e["base_url"]) for e in two_engines]
+    ids = [str(e["engine_id"]) for e in two_engines]
+
+    def indexed(engine_id: str) -> float:
+        return gateway_sample(vllm_stack, "sage:kv_indexed_blocks", engine=engine_id)
+
+    def kv_hits() -> float:
+        return gateway_sample(vllm_stack, "sage:kv_route_decisions_total", decision="kv_hit")
+
+    blocks_before = [indexed(engine_id) for engine_id in ids]
+    with httpx.Client(timeout=120) as client:
+        for engine, prompt in zip(two_engines, KV_PROMPTS, strict=True):
+            key = engine_api_key(vllm_stack.internal_token, str(engine["engine_id"]))
+            seeded = client.post(
+                f"{engine['base_url']}/v1/completions",
+                json={"model": vllm_stack.model, "prompt": prompt, "max_tokens": 1},
+                headers={"Authorization": f"Bearer {key}"},
+            )
+            assert seeded.status_code == 200, seeded.text
+        deadline = time.monotonic() + 30
+        while any(indexed(e) - b < 4 for e, b in zip(ids, blocks_before, strict=True)):
+            assert time.monotonic() < deadline, routing_state(vllm_stack)
+            time.sleep(0.2)
+        picked_before = kv_hits()
+        for owner, prompt in enumerate(KV_PROMPTS):
+            before = [prefix_hits(url) for url in urls]
+            for _ in range(KV_REPEATS):
+                reply = client.post(
+                    vllm_stack.gateway + "/v1/completions",
+                    json={"model": vllm_stack.model, "prompt": prompt, "max_tokens": 4},
+                )
+                assert reply.status_code == 200, reply.text
+            grew = [prefix_hits(url) - b for url, b in zip(urls, before, strict=True)]
+            assert grew[1 - owner] == 0, (owner, grew, routing_state(vllm_stack))
+            assert grew[owner] >= KV_REPEATS * 4 * 128, (owner, grew)
+    assert kv_hits() - picked_before == 2 * KV_REPEATS
+    calls = gateway_sample(vllm_stack, "sage:kv_tokenize_seconds_count")
+    spent = gateway_sample(vllm_stack, "sage:kv_tokenize_seconds_sum")
+    print(f"kv_events: {calls:.0f} /tokenize calls, {1000 * spent / max(calls, 1):.1f} ms mean")
 
 
 # The engine test_streams_cut_by_kill_9... killed (as listed then), for the restart test.

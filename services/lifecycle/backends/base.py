@@ -21,6 +21,9 @@ class LaunchPlan:
     env: dict[str, str] = field(default_factory=dict)  # added to lifecycle's environment
     health_path: str = "/health"  # GET → 200 when ready to serve
     startup_timeout_s: float | None = None  # None = the spec's
+    # Labels the engine is registered with besides the spec's (vLLM: kv_events_endpoint,
+    # where the scheduler subscribes to its KV-cache events).
+    labels: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

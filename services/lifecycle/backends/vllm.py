@@ -23,6 +23,9 @@ nixl`), else ExampleConnector (kv_producer / kv_consumer) over a per-stack folde
 $SAGE_HOME/llm/kv, which works on one host without nixl. Either way each PD engine gets a
 NIXL side-channel port of its own (the port after its HTTP port, reserved by lifecycle in
 the engine port range) so two engines on one host never meet on vLLM's default 5600.
+
+Chat engines publish their KV-cache events (kv_events_args): the scheduler's kv_events
+routing subscribes to learn which engine holds which prefix.
 """
 
 from __future__ import annotations
@@ -58,6 +61,8 @@ DEFAULT_CPU_KV_CACHE_GB = 1
 NIXL_CONNECTOR = "NixlConnector"
 EXAMPLE_CONNECTOR = "ExampleConnector"
 PD_ROLES = ("prefill", "decode")
+# The engine label naming its KV-event publisher (the scheduler's routing/kv_events.py).
+KV_EVENTS_LABEL = "kv_events_endpoint"
 # vLLM serves /v1/load_lora_adapter and /v1/unload_lora_adapter only with this set.
 LORA_RUNTIME_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
 _CLI_MODULE = "vllm.entrypoints.cli.main"
@@ -227,6 +232,60 @@ def lora_args(spec: EngineSpec) -> list[str]:
     return ["--enable-lora", *rank]
 
 
+def kv_events_args(spec: EngineSpec, port: int, sage_home: Path) -> tuple[list[str], str]:
+    """`--enable-prefix-caching --kv-events-config ...` of a chat engine, and the endpoint
+    the scheduler subscribes to (its `kv_events_endpoint` label; "" when none).
+
+    The publisher binds an ipc:// socket under $SAGE_HOME/llm/kv-events (0700: closed to
+    other local users) named for the engine's port. A `--kv-events-config` of the user's
+    own in extra_args is kept; its endpoint is published, a wildcard tcp bind (`tcp://*:P`,
+    how another host can subscribe: the operator's choice) as the engine's host. vLLM's
+    publisher binds only wildcard tcp, ipc and inproc endpoints: one naming a loopback
+    address would connect, and meet the subscriber connecting too (nothing flows)."""
+    extra = list(spec.extra_args)
+    if spec.kind != "llm" or spec.role in PD_ROLES or "--no-enable-prefix-caching" in extra:
+        return [], ""
+    for i, arg in enumerate(extra):
+        if arg == "--kv-events-config" or arg.startswith("--kv-events-config="):
+            text = arg.partition("=")[2] if "=" in arg else "".join(extra[i + 1 : i + 2])
+            return [], _user_kv_endpoint(text, spec.host)
+    folder = sage_home / "llm" / "kv-events"
+    endpoint = f"ipc://{folder / f'{port}.sock'}"
+    if len(endpoint) - len("ipc://") > _MAX_IPC_PATH:
+        return [], ""  # a socket path this long cannot be bound: publish nothing
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    config = {
+        "enable_kv_cache_events": True,
+        "publisher": "zmq",
+        "endpoint": endpoint,
+        "topic": "kv",
+    }
+    return ["--enable-prefix-caching", "--kv-events-config", json.dumps(config)], endpoint
+
+
+# Longest path of a Unix socket (sun_path is 108 bytes on Linux, with its NUL).
+_MAX_IPC_PATH = 107
+
+
+def _user_kv_endpoint(text: str, host: str) -> str:
+    """The endpoint to subscribe to of a user's --kv-events-config JSON ("" if none)."""
+    try:
+        config = json.loads(text)
+    except ValueError:
+        return ""
+    if not isinstance(config, dict) or not config.get("enable_kv_cache_events"):
+        return ""
+    if config.get("publisher", "null") != "zmq":
+        return ""
+    endpoint = str(config.get("endpoint") or "tcp://*:5557")  # vLLM's default
+    for wildcard in ("tcp://*:", "tcp://0.0.0.0:", "tcp://[::]:"):
+        if endpoint.startswith(wildcard):
+            reach = host if host not in ("", "0.0.0.0", "::") else "127.0.0.1"
+            reach = f"[{reach}]" if ":" in reach else reach
+            return f"tcp://{reach}:{endpoint[len(wildcard) :]}"
+    return endpoint
+
+
 def _sage_home(env: Mapping[str, str]) -> Path:
     # `sage llm serve` passes SAGE_HOME to lifecycle; the default matches SageSettings.home.
     return Path(env.get("SAGE_HOME") or Path.home() / ".sage").expanduser()
@@ -327,5 +386,8 @@ class VllmBackend:
         if spec.enable_lora:
             argv += lora_args(spec)
             env[LORA_RUNTIME_ENV] = "True"  # opens /v1/load_lora_adapter and unload
+        kv_args, kv_endpoint = kv_events_args(spec, port, _sage_home(self._env))
+        argv += kv_args
         argv += list(spec.extra_args)
-        return LaunchPlan(argv=argv, env=env, health_path="/health")
+        labels = {KV_EVENTS_LABEL: kv_endpoint} if kv_endpoint else {}
+        return LaunchPlan(argv=argv, env=env, health_path="/health", labels=labels)

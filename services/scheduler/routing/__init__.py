@@ -12,6 +12,7 @@ from sage.common.exceptions import ConfigurationError
 
 from .base import (
     PREFIX_CHARS,
+    Annotating,
     FailoverOrder,
     LoadView,
     NoLoad,
@@ -22,6 +23,7 @@ from .base import (
     prefix_of,
     prompt_prefix,
 )
+from .kv_events import KvEventsRouter
 from .least_loaded import LeastLoadedRouter
 from .p2c import PowerOfTwoRouter
 from .prefix_aware import PrefixAwareRouter
@@ -34,6 +36,7 @@ ROUTERS: dict[str, Callable[[LoadView], Router]] = {
     "power_of_two": PowerOfTwoRouter,
     "session_affinity": SessionAffinityRouter,
     "prefix_aware": PrefixAwareRouter,
+    "kv_events": KvEventsRouter,
 }
 ROUTER_NAMES: tuple[str, ...] = tuple(ROUTERS)
 # Short names people type (and llm-d / vllm-router spellings).
@@ -41,6 +44,7 @@ ROUTERS |= {
     "p2c": PowerOfTwoRouter,
     "prefix": PrefixAwareRouter,
     "session": SessionAffinityRouter,
+    "kv": KvEventsRouter,
     "rr": lambda load: RoundRobinRouter(),
 }
 
@@ -60,7 +64,9 @@ __all__ = [
     "PREFIX_CHARS",
     "ROUTERS",
     "ROUTER_NAMES",
+    "Annotating",
     "FailoverOrder",
+    "KvEventsRouter",
     "LeastLoadedRouter",
     "LoadView",
     "NoLoad",

@@ -27,6 +27,9 @@ class RouteRequest:
     session_key: str = ""
     prefix: str = ""  # empty unless the router declares needs_prefix
     cost_tokens: float = 0.0
+    # The prompt's token ids, set only by a router's annotate step (Annotating) when it
+    # needs them (kv_events); empty otherwise.
+    token_ids: tuple[int, ...] = ()
 
 
 class LoadView(Protocol):
@@ -45,6 +48,17 @@ class Router(Protocol):
 
     def pick(self, request: RouteRequest, engines: Sequence[EngineRecord]) -> EngineRecord:
         """Return one of `engines` (never empty)."""
+        ...
+
+
+class Annotating(Protocol):
+    """A router that needs more than the prefix (kv_events: the prompt's token ids), found
+    by awaiting I/O before pick(); the scheduler calls annotate() when a router has it."""
+
+    async def annotate(
+        self, request: RouteRequest, doc: Any, engines: Sequence[EngineRecord]
+    ) -> RouteRequest:
+        """`request` with whatever pick() will need from the parsed body `doc`."""
         ...
 
 

@@ -440,7 +440,8 @@ def cmd_serve(
         typer.Option(
             "--routing",
             help="Instance routing: round_robin, least_loaded (default), power_of_two (p2c), "
-            "session_affinity (x-session-id), prefix_aware (SAGE_SCHEDULER_ROUTING).",
+            "session_affinity (x-session-id), prefix_aware, kv_events (vLLM's KV-cache "
+            "events) (SAGE_SCHEDULER_ROUTING).",
         ),
     ] = None,
     config: Annotated[

@@ -28,7 +28,17 @@ EXTRA = ("--override-generation-config", '{"temperature": 0.5, "top_p": 0.9}')
 # -- vllm --------------------------------------------------------------------------------
 
 
-def test_vllm_serve_with_everything(fake_programs: FakePrograms) -> None:
+def kv_events(home: Path, port: int) -> list[str]:
+    """The KV-event publisher args every vLLM chat engine gets (kv_events routing)."""
+    endpoint = f"ipc://{home}/llm/kv-events/{port}.sock"
+    config = f'{{"enable_kv_cache_events": true, "publisher": "zmq", "endpoint": "{endpoint}", '
+    return ["--enable-prefix-caching", "--kv-events-config", config + '"topic": "kv"}']
+
+
+def test_vllm_serve_with_everything(
+    fake_programs: FakePrograms, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("SAGE_HOME", str(tmp_path))
     spec = EngineSpec(
         model="Qwen/Qwen2.5-72B-Instruct",
         host="0.0.0.0",
@@ -63,13 +73,39 @@ def test_vllm_serve_with_everything(fake_programs: FakePrograms) -> None:
         "default-chat",
         "--max-num-seqs",
         "64",
+        *kv_events(tmp_path, 8101),
         *EXTRA,
     ]
     assert plan.env == {"CUDA_VISIBLE_DEVICES": "4,5,6,7"}
     assert plan.health_path == "/health"
+    # The scheduler learns where to subscribe from the engine's labels; the socket's folder
+    # is closed to other local users.
+    assert plan.labels == {"kv_events_endpoint": f"ipc://{tmp_path}/llm/kv-events/8101.sock"}
+    assert (tmp_path / "llm" / "kv-events").stat().st_mode & 0o777 == 0o700
 
 
-def test_vllm_minimal(fake_programs: FakePrograms) -> None:
+def test_vllm_kv_events_of_the_users_own_or_none(
+    fake_programs: FakePrograms, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("SAGE_HOME", str(tmp_path))
+    own = '{"enable_kv_cache_events": true, "publisher": "zmq", "endpoint": "tcp://*:5560"}'
+    spec = EngineSpec(model="m", host="10.0.0.5", extra_args=("--kv-events-config", own))
+    plan = BACKENDS["vllm"].plan(spec, 8000, [0])
+    assert plan.argv.count("--kv-events-config") == 1  # the user's, kept as given
+    assert plan.labels == {"kv_events_endpoint": "tcp://10.0.0.5:5560"}
+    for other in (
+        replace(spec, extra_args=(), kind="embedding"),
+        replace(spec, extra_args=(), role="prefill"),
+        replace(spec, extra_args=("--no-enable-prefix-caching",)),
+    ):
+        plan = BACKENDS["vllm"].plan(other, 8000, [0])
+        assert "--kv-events-config" not in plan.argv and not plan.labels, other
+
+
+def test_vllm_minimal(
+    fake_programs: FakePrograms, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("SAGE_HOME", str(tmp_path))
     plan = BACKENDS["vllm"].plan(EngineSpec(model=SPACED), 8000, [0])
     assert plan.argv == [
         fake_programs.path("vllm"),
@@ -84,6 +120,7 @@ def test_vllm_minimal(fake_programs: FakePrograms) -> None:
         # vLLM's own default, passed so that what lifecycle reserves is what vLLM takes.
         "--gpu-memory-utilization",
         "0.92",
+        *kv_events(tmp_path, 8000),
     ]
     assert plan.env == {"CUDA_VISIBLE_DEVICES": "0"}
 

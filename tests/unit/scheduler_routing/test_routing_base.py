@@ -24,8 +24,10 @@ def test_every_registered_router_builds_and_picks_a_given_engine() -> None:
         assert router.pick(request, pool) in pool
 
 
-def test_only_prefix_aware_needs_the_prompt() -> None:
-    assert [n for n in ROUTER_NAMES if create_router(n).needs_prefix] == ["prefix_aware"]
+def test_only_prefix_routers_need_the_prompt() -> None:
+    # kv_events needs it for its prefix_aware fallback.
+    needs = [n for n in ROUTER_NAMES if create_router(n).needs_prefix]
+    assert needs == ["prefix_aware", "kv_events"]
 
 
 def test_unknown_router_names_the_routing_param() -> None:
