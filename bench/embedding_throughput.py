@@ -16,7 +16,10 @@ Sweeps (each point a fresh count of requests, bounded):
                             setting, so its batcher runs in this process for the sweep);
                             the engine does not split a request, so its own
                             --max-batch-tokens does not bind for batched callers
-Usage: python bench/embedding_throughput.py [--clients 64] [--requests 1280]
+The in-process baseline and the gateway alternate (--rounds pairs, back to back): on a
+shared machine the load of the moment moves both, so each round's ratio is printed and the
+table shows the median round.
+Usage: python bench/embedding_throughput.py [--clients 64] [--requests 1280] [--rounds 3]
        [--infinity-python /path/to/venv/bin/python] [--concurrency-sweep 1 4 16 64]
        [--budget-sweep 64 256 1024 4096] [--out bench]
 """
@@ -257,6 +260,12 @@ def main() -> int:
         help="OMP/torch threads for every model process (0: library default); 1 keeps a "
         "shared 2-core box from oversubscription (see RESULTS.md)",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="in-process / gateway pairs, alternated; the table shows the median round",
+    )
     parser.add_argument("--skip-main", action="store_true", help="only the sweeps")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent)
     args = parser.parse_args()
@@ -270,13 +279,17 @@ def main() -> int:
 
     model = EmbeddingModel(EngineConfig(device="cpu"))
     model.encode(texts[:64])
-    started = time.perf_counter()
-    for i in range(0, len(texts), 64):
-        model.encode(texts[i : i + 64])
-    in_process = len(texts) / (time.perf_counter() - started)
-    del model
-    print(f"in-process encode, batch 64: {in_process:.0f} texts/s", flush=True)
+
+    def encode_rate() -> float:
+        """In-process encode, batch 64, texts/s (the baseline)."""
+        started = time.perf_counter()
+        for i in range(0, len(texts), 64):
+            model.encode(texts[i : i + 64])
+        return len(texts) / (time.perf_counter() - started)
+
     if args.skip_main:
+        in_process = encode_rate()
+        print(f"in-process encode, batch 64: {in_process:.0f} texts/s", flush=True)
         sweeps(args, in_process)
         return 0
 
@@ -313,6 +326,8 @@ def main() -> int:
         subprocess.Popen([sys.executable, "-m", f"sage.services.{name}"], env=env)
         for name in ("embedding", "scheduler", "edge")
     ]
+    names = ["engine", "embedding service", "scheduler", "edge"]
+    rounds: list[tuple[float, float, dict[str, float]]] = []
     try:
         engine = f"http://127.0.0.1:{ports['engine']}"
         wait_http(engine + "/health", timeout=120)
@@ -334,29 +349,41 @@ def main() -> int:
         gateway = f"http://127.0.0.1:{ports['edge']}"
         wait_http(gateway + "/health")
         asyncio.run(load(gateway + "/v1/embeddings", texts[:128], args.clients))  # warm-up
-        names = ["engine", "embedding service", "scheduler", "edge"]
-        before = [psutil.Process(p.pid).cpu_times() for p in procs]
-        load_before = psutil.Process().cpu_times()
-        via_gateway = asyncio.run(load(gateway + "/v1/embeddings", texts, args.clients))
-        cpu_ms = {
-            name: (sum(psutil.Process(p.pid).cpu_times()[:2]) - sum(b[:2])) * 1000 / len(texts)
-            for name, p, b in zip(names, procs, before, strict=True)
-        }
-        cpu_ms["load generator"] = (
-            (sum(psutil.Process().cpu_times()[:2]) - sum(load_before[:2])) * 1000 / len(texts)
-        )
+        # Baseline and gateway alternate, each round a pair measured back to back: on a
+        # shared machine the load of the moment moves both, and a ratio per round shows it.
+        for n in range(args.rounds):
+            baseline = encode_rate()
+            before = [psutil.Process(p.pid).cpu_times() for p in procs]
+            load_before = psutil.Process().cpu_times()
+            via = asyncio.run(load(gateway + "/v1/embeddings", texts, args.clients))
+            cpu = {
+                name: (sum(psutil.Process(p.pid).cpu_times()[:2]) - sum(b[:2])) * 1000 / len(texts)
+                for name, p, b in zip(names, procs, before, strict=True)
+            }
+            cpu["load generator"] = (
+                (sum(psutil.Process().cpu_times()[:2]) - sum(load_before[:2])) * 1000 / len(texts)
+            )
+            rounds.append((baseline, via, cpu))
+            print(
+                f"round {n + 1}: in-process {baseline:.0f}, gateway {via:.0f} texts/s = "
+                f"{via / baseline:.2f}; control-plane CPU ms/request "
+                f"{sum(cpu[k] for k in names[1:]):.2f}",
+                flush=True,
+            )
         direct = asyncio.run(load(engine + "/v1/embeddings", texts, args.clients))
         one_by_one = asyncio.run(load(engine + "/v1/embeddings", texts[:256], 1))
     finally:
         for proc in procs:
             stop_process(proc)
         shutil.rmtree(tmp, ignore_errors=True)
+    middle = sorted(rounds, key=lambda r: r[1] / r[0])[len(rounds) // 2]  # the median round
+    in_process, via_gateway, cpu_ms = middle
     infinity = (
         run_infinity(args.infinity_python, texts, args.clients) if args.infinity_python else 0
     )
     rows = [
-        ("in-process encode, batch 64 (baseline)", in_process),
-        (f"gateway, {args.clients} clients x 1 text", via_gateway),
+        ("in-process encode, batch 64 (baseline, median round)", in_process),
+        (f"gateway, {args.clients} clients x 1 text (median round)", via_gateway),
         (f"engine direct, {args.clients} clients x 1 text", direct),
         ("engine direct, 1 client, one by one", one_by_one),
     ]
@@ -369,7 +396,7 @@ def main() -> int:
     if infinity:
         print(f"gateway vs Infinity: {via_gateway / infinity:.2f}x")
     print(
-        "\nCPU ms per request during the gateway run: "
+        "\nCPU ms per request during the median round's gateway run: "
         + ", ".join(f"{k} {v:.2f}" for k, v in cpu_ms.items())
     )
     sweeps(args, in_process)

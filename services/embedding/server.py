@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 from sage.common.config.settings import SageSettings
@@ -14,6 +15,7 @@ from sage.rpc.embedding.v1 import embedding_pb2_grpc as pb_grpc
 
 from .batcher import BatcherConfig, EmbeddingBatcher
 from .executor import EmbeddingExecutor, Endpoint
+from .stream import serve_stream
 
 
 class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
@@ -25,6 +27,16 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     async def EmbedBatch(
         self, request: pb.EmbedBatchRequest, context: Any
     ) -> pb.EmbedBatchResponse:
+        return await self.embed(request)
+
+    async def EmbedStream(
+        self, request_iterator: AsyncIterator[pb.EmbedStreamRequest], context: Any
+    ) -> AsyncIterator[pb.EmbedStreamResponse]:
+        async for message in serve_stream(request_iterator, self.embed):
+            yield message
+
+    async def embed(self, request: pb.EmbedBatchRequest) -> pb.EmbedBatchResponse:
+        """One EmbedBatch request, whichever call carried it."""
         if not request.model:
             raise InvalidRequestError("model is required", param="model")
         if not request.inputs:

@@ -18,6 +18,7 @@ from sage.rpc.lifecycle.v1 import lifecycle_pb2, lifecycle_pb2_grpc
 
 from .convert import record_from_pb
 from .core import EmbedResult, TokenUsage
+from .embedding_stream import EmbedStreamClient
 from .nodes import Node
 from .registry import AdapterEntry, EngineRecord
 
@@ -26,10 +27,11 @@ if TYPE_CHECKING:
 
 
 class GrpcEmbeddingBackend:
-    """EmbeddingBackend that calls the embedding service's EmbedBatch."""
+    """EmbeddingBackend that sends EmbedBatch requests to the embedding service, over one
+    EmbedStream call (embedding_stream.py)."""
 
     def __init__(self, channel: grpc.aio.Channel, timeout_s: float) -> None:
-        self._stub = embedding_pb2_grpc.EmbeddingServiceStub(channel)
+        self._stream = EmbedStreamClient(embedding_pb2_grpc.EmbeddingServiceStub(channel))
         self._timeout_s = timeout_s
 
     async def embed_batch(
@@ -48,8 +50,7 @@ class GrpcEmbeddingBackend:
             dimensions=dimensions,
             packed_vectors=True,
         )
-        with rpc_errors_as_sage():
-            reply = await self._stub.EmbedBatch(request, timeout=self._timeout_s)
+        reply = await self._stream.embed(request, self._timeout_s)
         usage = reply.usage
         return EmbedResult(
             # An embedding service from before packed vectors fills only `values`.

@@ -155,10 +155,15 @@ class InProcessBatcher:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
+            idle = True  # the model has had nothing to do since the last wakeup
             while self._queue:
-                if self.stats.queued_texts < self.max_batch_size and self.max_wait_s > 0:
-                    # A short wait lets requests that arrive together share one batch.
+                if idle and self.stats.queued_texts < self.max_batch_size and self.max_wait_s > 0:
+                    # After idle, a short wait lets requests that arrive together share one
+                    # batch. After a batch, what piled up meanwhile goes at once: the wait
+                    # would leave the model idle once per batch (~2% of its time at 64
+                    # one-text callers on CPU).
                     await asyncio.sleep(self.max_wait_s)
+                idle = False
                 slices = self._take()
                 if not slices:
                     continue

@@ -37,6 +37,13 @@ class EmbeddingServiceStub:
     def __new__(cls, channel: _aio.Channel) -> EmbeddingServiceAsyncStub: ...
     EmbedBatch: _grpc.UnaryUnaryMultiCallable[_embedding_pb2.EmbedBatchRequest, _embedding_pb2.EmbedBatchResponse]
     """EmbedBatch embeds the texts of one caller; vectors come back in input order."""
+    EmbedStream: _grpc.StreamStreamMultiCallable[_embedding_pb2.EmbedStreamRequest, _embedding_pb2.EmbedStreamResponse]
+    """EmbedStream carries many EmbedBatch requests over one long-lived call: each is a tagged
+    message, and replies ready at once (a batch's callers) share one message. A unary call
+    costs this service ~0.4 ms of CPU per request, most of it grpc's own; a request on an
+    open call a fraction of that (bench/RESULTS.md). Callers fall back to EmbedBatch on a
+    service without it (UNIMPLEMENTED).
+    """
 
 @_typing.type_check_only
 class EmbeddingServiceAsyncStub(EmbeddingServiceStub):
@@ -47,6 +54,13 @@ class EmbeddingServiceAsyncStub(EmbeddingServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     EmbedBatch: _aio.UnaryUnaryMultiCallable[_embedding_pb2.EmbedBatchRequest, _embedding_pb2.EmbedBatchResponse]  # type: ignore[assignment]
     """EmbedBatch embeds the texts of one caller; vectors come back in input order."""
+    EmbedStream: _aio.StreamStreamMultiCallable[_embedding_pb2.EmbedStreamRequest, _embedding_pb2.EmbedStreamResponse]  # type: ignore[assignment]
+    """EmbedStream carries many EmbedBatch requests over one long-lived call: each is a tagged
+    message, and replies ready at once (a batch's callers) share one message. A unary call
+    costs this service ~0.4 ms of CPU per request, most of it grpc's own; a request on an
+    open call a fraction of that (bench/RESULTS.md). Callers fall back to EmbedBatch on a
+    service without it (UNIMPLEMENTED).
+    """
 
 class EmbeddingServiceServicer(metaclass=_abc_1.ABCMeta):
     """EmbeddingService batches embedding work from many callers into one /v1/embeddings call
@@ -60,5 +74,18 @@ class EmbeddingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_embedding_pb2.EmbedBatchResponse, _abc.Awaitable[_embedding_pb2.EmbedBatchResponse]]:
         """EmbedBatch embeds the texts of one caller; vectors come back in input order."""
+
+    @_abc_1.abstractmethod
+    def EmbedStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_embedding_pb2.EmbedStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_embedding_pb2.EmbedStreamResponse], _abc.AsyncIterator[_embedding_pb2.EmbedStreamResponse]]:
+        """EmbedStream carries many EmbedBatch requests over one long-lived call: each is a tagged
+        message, and replies ready at once (a batch's callers) share one message. A unary call
+        costs this service ~0.4 ms of CPU per request, most of it grpc's own; a request on an
+        open call a fraction of that (bench/RESULTS.md). Callers fall back to EmbedBatch on a
+        service without it (UNIMPLEMENTED).
+        """
 
 def add_EmbeddingServiceServicer_to_server(servicer: EmbeddingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
