@@ -13,6 +13,7 @@ extensions we do not list, and the edge forwards the raw body, never a re-encodi
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
@@ -35,10 +36,13 @@ __all__ = [
     "EmbeddingList",
     "EmbeddingRequest",
     "EngineChatCompletionRequest",
+    "EngineChatMessage",
     "EngineCompletionRequest",
     "ErrorResponse",
     "Model",
     "ModelList",
+    "Problem",
+    "ProtocolError",
     "StreamOptions",
     "Usage",
     "convert",
@@ -219,16 +223,34 @@ class CompletionRequest(_Sampling, kw_only=True):
         return self.max_tokens, "max_tokens"
 
 
+# Engines read requests as vLLM does, which is looser than OpenAI's API in a few places.
+NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
+
+
+class EngineChatMessage(ChatMessage, kw_only=True):
+    """A turn as an engine reads it: any role its chat template knows."""
+
+    role: NonEmptyText  # type: ignore[assignment]
+
+
 class EngineChatCompletionRequest(ChatCompletionRequest, kw_only=True):
-    """A chat request as an engine reads it: without `model` it serves its own (as vLLM)."""
+    """A chat request as an engine reads it (as vLLM): without `model` it serves its own,
+    any role, no upper bound on temperature, and vLLM's return_token_ids."""
 
     model: str | None = None  # type: ignore[assignment]
+    messages: Annotated[list[EngineChatMessage], msgspec.Meta(min_length=1)]  # type: ignore[assignment]
+    temperature: NonNegativeFloat | None = None
+    return_token_ids: bool | None = None
 
 
 class EngineCompletionRequest(CompletionRequest, kw_only=True):
-    """A completion request as an engine reads it: without `model` it serves its own."""
+    """A completion request as an engine reads it (as vLLM): `model` and `prompt` may be
+    left out (the engine says which it needs), no upper bound on temperature."""
 
     model: str | None = None  # type: ignore[assignment]
+    prompt: str | list[Any] | None = None  # type: ignore[assignment]
+    temperature: NonNegativeFloat | None = None
+    return_token_ids: bool | None = None
 
 
 class EmbeddingRequest(_Model):
@@ -330,6 +352,9 @@ class Model(_Model):
     root: Annotated[
         str | None, msgspec.Meta(description="Set on aliases: the model they name.")
     ] = None
+    parent: Annotated[
+        str | None, msgspec.Meta(description="Set on LoRA adapters: their base model.")
+    ] = None
 
 
 class ModelList(_Model):
@@ -408,15 +433,19 @@ def decode(body: bytes, cls: type[T]) -> T:
             doc = orjson.loads(body)
         except orjson.JSONDecodeError as bad:
             # msgspec stops at the first type error, which may come before the syntax error
-            raise InvalidRequestError(f"request body is not valid JSON: {bad}") from None
+            raise ProtocolError(
+                f"request body is not valid JSON: {bad}", Problem("", "body", "object", "")
+            ) from None
         raise _invalid(exc, cls, doc) from None
     except msgspec.DecodeError as exc:
-        raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
+        raise ProtocolError(
+            f"request body is not valid JSON: {exc}", Problem("", "body", "object", "")
+        ) from None
 
 
 def convert(doc: Any, cls: type[T], *, lax: bool = False) -> T:
-    """An already parsed body as a `cls`. `lax` reads numbers and booleans given as strings,
-    as the pydantic models of vLLM do."""
+    """An already parsed body as a `cls`. `lax` reads numbers and booleans given as strings
+    ("5", "true", "1"), as the pydantic models of vLLM do."""
     try:
         result: T = msgspec.convert(doc, cls, strict=not lax)
         return result
@@ -424,29 +453,67 @@ def convert(doc: Any, cls: type[T], *, lax: bool = False) -> T:
         raise _invalid(exc, cls, doc) from None
 
 
-def _invalid(exc: msgspec.ValidationError, cls: type[Any], doc: Any) -> InvalidRequestError:
+@dataclass(frozen=True)
+class Problem:
+    """What was wrong with a body, for callers that answer in another API's words (the
+    simulator answers as vLLM's pydantic models and serving code do)."""
+
+    param: str  # "messages[0].role"; "" for the body itself
+    kind: Literal["missing", "type", "value", "body"]  # body: not a JSON object
+    expected: str  # msgspec's words for the type wanted ("int | null"), or ""
+    got: str  # the type given, in msgspec's words ("str", "float", ...), or ""
+    value: Any = None
+
+
+class ProtocolError(InvalidRequestError):
+    """A body that does not fit the model; `problem` says how, in structured form."""
+
+    def __init__(self, message: str, problem: Problem) -> None:
+        super().__init__(message, param=problem.param or None)
+        self.problem = problem
+
+
+_EXPECTED = re.compile(r"^Expected `(?P<expected>[^`]+)`(?:, got `(?P<got>[^`]+)`)?")
+
+
+def _invalid(exc: msgspec.ValidationError, cls: type[Any], doc: Any) -> ProtocolError:
     message = str(exc)
     match = _AT.search(message)
     path = match.group("path") if match else ""
     text = message[: match.start()] if match else message
     if not path and text.startswith("Expected `object`"):
-        got = "null" if doc is None else _json_type(doc)
-        return InvalidRequestError(f"request body must be a JSON object, got {got}")
+        got = _json_type(doc)
+        return ProtocolError(
+            f"request body must be a JSON object, got {got}", Problem("", "body", "object", got)
+        )
     missing = _MISSING.match(text)
     if missing:
         param = _join(path, missing.group("field"))
-        return InvalidRequestError(f"{param} is required", param=param)
+        return ProtocolError(f"{param} is required", Problem(param, "missing", "", ""))
     note = _FIELD_NOTE.match(text)
     if note:  # a model's own check (__post_init__), naming its field in backticks
         param = _join(path, note.group("field"))
-        return InvalidRequestError(f"{param} {note.group('rest')}", param=param)
+        found, value = _lookup(doc, param)
+        return ProtocolError(
+            f"{param} {note.group('rest')}", Problem(param, "value", "", "", value)
+        )
     param = path.lstrip(".")
     found, value = _lookup(doc, param)
-    if text.startswith(("Expected", "Invalid enum value")):
-        expected = _describe(_type_at(msgspec.inspect.type_info(cls), param))
+    expected = _EXPECTED.match(text)
+    if expected or text.startswith("Invalid enum value"):
+        # "Expected `int`, got `str`" is a wrong type; "Expected `int` >= 1" a bad value
+        got_type = expected.group("got") if expected else None
+        problem = Problem(
+            param,
+            "type" if got_type else "value",
+            expected.group("expected") if expected else "",
+            got_type or "",
+            value,
+        )
+        words = _describe(_type_at(msgspec.inspect.type_info(cls), param))
         got = f", got {_shown(value)}" if found else ""
-        return InvalidRequestError(f"{param} must be {expected}{got}", param=param or None)
-    return InvalidRequestError(f"{param}: {text}" if param else text, param=param or None)
+        return ProtocolError(f"{param} must be {words}{got}", problem)
+    return ProtocolError(f"{param}: {text}" if param else text, Problem(param, "value", "", ""))
 
 
 def _join(path: str, field: str) -> str:

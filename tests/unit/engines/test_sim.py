@@ -352,18 +352,19 @@ COMPLETIONS = "/v1/completions"
         (CHAT, {}, "body.messages"),
         (CHAT, {"messages": "hello"}, "body.messages"),
         (CHAT, {"messages": []}, "messages"),
-        (CHAT, {"messages": ["hi"]}, "messages[0]"),
-        (CHAT, {"messages": [{"content": "hi"}]}, "messages[0].role"),
-        (CHAT, {"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+        # a message that fails the request model's shape is a schema error, as in vLLM
+        (CHAT, {"messages": ["hi"]}, "body.messages.0"),
+        (CHAT, {"messages": [{"content": "hi"}]}, "body.messages.0.role"),
+        (CHAT, {"messages": [{"role": "user", "content": 5}]}, "body.messages.0.content"),
         (CHAT, {"messages": [{"role": "user"}]}, "messages[0].content"),
         (CHAT, {"messages": MESSAGES, "max_tokens": 0}, "max_tokens"),
-        (CHAT, {"messages": MESSAGES, "max_tokens": "5"}, "max_tokens"),
+        (CHAT, {"messages": MESSAGES, "max_tokens": "five"}, "body.max_tokens"),
         (CHAT, {"messages": MESSAGES, "max_tokens": 2.5}, "body.max_tokens"),
-        (CHAT, {"messages": MESSAGES, "max_tokens": True}, "max_tokens"),
+        (CHAT, {"messages": MESSAGES, "max_tokens": True}, "body.max_tokens"),
         (CHAT, {"messages": MESSAGES, "max_completion_tokens": -1}, "max_completion_tokens"),
         (CHAT, {"messages": MESSAGES, "temperature": "hot"}, "body.temperature"),
         (CHAT, {"messages": MESSAGES, "stream": "maybe"}, "body.stream"),
-        (CHAT, {"messages": MESSAGES, "stop": 3}, "stop"),
+        (CHAT, {"messages": MESSAGES, "stop": 3}, "body.stop"),
         (CHAT, {"messages": MESSAGES, "seed": "x"}, "body.seed"),
         (CHAT, {"messages": MESSAGES, "model": 7}, "model"),
         (CHAT, {"messages": MESSAGES, "max_tokens": 5000}, "max_tokens"),
@@ -371,7 +372,7 @@ COMPLETIONS = "/v1/completions"
         (COMPLETIONS, {"prompt": 5}, "prompt"),
         (COMPLETIONS, {"prompt": []}, "prompt"),
         (COMPLETIONS, {"prompt": "x", "max_tokens": -3}, "max_tokens"),
-        (COMPLETIONS, {"prompt": "x", "stream": 1}, "stream"),
+        (COMPLETIONS, {"prompt": "x", "stream": 2}, "body.stream"),
     ],
 )
 async def test_validation_errors_name_the_field(
@@ -387,6 +388,26 @@ async def test_validation_errors_name_the_field(
     assert error["param"] == param
     field = param.removeprefix("body.").split("[")[0]
     assert field in error["message"] or "context length" in error["message"]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"max_tokens": "3"},
+        {"stream": "yes", "stream_options": {"include_usage": True}},
+        {"stream": 1},
+        {"temperature": "0.5"},
+        {"temperature": 3},  # OpenAI caps it at 2, vLLM does not
+        {"messages": [{"role": "narrator", "content": "a b c"}]},
+        {"some_vendor_field": {"x": [1]}},
+    ],
+    ids=str,
+)
+async def test_what_vllms_lax_request_model_accepts_is_accepted(
+    sim: httpx.AsyncClient, extra: dict[str, Any]
+) -> None:
+    response = await sim.post(CHAT, json={"messages": MESSAGES, "max_tokens": 3, **extra})
+    assert response.status_code == 200, response.text
 
 
 @pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b""])

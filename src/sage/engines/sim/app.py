@@ -15,7 +15,6 @@ import base64
 import contextlib
 import importlib.util
 import logging
-import math
 import os
 import secrets
 import signal
@@ -27,8 +26,9 @@ from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
+import msgspec
 import orjson
 import uvicorn
 from prometheus_client import Counter, Gauge, generate_latest
@@ -79,6 +79,12 @@ from sage.engines.sim.model import (
     tokenize,
 )
 from sage.engines.vllm_metrics import VllmRequestMetrics
+from sage.protocol.openai import (
+    EngineChatCompletionRequest,
+    EngineCompletionRequest,
+    ProtocolError,
+    convert,
+)
 
 __all__ = ["create_app", "main", "vllm_error_body"]
 
@@ -374,23 +380,10 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 _LAX_BOOLS = {
     **dict.fromkeys(("1", "on", "t", "true", "y", "yes"), True),
     **dict.fromkeys(("0", "off", "f", "false", "n", "no"), False),
 }
-
-
-def _numeric(text: str) -> bool:
-    """Whether pydantic's lax mode would read `text` as a number (vLLM then accepts it)."""
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 async def _json_object(request: Request) -> dict[str, Any]:
@@ -400,143 +393,78 @@ async def _json_object(request: Request) -> dict[str, Any]:
     return body
 
 
-def _positive_int(body: dict[str, Any], key: str) -> int | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if isinstance(value, float) and not value.is_integer():
-        raise RequestSchemaError(
-            key,
-            "int_from_float",
-            "Input should be a valid integer, got a number with a fractional part",
-        )
-    if isinstance(value, str) and not value.strip().lstrip("-").isdigit():
-        raise RequestSchemaError(
-            key,
-            "int_parsing",
-            "Input should be a valid integer, unable to parse string as an integer",
-        )
-    if not _is_int(value) or value < 1:
-        raise InvalidRequestError(f"{key} must be a positive integer, got {value!r}", param=key)
-    result: int = value
-    return result
+# pydantic's error (type, message) for a value of the wrong type, by the type wanted and
+# the type given (msgspec's names): what vLLM's request models answer.
+_PYDANTIC_TYPE_ERRORS: dict[str, tuple[str, str]] = {
+    "int/str": (
+        "int_parsing",
+        "Input should be a valid integer, unable to parse string as an integer",
+    ),
+    "int/float": (
+        "int_from_float",
+        "Input should be a valid integer, got a number with a fractional part",
+    ),
+    "int": ("int_type", "Input should be a valid integer"),
+    "float/str": (
+        "float_parsing",
+        "Input should be a valid number, unable to parse string as a number",
+    ),
+    "float": ("float_type", "Input should be a valid number"),
+    "bool/str": ("bool_parsing", "Input should be a valid boolean, unable to interpret input"),
+    "bool/int": ("bool_parsing", "Input should be a valid boolean, unable to interpret input"),
+    "bool/float": ("bool_parsing", "Input should be a valid boolean, unable to interpret input"),
+    "bool": ("bool_type", "Input should be a valid boolean"),
+    "array": ("list_type", "Input should be a valid list"),
+    "str": ("string_type", "Input should be a valid string"),
+    "object": ("dict_type", "Input should be a valid dictionary"),
+}
 
 
-def _check_sampling(body: dict[str, Any]) -> None:
-    """Sampling knobs do not change the simulated text, but bad values are still errors."""
-    temperature = body.get("temperature")
-    if isinstance(temperature, str) and not _numeric(temperature):
-        raise RequestSchemaError(
-            "temperature",
-            "float_parsing",
-            "Input should be a valid number, unable to parse string as a number",
+def _as_vllm(exc: ProtocolError) -> InvalidRequestError:
+    """A protocol error as vLLM words it: a missing or mistyped field fails its pydantic
+    model ("Bad Request", param body.<field>); a bad value fails its serving code's checks
+    (the bare field)."""
+    problem = exc.problem
+    field = problem.param.replace("[", ".").replace("]", "")
+    if problem.kind == "missing":
+        return RequestSchemaError(field, "missing", "Field required")
+    if problem.kind == "type":
+        wanted = next((t for t in problem.expected.split(" | ") if t != "null"), "")
+        kind, msg = _PYDANTIC_TYPE_ERRORS.get(
+            f"{wanted}/{problem.got}",
+            _PYDANTIC_TYPE_ERRORS.get(wanted, ("value_error", exc.message)),
         )
-    if temperature is not None and (not _is_number(temperature) or temperature < 0):
-        raise InvalidRequestError(
-            f"temperature must be a non-negative number, got {temperature!r}", param="temperature"
-        )
-    top_p = body.get("top_p")
-    if top_p is not None and (not _is_number(top_p) or not 0 < top_p <= 1):
-        raise InvalidRequestError(f"top_p must be a number in (0, 1], got {top_p!r}", param="top_p")
-    n = body.get("n")
-    if n is not None and n != 1:
+        return RequestSchemaError(field, kind, msg)
+    return exc
+
+
+def _read(body: dict[str, Any], cls: type[_R]) -> _R:
+    """`body` as vLLM's pydantic model reads it (lax: "5" is 5, "yes" is true), validated by
+    the shared protocol models, with vLLM's errors."""
+    lax = {
+        k: _LAX_BOOLS.get(v.lower(), v) if isinstance(v, str) else v
+        for k, v in body.items()
+        if k in _BOOL_FIELDS
+    }
+    try:
+        return convert({**body, **lax} if lax else body, cls, lax=True)
+    except ProtocolError as exc:
+        raise _as_vllm(exc) from None
+
+
+_R = TypeVar("_R", EngineChatCompletionRequest, EngineCompletionRequest)
+# Top-level booleans read with pydantic's words for true and false ("yes", "off", ...).
+_BOOL_FIELDS = frozenset({"stream", "return_token_ids", "ignore_eos", "echo"})
+
+
+def _sampling(req: EngineChatCompletionRequest | EngineCompletionRequest) -> None:
+    """What the sim refuses beyond the protocol: more than one choice."""
+    if req.n not in (None, 1):
         raise InvalidRequestError("the simulator supports only n=1", param="n")
 
 
-def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
-    stream = body.get("stream")
-    if stream is None:
-        stream = False
-    elif isinstance(stream, str):
-        # pydantic's lax mode, as vLLM's request model reads it: "yes"/"true"/"1"/... pass
-        flag = _LAX_BOOLS.get(stream.lower())
-        if flag is None:
-            raise RequestSchemaError(
-                "stream",
-                "bool_parsing",
-                "Input should be a valid boolean, unable to interpret input",
-            )
-        stream = flag
-    elif not isinstance(stream, bool):
-        raise InvalidRequestError(f"stream must be a boolean, got {stream!r}", param="stream")
-    options = body.get("stream_options")
-    include_usage = False
-    if options is not None:
-        if not isinstance(options, dict):
-            raise InvalidRequestError("stream_options must be an object", param="stream_options")
-        flag = options.get("include_usage")
-        if flag is not None and not isinstance(flag, bool):
-            raise InvalidRequestError(
-                "stream_options.include_usage must be a boolean",
-                param="stream_options.include_usage",
-            )
-        include_usage = bool(flag)
-    return stream, include_usage
-
-
-def _stop_strings(body: dict[str, Any]) -> tuple[str, ...]:
-    stop = body.get("stop")
-    if stop is None:
-        return ()
-    if isinstance(stop, str):
-        return (stop,)
-    if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        return tuple(stop)
-    raise InvalidRequestError("stop must be a string or a list of strings", param="stop")
-
-
-def _seed(body: dict[str, Any], default: int) -> int:
-    seed = body.get("seed")
-    if seed is None:
-        return default
-    if isinstance(seed, str):
-        raise RequestSchemaError(
-            "seed",
-            "int_parsing",
-            "Input should be a valid integer, unable to parse string as an integer",
-        )
-    if not _is_int(seed):
-        raise InvalidRequestError(f"seed must be an integer, got {seed!r}", param="seed")
-    result: int = seed
-    return result
-
-
-def _check_messages(messages: Any) -> list[dict[str, Any]]:
-    if messages is None:
-        raise RequestSchemaError("messages", "missing", "Field required")
-    if not isinstance(messages, list):
-        raise RequestSchemaError("messages", "list_type", "Input should be a valid list")
-    if not messages:
-        raise InvalidRequestError("messages must not be empty", param="messages")
-    for i, message in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise InvalidRequestError(f"{where} must be an object", param=where)
-        role = message.get("role")
-        if not isinstance(role, str) or not role:
-            raise InvalidRequestError(
-                f"{where}.role must be a non-empty string", param=f"{where}.role"
-            )
-        content = message.get("content")
-        if content is None:
-            # An assistant turn that only carried tool calls has no content.
-            if role == "assistant":
-                continue
-            raise InvalidRequestError(f"{where}.content is required", param=f"{where}.content")
-        if isinstance(content, str):
-            continue
-        if isinstance(content, list) and all(
-            isinstance(part, dict)
-            and isinstance(part.get("type"), str)
-            and (part["type"] != "text" or isinstance(part.get("text"), str))
-            for part in content
-        ):
-            continue
-        raise InvalidRequestError(
-            f"{where}.content must be a string or a list of content parts",
-            param=f"{where}.content",
-        )
-    return messages
+def _stop(req: EngineChatCompletionRequest | EngineCompletionRequest) -> tuple[str, ...]:
+    return (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
 
 
 def _token_ids(value: Any, nested: bool = False) -> bool:
@@ -579,24 +507,6 @@ def _completion_prompts(prompt: Any) -> list[tuple[int, ...]]:
 def _prompt_key(token_ids: Sequence[int]) -> str:
     """A prompt's text as ExampleConnector storage keys it (one word per token)."""
     return " ".join(map(str, token_ids))
-
-
-def _return_token_ids(body: dict[str, Any]) -> bool:
-    """vLLM's return_token_ids, read as its pydantic model reads a bool (lax mode)."""
-    flag = body.get("return_token_ids")
-    if flag is None or isinstance(flag, bool):
-        return bool(flag)
-    if isinstance(flag, str) and flag.lower() in _LAX_BOOLS:
-        return _LAX_BOOLS[flag.lower()]
-    if _is_int(flag) and flag in (0, 1):
-        return bool(flag)
-    if isinstance(flag, str | int | float):
-        raise RequestSchemaError(
-            "return_token_ids",
-            "bool_parsing",
-            "Input should be a valid boolean, unable to interpret input",
-        )
-    raise RequestSchemaError("return_token_ids", "bool_type", "Input should be a valid boolean")
 
 
 # -- the engine ----------------------------------------------------------------------------
@@ -893,30 +803,24 @@ class _SimEngine:
         """POST /v1/chat/completions."""
         body = await _json_object(request)
         model = self._model(body)
-        messages = _check_messages(body.get("messages"))
-        _check_sampling(body)
-        stream, include_usage = _stream_flags(body)
-        key = (
-            "max_completion_tokens"
-            if body.get("max_completion_tokens") is not None
-            else "max_tokens"
-        )
-        requested = _positive_int(body, "max_tokens")
-        requested = _positive_int(body, "max_completion_tokens") or requested
+        req = _read(body, EngineChatCompletionRequest)
+        _sampling(req)
+        stream, include_usage = req.streaming, req.include_usage
+        requested, key = req.token_limit
         # The sim's chat template adds nothing: with continue_final_message a final
         # assistant message is simply continued, as a prompt that ends with it would be.
-        prompt = chat_prompt_text(messages)
+        prompt = chat_prompt_text(msgspec.to_builtins(req.messages))
         prompt_ids = tokenize(prompt)
         prompt_tokens = len(prompt_ids)
         max_tokens = self._max_tokens(requested, key, prompt_tokens, "messages")
         generation = generate_ids(
             prompt_ids,
             max_tokens,
-            _seed(body, self.config.seed),
-            _stop_strings(body),
+            self.config.seed if req.seed is None else req.seed,
+            _stop(req),
             self.config.subword_tokens,
         )
-        with_ids = (tuple(prompt_ids),) if _return_token_ids(body) else None
+        with_ids = (tuple(prompt_ids),) if req.return_token_ids else None
         kv = self._kv_params(body, stream, 1)
         try:
             first_token_s = await self._first_token_s(kv, (prompt,), prompt_tokens)
@@ -1034,16 +938,17 @@ class _SimEngine:
         body = await _json_object(request)
         model = self._model(body)
         prompt_ids = _completion_prompts(body.get("prompt"))
-        _check_sampling(body)
-        stream, include_usage = _stream_flags(body)
-        requested = _positive_int(body, "max_tokens")
-        seed = _seed(body, self.config.seed)
-        stop = _stop_strings(body)
+        req = _read(body, EngineCompletionRequest)
+        _sampling(req)
+        stream, include_usage = req.streaming, req.include_usage
+        requested = req.max_tokens
+        seed = self.config.seed if req.seed is None else req.seed
+        stop = _stop(req)
         counts = [len(p) for p in prompt_ids]
         max_tokens = self._max_tokens(requested, "max_tokens", max(counts), "prompt")
         subword = self.config.subword_tokens
         generations = tuple(generate_ids(p, max_tokens, seed, stop, subword) for p in prompt_ids)
-        with_ids = tuple(prompt_ids) if _return_token_ids(body) else None
+        with_ids = tuple(prompt_ids) if req.return_token_ids else None
         prompts = [_prompt_key(p) for p in prompt_ids]
         kv = self._kv_params(body, stream, len(prompts))
         try:

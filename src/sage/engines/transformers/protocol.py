@@ -122,7 +122,9 @@ def parse_chat(body: bytes) -> ChatRequest:
     return ChatRequest(req.model, messages, _sampling(req))
 
 
-def _prompts(prompt: str | list[object]) -> tuple[str | tuple[int, ...], ...]:
+def _prompts(prompt: str | list[object] | None) -> tuple[str | tuple[int, ...], ...]:
+    if prompt is None:
+        raise InvalidRequestError("prompt is required", param="prompt")
     if isinstance(prompt, str):
         return (prompt,)
     if prompt:
