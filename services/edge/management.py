@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 from .validation import parse_json_object
 
 PREFIX = "/v1/management"
+# vLLM's largest --max-lora-rank.
+MAX_LORA_RANK = 512
 # Loading an adapter reads its weights in the engine (lifecycle bounds it at 120 s).
 ADAPTER_TIMEOUT_S = 150.0
 _ENGINE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -142,13 +144,13 @@ def node_json(node: spb.Node) -> dict[str, Any]:
     }
 
 
-def _int(doc: dict[str, Any], key: str, default: int, low: int = 0) -> int:
+def _int(doc: dict[str, Any], key: str, default: int, low: int = 0, high: int = INT32_MAX) -> int:
     value = doc.get(key, default)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= INT32_MAX:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise InvalidRequestError(
-            f"{key} must be an integer in {low}..{INT32_MAX}, got {value!r}", param=key
+            f"{key} must be an integer in {low}..{high}, got {value!r}", param=key
         )
     return value
 
@@ -251,7 +253,7 @@ def start_request(doc: dict[str, Any]) -> lifecycle_pb2.StartEngineRequest:
         role=role_value(role),
         join_existing_model=join_existing,
         enable_lora=enable_lora,
-        max_lora_rank=_int(doc, "max_lora_rank", 0),
+        max_lora_rank=_int(doc, "max_lora_rank", 0, high=MAX_LORA_RANK),
     )
     if use_gpu is not None:
         request.use_gpu = use_gpu
@@ -498,7 +500,9 @@ def add_management_routes(
             pruned.extend(reply.engine_ids)
         return JSONResponse({"pruned": pruned, "count": len(pruned)})
 
-    @route("GET", f"{PREFIX}/engines/*")
+    @route("GET", f"{PREFIX}/engines/{{engine_id}}")
+    @route("GET", f"{PREFIX}/engines/{{engine_id}}/logs")
+    @route("GET", f"{PREFIX}/engines/{{engine_id}}/adapters")
     async def get_engine(request: Request) -> Response:
         engine_id, tail = _engine_path(request.path)
         if tail == "logs":
@@ -524,7 +528,7 @@ def add_management_routes(
             reply = await owner.GetEngine(lifecycle_pb2.GetEngineRequest(engine_id=engine_id))
         return JSONResponse(engine_json(reply.engine))
 
-    @route("POST", f"{PREFIX}/engines/*")
+    @route("POST", f"{PREFIX}/engines/{{engine_id}}/adapters")
     async def load_adapter(request: Request) -> Response:
         engine_id, tail = _engine_path(request.path)
         if tail != "adapters":
@@ -535,7 +539,8 @@ def add_management_routes(
             reply = await owner.LoadAdapter(load, timeout=ADAPTER_TIMEOUT_S)
         return JSONResponse(engine_json(reply.engine), 201)
 
-    @route("DELETE", f"{PREFIX}/engines/*")
+    @route("DELETE", f"{PREFIX}/engines/{{engine_id}}")
+    @route("DELETE", f"{PREFIX}/engines/{{engine_id}}/adapters/{{name}}")
     async def stop_engine(request: Request) -> Response:
         engine_id, tail = _engine_path(request.path)
         if tail.startswith("adapters/"):

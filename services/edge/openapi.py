@@ -12,6 +12,8 @@ from typing import Any
 
 from sage.protocol.openai import INT32_MAX, NOT_BLANK, json_schemas
 
+from .management import MAX_LORA_RANK
+
 JSON = "application/json"
 SSE = "text/event-stream"
 # Request examples, for readers of the document and for its fuzzers' first cases.
@@ -153,7 +155,9 @@ _SCHEMAS: dict[str, Any] = {
                 "default": False,
                 "description": "Let LoRA adapters be loaded at run time (vllm, sim).",
             },
-            "max_lora_rank": _nullable(_int(0, 512, "Highest LoRA rank; 0: the engine's.")),
+            "max_lora_rank": _nullable(
+                _int(0, MAX_LORA_RANK, "Highest LoRA rank; 0: the engine's.")
+            ),
         },
         "examples": [{"model_id": "sim", "backend": "sim", "engine_kind": "llm"}],
     },

@@ -285,6 +285,8 @@ class App:
     ) -> None:
         self._routes: dict[str, dict[str, Handler]] = {}
         self._prefix_routes: list[tuple[str, dict[str, Handler]]] = []
+        # "/engines/{engine_id}/logs": each {name} one path segment, matched in order
+        self._template_routes: list[tuple[re.Pattern[str], str, dict[str, Handler]]] = []
         self.max_body_bytes = max_body_bytes
         self._on_startup = on_startup
         self._on_shutdown = on_shutdown
@@ -295,7 +297,8 @@ class App:
         self.in_flight = 0
 
     def route(self, method: str, path: str) -> Callable[[Handler], Handler]:
-        """Decorator: register `handler` for METHOD PATH (a trailing `*` matches a prefix)."""
+        """Decorator: register `handler` for METHOD PATH (a `{name}` matches one path segment,
+        a trailing `*` any rest)."""
 
         def register(handler: Handler) -> Handler:
             self.add(method, path, handler)
@@ -313,11 +316,25 @@ class App:
             self._prefix_routes.append((prefix, {method.upper(): handler}))
             self._prefix_routes.sort(key=lambda item: -len(item[0]))
             return
+        if "{" in path:
+            for _, template, methods in self._template_routes:
+                if template == path:
+                    methods[method.upper()] = handler
+                    return
+            pattern = re.compile(
+                "".join(
+                    "[^/]+" if part.startswith("{") else re.escape(part)
+                    for part in re.split(r"(\{[^}/]+\})", path)
+                )
+            )
+            self._template_routes.append((pattern, path, {method.upper(): handler}))
+            return
         self._routes.setdefault(path, {})[method.upper()] = handler
 
     def routes(self) -> list[tuple[str, str]]:
         """Every (METHOD, path) registered; prefix routes keep their trailing `*`."""
         exact = [(m, path) for path, methods in self._routes.items() for m in methods]
+        exact += [(m, path) for _, path, methods in self._template_routes for m in methods]
         prefixed = [(m, p + "*") for p, methods in self._prefix_routes for m in methods]
         return sorted(exact + prefixed)
 
@@ -329,6 +346,9 @@ class App:
             methods = self._routes.get(path)
         if methods is not None:
             return path, methods
+        for pattern, template, by_method in self._template_routes:
+            if pattern.fullmatch(path):
+                return template, by_method
         for prefix, prefixed in self._prefix_routes:
             if path.startswith(prefix):
                 return prefix + "*", prefixed
