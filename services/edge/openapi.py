@@ -618,48 +618,43 @@ def _static_asset(summary: str, operation_id: str, media: str) -> dict[str, Any]
     )
 
 
+def _generation(summary: str, operation_id: str, reply: str, body: str) -> dict[str, Any]:
+    """A chat/completion operation: JSON, or its chunks as SSE with stream=true."""
+    return _operation(
+        summary,
+        operation_id,
+        {
+            "200": {
+                "description": "The completion, or with stream=true its chunks.",
+                "content": {JSON: {"schema": _ref(reply)}, SSE: {"schema": _SSE_EVENT}},
+            },
+            **_errors(*_INFERENCE_ERRORS),
+        },
+        tags=["inference"],
+        security=_API_KEY,
+        body=body,
+        parameters=_SCHEDULING_HEADERS,
+    )
+
+
 def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
     """The whole OpenAPI 3.1 document for the edge."""
     generation_errors = _errors(*_INFERENCE_ERRORS)
     paths: dict[str, Any] = {
         "/v1/chat/completions": {
-            "post": _operation(
+            "post": _generation(
                 "Create a chat completion (streamed as SSE when stream is true)",
                 "createChatCompletion",
-                {
-                    "200": {
-                        "description": "The completion, or with stream=true its chunks.",
-                        "content": {
-                            JSON: {"schema": _ref("ChatCompletion")},
-                            SSE: {"schema": _SSE_EVENT},
-                        },
-                    },
-                    **generation_errors,
-                },
-                tags=["inference"],
-                security=_API_KEY,
-                body="ChatCompletionRequest",
-                parameters=_SCHEDULING_HEADERS,
+                "ChatCompletion",
+                "ChatCompletionRequest",
             )
         },
         "/v1/completions": {
-            "post": _operation(
+            "post": _generation(
                 "Create a text completion (streamed as SSE when stream is true)",
                 "createCompletion",
-                {
-                    "200": {
-                        "description": "The completion, or with stream=true its chunks.",
-                        "content": {
-                            JSON: {"schema": _ref("Completion")},
-                            SSE: {"schema": _SSE_EVENT},
-                        },
-                    },
-                    **generation_errors,
-                },
-                tags=["inference"],
-                security=_API_KEY,
-                body="CompletionRequest",
-                parameters=_SCHEDULING_HEADERS,
+                "Completion",
+                "CompletionRequest",
             )
         },
         "/v1/embeddings": {
