@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 import grpc
+import msgspec
 
 from sage.common.apikeys import bearer_token
 from sage.common.exceptions import (
@@ -28,8 +29,31 @@ from sage.common.exceptions import (
 )
 from sage.common.grpc import create_channel, rpc_errors_as_sage
 from sage.common.grpc.engine_enums import kind_name, kind_value, role_name, role_value, state_name
-from sage.common.http import App, Handler, JSONResponse, Request, Response
-from sage.protocol.openai import INT32_MAX
+from sage.common.http import App, Handler, Request, Response
+from sage.protocol.management import (
+    Adapter,
+    AdapterList,
+    Backend,
+    BackendList,
+    ControlPlane,
+    ControlPlaneMetrics,
+    Engine,
+    EngineList,
+    EngineLogs,
+    Gpu,
+    GpuStatus,
+    ManagementStatus,
+    ModelStats,
+    Node,
+    NodeGpu,
+    NodeList,
+    PlacementPreview,
+    PruneRequest,
+    PruneResult,
+    RegisterEngineRequest,
+    StartEngineRequest,
+)
+from sage.protocol.openai import INT32_MAX, decode
 from sage.rpc.common.v1 import common_pb2
 from sage.rpc.gpu_manager.v1 import gpu_manager_pb2
 from sage.rpc.lifecycle.v1 import lifecycle_pb2, lifecycle_pb2_grpc
@@ -38,11 +62,7 @@ from sage.rpc.scheduler.v1 import scheduler_pb2 as spb
 if TYPE_CHECKING:
     from sage.rpc.lifecycle.v1.lifecycle_pb2_grpc import LifecycleServiceAsyncStub
 
-from .validation import parse_json_object
-
 PREFIX = "/v1/management"
-# vLLM's largest --max-lora-rank.
-MAX_LORA_RANK = 512
 # Loading an adapter reads its weights in the engine (lifecycle bounds it at 120 s).
 ADAPTER_TIMEOUT_S = 150.0
 _ENGINE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -55,60 +75,36 @@ _STATUS = {
     "failed": "FAILED",
     "unspecified": "UNKNOWN",
 }
-_START_FIELDS = {
-    "model_id",
-    "model",
-    "engine_kind",
-    "kind",
-    "backend",
-    "tensor_parallel_size",
-    "pipeline_parallel_size",
-    "port",
-    "required_memory_gb",
-    "engine_label",
-    "label",
-    "max_concurrent_requests",
-    "use_gpu",
-    "extra_args",
-    "metadata",
-    "engine_id",
-    "startup_timeout_s",
-    "wait",
-    "gpu_memory_utilization",
-    "max_model_len",
-    "aliases",
-    "role",
-    "node",
-    "dry_run",
-    "join_existing_model",  # register only: share a model lifecycle's engines serve
-    "enable_lora",  # serve LoRA adapters loaded at run time
-    "max_lora_rank",
-}
 
 
-def engine_json(engine: common_pb2.Engine) -> dict[str, Any]:
+def reply(body: msgspec.Struct, status: int = 200) -> Response:
+    """A management reply, encoded from its protocol model."""
+    return Response(msgspec.json.encode(body), status)
+
+
+def engine_reply(engine: common_pb2.Engine) -> Engine:
     """An Engine message in SAGE's management JSON."""
-    return {
-        "engine_id": engine.engine_id,
-        "model_id": engine.model,
-        "engine_kind": kind_name(engine.kind, "unspecified"),
-        "role": role_name(engine.role),
-        "backend": engine.backend,
-        "status": _STATUS[state_name(engine.state)],
-        "host": engine.host,
-        "port": engine.port,
-        "base_url": engine.base_url,
-        "pid": engine.pid or None,
-        "gpu_ids": list(engine.gpu_indexes),
-        "engine_label": engine.label,
-        "restart_count": engine.restart_count,
-        "started_at": engine.started_at or None,
-        "error": engine.error or None,
-        "metadata": dict(engine.metadata),
-        "node_id": engine.node_id or None,
-        "lora_enabled": engine.lora_enabled,
-        "adapters": [{"name": a.name, "path": a.path} for a in engine.adapters],
-    }
+    return Engine(
+        engine_id=engine.engine_id,
+        model_id=engine.model,
+        engine_kind=kind_name(engine.kind, "unspecified"),
+        role=role_name(engine.role),
+        backend=engine.backend,
+        status=_STATUS[state_name(engine.state)],
+        host=engine.host,
+        port=engine.port,
+        base_url=engine.base_url,
+        pid=engine.pid or None,
+        gpu_ids=list(engine.gpu_indexes),
+        engine_label=engine.label,
+        restart_count=engine.restart_count,
+        started_at=engine.started_at or None,
+        error=engine.error or None,
+        metadata=dict(engine.metadata),
+        node_id=engine.node_id or None,
+        lora_enabled=engine.lora_enabled,
+        adapters=[Adapter(name=a.name, path=a.path) for a in engine.adapters],
+    )
 
 
 _NODE_STATE = {
@@ -118,159 +114,60 @@ _NODE_STATE = {
 }
 
 
-def node_json(node: spb.Node) -> dict[str, Any]:
+def node_reply(node: spb.Node) -> Node:
     """A node of the scheduler's table as management JSON."""
     report = node.report
-    return {
-        "node_id": report.node_id,
-        "state": _NODE_STATE.get(node.state, "unknown"),
-        "reason": node.reason or None,
-        "lifecycle_addr": report.lifecycle_addr,
-        "advertise_host": report.advertise_host or None,
-        "static": node.static,
-        "last_seen_s_ago": node.last_seen_s_ago if node.last_seen_s_ago >= 0 else None,
-        "gpu_count": report.gpu_count,
-        "gpus": [
-            {
-                "index": g.index,
-                "name": g.name,
-                "memory_total_bytes": g.memory_total_bytes,
-                "memory_free_bytes": g.memory_free_bytes,
-            }
+    return Node(
+        node_id=report.node_id,
+        state=_NODE_STATE.get(node.state, "unknown"),
+        reason=node.reason or None,
+        lifecycle_addr=report.lifecycle_addr,
+        advertise_host=report.advertise_host or None,
+        static=node.static,
+        last_seen_s_ago=node.last_seen_s_ago if node.last_seen_s_ago >= 0 else None,
+        gpu_count=report.gpu_count,
+        gpus=[
+            NodeGpu(
+                index=g.index,
+                name=g.name,
+                memory_total_bytes=g.memory_total_bytes,
+                memory_free_bytes=g.memory_free_bytes,
+            )
             for g in report.gpus
         ],
-        "engines": node.engines,
-        "engine_ids": list(report.engine_ids),
-    }
+        engines=node.engines,
+        engine_ids=list(report.engine_ids),
+    )
 
 
-def _int(doc: dict[str, Any], key: str, default: int, low: int = 0, high: int = INT32_MAX) -> int:
-    value = doc.get(key, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise InvalidRequestError(
-            f"{key} must be an integer in {low}..{high}, got {value!r}", param=key
-        )
-    return value
-
-
-def _number(doc: dict[str, Any], key: str) -> float:
-    value = doc.get(key, 0)
-    if value is None:
-        return 0.0
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise InvalidRequestError(f"{key} must be a number >= 0, got {value!r}", param=key)
-    return float(value)
-
-
-def _strings(doc: dict[str, Any], key: str) -> list[str]:
-    value = doc.get(key)
-    if value is None:
-        return []
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise InvalidRequestError(f"{key} must be an array of strings", param=key)
-    return value
-
-
-def _string(doc: dict[str, Any], key: str) -> str:
-    value = doc.get(key)
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise InvalidRequestError(f"{key} must be a string, got {value!r}", param=key)
-    return value
-
-
-def start_request(doc: dict[str, Any]) -> lifecycle_pb2.StartEngineRequest:
-    """A management POST body → StartEngineRequest; unknown or ill-typed fields are 400s."""
-    doc = {k: v for k, v in doc.items() if k not in ("node", "dry_run")}  # placement fields
-    unknown = sorted(set(doc) - _START_FIELDS)
-    if unknown:
-        raise InvalidRequestError(f"unknown field(s): {', '.join(unknown)}", param=unknown[0])
-    # Each alias pair (model_id/model, engine_kind/kind, engine_label/label) is checked in
-    # full: the first name wins, but a broken second one is a 400, not silently ignored.
-    for key in ("model_id", "model"):
-        if key in doc and (not isinstance(doc[key], str) or not doc[key].strip()):
-            raise InvalidRequestError(f"{key} must be a non-empty string", param=key)
-    model = doc.get("model_id", doc.get("model"))
-    if not isinstance(model, str):
-        raise InvalidRequestError("model_id is required", param="model_id")
-    for key in ("engine_kind", "kind"):
-        if key in doc and doc[key] not in ("llm", "embedding"):
-            raise InvalidRequestError(
-                f"{key} must be llm or embedding, got {doc[key]!r}", param=key
-            )
-    kind = doc.get("engine_kind", doc.get("kind", "llm"))
-    backend = _string(doc, "backend")
-    labels = _string(doc, "engine_label"), _string(doc, "label")
-    label = labels[0] if "engine_label" in doc else labels[1]
-    engine_id = _string(doc, "engine_id")
-    metadata = doc.get("metadata")
-    if metadata is None:
-        metadata = {}
-    if not isinstance(metadata, dict) or not all(
-        isinstance(k, str) and isinstance(v, str | int | float | bool) for k, v in metadata.items()
-    ):
-        raise InvalidRequestError("metadata must be an object of scalar values", param="metadata")
-    use_gpu = doc.get("use_gpu")
-    if use_gpu is not None and not isinstance(use_gpu, bool):
-        raise InvalidRequestError("use_gpu must be true, false or null", param="use_gpu")
-    wait = doc.get("wait", True)
-    if not isinstance(wait, bool):
-        raise InvalidRequestError("wait must be a boolean", param="wait")
-    join_existing = doc.get("join_existing_model", False)
-    if not isinstance(join_existing, bool):
-        raise InvalidRequestError(
-            "join_existing_model must be a boolean", param="join_existing_model"
-        )
-    role = "both" if doc.get("role") is None else doc["role"]
-    if role not in ("both", "prefill", "decode"):  # PD routing
-        raise InvalidRequestError(
-            f"role must be both, prefill or decode, got {role!r}", param="role"
-        )
-    enable_lora = doc.get("enable_lora", False)
-    if not isinstance(enable_lora, bool):
-        raise InvalidRequestError("enable_lora must be a boolean", param="enable_lora")
+def start_request(body: StartEngineRequest) -> lifecycle_pb2.StartEngineRequest:
+    """A decoded start (or register) body → lifecycle's StartEngineRequest, defaults filled."""
     request = lifecycle_pb2.StartEngineRequest(
-        model=model,
-        kind=kind_value(kind),
-        backend=backend,
-        tensor_parallel_size=_int(doc, "tensor_parallel_size", 1, 1),
-        pipeline_parallel_size=_int(doc, "pipeline_parallel_size", 1, 1),
-        port=_int(doc, "port", 0),
-        required_memory_gb=_number(doc, "required_memory_gb"),
-        gpu_memory_utilization=_number(doc, "gpu_memory_utilization"),
-        label=label,
-        max_concurrent_requests=_int(doc, "max_concurrent_requests", 0),
-        max_model_len=_int(doc, "max_model_len", 0),
-        extra_args=_strings(doc, "extra_args"),
-        aliases=_strings(doc, "aliases"),
-        metadata={k: str(v) for k, v in metadata.items()},
-        engine_id=engine_id,
-        startup_timeout_s=_int(doc, "startup_timeout_s", 300, 1),
-        no_wait=not wait,
-        role=role_value(role),
-        join_existing_model=join_existing,
-        enable_lora=enable_lora,
-        max_lora_rank=_int(doc, "max_lora_rank", 0, high=MAX_LORA_RANK),
+        model=body.model_name,
+        kind=kind_value(body.engine_kind_name),
+        backend=body.backend or "",
+        tensor_parallel_size=body.tensor_parallel_size or 1,
+        pipeline_parallel_size=body.pipeline_parallel_size or 1,
+        port=body.port or 0,
+        required_memory_gb=body.required_memory_gb or 0.0,
+        gpu_memory_utilization=body.gpu_memory_utilization or 0.0,
+        label=body.label_text,
+        max_concurrent_requests=body.max_concurrent_requests or 0,
+        max_model_len=body.max_model_len or 0,
+        extra_args=body.extra_args or [],
+        aliases=body.aliases or [],
+        metadata={k: str(v) for k, v in (body.metadata or {}).items()},
+        engine_id=body.engine_id or "",
+        startup_timeout_s=body.startup_timeout_s or 300,
+        no_wait=not body.wait,
+        role=role_value(body.role or "both"),
+        join_existing_model=body.join_existing_model,
+        enable_lora=body.enable_lora,
+        max_lora_rank=body.max_lora_rank or 0,
     )
-    if use_gpu is not None:
-        request.use_gpu = use_gpu
+    if body.use_gpu is not None:
+        request.use_gpu = body.use_gpu
     return request
-
-
-def adapter_request(engine_id: str, doc: dict[str, Any]) -> lifecycle_pb2.LoadAdapterRequest:
-    """A POST .../adapters body (`name`, `path`) → LoadAdapterRequest."""
-    unknown = sorted(set(doc) - {"name", "path"})
-    if unknown:
-        raise InvalidRequestError(f"unknown field(s): {', '.join(unknown)}", param=unknown[0])
-    for key in ("name", "path"):
-        if not isinstance(doc.get(key), str) or not doc[key].strip():
-            raise InvalidRequestError(f"{key} must be a non-empty string", param=key)
-    return lifecycle_pb2.LoadAdapterRequest(
-        engine_id=engine_id, adapter=common_pb2.LoraAdapter(name=doc["name"], path=doc["path"])
-    )
 
 
 def _engine_path(path: str) -> tuple[str, str]:
@@ -455,50 +352,43 @@ def add_management_routes(
 
     @route("GET", f"{PREFIX}/engines")
     async def list_engines(request: Request) -> Response:
-        engines = [engine_json(e) for e in await node_lifecycles.list_engines()]
-        return JSONResponse({"engines": engines, "count": len(engines)})
+        engines = [engine_reply(e) for e in await node_lifecycles.list_engines()]
+        return reply(EngineList(engines=engines, count=len(engines)))
 
     @route("POST", f"{PREFIX}/engines")
     async def start_engine(request: Request) -> Response:
-        doc = parse_json_object(await request.body())
-        node_id, dry_run = _string(doc, "node"), doc.get("dry_run", False)
-        if not isinstance(dry_run, bool):
-            raise InvalidRequestError("dry_run must be a boolean", param="dry_run")
-        start = start_request(doc)
-        lifecycle, node = await node_lifecycles.place(start, node_id)
-        if dry_run:  # where it would go, nothing started
-            return JSONResponse(
-                {"dry_run": True, "node": node_json(node) if node is not None else None}
-            )
+        body = decode(await request.body(), StartEngineRequest)
+        start = start_request(body)
+        lifecycle, node = await node_lifecycles.place(start, body.node or "")
+        if body.dry_run:  # where it would go, nothing started
+            preview = node_reply(node) if node is not None else None
+            return reply(PlacementPreview(dry_run=True, node=preview))
         with rpc_errors_as_sage():
-            reply = await lifecycle.StartEngine(start, timeout=start.startup_timeout_s + 60)
-        return JSONResponse(engine_json(reply.engine), 202 if start.no_wait else 201)
+            started = await lifecycle.StartEngine(start, timeout=start.startup_timeout_s + 60)
+        return reply(engine_reply(started.engine), 202 if start.no_wait else 201)
 
     @route("POST", f"{PREFIX}/engines/register")
     async def register_engine(request: Request) -> Response:
-        doc = parse_json_object(await request.body())
-        base_url = doc.pop("base_url", None)
-        if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
-            raise InvalidRequestError("base_url must be an http(s) URL", param="base_url")
-        start = start_request(doc)
-        start.base_url = base_url
+        body = decode(await request.body(), RegisterEngineRequest)
+        start = start_request(body)
+        start.base_url = body.base_url
         start.backend = "external"
-        lifecycle, _ = await node_lifecycles.place(start, _string(doc, "node"))
+        lifecycle, _ = await node_lifecycles.place(start, body.node or "")
         with rpc_errors_as_sage():
-            reply = await lifecycle.StartEngine(start)
-        return JSONResponse(engine_json(reply.engine), 201)
+            registered = await lifecycle.StartEngine(start)
+        return reply(engine_reply(registered.engine), 201)
 
     @route("POST", f"{PREFIX}/engines/prune")
     async def prune(request: Request) -> Response:
         body = await request.body()
         if body:  # no fields; `{}` is what the CLI sends, whitespace alone is broken JSON
-            parse_json_object(body)
+            decode(body, PruneRequest)
         pruned: list[str] = []
         for _, lifecycle in await node_lifecycles.targets():
             with rpc_errors_as_sage():
-                reply = await lifecycle.PruneEngines(lifecycle_pb2.PruneEnginesRequest())
-            pruned.extend(reply.engine_ids)
-        return JSONResponse({"pruned": pruned, "count": len(pruned)})
+                done = await lifecycle.PruneEngines(lifecycle_pb2.PruneEnginesRequest())
+            pruned.extend(done.engine_ids)
+        return reply(PruneResult(pruned=pruned, count=len(pruned)))
 
     @route("GET", f"{PREFIX}/engines/{{engine_id}}")
     @route("GET", f"{PREFIX}/engines/{{engine_id}}/logs")
@@ -514,30 +404,31 @@ def add_management_routes(
                 logs = await owner.TailLogs(
                     lifecycle_pb2.TailLogsRequest(engine_id=engine_id, lines=int(lines))
                 )
-            return JSONResponse({"engine_id": engine_id, "lines": list(logs.lines)})
-        if tail == "adapters":
-            owner = await node_lifecycles.owner(engine_id)
-            with rpc_errors_as_sage():
-                reply = await owner.GetEngine(lifecycle_pb2.GetEngineRequest(engine_id=engine_id))
-            listed = engine_json(reply.engine)
-            return JSONResponse({"engine_id": engine_id, "adapters": listed["adapters"]})
-        if tail:
+            return reply(EngineLogs(engine_id=engine_id, lines=list(logs.lines)))
+        if tail and tail != "adapters":
             raise NotFoundError(f"no route for GET {request.path}", code="unknown_url")
         owner = await node_lifecycles.owner(engine_id)
         with rpc_errors_as_sage():
-            reply = await owner.GetEngine(lifecycle_pb2.GetEngineRequest(engine_id=engine_id))
-        return JSONResponse(engine_json(reply.engine))
+            found = await owner.GetEngine(lifecycle_pb2.GetEngineRequest(engine_id=engine_id))
+        engine = engine_reply(found.engine)
+        if tail == "adapters":
+            return reply(AdapterList(engine_id=engine_id, adapters=engine.adapters))
+        return reply(engine)
 
     @route("POST", f"{PREFIX}/engines/{{engine_id}}/adapters")
     async def load_adapter(request: Request) -> Response:
         engine_id, tail = _engine_path(request.path)
         if tail != "adapters":
             raise NotFoundError(f"no route for POST {request.path}", code="unknown_url")
-        load = adapter_request(engine_id, parse_json_object(await request.body()))
+        adapter = decode(await request.body(), Adapter)
+        load = lifecycle_pb2.LoadAdapterRequest(
+            engine_id=engine_id,
+            adapter=common_pb2.LoraAdapter(name=adapter.name, path=adapter.path),
+        )
         owner = await node_lifecycles.owner(engine_id)
         with rpc_errors_as_sage():
-            reply = await owner.LoadAdapter(load, timeout=ADAPTER_TIMEOUT_S)
-        return JSONResponse(engine_json(reply.engine), 201)
+            loaded = await owner.LoadAdapter(load, timeout=ADAPTER_TIMEOUT_S)
+        return reply(engine_reply(loaded.engine), 201)
 
     @route("DELETE", f"{PREFIX}/engines/{{engine_id}}")
     @route("DELETE", f"{PREFIX}/engines/{{engine_id}}/adapters/{{name}}")
@@ -553,72 +444,72 @@ def add_management_routes(
                     lifecycle_pb2.UnloadAdapterRequest(engine_id=engine_id, name=name),
                     timeout=ADAPTER_TIMEOUT_S,
                 )
-            return JSONResponse(engine_json(unloaded.engine))
+            return reply(engine_reply(unloaded.engine))
         if tail:
             raise NotFoundError(f"no route for DELETE {request.path}", code="unknown_url")
         drain = _query(request).get("drain", "false").lower() in ("1", "true", "yes")
         owner = await node_lifecycles.owner(engine_id)
         with rpc_errors_as_sage():
-            reply = await owner.StopEngine(
+            stopped = await owner.StopEngine(
                 lifecycle_pb2.StopEngineRequest(engine_id=engine_id, drain=drain),
                 timeout=120,
             )
-        return JSONResponse(engine_json(reply.engine))
+        return reply(engine_reply(stopped.engine))
 
     @route("GET", f"{PREFIX}/nodes")
     async def nodes(request: Request) -> Response:
         with rpc_errors_as_sage():
-            reply = await upstreams().scheduler.ListNodes(spb.ListNodesRequest())
-        listed = [node_json(n) for n in reply.nodes]
-        return JSONResponse({"nodes": listed, "count": len(listed)})
+            table = await upstreams().scheduler.ListNodes(spb.ListNodesRequest())
+        listed = [node_reply(n) for n in table.nodes]
+        return reply(NodeList(nodes=listed, count=len(listed)))
 
     @route("GET", f"{PREFIX}/backends")
     async def backends(request: Request) -> Response:
         with rpc_errors_as_sage():
-            reply = await upstreams().lifecycle.ListBackends(lifecycle_pb2.ListBackendsRequest())
-        return JSONResponse(
-            {
-                "backends": [
-                    {
-                        "name": b.name,
-                        "kinds": [kind_name(k, "unspecified") for k in b.kinds],
-                        "uses_gpu": b.uses_gpu,
-                        "available": b.available,
-                        "reason": b.reason,
-                    }
-                    for b in reply.backends
+            listed = await upstreams().lifecycle.ListBackends(lifecycle_pb2.ListBackendsRequest())
+        return reply(
+            BackendList(
+                backends=[
+                    Backend(
+                        name=b.name,
+                        kinds=[kind_name(k, "unspecified") for k in b.kinds],
+                        uses_gpu=b.uses_gpu,
+                        available=b.available,
+                        reason=b.reason,
+                    )
+                    for b in listed.backends
                 ]
-            }
+            )
         )
 
-    async def gpu_json() -> dict[str, Any]:
+    async def gpu_status() -> GpuStatus:
         with rpc_errors_as_sage():
-            reply = await upstreams().gpu.ListGpus(gpu_manager_pb2.ListGpusRequest())
-        return {
-            "nvml_available": reply.nvml_available,
-            "nvml_error": reply.nvml_error or None,
-            "driver_version": reply.driver_version or None,
-            "gpus": [
-                {
-                    "index": g.index,
-                    "uuid": g.uuid,
-                    "name": g.name,
-                    "memory_total_bytes": g.memory_total_bytes,
-                    "memory_used_bytes": g.memory_used_bytes,
-                    "memory_free_bytes": g.memory_free_bytes,
-                    "memory_reserved_bytes": g.memory_reserved_bytes,
-                    "memory_available_bytes": g.memory_available_bytes,
-                    "utilization_percent": g.utilization_percent,
-                    "temperature_celsius": g.temperature_celsius,
-                    "engine_ids": list(g.engine_ids),
-                }
-                for g in reply.gpus
+            read = await upstreams().gpu.ListGpus(gpu_manager_pb2.ListGpusRequest())
+        return GpuStatus(
+            nvml_available=read.nvml_available,
+            nvml_error=read.nvml_error or None,
+            driver_version=read.driver_version or None,
+            gpus=[
+                Gpu(
+                    index=g.index,
+                    uuid=g.uuid,
+                    name=g.name,
+                    memory_total_bytes=g.memory_total_bytes,
+                    memory_used_bytes=g.memory_used_bytes,
+                    memory_free_bytes=g.memory_free_bytes,
+                    memory_reserved_bytes=g.memory_reserved_bytes,
+                    memory_available_bytes=g.memory_available_bytes,
+                    utilization_percent=g.utilization_percent,
+                    temperature_celsius=g.temperature_celsius,
+                    engine_ids=list(g.engine_ids),
+                )
+                for g in read.gpus
             ],
-        }
+        )
 
     @route("GET", f"{PREFIX}/gpu")
     async def gpu(request: Request) -> Response:
-        return JSONResponse(await gpu_json())
+        return reply(await gpu_status())
 
     @route("GET", f"{PREFIX}/status")
     async def status(request: Request) -> Response:
@@ -627,53 +518,52 @@ def add_management_routes(
             sched = await up.scheduler.GetStatus(spb.GetStatusRequest())
             routed = await up.scheduler.ListEngines(spb.ListEnginesRequest())
         try:
+            metrics = await up.scheduler.GetMetrics(spb.GetMetricsRequest(), timeout=2.0)
             model_stats = [
-                {
-                    "model": m.model,
-                    "p50_ms": m.p50_ms,
-                    "p95_ms": m.p95_ms,
-                    "p99_ms": m.p99_ms,
-                    "ttft_p50_ms": m.ttft_p50_ms,
-                    "tpot_p50_ms": m.tpot_p50_ms,
-                    "rps": m.rps,
-                    "slo_attainment": m.slo_attainment,
-                    "queued": m.queued,
-                }
-                for m in (
-                    await up.scheduler.GetMetrics(spb.GetMetricsRequest(), timeout=2.0)
-                ).models
+                ModelStats(
+                    model=m.model,
+                    p50_ms=m.p50_ms,
+                    p95_ms=m.p95_ms,
+                    p99_ms=m.p99_ms,
+                    ttft_p50_ms=m.ttft_p50_ms,
+                    tpot_p50_ms=m.tpot_p50_ms,
+                    rps=m.rps,
+                    slo_attainment=m.slo_attainment,
+                    queued=m.queued,
+                )
+                for m in metrics.models
             ]
         except grpc.RpcError:
             model_stats = []
         ready = [e for e in routed.engines if state_name(e.state) == "ready"]
         try:
-            engines = [engine_json(e) for e in await node_lifecycles.list_engines()]
+            engines = [engine_reply(e) for e in await node_lifecycles.list_engines()]
         except (grpc.RpcError, SageError):
-            engines = [engine_json(e) for e in routed.engines]  # lifecycle down: routing view
-        nodes = [node_json(n) for n in await node_lifecycles.nodes()]
+            engines = [engine_reply(e) for e in routed.engines]  # lifecycle down: routing view
+        nodes = [node_reply(n) for n in await node_lifecycles.nodes()]
         try:
-            gpu_status: dict[str, Any] | None = await gpu_json()
+            gpus: GpuStatus | None = await gpu_status()
         except Exception:
-            gpu_status = None
-        return JSONResponse(
-            {
-                "llm_available": any(kind_name(e.kind, "") == "llm" for e in ready),
-                "embedding_available": any(kind_name(e.kind, "") == "embedding" for e in ready),
-                "control_plane": {
-                    "policy": sched.policy,
-                    "pending_requests": sched.queued,
-                    "running_requests": sched.in_flight,
-                    "instances": sched.engines_total,
-                    "instances_ready": sched.engines_ready,
-                    "metrics": {
-                        "requests_total": sched.requests_total,
-                        "requests_failed": sched.requests_failed,
-                        "models": model_stats,
-                    },
-                },
-                "gpu": gpu_status,
-                "nodes": nodes,
-                "engines": engines,
-                "count": len(engines),
-            }
+            gpus = None
+        return reply(
+            ManagementStatus(
+                llm_available=any(kind_name(e.kind, "") == "llm" for e in ready),
+                embedding_available=any(kind_name(e.kind, "") == "embedding" for e in ready),
+                control_plane=ControlPlane(
+                    policy=sched.policy,
+                    pending_requests=sched.queued,
+                    running_requests=sched.in_flight,
+                    instances=sched.engines_total,
+                    instances_ready=sched.engines_ready,
+                    metrics=ControlPlaneMetrics(
+                        requests_total=sched.requests_total,
+                        requests_failed=sched.requests_failed,
+                        models=model_stats,
+                    ),
+                ),
+                gpu=gpus,
+                nodes=nodes,
+                engines=engines,
+                count=len(engines),
+            )
         )

@@ -22,6 +22,7 @@ from sage.common.config.settings import SageSettings
 from sage.common.config.values import parse_autoscale
 from sage.common.exceptions import ConfigurationError, InvalidRequestError
 from sage.llm.presets.loader import PresetError, load_preset, parse_preset
+from sage.protocol.management import StartEngineRequest
 from sage.protocol.openai import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -158,7 +159,7 @@ def test_management_start_body_only_raises_invalid_request(doc: Any) -> None:
     ValueError/TypeError from out-of-range numbers or odd types)."""
     assume(isinstance(doc, dict))
     try:
-        request = start_request(doc)
+        request = start_request(decode(json.dumps(doc).encode(), StartEngineRequest))
     except InvalidRequestError as exc:
         assert exc.message
         return

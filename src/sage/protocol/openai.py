@@ -415,6 +415,7 @@ T = TypeVar("T", bound=msgspec.Struct)
 _DECODERS: dict[type[Any], msgspec.json.Decoder[Any]] = {}
 _AT = re.compile(r" - at `\$(?P<path>[^`]*)`$")
 _MISSING = re.compile(r"^Object missing required field `(?P<field>[^`]+)`")
+_UNKNOWN = re.compile(r"^Object contains unknown field `(?P<field>[^`]+)`")
 _FIELD_NOTE = re.compile(r"^`(?P<field>[^`]+)` (?P<rest>.*)$")
 
 
@@ -479,7 +480,8 @@ _EXPECTED = re.compile(r"^Expected `(?P<expected>[^`]+)`(?:, got `(?P<got>[^`]+)
 def _invalid(exc: msgspec.ValidationError, cls: type[Any], doc: Any) -> ProtocolError:
     message = str(exc)
     match = _AT.search(message)
-    path = match.group("path") if match else ""
+    # msgspec does not say which key of a map held a bad value: name the map
+    path = (match.group("path") if match else "").split("[...]")[0]
     text = message[: match.start()] if match else message
     if not path and text.startswith("Expected `object`"):
         got = _json_type(doc)
@@ -490,6 +492,10 @@ def _invalid(exc: msgspec.ValidationError, cls: type[Any], doc: Any) -> Protocol
     if missing:
         param = _join(path, missing.group("field"))
         return ProtocolError(f"{param} is required", Problem(param, "missing", "", ""))
+    unknown = _UNKNOWN.match(text)
+    if unknown:  # a closed model (forbid_unknown_fields)
+        param = _join(path, unknown.group("field"))
+        return ProtocolError(f"unknown field {param}", Problem(param, "value", "", ""))
     note = _FIELD_NOTE.match(text)
     if note:  # a model's own check (__post_init__), naming its field in backticks
         param = _join(path, note.group("field"))
@@ -623,7 +629,9 @@ def _word(t: _Info) -> str:
             return f"a number in ({t.gt}, {t.le}]"
         return _bounds(t.ge, t.le, "a number")
     if isinstance(t, i.StrType):
-        return "a non-empty string" if t.min_length else "a string"
+        if t.min_length:
+            return "a non-empty string"
+        return f"a string matching {t.pattern}" if t.pattern else "a string"
     if isinstance(t, i.LiteralType):
         return "one of " + ", ".join(repr(v) for v in t.values)
     if isinstance(t, i.ListType):

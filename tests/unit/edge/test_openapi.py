@@ -12,6 +12,7 @@ import pytest
 
 from sage.common.config.settings import SageSettings
 from sage.common.exceptions import InvalidRequestError
+from sage.protocol.management import Adapter, RegisterEngineRequest, StartEngineRequest
 from sage.protocol.openai import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -233,8 +234,60 @@ START_BODIES: list[dict[str, Any]] = [
 
 @pytest.mark.parametrize("body", START_BODIES, ids=lambda b: str(b)[:60])
 def test_start_engine_schema_agrees_with_validation(body: dict[str, Any]) -> None:
-    accepted = _accepted(start_request, body)
+    """The edge decodes the body and builds lifecycle's request from it; both must pass."""
+    decoded = _protocol(StartEngineRequest)
+    accepted = _accepted(lambda b: start_request(decoded(b)), body)
     assert _validator("StartEngineRequest").is_valid(body) == accepted
+
+
+REGISTER_BODIES: list[dict[str, Any]] = [
+    {"model_id": "m", "base_url": "http://127.0.0.1:8000"},
+    {"model": "m", "base_url": "https://x", "join_existing_model": True, "node": "n1"},
+    {"model_id": "m"},
+    {"base_url": "http://x"},
+    {"model_id": "m", "base_url": "ftp://x"},
+    {"model_id": "m", "base_url": None},
+    {"model_id": "m", "base_url": "http://x", "join_existing_model": "yes"},
+    {"model_id": "m", "base_url": "http://x", "colour": "red"},
+]
+
+
+@pytest.mark.parametrize("body", REGISTER_BODIES, ids=lambda b: str(b)[:60])
+def test_register_schema_agrees_with_validation(body: dict[str, Any]) -> None:
+    decoded = _protocol(RegisterEngineRequest)
+    accepted = _accepted(lambda b: start_request(decoded(b)), body)
+    assert _validator("RegisterEngineRequest").is_valid(body) == accepted
+
+
+ADAPTER_BODIES: list[dict[str, Any]] = [
+    {"name": "a", "path": "/p"},
+    {"name": "a"},
+    {"name": " ", "path": "/p"},
+    {"name": "a", "path": 5},
+    {"name": "a", "path": "/p", "rank": 8},
+]
+
+
+@pytest.mark.parametrize("body", ADAPTER_BODIES, ids=lambda b: str(b)[:60])
+def test_adapter_schema_agrees_with_validation(body: dict[str, Any]) -> None:
+    assert _validator("Adapter").is_valid(body) == _accepted(_protocol(Adapter), body)
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "words"),
+    [
+        ({"model_id": "m", "colour": "red"}, "colour", "unknown field colour"),
+        ({"backend": "sim"}, "model_id", "model_id is required"),
+        ({"model_id": "m", "kind": "chat"}, "kind", "kind must be one of 'embedding', 'llm'"),
+        ({"model_id": "m", "port": -1}, "port", "port must be a non-negative integer"),
+        ({"model_id": "m", "metadata": {"a": [1]}}, "metadata", "metadata must be an object"),
+    ],
+)
+def test_start_errors_name_the_field(body: dict[str, Any], param: str, words: str) -> None:
+    with pytest.raises(InvalidRequestError) as caught:
+        _protocol(StartEngineRequest)(body)
+    assert caught.value.param == param
+    assert words in caught.value.message
 
 
 def test_examples_are_valid() -> None:
