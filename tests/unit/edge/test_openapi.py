@@ -12,16 +12,26 @@ import pytest
 
 from sage.common.config.settings import SageSettings
 from sage.common.exceptions import InvalidRequestError
-from sage.protocol.management import Adapter, RegisterEngineRequest, StartEngineRequest
+from sage.protocol.management import (
+    Adapter,
+    PresetList,
+    RegisterEngineRequest,
+    StartEngineRequest,
+    TimeSeries,
+)
 from sage.protocol.openai import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
+    convert,
     decode,
 )
 from sage.services.edge.app import create_app
+from sage.services.edge.dashboard_routes import presets_json
 from sage.services.edge.management import start_request
 from sage.services.edge.openapi import openapi_document
+from sage.services.edge.timeseries import ModelPoint, Sample
+from sage.services.edge.timeseries import TimeSeries as Series
 
 DOC = openapi_document()
 METHODS = {"get", "post", "put", "delete", "patch", "options", "head"}
@@ -294,3 +304,25 @@ def test_examples_are_valid() -> None:
     for name, schema in DOC["components"]["schemas"].items():
         for example in schema.get("examples", []):
             assert _validator(name).is_valid(example), name
+
+
+def test_dashboard_replies_fit_their_models() -> None:
+    """The dashboard's JSON is built outside the management module; it must still be what
+    the document's TimeSeries and PresetList (and each preset's start body) say."""
+    series = Series(interval_s=2.0, window_s=10.0)
+    point = ModelPoint(1.0, 20.0, 30.0, 5.0, 90.0, 1.0, 0)
+    series.add(Sample(100.0, "fifo", 0, 1, 10, 0, {"m": point}, {"e-1": 1.0}))
+    series.add(Sample(102.0, "fifo", 2, 0, 12, 1))  # a failure: an error event
+    series.unreachable(104.0, "connection refused")
+    shown = series.to_json()
+    assert len(shown["errors"]) == 2
+    convert(shown, TimeSeries)
+    assert _validator("TimeSeries").is_valid(shown)
+    presets = presets_json()
+    assert presets["presets"]
+    convert(presets, PresetList)
+    assert _validator("PresetList").is_valid(presets)
+    for preset in presets["presets"]:
+        for engine in preset["engines"]:
+            start_request(convert(engine["start"], StartEngineRequest))
+            assert _validator("StartEngineRequest").is_valid(engine["start"]), engine["name"]
