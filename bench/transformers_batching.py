@@ -440,7 +440,7 @@ def profile_in_process(model: Path, device: str, args: Any) -> None:
     profiler.disable()
     stats = pstats.Stats(profiler)
     stats.sort_stats("tottime").print_stats(25)
-    stats.sort_stats("cumulative").print_stats("sage/engines", 15)
+    stats.sort_stats("cumulative").print_stats(25)
 
 
 def runner_in_process(lm: Any, args: Any) -> None:

@@ -14,7 +14,13 @@ from collections.abc import Callable
 import pytest
 
 from sage.engines.transformers.batching import BatchMetrics, BatchRunner
-from sage.engines.transformers.model import CausalLM, EngineConfig, Generation, SamplingParams
+from sage.engines.transformers.model import (
+    CausalLM,
+    EngineConfig,
+    Generation,
+    SamplingParams,
+    text_decoder,
+)
 from tests.unit.engines.tiny_llama import write_tiny_llama
 
 torch = pytest.importorskip("torch")
@@ -146,3 +152,29 @@ def test_the_kv_budget_bounds_the_batch(lm: CausalLM) -> None:
     assert histogram is not None
     assert steps["+Inf"] > 0
     assert steps["2.0"] == steps["+Inf"], steps  # never more than two together
+
+
+def test_an_answer_left_as_tokens_decodes_to_the_text_decoded_token_by_token(
+    lm: CausalLM,
+) -> None:
+    # The generation process leaves a non-streamed answer's tokens to the HTTP front
+    # (Outcome.pending); decoded there, text and tail must be what streaming them gives.
+    decode = text_decoder(lm.tokenizer)
+    for prompt, max_tokens in zip(PROMPTS, (9, 17, 23, 30), strict=True):
+        ids = lm.encode(prompt, add_special_tokens=True)
+        streamed: list[str] = []
+        eager = lm.generate(ids, greedy(max_tokens), threading.Event(), streamed.append)
+        generation = lm.begin(ids, greedy(max_tokens), threading.Event())
+        run_schedule(lm, {0: [generation]}, lambda _: None)
+        deferred = generation.outcome(defer_text=True)
+        assert deferred.pending is not None and deferred.text == ""
+        assert deferred.resolved(decode) == eager
+        assert "".join(streamed) + eager.tail == eager.text
+        assert generation.outcome() == eager  # decoded where it ran
+    # Cancelled midway: the tokens so far, nothing held back flushed.
+    flag = threading.Event()
+    generation = lm.begin(lm.encode(PROMPTS[1], add_special_tokens=True), greedy(40), flag)
+    run_schedule(lm, {0: [generation]}, lambda step: flag.set() if step == 6 else None)
+    deferred = generation.outcome(defer_text=True)
+    assert deferred.finish_reason == "abort" and deferred.completion_tokens == 8
+    assert deferred.resolved(decode).text == generation.outcome().text != ""

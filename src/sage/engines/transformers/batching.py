@@ -168,8 +168,12 @@ class BatchRunner:
         waiting_served_ratio: float = 0.3,
         max_waiting_steps: int = 20,
         after_step: Callable[[], None] | None = None,
+        defer_text: bool = False,
     ) -> None:
         self.model = model
+        # Outcomes leave tokens that nothing needed as text until the end undecoded
+        # (Outcome.pending): the core process leaves that to the HTTP front.
+        self.defer_text = defer_text
         # Called by the generation thread after each step (and before it sleeps): the core
         # process sends the step's text and outcomes in one message from here.
         self.after_step = after_step
@@ -193,6 +197,7 @@ class BatchRunner:
         config: EngineConfig,
         max_model_len: int,
         after_step: Callable[[], None] | None = None,
+        defer_text: bool = False,
     ) -> BatchRunner:
         """The runner an engine with `config` uses (its limits and vLLM-named metrics)."""
         return cls(
@@ -203,6 +208,7 @@ class BatchRunner:
             waiting_served_ratio=config.waiting_served_ratio,
             max_waiting_steps=config.max_waiting_steps,
             after_step=after_step,
+            defer_text=defer_text,
         )
 
     @property
@@ -337,7 +343,7 @@ class BatchRunner:
             self.after_step()
 
     def _finish(self, job: _Job) -> None:
-        outcome = job.generation.outcome()
+        outcome = job.generation.outcome(defer_text=self.defer_text)
         metrics = self.metrics
         clock = job.clock
         if outcome.completion_tokens > 1:

@@ -8,7 +8,8 @@ server in one process. Here the front parses, renders and tokenises; the core on
 Wire (a duplex `multiprocessing` pipe, pickled tuples):
 - front -> core: ("submit", rid, prompt_ids, params, stream), ("cancel", rid),
   ("metrics", rid);
-- core -> front: one list per step of ("text", rid, str), ("done", rid, Outcome),
+- core -> front: one list per step of ("text", rid, str), ("done", rid, Outcome) (a
+  non-streamed answer without stop strings comes as tokens, Outcome.pending, decoded here),
   ("error", rid, class name, message, param), ("metrics", rid, bytes); first ("ready", facts) or
   ("failed", message) once the model is loaded and warmed up.
 
@@ -40,7 +41,7 @@ from sage.common.exceptions import (
 )
 
 from .batching import BatchRunner, Submission
-from .model import EngineConfig, Outcome, SamplingParams
+from .model import EngineConfig, Outcome, SamplingParams, load_tokenizer, text_decoder
 
 __all__ = ["CoreFacts", "CoreProcess"]
 
@@ -71,6 +72,10 @@ class CoreProcess:
     def __init__(
         self, config: EngineConfig, *, log_level: str = "INFO", start_timeout_s: float = 1800.0
     ) -> None:
+        # The core leaves a non-streamed answer's text to us (Outcome.pending): decoded here,
+        # it is off the generation process's critical path. A tokenizer of our own: the
+        # front's encodes in another thread.
+        self._decode = text_decoder(load_tokenizer(config))
         context = multiprocessing.get_context("spawn")  # no CUDA or threads forked
         self._conn, child = context.Pipe(duplex=True)
         self._process = context.Process(
@@ -191,7 +196,14 @@ class CoreProcess:
             if pending.on_text is not None:
                 pending.on_text(message[2])
         elif kind == "done":
-            _settle(pending.future, message[2])
+            outcome: Outcome = message[2]
+            try:
+                outcome = outcome.resolved(self._decode)
+            except Exception as exc:  # never lose the reader thread to a bad decode
+                log.error("decoding an answer failed", exc_info=exc)
+                _settle(pending.future, error=InternalError("decoding the answer failed"))
+                return
+            _settle(pending.future, outcome)
         else:
             _settle(pending.future, error=_rebuild(message[2], message[3], message[4]))
 
@@ -267,7 +279,9 @@ def _core_main(config: EngineConfig, conn: Connection, log_level: str) -> None:
         except (OSError, ValueError):
             os._exit(0)  # the front is gone
 
-    runner = BatchRunner.for_engine(model, config, model.max_model_len, after_step=flush)
+    runner = BatchRunner.for_engine(
+        model, config, model.max_model_len, after_step=flush, defer_text=True
+    )
     facts = CoreFacts(
         device=model.device,
         dtype=model.dtype,

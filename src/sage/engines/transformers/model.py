@@ -22,7 +22,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -34,10 +34,12 @@ __all__ = [
     "EngineConfig",
     "Generation",
     "Outcome",
+    "PendingText",
     "Prompts",
     "SamplingParams",
     "Step",
     "load_tokenizer",
+    "text_decoder",
 ]
 
 # Used when a tokenizer ships no chat template (base models, hand-built tokenizers): each
@@ -96,6 +98,27 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class PendingText:
+    """Generated tokens not yet turned into text, and the detokenizer's state before them.
+
+    A request that streams nothing and has no stop strings needs its text only once it
+    ends; the generation process leaves that decoding to the HTTP front (`resolved`), so it
+    is not on the critical path of every step.
+    """
+
+    context: tuple[int, ...]
+    prefix_offset: int
+    read_offset: int
+    tokens: tuple[int, ...]
+    flush: bool  # the answer ran to max_tokens: decode what is still held back
+
+    def text(self, decode: Callable[[list[int]], str]) -> tuple[str, int]:
+        """(the text, how much of it the token-by-token decoding had released)."""
+        detok = _Detokenizer(decode, list(self.context), self.prefix_offset, self.read_offset)
+        return _replay(detok, self.tokens, "", flush=self.flush)
+
+
+@dataclass(frozen=True)
 class Outcome:
     """How one generation ended."""
 
@@ -105,6 +128,15 @@ class Outcome:
     stop_reason: str | int | None  # the stop string or stop token id that ended it
     prompt_tokens: int
     completion_tokens: int
+    pending: PendingText | None = None  # tokens still to decode onto `text` (see resolved)
+
+    def resolved(self, decode: Callable[[list[int]], str]) -> Outcome:
+        """This outcome with its pending tokens decoded onto its text."""
+        if self.pending is None:
+            return self
+        added, sent = self.pending.text(decode)
+        text = self.text + added
+        return replace(self, text=text, tail=text[len(self.text) + sent :], pending=None)
 
 
 @dataclass
@@ -132,6 +164,19 @@ class _Detokenizer:
         full = self.decode(self.ids[self.prefix_offset :])
         self.read_offset = len(self.ids)
         return full[len(prefix) :] if len(full) > len(prefix) else ""
+
+
+def _replay(
+    detok: _Detokenizer, tokens: Sequence[int], text: str, *, flush: bool
+) -> tuple[str, int]:
+    """`tokens` decoded one by one onto `text`, as Generation.accept does for a request with
+    no stop strings: (the text, its length before the final flush = what was released)."""
+    for token in tokens:
+        text += detok.add(token)
+    released = len(text)
+    if flush:
+        text += detok.flush()
+    return text, released
 
 
 @dataclass(frozen=True)
@@ -173,6 +218,10 @@ class Generation:
         self._hold = max((len(s) for s in params.stop), default=1) - 1
         context = list(self.prompt_ids[-_DETOKENIZE_CONTEXT:])
         self._detok = _Detokenizer(self.decode, context, 0, len(context))
+        # Nothing reads the text before the end (no streaming, no stop strings): keep the
+        # tokens and decode them when the outcome is asked for (see PendingText).
+        self._lazy = self.on_text is None and not params.stop
+        self._undecoded: list[int] = []
 
     @property
     def done(self) -> bool:
@@ -223,6 +272,13 @@ class Generation:
             self.finish_reason = "stop"
             self.stop_reason = token if token in self._stop_ids else None
             return
+        if self._lazy:
+            self._undecoded.append(token)
+            if self.produced >= params.max_tokens:
+                self.finish_reason = "length"
+            else:
+                self.next_token = token
+            return
         self.text += self._detok.add(token)
         if params.stop and (cut := _find_stop(self.text, params.stop, self.sent)) is not None:
             self.text, self.stop_reason = cut
@@ -244,8 +300,25 @@ class Generation:
             return
         self.next_token = token
 
-    def outcome(self) -> Outcome:
-        """How it ended (abort if it has not)."""
+    def outcome(self, *, defer_text: bool = False) -> Outcome:
+        """How it ended (abort if it has not). `defer_text`: leave tokens not yet decoded to
+        the receiver (Outcome.pending) instead of decoding them here."""
+        pending = None
+        if self._undecoded:
+            # Only a finished answer ran to max_tokens: that one flushes what is held back.
+            flush = self.finish_reason == "length"
+            if defer_text:
+                detok = self._detok
+                pending = PendingText(
+                    tuple(detok.ids),
+                    detok.prefix_offset,
+                    detok.read_offset,
+                    tuple(self._undecoded),
+                    flush,
+                )
+            else:
+                tokens, self._undecoded = self._undecoded, []
+                self.text, self.sent = _replay(self._detok, tokens, self.text, flush=flush)
         return Outcome(
             text=self.text,
             tail=self.text[self.sent :],
@@ -253,7 +326,29 @@ class Generation:
             stop_reason=self.stop_reason,
             prompt_tokens=len(self.prompt_ids),
             completion_tokens=self.produced,
+            pending=pending,
         )
+
+
+def text_decoder(tokenizer: Any) -> Callable[[list[int]], str]:
+    """How the engine turns token ids into text with `tokenizer` (special tokens skipped,
+    no clean-up)."""
+    # A fast tokenizer's decode without clean-up is its Rust backend's decode; called
+    # directly it skips ~10 us of Python per call, and every token costs two calls.
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if getattr(tokenizer, "is_fast", False) and backend is not None:
+        backend_decode = backend.decode
+
+        def decode(ids: list[int]) -> str:
+            return str(backend_decode(ids, skip_special_tokens=True))
+
+        return decode
+
+    def slow_decode(ids: list[int]) -> str:
+        text = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return str(text)
+
+    return slow_decode
 
 
 def _transformers_version() -> tuple[int, int]:
@@ -353,12 +448,7 @@ class CausalLM:
         self.dtype = str(dtype).removeprefix("torch.")
         self.prompts = Prompts(self.tokenizer)
         self.has_chat_template = self.prompts.has_chat_template
-        # A fast tokenizer's decode without clean-up is its Rust backend's decode; called
-        # directly it skips ~10 us of Python per call, and every token costs two calls.
-        backend = getattr(self.tokenizer, "_tokenizer", None)
-        self._backend_decode: Callable[..., Any] | None = (
-            backend.decode if getattr(self.tokenizer, "is_fast", False) and backend else None
-        )
+        self._decode = text_decoder(self.tokenizer)
         self.vocab_size = int(self.model.get_input_embeddings().weight.shape[0])
         self.max_model_len = config.max_model_len or self._context_length()
         self.eos_token_ids = self._eos_ids()
@@ -378,6 +468,14 @@ class CausalLM:
         self._rows: list[Generation] = []
         self._cache: Any = None
         self._mask: Any = None
+        # Padding columns before each row's first token, kept here so that no step needs to
+        # ask the GPU where padding is (each question is a sync).
+        self._pads: list[int] = []
+        # With SDPA a decode step passes its mask ready-made (see _decode_step); transformers
+        # 5 takes any 4D mask as it is.
+        self._sdpa = getattr(
+            self.model.config, "_attn_implementation", None
+        ) == "sdpa" and _transformers_version() >= (5, 0)
         self.can_batch = True  # False once a prefill shows a cache that cannot be stacked
 
     # ---- loading helpers
@@ -442,14 +540,6 @@ class CausalLM:
         """Token ids of `text` (see Prompts)."""
         return self.prompts.encode(text, add_special_tokens=add_special_tokens)
 
-    def _decode(self, ids: list[int]) -> str:
-        if self._backend_decode is not None:
-            return str(self._backend_decode(ids, skip_special_tokens=True))
-        text = self.tokenizer.decode(
-            ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
-        )
-        return str(text)
-
     # ---- generation (blocking; called from the engine's one generation thread)
 
     def begin(
@@ -499,7 +589,7 @@ class CausalLM:
             if fresh:
                 cache, mask, logits = self._prefill(fresh)
                 self._sample(fresh, logits)
-                self._merge(fresh, cache, mask)
+                self._merge(fresh, cache, mask, self._prefill_pads(fresh))
                 finished += self._retain()
             rows = len(self._rows)
             if rows:
@@ -511,6 +601,7 @@ class CausalLM:
         """Drop the whole batch (after a failed step); returns what was in it."""
         rows, self._rows = self._rows, []
         self._cache = self._mask = None
+        self._pads = []
         return rows
 
     def generate(
@@ -556,6 +647,12 @@ class CausalLM:
             self.can_batch = False
         return cache, mask, output["logits"][:, -1, :]
 
+    @staticmethod
+    def _prefill_pads(fresh: Sequence[Generation]) -> list[int]:
+        """Left padding of each prefilled row (as `_prefill` lays them out)."""
+        width = max(len(g.prompt_ids) for g in fresh)
+        return [width - len(g.prompt_ids) for g in fresh]
+
     def _decode_step(self) -> Any:
         torch = self._torch
         tokens = torch.tensor(
@@ -563,9 +660,16 @@ class CausalLM:
         )
         ones = torch.ones((len(self._rows), 1), dtype=torch.long, device=self.device)
         self._mask = torch.cat([self._mask, ones], dim=1)
+        attention: Any = self._mask
+        if self._sdpa and self.can_batch:  # full attention only (no sliding window)
+            # One new token per row sees every column that is not padding, so the padding
+            # mask is the whole attention mask: passed as SDPA's 4D boolean mask, it spares
+            # transformers building one each step (a dozen kernels and a GPU sync to learn
+            # whether there is padding). No padding: no mask, as transformers does then.
+            attention = self._mask.bool()[:, None, None, :] if any(self._pads) else None
         output = self.model(
             input_ids=tokens,
-            attention_mask=self._mask,
+            attention_mask=attention,
             position_ids=self._mask.sum(-1, keepdim=True) - 1,
             use_cache=True,
             **{self._cache_key: self._cache},
@@ -576,8 +680,9 @@ class CausalLM:
     def _sample(self, rows: Sequence[Generation], logits: Any) -> None:
         """Pick each row's next token: one argmax for the plain greedy rows, the rest one
         by one with their own penalties, bans, temperature and seeded generator."""
-        scores = logits.float()
         special = [i for i, g in enumerate(rows) if not g.plain_greedy]
+        # Upcasting is exact and keeps the order, so plain greedy rows' argmax needs no copy.
+        scores = logits.float() if special else logits
         for i in special:
             scores[i] = rows[i].adjust(scores[i])
         greedy = scores.argmax(dim=-1).tolist()
@@ -588,15 +693,22 @@ class CausalLM:
                 token = int(greedy[i])
             generation.accept(token)
 
-    def _merge(self, fresh: Sequence[Generation], cache: Any, mask: Any) -> None:
+    def _merge(
+        self, fresh: Sequence[Generation], cache: Any, mask: Any, pads: Sequence[int]
+    ) -> None:
         """Stack the prefilled rows under the running ones, left-padding the shorter side."""
         if not self._rows:
             self._rows, self._cache, self._mask = list(fresh), cache, mask
+            self._pads = list(pads)
             return
         if not self.can_batch:
             raise InternalError("this model's KV cache cannot be batched")
         functional = self._torch.nn.functional
-        width = max(self._mask.shape[1], mask.shape[1])
+        old_width, new_width = self._mask.shape[1], mask.shape[1]
+        width = max(old_width, new_width)
+        self._pads = [p + width - old_width for p in self._pads] + [
+            p + width - new_width for p in pads
+        ]
 
         def pad(tensor: Any, dim_from_end: int) -> Any:
             missing = width - tensor.shape[-dim_from_end]
@@ -627,13 +739,15 @@ class CausalLM:
         torch = self._torch
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
         mask = self._mask.index_select(0, index)
+        pads = [self._pads[i] for i in keep]
         if not self.can_batch:  # a cache of another kind: its own row selection, no trim
             self._cache.batch_select_indices(index)
-            self._mask = mask
+            self._mask, self._pads = mask, pads
             self._rows = [self._rows[i] for i in keep]
             return gone
-        start = int(mask.any(dim=0).nonzero()[0].item())
-        self._mask = mask[:, start:]
+        # Columns that pad every remaining row go.
+        start = min(pads)
+        self._mask, self._pads = mask[:, start:], [p - start for p in pads]
         _set_kv(
             self._cache,
             [
