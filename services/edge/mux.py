@@ -29,6 +29,7 @@ from sage.common.exceptions import (
 from sage.common.grpc import call_metadata, from_rpc_error, token_metadata
 from sage.common.grpc.client import error_from_status, request_metadata
 from sage.common.grpc.server import MAX_MESSAGE_BYTES
+from sage.common.grpc.tagged import TaggedCall
 from sage.rpc.scheduler.v1 import scheduler_pb2 as spb
 
 if TYPE_CHECKING:
@@ -136,63 +137,8 @@ class _Chunks:
         return items
 
 
-class _Session:
-    """One open Multiplex call, the requests waiting on it, and its writer task.
-
-    Callers only queue calls; one task per call writes them (grpc-aio cancels the whole
-    call when a task is cancelled inside `write`, so a caller that goes away must never be
-    the one writing). Calls queued while a write is under way go out together, up to
-    _BATCH_BYTES per message: at one request at a time each message carries one call, under
-    load gRPC's per-message cost is shared.
-    """
-
-    def __init__(self, call: Any) -> None:
-        self.call = call
-        self.pending: dict[int, _Waiter | _Chunks] = {}
-        self.error: BaseException | None = None  # set once the call is over
-        self.reader: asyncio.Task[None] | None = None
-        self.outbox: list[spb.MultiplexCall] = []
-        self.messages_written = 0  # fewer than calls sent: batching under load
-        self._wakeup: asyncio.Future[None] | None = None
-        self.writer = asyncio.get_running_loop().create_task(self._write())
-
-    def send(self, call: spb.MultiplexCall) -> None:
-        """Queue `call` for the writer; a failed write is reported by the reader, which
-        sees the call end."""
-        self.outbox.append(call)
-        if self._wakeup is not None and not self._wakeup.done():
-            self._wakeup.set_result(None)
-
-    def unsend(self, request_id: int) -> bool:
-        """Take request `request_id` back if it is still queued; True if it was."""
-        for i, call in enumerate(self.outbox):
-            if call.id == request_id:
-                del self.outbox[i]
-                return True
-        return False
-
-    async def _write(self) -> None:
-        try:
-            while self.error is None:
-                if not self.outbox:
-                    self._wakeup = asyncio.get_running_loop().create_future()
-                    await self._wakeup
-                    continue
-                calls = self._batch()
-                self.messages_written += 1
-                await self.call.write(spb.MultiplexRequest(calls=calls))
-        except (grpc.RpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
-            pass  # the call is over: the reader fails what is pending
-
-    def _batch(self) -> list[spb.MultiplexCall]:
-        size = 0
-        for n, call in enumerate(self.outbox):
-            size += call.ByteSize()
-            if size > _BATCH_BYTES and n:
-                calls, self.outbox = self.outbox[:n], self.outbox[n:]
-                return calls
-        calls, self.outbox = self.outbox, []
-        return calls
+# One open Multiplex call and the requests waiting on it (sage.common.grpc.tagged).
+_Session = TaggedCall[spb.MultiplexCall, _Waiter | _Chunks]
 
 
 class SchedulerMux:
@@ -210,7 +156,9 @@ class SchedulerMux:
         if session is None:
             # The channel has no stream interceptor (hot path): the token goes here.
             session = _Session(
-                self.stub.Multiplex(None, metadata=token_metadata())  # type: ignore[arg-type]
+                self.stub.Multiplex(None, metadata=token_metadata()),  # type: ignore[arg-type]
+                lambda calls: spb.MultiplexRequest(calls=calls),
+                _BATCH_BYTES,
             )
             session.reader = asyncio.create_task(self._read(session))
             self._session = session

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
 import grpc
 
@@ -27,6 +27,7 @@ from sage.common.exceptions import (
 from sage.common.grpc import from_rpc_error, rpc_errors_as_sage
 from sage.common.grpc.client import error_from_status, request_metadata
 from sage.common.grpc.server import MAX_MESSAGE_BYTES
+from sage.common.grpc.tagged import TaggedCall
 from sage.rpc.embedding.v1 import embedding_pb2 as pb
 
 if TYPE_CHECKING:
@@ -45,58 +46,14 @@ class _Unsupported(Exception):
     """The embedding service has no EmbedStream: use EmbedBatch."""
 
 
-class _Session:
-    """One open EmbedStream call, the requests waiting on it, and its writer task.
+# One open EmbedStream call and the requests waiting on it (sage.common.grpc.tagged).
+_Session = TaggedCall[pb.EmbedStreamCall, "asyncio.Future[pb.EmbedBatchResponse]"]
 
-    Callers only queue calls; one task writes them (grpc-aio cancels the whole call when a
-    task is cancelled inside `write`, so a caller that goes away must never be the one
-    writing). Calls queued while a write is under way go out together."""
 
-    def __init__(self, call: Any) -> None:
-        self.call = call
-        self.pending: dict[int, asyncio.Future[pb.EmbedBatchResponse]] = {}
-        self.error: BaseException | None = None  # set once the call is over
-        self.reader: asyncio.Task[None] | None = None
-        self.outbox: list[pb.EmbedStreamCall] = []
-        self._wakeup: asyncio.Future[None] | None = None
-        self.writer = asyncio.get_running_loop().create_task(self._write())
-
-    def send(self, call: pb.EmbedStreamCall) -> None:
-        """Queue `call` for the writer."""
-        self.outbox.append(call)
-        if self._wakeup is not None and not self._wakeup.done():
-            self._wakeup.set_result(None)
-
-    def cancel(self, request_id: int) -> None:
-        """Stop request `request_id`: taken back if still queued, else a cancel is sent."""
-        if self.error is not None:
-            return
-        for i, call in enumerate(self.outbox):
-            if call.id == request_id:
-                del self.outbox[i]
-                return
-        self.send(pb.EmbedStreamCall(id=request_id, cancel=pb.EmbedStreamCancel()))
-
-    async def _write(self) -> None:
-        try:
-            while self.error is None:
-                if not self.outbox:
-                    self._wakeup = asyncio.get_running_loop().create_future()
-                    await self._wakeup
-                    continue
-                await self.call.write(pb.EmbedStreamRequest(calls=self._batch()))
-        except (grpc.RpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
-            pass  # the call is over: the reader fails what is pending
-
-    def _batch(self) -> list[pb.EmbedStreamCall]:
-        size = 0
-        for n, call in enumerate(self.outbox):
-            size += call.ByteSize()
-            if size > _BATCH_BYTES and n:
-                calls, self.outbox = self.outbox[:n], self.outbox[n:]
-                return calls
-        calls, self.outbox = self.outbox, []
-        return calls
+def _cancel(session: _Session, request_id: int) -> None:
+    """Stop request `request_id`: taken back if still queued, else a cancel is sent."""
+    if session.error is None and not session.unsend(request_id):
+        session.send(pb.EmbedStreamCall(id=request_id, cancel=pb.EmbedStreamCancel()))
 
 
 class EmbedStreamClient:
@@ -113,7 +70,11 @@ class EmbedStreamClient:
         if session is None:
             # The channel's stream interceptor adds the internal token; no deadline: the
             # call lives as long as the channel, each request on it has its own.
-            session = _Session(self.stub.EmbedStream(None))  # type: ignore[arg-type]
+            session = _Session(
+                self.stub.EmbedStream(None),  # type: ignore[arg-type]
+                lambda calls: pb.EmbedStreamRequest(calls=calls),
+                _BATCH_BYTES,
+            )
             session.reader = asyncio.create_task(self._read(session))
             self._session = session
         return session
@@ -203,7 +164,7 @@ class EmbedStreamClient:
             ) from None
         finally:
             if session.pending.pop(call.id, None) is not None:
-                session.cancel(call.id)
+                _cancel(session, call.id)
 
     async def aclose(self) -> None:
         """End the open call; requests still waiting fail as the scheduler shuts down."""
