@@ -1,5 +1,6 @@
-"""Reading request bodies at the edge: OpenAI bodies through the protocol models
-(`sage.protocol.openai`), management bodies as JSON objects; every error names the field."""
+"""Reading OpenAI request bodies at the edge through the protocol models
+(`sage.protocol.openai`; management bodies: `sage.protocol.management`); every error names
+the field."""
 
 from __future__ import annotations
 
@@ -13,19 +14,6 @@ from sage.common.http import Request
 from sage.protocol.openai import EmbeddingRequest, decode
 
 T = TypeVar("T", bound=msgspec.Struct)
-
-
-def parse_json_object(body: bytes) -> dict[str, Any]:
-    """The body as a JSON object, or a 400 saying why not."""
-    if not body:
-        raise InvalidRequestError("request body is empty; expected a JSON object")
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise InvalidRequestError(f"request body must be a JSON object, got {type(doc).__name__}")
-    return doc
 
 
 def read_request(request: Request, body: bytes, cls: type[T]) -> T:
