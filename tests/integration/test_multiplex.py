@@ -515,25 +515,28 @@ async def test_deregister_with_drain_answers_once_the_engines_requests_ended(
 ) -> None:
     """A drain-stop's deregister waits for what the scheduler routed to the engine, those
     still on their way to it included (the engine's own gauges cannot count those)."""
-    await plane.register(sim_engine("--tpot-ms", "20"))
+    # Both engines start first: starting a process while the first stream runs could
+    # outlast it on a loaded machine, and the test needs it still running (in_flight 2).
+    first, second_engine = sim_engine("--tpot-ms", "20"), sim_engine("--tpot-ms", "20")
+    await plane.register(first)
 
-    async def stream() -> int:
+    async def stream(tokens: int) -> int:
         chunks = 0
         async for batch in plane.mux.stream(
-            "chat_stream", spb.ChatStreamRequest(model="sim", body=_chat(40, stream=True)), 30
+            "chat_stream", spb.ChatStreamRequest(model="sim", body=_chat(tokens, stream=True)), 30
         ):
             chunks += len(batch)
         return chunks
 
-    running = asyncio.create_task(stream())
+    running = asyncio.create_task(stream(150))  # 3 s: outlives the steps below
     await _wait_busy(plane)
     quick = await plane.stub.DeregisterEngine(
         spb.DeregisterEngineRequest(engine_id="e1", drain_timeout_s=0.05)
     )
     assert quick.engine.engine_id == "e1" and quick.in_flight == 1  # timed out, still going
     assert not running.done()
-    await plane.register(sim_engine("--tpot-ms", "20"), engine_id="e2")
-    second = asyncio.create_task(stream())
+    await plane.register(second_engine, engine_id="e2")
+    second = asyncio.create_task(stream(40))
     deadline = time.monotonic() + 10
     while not (await plane.stub.GetStatus(spb.GetStatusRequest())).in_flight >= 2:
         assert time.monotonic() < deadline
