@@ -25,7 +25,7 @@ no KV-event publisher, so there `kv_events` is its own fallback, prefix_aware.
 Per setup: prefix-cache hit rate (engines' vllm:prefix_cache_hits_total /
 vllm:prefix_cache_queries_total, deltas over the run, summed over engines), TTFT p50/p90 of
 the streamed requests, requests/s and output tokens/s over the run, errors.
-Figures and how to read them: bench/RESULTS.md, "Prefix-heavy routing (issue 19)".
+Figures and how to read them: bench/RESULTS.md, "Prefix-heavy routing on real engines".
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from pathlib import Path
 
 import httpx
 from _stack import Stack, stack
+from real_vllm import wait_idle
 from router_overhead import peer_bin, start_vllm_router
 
 REPO = Path(__file__).resolve().parents[1]
@@ -221,27 +222,12 @@ def kv_decisions(edge: str) -> str:
     return ", ".join(f"{name} {float(value):.0f}" for name, value in found)
 
 
-def engine_load(url: str) -> float:
-    """Requests running + waiting on an engine."""
-    text = httpx.get(url + "/metrics", timeout=10, trust_env=False).text
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if re.match(r"vllm:num_requests_(running|waiting)[{ ]", line)
-    )
-
-
-def settle(urls: list[str], reset: bool) -> None:
+def settle(urls: list[str]) -> None:
     """Wait until the engines are idle, then empty their prefix caches."""
-    deadline = time.monotonic() + 120
-    while any(engine_load(u) for u in urls):
-        if time.monotonic() > deadline:
-            raise TimeoutError("engines still busy after the previous setup")
-        time.sleep(0.5)
-    if reset:
-        for url in urls:
-            r = httpx.post(url + "/reset_prefix_cache", timeout=30, trust_env=False)
-            r.raise_for_status()
+    wait_idle(urls)
+    for url in urls:
+        r = httpx.post(url + "/reset_prefix_cache", timeout=30, trust_env=False)
+        r.raise_for_status()
 
 
 def ensure_model(python: str, folder: Path, hidden: int, layers: int) -> Path:
@@ -381,7 +367,7 @@ def run(args: argparse.Namespace) -> list[dict[str, float | str]]:
             setups += [(f"vllm-router {p}", p) for p in args.peers]
         for name, how in setups:
             if args.mode == "real":
-                settle(urls, reset=True)
+                settle(urls)
             else:  # a fresh sim is an empty cache
                 for i in range(len(urls)):
                     st.stop(f"sim-{i}")
@@ -457,11 +443,11 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--systems", type=int, default=6)
     parser.add_argument("--system-words", type=int, default=600)
-    parser.add_argument("--conversations", type=int, default=30)
+    parser.add_argument("--conversations", type=int, default=36)
     parser.add_argument("--turns", type=int, default=5)
     parser.add_argument("--user-words", type=int, default=50)
     parser.add_argument("--max-tokens", type=int, default=12)
-    parser.add_argument("--gap", type=float, default=0.5, help="seconds between chat starts")
+    parser.add_argument("--gap", type=float, default=0.45, help="seconds between chat starts")
     parser.add_argument("--think", type=float, nargs=2, default=[0.2, 1.0])
     parser.add_argument("--max-seconds", type=float, default=120.0, help="per setup")
     parser.add_argument("--blocks", type=int, default=256, help="KV blocks per engine")
