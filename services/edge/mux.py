@@ -12,32 +12,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
-import logging
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 import grpc
 
 from sage.common.exceptions import (
     DeadlineExceededError,
-    InternalError,
-    InvalidRequestError,
     OverloadedError,
     ServiceUnavailableError,
 )
 from sage.common.grpc import call_metadata, from_rpc_error, token_metadata
-from sage.common.grpc.client import error_from_status, request_metadata
-from sage.common.grpc.server import MAX_MESSAGE_BYTES
-from sage.common.grpc.tagged import TaggedCall
+from sage.common.grpc.client import request_metadata
+from sage.common.grpc.tagged import TaggedClient, Unsupported
 from sage.rpc.scheduler.v1 import scheduler_pb2 as spb
 
 if TYPE_CHECKING:
     from sage.rpc.scheduler.v1.scheduler_pb2_grpc import SchedulerServiceAsyncStub
 
-log = logging.getLogger("sage.edge.mux")
-
-_STATUS: Final = {code.value[0]: code for code in grpc.StatusCode}
 # Multiplex request kind → the scheduler RPC that serves it on a call of its own, used when
 # the scheduler has no Multiplex.
 _RPC_WITHOUT_MULTIPLEX: Final = {
@@ -47,45 +39,15 @@ _RPC_WITHOUT_MULTIPLEX: Final = {
     "chat_stream": "ChatStream",
     "complete_stream": "CompleteStream",
 }
-_REPLIES: Final = frozenset({"chat", "complete", "embed"})
 _END: Final = object()
-# Calls queued together share a message up to this size (one over the gRPC limit would fail
-# the whole call, every request on it).
-_BATCH_BYTES: Final = 4 << 20
-_MAX_CALL_BYTES: Final = MAX_MESSAGE_BYTES - (64 << 10)
 # Unread bytes a streamed request may have waiting at the edge (its HTTP client is slow or
 # gone) before it is stopped; a whole long generation is a few MiB of chunks.
 STREAM_BACKLOG_BYTES: Final = 16 << 20
 
 
-class _Unsupported(Exception):
-    """The scheduler has no Multiplex: use the unary calls."""
-
-
 class _NotStarted(Exception):
     """The call ended (scheduler draining) before the scheduler read this request; it was
     never started, so it may be sent again."""
-
-
-class _Waiter:
-    """A pending non-streamed request: one reply or one error."""
-
-    __slots__ = ("future",)
-
-    def __init__(self) -> None:
-        self.future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-
-    def deliver(self, message: Any) -> bool:
-        if not self.future.done():
-            self.future.set_result(message)
-        return True
-
-    def finish(self) -> None:
-        self.fail(InternalError("the scheduler ended a non-streamed request without a reply"))
-
-    def fail(self, exc: BaseException) -> None:
-        if not self.future.done():
-            self.future.set_exception(exc)
 
 
 class _Chunks:
@@ -110,12 +72,21 @@ class _Chunks:
             self.waiter.set_result(None)
 
     def deliver(self, message: Any) -> bool:
-        """Queue `message`; False when the unread backlog is over the limit."""
+        """Queue `message`; past the unread limit the request fails instead (False: stop
+        it upstream)."""
         self.started = True
         self.items.append(message)
         self.unread += message.ByteSize()
+        if self.unread > self.limit:
+            self.fail(
+                OverloadedError(
+                    f"the client read too slowly: over {self.limit >> 20} MiB of the "
+                    "stream was waiting; stopped"
+                )
+            )
+            return False
         self._wake()
-        return self.unread <= self.limit
+        return True
 
     def finish(self) -> None:
         self.items.append(_END)
@@ -137,91 +108,32 @@ class _Chunks:
         return items
 
 
-# One open Multiplex call and the requests waiting on it (sage.common.grpc.tagged).
-_Session = TaggedCall[spb.MultiplexCall, _Waiter | _Chunks]
-
-
-class SchedulerMux:
+class SchedulerMux(TaggedClient[spb.MultiplexCall]):
     """Sends the edge's chat, completion and embedding requests over Multiplex (see the
-    module doc)."""
+    module doc); the call itself is sage.common.grpc.tagged's."""
+
+    rpc: ClassVar[str] = "Multiplex"
+    caller: ClassVar[str] = "the edge"
+    peer: ClassVar[str] = "the scheduler"
+    fallback: ClassVar[str] = "unary calls"
+    replies: ClassVar[frozenset[str]] = frozenset({"chat", "complete", "embed"})
 
     def __init__(self, stub: SchedulerServiceAsyncStub) -> None:
+        super().__init__()
         self.stub = stub
-        self.supported = True
-        self._session: _Session | None = None
-        self._ids = itertools.count(1)
 
-    def _open(self) -> _Session:
-        session = self._session
-        if session is None:
-            # The channel has no stream interceptor (hot path): the token goes here.
-            session = _Session(
-                self.stub.Multiplex(None, metadata=token_metadata()),  # type: ignore[arg-type]
-                lambda calls: spb.MultiplexRequest(calls=calls),
-                _BATCH_BYTES,
-            )
-            session.reader = asyncio.create_task(self._read(session))
-            self._session = session
-        return session
+    def _call(self) -> Any:
+        # The channel has no stream interceptor (hot path): the token goes here.
+        return self.stub.Multiplex(None, metadata=token_metadata())  # type: ignore[arg-type]
 
-    async def _read(self, session: _Session) -> None:
-        error: BaseException = _NotStarted()  # ended with OK: the scheduler is draining
-        try:
-            async for response in session.call:
-                for reply in response.replies:
-                    self._dispatch(session, reply)
-        except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
-                log.info("the scheduler has no Multiplex; using unary calls")
-                self.supported = False
-                error = _Unsupported()
-            else:
-                error = from_rpc_error(exc)
-        except asyncio.CancelledError:
-            error = ServiceUnavailableError("the edge is shutting down")
-            raise
-        except Exception as exc:  # a bug here: fail what is pending, never retry it
-            log.exception("Multiplex reader failed")
-            # The caller gets no internals (the log line has them).
-            error = InternalError(f"the edge lost its call to the scheduler ({type(exc).__name__})")
-        finally:
-            session.error = error
-            session.writer.cancel()
-            if self._session is session:
-                self._session = None
-            pending, session.pending = session.pending, {}
-            for entry in pending.values():
-                entry.fail(error)
+    def _message(self, requests: list[spb.MultiplexCall]) -> spb.MultiplexRequest:
+        return spb.MultiplexRequest(calls=requests)
 
-    def _dispatch(self, session: _Session, reply: spb.MultiplexReply) -> None:
-        entry = session.pending.get(reply.id)
-        if entry is None:
-            return  # its caller gave up (and sent a cancel)
-        kind = reply.WhichOneof("result")
-        if kind in _REPLIES:
-            del session.pending[reply.id]
-            entry.deliver(getattr(reply, kind))
-        elif kind == "error":
-            del session.pending[reply.id]
-            err = reply.error
-            entry.fail(
-                error_from_status(
-                    _STATUS.get(err.code, grpc.StatusCode.UNKNOWN), err.message, dict(err.trailers)
-                )
-            )
-        elif kind == "end":
-            del session.pending[reply.id]
-            entry.finish()
-        elif kind is not None and not entry.deliver(getattr(reply, kind)):
-            # a streamed request whose HTTP client is not reading: stop it upstream
-            del session.pending[reply.id]
-            self._cancel(session, reply.id)
-            entry.fail(
-                OverloadedError(
-                    f"the client read too slowly: over {STREAM_BACKLOG_BYTES >> 20} MiB of the "
-                    "stream was waiting; stopped"
-                )
-            )
+    def _cancel_request(self, request_id: int) -> spb.MultiplexCall:
+        return spb.MultiplexCall(id=request_id, cancel=spb.MultiplexCancel())
+
+    def _ended(self) -> BaseException:
+        return _NotStarted()  # ended with OK: the scheduler is draining
 
     def _request(self, kind: str, message: Any, timeout_s: float) -> spb.MultiplexCall:
         request = spb.MultiplexCall(
@@ -230,47 +142,16 @@ class SchedulerMux:
         getattr(request, kind).CopyFrom(message)
         return request
 
-    @staticmethod
-    def _cancel(session: _Session, request_id: int) -> None:
-        """Tell the scheduler to stop `request_id` (its client went away or timed out); a
-        request still queued here is just taken back."""
-        if session.error is None and not session.unsend(request_id):
-            session.send(spb.MultiplexCall(id=request_id, cancel=spb.MultiplexCancel()))
-
-    @staticmethod
-    def _checked(request: spb.MultiplexCall) -> spb.MultiplexCall:
-        """`request`, unless it is too large for one gRPC message (it would fail the call)."""
-        size = request.ByteSize()
-        if size > _MAX_CALL_BYTES:
-            raise InvalidRequestError(
-                f"the request ({size >> 20} MiB) is over the {_MAX_CALL_BYTES >> 20} MiB "
-                "message limit of the scheduler hop"
-            )
-        return request
-
     async def unary(self, kind: str, message: Any, timeout_s: float) -> Any:
         """Run one non-streamed request ("chat", "complete" or "embed"); its reply message,
         or the SageError the scheduler raised."""
         for _ in range(2):  # a second time only when the first was never started
             if not self.supported:
                 return await self._unary_call(kind, message, timeout_s)
-            session = self._open()
-            request = self._checked(self._request(kind, message, timeout_s))
-            waiter = _Waiter()
-            session.pending[request.id] = waiter
             try:
-                session.send(request)
-                async with asyncio.timeout(timeout_s):
-                    return await waiter.future
-            except TimeoutError:
-                raise DeadlineExceededError(
-                    f"the scheduler did not answer within {timeout_s:g} s"
-                ) from None
-            except (_Unsupported, _NotStarted):
+                return await self._unary(self._request(kind, message, timeout_s), timeout_s)
+            except (Unsupported, _NotStarted):
                 continue
-            finally:
-                if session.pending.pop(request.id, None) is not None:
-                    self._cancel(session, request.id)
         raise ServiceUnavailableError("the scheduler is shutting down")
 
     async def _unary_call(self, kind: str, message: Any, timeout_s: float) -> Any:
@@ -295,14 +176,14 @@ class SchedulerMux:
                     async for ready in once:
                         yield ready
                 return
-            except (_Unsupported, _NotStarted):
+            except (Unsupported, _NotStarted):
                 continue
         raise ServiceUnavailableError("the scheduler is shutting down")
 
     async def _stream_once(
         self, kind: str, message: Any, timeout_s: float
     ) -> AsyncGenerator[list[Any], None]:
-        """One try on the open call; it raises _Unsupported or _NotStarted only while no
+        """One try on the open call; it raises Unsupported or _NotStarted only while no
         message of the request has arrived (so it may be sent again)."""
         session = self._open()
         request = self._checked(self._request(kind, message, timeout_s))
@@ -325,7 +206,7 @@ class SchedulerMux:
                     if isinstance(item, BaseException):
                         if ready:
                             yield ready
-                        if isinstance(item, _Unsupported | _NotStarted) and chunks.started:
+                        if isinstance(item, Unsupported | _NotStarted) and chunks.started:
                             raise ServiceUnavailableError("the scheduler is shutting down")
                         raise item
                     ready.append(item)
@@ -346,13 +227,3 @@ class SchedulerMux:
             raise from_rpc_error(exc) from None
         finally:
             call.cancel()
-
-    async def aclose(self) -> None:
-        """End the open call; requests still waiting fail as the edge shuts down."""
-        session = self._session
-        if session is not None and session.reader is not None:
-            session.call.cancel()
-            session.writer.cancel()
-            session.reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await session.reader
