@@ -125,6 +125,7 @@ class EngineRegistry:
         self._by_model: dict[str, tuple[EngineRecord, ...]] = {}
         self._by_model_kind: dict[tuple[str, EngineKind], tuple[EngineRecord, ...]] = {}
         self._adapters: dict[str, AdapterEntry] = {}
+        self._ready: dict[EngineKind, tuple[EngineRecord, ...]] = {}
 
     def register(self, record: EngineRecord) -> bool:
         """Add or replace an engine; returns True when it replaced one with the same id."""
@@ -198,7 +199,17 @@ class EngineRegistry:
                 of_kind = tuple(r for r in records if r.kind is kind)
                 if of_kind:
                     by_kind[name, kind] = records if len(of_kind) == len(records) else of_kind
+        ready: dict[EngineKind, list[EngineRecord]] = {}
+        for record in self._engines.values():
+            if record.state is EngineState.READY:
+                ready.setdefault(record.kind, []).append(record)
+        self._ready = {kind: tuple(records) for kind, records in ready.items()}
         self._by_model, self._by_model_kind = by_model, by_kind
+
+    def ready(self, kind: EngineKind) -> tuple[EngineRecord, ...]:
+        """Every ready engine of `kind`, any model: the same tuple until the next change
+        (the load scraper looks at it ten times a second)."""
+        return self._ready.get(kind, ())
 
     def ready_for(self, model: str, kind: EngineKind | None = None) -> tuple[EngineRecord, ...]:
         """Ready engines serving `model`; raises ModelNotFoundError if there are none."""

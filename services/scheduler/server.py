@@ -69,7 +69,9 @@ def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageS
         own.breaker_failures, own.breaker_cooldown_s, max_cooldown_s=own.breaker_max_cooldown_s
     )
     metrics = SchedulerMetrics(breakers=breakers)
-    load = EngineLoadTracker(scrape_interval_s=max(0.1, own.scrape_interval_s))
+    load = EngineLoadTracker(
+        scrape_interval_s=max(0.1, own.scrape_interval_s), scrape_budget=own.scrape_budget
+    )
     admission = AdmissionController(
         own.policy,
         per_engine=own.max_inflight_per_engine,
@@ -160,13 +162,7 @@ def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageS
     if routing != "round_robin" or settings.scheduler.max_inflight_per_engine < 0:
 
         async def _scrape() -> None:
-            load.start(
-                lambda: [
-                    e
-                    for e in registry.engines()
-                    if e.kind is EngineKind.LLM and e.state is EngineState.READY
-                ]
-            )
+            load.start(lambda: registry.ready(EngineKind.LLM))
 
         server.on_start(_scrape)
 

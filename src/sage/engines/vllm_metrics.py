@@ -8,6 +8,7 @@ Names and labels follow vLLM 0.32/0.33 (`vllm/v1/metrics/loggers.py`): every ser
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -203,6 +204,17 @@ class VllmLoad:
         return self.running + self.waiting
 
 
+# One of _READ at the start of a line, its labels if any, then its value: the name must end
+# at `{` or a space, so `..._waiting_by_reason` is not read as `..._waiting`. A regex over
+# the page, not a split into lines: a vLLM page is hundreds of histogram lines, and the
+# scheduler reads one per engine every few seconds.
+_READ_LINE = re.compile(
+    r"^(vllm:(?:num_requests_running|num_requests_waiting|kv_cache_usage_perc"
+    r"|gpu_cache_usage_perc))(?:\{[^\n]*\})?[ \t]+([^ \t\n]+)",
+    re.MULTILINE,
+)
+
+
 def read_load(text: str) -> VllmLoad:
     """Parse vLLM's running/waiting gauges and KV-cache usage from a Prometheus exposition.
 
@@ -213,16 +225,11 @@ def read_load(text: str) -> VllmLoad:
     running = waiting = 0.0
     usage: float | None = None
     old_usage: float | None = None
-    for line in text.splitlines():
-        if not line.startswith("vllm:"):
-            continue
-        end = line.find("{")
-        name = line[:end] if end != -1 else line.split(" ", 1)[0]
-        if name not in _READ:
-            continue
+    for match in _READ_LINE.finditer(text):
+        name, raw = match.groups()
         try:
-            value = float(line.rsplit(" ", 1)[1])
-        except (ValueError, IndexError):
+            value = float(raw)
+        except ValueError:
             continue
         if name == RUNNING:
             running += value

@@ -129,3 +129,134 @@ def test_capacity_is_what_a_full_engine_runs_and_is_probed_upward() -> None:
     assert estimate.value == 8
     tracker.retain([])  # deregistered: measured afresh if it comes back
     assert tracker.capacity("e") == 0
+
+
+# --- scrape budget: at most scrape_budget engines per second, oldest first, staggered ---
+
+
+def _fleet(n: int) -> list[EngineRecord]:
+    return [_engine(f"e{i}", "http://127.0.0.1:1") for i in range(n)]
+
+
+def _run_ticks(
+    tracker: EngineLoadTracker, engines: list[EngineRecord], seconds: float
+) -> list[tuple[float, str]]:
+    """Drive `due` on a fake clock every SCRAPE_TICK_S as the background loop would."""
+    from sage.services.scheduler.load import SCRAPE_TICK_S
+
+    picks: list[tuple[float, str]] = []
+    for step in range(round(seconds / SCRAPE_TICK_S)):
+        now = step * SCRAPE_TICK_S
+        picks += [(now, e.engine_id) for e in tracker.due(engines, now)]
+    return picks
+
+
+def test_budget_spreads_many_engines_over_time_oldest_first() -> None:
+    tracker = EngineLoadTracker(scrape_interval_s=1.0, scrape_budget=100)
+    engines = _fleet(1000)
+    assert tracker.period(1000) == 10.0 and tracker.period(50) == 1.0
+    picks = _run_ticks(tracker, engines, 20.0)
+    # Never more than the budget in any second (plus the one batch the bucket holds),
+    # against 1000 a second without it.
+    for second in range(20):
+        in_second = [p for p in picks if second <= p[0] < second + 1]
+        assert len(in_second) <= 100 + 10
+    # Staggered: no tick scrapes more than a tenth of the budget.
+    per_tick: dict[float, int] = {}
+    for now, _ in picks:
+        per_tick[now] = per_tick.get(now, 0) + 1
+    assert max(per_tick.values()) <= 10
+    # Every engine is read, in registration order first, then least recently read first,
+    # each once per period (1000 / 100 = 10 s), none twice in a row before the others.
+    times: dict[str, list[float]] = {}
+    for now, engine_id in picks:
+        times.setdefault(engine_id, []).append(now)
+    assert [e for _, e in picks[:1000]] == [e.engine_id for e in engines]
+    assert [e for _, e in picks[1000:2000]] == [e.engine_id for e in engines]
+    assert all(len(t) == 2 for t in times.values())
+    gaps = [t[1] - t[0] for t in times.values()]
+    assert min(gaps) >= 9.5 and max(gaps) <= 10.5
+
+
+def test_few_engines_keep_the_interval() -> None:
+    tracker = EngineLoadTracker(scrape_interval_s=1.0, scrape_budget=100)
+    picks = _run_ticks(tracker, _fleet(50), 10.0)
+    counts: dict[str, int] = {}
+    for _, engine_id in picks:
+        counts[engine_id] = counts.get(engine_id, 0) + 1
+    # 50 engines under a budget of 100/s: each still read every interval (10 times in 10 s)
+    assert len(counts) == 50 and set(counts.values()) <= {9, 10, 11}
+
+
+def test_no_budget_reads_every_engine_every_interval() -> None:
+    tracker = EngineLoadTracker(scrape_interval_s=1.0, scrape_budget=0)
+    engines = _fleet(300)
+    assert len(tracker.due(engines, 0.0)) == 300
+    assert tracker.due(engines, 0.5) == []
+    assert len(tracker.due(engines, 1.0)) == 300
+
+
+def test_an_engine_filling_up_with_capacity_unknown_is_read_first() -> None:
+    tracker = EngineLoadTracker(scrape_interval_s=1.0, scrape_budget=100)
+    engines = _fleet(1000)
+    tracker.due(engines, 0.0)  # e0..e9: the bucket is empty now
+    with tracker.track("e700"), tracker.track("e700"):  # two in flight, capacity unknown
+        picked = [e.engine_id for e in tracker.due(engines, 0.1)]
+    assert picked[0] == "e700" and len(picked) == 10  # first, within the budget
+    assert picked[1:] == [f"e{i}" for i in range(10, 19)]
+
+
+def test_a_deregistered_engine_leaves_the_rotation_and_its_report() -> None:
+    tracker = EngineLoadTracker(scrape_interval_s=1.0, scrape_budget=100)
+    engines = _fleet(3)
+    tracker.due(engines, 0.0)
+    tracker.report("e1", 4.0)
+    assert tracker.load("e1") == 4.0
+    assert [e.engine_id for e in tracker.due(engines[::2], 1.0)] == ["e0", "e2"]
+    assert tracker.load("e1") == 0.0
+
+
+def test_own_requests_that_ended_during_a_scrape_are_not_kept_as_foreign_load() -> None:
+    tracker = EngineLoadTracker()
+    # The scrape went out with 3 of ours in flight; they finished before the reply came,
+    # and the engine counted them: the engine is idle, not loaded by someone else.
+    tracker.report("a", 3.0, own_at_send=3)
+    assert tracker.load("a") == 0.0
+    tracker.report("a", 5.0, own_at_send=3)  # 2 beyond ours: someone else's
+    assert tracker.load("a") == 2.0
+
+
+async def test_background_scraper_keeps_to_the_budget_over_real_http() -> None:
+    gets = 0
+
+    async def metrics(request: web.Request) -> web.Response:
+        nonlocal gets
+        gets += 1
+        return web.Response(text=METRICS)
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    engines = [_engine(f"e{i}", url) for i in range(30)]
+    # 30 engines every 50 ms would be 600 GETs a second; the budget allows 100.
+    tracker = EngineLoadTracker(scrape_interval_s=0.05, scrape_budget=100, scrape_timeout_s=2.0)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    tracker.start(lambda: engines)
+    try:
+        for _ in range(200):
+            if all(tracker.load(e.engine_id) == 5.0 for e in engines):
+                break
+            await asyncio.sleep(0.05)
+        assert all(tracker.load(e.engine_id) == 5.0 for e in engines)  # every one is read
+        await asyncio.sleep(0.5)
+        elapsed = loop.time() - started
+        assert gets <= 100 * elapsed + 5 + 2  # the budget, the first batch, in-flight ones
+    finally:
+        await tracker.aclose()
+        await runner.cleanup()
+    assert tracker._scrapes == set()

@@ -126,6 +126,9 @@ class SchedulerSettings(_Section):
     max_queue: int = 10_000
     # How often the scheduler reads engines' /metrics (queue depth, measured capacity).
     scrape_interval_s: float = 1.0
+    # At most this many engines' /metrics per second (0: no limit): past budget x interval
+    # engines each is read every engines / budget seconds, staggered, instead of all at once.
+    scrape_budget: int = Field(default=200, ge=0)
     # Per-engine circuit breaker: consecutive engine failures (refused, timeout, 5xx) that
     # open it, and the first cool-down before a half-open probe (doubles per failed probe,
     # at most breaker_max_cooldown_s).
