@@ -19,8 +19,8 @@ Run under the shared lock:
       --vllm-router-bin /work/vrvenv/bin/vllm-router
 
 `sim`: the same trace on 3 simulator engines with prefix caching modelled (an LRU of
-`--blocks` 32-token blocks each; cached prompt tokens cost no prefill time). The sim has
-no KV-event publisher, so there `kv_events` is its own fallback, prefix_aware.
+`--blocks` 32-token blocks each; cached prompt tokens cost no prefill time), publishing its
+blocks as vLLM's KV-cache events and answering /tokenize, so kv_events runs there too.
 
 Per setup: prefix-cache hit rate (engines' vllm:prefix_cache_hits_total /
 vllm:prefix_cache_queries_total, deltas over the run, summed over engines), TTFT p50/p90 of
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import random
@@ -51,6 +52,7 @@ from router_overhead import peer_bin, start_vllm_router
 REPO = Path(__file__).resolve().parents[1]
 SERVED = "tiny"
 BLOCK = 32
+_STARTS = itertools.count()  # sim starts, for fresh KV-event socket names
 OURS = ("kv_events", "prefix_aware", "least_loaded")
 PEERS = ("cache_aware", "round_robin")
 # Plain English words: one MiniLM WordPiece token each, so words ≈ tokens.
@@ -300,33 +302,40 @@ def start_real_engines(st: Stack, args: argparse.Namespace) -> tuple[list[str], 
 
 
 def start_sim_engines(st: Stack, args: argparse.Namespace) -> tuple[list[str], list[str]]:
-    """3 sim engines with prefix caching modelled (their caches empty); no KV-event
-    endpoints."""
-    urls = [
-        st.sim(
-            f"sim-{i}",
-            "--model",
-            SERVED,
-            "--max-num-seqs",
-            str(args.max_num_seqs),
-            "--max-model-len",
-            "4096",
-            "--ttft-ms",
-            str(args.sim_ttft_ms),
-            "--tpot-ms",
-            str(args.sim_tpot_ms),
-            "--batch-slowdown",
-            "0.2",
-            "--kv-block-size",
-            str(BLOCK),
-            "--prefix-cache-blocks",
-            str(args.blocks),
-            "--prefill-ms-per-token",
-            str(args.sim_prefill_ms_per_token),
+    """3 sim engines with prefix caching modelled (their caches empty), each publishing its
+    blocks as vLLM's KV-cache events; their URLs and endpoints."""
+    folder = st.tmp / "kv-events"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    urls, endpoints = [], []
+    for i in range(3):
+        endpoint = f"ipc://{folder / f'sim-{i}-{next(_STARTS)}.sock'}"
+        urls.append(
+            st.sim(
+                f"sim-{i}",
+                "--model",
+                SERVED,
+                "--max-num-seqs",
+                str(args.max_num_seqs),
+                "--max-model-len",
+                "4096",
+                "--ttft-ms",
+                str(args.sim_ttft_ms),
+                "--tpot-ms",
+                str(args.sim_tpot_ms),
+                "--batch-slowdown",
+                "0.2",
+                "--kv-block-size",
+                str(BLOCK),
+                "--prefix-cache-blocks",
+                str(args.blocks),
+                "--prefill-ms-per-token",
+                str(args.sim_prefill_ms_per_token),
+                "--kv-events-endpoint",
+                endpoint,
+            )
         )
-        for i in range(3)
-    ]
-    return urls, [""] * len(urls)
+        endpoints.append(endpoint)
+    return urls, endpoints
 
 
 def restart_ours(st: Stack, routing: str, urls: list[str], endpoints: list[str]) -> str:

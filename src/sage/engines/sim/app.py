@@ -66,6 +66,7 @@ from sage.engines.sim.kv import (
     prefill_reply_params,
     pull_blocks,
 )
+from sage.engines.sim.kv_publisher import KvEventPublisher
 from sage.engines.sim.lora import SimLora
 from sage.engines.sim.model import (
     OWNED_BY,
@@ -533,10 +534,15 @@ class _SimEngine:
         self.lora = SimLora(config.max_lora_rank) if config.enable_lora else None
         # Automatic prefix caching (--prefix-cache-blocks; see prefix_cache.py).
         self.prefix_cache = (
-            PrefixCache(config.kv_block_size, config.prefix_cache_blocks)
+            PrefixCache(
+                config.kv_block_size,
+                config.prefix_cache_blocks,
+                events=bool(config.kv_events_endpoint),
+            )
             if config.prefix_cache_blocks
             else None
         )
+        self.kv_publisher: KvEventPublisher | None = None  # bound in start()
         reg, label, values = self.metrics.registry, self.metrics.label, self.metrics.values
         self.prefix_queries = Counter(
             "vllm:prefix_cache_queries",
@@ -558,10 +564,15 @@ class _SimEngine:
             await self.side_channel.start(
                 self._side_channel_host(), self.config.kv_side_channel_port
             )
+        if self.config.kv_events_endpoint:
+            self.kv_publisher = KvEventPublisher(self.config.kv_events_endpoint)
 
     async def aclose(self) -> None:
-        """Close the KV side channel."""
+        """Close the KV side channel and the KV-event publisher."""
         await self.side_channel.close()
+        if self.kv_publisher is not None:
+            self.kv_publisher.close()
+            self.kv_publisher = None
 
     # ---- shared pieces
 
@@ -782,7 +793,31 @@ class _SimEngine:
                 self.prefix_queries.inc(len(ids))
                 self.prefix_hits.inc(cached)
             uncached += len(ids) - cached
+        if cache is not None and self.kv_publisher is not None:
+            self.kv_publisher.publish(cache.drain_events())
         return self.config.prefill_s(uncached)
+
+    async def tokenize(self, request: Request) -> Response:
+        """POST /tokenize (served with prefix caching on, for kv_events routing): a chat's
+        or a prompt's token ids as this engine reads them, in vLLM's reply shape."""
+        body = await _json_object(request)
+        self._model(body)
+        messages, prompt = body.get("messages"), body.get("prompt")
+        if isinstance(messages, list):
+            text = chat_prompt_text([m for m in messages if isinstance(m, dict)])
+        elif isinstance(prompt, str):
+            text = prompt
+        else:
+            raise InvalidRequestError("prompt or messages is required", param="prompt")
+        ids = tokenize(text)
+        return JSONResponse(
+            {
+                "count": len(ids),
+                "max_model_len": self.config.max_model_len,
+                "tokens": ids,
+                "token_strs": None,
+            }
+        )
 
     async def _failed_stream(self, chat: bool, model: str) -> AsyncIterator[bytes]:
         """What vLLM streams when a request ends with finish_reason error (a failed KV
@@ -1233,6 +1268,8 @@ def create_app(config: SimConfig) -> App:
     }
     if config.embedding_dim > 0:
         routes["/v1/embeddings"] = ("POST", engine.embeddings)
+    if engine.prefix_cache is not None:
+        routes["/tokenize"] = ("POST", engine.tokenize)
     if engine.lora is not None:
         routes["/v1/load_lora_adapter"] = ("POST", engine.lora.load)
         routes["/v1/unload_lora_adapter"] = ("POST", engine.lora.unload)
@@ -1317,6 +1354,12 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=defaults.prefill_ms_per_token,
         help="prefill ms per prompt token not in the prefix cache (added to --ttft-ms)",
+    )
+    parser.add_argument(
+        "--kv-events-endpoint",
+        default=defaults.kv_events_endpoint,
+        help="publish the prefix cache's blocks as vLLM's KV-cache events on this ZMQ "
+        "endpoint (ipc://PATH or tcp://*:PORT; needs --prefix-cache-blocks)",
     )
     parser.add_argument("--max-tokens-default", type=int, default=defaults.max_tokens_default)
     parser.add_argument("--max-model-len", type=int, default=defaults.max_model_len)
@@ -1435,6 +1478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_lora_rank=args.max_lora_rank,
             prefix_cache_blocks=args.prefix_cache_blocks,
             prefill_ms_per_token=args.prefill_ms_per_token,
+            kv_events_endpoint=args.kv_events_endpoint,
         )
     except ConfigurationError as exc:
         parser.error(exc.message)

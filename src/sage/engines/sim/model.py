@@ -154,6 +154,9 @@ class SimConfig:
     # (0: off), and the prefill time of each prompt token not found there, added to ttft_ms.
     prefix_cache_blocks: int = 0
     prefill_ms_per_token: float = 0.0
+    # Publish the prefix cache's blocks as vLLM's KV-cache events on this ZMQ endpoint
+    # (kv_publisher.py; vLLM's --kv-events-config); "" = none.
+    kv_events_endpoint: str = ""
     served_names: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -173,6 +176,10 @@ class SimConfig:
             (self.kv_hold_s > 0, "kv_hold_s must be > 0"),
             (self.prefix_cache_blocks >= 0, "prefix_cache_blocks must be >= 0"),
             (self.prefill_ms_per_token >= 0, "prefill_ms_per_token must be >= 0"),
+            (
+                not self.kv_events_endpoint or self.prefix_cache_blocks > 0,
+                "kv_events_endpoint needs prefix_cache_blocks",
+            ),
             (0 <= self.kv_side_channel_port <= 65535, "kv_side_channel_port must be 0..65535"),
             (
                 self.kv_load_failure_policy in ("fail", "recompute"),

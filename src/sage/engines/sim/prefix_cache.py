@@ -7,13 +7,16 @@ and found (`vllm:prefix_cache_queries_total`, `vllm:prefix_cache_hits_total`). H
 bounded LRU of chained block hashes does the same per engine, so that routers that keep a
 conversation on one engine see more hits, and less prefill time, than those that do not.
 Not modelled: blocks pinned by running requests (every block is evictable), sharing
-between requests that run at the same time.
+between requests that run at the same time. With `events` on, the blocks stored and evicted
+are kept as vLLM's KV-cache events (BlockStored / BlockRemoved / AllBlocksCleared, as maps)
+for a publisher (kv_publisher.py) to send.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Any
 
 from sage.common.exceptions import ConfigurationError
 
@@ -23,7 +26,7 @@ __all__ = ["PrefixCache"]
 class PrefixCache:
     """An LRU of at most `capacity` blocks of `block_size` tokens each."""
 
-    def __init__(self, block_size: int, capacity: int) -> None:
+    def __init__(self, block_size: int, capacity: int, events: bool = False) -> None:
         if block_size < 1 or capacity < 1:
             raise ConfigurationError("prefix cache: block_size and capacity must be >= 1")
         self.block_size = block_size
@@ -31,6 +34,14 @@ class PrefixCache:
         self.queries = 0  # prompt tokens looked up
         self.hits = 0  # of them, found cached
         self._blocks: OrderedDict[int, None] = OrderedDict()
+        self._events: list[dict[str, Any]] | None = [] if events else None
+
+    def drain_events(self) -> list[dict[str, Any]]:
+        """The KV-cache events since the last call, oldest first (none when events are off)."""
+        if not self._events:
+            return []
+        events, self._events = self._events, []
+        return events
 
     def __len__(self) -> int:
         return len(self._blocks)
@@ -56,11 +67,29 @@ class PrefixCache:
             if block not in self._blocks:
                 break
             found += 1
-        for block in hashes:
+        size = self.block_size
+        for i, block in enumerate(hashes):
+            if block not in self._blocks and self._events is not None:
+                self._events.append(
+                    {
+                        "type": "BlockStored",
+                        "block_hashes": [block],
+                        "parent_block_hash": hashes[i - 1] if i else None,
+                        "token_ids": list(token_ids[i * size : (i + 1) * size]),
+                        "block_size": size,
+                        "lora_id": None,
+                        "medium": "CPU",
+                        "lora_name": None,
+                    }
+                )
             self._blocks[block] = None
             self._blocks.move_to_end(block)
         while len(self._blocks) > self.capacity:
-            self._blocks.popitem(last=False)
+            gone, _ = self._blocks.popitem(last=False)
+            if self._events is not None:
+                self._events.append(
+                    {"type": "BlockRemoved", "block_hashes": [gone], "medium": "CPU"}
+                )
         cached = found * self.block_size
         self.queries += len(token_ids)
         self.hits += cached
@@ -69,3 +98,5 @@ class PrefixCache:
     def clear(self) -> None:
         """Forget every block (vLLM's /reset_prefix_cache)."""
         self._blocks.clear()
+        if self._events is not None:
+            self._events.append({"type": "AllBlocksCleared"})
