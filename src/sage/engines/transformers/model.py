@@ -472,10 +472,10 @@ class CausalLM:
         # ask the GPU where padding is (each question is a sync).
         self._pads: list[int] = []
         # With SDPA a decode step passes its mask ready-made (see _decode_step); transformers
-        # 5 takes any 4D mask as it is.
-        self._sdpa = getattr(
-            self.model.config, "_attn_implementation", None
-        ) == "sdpa" and _transformers_version() >= (5, 0)
+        # 5's own models take any 4D mask as it is (remote code may not).
+        sdpa = getattr(self.model.config, "_attn_implementation", None) == "sdpa"
+        own = type(self.model).__module__.startswith("transformers.")
+        self._sdpa = sdpa and own and _transformers_version() >= (5, 0)
         self.can_batch = True  # False once a prefill shows a cache that cannot be stacked
 
     # ---- loading helpers
