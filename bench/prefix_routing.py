@@ -362,7 +362,7 @@ def restart_ours(st: Stack, routing: str, urls: list[str], endpoints: list[str])
 def run(args: argparse.Namespace) -> list[dict[str, float | str]]:
     systems, chats = make_trace(args)
     vr_bin = peer_bin(args.vllm_router_bin, "vllm-router")
-    rows = []
+    results: dict[str, list[Result]] = {}
     with stack() as st:
         urls, endpoints = (start_real_engines if args.mode == "real" else start_sim_engines)(
             st, args
@@ -374,7 +374,10 @@ def run(args: argparse.Namespace) -> list[dict[str, float | str]]:
         setups = [(f"ours {r}", r) for r in args.ours]
         if vr_bin:
             setups += [(f"vllm-router {p}", p) for p in args.peers]
-        for name, how in setups:
+        # Rounds alternate the order, so load from elsewhere on a shared machine does not
+        # always fall on the same setup.
+        plan = [s for r in range(args.rounds) for s in (setups if r % 2 == 0 else setups[::-1])]
+        for name, how in plan:
             if args.mode == "real":
                 settle(urls)
             else:  # a fresh sim is an empty cache
@@ -398,8 +401,8 @@ def run(args: argparse.Namespace) -> list[dict[str, float | str]]:
                 result.decisions = kv_decisions(url)
             if not name.startswith("ours"):
                 st.stop(f"vr-{how}")
+            results.setdefault(name, []).append(result)
             row = result.row(name)
-            rows.append(row)
             print(
                 f"{name:26} hit {row['hit_rate']:.1%}  ttft p50 {row['ttft_p50_ms']:.0f} "
                 f"p90 {row['ttft_p90_ms']:.0f} ms  {row['req_s']:.2f} req/s  "
@@ -407,7 +410,23 @@ def run(args: argparse.Namespace) -> list[dict[str, float | str]]:
                 + (f"; kv decisions: {row['decisions']}" if row["decisions"] else ""),
                 flush=True,
             )
-    return rows
+    return [merge(runs).row(name) for name, runs in results.items()]
+
+
+def merge(runs: list[Result]) -> Result:
+    """One setup's rounds together: TTFTs pooled, counts and times summed."""
+    out = Result()
+    for r in runs:
+        out.ttft_ms += r.ttft_ms
+        out.output_tokens += r.output_tokens
+        out.errors += r.errors
+        out.wall_s += r.wall_s
+        out.hits += r.hits
+        out.queries += r.queries
+        base = out.per_engine or [0.0] * len(r.per_engine)
+        out.per_engine = [a + b for a, b in zip(base, r.per_engine, strict=True)]
+    out.decisions = " | ".join(r.decisions for r in runs if r.decisions)
+    return out
 
 
 def report(rows: list[dict[str, float | str]], args: argparse.Namespace) -> str:
@@ -450,6 +469,9 @@ def main() -> int:
     parser.add_argument("--ours", nargs="+", default=list(OURS))
     parser.add_argument("--peers", nargs="+", default=list(PEERS))
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="every setup this many times, order alternating"
+    )
     parser.add_argument("--systems", type=int, default=6)
     parser.add_argument("--system-words", type=int, default=600)
     parser.add_argument("--conversations", type=int, default=36)
