@@ -221,7 +221,13 @@ def kv_decisions(edge: str) -> str:
     found = re.findall(
         r'^sage:kv_route_decisions_total\{[^}]*decision="(\w+)"[^}]*\} ([\d.e+]+)', text, re.M
     )
-    return ", ".join(f"{name} {float(value):.0f}" for name, value in found)
+    parts = [f"{name} {float(value):.0f}" for name, value in found]
+    count = re.search(r"^sage:kv_tokenize_seconds_count(?:\{[^}]*\})? ([\d.e+]+)", text, re.M)
+    total = re.search(r"^sage:kv_tokenize_seconds_sum(?:\{[^}]*\})? ([\d.e+-]+)", text, re.M)
+    if count and total and float(count.group(1)):
+        mean_ms = 1e3 * float(total.group(1)) / float(count.group(1))
+        parts.append(f"/tokenize {float(count.group(1)):.0f} calls, mean {mean_ms:.1f} ms")
+    return ", ".join(parts)
 
 
 def settle(urls: list[str]) -> None:
