@@ -66,6 +66,8 @@ SERVER_DISTS = (
     "nvidia-ml-py",
     "prometheus-client",
     "opentelemetry-sdk",
+    "msgspec",
+    "pyzmq",
 )
 TEST_TOOLS = ("pytest", "grpcio-tools")
 FORBIDDEN = {
@@ -84,6 +86,8 @@ NOT_IN_CLIENT = (
     "pynvml",
     "prometheus_client",
     "opentelemetry.sdk",
+    "msgspec",
+    "zmq",
     "numpy",
     "torch",
     "transformers",
