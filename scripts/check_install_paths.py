@@ -509,16 +509,29 @@ def _service_env(home: Path, ports: dict[str, int]) -> dict[str, str]:
     return env
 
 
+def _distinct_ports(count: int) -> list[int]:
+    """`count` free ports, all different: free_port() draws at random, and two services
+    handed one port made `sage llm serve` refuse to start ("both want port N")."""
+    from sage.common.utils.processes import free_port
+
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
 def check_services(home: Path) -> None:
     """The five services as separate processes, each to health, then stopped."""
     import grpc
     import httpx
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from sage.common.utils.processes import free_port, stop_process
+    from sage.common.utils.processes import stop_process
 
     home.mkdir(parents=True)
-    ports = {name: free_port() for name in SERVICES}
+    ports = dict(zip(SERVICES, _distinct_ports(len(SERVICES)), strict=True))
     env = _service_env(home, ports)
     procs: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -574,15 +587,16 @@ def check_serve(home: Path, *, with_embedding: bool) -> None:
     import httpx
     import psutil
 
-    from sage.common.utils.processes import free_port, stop_process_tree
+    from sage.common.utils.processes import stop_process_tree
     from sage.engines.sim import chat_prompt_text, expected_text
 
-    gateway = free_port()
-    ports = {name: free_port() for name in SERVICES if name != "edge"}
+    names = [name for name in SERVICES if name != "edge"]
+    gateway, engine_port, embedding_port, *rest = _distinct_ports(3 + len(names))
+    ports = dict(zip(names, rest, strict=True))
     env = _service_env(home, ports)
     cmd = [str(Path(sys.executable).with_name("sage")), "llm", "serve", "--model", "sim"]
-    cmd += ["--gateway-port", str(gateway), "--port", str(free_port())]
-    cmd += ["--embedding-port", str(free_port())]
+    cmd += ["--gateway-port", str(gateway), "--port", str(engine_port)]
+    cmd += ["--embedding-port", str(embedding_port)]
     cmd += ["--with-embedding" if with_embedding else "--no-embedding"]
     proc = subprocess.Popen(
         cmd,
