@@ -4,14 +4,14 @@ the field."""
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import msgspec
 import orjson
 
 from sage.common.exceptions import InvalidRequestError
 from sage.common.http import Request
-from sage.protocol.openai import EmbeddingRequest, decode
+from sage.protocol.openai import EmbeddingRequest, ProtocolError, decode
 
 T = TypeVar("T", bound=msgspec.Struct)
 
@@ -28,7 +28,7 @@ def read_request(request: Request, body: bytes, cls: type[T]) -> T:
             raise exc from None
         if isinstance(doc, dict) and isinstance(doc.get("model"), str):
             request.model = doc["model"]
-        if cls is EmbeddingRequest and _token_array(doc, exc.param):
+        if cls is EmbeddingRequest and _token_array(exc):
             raise InvalidRequestError(
                 f"{exc.message} (token arrays are not supported)", param=exc.param
             ) from None
@@ -37,15 +37,10 @@ def read_request(request: Request, body: bytes, cls: type[T]) -> T:
     return parsed
 
 
-def _token_array(doc: Any, param: str | None) -> bool:
+def _token_array(exc: InvalidRequestError) -> bool:
     """Whether the rejected input item is a list (of token ids, as OpenAI allows)."""
-    if not isinstance(doc, dict) or not param or not param.startswith("input["):
-        return False
-    items = doc.get("input")
-    index = param[len("input[") :].split("]", 1)[0]
     return (
-        isinstance(items, list)
-        and index.isdigit()
-        and int(index) < len(items)
-        and isinstance(items[int(index)], list)
+        isinstance(exc, ProtocolError)
+        and exc.problem.param.startswith("input[")
+        and isinstance(exc.problem.value, list)
     )
