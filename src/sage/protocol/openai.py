@@ -176,6 +176,11 @@ class _Sampling(_Model):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        """`stop` as a tuple, whether one string or a list was sent."""
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
 
 class ChatCompletionRequest(_Sampling, kw_only=True):
     """POST /v1/chat/completions. The edge forwards the body byte for byte; fields not

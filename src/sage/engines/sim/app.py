@@ -465,10 +465,6 @@ def _sampling(req: EngineChatCompletionRequest | EngineCompletionRequest) -> Non
         raise InvalidRequestError("the simulator supports only n=1", param="n")
 
 
-def _stop(req: EngineChatCompletionRequest | EngineCompletionRequest) -> tuple[str, ...]:
-    return (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-
-
 def _token_ids(value: Any, nested: bool = False) -> bool:
     """Whether `value` is a token-id prompt. A negative id fails vLLM's request model (ids
     are `int >= 0`; its first error is the flat list's, item 0 for a nested prompt); one
@@ -889,7 +885,7 @@ class _SimEngine:
             prompt_ids,
             max_tokens,
             self.config.seed if req.seed is None else req.seed,
-            _stop(req),
+            req.stop_strings,
             self.config.subword_tokens,
         )
         with_ids = (tuple(prompt_ids),) if req.return_token_ids else None
@@ -1017,7 +1013,7 @@ class _SimEngine:
         stream, include_usage = req.streaming, req.include_usage
         requested = req.max_tokens
         seed = self.config.seed if req.seed is None else req.seed
-        stop = _stop(req)
+        stop = req.stop_strings
         counts = [len(p) for p in prompt_ids]
         max_tokens = self._max_tokens(requested, "max_tokens", max(counts), "prompt")
         subword = self.config.subword_tokens

@@ -69,7 +69,7 @@ def _sampling(req: EngineChatCompletionRequest | EngineCompletionRequest) -> Sam
     if req.n not in (None, 1):
         raise InvalidRequestError("this engine supports only n=1", param="n")
     max_tokens, field = req.token_limit
-    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+    stop = req.stop_strings
     if any(not s for s in stop):
         raise InvalidRequestError("stop strings must not be empty", param="stop")
     min_tokens = req.min_tokens or 0
