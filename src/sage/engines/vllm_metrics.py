@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from urllib.parse import urlencode
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -96,6 +97,12 @@ KV_CACHE_USAGE = "vllm:kv_cache_usage_perc"
 # vLLM before 0.10 called it this; still read so older engines keep their readings.
 KV_CACHE_USAGE_OLD = "vllm:gpu_cache_usage_perc"
 _READ = frozenset((RUNNING, WAITING, KV_CACHE_USAGE, KV_CACHE_USAGE_OLD))
+# Where read_load's series are scraped: prometheus_client's exposition, which vLLM serves at
+# /metrics, keeps only the series named by `name[]` (a page of a few hundred bytes instead
+# of ~18 KB of histograms); a server that ignores the parameter sends the whole page, which
+# read_load reads the same. No Accept-Encoding goes with it: gzip would cost both sides CPU
+# to save loopback bytes.
+LOAD_METRICS_PATH = "/metrics?" + urlencode([("name[]", name) for name in sorted(_READ)])
 
 
 class VllmRequestMetrics:

@@ -3,11 +3,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import httpx
 import pytest
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
+from sage.engines.vllm_metrics import LOAD_METRICS_PATH, RUNNING, WAITING, VllmLoad, read_load
 from sage.services.scheduler.load import EngineLoadTracker, parse_queue_depth
 from sage.services.scheduler.registry import EngineKind, EngineRecord
+from tests.conftest import SimFactory
 
 METRICS = """# HELP vllm:num_requests_running Requests in the running batch.
 # TYPE vllm:num_requests_running gauge
@@ -105,7 +109,6 @@ async def test_background_scraper_polls_until_closed(metrics_url: str) -> None:
 
 
 def test_capacity_is_what_a_full_engine_runs_and_is_probed_upward() -> None:
-    from sage.engines.vllm_metrics import VllmLoad
     from sage.services.scheduler.load import PROBE_AFTER_SCRAPES, CapacityEstimate
 
     tracker = EngineLoadTracker()
@@ -260,3 +263,70 @@ async def test_background_scraper_keeps_to_the_budget_over_real_http() -> None:
         await tracker.aclose()
         await runner.cleanup()
     assert tracker._scrapes == set()
+
+
+# --- the scrape asks for only the series it reads ---------------------------------------
+
+
+async def test_scrape_asks_for_its_series_only_and_reads_a_server_that_ignores_that() -> None:
+    asked: list[list[str]] = []
+    encodings: list[str | None] = []
+
+    async def metrics(request: web.Request) -> web.Response:
+        asked.append(request.query.getall("name[]", []))
+        encodings.append(request.headers.get("Accept-Encoding"))
+        return web.Response(text=METRICS)  # the whole page, whatever was asked
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    tracker = EngineLoadTracker(scrape_timeout_s=2.0)
+    try:
+        await tracker.scrape_once([_engine("e", url)])
+    finally:
+        await tracker.aclose()
+        await runner.cleanup()
+    assert sorted(asked[0]) == sorted(
+        [RUNNING, WAITING, "vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"]
+    )
+    assert encodings == [None]  # never gzip: it would cost CPU on both sides
+    assert tracker.load("e") == 5.0  # 3 running + 2 waiting, read from the full page
+
+
+async def test_scrape_reads_a_busy_sims_filtered_page(sim_engine: SimFactory) -> None:
+    # One batch slot and a slow first token: of three requests, one runs and two wait.
+    url = sim_engine("--max-num-seqs", "1", "--ttft-ms", "3000")
+    body = {"model": "sim", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        calls = [
+            asyncio.create_task(client.post("/v1/chat/completions", json=body)) for _ in range(3)
+        ]
+        tracker = EngineLoadTracker(scrape_timeout_s=2.0)
+        try:
+            for _ in range(100):
+                await tracker.scrape_once([_engine("e", url)])
+                if tracker.load("e") == 3.0:
+                    break
+                await asyncio.sleep(0.02)
+            assert tracker.load("e") == 3.0
+            full = await client.get("/metrics")
+            filtered = await client.get(LOAD_METRICS_PATH)
+        finally:
+            await tracker.aclose()
+            for call in calls:
+                call.cancel()
+            await asyncio.gather(*calls, return_exceptions=True)
+    names = {
+        sample.name
+        for family in text_string_to_metric_families(filtered.text)
+        for sample in family.samples
+    }
+    assert names == {RUNNING, WAITING, "vllm:kv_cache_usage_perc"}
+    assert len(filtered.content) * 10 < len(full.content)  # the point: a far smaller page
+    load = read_load(filtered.text)
+    assert load == read_load(full.text)
+    assert (load.running, load.waiting) == (1.0, 2.0)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from types import FrameType
 from typing import Any, TypeVar
+from urllib.parse import parse_qs
 
 import msgspec
 import orjson
@@ -1229,8 +1230,13 @@ class _SimEngine:
         return JSONResponse({"version": OWNED_BY})
 
     async def prometheus(self, request: Request) -> Response:
-        """GET /metrics in Prometheus text format."""
-        return Response(generate_latest(self.metrics.registry), 200, CONTENT_TYPE_LATEST.encode())
+        """GET /metrics in Prometheus text format; `?name[]=...` keeps only those series, as
+        prometheus_client's exposition (vLLM's /metrics) does, so a load scrape gets a small
+        page from either."""
+        registry = self.metrics.registry
+        names = parse_qs(request.query.decode("latin-1")).get("name[]")
+        page = generate_latest(registry.restricted_registry(names) if names else registry)
+        return Response(page, 200, CONTENT_TYPE_LATEST.encode())
 
 
 def _embedding_inputs(value: Any) -> list[str]:
