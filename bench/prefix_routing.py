@@ -226,6 +226,8 @@ def kv_decisions(edge: str) -> str:
     counts: dict[str, float] = {}
     sums: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
+        if family.name == "sage:kv_local_tokenizer_mismatches" and family.samples[0].value:
+            parts.append(f"local tokenizer mismatches {family.samples[0].value:.0f}")
         if family.name == "sage:kv_tokenize_seconds":
             for sample in family.samples:
                 into = counts if sample.name.endswith("_count") else sums
@@ -364,6 +366,10 @@ def restart_ours(
     edge = st.plane()
     for i, (url, endpoint) in enumerate(zip(urls, endpoints, strict=True)):
         labels = {"kv_events_endpoint": endpoint} if endpoint else {}
+        if endpoint and tokenizer:
+            # Registered under the served name: say where the model's tokenizer is, as the
+            # model id says it for an engine lifecycle starts.
+            labels["tokenizer"] = tokenizer
         st.register(f"engine-{i}", url, model=SERVED, labels=labels)
     # Engines become routable once the scheduler has scraped them (and subscribed).
     deadline = time.monotonic() + 30
