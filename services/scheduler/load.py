@@ -19,8 +19,8 @@ SCRAPE_TICK_S, so each engine is read every max(interval, engines / budget) seco
 of every engine at once every interval. Between scrapes the exact in-flight count carries
 routing; an engine filling up before its capacity is known is read first (see track).
 Each scrape names the series it reads (vllm_metrics.LOAD_METRICS_PATH): vLLM and the sim
-answer with ~0.5 KB instead of ~18 KB, about a third of the scheduler CPU per scrape (bench/
-RESULTS.md, scrape budget); a server that ignores the filter still answers a readable page.
+answer with under 1 KB instead of 18-66 KB, about a third of the scheduler CPU per scrape
+(bench/RESULTS.md, item 7); an engine without that page is read from its whole /metrics.
 """
 
 from __future__ import annotations
@@ -37,7 +37,12 @@ from dataclasses import dataclass
 
 from sage.common.engine_keys import engine_auth_headers, is_managed
 from sage.common.http.http1 import Http1Error, Http1Pool, engine_tls_context
-from sage.engines.vllm_metrics import LOAD_METRICS_PATH, VllmLoad, read_load
+from sage.engines.vllm_metrics import (
+    LOAD_METRICS_PATH,
+    WHOLE_METRICS_PATH,
+    VllmLoad,
+    read_load,
+)
 
 from .registry import EngineRecord
 
@@ -61,6 +66,8 @@ MIN_SCRAPE_GAP_S = 0.05
 # The scraper looks for due engines this often (or every interval, if shorter), so a budget
 # of B engines per second goes out in batches of about B * SCRAPE_TICK_S, not in one burst.
 SCRAPE_TICK_S = 0.1
+# Answers to the filtered scrape path that mean "no such page here", not "engine down".
+_NOT_THERE = frozenset((301, 302, 303, 307, 308, 404, 405))
 
 
 @dataclass(slots=True)
@@ -112,6 +119,7 @@ class EngineLoadTracker:
         self._scraped: OrderedDict[str, float] = OrderedDict()
         self._urgent: dict[str, None] = {}  # filling up with capacity unknown: read first
         self._pending: set[str] = set()  # a scrape of it is under way
+        self._paths: dict[str, str] = {}  # engines without the filtered page: whole /metrics
         self._scrapes: set[asyncio.Task[None]] = set()
         self._tokens = 0.0  # the budget's bucket, refilled at scrape_budget per second
         self._refilled: float | None = None
@@ -238,9 +246,17 @@ class EngineLoadTracker:
             # is never followed (Http1Pool follows none): an engine could otherwise
             # point the scrape at loopback or metadata addresses; a 3xx is a failure.
             headers = engine_auth_headers(engine_id, is_managed(engine.backend))
+            path = self._paths.get(engine_id, LOAD_METRICS_PATH)
             status, body = await self._http.get(
-                engine.base_url, LOAD_METRICS_PATH, headers, self.scrape_timeout_s
+                engine.base_url, path, headers, self.scrape_timeout_s
             )
+            if status in _NOT_THERE and path == LOAD_METRICS_PATH:
+                # Not vLLM's filtering /metrics/ (another server): read its whole /metrics,
+                # now and from now on.
+                self._paths[engine_id] = path = WHOLE_METRICS_PATH
+                status, body = await self._http.get(
+                    engine.base_url, path, headers, self.scrape_timeout_s
+                )
             if status != 200:
                 raise Http1Error(f"HTTP {status}")
             text = body.decode()  # Prometheus' text format is UTF-8
@@ -286,6 +302,7 @@ class EngineLoadTracker:
             for engine_id in [k for k in scraped if k not in live]:
                 del scraped[engine_id]
                 self._urgent.pop(engine_id, None)
+                self._paths.pop(engine_id, None)
             self.retain(live)
 
     def _mark(self, engine_id: str, now: float) -> None:

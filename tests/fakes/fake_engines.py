@@ -93,7 +93,8 @@ def serve(
             self.wfile.write(data)
 
         def do_GET(self) -> None:
-            route = get_routes.get(self.path)
+            # Real servers route on the path alone (vLLM's /metrics also filters by name[]).
+            route = get_routes.get(self.path.partition("?")[0])
             if route is None:
                 self._send(404, {"detail": "Not Found"})
             else:

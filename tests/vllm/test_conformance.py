@@ -18,6 +18,13 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from sage.engines.vllm_metrics import (
+    KV_CACHE_USAGE,
+    LOAD_METRICS_PATH,
+    RUNNING,
+    WAITING,
+    read_load,
+)
 from tests.conftest import SimFactory
 from tests.vllm.conftest import MAX_MODEL_LEN, MESSAGES, VllmStack, sse
 
@@ -230,3 +237,19 @@ def test_metric_names_and_labels(pair: Pair) -> None:
     assert not unknown, f"the sim exports series real vLLM does not: {unknown}"
     for name, labels in sim_series.items():
         assert labels == real_series[name], (name, labels, real_series[name])
+
+
+def test_load_scrape_gets_the_same_short_page(pair: Pair) -> None:
+    """The scheduler's load scrape names the series it reads (`name[]`, prometheus_client's
+    filter, which vLLM's /metrics mount honours); both engines answer with only those."""
+
+    def names(text: str) -> set[str]:
+        return {s.name for family in text_string_to_metric_families(text) for s in family.samples}
+
+    sim, real = pair.both("GET", LOAD_METRICS_PATH, headers={"Accept-Encoding": "identity"})
+    assert sim.status_code == real.status_code == 200
+    assert names(real.text) == {RUNNING, WAITING, KV_CACHE_USAGE}
+    assert names(sim.text) == names(real.text)
+    full = pair.real.get("/metrics", headers={"Accept-Encoding": "identity"})
+    assert len(real.content) * 10 < len(full.content)
+    assert read_load(real.text).queued == read_load(full.text).queued == 0.0

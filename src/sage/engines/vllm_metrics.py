@@ -97,12 +97,15 @@ KV_CACHE_USAGE = "vllm:kv_cache_usage_perc"
 # vLLM before 0.10 called it this; still read so older engines keep their readings.
 KV_CACHE_USAGE_OLD = "vllm:gpu_cache_usage_perc"
 _READ = frozenset((RUNNING, WAITING, KV_CACHE_USAGE, KV_CACHE_USAGE_OLD))
-# Where read_load's series are scraped: prometheus_client's exposition, which vLLM serves at
-# /metrics, keeps only the series named by `name[]` (a page of a few hundred bytes instead
-# of ~18 KB of histograms); a server that ignores the parameter sends the whole page, which
-# read_load reads the same. No Accept-Encoding goes with it: gzip would cost both sides CPU
-# to save loopback bytes.
-LOAD_METRICS_PATH = "/metrics?" + urlencode([("name[]", name) for name in sorted(_READ)])
+# Where read_load's series are scraped. vLLM 0.32 serves its registry twice: at /metrics
+# (prometheus-fastapi-instrumentator's route: the whole page, ~66 KB, whatever the query)
+# and at /metrics/ (prometheus_client's ASGI app, which keeps only the series named by
+# `name[]`: ~0.7 KB). The sim answers both the same way. A server without the second answers
+# 404 (or redirects) there, and the scheduler falls back to WHOLE_METRICS_PATH; one that
+# ignores `name[]` sends its whole page, which read_load reads the same. No Accept-Encoding
+# goes out: gzip would cost both sides CPU to save loopback bytes.
+LOAD_METRICS_PATH = "/metrics/?" + urlencode([("name[]", name) for name in sorted(_READ)])
+WHOLE_METRICS_PATH = "/metrics"
 
 
 class VllmRequestMetrics:

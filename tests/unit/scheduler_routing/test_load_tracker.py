@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
 import pytest
@@ -268,33 +268,57 @@ async def test_background_scraper_keeps_to_the_budget_over_real_http() -> None:
 # --- the scrape asks for only the series it reads ---------------------------------------
 
 
-async def test_scrape_asks_for_its_series_only_and_reads_a_server_that_ignores_that() -> None:
-    asked: list[list[str]] = []
-    encodings: list[str | None] = []
+async def test_scrape_asks_for_its_series_and_falls_back_to_a_whole_page() -> None:
+    asked: list[tuple[str, str, tuple[str, ...]]] = []  # (server, path, name[] asked)
 
-    async def metrics(request: web.Request) -> web.Response:
-        asked.append(request.query.getall("name[]", []))
-        encodings.append(request.headers.get("Accept-Encoding"))
-        return web.Response(text=METRICS)  # the whole page, whatever was asked
+    def server(name: str, filters: bool) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def metrics(request: web.Request) -> web.Response:
+            assert "Accept-Encoding" not in request.headers  # never gzip
+            asked.append((name, request.path, tuple(sorted(request.query.getall("name[]", [])))))
+            if request.path == "/metrics":
+                return web.Response(text=METRICS)  # the whole page, whatever was asked
+            if not filters:
+                return web.Response(status=404)
+            # vLLM's prometheus_client mount at /metrics/: the series asked for (running
+            # only here, so the test can tell which page was read).
+            return web.Response(text=METRICS.splitlines()[2] + "\n")
 
-    app = web.Application()
-    app.router.add_get("/metrics", metrics)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+        return metrics
+
+    urls, runners = [], []
+    for name, filters in (("vllm", True), ("other", False)):
+        app = web.Application()
+        app.router.add_get("/metrics", server(name, filters))
+        app.router.add_get("/metrics/", server(name, filters))
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        urls.append(f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}")  # type: ignore[union-attr]
     tracker = EngineLoadTracker(scrape_timeout_s=2.0)
+    engines = [_engine("vllm", urls[0]), _engine("other", urls[1])]
     try:
-        await tracker.scrape_once([_engine("e", url)])
+        await tracker.scrape_once(engines)
+        first = sorted(asked)
+        asked.clear()
+        await tracker.scrape_once(engines)
     finally:
         await tracker.aclose()
-        await runner.cleanup()
-    assert sorted(asked[0]) == sorted(
-        [RUNNING, WAITING, "vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"]
+        for runner in runners:
+            await runner.cleanup()
+    series = tuple(
+        sorted([RUNNING, WAITING, "vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"])
     )
-    assert encodings == [None]  # never gzip: it would cost CPU on both sides
-    assert tracker.load("e") == 5.0  # 3 running + 2 waiting, read from the full page
+    assert first == [
+        ("other", "/metrics", ()),  # no filtered page there: the whole one instead
+        ("other", "/metrics/", series),
+        ("vllm", "/metrics/", series),
+    ]
+    # ... and that engine is not asked for the filtered page again.
+    assert sorted(asked) == [("other", "/metrics", ()), ("vllm", "/metrics/", series)]
+    assert tracker.load("vllm") == 3.0  # running only: the filtered page was read
+    assert tracker.load("other") == 5.0  # 3 running + 2 waiting from the whole page
 
 
 async def test_scrape_reads_a_busy_sims_filtered_page(sim_engine: SimFactory) -> None:

@@ -1230,9 +1230,9 @@ class _SimEngine:
         return JSONResponse({"version": OWNED_BY})
 
     async def prometheus(self, request: Request) -> Response:
-        """GET /metrics in Prometheus text format; `?name[]=...` keeps only those series, as
-        prometheus_client's exposition (vLLM's /metrics) does, so a load scrape gets a small
-        page from either."""
+        """GET /metrics (or /metrics/) in Prometheus text format; `?name[]=...` keeps only
+        those series, as prometheus_client's app at vLLM's /metrics/ does (vLLM's /metrics
+        ignores it; we honour it on both: a filter asked for is a filter meant)."""
         registry = self.metrics.registry
         names = parse_qs(request.query.decode("latin-1")).get("name[]")
         page = generate_latest(registry.restricted_registry(names) if names else registry)
@@ -1267,6 +1267,7 @@ def create_app(config: SimConfig) -> App:
         "/health": ("GET", engine.health),
         "/version": ("GET", engine.version),
         "/metrics": ("GET", engine.prometheus),
+        "/metrics/": ("GET", engine.prometheus),  # vLLM's prometheus_client mount
     }
     if config.embedding_dim > 0:
         routes["/v1/embeddings"] = ("POST", engine.embeddings)
