@@ -25,7 +25,7 @@ from sage.common.http import App, JSONResponse, Request, Response
 from sage.rpc.scheduler.v1 import scheduler_pb2 as spb
 
 from .management import PREFIX, AdminGate
-from .timeseries import ModelPoint, Sample, TimeSeries, parse_gauges
+from .timeseries import GAUGE_FAMILIES, ModelPoint, Sample, TimeSeries, parse_gauges
 
 if TYPE_CHECKING:
     from sage.llm.presets import Preset, PresetEngine
@@ -83,7 +83,9 @@ class Sampler:
         try:
             scheduler = self._scheduler()
             status = await scheduler.GetStatus(spb.GetStatusRequest(), timeout=2.0)
-            metrics = await scheduler.GetMetrics(spb.GetMetricsRequest(), timeout=2.0)
+            metrics = await scheduler.GetMetrics(
+                spb.GetMetricsRequest(families=GAUGE_FAMILIES), timeout=2.0
+            )
         except grpc.RpcError as exc:
             self.series.unreachable(now, str(exc.details() or exc.code()))
             return

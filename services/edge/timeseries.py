@@ -19,7 +19,9 @@ DEFAULT_INTERVAL_S = 2.0
 DEFAULT_WINDOW_S = 600.0
 MAX_EVENTS = 50
 
-# The two per-label gauges the charts need that ModelStats does not carry.
+# The two per-label gauges the charts need that ModelStats does not carry; the sampler asks
+# the scheduler for these families only (the whole text is megabytes at 1024 engines).
+GAUGE_FAMILIES = ("sage:engine_in_flight", "sage:scheduler_generation_tokens_per_second")
 _GAUGE_LINE = re.compile(
     r'^(sage:engine_in_flight|sage:scheduler_generation_tokens_per_second)\{(?:engine|model)="'
     r'((?:[^"\\]|\\.)*)"\} (\S+)$',

@@ -13,7 +13,7 @@ import math
 import time
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -47,6 +47,14 @@ RATE_WINDOW_S = 60  # sliding window for requests/s and tokens/s
 _PREDICT_REFRESH = 16  # recompute a model's predicted service time every this many samples
 
 Key = tuple[str, str, str, str]  # model, engine, request class, tenant
+_BREAKER = frozenset(
+    (
+        "sage:engine_circuit_open",
+        "sage:engine_attempts",
+        "sage:engine_failures",
+        "sage:engine_circuit_probes",
+    )
+)
 
 
 def percentile(ordered: Sequence[float], q: float) -> float:
@@ -256,6 +264,16 @@ class SchedulerMetrics(Collector):
 
     def collect(self) -> Iterator[Metric]:
         """The metric families, built from the counts at scrape time."""
+        return self._families(None)
+
+    def _families(self, wanted: frozenset[str] | None) -> Iterator[Metric]:
+        """The families named in `wanted` (None: all); the per-engine histograms and breaker
+        counters, thousands of lines at a thousand engines, are built only when asked for."""
+        for family in self._all_families(wanted):
+            if wanted is None or family.name in wanted:
+                yield family
+
+    def _all_families(self, wanted: frozenset[str] | None) -> Iterator[Metric]:
         labels = ("model", "engine", "class", "tenant")
         for name, doc, table, bounds in (
             (
@@ -277,6 +295,8 @@ class SchedulerMetrics(Collector):
                 TPOT_BUCKETS,
             ),
         ):
+            if wanted is not None and name not in wanted:
+                continue
             family = HistogramMetricFamily(name, doc, labels=labels)
             for key, histogram in list(table.items()):
                 family.add_metric(key, histogram.cumulative(bounds), histogram.total)
@@ -338,7 +358,7 @@ class SchedulerMetrics(Collector):
         yield outcomes
         yield rps
         yield tps
-        if self.breakers is not None:
+        if self.breakers is not None and (wanted is None or not wanted.isdisjoint(_BREAKER)):
             yield from self._breaker_families(self.breakers)
         if self.in_flight is not None:
             # What the engine's own gauges say can lag by seconds on a busy host (its API
@@ -403,6 +423,21 @@ class SchedulerMetrics(Collector):
         yield failures
         yield probes
 
-    def render(self) -> bytes:
-        """The Prometheus text exposition of the registry."""
-        return generate_latest(self.registry)
+    def render(self, families: Collection[str] = ()) -> bytes:
+        """The Prometheus text exposition of the registry, or of only the named `families`
+        (a periodic reader that needs two gauges: the whole text is ~2.6 MB and ~200 ms of
+        this loop at 1024 engines with traffic on each; bench/RESULTS.md, item 7)."""
+        if not families:
+            return generate_latest(self.registry)
+        return generate_latest(_Fixed(list(self._families(frozenset(families)))))
+
+
+class _Fixed(Collector):
+    """Families already built, as a collector generate_latest can render."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        """The families given."""
+        return iter(self.families)

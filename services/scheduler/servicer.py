@@ -217,7 +217,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
         metrics = self.scheduler.metrics
         admission = self.scheduler.admission
         return pb.GetMetricsResponse(
-            prometheus_text=metrics.render(),
+            prometheus_text=metrics.render(request.families),
             models=[
                 pb.ModelStats(
                     model=m.model,

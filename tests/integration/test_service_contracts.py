@@ -6,6 +6,7 @@ RPC, and turn bad input into a proper status that names the field.
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import orjson
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from sage.common.config.settings import SageSettings
 from sage.common.exceptions import (
@@ -30,6 +32,8 @@ from sage.rpc.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from sage.rpc.gpu_manager.v1 import gpu_manager_pb2, gpu_manager_pb2_grpc
 from sage.rpc.lifecycle.v1 import lifecycle_pb2, lifecycle_pb2_grpc
 from sage.rpc.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
+from sage.services.edge.dashboard_routes import Sampler
+from sage.services.edge.timeseries import GAUGE_FAMILIES, TimeSeries
 from sage.services.embedding.server import build_server as build_embedding
 from sage.services.gpu_manager.server import build_server as build_gpu
 from sage.services.lifecycle.server import build_server as build_lifecycle
@@ -308,3 +312,40 @@ def test_service_process_exits_cleanly_on_sigterm(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+async def test_get_metrics_names_families_and_the_dashboard_sampler_reads_its_gauges(
+    running: Any, settings: SageSettings, sim_engine: Callable[..., str]
+) -> None:
+    """GetMetrics with `families` answers only those (the dashboard's 2 s sampler asks for
+    its two gauges, not megabytes of per-engine histograms); the sampler still sees the
+    requests in flight per engine and the tokens per second."""
+    channel, _ = await running(build_scheduler, settings)
+    stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+    base = sim_engine("--ttft-ms", "0", "--tpot-ms", "300")
+    await stub.RegisterEngine(
+        scheduler_pb2.RegisterEngineRequest(engine=sim_engine_pb("sim-a", base))
+    )
+    body = b'{"model":"sim","max_tokens":4,"messages":[{"role":"user","content":"hi"}]}'
+    series = TimeSeries()
+    sampler = Sampler(series, lambda: stub)
+    call = asyncio.ensure_future(stub.Chat(scheduler_pb2.ChatRequest(model="sim", body=body)))
+    for _ in range(100):  # until the scheduler has it on the engine
+        await sampler.sample_once()
+        if series.samples[-1].engine_in_flight:
+            break
+        await asyncio.sleep(0.01)
+    assert series.samples[-1].engine_in_flight == {"sim-a": 1.0}
+    await call
+    await sampler.sample_once()
+    assert series.samples[-1].engine_in_flight == {}
+    assert series.samples[-1].models["sim"].tokens_per_s > 0
+
+    part = await stub.GetMetrics(scheduler_pb2.GetMetricsRequest(families=GAUGE_FAMILIES))
+    whole = await stub.GetMetrics(scheduler_pb2.GetMetricsRequest())
+    assert {f.name for f in text_string_to_metric_families(part.prometheus_text.decode())} == set(
+        GAUGE_FAMILIES
+    )
+    names = {f.name for f in text_string_to_metric_families(whole.prometheus_text.decode())}
+    assert "sage:scheduler_request_latency_seconds" in names
+    assert [m.model for m in part.models] == [m.model for m in whole.models] == ["sim"]

@@ -146,3 +146,32 @@ def test_in_flight_per_engine_is_exported_while_requests_run() -> None:
         assert 'sage:engine_routing_load{engine="e2"} 6.0' in text
     # An engine with nothing in flight has no series left (no stale ids pile up).
     assert 'sage:engine_in_flight{engine="e1"}' not in metrics.render().decode()
+
+
+def test_render_of_named_families_is_those_lines_of_the_whole_text(clock: Clock) -> None:
+    from sage.services.scheduler.load import EngineLoadTracker
+
+    load = EngineLoadTracker()
+    breakers = CircuitBreakers(1, 5.0, clock=clock)
+    metrics = SchedulerMetrics(
+        clock=clock, breakers=breakers, in_flight=load.in_flight_by_engine, loads=load.loads
+    )
+    for engine in ("e1", "e2", "e3"):
+        metrics.observe(QueuedRequest(model="m"), engine, 0.3, ttft_s=0.1, completion_tokens=5)
+    breakers.begin("e1")
+    wanted = ("sage:engine_in_flight", "sage:scheduler_generation_tokens_per_second")
+    with load.track("e2"):
+        whole, part = metrics.render().decode(), metrics.render(wanted).decode()
+
+    def lines_of(text: str) -> list[str]:
+        """The samples and # HELP / # TYPE lines of the wanted families."""
+        return [
+            line
+            for line in text.splitlines()
+            if line.removeprefix("# HELP ").removeprefix("# TYPE ").startswith(wanted)
+        ]
+
+    assert lines_of(part) == part.splitlines()  # nothing else: no histograms, no breakers
+    assert part.splitlines() == lines_of(whole)
+    assert 'sage:engine_in_flight{engine="e2"} 1.0' in part
+    assert len(part) * 20 < len(whole)

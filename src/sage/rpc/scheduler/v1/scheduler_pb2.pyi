@@ -717,12 +717,23 @@ Global___GetStatusResponse: _TypeAlias = GetStatusResponse  # noqa: Y015
 class GetMetricsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    FAMILIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def families(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only these metric families in prometheus_text (family names such as
+        "sage:engine_in_flight"); empty: all of them. A periodic reader asks for what it reads:
+        with a thousand engines that served traffic the whole text is megabytes, and building
+        it holds the scheduler's event loop for a fifth of a second.
+        """
+
     def __init__(
         self,
+        *,
+        families: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["families", b"families"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
