@@ -12,7 +12,7 @@ import json
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -410,19 +410,32 @@ def engine_ids(folder: Path) -> Callable[[dict[str, Any]], list[int]]:
     return answer
 
 
-async def publishing_pair(
-    router: KvEventsRouter, publishers: Callable[[str], Publisher], model: str, url: str
-) -> list[EngineRecord]:
-    """Two engines of `model` at `url`, one holding blocks (so annotate looks for ids)."""
-    a, b = publishers("a"), publishers("b")
-    engines = [
-        EngineRecord(name, model, EngineKind.LLM, url, pid=1, labels={KV_EVENTS_LABEL: p.endpoint})
-        for name, p in (("a", a), ("b", b))
-    ]
-    await connect(router, engines, [a, b])
-    a.store(PROMPT)
-    await until(lambda: router.index.block_count("a") == 6, "a's blocks")
-    return engines
+Answer = Callable[[dict[str, Any]], list[int]]
+Serve = Callable[[str, Answer], Awaitable[tuple[FakeTokenize, list[EngineRecord]]]]
+
+
+@pytest.fixture
+def serving(
+    router: KvEventsRouter, publishers: Callable[[str], Publisher], fake_engine: Any
+) -> Serve:
+    """serving(model, answer): two engines of `model` behind one fake /tokenize answering
+    with `answer`, one of them holding blocks (so annotate looks for token ids)."""
+
+    async def serve(model: str, answer: Answer) -> tuple[FakeTokenize, list[EngineRecord]]:
+        fake = await fake_engine(answer)
+        a, b = publishers("a"), publishers("b")
+        engines = [
+            EngineRecord(
+                n, model, EngineKind.LLM, fake.url, pid=1, labels={KV_EVENTS_LABEL: p.endpoint}
+            )
+            for n, p in (("a", a), ("b", b))
+        ]
+        await connect(router, engines, [a, b])
+        a.store(PROMPT)
+        await until(lambda: router.index.block_count("a") == 6, "a's blocks")
+        return fake, engines
+
+    return serve
 
 
 def tokenize_counts(router: KvEventsRouter) -> dict[str, float]:
@@ -432,14 +445,10 @@ def tokenize_counts(router: KvEventsRouter) -> dict[str, float]:
 
 
 async def test_token_ids_come_from_the_local_tokenizer_once_the_engine_agrees(
-    router: KvEventsRouter,
-    publishers: Callable[[str], Publisher],
-    fake_engine: Any,
-    tmp_path: Path,
+    router: KvEventsRouter, serving: Serve, tmp_path: Path
 ) -> None:
     folder = write_model(tmp_path / "model")
-    fake = await fake_engine(engine_ids(folder))
-    engines = await publishing_pair(router, publishers, str(folder), fake.url)
+    fake, engines = await serving(str(folder), engine_ids(folder))
     bare = RouteRequest(str(folder), prefix="p")
     expected = engine_ids(folder)({"messages": chat("about caches")["messages"]})
     for _ in range(3):
@@ -457,16 +466,12 @@ async def test_token_ids_come_from_the_local_tokenizer_once_the_engine_agrees(
     assert len(fake.bodies) == 3
 
 
-async def test_engine_tokenizes_when_the_local_copy_disagrees_or_is_missing(
-    router: KvEventsRouter,
-    publishers: Callable[[str], Publisher],
-    fake_engine: Any,
-    tmp_path: Path,
+async def test_engine_tokenizes_when_the_local_copy_disagrees(
+    router: KvEventsRouter, serving: Serve, tmp_path: Path
 ) -> None:
     folder = write_model(tmp_path / "model")
     # This engine reads the model otherwise (its own template, say): ids differ.
-    fake = await fake_engine(lambda body: [9, 8, 7, 6, 5])
-    engines = await publishing_pair(router, publishers, str(folder), fake.url)
+    fake, engines = await serving(str(folder), lambda body: [9, 8, 7, 6, 5])
     bare = RouteRequest(str(folder), prefix="p")
     for _ in range(3):
         got = await router.annotate(bare, chat("about caches"), engines)
@@ -478,11 +483,10 @@ async def test_engine_tokenizes_when_the_local_copy_disagrees_or_is_missing(
 
 
 async def test_engine_tokenizes_a_model_whose_files_are_elsewhere(
-    router: KvEventsRouter, publishers: Callable[[str], Publisher], fake_engine: Any
+    router: KvEventsRouter, serving: Serve
 ) -> None:
-    fake = await fake_engine(lambda body: [1, 2, 3])
     # A hub id not in the local cache (the engine runs on another host): no local copy.
-    engines = await publishing_pair(router, publishers, "nobody/not-cached-here", fake.url)
+    fake, engines = await serving("nobody/not-cached-here", lambda body: [1, 2, 3])
     bare = RouteRequest("nobody/not-cached-here", prefix="p")
     for _ in range(2):
         assert (await router.annotate(bare, chat("me"), engines)).token_ids == (1, 2, 3)
