@@ -17,9 +17,10 @@ tool calls and tool results, images, the developer role, a model without tokeniz
 with a processor's template (multimodal). The router also checks the first prompt of each
 kind per model against the engine's /tokenize and stops using a copy that disagrees.
 
-Measured (tiny Llama's BERT WordPiece tokenizer, 2 shared cores under load): a 1,480-token
-chat renders and encodes in ~3.4 ms, most of it tokenizers' encode; long prompts therefore
-encode in a worker thread, short ones on the loop.
+Measured (the tiny Llama's BERT WordPiece tokenizer, 2 shared cores, load average ~9): an
+840-token chat renders in 0.02 ms and encodes in 0.9 ms (~1 us a token, 3 ms for 1,480 tokens
+when the cores are busier); long prompts therefore encode in a worker thread (the GIL is
+released there), short ones on the loop.
 """
 
 from __future__ import annotations
@@ -185,8 +186,14 @@ class LocalTokenizer:
         return text
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        """Token ids of `text` (the chat's rendered text takes no added special tokens)."""
-        ids: list[int] = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        """Token ids of `text` (the chat's rendered text takes no added special tokens).
+        encode_batch_fast (tokenizers >= 0.20) skips the offsets and releases the GIL:
+        ~20% faster than encode for an 840-token chat here, and the loop runs meanwhile."""
+        fast = getattr(self.tokenizer, "encode_batch_fast", None)
+        if fast is not None:
+            ids: list[int] = fast([text], add_special_tokens=add_special_tokens)[0].ids
+            return ids
+        ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
         return ids
 
 
