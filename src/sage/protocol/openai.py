@@ -38,6 +38,7 @@ __all__ = [
     "EngineChatCompletionRequest",
     "EngineChatMessage",
     "EngineCompletionRequest",
+    "EngineTokenizeRequest",
     "ErrorResponse",
     "Model",
     "ModelList",
@@ -256,6 +257,17 @@ class EngineCompletionRequest(CompletionRequest, kw_only=True):
     prompt: str | list[Any] | None = None  # type: ignore[assignment]
     temperature: NonNegativeFloat | None = None
     return_token_ids: bool | None = None
+
+
+class EngineTokenizeRequest(_Model):
+    """POST /tokenize as vLLM reads it: a completion prompt or a chat, and the flags that
+    change which ids come out (kv_events routing hashes exactly these)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: Annotated[list[EngineChatMessage], msgspec.Meta(min_length=1)] | None = None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool | None = None
 
 
 class EmbeddingRequest(_Model):

@@ -166,6 +166,14 @@ def test_published_events_feed_the_schedulers_kv_index(tmp_path: Path) -> None:
             ).json()
             hashes = chain_hashes(reply["tokens"], 4)
             assert reply["count"] == 12 and len(hashes) == 3
+            # The sim's chat template adds nothing: the prompt gives the same ids.
+            assert (
+                client.post("/tokenize", json={"prompt": chat}).json()["tokens"]
+                == (reply["tokens"])
+            )
+            for bad, field in (({"messages": "hi"}, "messages"), ({"prompt": 5}, "prompt")):
+                refused = client.post("/tokenize", json=bad)
+                assert refused.status_code == 400 and field in refused.text, refused.text
             assert index.longest_prefix(hashes, ["sim"]) == {"sim": 3}
             _chat(client, "a b c d e f g h")  # two blocks more: the chat's first two go
             assert _receive(sub, index)

@@ -85,6 +85,7 @@ from sage.engines.vllm_metrics import VllmRequestMetrics
 from sage.protocol.openai import (
     EngineChatCompletionRequest,
     EngineCompletionRequest,
+    EngineTokenizeRequest,
     ProtocolError,
     convert,
 )
@@ -455,7 +456,7 @@ def _read(body: dict[str, Any], cls: type[_R]) -> _R:
         raise _as_vllm(exc) from None
 
 
-_R = TypeVar("_R", EngineChatCompletionRequest, EngineCompletionRequest)
+_R = TypeVar("_R", EngineChatCompletionRequest, EngineCompletionRequest, EngineTokenizeRequest)
 # Top-level booleans read with pydantic's words for true and false ("yes", "off", ...).
 _BOOL_FIELDS = frozenset({"stream", "return_token_ids", "ignore_eos", "echo"})
 
@@ -799,11 +800,11 @@ class _SimEngine:
         or a prompt's token ids as this engine reads them, in vLLM's reply shape."""
         body = await _json_object(request)
         self._model(body)
-        messages, prompt = body.get("messages"), body.get("prompt")
-        if isinstance(messages, list):
-            text = chat_prompt_text([m for m in messages if isinstance(m, dict)])
-        elif isinstance(prompt, str):
-            text = prompt
+        req = _read(body, EngineTokenizeRequest)
+        if req.messages is not None:
+            text = chat_prompt_text(msgspec.to_builtins(req.messages))
+        elif req.prompt is not None:
+            text = req.prompt
         else:
             raise InvalidRequestError("prompt or messages is required", param="prompt")
         ids = tokenize(text)
