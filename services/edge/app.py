@@ -41,6 +41,7 @@ from sage.common.http import (
     sse_event,
 )
 from sage.common.security import resolve_admin_key
+from sage.protocol.management import Health
 from sage.protocol.openai import (
     INT32_MAX,
     ChatCompletionRequest,
@@ -60,7 +61,7 @@ if TYPE_CHECKING:
 from .auth import ApiKey, ApiKeyTable, InvalidApiKeyError, load_key_table
 from .dashboard_routes import Sampler, add_dashboard_routes
 from .fleet_metrics import fleet_metrics
-from .management import AdminGate, NodeLifecycles, add_management_routes
+from .management import AdminGate, NodeLifecycles, add_management_routes, reply
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import EdgeMetrics
 from .mux import SchedulerMux
@@ -388,8 +389,8 @@ def create_app(
             status = await up().scheduler.GetStatus(spb.GetStatusRequest(), timeout=2.0)
         except (grpc.RpcError, SageError) as exc:
             detail = exc.details() if isinstance(exc, grpc.RpcError) else exc.message
-            return JSONResponse({"status": "unavailable", "scheduler": str(detail)}, 503)
-        return JSONResponse({"status": "ok", "engines_ready": status.engines_ready})
+            return reply(Health(status="unavailable", scheduler=str(detail)), 503)
+        return reply(Health(status="ok", engines_ready=status.engines_ready))
 
     # Engine states, restarts and GPU headroom of every node, for the same scrape.
     fleet_lifecycles = NodeLifecycles(up, 1.0)

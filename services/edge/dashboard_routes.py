@@ -21,11 +21,13 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from sage.common.exceptions import SageError
-from sage.common.http import App, JSONResponse, Request, Response
+from sage.common.http import App, Request, Response
+from sage.protocol import management as api
+from sage.protocol.management import ModelPoint, Sample
 from sage.rpc.scheduler.v1 import scheduler_pb2 as spb
 
-from .management import PREFIX, AdminGate
-from .timeseries import GAUGE_FAMILIES, ModelPoint, Sample, TimeSeries, parse_gauges
+from .management import PREFIX, AdminGate, reply
+from .timeseries import GAUGE_FAMILIES, TimeSeries, parse_gauges
 
 if TYPE_CHECKING:
     from sage.llm.presets import Preset, PresetEngine
@@ -95,8 +97,7 @@ class Sampler:
         in_flight, tokens = parse_gauges(metrics.prometheus_text.decode("utf-8", "replace"))
         self.series.add(
             Sample(
-                t=now,
-                policy=status.policy,
+                t=round(now, 3),
                 queued=status.queued,
                 in_flight=status.in_flight,
                 requests_total=status.requests_total,
@@ -114,7 +115,8 @@ class Sampler:
                     for m in metrics.models
                 },
                 engine_in_flight=in_flight,
-            )
+            ),
+            status.policy,
         )
 
     async def _run(self) -> None:
@@ -161,29 +163,29 @@ def preset_start_body(preset: Preset, spec: PresetEngine) -> dict[str, Any]:
     return body
 
 
-def presets_json() -> dict[str, Any]:
+def preset_list() -> api.PresetList:
     """The built-in presets, each engine with its label and start body."""
     from sage.llm.presets import list_presets  # the client library; loaded on first use
 
-    return {
-        "presets": [
-            {
-                "name": preset.name,
-                "description": preset.description,
-                "engines": [
-                    {
-                        "name": spec.name,
-                        "model_id": spec.model,
-                        "engine_kind": spec.kind,
-                        "engine_label": spec.engine_label(preset.name),
-                        "start": preset_start_body(preset, spec),
-                    }
+    return api.PresetList(
+        presets=[
+            api.Preset(
+                name=preset.name,
+                description=preset.description,
+                engines=[
+                    api.PresetEngine(
+                        name=spec.name,
+                        model_id=spec.model,
+                        engine_kind=spec.kind,
+                        engine_label=spec.engine_label(preset.name),
+                        start=preset_start_body(preset, spec),
+                    )
                     for spec in preset.engines
                 ],
-            }
+            )
             for preset in list_presets()
         ]
-    }
+    )
 
 
 def add_dashboard_routes(app: App, admin: AdminGate, series: TimeSeries) -> None:
@@ -201,11 +203,11 @@ def add_dashboard_routes(app: App, admin: AdminGate, series: TimeSeries) -> None
 
     async def timeseries(request: Request) -> Response:
         admin.check(request.headers)
-        return JSONResponse(series.to_json())
+        return reply(series.snapshot())
 
     async def presets(request: Request) -> Response:
         admin.check(request.headers)
-        return JSONResponse(presets_json())
+        return reply(preset_list())
 
     app.add("GET", f"{PREFIX}/timeseries", timeseries)
     app.add("GET", f"{PREFIX}/presets", presets)

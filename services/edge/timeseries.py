@@ -4,15 +4,17 @@ The scheduler keeps only current values (sliding-window rates and percentiles); 
 their history. The edge samples them here, one GetStatus + GetMetrics pair every few
 seconds into a fixed ring, so the scheduler and its protocol stay unchanged and a page
 opened now still shows the past ten minutes. Plain logic (no grpc): the sampler task in
-`dashboard_routes.py` feeds `Sample`s in.
+`dashboard_routes.py` feeds `Sample`s in; the reply is sage.protocol.management's
+TimeSeries, the document's own model.
 """
 
 from __future__ import annotations
 
 import re
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any
+
+from sage.protocol import management as api
+from sage.protocol.management import ErrorEvent, Sample
 
 # One sample every 2 s for 10 minutes.
 DEFAULT_INTERVAL_S = 2.0
@@ -49,65 +51,6 @@ def parse_gauges(prometheus_text: str) -> tuple[dict[str, float], dict[str, floa
     return in_flight, tokens
 
 
-@dataclass(frozen=True)
-class ModelPoint:
-    """One model's numbers at one sample (the scheduler's ModelStats plus tokens/s)."""
-
-    rps: float
-    tokens_per_s: float
-    ttft_p50_ms: float
-    tpot_p50_ms: float
-    p95_ms: float
-    slo_attainment: float
-    queued: int
-
-
-@dataclass(frozen=True)
-class Sample:
-    """The control plane at one moment (unix seconds `t`)."""
-
-    t: float
-    policy: str
-    queued: int
-    in_flight: int
-    requests_total: int
-    requests_failed: int
-    models: dict[str, ModelPoint] = field(default_factory=dict)
-    engine_in_flight: dict[str, float] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        """Plain data for the JSON endpoint."""
-        return {
-            "t": round(self.t, 3),
-            "queued": self.queued,
-            "in_flight": self.in_flight,
-            "requests_total": self.requests_total,
-            "requests_failed": self.requests_failed,
-            "models": {
-                name: {
-                    "rps": p.rps,
-                    "tokens_per_s": p.tokens_per_s,
-                    "ttft_p50_ms": p.ttft_p50_ms,
-                    "tpot_p50_ms": p.tpot_p50_ms,
-                    "p95_ms": p.p95_ms,
-                    "slo_attainment": p.slo_attainment,
-                    "queued": p.queued,
-                }
-                for name, p in self.models.items()
-            },
-            "engine_in_flight": self.engine_in_flight,
-        }
-
-
-@dataclass(frozen=True)
-class ErrorEvent:
-    """Something an operator should see in "recent errors"."""
-
-    t: float
-    source: str
-    message: str
-
-
 class TimeSeries:
     """A ring of samples plus the errors noticed between them (failed requests, the
     scheduler unreachable); appended to from one task, read by request handlers."""
@@ -120,46 +63,48 @@ class TimeSeries:
         self._samples: deque[Sample] = deque(maxlen=max(1, round(window_s / interval_s)))
         self._errors: deque[ErrorEvent] = deque(maxlen=MAX_EVENTS)
         self._unreachable = False
+        self._policy: str | None = None
 
-    def add(self, sample: Sample) -> None:
+    def add(self, sample: Sample, policy: str) -> None:
         """Record a sample; failed requests since the previous one become an error event
         (a scheduler restart resets its counters: that is not a failure)."""
         previous = self._samples[-1] if self._samples else None
         if self._unreachable:
             self._unreachable = False
-            self._errors.append(ErrorEvent(sample.t, "scheduler", "scheduler reachable again"))
+            self._errors.append(
+                ErrorEvent(t=sample.t, source="scheduler", message="scheduler reachable again")
+            )
         if previous is not None and sample.requests_failed > previous.requests_failed:
             failed = sample.requests_failed - previous.requests_failed
             self._errors.append(
                 ErrorEvent(
-                    sample.t,
-                    "scheduler",
-                    f"{failed} request{'s' if failed != 1 else ''} failed in the last "
+                    t=sample.t,
+                    source="scheduler",
+                    message=f"{failed} request{'s' if failed != 1 else ''} failed in the last "
                     f"{sample.t - previous.t:.0f} s ({sample.requests_failed} since start)",
                 )
             )
         self._samples.append(sample)
+        self._policy = policy
 
     def unreachable(self, t: float, detail: str) -> None:
         """The scheduler did not answer; reported once per outage."""
         if not self._unreachable:
             self._unreachable = True
-            self._errors.append(ErrorEvent(t, "scheduler", f"scheduler unreachable: {detail}"))
+            message = f"scheduler unreachable: {detail}"
+            self._errors.append(ErrorEvent(t=round(t, 3), source="scheduler", message=message))
 
     @property
     def samples(self) -> list[Sample]:
         """The samples held, oldest first."""
         return list(self._samples)
 
-    def to_json(self) -> dict[str, Any]:
-        """The whole window as the dashboard reads it."""
-        latest = self._samples[-1] if self._samples else None
-        return {
-            "interval_s": self.interval_s,
-            "window_s": self.window_s,
-            "policy": latest.policy if latest is not None else None,
-            "samples": [s.to_json() for s in self._samples],
-            "errors": [
-                {"t": round(e.t, 3), "source": e.source, "message": e.message} for e in self._errors
-            ],
-        }
+    def snapshot(self) -> api.TimeSeries:
+        """The whole window as the dashboard reads it (the scheduler's latest policy)."""
+        return api.TimeSeries(
+            interval_s=self.interval_s,
+            window_s=self.window_s,
+            policy=self._policy,
+            samples=list(self._samples),
+            errors=list(self._errors),
+        )

@@ -8,16 +8,17 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 import pytest
 
 from sage.common.config.settings import SageSettings
 from sage.common.exceptions import InvalidRequestError
 from sage.protocol.management import (
     Adapter,
-    PresetList,
+    ModelPoint,
     RegisterEngineRequest,
+    Sample,
     StartEngineRequest,
-    TimeSeries,
 )
 from sage.protocol.openai import (
     ChatCompletionRequest,
@@ -27,10 +28,9 @@ from sage.protocol.openai import (
     decode,
 )
 from sage.services.edge.app import create_app
-from sage.services.edge.dashboard_routes import presets_json
+from sage.services.edge.dashboard_routes import preset_list
 from sage.services.edge.management import start_request
 from sage.services.edge.openapi import openapi_document
-from sage.services.edge.timeseries import ModelPoint, Sample
 from sage.services.edge.timeseries import TimeSeries as Series
 
 DOC = openapi_document()
@@ -307,20 +307,39 @@ def test_examples_are_valid() -> None:
 
 
 def test_dashboard_replies_fit_their_models() -> None:
-    """The dashboard's JSON is built outside the management module; it must still be what
-    the document's TimeSeries and PresetList (and each preset's start body) say."""
+    """The dashboard's replies are encoded from the protocol's Structs; what goes on the wire
+    must still be what the generated document says (and each preset's start body a valid
+    StartEngineRequest)."""
     series = Series(interval_s=2.0, window_s=10.0)
-    point = ModelPoint(1.0, 20.0, 30.0, 5.0, 90.0, 1.0, 0)
-    series.add(Sample(100.0, "fifo", 0, 1, 10, 0, {"m": point}, {"e-1": 1.0}))
-    series.add(Sample(102.0, "fifo", 2, 0, 12, 1))  # a failure: an error event
+    point = ModelPoint(
+        rps=1.0,
+        tokens_per_s=20.0,
+        ttft_p50_ms=30.0,
+        tpot_p50_ms=5.0,
+        p95_ms=90.0,
+        slo_attainment=1.0,
+        queued=0,
+    )
+    counters = {"queued": 0, "in_flight": 1, "requests_total": 10}
+    series.add(
+        Sample(
+            t=100.0,
+            **counters,
+            requests_failed=0,
+            models={"m": point},
+            engine_in_flight={"e-1": 1.0},
+        ),
+        "fifo",
+    )
+    series.add(  # a failure: an error event
+        Sample(t=102.0, **counters, requests_failed=1, models={}, engine_in_flight={}), "fifo"
+    )
     series.unreachable(104.0, "connection refused")
-    shown = series.to_json()
-    assert len(shown["errors"]) == 2
-    convert(shown, TimeSeries)
+    shown = json.loads(msgspec.json.encode(series.snapshot()))
+    assert len(shown["errors"]) == 2 and shown["policy"] == "fifo"
     assert _validator("TimeSeries").is_valid(shown)
-    presets = presets_json()
+    presets = json.loads(msgspec.json.encode(preset_list()))
     assert presets["presets"]
-    convert(presets, PresetList)
     assert _validator("PresetList").is_valid(presets)
     for preset in presets["presets"]:
         for engine in preset["engines"]:

@@ -3,7 +3,8 @@ ring's bound, and the errors it reports between samples."""
 
 from __future__ import annotations
 
-from sage.services.edge.timeseries import ModelPoint, Sample, TimeSeries, parse_gauges
+from sage.protocol.management import ModelPoint, Sample
+from sage.services.edge.timeseries import TimeSeries, parse_gauges
 
 SCHEDULER_TEXT = """\
 # HELP sage:engine_in_flight Requests the scheduler has in flight to the engine now.
@@ -29,12 +30,12 @@ def sample(t: float, failed: int = 0, model: str = "m") -> Sample:
     )
     return Sample(
         t=t,
-        policy="fifo",
         queued=2,
         in_flight=1,
         requests_total=10,
         requests_failed=failed,
         models={model: point},
+        engine_in_flight={},
     )
 
 
@@ -47,22 +48,22 @@ def test_gauges_are_read_per_label_with_escapes_undone() -> None:
 def test_the_ring_keeps_only_the_window() -> None:
     series = TimeSeries(interval_s=2.0, window_s=10.0)
     for i in range(12):
-        series.add(sample(float(i)))
+        series.add(sample(float(i)), "fifo")
     kept = [s.t for s in series.samples]
     assert kept == [7.0, 8.0, 9.0, 10.0, 11.0]
-    doc = series.to_json()
-    assert doc["policy"] == "fifo" and len(doc["samples"]) == 5
-    assert doc["samples"][-1]["models"]["m"]["queued"] == 2
+    doc = series.snapshot()
+    assert doc.policy == "fifo" and len(doc.samples) == 5
+    assert doc.samples[-1].models["m"].queued == 2
 
 
 def test_failed_requests_and_outages_become_error_events() -> None:
     series = TimeSeries()
-    series.add(sample(100.0, failed=1))  # failures before the first sample: no event
-    series.add(sample(102.0, failed=4))
+    series.add(sample(100.0, failed=1), "fifo")  # failures before the first sample: no event
+    series.add(sample(102.0, failed=4), "fifo")
     series.unreachable(104.0, "connection refused")
     series.unreachable(106.0, "connection refused")  # one event per outage
-    series.add(sample(108.0, failed=0))  # a restarted scheduler's counters start over
-    messages = [e["message"] for e in series.to_json()["errors"]]
+    series.add(sample(108.0, failed=0), "fifo")  # a restarted scheduler's counters start over
+    messages = [e.message for e in series.snapshot().errors]
     assert messages == [
         "3 requests failed in the last 2 s (4 since start)",
         "scheduler unreachable: connection refused",
