@@ -11,23 +11,41 @@ direct at the same concurrency. A peer whose binary is missing is skipped with a
 Load is wrk bounded by --duration per point. Writes a markdown table to stdout (and
 --markdown FILE) and PNG plots to --out.
 
+`--hops N` measures instead where one request's time goes: one request at a time from
+this process (N per path and round, 5 rounds interleaved), each hop reached on its own —
+the engine (HTTP), the scheduler (a raw Multiplex call, no edge), the edge (HTTP) — with
+each process's CPU per request, beside a bare grpc-aio stream echo (the floor of one gRPC
+hop in Python on this machine).
+
 Usage: python bench/router_overhead.py [--duration 5] [--concurrency 1 16 64]
        [--vllm-router-bin PATH] [--litellm-bin PATH] [--out bench/out] [--profile]
+       [--hops N]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import itertools
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
-from _stack import Stack, chat_lua, require_wrk, run_wrk, save_plot, stack
+import grpc
+from _stack import PY, Stack, chat_lua, require_wrk, run_wrk, save_plot, stack
 
+from sage.common.grpc import create_channel
+from sage.common.grpc.client import token_metadata
+from sage.common.http.http1 import Http1Pool
 from sage.common.utils.processes import free_port, wait_http
+from sage.rpc.scheduler.v1 import scheduler_pb2 as spb
+from sage.rpc.scheduler.v1 import scheduler_pb2_grpc as sgrpc
 
 LITELLM_KEY = "sk-bench-0000"
 LITELLM_CONFIG = """model_list:
@@ -172,7 +190,157 @@ def profile(st: Stack, url: str, script: Path, seconds: int, out: Path) -> None:
             print(f"  {100 * n / total:5.1f}%  {frame}")
 
 
+async def _echo_server(port: int) -> None:
+    """A bare grpc-aio bidi stream that echoes bytes (the floor of one gRPC hop)."""
+
+    async def echo(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+        async for message in requests:
+            yield message
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "e.Echo", {"S": grpc.stream_stream_rpc_method_handler(echo)}
+            ),
+        )
+    )
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+
+
+def _payload(stream: bool) -> bytes:
+    body: dict[str, Any] = {
+        "model": "sim",
+        "max_tokens": 16,
+        "messages": [{"role": "user", "content": "写一份日报"}],
+    }
+    if stream:
+        body["stream"] = True
+    return json.dumps(body, ensure_ascii=False).encode()
+
+
+async def _hop_paths(
+    st: Stack, engine: str, edge: str, echo_port: int
+) -> tuple[dict[str, Callable[[], Awaitable[None]]], Callable[[], Awaitable[None]]]:
+    """One request of each path as a coroutine function; and what closes their clients."""
+    pool = Http1Pool()
+    json_h = {"Content-Type": "application/json"}
+    token = st.env["SAGE_INTERNAL_TOKEN"]
+    channel = create_channel(
+        f"127.0.0.1:{st.env['SAGE_SCHEDULER_PORT']}", internal_token=token, intercept_streams=False
+    )
+    mux: Any = sgrpc.SchedulerServiceStub(channel).Multiplex(
+        None,  # type: ignore[arg-type]
+        metadata=token_metadata(token),
+    )
+    echo_channel = grpc.aio.insecure_channel(f"127.0.0.1:{echo_port}")
+    await asyncio.wait_for(echo_channel.channel_ready(), 30)
+    echo: Any = echo_channel.stream_stream("/e.Echo/S", None, None)(None)  # type: ignore[arg-type]
+    ids = itertools.count(1)
+    plain, streamed = _payload(False), _payload(True)
+
+    async def http(base: str, body: bytes) -> None:
+        status, _ = await pool.post(base, "/v1/chat/completions", body, json_h, 10)
+        assert status == 200, status
+
+    async def http_stream(base: str) -> None:
+        stream = await pool.stream(base, "/v1/chat/completions", streamed, json_h, 10)
+        assert stream.status == 200, stream.status
+        async for _ in stream:
+            pass
+
+    async def scheduler(model: str, stream: bool) -> None:
+        call = spb.MultiplexCall(id=next(ids), timeout_s=10)
+        if stream:
+            call.chat_stream.CopyFrom(
+                spb.ChatStreamRequest(model=model, body=streamed, coalesce=True)
+            )
+        else:
+            call.chat.CopyFrom(spb.ChatRequest(model=model, body=plain))
+        await mux.write(spb.MultiplexRequest(calls=[call]))
+        while True:
+            reply = (await mux.read()).replies[-1]
+            if reply.WhichOneof("result") != "chat_chunk":
+                assert reply.WhichOneof("result") == (
+                    "error" if model != "sim" else "chat" if not stream else "end"
+                ), reply
+                return
+
+    async def bare_echo() -> None:
+        await echo.write(plain)
+        await echo.read()
+
+    async def close() -> None:
+        mux.cancel()
+        echo.cancel()
+        await channel.close(None)
+        await echo_channel.close(None)
+        await pool.aclose()
+
+    paths: dict[str, Callable[[], Awaitable[None]]] = {
+        "grpc-aio echo (floor of one hop)": bare_echo,
+        "engine, non-streamed": lambda: http(engine, plain),
+        "engine, streamed": lambda: http_stream(engine),
+        "scheduler, unknown model (no engine call)": lambda: scheduler("nope", False),
+        "scheduler, non-streamed": lambda: scheduler("sim", False),
+        "scheduler, streamed": lambda: scheduler("sim", True),
+        "edge, non-streamed": lambda: http(edge, plain),
+        "edge, streamed": lambda: http_stream(edge),
+    }
+    return paths, close
+
+
+def hops(n: int, rounds: int = 5) -> list[str]:
+    """Where one request's time goes (see the module doc): a markdown table."""
+    procs = ("edge", "scheduler", "engine", "echo")
+    with stack() as st:
+        engine = st.sim("engine")
+        edge = st.plane()
+        st.register("sim-0", engine)
+        echo_port = free_port()
+        st.start("echo", [PY, __file__, "--echo-server", str(echo_port)])
+
+        async def run() -> dict[str, tuple[list[float], dict[str, float]]]:
+            paths, close = await _hop_paths(st, engine, edge, echo_port)
+            out: dict[str, tuple[list[float], dict[str, float]]] = {
+                k: ([], dict.fromkeys(procs, 0.0)) for k in paths
+            }
+            for f in paths.values():  # warm-up: connections, the Multiplex call
+                for _ in range(50):
+                    await f()
+            for _ in range(rounds):
+                for name, f in paths.items():
+                    lat, cpu = out[name]
+                    before = {p: st.cpu_s(p) for p in procs}
+                    for _ in range(n):
+                        t0 = time.perf_counter()
+                        await f()
+                        lat.append(time.perf_counter() - t0)
+                    for p in procs:
+                        cpu[p] += st.cpu_s(p) - before[p]
+            await close()
+            return out
+
+        import uvloop
+
+        results = uvloop.run(run())
+    lines = [
+        "| path (one request at a time) | p50 ms "
+        "| CPU ms/request: edge | scheduler | engine | echo |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, (lat, cpu) in results.items():
+        per = " | ".join(f"{1000 * cpu[p] / len(lat):.3f}" for p in procs)
+        lines.append(f"| {name} | {1000 * statistics.median(lat):.3f} | {per} |")
+    return lines
+
+
 def main() -> int:
+    if sys.argv[1:2] == ["--echo-server"]:
+        asyncio.run(_echo_server(int(sys.argv[2])))
+        return 0
     parser = argparse.ArgumentParser()
     parser.add_argument("--duration", type=float, default=5)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
@@ -183,7 +351,14 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent)
     parser.add_argument("--markdown", type=Path, default=None)
     parser.add_argument("--profile", action="store_true", help="py-spy the edge and scheduler")
+    parser.add_argument("--hops", type=int, default=0, help="per-hop breakdown, N per path+round")
     args = parser.parse_args()
+    if args.hops:
+        text = "\n".join(hops(args.hops))
+        print(text)
+        if args.markdown:
+            args.markdown.write_text(text + "\n")
+        return 0
     require_wrk()
     args.out.mkdir(parents=True, exist_ok=True)
     vr_bin = peer_bin(args.vllm_router_bin, "vllm-router")
