@@ -22,6 +22,11 @@ Run under the shared lock:
 `--blocks` 32-token blocks each; cached prompt tokens cost no prefill time), publishing its
 blocks as vLLM's KV-cache events and answering /tokenize, so kv_events runs there too.
 
+The engines are registered under the served name, so ours get the model folder as their
+`tokenizer` label: kv_events finds token ids with the model's tokenizer in the scheduler.
+`--ours kv_events@engine` runs kv_events without that label (token ids from an engine's
+/tokenize on every request), to compare the two in one run.
+
 Per setup: prefix-cache hit rate (engines' vllm:prefix_cache_hits_total /
 vllm:prefix_cache_queries_total, deltas over the run, summed over engines), TTFT p50/p90 of
 the streamed requests, requests/s and output tokens/s over the run, errors.
