@@ -15,8 +15,8 @@ another host, or a request the local copy does not cover). The first prompt of e
 (chat, completion) per model is tokenized both ways; a local copy that disagrees with the
 engine is not used again for that kind. Either way only while some engine of the model holds
 blocks at all; a completion whose prompt is already token ids needs neither.
-`sage:kv_tokenize_seconds{path}` says which path each request took and what it cost (the
-engine call measured ~10 ms on 2 busy cores, bench/RESULTS.md run 6; local ~1-4 ms).
+`sage:kv_tokenize_seconds{path}` says which path each request took and what it cost (on 2
+busy cores, 700-1,700-token chats: the engine call 7-11 ms, local 3-5 ms; bench/RESULTS.md).
 
 The engine holding the most leading blocks wins; ties and a busy winner go by load: when its
 load exceeds the least-loaded engine's by more than `load_margin`, the least-loaded one gets
