@@ -46,7 +46,9 @@ from sage.protocol.openai import (
     INT32_MAX,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     EmbeddingRequest,
+    TokenizeRequest,
 )
 from sage.rpc.gpu_manager.v1 import gpu_manager_pb2_grpc
 from sage.rpc.lifecycle.v1 import lifecycle_pb2_grpc
@@ -357,6 +359,32 @@ def create_app(
                 },
             }
         )
+
+    def tokenization(
+        protocol: type[TokenizeRequest | DetokenizeRequest], rpc: str, message: Any
+    ) -> Handler:
+        """/tokenize or /detokenize (vLLM's paths): validated here, run on a chat engine of
+        the model by the scheduler (a unary call: off the hot path), its reply relayed."""
+
+        async def handle(request: Request) -> Response:
+            key = keys.authenticate(request.headers)
+            body = await request.body()
+            model = read_request(request, body, protocol).model
+            options = None if key is None else request_options(key)
+            with rpc_errors_as_sage():
+                reply = await request.unless_disconnected(
+                    getattr(up().scheduler, rpc)(
+                        message(model=model, body=body, options=options), timeout=timeout
+                    )
+                )
+            return Response(reply.body)
+
+        return handle
+
+    app.add("POST", "/tokenize", tokenization(TokenizeRequest, "Tokenize", spb.TokenizeRequest))
+    app.add(
+        "POST", "/detokenize", tokenization(DetokenizeRequest, "Detokenize", spb.DetokenizeRequest)
+    )
 
     @app.route("GET", "/v1/models")
     async def models(request: Request) -> Response:

@@ -25,6 +25,8 @@ _EXAMPLES = {
     },
     "CompletionRequest": {"model": "sim", "prompt": "Once upon a time", "max_tokens": 8},
     "EmbeddingRequest": {"model": "sim-embedding", "input": ["hello", "world"]},
+    "TokenizeRequest": {"model": "sim", "prompt": "Once upon a time"},
+    "DetokenizeRequest": {"model": "sim", "tokens": [1, 2, 3]},
 }
 
 
@@ -288,6 +290,35 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
                 tags=["inference"],
                 security=_API_KEY,
                 body="EmbeddingRequest",
+            )
+        },
+        "/tokenize": {
+            "post": _operation(
+                "Token ids of a prompt or a chat, by an engine of the model (vLLM's route)",
+                "tokenize",
+                {
+                    "200": {
+                        "description": "Token ids.",
+                        "content": _json(_ref("TokenizeResponse")),
+                    },
+                    **generation_errors,
+                },
+                tags=["inference"],
+                security=_API_KEY,
+                body="TokenizeRequest",
+            )
+        },
+        "/detokenize": {
+            "post": _operation(
+                "Text of token ids, by an engine of the model (vLLM's route)",
+                "detokenize",
+                {
+                    "200": {"description": "Text.", "content": _json(_ref("DetokenizeResponse"))},
+                    **generation_errors,
+                },
+                tags=["inference"],
+                security=_API_KEY,
+                body="DetokenizeRequest",
             )
         },
         "/v1/models": {

@@ -16,7 +16,12 @@ from typing import Any, Protocol
 
 import orjson
 
-from sage.common.exceptions import ModelNotFoundError, ServiceUnavailableError, UpstreamError
+from sage.common.exceptions import (
+    ModelNotFoundError,
+    NotFoundError,
+    ServiceUnavailableError,
+    UpstreamError,
+)
 from sage.common.limits import check_embedding_tokens
 
 from .adapters import AdapterPlacer
@@ -489,6 +494,40 @@ class Scheduler:
             raise
         finally:
             self.counters.in_flight -= 1
+
+    async def engine_call(
+        self, model: str, path: str, body: bytes, limits: TenantLimits | None = None
+    ) -> GenerateResult:
+        """POST `body` to `path` (/tokenize, /detokenize) on a ready chat engine of `model`:
+        a quick call that generates nothing, so it skips the queue and the latency stats,
+        fails over while engines refuse connections, and an engine without the route (a 404
+        that is not about the model) is a NotFoundError naming both."""
+        self._admit(limits, len(body) // 4 + 1)
+        try:
+            engines: Sequence[EngineRecord] = self.registry.ready_for(model, EngineKind.LLM)
+        except ModelNotFoundError:
+            engines = await self._ready_llm(model)
+        candidates = self.breakers.routable(engines, _engine_id) or engines
+        for i, engine in enumerate(candidates):
+            try:
+                with self.load.track(engine.engine_id):
+                    reply = await self.executor.post_json(
+                        engine, path, _for_engine(body, model, engine)
+                    )
+                return GenerateResult(reply, engine, TokenUsage())
+            except (EngineUnreachableError, EngineDisconnectedError):
+                if i == len(candidates) - 1:
+                    raise
+                self.metrics.failover("unary")
+            except UpstreamError as exc:
+                # engine_error's words for a non-OpenAI 404 (a framework's "Not Found")
+                if "returned HTTP 404" not in exc.message:
+                    raise
+                raise NotFoundError(
+                    f"engine {engine.engine_id} ({engine.backend or 'unknown backend'}) "
+                    f"does not serve {path}"
+                ) from None
+        raise AssertionError("unreachable")  # ready_for never returns an empty list
 
     async def generate_stream(
         self,

@@ -157,6 +157,22 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
             usage=usage_pb(result.usage),
         )
 
+    async def Tokenize(self, request: pb.TokenizeRequest, context: Any) -> pb.TokenizeResponse:
+        limits = limits_from_pb(request, self.api_keys)
+        result = await self.scheduler.engine_call(
+            require_model(request.model), "/tokenize", request.body, limits
+        )
+        return pb.TokenizeResponse(body=result.body, engine_id=result.engine.engine_id)
+
+    async def Detokenize(
+        self, request: pb.DetokenizeRequest, context: Any
+    ) -> pb.DetokenizeResponse:
+        limits = limits_from_pb(request, self.api_keys)
+        result = await self.scheduler.engine_call(
+            require_model(request.model), "/detokenize", request.body, limits
+        )
+        return pb.DetokenizeResponse(body=result.body, engine_id=result.engine.engine_id)
+
     async def RegisterEngine(
         self, request: pb.RegisterEngineRequest, context: Any
     ) -> pb.RegisterEngineResponse:

@@ -117,6 +117,40 @@ def shift_input_param(error: SageError, offset: int) -> None:
         error.param = f"input[{int(match.group(1)) + offset}]"
 
 
+def gateway_root(base_url: str) -> str:
+    """The gateway's root URL: vLLM-style routes (/tokenize, /detokenize) sit beside /v1."""
+    return base_url.removesuffix("/v1")
+
+
+def tokenize_body(model: str, payload: Messages, add_special_tokens: bool | None) -> dict[str, Any]:
+    """A /tokenize body: a str is a prompt, a list of messages a chat (rendered by the
+    engine's chat template)."""
+    body: dict[str, Any] = {"model": model}
+    if isinstance(payload, str):
+        body["prompt"] = payload
+    else:
+        body["messages"] = chat_messages(payload)
+    if add_special_tokens is not None:
+        body["add_special_tokens"] = add_special_tokens
+    return body
+
+
+def tokens_from_reply(reply: Any) -> list[int]:
+    """The token ids of a /tokenize reply."""
+    tokens = reply.get("tokens") if isinstance(reply, dict) else None
+    if not isinstance(tokens, list):
+        raise UpstreamError("the gateway's /tokenize reply has no `tokens` list")
+    return [int(t) for t in tokens]
+
+
+def text_from_reply(reply: Any) -> str:
+    """The text of a /detokenize reply."""
+    prompt = reply.get("prompt") if isinstance(reply, dict) else None
+    if not isinstance(prompt, str):
+        raise UpstreamError("the gateway's /detokenize reply has no `prompt` string")
+    return prompt
+
+
 def models_from_reply(reply: Any) -> list[dict[str, Any]]:
     """The model objects of a `/v1/models` reply."""
     return [dict(m) for m in reply.get("data", [])]
@@ -405,7 +439,13 @@ class ClientCore(Generic[HttpT]):
         return admin and not self.admin_api_key and not self._file_admin_key_read
 
     def _exchange(
-        self, method: str, path: str, body: Mapping[str, Any] | None, admin: bool, model: str | None
+        self,
+        method: str,
+        path: str,
+        body: Mapping[str, Any] | None,
+        admin: bool,
+        model: str | None,
+        root: bool = False,
     ) -> Exchange:
         """Build one request (one id for every attempt, so logs line up)."""
         request_id = uuid.uuid4().hex
@@ -419,7 +459,7 @@ class ClientCore(Generic[HttpT]):
             headers["content-type"] = "application/json"
         return Exchange(
             method=method,
-            url=self.base_url + path,
+            url=(gateway_root(self.base_url) if root else self.base_url) + path,
             path=path,
             content=content,
             headers=headers,

@@ -27,6 +27,9 @@ from sage.llm._core import (
     json_of,
     models_from_reply,
     status_from_reply,
+    text_from_reply,
+    tokenize_body,
+    tokens_from_reply,
     transport_error,
 )
 from sage.llm.client import UnifiedInferenceClient
@@ -229,12 +232,13 @@ class AsyncUnifiedInferenceClient(ClientCore[httpx.AsyncClient]):
         stream: bool = False,
         admin: bool = False,
         model: str | None = None,
+        root: bool = False,
     ) -> tuple[httpx.Response, str]:
         """Send with retries; returns a 2xx response and its request id, or raises."""
         if self._needs_key_file(admin):
             # A file read (and a name lookup for a non-IP host): off the event loop.
             await asyncio.to_thread(self._management_key)
-        call = self._exchange(method, path, body, admin, model)
+        call = self._exchange(method, path, body, admin, model, root)
         while True:
             request = self._http.build_request(
                 method, call.url, content=call.content, headers=call.headers, timeout=self.timeout
@@ -447,6 +451,39 @@ class AsyncUnifiedInferenceClient(ClientCore[httpx.AsyncClient]):
                 )
             vectors.extend(self._vectors(resp, len(batch)))
         return vectors
+
+    async def tokenize(
+        self,
+        text: Messages,
+        model: str | None = None,
+        *,
+        add_special_tokens: bool | None = None,
+    ) -> list[int]:
+        """The token ids an engine of `model` gives a prompt (str) or a chat (messages,
+        rendered by its chat template), through the gateway's /tokenize."""
+        name = await self._model("llm", model)
+        with self._model_errors("llm", name):
+            resp, _ = await self._send(
+                "POST",
+                "/tokenize",
+                tokenize_body(name, text, add_special_tokens),
+                model=name,
+                root=True,
+            )
+        return tokens_from_reply(json_of(resp))
+
+    async def detokenize(self, tokens: Sequence[int], model: str | None = None) -> str:
+        """The text of token ids by an engine of `model`, through the gateway's /detokenize."""
+        name = await self._model("llm", model)
+        with self._model_errors("llm", name):
+            resp, _ = await self._send(
+                "POST",
+                "/detokenize",
+                {"model": name, "tokens": list(tokens)},
+                model=name,
+                root=True,
+            )
+        return text_from_reply(json_of(resp))
 
     async def list_models(self) -> list[dict[str, Any]]:
         """Models the gateway serves (OpenAI model objects plus `kind` and `ready_engines`)."""

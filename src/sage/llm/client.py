@@ -44,6 +44,9 @@ from sage.llm._core import (
     log,
     models_from_reply,
     status_from_reply,
+    text_from_reply,
+    tokenize_body,
+    tokens_from_reply,
     transport_error,
 )
 from sage.llm.management import EngineKind, ensure_model_served
@@ -227,9 +230,10 @@ class UnifiedInferenceClient(ClientCore[httpx.Client]):
         stream: bool = False,
         admin: bool = False,
         model: str | None = None,
+        root: bool = False,
     ) -> tuple[httpx.Response, str]:
         """Send with retries; returns a 2xx response and its request id, or raises."""
-        call = self._exchange(method, path, body, admin, model)
+        call = self._exchange(method, path, body, admin, model, root)
         while True:
             request = self._http.build_request(
                 method, call.url, content=call.content, headers=call.headers, timeout=self.timeout
@@ -430,6 +434,39 @@ class UnifiedInferenceClient(ClientCore[httpx.Client]):
                 )
             vectors.extend(self._vectors(resp, len(batch)))
         return vectors
+
+    def tokenize(
+        self,
+        text: Messages,
+        model: str | None = None,
+        *,
+        add_special_tokens: bool | None = None,
+    ) -> list[int]:
+        """The token ids an engine of `model` gives a prompt (str) or a chat (messages,
+        rendered by its chat template), through the gateway's /tokenize."""
+        name = self._model("llm", model)
+        with self._model_errors("llm", name):
+            resp, _ = self._send(
+                "POST",
+                "/tokenize",
+                tokenize_body(name, text, add_special_tokens),
+                model=name,
+                root=True,
+            )
+        return tokens_from_reply(json_of(resp))
+
+    def detokenize(self, tokens: Sequence[int], model: str | None = None) -> str:
+        """The text of token ids by an engine of `model`, through the gateway's /detokenize."""
+        name = self._model("llm", model)
+        with self._model_errors("llm", name):
+            resp, _ = self._send(
+                "POST",
+                "/detokenize",
+                {"model": name, "tokens": list(tokens)},
+                model=name,
+                root=True,
+            )
+        return text_from_reply(json_of(resp))
 
     def list_models(self) -> list[dict[str, Any]]:
         """Models the gateway serves (OpenAI model objects plus `kind` and `ready_engines`)."""

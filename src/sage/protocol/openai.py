@@ -32,6 +32,8 @@ __all__ = [
     "Completion",
     "CompletionRequest",
     "ContentPart",
+    "DetokenizeRequest",
+    "DetokenizeResponse",
     "Embedding",
     "EmbeddingList",
     "EmbeddingRequest",
@@ -45,6 +47,8 @@ __all__ = [
     "Problem",
     "ProtocolError",
     "StreamOptions",
+    "TokenizeRequest",
+    "TokenizeResponse",
     "Usage",
     "convert",
     "decode",
@@ -270,6 +274,49 @@ class EngineTokenizeRequest(_Model):
     add_generation_prompt: bool | None = None
 
 
+# TokenizeRequest takes exactly one of `prompt` and `messages`, as its schema says too.
+_PROMPT_OR_MESSAGES = {"oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]}
+
+
+class TokenizeRequest(_Model):
+    """POST /tokenize at the edge (vLLM's route): a prompt or a chat (rendered by the
+    engine's chat template) as the engine's token ids. The body goes to the engine as is."""
+
+    model: ModelName
+    # UNSET, not None: a null would satisfy the schema's `required` yet name neither input.
+    prompt: str | msgspec.UnsetType = msgspec.UNSET
+    messages: (
+        Annotated[
+            list[
+                Annotated[
+                    ChatMessage, msgspec.Meta(extra_json_schema=_CONTENT_NEEDED_UNLESS_ASSISTANT)
+                ]
+            ],
+            msgspec.Meta(min_length=1),
+        ]
+        | msgspec.UnsetType
+    ) = msgspec.UNSET
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    return_token_strs: bool | None = None
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+
+    def __post_init__(self) -> None:
+        # vLLM picks its request model by which of the two is present; both is ambiguous.
+        if (self.prompt is msgspec.UNSET) == (self.messages is msgspec.UNSET):
+            raise ValueError("`prompt` or messages is required (exactly one of the two)")
+
+
+class DetokenizeRequest(_Model):
+    """POST /detokenize at the edge (vLLM's route): token ids back to text."""
+
+    model: ModelName
+    tokens: list[Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]]
+
+
 class EmbeddingRequest(_Model):
     """POST /v1/embeddings: text inputs only (token arrays are not supported)."""
 
@@ -379,6 +426,21 @@ class ModelList(_Model):
     data: list[Model]
 
 
+class TokenizeResponse(_Model):
+    """The engine's /tokenize reply, relayed unchanged (vLLM's shape)."""
+
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(_Model):
+    """The engine's /detokenize reply, relayed unchanged (vLLM's shape)."""
+
+    prompt: str
+
+
 class ErrorDetail(_Model):
     message: str
     type: Annotated[
@@ -401,19 +463,27 @@ SCHEMA_MODELS: tuple[type[_Model], ...] = (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
+    TokenizeRequest,
+    DetokenizeRequest,
     ChatCompletion,
     ChatCompletionChunk,
     Completion,
     EmbeddingList,
     ModelList,
+    TokenizeResponse,
+    DetokenizeResponse,
     ErrorResponse,
 )
 _SCHEMA_NAMES = {ErrorResponse: "Error"}
+# Whole-object rules the field types cannot say, added to the model's schema.
+_SCHEMA_EXTRAS: dict[type[_Model], dict[str, Any]] = {TokenizeRequest: _PROMPT_OR_MESSAGES}
 
 
 def json_schemas(ref_prefix: str = "#/components/schemas/") -> dict[str, Any]:
     """JSON Schemas of every model, by name, with refs under `ref_prefix` (OpenAPI's)."""
     _, schemas = msgspec.json.schema_components(SCHEMA_MODELS, ref_template=ref_prefix + "{name}")
+    for cls, extra in _SCHEMA_EXTRAS.items():
+        schemas[cls.__name__].update(extra)
     for cls, name in _SCHEMA_NAMES.items():
         schemas[name] = schemas.pop(cls.__name__)
     text = orjson.dumps(schemas).decode()

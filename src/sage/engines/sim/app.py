@@ -76,6 +76,7 @@ from sage.engines.sim.model import (
     SimConfig,
     chat_prompt_text,
     count_tokens,
+    detokenize,
     embedding_vector,
     generate_ids,
     tokenize,
@@ -796,8 +797,8 @@ class _SimEngine:
         return self.config.prefill_s(uncached)
 
     async def tokenize(self, request: Request) -> Response:
-        """POST /tokenize (served with prefix caching on, for kv_events routing): a chat's
-        or a prompt's token ids as this engine reads them, in vLLM's reply shape."""
+        """POST /tokenize (kv_events routing reads it, the gateway relays it): a chat's or a
+        prompt's token ids as this engine reads them, in vLLM's reply shape."""
         body = await _json_object(request)
         self._model(body)
         req = _read(body, EngineTokenizeRequest)
@@ -813,9 +814,35 @@ class _SimEngine:
                 "count": len(ids),
                 "max_model_len": self.config.max_model_len,
                 "tokens": ids,
-                "token_strs": None,
+                # one word a token; vLLM's strings are the tokenizer's pieces
+                "token_strs": text.split() if body.get("return_token_strs") is True else None,
             }
         )
+
+    async def detokenize(self, request: Request) -> Response:
+        """POST /detokenize: token ids back to text by the sim's tokenizer, in vLLM's reply
+        shape and with its errors (a bad id names its place, one past the vocabulary 400)."""
+        body = await _json_object(request)
+        self._model(body)
+        tokens = body.get("tokens")
+        if tokens is None:
+            raise RequestSchemaError("tokens", "missing", "Field required")
+        if not isinstance(tokens, list):
+            raise RequestSchemaError("tokens", "list_type", "Input should be a valid list")
+        for at, token in enumerate(tokens):
+            if not _is_int(token):
+                raise RequestSchemaError(
+                    f"tokens.{at}", "int_type", "Input should be a valid integer"
+                )
+            if token < 0:
+                raise RequestSchemaError(
+                    f"tokens.{at}",
+                    "greater_than_equal",
+                    "Input should be greater than or equal to 0",
+                )
+        if tokens and max(tokens) >= _VOCAB_SIZE:
+            raise InvalidRequestError(f"Token id {max(tokens)} is out of vocabulary")
+        return JSONResponse({"prompt": detokenize(tokens)})
 
     async def _failed_stream(self, chat: bool, model: str) -> AsyncIterator[bytes]:
         """What vLLM streams when a request ends with finish_reason error (a failed KV
@@ -1272,8 +1299,9 @@ def create_app(config: SimConfig) -> App:
     }
     if config.embedding_dim > 0:
         routes["/v1/embeddings"] = ("POST", engine.embeddings)
-    if engine.prefix_cache is not None:
-        routes["/tokenize"] = ("POST", engine.tokenize)
+    # vLLM serves both whatever its flags; kv_events routing reads /tokenize.
+    routes["/tokenize"] = ("POST", engine.tokenize)
+    routes["/detokenize"] = ("POST", engine.detokenize)
     if engine.lora is not None:
         routes["/v1/load_lora_adapter"] = ("POST", engine.lora.load)
         routes["/v1/unload_lora_adapter"] = ("POST", engine.lora.unload)

@@ -32,6 +32,7 @@ __all__ = [
     "SimConfig",
     "chat_prompt_text",
     "count_tokens",
+    "detokenize",
     "embedding_vector",
     "expected_text",
     "generate",
@@ -255,12 +256,36 @@ def _word_id(word: str) -> int:
     found = _WORD_IDS.get(word)
     if found is not None:
         return found
-    return FIRST_HASHED_ID + zlib.crc32(word.encode("utf-8", "surrogatepass")) % _HASHED_IDS
+    hashed = FIRST_HASHED_ID + zlib.crc32(word.encode("utf-8", "surrogatepass")) % _HASHED_IDS
+    if len(_HASHED_WORDS) < _HASHED_WORDS_KEPT:
+        _HASHED_WORDS.setdefault(hashed, word)
+    return hashed
+
+
+# Hashed ids back to the words that gave them, for /detokenize (a hash has no inverse):
+# the first words this process tokenized, bounded; other hashed ids read as UNKNOWN_WORD.
+_HASHED_WORDS: dict[int, str] = {}
+_HASHED_WORDS_KEPT = 1 << 16
+UNKNOWN_WORD = "<unk>"
 
 
 def tokenize(text: str) -> list[int]:
     """The token ids of `text` as the simulator reads it (one per whitespace word)."""
     return list(map(_word_id, text.split()))
+
+
+def detokenize(token_ids: Sequence[int]) -> str:
+    """The text of token ids: output words spaced, suffixes glued to the word before, other
+    words as tokenize met them (words joined by single spaces)."""
+    pieces: list[str] = []
+    for token in token_ids:
+        index = token - FIRST_WORD_ID
+        if 0 <= index < len(_OUTPUT):
+            pieces.append(_OUTPUT[index][bool(pieces)])
+        else:
+            word = _HASHED_WORDS.get(token, UNKNOWN_WORD)
+            pieces.append(" " + word if pieces else word)
+    return "".join(pieces)
 
 
 def _seed_bytes(seed: int) -> bytes:

@@ -62,6 +62,16 @@ class SchedulerServiceStub:
                 request_serializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.EmbedRequest.SerializeToString,
                 response_deserializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.EmbedResponse.FromString,
                 _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/sage.rpc.scheduler.v1.SchedulerService/Tokenize',
+                request_serializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
+        self.Detokenize = channel.unary_unary(
+                '/sage.rpc.scheduler.v1.SchedulerService/Detokenize',
+                request_serializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.DetokenizeRequest.SerializeToString,
+                response_deserializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.DetokenizeResponse.FromString,
+                _registered_method=True)
         self.RegisterEngine = channel.unary_unary(
                 '/sage.rpc.scheduler.v1.SchedulerService/RegisterEngine',
                 request_serializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.RegisterEngineRequest.SerializeToString,
@@ -155,6 +165,20 @@ class SchedulerServiceServicer:
 
     def Embed(self, request, context):
         """Embed runs one /v1/embeddings request (batched by the embedding service).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Tokenize(self, request, context):
+        """Tokenize runs one /tokenize request (vLLM's route) on a ready chat engine of the model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Detokenize(self, request, context):
+        """Detokenize runs one /detokenize request (vLLM's route) on a ready chat engine of the model.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -269,6 +293,16 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
                     servicer.Embed,
                     request_deserializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.EmbedRequest.FromString,
                     response_serializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.EmbedResponse.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.TokenizeRequest.FromString,
+                    response_serializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'Detokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detokenize,
+                    request_deserializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.DetokenizeRequest.FromString,
+                    response_serializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.DetokenizeResponse.SerializeToString,
             ),
             'RegisterEngine': grpc.unary_unary_rpc_method_handler(
                     servicer.RegisterEngine,
@@ -464,6 +498,60 @@ class SchedulerService:
             '/sage.rpc.scheduler.v1.SchedulerService/Embed',
             sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.EmbedRequest.SerializeToString,
             sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sage.rpc.scheduler.v1.SchedulerService/Tokenize',
+            sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.TokenizeRequest.SerializeToString,
+            sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sage.rpc.scheduler.v1.SchedulerService/Detokenize',
+            sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.DetokenizeRequest.SerializeToString,
+            sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.DetokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,6 +46,10 @@ class SchedulerServiceStub:
     """CompleteStream runs one streamed /v1/completions request; one message per chunk."""
     Embed: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.EmbedRequest, _scheduler_pb2.EmbedResponse]
     """Embed runs one /v1/embeddings request (batched by the embedding service)."""
+    Tokenize: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.TokenizeRequest, _scheduler_pb2.TokenizeResponse]
+    """Tokenize runs one /tokenize request (vLLM's route) on a ready chat engine of the model."""
+    Detokenize: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.DetokenizeRequest, _scheduler_pb2.DetokenizeResponse]
+    """Detokenize runs one /detokenize request (vLLM's route) on a ready chat engine of the model."""
     RegisterEngine: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.RegisterEngineRequest, _scheduler_pb2.RegisterEngineResponse]
     """RegisterEngine adds an engine to routing, or updates it when the id is known."""
     DeregisterEngine: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.DeregisterEngineRequest, _scheduler_pb2.DeregisterEngineResponse]
@@ -94,6 +98,10 @@ class SchedulerServiceAsyncStub(SchedulerServiceStub):
     """CompleteStream runs one streamed /v1/completions request; one message per chunk."""
     Embed: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.EmbedRequest, _scheduler_pb2.EmbedResponse]  # type: ignore[assignment]
     """Embed runs one /v1/embeddings request (batched by the embedding service)."""
+    Tokenize: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.TokenizeRequest, _scheduler_pb2.TokenizeResponse]  # type: ignore[assignment]
+    """Tokenize runs one /tokenize request (vLLM's route) on a ready chat engine of the model."""
+    Detokenize: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.DetokenizeRequest, _scheduler_pb2.DetokenizeResponse]  # type: ignore[assignment]
+    """Detokenize runs one /detokenize request (vLLM's route) on a ready chat engine of the model."""
     RegisterEngine: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.RegisterEngineRequest, _scheduler_pb2.RegisterEngineResponse]  # type: ignore[assignment]
     """RegisterEngine adds an engine to routing, or updates it when the id is known."""
     DeregisterEngine: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.DeregisterEngineRequest, _scheduler_pb2.DeregisterEngineResponse]  # type: ignore[assignment]
@@ -169,6 +177,22 @@ class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_scheduler_pb2.EmbedResponse, _abc.Awaitable[_scheduler_pb2.EmbedResponse]]:
         """Embed runs one /v1/embeddings request (batched by the embedding service)."""
+
+    @_abc_1.abstractmethod
+    def Tokenize(
+        self,
+        request: _scheduler_pb2.TokenizeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.TokenizeResponse, _abc.Awaitable[_scheduler_pb2.TokenizeResponse]]:
+        """Tokenize runs one /tokenize request (vLLM's route) on a ready chat engine of the model."""
+
+    @_abc_1.abstractmethod
+    def Detokenize(
+        self,
+        request: _scheduler_pb2.DetokenizeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.DetokenizeResponse, _abc.Awaitable[_scheduler_pb2.DetokenizeResponse]]:
+        """Detokenize runs one /detokenize request (vLLM's route) on a ready chat engine of the model."""
 
     @_abc_1.abstractmethod
     def RegisterEngine(
