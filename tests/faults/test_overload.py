@@ -8,6 +8,7 @@ import asyncio
 import concurrent.futures
 import multiprocessing as mp
 import os
+import statistics
 import time
 
 import httpx
@@ -108,17 +109,27 @@ async def test_ten_times_capacity_is_shed_with_429_and_admitted_latency_stays_bo
 
     latencies, statuses, retry_after = await _load(plane, 10 * CAPACITY, 400 * SCALE, 120)
 
+    service = statistics.median(baseline)
+    admitted = statistics.median(latencies)
     print(  # figures for the log (pytest -s)
         f"overload: {statuses.count(200)} admitted, {statuses.count(429)} refused; "
-        f"p99 {_p99(latencies) * 1e3:.0f} ms vs unloaded {_p99(baseline) * 1e3:.0f} ms"
+        f"median {admitted * 1e3:.0f} ms (p99 {_p99(latencies) * 1e3:.0f} ms) vs unloaded "
+        f"median {service * 1e3:.0f} ms (p99 {_p99(baseline) * 1e3:.0f} ms)"
     )
     assert len(statuses) == 400 * SCALE  # nothing hung, nothing lost
     assert set(statuses) <= {200, 429}, sorted(set(statuses))
     assert statuses.count(429) > 0 and latencies
     assert all(value is not None and float(value) > 0 for value in retry_after)
-    # Admitted work waits at most one queue's worth, so its p99 stays a small multiple of
-    # the unloaded p99 (a loose bound: 2 shared cores also run the client and the edge).
-    assert _p99(latencies) < 8 * _p99(baseline), (_p99(latencies), _p99(baseline))
+    # Admitted work waits at most one queue's worth: MAX_QUEUE requests ahead drained
+    # CAPACITY at a time, then its own service, so (1 + MAX_QUEUE / CAPACITY) = 3 service
+    # times; allow twice that for the 2 shared cores that also run the clients and the edge.
+    # Medians, not p99s: p99 here is the max of a few dozen samples and follows CPU hiccups
+    # (admitted p99 0.59-1.85 s on 2 cores, 4.5-12x the unloaded p99, at medians 3.2-4.0x
+    # the unloaded median), and a queue 3x too big (24) kept p99 at 6x the unloaded p99,
+    # inside the old 8x bound. The medians tell them apart: 6.8x for a queue of 24 and 9.4x
+    # for one of 36 (theory: 7 and 10 service times), both failing this bound.
+    bound = 2 * (1 + MAX_QUEUE / CAPACITY)
+    assert admitted < bound * service, (admitted, service, bound)
     growth = me.memory_info().rss + engine.memory_info().rss - rss_before
     assert growth < 64 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB under overload"
     status = await plane.scheduler.GetStatus(scheduler_pb2.GetStatusRequest())

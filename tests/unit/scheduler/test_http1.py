@@ -865,36 +865,50 @@ async def test_released_stream_whose_reply_never_ends_is_closed() -> None:
 @pytest.mark.parametrize("rst", [False, True])
 async def test_engine_dying_mid_stream_is_a_disconnect(rst: bool) -> None:
     """Two events, then the connection drops: both events are handed out, then
-    DisconnectedError (the coordinator: EngineDisconnectedError, which resume acts on)."""
+    DisconnectedError (the coordinator: EngineDisconnectedError, which resume acts on).
+
+    Lock-step, not sleeps: the engine sends event 1 only once event 0 was read, and drops
+    the connection only once event 1 was read. A RST discards whatever the client's kernel
+    still holds unread, so dropping after a fixed pause lost event 1 on a loaded machine."""
+    read: list[asyncio.Event] = []  # read[n]: event n reached the consumer
 
     async def dies(srv: RawServer, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         await srv.read_request(r)
         w.write(SSE_HEAD + chunk(event(0)))
         await w.drain()
-        await asyncio.sleep(0.02)
+        await asyncio.wait_for(read[0].wait(), 5)
         w.write(chunk(event(1)))
         await w.drain()
-        await asyncio.sleep(0.02)
+        await asyncio.wait_for(read[1].wait(), 5)
         if rst:
             reset(w)
 
+    def arrived(got: bytes) -> None:
+        for n, seen in enumerate(read):
+            if event(n) in got:
+                seen.set()
+
     pool = Http1Pool()
     async with RawServer(dies) as srv:
+        read[:] = [asyncio.Event(), asyncio.Event()]
         stream = await pool.stream(srv.base_url, "/", b"", JSON, 5.0)
         got = b""
         with pytest.raises(DisconnectedError, match="mid-reply"):
             async for data in stream:
                 got += data
+                arrived(got)
         assert got == event(0) + event(1)
         with pytest.raises(DisconnectedError):  # and stays failed
             await stream.read_chunk()
         assert pool.idle_count() == 0
 
+        read[:] = [asyncio.Event(), asyncio.Event()]
         executor = HttpExecutionCoordinator()
         payloads = []
         with pytest.raises(EngineDisconnectedError):
             async for payload in executor.stream_sse(engine(srv.base_url), "/", b"{}"):
                 payloads.append(payload)
+                arrived(b"".join(b"data: %s\n\n" % p for p in payloads))
         assert payloads == [b'{"n":0}', b'{"n":1}']
         assert srv.connections == 2 and executor._pool.idle_count() == 0
         await executor.aclose()
