@@ -256,9 +256,25 @@ def _generation(summary: str, operation_id: str, reply: str, body: str) -> dict[
     )
 
 
+def _json_operation(
+    summary: str, operation_id: str, description: str, reply: str, body: str
+) -> dict[str, Any]:
+    """A keyed inference operation with a JSON body and a JSON reply (no streaming)."""
+    return _operation(
+        summary,
+        operation_id,
+        {
+            "200": {"description": description, "content": _json(_ref(reply))},
+            **_errors(*_INFERENCE_ERRORS),
+        },
+        tags=["inference"],
+        security=_API_KEY,
+        body=body,
+    )
+
+
 def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
     """The whole OpenAPI 3.1 document for the edge."""
-    generation_errors = _errors(*_INFERENCE_ERRORS)
     paths: dict[str, Any] = {
         "/v1/chat/completions": {
             "post": _generation(
@@ -277,48 +293,30 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
             )
         },
         "/v1/embeddings": {
-            "post": _operation(
+            "post": _json_operation(
                 "Create embeddings (micro-batched by the embedding service)",
                 "createEmbedding",
-                {
-                    "200": {
-                        "description": "One vector per input.",
-                        "content": _json(_ref("EmbeddingList")),
-                    },
-                    **generation_errors,
-                },
-                tags=["inference"],
-                security=_API_KEY,
-                body="EmbeddingRequest",
+                "One vector per input.",
+                "EmbeddingList",
+                "EmbeddingRequest",
             )
         },
         "/tokenize": {
-            "post": _operation(
+            "post": _json_operation(
                 "Token ids of a prompt or a chat, by an engine of the model (vLLM's route)",
                 "tokenize",
-                {
-                    "200": {
-                        "description": "Token ids.",
-                        "content": _json(_ref("TokenizeResponse")),
-                    },
-                    **generation_errors,
-                },
-                tags=["inference"],
-                security=_API_KEY,
-                body="TokenizeRequest",
+                "Token ids.",
+                "TokenizeResponse",
+                "TokenizeRequest",
             )
         },
         "/detokenize": {
-            "post": _operation(
+            "post": _json_operation(
                 "Text of token ids, by an engine of the model (vLLM's route)",
                 "detokenize",
-                {
-                    "200": {"description": "Text.", "content": _json(_ref("DetokenizeResponse"))},
-                    **generation_errors,
-                },
-                tags=["inference"],
-                security=_API_KEY,
-                body="DetokenizeRequest",
+                "Text.",
+                "DetokenizeResponse",
+                "DetokenizeRequest",
             )
         },
         "/v1/models": {
