@@ -501,6 +501,9 @@ class EngineLifecycleManager:
         if backend.name == "vllm":
             # vLLM takes this fraction of each GPU whatever else is asked: reserve it.
             per_gpu, fraction = 0, spec.gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION
+        elif callable(fraction_of := getattr(backend, "gpu_fraction", None)):
+            # SGLang's --mem-fraction-static: likewise a fixed share of each GPU.
+            per_gpu, fraction = 0, float(fraction_of(spec))
         elif not per_gpu:
             # What the engine will hold (the transformers engine: weights + KV + runtime, read
             # from the model folder), else a flat default that under-reserves any 1B+ model.

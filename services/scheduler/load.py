@@ -3,7 +3,8 @@
 Two sources: requests this scheduler has in flight to each engine (exact, updated around
 every engine call) and, optionally, the engine's own vLLM gauges scraped from `/metrics`
 (`vllm:num_requests_running` + `vllm:num_requests_waiting`, summed over vLLM's `engine`
-label; read by sage.engines.vllm_metrics), which also see traffic from elsewhere. The
+label, or SGLang's `sglang:num_running_reqs` + `sglang:num_queue_reqs`; read by
+sage.engines.vllm_metrics), which also see traffic from elsewhere. The
 scrape is stale by up to one interval, so only the part of it this scheduler did not cause
 is added to the live in-flight count.
 

@@ -16,6 +16,7 @@ from .base import Availability, Backend, LaunchPlan
 from .embedding import EmbeddingBackend
 from .external import ExternalBackend
 from .infinity import InfinityBackend
+from .sglang import SglangBackend
 from .sim import SIM_EMBEDDING_DIM, SimBackend
 from .tei import TeiBackend
 from .transformers import TransformersBackend
@@ -34,6 +35,7 @@ __all__ = [
 
 _ALL: tuple[Backend, ...] = (
     VllmBackend(),
+    SglangBackend(),
     TeiBackend(),
     InfinityBackend(),
     EmbeddingBackend(),

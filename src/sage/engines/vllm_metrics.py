@@ -96,12 +96,28 @@ WAITING = "vllm:num_requests_waiting"
 KV_CACHE_USAGE = "vllm:kv_cache_usage_perc"
 # vLLM before 0.10 called it this; still read so older engines keep their readings.
 KV_CACHE_USAGE_OLD = "vllm:gpu_cache_usage_perc"
-_READ = frozenset((RUNNING, WAITING, KV_CACHE_USAGE, KV_CACHE_USAGE_OLD))
+# SGLang's scheduler gauges (sglang/srt/observability/metrics_collector.py, 0.5): the same
+# three readings under its names; token_usage is, like vLLM's, a 0..1 fraction of the pool.
+SGLANG_RUNNING = "sglang:num_running_reqs"
+SGLANG_WAITING = "sglang:num_queue_reqs"
+SGLANG_TOKEN_USAGE = "sglang:token_usage"
+_READ = frozenset(
+    (
+        RUNNING,
+        WAITING,
+        KV_CACHE_USAGE,
+        KV_CACHE_USAGE_OLD,
+        SGLANG_RUNNING,
+        SGLANG_WAITING,
+        SGLANG_TOKEN_USAGE,
+    )
+)
 # Where read_load's series are scraped. vLLM 0.32 serves its registry twice: at /metrics
 # (prometheus-fastapi-instrumentator's route: the whole page, ~66 KB, whatever the query)
 # and at /metrics/ (prometheus_client's ASGI app, which keeps only the series named by
 # `name[]`: ~0.7 KB). The sim answers both the same way. A server without the second answers
-# 404 (or redirects) there, and the scheduler falls back to WHOLE_METRICS_PATH; one that
+# 404 (or redirects) there, and the scheduler falls back to WHOLE_METRICS_PATH; SGLang mounts
+# prometheus_client's app on both /metrics and /metrics/, so `name[]` is honoured; one that
 # ignores `name[]` sends its whole page, which read_load reads the same. No Accept-Encoding
 # goes out: gzip would cost both sides CPU to save loopback bytes.
 LOAD_METRICS_PATH = "/metrics/?" + urlencode([("name[]", name) for name in sorted(_READ)])
@@ -220,13 +236,25 @@ class VllmLoad:
 # scheduler reads one per engine every few seconds.
 _READ_LINE = re.compile(
     r"^(vllm:(?:num_requests_running|num_requests_waiting|kv_cache_usage_perc"
-    r"|gpu_cache_usage_perc))(?:\{[^\n]*\})?[ \t]+([^ \t\n]+)",
+    r"|gpu_cache_usage_perc)|sglang:(?:num_running_reqs|num_queue_reqs|token_usage))"
+    r"(\{[^\n]*\})?[ \t]+([^ \t\n]+)",
     re.MULTILINE,
 )
+# SGLang with pipeline parallelism: every stage's scheduler reports the same requests; only
+# stage 0's series are counted (data-parallel ranks, each its own requests, are summed).
+_LATER_PP_STAGE = re.compile(r'pp_rank="(?!0")')
+
+
+_SGLANG_AS_VLLM = {
+    SGLANG_RUNNING: RUNNING,
+    SGLANG_WAITING: WAITING,
+    SGLANG_TOKEN_USAGE: KV_CACHE_USAGE,
+}
 
 
 def read_load(text: str) -> VllmLoad:
-    """Parse vLLM's running/waiting gauges and KV-cache usage from a Prometheus exposition.
+    """Parse vLLM's (or SGLang's) running/waiting gauges and KV-cache usage from a
+    Prometheus exposition.
 
     Names match exactly, so `vllm:num_requests_waiting_by_reason` (whose sum already is
     `vllm:num_requests_waiting`) is never added twice; series of several engine cores or
@@ -236,11 +264,15 @@ def read_load(text: str) -> VllmLoad:
     usage: float | None = None
     old_usage: float | None = None
     for match in _READ_LINE.finditer(text):
-        name, raw = match.groups()
+        name, labels, raw = match.groups()
         try:
             value = float(raw)
         except ValueError:
             continue
+        if name.startswith("sglang:"):
+            if labels and _LATER_PP_STAGE.search(labels):
+                continue
+            name = _SGLANG_AS_VLLM[name]
         if name == RUNNING:
             running += value
         elif name == WAITING:

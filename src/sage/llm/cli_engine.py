@@ -146,7 +146,7 @@ def cmd_engine_start(
         Literal["llm", "embedding"], typer.Option("--engine-kind", help="Engine role.")
     ] = "llm",
     backend: Annotated[
-        str, typer.Option("--backend", help="vllm, sim, embedding, ... (auto picks one).")
+        str, typer.Option("--backend", help="vllm, sglang, sim, embedding, ... (auto picks one).")
     ] = "auto",
     engine_port: Annotated[
         int | None,

@@ -20,7 +20,7 @@ from sage.services.lifecycle.spec import EngineSpec
 
 from .conftest import BIN_ENV_VARS, FakePrograms
 
-ALL_NAMES = {"vllm", "tei", "infinity", "embedding", "transformers", "sim", "external"}
+ALL_NAMES = {"vllm", "sglang", "tei", "infinity", "embedding", "transformers", "sim", "external"}
 
 
 def test_every_backend_is_registered_under_its_own_name() -> None:

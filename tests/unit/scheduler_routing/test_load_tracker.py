@@ -307,9 +307,9 @@ async def test_scrape_asks_for_its_series_and_falls_back_to_a_whole_page() -> No
         await tracker.aclose()
         for runner in runners:
             await runner.cleanup()
-    series = tuple(
-        sorted([RUNNING, WAITING, "vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"])
-    )
+    vllm = [RUNNING, WAITING, "vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"]
+    sglang = ["sglang:num_running_reqs", "sglang:num_queue_reqs", "sglang:token_usage"]
+    series = tuple(sorted(vllm + sglang))
     assert first == [
         ("other", "/metrics", ()),  # no filtered page there: the whole one instead
         ("other", "/metrics/", series),

@@ -82,6 +82,7 @@ from sage.engines.sim.model import (
     tokenize,
 )
 from sage.engines.sim.prefix_cache import PrefixCache
+from sage.engines.sim.sglang import FLAVORS, sglang_registry
 from sage.engines.vllm_metrics import VllmRequestMetrics
 from sage.protocol.openai import (
     EngineChatCompletionRequest,
@@ -522,6 +523,12 @@ class _SimEngine:
         self.engine_id = config.kv_engine_id or str(uuid.uuid4())
         self.kv_store = BlockStore(config.kv_block_size, config.kv_hold_s)
         self.metrics = _Metrics(config, self.queue, self.kv_store, self.engine_id)
+        # What /metrics serves: SGLang's gauges instead of vLLM's series in its flavor.
+        self.exposed = (
+            sglang_registry(config.model, self.queue, self._finished)
+            if config.flavor == "sglang"
+            else self.metrics.registry
+        )
         self.side_channel = SideChannel(self._serve_pull)
         self.shared_storage = (
             SharedStorage(config.kv_shared_storage_path, config.kv_block_size)
@@ -1249,6 +1256,16 @@ class _SimEngine:
         listed["data"] += self.lora.model_entries(listed["data"][0])
         return JSONResponse(listed)
 
+    def _finished(self) -> float:
+        """Requests finished so far (vLLM's request_success, every reason)."""
+        return sum(
+            sample.value
+            for family in self.metrics.registry.collect()
+            if family.name == "vllm:request_success"
+            for sample in family.samples
+            if sample.name == "vllm:request_success_total"
+        )
+
     async def health(self, request: Request) -> Response:
         """GET /health: 200 with an empty body, as vLLM answers."""
         return Response(b"", 200, b"text/plain; charset=utf-8")
@@ -1261,7 +1278,7 @@ class _SimEngine:
         """GET /metrics (or /metrics/) in Prometheus text format; `?name[]=...` keeps only
         those series, as prometheus_client's app at vLLM's /metrics/ does (vLLM's /metrics
         ignores it; we honour it on both: a filter asked for is a filter meant)."""
-        registry = self.metrics.registry
+        registry = self.exposed
         names = parse_qs(request.query.decode("latin-1")).get("name[]")
         page = generate_latest(registry.restricted_registry(names) if names else registry)
         return Response(page, 200, CONTENT_TYPE_LATEST.encode())
@@ -1297,6 +1314,8 @@ def create_app(config: SimConfig) -> App:
         "/metrics": ("GET", engine.prometheus),
         "/metrics/": ("GET", engine.prometheus),  # vLLM's prometheus_client mount
     }
+    if config.flavor == "sglang":
+        routes["/health_generate"] = ("GET", engine.health)
     if config.embedding_dim > 0:
         routes["/v1/embeddings"] = ("POST", engine.embeddings)
     # vLLM serves both whatever its flags; kv_events routing reads /tokenize.
@@ -1472,6 +1491,13 @@ def _parser() -> argparse.ArgumentParser:
         "(tests of what users see while engines start)",
     )
     parser.add_argument(
+        "--flavor",
+        default=defaults.flavor,
+        choices=FLAVORS,
+        help="engine family to speak: vllm, or sglang (SGLang's /metrics names and "
+        "/health_generate)",
+    )
+    parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper
     )
     add_api_key_argument(parser)
@@ -1511,6 +1537,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             prefix_cache_blocks=args.prefix_cache_blocks,
             prefill_ms_per_token=args.prefill_ms_per_token,
             kv_events_endpoint=args.kv_events_endpoint,
+            flavor=args.flavor,
         )
     except ConfigurationError as exc:
         parser.error(exc.message)

@@ -158,6 +158,8 @@ class SimConfig:
     # Publish the prefix cache's blocks as vLLM's KV-cache events on this ZMQ endpoint
     # (kv_publisher.py; vLLM's --kv-events-config); "" = none.
     kv_events_endpoint: str = ""
+    # Which engine family's metrics and health routes to speak: vllm, or sglang (sglang.py).
+    flavor: str = "vllm"
     served_names: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -187,6 +189,7 @@ class SimConfig:
                 "kv_load_failure_policy must be fail or recompute",
             ),
             (self.kv_connector in ("nixl", "example"), "kv_connector must be nixl or example"),
+            (self.flavor in ("vllm", "sglang"), "flavor must be vllm or sglang"),
             (
                 self.kv_connector != "example" or bool(self.kv_shared_storage_path),
                 "kv_connector example needs kv_shared_storage_path",

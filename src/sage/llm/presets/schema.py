@@ -11,10 +11,23 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
-__all__ = ["NAME_PATTERN", "Preset", "PresetEngine"]
+__all__ = ["BACKEND_NAMES", "NAME_PATTERN", "Preset", "PresetEngine"]
 
 # Names end up in engine labels (`preset:<preset>/<engine>`) and on command lines.
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+# lifecycle's backends (services/lifecycle/backends, kept equal by a test) and `auto`: a
+# misspelt backend fails when the preset is read, not engines later when it is applied.
+BACKEND_NAMES = (
+    "auto",
+    "vllm",
+    "sglang",
+    "tei",
+    "infinity",
+    "embedding",
+    "transformers",
+    "sim",
+    "external",
+)
 
 
 class PresetEngine(BaseModel):
@@ -37,6 +50,17 @@ class PresetEngine(BaseModel):
     # LoRA adapters can be loaded on it at run time (`sage llm engine adapter load`).
     lora: bool = False
     max_lora_rank: int | None = Field(default=None, ge=1, le=512)
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, backend: str) -> str:
+        if backend.strip().lower() not in BACKEND_NAMES:
+            raise PydanticCustomError(
+                "unknown_backend",
+                "unknown backend '{backend}'; choose one of {names}",
+                {"backend": backend, "names": ", ".join(BACKEND_NAMES)},
+            )
+        return backend
 
     def engine_label(self, preset_name: str) -> str:
         """The label that identifies this engine as started by the preset."""
