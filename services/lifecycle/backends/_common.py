@@ -6,11 +6,14 @@ Nothing here starts a process; backends only describe how one would be started.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from sage.common.exceptions import EngineStartError, InvalidRequestError
 
@@ -34,6 +37,25 @@ _CONTROL_PLANE_SECRETS = frozenset(
         "SAGE_TLS_KEY_FILE",
     }
 )
+
+
+def probe_interpreter(python: str, code: str) -> dict[str, Any] | None:
+    """What `code` run by interpreter `python` prints as JSON on its last line (None when
+    the interpreter is missing, fails, or prints no object): how a backend learns what an
+    engine's own environment has installed without importing it here."""
+    try:
+        out = subprocess.run(
+            [python, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+            stdin=subprocess.DEVNULL,
+        ).stdout
+        doc = json.loads(out.strip().splitlines()[-1]) if out.strip() else None
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def find_program(name: str, env_var: str, environ: Mapping[str, str] | None = None) -> str | None:

@@ -14,9 +14,7 @@ not see it. `--enable-metrics` is always passed: the scheduler's load view reads
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Mapping
@@ -25,7 +23,7 @@ from pathlib import Path
 from sage.common.exceptions import EngineStartError, InvalidRequestError
 
 from ..spec import EngineSpec
-from ._common import check_kind, gpu_env
+from ._common import check_kind, gpu_env, probe_interpreter
 from .base import Availability, LaunchPlan
 
 PYTHON_ENV_VAR = "SAGE_SGLANG_PYTHON"  # the interpreter SGLang is installed in
@@ -64,19 +62,8 @@ def installed_version(python: str) -> str:
     cached = _probe_cache.get(python)
     if cached is not None and now - cached[0] < _PROBE_TTL_S:
         return cached[1]
-    try:
-        out = subprocess.run(
-            [python, "-c", _PROBE],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-            stdin=subprocess.DEVNULL,
-        ).stdout
-        doc = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
-        version = str(doc.get("version", "")) if isinstance(doc, dict) else ""
-    except (OSError, subprocess.SubprocessError, ValueError):
-        version = ""
+    doc = probe_interpreter(python, _PROBE) or {}
+    version = str(doc.get("version", ""))
     _probe_cache[python] = (now, version)
     return version
 

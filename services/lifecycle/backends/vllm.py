@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Mapping
@@ -43,7 +42,7 @@ from pathlib import Path
 from sage.common.exceptions import EngineStartError, InvalidRequestError
 
 from ..spec import EngineSpec
-from ._common import check_kind, find_program, gpu_env
+from ._common import check_kind, find_program, gpu_env, probe_interpreter
 from .base import Availability, LaunchPlan
 
 ENV_VAR = "SAGE_VLLM_BIN"  # a `vllm` program to run as it is
@@ -135,19 +134,8 @@ def probe_python(python: str) -> VllmInstall | None:
 
 
 def _probe(python: str) -> VllmInstall | None:
-    try:
-        out = subprocess.run(
-            [python, "-c", _PROBE],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-            stdin=subprocess.DEVNULL,
-        ).stdout
-        doc = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return None
-    if not isinstance(doc, dict) or doc.get("distribution") not in DISTRIBUTIONS:
+    doc = probe_interpreter(python, _PROBE)
+    if doc is None or doc.get("distribution") not in DISTRIBUTIONS:
         return None
     return VllmInstall(python, doc["distribution"], str(doc["version"]), bool(doc.get("nixl")))
 
