@@ -492,14 +492,20 @@ async def test_batch_slowdown_stretches_decoding() -> None:
     config = SimConfig(tpot_ms=20, batch_slowdown=1.0, max_num_seqs=8)
     async with make_client(config) as client:
         body = {"prompt": "x", "max_tokens": 6}
-        started = time.perf_counter()
-        await client.post(COMPLETIONS, json=body)
-        alone = time.perf_counter() - started
+
+        async def alone() -> float:
+            started = time.perf_counter()
+            await client.post(COMPLETIONS, json=body)
+            return time.perf_counter() - started
+
+        # The quickest of three lone runs: a stall on a busy machine only ever lengthens
+        # one, and a single lengthened lone run could reach 3 batched runs' 1.5x (3x here).
+        lone = min([await alone() for _ in range(3)])
         started = time.perf_counter()
         await asyncio.gather(*(client.post(COMPLETIONS, json=body) for _ in range(3)))
         together = time.perf_counter() - started
-        assert alone >= 0.8 * 5 * 0.020
-        assert together > 1.5 * alone
+        assert lone >= 0.8 * 5 * 0.020
+        assert together > 1.5 * lone, (together, lone)
 
 
 async def test_zero_latency_path_is_fast(sim: httpx.AsyncClient) -> None:
