@@ -48,6 +48,7 @@ from sage.protocol.openai import (
     CompletionRequest,
     DetokenizeRequest,
     EmbeddingRequest,
+    ResponsesRequest,
     TokenizeRequest,
 )
 from sage.rpc.gpu_manager.v1 import gpu_manager_pb2_grpc
@@ -125,12 +126,40 @@ def _events(messages: list[Any]) -> bytes:
     )
 
 
+def _named_events(messages: list[Any]) -> bytes:
+    """The Responses API's SSE: each event named by its payload's `type` (the scheduler
+    relays only `data`), as OpenAI and vLLM send them."""
+    out = bytearray()
+    for m in messages:
+        for data in (m.data, *m.more):
+            try:
+                kind = orjson.loads(data).get("type")
+            except (orjson.JSONDecodeError, AttributeError):
+                kind = None
+            if isinstance(kind, str) and kind.isprintable():
+                out += b"event: " + kind.encode() + b"\n"
+            out += sse_event(data)
+    return bytes(out)
+
+
+def _response_error_event(exc: SageError) -> bytes:
+    """A mid-stream failure as the Responses API's `error` event."""
+    detail = exc.to_openai()["error"]
+    event = {"type": "error", "code": detail.get("code"), "message": detail.get("message")}
+    event["param"] = detail.get("param")
+    return b"event: error\n" + sse_event(orjson.dumps(event))
+
+
 async def _stream_sse(
-    messages: AsyncIterator[list[Any]], on_first: Callable[[], None] | None = None
+    messages: AsyncIterator[list[Any]],
+    on_first: Callable[[], None] | None = None,
+    error_event: Callable[[SageError], bytes] | None = None,
 ) -> StreamingResponse:
     """SSE from a stream of scheduler messages (in lists that arrived together: one HTTP
     write each); errors before the first chunk become HTTP errors, later ones an OpenAI
-    error event."""
+    error event. `error_event` (the Responses API): named events, that API's
+    error event, no [DONE]."""
+    events = _named_events if error_event else _events
     try:
         first = await messages.__anext__()
     except StopAsyncIteration:
@@ -141,11 +170,15 @@ async def _stream_sse(
     async def chunks() -> AsyncIterator[bytes]:
         try:
             if first is not None:
-                yield _events(first)
+                yield events(first)
             async for message in messages:
-                yield _events(message)  # one HTTP write per batch, however many chunks
-            yield DONE
+                yield events(message)  # one HTTP write per batch, however many chunks
+            if error_event is None:
+                yield DONE
         except SageError as exc:
+            if error_event is not None:
+                yield error_event(exc)
+                return
             # Headers are gone; vLLM's convention is an error event, then [DONE].
             yield sse_event(orjson.dumps(exc.to_openai()))
             yield DONE
@@ -268,13 +301,20 @@ def create_app(
             raise ServiceUnavailableError("the edge is starting") from None
 
     def generation(
-        protocol: type[ChatCompletionRequest | CompletionRequest],
+        protocol: type[ChatCompletionRequest | CompletionRequest | ResponsesRequest],
         unary: str,
         unary_msg: Any,
         stream: str,
         stream_msg: Any,
+        api: int = spb.CHAT_API_CHAT_COMPLETIONS,
     ) -> Handler:
-        """A chat/completion route: validate once, forward the raw body, relay raw bytes."""
+        """A chat/completion route: validate once, forward the raw body, relay raw bytes.
+        `api`: which chat API (and engine route) a chat-kind request speaks."""
+        error_events: dict[int, Callable[[SageError], bytes]] = {
+            spb.CHAT_API_RESPONSES: _response_error_event,
+        }
+        error_event = error_events.get(api)
+        extra = {"api": api} if api else {}
 
         async def handle(request: Request) -> Response | StreamingResponse:
             key = keys.authenticate(request.headers)
@@ -288,16 +328,17 @@ def create_app(
                 started = time.perf_counter()
                 messages = scheduler.stream(
                     stream,
-                    stream_msg(model=model, body=body, options=options, coalesce=True),
+                    stream_msg(model=model, body=body, options=options, coalesce=True, **extra),
                     timeout,
                 )
                 return await _stream_sse(
-                    messages, lambda: metrics.observe_ttft(model, time.perf_counter() - started)
+                    messages,
+                    lambda: metrics.observe_ttft(model, time.perf_counter() - started),
+                    error_event,
                 )
             # A client that leaves cancels the request: the scheduler and the engine stop.
-            reply = await request.unless_disconnected(
-                scheduler.unary(unary, unary_msg(model=model, body=body, options=options), timeout)
-            )
+            message = unary_msg(model=model, body=body, options=options, **extra)
+            reply = await request.unless_disconnected(scheduler.unary(unary, message, timeout))
             return Response(reply.body)
 
         return handle
@@ -318,6 +359,19 @@ def create_app(
             spb.CompleteRequest,
             "complete_stream",
             spb.CompleteStreamRequest,
+        ),
+    )
+
+    app.add(
+        "POST",
+        "/v1/responses",
+        generation(
+            ResponsesRequest,
+            "chat",
+            spb.ChatRequest,
+            "chat_stream",
+            spb.ChatStreamRequest,
+            spb.CHAT_API_RESPONSES,
         ),
     )
 

@@ -24,6 +24,7 @@ _EXAMPLES = {
         "max_tokens": 8,
     },
     "CompletionRequest": {"model": "sim", "prompt": "Once upon a time", "max_tokens": 8},
+    "ResponsesRequest": {"model": "sim", "input": "Say hello", "max_output_tokens": 8},
     "EmbeddingRequest": {"model": "sim-embedding", "input": ["hello", "world"]},
     "TokenizeRequest": {"model": "sim", "prompt": "Once upon a time"},
     "DetokenizeRequest": {"model": "sim", "tokens": [1, 2, 3]},
@@ -256,6 +257,36 @@ def _generation(summary: str, operation_id: str, reply: str, body: str) -> dict[
     )
 
 
+def _responses_operation() -> dict[str, Any]:
+    """POST /v1/responses: the engine's response object, or with stream=true its named
+    events (response.created ... response.completed; no [DONE])."""
+    operation = _generation(
+        "Create a response (OpenAI's Responses API; its events as SSE when stream is true)",
+        "createResponse",
+        "ChatCompletion",
+        "ResponsesRequest",
+    )
+    reply = {
+        "type": "object",
+        "required": ["id", "object", "output"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": "response"},
+            "status": {"type": "string"},
+            "output": {"type": "array", "items": {"type": "object"}},
+            "usage": {"type": ["object", "null"]},
+        },
+    }
+    operation["responses"]["200"] = {
+        "description": "The response, or with stream=true its events.",
+        "content": {JSON: {"schema": reply}, SSE: {"schema": _SSE_EVENT}},
+    }
+    operation["responses"]["404"] = _error_response(
+        "Unknown model, or its engine does not serve /v1/responses."
+    )
+    return operation
+
+
 def _json_operation(
     summary: str, operation_id: str, description: str, reply: str, body: str
 ) -> dict[str, Any]:
@@ -292,6 +323,7 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
                 "CompletionRequest",
             )
         },
+        "/v1/responses": {"post": _responses_operation()},
         "/v1/embeddings": {
             "post": _json_operation(
                 "Create embeddings (micro-batched by the embedding service)",

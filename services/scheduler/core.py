@@ -7,9 +7,10 @@ unit-tested without gRPC.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Protocol
@@ -112,10 +113,30 @@ def usage_of(body: bytes) -> TokenUsage:
     if not isinstance(usage, dict):
         return TokenUsage()
     return TokenUsage(
-        int(usage.get("prompt_tokens") or 0),
-        int(usage.get("completion_tokens") or 0),
+        # input_/output_tokens: the Responses API's names for the same counts
+        int(usage.get("prompt_tokens") or usage.get("input_tokens") or 0),
+        int(usage.get("completion_tokens") or usage.get("output_tokens") or 0),
         int(usage.get("total_tokens") or 0),
     )
+
+
+@contextlib.contextmanager
+def _route_named(engine: EngineRecord, path: str) -> Iterator[None]:
+    """An engine without the route `path` (a 404 that is not an OpenAI error about the
+    model: a framework's "Not Found") becomes a NotFoundError naming the engine and path;
+    any other error passes unchanged (a refused connection still fails over)."""
+    try:
+        yield
+    except (EngineUnreachableError, EngineDisconnectedError):
+        raise
+    except UpstreamError as exc:
+        # engine_error's words for a non-OpenAI 404
+        if "returned HTTP 404" not in exc.message:
+            raise
+        raise NotFoundError(
+            f"engine {engine.engine_id} ({engine.backend or 'unknown backend'}) "
+            f"does not serve {path}"
+        ) from None
 
 
 def _engine_id(engine: EngineRecord) -> str:
@@ -164,7 +185,11 @@ def estimate_tokens(parsed: RequestBody) -> int:
     """
     doc = parsed.doc()
     fields = doc if isinstance(doc, dict) else {}
-    limit = _count(fields.get("max_completion_tokens"), 0) or _count(fields.get("max_tokens"), 0)
+    limit = (
+        _count(fields.get("max_completion_tokens"), 0)
+        or _count(fields.get("max_tokens"), 0)
+        or _count(fields.get("max_output_tokens"), 0)  # the Responses API's
+    )
     return min(_INT32_MAX, len(parsed.raw) // 4 + limit * max(1, _count(fields.get("n"), 1)))
 
 
@@ -461,6 +486,7 @@ class Scheduler:
                         with (
                             self.load.track(engine.engine_id),
                             self.breakers.guard(engine.engine_id),
+                            _route_named(engine, path),
                         ):
                             reply = await self.executor.post_json(
                                 engine, path, _for_engine(body, model, engine, parsed)
@@ -510,7 +536,7 @@ class Scheduler:
         candidates = self.breakers.routable(engines, _engine_id) or engines
         for i, engine in enumerate(candidates):
             try:
-                with self.load.track(engine.engine_id):
+                with self.load.track(engine.engine_id), _route_named(engine, path):
                     reply = await self.executor.post_json(
                         engine, path, _for_engine(body, model, engine)
                     )
@@ -519,14 +545,6 @@ class Scheduler:
                 if i == len(candidates) - 1:
                     raise
                 self.metrics.failover("unary")
-            except UpstreamError as exc:
-                # engine_error's words for a non-OpenAI 404 (a framework's "Not Found")
-                if "returned HTTP 404" not in exc.message:
-                    raise
-                raise NotFoundError(
-                    f"engine {engine.engine_id} ({engine.backend or 'unknown backend'}) "
-                    f"does not serve {path}"
-                ) from None
         raise AssertionError("unreachable")  # ready_for never returns an empty list
 
     async def generate_stream(
@@ -573,6 +591,7 @@ class Scheduler:
                         with (
                             self.load.track(engine.engine_id),
                             self.breakers.guard(engine.engine_id) as call,
+                            _route_named(engine, leg),
                         ):
                             async for payload in self.executor.stream_sse(engine, leg, sent):
                                 if not produced:

@@ -136,6 +136,16 @@ def _split_events(buffer: bytearray) -> list[bytes]:
             payloads.append(b"\n".join(data))
 
 
+# The Responses API's stream ends with one of these events, not [DONE].
+_RESPONSE_ENDS = (b'"response.completed"', b'"response.incomplete"', b'"response.failed"')
+
+
+def _finished_without_done(path: str, last: bytes) -> bool:
+    """Whether a stream that ended without [DONE] is whole: a Responses API stream whose
+    last event is its terminal one."""
+    return path.endswith("/responses") and any(end in last for end in _RESPONSE_ENDS)
+
+
 async def _traced(payloads: AsyncIterator[bytes], span: Span) -> AsyncIterator[bytes]:
     """`payloads`, ending `span` when the stream ends, fails or is abandoned."""
     error: Exception | None = None
@@ -218,6 +228,7 @@ class HttpExecutionCoordinator:
                     content = await stream.read()
                 raise _engine_error(engine, stream.status, content)
             buffer = bytearray()
+            last = b""
             with _http1_errors(engine):
                 async for chunk in stream:
                     buffer += chunk
@@ -228,6 +239,10 @@ class HttpExecutionCoordinator:
                             stream.release()
                             return
                         yield payload
+                        last = payload
+            if _finished_without_done(path, last):
+                stream.release()
+                return
             # The body ended without [DONE]: the engine went away mid-reply.
             raise EngineDisconnectedError(
                 f"engine {engine.engine_id} closed the stream before [DONE]"

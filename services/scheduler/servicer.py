@@ -50,6 +50,22 @@ async def _messages(
                 start = i
 
 
+# The engine route of each chat API (ChatRequest.api): one scheduling path, several APIs.
+_CHAT_PATHS: dict[int, str] = {
+    pb.CHAT_API_CHAT_COMPLETIONS: "/v1/chat/completions",
+    pb.CHAT_API_RESPONSES: "/v1/responses",
+}
+
+
+def _chat_path(api: int) -> str:
+    """The engine path for `api`; a value this scheduler does not know is the caller's error
+    (a newer client), not an internal one."""
+    path = _CHAT_PATHS.get(api)
+    if path is None:
+        raise InvalidRequestError(f"unknown chat api {api}", param="api")
+    return path
+
+
 class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
     """SchedulerService over the domain Scheduler."""
 
@@ -102,7 +118,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
         return _messages(chunks, request.coalesce)
 
     async def Chat(self, request: pb.ChatRequest, context: Any) -> pb.ChatResponse:
-        result = await self._generate(request, "/v1/chat/completions", RequestClass.LLM_CHAT)
+        result = await self._generate(request, _chat_path(request.api), RequestClass.LLM_CHAT)
         return pb.ChatResponse(
             body=result.body, engine_id=result.engine.engine_id, usage=usage_pb(result.usage)
         )
@@ -110,7 +126,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
     async def ChatStream(
         self, request: pb.ChatStreamRequest, context: Any
     ) -> AsyncIterator[pb.ChatStreamResponse]:
-        messages = self._generate_stream(request, "/v1/chat/completions", RequestClass.LLM_CHAT)
+        messages = self._generate_stream(request, _chat_path(request.api), RequestClass.LLM_CHAT)
         async for engine_id, data, more in messages:
             yield pb.ChatStreamResponse(data=data, engine_id=engine_id, more=more)
 

@@ -40,12 +40,14 @@ __all__ = [
     "EngineChatCompletionRequest",
     "EngineChatMessage",
     "EngineCompletionRequest",
+    "EngineResponsesRequest",
     "EngineTokenizeRequest",
     "ErrorResponse",
     "Model",
     "ModelList",
     "Problem",
     "ProtocolError",
+    "ResponsesRequest",
     "StreamOptions",
     "TokenizeRequest",
     "TokenizeResponse",
@@ -233,6 +235,48 @@ class CompletionRequest(_Sampling, kw_only=True):
         return self.max_tokens, "max_tokens"
 
 
+class ResponsesRequest(_Model):
+    """POST /v1/responses (OpenAI's Responses API), scheduled as a chat. The edge reads only
+    what it routes, limits and validates by; the body goes to the engine byte for byte."""
+
+    model: ModelName
+    input: Annotated[
+        NonEmptyText | Annotated[list[dict[str, Any]], msgspec.Meta(min_length=1)],
+        msgspec.Meta(description="Text, or an array of input items (messages, tool output)."),
+    ]
+    instructions: str | None = None
+    stream: Annotated[
+        bool | None, msgspec.Meta(description="Stream the Responses API's events as SSE.")
+    ] = False
+    max_output_tokens: Annotated[
+        PositiveInt | None, msgspec.Meta(description="Most tokens to generate.")
+    ] = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    previous_response_id: Annotated[
+        str | None,
+        msgspec.Meta(description="Not supported: engines behind the gateway keep no responses."),
+    ] = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    user: str | None = None
+
+    def __post_init__(self) -> None:
+        # Each request may go to another engine, and engines keep no response store (vLLM's
+        # is off by default), so a follow-up could never find the response it names.
+        if self.previous_response_id is not None:
+            raise ValueError(
+                "`previous_response_id` is not supported: engines behind the gateway keep no "
+                "responses; send the conversation in `input` instead"
+            )
+
+    @property
+    def streaming(self) -> bool:
+        return bool(self.stream)
+
+
 # Engines read requests as vLLM does, which is looser than OpenAI's API in a few places.
 NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
 
@@ -261,6 +305,17 @@ class EngineCompletionRequest(CompletionRequest, kw_only=True):
     prompt: str | list[Any] | None = None  # type: ignore[assignment]
     temperature: NonNegativeFloat | None = None
     return_token_ids: bool | None = None
+
+
+class EngineResponsesRequest(ResponsesRequest, kw_only=True):
+    """A Responses request as an engine reads it (as vLLM): without `model` it serves its
+    own, and a previous_response_id is looked up (in a store the engine may not keep)."""
+
+    model: str | None = None  # type: ignore[assignment]
+    temperature: NonNegativeFloat | None = None
+
+    def __post_init__(self) -> None:
+        pass
 
 
 class EngineTokenizeRequest(_Model):
@@ -462,6 +517,7 @@ class ErrorResponse(_Model):
 SCHEMA_MODELS: tuple[type[_Model], ...] = (
     ChatCompletionRequest,
     CompletionRequest,
+    ResponsesRequest,
     EmbeddingRequest,
     TokenizeRequest,
     DetokenizeRequest,
@@ -476,7 +532,16 @@ SCHEMA_MODELS: tuple[type[_Model], ...] = (
 )
 _SCHEMA_NAMES = {ErrorResponse: "Error"}
 # Whole-object rules the field types cannot say, added to the model's schema.
-_SCHEMA_EXTRAS: dict[type[_Model], dict[str, Any]] = {TokenizeRequest: _PROMPT_OR_MESSAGES}
+_SCHEMA_EXTRAS: dict[type[_Model], dict[str, Any]] = {
+    TokenizeRequest: _PROMPT_OR_MESSAGES,
+    # refused (see ResponsesRequest): only null or absent is valid
+    ResponsesRequest: {
+        "not": {
+            "required": ["previous_response_id"],
+            "properties": {"previous_response_id": {"type": "string"}},
+        }
+    },
+}
 
 
 def json_schemas(ref_prefix: str = "#/components/schemas/") -> dict[str, Any]:

@@ -87,6 +87,7 @@ from sage.engines.vllm_metrics import VllmRequestMetrics
 from sage.protocol.openai import (
     EngineChatCompletionRequest,
     EngineCompletionRequest,
+    EngineResponsesRequest,
     EngineTokenizeRequest,
     ProtocolError,
     convert,
@@ -458,7 +459,13 @@ def _read(body: dict[str, Any], cls: type[_R]) -> _R:
         raise _as_vllm(exc) from None
 
 
-_R = TypeVar("_R", EngineChatCompletionRequest, EngineCompletionRequest, EngineTokenizeRequest)
+_R = TypeVar(
+    "_R",
+    EngineChatCompletionRequest,
+    EngineCompletionRequest,
+    EngineTokenizeRequest,
+    EngineResponsesRequest,
+)
 # Top-level booleans read with pydantic's words for true and false ("yes", "off", ...).
 _BOOL_FIELDS = frozenset({"stream", "return_token_ids", "ignore_eos", "echo"})
 
@@ -1037,6 +1044,65 @@ class _SimEngine:
             )
         yield _DONE
 
+    # ---- responses (OpenAI's Responses API, as vLLM serves it)
+
+    async def responses(self, request: Request) -> Response | StreamingResponse:
+        """POST /v1/responses: text in, one assistant message out, generated as a chat."""
+        body = await _json_object(request)
+        model = self._model(body)
+        req = _read(body, EngineResponsesRequest)
+        if req.previous_response_id is not None:  # vLLM's store is off by default
+            raise NotFoundError(f"Response with id '{req.previous_response_id}' not found.")
+        prompt = chat_prompt_text(_response_messages(req))
+        prompt_ids = tokenize(prompt)
+        max_tokens = self._max_tokens(
+            req.max_output_tokens, "max_output_tokens", len(prompt_ids), "messages"
+        )
+        generation = generate_ids(
+            prompt_ids, max_tokens, self.config.seed, (), self.config.subword_tokens
+        )
+        job = _Job(
+            model, len(prompt_ids), (generation,), req.streaming, False, False,
+            self._local_prefill_s((prompt_ids,)),
+        )  # fmt: skip
+        shape = _ResponseShape(self._id("resp"), self._id("msg"), job, req)
+        if req.streaming:
+            return StreamingResponse(self._response_events(shape, request))
+        if not await self._run_to_end(job, request):
+            return Response(b"", _CLIENT_GONE)
+        return JSONResponse(shape.response("completed"))
+
+    async def _response_events(
+        self, shape: _ResponseShape, request: Request
+    ) -> AsyncIterator[bytes]:
+        """vLLM's Responses event stream for one text message; it ends with
+        response.completed (no [DONE])."""
+        job = shape.job
+        generation = job.generations[0]
+        yield shape.event("response.created", response=shape.response("in_progress"))
+        yield shape.event("response.in_progress", response=shape.response("in_progress"))
+        yield shape.event("response.output_item.added", output_index=0, item=shape.message(None))
+        yield shape.event("response.content_part.added", **shape.where(), part=shape.part(""))
+        sent = 0
+        watch = _DisconnectWatch(request)
+        try:
+            async with contextlib.aclosing(self._steps(job, watch)) as steps:
+                async for step in steps:
+                    delta = generation.pieces[step]
+                    yield shape.event(
+                        "response.output_text.delta", **shape.where(), delta=delta, logprobs=[]
+                    )
+                    sent += 1
+        finally:
+            watch.close()
+        if sent < job.steps:
+            return  # the client left; nobody is reading
+        text = generation.text
+        yield shape.event("response.output_text.done", **shape.where(), text=text, logprobs=[])
+        yield shape.event("response.content_part.done", **shape.where(), part=shape.part(text))
+        yield shape.event("response.output_item.done", output_index=0, item=shape.message(text))
+        yield shape.event("response.completed", response=shape.response("completed"))
+
     # ---- completions
 
     async def completions(self, request: Request) -> Response | StreamingResponse:
@@ -1284,6 +1350,105 @@ class _SimEngine:
         return Response(page, 200, CONTENT_TYPE_LATEST.encode())
 
 
+def _response_messages(req: EngineResponsesRequest) -> list[dict[str, Any]]:
+    """A Responses request's input as chat messages (instructions first, as a system turn);
+    input_text / output_text parts count as text, other items (tool calls) add none."""
+    messages: list[dict[str, Any]] = []
+    if req.instructions:
+        messages.append({"role": "system", "content": req.instructions})
+    if isinstance(req.input, str):
+        return [*messages, {"role": "user", "content": req.input}]
+    for item in req.input:
+        content = item.get("content")
+        if isinstance(content, list):
+            content = [
+                {"type": "text", "text": part.get("text")}
+                for part in content
+                if isinstance(part, dict) and part.get("type") in ("input_text", "output_text")
+            ]
+        messages.append({"role": item.get("role", "user"), "content": content})
+    return messages
+
+
+class _ResponseShape:
+    """The JSON of one Responses reply: the response object, its message, and its events
+    (numbered in order, as vLLM's sequence_number)."""
+
+    def __init__(
+        self, response_id: str, item_id: str, job: _Job, req: EngineResponsesRequest
+    ) -> None:
+        self.response_id = response_id
+        self.item_id = item_id
+        self.job = job
+        self.req = req
+        self.created = int(time.time())
+        self.sequence = 0
+
+    def part(self, text: str) -> dict[str, Any]:
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": None}
+
+    def message(self, text: str | None) -> dict[str, Any]:
+        """The assistant message item; `text` None while it is still being written."""
+        done = text is not None
+        return {
+            "id": self.item_id,
+            "type": "message",
+            "role": "assistant",
+            "status": "completed" if done else "in_progress",
+            "content": [self.part(text)] if done and text is not None else [],
+        }
+
+    def where(self) -> dict[str, Any]:
+        return {"item_id": self.item_id, "output_index": 0, "content_index": 0}
+
+    def response(self, status: str) -> dict[str, Any]:
+        """The response object; `status` "completed" once generated (then "incomplete" if
+        the output limit cut it short, as vLLM reports it)."""
+        job, req = self.job, self.req
+        generation = job.generations[0]
+        done = status == "completed"
+        if done and generation.finish_reason == "length":
+            status = "incomplete"
+        return {
+            "id": self.response_id,
+            "object": "response",
+            "created_at": self.created,
+            "model": job.model,
+            "status": status,
+            "incomplete_details": (
+                {"reason": "max_output_tokens"} if status == "incomplete" else None
+            ),
+            "error": None,
+            "instructions": req.instructions,
+            "metadata": req.metadata,
+            "max_output_tokens": req.max_output_tokens,
+            "temperature": req.temperature if req.temperature is not None else 1.0,
+            "top_p": req.top_p if req.top_p is not None else 1.0,
+            "tools": [],
+            "tool_choice": "auto",
+            "parallel_tool_calls": True,
+            "previous_response_id": None,
+            "output": [self.message(generation.text)] if done else [],
+            "usage": (
+                {
+                    "input_tokens": job.prompt_tokens,
+                    "input_tokens_details": {"cached_tokens": 0},
+                    "output_tokens": job.completion_tokens,
+                    "output_tokens_details": {"reasoning_tokens": 0},
+                    "total_tokens": job.prompt_tokens + job.completion_tokens,
+                }
+                if done
+                else None
+            ),
+        }
+
+    def event(self, kind: str, **fields: Any) -> bytes:
+        """One named SSE event, as vLLM writes them."""
+        data = orjson.dumps({"type": kind, "sequence_number": self.sequence, **fields})
+        self.sequence += 1
+        return b"event: " + kind.encode() + b"\n" + sse_event(data)
+
+
 def _embedding_inputs(value: Any) -> list[str]:
     if value is None:
         raise InvalidRequestError("input is required", param="input")
@@ -1308,6 +1473,7 @@ def create_app(config: SimConfig) -> App:
     routes: dict[str, tuple[str, Handler]] = {
         "/v1/chat/completions": ("POST", engine.chat),
         "/v1/completions": ("POST", engine.completions),
+        "/v1/responses": ("POST", engine.responses),
         "/v1/models": ("GET", engine.models),
         "/health": ("GET", engine.health),
         "/version": ("GET", engine.version),

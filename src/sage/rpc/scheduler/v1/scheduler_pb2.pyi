@@ -20,6 +20,26 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _ChatApi:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ChatApiEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ChatApi.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CHAT_API_CHAT_COMPLETIONS: _ChatApi.ValueType  # 0
+    """POST /v1/chat/completions"""
+    CHAT_API_RESPONSES: _ChatApi.ValueType  # 1
+    """POST /v1/responses (OpenAI's Responses API)"""
+
+class ChatApi(_ChatApi, metaclass=_ChatApiEnumTypeWrapper):
+    """The API a chat-kind request speaks: each is served by the engine's route of that API."""
+
+CHAT_API_CHAT_COMPLETIONS: ChatApi.ValueType  # 0
+"""POST /v1/chat/completions"""
+CHAT_API_RESPONSES: ChatApi.ValueType  # 1
+"""POST /v1/responses (OpenAI's Responses API)"""
+Global___ChatApi: _TypeAlias = ChatApi  # noqa: Y015
+
 class _NodeState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -117,10 +137,13 @@ class ChatRequest(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     BODY_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
+    API_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model the client named; the scheduler routes on it."""
     body: _builtins.bytes
     """The OpenAI /v1/chat/completions request JSON, forwarded to the engine as is."""
+    api: Global___ChatApi.ValueType
+    """The engine route (and body shape) of this chat: scheduled the same whichever it is."""
     @_builtins.property
     def options(self) -> Global___RequestOptions: ...
     def __init__(
@@ -129,10 +152,11 @@ class ChatRequest(_message.Message):
         model: _builtins.str = ...,
         body: _builtins.bytes = ...,
         options: Global___RequestOptions | None = ...,
+        api: Global___ChatApi.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "model", b"model", "options", b"options"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api", b"api", "body", b"body", "model", b"model", "options", b"options"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -174,6 +198,7 @@ class ChatStreamRequest(_message.Message):
     BODY_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
     COALESCE_FIELD_NUMBER: _builtins.int
+    API_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     body: _builtins.bytes
     """The OpenAI request JSON with "stream": true."""
@@ -181,6 +206,7 @@ class ChatStreamRequest(_message.Message):
     """Let one response message carry several chunks that are ready together (`data` plus
     `more`), saving a message per chunk under load. Off: exactly one chunk per message.
     """
+    api: Global___ChatApi.ValueType
     @_builtins.property
     def options(self) -> Global___RequestOptions: ...
     def __init__(
@@ -190,10 +216,11 @@ class ChatStreamRequest(_message.Message):
         body: _builtins.bytes = ...,
         options: Global___RequestOptions | None = ...,
         coalesce: _builtins.bool = ...,
+        api: Global___ChatApi.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "coalesce", b"coalesce", "model", b"model", "options", b"options"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api", b"api", "body", b"body", "coalesce", b"coalesce", "model", b"model", "options", b"options"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
