@@ -41,6 +41,7 @@ from sage.common.http import (
     sse_event,
 )
 from sage.common.security import resolve_admin_key
+from sage.protocol.anthropic import AnthropicMessagesRequest, anthropic_error
 from sage.protocol.management import Health
 from sage.protocol.openai import (
     INT32_MAX,
@@ -150,6 +151,11 @@ def _response_error_event(exc: SageError) -> bytes:
     return b"event: error\n" + sse_event(orjson.dumps(event))
 
 
+def _message_error_event(exc: SageError) -> bytes:
+    """A mid-stream failure as Anthropic's `error` event."""
+    return b"event: error\n" + sse_event(orjson.dumps(anthropic_error(exc)[1]))
+
+
 async def _stream_sse(
     messages: AsyncIterator[list[Any]],
     on_first: Callable[[], None] | None = None,
@@ -157,7 +163,7 @@ async def _stream_sse(
 ) -> StreamingResponse:
     """SSE from a stream of scheduler messages (in lists that arrived together: one HTTP
     write each); errors before the first chunk become HTTP errors, later ones an OpenAI
-    error event. `error_event` (the Responses API): named events, that API's
+    error event. `error_event` (the Responses and Messages APIs): named events, that API's
     error event, no [DONE]."""
     events = _named_events if error_event else _events
     try:
@@ -301,17 +307,20 @@ def create_app(
             raise ServiceUnavailableError("the edge is starting") from None
 
     def generation(
-        protocol: type[ChatCompletionRequest | CompletionRequest | ResponsesRequest],
+        protocol: type[
+            ChatCompletionRequest | CompletionRequest | ResponsesRequest | AnthropicMessagesRequest
+        ],
         unary: str,
         unary_msg: Any,
         stream: str,
         stream_msg: Any,
-        api: int = spb.CHAT_API_CHAT_COMPLETIONS,
+        api: int = spb.CHAT_API_UNSPECIFIED,
     ) -> Handler:
         """A chat/completion route: validate once, forward the raw body, relay raw bytes.
         `api`: which chat API (and engine route) a chat-kind request speaks."""
         error_events: dict[int, Callable[[SageError], bytes]] = {
             spb.CHAT_API_RESPONSES: _response_error_event,
+            spb.CHAT_API_MESSAGES: _message_error_event,
         }
         error_event = error_events.get(api)
         extra = {"api": api} if api else {}
@@ -374,6 +383,29 @@ def create_app(
             spb.CHAT_API_RESPONSES,
         ),
     )
+
+    messages_route = generation(
+        AnthropicMessagesRequest,
+        "chat",
+        spb.ChatRequest,
+        "chat_stream",
+        spb.ChatStreamRequest,
+        spb.CHAT_API_MESSAGES,
+    )
+
+    async def anthropic_messages(request: Request) -> Response | StreamingResponse:
+        """POST /v1/messages (Anthropic's Messages API), on chat's path: Anthropic's SDKs
+        send the key as `x-api-key`, and read errors in Anthropic's shape."""
+        headers = request.headers
+        if "authorization" not in headers and "x-api-key" in headers:
+            headers["authorization"] = "Bearer " + headers["x-api-key"]
+        try:
+            return await messages_route(request)
+        except SageError as exc:
+            status, body = anthropic_error(exc)
+            return JSONResponse(body, status)
+
+    app.add("POST", "/v1/messages", anthropic_messages)
 
     @app.route("POST", "/v1/embeddings")
     async def embeddings(request: Request) -> Response:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sage.protocol.anthropic import json_schemas as anthropic_schemas
 from sage.protocol.management import json_schemas as management_schemas
 from sage.protocol.openai import INT32_MAX, NOT_BLANK, json_schemas
 
@@ -78,7 +79,17 @@ _SSE_EVENT = {
         "retry": {"type": "integer"},
     },
 }
-_SCHEMAS: dict[str, Any] = {**_openai_schemas(), **management_schemas()}
+
+
+def _anthropic_schemas() -> dict[str, Any]:
+    schemas = anthropic_schemas()
+    schemas["AnthropicMessagesRequest"]["examples"] = [
+        {"model": "sim", "max_tokens": 8, "messages": [{"role": "user", "content": "Hello"}]}
+    ]
+    return schemas
+
+
+_SCHEMAS: dict[str, Any] = {**_openai_schemas(), **_anthropic_schemas(), **management_schemas()}
 
 
 def _error_response(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -287,6 +298,50 @@ def _responses_operation() -> dict[str, Any]:
     return operation
 
 
+# Errors of /v1/messages in Anthropic's shape (the route's own); the gateway's checks before
+# any route (a foreign Host or Origin, a non-JSON POST) answer in OpenAI's.
+_ANTHROPIC_ERRORS = {
+    400: "A malformed request; the message names the field (invalid_request_error).",
+    401: "Missing or unknown API key (x-api-key or Authorization: Bearer).",
+    404: "Unknown model, or its engine does not serve /v1/messages (not_found_error).",
+    413: "The body is over SAGE_MAX_BODY_BYTES (request_too_large).",
+    429: "The key's tenant is over its rate limits (rate_limit_error).",
+    500: "A bug (api_error).",
+    502: "The engine failed (api_error).",
+    503: "A control-plane service is unavailable (overloaded_error).",
+    504: "The request ran past its deadline (api_error).",
+    529: "The model's queue is full (overloaded_error).",
+}
+
+
+def _messages_operation() -> dict[str, Any]:
+    """POST /v1/messages: Anthropic's Messages API, scheduled as chat."""
+    anthropic = {
+        str(status): {"description": text, "content": _json(_ref("AnthropicErrorResponse"))}
+        for status, text in _ANTHROPIC_ERRORS.items()
+    }
+    return _operation(
+        "Create a message with Anthropic's Messages API (Anthropic's SSE events when stream "
+        "is true)",
+        "createMessage",
+        {
+            "200": {
+                "description": "The message, or with stream=true Anthropic's events.",
+                "content": {
+                    JSON: {"schema": _ref("AnthropicMessageResponse")},
+                    SSE: {"schema": _SSE_EVENT},
+                },
+            },
+            **anthropic,
+            **_errors(403, 415, 421),
+        },
+        tags=["inference"],
+        security=_API_KEY,
+        body="AnthropicMessagesRequest",
+        parameters=_SCHEDULING_HEADERS,
+    )
+
+
 def _json_operation(
     summary: str, operation_id: str, description: str, reply: str, body: str
 ) -> dict[str, Any]:
@@ -324,6 +379,7 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
             )
         },
         "/v1/responses": {"post": _responses_operation()},
+        "/v1/messages": {"post": _messages_operation()},
         "/v1/embeddings": {
             "post": _json_operation(
                 "Create embeddings (micro-batched by the embedding service)",

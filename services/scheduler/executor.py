@@ -138,11 +138,15 @@ def _split_events(buffer: bytearray) -> list[bytes]:
 
 # The Responses API's stream ends with one of these events, not [DONE].
 _RESPONSE_ENDS = (b'"response.completed"', b'"response.incomplete"', b'"response.failed"')
+# So does Anthropic's Messages API stream (/v1/messages), with message_stop.
+_MESSAGE_ENDS = (b'"message_stop"',)
 
 
 def _finished_without_done(path: str, last: bytes) -> bool:
-    """Whether a stream that ended without [DONE] is whole: a Responses API stream whose
-    last event is its terminal one."""
+    """Whether a stream that ended without [DONE] is whole: a Responses or Messages API
+    stream whose last event is its terminal one."""
+    if path.endswith("/messages"):
+        return any(end in last for end in _MESSAGE_ENDS)
     return path.endswith("/responses") and any(end in last for end in _RESPONSE_ENDS)
 
 

@@ -52,8 +52,9 @@ async def _messages(
 
 # The engine route of each chat API (ChatRequest.api): one scheduling path, several APIs.
 _CHAT_PATHS: dict[int, str] = {
-    pb.CHAT_API_CHAT_COMPLETIONS: "/v1/chat/completions",
+    pb.CHAT_API_UNSPECIFIED: "/v1/chat/completions",
     pb.CHAT_API_RESPONSES: "/v1/responses",
+    pb.CHAT_API_MESSAGES: "/v1/messages",
 }
 
 

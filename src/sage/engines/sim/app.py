@@ -55,6 +55,7 @@ from sage.common.http.asgi import (
 )
 from sage.common.utils.logging import configure_logging
 from sage.engines.auth import add_api_key_argument, protect, resolve_api_key
+from sage.engines.sim import anthropic
 from sage.engines.sim.kv import (
     KV_LOAD_FAILURE_POLICIES,
     KV_ROLES,
@@ -912,7 +913,21 @@ class _SimEngine:
 
     async def chat(self, request: Request) -> Response | StreamingResponse:
         """POST /v1/chat/completions."""
-        body = await _json_object(request)
+        return await self.chat_body(await _json_object(request), request)
+
+    async def messages(self, request: Request) -> Response | StreamingResponse:
+        """POST /v1/messages (Anthropic's API): run as a chat, as vLLM does; its errors in
+        vLLM's Anthropic shape."""
+
+        async def run(request: Request) -> Response | StreamingResponse:
+            return await anthropic.messages(await _json_object(request), request, self.chat_body)
+
+        return anthropic.anthropic_error_reply(await _vllm_errors(run)(request))
+
+    async def chat_body(
+        self, body: dict[str, Any], request: Request
+    ) -> Response | StreamingResponse:
+        """A chat request's body, already read (/v1/messages converts its own into one)."""
         model = self._model(body)
         req = _read(body, EngineChatCompletionRequest)
         _sampling(req)
@@ -1474,6 +1489,7 @@ def create_app(config: SimConfig) -> App:
         "/v1/chat/completions": ("POST", engine.chat),
         "/v1/completions": ("POST", engine.completions),
         "/v1/responses": ("POST", engine.responses),
+        "/v1/messages": ("POST", engine.messages),
         "/v1/models": ("GET", engine.models),
         "/health": ("GET", engine.health),
         "/version": ("GET", engine.version),

@@ -26,18 +26,22 @@ class _ChatApi:
 
 class _ChatApiEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ChatApi.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
-    CHAT_API_CHAT_COMPLETIONS: _ChatApi.ValueType  # 0
-    """POST /v1/chat/completions"""
+    CHAT_API_UNSPECIFIED: _ChatApi.ValueType  # 0
+    """POST /v1/chat/completions (the default)"""
     CHAT_API_RESPONSES: _ChatApi.ValueType  # 1
     """POST /v1/responses (OpenAI's Responses API)"""
+    CHAT_API_MESSAGES: _ChatApi.ValueType  # 2
+    """POST /v1/messages (Anthropic's Messages API)"""
 
 class ChatApi(_ChatApi, metaclass=_ChatApiEnumTypeWrapper):
     """The API a chat-kind request speaks: each is served by the engine's route of that API."""
 
-CHAT_API_CHAT_COMPLETIONS: ChatApi.ValueType  # 0
-"""POST /v1/chat/completions"""
+CHAT_API_UNSPECIFIED: ChatApi.ValueType  # 0
+"""POST /v1/chat/completions (the default)"""
 CHAT_API_RESPONSES: ChatApi.ValueType  # 1
 """POST /v1/responses (OpenAI's Responses API)"""
+CHAT_API_MESSAGES: ChatApi.ValueType  # 2
+"""POST /v1/messages (Anthropic's Messages API)"""
 Global___ChatApi: _TypeAlias = ChatApi  # noqa: Y015
 
 class _NodeState:
