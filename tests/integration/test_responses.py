@@ -107,8 +107,9 @@ async def test_tenant_limits_apply(base_url: str) -> None:
             await sdk.responses.create(model="sim", input="two", max_output_tokens=1)
 
 
+@pytest.mark.parametrize("stream", [False, True])
 async def test_fails_over_before_the_first_byte(
-    control_plane: Any, engine: str, port_factory: Callable[[], int]
+    control_plane: Any, engine: str, port_factory: Callable[[], int], stream: bool
 ) -> None:
     # An engine that refuses connections besides a live one: every request still completes.
     await control_plane.register("dead-0", "sim", f"http://127.0.0.1:{port_factory()}")
@@ -116,16 +117,20 @@ async def test_fails_over_before_the_first_byte(
     base_url = str(control_plane.client.base_url).rstrip("/") + "/v1"
     async with openai.AsyncOpenAI(base_url=base_url, api_key=KEY, max_retries=0) as sdk:
         for _ in range(3):
-            reply = await sdk.responses.create(model="sim", input="x", max_output_tokens=2)
-            assert len(reply.output_text.split()) == 2
-            stream = await sdk.responses.create(
-                model="sim", input="x", max_output_tokens=2, stream=True
-            )
-            kinds = [event.type async for event in stream]
-            assert kinds[-1] == "response.completed"
+            if stream:
+                events = await sdk.responses.create(
+                    model="sim", input="x", max_output_tokens=2, stream=True
+                )
+                kinds = [event.type async for event in events]
+                assert kinds[-1] == "response.completed"
+            else:
+                reply = await sdk.responses.create(model="sim", input="x", max_output_tokens=2)
+                assert len(reply.output_text.split()) == 2
     metrics = (await control_plane.client.get("/metrics", headers=AUTH)).text
-    moved = re.findall(r'^sage:scheduler_failovers_total\{kind="(\w+)"\} (\S+)$', metrics, re.M)
-    assert sum(float(count) for _, count in moved) >= 1  # the dead engine was tried
+    moved = dict(
+        re.findall(r'^sage:scheduler_failovers_total\{kind="(\w+)"\} (\S+)$', metrics, re.M)
+    )
+    assert float(moved.get("stream_start" if stream else "unary", 0)) >= 1  # dead-0 was tried
 
 
 @pytest.mark.parametrize(
