@@ -68,6 +68,13 @@ def test_policy_and_routing_help_name_their_settings_and_choices() -> None:
     assert "slo_aware" in result.output and "least_loaded" in result.output
 
 
+def test_serve_help_names_the_gateways_routes() -> None:
+    result = CliRunner().invoke(app, ["llm", "serve", "--help"], env={"COLUMNS": "250"})
+    text = " ".join(result.output.replace("│", " ").split())
+    for route in ("/v1/chat/completions", "/v1/responses", "/v1/messages", "/tokenize"):
+        assert route in text, route
+
+
 @pytest.mark.parametrize(
     ("argv", "code"),
     [
