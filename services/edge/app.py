@@ -49,7 +49,9 @@ from sage.protocol.openai import (
     CompletionRequest,
     DetokenizeRequest,
     EmbeddingRequest,
+    RerankRequest,
     ResponsesRequest,
+    ScoreRequest,
     TokenizeRequest,
 )
 from sage.rpc.gpu_manager.v1 import gpu_manager_pb2_grpc
@@ -447,10 +449,12 @@ def create_app(
         )
 
     def tokenization(
-        protocol: type[TokenizeRequest | DetokenizeRequest], rpc: str, message: Any
+        protocol: type[TokenizeRequest | DetokenizeRequest | RerankRequest | ScoreRequest],
+        rpc: str,
+        message: Any,
     ) -> Handler:
-        """/tokenize or /detokenize (vLLM's paths): validated here, run on a chat engine of
-        the model by the scheduler (a unary call: off the hot path), its reply relayed."""
+        """/tokenize, /detokenize, /rerank, /score (vLLM's paths): validated here, run on an
+        engine of the model by the scheduler (a unary call: off the hot path), reply relayed."""
 
         async def handle(request: Request) -> Response:
             key = keys.authenticate(request.headers)
@@ -471,6 +475,16 @@ def create_app(
     app.add(
         "POST", "/detokenize", tokenization(DetokenizeRequest, "Detokenize", spb.DetokenizeRequest)
     )
+    # Cross-encoders, served as embedding-kind engines; vLLM answers both paths of each.
+    rerank = tokenization(RerankRequest, "Rerank", spb.RerankRequest)
+    score = tokenization(ScoreRequest, "Score", spb.ScoreRequest)
+    for path, handler in (
+        ("/v1/rerank", rerank),
+        ("/rerank", rerank),
+        ("/score", score),
+        ("/v1/score", score),
+    ):
+        app.add("POST", path, handler)
 
     @app.route("GET", "/v1/models")
     async def models(request: Request) -> Response:

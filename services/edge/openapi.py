@@ -29,6 +29,17 @@ _EXAMPLES = {
     "EmbeddingRequest": {"model": "sim-embedding", "input": ["hello", "world"]},
     "TokenizeRequest": {"model": "sim", "prompt": "Once upon a time"},
     "DetokenizeRequest": {"model": "sim", "tokens": [1, 2, 3]},
+    "RerankRequest": {
+        "model": "sim-embedding",
+        "query": "what is a panda?",
+        "documents": ["hi", "The giant panda is a bear native to China."],
+        "top_n": 1,
+    },
+    "ScoreRequest": {
+        "model": "sim-embedding",
+        "text_1": "what is a panda?",
+        "text_2": ["hi", "The giant panda is a bear native to China."],
+    },
 }
 
 
@@ -406,6 +417,32 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
                 "DetokenizeResponse",
                 "DetokenizeRequest",
             )
+        },
+        # vLLM serves each under two paths; both reach the same handler here.
+        **{
+            path: {
+                "post": _json_operation(
+                    "Documents ranked by relevance to a query, by a cross-encoder engine of"
+                    " the model (vLLM's route)",
+                    operation_id,
+                    "Results, most relevant first (top_n of them when given).",
+                    "RerankResponse",
+                    "RerankRequest",
+                )
+            }
+            for path, operation_id in (("/v1/rerank", "rerank"), ("/rerank", "rerankUnversioned"))
+        },
+        **{
+            path: {
+                "post": _json_operation(
+                    "Scores of text pairs, by a cross-encoder engine of the model (vLLM's route)",
+                    operation_id,
+                    "One score a pair.",
+                    "ScoreResponse",
+                    "ScoreRequest",
+                )
+            }
+            for path, operation_id in (("/score", "score"), ("/v1/score", "scoreVersioned"))
         },
         "/v1/models": {
             "get": _operation(

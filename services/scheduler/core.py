@@ -522,16 +522,24 @@ class Scheduler:
             self.counters.in_flight -= 1
 
     async def engine_call(
-        self, model: str, path: str, body: bytes, limits: TenantLimits | None = None
+        self,
+        model: str,
+        path: str,
+        body: bytes,
+        limits: TenantLimits | None = None,
+        kind: EngineKind = EngineKind.LLM,
     ) -> GenerateResult:
-        """POST `body` to `path` (/tokenize, /detokenize) on a ready chat engine of `model`:
-        a quick call that generates nothing, so it skips the queue and the latency stats,
-        fails over while engines refuse connections, and an engine without the route (a 404
-        that is not about the model) is a NotFoundError naming both."""
+        """POST `body` to `path` on a ready engine of `model` of `kind` (chat engines for
+        /tokenize and /detokenize, embedding engines, where cross-encoders are served, for
+        /rerank and /score): a quick call that generates nothing, so it skips the queue and
+        the latency stats, fails over while engines refuse connections, and an engine without
+        the route (a 404 that is not about the model) is a NotFoundError naming both."""
         self._admit(limits, len(body) // 4 + 1)
         try:
-            engines: Sequence[EngineRecord] = self.registry.ready_for(model, EngineKind.LLM)
+            engines: Sequence[EngineRecord] = self.registry.ready_for(model, kind)
         except ModelNotFoundError:
+            if kind is not EngineKind.LLM:
+                raise
             engines = await self._ready_llm(model)
         candidates = self.breakers.routable(engines, _engine_id) or engines
         for i, engine in enumerate(candidates):

@@ -28,7 +28,7 @@ from .core import GenerateResult, Scheduler
 from .mux import MultiplexSessions, scheduler_routes
 from .nodes import NodeState, NodeTable
 from .policies import RequestClass
-from .registry import EngineRecord, EngineState
+from .registry import EngineKind, EngineRecord, EngineState
 
 log = logging.getLogger("sage.scheduler")
 
@@ -189,6 +189,20 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
             require_model(request.model), "/detokenize", request.body, limits
         )
         return pb.DetokenizeResponse(body=result.body, engine_id=result.engine.engine_id)
+
+    async def Rerank(self, request: pb.RerankRequest, context: Any) -> pb.RerankResponse:
+        limits = limits_from_pb(request, self.api_keys)
+        result = await self.scheduler.engine_call(
+            require_model(request.model), "/rerank", request.body, limits, EngineKind.EMBEDDING
+        )
+        return pb.RerankResponse(body=result.body, engine_id=result.engine.engine_id)
+
+    async def Score(self, request: pb.ScoreRequest, context: Any) -> pb.ScoreResponse:
+        limits = limits_from_pb(request, self.api_keys)
+        result = await self.scheduler.engine_call(
+            require_model(request.model), "/score", request.body, limits, EngineKind.EMBEDDING
+        )
+        return pb.ScoreResponse(body=result.body, engine_id=result.engine.engine_id)
 
     async def RegisterEngine(
         self, request: pb.RegisterEngineRequest, context: Any

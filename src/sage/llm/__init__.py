@@ -2,12 +2,13 @@
 
 from sage.llm.async_client import AsyncTextStream, AsyncUnifiedInferenceClient
 from sage.llm.client import TextStream, UnifiedInferenceClient
-from sage.llm.result import InferenceResult, Usage
+from sage.llm.result import InferenceResult, RerankResult, Usage
 
 __all__ = [
     "AsyncTextStream",
     "AsyncUnifiedInferenceClient",
     "InferenceResult",
+    "RerankResult",
     "TextStream",
     "UnifiedInferenceClient",
     "Usage",

@@ -38,6 +38,7 @@ from sage.llm.management import EngineKind, admin_key_for, model_is_served
 from sage.llm.result import (
     InferenceResult,
     Kind,
+    RerankResult,
     SseDecoder,
     StreamState,
     error_from_payload,
@@ -149,6 +150,54 @@ def text_from_reply(reply: Any) -> str:
     if not isinstance(prompt, str):
         raise UpstreamError("the gateway's /detokenize reply has no `prompt` string")
     return prompt
+
+
+def rerank_body(
+    model: str, query: str, documents: Sequence[str], top_n: int | None
+) -> dict[str, Any]:
+    """A /v1/rerank body (vLLM's shape; top_n 0 or absent: every document)."""
+    body: dict[str, Any] = {"model": model, "query": query, "documents": list(documents)}
+    if top_n is not None:
+        body["top_n"] = top_n
+    return body
+
+
+def score_body(
+    model: str, text_1: str | Sequence[str], text_2: str | Sequence[str]
+) -> dict[str, Any]:
+    """A /score body: one text against many, or pairs of equal-length lists."""
+
+    def texts(value: str | Sequence[str]) -> str | list[str]:
+        return value if isinstance(value, str) else list(value)
+
+    return {"model": model, "text_1": texts(text_1), "text_2": texts(text_2)}
+
+
+def rerank_from_reply(reply: Any) -> list[RerankResult]:
+    """The results of a /rerank reply, most relevant first (the engine's order)."""
+    results = reply.get("results") if isinstance(reply, dict) else None
+    if not isinstance(results, list):
+        raise UpstreamError("the gateway's /rerank reply has no `results` list")
+    out: list[RerankResult] = []
+    for item in results:
+        document = item.get("document")
+        text = document.get("text") if isinstance(document, dict) else document
+        out.append(
+            RerankResult(
+                index=int(item["index"]),
+                relevance_score=float(item["relevance_score"]),
+                document=text if isinstance(text, str) else None,
+            )
+        )
+    return out
+
+
+def scores_from_reply(reply: Any) -> list[float]:
+    """The scores of a /score reply, in pair order."""
+    data = reply.get("data") if isinstance(reply, dict) else None
+    if not isinstance(data, list):
+        raise UpstreamError("the gateway's /score reply has no `data` list")
+    return [float(d["score"]) for d in sorted(data, key=lambda d: int(d["index"]))]
 
 
 def models_from_reply(reply: Any) -> list[dict[str, Any]]:

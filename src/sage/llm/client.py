@@ -43,6 +43,10 @@ from sage.llm._core import (
     json_of,
     log,
     models_from_reply,
+    rerank_body,
+    rerank_from_reply,
+    score_body,
+    scores_from_reply,
     status_from_reply,
     text_from_reply,
     tokenize_body,
@@ -50,7 +54,7 @@ from sage.llm._core import (
     transport_error,
 )
 from sage.llm.management import EngineKind, ensure_model_served
-from sage.llm.result import InferenceResult, Kind, StreamState
+from sage.llm.result import InferenceResult, Kind, RerankResult, StreamState
 
 __all__ = [
     "CONNECT_TIMEOUT_S",
@@ -467,6 +471,38 @@ class UnifiedInferenceClient(ClientCore[httpx.Client]):
                 root=True,
             )
         return text_from_reply(json_of(resp))
+
+    def rerank(
+        self,
+        query: str,
+        documents: Sequence[str],
+        model: str | None = None,
+        top_n: int | None = None,
+    ) -> list[RerankResult]:
+        """`documents` ranked by a cross-encoder engine of `model` (an embedding-kind
+        model) for `query`, most relevant first, top_n of them (None or 0: all), through
+        the gateway's /v1/rerank. `index` is the document's place in `documents`."""
+        name = self._model("embedding", model)
+        with self._model_errors("embedding", name):
+            resp, _ = self._send(
+                "POST", "/rerank", rerank_body(name, query, documents, top_n), model=name
+            )
+        return rerank_from_reply(json_of(resp))
+
+    def score(
+        self,
+        text_1: str | Sequence[str],
+        text_2: str | Sequence[str],
+        model: str | None = None,
+    ) -> list[float]:
+        """A cross-encoder engine's score of each text_1/text_2 pair (one text_1 against
+        every text_2 when it is a str), in pair order, through the gateway's /score."""
+        name = self._model("embedding", model)
+        with self._model_errors("embedding", name):
+            resp, _ = self._send(
+                "POST", "/score", score_body(name, text_1, text_2), model=name, root=True
+            )
+        return scores_from_reply(json_of(resp))
 
     def list_models(self) -> list[dict[str, Any]]:
         """Models the gateway serves (OpenAI model objects plus `kind` and `ready_engines`)."""

@@ -34,6 +34,7 @@ from sage.common.exceptions import (
 
 __all__ = [
     "InferenceResult",
+    "RerankResult",
     "SseDecoder",
     "StreamState",
     "Usage",
@@ -44,6 +45,16 @@ __all__ = [
 ]
 
 Kind = Literal["chat", "completion"]
+
+
+@dataclass(frozen=True, slots=True)
+class RerankResult:
+    """One reranked document: its place in the caller's list, the cross-encoder's score,
+    and its text when the engine returned it."""
+
+    index: int
+    relevance_score: float
+    document: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

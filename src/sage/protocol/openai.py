@@ -47,7 +47,11 @@ __all__ = [
     "ModelList",
     "Problem",
     "ProtocolError",
+    "RerankRequest",
+    "RerankResponse",
     "ResponsesRequest",
+    "ScoreRequest",
+    "ScoreResponse",
     "StreamOptions",
     "TokenizeRequest",
     "TokenizeResponse",
@@ -391,6 +395,34 @@ class EmbeddingRequest(_Model):
         return [self.input] if isinstance(self.input, str) else self.input
 
 
+class RerankRequest(_Model):
+    """POST /v1/rerank (and /rerank) at the edge (vLLM's Jina/Cohere-style route): documents
+    ordered by a cross-encoder's relevance to the query. The body goes to the engine as is."""
+
+    model: ModelName
+    query: NonEmptyText
+    documents: Annotated[
+        list[NonEmptyText], msgspec.Meta(min_length=1, max_length=MAX_EMBEDDING_INPUTS)
+    ]
+    top_n: Annotated[NonNegativeInt, msgspec.Meta(description="0: every document.")] = 0
+    truncate_prompt_tokens: int | None = None
+    user: str | None = None
+
+
+class ScoreRequest(_Model):
+    """POST /score (and /v1/score) at the edge (vLLM's route): a cross-encoder's score of
+    each text_1/text_2 pair (one text_1 against many text_2 too). Relayed as is."""
+
+    model: ModelName
+    text_1: NonEmptyText | Annotated[list[NonEmptyText], msgspec.Meta(min_length=1)]
+    text_2: (
+        NonEmptyText
+        | Annotated[list[NonEmptyText], msgspec.Meta(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
+    )
+    truncate_prompt_tokens: int | None = None
+    user: str | None = None
+
+
 # Responses. Engines' replies are relayed unchanged; these describe them for clients and
 # let our engines build them.
 
@@ -496,6 +528,47 @@ class DetokenizeResponse(_Model):
     prompt: str
 
 
+class RerankDocument(_Model):
+    text: str | None = None
+
+
+class RerankResult(_Model):
+    index: int
+    relevance_score: float
+    document: RerankDocument | None = None
+
+
+class RerankUsage(_Model):
+    prompt_tokens: int = 0
+    total_tokens: int = 0
+
+
+class RerankResponse(_Model):
+    """The engine's /rerank reply, relayed unchanged (vLLM's shape): most relevant first."""
+
+    id: str
+    model: str
+    results: list[RerankResult]
+    usage: RerankUsage
+
+
+class ScoreData(_Model):
+    index: int
+    score: float
+    object: str = "score"
+
+
+class ScoreResponse(_Model):
+    """The engine's /score reply, relayed unchanged (vLLM's shape): one score a pair."""
+
+    id: str
+    model: str
+    data: list[ScoreData]
+    usage: Usage
+    object: str = "list"
+    created: int = 0
+
+
 class ErrorDetail(_Model):
     message: str
     type: Annotated[
@@ -521,6 +594,8 @@ SCHEMA_MODELS: tuple[type[_Model], ...] = (
     EmbeddingRequest,
     TokenizeRequest,
     DetokenizeRequest,
+    RerankRequest,
+    ScoreRequest,
     ChatCompletion,
     ChatCompletionChunk,
     Completion,
@@ -528,6 +603,8 @@ SCHEMA_MODELS: tuple[type[_Model], ...] = (
     ModelList,
     TokenizeResponse,
     DetokenizeResponse,
+    RerankResponse,
+    ScoreResponse,
     ErrorResponse,
 )
 _SCHEMA_NAMES = {ErrorResponse: "Error"}

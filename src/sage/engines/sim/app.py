@@ -80,6 +80,7 @@ from sage.engines.sim.model import (
     detokenize,
     embedding_vector,
     generate_ids,
+    pair_score,
     tokenize,
 )
 from sage.engines.sim.prefix_cache import PrefixCache
@@ -1293,6 +1294,94 @@ class _SimEngine:
             }
         )
 
+    async def _cross_encode(
+        self, request: Request, body: dict[str, Any], pairs: list[tuple[str, str]]
+    ) -> tuple[str, list[float], int] | None:
+        """Score (query, document) pairs as one pooling job (prefill only); None when the
+        client left. Returns the model, the scores and the prompt tokens."""
+        model = self._model(body, pooling=True)
+        counts = [count_tokens(a) + count_tokens(b) for a, b in pairs]
+        if max(counts) > self.config.max_model_len:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {self.config.max_model_len} tokens; "
+                f"a pair has {max(counts)}."
+            )
+        job = _Job(model, sum(counts), (Generation(("",), "stop"),), False, False, pooling=True)
+        if not await self._run_to_end(job, request):
+            return None
+        dim, seed = self.config.embedding_dim, self.config.seed
+        return model, [pair_score(a, b, dim, seed) for a, b in pairs], sum(counts)
+
+    async def rerank(self, request: Request) -> Response:
+        """POST /rerank (and /v1/rerank, /v2/rerank): documents by relevance to the query,
+        most relevant first, top_n of them (0: all), in vLLM's reply shape."""
+        body = await _json_object(request)
+        query = body.get("query")
+        if query is None:
+            raise RequestSchemaError("query", "missing", "Field required")
+        if not isinstance(query, str):
+            raise RequestSchemaError("query", "string_type", "Input should be a valid string")
+        documents = _score_texts(body, "documents")
+        top_n = body.get("top_n", 0)
+        if not _is_int(top_n):
+            raise RequestSchemaError("top_n", "int_type", "Input should be a valid integer")
+        if top_n < 0:
+            raise RequestSchemaError(
+                "top_n", "greater_than_equal", "Input should be greater than or equal to 0"
+            )
+        scored = await self._cross_encode(request, body, [(query, d) for d in documents])
+        if scored is None:
+            return Response(b"", _CLIENT_GONE)
+        model, scores, tokens = scored
+        order = sorted(range(len(documents)), key=lambda i: -scores[i])
+        if top_n:
+            order = order[:top_n]
+        return JSONResponse(
+            {
+                "id": self._id("rerank"),
+                "model": model,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+                "results": [
+                    {
+                        "index": i,
+                        "document": {"text": documents[i], "multi_modal": None},
+                        "relevance_score": scores[i],
+                    }
+                    for i in order
+                ],
+            }
+        )
+
+    async def score(self, request: Request) -> Response:
+        """POST /score (and /v1/score): a score for each text_1/text_2 pair, one text_1
+        against every text_2 when it is one text, in vLLM's reply shape."""
+        body = await _json_object(request)
+        first = _score_texts(body, "text_1")
+        second = _score_texts(body, "text_2")
+        if len(first) == 1:
+            first = first * len(second)
+        elif len(first) != len(second):
+            raise InvalidRequestError("Input lengths must be either 1:1, 1:N or N:N")
+        scored = await self._cross_encode(request, body, list(zip(first, second, strict=True)))
+        if scored is None:
+            return Response(b"", _CLIENT_GONE)
+        model, scores, tokens = scored
+        return JSONResponse(
+            {
+                "id": self._id("score"),
+                "object": "list",
+                "created": int(time.time()),
+                "model": model,
+                "data": [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)],
+                "usage": {
+                    "prompt_tokens": tokens,
+                    "total_tokens": tokens,
+                    "completion_tokens": 0,
+                    "prompt_tokens_details": None,
+                },
+            }
+        )
+
     # ---- plain routes
 
     async def models(self, request: Request) -> Response:
@@ -1481,6 +1570,26 @@ def _embedding_inputs(value: Any) -> list[str]:
     )
 
 
+def _score_texts(body: dict[str, Any], field: str) -> list[str]:
+    """A /rerank or /score text field (a string or a non-empty list of strings), with
+    vLLM's validation errors."""
+    value = body.get(field)
+    if value is None:
+        raise RequestSchemaError(field, "missing", "Field required")
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list):
+        raise RequestSchemaError(field, "list_type", "Input should be a valid list")
+    for at, text in enumerate(value):
+        if not isinstance(text, str):
+            raise RequestSchemaError(
+                f"{field}.{at}", "string_type", "Input should be a valid string"
+            )
+    if not value:
+        raise InvalidRequestError(f"{field} must not be empty")
+    return list(value)
+
+
 def create_app(config: SimConfig) -> App:
     """The simulator's ASGI app; each app has its own slots and metrics registry."""
     engine = _SimEngine(config)
@@ -1500,6 +1609,11 @@ def create_app(config: SimConfig) -> App:
         routes["/health_generate"] = ("GET", engine.health)
     if config.embedding_dim > 0:
         routes["/v1/embeddings"] = ("POST", engine.embeddings)
+        # A pooling model serves vLLM's cross-encoder routes too (each under its paths).
+        for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
+            routes[path] = ("POST", engine.rerank)
+        for path in ("/score", "/v1/score"):
+            routes[path] = ("POST", engine.score)
     # vLLM serves both whatever its flags; kv_events routing reads /tokenize.
     routes["/tokenize"] = ("POST", engine.tokenize)
     routes["/detokenize"] = ("POST", engine.detokenize)

@@ -37,6 +37,7 @@ __all__ = [
     "expected_text",
     "generate",
     "generate_ids",
+    "pair_score",
     "tokenize",
 ]
 
@@ -402,6 +403,25 @@ def embedding_vector(text: str, dim: int, seed: int = 0) -> list[float]:
     if norm == 0.0:  # pragma: no cover - needs an all-zero hash
         return [1.0] + [0.0] * (dim - 1)
     return [v / norm for v in values]
+
+
+def pair_score(query: str, document: str, dim: int, seed: int = 0) -> float:
+    """The sim's cross-encoder: the cosine of the two texts' bags of word vectors, mapped
+    to 0..1 (a sigmoid's range, as vLLM's scores). Shared words score high, so a reranked
+    list puts the documents that repeat the query's words first; deterministic."""
+
+    def bag(text: str) -> list[float]:
+        total = [0.0] * dim
+        for word in text.lower().split():
+            for i, v in enumerate(embedding_vector(word, dim, seed)):
+                total[i] += v
+        return total
+
+    a, b = bag(query), bag(document)
+    norms = math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))
+    if norms == 0.0:
+        return 0.5
+    return (1.0 + sum(x * y for x, y in zip(a, b, strict=True)) / norms) / 2.0
 
 
 class AdmissionQueue:

@@ -72,6 +72,16 @@ class SchedulerServiceStub:
                 request_serializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.DetokenizeRequest.SerializeToString,
                 response_deserializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.DetokenizeResponse.FromString,
                 _registered_method=True)
+        self.Rerank = channel.unary_unary(
+                '/sage.rpc.scheduler.v1.SchedulerService/Rerank',
+                request_serializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.RerankRequest.SerializeToString,
+                response_deserializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.RerankResponse.FromString,
+                _registered_method=True)
+        self.Score = channel.unary_unary(
+                '/sage.rpc.scheduler.v1.SchedulerService/Score',
+                request_serializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.ScoreResponse.FromString,
+                _registered_method=True)
         self.RegisterEngine = channel.unary_unary(
                 '/sage.rpc.scheduler.v1.SchedulerService/RegisterEngine',
                 request_serializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.RegisterEngineRequest.SerializeToString,
@@ -179,6 +189,20 @@ class SchedulerServiceServicer:
 
     def Detokenize(self, request, context):
         """Detokenize runs one /detokenize request (vLLM's route) on a ready chat engine of the model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rerank(self, request, context):
+        """Rerank runs one /rerank request (vLLM's route) on a ready embedding engine of the model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Score(self, request, context):
+        """Score runs one /score request (vLLM's route) on a ready embedding engine of the model.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -303,6 +327,16 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
                     servicer.Detokenize,
                     request_deserializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.DetokenizeRequest.FromString,
                     response_serializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.DetokenizeResponse.SerializeToString,
+            ),
+            'Rerank': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rerank,
+                    request_deserializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.RerankRequest.FromString,
+                    response_serializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.RerankResponse.SerializeToString,
+            ),
+            'Score': grpc.unary_unary_rpc_method_handler(
+                    servicer.Score,
+                    request_deserializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.ScoreRequest.FromString,
+                    response_serializer=sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.ScoreResponse.SerializeToString,
             ),
             'RegisterEngine': grpc.unary_unary_rpc_method_handler(
                     servicer.RegisterEngine,
@@ -552,6 +586,60 @@ class SchedulerService:
             '/sage.rpc.scheduler.v1.SchedulerService/Detokenize',
             sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.DetokenizeRequest.SerializeToString,
             sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.DetokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rerank(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sage.rpc.scheduler.v1.SchedulerService/Rerank',
+            sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.RerankRequest.SerializeToString,
+            sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.RerankResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Score(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sage.rpc.scheduler.v1.SchedulerService/Score',
+            sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.ScoreRequest.SerializeToString,
+            sage_dot_rpc_dot_scheduler_dot_v1_dot_scheduler__pb2.ScoreResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -50,6 +50,10 @@ class SchedulerServiceStub:
     """Tokenize runs one /tokenize request (vLLM's route) on a ready chat engine of the model."""
     Detokenize: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.DetokenizeRequest, _scheduler_pb2.DetokenizeResponse]
     """Detokenize runs one /detokenize request (vLLM's route) on a ready chat engine of the model."""
+    Rerank: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.RerankRequest, _scheduler_pb2.RerankResponse]
+    """Rerank runs one /rerank request (vLLM's route) on a ready embedding engine of the model."""
+    Score: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.ScoreRequest, _scheduler_pb2.ScoreResponse]
+    """Score runs one /score request (vLLM's route) on a ready embedding engine of the model."""
     RegisterEngine: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.RegisterEngineRequest, _scheduler_pb2.RegisterEngineResponse]
     """RegisterEngine adds an engine to routing, or updates it when the id is known."""
     DeregisterEngine: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.DeregisterEngineRequest, _scheduler_pb2.DeregisterEngineResponse]
@@ -102,6 +106,10 @@ class SchedulerServiceAsyncStub(SchedulerServiceStub):
     """Tokenize runs one /tokenize request (vLLM's route) on a ready chat engine of the model."""
     Detokenize: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.DetokenizeRequest, _scheduler_pb2.DetokenizeResponse]  # type: ignore[assignment]
     """Detokenize runs one /detokenize request (vLLM's route) on a ready chat engine of the model."""
+    Rerank: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.RerankRequest, _scheduler_pb2.RerankResponse]  # type: ignore[assignment]
+    """Rerank runs one /rerank request (vLLM's route) on a ready embedding engine of the model."""
+    Score: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.ScoreRequest, _scheduler_pb2.ScoreResponse]  # type: ignore[assignment]
+    """Score runs one /score request (vLLM's route) on a ready embedding engine of the model."""
     RegisterEngine: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.RegisterEngineRequest, _scheduler_pb2.RegisterEngineResponse]  # type: ignore[assignment]
     """RegisterEngine adds an engine to routing, or updates it when the id is known."""
     DeregisterEngine: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.DeregisterEngineRequest, _scheduler_pb2.DeregisterEngineResponse]  # type: ignore[assignment]
@@ -193,6 +201,22 @@ class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_scheduler_pb2.DetokenizeResponse, _abc.Awaitable[_scheduler_pb2.DetokenizeResponse]]:
         """Detokenize runs one /detokenize request (vLLM's route) on a ready chat engine of the model."""
+
+    @_abc_1.abstractmethod
+    def Rerank(
+        self,
+        request: _scheduler_pb2.RerankRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.RerankResponse, _abc.Awaitable[_scheduler_pb2.RerankResponse]]:
+        """Rerank runs one /rerank request (vLLM's route) on a ready embedding engine of the model."""
+
+    @_abc_1.abstractmethod
+    def Score(
+        self,
+        request: _scheduler_pb2.ScoreRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.ScoreResponse, _abc.Awaitable[_scheduler_pb2.ScoreResponse]]:
+        """Score runs one /score request (vLLM's route) on a ready embedding engine of the model."""
 
     @_abc_1.abstractmethod
     def RegisterEngine(
