@@ -474,8 +474,8 @@ def cmd_serve(
     """Start the gateway, the services behind it and the engines (foreground by default).
 
     The gateway speaks OpenAI's /v1/chat/completions, /v1/completions, /v1/embeddings,
-    /v1/responses and /v1/models, Anthropic's /v1/messages, and vLLM's /tokenize and
-    /detokenize; GET /openapi.json describes every route.
+    /v1/responses and /v1/models, Anthropic's /v1/messages, and vLLM's /tokenize,
+    /detokenize, /v1/rerank and /score; GET /openapi.json describes every route.
 
     Management needs the admin key: SAGE_ADMIN_API_KEY, else a generated one in
     $SAGE_HOME/llm/admin.key (mode 0600) that `sage llm` and the Python client read.

@@ -71,7 +71,14 @@ def test_policy_and_routing_help_name_their_settings_and_choices() -> None:
 def test_serve_help_names_the_gateways_routes() -> None:
     result = CliRunner().invoke(app, ["llm", "serve", "--help"], env={"COLUMNS": "250"})
     text = " ".join(result.output.replace("│", " ").split())
-    for route in ("/v1/chat/completions", "/v1/responses", "/v1/messages", "/tokenize"):
+    for route in (
+        "/v1/chat/completions",
+        "/v1/responses",
+        "/v1/messages",
+        "/tokenize",
+        "/v1/rerank",
+        "/score",
+    ):
         assert route in text, route
 
 
