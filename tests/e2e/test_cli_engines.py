@@ -235,11 +235,13 @@ def test_failed_preset_rolls_back(stack: Stack, tmp_path: Path) -> None:
         tmp_path / "broken.yaml",
         "e2e-broken",
         "  - {name: good, model: sim-rb, backend: sim}\n"
-        "  - {name: bad, model: sim-rb2, backend: no-such-backend}\n",
+        # A known backend this machine cannot start (no text-embeddings-router installed):
+        # the preset reads fine and fails at its second engine.
+        "  - {name: bad, model: sim-rb2, backend: tei, kind: embedding}\n",
     )
     applied = stack.sage("preset", "apply", "-f", str(preset), "--yes")
     assert applied.code == 1, applied
-    assert "'bad'" in applied.stderr and "no-such-backend" in applied.stderr
+    assert "'bad'" in applied.stderr and "backend tei cannot run here" in applied.stderr
     good = [e for e in _engines(stack).values() if e["model_id"] == "sim-rb"]
     assert good and all(e["status"] == "STOPPED" for e in good)
     assert stack.chat("sim-rb").status_code == 404
