@@ -154,7 +154,10 @@ class RecordingEngine:
 
 
 def quiet_server(app: Any, port: int) -> uvicorn.Server:
-    """A uvicorn server for `app` on 127.0.0.1:`port`, without access or config logging."""
+    """A uvicorn server for `app` on 127.0.0.1:`port`, without access or config logging.
+
+    Shutdown waits for open requests at most 10 s, as the services' own server does
+    (sage.common.http.server): a request left hanging cannot hold a test's teardown."""
     return uvicorn.Server(
         uvicorn.Config(
             app,
@@ -163,6 +166,7 @@ def quiet_server(app: Any, port: int) -> uvicorn.Server:
             log_config=None,
             access_log=False,
             lifespan="on",
+            timeout_graceful_shutdown=10,
         )
     )
 
