@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 from sage.common.apikeys import ApiKeyTable
 from sage.common.exceptions import InvalidRequestError, ServiceUnavailableError
@@ -65,6 +65,9 @@ def _chat_path(api: int) -> str:
     if path is None:
         raise InvalidRequestError(f"unknown chat api {api}", param="api")
     return path
+
+
+_Reply = TypeVar("_Reply")
 
 
 class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
@@ -174,35 +177,34 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
             usage=usage_pb(result.usage),
         )
 
-    async def Tokenize(self, request: pb.TokenizeRequest, context: Any) -> pb.TokenizeResponse:
+    async def _engine_call(
+        self,
+        request: Any,
+        path: str,
+        reply: Callable[..., _Reply],
+        kind: EngineKind = EngineKind.LLM,
+    ) -> _Reply:
+        """A relayed engine route (tokenize, detokenize, rerank, score): `request`'s body on
+        `path` of a ready `kind` engine of its model, answered as `reply`."""
         limits = limits_from_pb(request, self.api_keys)
         result = await self.scheduler.engine_call(
-            require_model(request.model), "/tokenize", request.body, limits
+            require_model(request.model), path, request.body, limits, kind
         )
-        return pb.TokenizeResponse(body=result.body, engine_id=result.engine.engine_id)
+        return reply(body=result.body, engine_id=result.engine.engine_id)
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context: Any) -> pb.TokenizeResponse:
+        return await self._engine_call(request, "/tokenize", pb.TokenizeResponse)
 
     async def Detokenize(
         self, request: pb.DetokenizeRequest, context: Any
     ) -> pb.DetokenizeResponse:
-        limits = limits_from_pb(request, self.api_keys)
-        result = await self.scheduler.engine_call(
-            require_model(request.model), "/detokenize", request.body, limits
-        )
-        return pb.DetokenizeResponse(body=result.body, engine_id=result.engine.engine_id)
+        return await self._engine_call(request, "/detokenize", pb.DetokenizeResponse)
 
     async def Rerank(self, request: pb.RerankRequest, context: Any) -> pb.RerankResponse:
-        limits = limits_from_pb(request, self.api_keys)
-        result = await self.scheduler.engine_call(
-            require_model(request.model), "/rerank", request.body, limits, EngineKind.EMBEDDING
-        )
-        return pb.RerankResponse(body=result.body, engine_id=result.engine.engine_id)
+        return await self._engine_call(request, "/rerank", pb.RerankResponse, EngineKind.EMBEDDING)
 
     async def Score(self, request: pb.ScoreRequest, context: Any) -> pb.ScoreResponse:
-        limits = limits_from_pb(request, self.api_keys)
-        result = await self.scheduler.engine_call(
-            require_model(request.model), "/score", request.body, limits, EngineKind.EMBEDDING
-        )
-        return pb.ScoreResponse(body=result.body, engine_id=result.engine.engine_id)
+        return await self._engine_call(request, "/score", pb.ScoreResponse, EngineKind.EMBEDDING)
 
     async def RegisterEngine(
         self, request: pb.RegisterEngineRequest, context: Any
