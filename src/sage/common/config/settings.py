@@ -336,6 +336,30 @@ class ClusterSettings(_Section):
     nodes: list[StaticNodeAddress] = Field(default_factory=list)
     heartbeat_s: float = 2.0
     timeout_s: float = 6.0
+    # etcd mode (SAGE_ETCD_ENDPOINTS="h1:2379,h2:2379,h3:2379"): cluster state lives in etcd
+    # (nodes and engines under leases, schedulers elected); empty: the one-machine store.
+    etcd_endpoints: str = ""
+    etcd_prefix: str = "/sage"
+    # A dead agent's node and engines leave routing within this many seconds.
+    etcd_lease_ttl_s: int = Field(default=6, ge=2, le=300)
+    etcd_ca_file: str = ""
+    etcd_cert_file: str = ""
+    etcd_key_file: str = ""
+
+    _etcd_lists = field_validator("etcd_endpoints", mode="before")(comma_list)
+
+    @field_validator("etcd_prefix")
+    @classmethod
+    def _etcd_prefix(cls, value: str) -> str:
+        value = "/" + value.strip().strip("/")
+        if value == "/" or any(c.isspace() for c in value):
+            raise ValueError(f"etcd_prefix must be a non-empty path like /sage, got {value!r}")
+        return value
+
+    @property
+    def etcd_mode(self) -> bool:
+        """True when cluster state lives in etcd."""
+        return bool(self.etcd_endpoints)
 
     @field_validator("nodes", mode="before")
     @classmethod
@@ -402,6 +426,7 @@ _LEGACY_NAMES: dict[str, tuple[str, str]] = {
     "gpu_simulate": ("gpu_manager", "simulate"),
     **{f: ("auth", f) for f in AuthSettings.model_fields},
     **{f: ("cluster", f) for f in ("node_id", "advertise_host", "nodes")},
+    **{f: ("cluster", f) for f in ClusterSettings.model_fields if f.startswith("etcd_")},
     "node_heartbeat_s": ("cluster", "heartbeat_s"),
     "node_timeout_s": ("cluster", "timeout_s"),
     **{f: ("client", f) for f in ClientSettings.model_fields},

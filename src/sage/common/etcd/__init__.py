@@ -1,0 +1,23 @@
+"""etcd as the cluster's store (SAGE_ETCD_ENDPOINTS): a client over etcd's gRPC API, leases
+kept alive, leader election and in-memory mirrors of key prefixes."""
+
+from .client import CompactedError, EtcdClient, EtcdTls, KeyValue, WatchEvent, parse_endpoints
+from .election import Election
+from .keys import ClusterKeys, cluster_keys, etcd_client
+from .lease import KeptLease
+from .mirror import PrefixMirror
+
+__all__ = [
+    "ClusterKeys",
+    "CompactedError",
+    "Election",
+    "EtcdClient",
+    "EtcdTls",
+    "KeptLease",
+    "KeyValue",
+    "PrefixMirror",
+    "WatchEvent",
+    "cluster_keys",
+    "etcd_client",
+    "parse_endpoints",
+]
