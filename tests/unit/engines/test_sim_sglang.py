@@ -3,8 +3,9 @@ the scheduler and lifecycle read, its health routes, and the load they make of i
 
 A real SGLang server cannot run here (CUDA kernels), so names and labels are read from
 SGLang's source (observability/metrics_collector.py) where a side venv has it installed
-(SAGE_TEST_SGLANG_PYTHON, default /work/sglvenv/bin/python), else from what that file
-says in SGLang 0.5.23 (pinned below).
+(SAGE_TEST_SGLANG_PYTHON, default .venv-sglang/bin/python in the repo, which
+scripts/install_sglang_parser.sh builds), else from what that file says in SGLang 0.5.23
+(pinned below).
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ from sage.engines.sim import SimConfig, create_app
 from sage.engines.sim.app import main
 from sage.engines.vllm_metrics import LOAD_METRICS_PATH, read_load
 
-SGLANG_PYTHON = os.environ.get("SAGE_TEST_SGLANG_PYTHON", "/work/sglvenv/bin/python")
+# scripts/test.sh builds it (scripts/install_sglang_parser.sh) and exports the variable.
+SGLANG_PYTHON = os.environ.get(
+    "SAGE_TEST_SGLANG_PYTHON", str(Path(__file__).parents[3] / ".venv-sglang" / "bin" / "python")
+)
 # What sglang/srt/observability/metrics_collector.py (0.5.23) names and labels: the three
 # scheduler gauges the load view reads, and the labels SchedulerMetricsCollector.init_new
 # gives them on one GPU (priority / dp_rank only with those features on).

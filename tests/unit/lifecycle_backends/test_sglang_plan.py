@@ -1,10 +1,11 @@
 """The sglang backend's launch plan, checked against SGLang's own argument parser.
 
 SGLang needs CUDA kernels to serve, so no server starts here. Its parser does import: with
-SGLang installed in a side venv (SAGE_TEST_SGLANG_PYTHON, default /work/sglvenv/bin/python:
-`pip install sglang --no-deps` plus the few modules server_args imports, torch from a CPU
-venv) the plan's argv is parsed by `ServerArgs.add_cli_args`. Without it, the flags are
-checked against the list that parser gave for SGLang 0.5.23 (sglang_0_5_23_flags.txt).
+SGLang installed in a side venv (SAGE_TEST_SGLANG_PYTHON, default .venv-sglang/bin/python in
+the repo, which scripts/install_sglang_parser.sh builds: sglang --no-deps plus what
+server_args imports, CPU torch) the plan's argv is parsed by `ServerArgs.add_cli_args`.
+Without it, the flags are checked against the list that parser gave for SGLang 0.5.23
+(sglang_0_5_23_flags.txt).
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ from sage.services.lifecycle.policy import ALLOWED_ARGS, LaunchPolicy
 from sage.services.lifecycle.spec import EngineSpec
 
 FLAGS_FILE = Path(__file__).with_name("sglang_0_5_23_flags.txt")
-SGLANG_PYTHON = os.environ.get("SAGE_TEST_SGLANG_PYTHON", "/work/sglvenv/bin/python")
+# scripts/test.sh builds it (scripts/install_sglang_parser.sh) and exports the variable.
+SGLANG_PYTHON = os.environ.get(
+    "SAGE_TEST_SGLANG_PYTHON", str(Path(__file__).parents[3] / ".venv-sglang" / "bin" / "python")
+)
 BIG = EngineSpec(
     model="Qwen/Qwen2.5-72B-Instruct",
     host="0.0.0.0",
