@@ -115,6 +115,9 @@ class SchedulerSettings(_Section):
     port: int = SagePorts.SCHEDULER_GRPC
     # Where other services reach it (host:port); empty: host + port.
     addr: str = ""
+    # Scheduler replicas the edge sends requests to, comma-separated host:port (empty: just
+    # `addr`). In etcd mode the edge learns them from etcd instead.
+    addrs: str = ""
     # fifo, priority, fair, slo_aware, cost_optimized, adaptive, hybrid[:inner]. A file may
     # say `{name: hybrid, inner: fair}`.
     policy: str = "adaptive"
@@ -138,6 +141,8 @@ class SchedulerSettings(_Section):
     # How long a request naming a LoRA adapter no engine has loaded waits for it to load
     # (on the least-loaded LoRA engine of its base model) before it fails with a timeout.
     adapter_load_timeout_s: float = Field(default=60.0, gt=0)
+
+    _lists = field_validator("addrs", mode="before")(comma_list)
 
     @field_validator("policy", mode="before")
     @classmethod
