@@ -22,7 +22,9 @@ log = logging.getLogger("sage.etcd")
 
 class Election:
     """One candidate. `is_leader` and `leader_value` follow the prefix as it changes;
-    `on_change(is_leader)` is called whenever this candidate gains or loses leadership."""
+    `on_change(is_leader)` is called whenever this candidate gains or loses leadership, and
+    `on_leader(value)` whenever the leader (its value; "" for none) changes, as every
+    candidate sees it (a follower forwards to the leader's address)."""
 
     def __init__(
         self,
@@ -32,12 +34,14 @@ class Election:
         *,
         lease: KeptLease,
         on_change: Callable[[bool], None] | None = None,
+        on_leader: Callable[[str], None] | None = None,
     ) -> None:
         self.client = client
         self.prefix = prefix.rstrip("/") + "/"
         self.value = value
         self.lease = lease
         self.on_change = on_change
+        self.on_leader = on_leader
         self.is_leader = False
         self.leader_value = ""
         self._candidates: dict[bytes, tuple[int, bytes]] = {}  # key -> (create rev, value)
@@ -64,7 +68,11 @@ class Election:
 
     def _decide(self) -> None:
         leader = min(self._candidates.items(), key=lambda kv: kv[1][0], default=None)
-        self.leader_value = leader[1][1].decode() if leader else ""
+        value = leader[1][1].decode() if leader else ""
+        if value != self.leader_value:
+            self.leader_value = value
+            if self.on_leader is not None:
+                self.on_leader(value)
         now = leader is not None and leader[0] == self._key
         if now != self.is_leader:
             self.is_leader = now
