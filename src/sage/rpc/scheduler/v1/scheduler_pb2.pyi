@@ -922,6 +922,10 @@ class GetStatusResponse(_message.Message):
     POLICY_FIELD_NUMBER: _builtins.int
     REQUESTS_TOTAL_FIELD_NUMBER: _builtins.int
     REQUESTS_FAILED_FIELD_NUMBER: _builtins.int
+    IS_LEADER_FIELD_NUMBER: _builtins.int
+    LEADER_ADDRESS_FIELD_NUMBER: _builtins.int
+    REPLICAS_FIELD_NUMBER: _builtins.int
+    SYNCED_FIELD_NUMBER: _builtins.int
     engines_total: _builtins.int
     engines_ready: _builtins.int
     in_flight: _builtins.int
@@ -933,6 +937,18 @@ class GetStatusResponse(_message.Message):
     requests_total: _builtins.int
     """Requests served since start."""
     requests_failed: _builtins.int
+    is_leader: _builtins.bool
+    """True on the replica that runs the autoscaler and answers PlaceEngine (etcd mode: the
+    elected one; the one-machine scheduler is always the leader).
+    """
+    leader_address: _builtins.str
+    """The leader's gRPC address (host:port); empty while none is elected."""
+    replicas: _builtins.int
+    """Scheduler replicas registered in etcd (1 in the one-machine mode)."""
+    synced: _builtins.bool
+    """False while an etcd-mode replica has not yet listed nodes and engines from etcd (it
+    routes nothing until then); always true in the one-machine mode.
+    """
     def __init__(
         self,
         *,
@@ -943,10 +959,14 @@ class GetStatusResponse(_message.Message):
         policy: _builtins.str = ...,
         requests_total: _builtins.int = ...,
         requests_failed: _builtins.int = ...,
+        is_leader: _builtins.bool = ...,
+        leader_address: _builtins.str = ...,
+        replicas: _builtins.int = ...,
+        synced: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["engines_ready", b"engines_ready", "engines_total", b"engines_total", "in_flight", b"in_flight", "policy", b"policy", "queued", b"queued", "requests_failed", b"requests_failed", "requests_total", b"requests_total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engines_ready", b"engines_ready", "engines_total", b"engines_total", "in_flight", b"in_flight", "is_leader", b"is_leader", "leader_address", b"leader_address", "policy", b"policy", "queued", b"queued", "replicas", b"replicas", "requests_failed", b"requests_failed", "requests_total", b"requests_total", "synced", b"synced"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
