@@ -8,6 +8,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
+import grpc
 import pytest
 
 from sage.common.etcd import Election, EtcdClient, KeptLease, PrefixMirror, parse_endpoints
@@ -184,3 +185,22 @@ async def test_mirror_misses_no_delete_across_a_member_loss(
         await mirror.close()
         await reader.close()
         await writer.close()
+
+
+async def test_apply_writes_every_key_or_none(
+    etcd_members: Callable[[int], EtcdMembers],
+) -> None:
+    members = etcd_members(1)
+    client = EtcdClient(members.endpoints)
+    try:
+        await client.put("/r/old", b"0")
+        await client.apply({"/r/a": b"1", "/r/b": b"2"}, ["/r/old"])
+        kvs, _ = await client.get_prefix("/r/")
+        assert [(k.key, k.value) for k in kvs] == [(b"/r/a", b"1"), (b"/r/b", b"2")]
+        # A transaction etcd refuses (one key twice) changes nothing.
+        with pytest.raises(grpc.aio.AioRpcError):
+            await client.apply({"/r/c": b"3", "/r/a": b"9"}, ["/r/a"])
+        kvs, _ = await client.get_prefix("/r/")
+        assert [(k.key, k.value) for k in kvs] == [(b"/r/a", b"1"), (b"/r/b", b"2")]
+    finally:
+        await client.close()

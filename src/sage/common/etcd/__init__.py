@@ -3,7 +3,7 @@ kept alive, leader election and in-memory mirrors of key prefixes."""
 
 from .client import CompactedError, EtcdClient, EtcdTls, KeyValue, WatchEvent, parse_endpoints
 from .election import Election
-from .keys import ClusterKeys, cluster_keys, etcd_client
+from .keys import ClusterKeys, cluster_keys, etcd_client, node_id_of
 from .lease import KeptLease
 from .mirror import PrefixMirror
 
@@ -19,5 +19,6 @@ __all__ = [
     "WatchEvent",
     "cluster_keys",
     "etcd_client",
+    "node_id_of",
     "parse_endpoints",
 ]

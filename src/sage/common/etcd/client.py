@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
@@ -292,6 +292,19 @@ class EtcdClient:
             ),
         )
         return bool(reply.succeeded)
+
+    async def apply(
+        self, puts: Mapping[str | bytes, bytes], deletes: Iterable[str | bytes] = ()
+    ) -> int:
+        """Put and delete keys (no lease) in one transaction: all of them or none; the new
+        revision. A key may appear once (etcd refuses duplicates); etcd caps one
+        transaction at 128 operations by default (--max-txn-ops)."""
+        ops = [pb.RequestOp(request_put=pb.PutRequest(key=_b(k), value=v)) for k, v in puts.items()]
+        ops += [
+            pb.RequestOp(request_delete_range=pb.DeleteRangeRequest(key=_b(k))) for k in deletes
+        ]
+        reply = await self._call("KV", "Txn", pb.TxnRequest(success=ops))
+        return int(reply.header.revision)
 
     # -- leases -----------------------------------------------------------------------
 

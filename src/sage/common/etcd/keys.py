@@ -12,6 +12,7 @@ Leased keys are what dies with a process; the rest is what must outlive one.
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 
 from sage.common.config.settings import SageSettings
@@ -64,6 +65,12 @@ class ClusterKeys:
     def gpu_reservations(self, node_id: str) -> str:
         """Prefix of one node's GPU reservations."""
         return f"{self.prefix}/gpu/{node_id}/reservations/"
+
+
+def node_id_of(settings: SageSettings) -> str:
+    """This host's node id: SAGE_NODE_ID, or the hostname (what keys under nodes/, lifecycle/
+    and gpu/ are named by, so a restarted process finds its own state)."""
+    return settings.cluster.node_id or socket.gethostname()
 
 
 def cluster_keys(settings: SageSettings) -> ClusterKeys:
