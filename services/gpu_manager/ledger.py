@@ -10,8 +10,9 @@ twice, while one still starting shows nowhere but in the ledger. Usage is attrib
 reservation only when the process on the GPU belongs to its owner alone; otherwise the
 whole reservation counts (conservative: it can waste memory, never over-commit).
 
-Every change is written to disk (when a store is given) before it takes effect, under one
-lock, so concurrent reserve calls and a crash between them both leave a consistent ledger.
+Every change is written to the store (when one is given: the JSON file, or etcd in etcd
+mode) before it takes effect, under one lock, so concurrent reserve calls and a crash
+between them both leave a consistent ledger.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from sage.common.exceptions import (
 
 from .nvml import GpuInfo, GpuSnapshot
 from .owners import ProcessProbe, PsutilProbe
-from .store import Reservation, ReservationStore
+from .store import LedgerStore, Reservation
 
 __all__ = ["Placement", "Reservation", "ReservationLedger", "SafetyMargin"]
 
@@ -74,7 +75,7 @@ class ReservationLedger:
         self,
         *,
         margin: SafetyMargin | None = None,
-        store: ReservationStore | None = None,
+        store: LedgerStore | None = None,
         probe: ProcessProbe | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -358,8 +359,19 @@ class ReservationLedger:
         # Start times of one process agree to well under a second; 0 means unknown.
         return not (started_at and now_started and abs(now_started - started_at) > 1.0)
 
+    @property
+    def store_where(self) -> str:
+        """Where the ledger is persisted ("memory only" without a store), for logs."""
+        return self._store.where if self._store is not None else "memory only"
+
+    def close(self) -> None:
+        """Close the store (the ledger is not used after)."""
+        if self._store is not None:
+            self._store.close()
+
     def _commit(self, new_state: dict[str, tuple[Reservation, ...]]) -> None:
-        """Persist, then switch; a failed write leaves memory and disk as they were."""
+        """Persist, then switch; a failed write leaves memory as it was (a store that cannot
+        reach etcd raises ServiceUnavailableError, which callers see as UNAVAILABLE)."""
         if self._store is not None:
             try:
                 self._store.save([r for _, rs in sorted(new_state.items()) for r in rs])

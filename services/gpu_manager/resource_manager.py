@@ -134,8 +134,11 @@ class GPUResourceManager:
         return self.ledger.reconcile()
 
     def close(self) -> None:
-        """Release NVML."""
-        self.reader.close()
+        """Release NVML and the ledger's store."""
+        try:
+            self.reader.close()
+        finally:
+            self.ledger.close()
 
     # ---- SAGE's GPUResourceManager methods ---------------------------------------------
 

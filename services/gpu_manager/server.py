@@ -8,16 +8,18 @@ import logging
 from typing import Any
 
 from sage.common.config.settings import SageSettings
+from sage.common.etcd import cluster_keys, etcd_client, node_id_of
 from sage.common.grpc import Registration, SageServer, create_server
 from sage.rpc.gpu_manager.v1 import gpu_manager_pb2 as pb
 from sage.rpc.gpu_manager.v1 import gpu_manager_pb2_grpc as pb_grpc
 
 from .estimate import ModelMemoryEstimator
+from .etcd_store import EtcdReservationStore
 from .ledger import MiB, ReservationLedger, SafetyMargin
 from .nvml import NvmlReader
 from .resource_manager import GPUResourceManager, GpuStatus
 from .sim_nvml import parse_simulation
-from .store import Reservation, ReservationStore
+from .store import LedgerStore, Reservation, ReservationStore
 
 log = logging.getLogger("sage.gpu_manager")
 
@@ -159,14 +161,29 @@ class GpuManagerServer(SageServer):
             await asyncio.sleep(self.interval_s)
 
 
+def build_store(settings: SageSettings) -> LedgerStore:
+    """Where reservations outlive the process: etcd under gpu/<node id>/reservations/ in etcd
+    mode (SAGE_ETCD_ENDPOINTS; no JSON file then), else the JSON file in the state dir."""
+    if settings.cluster.etcd_mode:
+        prefix = cluster_keys(settings).gpu_reservations(node_id_of(settings))
+        return EtcdReservationStore(etcd_client(settings), prefix)
+    return ReservationStore(settings.llm_state_dir / RESERVATIONS_FILE)
+
+
 def build_manager(settings: SageSettings, nvml: Any | None = None) -> GPUResourceManager:
     """GPUResourceManager wired from settings: NVML (unless disabled; `nvml` replaces the
-    pynvml module, e.g. with a SimNvml), the persisted ledger."""
+    pynvml module, e.g. with a SimNvml), the persisted ledger (loaded now: in etcd mode an
+    unreachable etcd fails the start rather than serving an empty ledger)."""
     options = settings.gpu_manager
-    ledger = ReservationLedger(
-        margin=SafetyMargin(options.reserve_margin_fraction, options.reserve_margin_mib * MiB),
-        store=ReservationStore(settings.llm_state_dir / RESERVATIONS_FILE),
-    )
+    store = build_store(settings)
+    try:
+        ledger = ReservationLedger(
+            margin=SafetyMargin(options.reserve_margin_fraction, options.reserve_margin_mib * MiB),
+            store=store,
+        )
+    except BaseException:
+        store.close()
+        raise
     if nvml is None and options.simulate:
         nvml = parse_simulation(options.simulate)
     return GPUResourceManager(
@@ -185,16 +202,20 @@ def build_server(
 ) -> tuple[GpuManagerServer, int]:
     """The GPU manager server wired from settings (its `gpu_manager` section)."""
     manager = build_manager(settings, nvml)
-    base, port = create_server(
-        addr or f"{settings.host}:{settings.gpu_manager.port}",
-        [
-            Registration(
-                pb.DESCRIPTOR.services_by_name["GpuManagerService"].full_name,
-                pb_grpc.add_GpuManagerServiceServicer_to_server,
-                GpuManagerServicer(manager),
-            )
-        ],
-    )
+    try:
+        base, port = create_server(
+            addr or f"{settings.host}:{settings.gpu_manager.port}",
+            [
+                Registration(
+                    pb.DESCRIPTOR.services_by_name["GpuManagerService"].full_name,
+                    pb_grpc.add_GpuManagerServiceServicer_to_server,
+                    GpuManagerServicer(manager),
+                )
+            ],
+        )
+    except BaseException:
+        manager.close()  # the store's thread and etcd channels, NVML
+        raise
     server = GpuManagerServer(base, manager, settings.gpu_manager.reconcile_interval_s)
 
     async def _close() -> None:
@@ -203,9 +224,6 @@ def build_server(
     server.on_stop(_close)
     log.info(
         "ledger loaded",
-        extra={
-            "path": str(settings.llm_state_dir / RESERVATIONS_FILE),
-            "reservations": len(manager.reservations()),
-        },
+        extra={"store": manager.ledger.store_where, "reservations": len(manager.reservations())},
     )
     return server, port

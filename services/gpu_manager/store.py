@@ -1,4 +1,6 @@
-"""The reservation ledger on disk: one JSON file, replaced atomically on every change."""
+"""Where the reservation ledger outlives the process: one JSON file, replaced atomically on
+every change (one machine), or one etcd key per reservation (etcd mode, etcd_store.py);
+the ledger sees either through `LedgerStore`."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 log = logging.getLogger("sage.gpu_manager.store")
 
@@ -31,7 +33,31 @@ class Reservation:
     owner_started_at: float = 0.0
 
 
-def _reservation(raw: Any) -> Reservation:
+class LedgerStore(Protocol):
+    """What the ledger persists through. `save` returns only once the new state is durable
+    (the RPC that changed it answers after), and raises leaving the old state readable."""
+
+    @property
+    def where(self) -> str:
+        """Where the reservations are kept, for logs."""
+        ...
+
+    def load(self) -> list[Reservation]:
+        """The saved reservations."""
+        ...
+
+    def save(self, reservations: list[Reservation]) -> None:
+        """Replace what is saved with exactly these reservations."""
+        ...
+
+    def close(self) -> None:
+        """Release what the store holds open."""
+        ...
+
+
+def reservation_of(raw: Any) -> Reservation:
+    """A Reservation from its JSON object (as the file and etcd hold it); ValueError,
+    KeyError or TypeError when it is not one."""
     if not isinstance(raw, dict):
         raise ValueError(f"reservation must be an object, got {type(raw).__name__}")
     return Reservation(
@@ -52,6 +78,14 @@ class ReservationStore:
     def __init__(self, path: Path) -> None:
         self.path = path
 
+    @property
+    def where(self) -> str:
+        """The file's path."""
+        return str(self.path)
+
+    def close(self) -> None:
+        """Nothing is held open between saves."""
+
     def load(self) -> list[Reservation]:
         """The saved reservations; an unreadable file is moved aside (logged) and read as empty,
         so a damaged file cannot keep the service down."""
@@ -63,7 +97,7 @@ class ReservationStore:
             doc = json.loads(text)
             if not isinstance(doc, dict) or doc.get("version") != FORMAT_VERSION:
                 raise ValueError(f"unknown format (version {doc.get('version')!r})")
-            return [_reservation(r) for r in doc.get("reservations", [])]
+            return [reservation_of(r) for r in doc.get("reservations", [])]
         except (ValueError, KeyError, TypeError) as exc:
             aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
             with contextlib.suppress(OSError):
