@@ -56,6 +56,7 @@ from .store import (
     STOPPED,
     STOPPING,
     EngineRecord,
+    EngineRegistry,
     EngineStore,
 )
 
@@ -226,6 +227,8 @@ def _listens_on(pid: int, port: int) -> bool:
 
 # Each health check, drain poll or metrics read of an engine, whole.
 _HTTP_TIMEOUT_S = 2.0
+# How long shutdown waits for a registry that is not local (etcd) to store the last saves.
+_FLUSH_S = 5.0
 
 
 def _auth(record: EngineRecord) -> dict[str, str]:
@@ -250,6 +253,7 @@ class EngineLifecycleManager:
         policy: LaunchPolicy | None = None,
         external_policy: ExternalEnginePolicy | None = None,
         managed_elsewhere: ManagedLookup = _no_other_nodes,
+        store: EngineRegistry | None = None,
     ) -> None:
         self.log_dir = state_dir / "logs"
         # Engines run in a private, empty folder: a relative name (a Hub id) never finds a
@@ -258,7 +262,8 @@ class EngineLifecycleManager:
         self.policy = policy or LaunchPolicy()
         self.external_policy = external_policy or ExternalEnginePolicy()
         self._managed_elsewhere = managed_elsewhere
-        self.store = EngineStore(state_dir / "engines.json")
+        # The registry that outlives this process: engines.json, or etcd in etcd mode.
+        self.store: EngineRegistry = store or EngineStore(state_dir / "engines.json")
         # Stopped and failed engines the registry no longer lists (see prune()).
         self.history_path = self.log_dir / HISTORY_FILE
         self._register = register
@@ -963,8 +968,8 @@ class EngineLifecycleManager:
     # -- restart of lifecycle itself -----------------------------------------------------
 
     async def recover(self) -> None:
-        """Re-adopt live, healthy engines from the registry file; clean up everything else."""
-        for record in self.store.load():
+        """Re-adopt live, healthy engines from the registry; clean up everything else."""
+        for record in await self.store.aload():
             self._records[record.engine_id] = record
             if record.state not in LIVE_STATES:
                 continue
@@ -1028,3 +1033,5 @@ class EngineLifecycleManager:
             live = [r.engine_id for r in self._records.values() if r.state in LIVE_STATES]
             await asyncio.gather(*(self.stop(e) for e in live), return_exceptions=True)
         await self._http.aclose()
+        if not await self.store.flush(_FLUSH_S):
+            log.warning("engine registry not fully stored before exit")
