@@ -203,6 +203,36 @@ async def test_kill9_and_restart_keeps_every_reservation_and_drops_dead_owners(
             await proc.wait()
 
 
+async def test_process_without_etcd_says_so_and_exits(
+    tmp_path: Path, port_factory: Callable[[], int]
+) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "sage.services.gpu_manager",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port_factory()),
+        env={
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "SAGE_INTERNAL_TOKEN": process_token(),
+            "SAGE_HOME": str(tmp_path),
+            "SAGE_GPU_SIMULATE": "1x80",
+            "SAGE_ETCD_ENDPOINTS": f"127.0.0.1:{port_factory()}",  # nothing listens
+        },
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    text = out.decode(errors="replace")
+    assert proc.returncode == 1, text
+    assert "cannot start: no etcd member answered" in text
+    assert "Traceback" not in text
+    assert not (tmp_path / "llm" / "gpu_reservations.json").exists()
+
+
 # ---- the server in the test's loop ---------------------------------------------------------
 
 

@@ -13,7 +13,7 @@ import pydantic
 
 from sage.common.bind_policy import check_bind
 from sage.common.config.settings import SageSettings, describe_settings_error, load_settings
-from sage.common.exceptions import ConfigurationError
+from sage.common.exceptions import ConfigurationError, ServiceUnavailableError
 from sage.common.utils.logging import configure_logging
 from sage.common.utils.tracing import configure_tracing
 
@@ -131,5 +131,8 @@ def run_service_main(
         return 2
     except OSError as exc:
         logging.getLogger(f"sage.{service}").error("cannot start: %s", exc)
+        return 1
+    except ServiceUnavailableError as exc:  # a store it needs at start (etcd) did not answer
+        logging.getLogger(f"sage.{service}").error("cannot start: %s", exc.message)
         return 1
     return 0
