@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import psutil
 
 from sage.common.config.settings import SageSettings
+from sage.common.etcd import EtcdClient, cluster_keys, etcd_client
 from sage.common.exceptions import NotFoundError
 from sage.common.grpc import (
     Registration,
@@ -26,12 +27,24 @@ from sage.rpc.lifecycle.v1 import lifecycle_pb2 as pb
 from sage.rpc.lifecycle.v1 import lifecycle_pb2_grpc as pb_grpc
 from sage.rpc.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 
-from .agent import NodeAgent, node_id_of
+from .agent import EtcdNodeAgent, NodeAgent, NodeReporter, node_id_of
 from .external_engines import ExternalEnginePolicy
 from .manager import EngineLifecycleManager, RestartPolicy
 from .policy import LaunchPolicy, engine_bind_host
 from .spec import EngineSpec
-from .store import FAILED, READY, STARTING, STOPPED, STOPPING, EngineRecord
+from .store import (
+    FAILED,
+    READY,
+    STARTING,
+    STOPPED,
+    STOPPING,
+    EngineRecord,
+    EngineRegistry,
+    EtcdEngineStore,
+)
+
+if TYPE_CHECKING:
+    from sage.rpc.scheduler.v1.scheduler_pb2_grpc import SchedulerServiceAsyncStub
 
 log = logging.getLogger("sage.lifecycle")
 
@@ -183,7 +196,7 @@ class LifecycleServicer(pb_grpc.LifecycleServiceServicer):
         manager: EngineLifecycleManager,
         engine_host: str,
         node_id: str = "",
-        agent: NodeAgent | None = None,
+        agent: NodeReporter | None = None,
     ) -> None:
         self.manager = manager
         self.engine_host = engine_host
@@ -271,53 +284,103 @@ class LifecycleServicer(pb_grpc.LifecycleServiceServicer):
         return pb.DescribeNodeResponse(report=await self.agent.report())
 
 
-def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageServer, int]:
-    """The lifecycle server; ready engines are registered with the scheduler over gRPC."""
-    sched_channel = create_channel(
-        settings.address("scheduler"), default_timeout=settings.rpc_timeout_s
-    )
-    gpu_channel = create_channel(
-        settings.address("gpu_manager"), default_timeout=settings.rpc_timeout_s
-    )
-    scheduler = scheduler_pb2_grpc.SchedulerServiceStub(sched_channel)
-    node_id = node_id_of(settings)
+class _Wiring:
+    """How lifecycle reaches the rest of the cluster: the scheduler over gRPC (one machine,
+    or several hosts without etcd), or etcd (SAGE_ETCD_ENDPOINTS)."""
 
-    async def register(record: EngineRecord) -> None:
+    def __init__(self, settings: SageSettings) -> None:
+        self.settings = settings
+        self.node_id = node_id_of(settings)
+        self.etcd: EtcdClient | None = None
+        self.sched_channel: grpc.aio.Channel | None = None
+        self.scheduler: SchedulerServiceAsyncStub | None = None
+        self.store: EngineRegistry | None = None  # None: the manager's engines.json
+        self.etcd_agent: EtcdNodeAgent | None = None
+        if settings.cluster.etcd_mode:
+            self.etcd = etcd_client(settings)
+            self.store = EtcdEngineStore(
+                self.etcd, cluster_keys(settings).lifecycle_engines(self.node_id)
+            )
+        else:
+            self.sched_channel = create_channel(
+                settings.address("scheduler"), default_timeout=settings.rpc_timeout_s
+            )
+            self.scheduler = scheduler_pb2_grpc.SchedulerServiceStub(self.sched_channel)
+
+    async def register(self, record: EngineRecord) -> None:
+        """Make a ready engine routable."""
+        if self.etcd_agent is not None:
+            await self.etcd_agent.publish(engine_pb(record, self.node_id))
+            return
+        assert self.scheduler is not None
         with rpc_errors_as_sage():
-            await scheduler.RegisterEngine(
-                scheduler_pb2.RegisterEngineRequest(engine=engine_pb(record, node_id))
+            await self.scheduler.RegisterEngine(
+                scheduler_pb2.RegisterEngineRequest(engine=engine_pb(record, self.node_id))
             )
 
-    async def deregister(engine_id: str, drain_timeout_s: float = 0.0) -> None:
+    async def deregister(self, engine_id: str, drain_timeout_s: float = 0.0) -> None:
+        """Take an engine out of routing (with the scheduler's drain when over gRPC)."""
+        if self.etcd_agent is not None:
+            await self.etcd_agent.withdraw(engine_id, drain_timeout_s)
+            return
+        assert self.scheduler is not None
         with rpc_errors_as_sage():
-            await scheduler.DeregisterEngine(
+            await self.scheduler.DeregisterEngine(
                 scheduler_pb2.DeregisterEngineRequest(
                     engine_id=engine_id, drain_timeout_s=drain_timeout_s
                 ),
-                timeout=settings.rpc_timeout_s + drain_timeout_s,
+                timeout=self.settings.rpc_timeout_s + drain_timeout_s,
             )
 
-    async def managed_elsewhere(names: frozenset[str]) -> list[str]:
+    async def managed_elsewhere(self, names: frozenset[str]) -> list[str]:
         """Engines other lifecycles (other nodes) started that serve one of `names`, as the
-        scheduler knows them; an unreachable scheduler leaves this node's own check."""
+        scheduler (or etcd's engines/) knows them; an unreachable one leaves this node's own
+        check."""
+        engines: list[common_pb2.Engine] = []
         try:
-            reply = await scheduler.ListEngines(scheduler_pb2.ListEnginesRequest())
-        except grpc.RpcError as err:
+            if self.etcd is not None:
+                kvs, _ = await self.etcd.get_prefix(cluster_keys(self.settings).engines)
+                for kv in kvs:
+                    engine = common_pb2.Engine()
+                    engine.ParseFromString(kv.value)
+                    engines.append(engine)
+            elif self.scheduler is not None:
+                reply = await self.scheduler.ListEngines(scheduler_pb2.ListEnginesRequest())
+                engines = list(reply.engines)
+        except Exception as exc:
             log.warning(
-                "scheduler unreachable; checked this node's engines only",
-                extra={"error": err.details()},
+                "cluster's engines unreachable; checked this node's engines only",
+                extra={"error": str(exc)},
             )
             return []
         return [
             e.engine_id
-            for e in reply.engines
+            for e in engines
             if e.backend not in ("", "external") and names.intersection((e.model, *e.aliases))
         ]
 
+    async def aclose(self) -> None:
+        """Close the channels (after the agent and the manager)."""
+        if isinstance(self.store, EtcdEngineStore):
+            await self.store.aclose()
+        if self.etcd is not None:
+            await self.etcd.close()
+        if self.sched_channel is not None:
+            await self.sched_channel.close(None)
+
+
+def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageServer, int]:
+    """The lifecycle server; ready engines are registered with the scheduler over gRPC, or
+    kept in etcd (with the engine registry) in etcd mode."""
+    gpu_channel = create_channel(
+        settings.address("gpu_manager"), default_timeout=settings.rpc_timeout_s
+    )
+    wiring = _Wiring(settings)
+    node_id = wiring.node_id
     manager = EngineLifecycleManager(
         settings.llm_state_dir,
-        register=register,
-        deregister=deregister,
+        register=wiring.register,
+        deregister=wiring.deregister,
         gpus=GrpcGpuAllocator(gpu_channel),
         restart=RestartPolicy(
             initial_s=settings.lifecycle.restart_backoff_s,
@@ -326,16 +389,24 @@ def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageS
         advertise_host=settings.cluster.advertise_host,
         policy=LaunchPolicy.from_settings(settings),
         external_policy=ExternalEnginePolicy.from_settings(settings),
-        managed_elsewhere=managed_elsewhere,
+        managed_elsewhere=wiring.managed_elsewhere,
+        store=wiring.store,
     )
     bound: dict[str, int] = {}
-    agent = NodeAgent(
-        settings,
-        manager,
-        gpu_manager_pb2_grpc.GpuManagerServiceStub(gpu_channel),
-        scheduler,
-        lambda: bound["port"],
-    )
+    gpu_stub = gpu_manager_pb2_grpc.GpuManagerServiceStub(gpu_channel)
+    agent: NodeAgent | EtcdNodeAgent
+    if wiring.etcd is not None:
+        agent = wiring.etcd_agent = EtcdNodeAgent(
+            settings,
+            manager,
+            gpu_stub,
+            lambda: bound["port"],
+            wiring.etcd,
+            cluster_keys(settings),
+        )
+    else:
+        assert wiring.scheduler is not None
+        agent = NodeAgent(settings, manager, gpu_stub, wiring.scheduler, lambda: bound["port"])
     server, port = create_server(
         addr or f"{settings.host}:{settings.lifecycle.port}",
         [
@@ -360,16 +431,33 @@ def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageS
             await manager.resync()
 
     async def _start() -> None:
-        await manager.recover()
-        tasks.append(asyncio.get_running_loop().create_task(resync_forever()))
+        if wiring.etcd is None:
+            await manager.recover()
+            tasks.append(asyncio.get_running_loop().create_task(resync_forever()))
+            agent.start()
+            return
+        # etcd mode: keys are state, not a cache to refill, so no resync. Lifecycle serves
+        # even while etcd does not answer; its registry is read (and engines re-adopted)
+        # once it does.
         agent.start()
+        recovery = asyncio.get_running_loop().create_task(manager.recover())
+        tasks.append(recovery)
+        done, _ = await asyncio.wait({recovery}, timeout=settings.rpc_timeout_s)
+        if recovery in done:
+            recovery.result()
+        else:
+            log.error(
+                "serving before the engine registry could be read from etcd; engines are "
+                "re-adopted once etcd answers",
+                extra={"node_id": node_id, "endpoints": settings.cluster.etcd_endpoints},
+            )
 
     async def _close() -> None:
         await agent.aclose()
         for task in tasks:
             task.cancel()
         await manager.shutdown(stop_engines=settings.lifecycle.stop_engines_on_exit)
-        await sched_channel.close(None)
+        await wiring.aclose()
         await gpu_channel.close(None)
 
     server.on_start(_start)
