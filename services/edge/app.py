@@ -145,29 +145,28 @@ def _named_events(messages: list[Any]) -> bytes:
     return bytes(out)
 
 
-def _response_error_event(exc: SageError) -> bytes:
-    """A mid-stream failure as the Responses API's `error` event."""
+def _responses_error(exc: SageError) -> dict[str, Any]:
+    """A mid-stream failure as the payload of the Responses API's `error` event."""
     detail = exc.to_openai()["error"]
-    event = {"type": "error", "code": detail.get("code"), "message": detail.get("message")}
-    event["param"] = detail.get("param")
-    return b"event: error\n" + sse_event(orjson.dumps(event))
+    return {"type": "error", **{key: detail.get(key) for key in ("code", "message", "param")}}
 
 
-def _message_error_event(exc: SageError) -> bytes:
-    """A mid-stream failure as Anthropic's `error` event."""
-    return b"event: error\n" + sse_event(orjson.dumps(anthropic_error(exc)[1]))
+def _messages_error(exc: SageError) -> dict[str, Any]:
+    """A mid-stream failure as the payload of Anthropic's `error` event."""
+    return anthropic_error(exc)[1]
 
 
 async def _stream_sse(
     messages: AsyncIterator[list[Any]],
     on_first: Callable[[], None] | None = None,
-    error_event: Callable[[SageError], bytes] | None = None,
+    error_payload: Callable[[SageError], dict[str, Any]] | None = None,
 ) -> StreamingResponse:
     """SSE from a stream of scheduler messages (in lists that arrived together: one HTTP
-    write each); errors before the first chunk become HTTP errors, later ones an OpenAI
-    error event. `error_event` (the Responses and Messages APIs): named events, that API's
-    error event, no [DONE]."""
-    events = _named_events if error_event else _events
+    write each); errors before the first chunk become HTTP errors, later ones an error
+    event. Without `error_payload` (chat, completions): OpenAI's unnamed error event and
+    [DONE], as vLLM sends them. With it (the Responses and Messages APIs): named events,
+    and a failure is an `event: error` carrying that API's payload, with no [DONE]."""
+    events = _named_events if error_payload else _events
     try:
         first = await messages.__anext__()
     except StopAsyncIteration:
@@ -181,15 +180,14 @@ async def _stream_sse(
                 yield events(first)
             async for message in messages:
                 yield events(message)  # one HTTP write per batch, however many chunks
-            if error_event is None:
+            if error_payload is None:
                 yield DONE
         except SageError as exc:
-            if error_event is not None:
-                yield error_event(exc)
-                return
-            # Headers are gone; vLLM's convention is an error event, then [DONE].
-            yield sse_event(orjson.dumps(exc.to_openai()))
-            yield DONE
+            # Headers are gone, so the failure travels as the stream's last event.
+            if error_payload is None:
+                yield sse_event(orjson.dumps(exc.to_openai())) + DONE
+            else:
+                yield b"event: error\n" + sse_event(orjson.dumps(error_payload(exc)))
         finally:
             await messages.aclose()  # type: ignore[attr-defined]
 
@@ -320,11 +318,11 @@ def create_app(
     ) -> Handler:
         """A chat/completion route: validate once, forward the raw body, relay raw bytes.
         `api`: which chat API (and engine route) a chat-kind request speaks."""
-        error_events: dict[int, Callable[[SageError], bytes]] = {
-            spb.CHAT_API_RESPONSES: _response_error_event,
-            spb.CHAT_API_MESSAGES: _message_error_event,
+        error_payloads: dict[int, Callable[[SageError], dict[str, Any]]] = {
+            spb.CHAT_API_RESPONSES: _responses_error,
+            spb.CHAT_API_MESSAGES: _messages_error,
         }
-        error_event = error_events.get(api)
+        error_payload = error_payloads.get(api)
         extra = {"api": api} if api else {}
 
         async def handle(request: Request) -> Response | StreamingResponse:
@@ -345,7 +343,7 @@ def create_app(
                 return await _stream_sse(
                     messages,
                     lambda: metrics.observe_ttft(model, time.perf_counter() - started),
-                    error_event,
+                    error_payload,
                 )
             # A client that leaves cancels the request: the scheduler and the engine stop.
             message = unary_msg(model=model, body=body, options=options, **extra)
