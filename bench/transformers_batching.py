@@ -10,6 +10,14 @@ Rows, on one model and the same prompts, 32 concurrent clients, every request 64
   raw          no server: `model.generate` on batches of 32 left-padded prompts
   inproc(-stream)  with --ab-in-process: the new engine stepping in a thread of its HTTP
                process (--generation-in-process) instead of its generation process
+  dynamic(-stream) with --ab-dynamic: the new engine on the dynamic KV cache (--kv-cache
+               dynamic: rows padded and re-stacked as they join and leave, no CUDA graphs),
+               the engine before the KV slots
+With --decode-paths, first, no server: ms per decode step of one wave of `clients` rows
+through CausalLM.step on the dynamic cache, the KV slots eager and the KV slots as CUDA
+graphs, against model.generate; and whether the slots' greedy answers (rows joining,
+leaving and cancelled) equal the dynamic cache's one at a time, on the `tiny` shape in
+float32.
 Each engine is a subprocess on a free port, warmed up before its timed runs (the batching
 one with a full wave: `clients` requests of max_tokens, so every batch shape and allocation
 size has been seen); raw runs in this process after the engines have stopped, warmed up with
@@ -390,6 +398,122 @@ def run_raw(model: Path, device: str, requests: int, args: Any) -> Row:
     return Row("raw", requests, tokens, seconds)
 
 
+def decode_paths(model: Path, device: str, args: Any) -> None:
+    """ms per decode step of one wave through CausalLM.step, per decode path, and raw."""
+    import threading
+
+    import torch
+
+    from sage.engines.transformers.model import CausalLM, EngineConfig, SamplingParams
+
+    texts = prompts(args.clients)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
+    paths: dict[str, dict[str, Any]] = {
+        "dynamic": {"kv_cache": "dynamic"},
+        "slots-eager": {"kv_cache": "slots", "enforce_eager": True},
+        "slots-graphs": {"kv_cache": "slots"},
+    }
+    texts_by_path: dict[str, list[str]] = {}
+    lm: Any = None
+    for name, options in paths.items():
+        lm = CausalLM(EngineConfig(model=str(model), device=device, **options))
+        lm.warm_up()
+        ids = [lm.encode(t, add_special_tokens=True) for t in texts]
+
+        def wave(lm: Any = lm, ids: list[list[int]] = ids) -> list[str]:
+            gens = [lm.begin(i, params, threading.Event()) for i in ids]
+            lm.step(gens)
+            while lm.running:
+                lm.step()
+            return [g.outcome().text for g in gens]
+
+        wave()
+        wave()  # warm-up (graphs captured, allocator settled)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        texts_by_path[name] = wave()
+        ms = (time.perf_counter() - started) * 1000 / args.max_tokens
+        print(
+            f"  decode path {name} ({lm.decode_mode}): {ms:.2f} ms per step of {args.clients}",
+            flush=True,
+        )
+    base = texts_by_path["dynamic"]
+    for name in ("slots-eager", "slots-graphs"):
+        same = sum(a == b for a, b in zip(base, texts_by_path[name], strict=True))
+        print(f"  greedy answers equal, {name} vs dynamic (same wave): {same}/{len(base)}")
+    tok, hf_model = lm.tokenizer, lm.model
+    tok.padding_side = "left"
+    enc = tok(texts, return_tensors="pt", padding=True).to(device)
+
+    def raw() -> None:
+        with torch.inference_mode():
+            hf_model.generate(
+                input_ids=enc["input_ids"],
+                attention_mask=enc["attention_mask"],
+                max_new_tokens=args.max_tokens,
+                min_new_tokens=args.max_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+            )
+
+    raw()
+    if device != "cpu":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    raw()
+    if device != "cpu":
+        torch.cuda.synchronize()
+    ms = (time.perf_counter() - started) * 1000 / args.max_tokens
+    print(f"  raw model.generate: {ms:.2f} ms per step of {args.clients}", flush=True)
+
+
+def check_slots(device: str, tokenizer: Path | None) -> None:
+    """The KV slots (CUDA graphs where the device has them) against the dynamic cache one
+    request at a time, float32 `tiny` model: rows joining, leaving, one cancelled."""
+    import threading
+
+    from sage.engines.transformers.model import CausalLM, EngineConfig, SamplingParams
+
+    folder = Path(tempfile.mkdtemp(prefix="slots-check-")) / "tiny"
+    build(folder, "tiny", tokenizer)
+    alone = CausalLM(EngineConfig(model=str(folder), device=device, kv_cache="dynamic"))
+    lm = CausalLM(EngineConfig(model=str(folder), device=device, kv_cache="slots"))
+    lm.warm_up()
+    texts = prompts(12)
+    params = [
+        SamplingParams(max_tokens=8 + 5 * i, temperature=0, ignore_eos=True)
+        for i in range(len(texts))
+    ]
+    expected = []
+    for text, p in zip(texts, params, strict=True):
+        ids = alone.encode(text, add_special_tokens=True)
+        expected.append(alone.generate(ids, p, threading.Event(), lambda _: None).text)
+    flags = [threading.Event() for _ in texts]
+    gens = [
+        lm.begin(lm.encode(t, add_special_tokens=True), p, f)
+        for t, p, f in zip(texts, params, flags, strict=True)
+    ]
+    schedule = {0: gens[:3], 2: gens[3:7], 9: gens[7:10], 20: gens[10:]}
+    step, sizes = 0, []
+    while step < 500 and (step <= max(schedule) or lm.running):
+        if step == 12:
+            flags[5].set()
+        sizes.append(lm.step(schedule.get(step, [])).decoded)
+        step += 1
+    same = sum(
+        g.outcome().text == e for i, (g, e) in enumerate(zip(gens, expected, strict=True)) if i != 5
+    )
+    cut = gens[5].outcome()
+    print(
+        f"  slots check ({lm.decode_mode}): {same}/{len(texts) - 1} greedy answers equal to "
+        f"the dynamic cache alone; cancelled row {cut.finish_reason} after "
+        f"{cut.completion_tokens} tokens, its text a prefix: "
+        f"{expected[5].startswith(cut.text)}; batch sizes {min(sizes)}..{max(sizes)}",
+        flush=True,
+    )
+
+
 def profile_in_process(model: Path, device: str, args: Any) -> None:
     """No server: one wave of `clients` x max_tokens through CausalLM.step (cProfile'd, top
     functions printed) and through model.generate, ms per decode step of each."""
@@ -512,6 +636,16 @@ def main() -> int:
     )
     parser.add_argument("--profile-only", action="store_true", help="--profile, then stop")
     parser.add_argument(
+        "--decode-paths",
+        action="store_true",
+        help="first: ms per step of each decode path in process, and the slots' correctness",
+    )
+    parser.add_argument(
+        "--ab-dynamic",
+        action="store_true",
+        help="also run the new engine on the dynamic KV cache (rows dynamic, dynamic-stream)",
+    )
+    parser.add_argument(
         "--ab-in-process",
         action="store_true",
         help="also run the new engine with --generation-in-process (rows inproc, "
@@ -538,6 +672,9 @@ def main() -> int:
         model = Path(tempfile.mkdtemp(prefix="batching-")) / args.shape
         build(model, args.shape, args.tokenizer)
 
+    if args.decode_paths:
+        check_slots(device, args.tokenizer)
+        decode_paths(model, device, args)
     if args.profile or args.profile_only:
         profile_in_process(model, device, args)
         if args.profile_only:
@@ -569,6 +706,15 @@ def main() -> int:
             device,
             ["--max-num-seqs", str(args.clients), *budget, "--generation-in-process"],
             [("inproc", args.requests, False), ("inproc-stream", args.requests, True)],
+            args,
+            warm_tokens=args.max_tokens,
+        )
+    if args.ab_dynamic:
+        rows += run_engine(
+            model,
+            device,
+            ["--max-num-seqs", str(args.clients), *budget, "--kv-cache", "dynamic"],
+            [("dynamic", args.requests, False), ("dynamic-stream", args.requests, True)],
             args,
             warm_tokens=args.max_tokens,
         )

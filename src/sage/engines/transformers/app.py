@@ -81,6 +81,7 @@ class _Engine:
                 vocab_size=model.vocab_size,
                 can_batch=model.can_batch,
                 warm_up_s=0.0,
+                decode=str(getattr(model, "decode_mode", "dynamic")),
             )
         else:
             prompts = Prompts(load_tokenizer(config))  # fails fast, before the weights load
@@ -529,6 +530,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max-waiting-steps", type=int, default=20)
     parser.add_argument(
+        "--kv-cache",
+        default="auto",
+        choices=["auto", "slots", "dynamic"],
+        help="decode over a preallocated KV cache of slots (CUDA graphs on CUDA) or the "
+        "dynamic cache, padded and re-stacked as rows join and leave (auto: slots on CUDA)",
+    )
+    parser.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="no CUDA graphs: the slots' decode pass runs eagerly (as vLLM's flag)",
+    )
+    parser.add_argument(
         "--generation-in-process",
         action="store_true",
         help="step the model in a thread of the HTTP process instead of a generation process "
@@ -564,6 +577,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         kv_budget_tokens=args.kv_budget_tokens,
         waiting_served_ratio=args.waiting_served_ratio,
         max_waiting_steps=args.max_waiting_steps,
+        kv_cache=args.kv_cache,
+        enforce_eager=args.enforce_eager,
     )
     try:
         if args.generation_in_process:
@@ -589,6 +604,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "warm_up_s": round(facts.warm_up_s, 3),
             "max_num_seqs": config.max_num_seqs,
             "batching": facts.can_batch,
+            "decode": facts.decode,
             "generation_pid": engine.runner.pid,
         },
     )

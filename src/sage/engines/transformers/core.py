@@ -58,6 +58,7 @@ class CoreFacts:
     vocab_size: int
     can_batch: bool
     warm_up_s: float
+    decode: str = "dynamic"  # how decode passes run: cuda-graphs | slots | dynamic
 
 
 @dataclass
@@ -289,6 +290,7 @@ def _core_main(config: EngineConfig, conn: Connection, log_level: str) -> None:
         vocab_size=model.vocab_size,
         can_batch=model.can_batch,
         warm_up_s=warm_s,
+        decode=model.decode_mode,
     )
     conn.send(("ready", asdict(facts)))
     cancels: dict[int, Callable[[], None]] = {}

@@ -12,12 +12,18 @@ Why not transformers' own continuous batching (`generate_batch`, ContinuousBatch
 it fixes do_sample and the logits processors for the whole manager (no per-request seed,
 top_k, penalties, min_tokens or stop token ids), and its API changed between the 5.17 on the
 GPU machines and the 5.25 here. Padding a DynamicCache works on every version we support.
+
+On CUDA the decode pass runs over a preallocated KV cache of slots instead, captured as
+CUDA graphs (slots.py): joins and leaves stop copying the batch's cache and a step launches
+once. The dynamic cache stays the CPU path (and the fallback for models the slots cannot
+hold).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import inspect
+import logging
 import random
 import threading
 import time
@@ -27,6 +33,8 @@ from pathlib import Path
 from typing import Any, cast
 
 from sage.common.exceptions import ConfigurationError, InternalError, InvalidRequestError
+
+from .slots import SlotBatch, SlotLayout
 
 __all__ = [
     "FALLBACK_CHAT_TEMPLATE",
@@ -41,6 +49,8 @@ __all__ = [
     "load_tokenizer",
     "text_decoder",
 ]
+
+log = logging.getLogger(__name__)
 
 # Used when a tokenizer ships no chat template (base models, hand-built tokenizers): each
 # message as "Role: content" followed by a blank line, then "Assistant:" to answer.
@@ -73,6 +83,8 @@ class EngineConfig:
     kv_budget_tokens: int = 0  # KV cache columns of the whole batch; 0 = max_model_len
     waiting_served_ratio: float = 0.3  # newcomers join a running batch at this share...
     max_waiting_steps: int = 20  # ...or once the oldest has waited this many steps
+    kv_cache: str = "auto"  # auto (slots on CUDA, else dynamic) | slots | dynamic
+    enforce_eager: bool = False  # no CUDA graphs of the decode pass (vLLM's flag)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -477,6 +489,19 @@ class CausalLM:
         own = type(self.model).__module__.startswith("transformers.")
         self._sdpa = sdpa and own and _transformers_version() >= (5, 0)
         self.can_batch = True  # False once a prefill shows a cache that cannot be stacked
+        # The decode pass over a KV cache of slots (slots.py), CUDA graphs on CUDA: made at
+        # the first prefill, which shows the cache's layout. It passes SDPA its mask, so it
+        # needs the ready-made mask path above.
+        if config.kv_cache not in ("auto", "slots", "dynamic"):
+            raise ConfigurationError(f"unknown kv_cache {config.kv_cache!r}", param="kv_cache")
+        wanted = config.kv_cache == "slots" or (
+            config.kv_cache == "auto" and self.device.startswith("cuda")
+        )
+        if wanted and not self._sdpa:
+            log.info("KV slots need SDPA attention in transformers >= 5: dynamic cache")
+        self._slot_mode = wanted and self._sdpa
+        self._slots: SlotBatch | None = None
+        self._config = config
 
     # ---- loading helpers
 
@@ -580,22 +605,36 @@ class CausalLM:
         """
         torch = self._torch
         finished = [g for g in self._rows if g.check_cancelled()]
-        if finished:
-            self._retain()
         fresh: list[Generation] = []
         for generation in admitted:
             (finished if generation.check_cancelled() else fresh).append(generation)
-        with torch.inference_mode():
+        with torch.inference_mode():  # the KV slots are inference tensors
+            if finished:
+                self._retain()
             if fresh:
                 cache, mask, logits = self._prefill(fresh)
                 self._sample(fresh, logits)
-                self._merge(fresh, cache, mask, self._prefill_pads(fresh))
-                finished += self._retain()
+                if self._slot_mode and self._slots_for(cache):
+                    finished += self._join(fresh, cache)
+                else:
+                    self._merge(fresh, cache, mask, self._prefill_pads(fresh))
+                    finished += self._retain()
             rows = len(self._rows)
             if rows:
-                self._sample(self._rows, self._decode_step())
+                if self._slots is not None:
+                    logits = self._slots.decode([g.next_token for g in self._rows])
+                else:
+                    logits = self._decode_step()
+                self._sample(self._rows, logits)
                 finished += self._retain()
         return Step(finished, rows, rows + len(fresh))
+
+    @property
+    def decode_mode(self) -> str:
+        """How decode passes run: cuda-graphs, slots (eager) or dynamic (see slots.py)."""
+        if self._slots is None:
+            return "slots" if self._slot_mode else "dynamic"
+        return "cuda-graphs" if self._slots.graphs else "slots"
 
     def abandon(self) -> list[Generation]:
         """Drop the whole batch (after a failed step); returns what was in it."""
@@ -652,6 +691,46 @@ class CausalLM:
         """Left padding of each prefilled row (as `_prefill` lays them out)."""
         width = max(len(g.prompt_ids) for g in fresh)
         return [width - len(g.prompt_ids) for g in fresh]
+
+    def _slots_for(self, cache: Any) -> bool:
+        """Whether this prefill's rows go to the KV slots; the first prefill makes them, or
+        shows a cache they cannot hold (the dynamic cache is used from then on)."""
+        if self._slots is not None:
+            return True
+        layout = SlotLayout.of(_kv(cache)) if self.can_batch else None
+        if layout is None:
+            log.info("this model's KV cache does not fit the slots: dynamic cache")
+            self._slot_mode = False
+            return False
+        config = self._config
+        self._slots = SlotBatch(
+            self.model,
+            self._cache_key,
+            layout,
+            kv_budget_tokens=config.kv_budget_tokens or self.max_model_len,
+            max_rows=config.max_num_seqs,
+            max_columns=self.max_model_len,
+            graphs=not config.enforce_eager,
+        )
+        return True
+
+    def _join(self, fresh: Sequence[Generation], cache: Any) -> list[Generation]:
+        """Copy the prefilled rows that go on into the slots after the running ones; returns
+        those that ended with their first token."""
+        slots = self._slots
+        assert slots is not None
+        pads = self._prefill_pads(fresh)
+        going = [(i, g) for i, g in enumerate(fresh) if not g.done]
+        if going:
+            rows = len(self._rows)
+            widest = max(g.reserve for g in [*self._rows, *(g for _, g in going)])
+            slots.make_room(rows + len(going), widest, rows)
+            placements = [
+                (rows + k, i, pads[i], len(g.prompt_ids)) for k, (i, g) in enumerate(going)
+            ]
+            slots.join(placements, _kv(cache))
+            self._rows.extend(g for _, g in going)
+        return [g for g in fresh if g.done]
 
     def _decode_step(self) -> Any:
         torch = self._torch
@@ -732,6 +811,9 @@ class CausalLM:
         gone = [g for g in self._rows if g.done]
         if not gone:
             return []
+        if self._slots is not None:
+            self._vacate()
+            return gone
         keep = [i for i, g in enumerate(self._rows) if not g.done]
         if not keep:
             self.abandon()
@@ -758,6 +840,26 @@ class CausalLM:
         self._rows = [self._rows[i] for i in keep]
         return gone
 
+    def _vacate(self) -> None:
+        """Free the finished rows' slots: rows past the survivors move into the holes, so
+        the batch stays in slots 0..n-1 (one copy of each moved row's columns)."""
+        assert self._slots is not None
+        rows = self._rows
+        kept = sum(1 for g in rows if not g.done)
+        holes = [i for i in range(kept) if rows[i].done]
+        movers = [j for j in range(kept, len(rows)) if not rows[j].done]
+        # A row's cached columns: its prompt and every token fed back (all but the last).
+        self._slots.move(
+            [
+                (j, i, len(rows[j].prompt_ids) + rows[j].produced - 1)
+                for i, j in zip(holes, movers, strict=True)
+            ]
+        )
+        survivors = rows[:kept]
+        for i, j in zip(holes, movers, strict=True):
+            survivors[i] = rows[j]
+        self._rows = survivors
+
     def _pick(self, scores: Any, params: SamplingParams, generator: Any) -> int:
         torch = self._torch
         if params.temperature <= 0 or generator is None:
@@ -777,12 +879,20 @@ class CausalLM:
         return int(torch.multinomial(probabilities, 1, generator=generator).item())
 
     def warm_up(self) -> float:
-        """One tiny generation so the first request does not pay for lazy init; seconds."""
+        """One tiny generation so the first request does not pay for lazy init (and the
+        decode pass of one row is captured); seconds. A model the KV slots fail on falls
+        back to the dynamic cache here, before any request."""
         started = time.perf_counter()
         ids = self.encode("hello", add_special_tokens=True) or [0]
-        self.generate(
-            ids, SamplingParams(max_tokens=2, temperature=0.0), threading.Event(), lambda _: None
-        )
+        params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+        try:
+            self.generate(ids, params, threading.Event(), lambda _: None)
+        except Exception as exc:
+            if self._slots is None and not self._slot_mode:
+                raise
+            log.warning("decoding over KV slots failed (%s): dynamic cache", exc)
+            self._slot_mode, self._slots = False, None
+            self.generate(ids, params, threading.Event(), lambda _: None)
         return time.perf_counter() - started
 
 
