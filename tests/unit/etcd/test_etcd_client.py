@@ -5,6 +5,7 @@ losing one member of three unnoticed)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable
 
@@ -134,7 +135,7 @@ async def test_one_leader_and_handover_when_it_dies(
                 "/el",
                 f"{name}:50051",
                 lease=lease,
-                on_change=lambda now, name=name: changes.append((name, now)),
+                on_change=functools.partial(lambda who, now: changes.append((who, now)), name),
             )
             await election.start()
             elections.append(election)
