@@ -242,14 +242,14 @@ class EtcdNodeAgent(NodeReporter):
         await self._sync_now()
 
     async def _sync_now(self) -> None:
+        # The node report lists ready engines: the tick this wakes brings it up to date.
+        self._wake.set()
         if not self._granted or self._closed:
-            self._wake.set()
             return
         try:
             await asyncio.wait_for(self._sync(), self.write_timeout_s)
         except Exception as exc:  # etcd unreachable: the next tick writes it
             self._note_error(exc)
-            self._wake.set()
 
     async def _sync(self) -> None:
         """Write what changed, delete what went (each key remembered only once stored)."""

@@ -214,6 +214,31 @@ async def test_ready_engines_and_the_node_are_in_etcd_and_go_when_stopped(
     assert set(await etcd_view.registry()) == {engine.engine_id, other.engine_id}
 
 
+async def test_a_lost_lease_is_replaced_and_the_keys_written_again(
+    settings: SageSettings,
+    etcd: EtcdMembers,
+    keys: ClusterKeys,
+    etcd_view: Etcd,
+    lifecycles: Callable[[SageSettings], Awaitable[Any]],
+) -> None:
+    """What a partition longer than the TTL does to a live agent: etcd drops its keys;
+    once etcd answers again, the same node and engines are back, once each."""
+    stub = await lifecycles(node_settings(settings, etcd.endpoints, keys))
+    engine = await start_sim(stub)
+    held = await etcd_view.client.get(keys.engine(engine.engine_id))
+    assert held is not None and held.lease
+    await etcd_view.client.revoke(held.lease)  # as if it had expired
+    assert await etcd_view.engines() == {} and await etcd_view.node() is None
+
+    back = await etcd_view.until(etcd_view.engines, lambda e: bool(e), 3 * TTL_S)
+    assert list(back) == [engine.engine_id]
+    node_kv = await etcd_view.until(
+        lambda: etcd_view.client.get(keys.node(NODE)), lambda kv: kv is not None, 3 * TTL_S
+    )
+    again = await etcd_view.client.get(keys.engine(engine.engine_id))
+    assert again is not None and again.lease == node_kv.lease != held.lease
+
+
 async def test_restarted_lifecycle_readopts_its_engines_from_etcd(
     settings: SageSettings,
     etcd: EtcdMembers,
