@@ -215,6 +215,9 @@ class EtcdNodeAgent(NodeReporter):
         self.write_timeout_s = self.rpc_timeout_s
         self._want: dict[bytes, bytes] = {}  # the keys this node should have under its lease
         self._have: dict[bytes, bytes] = {}  # those written (as far as this process knows)
+        # Engines withdrawn that this process never wrote: an earlier process of this node
+        # may have (its lease lives on for up to the TTL after a crash), so delete them.
+        self._stale: set[bytes] = set()
         self._reported: common_pb2.NodeReport | None = None
         self._granted = False
         self._closed = False
@@ -229,16 +232,19 @@ class EtcdNodeAgent(NodeReporter):
     async def publish(self, engine: common_pb2.Engine) -> None:
         """Make `engine` routable (engines/<id> under the lease); never raises: a write etcd
         did not take now is done by a later tick."""
-        self._want[self._engine_key(engine.engine_id)] = engine.SerializeToString(
-            deterministic=True
-        )
+        key = self._engine_key(engine.engine_id)
+        self._want[key] = engine.SerializeToString(deterministic=True)
+        self._stale.discard(key)
         await self._sync_now()
 
     async def withdraw(self, engine_id: str, drain_timeout_s: float = 0.0) -> None:
         """Take an engine out of routing (delete engines/<id>). Schedulers drain what they
         routed to it on their own when the key goes; `drain_timeout_s` is not waited here
         (lifecycle's stop drains the engine itself afterwards)."""
-        self._want.pop(self._engine_key(engine_id), None)
+        key = self._engine_key(engine_id)
+        self._want.pop(key, None)
+        if key not in self._have:
+            self._stale.add(key)
         await self._sync_now()
 
     async def _sync_now(self) -> None:
@@ -261,6 +267,10 @@ class EtcdNodeAgent(NodeReporter):
             for key in [k for k in self._have if k not in self._want]:
                 await self.lease.delete(key)
                 self._have.pop(key, None)
+            for key in list(self._stale):
+                if key not in self._want:
+                    await self.lease.client.delete(key)
+                self._stale.discard(key)
 
     def _note_error(self, exc: BaseException) -> None:
         message = str(exc) or type(exc).__name__

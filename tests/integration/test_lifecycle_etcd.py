@@ -325,86 +325,148 @@ async def test_engines_appear_once_an_etcd_down_at_start_comes_up(
 # -- a lifecycle process killed with SIGKILL --------------------------------------------
 
 
-def _spawn_lifecycle(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "sage.services.lifecycle", "--port", str(port)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
+class LifecycleProcess:
+    """`python -m sage.services.lifecycle` in etcd mode, as a node runs it; `kill()` is a
+    real SIGKILL, `start()` a restart on the same port, state and node id."""
+
+    def __init__(self, endpoints: str, keys: ClusterKeys, home: Path, ttl_s: int) -> None:
+        self.port = free_port()
+        self.home = home
+        self.env = {
+            **os.environ,
+            "SAGE_HOME": str(home),
+            "SAGE_INTERNAL_TOKEN": process_token(),
+            "SAGE_ETCD_ENDPOINTS": endpoints,
+            "SAGE_ETCD_PREFIX": keys.prefix,
+            "SAGE_ETCD_LEASE_TTL_S": str(ttl_s),
+            "SAGE_NODE_ID": NODE,
+            "SAGE_NODE_HEARTBEAT_S": str(HEARTBEAT_S),
+            "SAGE_GPU_MANAGER_ADDR": "127.0.0.1:1",
+            "SAGE_SCHEDULER_ADDR": "127.0.0.1:1",
+            "SAGE_DISABLE_NVML": "1",
+            "SAGE_HOST": "127.0.0.1",
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.channel = create_channel(f"127.0.0.1:{self.port}")
+        self.stub = pb_grpc.LifecycleServiceStub(self.channel)
+        self.engine_pids: set[int] = set()
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        self.home.mkdir(parents=True, exist_ok=True)
+        with open(self.home / "lifecycle.log", "ab") as out:
+            return subprocess.Popen(
+                [sys.executable, "-m", "sage.services.lifecycle", "--port", str(self.port)],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    async def start(self) -> None:
+        """Start it and wait until it serves."""
+        home = self.home
+        self.proc = self._spawn()
+        health = health_pb2_grpc.HealthStub(self.channel)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, (home / "lifecycle.log").read_text()[-2000:]
+            with contextlib.suppress(grpc.RpcError):
+                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            await asyncio.sleep(0.1)
+        raise AssertionError("lifecycle never served")
+
+    async def start_sim(self, model: str = "sim") -> common_pb2.Engine:
+        reply = await self.stub.StartEngine(
+            pb.StartEngineRequest(model=model, backend="sim"), timeout=60
         )
+        self.engine_pids.add(reply.engine.pid)
+        engine: common_pb2.Engine = reply.engine
+        return engine
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    async def close(self) -> None:
+        await self.channel.close(None)
+        if self.proc is not None:
+            stop_process(self.proc, timeout=10)
+        for pid in self.engine_pids:  # engines outlive a killed lifecycle
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
 
 
-async def _serving(channel: grpc.aio.Channel, proc: subprocess.Popen[bytes]) -> None:
-    health = health_pb2_grpc.HealthStub(channel)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "lifecycle exited"
-        with contextlib.suppress(grpc.RpcError):
-            reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-            if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                return
-        await asyncio.sleep(0.1)
-    raise AssertionError("lifecycle never served")
+@pytest.fixture
+async def lifecycle_process(
+    etcd: EtcdMembers, keys: ClusterKeys, tmp_path: Path
+) -> AsyncIterator[Callable[[int], LifecycleProcess]]:
+    made: list[LifecycleProcess] = []
+
+    def make(ttl_s: int) -> LifecycleProcess:
+        made.append(LifecycleProcess(etcd.endpoints, keys, tmp_path / "node", ttl_s))
+        return made[-1]
+
+    yield make
+    for node in made:
+        await node.close()
 
 
 async def test_a_killed_agent_leaves_routing_within_the_ttl_and_its_engines_come_back(
-    settings: SageSettings, etcd: EtcdMembers, keys: ClusterKeys, etcd_view: Etcd, tmp_path: Path
+    etcd_view: Etcd, lifecycle_process: Callable[[int], LifecycleProcess]
 ) -> None:
-    port = free_port()
-    env = {
-        **os.environ,
-        "SAGE_HOME": str(tmp_path / "node"),
-        "SAGE_INTERNAL_TOKEN": process_token(),
-        "SAGE_ETCD_ENDPOINTS": etcd.endpoints,
-        "SAGE_ETCD_PREFIX": keys.prefix,
-        "SAGE_ETCD_LEASE_TTL_S": str(TTL_S),
-        "SAGE_NODE_ID": NODE,
-        "SAGE_NODE_HEARTBEAT_S": str(HEARTBEAT_S),
-        "SAGE_GPU_MANAGER_ADDR": "127.0.0.1:1",
-        "SAGE_SCHEDULER_ADDR": "127.0.0.1:1",
-        "SAGE_DISABLE_NVML": "1",
-        "SAGE_HOST": "127.0.0.1",
-    }
-    log = tmp_path / "lifecycle.log"
-    proc = _spawn_lifecycle(env, port, log)
-    channel = create_channel(f"127.0.0.1:{port}")
-    stub = pb_grpc.LifecycleServiceStub(channel)
-    engine_pid = 0
-    try:
-        await _serving(channel, proc)
-        reply = await stub.StartEngine(
-            pb.StartEngineRequest(model="sim", backend="sim"), timeout=60
-        )
-        engine_id, engine_pid = reply.engine.engine_id, reply.engine.pid
-        assert list(await etcd_view.engines()) == [engine_id]
-        await etcd_view.until(etcd_view.node, lambda n: list(n.engine_ids) == [engine_id], 10)
+    node = lifecycle_process(TTL_S)
+    await node.start()
+    engine = await node.start_sim()
+    assert list(await etcd_view.engines()) == [engine.engine_id]
+    await etcd_view.until(etcd_view.node, lambda n: list(n.engine_ids) == [engine.engine_id], 10)
 
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-        killed = time.monotonic()
-        # No revoke: the keys live until the lease runs out, then leave together.
-        await etcd_view.until(etcd_view.engines, lambda e: e == {}, TTL_S + 3)
-        assert await etcd_view.node() is None
-        gone_after_s = time.monotonic() - killed
-        assert gone_after_s <= TTL_S + 3, gone_after_s
-        assert psutil.pid_exists(engine_pid)  # the engine itself runs on
-        assert (await etcd_view.registry())[engine_id]["state"] == "ready"
+    node.kill()
+    killed = time.monotonic()
+    # No revoke: the keys live until the lease runs out, then leave together.
+    await etcd_view.until(etcd_view.engines, lambda e: e == {}, TTL_S + 3)
+    assert await etcd_view.node() is None
+    gone_after_s = time.monotonic() - killed
+    assert gone_after_s <= TTL_S + 3, gone_after_s
+    assert psutil.pid_exists(engine.pid)  # the engine itself runs on
+    assert (await etcd_view.registry())[engine.engine_id]["state"] == "ready"
 
-        proc = _spawn_lifecycle(env, port, log)
-        await _serving(channel, proc)
-        routable = await etcd_view.until(etcd_view.engines, lambda e: bool(e), 10)
-        assert list(routable) == [engine_id] and routable[engine_id].pid == engine_pid
-        await etcd_view.until(etcd_view.node, lambda n: list(n.engine_ids) == [engine_id], 10)
-        got = await stub.GetEngine(pb.GetEngineRequest(engine_id=engine_id), timeout=10)
-        assert got.engine.state == common_pb2.ENGINE_STATE_READY
-        assert not (tmp_path / "node" / "llm" / "engines.json").exists()
+    await node.start()
+    routable = await etcd_view.until(etcd_view.engines, lambda e: bool(e), 10)
+    assert list(routable) == [engine.engine_id] and routable[engine.engine_id].pid == engine.pid
+    await etcd_view.until(etcd_view.node, lambda n: list(n.engine_ids) == [engine.engine_id], 10)
+    got = await node.stub.GetEngine(pb.GetEngineRequest(engine_id=engine.engine_id), timeout=10)
+    assert got.engine.state == common_pb2.ENGINE_STATE_READY
+    assert not (node.home / "llm" / "engines.json").exists()
 
-        await stub.StopEngine(pb.StopEngineRequest(engine_id=engine_id), timeout=30)
-        assert await etcd_view.engines() == {}
-    finally:
-        await channel.close(None)
-        stop_process(proc, timeout=10)
-        if engine_pid:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(engine_pid, signal.SIGKILL)
+    await node.stub.StopEngine(pb.StopEngineRequest(engine_id=engine.engine_id), timeout=30)
+    assert await etcd_view.engines() == {}
+
+
+async def test_a_quick_restart_takes_over_the_old_keys_and_drops_a_dead_engines(
+    etcd_view: Etcd, lifecycle_process: Callable[[int], LifecycleProcess]
+) -> None:
+    """Back before the crashed process's lease ran out: the live engine moves to the new
+    lease (it stays when the old one expires), the engine that died meanwhile leaves at
+    once instead of being routed to until the old lease expires."""
+    node = lifecycle_process(60)  # the old lease outlives the whole test
+    await node.start()
+    alive = await node.start_sim()
+    dead = await node.start_sim("sim-b")
+    before = await etcd_view.client.get(etcd_view.keys.engine(alive.engine_id))
+    assert before is not None
+    node.kill()
+    os.killpg(dead.pid, signal.SIGKILL)
+
+    await node.start()
+    routable = await etcd_view.until(etcd_view.engines, lambda e: list(e) == [alive.engine_id], 10)
+    assert routable[alive.engine_id].pid == alive.pid
+    after = await etcd_view.client.get(etcd_view.keys.engine(alive.engine_id))
+    node_kv = await etcd_view.client.get(etcd_view.keys.node(NODE))
+    assert after is not None and node_kv is not None
+    assert after.lease == node_kv.lease != before.lease
+    await etcd_view.client.revoke(before.lease)  # the old lease ends: nothing of ours goes
+    assert list(await etcd_view.engines()) == [alive.engine_id]
+    assert await etcd_view.node() is not None
+    assert (await etcd_view.registry())[dead.engine_id]["state"] == "failed"
