@@ -9,6 +9,7 @@ command lines must bring the stack up as plain processes.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ipaddress
 import os
 import re
@@ -18,22 +19,26 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import SplitResult, urlsplit
 
+import grpc
 import httpx
 import pytest
 import yaml
 
 from sage.common.config.ports import SagePorts
 from sage.common.config.settings import SageSettings, env_names, flat_default, load_settings
+from sage.common.etcd import EtcdClient, EtcdTls, etcd_client
+from sage.common.exceptions import ServiceUnavailableError
 from sage.common.utils.processes import free_port, stop_process
 from sage.rpc.embedding.v1 import embedding_pb2
 from sage.rpc.gpu_manager.v1 import gpu_manager_pb2
 from sage.rpc.lifecycle.v1 import lifecycle_pb2
 from sage.rpc.scheduler.v1 import scheduler_pb2
+from tests.integration.test_tls import _make_ca, _make_leaf
 
 ROOT = Path(__file__).resolve().parents[3]
 COMPOSE_DIR = ROOT / "deploy" / "compose"
@@ -1040,3 +1045,143 @@ def test_systemd_etcd_drop_in_extends_debians_unit(tmp_path: Path) -> None:
     )
     ours = [line for line in done.stderr.splitlines() if "sage.conf" in line]
     assert done.returncode == 0 and not ours, done.stderr
+
+
+def on_loopback(
+    members: dict[str, dict[str, str]], files: dict[str, Path]
+) -> tuple[dict[str, dict[str, str]], Callable[[str], str]]:
+    """The members' settings with one machine standing in for their three hosts: each
+    host's names and addresses become 127.0.0.1 on ports of its own (a host's extra loopback
+    listener is dropped: there is one loopback here), and PEM paths become `files`.
+    Returns them and the function that moves a host:port."""
+    moved: dict[tuple[str, int], int] = {}
+    for env in members.values():
+        [peer] = split_urls(env["ETCD_INITIAL_ADVERTISE_PEER_URLS"])
+        [client] = split_urls(env["ETCD_ADVERTISE_CLIENT_URLS"])
+        hosts = {peer.hostname, client.hostname} | {
+            u.hostname
+            for var in ("ETCD_LISTEN_PEER_URLS", "ETCD_LISTEN_CLIENT_URLS")
+            for u in split_urls(env[var])
+            if u.hostname != "127.0.0.1"
+        }
+        for port in (peer.port, client.port):
+            new_port = free_port()
+            moved.update({(str(host), int(port or 0)): new_port for host in hosts})
+
+    def move(hostport: str) -> str:
+        host, _, port = hostport.rpartition(":")
+        return f"127.0.0.1:{moved[(host, int(port))]}"
+
+    def move_urls(value: str) -> str:
+        urls: list[str] = []
+        for url in split_urls(value):
+            if url.hostname == "127.0.0.1":
+                continue
+            local = f"{url.scheme}://{move(url.netloc)}"
+            if local not in urls:
+                urls.append(local)
+        return ",".join(urls)
+
+    local: dict[str, dict[str, str]] = {}
+    for where, env in members.items():
+        out: dict[str, str] = {}
+        for var, value in env.items():
+            if var.endswith("_URLS"):
+                value = move_urls(value)
+            elif var == "ETCD_INITIAL_CLUSTER":
+                value = ",".join(
+                    f"{name}={move_urls(url)}"
+                    for name, _, url in (item.partition("=") for item in value.split(","))
+                )
+            elif var.endswith("_FILE"):
+                value = str(files[Path(value).name])
+            out[var] = value
+        local[where] = out
+    return local, move
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("no_leaked_children")
+def test_systemd_etcd_members_start_one_tls_cluster_sage_uses(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The three member files, as they are but for addresses and PEM paths, start one
+    mutual-TLS etcd cluster; SAGE's client with control-plane-etcd.env's settings writes and
+    reads through it, keeps doing so with a member killed, and nothing without a client
+    certificate of the CA gets in."""
+    etcd = shutil.which("etcd")
+    if etcd is None:
+        pytest.skip("etcd is not installed (Debian: etcd-server)")
+    ca = _make_ca(tmp_path / "ca", "sage test etcd CA")
+    _make_leaf(tmp_path / "member", "etcd member", ca)
+    _make_leaf(tmp_path / "client", "sage", ca)
+    files = {
+        "ca.crt": tmp_path / "ca.crt",
+        "member.crt": tmp_path / "member.crt",
+        "member.key": tmp_path / "member.key",
+        "etcd-ca.crt": tmp_path / "ca.crt",
+        "etcd-client.crt": tmp_path / "client.crt",
+        "etcd-client.key": tmp_path / "client.key",
+    }
+    members, move = on_loopback(systemd_etcd_members(), files)
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("ETCD_", "SAGE_"))}
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for where, env in members.items():
+            data_dir = tmp_path / env["ETCD_NAME"]
+            with open(tmp_path / f"{where}.log", "wb") as log:
+                procs.append(
+                    subprocess.Popen(
+                        [etcd],
+                        env={**base, **env, "ETCD_DATA_DIR": str(data_dir)},
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
+        control = read_env_file(SYSTEMD_DIR / "env" / "control-plane-etcd.env")
+        control["SAGE_ETCD_ENDPOINTS"] = ",".join(
+            move(e) for e in control["SAGE_ETCD_ENDPOINTS"].split(",")
+        )
+        for var in ("SAGE_ETCD_CA_FILE", "SAGE_ETCD_CERT_FILE", "SAGE_ETCD_KEY_FILE"):
+            control[var] = str(files[Path(control[var]).name])
+        settings = sage_settings_from(monkeypatch, tmp_path, control)
+        endpoints = settings.cluster.etcd_endpoints
+
+        def logs() -> str:
+            return "\n".join(p.read_text()[-2000:] for p in sorted(tmp_path.glob("*.log")))
+
+        async def scenario() -> None:
+            client = etcd_client(settings)
+            try:
+                deadline = time.monotonic() + 60
+                while True:  # the members elect a leader once a quorum is up
+                    for proc in procs:
+                        assert proc.poll() is None, logs()
+                    try:
+                        await client.put("/sage/deploy-test", b"one")
+                        break
+                    except ServiceUnavailableError:
+                        assert time.monotonic() < deadline, "no etcd quorum in 60 s"
+                        await asyncio.sleep(0.2)
+                kv = await client.get("/sage/deploy-test")
+                assert kv is not None and kv.value == b"one"
+                procs[0].kill()  # any one member may go
+                procs[0].wait(10)
+                await client.put("/sage/deploy-test", b"two")
+                kv = await client.get("/sage/deploy-test")
+                assert kv is not None and kv.value == b"two"
+            finally:
+                await client.close()
+            # Plaintext, and TLS without a client certificate, are both turned away.
+            for tls in (None, EtcdTls(ca_file=str(files["ca.crt"]))):
+                stranger = EtcdClient(endpoints, timeout_s=2.0, tls=tls)
+                try:
+                    with pytest.raises((ServiceUnavailableError, grpc.aio.AioRpcError)):
+                        await stranger.get("/sage/deploy-test")
+                finally:
+                    await stranger.close()
+
+        asyncio.run(scenario())
+    finally:
+        for proc in procs:
+            stop_process(proc)
