@@ -297,9 +297,9 @@ async def test_engines_appear_once_an_etcd_down_at_start_comes_up(
     lifecycles: Callable[[SageSettings], Awaitable[Any]],
 ) -> None:
     late = EtcdMembers(tmp_path / "late-etcd", hosts=["127.0.0.1"])
+    wired = node_settings(settings, late.endpoints, keys, rpc_timeout_s=1.0)
+    stub = await lifecycles(wired)  # serves although etcd does not answer
     try:
-        wired = node_settings(settings, late.endpoints, keys, rpc_timeout_s=1.0)
-        stub = await lifecycles(wired)  # serves although etcd does not answer
         engine = await start_sim(stub)
         assert engine.state == common_pb2.ENGINE_STATE_READY
 
@@ -318,7 +318,7 @@ async def test_engines_appear_once_an_etcd_down_at_start_comes_up(
             await view.client.close()
         assert not (wired.llm_state_dir / "engines.json").exists()
     finally:
-        await stub.server.stop(1)
+        await stub.server.stop(1)  # before etcd goes, so its lease is revoked
         late.stop()
 
 
