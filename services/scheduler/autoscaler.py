@@ -76,6 +76,7 @@ class Autoscaler:
         in_flight: Callable[[str], int],
         slo_attainment: Callable[[str], float | None],
         clock: Callable[[], float] = time.monotonic,
+        active: Callable[[], bool] = lambda: True,
     ) -> None:
         self.config = config
         self.actions = actions
@@ -87,6 +88,12 @@ class Autoscaler:
         self._ranges = {rule.model: rule for rule in config.models}
         self._models = {model: _ModelState() for model in self._ranges}
         self._task: asyncio.Task[None] | None = None
+        # Only one scheduler replica decides (etcd mode: the elected leader); the others'
+        # loops idle, so two replicas never start the same replica twice.
+        self.active = active
+        self._was_active = True
+        # (model, direction) -> decisions taken (or logged, in dry-run), for /metrics.
+        self.decisions: dict[tuple[str, str], int] = {}
 
     def in_flight_action(self, model: str) -> bool:
         """True while a scaling action for `model` is running."""
@@ -177,6 +184,8 @@ class Autoscaler:
             decision.reason,
             self.config.dry_run,
         )
+        key = (decision.model, decision.direction.value)
+        self.decisions[key] = self.decisions.get(key, 0) + 1
         state.queue_high_since = None  # a new replica must see its own sustained queue
         if decision.engine_id:
             state.idle_since.pop(decision.engine_id, None)
@@ -209,10 +218,25 @@ class Autoscaler:
         pending = [s.pending for s in self._models.values() if s.pending is not None]
         await asyncio.gather(*pending, return_exceptions=True)
 
+    def _idle(self) -> bool:
+        """True while another replica decides; what this one observed is then dropped, so
+        one that takes over measures "sustained" and "idle for" from its own samples."""
+        active = self.active()
+        if active != self._was_active:
+            self._was_active = active
+            log.info("autoscaler %s", "runs here" if active else "idles (another replica leads)")
+        if active:
+            return False
+        for state in self._models.values():
+            state.queue_high_since = None
+            state.idle_since.clear()
+        return True
+
     async def _run_forever(self) -> None:
         while True:
             try:
-                await self.tick()
+                if not self._idle():
+                    await self.tick()
             except Exception:  # one bad round must not stop autoscaling
                 log.exception("autoscale tick failed")
             await asyncio.sleep(self.config.interval_s)

@@ -156,10 +156,22 @@ class NodeTable:
     def _alive(self, node: Node, now: float) -> bool:
         return node.state is not NodeState.DOWN and now - node.last_seen < self.timeout_s
 
-    def report(self, report: NodeReport, *, register: bool, static: bool = False) -> Node:
+    def report(
+        self,
+        report: NodeReport,
+        *,
+        register: bool,
+        static: bool = False,
+        from_store: bool = False,
+    ) -> Node:
         """Take an agent's report. Registering a node id that another live agent (another
         address or instance) holds is a ConflictError; a heartbeat from an unknown node is a
-        NotFoundError (the agent registers again). An inconsistent report marks it UNHEALTHY."""
+        NotFoundError (the agent registers again). An inconsistent report marks it UNHEALTHY.
+
+        `from_store`: the report is etcd's nodes/<id> (one key per id, so the last writer
+        is the agent, no conflict to judge), and every engine this table drained for the
+        node is routable again: an engine still in the registry is one whose engines/ key
+        exists, which lifecycle writes only for ready engines."""
         _check_identity(report)
         now = self._clock()
         with self._lock:
@@ -168,7 +180,7 @@ class NodeTable:
                 raise NotFoundError(
                     f"node {report.node_id!r} is not registered", param="report.node_id"
                 )
-            if entry is not None and not static:
+            if entry is not None and not static and not from_store:
                 old = entry.node
                 same_agent = old.report.lifecycle_addr == report.lifecycle_addr and (
                     not old.report.agent_instance
@@ -193,11 +205,12 @@ class NodeTable:
                 entry = self._nodes[report.node_id] = _Entry(node)
             else:
                 entry.node = node
-            self._restore(entry, set(report.engine_ids))
+            self._restore(entry, set(entry.drained if from_store else report.engine_ids))
             return node
 
     def mark_unreachable(self, node_id: str, reason: str) -> None:
-        """A polled node did not answer: it is down, its engines drained."""
+        """A polled node did not answer (or its etcd key went away): it is down, its
+        engines drained."""
         with self._lock:
             entry = self._nodes.get(node_id)
             if entry is not None:

@@ -9,7 +9,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
-from sage.common.exceptions import InvalidRequestError, ModelNotFoundError, NotFoundError
+from sage.common.exceptions import (
+    InvalidRequestError,
+    ModelNotFoundError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
 
 # The label lifecycle (or any registrant) sets to an engine's own concurrency: the requests
 # it runs at once (vLLM's and the sim's --max-num-seqs, TEI's --max-concurrent-requests).
@@ -126,6 +131,10 @@ class EngineRegistry:
         self._by_model_kind: dict[tuple[str, EngineKind], tuple[EngineRecord, ...]] = {}
         self._adapters: dict[str, AdapterEntry] = {}
         self._ready: dict[EngineKind, tuple[EngineRecord, ...]] = {}
+        # Why the table cannot be trusted yet (an etcd-mode replica before its first listing
+        # of engines/): a model with no engine is then a 503 naming this, which a caller
+        # retries on another replica, not a 404 that says the model does not exist.
+        self.unsynced = ""
 
     def register(self, record: EngineRecord) -> bool:
         """Add or replace an engine; returns True when it replaced one with the same id."""
@@ -218,6 +227,8 @@ class EngineRegistry:
         else:
             engines = self._by_model_kind.get((model, kind), ())
         if not engines:
+            if self.unsynced:
+                raise ServiceUnavailableError(self.unsynced)
             known = self.engines(model)
             if known:
                 raise ModelNotFoundError(

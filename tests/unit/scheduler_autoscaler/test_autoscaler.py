@@ -261,6 +261,31 @@ async def test_start_ticks_in_the_background_and_aclose_stops_it() -> None:
     assert actions.calls[0] == ("start", "m")
 
 
+async def test_a_replica_that_does_not_lead_idles_until_it_does() -> None:
+    first, actions, _signals, _clock = make()
+    leads = False
+    scaler = Autoscaler(
+        AutoscalerSettings(models=first.config.models, interval_s=0.01, slo_target=0.9),
+        actions,
+        replicas=lambda model: ["m-0"],
+        queued=lambda model: 0,
+        in_flight=lambda engine_id: 1,
+        slo_attainment=lambda model: 0.0,  # missed: the leader scales up at once
+        active=lambda: leads,
+    )
+    scaler.start()
+    await asyncio.sleep(0.2)  # twenty intervals as a follower
+    assert actions.calls == [] and scaler.decisions == {}
+    leads = True
+    for _ in range(100):
+        if actions.calls:
+            break
+        await asyncio.sleep(0.01)
+    await scaler.aclose()
+    assert actions.calls[0] == ("start", "m")
+    assert scaler.decisions == {("m", "up"): 1}
+
+
 def test_parse_autoscale() -> None:
     assert parse_autoscale("") == []
     assert parse_autoscale(" sim:1:2 , qwen:7b:2:4 ") == [

@@ -11,7 +11,9 @@ from sage.common.exceptions import (
     ConflictError,
     InsufficientResourcesError,
     InvalidRequestError,
+    ModelNotFoundError,
     NotFoundError,
+    ServiceUnavailableError,
 )
 from sage.services.scheduler.nodes import (
     NodeGpu,
@@ -233,3 +235,29 @@ def test_an_engine_drained_on_purpose_while_its_node_was_down_stays_drained(
     registry.register(table.admit_engine(draining))
     table.report(report("a", "h:1", engines=("e1",)), register=False)  # node back
     assert [e.state for e in registry.engines()] == [EngineState.DRAINING]
+
+
+def test_a_node_back_in_etcd_restores_the_engines_whose_keys_came_first(
+    table: NodeTable, registry: EngineRegistry
+) -> None:
+    # etcd mode: nodes/ and engines/ are separate watches, so after a partition heals an
+    # engine's key may arrive before its node's, and the node report may not list it yet.
+    table.report(report("a", "h:1"), register=True, from_store=True)
+    table.mark_unreachable("a", "its etcd key was deleted")
+    registry.register(table.admit_engine(engine("e1", "a")))
+    assert registry.engines()[0].state is EngineState.DRAINING
+    # Whoever writes nodes/a is the agent: a new address is no conflict, and e1 routes.
+    table.report(report("a", "h:9"), register=True, from_store=True)
+    assert [e.engine_id for e in registry.ready_for("m")] == ["e1"]
+    assert table.nodes()[0].report.lifecycle_addr == "h:9"
+
+
+def test_an_unsynced_registry_says_so_instead_of_model_not_found(
+    registry: EngineRegistry,
+) -> None:
+    registry.unsynced = "this replica has not synced engines from etcd yet"
+    with pytest.raises(ServiceUnavailableError, match="not synced"):
+        registry.ready_for("m")
+    registry.unsynced = ""
+    with pytest.raises(ModelNotFoundError):
+        registry.ready_for("m")
