@@ -1,9 +1,10 @@
-"""OpenAI's Responses API (POST /v1/responses) with the official openai SDK through the real
-edge and scheduler to simulator engines: replies and event streams, the tenant's limits,
-failover before the first byte, and errors in OpenAI's shape."""
+"""OpenAI's Responses API (POST /v1/responses) with the official openai SDK and our clients'
+responses() through the real edge and scheduler to simulator engines: replies and event
+streams, the tenant's limits, failover before the first byte, and errors in OpenAI's shape."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -11,11 +12,20 @@ from typing import Any
 
 import httpx
 import openai
+import orjson
 import pytest
 import yaml
 
 from sage.common.config.settings import SageSettings
+from sage.common.exceptions import ModelNotFoundError, NotFoundError, SageError
+from sage.common.http.asgi import Request, StreamingResponse, sse_event
 from sage.common.http.testing import RecordingEngine
+from sage.llm import (
+    AsyncUnifiedInferenceClient,
+    ResponseEvent,
+    ResponsesResult,
+    UnifiedInferenceClient,
+)
 
 KEY = "sk-resp"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -174,3 +184,114 @@ async def test_engine_without_the_route_is_404_naming_it(control_plane: Any) -> 
             assert reply.status_code == 404, reply.text
             message = reply.json()["error"]["message"]
             assert "rec-a" in message and "/v1/responses" in message
+
+
+ITEMS = [{"role": "user", "content": [{"type": "input_text", "text": "hello there"}]}]
+
+
+def _check_events(events: list[ResponseEvent], final: ResponsesResult | None, tokens: int) -> None:
+    """A whole event stream: created first, completed last with the deltas' text."""
+    kinds = [event.type for event in events]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    deltas = "".join(event.delta or "" for event in events)
+    assert len(deltas.split()) == tokens
+    assert final is not None and final is events[-1].response
+    assert final.output_text == deltas and final.usage is not None
+    assert final.usage.output_tokens == tokens
+
+
+async def test_clients_responses_reply_and_event_stream(base_url: str) -> None:
+    def sync_calls() -> tuple[ResponsesResult, list[ResponseEvent], ResponsesResult | None, str]:
+        with UnifiedInferenceClient.create(control_plane_url=base_url, api_key=KEY) as client:
+            reply = client.responses(
+                "write a short report",
+                model="sim",
+                instructions="be brief",
+                max_output_tokens=5,
+                temperature=0,
+            )
+            with client.responses(ITEMS, model="sim", max_output_tokens=4, stream=True) as stream:
+                events = list(stream)
+            return reply, events, stream.response, stream.output_text
+
+    reply, events, final, text = await asyncio.to_thread(sync_calls)
+    assert reply.status == "incomplete" and reply.incomplete_reason == "max_output_tokens"
+    assert len(reply.output_text.split()) == 5 and str(reply) == reply.output_text
+    assert reply.output[0]["type"] == "message" and reply.id.startswith("resp")
+    assert reply.usage is not None
+    assert reply.usage.total_tokens == reply.usage.input_tokens + 5
+    assert reply.raw["instructions"] == "be brief"
+    assert reply.raw["temperature"] == 0  # 0 is sent, not dropped as "not given"
+    _check_events(events, final, 4)
+    assert final is not None and text == final.output_text
+
+    async with AsyncUnifiedInferenceClient.create(
+        control_plane_url=base_url, api_key=KEY, default_llm_model="sim"
+    ) as aclient:
+        again = await aclient.responses(
+            "write a short report", instructions="be brief", max_output_tokens=5, temperature=0
+        )
+        assert again.output_text == reply.output_text  # the sim is deterministic
+        astream = await aclient.responses(ITEMS, max_output_tokens=4, stream=True)
+        assert astream.request_id
+        aevents = [event async for event in astream]
+        _check_events(aevents, astream.response, 4)
+        assert [e.delta for e in aevents] == [e.delta for e in events]
+
+
+async def test_clients_name_an_engine_without_the_route(control_plane: Any, base_url: str) -> None:
+    async with RecordingEngine() as recorder:
+        await control_plane.register("rec-a", "rec", recorder.base_url)
+
+        def sync_calls() -> list[str]:
+            messages: list[str] = []
+            with UnifiedInferenceClient.create(control_plane_url=base_url, api_key=KEY) as client:
+                for stream in (False, True):
+                    with pytest.raises(NotFoundError) as caught:
+                        client.responses("x", model="rec", stream=stream)
+                    messages.append(caught.value.message)
+            return messages
+
+        messages = await asyncio.to_thread(sync_calls)
+        async with AsyncUnifiedInferenceClient.create(
+            control_plane_url=base_url, api_key=KEY
+        ) as aclient:
+            for stream in (False, True):
+                with pytest.raises(NotFoundError) as caught:
+                    await aclient.responses("x", model="rec", stream=stream)
+                messages.append(caught.value.message)
+            with pytest.raises(ModelNotFoundError):
+                await aclient.responses("x", model="no-such-model")
+    for message in messages:
+        assert "rec-a" in message and "/v1/responses" in message, message
+
+
+async def test_engine_breaking_mid_stream_raises_from_the_clients_stream(
+    control_plane: Any,
+) -> None:
+    created = {"type": "response.created", "sequence_number": 0, "response": {"id": "resp_1"}}
+
+    async def broken(request: Request) -> StreamingResponse:
+        async def events() -> AsyncIterator[bytes]:
+            yield b"event: response.created\n" + sse_event(orjson.dumps(created))
+            raise RuntimeError("the engine died")  # uvicorn drops the connection
+
+        return StreamingResponse(events())
+
+    async with RecordingEngine() as recorder:
+        recorder.app.add("POST", "/v1/responses", broken)
+        await control_plane.register("rec-a", "rec", recorder.base_url)
+        base_url = str(control_plane.client.base_url).rstrip("/") + "/v1"
+        async with AsyncUnifiedInferenceClient.create(
+            control_plane_url=base_url, api_key=KEY, max_retries=0
+        ) as aclient:
+            stream = await aclient.responses("x", model="rec", stream=True)
+            first = await anext(stream)
+            assert first.type == "response.created"
+            with pytest.raises(SageError) as caught:
+                await anext(stream)
+    # The edge's Responses `error` event, read back: its code and the engine it names.
+    assert stream.response is None
+    assert caught.value.code == "engine_disconnected"
+    assert "rec-a" in caught.value.message

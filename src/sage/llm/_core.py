@@ -12,7 +12,7 @@ import logging
 import random
 import re
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Generic, Self, TypeVar
@@ -39,13 +39,17 @@ from sage.llm.result import (
     InferenceResult,
     Kind,
     RerankResult,
+    ResponsesResult,
     SseDecoder,
-    StreamState,
+    SseState,
     error_from_payload,
     parse_retry_after,
+    response_from_reply,
     result_from_reply,
     vectors_from_reply,
 )
+
+ItemT = TypeVar("ItemT")
 
 # Progress and retry lines keep the sync client's logger name, as before the split.
 log = logging.getLogger("sage.llm.client")
@@ -61,6 +65,8 @@ EMBED_BATCH = 2048
 _INPUT_PARAM = re.compile(r"input\[(\d+)\]")
 
 Messages = str | Sequence[Mapping[str, Any]]
+# A Responses API input: text, or a list of input items.
+ResponsesInput = str | Sequence[Mapping[str, Any]]
 
 
 def load_client_settings() -> SageSettings:
@@ -198,6 +204,94 @@ def scores_from_reply(reply: Any) -> list[float]:
     if not isinstance(data, list):
         raise UpstreamError("the gateway's /score reply has no `data` list")
     return [float(d["score"]) for d in sorted(data, key=lambda d: int(d["index"]))]
+
+
+@dataclass(frozen=True)
+class JsonCall(Generic[ItemT]):
+    """One JSON request to an engine of a `kind` model, and how its reply reads: all that
+    tokenize, rerank, score and responses differ in. Both clients only send it."""
+
+    kind: EngineKind
+    path: str
+    body: Callable[[str], dict[str, Any]]  # the request body, given the chosen model
+    parse: Callable[[Any], ItemT]  # the caller's value, from the 2xx reply's JSON
+    root: bool = False  # a vLLM-style route beside /v1 (/tokenize, /score), not under it
+
+
+def tokenize_call(payload: Messages, add_special_tokens: bool | None) -> JsonCall[list[int]]:
+    """POST /tokenize of a prompt or a chat."""
+    return JsonCall(
+        "llm",
+        "/tokenize",
+        lambda model: tokenize_body(model, payload, add_special_tokens),
+        tokens_from_reply,
+        root=True,
+    )
+
+
+def detokenize_call(tokens: Sequence[int]) -> JsonCall[str]:
+    """POST /detokenize of token ids."""
+    ids = list(tokens)
+    return JsonCall(
+        "llm",
+        "/detokenize",
+        lambda model: {"model": model, "tokens": ids},
+        text_from_reply,
+        root=True,
+    )
+
+
+def rerank_call(
+    query: str, documents: Sequence[str], top_n: int | None
+) -> JsonCall[list[RerankResult]]:
+    """POST /v1/rerank: documents ranked for a query by a cross-encoder (embedding kind)."""
+    return JsonCall(
+        "embedding",
+        "/rerank",
+        lambda model: rerank_body(model, query, documents, top_n),
+        rerank_from_reply,
+    )
+
+
+def score_call(text_1: str | Sequence[str], text_2: str | Sequence[str]) -> JsonCall[list[float]]:
+    """POST /score: a cross-encoder's score of text pairs (embedding kind)."""
+    return JsonCall(
+        "embedding",
+        "/score",
+        lambda model: score_body(model, text_1, text_2),
+        scores_from_reply,
+        root=True,
+    )
+
+
+def responses_call(
+    payload: ResponsesInput,
+    *,
+    instructions: str | None,
+    max_output_tokens: int | None,
+    temperature: float | None,
+    stream: bool,
+    params: Mapping[str, Any],
+) -> JsonCall[ResponsesResult]:
+    """POST /v1/responses (OpenAI's Responses API); `payload` is text or input items.
+    Other `params` (top_p, metadata, tools, ...) go into the body as given; None is "not
+    given", so temperature=0 is sent."""
+    given = {
+        **params,
+        "instructions": instructions,
+        "max_output_tokens": max_output_tokens,
+        "temperature": temperature,
+    }
+    items = payload if isinstance(payload, str) else [dict(item) for item in payload]
+
+    def body(model: str) -> dict[str, Any]:
+        out = {key: value for key, value in given.items() if value is not None}
+        out.update(model=model, input=items)
+        if stream:
+            out["stream"] = True
+        return out
+
+    return JsonCall("llm", "/responses", body, response_from_reply)
 
 
 def models_from_reply(reply: Any) -> list[dict[str, Any]]:
@@ -348,18 +442,19 @@ def json_of(resp: httpx.Response) -> Any:
         ) from exc
 
 
-class StreamReader:
-    """SSE lines of a streamed chat or completion in, text deltas out (state in `state`)."""
+class StreamReader(Generic[ItemT]):
+    """SSE lines of a stream in, its state's items out (text deltas of a chat, events of a
+    Responses reply); the state decides what each event means and when the stream is done."""
 
-    def __init__(self, state: StreamState) -> None:
+    def __init__(self, state: SseState[ItemT]) -> None:
         self.state = state
         self._decoder = SseDecoder()
 
-    def step(self, line: str | None) -> tuple[str | None, bool]:
-        """Feed one line (None: the body ended); returns (delta, whether to read on).
+    def step(self, line: str | None) -> tuple[ItemT | None, bool]:
+        """Feed one line (None: the body ended); returns (item, whether to read on).
 
-        An error event raises its SageError; a body that ends before [DONE] (and without
-        a finish reason) raises UpstreamError.
+        An error event raises its SageError; a body that ends too early (the state's `end`)
+        raises UpstreamError.
         """
         if line is not None:
             data = self._decoder.feed(line)
@@ -367,8 +462,7 @@ class StreamReader:
         data = self._decoder.flush()  # an event the body ended without a blank line after
         if data is not None:
             return self.state.event(data), True
-        if not self.state.done and self.state.finish_reason is None:
-            raise UpstreamError("the stream ended before [DONE]")
+        self.state.end()
         return None, False
 
 

@@ -11,7 +11,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Literal, overload
+from typing import Any, Generic, Literal, Self, TypeVar, cast, overload
 
 import httpx
 
@@ -19,66 +19,79 @@ from sage.common.exceptions import SageError, UpstreamError
 from sage.common.grpc.tls import process_tls
 from sage.llm._core import (
     ClientCore,
+    ItemT,
+    JsonCall,
     Messages,
+    ResponsesInput,
     StreamReader,
     chat_messages,
+    detokenize_call,
     embed_batches,
     generation_path,
     json_of,
     models_from_reply,
-    rerank_body,
-    rerank_from_reply,
-    score_body,
-    scores_from_reply,
+    rerank_call,
+    responses_call,
+    score_call,
     status_from_reply,
-    text_from_reply,
-    tokenize_body,
-    tokens_from_reply,
+    tokenize_call,
     transport_error,
 )
 from sage.llm.client import UnifiedInferenceClient
 from sage.llm.management import EngineKind
-from sage.llm.result import InferenceResult, Kind, RerankResult, StreamState
+from sage.llm.result import (
+    InferenceResult,
+    Kind,
+    RerankResult,
+    ResponseEvent,
+    ResponsesResult,
+    ResponsesStreamState,
+    SseState,
+    StreamState,
+)
 
-__all__ = ["AsyncTextStream", "AsyncUnifiedInferenceClient"]
+__all__ = [
+    "AsyncResponseStream",
+    "AsyncSseStream",
+    "AsyncTextStream",
+    "AsyncUnifiedInferenceClient",
+]
+
+# The state a stream accumulates: a chat's or completion's, or a Responses reply's.
+StateT = TypeVar("StateT", StreamState, ResponsesStreamState)
 
 
-class AsyncTextStream(AsyncIterator[str]):
-    """The text deltas of a streaming chat or completion, as an async iterator.
+# Opens a stream: sends the request, returns the 2xx response, its request id, the model.
+Opener = Callable[[], Awaitable[tuple[httpx.Response, str, str]]]
 
-    From `stream_chat` the request goes out on the first `__anext__` (or `await
-    stream.start()`); from `await chat(..., stream=True)` it has already been sent, so
-    HTTP errors raise there. `result` is complete once iteration has ended.
+
+class AsyncSseStream(AsyncIterator[ItemT], Generic[ItemT, StateT]):
+    """The items of a streamed reply as an async iterator, read from its SSE body.
+
+    The request goes out on the first `__anext__` (or `await stream.start()`) unless it
+    was started already; HTTP errors raise there, errors inside the stream while iterating.
     """
 
     def __init__(
-        self,
-        opener: Callable[[], Awaitable[tuple[httpx.Response, str]]],
-        kind: Kind,
-        model: Callable[[], Awaitable[str]],
-        core: ClientCore[Any],
+        self, opener: Opener, new_state: Callable[[str, str, float], StateT], base_url: str
     ) -> None:
         self._opener = opener
-        self._kind: Kind = kind
-        self._model = model
-        self._core = core
+        self._new_state: Callable[[str, str, float], StateT] = new_state
         self._response: httpx.Response | None = None
-        self._state: StreamState | None = None
-        self._reader: StreamReader | None = None
+        self._state: StateT | None = None
+        self._reader: StreamReader[ItemT] | None = None
         self._lines: AsyncIterator[str] | None = None
+        self._base_url = base_url
         self._finished = False
-        self._started = time.perf_counter()
 
-    async def start(self) -> AsyncTextStream:
+    async def start(self) -> Self:
         """Send the request (once); raises the mapped error if the gateway refuses it."""
         if self._state is None:
-            self._started = time.perf_counter()
-            name = await self._model()
-            self._response, request_id = await self._opener()
-            self._state = StreamState(
-                self._kind, request_id=request_id, model=name, started=self._started
-            )
-            self._reader = StreamReader(self._state)
+            started = time.perf_counter()
+            self._response, request_id, name = await self._opener()
+            self._state = self._new_state(request_id, name, started)
+            # StateT is one of the two states; each is the SseState of its subclass's ItemT.
+            self._reader = StreamReader(cast("SseState[ItemT]", self._state))
             self._lines = self._response.aiter_lines()
         return self
 
@@ -87,31 +100,29 @@ class AsyncTextStream(AsyncIterator[str]):
         """The gateway's x-request-id, once the request has been sent."""
         return self._state.request_id if self._state else None
 
-    @property
-    def result(self) -> InferenceResult:
-        """What arrived so far; complete once iteration has ended."""
+    def _started(self) -> StateT:
         if self._state is None:
             raise UpstreamError("the stream has not been started")
-        return self._state.result()
+        return self._state
 
-    def __aiter__(self) -> AsyncTextStream:
+    def __aiter__(self) -> Self:
         return self
 
-    async def __anext__(self) -> str:
+    async def __anext__(self) -> ItemT:
         if self._finished:
             raise StopAsyncIteration
         await self.start()
         assert self._state is not None and self._reader is not None  # set by start()
         while not self._finished:
             try:
-                delta, more = self._reader.step(await self._next_line())
+                item, more = self._reader.step(await self._next_line())
             except SageError:
                 await self.aclose()
                 raise
             if self._state.done or not more:
                 await self.aclose()
-            elif delta:
-                return delta
+            if item is not None:
+                return item
         raise StopAsyncIteration
 
     async def _next_line(self) -> str | None:
@@ -122,13 +133,7 @@ class AsyncTextStream(AsyncIterator[str]):
         except StopAsyncIteration:
             return None
         except httpx.TransportError as exc:
-            raise transport_error(self._core.base_url, exc) from exc
-
-    async def text(self) -> str:
-        """Read the rest of the stream; returns the whole answer's text."""
-        async for _ in self:
-            pass
-        return self.result.content
+            raise transport_error(self._base_url, exc) from exc
 
     async def aclose(self) -> None:
         """Stop reading and release the connection."""
@@ -138,7 +143,7 @@ class AsyncTextStream(AsyncIterator[str]):
         if self._response is not None:
             await self._response.aclose()
 
-    async def __aenter__(self) -> AsyncTextStream:
+    async def __aenter__(self) -> Self:
         return await self.start()
 
     async def __aexit__(
@@ -148,6 +153,69 @@ class AsyncTextStream(AsyncIterator[str]):
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+class AsyncTextStream(AsyncSseStream[str, StreamState]):
+    """The text deltas of a streaming chat or completion, as an async iterator.
+
+    From `stream_chat` the request goes out on the first `__anext__` (or `await
+    stream.start()`); from `await chat(..., stream=True)` it has already been sent, so
+    HTTP errors raise there. `result` is complete once iteration has ended.
+    """
+
+    def __init__(self, opener: Opener, kind: Kind, base_url: str) -> None:
+        super().__init__(
+            opener,
+            lambda request_id, name, started: StreamState(
+                kind, request_id=request_id, model=name, started=started
+            ),
+            base_url,
+        )
+
+    @property
+    def result(self) -> InferenceResult:
+        """What arrived so far; complete once iteration has ended."""
+        return self._started().result()
+
+    async def text(self) -> str:
+        """Read the rest of the stream; returns the whole answer's text."""
+        async for _ in self:
+            pass
+        return self.result.content
+
+
+class AsyncResponseStream(AsyncSseStream[ResponseEvent, ResponsesStreamState]):
+    """The events of a streamed Responses reply as an async iterator (started by
+    `await client.responses(..., stream=True)`); `response` is the final Response object
+    once its event has been read."""
+
+    def __init__(self, opener: Opener, base_url: str) -> None:
+        super().__init__(
+            opener,
+            lambda request_id, name, _started: ResponsesStreamState(
+                request_id=request_id, model=name
+            ),
+            base_url,
+        )
+
+    @property
+    def response(self) -> ResponsesResult | None:
+        """The final Response object; None until its event has been read."""
+        return self._started().response
+
+    @property
+    def output_text(self) -> str:
+        """The text deltas read so far, joined."""
+        return self._started().output_text
+
+    async def until_done(self) -> ResponsesResult:
+        """Read the rest of the stream; returns the final Response object."""
+        async for _ in self:
+            pass
+        final = self._started().response
+        if final is None:  # closed early by the caller
+            raise UpstreamError("the Responses stream was closed before its final event")
+        return final
 
 
 class AsyncUnifiedInferenceClient(ClientCore[httpx.AsyncClient]):
@@ -276,22 +344,16 @@ class AsyncUnifiedInferenceClient(ClientCore[httpx.AsyncClient]):
     def _stream(
         self, kind: Kind, payload: Any, model: str | None, params: Mapping[str, Any]
     ) -> AsyncTextStream:
-        resolved: list[str] = []
-
-        async def name() -> str:
-            if not resolved:
-                resolved.append(await self._model("llm", model))
-            return resolved[0]
-
-        async def opener() -> tuple[httpx.Response, str]:
-            chosen = await name()
-            body = self._body(kind, chosen, payload, True, params)
-            with self._model_errors("llm", chosen):
-                return await self._send(
-                    "POST", generation_path(kind), body, stream=True, model=chosen
+        async def opener() -> tuple[httpx.Response, str, str]:
+            name = await self._model("llm", model)
+            body = self._body(kind, name, payload, True, params)
+            with self._model_errors("llm", name):
+                resp, request_id = await self._send(
+                    "POST", generation_path(kind), body, stream=True, model=name
                 )
+            return resp, request_id, name
 
-        return AsyncTextStream(opener, kind, name, self)
+        return AsyncTextStream(opener, kind, self.base_url)
 
     async def _generation(
         self,
@@ -456,6 +518,23 @@ class AsyncUnifiedInferenceClient(ClientCore[httpx.AsyncClient]):
             vectors.extend(self._vectors(resp, len(batch)))
         return vectors
 
+    async def _open(
+        self, call: JsonCall[Any], model: str | None, stream: bool = False
+    ) -> tuple[httpx.Response, str, str]:
+        """Send `call` to the chosen model; returns the 2xx response, its request id and
+        the model's name."""
+        name = await self._model(call.kind, model)
+        with self._model_errors(call.kind, name):
+            resp, request_id = await self._send(
+                "POST", call.path, call.body(name), stream=stream, model=name, root=call.root
+            )
+        return resp, request_id, name
+
+    async def _call(self, call: JsonCall[ItemT], model: str | None) -> ItemT:
+        """Send `call`; returns its parsed reply."""
+        resp, _, _ = await self._open(call, model)
+        return call.parse(json_of(resp))
+
     async def tokenize(
         self,
         text: Messages,
@@ -465,29 +544,11 @@ class AsyncUnifiedInferenceClient(ClientCore[httpx.AsyncClient]):
     ) -> list[int]:
         """The token ids an engine of `model` gives a prompt (str) or a chat (messages,
         rendered by its chat template), through the gateway's /tokenize."""
-        name = await self._model("llm", model)
-        with self._model_errors("llm", name):
-            resp, _ = await self._send(
-                "POST",
-                "/tokenize",
-                tokenize_body(name, text, add_special_tokens),
-                model=name,
-                root=True,
-            )
-        return tokens_from_reply(json_of(resp))
+        return await self._call(tokenize_call(text, add_special_tokens), model)
 
     async def detokenize(self, tokens: Sequence[int], model: str | None = None) -> str:
         """The text of token ids by an engine of `model`, through the gateway's /detokenize."""
-        name = await self._model("llm", model)
-        with self._model_errors("llm", name):
-            resp, _ = await self._send(
-                "POST",
-                "/detokenize",
-                {"model": name, "tokens": list(tokens)},
-                model=name,
-                root=True,
-            )
-        return text_from_reply(json_of(resp))
+        return await self._call(detokenize_call(tokens), model)
 
     async def rerank(
         self,
@@ -499,12 +560,7 @@ class AsyncUnifiedInferenceClient(ClientCore[httpx.AsyncClient]):
         """`documents` ranked by a cross-encoder engine of `model` (an embedding-kind
         model) for `query`, most relevant first, top_n of them (None or 0: all), through
         the gateway's /v1/rerank. `index` is the document's place in `documents`."""
-        name = await self._model("embedding", model)
-        with self._model_errors("embedding", name):
-            resp, _ = await self._send(
-                "POST", "/rerank", rerank_body(name, query, documents, top_n), model=name
-            )
-        return rerank_from_reply(json_of(resp))
+        return await self._call(rerank_call(query, documents, top_n), model)
 
     async def score(
         self,
@@ -514,12 +570,60 @@ class AsyncUnifiedInferenceClient(ClientCore[httpx.AsyncClient]):
     ) -> list[float]:
         """A cross-encoder engine's score of each text_1/text_2 pair (one text_1 against
         every text_2 when it is a str), in pair order, through the gateway's /score."""
-        name = await self._model("embedding", model)
-        with self._model_errors("embedding", name):
-            resp, _ = await self._send(
-                "POST", "/score", score_body(name, text_1, text_2), model=name, root=True
-            )
-        return scores_from_reply(json_of(resp))
+        return await self._call(score_call(text_1, text_2), model)
+
+    @overload
+    async def responses(
+        self,
+        input: ResponsesInput,
+        model: str | None = None,
+        *,
+        instructions: str | None = None,
+        max_output_tokens: int | None = None,
+        temperature: float | None = None,
+        stream: Literal[False] = False,
+        **params: Any,
+    ) -> ResponsesResult: ...
+
+    @overload
+    async def responses(
+        self,
+        input: ResponsesInput,
+        model: str | None = None,
+        *,
+        instructions: str | None = None,
+        max_output_tokens: int | None = None,
+        temperature: float | None = None,
+        stream: Literal[True],
+        **params: Any,
+    ) -> AsyncResponseStream: ...
+
+    async def responses(
+        self,
+        input: ResponsesInput,
+        model: str | None = None,
+        *,
+        instructions: str | None = None,
+        max_output_tokens: int | None = None,
+        temperature: float | None = None,
+        stream: bool = False,
+        **params: Any,
+    ) -> ResponsesResult | AsyncResponseStream:
+        """As UnifiedInferenceClient.responses; `stream=True` gives a started
+        AsyncResponseStream (`async for event in stream`)."""
+        call = responses_call(
+            input,
+            instructions=instructions,
+            max_output_tokens=max_output_tokens,
+            temperature=temperature,
+            stream=stream,
+            params=params,
+        )
+        if not stream:
+            return await self._call(call, model)
+        return await AsyncResponseStream(
+            lambda: self._open(call, model, stream=True), self.base_url
+        ).start()
 
     async def list_models(self) -> list[dict[str, Any]]:
         """Models the gateway serves (OpenAI model objects plus `kind` and `ready_engines`)."""

@@ -21,11 +21,11 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Literal, overload
+from typing import Any, Literal, Self, overload
 
 import httpx
 
-from sage.common.exceptions import SageError
+from sage.common.exceptions import SageError, UpstreamError
 from sage.common.grpc.tls import process_tls
 from sage.llm._core import (
     CONNECT_TIMEOUT_S,
@@ -34,27 +34,37 @@ from sage.llm._core import (
     EMBED_BATCH,
     MAX_RETRY_AFTER_S,
     ClientCore,
+    ItemT,
+    JsonCall,
     Messages,
+    ResponsesInput,
     StreamReader,
     chat_messages,
     default_base_url,
+    detokenize_call,
     embed_batches,
     generation_path,
     json_of,
     log,
     models_from_reply,
-    rerank_body,
-    rerank_from_reply,
-    score_body,
-    scores_from_reply,
+    rerank_call,
+    responses_call,
+    score_call,
     status_from_reply,
-    text_from_reply,
-    tokenize_body,
-    tokens_from_reply,
+    tokenize_call,
     transport_error,
 )
 from sage.llm.management import EngineKind, ensure_model_served
-from sage.llm.result import InferenceResult, Kind, RerankResult, StreamState
+from sage.llm.result import (
+    InferenceResult,
+    Kind,
+    RerankResult,
+    ResponseEvent,
+    ResponsesResult,
+    ResponsesStreamState,
+    SseState,
+    StreamState,
+)
 
 __all__ = [
     "CONNECT_TIMEOUT_S",
@@ -63,6 +73,8 @@ __all__ = [
     "EMBED_BATCH",
     "MAX_RETRY_AFTER_S",
     "Messages",
+    "ResponseStream",
+    "SseStream",
     "TextStream",
     "UnifiedInferenceClient",
     "default_base_url",
@@ -70,46 +82,35 @@ __all__ = [
 ]
 
 
-class TextStream(Iterator[str]):
-    """The text deltas of a streaming chat or completion, in order.
+class SseStream(Iterator[ItemT]):
+    """The items of a streamed reply, read from its SSE body as they arrive.
 
     The request was sent (and HTTP errors raised) before this object exists; errors that
-    arrive inside the stream raise while iterating. After the last delta `result` holds
-    the whole answer with usage and finish reason. Close it (or use `with`) to stop early.
+    arrive inside the stream raise while iterating. Close it (or use `with`) to stop early.
     """
 
-    def __init__(self, response: httpx.Response, state: StreamState, core: ClientCore[Any]) -> None:
+    def __init__(self, response: httpx.Response, state: SseState[ItemT], core: ClientCore[Any]):
         self._response = response
-        self._state = state
         self._core = core
         self._lines = response.iter_lines()
         self._reader = StreamReader(state)
         self._finished = False
 
-    @property
-    def request_id(self) -> str:
-        """The gateway's x-request-id of this stream."""
-        return self._state.request_id
-
-    @property
-    def result(self) -> InferenceResult:
-        """What arrived so far; complete once iteration has ended."""
-        return self._state.result()
-
-    def __iter__(self) -> TextStream:
+    def __iter__(self) -> Self:
         return self
 
-    def __next__(self) -> str:
+    def __next__(self) -> ItemT:
+        state = self._reader.state
         while not self._finished:
             try:
-                delta, more = self._reader.step(self._next_line())
+                item, more = self._reader.step(self._next_line())
             except SageError:
                 self.close()
                 raise
-            if self._state.done or not more:
+            if state.done or not more:
                 self.close()
-            elif delta:
-                return delta
+            if item is not None:
+                return item
         raise StopIteration
 
     def _next_line(self) -> str | None:
@@ -121,19 +122,13 @@ class TextStream(Iterator[str]):
         except httpx.TransportError as exc:
             raise transport_error(self._core.base_url, exc) from exc
 
-    def text(self) -> str:
-        """Read the rest of the stream; returns the whole answer's text."""
-        for _ in self:
-            pass
-        return self._state.result().content
-
     def close(self) -> None:
         """Stop reading and release the connection."""
         self._finished = True
-        self._state.finish()
+        self._reader.state.finish()
         self._response.close()
 
-    def __enter__(self) -> TextStream:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -143,6 +138,66 @@ class TextStream(Iterator[str]):
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class TextStream(SseStream[str]):
+    """The text deltas of a streaming chat or completion, in order; after the last delta
+    `result` holds the whole answer with usage and finish reason."""
+
+    def __init__(self, response: httpx.Response, state: StreamState, core: ClientCore[Any]) -> None:
+        super().__init__(response, state, core)
+        self._state = state
+
+    @property
+    def request_id(self) -> str:
+        """The gateway's x-request-id of this stream."""
+        return self._state.request_id
+
+    @property
+    def result(self) -> InferenceResult:
+        """What arrived so far; complete once iteration has ended."""
+        return self._state.result()
+
+    def text(self) -> str:
+        """Read the rest of the stream; returns the whole answer's text."""
+        for _ in self:
+            pass
+        return self._state.result().content
+
+
+class ResponseStream(SseStream[ResponseEvent]):
+    """The events of a streamed Responses reply, in order (the last one is
+    response.completed, or .incomplete/.failed); `response` is the final Response object
+    once it has arrived."""
+
+    def __init__(
+        self, response: httpx.Response, state: ResponsesStreamState, core: ClientCore[Any]
+    ) -> None:
+        super().__init__(response, state, core)
+        self._state = state
+
+    @property
+    def request_id(self) -> str:
+        """The gateway's x-request-id of this stream."""
+        return self._state.request_id
+
+    @property
+    def response(self) -> ResponsesResult | None:
+        """The final Response object; None until its event has been read."""
+        return self._state.response
+
+    @property
+    def output_text(self) -> str:
+        """The text deltas read so far, joined."""
+        return self._state.output_text
+
+    def until_done(self) -> ResponsesResult:
+        """Read the rest of the stream; returns the final Response object."""
+        for _ in self:
+            pass
+        if self._state.response is None:  # closed early by the caller
+            raise UpstreamError("the Responses stream was closed before its final event")
+        return self._state.response
 
 
 class UnifiedInferenceClient(ClientCore[httpx.Client]):
@@ -439,6 +494,22 @@ class UnifiedInferenceClient(ClientCore[httpx.Client]):
             vectors.extend(self._vectors(resp, len(batch)))
         return vectors
 
+    def _open(
+        self, call: JsonCall[Any], model: str | None, stream: bool = False
+    ) -> tuple[httpx.Response, str, str]:
+        """Send `call` to the chosen model; returns the 2xx response, its request id and
+        the model's name."""
+        name = self._model(call.kind, model)
+        with self._model_errors(call.kind, name):
+            resp, request_id = self._send(
+                "POST", call.path, call.body(name), stream=stream, model=name, root=call.root
+            )
+        return resp, request_id, name
+
+    def _call(self, call: JsonCall[ItemT], model: str | None) -> ItemT:
+        """Send `call`; returns its parsed reply."""
+        return call.parse(json_of(self._open(call, model)[0]))
+
     def tokenize(
         self,
         text: Messages,
@@ -448,29 +519,11 @@ class UnifiedInferenceClient(ClientCore[httpx.Client]):
     ) -> list[int]:
         """The token ids an engine of `model` gives a prompt (str) or a chat (messages,
         rendered by its chat template), through the gateway's /tokenize."""
-        name = self._model("llm", model)
-        with self._model_errors("llm", name):
-            resp, _ = self._send(
-                "POST",
-                "/tokenize",
-                tokenize_body(name, text, add_special_tokens),
-                model=name,
-                root=True,
-            )
-        return tokens_from_reply(json_of(resp))
+        return self._call(tokenize_call(text, add_special_tokens), model)
 
     def detokenize(self, tokens: Sequence[int], model: str | None = None) -> str:
         """The text of token ids by an engine of `model`, through the gateway's /detokenize."""
-        name = self._model("llm", model)
-        with self._model_errors("llm", name):
-            resp, _ = self._send(
-                "POST",
-                "/detokenize",
-                {"model": name, "tokens": list(tokens)},
-                model=name,
-                root=True,
-            )
-        return text_from_reply(json_of(resp))
+        return self._call(detokenize_call(tokens), model)
 
     def rerank(
         self,
@@ -482,12 +535,7 @@ class UnifiedInferenceClient(ClientCore[httpx.Client]):
         """`documents` ranked by a cross-encoder engine of `model` (an embedding-kind
         model) for `query`, most relevant first, top_n of them (None or 0: all), through
         the gateway's /v1/rerank. `index` is the document's place in `documents`."""
-        name = self._model("embedding", model)
-        with self._model_errors("embedding", name):
-            resp, _ = self._send(
-                "POST", "/rerank", rerank_body(name, query, documents, top_n), model=name
-            )
-        return rerank_from_reply(json_of(resp))
+        return self._call(rerank_call(query, documents, top_n), model)
 
     def score(
         self,
@@ -497,12 +545,62 @@ class UnifiedInferenceClient(ClientCore[httpx.Client]):
     ) -> list[float]:
         """A cross-encoder engine's score of each text_1/text_2 pair (one text_1 against
         every text_2 when it is a str), in pair order, through the gateway's /score."""
-        name = self._model("embedding", model)
-        with self._model_errors("embedding", name):
-            resp, _ = self._send(
-                "POST", "/score", score_body(name, text_1, text_2), model=name, root=True
-            )
-        return scores_from_reply(json_of(resp))
+        return self._call(score_call(text_1, text_2), model)
+
+    @overload
+    def responses(
+        self,
+        input: ResponsesInput,
+        model: str | None = None,
+        *,
+        instructions: str | None = None,
+        max_output_tokens: int | None = None,
+        temperature: float | None = None,
+        stream: Literal[False] = False,
+        **params: Any,
+    ) -> ResponsesResult: ...
+
+    @overload
+    def responses(
+        self,
+        input: ResponsesInput,
+        model: str | None = None,
+        *,
+        instructions: str | None = None,
+        max_output_tokens: int | None = None,
+        temperature: float | None = None,
+        stream: Literal[True],
+        **params: Any,
+    ) -> ResponseStream: ...
+
+    def responses(
+        self,
+        input: ResponsesInput,
+        model: str | None = None,
+        *,
+        instructions: str | None = None,
+        max_output_tokens: int | None = None,
+        temperature: float | None = None,
+        stream: bool = False,
+        **params: Any,
+    ) -> ResponsesResult | ResponseStream:
+        """OpenAI's Responses API through the gateway's /v1/responses: `input` is text or a
+        list of input items (messages, tool output). Returns the Response object
+        (`output_text`, `status`, `usage`); `stream=True` a ResponseStream of its events.
+        Other keyword arguments (top_p, metadata, tools, ...) go into the body as given.
+        An engine that does not serve the Responses API is a NotFoundError naming it."""
+        call = responses_call(
+            input,
+            instructions=instructions,
+            max_output_tokens=max_output_tokens,
+            temperature=temperature,
+            stream=stream,
+            params=params,
+        )
+        if not stream:
+            return self._call(call, model)
+        resp, request_id, name = self._open(call, model, stream=True)
+        return ResponseStream(resp, ResponsesStreamState(request_id=request_id, model=name), self)
 
     def list_models(self) -> list[dict[str, Any]]:
         """Models the gateway serves (OpenAI model objects plus `kind` and `ready_engines`)."""

@@ -12,7 +12,7 @@ import functools
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, TypeVar
 
 import orjson
 
@@ -35,11 +35,17 @@ from sage.common.exceptions import (
 __all__ = [
     "InferenceResult",
     "RerankResult",
+    "ResponseEvent",
+    "ResponseUsage",
+    "ResponsesResult",
+    "ResponsesStreamState",
     "SseDecoder",
+    "SseState",
     "StreamState",
     "Usage",
     "error_from_payload",
     "parse_retry_after",
+    "response_from_reply",
     "result_from_reply",
     "vectors_from_reply",
 ]
@@ -57,6 +63,12 @@ class RerankResult:
     document: str | None = None
 
 
+def _count(doc: Mapping[str, Any], key: str) -> int:
+    """A token count of a usage object; missing or odd values count as zero."""
+    value = doc.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
 @dataclass(frozen=True, slots=True)
 class Usage:
     """Token counts of one request, as the engine reported them (zeros when it did not)."""
@@ -70,13 +82,8 @@ class Usage:
         """From an OpenAI `usage` object; missing or odd values count as zero."""
         if not isinstance(doc, Mapping):
             return cls()
-
-        def count(key: str) -> int:
-            value = doc.get(key)
-            return value if isinstance(value, int) and not isinstance(value, bool) else 0
-
-        prompt, completion = count("prompt_tokens"), count("completion_tokens")
-        return cls(prompt, completion, count("total_tokens") or prompt + completion)
+        prompt, completion = _count(doc, "prompt_tokens"), _count(doc, "completion_tokens")
+        return cls(prompt, completion, _count(doc, "total_tokens") or prompt + completion)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +159,34 @@ class SseDecoder:
         return self.feed("")
 
 
+ItemT_co = TypeVar("ItemT_co", covariant=True)
+
+
+class SseState(Protocol[ItemT_co]):
+    """What a stream reader needs of a stream's state: each event's data in, an item (or
+    None) out, `done` once the last event came, `end` when the body ended, `finish` on close."""
+
+    @property
+    def done(self) -> bool: ...
+
+    def event(self, data: str) -> ItemT_co | None: ...
+
+    def end(self) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+def stream_event_json(data: str) -> dict[str, Any]:
+    """The JSON object of one stream event's data; anything else is the gateway's fault."""
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise UpstreamError(f"the gateway sent a malformed stream event: {data[:200]!r}") from exc
+    if not isinstance(doc, dict):
+        raise UpstreamError("the gateway sent a stream event that is not a JSON object")
+    return doc
+
+
 class StreamState:
     """Accumulates a stream's chunks into text deltas and, at the end, an InferenceResult."""
 
@@ -177,14 +212,7 @@ class StreamState:
             self.done = True
             self.finish()
             return None
-        try:
-            chunk = orjson.loads(data)
-        except orjson.JSONDecodeError as exc:
-            raise UpstreamError(
-                f"the gateway sent a malformed stream event: {data[:200]!r}"
-            ) from exc
-        if not isinstance(chunk, dict):
-            raise UpstreamError("the gateway sent a stream event that is not a JSON object")
+        chunk = stream_event_json(data)
         if "error" in chunk:
             raise error_from_payload(None, chunk, model=self.model)
         self.chunks.append(chunk)
@@ -208,6 +236,11 @@ class StreamState:
             self.parts.append(delta)
         return delta or None
 
+    def end(self) -> None:
+        """The body ended: without [DONE] or a finish reason, it broke off."""
+        if not self.done and self.finish_reason is None:
+            raise UpstreamError("the stream ended before [DONE]")
+
     def finish(self) -> None:
         """Stop the latency clock (at [DONE] or when the stream is closed)."""
         if self.ended is None:
@@ -225,6 +258,159 @@ class StreamState:
             finish_reason=self.finish_reason,
             raw={"chunks": self.chunks},
         )
+
+
+# ---- the Responses API
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseUsage:
+    """Token counts of one Responses reply (the Responses API names them input/output)."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    total_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ResponsesResult:
+    """A Responses API reply (OpenAI's Response object) with what callers read typed.
+
+    `status` is "completed", "incomplete" (see `incomplete_reason`, e.g.
+    "max_output_tokens"), "failed" or, in a stream's first events, "in_progress";
+    `output_text` joins the output_text parts of its message items, as OpenAI's SDK does;
+    `output` holds the items as sent and `raw` the whole object.
+    """
+
+    id: str
+    model: str
+    status: str
+    output_text: str
+    output: list[dict[str, Any]] = field(default_factory=list)
+    usage: ResponseUsage | None = None
+    incomplete_reason: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return self.output_text
+
+
+def response_from_reply(reply: Any) -> ResponsesResult:
+    """A ResponsesResult from a Response object (a reply, or a stream event's `response`)."""
+    if not isinstance(reply, dict) or not isinstance(reply.get("id"), str):
+        raise UpstreamError("the gateway sent a Responses reply without an `id`")
+    items = [item for item in reply.get("output") or () if isinstance(item, dict)]
+    text = "".join(
+        part["text"]
+        for item in items
+        if item.get("type") == "message"
+        for part in item.get("content") or ()
+        if isinstance(part, dict)
+        and part.get("type") == "output_text"
+        and isinstance(part.get("text"), str)
+    )
+    usage = reply.get("usage")
+    details = reply.get("incomplete_details")
+    reason = details.get("reason") if isinstance(details, dict) else None
+    return ResponsesResult(
+        id=reply["id"],
+        model=str(reply.get("model") or ""),
+        status=str(reply.get("status") or ""),
+        output_text=text,
+        output=items,
+        usage=(
+            ResponseUsage(
+                _count(usage, "input_tokens"),
+                _count(usage, "output_tokens"),
+                _count(usage, "total_tokens"),
+            )
+            if isinstance(usage, dict)
+            else None
+        ),
+        incomplete_reason=reason if isinstance(reason, str) else None,
+        raw=reply,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseEvent:
+    """One event of a streamed Responses reply, typed as OpenAI names it
+    (response.created, response.output_text.delta, ..., response.completed).
+
+    `delta` is set on output_text deltas, `response` on events that carry the Response
+    object (created, in_progress, completed, incomplete, failed); `data` is the event's JSON.
+    """
+
+    type: str
+    sequence_number: int | None
+    data: dict[str, Any]
+    delta: str | None = None
+    response: ResponsesResult | None = None
+
+
+# The events after which a Responses stream carries nothing more.
+RESPONSE_END_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+
+
+class ResponsesStreamState:
+    """A Responses event stream read so far: events out, the final Response kept.
+
+    An `error` event raises its SageError (the HTTP status is 200 by then); a body that
+    ends before response.completed (or incomplete/failed) raises UpstreamError.
+    """
+
+    def __init__(self, *, request_id: str, model: str) -> None:
+        self.request_id = request_id
+        self.model = model
+        self.parts: list[str] = []
+        self.response: ResponsesResult | None = None
+        self.done = False
+
+    def event(self, data: str) -> ResponseEvent:
+        """One event's data as a ResponseEvent; raises the mapped error of an error event."""
+        doc = stream_event_json(data)
+        kind = doc.get("type")
+        if kind == "error" or "error" in doc:
+            raise error_from_payload(None, _error_event_body(doc), model=self.model)
+        if not isinstance(kind, str):
+            raise UpstreamError("the gateway sent a Responses event without a `type`")
+        delta = doc.get("delta") if kind == "response.output_text.delta" else None
+        if isinstance(delta, str):
+            self.parts.append(delta)
+        carried = doc.get("response")
+        response = response_from_reply(carried) if isinstance(carried, dict) else None
+        if kind in RESPONSE_END_EVENTS:
+            self.done = True
+            self.response = response
+        number = doc.get("sequence_number")
+        return ResponseEvent(
+            type=kind,
+            sequence_number=number if isinstance(number, int) else None,
+            data=doc,
+            delta=delta if isinstance(delta, str) else None,
+            response=response,
+        )
+
+    def end(self) -> None:
+        """The body ended: before a final event, it broke off."""
+        if not self.done:
+            raise UpstreamError("the Responses stream ended before response.completed")
+
+    def finish(self) -> None:
+        """Nothing to stop: a Responses result carries no client-side clock."""
+
+    @property
+    def output_text(self) -> str:
+        """The text deltas received so far, joined."""
+        return "".join(self.parts)
+
+
+def _error_event_body(doc: dict[str, Any]) -> Any:
+    """A Responses `error` event ({type, code, message, param}) in OpenAI's error shape,
+    so its `code` is read as a reply's would be; other shapes pass as they are."""
+    if doc.get("type") == "error" and "error" not in doc:
+        return {"error": {key: doc.get(key) for key in ("message", "code", "param")}}
+    return doc
 
 
 def vectors_from_reply(reply: Any, expected: int) -> list[list[float]]:
