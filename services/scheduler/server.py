@@ -9,11 +9,14 @@ that imported them from this module.
 from __future__ import annotations
 
 import asyncio
+import logging
+from dataclasses import dataclass
 
 import grpc
 
 from sage.common.apikeys import load_key_table
 from sage.common.config.settings import SageSettings
+from sage.common.etcd import cluster_keys, etcd_client
 from sage.common.grpc import Registration, SageServer, create_channel, create_server
 from sage.rpc.common.v1 import common_pb2
 from sage.rpc.scheduler.v1 import scheduler_pb2 as pb
@@ -24,6 +27,7 @@ from .admission import AdmissionController
 from .autoscaler import Autoscaler
 from .breaker import CircuitBreakers
 from .clients import GrpcEmbeddingBackend, LifecycleAdapterLoader, LifecycleScalerActions
+from .cluster import EtcdReplica, ReplicaMetrics, advertised_address, new_instance_id
 from .convert import (
     limits_from_pb,
     node_report_from_pb,
@@ -47,7 +51,9 @@ __all__ = [
     "GrpcEmbeddingBackend",
     "LifecycleScalerActions",
     "NodeWatcher",
+    "SchedulerApp",
     "SchedulerServicer",
+    "build_scheduler",
     "build_server",
     "limits_from_pb",
     "node_report_from_pb",
@@ -58,8 +64,31 @@ __all__ = [
 ]
 
 
+log = logging.getLogger("sage.scheduler")
+
+
+@dataclass(frozen=True)
+class SchedulerApp:
+    """A built scheduler: its server and bound port, and in etcd mode its place in the
+    cluster (tests stop a replica's lease without revoking it, as a crash would)."""
+
+    server: SageServer
+    port: int
+    replica: EtcdReplica | None = None
+    autoscaler: Autoscaler | None = None
+
+
 def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageServer, int]:
     """The scheduler server with its dependencies wired from settings."""
+    app = build_scheduler(settings, addr)
+    return app.server, app.port
+
+
+def build_scheduler(settings: SageSettings, addr: str | None = None) -> SchedulerApp:
+    """The scheduler with its dependencies wired from settings. With SAGE_ETCD_ENDPOINTS it
+    is one replica of several: nodes and engines come from etcd (no heartbeat sweep, no
+    static polling, no rebuild from lifecycle) and the elected leader autoscales and places.
+    """
     executor = HttpExecutionCoordinator(request_timeout_s=settings.request_timeout_s)
     embedding_channel = create_channel(
         settings.address("embedding_service"), default_timeout=settings.request_timeout_s
@@ -96,7 +125,11 @@ def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageS
         embedding_max_tokens=settings.embedding_max_tokens_per_request,
     )
     cluster = settings.cluster
+    etcd_mode = cluster.etcd_mode
     static_nodes = [StaticNode(n.id, n.address) for n in cluster.nodes]
+    if etcd_mode and static_nodes:
+        log.warning("SAGE_NODES is ignored in etcd mode: node agents publish themselves")
+        static_nodes = []
     node_table = NodeTable(registry, timeout_s=cluster.timeout_s, static=static_nodes)
     adapter_loader = LifecycleAdapterLoader(
         node_table.nodes, settings.address("lifecycle"), settings.rpc_timeout_s
@@ -129,33 +162,66 @@ def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageS
         ],
     )
 
-    async def _watch_nodes() -> None:
-        node_watcher.start()
-
-    server.on_start(_watch_nodes)
+    servicer.address = advertised_address(settings, port)
     server.on_drain(servicer.mux.drain)
 
-    # A restarted scheduler routes lifecycle's ready engines at once (see rebuild.py).
-    rebuilding: list[asyncio.Task[int]] = []
+    replica: EtcdReplica | None = None
+    if etcd_mode:
+        # The lease is the liveness: no sweep, no polling, no rebuild; etcd is the truth.
+        replica = EtcdReplica(
+            etcd_client(settings),
+            cluster_keys(settings),
+            nodes=node_table,
+            registry=registry,
+            breakers=breakers,
+            address=servicer.address,
+            instance=new_instance_id(),
+            ttl_s=cluster.etcd_lease_ttl_s,
+            rpc_timeout_s=settings.rpc_timeout_s,
+        )
+        servicer.replica = replica
 
-    async def _register_pb(engine: common_pb2.Engine) -> None:
-        await servicer.RegisterEngine(pb.RegisterEngineRequest(engine=engine), None)
+        async def _join() -> None:
+            assert replica is not None
+            replica.start()
 
-    async def _rebuild() -> None:
-        rebuilding.append(
-            asyncio.get_running_loop().create_task(
-                rebuild_from_lifecycle(
-                    settings.address("lifecycle"), _register_pb, timeout_s=settings.rpc_timeout_s
+        async def _leave() -> None:
+            assert replica is not None
+            await replica.aclose()
+            await replica.client.close()
+
+        server.on_start(_join)
+        server.on_stop(_leave)
+    else:
+
+        async def _watch_nodes() -> None:
+            node_watcher.start()
+
+        server.on_start(_watch_nodes)
+
+        # A restarted scheduler routes lifecycle's ready engines at once (see rebuild.py).
+        rebuilding: list[asyncio.Task[int]] = []
+
+        async def _register_pb(engine: common_pb2.Engine) -> None:
+            await servicer.RegisterEngine(pb.RegisterEngineRequest(engine=engine), None)
+
+        async def _rebuild() -> None:
+            rebuilding.append(
+                asyncio.get_running_loop().create_task(
+                    rebuild_from_lifecycle(
+                        settings.address("lifecycle"),
+                        _register_pb,
+                        timeout_s=settings.rpc_timeout_s,
+                    )
                 )
             )
-        )
 
-    async def _stop_rebuild() -> None:
-        for task in rebuilding:
-            task.cancel()
+        async def _stop_rebuild() -> None:
+            for task in rebuilding:
+                task.cancel()
 
-    server.on_start(_rebuild)
-    server.on_stop(_stop_rebuild)
+        server.on_start(_rebuild)
+        server.on_stop(_stop_rebuild)
 
     # Engines' /metrics feed load-aware routers and measure undeclared capacities; with
     # neither in use (round robin under a fixed or no cap) nothing is scraped.
@@ -206,6 +272,8 @@ def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageS
             queued=admission.queued_for,
             in_flight=load.in_flight,
             slo_attainment=metrics.slo_attainment,
+            # etcd mode: only the elected replica decides; the others' loops idle.
+            active=(lambda: replica.is_leader) if replica is not None else (lambda: True),
         )
 
         async def _autoscale() -> None:
@@ -213,6 +281,11 @@ def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageS
             autoscaler.start()
 
         server.on_start(_autoscale)
+
+    scaler = autoscaler
+    metrics.registry.register(
+        ReplicaMetrics(replica, (lambda: scaler.decisions) if scaler is not None else None)
+    )
 
     async def _close() -> None:
         await node_watcher.aclose()
@@ -226,4 +299,4 @@ def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageS
         await embedding_channel.close(None)
 
     server.on_stop(_close)
-    return server, port
+    return SchedulerApp(server, port, replica, autoscaler)

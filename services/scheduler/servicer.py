@@ -7,12 +7,18 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from sage.common.apikeys import ApiKeyTable
-from sage.common.exceptions import InvalidRequestError, ServiceUnavailableError
+from sage.common.exceptions import (
+    ConfigurationError,
+    InvalidRequestError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
 from sage.common.float32 import unpack
 from sage.common.grpc.engine_enums import kind_value
 from sage.rpc.scheduler.v1 import scheduler_pb2 as pb
 from sage.rpc.scheduler.v1 import scheduler_pb2_grpc as pb_grpc
 
+from .cluster import EtcdReplica
 from .coalesce import ready_runs
 from .convert import (
     limits_from_pb,
@@ -80,8 +86,13 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
         nodes: NodeTable | None = None,
         request_timeout_s: float = 600.0,
         api_keys: ApiKeyTable | None = None,
+        replica: EtcdReplica | None = None,
+        address: str = "",
     ) -> None:
         self.scheduler = scheduler
+        # etcd mode: nodes and engines come from etcd, and placement from the leader.
+        self.replica = replica
+        self.address = address  # this scheduler's own gRPC address, for GetStatus
         self.policy_name = policy_name
         # Tenants and limits come from this table, not from requests (ratelimit.limits_for).
         self.api_keys = api_keys if api_keys is not None else ApiKeyTable()
@@ -206,9 +217,23 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
     async def Score(self, request: pb.ScoreRequest, context: Any) -> pb.ScoreResponse:
         return await self._engine_call(request, "/score", pb.ScoreResponse, EngineKind.EMBEDDING)
 
+    def _published_in_etcd(self, what: str, rpc: str) -> None:
+        """In etcd mode agents publish nodes and engines in etcd: a registration over gRPC
+        would live in this replica only (the others never route it) and never expire with
+        its agent, so it is refused, naming the fix."""
+        if self.replica is not None:
+            raise ConfigurationError(
+                f"this scheduler runs in etcd mode ({', '.join(self.replica.client.endpoints)}): "
+                f"{what} come from what node agents publish there, not from {rpc} calls; give "
+                "the caller the same SAGE_ETCD_ENDPOINTS (engines registered by hand go "
+                "through lifecycle: POST /v1/management/engines/register)",
+                param="etcd_endpoints",
+            )
+
     async def RegisterEngine(
         self, request: pb.RegisterEngineRequest, context: Any
     ) -> pb.RegisterEngineResponse:
+        self._published_in_etcd("engines", "RegisterEngine")
         if not request.HasField("engine"):
             raise InvalidRequestError("engine is required", param="engine")
         record = self.nodes.admit_engine(record_from_pb(request.engine))
@@ -218,10 +243,19 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
     async def DeregisterEngine(
         self, request: pb.DeregisterEngineRequest, context: Any
     ) -> pb.DeregisterEngineResponse:
-        record = self.scheduler.registry.deregister(request.engine_id)
+        try:
+            record: EngineRecord | None = self.scheduler.registry.deregister(request.engine_id)
+        except NotFoundError:
+            # etcd mode: the agent deleted engines/<id> first and the mirror already took
+            # it out; what is left to do is waiting for this replica's requests on it.
+            if self.replica is None:
+                raise
+            record = None
         self.scheduler.breakers.forget(request.engine_id)
         left = await self.scheduler.wait_idle(request.engine_id, request.drain_timeout_s)
-        return pb.DeregisterEngineResponse(engine=record_to_pb(record), in_flight=left)
+        return pb.DeregisterEngineResponse(
+            engine=record_to_pb(record) if record is not None else None, in_flight=left
+        )
 
     async def ListEngines(
         self, request: pb.ListEnginesRequest, context: Any
@@ -250,7 +284,12 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
     async def GetStatus(self, request: pb.GetStatusRequest, context: Any) -> pb.GetStatusResponse:
         engines = self.scheduler.registry.engines()
         counters = self.scheduler.counters
+        replica = self.replica
         return pb.GetStatusResponse(
+            is_leader=replica.is_leader if replica is not None else True,
+            leader_address=replica.leader_address if replica is not None else self.address,
+            replicas=replica.replicas if replica is not None else 1,
+            synced=replica.synced.is_set() if replica is not None else True,
             engines_total=len(engines),
             engines_ready=sum(1 for e in engines if e.state is EngineState.READY),
             in_flight=counters.in_flight,
@@ -286,6 +325,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
     async def RegisterNode(
         self, request: pb.RegisterNodeRequest, context: Any
     ) -> pb.RegisterNodeResponse:
+        self._published_in_etcd("nodes", "RegisterNode")
         node = self.nodes.report(require_report(request), register=True)
         if node.state is NodeState.UNHEALTHY:
             log.warning(
@@ -296,6 +336,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
     async def NodeHeartbeat(
         self, request: pb.NodeHeartbeatRequest, context: Any
     ) -> pb.NodeHeartbeatResponse:
+        self._published_in_etcd("nodes", "NodeHeartbeat")
         node = self.nodes.report(require_report(request), register=False)
         return pb.NodeHeartbeatResponse(node=node_to_pb(node, self.nodes))
 
@@ -307,6 +348,9 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
     ) -> pb.PlaceEngineResponse:
         if request.gpus_needed < 0:
             raise InvalidRequestError("gpus_needed must not be negative", param="gpus_needed")
+        if self.replica is not None and not self.replica.is_leader:
+            # One replica places, so two concurrent starts are judged against one view.
+            return await self.replica.place_on_leader(request, context)
         node = self.nodes.place(
             gpus_needed=request.gpus_needed,
             use_gpu=None if request.gpu_auto else request.use_gpu,

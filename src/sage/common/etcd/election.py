@@ -103,13 +103,18 @@ class Election:
                 start = revision + 1
                 self._decide()
 
-    async def resign(self) -> None:
-        """Step down now (a clean stop): the next candidate leads without waiting for the TTL."""
+    async def stop(self) -> None:
+        """Stop following the prefix without touching the key: it goes with the lease (a
+        crash, when the lease is left to expire)."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+
+    async def resign(self) -> None:
+        """Step down now (a clean stop): the next candidate leads without waiting for the TTL."""
+        await self.stop()
         with contextlib.suppress(Exception):
             await self.lease.delete(self._key)
         if self.is_leader:
