@@ -57,7 +57,6 @@ from sage.protocol.openai import (
 from sage.rpc.gpu_manager.v1 import gpu_manager_pb2_grpc
 from sage.rpc.lifecycle.v1 import lifecycle_pb2_grpc
 from sage.rpc.scheduler.v1 import scheduler_pb2 as spb
-from sage.rpc.scheduler.v1 import scheduler_pb2_grpc as spb_grpc
 
 if TYPE_CHECKING:
     from sage.rpc.gpu_manager.v1.gpu_manager_pb2_grpc import GpuManagerServiceAsyncStub
@@ -70,8 +69,8 @@ from .fleet_metrics import fleet_metrics
 from .management import AdminGate, NodeLifecycles, add_management_routes, reply
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import EdgeMetrics
-from .mux import SchedulerMux
 from .openapi import openapi_document
+from .replicas import SchedulerReplicas, any_replica, open_replicas, start_replicas
 from .timeseries import TimeSeries
 from .validation import read_request
 
@@ -83,38 +82,34 @@ log = logging.getLogger("sage.edge")
 class Upstreams:
     """gRPC stubs the edge calls; channels are opened on the server's own event loop."""
 
+    # Calls any scheduler replica may answer (management, status, tokenize).
     scheduler: SchedulerServiceAsyncStub
     lifecycle: LifecycleServiceAsyncStub
     gpu: GpuManagerServiceAsyncStub
     channels: tuple[grpc.aio.Channel, ...]
-    # Chat, completions and embeddings go over one Multiplex call (mux.py), not a call each.
-    generation: SchedulerMux
+    # Chat, completions and embeddings go over one Multiplex call per scheduler replica
+    # (mux.py), not a call each, and move off a replica that dies (replicas.py).
+    generation: SchedulerReplicas
 
     async def close(self) -> None:
         """Close every channel."""
-        await self.generation.aclose()
+        await self.generation.close()
         for channel in self.channels:
             await channel.close(None)
 
 
 def open_upstreams(settings: SageSettings) -> Upstreams:
-    """Channels to the scheduler, lifecycle and gpu_manager from settings."""
-    # Streams on this channel skip the client interceptor: the edge passes the deadline and
-    # metadata itself (call_metadata), saving a wrapper per streamed message.
-    sched = create_channel(
-        settings.address("scheduler"),
-        default_timeout=settings.rpc_timeout_s,
-        intercept_streams=False,
-    )
+    """Channels to the scheduler replicas, lifecycle and gpu_manager from settings (the
+    replicas are learned by start_replicas)."""
     life = create_channel(settings.address("lifecycle"), default_timeout=settings.rpc_timeout_s)
     gpu = create_channel(settings.address("gpu_manager"), default_timeout=settings.rpc_timeout_s)
-    scheduler = spb_grpc.SchedulerServiceStub(sched)
+    replicas = open_replicas(settings)
     return Upstreams(
-        scheduler,
+        any_replica(replicas),
         lifecycle_pb2_grpc.LifecycleServiceStub(life),
         gpu_manager_pb2_grpc.GpuManagerServiceStub(gpu),
-        (sched, life, gpu),
-        SchedulerMux(scheduler),
+        (life, gpu),
+        replicas,
     )
 
 
@@ -269,7 +264,8 @@ def create_app(
     sampler = Sampler(series, lambda: up().scheduler)
 
     async def startup() -> None:
-        holder["up"] = open_upstreams(settings)
+        upstreams = holder["up"] = open_upstreams(settings)
+        await start_replicas(upstreams.generation, settings)
         sampler.start()
         # One line an operator can check the posture by; never the keys themselves.
         log.info(
@@ -299,6 +295,14 @@ def create_app(
         guard=guard,
     )
     metrics.in_flight_gauge(lambda: app.in_flight)
+
+    def replica_counts() -> tuple[dict[str, int], dict[str, int]] | None:
+        upstreams = holder.get("up")
+        if upstreams is None:
+            return None
+        return upstreams.generation.states(), upstreams.generation.failovers
+
+    metrics.replicas_gauges(replica_counts)
 
     def up() -> Upstreams:
         try:

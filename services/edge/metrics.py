@@ -7,7 +7,7 @@ thread (no locks, no label-object churn); everything else happens at scrape time
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -18,6 +18,9 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+
+# Scheduler replicas by state and requests moved off a dead one by kind (None: not started).
+ReplicaCounts = Callable[[], tuple[Mapping[str, int], Mapping[str, int]] | None]
 
 # Seconds; the low end resolves the gateway's own overhead, the top reaches the request
 # deadline. TTFT uses vLLM's buckets.
@@ -101,6 +104,7 @@ class EdgeMetrics(Collector):
         self._ttft: dict[str, _Histogram] = {}
         self._models: set[str] = set()
         self._in_flight: Callable[[], int] | None = None
+        self._replicas: ReplicaCounts | None = None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
         ProcessCollector(registry=self.registry)
@@ -108,6 +112,12 @@ class EdgeMetrics(Collector):
     def in_flight_gauge(self, read: Callable[[], int]) -> None:
         """Export `read()` (the app's in-flight count) as sage:num_requests_running."""
         self._in_flight = read
+
+    def replicas_gauges(self, read: ReplicaCounts) -> None:
+        """Export `read()` (scheduler replicas by state, requests moved off a dead one by
+        kind; None before the edge started) as sage:edge_scheduler_replicas and
+        sage:edge_scheduler_failovers_total."""
+        self._replicas = read
 
     def _model_label(self, model: str, ok: bool) -> str:
         if not model or model in self._models:
@@ -170,6 +180,27 @@ class EdgeMetrics(Collector):
                 "Requests the edge is handling now (including streams being relayed).",
                 value=self._in_flight(),
             )
+
+        replicas = self._replicas() if self._replicas is not None else None
+        if replicas is not None:
+            states, failovers = replicas
+            gauge = GaugeMetricFamily(
+                "sage:edge_scheduler_replicas",
+                "Scheduler replicas the edge knows, by state (down: probed until it answers).",
+                labels=("state",),
+            )
+            for state, count in states.items():
+                gauge.add_metric((state,), count)
+            moved = CounterMetricFamily(
+                "sage:edge_scheduler_failovers",
+                "Requests moved to another scheduler replica after theirs died: unary, "
+                "stream_start (nothing sent yet), stream (continued mid-way).",
+                labels=("kind",),
+            )
+            for kind, count in failovers.items():
+                moved.add_metric((kind,), count)
+            yield gauge
+            yield moved
 
     def render(self) -> bytes:
         """The Prometheus text exposition of the registry."""

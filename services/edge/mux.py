@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
@@ -24,7 +25,7 @@ from sage.common.exceptions import (
 )
 from sage.common.grpc import call_metadata, from_rpc_error, token_metadata
 from sage.common.grpc.client import request_metadata
-from sage.common.grpc.tagged import TaggedClient, Unsupported
+from sage.common.grpc.tagged import Pending, TaggedCall, TaggedClient, Unsupported
 from sage.rpc.scheduler.v1 import scheduler_pb2 as spb
 
 if TYPE_CHECKING:
@@ -121,6 +122,28 @@ class SchedulerMux(TaggedClient[spb.MultiplexCall]):
     def __init__(self, stub: SchedulerServiceAsyncStub) -> None:
         super().__init__()
         self.stub = stub
+        # The errors calls ended with (the scheduler died, drained or was unreachable), as
+        # opposed to errors the scheduler answered a request with: see `lost`.
+        self._call_errors: weakref.WeakSet[BaseException] = weakref.WeakSet()
+
+    def lost(self, exc: BaseException) -> bool:
+        """Whether `exc` (raised by `unary` or `stream`) is the end of the call the request
+        was on rather than the scheduler's answer to it: another scheduler may take the
+        request instead. The call is opened again on the next request."""
+        return exc in self._call_errors
+
+    def _shutting_down(self) -> ServiceUnavailableError:
+        exc = ServiceUnavailableError("the scheduler is shutting down")
+        self._call_errors.add(exc)
+        return exc
+
+    async def _read(self, session: TaggedCall[spb.MultiplexCall, Pending]) -> None:
+        try:
+            await super()._read(session)
+        finally:
+            # Before any waiter runs: the reader fails them in this same step.
+            if session.error is not None and not isinstance(session.error, Unsupported):
+                self._call_errors.add(session.error)
 
     def _call(self) -> Any:
         # The channel has no stream interceptor (hot path): the token goes here.
@@ -152,7 +175,7 @@ class SchedulerMux(TaggedClient[spb.MultiplexCall]):
                 return await self._unary(self._request(kind, message, timeout_s), timeout_s)
             except (Unsupported, _NotStarted):
                 continue
-        raise ServiceUnavailableError("the scheduler is shutting down")
+        raise self._shutting_down()
 
     async def _unary_call(self, kind: str, message: Any, timeout_s: float) -> Any:
         try:
@@ -162,7 +185,9 @@ class SchedulerMux(TaggedClient[spb.MultiplexCall]):
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
 
-    async def stream(self, kind: str, message: Any, timeout_s: float) -> AsyncIterator[list[Any]]:
+    async def stream(
+        self, kind: str, message: Any, timeout_s: float
+    ) -> AsyncGenerator[list[Any], None]:
         """Run one streamed request ("chat_stream" or "complete_stream"): its messages, in
         lists of those that arrived together, then the end; a failure raises the SageError
         the scheduler raised (after the messages before it)."""
@@ -178,7 +203,7 @@ class SchedulerMux(TaggedClient[spb.MultiplexCall]):
                 return
             except (Unsupported, _NotStarted):
                 continue
-        raise ServiceUnavailableError("the scheduler is shutting down")
+        raise self._shutting_down()
 
     async def _stream_once(
         self, kind: str, message: Any, timeout_s: float
@@ -207,7 +232,7 @@ class SchedulerMux(TaggedClient[spb.MultiplexCall]):
                         if ready:
                             yield ready
                         if isinstance(item, Unsupported | _NotStarted) and chunks.started:
-                            raise ServiceUnavailableError("the scheduler is shutting down")
+                            raise self._shutting_down()
                         raise item
                     ready.append(item)
                 yield ready

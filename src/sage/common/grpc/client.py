@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -190,9 +190,10 @@ def create_channel(
     tls: TlsConfig | None = None,
     intercept_streams: bool = True,
     internal_token: str | None = None,
+    options: Sequence[tuple[str, Any]] = (),
 ) -> grpc.aio.Channel:
     """An aio channel to `addr` whose calls all carry a deadline, the internal token and
-    SAGE context.
+    SAGE context; `options` are added to the channel's arguments.
 
     TLS comes from `tls`, else the process's config (SAGE_TLS_*): with a CA or a certificate
     configured the channel is secure (presenting our certificate for mTLS), else plaintext.
@@ -210,9 +211,11 @@ def create_channel(
             addr,
             tls.channel_credentials(),
             interceptors=interceptors,
-            options=[*_CHANNEL_OPTIONS, *tls.channel_options()],
+            options=[*_CHANNEL_OPTIONS, *tls.channel_options(), *options],
         )
-    return grpc.aio.insecure_channel(addr, interceptors=interceptors, options=_CHANNEL_OPTIONS)
+    return grpc.aio.insecure_channel(
+        addr, interceptors=interceptors, options=[*_CHANNEL_OPTIONS, *options]
+    )
 
 
 def create_sync_channel(
