@@ -66,6 +66,24 @@ def is_cached(model: str, environ: Mapping[str, str]) -> bool:
     return False
 
 
+def cached_file(model: str, name: str, environ: Mapping[str, str]) -> Path | None:
+    """`name` (e.g. config.json) of the Hub model's cached snapshot: the one refs/main
+    names, else the newest that has it; None when the host has none. Reads no network."""
+    folder = "models--" + model.replace("/", "--")
+    for root in hub_cache_dirs(environ):
+        snapshots = root / folder / "snapshots"
+        try:
+            main = (root / folder / "refs" / "main").read_text().strip()
+        except OSError:
+            main = ""
+        if main and (snapshots / main / name).is_file():
+            return snapshots / main / name
+        found = [path for path in snapshots.glob(f"*/{name}") if path.is_file()]
+        if found:
+            return max(found, key=lambda path: path.stat().st_mtime)
+    return None
+
+
 def what_to_do(model: str) -> str:
     """The three ways to get a model to an engine that cannot reach the Hub."""
     return (

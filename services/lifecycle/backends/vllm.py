@@ -41,6 +41,7 @@ from pathlib import Path
 
 from sage.common.exceptions import EngineStartError, InvalidRequestError
 
+from ..hub import cached_file, is_hub_id
 from ..spec import EngineSpec
 from ._common import check_kind, find_program, gpu_env, probe_interpreter
 from .base import Availability, LaunchPlan
@@ -279,12 +280,17 @@ def _sage_home(env: Mapping[str, str]) -> Path:
     return Path(env.get("SAGE_HOME") or Path.home() / ".sage").expanduser()
 
 
-def is_cross_encoder(model: str) -> bool:
-    """Whether `model` (a local folder) is a sequence-classification model, which vLLM's
-    pooling runner serves as a cross-encoder (/rerank, /score) unless told to convert it
-    into an embedding model. A hub id or an unreadable config reads as no."""
+def is_cross_encoder(model: str, environ: Mapping[str, str]) -> bool:
+    """Whether `model` is a sequence-classification model, which vLLM's pooling runner
+    serves as a cross-encoder (/rerank, /score) unless told to convert it into an embedding
+    model. Its config.json is read from the folder, or for a Hub id from this host's Hub
+    cache (`sage llm model download`, or an earlier start, put it there); the Hub itself is
+    not asked, so a Hub id not yet cached, or an unreadable config, reads as no."""
+    config_file = Path(model) / "config.json"
+    if not config_file.is_file() and is_hub_id(model):
+        config_file = cached_file(model, "config.json", environ) or config_file
     try:
-        config = json.loads((Path(model) / "config.json").read_text())
+        config = json.loads(config_file.read_text())
     except (OSError, ValueError):
         return False
     architectures = config.get("architectures") if isinstance(config, dict) else None
@@ -377,7 +383,7 @@ class VllmBackend:
             argv += ["--max-num-seqs", str(spec.max_concurrent_requests)]
         if spec.kind == "embedding":
             argv += ["--runner", "pooling"]
-            if not is_cross_encoder(spec.model):
+            if not is_cross_encoder(spec.model, self._env):
                 argv += ["--convert", "embed"]  # a cross-encoder keeps vLLM's own (score)
         if spec.role in PD_ROLES:
             nixl = install is not None and install.nixl

