@@ -3,13 +3,14 @@ the autoscaler's replica starts and stops, and LoRA adapters loaded on demand)."
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import grpc
 
 from sage.common.engine_keys import is_managed
-from sage.common.exceptions import NotFoundError
+from sage.common.exceptions import NotFoundError, ServiceUnavailableError
 from sage.common.float32 import packed_or_pack
 from sage.common.grpc import create_channel, rpc_errors_as_sage
 from sage.rpc.common.v1 import common_pb2
@@ -19,11 +20,13 @@ from sage.rpc.lifecycle.v1 import lifecycle_pb2, lifecycle_pb2_grpc
 from .convert import record_from_pb
 from .core import EmbedResult, TokenUsage
 from .embedding_stream import EmbedStreamClient
-from .nodes import Node
+from .nodes import Node, NodeState
 from .registry import AdapterEntry, EngineRecord
 
 if TYPE_CHECKING:
     from sage.rpc.lifecycle.v1.lifecycle_pb2_grpc import LifecycleServiceAsyncStub
+
+log = logging.getLogger("sage.scheduler.autoscaler")
 
 
 class GrpcEmbeddingBackend:
@@ -61,43 +64,100 @@ class GrpcEmbeddingBackend:
 
 
 class LifecycleScalerActions:
-    """ScalerActions over lifecycle gRPC: StartEngine like an existing replica, drained stop."""
+    """ScalerActions over lifecycle gRPC: StartEngine like an existing replica, drained stop.
 
-    def __init__(self, channel: grpc.aio.Channel, rpc_timeout_s: float, start_timeout_s: float):
+    With `nodes` (etcd mode, where the scheduler's host may run no lifecycle at all) the
+    lifecycles are the node agents' own: a replica starts on a node that runs a ready one
+    to copy (lifecycle copies only its own engines), and a stop goes to the engine's node.
+    """
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        rpc_timeout_s: float,
+        start_timeout_s: float,
+        *,
+        nodes: Callable[[], list[Node]] | None = None,
+        node_of: Callable[[str], str] | None = None,
+    ):
         self._stub = lifecycle_pb2_grpc.LifecycleServiceStub(channel)
         self._rpc_timeout_s = rpc_timeout_s
         self._start_timeout_s = start_timeout_s
+        self._nodes = nodes
+        self._node_of = node_of
+        self._stubs: dict[str, LifecycleServiceAsyncStub] = {}
+        self._channels: list[grpc.aio.Channel] = []
+
+    def _at(self, addr: str) -> LifecycleServiceAsyncStub:
+        stub = self._stubs.get(addr)
+        if stub is None:
+            channel = create_channel(addr, default_timeout=self._rpc_timeout_s)
+            self._channels.append(channel)
+            stub = self._stubs[addr] = lifecycle_pb2_grpc.LifecycleServiceStub(channel)
+        return stub  # type: ignore[no-any-return]
+
+    def _lifecycles(self) -> list[tuple[str, LifecycleServiceAsyncStub]]:
+        """(where, stub) of each lifecycle to look in: the live nodes' (ready ones first),
+        or this stack's own when there are no nodes to go by."""
+        if self._nodes is None:
+            return [("lifecycle", self._stub)]
+        live = [n for n in self._nodes() if n.state is not NodeState.DOWN]
+        live.sort(key=lambda n: (n.state is not NodeState.READY, n.node_id))
+        if not live:
+            return [("lifecycle", self._stub)]
+        return [(f"node {n.node_id}", self._at(n.report.lifecycle_addr)) for n in live]
 
     async def start_replica(self, model: str) -> None:
         """Start an engine with the model/kind/backend/role of a ready one of `model`."""
-        with rpc_errors_as_sage():
-            listed = await self._stub.ListEngines(
-                lifecycle_pb2.ListEnginesRequest(), timeout=self._rpc_timeout_s
+        for where, stub in self._lifecycles():
+            try:
+                with rpc_errors_as_sage():
+                    listed = await stub.ListEngines(
+                        lifecycle_pb2.ListEnginesRequest(), timeout=self._rpc_timeout_s
+                    )
+            except ServiceUnavailableError:
+                if self._nodes is None:
+                    raise
+                continue  # that node's agent is gone; another may run a template
+            template = next(
+                (
+                    e
+                    for e in listed.engines
+                    if e.model == model and e.state == common_pb2.ENGINE_STATE_READY
+                ),
+                None,
             )
-        template = next(
-            (
-                e
-                for e in listed.engines
-                if e.model == model and e.state == common_pb2.ENGINE_STATE_READY
-            ),
-            None,
-        )
-        if template is None:
-            raise NotFoundError(
-                f"lifecycle runs no ready engine of {model!r} to copy", param="model"
-            )
-        # Lifecycle copies the template's whole spec (extra args, parallelism, GPU memory).
-        request = lifecycle_pb2.StartEngineRequest(like_engine_id=template.engine_id)
-        with rpc_errors_as_sage():
-            await self._stub.StartEngine(request, timeout=self._start_timeout_s)
+            if template is None:
+                continue
+            # Lifecycle copies the template's whole spec (extra args, parallelism, memory).
+            request = lifecycle_pb2.StartEngineRequest(like_engine_id=template.engine_id)
+            with rpc_errors_as_sage():
+                await stub.StartEngine(request, timeout=self._start_timeout_s)
+            log.info("autoscaler started a replica of %s on %s", model, where)
+            return
+        raise NotFoundError(f"lifecycle runs no ready engine of {model!r} to copy", param="model")
 
     async def stop_replica(self, engine_id: str) -> None:
-        """Drain then stop `engine_id` (lifecycle deregisters it from us first)."""
+        """Drain then stop `engine_id` (lifecycle deregisters it from us first), on its
+        node's lifecycle when the node is known."""
+        stub: LifecycleServiceAsyncStub = self._stub
+        node_id = self._node_of(engine_id) if self._node_of is not None else ""
+        if node_id and self._nodes is not None:
+            addr = next(
+                (n.report.lifecycle_addr for n in self._nodes() if n.node_id == node_id), ""
+            )
+            if addr:
+                stub = self._at(addr)
         with rpc_errors_as_sage():
-            await self._stub.StopEngine(
+            await stub.StopEngine(
                 lifecycle_pb2.StopEngineRequest(engine_id=engine_id, drain=True),
                 timeout=self._start_timeout_s,
             )
+
+    async def aclose(self) -> None:
+        """Close the channels opened to node agents."""
+        for channel in self._channels:
+            await channel.close(None)
 
 
 # Longer than lifecycle's own bound on a load (lifecycle/adapters.py LOAD_TIMEOUT_S).

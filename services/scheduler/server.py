@@ -249,6 +249,7 @@ def build_scheduler(settings: SageSettings, addr: str | None = None) -> Schedule
         server.on_stop(router.aclose)
 
     autoscaler: Autoscaler | None = None
+    scaler_actions: LifecycleScalerActions | None = None
     lifecycle_channel: grpc.aio.Channel | None = None
     scaling = settings.autoscaler
     if scaling.models:
@@ -263,11 +264,20 @@ def build_scheduler(settings: SageSettings, addr: str | None = None) -> Schedule
                 if e.model == model and e.state is EngineState.READY
             ]
 
+        def _node_of(engine_id: str) -> str:
+            return next((e.node_id for e in registry.engines() if e.engine_id == engine_id), "")
+
+        scaler_actions = LifecycleScalerActions(
+            lifecycle_channel,
+            settings.rpc_timeout_s,
+            settings.request_timeout_s,
+            # etcd mode: the node agents' lifecycles, not this host's (it may run none).
+            nodes=node_table.nodes if etcd_mode else None,
+            node_of=_node_of if etcd_mode else None,
+        )
         autoscaler = Autoscaler(
             scaling,
-            LifecycleScalerActions(
-                lifecycle_channel, settings.rpc_timeout_s, settings.request_timeout_s
-            ),
+            scaler_actions,
             replicas=_replicas,
             queued=admission.queued_for,
             in_flight=load.in_flight,
@@ -292,6 +302,8 @@ def build_scheduler(settings: SageSettings, addr: str | None = None) -> Schedule
         await adapter_loader.aclose()
         if autoscaler is not None:
             await autoscaler.aclose()
+        if scaler_actions is not None:
+            await scaler_actions.aclose()
         if lifecycle_channel is not None:
             await lifecycle_channel.close(None)
         await load.aclose()
