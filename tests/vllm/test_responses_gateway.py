@@ -1,6 +1,7 @@
 """OpenAI's Responses API (POST /v1/responses) through the gateway to real vLLM, with the
-official openai SDK: a reply with text and usage, the named event stream, and the gateway's
-own refusals (previous_response_id, unknown model) in OpenAI's error shape."""
+official openai SDK and our client's responses(): a reply with text and usage, the named
+event stream, and the gateway's own refusals (previous_response_id, unknown model) in
+OpenAI's error shape."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import httpx
 import openai
 import pytest
 
+from sage.llm import UnifiedInferenceClient
 from tests.vllm.conftest import VllmStack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(300)]
@@ -72,3 +74,31 @@ def test_refusals_in_openai_shape(vllm_stack: VllmStack) -> None:
     assert bad.value.param == "previous_response_id"
     with pytest.raises(openai.NotFoundError):
         sdk.responses.create(model="no-such-model", input="x")
+
+
+def test_clients_responses_read_vllms_reply_and_events(vllm_stack: VllmStack) -> None:
+    question = "say something about batching"
+    sdk_reply = _client(vllm_stack).responses.create(
+        model=vllm_stack.model, input=question, max_output_tokens=8, temperature=0
+    )
+    with UnifiedInferenceClient.create(control_plane_url=vllm_stack.gateway) as client:
+        reply = client.responses(
+            question, model=vllm_stack.model, max_output_tokens=8, temperature=0
+        )
+        with client.responses(
+            [{"role": "user", "content": question}],
+            model=vllm_stack.model,
+            max_output_tokens=8,
+            temperature=0,
+            stream=True,
+        ) as stream:
+            events = list(stream)
+    # Greedy decoding of the same request: the SDK's reading and ours agree.
+    assert reply.output_text == sdk_reply.output_text and reply.output_text
+    assert reply.status == sdk_reply.status and reply.id.startswith("resp")
+    assert reply.usage is not None and sdk_reply.usage is not None
+    assert reply.usage.output_tokens == sdk_reply.usage.output_tokens
+    assert events[0].type == "response.created" and events[-1].type == "response.completed"
+    final = stream.response
+    assert final is not None and final is events[-1].response
+    assert final.output_text == "".join(e.delta or "" for e in events) == stream.output_text
