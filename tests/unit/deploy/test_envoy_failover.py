@@ -120,9 +120,10 @@ def test_requests_keep_being_answered_when_one_edge_is_killed(
         [sys.executable, "-m", "sage.services.scheduler", "--port", str(ports["scheduler"])],
         env,
     )
-    wait_grpc = [sys.executable, "-m", "sage.common.grpc.healthcheck", "grpc"]
+    probe = [sys.executable, "-m", "sage.common.grpc.healthcheck", "grpc"]
+    probe.append(f"127.0.0.1:{ports['scheduler']}")
     deadline = time.monotonic() + 60
-    while subprocess.run([*wait_grpc, f"127.0.0.1:{ports['scheduler']}"], env=env).returncode:
+    while subprocess.run(probe, env=env, capture_output=True, timeout=30).returncode:
         assert scheduler.poll() is None and time.monotonic() < deadline, processes.logs()
         time.sleep(0.2)
     for name in ("edge-1", "edge-2"):
