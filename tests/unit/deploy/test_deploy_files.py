@@ -479,6 +479,16 @@ def test_systemd_env_files_name_only_real_settings() -> None:
                 assert not var.startswith("SAGE_") or var in KNOWN_SAGE_VARS, unit_path.name
 
 
+def test_lifecycle_unit_lets_engines_outlive_a_lifecycle_crash(
+    units: dict[str, dict[str, list[tuple[str, str]]]],
+) -> None:
+    """systemd kills a unit's leftover processes when its main process dies unless
+    KillMode=process: engines must survive lifecycle's crash to be re-adopted."""
+    unit = units["sage-lifecycle.service"]
+    assert unit_values(unit, "Service", "KillMode") == ["process"]
+    assert unit_values(unit, "Service", "Restart") == ["on-failure"]
+
+
 def test_targets_group_the_right_units(units: dict[str, dict[str, list[tuple[str, str]]]]) -> None:
     everything = set(unit_values(units["sage-llm.target"], "Unit", "Wants")[0].split())
     assert everything == set(SERVICE_UNITS)
