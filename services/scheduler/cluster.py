@@ -112,8 +112,11 @@ class EtcdReplica:
 
     @property
     def is_leader(self) -> bool:
-        """True while this replica is the elected leader."""
-        return self.election is not None and self.election.is_leader
+        """True while this replica is the elected leader and its lease is surely alive: cut
+        off from etcd for a TTL, another replica may lead by now, so this one stops placing
+        and autoscaling (it keeps routing with what it last saw)."""
+        election, lease = self.election, self.lease
+        return election is not None and election.is_leader and lease is not None and lease.held()
 
     @property
     def leader_address(self) -> str:
@@ -318,6 +321,11 @@ class EtcdReplica:
         """A stub for the leader's SchedulerService (UNAVAILABLE while none is elected)."""
         if not self.synced.is_set():
             raise ServiceUnavailableError(self._unsynced_reason())
+        if self.lease is None or not self.lease.held():
+            raise ServiceUnavailableError(
+                f"this scheduler replica ({self.address}) has not reached etcd for a lease TTL "
+                f"({self.ttl_s}s), so it cannot tell who leads; placement waits until it can"
+            )
         leader = self.leader_address
         if not leader:
             raise ServiceUnavailableError("no scheduler leader is elected yet; retry shortly")

@@ -315,6 +315,47 @@ async def test_one_leader_places_and_autoscales_and_another_takes_over_after_a_c
     assert time.monotonic() - crashed_at < 30
 
 
+async def test_without_etcd_replicas_keep_routing_and_none_leads_until_it_is_back(
+    cluster: Cluster, sim_engine: Callable[..., str]
+) -> None:
+    url = await asyncio.to_thread(sim_engine)
+    await cluster.publish_node("n1", "e1")
+    await cluster.publish_engine("e1", url, "n1")
+    for replica in cluster.replicas:
+        await wait_for(partial(_has, replica, "e1", common_pb2.ENGINE_STATE_READY), 5, "e1")
+
+    async def leaders() -> int:
+        return sum([(await r.status()).is_leader for r in cluster.replicas])
+
+    assert await leaders() == 1
+    cluster.members.kill(0)  # the whole etcd cluster (one member) is gone
+
+    async def no_leader() -> bool:
+        return await leaders() == 0
+
+    # A leader cut off from etcd steps down once its lease may have expired (TTL): nobody
+    # places or autoscales on a view that another replica may no longer share...
+    await wait_for(no_leader, HANDOVER_BOUND_S, "the cut-off leader steps down")
+    # ...while every replica keeps routing what it last saw.
+    for replica in cluster.replicas:
+        assert (await chat(replica)).engine_id == "e1"
+    with pytest.raises(grpc.aio.AioRpcError) as place:
+        await cluster.replicas[0].stub.PlaceEngine(pb.PlaceEngineRequest())
+    assert place.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "has not reached etcd" in (place.value.details() or "")
+
+    cluster.members.start(0)
+    cluster.members.wait_healthy()
+
+    async def one_leader_again() -> bool:
+        return await leaders() == 1
+
+    await wait_for(one_leader_again, 15, "a leader once etcd is back")
+    for replica in cluster.replicas:
+        assert (await chat(replica)).engine_id == "e1"
+        assert (await replica.status()).replicas == 2
+
+
 async def _above(replica: Replica, name: str, floor: float) -> bool:
     return await replica.metric(name) >= floor
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 from sage.common.exceptions import SageError
 
@@ -33,10 +34,21 @@ class KeptLease:
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self.regrants = 0  # how many times the lease was lost and granted again
+        # When the last grant or refresh that etcd confirmed was sent: the lease lives at
+        # least until then + ttl_s (see `held`).
+        self.refreshed_at = 0.0
+
+    def held(self) -> bool:
+        """True while the lease is surely alive: confirmed less than ttl_s ago. A process
+        cut off from etcd stops believing it holds the lease (and what hangs off it, such as
+        leadership) by the time etcd expires it for everyone else."""
+        return self.lease_id != 0 and time.monotonic() - self.refreshed_at < self.ttl_s
 
     async def start(self) -> None:
         """Grant the lease (raises when no member answers) and start refreshing it."""
+        sent = time.monotonic()
         self.lease_id = await self.client.grant(self.ttl_s)
+        self.refreshed_at = sent
         self._task = asyncio.create_task(self._refresh(), name=f"etcd-lease-{self.name}")
 
     async def put(self, key: str | bytes, value: bytes) -> None:
@@ -61,6 +73,7 @@ class KeptLease:
         interval = max(0.5, self.ttl_s / 3)
         while True:
             await asyncio.sleep(interval)
+            sent = time.monotonic()
             try:
                 ttl = await self.client.keepalive(self.lease_id)
             except (SageError, OSError) as exc:
@@ -70,6 +83,7 @@ class KeptLease:
                 log.warning("lease %s (%x): refresh failed: %r", self.name, self.lease_id, exc)
                 continue
             if ttl > 0:
+                self.refreshed_at = sent
                 continue
             try:
                 await self._regrant()
@@ -79,7 +93,9 @@ class KeptLease:
     async def _regrant(self) -> None:
         async with self._lock:
             old = self.lease_id
+            sent = time.monotonic()
             self.lease_id = await self.client.grant(self.ttl_s)
+            self.refreshed_at = sent
             self.regrants += 1
             log.warning(
                 "lease %s (%x) expired; granted %x and wrote %d keys again",
