@@ -259,11 +259,15 @@ class SchedulerReplicas:
             delay = min(delay * 2, self.max_backoff_s)
 
     async def _answers(self, replica: Replica) -> bool:
+        """Whether `replica` is back: it answers, and (etcd mode) has listed the engines
+        from etcd; until then it would refuse every request."""
         try:
-            await replica.stub.GetStatus(spb.GetStatusRequest(), timeout=self.probe_timeout_s)
+            status = await replica.stub.GetStatus(
+                spb.GetStatusRequest(), timeout=self.probe_timeout_s
+            )
         except grpc.RpcError as exc:
             return not transport_failure(exc) and exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED
-        return True
+        return bool(status.synced)
 
     def release(self, replica: Replica) -> None:
         replica.outstanding -= 1

@@ -195,17 +195,30 @@ async def test_killing_a_replica_under_load_fails_no_request_and_it_is_used_agai
         assert (await _chat(client, n)).status_code == 200
     assert all(count > 0 for count in await plane.served()), await plane.served()
 
-    # 200 requests, 16 at a time; one replica is stopped hard after the first 40.
-    total, done, failures = 200, 0, []
+    # 200 requests (every fourth streamed), 16 at a time; one replica is stopped hard
+    # after the first 40.
+    total, done = 200, 0
+    failures: list[Any] = []
     todo = iter(range(total))
     killed = asyncio.Event()
 
     async def worker() -> None:
         nonlocal done
         for n in todo:
-            resp = await _chat(client, n)
-            if resp.status_code != 200 or "choices" not in resp.json():
-                failures.append((resp.status_code, resp.text))
+            if n % 4 == 0:
+                body = {"model": "sim", "messages": [{"role": "user", "content": f"q{n}"}]}
+                events = await _stream(client, "/v1/chat/completions", {**body, "max_tokens": 8})
+                text = "".join(
+                    c["choices"][0]["delta"].get("content") or ""
+                    for c in events[:-1]
+                    if c.get("choices")
+                )
+                if events[-1] != "[DONE]" or text != expected_text(f"q{n}", 8):
+                    failures.append(events)
+            else:
+                resp = await _chat(client, n)
+                if resp.status_code != 200 or "choices" not in resp.json():
+                    failures.append((resp.status_code, resp.text))
             done += 1
             if done == 40 and not killed.is_set():
                 killed.set()
@@ -217,6 +230,10 @@ async def test_killing_a_replica_under_load_fails_no_request_and_it_is_used_agai
     # Requests under way on the stopped replica went to the other one.
     assert await plane.metric("sage:edge_scheduler_failovers_total", kind="unary") >= 1
     assert await plane.metric("sage:edge_scheduler_replicas", state="down") == 1
+    # Status and the model list come from the live replica, whichever the edge tries first.
+    for _ in range(4):
+        assert (await client.get("/health")).json()["status"] == "ok"
+        assert [m["id"] for m in (await client.get("/v1/models")).json()["data"]] == ["sim"]
 
     # Back on its port, it is probed, marked up and takes requests again.
     await plane.restart(plane.replicas[0])
@@ -231,7 +248,7 @@ async def test_killing_a_replica_under_load_fails_no_request_and_it_is_used_agai
 
 
 async def _stream(
-    client: httpx.AsyncClient, path: str, body: dict[str, Any], on_chunk: Any
+    client: httpx.AsyncClient, path: str, body: dict[str, Any], on_chunk: Any = None
 ) -> list[Any]:
     """POST a streamed request; every SSE data payload, parsed ([DONE] as the string)."""
     events: list[Any] = []
@@ -241,7 +258,8 @@ async def _stream(
             if line.startswith("data: "):
                 data = line[6:]
                 events.append("[DONE]" if data == "[DONE]" else orjson.loads(data))
-                await on_chunk(events)
+                if on_chunk is not None:
+                    await on_chunk(events)
     return events
 
 
