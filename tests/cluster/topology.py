@@ -6,8 +6,10 @@
     node-b      node agent: gpu_manager (1 simulated 80 GiB GPU) + lifecycle
 
 Every service runs as `python -m sage.services.<name>` inside its host, bound to the host's
-address, with SAGE_ETCD_ENDPOINTS naming the three members. Engines are sims started through
-an edge's management API, so lifecycle runs them inside its node. The test process sits on
+address, with SAGE_ETCD_ENDPOINTS naming the three members and nothing else pointing one
+host at another: agents, schedulers and edges find each other through etcd. Engines (sims,
+and the bundled embedding engine on a simulated GPU) are started through an edge's
+management API, so lifecycle runs them inside its node. The test process sits on
 the same bridge (netns.Network) and dials every host directly.
 """
 
@@ -62,7 +64,7 @@ ADMIN_KEY = "sk-cluster-faults-admin"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 # The lease TTL the cluster runs with: a dead agent's engines leave routing within it.
 LEASE_TTL_S = 4
-# The autoscaled model: min = max = 2 replicas, copied on node-a (SAGE_LIFECYCLE_ADDR).
+# The autoscaled model: min = max = 2 replicas (copies start where a replica runs: node-a).
 AUTO_MODEL, AUTO_REPLICAS = "sim-auto", 2
 
 # The bundled embedding model, served by our embedding engine on a simulated GPU (computing
@@ -155,10 +157,8 @@ class Cluster:
                 "SAGE_DISABLE_NVML": "1",
                 "SAGE_RPC_TIMEOUT_S": "5",
                 "SAGE_REQUEST_TIMEOUT_S": "20",
-                # Before etcd mode: the agents' heartbeat path, to cp-1's scheduler.
-                "SAGE_SCHEDULER_ADDR": self.addr("cp-1", "scheduler"),
+                # How often an agent checks whether its node report changed.
                 "SAGE_NODE_HEARTBEAT_S": "0.5",
-                "SAGE_NODE_TIMEOUT_S": "2.5",
                 **{PORT_ENV[s]: str(p) for s, p in PORTS.items()},
             }
         )
@@ -170,15 +170,10 @@ class Cluster:
                 "SAGE_HOST": host.addr,
                 "SAGE_ADVERTISE_HOST": host.addr,
                 "SAGE_NODE_ID": name,
-                # Each edge and scheduler starts from its own host's scheduler.
-                "SAGE_SCHEDULER_ADDR": self.addr(name, "scheduler"),
                 "SAGE_AUTOSCALE": f"{AUTO_MODEL}:{AUTO_REPLICAS}:{AUTO_REPLICAS}",
                 "SAGE_AUTOSCALE_INTERVAL_S": "0.5",
                 "SAGE_AUTOSCALE_COOLDOWN_S": "1",
                 "SAGE_AUTOSCALE_IDLE_S": "3600",
-                # The autoscaler copies replicas through node-a's lifecycle.
-                "SAGE_LIFECYCLE_ADDR": self.addr("node-a", "lifecycle"),
-                "SAGE_GPU_MANAGER_ADDR": self.addr("node-a", "gpu_manager"),
             }
             for service in CP_SERVICES:
                 self._define(host, service, env)
