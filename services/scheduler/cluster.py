@@ -53,12 +53,14 @@ FORWARDED_BY = "x-sage-forwarded-by"
 _WILDCARD = ("", "0.0.0.0", "::", "[::]")
 
 
-def advertised_address(settings: SageSettings, port: int) -> str:
+def advertised_address(settings: SageSettings, port: int, bind_host: str | None = None) -> str:
     """host:port other hosts reach this replica at: SAGE_ADVERTISE_HOST, else the bind host
-    (the hostname when bound to a wildcard address, which no other host can dial)."""
+    (`--host`, else SAGE_HOST; the hostname when it is a wildcard address, which no other
+    host can dial)."""
     host = settings.cluster.advertise_host
     if not host:
-        host = socket.gethostname() if settings.host in _WILDCARD else settings.host
+        bound = settings.host if bind_host is None else bind_host
+        host = socket.gethostname() if bound in _WILDCARD else bound
     return f"{host}:{port}"
 
 

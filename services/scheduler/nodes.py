@@ -66,6 +66,7 @@ class Node:
     reason: str = ""
     last_seen: float = 0.0
     static: bool = False
+    leased: bool = False  # from etcd: alive while the agent's lease (its key) is
 
     @property
     def node_id(self) -> str:
@@ -200,6 +201,7 @@ class NodeTable:
                 problem,
                 last_seen=now,
                 static=static or (entry is not None and entry.node.static),
+                leased=from_store,
             )
             if entry is None:
                 entry = self._nodes[report.node_id] = _Entry(node)
@@ -271,7 +273,10 @@ class NodeTable:
             return sorted((e.node for e in self._nodes.values()), key=lambda n: n.node_id)
 
     def seconds_since_seen(self, node: Node) -> float:
-        """How long ago the node last reported (inf when never)."""
+        """How long ago the node last reported (inf when never); a node known from etcd
+        whose key exists is alive now (its agent re-puts the key only on change)."""
+        if node.leased and node.state is not NodeState.DOWN:
+            return 0.0
         return self._clock() - node.last_seen if node.last_seen else float("inf")
 
     def engine_count(self, node_id: str) -> int:

@@ -162,7 +162,7 @@ def build_scheduler(settings: SageSettings, addr: str | None = None) -> Schedule
         ],
     )
 
-    servicer.address = advertised_address(settings, port)
+    servicer.address = advertised_address(settings, port, addr.rsplit(":", 1)[0] if addr else None)
     server.on_drain(servicer.mux.drain)
 
     replica: EtcdReplica | None = None

@@ -216,6 +216,7 @@ async def test_engines_from_etcd_route_on_every_replica_and_leave_with_their_nod
     for replica in cluster.replicas:
         await wait_for(partial(_has, replica, "e1", ready), 5, "e1 back in routing")
         assert list(await replica.engines()) == ["e1"]
+        assert (await replica.nodes())["n1"].last_seen_s_ago == 0.0  # the lease is alive
         assert (await chat(replica)).engine_id == "e1"
 
     # An engine key deleted (the engine stopped): gone from every replica.
