@@ -42,15 +42,22 @@ def netns_unavailable() -> str:
     if shutil.which("ip") is None:
         return "iproute2 (`ip`) is not installed"
     probe = f"sage-probe-{uuid.uuid4().hex[:6]}"
+    steps = (
+        ["ip", "netns", "add", probe],
+        ["ip", "netns", "exec", probe, "true"],
+        ["ip", "-n", probe, "link", "add", "br0", "type", "bridge"],
+        ["ip", "-n", probe, "link", "add", "v0", "type", "veth", "peer", "name", "v1"],
+    )
     try:
-        made = subprocess.run(
-            ["ip", "netns", "add", probe], capture_output=True, timeout=IP_TIMEOUT_S
-        )
-    except subprocess.TimeoutExpired:
-        return "`ip netns add` hangs here"
-    if made.returncode != 0:
-        return f"`ip netns add` fails here: {made.stderr.decode().strip()}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=IP_TIMEOUT_S)
+        for step in steps:
+            try:
+                done = subprocess.run(step, capture_output=True, timeout=IP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                return f"`{' '.join(step[:3])} ...` hangs here"
+            if done.returncode != 0:
+                return f"`{' '.join(step)}` fails here: {done.stderr.decode().strip()}"
+    finally:
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=IP_TIMEOUT_S)
     return ""
 
 
