@@ -80,13 +80,17 @@ class Replica:
         self.outstanding = 0  # requests on it now
         self.down = False
         self.retired = False  # no longer listed: closed once its requests are done
+        self.closed = False
         self.probe: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"Replica({self.addr!r}, down={self.down}, outstanding={self.outstanding})"
 
     async def close(self) -> None:
-        """End its call and channel."""
+        """End its call and channel (once); requests still on it fail as calls lost."""
+        if self.closed:
+            return
+        self.closed = True
         if self.probe is not None:
             self.probe.cancel()
         await self.mux.aclose()
@@ -104,8 +108,10 @@ class SchedulerReplicas:
         min_backoff_s: float = MIN_BACKOFF_S,
         max_backoff_s: float = MAX_BACKOFF_S,
         probe_timeout_s: float = 2.0,
+        retire_grace_s: float = 5.0,
     ) -> None:
         self._open_channel = open_channel
+        self.retire_grace_s = retire_grace_s
         self.min_backoff_s = min_backoff_s
         self.max_backoff_s = max_backoff_s
         self.probe_timeout_s = probe_timeout_s
@@ -116,6 +122,7 @@ class SchedulerReplicas:
         self._etcd: EtcdClient | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
         # Requests moved to another replica after their call broke: non-streamed, streams
         # before their first message, streams continued mid-way.
         self.failovers = {"unary": 0, "stream_start": 0, "stream": 0}
@@ -130,18 +137,25 @@ class SchedulerReplicas:
         log.info("scheduler replica added", extra={"addr": addr})
 
     def remove(self, addr: str) -> None:
-        """Stop sending requests to `addr`; its requests under way finish first."""
+        """Stop sending requests to `addr`. Its requests under way get `retire_grace_s` to
+        finish (a replica shutting down drains them); then its call is closed and what is
+        left moves to another replica, as from a dead one: its key went because it died or
+        was cut off from etcd, and a request must not wait out its deadline on it."""
         for replica in self.replicas:
             if replica.addr == addr:
                 self.replicas.remove(replica)
                 replica.retired = True
                 log.info("scheduler replica removed", extra={"addr": addr})
-                if replica.outstanding == 0:
-                    self._close_later(replica)
+                self._close_later(replica, 0.0 if replica.outstanding == 0 else self.retire_grace_s)
                 return
 
-    def _close_later(self, replica: Replica) -> None:
-        task = asyncio.get_running_loop().create_task(replica.close())
+    def _close_later(self, replica: Replica, after_s: float = 0.0) -> None:
+        async def close() -> None:
+            with contextlib.suppress(TimeoutError):  # the grace, cut short by our own close
+                await asyncio.wait_for(self._stopping.wait(), after_s)
+            await replica.close()
+
+        task = asyncio.get_running_loop().create_task(close())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
@@ -203,6 +217,7 @@ class SchedulerReplicas:
         for replica in replicas:
             replica.retired = True
             await replica.close()
+        self._stopping.set()  # retired replicas close now, without their grace
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
 
@@ -270,8 +285,9 @@ class SchedulerReplicas:
         return bool(status.synced)
 
     def release(self, replica: Replica) -> None:
+        """One request is done with `replica`; a retired one is closed after its last."""
         replica.outstanding -= 1
-        if replica.retired and replica.outstanding == 0:
+        if replica.retired and replica.outstanding == 0 and not replica.closed:
             self._close_later(replica)
 
     # -- requests -------------------------------------------------------------------------

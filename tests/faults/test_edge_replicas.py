@@ -360,3 +360,37 @@ async def test_replicas_follow_their_etcd_keys(plane: Plane) -> None:
         await _until(used_again)
     finally:
         await client.close()
+
+
+@pytest.mark.parametrize("plane", ["etcd"], indirect=True)
+async def test_a_stream_on_a_replica_whose_key_went_moves_after_the_grace(plane: Plane) -> None:
+    """A replica cut off from etcd (its key gone, the process still serving) keeps its
+    streams for the grace (5 s), then they continue on another replica rather than wait
+    out their deadline on a replica the cluster no longer counts."""
+    client = EtcdClient(plane.etcd_endpoints)
+    retired: list[int] = []
+
+    async def retire_after_five(events: list[Any]) -> None:
+        if len(events) == 6 and not retired:
+            for i, replica in enumerate(plane.replicas):
+                if (await replica.status()).in_flight > 0:
+                    await client.delete(f"{PREFIX}/schedulers/r{i}")
+                    retired.append(i)
+                    return
+
+    try:
+        body = {"model": "sim", "messages": MESSAGES, "max_tokens": 800}
+        events = await _stream(plane.http, "/v1/chat/completions", body, retire_after_five)
+    finally:
+        await client.close()
+
+    assert retired, "no replica was serving the stream"
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all("error" not in c for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert text == expected_text("tell me about fault tolerance", 800)
+    assert await plane.metric("sage:edge_scheduler_failovers_total", kind="stream") == 1
+    # The retired replica is alive; it finished nothing of this stream.
+    assert (await plane.replicas[retired[0]].status()).in_flight == 0
