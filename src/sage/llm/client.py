@@ -89,7 +89,9 @@ class SseStream(Iterator[ItemT]):
     arrive inside the stream raise while iterating. Close it (or use `with`) to stop early.
     """
 
-    def __init__(self, response: httpx.Response, state: SseState[ItemT], core: ClientCore[Any]):
+    def __init__(
+        self, response: httpx.Response, state: SseState[ItemT], core: ClientCore[Any]
+    ) -> None:
         self._response = response
         self._core = core
         self._lines = response.iter_lines()
