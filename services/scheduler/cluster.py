@@ -39,7 +39,7 @@ from sage.rpc.scheduler.v1 import scheduler_pb2_grpc as pb_grpc
 from .breaker import CircuitBreakers
 from .convert import node_report_from_pb, record_from_pb
 from .nodes import NodeTable
-from .registry import EngineRegistry
+from .registry import EngineRecord, EngineRegistry
 
 if TYPE_CHECKING:
     from sage.rpc.scheduler.v1.scheduler_pb2_grpc import SchedulerServiceAsyncStub
@@ -108,6 +108,8 @@ class EtcdReplica:
         self._task: asyncio.Task[None] | None = None
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._leader_since = 0.0
+        # Engines of the first listing, registered together once it is complete.
+        self._listing: list[EngineRecord] | None = None
         self.registry.unsynced = self._unsynced_reason()
 
     # -- state -------------------------------------------------------------------------
@@ -193,7 +195,13 @@ class EtcdReplica:
             (self.keys.schedulers, self._replica_put, self._replica_delete),
         ):
             mirror = PrefixMirror(self.client, prefix, on_put=on_put, on_delete=on_delete)
-            await mirror.start()
+            self._listing = [] if prefix == self.keys.engines else None
+            try:
+                await mirror.start()
+            finally:
+                listed, self._listing = self._listing, None
+            if listed:
+                self.registry.register_many(listed)
             self._mirrors.append(mirror)
         self._replicas = self._mirrors[-1]
         election = self.election = Election(
@@ -270,7 +278,11 @@ class EtcdReplica:
             if engine.engine_id != name:
                 raise ValueError(f"the record says it is engine {engine.engine_id!r}")
             record = self.nodes.admit_engine(record_from_pb(engine))
-            self.registry.register(record)
+            self.registry.validate(record)
+            if self._listing is not None:
+                self._listing.append(record)
+            else:
+                self.registry.register(record)
         except (DecodeError, ValueError, SageError) as exc:
             log.warning("ignored engine key %s%s in etcd: %s", self.keys.engines, name, exc)
             return

@@ -248,10 +248,12 @@ class NodeTable:
     def _restore(self, entry: _Entry, alive: set[str]) -> None:
         # Only engines still in the DRAINING this table set: one drained or stopped on
         # purpose since then keeps its state.
-        states = {r.engine_id: r.state for r in self.registry.engines()}
-        for engine_id in sorted(entry.drained & alive):
-            if states.get(engine_id) is EngineState.DRAINING:
-                self.registry.set_state(engine_id, EngineState.READY)
+        back = entry.drained & alive
+        if back:  # most reports restore nothing: no pass over every engine for them
+            states = {r.engine_id: r.state for r in self.registry.engines()}
+            for engine_id in sorted(back):
+                if states.get(engine_id) is EngineState.DRAINING:
+                    self.registry.set_state(engine_id, EngineState.READY)
         entry.drained -= alive
 
     def admit_engine(self, record: EngineRecord) -> EngineRecord:

@@ -136,8 +136,9 @@ class EngineRegistry:
         # retries on another replica, not a 404 that says the model does not exist.
         self.unsynced = ""
 
-    def register(self, record: EngineRecord) -> bool:
-        """Add or replace an engine; returns True when it replaced one with the same id."""
+    @staticmethod
+    def validate(record: EngineRecord) -> None:
+        """Raise InvalidRequestError naming the field when `record` cannot be routed to."""
         if not record.engine_id:
             raise InvalidRequestError("engine_id must not be empty", param="engine.engine_id")
         if not record.model:
@@ -152,12 +153,32 @@ class EngineRegistry:
             raise InvalidRequestError(
                 f"base_url must be an http(s) URL, got {record.base_url!r}", param="engine.base_url"
             )
+
+    def register(self, record: EngineRecord) -> bool:
+        """Add or replace an engine; returns True when it replaced one with the same id."""
+        self.validate(record)
         with self._lock:
             old = self._engines.get(record.engine_id)
             self._engines[record.engine_id] = replace(record, base_url=record.base_url.rstrip("/"))
             self._catalogue_adapters(old, record)
             self._reindex()
         return old is not None
+
+    def register_many(self, records: Iterable[EngineRecord]) -> int:
+        """Add or replace validated engines with one reindex, not one each (an etcd
+        listing of thousands would otherwise cost time quadratic in their number); how
+        many replaced one."""
+        replaced = 0
+        with self._lock:
+            for record in records:
+                old = self._engines.get(record.engine_id)
+                self._engines[record.engine_id] = replace(
+                    record, base_url=record.base_url.rstrip("/")
+                )
+                self._catalogue_adapters(old, record)
+                replaced += old is not None
+            self._reindex()
+        return replaced
 
     def _catalogue_adapters(self, old: EngineRecord | None, new: EngineRecord) -> None:
         """Learn the adapters `new` lists; forget those it dropped that no engine has."""
