@@ -295,8 +295,21 @@ class EtcdReplica:
         log.info("engine %s left routing (its etcd key is gone)", name)
 
     def _replica_put(self, name: str, value: bytes) -> None:
-        if name != self.instance:
-            log.info("scheduler replica %s at %s joined", name, value.decode(errors="replace"))
+        if name == self.instance:
+            return
+        address = value.decode(errors="replace")
+        if address == self.address:
+            # Followers forward placement to the leader's address: two replicas behind one
+            # address cannot be told apart (network namespaces share a hostname, say).
+            log.error(
+                "scheduler replica %s advertises %s too, as this one (%s) does: set "
+                "SAGE_ADVERTISE_HOST (or bind each to its own address)",
+                name,
+                address,
+                self.instance,
+            )
+            return
+        log.info("scheduler replica %s at %s joined", name, address)
 
     def _replica_delete(self, name: str, value: bytes) -> None:
         log.warning("scheduler replica %s at %s left", name, value.decode(errors="replace"))
