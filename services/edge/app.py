@@ -82,7 +82,8 @@ log = logging.getLogger("sage.edge")
 class Upstreams:
     """gRPC stubs the edge calls; channels are opened on the server's own event loop."""
 
-    # Calls any scheduler replica may answer (management, status, tokenize).
+    # Calls any scheduler replica may answer: management and status (one replica while it
+    # lives), and tokenize/rerank/score (`requests`: spread over the replicas).
     scheduler: SchedulerServiceAsyncStub
     lifecycle: LifecycleServiceAsyncStub
     gpu: GpuManagerServiceAsyncStub
@@ -90,6 +91,7 @@ class Upstreams:
     # Chat, completions and embeddings go over one Multiplex call per scheduler replica
     # (mux.py), not a call each, and move off a replica that dies (replicas.py).
     generation: SchedulerReplicas
+    requests: SchedulerServiceAsyncStub
 
     async def close(self) -> None:
         """Close every channel."""
@@ -110,6 +112,7 @@ def open_upstreams(settings: SageSettings) -> Upstreams:
         gpu_manager_pb2_grpc.GpuManagerServiceStub(gpu),
         (life, gpu),
         replicas,
+        any_replica(replicas, spread=True),
     )
 
 
@@ -465,7 +468,7 @@ def create_app(
             options = None if key is None else request_options(key)
             with rpc_errors_as_sage():
                 reply = await request.unless_disconnected(
-                    getattr(up().scheduler, rpc)(
+                    getattr(up().requests, rpc)(
                         message(model=model, body=body, options=options), timeout=timeout
                     )
                 )

@@ -249,6 +249,13 @@ class SchedulerReplicas:
                 best = replica
         return best
 
+    def first(self, tried: set[Replica]) -> Replica | None:
+        """The first healthy replica in listing order not yet tried (else the first down
+        one): status and metrics keep coming from one replica while it lives, so the
+        scheduler's counters on the edge's /metrics do not jump between replicas."""
+        untried = [r for r in self.replicas if r not in tried]
+        return next((r for r in untried if not r.down), untried[0] if untried else None)
+
     def mark_down(self, replica: Replica, exc: BaseException) -> None:
         """Send no requests to `replica` (while another is up) until a probe answers."""
         if replica.down or replica.retired:
@@ -424,19 +431,22 @@ def _rewritten(resume: StreamContinuation, batch: list[Any]) -> list[Any]:
 
 
 class _AnyReplica:
-    """A scheduler stub whose unary calls go to a healthy replica, moving on to another
-    when one cannot be reached (management, status, metrics, tokenize)."""
+    """A scheduler stub whose unary calls go to a healthy replica (management, status and
+    metrics: the same one while it lives; tokenize, rerank, score: spread), moving on to
+    another when one cannot be reached."""
 
-    def __init__(self, replicas: SchedulerReplicas) -> None:
+    def __init__(self, replicas: SchedulerReplicas, spread: bool) -> None:
         self._replicas = replicas
+        self._spread = spread
 
     def __getattr__(self, rpc: str) -> Callable[..., Any]:
         replicas = self._replicas
+        choose = replicas.pick if self._spread else replicas.first
 
         async def call(request: Any, **kwargs: Any) -> Any:
             tried: set[Replica] = set()
             last: BaseException | None = None
-            while (replica := replicas.pick(tried)) is not None:
+            while (replica := choose(tried)) is not None:
                 tried.add(replica)
                 replica.outstanding += 1
                 try:
@@ -458,9 +468,10 @@ class _AnyReplica:
         return call
 
 
-def any_replica(replicas: SchedulerReplicas) -> SchedulerServiceAsyncStub:
-    """A stub for calls any replica may answer (see _AnyReplica)."""
-    return cast("SchedulerServiceAsyncStub", _AnyReplica(replicas))
+def any_replica(replicas: SchedulerReplicas, spread: bool = False) -> SchedulerServiceAsyncStub:
+    """A stub for calls any replica may answer (see _AnyReplica); `spread`: each call on
+    the least busy replica, as requests are, instead of the same one."""
+    return cast("SchedulerServiceAsyncStub", _AnyReplica(replicas, spread))
 
 
 def scheduler_addresses(settings: SageSettings) -> list[str]:

@@ -190,10 +190,14 @@ async def test_killing_a_replica_under_load_fails_no_request_and_it_is_used_agai
     plane: Plane, no_leaked_children: None
 ) -> None:
     client = plane.http
-    # Both replicas take requests.
+    # Both replicas take requests; the scheduler's counters on the edge's /metrics come
+    # from one of them, so they only grow.
+    seen: list[float] = []
     for n in range(20):
         assert (await _chat(client, n)).status_code == 200
+        seen.append(await plane.metric("sage:scheduler_requests_total", status="ok"))
     assert all(count > 0 for count in await plane.served()), await plane.served()
+    assert seen == sorted(seen) and seen[-1] > 0, seen
 
     # 200 requests (every fourth streamed), 16 at a time; one replica is stopped hard
     # after the first 40.
@@ -230,10 +234,13 @@ async def test_killing_a_replica_under_load_fails_no_request_and_it_is_used_agai
     # Requests under way on the stopped replica went to the other one.
     assert await plane.metric("sage:edge_scheduler_failovers_total", kind="unary") >= 1
     assert await plane.metric("sage:edge_scheduler_replicas", state="down") == 1
-    # Status and the model list come from the live replica, whichever the edge tries first.
+    # Status, the model list and tokenize come from the live replica, whichever the edge
+    # tries first.
     for _ in range(4):
         assert (await client.get("/health")).json()["status"] == "ok"
         assert [m["id"] for m in (await client.get("/v1/models")).json()["data"]] == ["sim"]
+        tokens = await client.post("/tokenize", json={"model": "sim", "prompt": "a b"})
+        assert tokens.status_code == 200 and tokens.json()["tokens"], tokens.text
 
     # Back on its port, it is probed, marked up and takes requests again.
     await plane.restart(plane.replicas[0])
