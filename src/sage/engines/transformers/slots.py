@@ -95,9 +95,11 @@ class SlotBatch:
     and the decode pass over them, eager or as CUDA graphs.
 
     Sized by the engine's KV budget: `columns` is the widest sequence's reserve (prompt +
-    max_tokens) rounded up to a power of two, `slots` as many rows of it as the budget holds
-    (at most max_num_seqs, at least the rows running). Growing past either reallocates
-    (rows kept) and drops the graphs, which are captured again on first use.
+    max_tokens) rounded up to a power of two (fewer reallocations as widths vary) where the
+    budget still holds the rows at that width, `slots` as many rows as the budget holds (at
+    most max_num_seqs, at least the rows running); so slots x columns stays within the
+    budget that lifecycle reserves memory for. Growing past either reallocates (rows kept)
+    and drops the graphs, which are captured again on first use.
     """
 
     def __init__(
@@ -139,7 +141,8 @@ class SlotBatch:
             return
         torch = self._torch
         columns = max(_MIN_COLUMNS, 1 << max(0, widest - 1).bit_length())
-        columns = max(widest, min(columns, self._max_columns))
+        # The admission rule keeps rows x widest within the budget: never round past it.
+        columns = max(widest, min(columns, self._max_columns, self._budget // rows))
         slots = max(rows, min(self._max_rows, self._budget // columns))
         layout = self.layout
         kv = torch.zeros(
