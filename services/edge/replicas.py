@@ -52,6 +52,9 @@ log = logging.getLogger("sage.edge.replicas")
 # each failed probe, at most MAX_BACKOFF_S.
 MIN_BACKOFF_S: Final = 0.25
 MAX_BACKOFF_S: Final = 4.0
+# Batches of a stream kept as they came, in case its replica dies (see _FirstLeg): a few
+# hundred KiB of chunks.
+RETAIN_BATCHES: Final = 1024
 _STREAM_REPLY: Final = {
     "chat_stream": spb.ChatStreamResponse,
     "complete_stream": spb.CompleteStreamResponse,
@@ -347,8 +350,8 @@ class SchedulerReplicas:
         tried: set[Replica] = set()
         last: BaseException | None = None
         started = False  # the client was sent something
-        sent: list[list[Any]] = []  # what the first replica sent, read only if it dies
-        resume: StreamContinuation | None = None
+        first = _FirstLeg(kind, message)
+        resume: StreamContinuation | None = None  # set once another replica continues
         request = message
         while (replica := self.pick(tried)) is not None:
             remaining = self._remaining(deadline, timeout_s, last)
@@ -361,7 +364,7 @@ class SchedulerReplicas:
                     async for batch in messages:
                         started = True
                         if resume is None:
-                            sent.append(batch)
+                            first.add(batch)
                             yield batch
                             continue
                         rewritten = _rewritten(resume, batch)
@@ -385,15 +388,9 @@ class SchedulerReplicas:
                 )
                 continue
             if resume is None:
-                resume = _continuation(kind, message)
+                resume = first.continuation()
                 if resume is None:
                     raise lost
-                for batch in sent:
-                    for m in batch:
-                        resume.absorb(m.data)
-                        for chunk in m.more:
-                            resume.absorb(chunk)
-                sent = []  # accounted for: no longer needed
             if resume.finished:
                 return  # the client had the whole reply; only the end was lost
             if resume.exhausted:
@@ -408,6 +405,55 @@ class SchedulerReplicas:
             request.CopyFrom(message)
             request.body = resume.continuation()
         raise self._none_left(last)
+
+
+class _FirstLeg:
+    """What the first replica sent of a stream, for continuing it if that replica dies.
+
+    Kept as it came while small and read only then, so a stream that ends normally (nearly
+    all) pays nothing but a list append per batch; past RETAIN_BATCHES it is accounted as
+    it goes instead, so a long reply is not held twice.
+    """
+
+    __slots__ = ("batches", "kind", "message", "resumable", "tracker")
+
+    def __init__(self, kind: str, message: Any) -> None:
+        self.kind = kind
+        self.message = message
+        self.batches: list[list[Any]] = []
+        self.tracker: StreamContinuation | None = None
+        self.resumable = True  # until the request turns out not to be continuable
+
+    def add(self, batch: list[Any]) -> None:
+        """Note one batch the client is sent."""
+        if self.tracker is not None:
+            _absorb(self.tracker, batch)
+        elif self.resumable:
+            self.batches.append(batch)
+            if len(self.batches) > RETAIN_BATCHES:
+                self._account()
+
+    def _account(self) -> None:
+        self.tracker = _continuation(self.kind, self.message)
+        self.resumable = self.tracker is not None
+        if self.tracker is not None:
+            for batch in self.batches:
+                _absorb(self.tracker, batch)
+        self.batches = []
+
+    def continuation(self) -> StreamContinuation | None:
+        """The tracker of what the client was sent; None when the reply cannot be
+        continued."""
+        if self.tracker is None and self.resumable:
+            self._account()
+        return self.tracker
+
+
+def _absorb(tracker: StreamContinuation, batch: list[Any]) -> None:
+    for m in batch:
+        tracker.absorb(m.data)
+        for chunk in m.more:
+            tracker.absorb(chunk)
 
 
 def _continuation(kind: str, message: Any) -> StreamContinuation | None:

@@ -25,6 +25,7 @@ from sage.common.http.testing import quiet_server, serve_in_task
 from sage.engines.sim import expected_text
 from sage.rpc.common.v1 import common_pb2
 from sage.rpc.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
+from sage.services.edge import replicas as edge_replicas
 from sage.services.edge.app import create_app
 from sage.services.scheduler.server import build_server as build_scheduler
 from tests.conftest import SimFactory
@@ -279,9 +280,12 @@ async def _stop_busy(plane: Plane) -> Replica:
     raise AssertionError("no replica was serving the stream")
 
 
+@pytest.mark.parametrize("first_leg", ["kept", "accounted"])
 async def test_stream_under_way_on_a_killed_replica_continues_on_the_other(
-    plane: Plane,
+    plane: Plane, first_leg: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    if first_leg == "accounted":  # as for a long reply: accounted chunk by chunk
+        monkeypatch.setattr(edge_replicas, "RETAIN_BATCHES", 1)
     stopped: list[Replica] = []
 
     async def stop_after_five(events: list[Any]) -> None:
