@@ -160,6 +160,10 @@ class EtcdClient:
                 # Fail fast to the next member instead of waiting out a reconnect backoff.
                 ("grpc.initial_reconnect_backoff_ms", 200),
                 ("grpc.max_reconnect_backoff_ms", 2_000),
+                # Channels to one address share a subchannel (and its backoff) across a
+                # process by default: a new client after an outage inherited the old
+                # refusal for up to 2 s. A pool of its own starts fresh.
+                ("grpc.use_local_subchannel_pool", 1),
             ]
             creds = self._tls.credentials()
             channel = (
