@@ -11,7 +11,7 @@ import logging
 import socket
 import uuid
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import grpc
 
@@ -188,6 +188,12 @@ def report_changed(old: common_pb2.NodeReport | None, new: common_pb2.NodeReport
     return a.SerializeToString(deterministic=True) != b.SerializeToString(deterministic=True)
 
 
+# How long a drained engine stays DRAINING in etcd before its key goes: well above the
+# put-to-routed latency of a replica's watch (ms; bench/etcd_scale.py), so no replica sends
+# it new work after lifecycle starts counting its requests down.
+DRAIN_NOTICE_S: Final = 0.5
+
+
 class EtcdNodeAgent(NodeReporter):
     """This node in etcd (etcd mode): one lease (TTL etcd_lease_ttl_s) holds nodes/<node id>
     (the NodeReport) and engines/<engine id> (common.v1.Engine) for each ready engine.
@@ -238,10 +244,20 @@ class EtcdNodeAgent(NodeReporter):
         await self._sync_now()
 
     async def withdraw(self, engine_id: str, drain_timeout_s: float = 0.0) -> None:
-        """Take an engine out of routing (delete engines/<id>). Schedulers drain what they
-        routed to it on their own when the key goes; `drain_timeout_s` is not waited here
-        (lifecycle's stop drains the engine itself afterwards)."""
+        """Take an engine out of routing (delete engines/<id>).
+
+        With a drain, the key is first written DRAINING and left so for a moment: every
+        scheduler replica then stops sending it new work while what it routed there runs
+        on, instead of the engine vanishing from routing with requests on their way
+        (lifecycle's stop then waits for the engine's own count to reach zero)."""
         key = self._engine_key(engine_id)
+        current = self._want.get(key)
+        if drain_timeout_s > 0 and current is not None:
+            engine = common_pb2.Engine.FromString(current)
+            engine.state = common_pb2.ENGINE_STATE_DRAINING
+            self._want[key] = engine.SerializeToString(deterministic=True)
+            await self._sync_now()
+            await asyncio.sleep(min(drain_timeout_s, DRAIN_NOTICE_S))
         self._want.pop(key, None)
         if key not in self._have:
             self._stale.add(key)

@@ -470,3 +470,36 @@ async def test_a_quick_restart_takes_over_the_old_keys_and_drops_a_dead_engines(
     assert list(await etcd_view.engines()) == [alive.engine_id]
     assert await etcd_view.node() is not None
     assert (await etcd_view.registry())[dead.engine_id]["state"] == "failed"
+
+
+async def test_a_drained_stop_shows_the_engine_draining_before_its_key_goes(
+    settings: SageSettings,
+    etcd: EtcdMembers,
+    keys: ClusterKeys,
+    etcd_view: Etcd,
+    lifecycles: Callable[[SageSettings], Awaitable[Any]],
+) -> None:
+    """Schedulers must stop sending new work before the engine is counted down and
+    killed: the key turns DRAINING first, and only then goes."""
+    stub = await lifecycles(node_settings(settings, etcd.endpoints, keys, etcd_lease_ttl_s=60))
+    engine = await start_sim(stub)
+    _, revision = await etcd_view.client.get_prefix(keys.engines)
+    seen: list[tuple[str, int]] = []
+
+    async def follow() -> None:
+        async for batch in etcd_view.client.watch_prefix(
+            keys.engine(engine.engine_id), start_revision=revision + 1
+        ):
+            for event in batch:
+                if event.deleted:
+                    seen.append(("delete", 0))
+                    return
+                seen.append(("put", common_pb2.Engine.FromString(event.value).state))
+
+    watcher = asyncio.create_task(follow())
+    await stub.StopEngine(
+        pb.StopEngineRequest(engine_id=engine.engine_id, drain=True, drain_timeout_s=10),
+        timeout=30,
+    )
+    await asyncio.wait_for(watcher, 10)
+    assert seen == [("put", common_pb2.ENGINE_STATE_DRAINING), ("delete", 0)]
