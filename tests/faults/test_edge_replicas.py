@@ -18,7 +18,7 @@ import orjson
 import pytest
 
 from sage.common.config.settings import SageSettings
-from sage.common.etcd import EtcdClient
+from sage.common.etcd import ClusterKeys, EtcdClient, KeptLease
 from sage.common.etcd.testing import EtcdMembers, etcd_binary
 from sage.common.grpc import SageServer, create_channel
 from sage.common.http.testing import quiet_server, serve_in_task
@@ -27,6 +27,8 @@ from sage.rpc.common.v1 import common_pb2
 from sage.rpc.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 from sage.services.edge import replicas as edge_replicas
 from sage.services.edge.app import create_app
+from sage.services.scheduler.server import SchedulerApp
+from sage.services.scheduler.server import build_scheduler as build_scheduler_app
 from sage.services.scheduler.server import build_server as build_scheduler
 from tests.conftest import SimFactory
 
@@ -405,3 +407,158 @@ async def test_a_stream_on_a_replica_whose_key_went_moves_after_the_grace(plane:
     assert await plane.metric("sage:edge_scheduler_failovers_total", kind="stream") == 1
     # The retired replica is alive; it finished nothing of this stream.
     assert (await plane.replicas[retired[0]].status()).in_flight == 0
+
+
+async def test_edge_over_etcd_mode_schedulers_survives_a_crashed_replica(
+    no_leaked_children: None,
+    settings: SageSettings,
+    sim_engine: SimFactory,
+    port_factory: Callable[[], int],
+    tmp_path: Path,
+) -> None:
+    """The whole etcd mode: two scheduler replicas register themselves in etcd and learn
+    the engines a node agent published there; the edge learns the replicas from etcd. One
+    replica crashes under load (its lease left to expire): no request fails, the edge drops
+    it once its key expires and takes up a replica started afterwards."""
+    if etcd_binary() is None:
+        pytest.skip("etcd is not installed")
+    etcd = EtcdMembers(tmp_path / "etcd")
+    etcd.start()
+    etcd.wait_healthy()
+    keys = ClusterKeys()
+    client = EtcdClient(etcd.endpoints)
+    agent = KeptLease(client, 2, name="agent-n1")
+    await agent.start()
+    cluster = settings.model_copy(
+        update={
+            "etcd_endpoints": etcd.endpoints,
+            "etcd_lease_ttl_s": 2,
+            "lifecycle_addr": "127.0.0.1:1",
+        }
+    )
+    apps: list[SchedulerApp] = []
+    channels: list[grpc.aio.Channel] = []
+    edge_task: asyncio.Task[None] | None = None
+    server: Any = None
+    http: httpx.AsyncClient | None = None
+
+    async def start_scheduler() -> Any:
+        home = tmp_path / f"s{len(apps)}"
+        app = build_scheduler_app(cluster.model_copy(update={"home": home}), "127.0.0.1:0")
+        await app.server.start()
+        apps.append(app)
+        channel = create_channel(f"127.0.0.1:{app.port}")
+        channels.append(channel)
+        stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+
+        async def synced() -> bool:
+            return bool((await stub.GetStatus(scheduler_pb2.GetStatusRequest())).synced)
+
+        await _until(synced)
+        return stub
+
+    try:
+        urls = [
+            await asyncio.to_thread(sim_engine, "--ttft-ms", "10", "--tpot-ms", "10")
+            for _ in range(2)
+        ]
+        report = common_pb2.NodeReport(
+            node_id="n1", lifecycle_addr="127.0.0.1:1", engine_ids=["e0", "e1"]
+        )
+        await agent.put(keys.node("n1"), report.SerializeToString())
+        for i, url in enumerate(urls):
+            engine = common_pb2.Engine(
+                engine_id=f"e{i}",
+                model="sim",
+                kind=common_pb2.ENGINE_KIND_LLM,
+                base_url=url,
+                state=common_pb2.ENGINE_STATE_READY,
+                backend="sim",
+                node_id="n1",
+            )
+            await agent.put(keys.engine(f"e{i}"), engine.SerializeToString())
+        stubs = [await start_scheduler() for _ in range(2)]
+
+        port = port_factory()
+        edge_settings = cluster.model_copy(
+            update={"request_timeout_s": settings.request_timeout_s + 10.0}
+        )
+        server = quiet_server(create_app(edge_settings), port)
+        edge_task = await serve_in_task(server)
+        http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60)
+        plane = Plane(settings, urls, client=http)
+
+        async def replicas_up(n: int) -> bool:
+            return await plane.metric("sage:edge_scheduler_replicas", state="up") == n
+
+        await _until(lambda: replicas_up(2))
+
+        async def ready() -> bool:
+            for stub in stubs:
+                listed = await stub.ListEngines(scheduler_pb2.ListEnginesRequest())
+                if len(listed.engines) != 2:
+                    return False
+            return True
+
+        await _until(ready)
+
+        total, done = 120, 0
+        failures: list[Any] = []
+        todo = iter(range(total))
+
+        async def worker() -> None:
+            nonlocal done
+            for n in todo:
+                if n % 4 == 0:
+                    body = {"model": "sim", "messages": [{"role": "user", "content": f"q{n}"}]}
+                    events = await _stream(http, "/v1/chat/completions", {**body, "max_tokens": 8})
+                    text = "".join(
+                        c["choices"][0]["delta"].get("content") or ""
+                        for c in events[:-1]
+                        if c.get("choices")
+                    )
+                    if events[-1] != "[DONE]" or text != expected_text(f"q{n}", 8):
+                        failures.append(events)
+                else:
+                    resp = await _chat(http, n)
+                    if resp.status_code != 200:
+                        failures.append((resp.status_code, resp.text))
+                done += 1
+                if done == 30:
+                    crashed = apps[0]
+                    assert crashed.replica is not None
+                    await crashed.replica.aclose(revoke=False)  # its keys expire, as in a crash
+                    await crashed.server.stop(0)
+
+        await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(12))), 120)
+        assert done == total and failures == []
+
+        # Its key expires with its lease: the edge lists one replica, then a new one.
+        async def listed_only_the_live_one() -> bool:
+            down = await plane.metric("sage:edge_scheduler_replicas", state="down")
+            return down == 0 and await replicas_up(1)
+
+        await _until(listed_only_the_live_one)
+        fresh = await start_scheduler()
+        await _until(lambda: replicas_up(2))
+
+        async def used() -> bool:
+            for n in range(4):
+                assert (await _chat(http, n)).status_code == 200
+            status = await fresh.GetStatus(scheduler_pb2.GetStatusRequest())
+            return bool(status.requests_total > 0)
+
+        await _until(used)
+    finally:
+        if http is not None:
+            await http.aclose()
+        if server is not None and edge_task is not None:
+            server.should_exit = True
+            await edge_task
+        for app in apps:
+            await app.server.stop(0)
+        for channel in channels:
+            await channel.close(None)
+        await agent.close()
+        await client.close()
+        etcd.stop()
