@@ -234,25 +234,18 @@ class EtcdClient:
         )
         return int(reply.deleted)
 
+    async def _guarded(self, compare: pb.Compare, op: pb.RequestOp) -> bool:
+        """Run `op` only if `compare` holds; True when it ran."""
+        reply = await self._call("KV", "Txn", pb.TxnRequest(compare=[compare], success=[op]))
+        return bool(reply.succeeded)
+
     async def create(self, key: str | bytes, value: bytes, *, lease: int = 0) -> bool:
         """Set the key only if it does not exist; True when this call created it."""
         k = _b(key)
-        reply = await self._call(
-            "KV",
-            "Txn",
-            pb.TxnRequest(
-                compare=[
-                    pb.Compare(
-                        key=k,
-                        target=pb.Compare.CREATE,
-                        result=pb.Compare.EQUAL,
-                        create_revision=0,
-                    )
-                ],
-                success=[pb.RequestOp(request_put=pb.PutRequest(key=k, value=value, lease=lease))],
-            ),
+        return await self._guarded(
+            pb.Compare(key=k, target=pb.Compare.CREATE, result=pb.Compare.EQUAL, create_revision=0),
+            pb.RequestOp(request_put=pb.PutRequest(key=k, value=value, lease=lease)),
         )
-        return bool(reply.succeeded)
 
     async def put_if(
         self, key: str | bytes, value: bytes, *, mod_revision: int, lease: int = 0
@@ -260,42 +253,12 @@ class EtcdClient:
         """Set the key only if it was last changed at `mod_revision` (0: does not exist) —
         a compare-and-swap; True when it was set."""
         k = _b(key)
-        reply = await self._call(
-            "KV",
-            "Txn",
-            pb.TxnRequest(
-                compare=[
-                    pb.Compare(
-                        key=k,
-                        target=pb.Compare.MOD,
-                        result=pb.Compare.EQUAL,
-                        mod_revision=mod_revision,
-                    )
-                ],
-                success=[pb.RequestOp(request_put=pb.PutRequest(key=k, value=value, lease=lease))],
+        return await self._guarded(
+            pb.Compare(
+                key=k, target=pb.Compare.MOD, result=pb.Compare.EQUAL, mod_revision=mod_revision
             ),
+            pb.RequestOp(request_put=pb.PutRequest(key=k, value=value, lease=lease)),
         )
-        return bool(reply.succeeded)
-
-    async def delete_if(self, key: str | bytes, *, mod_revision: int) -> bool:
-        """Delete the key only if it was last changed at `mod_revision`."""
-        k = _b(key)
-        reply = await self._call(
-            "KV",
-            "Txn",
-            pb.TxnRequest(
-                compare=[
-                    pb.Compare(
-                        key=k,
-                        target=pb.Compare.MOD,
-                        result=pb.Compare.EQUAL,
-                        mod_revision=mod_revision,
-                    )
-                ],
-                success=[pb.RequestOp(request_delete_range=pb.DeleteRangeRequest(key=k))],
-            ),
-        )
-        return bool(reply.succeeded)
 
     async def apply(
         self, puts: Mapping[str | bytes, bytes], deletes: Iterable[str | bytes] = ()
