@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from sage.common.config.settings import SageSettings
+from sage.common.etcd.testing import EtcdMembers, etcd_binary
 from sage.common.grpc.auth import set_process_token
 from sage.common.security import new_secret
 from sage.common.utils.processes import free_port, stop_process, wait_http
@@ -152,3 +153,35 @@ async def served_by_engine(urls: dict[str, str]) -> dict[str, float]:
                 if line.startswith("vllm:request_success_total")
             )
     return counts
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdMembers]:
+    """One real etcd member for the module (a skip where etcd is not installed); each test
+    writes under a prefix of its own."""
+    if etcd_binary() is None:
+        pytest.skip("etcd is not installed (scripts/install_system_tools.sh)")
+    members = EtcdMembers(tmp_path_factory.mktemp("etcd"), hosts=["127.0.0.1"])
+    members.start()
+    members.wait_healthy()
+    yield members
+    members.stop()
+
+
+@pytest.fixture
+def etcd_members(tmp_path: Path) -> Iterator[Callable[[int], EtcdMembers]]:
+    """`etcd_members(n)` starts an n-member cluster of its own and waits for its leader."""
+    if etcd_binary() is None:
+        pytest.skip("etcd is not installed (scripts/install_system_tools.sh)")
+    started: list[EtcdMembers] = []
+
+    def start(n: int) -> EtcdMembers:
+        members = EtcdMembers(tmp_path / f"etcd{len(started)}", hosts=["127.0.0.1"] * n)
+        started.append(members)
+        members.start()
+        members.wait_healthy()
+        return members
+
+    yield start
+    for members in started:
+        members.stop()

@@ -11,7 +11,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,16 +34,6 @@ pytestmark = pytest.mark.skipif(
 
 GiB = 1 << 30
 _prefixes = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdMembers]:
-    """One etcd member for the module; each test has its own SAGE_ETCD_PREFIX."""
-    members = EtcdMembers(tmp_path_factory.mktemp("etcd"), hosts=["127.0.0.1"])
-    members.start()
-    members.wait_healthy()
-    yield members
-    members.stop()
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,16 +44,6 @@ NODE = "node-t"
 TTL_S = 2
 HEARTBEAT_S = 0.2
 _prefixes = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdMembers]:
-    """One etcd member for the module; each test has its own SAGE_ETCD_PREFIX."""
-    members = EtcdMembers(tmp_path_factory.mktemp("etcd"), hosts=["127.0.0.1"])
-    members.start()
-    members.wait_healthy()
-    yield members
-    members.stop()
 
 
 @pytest.fixture

@@ -28,16 +28,6 @@ pytestmark = pytest.mark.skipif(
 _prefixes = itertools.count()
 
 
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdMembers]:
-    """One etcd member for the module; each test writes under its own prefix."""
-    members = EtcdMembers(tmp_path_factory.mktemp("etcd"), hosts=["127.0.0.1"])
-    members.start()
-    members.wait_healthy()
-    yield members
-    members.stop()
-
-
 @pytest.fixture
 def prefix() -> str:
     """A node's reservation prefix no other test uses."""
