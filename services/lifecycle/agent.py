@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Final
 import grpc
 
 from sage.common.config.settings import SageSettings
-from sage.common.etcd import ClusterKeys, EtcdClient, KeptLease
+from sage.common.etcd import ClusterKeys, EtcdClient, KeptLease, node_id_of
 from sage.rpc.common.v1 import common_pb2
 from sage.rpc.gpu_manager.v1 import gpu_manager_pb2
 from sage.rpc.scheduler.v1 import scheduler_pb2
@@ -32,11 +32,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("sage.lifecycle")
 
 _WILDCARD = ("", "0.0.0.0", "::", "[::]")
-
-
-def node_id_of(settings: SageSettings) -> str:
-    """SAGE_NODE_ID, or the hostname."""
-    return settings.cluster.node_id or socket.gethostname()
 
 
 def advertise_host_of(settings: SageSettings) -> str:

@@ -11,7 +11,7 @@ import grpc
 import psutil
 
 from sage.common.config.settings import SageSettings
-from sage.common.etcd import EtcdClient, cluster_keys, etcd_client
+from sage.common.etcd import EtcdClient, cluster_keys, etcd_client, node_id_of
 from sage.common.exceptions import NotFoundError
 from sage.common.grpc import (
     Registration,
@@ -27,7 +27,7 @@ from sage.rpc.lifecycle.v1 import lifecycle_pb2 as pb
 from sage.rpc.lifecycle.v1 import lifecycle_pb2_grpc as pb_grpc
 from sage.rpc.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 
-from .agent import EtcdNodeAgent, NodeAgent, NodeReporter, node_id_of
+from .agent import EtcdNodeAgent, NodeAgent, NodeReporter
 from .external_engines import ExternalEnginePolicy
 from .manager import EngineLifecycleManager, RestartPolicy
 from .policy import LaunchPolicy, engine_bind_host
