@@ -120,9 +120,11 @@ class AdapterEntry:
 
 
 class EngineRegistry:
-    """Thread-safe engine table with per-model and per-(model, kind) indexes rebuilt on
+    """Thread-safe engine table with per-model and per-(model, kind) indexes updated on
     change: reads are per request, so they return a stored tuple (the same object until
-    the next change, which lets callers cache what they derive from it by identity)."""
+    a change touches that model or kind, which lets callers cache what they derive from it
+    by identity). One engine's change costs the size of its models' entries, not of the
+    whole table (an etcd-mode replica applies every engines/ put one by one)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -131,6 +133,12 @@ class EngineRegistry:
         self._by_model_kind: dict[tuple[str, EngineKind], tuple[EngineRecord, ...]] = {}
         self._adapters: dict[str, AdapterEntry] = {}
         self._ready: dict[EngineKind, tuple[EngineRecord, ...]] = {}
+        # The ready engines behind each index entry, by id in the order they became ready:
+        # one engine's change rebuilds only the entries of its names and kind from these
+        # (a C-level copy), not every index from every engine.
+        self._members: dict[str, dict[str, EngineRecord]] = {}
+        self._members_kind: dict[tuple[str, EngineKind], dict[str, EngineRecord]] = {}
+        self._ready_members: dict[EngineKind, dict[str, EngineRecord]] = {}
         # Why the table cannot be trusted yet (an etcd-mode replica before its first listing
         # of engines/): a model with no engine is then a 503 naming this, which a caller
         # retries on another replica, not a 404 that says the model does not exist.
@@ -159,9 +167,11 @@ class EngineRegistry:
         self.validate(record)
         with self._lock:
             old = self._engines.get(record.engine_id)
-            self._engines[record.engine_id] = replace(record, base_url=record.base_url.rstrip("/"))
+            new = self._engines[record.engine_id] = replace(
+                record, base_url=record.base_url.rstrip("/")
+            )
             self._catalogue_adapters(old, record)
-            self._reindex()
+            self._update(old, new)
         return old is not None
 
     def register_many(self, records: Iterable[EngineRecord]) -> int:
@@ -204,7 +214,7 @@ class EngineRegistry:
                 raise NotFoundError(
                     f"no engine with id {engine_id!r}", param="engine_id", code="engine_not_found"
                 )
-            self._reindex()
+            self._update(record, None)
         return record
 
     def set_state(self, engine_id: str, state: EngineState) -> None:
@@ -212,28 +222,95 @@ class EngineRegistry:
         with self._lock:
             record = self._engines.get(engine_id)
             if record is not None:
-                self._engines[engine_id] = replace(record, state=state)
-                self._reindex()
+                new = self._engines[engine_id] = replace(record, state=state)
+                self._update(record, new)
+
+    @staticmethod
+    def _names(record: EngineRecord | None) -> tuple[str, ...]:
+        """The names a ready `record` is routed under (none when it is not ready)."""
+        if record is None or record.state is not EngineState.READY:
+            return ()
+        return (record.model, *record.aliases, *record.adapters)
+
+    def _update(self, old: EngineRecord | None, new: EngineRecord | None) -> None:
+        """Index one engine's change from `old` to `new` (None: absent): only the entries
+        of the names and the kind either is ready under are rebuilt (an engine that stays
+        ready under a name keeps its place in that name's tuple)."""
+        old_names, new_names = self._names(old), self._names(new)
+        kinds: set[EngineKind] = set()
+        if old is not None and old_names:
+            same_kind = new is not None and bool(new_names) and new.kind is old.kind
+            kept = set(new_names) if same_kind else set()
+            for name in old_names:
+                if name not in kept:
+                    self._members[name].pop(old.engine_id, None)
+                    self._members_kind[name, old.kind].pop(old.engine_id, None)
+            if not same_kind:
+                self._ready_members[old.kind].pop(old.engine_id, None)
+            kinds.add(old.kind)
+        if new is not None and new_names:
+            for name in new_names:
+                self._members.setdefault(name, {})[new.engine_id] = new
+                self._members_kind.setdefault((name, new.kind), {})[new.engine_id] = new
+            self._ready_members.setdefault(new.kind, {})[new.engine_id] = new
+            kinds.add(new.kind)
+        # In place: a reader takes one entry with one dict lookup.
+        for name in dict.fromkeys((*old_names, *new_names)):
+            self._index_name(name, self._by_model, self._by_model_kind)
+        for kind in kinds:
+            members = self._ready_members.get(kind)
+            if members:
+                self._ready[kind] = tuple(members.values())
+            else:
+                self._ready_members.pop(kind, None)
+                self._ready.pop(kind, None)
+
+    def _index_name(
+        self,
+        name: str,
+        by_model: dict[str, tuple[EngineRecord, ...]],
+        by_kind: dict[tuple[str, EngineKind], tuple[EngineRecord, ...]],
+    ) -> None:
+        """Rebuild `name`'s entries in `by_model`/`by_kind` from its members."""
+        members = self._members.get(name)
+        if not members:
+            self._members.pop(name, None)
+            by_model.pop(name, None)
+            for kind in EngineKind:
+                self._members_kind.pop((name, kind), None)
+                by_kind.pop((name, kind), None)
+            return
+        records = by_model[name] = tuple(members.values())
+        for kind in EngineKind:
+            of_kind = self._members_kind.get((name, kind))
+            if not of_kind:
+                self._members_kind.pop((name, kind), None)
+                by_kind.pop((name, kind), None)
+            else:
+                by_kind[name, kind] = (
+                    records if len(of_kind) == len(records) else tuple(of_kind.values())
+                )
 
     def _reindex(self) -> None:
-        index: dict[str, list[EngineRecord]] = {}
-        for record in self._engines.values():
-            if record.state is not EngineState.READY:
+        """Every index from every engine (a batch of changes: one pass, not one each)."""
+        members: dict[str, dict[str, EngineRecord]] = {}
+        members_kind: dict[tuple[str, EngineKind], dict[str, EngineRecord]] = {}
+        ready_members: dict[EngineKind, dict[str, EngineRecord]] = {}
+        for engine_id, record in self._engines.items():
+            names = self._names(record)
+            if not names:
                 continue
-            for name in (record.model, *record.aliases, *record.adapters):
-                index.setdefault(name, []).append(record)
-        by_model = {k: tuple(v) for k, v in index.items()}
+            ready_members.setdefault(record.kind, {})[engine_id] = record
+            for name in names:
+                members.setdefault(name, {})[engine_id] = record
+                members_kind.setdefault((name, record.kind), {})[engine_id] = record
+        self._members, self._members_kind = members, members_kind
+        self._ready_members = ready_members
+        by_model: dict[str, tuple[EngineRecord, ...]] = {}
         by_kind: dict[tuple[str, EngineKind], tuple[EngineRecord, ...]] = {}
-        for name, records in by_model.items():
-            for kind in EngineKind:
-                of_kind = tuple(r for r in records if r.kind is kind)
-                if of_kind:
-                    by_kind[name, kind] = records if len(of_kind) == len(records) else of_kind
-        ready: dict[EngineKind, list[EngineRecord]] = {}
-        for record in self._engines.values():
-            if record.state is EngineState.READY:
-                ready.setdefault(record.kind, []).append(record)
-        self._ready = {kind: tuple(records) for kind, records in ready.items()}
+        for name in members:
+            self._index_name(name, by_model, by_kind)
+        self._ready = {kind: tuple(m.values()) for kind, m in ready_members.items()}
         self._by_model, self._by_model_kind = by_model, by_kind
 
     def ready(self, kind: EngineKind) -> tuple[EngineRecord, ...]:

@@ -54,7 +54,8 @@ def test_ready_for_by_kind_follows_register_state_and_deregister() -> None:
     assert [e.engine_id for e in registry.ready_for("m", EngineKind.LLM)] == ["e0", "e2"]
     registry.register(replace(llm[1], aliases=("alias",)))  # back, ready, with an alias
     assert [e.engine_id for e in registry.ready_for("alias", EngineKind.LLM)] == ["e1"]
-    assert [e.engine_id for e in registry.ready_for("m", EngineKind.LLM)] == ["e0", "e1", "e2"]
+    # Back in routing (an engine ready again joins its model's tuple at the end).
+    assert [e.engine_id for e in registry.ready_for("m", EngineKind.LLM)] == ["e0", "e2", "e1"]
     for engine_id in ("e0", "e1", "e2"):
         registry.deregister(engine_id)
     with pytest.raises(ModelNotFoundError):
