@@ -16,9 +16,12 @@ the request moves within its deadline:
   a stream whose engine died; a reply that cannot be continued ends with the error.
 
 An answer of the scheduler's own (an error it raised, a timeout) is the request's and is
-never sent again. Management and status calls (`any_replica`) go to a healthy replica,
-moving on when one cannot be reached; the scheduler forwards placement to its leader.
-With one replica nothing changes: a request that finds it down fails as before.
+never sent again. In etcd mode a replica whose key goes (lease ended) gets no new requests
+and its requests under way a short grace before they move too. Management, status and
+metrics calls (`any_replica`) go to one healthy replica while it lives (tokenize, rerank
+and score are spread), moving on when one cannot be reached; the scheduler forwards
+placement to its leader. With one replica nothing changes: a request that finds it down
+fails as before.
 """
 
 from __future__ import annotations
