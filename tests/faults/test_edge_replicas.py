@@ -562,3 +562,18 @@ async def test_edge_over_etcd_mode_schedulers_survives_a_crashed_replica(
         await agent.close()
         await client.close()
         etcd.stop()
+
+
+async def test_a_schedulers_own_error_is_not_sent_to_another_replica(plane: Plane) -> None:
+    """Only a broken call moves a request: an answer the scheduler gave (here a 404 for
+    an unknown model) is the client's, from the one replica that gave it."""
+    before = [(await r.status()).requests_total for r in plane.replicas]
+    resp = await plane.http.post(
+        "/v1/chat/completions",
+        json={"model": "no-such-model", "messages": MESSAGES, "max_tokens": 4},
+    )
+    assert resp.status_code == 404, resp.text
+    after = [(await r.status()).requests_total for r in plane.replicas]
+    assert sum(after) - sum(before) <= 1
+    assert await plane.metric("sage:edge_scheduler_replicas", state="up") == 2
+    assert await plane.metric("sage:edge_scheduler_failovers_total", kind="unary") == 0
