@@ -337,6 +337,11 @@ class EngineRegistry:
             raise ModelNotFoundError(model)
         return engines
 
+    def counts(self) -> tuple[int, int]:
+        """(engines registered, engines ready), without copying or sorting the table
+        (GetStatus answers it for the edge every 2 s and for every /health)."""
+        return len(self._engines), sum(len(engines) for engines in self._ready.values())
+
     def engines(self, model: str = "") -> list[EngineRecord]:
         """All engines, or those serving `model`."""
         with self._lock:

@@ -34,7 +34,7 @@ from .core import GenerateResult, Scheduler
 from .mux import MultiplexSessions, scheduler_routes
 from .nodes import NodeState, NodeTable
 from .policies import RequestClass
-from .registry import EngineKind, EngineRecord, EngineState
+from .registry import EngineKind, EngineRecord
 
 log = logging.getLogger("sage.scheduler")
 
@@ -282,7 +282,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
         )
 
     async def GetStatus(self, request: pb.GetStatusRequest, context: Any) -> pb.GetStatusResponse:
-        engines = self.scheduler.registry.engines()
+        total, ready = self.scheduler.registry.counts()
         counters = self.scheduler.counters
         replica = self.replica
         return pb.GetStatusResponse(
@@ -290,8 +290,8 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
             leader_address=replica.leader_address if replica is not None else self.address,
             replicas=replica.replicas if replica is not None else 1,
             synced=replica.synced.is_set() if replica is not None else True,
-            engines_total=len(engines),
-            engines_ready=sum(1 for e in engines if e.state is EngineState.READY),
+            engines_total=total,
+            engines_ready=ready,
             in_flight=counters.in_flight,
             queued=self.scheduler.admission.stats.queued,
             policy=self.policy_name,

@@ -53,6 +53,8 @@ def assert_same_routing(registry: EngineRegistry) -> None:
     for name in (*MODELS, "a0", "a1", "l0", "l1", "unknown"):
         for kind in (None, *EngineKind):
             assert routed(registry, name, kind) == routed(fresh, name, kind), (name, kind)
+    every = registry.engines()
+    assert registry.counts() == (len(every), sum(e.state is EngineState.READY for e in every))
     for kind in EngineKind:
         assert sorted(r.engine_id for r in registry.ready(kind)) == sorted(
             r.engine_id for r in fresh.ready(kind)

@@ -3,6 +3,7 @@ and the tenant label cap."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -175,3 +176,29 @@ def test_render_of_named_families_is_those_lines_of_the_whole_text(clock: Clock)
     assert part.splitlines() == lines_of(whole)
     assert 'sage:engine_in_flight{engine="e2"} 1.0' in part
     assert len(part) * 20 < len(whole)
+
+
+def test_named_families_do_not_read_the_other_per_engine_gauges(clock: Clock) -> None:
+    # A line per engine each: the dashboard sampler's two gauges every 2 s must not build
+    # the routing-load and capacity families of 10,000 engines only to drop them.
+    reads: list[str] = []
+
+    def reader(name: str) -> Callable[[], dict[str, int]]:
+        def read() -> dict[str, int]:
+            reads.append(name)
+            return {"e1": 1}
+
+        return read
+
+    metrics = SchedulerMetrics(
+        clock=clock,
+        in_flight=reader("in_flight"),
+        loads=reader("loads"),
+        capacities=reader("capacities"),
+    )
+    part = metrics.render(("sage:engine_in_flight",)).decode()
+    assert reads == ["in_flight"]
+    assert 'sage:engine_in_flight{engine="e1"} 1.0' in part
+    whole = metrics.render().decode()
+    assert reads[1:] == ["in_flight", "loads", "capacities"]
+    assert 'sage:engine_capacity{engine="e1"} 1.0' in whole
