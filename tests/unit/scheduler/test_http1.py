@@ -1315,3 +1315,42 @@ UVLOOP_SCENARIOS: dict[str, Callable[[Path], Coroutine[Any, Any, None]]] = {
 @pytest.mark.parametrize("scenario", sorted(UVLOOP_SCENARIOS))
 def test_on_uvloop(scenario: str, tmp_path: Path) -> None:
     uvloop.run(UVLOOP_SCENARIOS[scenario](tmp_path))
+
+
+async def test_abort_breaks_every_connection_to_an_origin_and_no_other() -> None:
+    """abort(base_url): a unary request and a stream waiting on an engine that answers
+    nothing fail at once with DisconnectedError (the stream after the event it had), its
+    idle connection is closed too, and another origin's requests are untouched."""
+    release = asyncio.Event()
+
+    async def silent(srv: RawServer, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while (request := await srv.read_request(r)) is not None:
+            if b"POST /idle" in request:
+                w.write(OK)
+                await w.drain()
+                continue
+            if b"POST /stream" in request:
+                w.write(SSE_HEAD + chunk(event(0)))
+                await w.drain()
+            await release.wait()  # then nothing more, the socket left open (a lost host)
+
+    pool = Http1Pool()
+    async with RawServer(silent) as lost, RawServer(serve_ok) as other:
+        assert await pool.post(lost.base_url, "/idle", b"", JSON, 5.0) == (200, b"hello")
+        assert await pool.post(other.base_url, "/", b"", JSON, 5.0) == (200, b"hello")
+        unary = asyncio.create_task(pool.post(lost.base_url, "/unary", b"", JSON, 30.0))
+        stream = await pool.stream(lost.base_url, "/stream", b"", JSON, 30.0)
+        assert await stream.read_chunk() == event(0)
+        await lost.wait_requests(3)
+        assert pool.abort(lost.base_url, "node n1 was lost") == 2
+        with pytest.raises(DisconnectedError, match="node n1 was lost"):
+            await unary
+        with pytest.raises(DisconnectedError, match="node n1 was lost"):
+            await stream.read_chunk()
+        await asyncio.sleep(0)
+        assert pool.idle_count() == 1  # only the other origin's connection is left
+        assert await pool.post(other.base_url, "/", b"", JSON, 5.0) == (200, b"hello")
+        assert other.connections == 1
+        assert pool.abort(lost.base_url, "again") == 0
+        release.set()
+        await pool.aclose()

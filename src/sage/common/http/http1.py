@@ -157,6 +157,7 @@ class _Connection(asyncio.Protocol):
         self.requests = 0
         self._sent_at = 0.0
         self.idle_in: list[_Connection] | None = None
+        self.open_in: set[_Connection] | None = None  # the pool's open ones of its origin
         self._active = False  # a request is out: its reply's bytes are expected
         # Per-reply state, reset by send().
         self.status = 0
@@ -213,10 +214,13 @@ class _Connection(asyncio.Protocol):
             with contextlib.suppress(ValueError):
                 self.idle_in.remove(self)
             self.idle_in = None
+        if self.open_in is not None:
+            self.open_in.discard(self)
+            self.open_in = None
         if not self._active or self._done:
             return
         if self._in_body:
-            if exc is None and not self._framed:
+            if exc is None and not self._framed and self._error is None:
                 # No Content-Length, not chunked: the body is whatever came before EOF.
                 self.keep_alive = False
                 self._done = True
@@ -336,6 +340,25 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = False
         if self._transport is not None:
             self._transport.close()
+
+    def abort(self, error: DisconnectedError) -> bool:
+        """Break the connection now, as if the server had dropped it: a request waiting on
+        it fails with `error` (a stream after the body bytes that did arrive). Nothing is
+        flushed: the peer may be unreachable. True when a request was cut."""
+        cut = self._active and not self._done and self._drained is None
+        if cut:
+            if self._in_body:
+                if self._error is None:
+                    self._error = error
+                self._wake()
+            else:
+                waiter = self._waiter
+                if waiter is not None and not waiter.done():
+                    waiter.set_exception(error)
+        self.keep_alive = False
+        if self._transport is not None:
+            self._transport.abort()
+        return cut
 
     # --- streamed replies (used by Http1Stream) ----------------------------------------
     def _stream_data_in(self) -> None:
@@ -596,6 +619,9 @@ class Http1Pool:
         )
         self._targets: dict[str, _Target] = {}
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
+        # Every open connection per origin, idle or busy, for abort(): kept per connection
+        # (added at connect, dropped at close), so a request costs nothing here.
+        self._open: dict[tuple[str, str, int], set[_Connection]] = {}
         self._generation = 0
 
     def idle_count(self) -> int:
@@ -662,6 +688,18 @@ class Http1Pool:
                 slots.release()
             raise
         return Http1Stream(self, target.key, conn, deadline)
+
+    def abort(self, base_url: str, reason: str) -> int:
+        """Break every connection to `base_url`'s origin at once, as if the server had
+        dropped them: each request on one fails with DisconnectedError(`reason`) (post(),
+        a stream's reads), which a caller treats as the server gone (the scheduler fails
+        it over). For a server known lost whose sockets may hang for minutes (a
+        partitioned host). Returns how many requests were cut."""
+        conns = self._open.get(self._target(base_url).key)
+        if not conns:
+            return 0
+        error = DisconnectedError(reason)
+        return sum(conn.abort(error) for conn in list(conns))
 
     async def aclose(self) -> None:
         """Close every idle connection; ones in use are closed when their request ends.
@@ -747,6 +785,12 @@ class Http1Pool:
             raise ConnectError(f"cannot connect to {_where(target)}: {exc}") from exc
         except OSError as exc:  # refused, unreachable, DNS (gaierror), TLS (SSLError)
             raise ConnectError(f"cannot connect to {_where(target)}: {exc}") from exc
+        if not conn.closed:
+            conns = self._open.get(target.key)
+            if conns is None:
+                conns = self._open[target.key] = set()
+            conns.add(conn)
+            conn.open_in = conns
         return conn
 
     async def _start(self, target: _Target, request: bytes, stream_limit: int) -> _Connection:
