@@ -39,7 +39,7 @@ from sage.rpc.scheduler.v1 import scheduler_pb2_grpc as pb_grpc
 from .breaker import CircuitBreakers
 from .convert import node_report_from_pb, record_from_pb
 from .nodes import NodeTable
-from .registry import EngineRecord, EngineRegistry
+from .registry import EngineRecord, EngineRegistry, EngineState
 
 if TYPE_CHECKING:
     from sage.rpc.scheduler.v1.scheduler_pb2_grpc import SchedulerServiceAsyncStub
@@ -290,7 +290,9 @@ class EtcdReplica:
 
     def _engine_delete(self, name: str, value: bytes) -> None:
         with contextlib.suppress(NotFoundError):
-            self.registry.deregister(name)
+            record = self.registry.deregister(name)
+            if record.state is EngineState.READY:  # no drain notice: its node may be lost
+                self.nodes.engine_vanished(record)
         self.breakers.forget(name)
         log.info("engine %s left routing (its etcd key is gone)", name)
 

@@ -93,6 +93,11 @@ class EngineExecutor(Protocol):
         """The engine's SSE `data:` payloads, up to and not including `[DONE]`."""
         ...
 
+    def abort(self, engine: EngineRecord, reason: str) -> int:
+        """Cut every call under way to `engine` as if its connection broke (each raises
+        EngineDisconnectedError); how many were cut."""
+        ...
+
 
 @dataclass
 class Counters:
@@ -365,6 +370,21 @@ class Scheduler:
             for e in self.registry.engines()
             if e.kind is EngineKind.LLM and e.state is EngineState.READY
         }
+
+    def engines_lost(self, engines: Sequence[EngineRecord], reason: str) -> int:
+        """`engines` went with their node (NodeTable.on_lost): cut the calls under way to
+        them as if their connections broke, so each fails over or resumes on another engine
+        now instead of waiting out the request timeout on a host that may never answer.
+        Returns how many calls were cut."""
+        cut = sum(self.executor.abort(engine, reason) for engine in engines)
+        if cut:
+            log.warning(
+                "cut %d engine calls under way to a lost node's engines (%s); they fail over",
+                cut,
+                ", ".join(e.engine_id for e in engines),
+                extra={"reason": reason},
+            )
+        return cut
 
     async def wait_idle(self, engine_id: str, timeout_s: float) -> int:
         """Wait until nothing this scheduler routed to `engine_id` is in flight (at most

@@ -194,6 +194,12 @@ class HttpExecutionCoordinator:
         """Close every pooled connection."""
         await self._pool.aclose()
 
+    def abort(self, engine: EngineRecord, reason: str) -> int:
+        """Break every connection to `engine` now, as if it had dropped them: each call
+        under way there raises EngineDisconnectedError (so it fails over, or a stream
+        resumes elsewhere). Returns how many calls were cut."""
+        return self._pool.abort(engine.base_url, reason)
+
     async def post_json(self, engine: EngineRecord, path: str, body: bytes) -> bytes:
         """POST raw JSON to the engine and return its raw JSON reply."""
         span, headers = _engine_span(engine, path)

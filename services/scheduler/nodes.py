@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
@@ -121,10 +121,23 @@ def _check_identity(report: NodeReport) -> None:
 class _Entry:
     node: Node
     drained: set[str] = field(default_factory=set)  # engine ids we drained, to restore
+    # Engines that left routing without a drain notice since the node's last report (etcd:
+    # their keys went while READY): if the node's own key goes next (the same lease
+    # expired), they were lost with it.
+    vanished: dict[str, EngineRecord] = field(default_factory=dict)
+
+
+# Told the engines of a node found lost (and why), for their calls under way to be cut.
+OnLost = Callable[[Sequence[EngineRecord], str], object]
 
 
 class NodeTable:
-    """Thread-safe node table over the engine registry (whose engines it drains/restores)."""
+    """Thread-safe node table over the engine registry (whose engines it drains/restores).
+
+    A node found lost (silent past the timeout, a failed poll, its etcd key gone) has its
+    engines drained and passed to `on_lost`, so requests already sent to them are cut
+    rather than left to hang on a host that may never answer. An operator's drain or an
+    engine's own stop does not come through here."""
 
     def __init__(
         self,
@@ -133,9 +146,11 @@ class NodeTable:
         timeout_s: float,
         static: Iterable[StaticNode] = (),
         clock: Callable[[], float] = time.monotonic,
+        on_lost: OnLost | None = None,
     ) -> None:
         self.registry = registry
         self.timeout_s = timeout_s
+        self.on_lost = on_lost
         self._clock = clock
         self._lock = threading.Lock()
         self._nodes: dict[str, _Entry] = {}
@@ -207,36 +222,53 @@ class NodeTable:
                 entry = self._nodes[report.node_id] = _Entry(node)
             else:
                 entry.node = node
+                entry.vanished.clear()  # the node is alive: those engines just stopped
             self._restore(entry, set(entry.drained if from_store else report.engine_ids))
             return node
 
     def mark_unreachable(self, node_id: str, reason: str) -> None:
         """A polled node did not answer (or its etcd key went away): it is down, its
-        engines drained."""
+        engines drained, and their calls under way cut (when it was not down already)."""
         with self._lock:
             entry = self._nodes.get(node_id)
-            if entry is not None:
-                entry.node = replace(entry.node, state=NodeState.DOWN, reason=reason)
-                self._drain(entry)
+            if entry is None:
+                return
+            was_down = entry.node.state is NodeState.DOWN
+            entry.node = replace(entry.node, state=NodeState.DOWN, reason=reason)
+            self._drain(entry)
+            lost = [] if was_down else self._lost(entry)
+        self._tell_lost(lost, f"node {node_id} was lost: {reason}")
+
+    def engine_vanished(self, record: EngineRecord) -> None:
+        """`record` left routing without a drain notice (etcd: its key was deleted while
+        READY). Nothing is cut now (a plain stop looks the same); if its node is found lost
+        before it reports again, the engine counts as lost with it (a lease's keys go
+        together, in no set order across the watches)."""
+        with self._lock:
+            entry = self._nodes.get(record.node_id) if record.node_id else None
+            if entry is not None and entry.node.state is not NodeState.DOWN:
+                entry.vanished[record.engine_id] = record
 
     def sweep(self) -> list[str]:
         """Mark nodes silent for longer than the timeout DOWN and drain their engines;
         returns the ids newly marked down."""
         now = self._clock()
         gone: list[str] = []
+        lost: list[tuple[list[EngineRecord], str]] = []
         with self._lock:
             for entry in self._nodes.values():
                 node = entry.node
                 if node.state is NodeState.DOWN or now - node.last_seen < self.timeout_s:
                     continue
-                entry.node = replace(
-                    node,
-                    state=NodeState.DOWN,
-                    reason=f"no heartbeat for {now - node.last_seen:.1f}s "
-                    f"(timeout {self.timeout_s:g}s)",
+                reason = (
+                    f"no heartbeat for {now - node.last_seen:.1f}s (timeout {self.timeout_s:g}s)"
                 )
+                entry.node = replace(node, state=NodeState.DOWN, reason=reason)
                 self._drain(entry)
                 gone.append(node.node_id)
+                lost.append((self._lost(entry), f"node {node.node_id} was lost: {reason}"))
+        for engines, why in lost:
+            self._tell_lost(engines, why)
         return gone
 
     def _drain(self, entry: _Entry) -> None:
@@ -244,6 +276,21 @@ class NodeTable:
             if record.node_id == entry.node.node_id and record.state is EngineState.READY:
                 self.registry.set_state(record.engine_id, EngineState.DRAINING)
                 entry.drained.add(record.engine_id)
+
+    def _lost(self, entry: _Entry) -> list[EngineRecord]:
+        """Every engine of the node, whatever its state (an engine an operator drained
+        still has requests on that host), and those that vanished just before it."""
+        node_id = entry.node.node_id
+        lost = {r.engine_id: r for r in self.registry.engines() if r.node_id == node_id}
+        for engine_id, record in entry.vanished.items():
+            lost.setdefault(engine_id, record)
+        entry.vanished.clear()
+        return list(lost.values())
+
+    def _tell_lost(self, engines: list[EngineRecord], reason: str) -> None:
+        # Outside the lock: the callback cuts connections, which may run its own code.
+        if engines and self.on_lost is not None:
+            self.on_lost(engines, reason)
 
     def _restore(self, entry: _Entry, alive: set[str]) -> None:
         # Only engines still in the DRAINING this table set: one drained or stopped on

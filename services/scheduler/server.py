@@ -130,7 +130,12 @@ def build_scheduler(settings: SageSettings, addr: str | None = None) -> Schedule
     if etcd_mode and static_nodes:
         log.warning("SAGE_NODES is ignored in etcd mode: node agents publish themselves")
         static_nodes = []
-    node_table = NodeTable(registry, timeout_s=cluster.timeout_s, static=static_nodes)
+    node_table = NodeTable(
+        registry,
+        timeout_s=cluster.timeout_s,
+        static=static_nodes,
+        on_lost=scheduler.engines_lost,
+    )
     adapter_loader = LifecycleAdapterLoader(
         node_table.nodes, settings.address("lifecycle"), settings.rpc_timeout_s
     )

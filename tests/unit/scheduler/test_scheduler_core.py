@@ -85,6 +85,10 @@ class FakeEngines:
             raise error
         return doc
 
+    def abort(self, engine: EngineRecord, reason: str) -> int:
+        """No connections here to cut (the HTTP executor's abort is tested over sockets)."""
+        return 0
+
     async def post_json(self, engine: EngineRecord, path: str, body: bytes) -> bytes:
         """A whole chat reply from where the request's prompt leaves off."""
         doc = await self._receive(engine, path, body)

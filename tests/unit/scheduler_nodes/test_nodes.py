@@ -261,3 +261,58 @@ def test_an_unsynced_registry_says_so_instead_of_model_not_found(
     registry.unsynced = ""
     with pytest.raises(ModelNotFoundError):
         registry.ready_for("m")
+
+
+def _recording(table: NodeTable) -> list[tuple[list[str], str]]:
+    """What `table` tells its on_lost: (engine ids, reason) per call."""
+    told: list[tuple[list[str], str]] = []
+    table.on_lost = lambda engines, why: told.append((sorted(e.engine_id for e in engines), why))
+    return told
+
+
+def test_a_lost_node_passes_every_engine_of_it_to_on_lost_once(
+    table: NodeTable, registry: EngineRegistry, clock: Clock
+) -> None:
+    """Silent past the timeout or unreachable: each of its engines (one an operator had
+    drained too: its requests are on that host) is told once, so its calls are cut; a
+    node already down tells nothing more."""
+    told = _recording(table)
+    table.report(report("a", "h:1", engines=("e1", "e2")), register=True)
+    table.report(report("b", "h:2", engines=("e3",)), register=True)
+    for engine_id, node_id in (("e1", "a"), ("e2", "a"), ("e3", "b")):
+        registry.register(engine(engine_id, node_id))
+    registry.set_state("e2", EngineState.DRAINING)
+    clock.now += 4
+    table.report(report("b", "h:2", engines=("e3",)), register=False)
+    clock.now += 3
+    assert table.sweep() == ["a"]
+    assert told == [(["e1", "e2"], "node a was lost: no heartbeat for 7.0s (timeout 6s)")]
+    table.sweep()
+    table.mark_unreachable("a", "lifecycle at h:1 unreachable")
+    assert len(told) == 1
+    table.mark_unreachable("b", "lifecycle at h:2 unreachable")
+    assert told[1] == (["e3"], "node b was lost: lifecycle at h:2 unreachable")
+
+
+def test_engines_whose_keys_went_just_before_their_nodes_are_lost_with_it(
+    table: NodeTable, registry: EngineRegistry
+) -> None:
+    """etcd: a lease's keys go together, but nodes/ and engines/ are separate watches, so
+    an engine's delete may come first (it is deregistered then): it is still told lost
+    when the node's delete follows. One whose node reported since just stopped."""
+    told = _recording(table)
+    table.report(report("a", "h:1"), register=True, from_store=True)
+    for engine_id in ("e1", "e2"):
+        registry.register(engine(engine_id, "a"))
+    table.engine_vanished(registry.deregister("e1"))
+    assert told == []  # nothing is cut for an engine stopped on its own
+    table.mark_unreachable("a", "its etcd key was deleted")
+    assert told == [(["e1", "e2"], "node a was lost: its etcd key was deleted")]
+
+    table.report(report("a", "h:1"), register=True, from_store=True)
+    registry.register(engine("e1", "a"))
+    table.engine_vanished(registry.deregister("e1"))
+    table.report(report("a", "h:1", engines=("e2",)), register=True, from_store=True)
+    registry.deregister("e2")
+    table.mark_unreachable("a", "its etcd key was deleted")
+    assert len(told) == 1  # e1 stopped while a still reported; e2 went on purpose
