@@ -51,6 +51,7 @@ from sage.protocol.management import (
     PruneRequest,
     PruneResult,
     RegisterEngineRequest,
+    SchedulerReplica,
     StartEngineRequest,
 )
 from sage.protocol.openai import INT32_MAX, decode
@@ -560,6 +561,11 @@ def add_management_routes(
                         requests_failed=sched.requests_failed,
                         models=model_stats,
                     ),
+                    scheduler_leader=sched.leader_address,
+                    scheduler_replicas=[
+                        SchedulerReplica(address=r.addr, state="down" if r.down else "up")
+                        for r in up.generation.replicas
+                    ],
                 ),
                 gpu=gpus,
                 nodes=nodes,

@@ -36,6 +36,7 @@ pytestmark = pytest.mark.slow
 
 MESSAGES = [{"role": "user", "content": "tell me about fault tolerance"}]
 PREFIX = "/sage-edge-test"
+ADMIN_KEY = "sk-admin-edge-replicas-test"
 
 
 @dataclass
@@ -137,6 +138,7 @@ async def plane(
     update: dict[str, Any] = {
         "request_timeout_s": settings.request_timeout_s + 10.0,
         "lifecycle_addr": "127.0.0.1:1",
+        "admin_api_key": ADMIN_KEY,
     }
     if getattr(request, "param", "static") == "etcd":
         if etcd_binary() is None:
@@ -237,6 +239,15 @@ async def test_killing_a_replica_under_load_fails_no_request_and_it_is_used_agai
     # Requests under way on the stopped replica went to the other one.
     assert await plane.metric("sage:edge_scheduler_failovers_total", kind="unary") >= 1
     assert await plane.metric("sage:edge_scheduler_replicas", state="down") == 1
+    # The management status lists both replicas as the edge sees them.
+    status = await client.get(
+        "/v1/management/status", headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+    )
+    assert status.status_code == 200, status.text
+    listed = status.json()["control_plane"]["scheduler_replicas"]
+    assert sorted((r["address"], r["state"]) for r in listed) == sorted(
+        [(plane.replicas[0].addr, "down"), (plane.replicas[1].addr, "up")]
+    )
     # Status, the model list and tokenize come from the live replica, whichever the edge
     # tries first.
     for _ in range(4):

@@ -311,6 +311,13 @@ class ControlPlaneMetrics(_Reply):
     models: list[ModelStats]
 
 
+class SchedulerReplica(_Reply):
+    """One scheduler replica as this edge sees it."""
+
+    address: str
+    state: Literal["up", "down"]
+
+
 class ControlPlane(_Reply):
     policy: str
     pending_requests: int
@@ -318,6 +325,11 @@ class ControlPlane(_Reply):
     instances: int
     instances_ready: int
     metrics: ControlPlaneMetrics
+    # The replica that runs the autoscaler and placement ("" when the scheduler answering
+    # does not know one: etcd unreachable), and every replica this edge sends requests to;
+    # the figures above are the answering replica's own.
+    scheduler_leader: str = ""
+    scheduler_replicas: list[SchedulerReplica] = msgspec.field(default_factory=list)
 
 
 class ManagementStatus(_Reply):
