@@ -25,7 +25,7 @@ from sage.common.exceptions import OverloadedError, ServiceUnavailableError
 from sage.common.fairbatch import take_batch
 from sage.common.limits import check_embedding_tokens, estimate_text_tokens
 
-from .executor import BatchReply, Endpoint, EngineUnreachableError
+from .executor import BatchReply, Endpoint, EngineDisconnectedError, EngineUnreachableError
 
 log = logging.getLogger("sage.embedding")
 
@@ -150,6 +150,14 @@ class EmbeddingBatcher:
         lane.wakeup.set()
         return await entry.future
 
+    def forget(self, base_urls: set[str]) -> None:
+        """Engines found lost leave every lane that has another engine to send to (a lane
+        learns the scheduler's engines again with its next request)."""
+        for lane in self._lanes.values():
+            kept = [e for e in lane.engines if e.base_url.rstrip("/") not in base_urls]
+            if kept:
+                lane.engines = kept
+
     def queued(self) -> int:
         """Texts waiting in every lane."""
         return sum(lane.queued_texts for lane in self._lanes.values())
@@ -234,13 +242,16 @@ class EmbeddingBatcher:
                 try:
                     reply = await self._send(engine, lane.model, sorted_texts, lane.dimensions)
                     break
-                except EngineUnreachableError as exc:
+                except (EngineUnreachableError, EngineDisconnectedError) as exc:
+                    # Embedding a batch again changes nothing: a dropped one goes too.
                     tried.add(engine.engine_id)
                     others = [e for e in lane.engines if e.engine_id not in tried]
                     if not others:
                         raise
                     log.warning(
-                        "embedding engine unreachable, retrying batch elsewhere",
+                        "embedding engine unreachable, retrying batch elsewhere"
+                        if isinstance(exc, EngineUnreachableError)
+                        else "embedding engine dropped the batch, retrying it elsewhere",
                         extra={"engine_id": engine.engine_id, "error": str(exc)},
                     )
                     await self._release(engine)

@@ -25,7 +25,13 @@ from sage.common.engine_keys import engine_auth_headers
 from sage.common.error_bodies import loads_error_body
 from sage.common.exceptions import DeadlineExceededError, SageError, UpstreamError
 from sage.common.float32 import pack
-from sage.common.http.http1 import ConnectError, Http1Error, Http1Pool, engine_tls_context
+from sage.common.http.http1 import (
+    ConnectError,
+    DisconnectedError,
+    Http1Error,
+    Http1Pool,
+    engine_tls_context,
+)
 
 log = logging.getLogger("sage.embedding")
 
@@ -46,6 +52,14 @@ class EngineUnreachableError(UpstreamError):
     """The engine refused the connection; the batch may go to another engine."""
 
     default_code = "engine_unreachable"
+
+
+class EngineDisconnectedError(UpstreamError):
+    """The engine dropped the connection before its reply was whole (it died, or the
+    scheduler cut it off as lost); embedding changes nothing, so the batch may go to
+    another engine."""
+
+    default_code = "engine_disconnected"
 
 
 @dataclass(frozen=True)
@@ -189,6 +203,11 @@ class EmbeddingExecutor:
             raise _engine_error(engine, status, content)
         return parse_embeddings(content, texts)
 
+    def abort(self, base_url: str, reason: str) -> int:
+        """Break every connection to the engine at `base_url` now (its node was found
+        lost): each batch waiting there raises EngineDisconnectedError. How many were cut."""
+        return self._pool.abort(base_url.rstrip("/"), reason)
+
     def float_only(self, engine: Endpoint) -> bool:
         """Whether `engine` is sent float because it rejected base64."""
         return engine.base_url.rstrip("/") in self._float_only
@@ -212,7 +231,11 @@ class EmbeddingExecutor:
             raise EngineUnreachableError(
                 f"embedding engine {engine.engine_id} unreachable: {exc}"
             ) from exc
+        except DisconnectedError as exc:
+            raise EngineDisconnectedError(
+                f"embedding engine {engine.engine_id} dropped the connection: {exc}"
+            ) from exc
         except TimeoutError as exc:
             raise DeadlineExceededError(f"embedding engine {engine.engine_id} timed out") from exc
-        except Http1Error as exc:  # dropped mid-reply, or not HTTP
+        except Http1Error as exc:  # not HTTP
             raise UpstreamError(f"embedding engine {engine.engine_id} failed: {exc!r}") from exc

@@ -21,8 +21,9 @@ from .stream import serve_stream
 class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     """EmbeddingService over the EmbeddingBatcher."""
 
-    def __init__(self, batcher: EmbeddingBatcher) -> None:
+    def __init__(self, batcher: EmbeddingBatcher, executor: EmbeddingExecutor) -> None:
         self.batcher = batcher
+        self.executor = executor
 
     async def EmbedBatch(
         self, request: pb.EmbedBatchRequest, context: Any
@@ -34,6 +35,15 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     ) -> AsyncIterator[pb.EmbedStreamResponse]:
         async for message in serve_stream(request_iterator, self.embed):
             yield message
+
+    async def AbortEngineCalls(
+        self, request: pb.AbortEngineCallsRequest, context: Any
+    ) -> pb.AbortEngineCallsResponse:
+        base_urls = {url.rstrip("/") for url in request.base_urls}
+        self.batcher.forget(base_urls)  # first: a batch cut now must not pick them again
+        reason = request.reason or "the engine's node was lost"
+        cut = sum(self.executor.abort(url, reason) for url in base_urls)
+        return pb.AbortEngineCallsResponse(cut=cut)
 
     async def embed(self, request: pb.EmbedBatchRequest) -> pb.EmbedBatchResponse:
         """One EmbedBatch request, whichever call carried it."""
@@ -74,7 +84,7 @@ def build_server(settings: SageSettings, addr: str | None = None) -> tuple[SageS
             Registration(
                 pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name,
                 pb_grpc.add_EmbeddingServiceServicer_to_server,
-                EmbeddingServicer(batcher),
+                EmbeddingServicer(batcher, executor),
             )
         ],
     )

@@ -33,9 +33,13 @@ class GrpcEmbeddingBackend:
     """EmbeddingBackend that sends EmbedBatch requests to the embedding service, over one
     EmbedStream call (embedding_stream.py)."""
 
-    def __init__(self, channel: grpc.aio.Channel, timeout_s: float) -> None:
-        self._stream = EmbedStreamClient(embedding_pb2_grpc.EmbeddingServiceStub(channel))
+    def __init__(
+        self, channel: grpc.aio.Channel, timeout_s: float, rpc_timeout_s: float = 10.0
+    ) -> None:
+        self._stub = embedding_pb2_grpc.EmbeddingServiceStub(channel)
+        self._stream = EmbedStreamClient(self._stub)
         self._timeout_s = timeout_s
+        self._rpc_timeout_s = rpc_timeout_s
 
     async def embed_batch(
         self, model: str, inputs: Sequence[str], engines: Sequence[EngineRecord], dimensions: int
@@ -61,6 +65,15 @@ class GrpcEmbeddingBackend:
             usage=TokenUsage(usage.prompt_tokens, usage.completion_tokens, usage.total_tokens),
             engine_ids=list(reply.engine_ids),
         )
+
+    async def abort_engines(self, engines: Sequence[EngineRecord], reason: str) -> int:
+        """AbortEngineCalls: the service cuts its batches under way to `engines`."""
+        request = embedding_pb2.AbortEngineCallsRequest(
+            base_urls=[e.base_url for e in engines], reason=reason
+        )
+        with rpc_errors_as_sage():
+            reply = await self._stub.AbortEngineCalls(request, timeout=self._rpc_timeout_s)
+        return int(reply.cut)
 
 
 class LifecycleScalerActions:

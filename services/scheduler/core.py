@@ -20,6 +20,7 @@ import orjson
 from sage.common.exceptions import (
     ModelNotFoundError,
     NotFoundError,
+    SageError,
     ServiceUnavailableError,
     UpstreamError,
 )
@@ -76,6 +77,11 @@ class EmbeddingBackend(Protocol):
         self, model: str, inputs: Sequence[str], engines: Sequence[EngineRecord], dimensions: int
     ) -> EmbedResult:
         """Embed `inputs` on one of `engines`."""
+        ...
+
+    async def abort_engines(self, engines: Sequence[EngineRecord], reason: str) -> int:
+        """Cut the batches under way to `engines` (lost with their node), so they go to
+        another engine; how many were cut."""
         ...
 
 
@@ -355,6 +361,7 @@ class Scheduler:
         self.embedding_max_tokens = embedding_max_tokens
         # Loads a LoRA adapter no ready engine has when a request names it (None: never).
         self.adapters = adapters
+        self._background: set[asyncio.Task[None]] = set()  # embedding aborts under way
 
     async def _ready_llm(self, model: str) -> Sequence[EngineRecord]:
         """Ready chat engines for `model`; a LoRA adapter no engine has loaded is loaded
@@ -384,7 +391,31 @@ class Scheduler:
                 ", ".join(e.engine_id for e in engines),
                 extra={"reason": reason},
             )
+        embedders = [e for e in engines if e.kind is EngineKind.EMBEDDING]
+        if embedders and self.embedding_backend is not None:
+            # The embedding service calls those engines itself (it batches for them).
+            task = asyncio.get_running_loop().create_task(self._abort_batches(embedders, reason))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
         return cut
+
+    async def _abort_batches(self, engines: Sequence[EngineRecord], reason: str) -> None:
+        assert self.embedding_backend is not None
+        try:
+            cut = await self.embedding_backend.abort_engines(engines, reason)
+        except SageError as exc:  # an older or unreachable service: its batches time out
+            log.warning(
+                "could not cut the embedding batches to a lost node's engines",
+                extra={"error": str(exc), "reason": reason},
+            )
+            return
+        if cut:
+            log.warning(
+                "cut %d embedding batches under way to a lost node's engines (%s)",
+                cut,
+                ", ".join(e.engine_id for e in engines),
+                extra={"reason": reason},
+            )
 
     async def wait_idle(self, engine_id: str, timeout_s: float) -> int:
         """Wait until nothing this scheduler routed to `engine_id` is in flight (at most

@@ -117,7 +117,7 @@ def build_scheduler(settings: SageSettings, addr: str | None = None) -> Schedule
         registry,
         router,
         executor,
-        GrpcEmbeddingBackend(embedding_channel, settings.request_timeout_s),
+        GrpcEmbeddingBackend(embedding_channel, settings.request_timeout_s, settings.rpc_timeout_s),
         admission=admission,
         load=load,
         breakers=breakers,

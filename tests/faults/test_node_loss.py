@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import signal
 import subprocess
@@ -27,6 +28,7 @@ from sage.common.etcd.testing import EtcdMembers
 from sage.engines.sim import expected_text
 from sage.rpc.common.v1 import common_pb2
 from sage.rpc.scheduler.v1 import scheduler_pb2
+from sage.services.embedding.server import build_server as build_embedding
 from tests.conftest import SimFactory
 from tests.faults.conftest import Plane, PlaneFactory
 
@@ -165,12 +167,16 @@ def _node_report(node_id: str, *engine_ids: str) -> common_pb2.NodeReport:
 
 
 def _engine(
-    engine_id: str, base_url: str, node_id: str, state: common_pb2.EngineState.ValueType
+    engine_id: str,
+    base_url: str,
+    node_id: str,
+    state: common_pb2.EngineState.ValueType,
+    kind: common_pb2.EngineKind.ValueType = common_pb2.ENGINE_KIND_LLM,
 ) -> common_pb2.Engine:
     return common_pb2.Engine(
         engine_id=engine_id,
         model="sim",
-        kind=common_pb2.ENGINE_KIND_LLM,
+        kind=kind,
         base_url=base_url,
         state=state,
         backend="sim",
@@ -345,3 +351,69 @@ async def test_engines_leaving_etcd_with_their_node_alive_cut_no_call_under_way(
     finally:
         await agent.close()
         await client.close()
+
+
+async def test_embedding_batches_on_a_lost_node_go_to_another_engine(
+    plane_factory: PlaneFactory,
+    sim_engine: SimFactory,
+    settings: SageSettings,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The embedding service sends the batches, so the scheduler has it cut those waiting on
+    a lost node's engine (AbortEngineCalls): each is embedded again on the other engine."""
+    embedding, embedding_port = build_embedding(settings, "127.0.0.1:0")
+    await embedding.start()
+    try:
+        plane = await plane_factory(
+            **_grpc_settings(settings),
+            embedding_service=settings.embedding_service.model_copy(
+                update={"addr": f"127.0.0.1:{embedding_port}"}
+            ),
+        )
+        urls = [sim_engine("--embedding-dim", "8") for _ in range(2)]
+        ids = [f"embed-{i}" for i in range(2)]
+        beating = [True, True]
+        for i, url in enumerate(urls):
+            report = _node_report(f"n{i}", ids[i])
+            await plane.scheduler.RegisterNode(scheduler_pb2.RegisterNodeRequest(report=report))
+            engine = _engine(
+                ids[i],
+                url,
+                f"n{i}",
+                common_pb2.ENGINE_STATE_READY,
+                common_pb2.ENGINE_KIND_EMBEDDING,
+            )
+            await plane.scheduler.RegisterEngine(scheduler_pb2.RegisterEngineRequest(engine=engine))
+
+        async def heartbeats() -> None:
+            while True:
+                for i in range(2):
+                    if beating[i]:
+                        report = _node_report(f"n{i}", ids[i])
+                        await plane.scheduler.NodeHeartbeat(
+                            scheduler_pb2.NodeHeartbeatRequest(report=report)
+                        )
+                await asyncio.sleep(0.1)
+
+        async def embed(n: int) -> httpx.Response:
+            body = {"model": "sim", "input": [f"text {n}", f"more {n}"]}
+            return await plane.client.post("/v1/embeddings", json=body)
+
+        beats = asyncio.create_task(heartbeats())
+        caplog.set_level(logging.WARNING, logger="sage.embedding")
+        with _resumed_at_exit([_proc(sim_engine, url) for url in urls]):
+            assert (await embed(-1)).status_code == 200  # both engines reachable first
+            _proc(sim_engine, urls[0]).send_signal(signal.SIGSTOP)
+            sent = [asyncio.create_task(embed(n)) for n in range(UNARY)]
+            await asyncio.sleep(0.3)  # the batches are out, some of them on embed-0
+            beating[0] = False
+            replies = await asyncio.wait_for(asyncio.gather(*sent), REQUEST_TIMEOUT_S - 5)
+        beats.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await beats
+        assert [r.status_code for r in replies] == [200] * UNARY, [r.text for r in replies]
+        assert all(len(r.json()["data"]) == 2 for r in replies)
+        retried = [r for r in caplog.records if "dropped the batch" in r.getMessage()]
+        assert retried, "no batch was caught on the lost engine"
+    finally:
+        await embedding.stop(0)

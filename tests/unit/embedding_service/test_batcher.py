@@ -16,7 +16,12 @@ from sage.common.exceptions import OverloadedError, ServiceUnavailableError
 from sage.common.float32 import pack
 from sage.common.limits import estimate_text_tokens as estimate_tokens
 from sage.services.embedding.batcher import BatcherConfig, EmbeddingBatcher
-from sage.services.embedding.executor import BatchReply, Endpoint, EngineUnreachableError
+from sage.services.embedding.executor import (
+    BatchReply,
+    Endpoint,
+    EngineDisconnectedError,
+    EngineUnreachableError,
+)
 
 A = Endpoint("a", "http://127.0.0.1:1")
 B = Endpoint("b", "http://127.0.0.1:2")
@@ -163,3 +168,33 @@ def test_every_caller_gets_its_own_vectors_in_order(
         await batcher.close()
 
     asyncio.run(scenario())
+
+
+async def test_a_batch_dropped_by_its_engine_is_embedded_on_another() -> None:
+    """A dropped connection (the engine died, or the scheduler cut it as lost) is retried
+    elsewhere like a refused one: embedding the texts again changes nothing."""
+    engine = RecordingEngine()
+    dropped: list[str] = []
+
+    async def send(e: Endpoint, model: str, texts: Sequence[str], dims: int) -> BatchReply:
+        if e.engine_id == "a":
+            dropped.append("a")
+            raise EngineDisconnectedError("a dropped the connection")
+        return await engine(e, model, texts, dims)
+
+    batcher = EmbeddingBatcher(send)
+    outcome = await batcher.embed("m", ["hello"], [A, B])
+    assert outcome.engine_ids == ["b"] and outcome.vectors == [vector_of("hello")]
+    assert dropped == ["a"]  # tried first (the least loaded, ties in order), then b
+    await batcher.close()
+
+
+async def test_forgotten_engines_leave_lanes_that_have_another() -> None:
+    engine = RecordingEngine()
+    batcher = EmbeddingBatcher(engine, BatcherConfig(max_wait_ms=0))
+    await batcher.embed("m", ["x"], [A, B])
+    await batcher.embed("n", ["x"], [A])
+    batcher.forget({A.base_url})
+    lanes = {key[0]: [e.engine_id for e in lane.engines] for key, lane in batcher._lanes.items()}
+    assert lanes == {"m": ["b"], "n": ["a"]}  # "n" has no other engine: kept
+    await batcher.close()

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from sage.rpc.common.v1 import common_pb2 as sage_dot_rpc_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%sage/rpc/embedding/v1/embedding.proto\x12\x15sage.rpc.embedding.v1\x1a\x1fsage/rpc/common/v1/common.proto\"F\n\x0e\x45ngineEndpoint\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61se_url\x18\x02 \x01(\t\x12\x0f\n\x07managed\x18\x03 \x01(\x08\"\x96\x01\n\x11\x45mbedBatchRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12\x36\n\x07\x65ngines\x18\x03 \x03(\x0b\x32%.sage.rpc.embedding.v1.EngineEndpoint\x12\x12\n\ndimensions\x18\x04 \x01(\x05\x12\x16\n\x0epacked_vectors\x18\x05 \x01(\x08\"3\n\x06Vector\x12\x12\n\x06values\x18\x01 \x03(\x02\x42\x02\x10\x01\x12\x15\n\rpacked_values\x18\x02 \x01(\x0c\"\x82\x01\n\x12\x45mbedBatchResponse\x12.\n\x07vectors\x18\x01 \x03(\x0b\x32\x1d.sage.rpc.embedding.v1.Vector\x12(\n\x05usage\x18\x02 \x01(\x0b\x32\x19.sage.rpc.common.v1.Usage\x12\x12\n\nengine_ids\x18\x03 \x03(\t\"K\n\x12\x45mbedStreamRequest\x12\x35\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32&.sage.rpc.embedding.v1.EmbedStreamCall\"\xa8\x02\n\x0f\x45mbedStreamCall\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x39\n\x05\x65mbed\x18\x02 \x01(\x0b\x32(.sage.rpc.embedding.v1.EmbedBatchRequestH\x00\x12:\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32(.sage.rpc.embedding.v1.EmbedStreamCancelH\x00\x12\x11\n\ttimeout_s\x18\x04 \x01(\x01\x12\x46\n\x08metadata\x18\x05 \x03(\x0b\x32\x34.sage.rpc.embedding.v1.EmbedStreamCall.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x06\n\x04\x63\x61ll\"\x13\n\x11\x45mbedStreamCancel\"O\n\x13\x45mbedStreamResponse\x12\x38\n\x07replies\x18\x01 \x03(\x0b\x32\'.sage.rpc.embedding.v1.EmbedStreamReply\"\x9e\x01\n\x10\x45mbedStreamReply\x12\n\n\x02id\x18\x01 \x01(\x04\x12:\n\x05\x65mbed\x18\x02 \x01(\x0b\x32).sage.rpc.embedding.v1.EmbedBatchResponseH\x00\x12\x38\n\x05\x65rror\x18\x03 \x01(\x0b\x32\'.sage.rpc.embedding.v1.EmbedStreamErrorH\x00\x42\x08\n\x06result\"\xab\x01\n\x10\x45mbedStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12G\n\x08trailers\x18\x03 \x03(\x0b\x32\x35.sage.rpc.embedding.v1.EmbedStreamError.TrailersEntry\x1a/\n\rTrailersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xdf\x01\n\x10\x45mbeddingService\x12\x61\n\nEmbedBatch\x12(.sage.rpc.embedding.v1.EmbedBatchRequest\x1a).sage.rpc.embedding.v1.EmbedBatchResponse\x12h\n\x0b\x45mbedStream\x12).sage.rpc.embedding.v1.EmbedStreamRequest\x1a*.sage.rpc.embedding.v1.EmbedStreamResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%sage/rpc/embedding/v1/embedding.proto\x12\x15sage.rpc.embedding.v1\x1a\x1fsage/rpc/common/v1/common.proto\"<\n\x17\x41\x62ortEngineCallsRequest\x12\x11\n\tbase_urls\x18\x01 \x03(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\'\n\x18\x41\x62ortEngineCallsResponse\x12\x0b\n\x03\x63ut\x18\x01 \x01(\x05\"F\n\x0e\x45ngineEndpoint\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61se_url\x18\x02 \x01(\t\x12\x0f\n\x07managed\x18\x03 \x01(\x08\"\x96\x01\n\x11\x45mbedBatchRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12\x36\n\x07\x65ngines\x18\x03 \x03(\x0b\x32%.sage.rpc.embedding.v1.EngineEndpoint\x12\x12\n\ndimensions\x18\x04 \x01(\x05\x12\x16\n\x0epacked_vectors\x18\x05 \x01(\x08\"3\n\x06Vector\x12\x12\n\x06values\x18\x01 \x03(\x02\x42\x02\x10\x01\x12\x15\n\rpacked_values\x18\x02 \x01(\x0c\"\x82\x01\n\x12\x45mbedBatchResponse\x12.\n\x07vectors\x18\x01 \x03(\x0b\x32\x1d.sage.rpc.embedding.v1.Vector\x12(\n\x05usage\x18\x02 \x01(\x0b\x32\x19.sage.rpc.common.v1.Usage\x12\x12\n\nengine_ids\x18\x03 \x03(\t\"K\n\x12\x45mbedStreamRequest\x12\x35\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32&.sage.rpc.embedding.v1.EmbedStreamCall\"\xa8\x02\n\x0f\x45mbedStreamCall\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x39\n\x05\x65mbed\x18\x02 \x01(\x0b\x32(.sage.rpc.embedding.v1.EmbedBatchRequestH\x00\x12:\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32(.sage.rpc.embedding.v1.EmbedStreamCancelH\x00\x12\x11\n\ttimeout_s\x18\x04 \x01(\x01\x12\x46\n\x08metadata\x18\x05 \x03(\x0b\x32\x34.sage.rpc.embedding.v1.EmbedStreamCall.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x06\n\x04\x63\x61ll\"\x13\n\x11\x45mbedStreamCancel\"O\n\x13\x45mbedStreamResponse\x12\x38\n\x07replies\x18\x01 \x03(\x0b\x32\'.sage.rpc.embedding.v1.EmbedStreamReply\"\x9e\x01\n\x10\x45mbedStreamReply\x12\n\n\x02id\x18\x01 \x01(\x04\x12:\n\x05\x65mbed\x18\x02 \x01(\x0b\x32).sage.rpc.embedding.v1.EmbedBatchResponseH\x00\x12\x38\n\x05\x65rror\x18\x03 \x01(\x0b\x32\'.sage.rpc.embedding.v1.EmbedStreamErrorH\x00\x42\x08\n\x06result\"\xab\x01\n\x10\x45mbedStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12G\n\x08trailers\x18\x03 \x03(\x0b\x32\x35.sage.rpc.embedding.v1.EmbedStreamError.TrailersEntry\x1a/\n\rTrailersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xd4\x02\n\x10\x45mbeddingService\x12\x61\n\nEmbedBatch\x12(.sage.rpc.embedding.v1.EmbedBatchRequest\x1a).sage.rpc.embedding.v1.EmbedBatchResponse\x12h\n\x0b\x45mbedStream\x12).sage.rpc.embedding.v1.EmbedStreamRequest\x1a*.sage.rpc.embedding.v1.EmbedStreamResponse(\x01\x30\x01\x12s\n\x10\x41\x62ortEngineCalls\x12..sage.rpc.embedding.v1.AbortEngineCallsRequest\x1a/.sage.rpc.embedding.v1.AbortEngineCallsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,30 +38,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EMBEDSTREAMCALL_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_EMBEDSTREAMERROR_TRAILERSENTRY']._loaded_options = None
   _globals['_EMBEDSTREAMERROR_TRAILERSENTRY']._serialized_options = b'8\001'
-  _globals['_ENGINEENDPOINT']._serialized_start=97
-  _globals['_ENGINEENDPOINT']._serialized_end=167
-  _globals['_EMBEDBATCHREQUEST']._serialized_start=170
-  _globals['_EMBEDBATCHREQUEST']._serialized_end=320
-  _globals['_VECTOR']._serialized_start=322
-  _globals['_VECTOR']._serialized_end=373
-  _globals['_EMBEDBATCHRESPONSE']._serialized_start=376
-  _globals['_EMBEDBATCHRESPONSE']._serialized_end=506
-  _globals['_EMBEDSTREAMREQUEST']._serialized_start=508
-  _globals['_EMBEDSTREAMREQUEST']._serialized_end=583
-  _globals['_EMBEDSTREAMCALL']._serialized_start=586
-  _globals['_EMBEDSTREAMCALL']._serialized_end=882
-  _globals['_EMBEDSTREAMCALL_METADATAENTRY']._serialized_start=827
-  _globals['_EMBEDSTREAMCALL_METADATAENTRY']._serialized_end=874
-  _globals['_EMBEDSTREAMCANCEL']._serialized_start=884
-  _globals['_EMBEDSTREAMCANCEL']._serialized_end=903
-  _globals['_EMBEDSTREAMRESPONSE']._serialized_start=905
-  _globals['_EMBEDSTREAMRESPONSE']._serialized_end=984
-  _globals['_EMBEDSTREAMREPLY']._serialized_start=987
-  _globals['_EMBEDSTREAMREPLY']._serialized_end=1145
-  _globals['_EMBEDSTREAMERROR']._serialized_start=1148
-  _globals['_EMBEDSTREAMERROR']._serialized_end=1319
-  _globals['_EMBEDSTREAMERROR_TRAILERSENTRY']._serialized_start=1272
-  _globals['_EMBEDSTREAMERROR_TRAILERSENTRY']._serialized_end=1319
-  _globals['_EMBEDDINGSERVICE']._serialized_start=1322
-  _globals['_EMBEDDINGSERVICE']._serialized_end=1545
+  _globals['_ABORTENGINECALLSREQUEST']._serialized_start=97
+  _globals['_ABORTENGINECALLSREQUEST']._serialized_end=157
+  _globals['_ABORTENGINECALLSRESPONSE']._serialized_start=159
+  _globals['_ABORTENGINECALLSRESPONSE']._serialized_end=198
+  _globals['_ENGINEENDPOINT']._serialized_start=200
+  _globals['_ENGINEENDPOINT']._serialized_end=270
+  _globals['_EMBEDBATCHREQUEST']._serialized_start=273
+  _globals['_EMBEDBATCHREQUEST']._serialized_end=423
+  _globals['_VECTOR']._serialized_start=425
+  _globals['_VECTOR']._serialized_end=476
+  _globals['_EMBEDBATCHRESPONSE']._serialized_start=479
+  _globals['_EMBEDBATCHRESPONSE']._serialized_end=609
+  _globals['_EMBEDSTREAMREQUEST']._serialized_start=611
+  _globals['_EMBEDSTREAMREQUEST']._serialized_end=686
+  _globals['_EMBEDSTREAMCALL']._serialized_start=689
+  _globals['_EMBEDSTREAMCALL']._serialized_end=985
+  _globals['_EMBEDSTREAMCALL_METADATAENTRY']._serialized_start=930
+  _globals['_EMBEDSTREAMCALL_METADATAENTRY']._serialized_end=977
+  _globals['_EMBEDSTREAMCANCEL']._serialized_start=987
+  _globals['_EMBEDSTREAMCANCEL']._serialized_end=1006
+  _globals['_EMBEDSTREAMRESPONSE']._serialized_start=1008
+  _globals['_EMBEDSTREAMRESPONSE']._serialized_end=1087
+  _globals['_EMBEDSTREAMREPLY']._serialized_start=1090
+  _globals['_EMBEDSTREAMREPLY']._serialized_end=1248
+  _globals['_EMBEDSTREAMERROR']._serialized_start=1251
+  _globals['_EMBEDSTREAMERROR']._serialized_end=1422
+  _globals['_EMBEDSTREAMERROR_TRAILERSENTRY']._serialized_start=1375
+  _globals['_EMBEDSTREAMERROR_TRAILERSENTRY']._serialized_end=1422
+  _globals['_EMBEDDINGSERVICE']._serialized_start=1425
+  _globals['_EMBEDDINGSERVICE']._serialized_end=1765
 # @@protoc_insertion_point(module_scope)

@@ -20,6 +20,52 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class AbortEngineCallsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BASE_URLS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """Why, for the batches' logs (e.g. "node n1 was lost: its etcd key was deleted")."""
+    @_builtins.property
+    def base_urls(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The lost engines (EngineEndpoint.base_url as EmbedBatch names them)."""
+
+    def __init__(
+        self,
+        *,
+        base_urls: _abc.Iterable[_builtins.str] | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_urls", b"base_urls", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AbortEngineCallsRequest: _TypeAlias = AbortEngineCallsRequest  # noqa: Y015
+
+@_typing.final
+class AbortEngineCallsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CUT_FIELD_NUMBER: _builtins.int
+    cut: _builtins.int
+    """Batches cut."""
+    def __init__(
+        self,
+        *,
+        cut: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cut", b"cut"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AbortEngineCallsResponse: _TypeAlias = AbortEngineCallsResponse  # noqa: Y015
+
+@_typing.final
 class EngineEndpoint(_message.Message):
     """EngineEndpoint is an embedding engine the batcher may send a batch to."""
 

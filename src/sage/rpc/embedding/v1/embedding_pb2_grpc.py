@@ -46,6 +46,11 @@ class EmbeddingServiceStub:
                 request_serializer=sage_dot_rpc_dot_embedding_dot_v1_dot_embedding__pb2.EmbedStreamRequest.SerializeToString,
                 response_deserializer=sage_dot_rpc_dot_embedding_dot_v1_dot_embedding__pb2.EmbedStreamResponse.FromString,
                 _registered_method=True)
+        self.AbortEngineCalls = channel.unary_unary(
+                '/sage.rpc.embedding.v1.EmbeddingService/AbortEngineCalls',
+                request_serializer=sage_dot_rpc_dot_embedding_dot_v1_dot_embedding__pb2.AbortEngineCallsRequest.SerializeToString,
+                response_deserializer=sage_dot_rpc_dot_embedding_dot_v1_dot_embedding__pb2.AbortEngineCallsResponse.FromString,
+                _registered_method=True)
 
 
 class EmbeddingServiceServicer:
@@ -71,6 +76,16 @@ class EmbeddingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AbortEngineCalls(self, request, context):
+        """AbortEngineCalls cuts every batch under way to the given engines at once, as if their
+        connections broke: the scheduler found their node lost (a host that may never answer),
+        so each batch goes to another engine instead of waiting out its timeout there. The
+        engines also leave every batching lane that has another engine to use.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EmbeddingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -83,6 +98,11 @@ def add_EmbeddingServiceServicer_to_server(servicer, server):
                     servicer.EmbedStream,
                     request_deserializer=sage_dot_rpc_dot_embedding_dot_v1_dot_embedding__pb2.EmbedStreamRequest.FromString,
                     response_serializer=sage_dot_rpc_dot_embedding_dot_v1_dot_embedding__pb2.EmbedStreamResponse.SerializeToString,
+            ),
+            'AbortEngineCalls': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortEngineCalls,
+                    request_deserializer=sage_dot_rpc_dot_embedding_dot_v1_dot_embedding__pb2.AbortEngineCallsRequest.FromString,
+                    response_serializer=sage_dot_rpc_dot_embedding_dot_v1_dot_embedding__pb2.AbortEngineCallsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -141,6 +161,33 @@ class EmbeddingService:
             '/sage.rpc.embedding.v1.EmbeddingService/EmbedStream',
             sage_dot_rpc_dot_embedding_dot_v1_dot_embedding__pb2.EmbedStreamRequest.SerializeToString,
             sage_dot_rpc_dot_embedding_dot_v1_dot_embedding__pb2.EmbedStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortEngineCalls(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sage.rpc.embedding.v1.EmbeddingService/AbortEngineCalls',
+            sage_dot_rpc_dot_embedding_dot_v1_dot_embedding__pb2.AbortEngineCallsRequest.SerializeToString,
+            sage_dot_rpc_dot_embedding_dot_v1_dot_embedding__pb2.AbortEngineCallsResponse.FromString,
             options,
             channel_credentials,
             insecure,

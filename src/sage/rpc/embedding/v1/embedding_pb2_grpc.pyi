@@ -44,6 +44,12 @@ class EmbeddingServiceStub:
     open call a fraction of that (bench/RESULTS.md). Callers fall back to EmbedBatch on a
     service without it (UNIMPLEMENTED).
     """
+    AbortEngineCalls: _grpc.UnaryUnaryMultiCallable[_embedding_pb2.AbortEngineCallsRequest, _embedding_pb2.AbortEngineCallsResponse]
+    """AbortEngineCalls cuts every batch under way to the given engines at once, as if their
+    connections broke: the scheduler found their node lost (a host that may never answer),
+    so each batch goes to another engine instead of waiting out its timeout there. The
+    engines also leave every batching lane that has another engine to use.
+    """
 
 @_typing.type_check_only
 class EmbeddingServiceAsyncStub(EmbeddingServiceStub):
@@ -60,6 +66,12 @@ class EmbeddingServiceAsyncStub(EmbeddingServiceStub):
     costs this service ~0.4 ms of CPU per request, most of it grpc's own; a request on an
     open call a fraction of that (bench/RESULTS.md). Callers fall back to EmbedBatch on a
     service without it (UNIMPLEMENTED).
+    """
+    AbortEngineCalls: _aio.UnaryUnaryMultiCallable[_embedding_pb2.AbortEngineCallsRequest, _embedding_pb2.AbortEngineCallsResponse]  # type: ignore[assignment]
+    """AbortEngineCalls cuts every batch under way to the given engines at once, as if their
+    connections broke: the scheduler found their node lost (a host that may never answer),
+    so each batch goes to another engine instead of waiting out its timeout there. The
+    engines also leave every batching lane that has another engine to use.
     """
 
 class EmbeddingServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -86,6 +98,18 @@ class EmbeddingServiceServicer(metaclass=_abc_1.ABCMeta):
         costs this service ~0.4 ms of CPU per request, most of it grpc's own; a request on an
         open call a fraction of that (bench/RESULTS.md). Callers fall back to EmbedBatch on a
         service without it (UNIMPLEMENTED).
+        """
+
+    @_abc_1.abstractmethod
+    def AbortEngineCalls(
+        self,
+        request: _embedding_pb2.AbortEngineCallsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_embedding_pb2.AbortEngineCallsResponse, _abc.Awaitable[_embedding_pb2.AbortEngineCallsResponse]]:
+        """AbortEngineCalls cuts every batch under way to the given engines at once, as if their
+        connections broke: the scheduler found their node lost (a host that may never answer),
+        so each batch goes to another engine instead of waiting out its timeout there. The
+        engines also leave every batching lane that has another engine to use.
         """
 
 def add_EmbeddingServiceServicer_to_server(servicer: EmbeddingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
