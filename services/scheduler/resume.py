@@ -24,6 +24,9 @@ cannot carry: stop strings (vLLM holds back text that might start one) and chat 
 token limit (a completion's defaults to 16). Chat logprobs come back from the completion's
 (`_chat_logprobs`).
 
+The text path and the rewriting both paths share are sage.protocol.continuation's, which
+the edge uses too when a scheduler replica dies mid-stream.
+
 On the normal path this costs one parse of the request and of each payload (orjson, a few
 microseconds) plus, when ids were added for us, one regex pass over each payload to null them.
 """
@@ -35,6 +38,8 @@ from typing import Any
 
 import orjson
 
+from sage.protocol.continuation import TextContinuation, continuable
+
 from .registry import EngineRecord
 
 COMPLETIONS = "/v1/completions"
@@ -42,20 +47,6 @@ COMPLETIONS = "/v1/completions"
 TOKEN_ID_BACKENDS = frozenset({"vllm", "sim"})
 TOKEN_IDS_LABEL = "resume_token_ids"
 
-_CHAT_LIMITS = ("max_completion_tokens", "max_tokens")
-# Replies that are more than text: a restart would not continue them but begin again (a
-# second tool call, repeated reasoning, JSON that restarts under guided decoding).
-_NOT_PLAIN_TEXT = (
-    "tools",
-    "functions",
-    "response_format",
-    "guided_json",
-    "guided_regex",
-    "guided_choice",
-    "guided_grammar",
-    "structured_outputs",
-    "reasoning_effort",
-)
 # Fields of a chat request a completion has no use for (vLLM 0.32's ChatCompletionRequest
 # less CompletionRequest, and OpenAI's chat-only fields). `add_special_tokens` goes too: a
 # token-id prompt is not tokenized, and chat's default (False) is the opposite of ours.
@@ -118,19 +109,13 @@ def _int_list(value: Any) -> list[int] | None:
     return None
 
 
-class StreamResume:
+class StreamResume(TextContinuation):
     """What the client has seen of one streamed single-choice reply, and how to ask another
-    engine for the rest of it."""
+    engine for the rest of it: from token ids where it can, else from the text."""
 
     def __init__(self, path: str, request: dict[str, Any]) -> None:
-        self.chat = path.endswith("/chat/completions")
+        super().__init__(path.endswith("/chat/completions"), request)
         self.path = path
-        self.request = request
-        self.parts: list[str] = []
-        self.tokens = 0  # content chunks sent; one token each, as vLLM streams them
-        self.finished = False  # a finish_reason reached the client: nothing is missing
-        self.head: dict[str, Any] = {}
-        self.prefix_tokens = 0  # tokens the current engine was given as prefix
         # Token ids, when the engine returned them: the prompt's (as the engine built it,
         # chat template included) and every generated token's, in order.
         self.client_ids = _asked(request.get("return_token_ids"))  # the client asked itself
@@ -139,7 +124,6 @@ class StreamResume:
         self.ids_complete = True  # every token the client got came with its id
         self.strip_ids = False  # the current engine was asked for ids on our behalf
         self.from_ids = False  # the current engine continues from token ids
-        self.text_offset = 0  # completions logprobs: where the continuation's text starts
         self.top_logprobs: int | None = None  # chat logprobs asked for: the top N to show
         self.exact = self._exact_possible(request)
 
@@ -167,18 +151,7 @@ class StreamResume:
     def for_document(cls, path: str, doc: Any) -> StreamResume | None:
         """for_request for a body already parsed (`doc`: its JSON value, None if it was
         none); `doc` is read, never changed."""
-        if not isinstance(doc, dict) or doc.get("n") not in (None, 1) or doc.get("echo"):
-            return None
-        if any(doc.get(key) for key in _NOT_PLAIN_TEXT):
-            return None
-        if path.endswith("/chat/completions"):
-            ok = isinstance(doc.get("messages"), list) and bool(doc["messages"])
-        else:
-            prompt = doc.get("prompt")
-            ok = isinstance(prompt, str) or (
-                isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str)
-            )
-        return cls(path, doc) if ok else None
+        return cls(path, doc) if continuable(path.endswith("/chat/completions"), doc) else None
 
     def asking_ids(self, body: bytes, engine: EngineRecord) -> bytes:
         """The first request as sent to `engine`: asking for token ids where the engine
@@ -192,57 +165,31 @@ class StreamResume:
         self.strip_ids = True
         return b'{"return_token_ids":true,' + body[start + 1 :]
 
-    def _account(self, text: str, ids: Any, finish: Any) -> None:
-        """Count one choice's piece of output the client was sent."""
-        if text:
-            self.parts.append(text)
-            self.tokens += 1
-        token_ids = _int_list(ids)
+    def _account(self, text: str, choice: dict[str, Any]) -> None:
+        super()._account(text, choice)
+        token_ids = _int_list(choice.get("token_ids"))
         if token_ids is not None:
             self.output_ids.extend(token_ids)
         elif text:
             self.ids_complete = False  # an engine that ignored return_token_ids
-        if finish:
-            self.finished = True
 
-    def absorb(self, payload: bytes) -> bytes:
-        """Account one payload of the first engine; returns it as the client is to see it."""
-        try:
-            doc: Any = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            return payload
-        if not isinstance(doc, dict):
-            return payload
+    def _absorb(self, doc: dict[str, Any], payload: bytes) -> bytes:
+        """Account one payload of the first engine, its ids taken out of what the client
+        sees where we asked for them."""
         had_prompt = self.prompt_ids is not None
-        if not self.head:
-            self.head = {k: doc[k] for k in ("id", "created", "model") if k in doc}
-            if self.chat:
-                self.prompt_ids = _int_list(doc.get("prompt_token_ids"))
-        for choice in doc.get("choices") or ():
-            if not isinstance(choice, dict):
-                continue
-            if self.chat:
-                delta = choice.get("delta")
-                text = delta.get("content") if isinstance(delta, dict) else None
-            else:
-                text = choice.get("text")
-                if self.prompt_ids is None:
+        # The prompt's ids come on chat's first chunk, on a completion's choices.
+        if self.chat and not self.head:
+            self.prompt_ids = _int_list(doc.get("prompt_token_ids"))
+        if not self.chat:
+            for choice in doc.get("choices") or ():
+                if self.prompt_ids is None and isinstance(choice, dict):
                     self.prompt_ids = _int_list(choice.get("prompt_token_ids"))
-            self._account(
-                text if isinstance(text, str) else "",
-                choice.get("token_ids"),
-                choice.get("finish_reason"),
-            )
+        super()._absorb(doc, payload)
         if not self.strip_ids:
             return payload
         if not had_prompt and self.prompt_ids is not None:
             payload = _PROMPT_IDS.sub(b'"prompt_token_ids":null', payload)
         return _OUTPUT_IDS.sub(b'"token_ids":null', payload)
-
-    @property
-    def text(self) -> str:
-        """The generated text the client has received so far."""
-        return "".join(self.parts)
 
     @property
     def produced(self) -> int:
@@ -252,44 +199,18 @@ class StreamResume:
     def _have_ids(self) -> bool:
         return self.exact and self.ids_complete and self.prompt_ids is not None
 
-    def _limit_key(self, doc: dict[str, Any]) -> str | None:
-        for key in _CHAT_LIMITS if self.chat else ("max_tokens",):
-            limit = doc.get(key)
-            if isinstance(limit, int) and not isinstance(limit, bool):
-                return key
-        return None
-
-    @property
-    def exhausted(self) -> bool:
-        """True when the token limit is used up: nothing is left to ask another engine for."""
-        key = self._limit_key(self.request)
-        return key is not None and self.request[key] - self.produced <= 0
-
     def continuation(self, engine: EngineRecord) -> tuple[str, bytes]:
         """The path and body asking `engine` for the rest of the reply (from token ids
         where both the ids and `engine` allow, else from the text)."""
-        produced = self.produced
-        self.prefix_tokens = produced
-        self.text_offset = len(self.text)
-        self.strip_ids = not self.client_ids
         self.from_ids = self._have_ids() and resumes_from_token_ids(engine)
-        if self.from_ids:
-            return COMPLETIONS, orjson.dumps(self._from_ids(produced))
-        self.strip_ids = False
-        return self.path, orjson.dumps(self._from_text(produced))
-
-    def _common(self, doc: dict[str, Any], produced: int) -> None:
-        """Token limits reduced by what was produced; prompt-only fields dropped."""
-        key = self._limit_key(doc)
-        if key is not None:
-            doc[key] = doc[key] - produced
-        minimum = doc.get("min_tokens")
-        if isinstance(minimum, int) and not isinstance(minimum, bool) and minimum:
-            doc["min_tokens"] = max(0, minimum - produced)
+        self.strip_ids = self.from_ids and not self.client_ids
+        if not self.from_ids:
+            return self.path, self.text_continuation()
+        return COMPLETIONS, orjson.dumps(self._from_ids(self._begin_continuation()))
 
     def _from_ids(self, produced: int) -> dict[str, Any]:
         doc = dict(self.request)
-        self._common(doc, produced)
+        self._reduce_limits(doc, produced)
         if self.chat:
             limit = doc.pop("max_completion_tokens", None)
             if isinstance(limit, int):
@@ -307,91 +228,17 @@ class StreamResume:
         doc["return_token_ids"] = True
         return doc
 
-    def _from_text(self, produced: int) -> dict[str, Any]:
-        doc = dict(self.request)
-        self._common(doc, produced)
-        # A PD decode leg's KV blocks were single-use: the next engine prefills itself.
-        doc.pop("kv_transfer_params", None)
-        text = self.text
-        if self.chat:
-            messages = list(doc["messages"])
-            last = messages[-1]
-            if (
-                doc.get("continue_final_message")
-                and isinstance(last, dict)
-                and last.get("role") == "assistant"
-                and isinstance(last.get("content"), str)
-            ):
-                messages[-1] = {**last, "content": last["content"] + text}
-            else:
-                messages.append({"role": "assistant", "content": text})
-            doc["messages"] = messages
-            doc["continue_final_message"] = True
-            doc["add_generation_prompt"] = False
-        else:
-            prompt = doc["prompt"]
-            doc["prompt"] = prompt + text if isinstance(prompt, str) else [prompt[0] + text]
-        return doc
-
-    def rewrite(self, payload: bytes) -> bytes | None:
-        """A continuing engine's payload as part of the client's stream (None: drop it)."""
-        try:
-            doc: Any = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            return payload
-        if not isinstance(doc, dict):
-            return payload
-        choices = doc.get("choices") or []
-        first = choices[0] if choices and isinstance(choices[0], dict) else None
+    def _rewrite_chunk(
+        self, doc: dict[str, Any], first: dict[str, Any] | None
+    ) -> dict[str, Any] | None:
         if not self.from_ids:
             self.ids_complete = False  # text continued from text: its ids do not extend ours
         if self.from_ids and self.chat:
-            doc = self._as_chat_chunk(doc, first)
-        elif first is not None:
-            if self.chat:
-                delta = first.get("delta")
-                if (
-                    isinstance(delta, dict)
-                    and "role" in delta
-                    and not delta.get("content")
-                    and not first.get("finish_reason")
-                ):
-                    return None  # the client already had the role chunk
-                text = delta.get("content") if isinstance(delta, dict) else None
-            else:
-                text = first.get("text")
-                self._shift_offsets(first)
-                if "prompt_token_ids" in first:
-                    first["prompt_token_ids"] = None  # the client had its prompt's ids
-            self._account(
-                text if isinstance(text, str) else "",
-                first.get("token_ids"),
-                first.get("finish_reason"),
-            )
-            if self.strip_ids and "token_ids" in first:
-                first["token_ids"] = None
-            doc.update(self.head)
-        else:
-            doc.update(self.head)
-        usage = doc.get("usage")
-        if isinstance(usage, dict):
-            # The sent tokens were prompt to this engine; count them as completion, as the
-            # client saw them.
-            produced = self.prefix_tokens
-            usage["completion_tokens"] = int(usage.get("completion_tokens") or 0) + produced
-            usage["prompt_tokens"] = max(0, int(usage.get("prompt_tokens") or 0) - produced)
-        return orjson.dumps(doc)
-
-    def _shift_offsets(self, choice: dict[str, Any]) -> None:
-        """Completions logprobs count text offsets from the continuation's own start."""
-        logprobs = choice.get("logprobs")
-        if not isinstance(logprobs, dict) or not self.text_offset:
-            return
-        offsets = logprobs.get("text_offset")
-        if isinstance(offsets, list):
-            logprobs["text_offset"] = [
-                o + self.text_offset if isinstance(o, int) else o for o in offsets
-            ]
+            return self._as_chat_chunk(doc, first)
+        out = super()._rewrite_chunk(doc, first)
+        if out is not None and first is not None and self.strip_ids and "token_ids" in first:
+            first["token_ids"] = None
+        return out
 
     def _as_chat_chunk(self, doc: dict[str, Any], choice: dict[str, Any] | None) -> dict[str, Any]:
         """A completion chunk as the chat chunk vLLM would have streamed for it."""
@@ -408,7 +255,7 @@ class StreamResume:
             text = text if isinstance(text, str) else ""
             ids = choice.get("token_ids")
             finish = choice.get("finish_reason")
-            self._account(text, ids, finish)
+            self._account(text, choice)
             converted: dict[str, Any] = {
                 "index": 0,
                 "delta": {"content": text},
@@ -448,14 +295,3 @@ class StreamResume:
                 ]
             content.append(entry)
         return {"content": content}
-
-    def closing_chunk(self) -> bytes:
-        """A last chunk saying the reply reached its token limit."""
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": "length"}
-        if self.chat:
-            choice["delta"] = {}
-        else:
-            choice["text"] = ""
-        obj = "chat.completion.chunk" if self.chat else "text_completion"
-        self.finished = True
-        return orjson.dumps({**self.head, "object": obj, "choices": [choice]})
