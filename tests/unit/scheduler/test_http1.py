@@ -434,6 +434,34 @@ async def test_connect_refused() -> None:
         await pool.post("ftp://127.0.0.1:1", "/", b"", JSON, 5.0)
 
 
+async def test_no_connection_within_the_connect_timeout_is_a_connect_error() -> None:
+    """A host that drops the SYN (cut off; here a listener whose accept queue is full):
+    nothing was sent, so it is a ConnectError (the scheduler fails over), not a timeout."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        queued = []
+        for _ in range(4):  # fill the accept queue: later SYNs go unanswered
+            sock = socket.socket()
+            sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                sock.connect(("127.0.0.1", port))
+            queued.append(sock)
+        pool = Http1Pool(connect_timeout_s=0.2)
+        try:
+            with pytest.raises(ConnectError, match=r"no connection within 0\.2s"):
+                await pool.post(f"http://127.0.0.1:{port}", "/", b"", JSON, 30.0)
+            executor = HttpExecutionCoordinator(connect_timeout_s=0.2)
+            with pytest.raises(EngineUnreachableError):
+                await executor.post_json(engine(f"http://127.0.0.1:{port}"), "/", b"{}")
+            await executor.aclose()
+        finally:
+            for sock in queued:
+                sock.close()
+            await pool.aclose()
+
+
 async def test_timeout_closes_the_connection() -> None:
     async def silent(srv: RawServer, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         await srv.read_request(r)

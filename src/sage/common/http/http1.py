@@ -65,8 +65,8 @@ class Http1Error(Exception):
 
 
 class ConnectError(Http1Error):
-    """No connection could be made (refused, unreachable, DNS, TLS handshake); nothing was
-    sent, so the request may go to another server."""
+    """No connection could be made (refused, unreachable, DNS, TLS handshake, none within
+    the connect timeout); nothing was sent, so the request may go to another server."""
 
 
 class DisconnectedError(Http1Error):
@@ -780,9 +780,11 @@ class Http1Pool:
                         lambda: _Connection(loop, generation), target.host, target.port
                     )
         except TimeoutError as exc:
-            if limit.expired():
-                raise  # our connect timeout: reported as a timeout, like aiohttp's
-            raise ConnectError(f"cannot connect to {_where(target)}: {exc}") from exc
+            # Our connect timeout too: nothing was sent, so the request may go elsewhere (a
+            # host cut off drops the SYN; reporting a timeout failed requests a failover
+            # would have served).
+            why = f"no connection within {self._connect_timeout:g}s" if limit.expired() else exc
+            raise ConnectError(f"cannot connect to {_where(target)}: {why}") from exc
         except OSError as exc:  # refused, unreachable, DNS (gaierror), TLS (SSLError)
             raise ConnectError(f"cannot connect to {_where(target)}: {exc}") from exc
         if not conn.closed:
