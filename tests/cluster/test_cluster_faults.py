@@ -10,8 +10,9 @@ with, topology.LEASE_TTL_S):
   stream ends cleanly, another scheduler leads within TTL + ELECTION_SLACK_S, and its
   autoscaler keeps the autoscaled model at its minimum;
 - a node agent killed, or its host cut off: its engines leave every scheduler's routing
-  within TTL + ROUTING_SLACK_S, requests go to the other node, and the engines (the same
-  processes) come back when it returns, each once;
+  within TTL + ROUTING_SLACK_S, requests go to the other node (those caught on the cut host
+  too, once it has left routing: no request fails), and the engines (the same processes)
+  come back when it returns, each once;
 - every process restarted (etcd included): the same engines, routed again, with the same
   GPU reservations — none lost, none leaked.
 """
@@ -345,14 +346,13 @@ async def test_partitioned_node_leaves_and_heals_without_duplicates(cluster: Clu
         await asyncio.sleep(1.0)
     print(f"node-b's engines left routing after {took:.2f}s")
 
-    # A request caught on node-b when it was cut waits (its TCP connection retransmits),
-    # finishing when the link heals or failing cleanly at the request timeout; once node-b's
-    # engines left routing, every new request is served by node-a.
+    # A request caught on node-b when it was cut waits until node-b's engines leave routing;
+    # the schedulers then cut it (the node is lost) and it goes to node-a: a non-streamed one
+    # again from the start, a stream from the text already sent. None fails, in any phase.
     assert not load.bad, load.bad
+    assert load.outcomes() == Counter({"ok": sum(load.outcomes().values())}), load.failed
     assert served_without == Counter({"ok": 3 * len(CONTROL_PLANE) * len(KINDS)}), load.failed
-    after_cut = load.outcomes(UNARY, ("without node-b", "healed"))
-    assert after_cut == Counter({"ok": sum(after_cut.values())}), load.failed
-    print(f"sent before node-b left routing: {load.outcomes(UNARY, ('cut',))}")
+    print(f"sent before node-b left routing: {load.outcomes(phases=('cut',))}")
     # Healed: the same processes, each engine once in etcd and in every scheduler.
     assert {i: e["pid"] for i, e in after.items()} == {i: e["pid"] for i, e in before.items()}
     assert sorted(await cluster.etcd_ids(ClusterKeys().engines)) == sorted(before)
