@@ -417,6 +417,16 @@ class Scheduler:
                 extra={"reason": reason},
             )
 
+    def _left_routing(self, engine: EngineRecord) -> bool:
+        """Whether `engine` is no longer a ready engine: its node was lost (its calls were
+        just cut, and a new connection to a host cut off waits out the connect timeout) or
+        it was drained since the request was routed. Asked only when failing over."""
+        try:
+            ready = self.registry.ready_for(engine.model, engine.kind)
+        except SageError:
+            return True
+        return all(e.engine_id != engine.engine_id for e in ready)
+
     async def wait_idle(self, engine_id: str, timeout_s: float) -> int:
         """Wait until nothing this scheduler routed to `engine_id` is in flight (at most
         `timeout_s`); returns how many still are. A request counts from the moment it is
@@ -531,7 +541,10 @@ class Scheduler:
             async with self.admission.slot(ticket, self.breakers.routable(engines, _engine_id)):
                 body, candidates = await self._route(model, path, parsed, session_key, ticket.cost)
                 for i, engine in enumerate(candidates):
-                    if not self.breakers.begin(engine.engine_id, force=i == len(candidates) - 1):
+                    last_try = i == len(candidates) - 1
+                    if i and not last_try and self._left_routing(engine):
+                        continue  # failing over: not to an engine lost (or drained) meanwhile
+                    if not self.breakers.begin(engine.engine_id, force=last_try):
                         continue
                     try:
                         with (
@@ -642,6 +655,8 @@ class Scheduler:
                 clean = False
                 for i, engine in enumerate(candidates):  # one attempt per engine
                     last_try = i == len(candidates) - 1
+                    if i and not last_try and self._left_routing(engine):
+                        continue  # failing over: not to an engine lost (or drained) meanwhile
                     if not self.breakers.begin(engine.engine_id, force=last_try):
                         continue
                     leg, sent = progress.request(engine)

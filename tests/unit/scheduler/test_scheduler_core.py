@@ -31,7 +31,7 @@ from sage.services.scheduler.admission import AdmissionController
 from sage.services.scheduler.core import Scheduler
 from sage.services.scheduler.executor import EngineDisconnectedError, EngineUnreachableError
 from sage.services.scheduler.load import EngineLoadTracker
-from sage.services.scheduler.registry import EngineKind, EngineRecord, EngineRegistry
+from sage.services.scheduler.registry import EngineKind, EngineRecord, EngineRegistry, EngineState
 from sage.services.scheduler.routing import create_router
 
 CHAT = "/v1/chat/completions"
@@ -252,6 +252,27 @@ async def test_a_request_an_engine_refuses_or_drops_is_answered_by_another(fault
         assert orjson.loads(result.body)["choices"][0]["message"]["content"] == REPLY
         assert result.usage.total_tokens == 3 + len(WORDS)
     assert scheduler.counters.requests_failed == 0
+
+
+@pytest.mark.parametrize("drained", [0, 1])
+async def test_failover_passes_by_an_engine_that_left_routing_meanwhile(drained: int) -> None:
+    """The engine a request was on drops it; of the two failover candidates one left
+    routing since (drained, or its node lost: a new connection there would wait out the
+    connect timeout): the other answers, whichever order the router put them in."""
+    fake = FakeEngines()
+    scheduler = _scheduler(fake, _engine("e0"), _engine("e1"), _engine("e2"))
+    fake.hold("e0", "e1", "e2")
+    task = asyncio.create_task(scheduler.generate("m", _chat(), CHAT))
+    await _until(lambda: len(fake.calls) == 1)
+    first = fake.calls[0].engine_id
+    others = sorted({"e0", "e1", "e2"} - {first})
+    scheduler.registry.set_state(others[drained], EngineState.DRAINING)
+    fake.drop.add(first)
+    for engine_id in ("e0", "e1", "e2"):
+        fake.release(engine_id)
+    result = await task
+    assert result.engine.engine_id == others[1 - drained]
+    assert [c.engine_id for c in fake.calls] == [first, others[1 - drained]]
 
 
 async def test_every_engine_refusing_is_an_upstream_error() -> None:
