@@ -89,9 +89,11 @@ async def test_grpc_callers_without_the_flag_still_read_repeated_floats(
 class EmbeddingServiceBeforePackedVectors(embedding_pb2_grpc.EmbeddingServiceServicer):
     """The embedding service as the release before packed vectors answers: it does not know
     `packed_vectors` and fills only the repeated float `values`. It has no EmbedStream
-    either (UNIMPLEMENTED): the scheduler falls back to EmbedBatch for it."""
+    either (UNIMPLEMENTED): the scheduler falls back to EmbedBatch for it; nor
+    AbortEngineCalls (UNIMPLEMENTED: its batches on a lost node time out)."""
 
     EmbedStream = embedding_pb2_grpc.EmbeddingServiceServicer.EmbedStream  # UNIMPLEMENTED
+    AbortEngineCalls = embedding_pb2_grpc.EmbeddingServiceServicer.AbortEngineCalls
 
     def __init__(self, vectors: list[list[float]]) -> None:
         self.vectors = vectors
