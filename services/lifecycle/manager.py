@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Final, Protocol
 
 import psutil
 
@@ -180,6 +180,10 @@ class RestartPolicy:
 
 def _slug(model: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-")[-40:].strip("-") or "engine"
+
+
+# Starts tried again when the port lifecycle picked was bound by another process first.
+_PORT_RACE_RETRIES: Final = 2
 
 
 def _logs_hint(engine_id: str) -> str:
@@ -586,7 +590,14 @@ class EngineLifecycleManager:
     ) -> EngineRecord:
         timeout = record.spec.startup_timeout_s
         try:
-            await self._wait_healthy(record, timeout)
+            for attempt in range(_PORT_RACE_RETRIES + 1):
+                try:
+                    await self._wait_healthy(record, timeout)
+                    break
+                except EngineStartError:
+                    if attempt == _PORT_RACE_RETRIES or not self._lost_port_race(record):
+                        raise
+                record = await self._respawn_on_another_port(record, backend)
             await self._reload_adapters(record.engine_id)
             record = self._set(replace(self._records[record.engine_id], state=READY))
             await self._register_quietly(record)
@@ -641,6 +652,40 @@ class EngineLifecycleManager:
             return failed
         finally:
             self._busy.discard(record.engine_id)
+
+    def _lost_port_race(self, record: EngineRecord) -> bool:
+        """True when the engine exited because another process bound its port between the
+        check and the engine's own bind (a port lifecycle chose, not the caller's)."""
+        proc = self._procs.get(record.engine_id)
+        if record.spec.port or proc is None or proc.poll() is None:
+            return False
+        lines = self.tail_logs(record.engine_id, 60)
+        # Only this launch's lines: the log is appended across launches.
+        starts = [i for i, line in enumerate(lines) if line.startswith("=== ")]
+        tail = "\n".join(lines[starts[-1] if starts else 0 :]).lower()
+        return "address already in use" in tail or "errno 98" in tail
+
+    async def _respawn_on_another_port(
+        self, record: EngineRecord, backend: Backend
+    ) -> EngineRecord:
+        """Start the engine again on a port checked free now (its GPUs kept)."""
+        lost = record.port
+        async with self._lock:
+            side = side_port_count(backend, record.spec)
+            used = self._ports_in_use() | set(range(lost, lost + 1 + side))
+            port = await asyncio.to_thread(self._pick_port, record.spec, used, side)
+            log.warning(
+                "engine port taken before the engine bound it; starting again on another",
+                extra={"engine_id": record.engine_id, "port": lost, "new_port": port},
+            )
+            record = replace(
+                self._records[record.engine_id],
+                port=port,
+                base_url=f"http://{record.host}:{port}",
+            )
+            record = self._spawn(record, backend)
+            await self._own_reservation(record, record.pid)
+        return record
 
     async def _answers_health(self, record: EngineRecord) -> bool:
         """Whether the engine answers GET on its health path with 200 now."""

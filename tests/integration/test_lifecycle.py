@@ -245,6 +245,44 @@ async def test_a_stranger_on_the_engines_port_is_not_taken_for_the_engine(
     assert await routed(full_plane) == []
 
 
+async def test_a_port_taken_before_the_engine_binds_it_is_replaced_by_another(
+    full_plane: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process binds the port lifecycle chose between its check and the engine's
+    bind (seen in CI: an engine 'exited with code 3 while starting'): the engine is started
+    again on another free port instead of failing the user's start."""
+    from sage.services.lifecycle import manager as manager_module
+    from sage.services.lifecycle.policy import LaunchPolicy
+
+    real_free = manager_module._port_free
+    real_candidates = LaunchPolicy.candidate_ports
+    with _busy_port() as stranger:
+        taken = stranger.getsockname()[1]
+
+        def candidates(self: LaunchPolicy, rng: Any = None) -> Any:
+            yield taken  # the race: this port looked free when it was checked
+            yield from (p for p in real_candidates(self, rng) if p != taken)
+
+        monkeypatch.setattr(LaunchPolicy, "candidate_ports", candidates)
+        monkeypatch.setattr(
+            manager_module,
+            "_port_free",
+            lambda port, host, *, bindable: (
+                port == taken or real_free(port, host, bindable=bindable)
+            ),
+        )
+        engine = await start(full_plane, model_id="sim", backend="sim", startup_timeout_s=30)
+    assert engine["status"] == "RUNNING" and engine["port"] != taken, engine
+    assert engine["base_url"].endswith(f":{engine['port']}")
+    logs = await full_plane.client.get(f"/v1/management/engines/{engine['engine_id']}/logs")
+    assert "address already in use" in "\n".join(logs.json()["lines"]).lower()
+    chat = await full_plane.client.post(
+        "/v1/chat/completions",
+        json={"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+    )
+    assert chat.status_code == 200, chat.text
+
+
 async def test_engine_that_fails_to_start_releases_everything(full_plane: Any) -> None:
     resp = await full_plane.client.post(
         "/v1/management/engines",
