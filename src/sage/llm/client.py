@@ -98,6 +98,11 @@ class SseStream(Iterator[ItemT]):
         self._reader = StreamReader(state)
         self._finished = False
 
+    @property
+    def request_id(self) -> str:
+        """The gateway's x-request-id of this stream."""
+        return self._reader.state.request_id
+
     def __iter__(self) -> Self:
         return self
 
@@ -151,11 +156,6 @@ class TextStream(SseStream[str]):
         self._state = state
 
     @property
-    def request_id(self) -> str:
-        """The gateway's x-request-id of this stream."""
-        return self._state.request_id
-
-    @property
     def result(self) -> InferenceResult:
         """What arrived so far; complete once iteration has ended."""
         return self._state.result()
@@ -177,11 +177,6 @@ class ResponseStream(SseStream[ResponseEvent]):
     ) -> None:
         super().__init__(response, state, core)
         self._state = state
-
-    @property
-    def request_id(self) -> str:
-        """The gateway's x-request-id of this stream."""
-        return self._state.request_id
 
     @property
     def response(self) -> ResponsesResult | None:

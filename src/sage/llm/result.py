@@ -164,7 +164,11 @@ ItemT_co = TypeVar("ItemT_co", covariant=True)
 
 class SseState(Protocol[ItemT_co]):
     """What a stream reader needs of a stream's state: each event's data in, an item (or
-    None) out, `done` once the last event came, `end` when the body ended, `finish` on close."""
+    None) out, `done` once the last event came, `end` when the body ended, `finish` on close;
+    `request_id` is the stream's x-request-id."""
+
+    @property
+    def request_id(self) -> str: ...
 
     @property
     def done(self) -> bool: ...
