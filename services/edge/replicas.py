@@ -510,9 +510,7 @@ class _AnyReplica:
                     replicas.release(replica)
                 replicas.mark_up(replica)
                 return reply
-            if last is not None:
-                raise last
-            raise ServiceUnavailableError("no scheduler replica is known yet")
+            raise replicas._none_left(last)
 
         return call
 
