@@ -35,7 +35,15 @@ from sage.engines.auth import add_api_key_argument, protect, resolve_api_key
 
 from .batching import BatchRunner, Runner, Submission
 from .core import CoreFacts, CoreProcess
-from .model import CausalLM, EngineConfig, Outcome, Prompts, SamplingParams, load_tokenizer
+from .model import (
+    KV_CACHE_MODES,
+    CausalLM,
+    EngineConfig,
+    Outcome,
+    Prompts,
+    SamplingParams,
+    load_tokenizer,
+)
 from .protocol import Sampling, parse_chat, parse_completion
 
 __all__ = ["create_app", "main"]
@@ -532,7 +540,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--kv-cache",
         default="auto",
-        choices=["auto", "slots", "dynamic"],
+        choices=KV_CACHE_MODES,
         help="decode over a preallocated KV cache of slots (CUDA graphs on CUDA) or the "
         "dynamic cache, padded and re-stacked as rows join and leave (auto: slots on CUDA)",
     )

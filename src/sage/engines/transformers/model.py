@@ -38,6 +38,7 @@ from .slots import SlotBatch, SlotLayout
 
 __all__ = [
     "FALLBACK_CHAT_TEMPLATE",
+    "KV_CACHE_MODES",
     "CausalLM",
     "EngineConfig",
     "Generation",
@@ -51,6 +52,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# EngineConfig.kv_cache: auto (slots on CUDA, else dynamic) | slots | dynamic
+KV_CACHE_MODES = ("auto", "slots", "dynamic")
 
 # Used when a tokenizer ships no chat template (base models, hand-built tokenizers): each
 # message as "Role: content" followed by a blank line, then "Assistant:" to answer.
@@ -492,7 +496,7 @@ class CausalLM:
         # The decode pass over a KV cache of slots (slots.py), CUDA graphs on CUDA: made at
         # the first prefill, which shows the cache's layout. It passes SDPA its mask, so it
         # needs the ready-made mask path above.
-        if config.kv_cache not in ("auto", "slots", "dynamic"):
+        if config.kv_cache not in KV_CACHE_MODES:
             raise ConfigurationError(f"unknown kv_cache {config.kv_cache!r}", param="kv_cache")
         wanted = config.kv_cache == "slots" or (
             config.kv_cache == "auto" and self.device.startswith("cuda")
