@@ -76,6 +76,28 @@ class GrpcEmbeddingBackend:
         return int(reply.cut)
 
 
+class _LifecycleStubs:
+    """One lifecycle stub per address (node agents' lifecycles), its channel kept open until
+    aclose()."""
+
+    def __init__(self, rpc_timeout_s: float) -> None:
+        self._rpc_timeout_s = rpc_timeout_s
+        self._stubs: dict[str, LifecycleServiceAsyncStub] = {}
+        self._channels: list[grpc.aio.Channel] = []
+
+    def at(self, addr: str) -> LifecycleServiceAsyncStub:
+        stub = self._stubs.get(addr)
+        if stub is None:
+            channel = create_channel(addr, default_timeout=self._rpc_timeout_s)
+            self._channels.append(channel)
+            stub = self._stubs[addr] = lifecycle_pb2_grpc.LifecycleServiceStub(channel)
+        return stub  # type: ignore[no-any-return]
+
+    async def aclose(self) -> None:
+        for channel in self._channels:
+            await channel.close(None)
+
+
 class LifecycleScalerActions:
     """ScalerActions over lifecycle gRPC: StartEngine like an existing replica, drained stop.
 
@@ -98,16 +120,7 @@ class LifecycleScalerActions:
         self._start_timeout_s = start_timeout_s
         self._nodes = nodes
         self._node_of = node_of
-        self._stubs: dict[str, LifecycleServiceAsyncStub] = {}
-        self._channels: list[grpc.aio.Channel] = []
-
-    def _at(self, addr: str) -> LifecycleServiceAsyncStub:
-        stub = self._stubs.get(addr)
-        if stub is None:
-            channel = create_channel(addr, default_timeout=self._rpc_timeout_s)
-            self._channels.append(channel)
-            stub = self._stubs[addr] = lifecycle_pb2_grpc.LifecycleServiceStub(channel)
-        return stub  # type: ignore[no-any-return]
+        self._agents = _LifecycleStubs(rpc_timeout_s)
 
     def _lifecycles(self) -> list[tuple[str, LifecycleServiceAsyncStub]]:
         """(where, stub) of each lifecycle to look in: the live nodes' (ready ones first),
@@ -118,7 +131,7 @@ class LifecycleScalerActions:
         live.sort(key=lambda n: (n.state is not NodeState.READY, n.node_id))
         if not live:
             return [("lifecycle", self._stub)]
-        return [(f"node {n.node_id}", self._at(n.report.lifecycle_addr)) for n in live]
+        return [(f"node {n.node_id}", self._agents.at(n.report.lifecycle_addr)) for n in live]
 
     async def start_replica(self, model: str) -> None:
         """Start an engine with the model/kind/backend/role of a ready one of `model`."""
@@ -160,7 +173,7 @@ class LifecycleScalerActions:
                 (n.report.lifecycle_addr for n in self._nodes() if n.node_id == node_id), ""
             )
             if addr:
-                stub = self._at(addr)
+                stub = self._agents.at(addr)
         with rpc_errors_as_sage():
             await stub.StopEngine(
                 lifecycle_pb2.StopEngineRequest(engine_id=engine_id, drain=True),
@@ -169,8 +182,7 @@ class LifecycleScalerActions:
 
     async def aclose(self) -> None:
         """Close the channels opened to node agents."""
-        for channel in self._channels:
-            await channel.close(None)
+        await self._agents.aclose()
 
 
 # Longer than lifecycle's own bound on a load (lifecycle/adapters.py LOAD_TIMEOUT_S).
@@ -186,21 +198,14 @@ class LifecycleAdapterLoader:
     ) -> None:
         self._nodes = nodes
         self._default_addr = default_addr
-        self._rpc_timeout_s = rpc_timeout_s
-        self._stubs: dict[str, LifecycleServiceAsyncStub] = {}
-        self._channels: list[grpc.aio.Channel] = []
+        self._lifecycles = _LifecycleStubs(rpc_timeout_s)
 
     def _stub(self, node_id: str) -> LifecycleServiceAsyncStub:
         addr = next(
             (n.report.lifecycle_addr for n in self._nodes() if node_id and n.node_id == node_id),
             self._default_addr,
         )
-        stub = self._stubs.get(addr)
-        if stub is None:
-            channel = create_channel(addr, default_timeout=self._rpc_timeout_s)
-            self._channels.append(channel)
-            stub = self._stubs[addr] = lifecycle_pb2_grpc.LifecycleServiceStub(channel)
-        return stub  # type: ignore[no-any-return]
+        return self._lifecycles.at(addr)
 
     async def __call__(self, engine: EngineRecord, adapter: AdapterEntry) -> EngineRecord:
         """Load `adapter` on `engine`; the engine as lifecycle registered it after."""
@@ -217,5 +222,4 @@ class LifecycleAdapterLoader:
 
     async def aclose(self) -> None:
         """Close the channels opened."""
-        for channel in self._channels:
-            await channel.close(None)
+        await self._lifecycles.aclose()
