@@ -1493,13 +1493,12 @@ class _ResponseShape:
 
     def message(self, text: str | None) -> dict[str, Any]:
         """The assistant message item; `text` None while it is still being written."""
-        done = text is not None
         return {
             "id": self.item_id,
             "type": "message",
             "role": "assistant",
-            "status": "completed" if done else "in_progress",
-            "content": [self.part(text)] if done and text is not None else [],
+            "status": "in_progress" if text is None else "completed",
+            "content": [] if text is None else [self.part(text)],
         }
 
     def where(self) -> dict[str, Any]:
