@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from sage.common.exceptions import InvalidRequestError
-from sage.common.http import JSONResponse, Request, Response, StreamingResponse
+from sage.common.http import JSONResponse, Request, Response, StreamingResponse, sse_event
 
 ChatHandler = Callable[[dict[str, Any], Request], Awaitable[Response | StreamingResponse]]
 
@@ -102,7 +102,7 @@ def as_message(chat: dict[str, Any]) -> dict[str, Any]:
 
 
 def _event(kind: str, data: dict[str, Any]) -> bytes:
-    return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+    return b"event: " + kind.encode() + b"\n" + sse_event(orjson.dumps(data))
 
 
 async def as_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
