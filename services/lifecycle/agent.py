@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
@@ -16,7 +15,7 @@ from typing import TYPE_CHECKING, Final
 import grpc
 
 from sage.common.config.settings import SageSettings
-from sage.common.etcd import ClusterKeys, EtcdClient, KeptLease, node_id_of
+from sage.common.etcd import ClusterKeys, EtcdClient, KeptLease, advertise_host_of, node_id_of
 from sage.rpc.common.v1 import common_pb2
 from sage.rpc.gpu_manager.v1 import gpu_manager_pb2
 from sage.rpc.scheduler.v1 import scheduler_pb2
@@ -30,18 +29,6 @@ if TYPE_CHECKING:
     from sage.rpc.scheduler.v1.scheduler_pb2_grpc import SchedulerServiceAsyncStub
 
 log = logging.getLogger("sage.lifecycle")
-
-_WILDCARD = ("", "0.0.0.0", "::", "[::]")
-
-
-def advertise_host_of(settings: SageSettings) -> str:
-    """The address other hosts reach this node at: SAGE_ADVERTISE_HOST, else the bind host
-    (the hostname when bound to a wildcard address, which no other host can dial)."""
-    if settings.cluster.advertise_host:
-        return settings.cluster.advertise_host
-    if settings.host in _WILDCARD:
-        return socket.gethostname()
-    return settings.host
 
 
 class NodeReporter:

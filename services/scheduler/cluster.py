@@ -29,7 +29,14 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 
 from sage.common.config.settings import SageSettings
-from sage.common.etcd import ClusterKeys, Election, EtcdClient, KeptLease, PrefixMirror
+from sage.common.etcd import (
+    ClusterKeys,
+    Election,
+    EtcdClient,
+    KeptLease,
+    PrefixMirror,
+    advertise_host_of,
+)
 from sage.common.exceptions import NotFoundError, SageError, ServiceUnavailableError
 from sage.common.grpc import create_channel, rpc_errors_as_sage
 from sage.rpc.common.v1 import common_pb2
@@ -50,18 +57,10 @@ log = logging.getLogger("sage.scheduler.cluster")
 # never forwards it again (two replicas that disagree about the leader must not ping-pong).
 FORWARDED_BY = "x-sage-forwarded-by"
 
-_WILDCARD = ("", "0.0.0.0", "::", "[::]")
-
 
 def advertised_address(settings: SageSettings, port: int, bind_host: str | None = None) -> str:
-    """host:port other hosts reach this replica at: SAGE_ADVERTISE_HOST, else the bind host
-    (`--host`, else SAGE_HOST; the hostname when it is a wildcard address, which no other
-    host can dial)."""
-    host = settings.cluster.advertise_host
-    if not host:
-        bound = settings.host if bind_host is None else bind_host
-        host = socket.gethostname() if bound in _WILDCARD else bound
-    return f"{host}:{port}"
+    """host:port other hosts reach this replica at (advertise_host_of; `bind_host`: --host)."""
+    return f"{advertise_host_of(settings, bind_host)}:{port}"
 
 
 def new_instance_id() -> str:

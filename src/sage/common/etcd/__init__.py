@@ -3,7 +3,7 @@ kept alive, leader election and in-memory mirrors of key prefixes."""
 
 from .client import CompactedError, EtcdClient, EtcdTls, KeyValue, WatchEvent, parse_endpoints
 from .election import Election
-from .keys import ClusterKeys, cluster_keys, etcd_client, node_id_of
+from .keys import ClusterKeys, advertise_host_of, cluster_keys, etcd_client, node_id_of
 from .lease import KeptLease
 from .mirror import PrefixMirror
 
@@ -17,6 +17,7 @@ __all__ = [
     "KeyValue",
     "PrefixMirror",
     "WatchEvent",
+    "advertise_host_of",
     "cluster_keys",
     "etcd_client",
     "node_id_of",

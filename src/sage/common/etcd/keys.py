@@ -73,6 +73,19 @@ def node_id_of(settings: SageSettings) -> str:
     return settings.cluster.node_id or socket.gethostname()
 
 
+_WILDCARD = ("", "0.0.0.0", "::", "[::]")
+
+
+def advertise_host_of(settings: SageSettings, bind_host: str | None = None) -> str:
+    """The host other hosts reach this process at: SAGE_ADVERTISE_HOST, else the bind host
+    (`bind_host`, else SAGE_HOST; the hostname when it is a wildcard address, which no
+    other host can dial)."""
+    if settings.cluster.advertise_host:
+        return settings.cluster.advertise_host
+    bound = settings.host if bind_host is None else bind_host
+    return socket.gethostname() if bound in _WILDCARD else bound
+
+
 def cluster_keys(settings: SageSettings) -> ClusterKeys:
     """The key names for these settings."""
     return ClusterKeys(settings.cluster.etcd_prefix)
