@@ -11,17 +11,13 @@ random but deterministic for one seed; vLLM serves it with `--runner pooling`.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 # Run as a script, its folder is on sys.path: the tiny Llama's builder lends the tokenizer
-# writer and the CLI.
+# writer and the CLI (and, imported, sets HF_HUB_OFFLINE and TRANSFORMERS_OFFLINE).
 from build_tiny_llama import run_cli, write_tokenizer
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 def build(out: Path, seed: int = 0, max_pos: int = 512, hidden: int = 128) -> Path:
