@@ -7,15 +7,13 @@ leads (its value: an address) without asking.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
 
-from sage.common.exceptions import SageError
-
-from .client import CompactedError, EtcdClient
+from .client import EtcdClient
 from .lease import KeptLease
+from .mirror import PrefixMirror
 
 log = logging.getLogger("sage.etcd")
 
@@ -44,36 +42,41 @@ class Election:
         self.on_leader = on_leader
         self.is_leader = False
         self.leader_value = ""
-        self._candidates: dict[bytes, tuple[int, bytes]] = {}  # key -> (create rev, value)
-        self._task: asyncio.Task[None] | None = None
-        self._key = b""
+        # The candidates, followed as any prefix is (a watch that lists again after a
+        # compaction or an outage); every change decides the leader again.
+        self._line = PrefixMirror(
+            client, self.prefix, on_put=self._changed, on_delete=self._changed
+        )
+        self._name = ""
 
     @property
     def key(self) -> bytes:
         """This candidate's key. After a lost lease the KeptLease writes it again under its
         new lease: a new create revision, so the back of the line."""
-        return self._key
+        return (self.prefix + self._name).encode() if self._name else b""
 
     async def start(self) -> None:
         """Stand (the lease must be started) and follow the prefix."""
-        await self._stand()
-        kvs, revision = await self.client.get_prefix(self.prefix)
-        self._candidates = {kv.key: (kv.create_revision, kv.value) for kv in kvs}
+        self._name = f"{self.lease.lease_id:x}"
+        await self.lease.put(self.key, self.value.encode())
+        await self._line.start()
         self._decide()
-        self._task = asyncio.create_task(self._follow(revision + 1), name="etcd-election")
 
-    async def _stand(self) -> None:
-        self._key = (self.prefix + f"{self.lease.lease_id:x}").encode()
-        await self.lease.put(self._key, self.value.encode())
+    def _changed(self, _name: str, _value: bytes) -> None:
+        # Not while the first listing lands key by key: a half-listed line would elect
+        # whoever came first.
+        if self._line.synced.is_set():
+            self._decide()
 
     def _decide(self) -> None:
-        leader = min(self._candidates.items(), key=lambda kv: kv[1][0], default=None)
-        value = leader[1][1].decode() if leader else ""
+        created = self._line.created
+        leader = min(created, key=created.__getitem__, default=None)
+        value = self._line.items[leader].decode() if leader is not None else ""
         if value != self.leader_value:
             self.leader_value = value
             if self.on_leader is not None:
                 self.on_leader(value)
-        now = leader is not None and leader[0] == self._key
+        now = leader is not None and leader == self._name
         if now != self.is_leader:
             self.is_leader = now
             verb = "gained" if now else "lost"
@@ -81,42 +84,16 @@ class Election:
             if self.on_change is not None:
                 self.on_change(now)
 
-    async def _follow(self, start: int) -> None:
-        while True:
-            try:
-                async for batch in self.client.watch_prefix(self.prefix, start_revision=start):
-                    for event in batch:
-                        if event.deleted:
-                            self._candidates.pop(event.key, None)
-                        else:
-                            self._candidates[event.key] = (event.create_revision, event.value)
-                        start = event.revision + 1
-                    self._decide()
-            except CompactedError:
-                pass
-            except (SageError, OSError) as exc:
-                log.warning("election %s: watch failed (%s); listing again", self.prefix, exc)
-                await asyncio.sleep(0.5)
-            with contextlib.suppress(SageError, OSError):
-                kvs, revision = await self.client.get_prefix(self.prefix)
-                self._candidates = {kv.key: (kv.create_revision, kv.value) for kv in kvs}
-                start = revision + 1
-                self._decide()
-
     async def stop(self) -> None:
         """Stop following the prefix without touching the key: it goes with the lease (a
         crash, when the lease is left to expire)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._line.close()
 
     async def resign(self) -> None:
         """Step down now (a clean stop): the next candidate leads without waiting for the TTL."""
         await self.stop()
         with contextlib.suppress(Exception):
-            await self.lease.delete(self._key)
+            await self.lease.delete(self.key)
         if self.is_leader:
             self.is_leader = False
             if self.on_change is not None:

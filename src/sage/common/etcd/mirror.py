@@ -36,6 +36,8 @@ class PrefixMirror:
         self.on_put = on_put
         self.on_delete = on_delete
         self.items: dict[str, bytes] = {}
+        # Each key's create revision (the order keys were created in: an election's line).
+        self.created: dict[str, int] = {}
         self.revision = 0  # the store revision the mirror reflects
         self.relists = 0
         self._task: asyncio.Task[None] | None = None
@@ -51,18 +53,28 @@ class PrefixMirror:
 
     async def _list(self) -> None:
         kvs, revision = await self.client.get_prefix(self.prefix)
-        fresh = {self._name(kv.key): kv.value for kv in kvs}
+        fresh = {self._name(kv.key): kv for kv in kvs}
         for name in sorted(set(self.items) - set(fresh)):
-            old = self.items.pop(name)
-            if self.on_delete is not None:
-                self.on_delete(name, old)
-        for name, value in fresh.items():
-            if self.items.get(name) != value:
-                self.items[name] = value
-                if self.on_put is not None:
-                    self.on_put(name, value)
+            self._deleted(name)
+        for name, kv in fresh.items():
+            # A key deleted and created again while we were away is a put even with the
+            # same value: its create revision moved.
+            if self.items.get(name) != kv.value or self.created.get(name) != kv.create_revision:
+                self._put(name, kv.value, kv.create_revision)
         self.revision = revision
         self.synced.set()
+
+    def _put(self, name: str, value: bytes, created: int) -> None:
+        self.items[name] = value
+        self.created[name] = created
+        if self.on_put is not None:
+            self.on_put(name, value)
+
+    def _deleted(self, name: str) -> None:
+        old = self.items.pop(name, None)
+        self.created.pop(name, None)
+        if old is not None and self.on_delete is not None:
+            self.on_delete(name, old)
 
     async def _follow(self) -> None:
         while True:
@@ -73,13 +85,9 @@ class PrefixMirror:
                     for event in batch:
                         name = self._name(event.key)
                         if event.deleted:
-                            old = self.items.pop(name, None)
-                            if old is not None and self.on_delete is not None:
-                                self.on_delete(name, old)
+                            self._deleted(name)
                         else:
-                            self.items[name] = event.value
-                            if self.on_put is not None:
-                                self.on_put(name, event.value)
+                            self._put(name, event.value, event.create_revision)
                         self.revision = event.revision
             except CompactedError:
                 log.info("mirror %s: history compacted; listing again", self.prefix)
