@@ -13,7 +13,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 import grpc
 
@@ -22,8 +22,6 @@ from sage.rpc.etcd.v3 import etcd_pb2 as pb
 from sage.rpc.etcd.v3 import etcd_pb2_grpc as pbg
 
 log = logging.getLogger("sage.etcd")
-
-T = TypeVar("T")
 
 # Codes after which the same call may go to another member: the member is gone, has no
 # leader, or did not answer in time. Anything else is the caller's problem.
@@ -318,11 +316,6 @@ class EtcdClient:
                 self._rotate(endpoint)
         detail = last.details() if last is not None else "no endpoints"
         raise ServiceUnavailableError(f"no etcd member refreshed lease {lease:x}: {detail}")
-
-    async def time_to_live(self, lease: int) -> int:
-        """Seconds left on a lease (-1: gone)."""
-        reply = await self._call("Lease", "LeaseTimeToLive", pb.LeaseTimeToLiveRequest(ID=lease))
-        return int(reply.TTL)
 
     async def status(self, endpoint: str | None = None) -> pb.StatusResponse:
         """One member's status (leader id, raft term, db size); the current member by

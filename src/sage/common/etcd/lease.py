@@ -13,8 +13,6 @@ import contextlib
 import logging
 import time
 
-from sage.common.exceptions import SageError
-
 from .client import EtcdClient
 
 log = logging.getLogger("sage.etcd")
@@ -65,10 +63,6 @@ class KeptLease:
             self._keys.pop(k, None)
             await self.client.delete(k)
 
-    def keys(self) -> dict[bytes, bytes]:
-        """The keys this lease holds, as last written."""
-        return dict(self._keys)
-
     async def _refresh(self) -> None:
         interval = max(0.5, self.ttl_s / 3)
         while True:
@@ -76,10 +70,7 @@ class KeptLease:
             sent = time.monotonic()
             try:
                 ttl = await self.client.keepalive(self.lease_id)
-            except (SageError, OSError) as exc:
-                log.warning("lease %s (%x): refresh failed: %s", self.name, self.lease_id, exc)
-                continue
-            except Exception as exc:  # grpc errors other than the retryable ones
+            except Exception as exc:  # etcd unreachable, or a grpc error it did not retry
                 log.warning("lease %s (%x): refresh failed: %r", self.name, self.lease_id, exc)
                 continue
             if ttl > 0:

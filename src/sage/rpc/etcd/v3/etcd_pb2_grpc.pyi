@@ -178,8 +178,6 @@ class LeaseStub:
     """LeaseKeepAlive keeps the lease alive by streaming keep alive requests from the client
     to the server and streaming keep alive responses from the server to the client.
     """
-    LeaseTimeToLive: _grpc.UnaryUnaryMultiCallable[_etcd_pb2.LeaseTimeToLiveRequest, _etcd_pb2.LeaseTimeToLiveResponse]
-    """LeaseTimeToLive retrieves lease information."""
 
 @_typing.type_check_only
 class LeaseAsyncStub(LeaseStub):
@@ -195,8 +193,6 @@ class LeaseAsyncStub(LeaseStub):
     """LeaseKeepAlive keeps the lease alive by streaming keep alive requests from the client
     to the server and streaming keep alive responses from the server to the client.
     """
-    LeaseTimeToLive: _aio.UnaryUnaryMultiCallable[_etcd_pb2.LeaseTimeToLiveRequest, _etcd_pb2.LeaseTimeToLiveResponse]  # type: ignore[assignment]
-    """LeaseTimeToLive retrieves lease information."""
 
 class LeaseServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -227,14 +223,6 @@ class LeaseServicer(metaclass=_abc_1.ABCMeta):
         """LeaseKeepAlive keeps the lease alive by streaming keep alive requests from the client
         to the server and streaming keep alive responses from the server to the client.
         """
-
-    @_abc_1.abstractmethod
-    def LeaseTimeToLive(
-        self,
-        request: _etcd_pb2.LeaseTimeToLiveRequest,
-        context: _ServicerContext,
-    ) -> _typing.Union[_etcd_pb2.LeaseTimeToLiveResponse, _abc.Awaitable[_etcd_pb2.LeaseTimeToLiveResponse]]:
-        """LeaseTimeToLive retrieves lease information."""
 
 def add_LeaseServicer_to_server(servicer: LeaseServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
